@@ -1,0 +1,19 @@
+//! `ferry-ffi`: the only crate in Ferry that contains `unsafe` code.
+//!
+//! Everything here wraps an operating-system or library call behind a safe
+//! function whose arguments make misuse impossible:
+//!
+//! * [`vio`]: vectored I/O (`writev`/`readv`) straight between a socket and
+//!   guest memory described by `vm-memory` [`VolatileSlice`]s, read-only byte
+//!   views of guest memory for checksums and digests, and `madvise` hints.
+//!   This is what keeps the TCP data path zero-copy without `unsafe` in the
+//!   transport crate.
+//! * `rdma` (feature `rdma`): rdma-core verbs and rdma_cm behind safe types.
+//!
+//! Every `unsafe` block carries a `// SAFETY:` comment (enforced by
+//! `clippy::undocumented_unsafe_blocks = "deny"`).
+//!
+//! [`VolatileSlice`]: vm_memory::VolatileSlice
+#![warn(missing_docs)]
+
+pub mod vio;
