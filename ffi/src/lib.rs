@@ -16,4 +16,6 @@
 //! [`VolatileSlice`]: vm_memory::VolatileSlice
 #![warn(missing_docs)]
 
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod vio;
