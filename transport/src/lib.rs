@@ -1,1 +1,117 @@
-//! placeholder
+//! `ferry-transport`: how Ferry moves guest pages.
+//!
+//! * [`wire`]: data-channel frames (zerocopy little-endian headers, CRC32).
+//! * [`proto`]: control messages and their framing; [`conn`]: the framed,
+//!   authenticated control connection; [`auth`]: HMAC challenge-response.
+//! * [`layout`]: the guest memory layout and page-run checks.
+//! * [`Transport`]: the trait every performance option implements;
+//!   [`tcp`]: the TCP implementation (zero-copy `writev`/`readv` between
+//!   guest memory and the socket).
+//!
+//! The transport knows nothing about VMs: it moves [`Chunk`]s of
+//! [`PageRun`]s out of a `vm-memory` guest memory and lands them in another.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::future::Future;
+
+use serde::Serialize;
+
+pub mod auth;
+pub mod conn;
+pub mod error;
+pub mod layout;
+pub mod proto;
+pub mod tcp;
+pub mod wire;
+
+pub use error::{Result, TransportError};
+pub use layout::{MemoryLayout, PageRun, PAGE_SIZE};
+
+/// A unit of transfer: runs of pages read in one round, sent as one frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// Sequence number, unique within a migration.
+    pub seq: u64,
+    /// Pre-copy round.
+    pub round: u32,
+    /// Page runs; zero runs carry no data.
+    pub runs: Vec<PageRun>,
+}
+
+impl Chunk {
+    /// Bytes of page data this chunk puts on the wire.
+    pub fn payload_bytes(&self) -> u64 {
+        self.runs.iter().map(PageRun::payload_bytes).sum()
+    }
+    /// Pages the chunk covers, zero pages included.
+    pub fn pages(&self) -> u64 {
+        self.runs.iter().map(|r| u64::from(r.pages)).sum()
+    }
+}
+
+/// What a transport can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Largest chunk payload it takes.
+    pub max_chunk: u32,
+    /// Page data goes from guest memory to the wire without a staging copy.
+    pub zero_copy: bool,
+    /// Number of data channels.
+    pub channels: u16,
+}
+
+/// Result of [`Transport::flush`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Flushed {
+    /// Runs the destination could not accept (checksum mismatch): the engine
+    /// must send them again (it marks them dirty).
+    pub resend: Vec<PageRun>,
+}
+
+/// Per-channel counters.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct ChannelStats {
+    /// Channel index.
+    pub channel: u16,
+    /// Bytes written to the socket: headers, run tables and payload.
+    pub bytes_on_wire: u64,
+    /// Page bytes carried (payload before any encoding).
+    pub payload_bytes: u64,
+    /// Chunks acknowledged.
+    pub chunks: u64,
+    /// Chunks the destination asked to be resent (CRC mismatch).
+    pub crc_resends: u64,
+}
+
+/// A way of moving chunks of guest pages to the destination.
+///
+/// The engine is generic over it; all data-path errors come back as
+/// [`TransportError`].
+pub trait Transport: Send {
+    /// What this transport can do.
+    fn capabilities(&self) -> Caps;
+
+    /// Sends one chunk. Returns once the chunk was handed to the network,
+    /// waiting while too many bytes are unacknowledged (backpressure).
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: if the future is dropped, part of the frame may have
+    /// been written and the channel is unusable; the migration must abort.
+    /// Guest memory stays valid regardless: the transport holds it by `Arc`.
+    fn send(&mut self, chunk: Chunk) -> impl Future<Output = Result<()>> + Send + '_;
+
+    /// Waits until every chunk sent so far is acknowledged, and returns the
+    /// runs that must be sent again.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: acknowledgements that arrive later are collected by the
+    /// next call.
+    fn flush(&mut self) -> impl Future<Output = Result<Flushed>> + Send + '_;
+
+    /// Tells the destination no more chunks follow, after a final flush.
+    fn finish(&mut self) -> impl Future<Output = Result<()>> + Send + '_;
+
+    /// Counters per channel.
+    fn stats(&self) -> Vec<ChannelStats>;
+}

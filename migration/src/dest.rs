@@ -1,0 +1,442 @@
+//! The destination: accepts connections, validates offers before allocating
+//! anything, lands pages, verifies the digest, and resumes on `Commit`.
+//!
+//! ```mermaid
+//! stateDiagram-v2
+//!     [*] --> Hello
+//!     Hello --> Auth: version ok, slot free
+//!     Hello --> [*]: Reject(version / busy)
+//!     Auth --> Offer: proof ok
+//!     Auth --> [*]: Reject(auth)
+//!     Offer --> Receiving: validated, memory allocated, Accept
+//!     Offer --> [*]: Reject(memory limit / option / bad offer)
+//!     Receiving --> Verify: Switchover, every channel ended
+//!     Verify --> AwaitCommit: digest equal, Ready
+//!     AwaitCommit --> Resumed: Commit
+//!     Receiving --> Freed: error, Abort, stall
+//!     Verify --> Freed: digest mismatch
+//!     AwaitCommit --> Freed: Abort, timeout
+//!     Resumed --> [*]
+//!     Freed --> [*]
+//! ```
+//! Nothing on the destination becomes live before `Commit`; every failure
+//! drops the guest memory and releases the migration slot.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_transport::auth::AuthKey;
+use ferry_transport::conn::{negotiate, Conn};
+use ferry_transport::proto::{Accept, Msg, Offer, PerformanceOption, RejectReason, Role};
+use ferry_transport::tcp::{receive_channel, RecvCounters};
+use ferry_transport::wire::MAX_CHUNK_PAYLOAD;
+use ferry_transport::{MemoryLayout, TransportError};
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::digest::{hex, memory_digest};
+use crate::error::{MigrationError, Result};
+use crate::memory::{dest_memory, DestMemory};
+
+/// Destination settings.
+#[derive(Debug, Clone)]
+pub struct ListenOptions {
+    /// Pre-shared key.
+    pub key: AuthKey,
+    /// Largest guest memory accepted.
+    pub memory_limit: u64,
+    /// How long a peer may stay silent (no message, no page) before the
+    /// migration is aborted.
+    pub timeout: Duration,
+    /// Simultaneous incoming migrations.
+    pub max_concurrent: usize,
+}
+
+/// Called after `Commit` with the guest's memory and device state: this is
+/// where a VMM would resume the guest. Its report ends up in the summary.
+pub type ResumeHook =
+    Arc<dyn Fn(&DestMemory, &[u8]) -> std::result::Result<String, String> + Send + Sync>;
+
+/// What a committed incoming migration looked like.
+#[derive(Debug, Clone, Serialize)]
+pub struct DestSummary {
+    /// Migration id.
+    pub migration_id: u64,
+    /// Source address.
+    pub peer: String,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Page bytes received.
+    pub payload_bytes: u64,
+    /// Chunks whose CRC failed and were sent again.
+    pub crc_errors: u64,
+    /// Digest (hex).
+    pub digest: String,
+    /// What the resume hook said.
+    pub resume_report: String,
+    /// Wall time from hello to commit.
+    pub total_ms: f64,
+}
+
+/// The outcome of one incoming migration.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Source address.
+    pub peer: String,
+    /// Summary, or why it failed.
+    pub result: Result<DestSummary>,
+}
+
+type Pending = Mutex<HashMap<[u8; 32], mpsc::Sender<TcpStream>>>;
+
+/// A destination daemon.
+pub struct Destination {
+    opts: ListenOptions,
+    slots: Arc<Semaphore>,
+    pending: Pending,
+    next_id: AtomicU64,
+    resume: ResumeHook,
+}
+
+impl std::fmt::Debug for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Destination")
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Destination {
+    /// A destination with these settings and resume hook.
+    pub fn new(opts: ListenOptions, resume: ResumeHook) -> Arc<Self> {
+        Arc::new(Destination {
+            slots: Arc::new(Semaphore::new(opts.max_concurrent.max(1))),
+            opts,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            resume,
+        })
+    }
+
+    /// Accepts connections forever, reporting each migration's outcome.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        outcomes: mpsc::UnboundedSender<Outcome>,
+    ) -> Result<()> {
+        loop {
+            let (stream, addr) = listener.accept().await.map_err(|e| TransportError::Io {
+                context: "accepting a connection".into(),
+                source: e,
+            })?;
+            let me = self.clone();
+            let out = outcomes.clone();
+            tokio::spawn(async move {
+                if let Some(result) = me.handle(stream).await {
+                    let _ = out.send(Outcome {
+                        peer: addr.to_string(),
+                        result,
+                    });
+                }
+            });
+        }
+    }
+
+    /// Handles one connection. Returns `None` for data channels and for
+    /// connections that never became a migration attempt.
+    async fn handle(self: Arc<Self>, stream: TcpStream) -> Option<Result<DestSummary>> {
+        let mut conn = Conn::new(stream, self.opts.timeout);
+        let hello = conn.recv("the hello").await;
+        let (min, max, role, nonce) = match hello {
+            Ok(Msg::Hello {
+                min_version,
+                max_version,
+                role,
+                nonce,
+            }) => (min_version, max_version, role, nonce),
+            Ok(m) => {
+                let e = conn
+                    .reject(
+                        RejectReason::BadOffer,
+                        format!("expected Hello, got {}", m.name()),
+                    )
+                    .await;
+                return Some(Err(e.into()));
+            }
+            Err(e) => return Some(Err(e.into())),
+        };
+        let version = match negotiate(min, max) {
+            Ok(v) => v,
+            Err(e) => {
+                conn.reject(RejectReason::Version, e.to_string()).await;
+                return Some(Err(e.into()));
+            }
+        };
+        match role {
+            Role::Data => {
+                let tx = self.pending.lock().expect("pending").get(&nonce).cloned();
+                match tx {
+                    Some(tx) => {
+                        if conn.send(&Msg::Welcome).await.is_ok() {
+                            let _ = tx.send(conn.into_stream()).await;
+                        }
+                    }
+                    None => {
+                        let e = conn
+                            .reject(
+                                RejectReason::Token,
+                                "unknown or expired data-channel token".into(),
+                            )
+                            .await;
+                        tracing::warn!(peer = conn.peer(), "{e}");
+                    }
+                }
+                None
+            }
+            Role::Control => Some(self.session(conn, nonce, version).await),
+        }
+    }
+
+    fn validate(&self, offer: &Offer) -> std::result::Result<(), (RejectReason, String)> {
+        offer
+            .layout
+            .validate()
+            .map_err(|e| (RejectReason::BadOffer, e.to_string()))?;
+        let total = offer.layout.total_bytes();
+        if total > self.opts.memory_limit {
+            return Err((
+                RejectReason::MemoryLimit,
+                format!("guest memory of {total} bytes is above this destination's --memory-limit of {} bytes", self.opts.memory_limit),
+            ));
+        }
+        if offer.option != PerformanceOption::Tcp {
+            return Err((
+                RejectReason::Option,
+                format!(
+                    "performance option {:?} is not available on this destination",
+                    offer.option
+                ),
+            ));
+        }
+        if offer.channels == 0 || offer.channels > 64 {
+            return Err((
+                RejectReason::BadOffer,
+                format!(
+                    "{} data channels requested (1 to 64 allowed)",
+                    offer.channels
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn session(
+        self: Arc<Self>,
+        mut conn: Conn,
+        nonce_s: [u8; 32],
+        version: u16,
+    ) -> Result<DestSummary> {
+        let started = Instant::now();
+        let _permit = match self.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let msg = format!(
+                    "this destination already runs {} migrations (--max-concurrent)",
+                    self.opts.max_concurrent
+                );
+                return Err(conn.reject(RejectReason::Busy, msg).await.into());
+            }
+        };
+        conn.server_authenticate(&self.opts.key, nonce_s, version)
+            .await?;
+        let offer = match conn.recv("the offer").await? {
+            Msg::Offer(o) => o,
+            m => {
+                return Err(TransportError::Unexpected {
+                    expected: "Offer",
+                    got: m.name().into(),
+                }
+                .into())
+            }
+        };
+        if let Err((reason, message)) = self.validate(&offer) {
+            return Err(conn.reject(reason, message).await.into());
+        }
+        // Validated: now, and only now, allocate.
+        let mem = Arc::new(dest_memory(&offer.layout)?);
+        let token = ferry_transport::auth::nonce();
+        let (tx, rx) = mpsc::channel(usize::from(offer.channels));
+        self.pending.lock().expect("pending").insert(token, tx);
+        let migration_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let peer = conn.peer().to_string();
+        tracing::info!(
+            migration_id,
+            peer,
+            bytes = offer.layout.total_bytes(),
+            "offer accepted"
+        );
+        let accepted = conn
+            .send(&Msg::Accept(Accept {
+                migration_id,
+                data_token: token,
+                max_chunk: MAX_CHUNK_PAYLOAD,
+            }))
+            .await;
+        let (mut writer, msgs) = conn.split();
+        let result = match accepted {
+            Ok(()) => {
+                Receive {
+                    offer: &offer,
+                    mem: &mem,
+                    timeout: self.opts.timeout,
+                    resume: &self.resume,
+                }
+                .run(&mut writer, msgs, rx)
+                .await
+            }
+            Err(e) => Err(e.into()),
+        };
+        self.pending.lock().expect("pending").remove(&token);
+        match result {
+            Ok((payload_bytes, crc_errors, digest, resume_report)) => Ok(DestSummary {
+                migration_id,
+                peer,
+                memory_bytes: offer.layout.total_bytes(),
+                payload_bytes,
+                crc_errors,
+                digest: hex(&digest),
+                resume_report,
+                total_ms: started.elapsed().as_secs_f64() * 1e3,
+            }),
+            Err(e) => {
+                tracing::warn!(migration_id, "migration aborted: {e}");
+                writer.abort(&e.to_string()).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+struct Receive<'a> {
+    offer: &'a Offer,
+    mem: &'a Arc<DestMemory>,
+    timeout: Duration,
+    resume: &'a ResumeHook,
+}
+
+impl Receive<'_> {
+    /// Receives pages until the switchover, verifies, and waits for commit.
+    async fn run(
+        &self,
+        writer: &mut ferry_transport::conn::ConnWriter,
+        mut msgs: mpsc::Receiver<ferry_transport::Result<Msg>>,
+        mut streams: mpsc::Receiver<TcpStream>,
+    ) -> Result<(u64, u64, [u8; 16], String)> {
+        let layout = Arc::new(self.offer.layout.clone());
+        let counters = Arc::new(RecvCounters::default());
+        let mut channels = JoinSet::new();
+        let mut opened = 0u16;
+        let mut ended = 0u16;
+        let mut switchover = None;
+        let mut last_progress = (Instant::now(), 0u64);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        // Receive until the source's switchover message and every channel's end frame.
+        while switchover.is_none() || ended < opened || opened == 0 {
+            tokio::select! {
+                Some(stream) = streams.recv(), if opened < self.offer.channels => {
+                    opened += 1;
+                    let (l, m, c) = (layout.clone(), self.mem.clone(), counters.clone());
+                    channels.spawn(async move { receive_channel(stream, &l, &*m, &c).await });
+                }
+                Some(done) = channels.join_next() => {
+                    match done {
+                        Ok(Ok(())) => ended += 1,
+                        Ok(Err(e)) => return Err(e.into()),
+                        Err(e) => return Err(MigrationError::Guest(format!("data channel task failed: {e}"))),
+                    }
+                }
+                msg = msgs.recv() => {
+                    match msg {
+                        Some(Ok(Msg::RoundDone { round, pages })) => {
+                            tracing::debug!(round, pages, "round done");
+                            last_progress.0 = Instant::now();
+                        }
+                        Some(Ok(Msg::Switchover(sw))) if switchover.is_none() => { switchover = Some(sw); last_progress.0 = Instant::now(); }
+                        Some(Ok(m)) => return Err(TransportError::Unexpected { expected: "RoundDone or Switchover", got: m.name().into() }.into()),
+                        Some(Err(e)) => return Err(e.into()),
+                        None => return Err(TransportError::PeerClosed { what: "control" }.into()),
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = counters.bytes_on_wire.load(Ordering::Relaxed) + counters.chunks.load(Ordering::Relaxed);
+                    if now != last_progress.1 {
+                        last_progress = (Instant::now(), now);
+                    } else if last_progress.0.elapsed() > self.timeout {
+                        return Err(TransportError::Timeout { what: "pages or messages from the source", after: self.timeout }.into());
+                    }
+                }
+            }
+        }
+        let sw = switchover.expect("loop ends with a switchover");
+        let computed = crc32fast::hash(&sw.device_state);
+        if computed != sw.device_state_crc {
+            return Err(MigrationError::DeviceStateCrc {
+                expected: sw.device_state_crc,
+                computed,
+            });
+        }
+        let mem = self.mem.clone();
+        let digest = tokio::task::spawn_blocking(move || memory_digest(&*mem))
+            .await
+            .map_err(|e| MigrationError::Guest(format!("digest task failed: {e}")))?;
+        if digest != sw.digest {
+            return Err(MigrationError::DigestMismatch {
+                source_digest: hex(&sw.digest),
+                dest_digest: hex(&digest),
+            });
+        }
+        writer.send(&Msg::Ready { digest }).await?;
+        let commit = tokio::time::timeout(self.timeout, msgs.recv()).await;
+        match commit {
+            Ok(Some(Ok(Msg::Commit))) => {}
+            Ok(Some(Ok(m))) => {
+                return Err(TransportError::Unexpected {
+                    expected: "Commit",
+                    got: m.name().into(),
+                }
+                .into())
+            }
+            Ok(Some(Err(e))) => return Err(e.into()),
+            Ok(None) => return Err(TransportError::PeerClosed { what: "control" }.into()),
+            Err(_) => {
+                return Err(TransportError::Timeout {
+                    what: "Commit",
+                    after: self.timeout,
+                }
+                .into())
+            }
+        }
+        // Resume: from here the guest belongs to this side.
+        let report = (self.resume)(self.mem, &sw.device_state)
+            .unwrap_or_else(|e| format!("resume hook failed: {e}"));
+        writer.send(&Msg::Committed).await?;
+        Ok((
+            counters.payload_bytes.load(Ordering::Relaxed),
+            counters.crc_errors.load(Ordering::Relaxed),
+            digest,
+            report,
+        ))
+    }
+}
+
+/// Checks that an offer's layout is something this host can map.
+pub fn layout_fits(layout: &MemoryLayout) -> bool {
+    layout
+        .regions
+        .iter()
+        .all(|r| usize::try_from(r.size).is_ok())
+}

@@ -1,0 +1,772 @@
+//! The source side: pre-copy rounds, convergence, switchover with
+//! Ready/Commit.
+//!
+//! ```mermaid
+//! stateDiagram-v2
+//!     [*] --> Handshake
+//!     Handshake --> Offer: authenticated
+//!     Offer --> Round: Accept
+//!     Offer --> [*]: Reject (guest keeps running)
+//!     Round --> Round: not converged
+//!     Round --> Paused: converged / round cap
+//!     Paused --> FinalCopy
+//!     FinalCopy --> AwaitReady: Switchover(device state, digest)
+//!     AwaitReady --> Committed: Ready, digest equal / Commit
+//!     Round --> Resumed: any error
+//!     Paused --> Resumed: any error
+//!     FinalCopy --> Resumed: any error
+//!     AwaitReady --> Resumed: Abort, digest mismatch, timeout
+//!     Resumed --> [*]
+//!     Committed --> [*]
+//! ```
+//!
+//! Any failure before `Commit` is sent resumes the source guest and tells the
+//! destination to free everything. A failure after `Commit` was sent but
+//! before `Committed` came back leaves the guest paused: it may already run on
+//! the destination, and two running copies would be worse than a pause.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_ffi::vio;
+use ferry_transport::conn::Conn;
+use ferry_transport::proto::{
+    Msg, Offer, PerformanceOption, Role, Switchover, PROTOCOL_MAX, PROTOCOL_MIN,
+};
+use ferry_transport::tcp::TcpSender;
+use ferry_transport::wire::MAX_RUNS;
+use ferry_transport::{
+    auth::AuthKey, ChannelStats, Chunk, MemoryLayout, PageRun, Transport, TransportError, PAGE_SIZE,
+};
+use serde::Serialize;
+use tokio::net::TcpStream;
+use vm_memory::GuestAddress;
+use vm_memory::GuestMemoryBackend;
+
+use crate::digest::{hex, memory_digest};
+use crate::dirty::{DirtyLog, DirtySet};
+use crate::error::{MigrationError, Result};
+use crate::guest::GuestControl;
+use crate::memory::SourceMemory;
+
+/// Source settings.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// Longest pause the engine aims for.
+    pub downtime_limit: Duration,
+    /// Pre-copy rounds after which the engine switches over anyway.
+    pub max_rounds: u32,
+    /// Payload bytes per chunk.
+    pub chunk_bytes: u32,
+    /// How long to wait for the peer before giving up.
+    pub timeout: Duration,
+    /// Performance option.
+    pub option: PerformanceOption,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        SourceOptions {
+            downtime_limit: Duration::from_millis(300),
+            max_rounds: 30,
+            chunk_bytes: 1 << 20,
+            timeout: Duration::from_secs(30),
+            option: PerformanceOption::Tcp,
+        }
+    }
+}
+
+/// Why pre-copy stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConvergeReason {
+    /// No page was dirty.
+    NothingDirty,
+    /// The dirty bytes fit the downtime limit at the measured bandwidth.
+    FitsDowntime,
+    /// The round cap was reached.
+    RoundCap,
+}
+
+/// What to do after a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Send another round.
+    Continue,
+    /// Pause the guest and copy the rest.
+    Switchover(ConvergeReason),
+}
+
+/// Decides whether pre-copy has converged. Pure, so it is tested alone.
+///
+/// Criteria, in order:
+/// 1. nothing dirty → switch over;
+/// 2. `remaining_bytes / bandwidth <= downtime_limit` → switch over (the
+///    estimate covers the page copy; device state and digest come on top and
+///    are reported in the downtime);
+/// 3. `rounds_done >= max_rounds` → switch over anyway;
+/// 4. otherwise another round.
+///
+/// `bandwidth` is bytes per second measured over the last round; zero means
+/// unknown and never converges by criterion 2.
+pub fn decide(
+    remaining_bytes: u64,
+    bandwidth: f64,
+    downtime_limit: Duration,
+    rounds_done: u32,
+    max_rounds: u32,
+) -> Decision {
+    if remaining_bytes == 0 {
+        return Decision::Switchover(ConvergeReason::NothingDirty);
+    }
+    if bandwidth > 0.0 && remaining_bytes as f64 / bandwidth <= downtime_limit.as_secs_f64() {
+        return Decision::Switchover(ConvergeReason::FitsDowntime);
+    }
+    if rounds_done >= max_rounds {
+        return Decision::Switchover(ConvergeReason::RoundCap);
+    }
+    Decision::Continue
+}
+
+/// Phase shown by progress displays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Connecting and negotiating.
+    Connecting = 0,
+    /// Pre-copy rounds.
+    Precopy = 1,
+    /// Guest paused, final copy and commit.
+    Switchover = 2,
+    /// Finished.
+    Done = 3,
+}
+
+/// Live figures for a progress display; updated by the engine.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Current round.
+    pub round: AtomicU64,
+    /// Dirty bytes left after the last round.
+    pub remaining_bytes: AtomicU64,
+    /// Page bytes sent so far.
+    pub sent_bytes: AtomicU64,
+    /// Bytes in the current round's set.
+    pub round_bytes: AtomicU64,
+    /// [`Phase`] as u8.
+    pub phase: AtomicU8,
+}
+
+impl Progress {
+    /// Current phase.
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Relaxed) {
+            0 => Phase::Connecting,
+            1 => Phase::Precopy,
+            2 => Phase::Switchover,
+            _ => Phase::Done,
+        }
+    }
+    fn set_phase(&self, p: Phase) {
+        self.phase.store(p as u8, Ordering::Relaxed);
+    }
+}
+
+/// Figures of one round.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RoundStats {
+    /// Round number (the final copy is the last).
+    pub round: u32,
+    /// Pages in the round's set that were sent (zero pages included).
+    pub pages: u64,
+    /// Zero pages sent as flags.
+    pub zero_pages: u64,
+    /// Page bytes put on the wire.
+    pub bytes: u64,
+    /// Wall time of the round, including the wait for acks.
+    pub duration_ms: f64,
+    /// Pages dirtied meanwhile (the next round's set).
+    pub dirty_pages_after: u64,
+}
+
+/// Summary of a committed migration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Performance option.
+    pub option: PerformanceOption,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// From connect to `Committed`.
+    pub total_ms: f64,
+    /// From pause to `Committed`.
+    pub downtime_ms: f64,
+    /// Part of the downtime spent computing the digest on the source.
+    pub digest_ms: f64,
+    /// Why pre-copy stopped.
+    pub converge_reason: ConvergeReason,
+    /// Every round, the final copy last.
+    pub rounds: Vec<RoundStats>,
+    /// Bytes written to data channels (headers and payload).
+    pub bytes_on_wire: u64,
+    /// Page bytes sent.
+    pub payload_bytes: u64,
+    /// Page bytes per second over the transfer (connect to final flush).
+    pub throughput_bytes_per_sec: f64,
+    /// Chunks sent again after a CRC mismatch.
+    pub crc_resends: u64,
+    /// Digest of guest memory (hex), equal on both sides.
+    pub digest: String,
+    /// The destination computed the same digest before commit.
+    pub digest_verified: bool,
+    /// Per-channel counters.
+    pub channels: Vec<ChannelStats>,
+}
+
+/// Everything the source needs to migrate one guest.
+#[derive(Debug)]
+pub struct Source<'a, G: GuestControl, D: DirtyLog> {
+    /// Destination `HOST:PORT`.
+    pub to: String,
+    /// Pre-shared key.
+    pub key: &'a AuthKey,
+    /// The guest (paused and resumed by the engine).
+    pub guest: &'a G,
+    /// Its memory.
+    pub mem: Arc<SourceMemory>,
+    /// Its dirty log.
+    pub dirty: &'a D,
+    /// Settings.
+    pub opts: SourceOptions,
+    /// Live figures.
+    pub progress: Arc<Progress>,
+}
+
+impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
+    /// Runs the migration. On any error before commit the guest keeps running
+    /// (it is resumed if it was paused) and the destination is told to abort.
+    pub async fn migrate(&self) -> Result<Summary> {
+        let started = Instant::now();
+        self.progress.set_phase(Phase::Connecting);
+        let mut conn = Conn::new(
+            connect(&self.to, self.opts.timeout).await?,
+            self.opts.timeout,
+        );
+        conn.client_handshake(self.key).await?;
+        let layout = MemoryLayout::of(&*self.mem);
+        conn.send(&Msg::Offer(Offer {
+            layout: layout.clone(),
+            guest: self.guest.config(),
+            option: self.opts.option,
+            channels: 1,
+        }))
+        .await?;
+        let accept = match conn.recv("the destination's answer to the offer").await? {
+            Msg::Accept(a) => a,
+            Msg::Reject { reason, message } => {
+                return Err(TransportError::Rejected { reason, message }.into())
+            }
+            m => {
+                return Err(TransportError::Unexpected {
+                    expected: "Accept or Reject",
+                    got: m.name().into(),
+                }
+                .into())
+            }
+        };
+        let data = open_data_channel(&self.to, accept.data_token, self.opts.timeout).await?;
+        let mut transport = TcpSender::new(data, self.mem.clone(), 0, self.opts.timeout);
+        let mut run = Run {
+            src: self,
+            conn: &mut conn,
+            paused_at: None,
+            commit_sent: false,
+        };
+        match run
+            .precopy_and_switch(&mut transport, &layout, started)
+            .await
+        {
+            Ok(s) => {
+                self.progress.set_phase(Phase::Done);
+                Ok(s)
+            }
+            Err(e) => {
+                if !run.commit_sent {
+                    run.conn.abort(&e.to_string()).await;
+                    if run.paused_at.is_some() {
+                        self.guest.resume()?;
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Connects with a timeout.
+pub async fn connect(to: &str, timeout: Duration) -> Result<TcpStream> {
+    match tokio::time::timeout(timeout, TcpStream::connect(to)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(TransportError::Io {
+            context: format!("cannot connect to {to}"),
+            source: e,
+        }
+        .into()),
+        Err(_) => Err(TransportError::Timeout {
+            what: "the connection to the destination",
+            after: timeout,
+        }
+        .into()),
+    }
+}
+
+/// Opens one data channel and presents the migration's token.
+pub async fn open_data_channel(to: &str, token: [u8; 32], timeout: Duration) -> Result<TcpStream> {
+    let mut c = Conn::new(connect(to, timeout).await?, timeout);
+    c.send(&Msg::Hello {
+        min_version: PROTOCOL_MIN,
+        max_version: PROTOCOL_MAX,
+        role: Role::Data,
+        nonce: token,
+    })
+    .await?;
+    match c.recv("the data channel's welcome").await? {
+        Msg::Welcome => Ok(c.into_stream()),
+        Msg::Reject { reason, message } => Err(TransportError::Rejected { reason, message }.into()),
+        m => Err(TransportError::Unexpected {
+            expected: "Welcome",
+            got: m.name().into(),
+        }
+        .into()),
+    }
+}
+
+struct Run<'r, 'a, G: GuestControl, D: DirtyLog> {
+    src: &'r Source<'a, G, D>,
+    conn: &'r mut Conn,
+    paused_at: Option<Instant>,
+    commit_sent: bool,
+}
+
+/// Returns true if the page holds only zero bytes.
+pub fn is_zero_page(p: &[u8]) -> bool {
+    if p[..64].iter().any(|&b| b != 0) {
+        return false;
+    }
+    p.chunks_exact(64)
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}
+
+/// Builds chunks from a dirty set, detecting zero pages. A zero page becomes
+/// a zero run (or is skipped when `skip_zero`: the destination's memory starts
+/// zeroed, so round 0 need not mention it).
+struct Chunker<'m> {
+    mem: &'m SourceMemory,
+    max_payload: u64,
+    skip_zero: bool,
+    round: u32,
+    cur: Vec<PageRun>,
+    payload: u64,
+}
+
+impl Chunker<'_> {
+    fn push(&mut self, run: PageRun, out: &mut Vec<Chunk>, seq: &mut u64) {
+        if run.zero && self.skip_zero {
+            return;
+        }
+        let max_pages = (self.max_payload / PAGE_SIZE).max(1) as u32;
+        if !run.zero && run.pages > max_pages {
+            let head = PageRun {
+                pages: max_pages,
+                ..run
+            };
+            let tail = PageRun {
+                gpa: run.gpa + head.bytes(),
+                pages: run.pages - max_pages,
+                zero: false,
+            };
+            self.push(head, out, seq);
+            return self.push(tail, out, seq);
+        }
+        if self.payload + run.payload_bytes() > self.max_payload {
+            self.cut(out, seq);
+        }
+        self.payload += run.payload_bytes();
+        match self.cur.last_mut() {
+            Some(last) if last.zero == run.zero && last.gpa + last.bytes() == run.gpa => {
+                last.pages += run.pages
+            }
+            _ => self.cur.push(run),
+        }
+        self.maybe_cut(out, seq);
+    }
+
+    fn maybe_cut(&mut self, out: &mut Vec<Chunk>, seq: &mut u64) {
+        if self.payload >= self.max_payload || self.cur.len() >= MAX_RUNS as usize {
+            self.cut(out, seq);
+        }
+    }
+
+    fn cut(&mut self, out: &mut Vec<Chunk>, seq: &mut u64) {
+        if !self.cur.is_empty() {
+            out.push(Chunk {
+                seq: *seq,
+                round: self.round,
+                runs: std::mem::take(&mut self.cur),
+            });
+            *seq += 1;
+            self.payload = 0;
+        }
+    }
+
+    /// Splits `run` into zero / non-zero sub-runs and adds them.
+    fn add(&mut self, run: PageRun, out: &mut Vec<Chunk>, seq: &mut u64) {
+        let slice = self
+            .mem
+            .get_slice(GuestAddress(run.gpa), run.bytes() as usize)
+            .expect("dirty run inside guest memory");
+        let mut pieces = Vec::new();
+        vio::with_bytes(&slice, |bytes| {
+            let mut start = 0u32;
+            let mut zero = None;
+            for (i, p) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
+                let z = is_zero_page(p);
+                match zero {
+                    Some(prev) if prev != z => {
+                        pieces.push(PageRun {
+                            gpa: run.gpa + u64::from(start) * PAGE_SIZE,
+                            pages: i as u32 - start,
+                            zero: prev,
+                        });
+                        start = i as u32;
+                    }
+                    _ => {}
+                }
+                zero = Some(z);
+            }
+            if let Some(z) = zero {
+                pieces.push(PageRun {
+                    gpa: run.gpa + u64::from(start) * PAGE_SIZE,
+                    pages: run.pages - start,
+                    zero: z,
+                });
+            }
+        });
+        for p in pieces {
+            self.push(p, out, seq);
+        }
+    }
+}
+
+impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
+    async fn send_set<T: Transport>(
+        &mut self,
+        t: &mut T,
+        set: &DirtySet,
+        round: u32,
+        seq: &mut u64,
+    ) -> Result<RoundStats> {
+        let started = Instant::now();
+        let max_pages = (self.src.opts.chunk_bytes as u64 / PAGE_SIZE).max(1) as u32;
+        let mut ch = Chunker {
+            mem: &self.src.mem,
+            max_payload: u64::from(self.src.opts.chunk_bytes),
+            skip_zero: round == 0,
+            round,
+            cur: Vec::new(),
+            payload: 0,
+        };
+        let mut stats = RoundStats {
+            round,
+            ..Default::default()
+        };
+        self.src
+            .progress
+            .round
+            .store(round.into(), Ordering::Relaxed);
+        self.src
+            .progress
+            .round_bytes
+            .store(set.count() * PAGE_SIZE, Ordering::Relaxed);
+        let mut ready = Vec::new();
+        let mut runs = set.runs(max_pages);
+        loop {
+            let next = runs.next();
+            match next {
+                Some(r) => ch.add(r, &mut ready, seq),
+                None => ch.cut(&mut ready, seq),
+            }
+            for c in ready.drain(..) {
+                let (pages, payload) = (c.pages(), c.payload_bytes());
+                stats.pages += pages;
+                stats.zero_pages += pages - payload / PAGE_SIZE;
+                stats.bytes += payload;
+                t.send(c).await?;
+                self.src
+                    .progress
+                    .sent_bytes
+                    .fetch_add(payload, Ordering::Relaxed);
+            }
+            if next.is_none() {
+                break;
+            }
+        }
+        let flushed = t.flush().await?;
+        if !flushed.resend.is_empty() {
+            self.src.dirty.restore(&flushed.resend);
+        }
+        stats.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+        Ok(stats)
+    }
+
+    async fn precopy_and_switch<T: Transport>(
+        &mut self,
+        t: &mut T,
+        layout: &MemoryLayout,
+        started: Instant,
+    ) -> Result<Summary> {
+        let src = self.src;
+        let opts = &src.opts;
+        src.progress.set_phase(Phase::Precopy);
+        src.dirty.start();
+        let mut set = DirtySet::all(layout);
+        let mut rounds = Vec::new();
+        let mut seq = 0u64;
+        let mut round = 0u32;
+        let mut bandwidth = 0.0f64;
+        let reason = loop {
+            let mut stats = self.send_set(t, &set, round, &mut seq).await?;
+            self.conn
+                .send(&Msg::RoundDone {
+                    round,
+                    pages: stats.pages,
+                })
+                .await?;
+            if stats.duration_ms > 1.0 && stats.bytes > 0 {
+                bandwidth = stats.bytes as f64 / (stats.duration_ms / 1e3);
+            }
+            set = src.dirty.harvest();
+            stats.dirty_pages_after = set.count();
+            let remaining = stats.dirty_pages_after * PAGE_SIZE;
+            src.progress
+                .remaining_bytes
+                .store(remaining, Ordering::Relaxed);
+            tracing::debug!(
+                round,
+                pages = stats.pages,
+                remaining,
+                bandwidth,
+                "round done"
+            );
+            rounds.push(stats);
+            round += 1;
+            match decide(
+                remaining,
+                bandwidth,
+                opts.downtime_limit,
+                round,
+                opts.max_rounds,
+            ) {
+                Decision::Continue => {}
+                Decision::Switchover(r) => break r,
+            }
+        };
+
+        // Switchover: pause, copy the rest, hand over device state and digest.
+        src.progress.set_phase(Phase::Switchover);
+        let paused_at = Instant::now();
+        src.guest.pause()?;
+        self.paused_at = Some(paused_at);
+        set.merge(&src.dirty.harvest());
+        let mut final_stats = self.send_set(t, &set, round, &mut seq).await?;
+        // Chunks that failed their CRC are sent again; with the guest paused a
+        // mismatch is real corruption, so give up after a few tries.
+        let mut tries = 0;
+        loop {
+            let again = src.dirty.harvest();
+            if again.count() == 0 {
+                break;
+            }
+            tries += 1;
+            if tries > 3 {
+                return Err(MigrationError::FinalCopyCorrupt(again.count()));
+            }
+            let s = self.send_set(t, &again, round, &mut seq).await?;
+            final_stats.pages += s.pages;
+            final_stats.bytes += s.bytes;
+        }
+        t.finish().await?;
+        let transfer_secs = started.elapsed().as_secs_f64();
+        final_stats.duration_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+        rounds.push(final_stats);
+
+        let device_state = src.guest.device_state()?;
+        let digest_started = Instant::now();
+        let digest = memory_digest(&*src.mem);
+        let digest_ms = digest_started.elapsed().as_secs_f64() * 1e3;
+        let device_state_crc = crc32fast::hash(&device_state);
+        self.conn
+            .send(&Msg::Switchover(Switchover {
+                device_state,
+                device_state_crc,
+                digest,
+            }))
+            .await?;
+        match self.conn.recv("the destination's Ready").await? {
+            Msg::Ready { digest: theirs } if theirs == digest => {}
+            Msg::Ready { digest: theirs } => {
+                return Err(MigrationError::DigestMismatch {
+                    source_digest: hex(&digest),
+                    dest_digest: hex(&theirs),
+                })
+            }
+            m => {
+                return Err(TransportError::Unexpected {
+                    expected: "Ready",
+                    got: m.name().into(),
+                }
+                .into())
+            }
+        }
+        self.conn.send(&Msg::Commit).await?;
+        self.commit_sent = true;
+        match self.conn.recv("the destination's Committed").await {
+            Ok(Msg::Committed) => {}
+            Ok(m) => {
+                return Err(MigrationError::CommitUnconfirmed(format!(
+                    "got {}",
+                    m.name()
+                )))
+            }
+            Err(e) => return Err(MigrationError::CommitUnconfirmed(e.to_string())),
+        }
+        let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+        let channels = t.stats();
+        let payload_bytes: u64 = rounds.iter().map(|r| r.bytes).sum();
+        Ok(Summary {
+            option: opts.option,
+            memory_bytes: layout.total_bytes(),
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            downtime_ms,
+            digest_ms,
+            converge_reason: reason,
+            rounds,
+            bytes_on_wire: channels.iter().map(|c| c.bytes_on_wire).sum(),
+            payload_bytes,
+            throughput_bytes_per_sec: payload_bytes as f64 / transfer_secs.max(1e-9),
+            crc_resends: channels.iter().map(|c| c.crc_resends).sum(),
+            digest: hex(&digest),
+            digest_verified: true,
+            channels,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn convergence_criteria_in_order() {
+        let ms300 = Duration::from_millis(300);
+        assert_eq!(
+            decide(0, 0.0, ms300, 1, 30),
+            Decision::Switchover(ConvergeReason::NothingDirty)
+        );
+        // 100 MB at 1 GB/s = 100 ms <= 300 ms
+        assert_eq!(
+            decide(100_000_000, 1e9, ms300, 1, 30),
+            Decision::Switchover(ConvergeReason::FitsDowntime)
+        );
+        // 1 GB at 1 GB/s = 1 s > 300 ms
+        assert_eq!(decide(1_000_000_000, 1e9, ms300, 1, 30), Decision::Continue);
+        assert_eq!(
+            decide(1_000_000_000, 1e9, ms300, 30, 30),
+            Decision::Switchover(ConvergeReason::RoundCap)
+        );
+        assert_eq!(
+            decide(1, 0.0, ms300, 1, 30),
+            Decision::Continue,
+            "unknown bandwidth never fits"
+        );
+    }
+
+    #[test]
+    fn zero_page_detection() {
+        let mut p = vec![0u8; 4096];
+        assert!(is_zero_page(&p));
+        p[4095] = 1;
+        assert!(!is_zero_page(&p));
+        p[4095] = 0;
+        p[3] = 1;
+        assert!(!is_zero_page(&p));
+    }
+
+    #[test]
+    fn chunker_splits_zero_and_data_runs_and_caps_payload() {
+        use crate::memory::{default_layout, source_memory};
+        use vm_memory::Bytes;
+        let mem = source_memory(&default_layout(64 * PAGE_SIZE).unwrap()).unwrap();
+        for p in [0u64, 1, 2, 5, 6, 7, 8, 9] {
+            mem.write_slice(&[1], GuestAddress(p * PAGE_SIZE + 10))
+                .unwrap();
+        }
+        let mut out = Vec::new();
+        let mut seq = 0;
+        let mut ch = Chunker {
+            mem: &mem,
+            max_payload: 4 * PAGE_SIZE,
+            skip_zero: false,
+            round: 2,
+            cur: vec![],
+            payload: 0,
+        };
+        ch.add(
+            PageRun {
+                gpa: 0,
+                pages: 12,
+                zero: false,
+            },
+            &mut out,
+            &mut seq,
+        );
+        ch.cut(&mut out, &mut seq);
+        let all: Vec<PageRun> = out.iter().flat_map(|c| c.runs.clone()).collect();
+        let pages: u64 = all.iter().map(|r| u64::from(r.pages)).sum();
+        assert_eq!(pages, 12, "every page accounted for: {all:?}");
+        assert!(out
+            .iter()
+            .all(|c| c.payload_bytes() <= 4 * PAGE_SIZE && c.round == 2));
+        assert_eq!(
+            all.iter().filter(|r| r.zero).map(|r| r.pages).sum::<u32>(),
+            4,
+            "pages 3,4,10,11 are zero"
+        );
+        assert_eq!(
+            out.iter().map(|c| c.seq).collect::<Vec<_>>(),
+            (0..out.len() as u64).collect::<Vec<_>>()
+        );
+        // Round 0 skips zero pages entirely.
+        let mut out0 = Vec::new();
+        let mut ch0 = Chunker {
+            mem: &mem,
+            max_payload: 1 << 20,
+            skip_zero: true,
+            round: 0,
+            cur: vec![],
+            payload: 0,
+        };
+        ch0.add(
+            PageRun {
+                gpa: 0,
+                pages: 12,
+                zero: false,
+            },
+            &mut out0,
+            &mut seq,
+        );
+        ch0.cut(&mut out0, &mut seq);
+        assert!(out0.iter().flat_map(|c| &c.runs).all(|r| !r.zero));
+        assert_eq!(out0.iter().map(|c| c.pages()).sum::<u64>(), 8);
+    }
+}

@@ -1,0 +1,319 @@
+//! An authenticated, framed control connection over tokio TCP.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::auth::{self, AuthKey, Side};
+use crate::error::{Result, TransportError};
+use crate::proto::{
+    Msg, RejectReason, Role, MAX_CONTROL_BODY, PREAUTH_BODY_LIMIT, PROTOCOL_MAX, PROTOCOL_MIN,
+};
+
+/// A control connection: framed [`Msg`]s with a body limit and a timeout on
+/// every receive.
+#[derive(Debug)]
+pub struct Conn {
+    stream: TcpStream,
+    limit: u32,
+    timeout: Duration,
+    peer: String,
+}
+
+impl Conn {
+    /// Wraps a connected stream. The body limit starts at the pre-auth limit.
+    pub fn new(stream: TcpStream, timeout: Duration) -> Self {
+        let _ = stream.set_nodelay(true);
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        Conn {
+            stream,
+            limit: PREAUTH_BODY_LIMIT,
+            timeout,
+            peer,
+        }
+    }
+
+    /// Peer address, for messages.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// The timeout applied to every receive.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Raises the body limit once the peer is authenticated.
+    pub fn authenticated(&mut self) {
+        self.limit = MAX_CONTROL_BODY;
+    }
+
+    /// Gives back the stream (for a data channel after its hello).
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
+    /// Sends one message.
+    pub async fn send(&mut self, msg: &Msg) -> Result<()> {
+        let bytes = msg.encode();
+        self.stream.write_all(&bytes).await.map_err(|e| {
+            TransportError::io(
+                format!("sending {} to {}", msg.name(), self.peer),
+                "control",
+                e,
+            )
+        })
+    }
+
+    /// Receives one message, waiting at most the connection's timeout.
+    pub async fn recv(&mut self, what: &'static str) -> Result<Msg> {
+        let timeout = self.timeout;
+        self.recv_within(what, timeout).await
+    }
+
+    /// Receives one message, waiting at most `timeout`.
+    pub async fn recv_within(&mut self, what: &'static str, timeout: Duration) -> Result<Msg> {
+        match tokio::time::timeout(timeout, self.recv_inner(what)).await {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::Timeout {
+                what,
+                after: timeout,
+            }),
+        }
+    }
+
+    async fn recv_inner(&mut self, what: &'static str) -> Result<Msg> {
+        read_msg(&mut self.stream, self.limit, what).await
+    }
+
+    /// Splits the connection: a task reads messages into a channel (so a
+    /// receive can sit in `select!` without losing half a frame), and the
+    /// returned [`ConnWriter`] sends.
+    pub fn split(self) -> (ConnWriter, tokio::sync::mpsc::Receiver<Result<Msg>>) {
+        let (read, write) = self.stream.into_split();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let limit = self.limit;
+        tokio::spawn(async move {
+            let mut read = read;
+            loop {
+                let r = read_msg(&mut read, limit, "a control message").await;
+                let stop = r.is_err();
+                if tx.send(r).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        (
+            ConnWriter {
+                write,
+                peer: self.peer,
+            },
+            rx,
+        )
+    }
+
+    /// Best-effort abort notice to the peer (errors ignored: the peer may be gone).
+    pub async fn abort(&mut self, reason: &str) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            self.send(&Msg::Abort {
+                reason: reason.to_string(),
+            }),
+        )
+        .await;
+    }
+
+    /// Source side of the handshake: hello, mutual authentication.
+    /// Returns the protocol version chosen by the destination.
+    pub async fn client_handshake(&mut self, key: &AuthKey) -> Result<u16> {
+        let nonce_s = auth::nonce();
+        self.send(&Msg::Hello {
+            min_version: PROTOCOL_MIN,
+            max_version: PROTOCOL_MAX,
+            role: Role::Control,
+            nonce: nonce_s,
+        })
+        .await?;
+        let (version, nonce_d, proof_d) = match self.recv("the destination's hello").await? {
+            Msg::HelloReply {
+                version,
+                nonce,
+                proof,
+            } => (version, nonce, proof),
+            Msg::Reject { reason, message } => {
+                return Err(TransportError::Rejected { reason, message })
+            }
+            m => {
+                return Err(TransportError::Unexpected {
+                    expected: "HelloReply",
+                    got: m.name().into(),
+                })
+            }
+        };
+        if !(PROTOCOL_MIN..=PROTOCOL_MAX).contains(&version) {
+            return Err(TransportError::UnsupportedVersion {
+                peer_min: version,
+                peer_max: version,
+                ours_min: PROTOCOL_MIN,
+                ours_max: PROTOCOL_MAX,
+            });
+        }
+        if !key.verify(Side::Destination, &nonce_s, &nonce_d, &proof_d) {
+            self.abort("authentication failed: destination proof does not match our key")
+                .await;
+            return Err(TransportError::AuthFailed(
+                "the destination's proof does not match our key (different --auth-key-file?)",
+            ));
+        }
+        self.send(&Msg::Auth {
+            proof: key.proof(Side::Source, &nonce_d, &nonce_s),
+        })
+        .await?;
+        match self.recv("authentication result").await? {
+            Msg::Welcome => {}
+            Msg::Reject { reason, message } => {
+                return Err(TransportError::Rejected { reason, message })
+            }
+            m => {
+                return Err(TransportError::Unexpected {
+                    expected: "Welcome",
+                    got: m.name().into(),
+                })
+            }
+        }
+        self.authenticated();
+        Ok(version)
+    }
+
+    /// Destination side of the handshake after the hello was read: answers
+    /// the challenge and checks the source's proof.
+    pub async fn server_authenticate(
+        &mut self,
+        key: &AuthKey,
+        nonce_s: [u8; 32],
+        version: u16,
+    ) -> Result<()> {
+        let nonce_d = auth::nonce();
+        let proof = key.proof(Side::Destination, &nonce_s, &nonce_d);
+        self.send(&Msg::HelloReply {
+            version,
+            nonce: nonce_d,
+            proof,
+        })
+        .await?;
+        let proof_s = match self.recv("the source's authentication").await? {
+            Msg::Auth { proof } => proof,
+            m => {
+                return Err(TransportError::Unexpected {
+                    expected: "Auth",
+                    got: m.name().into(),
+                })
+            }
+        };
+        if !key.verify(Side::Source, &nonce_d, &nonce_s, &proof_s) {
+            let _ = self
+                .send(&Msg::Reject {
+                    reason: RejectReason::Auth,
+                    message: "authentication failed: wrong key".into(),
+                })
+                .await;
+            return Err(TransportError::AuthFailed(
+                "the source's proof does not match our key",
+            ));
+        }
+        self.send(&Msg::Welcome).await?;
+        self.authenticated();
+        Ok(())
+    }
+
+    /// Sends a rejection and returns the matching error.
+    pub async fn reject(&mut self, reason: RejectReason, message: String) -> TransportError {
+        let _ = self
+            .send(&Msg::Reject {
+                reason,
+                message: message.clone(),
+            })
+            .await;
+        TransportError::Rejected { reason, message }
+    }
+}
+
+/// Picks the highest version both sides speak.
+pub fn negotiate(peer_min: u16, peer_max: u16) -> Result<u16> {
+    let v = peer_max.min(PROTOCOL_MAX);
+    if v < peer_min || v < PROTOCOL_MIN {
+        return Err(TransportError::UnsupportedVersion {
+            peer_min,
+            peer_max,
+            ours_min: PROTOCOL_MIN,
+            ours_max: PROTOCOL_MAX,
+        });
+    }
+    Ok(v)
+}
+
+/// Reads one framed message; an `Abort` from the peer becomes
+/// [`TransportError::PeerAborted`].
+async fn read_msg<R: tokio::io::AsyncRead + Unpin>(
+    read: &mut R,
+    limit: u32,
+    what: &'static str,
+) -> Result<Msg> {
+    let mut head = [0u8; 16];
+    read.read_exact(&mut head)
+        .await
+        .map_err(|e| TransportError::io(what, "control", e))?;
+    let (len, crc) = Msg::decode_header(&head, limit)?;
+    let mut body = vec![0u8; len as usize];
+    read.read_exact(&mut body)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => TransportError::Malformed {
+                what: "control message",
+                detail: format!(
+                    "truncated: header announced {len} bytes, connection closed before them"
+                ),
+            },
+            _ => TransportError::io(what, "control", e),
+        })?;
+    let msg = Msg::decode_body(&body, crc)?;
+    if let Msg::Abort { reason } = msg {
+        return Err(TransportError::PeerAborted(reason));
+    }
+    Ok(msg)
+}
+
+/// Sending half of a split [`Conn`].
+#[derive(Debug)]
+pub struct ConnWriter {
+    write: tokio::net::tcp::OwnedWriteHalf,
+    peer: String,
+}
+
+impl ConnWriter {
+    /// Sends one message.
+    pub async fn send(&mut self, msg: &Msg) -> Result<()> {
+        self.write.write_all(&msg.encode()).await.map_err(|e| {
+            TransportError::io(
+                format!("sending {} to {}", msg.name(), self.peer),
+                "control",
+                e,
+            )
+        })
+    }
+
+    /// Best-effort abort notice.
+    pub async fn abort(&mut self, reason: &str) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            self.send(&Msg::Abort {
+                reason: reason.to_string(),
+            }),
+        )
+        .await;
+    }
+}

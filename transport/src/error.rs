@@ -1,0 +1,142 @@
+//! Errors of the transport layer.
+
+use std::time::Duration;
+
+/// Why a transport operation failed. Every variant names what went wrong and
+/// the value that was wrong, so an operator can act on the message alone.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// A socket call failed.
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer closed the connection.
+    #[error("peer closed the {what} connection")]
+    PeerClosed {
+        /// Which connection / which step.
+        what: &'static str,
+    },
+    /// The peer did not answer in time.
+    #[error("peer did not respond within {after:?} while waiting for {what}")]
+    Timeout {
+        /// What we were waiting for.
+        what: &'static str,
+        /// The timeout that expired.
+        after: Duration,
+    },
+    /// A frame did not start with the expected magic.
+    #[error("bad magic in {what}: expected {expected:?}, got {found:?}")]
+    BadMagic {
+        /// Which frame.
+        what: &'static str,
+        /// The magic we want.
+        expected: [u8; 4],
+        /// The bytes we got.
+        found: [u8; 4],
+    },
+    /// The peer speaks no protocol version we speak.
+    #[error("unsupported protocol version: peer speaks {peer_min}..={peer_max}, this host speaks {ours_min}..={ours_max}")]
+    UnsupportedVersion {
+        /// Peer's lowest version.
+        peer_min: u16,
+        /// Peer's highest version.
+        peer_max: u16,
+        /// Our lowest version.
+        ours_min: u16,
+        /// Our highest version.
+        ours_max: u16,
+    },
+    /// Mutual authentication failed.
+    #[error("authentication failed: {0}")]
+    AuthFailed(&'static str),
+    /// A length field is above its limit.
+    #[error("{field} is {len} bytes, above the limit of {limit}")]
+    TooLarge {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        len: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A field has a value that cannot be right.
+    #[error("invalid {field}: {detail}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        detail: String,
+    },
+    /// A page run lies outside the memory layout that was offered.
+    #[error("page run at guest address {gpa:#x} with {pages} pages lies outside the offered memory layout")]
+    OutsideLayout {
+        /// First guest physical address.
+        gpa: u64,
+        /// Page count.
+        pages: u64,
+    },
+    /// A payload's checksum does not match the one in its header.
+    #[error("CRC mismatch in {what} {seq}: header says {expected:#010x}, payload hashes to {computed:#010x}")]
+    CrcMismatch {
+        /// Which frame kind.
+        what: &'static str,
+        /// Its sequence number.
+        seq: u64,
+        /// CRC in the header.
+        expected: u32,
+        /// CRC of the bytes received.
+        computed: u32,
+    },
+    /// A control message could not be decoded.
+    #[error("malformed {what}: {detail}")]
+    Malformed {
+        /// Which message.
+        what: &'static str,
+        /// Decoder's reason.
+        detail: String,
+    },
+    /// A message arrived that is not allowed at this point of the protocol.
+    #[error("unexpected message: expected {expected}, got {got}")]
+    Unexpected {
+        /// What the protocol state allows.
+        expected: &'static str,
+        /// What came.
+        got: String,
+    },
+    /// The peer refused (validation failed, busy, ...).
+    #[error("peer refused: {reason}: {message}")]
+    Rejected {
+        /// Machine-readable reason.
+        reason: crate::proto::RejectReason,
+        /// Peer's explanation.
+        message: String,
+    },
+    /// The peer aborted the migration.
+    #[error("peer aborted the migration: {0}")]
+    PeerAborted(String),
+}
+
+impl TransportError {
+    /// Wraps an I/O error with what was being done, turning a clean EOF into
+    /// [`TransportError::PeerClosed`].
+    pub fn io(context: impl Into<String>, what: &'static str, source: std::io::Error) -> Self {
+        match source.kind() {
+            std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe => TransportError::PeerClosed { what },
+            _ => TransportError::Io {
+                context: context.into(),
+                source,
+            },
+        }
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = TransportError> = std::result::Result<T, E>;

@@ -1,0 +1,423 @@
+//! Control-channel messages and their framing.
+//!
+//! Every control message travels as a 16-byte header followed by a
+//! `postcard`-encoded [`Msg`]:
+//!
+//! ```text
+//! +----------------+----------------+----------------+----------------+
+//! | magic "FRYM"   | body len (u32) | crc32 of body  | reserved (0)   |
+//! +----------------+----------------+----------------+----------------+
+//! | body: postcard(Msg)                                              ...
+//! ```
+//!
+//! The body length is checked against the connection's current limit before
+//! anything is read: 4 KiB until the peer has authenticated, then
+//! [`MAX_CONTROL_BODY`].
+
+use serde::{Deserialize, Serialize};
+use zerocopy::byteorder::little_endian::U32;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::error::{Result, TransportError};
+use crate::layout::MemoryLayout;
+
+/// Default control port (the one Hyper-V uses for live migration).
+pub const DEFAULT_PORT: u16 = 6600;
+/// Magic of a control frame.
+pub const CONTROL_MAGIC: [u8; 4] = *b"FRYM";
+/// Lowest protocol version this build speaks.
+pub const PROTOCOL_MIN: u16 = 1;
+/// Highest protocol version this build speaks.
+pub const PROTOCOL_MAX: u16 = 1;
+/// Body limit before authentication.
+pub const PREAUTH_BODY_LIMIT: u32 = 4096;
+/// Body limit after authentication (device state travels in one message).
+pub const MAX_CONTROL_BODY: u32 = 64 << 20;
+/// Largest device-state blob.
+pub const MAX_DEVICE_STATE: usize = 32 << 20;
+
+/// Control frame header.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct ControlHeader {
+    /// [`CONTROL_MAGIC`].
+    pub magic: [u8; 4],
+    /// Body length.
+    pub len: U32,
+    /// crc32fast of the body.
+    pub crc32: U32,
+    /// Zero.
+    pub reserved: U32,
+}
+
+/// Which kind of connection a hello opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// The control connection of a new migration.
+    Control,
+    /// A data channel of an accepted migration.
+    Data,
+}
+
+/// The performance option (transport) a migration asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PerformanceOption {
+    /// Plain TCP/IP.
+    Tcp,
+    /// Compressed pages over TCP.
+    Compression,
+    /// RDMA WRITE.
+    Rdma,
+}
+
+/// Machine-readable reason of a rejection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectReason {
+    /// Protocol version not understood.
+    Version,
+    /// Authentication failed.
+    Auth,
+    /// Guest memory above the destination's limit.
+    MemoryLimit,
+    /// The destination runs as many migrations as it allows.
+    Busy,
+    /// The requested performance option is not available.
+    Option,
+    /// The offer is malformed.
+    BadOffer,
+    /// Data-channel token unknown or already used.
+    Token,
+    /// Address not allowed.
+    Network,
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            RejectReason::Version => "unsupported version",
+            RejectReason::Auth => "authentication",
+            RejectReason::MemoryLimit => "memory limit",
+            RejectReason::Busy => "busy",
+            RejectReason::Option => "performance option",
+            RejectReason::BadOffer => "bad offer",
+            RejectReason::Token => "data-channel token",
+            RejectReason::Network => "network not allowed",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Guest configuration carried by the offer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestConfig {
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// CPU vendor string of the source.
+    pub cpu_vendor: String,
+    /// Format identifier of the device-state blob.
+    pub device_state_format: String,
+}
+
+/// The source's offer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    /// Guest memory layout.
+    pub layout: MemoryLayout,
+    /// Guest configuration.
+    pub guest: GuestConfig,
+    /// Requested performance option.
+    pub option: PerformanceOption,
+    /// Number of data channels the source will open.
+    pub channels: u16,
+}
+
+/// The destination's acceptance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accept {
+    /// Migration id on the destination.
+    pub migration_id: u64,
+    /// Token each data channel presents.
+    pub data_token: [u8; 32],
+    /// Largest chunk payload the destination takes.
+    pub max_chunk: u32,
+}
+
+/// Source's switchover message: sent with the guest paused, after the last
+/// pages were acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Switchover {
+    /// Device state blob.
+    pub device_state: Vec<u8>,
+    /// crc32fast of `device_state`.
+    pub device_state_crc: u32,
+    /// Digest of the whole guest memory on the source.
+    pub digest: [u8; 16],
+}
+
+/// A control message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Msg {
+    /// First message of every connection (source to destination).
+    Hello {
+        /// Lowest version the sender speaks.
+        min_version: u16,
+        /// Highest version the sender speaks.
+        max_version: u16,
+        /// Connection role.
+        role: Role,
+        /// Challenge for the destination (control role), or data token (data role).
+        nonce: [u8; 32],
+    },
+    /// Destination's answer to a control hello: the chosen version, its
+    /// challenge, and its proof of the key.
+    HelloReply {
+        /// Chosen version.
+        version: u16,
+        /// Challenge for the source.
+        nonce: [u8; 32],
+        /// HMAC proving the destination holds the key.
+        proof: [u8; 32],
+    },
+    /// Source's proof of the key.
+    Auth {
+        /// HMAC proving the source holds the key.
+        proof: [u8; 32],
+    },
+    /// Authentication (or a data channel) accepted.
+    Welcome,
+    /// The offer.
+    Offer(Offer),
+    /// Offer accepted.
+    Accept(Accept),
+    /// Refused, with a reason.
+    Reject {
+        /// Why.
+        reason: RejectReason,
+        /// Explanation.
+        message: String,
+    },
+    /// A pre-copy round is complete (all its chunks acknowledged).
+    RoundDone {
+        /// Round number.
+        round: u32,
+        /// Pages sent in the round.
+        pages: u64,
+    },
+    /// Switchover (guest paused on the source).
+    Switchover(Switchover),
+    /// Destination verified the digest and is ready to resume.
+    Ready {
+        /// Digest the destination computed.
+        digest: [u8; 16],
+    },
+    /// Source lets go: destination resumes the guest.
+    Commit,
+    /// Destination resumed the guest.
+    Committed,
+    /// Either side gives up; the source keeps its guest.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Msg {
+    /// Short name for errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Msg::Hello { .. } => "Hello",
+            Msg::HelloReply { .. } => "HelloReply",
+            Msg::Auth { .. } => "Auth",
+            Msg::Welcome => "Welcome",
+            Msg::Offer(_) => "Offer",
+            Msg::Accept(_) => "Accept",
+            Msg::Reject { .. } => "Reject",
+            Msg::RoundDone { .. } => "RoundDone",
+            Msg::Switchover(_) => "Switchover",
+            Msg::Ready { .. } => "Ready",
+            Msg::Commit => "Commit",
+            Msg::Committed => "Committed",
+            Msg::Abort { .. } => "Abort",
+        }
+    }
+
+    /// Encodes header and body.
+    pub fn encode(&self) -> Vec<u8> {
+        let body = postcard::to_stdvec(self).expect("control messages always serialize");
+        let len = u32::try_from(body.len()).expect("control message below 4 GiB");
+        let h = ControlHeader {
+            magic: CONTROL_MAGIC,
+            len: U32::new(len),
+            crc32: U32::new(crc32fast::hash(&body)),
+            reserved: U32::new(0),
+        };
+        let mut out = Vec::with_capacity(16 + body.len());
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Checks a control header against `limit`; returns the body length and CRC.
+    pub fn decode_header(bytes: &[u8; 16], limit: u32) -> Result<(u32, u32)> {
+        let h = ControlHeader::read_from_bytes(bytes).expect("16 bytes");
+        if h.magic != CONTROL_MAGIC {
+            return Err(TransportError::BadMagic {
+                what: "control frame",
+                expected: CONTROL_MAGIC,
+                found: h.magic,
+            });
+        }
+        if h.len.get() > limit {
+            return Err(TransportError::TooLarge {
+                field: "control message length",
+                len: h.len.get().into(),
+                limit: limit.into(),
+            });
+        }
+        Ok((h.len.get(), h.crc32.get()))
+    }
+
+    /// Checks the body's CRC and decodes it.
+    pub fn decode_body(body: &[u8], crc: u32) -> Result<Msg> {
+        let computed = crc32fast::hash(body);
+        if computed != crc {
+            return Err(TransportError::CrcMismatch {
+                what: "control message",
+                seq: 0,
+                expected: crc,
+                computed,
+            });
+        }
+        let (msg, rest) =
+            postcard::take_from_bytes::<Msg>(body).map_err(|e| TransportError::Malformed {
+                what: "control message",
+                detail: e.to_string(),
+            })?;
+        if !rest.is_empty() {
+            return Err(TransportError::Malformed {
+                what: "control message",
+                detail: format!("{} trailing bytes", rest.len()),
+            });
+        }
+        Ok(msg)
+    }
+}
+
+/// Runs the control decoders on arbitrary bytes; used by the fuzz target.
+pub fn fuzz_decode(data: &[u8]) {
+    if data.len() >= 16 {
+        let head: &[u8; 16] = data[..16].try_into().expect("16 bytes");
+        if let Ok((len, crc)) = Msg::decode_header(head, MAX_CONTROL_BODY) {
+            let body = &data[16..];
+            if body.len() >= len as usize {
+                let _ = Msg::decode_body(&body[..len as usize], crc);
+            }
+        }
+    }
+    let _ = postcard::from_bytes::<Msg>(data);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{RegionDesc, PAGE_SIZE};
+
+    fn roundtrip(m: &Msg) -> Msg {
+        let b = m.encode();
+        let head: [u8; 16] = b[..16].try_into().unwrap();
+        let (len, crc) = Msg::decode_header(&head, MAX_CONTROL_BODY).unwrap();
+        assert_eq!(len as usize, b.len() - 16);
+        Msg::decode_body(&b[16..], crc).unwrap()
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let offer = Offer {
+            layout: MemoryLayout {
+                page_size: PAGE_SIZE,
+                regions: vec![RegionDesc {
+                    gpa: 0,
+                    size: 1 << 20,
+                }],
+            },
+            guest: GuestConfig {
+                vcpus: 2,
+                cpu_vendor: "GenuineIntel".into(),
+                device_state_format: "x".into(),
+            },
+            option: PerformanceOption::Tcp,
+            channels: 1,
+        };
+        let msgs = vec![
+            Msg::Hello {
+                min_version: 1,
+                max_version: 1,
+                role: Role::Control,
+                nonce: [7; 32],
+            },
+            Msg::HelloReply {
+                version: 1,
+                nonce: [1; 32],
+                proof: [2; 32],
+            },
+            Msg::Auth { proof: [3; 32] },
+            Msg::Welcome,
+            Msg::Offer(offer),
+            Msg::Accept(Accept {
+                migration_id: 9,
+                data_token: [4; 32],
+                max_chunk: 1 << 20,
+            }),
+            Msg::Reject {
+                reason: RejectReason::Busy,
+                message: "full".into(),
+            },
+            Msg::RoundDone {
+                round: 3,
+                pages: 100,
+            },
+            Msg::Switchover(Switchover {
+                device_state: vec![1, 2, 3],
+                device_state_crc: 5,
+                digest: [6; 16],
+            }),
+            Msg::Ready { digest: [6; 16] },
+            Msg::Commit,
+            Msg::Committed,
+            Msg::Abort { reason: "x".into() },
+        ];
+        for m in msgs {
+            assert_eq!(roundtrip(&m), m);
+        }
+    }
+
+    #[test]
+    fn control_frames_are_checked_before_decoding() {
+        let mut b = Msg::Welcome.encode();
+        let head: [u8; 16] = b[..16].try_into().unwrap();
+        let e = Msg::decode_header(&head, 0).unwrap_err().to_string();
+        assert!(e.contains("control message length"), "{e}");
+        b[0] = b'X';
+        let head: [u8; 16] = b[..16].try_into().unwrap();
+        assert!(Msg::decode_header(&head, 100)
+            .unwrap_err()
+            .to_string()
+            .contains("bad magic"));
+        let b = Msg::Abort {
+            reason: "hello".into(),
+        }
+        .encode();
+        let mut body = b[16..].to_vec();
+        let crc = crc32fast::hash(&body);
+        body[2] ^= 0xff;
+        assert!(Msg::decode_body(&body, crc)
+            .unwrap_err()
+            .to_string()
+            .contains("CRC mismatch"));
+        let junk = [250u8, 1, 2];
+        assert!(Msg::decode_body(&junk, crc32fast::hash(&junk))
+            .unwrap_err()
+            .to_string()
+            .contains("malformed"));
+    }
+}

@@ -1,0 +1,443 @@
+//! The TCP performance option: one data channel per TCP connection.
+//!
+//! Source side ([`TcpSender`]): each chunk goes out as one `writev` of
+//! header + run table + the guest pages themselves (no staging copy).
+//! Destination side ([`receive_channel`]): the header and run table are read
+//! and checked, then the payload is read with `readv` straight into the
+//! destination guest memory at the addresses the runs name, its CRC checked,
+//! and an ack returned.
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_ffi::vio;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use vm_memory::bitmap::MS;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+use zerocopy::IntoBytes;
+
+use crate::error::{Result, TransportError};
+use crate::layout::{MemoryLayout, PageRun};
+use crate::wire::{self, AckFrame, AckStatus, ChunkHeader, ChunkKind, RunDesc};
+use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
+
+/// Guest memory the transport can read from or land pages in.
+pub trait GuestMem: GuestMemoryBackend + Send + Sync + 'static {}
+impl<T: GuestMemoryBackend + Send + Sync + 'static> GuestMem for T {}
+
+/// Default bytes in flight per channel before `send` waits for acks.
+pub const DEFAULT_WINDOW: u64 = 64 << 20;
+
+/// The slices of guest memory holding the non-zero runs, in run order.
+pub fn run_slices<'m, M: GuestMem>(
+    mem: &'m M,
+    runs: &[PageRun],
+) -> Result<Vec<VolatileSlice<'m, MS<'m, M>>>> {
+    runs.iter()
+        .filter(|r| !r.zero)
+        .map(|r| {
+            mem.get_slice(
+                GuestAddress(r.gpa),
+                usize::try_from(r.bytes()).unwrap_or(usize::MAX),
+            )
+            .map_err(|_| TransportError::OutsideLayout {
+                gpa: r.gpa,
+                pages: r.pages.into(),
+            })
+        })
+        .collect()
+}
+
+/// CRC32 of a run table followed by the given slices.
+pub fn chunk_crc<B: vm_memory::bitmap::BitmapSlice>(
+    table: &[u8],
+    slices: &[VolatileSlice<'_, B>],
+) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(table);
+    for s in slices {
+        vio::with_bytes(s, |b| h.update(b));
+    }
+    h.finalize()
+}
+
+/// Fills a zero run in destination memory with zeros.
+pub fn zero_run<M: GuestMem>(mem: &M, run: &PageRun) -> Result<()> {
+    static ZEROS: [u8; 65536] = [0; 65536];
+    let mut left = run.bytes();
+    let mut gpa = run.gpa;
+    while left > 0 {
+        let n = left.min(ZEROS.len() as u64);
+        mem.write_slice(&ZEROS[..n as usize], GuestAddress(gpa))
+            .map_err(|_| TransportError::OutsideLayout {
+                gpa: run.gpa,
+                pages: run.pages.into(),
+            })?;
+        left -= n;
+        gpa += n;
+    }
+    Ok(())
+}
+
+/// Source side of one TCP data channel.
+#[derive(Debug)]
+pub struct TcpSender<M: GuestMem> {
+    mem: Arc<M>,
+    write: OwnedWriteHalf,
+    acks: mpsc::UnboundedReceiver<Result<(u64, AckStatus)>>,
+    in_flight: HashMap<u64, (Vec<PageRun>, u64)>,
+    in_flight_bytes: u64,
+    window: u64,
+    timeout: Duration,
+    resend: Vec<PageRun>,
+    stats: ChannelStats,
+    ack_task: tokio::task::JoinHandle<()>,
+}
+
+impl<M: GuestMem> Drop for TcpSender<M> {
+    fn drop(&mut self) {
+        self.ack_task.abort();
+    }
+}
+
+async fn read_acks(mut read: OwnedReadHalf, tx: mpsc::UnboundedSender<Result<(u64, AckStatus)>>) {
+    let mut buf = [0u8; 16];
+    loop {
+        let r = match read.read_exact(&mut buf).await {
+            Ok(_) => AckFrame::decode(&buf),
+            Err(e) => Err(TransportError::io("reading acks", "data channel", e)),
+        };
+        let stop = r.is_err();
+        if tx.send(r).is_err() || stop {
+            return;
+        }
+    }
+}
+
+impl<M: GuestMem> TcpSender<M> {
+    /// Wraps a data channel whose hello was accepted. `timeout` bounds the
+    /// wait for any acknowledgement.
+    pub fn new(stream: TcpStream, mem: Arc<M>, channel: u16, timeout: Duration) -> Self {
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        let (tx, acks) = mpsc::unbounded_channel();
+        let ack_task = tokio::spawn(read_acks(read, tx));
+        TcpSender {
+            mem,
+            write,
+            acks,
+            in_flight: HashMap::new(),
+            in_flight_bytes: 0,
+            window: DEFAULT_WINDOW,
+            timeout,
+            resend: Vec::new(),
+            stats: ChannelStats {
+                channel,
+                ..Default::default()
+            },
+            ack_task,
+        }
+    }
+
+    fn apply_ack(&mut self, ack: Result<(u64, AckStatus)>) -> Result<()> {
+        let (seq, status) = ack?;
+        let (runs, bytes) = self
+            .in_flight
+            .remove(&seq)
+            .ok_or_else(|| TransportError::Invalid {
+                field: "ack sequence number",
+                detail: format!("{seq} is not in flight"),
+            })?;
+        self.in_flight_bytes -= bytes;
+        self.stats.chunks += 1;
+        if status == AckStatus::CrcMismatch {
+            tracing::warn!(
+                seq,
+                "destination reported a CRC mismatch; pages will be sent again"
+            );
+            self.stats.crc_resends += 1;
+            self.resend.extend(runs);
+        }
+        Ok(())
+    }
+
+    async fn wait_ack(&mut self) -> Result<()> {
+        match tokio::time::timeout(self.timeout, self.acks.recv()).await {
+            Ok(Some(ack)) => self.apply_ack(ack),
+            Ok(None) => Err(TransportError::PeerClosed {
+                what: "data channel",
+            }),
+            Err(_) => Err(TransportError::Timeout {
+                what: "chunk acknowledgements",
+                after: self.timeout,
+            }),
+        }
+    }
+
+    fn drain_ready_acks(&mut self) -> Result<()> {
+        while let Ok(ack) = self.acks.try_recv() {
+            self.apply_ack(ack)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `head` and the chunk's guest pages with `writev`, resuming after
+    /// short writes. Slices are rebuilt inside each non-blocking attempt so
+    /// that no raw guest pointer is held across an await.
+    async fn write_frame(&mut self, head: &[u8], runs: &[PageRun], total: usize) -> Result<()> {
+        let stream: &TcpStream = self.write.as_ref();
+        let mem = &*self.mem;
+        let mut done = 0usize;
+        while done < total {
+            stream
+                .writable()
+                .await
+                .map_err(|e| TransportError::io("waiting for socket", "data channel", e))?;
+            let r = stream.try_io(Interest::WRITABLE, || {
+                let slices = run_slices(mem, runs).map_err(std::io::Error::other)?;
+                vio::writev_volatile(stream.as_fd(), head, &slices, done)
+            });
+            match r {
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(TransportError::io("writing a chunk", "data channel", e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<M: GuestMem> Transport for TcpSender<M> {
+    fn capabilities(&self) -> Caps {
+        Caps {
+            max_chunk: wire::MAX_CHUNK_PAYLOAD,
+            zero_copy: true,
+            channels: 1,
+        }
+    }
+
+    async fn send(&mut self, chunk: Chunk) -> Result<()> {
+        let payload = chunk.payload_bytes();
+        if payload > u64::from(wire::MAX_CHUNK_PAYLOAD)
+            || chunk.runs.len() > wire::MAX_RUNS as usize
+        {
+            return Err(TransportError::TooLarge {
+                field: "chunk",
+                len: payload,
+                limit: wire::MAX_CHUNK_PAYLOAD.into(),
+            });
+        }
+        self.drain_ready_acks()?;
+        while !self.in_flight.is_empty() && self.in_flight_bytes + payload > self.window {
+            self.wait_ack().await?;
+        }
+        let table: Vec<RunDesc> = chunk.runs.iter().map(RunDesc::from_run).collect();
+        let crc = {
+            let slices = run_slices(&*self.mem, &chunk.runs)?;
+            chunk_crc(table.as_bytes(), &slices)
+        };
+        let header = ChunkHeader::pages(
+            chunk.seq,
+            chunk.round,
+            table.len() as u32,
+            payload as u32,
+            0,
+            crc,
+        );
+        let mut head = Vec::with_capacity(32 + table.as_bytes().len());
+        head.extend_from_slice(header.as_bytes());
+        head.extend_from_slice(table.as_bytes());
+        let total = head.len() + payload as usize;
+        self.write_frame(&head, &chunk.runs, total).await?;
+        self.stats.bytes_on_wire += total as u64;
+        self.stats.payload_bytes += payload;
+        self.in_flight_bytes += payload;
+        self.in_flight.insert(chunk.seq, (chunk.runs, payload));
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<Flushed> {
+        self.drain_ready_acks()?;
+        while !self.in_flight.is_empty() {
+            self.wait_ack().await?;
+        }
+        Ok(Flushed {
+            resend: std::mem::take(&mut self.resend),
+        })
+    }
+
+    async fn finish(&mut self) -> Result<()> {
+        let end = ChunkHeader::end(u64::MAX);
+        self.write
+            .write_all(end.as_bytes())
+            .await
+            .map_err(|e| TransportError::io("ending the data channel", "data channel", e))?;
+        self.stats.bytes_on_wire += 32;
+        Ok(())
+    }
+
+    fn stats(&self) -> Vec<ChannelStats> {
+        vec![self.stats.clone()]
+    }
+}
+
+/// Destination-side counters, shared with the session for progress and checks.
+#[derive(Debug, Default)]
+pub struct RecvCounters {
+    /// Page bytes landed (payload).
+    pub payload_bytes: AtomicU64,
+    /// Bytes read from the socket.
+    pub bytes_on_wire: AtomicU64,
+    /// Pages covered, zero pages included.
+    pub pages: AtomicU64,
+    /// Chunks accepted.
+    pub chunks: AtomicU64,
+    /// Chunks whose CRC did not match.
+    pub crc_errors: AtomicU64,
+    /// Highest round seen.
+    pub round: AtomicU64,
+}
+
+async fn read_payload<M: GuestMem>(
+    stream: &TcpStream,
+    mem: &M,
+    runs: &[PageRun],
+    total: usize,
+) -> Result<()> {
+    let mut done = 0usize;
+    while done < total {
+        stream
+            .readable()
+            .await
+            .map_err(|e| TransportError::io("waiting for data", "data channel", e))?;
+        let r = stream.try_io(Interest::READABLE, || {
+            let slices = run_slices(mem, runs).map_err(std::io::Error::other)?;
+            vio::readv_volatile(stream.as_fd(), &slices, done)
+        });
+        match r {
+            Ok(0) => {
+                return Err(TransportError::Malformed {
+                    what: "chunk frame",
+                    detail: format!(
+                        "truncated: connection closed after {done} of {total} payload bytes"
+                    ),
+                })
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                return Err(TransportError::io(
+                    "reading a chunk payload",
+                    "data channel",
+                    e,
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Destination side of one TCP data channel: reads chunk frames until the
+/// source's end frame, lands every page straight in `mem`, checks each chunk's
+/// CRC and acknowledges it (or asks for it again).
+///
+/// Frames must come in non-decreasing round order; a frame from an earlier
+/// round than one already seen is refused, so a stale copy can never
+/// overwrite a newer one.
+pub async fn receive_channel<M: GuestMem>(
+    mut stream: TcpStream,
+    layout: &MemoryLayout,
+    mem: &M,
+    counters: &RecvCounters,
+) -> Result<()> {
+    let _ = stream.set_nodelay(true);
+    let mut head = [0u8; 32];
+    let mut last_round = 0u32;
+    loop {
+        stream
+            .read_exact(&mut head)
+            .await
+            .map_err(|e| TransportError::io("reading a chunk header", "data channel", e))?;
+        let (h, kind) = ChunkHeader::decode(&head)?;
+        if kind == ChunkKind::End {
+            return Ok(());
+        }
+        let (seq, round) = (h.seq.get(), h.round.get());
+        if round < last_round {
+            return Err(TransportError::Invalid {
+                field: "chunk round",
+                detail: format!("chunk {seq} is from round {round}, after round {last_round} began: stale copy refused"),
+            });
+        }
+        last_round = round;
+        counters.round.fetch_max(round.into(), Ordering::Relaxed);
+        if h.flags.get() & wire::FLAG_COMPRESSED != 0 {
+            return Err(TransportError::Invalid {
+                field: "chunk flags",
+                detail: "compressed chunk on a channel negotiated without compression".into(),
+            });
+        }
+        let mut table = vec![0u8; h.run_count.get() as usize * 16];
+        stream
+            .read_exact(&mut table)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => TransportError::Malformed {
+                    what: "chunk frame",
+                    detail: format!("truncated inside the run table of chunk {seq}"),
+                },
+                _ => TransportError::io("reading a run table", "data channel", e),
+            })?;
+        let (runs, data_bytes) = wire::decode_runs(&table, layout)?;
+        let payload_len = u64::from(h.payload_len.get());
+        if data_bytes != payload_len {
+            return Err(TransportError::Invalid {
+                field: "chunk payload length",
+                detail: format!(
+                    "chunk {seq} says {payload_len} bytes but its runs hold {data_bytes}"
+                ),
+            });
+        }
+        read_payload(&stream, mem, &runs, payload_len as usize).await?;
+        let computed = {
+            let slices = run_slices(mem, &runs)?;
+            chunk_crc(&table, &slices)
+        };
+        let status = if computed == h.crc32.get() {
+            for r in runs.iter().filter(|r| r.zero) {
+                zero_run(mem, r)?;
+            }
+            counters
+                .payload_bytes
+                .fetch_add(payload_len, Ordering::Relaxed);
+            counters.pages.fetch_add(
+                runs.iter().map(|r| u64::from(r.pages)).sum(),
+                Ordering::Relaxed,
+            );
+            counters.chunks.fetch_add(1, Ordering::Relaxed);
+            AckStatus::Landed
+        } else {
+            tracing::warn!(
+                seq,
+                expected = h.crc32.get(),
+                computed,
+                "CRC mismatch: asking the source to send the chunk again"
+            );
+            counters.crc_errors.fetch_add(1, Ordering::Relaxed);
+            AckStatus::CrcMismatch
+        };
+        counters
+            .bytes_on_wire
+            .fetch_add(32 + table.len() as u64 + payload_len, Ordering::Relaxed);
+        stream
+            .write_all(AckFrame::new(seq, status).as_bytes())
+            .await
+            .map_err(|e| TransportError::io("sending an ack", "data channel", e))?;
+    }
+}
