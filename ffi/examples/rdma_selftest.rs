@@ -271,10 +271,11 @@ async fn main() -> ExitCode {
             if ok {
                 let secs = t0.elapsed().as_secs_f64();
                 println!(
-                    "RESULT selftest pairs={} mib_per_pair={} sum_of_pair_MBps={:.1} wall={:.1}s",
+                    "RESULT selftest pairs={} mib_per_pair={} sum_of_pair_MBps={:.1} sum_of_pair_MiBps={:.2} wall={:.1}s",
                     o.pairs.len(),
                     o.mib,
                     total,
+                    total * 1e6 / f64::from(1u32 << 20),
                     secs
                 );
             }
