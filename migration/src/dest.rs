@@ -11,11 +11,11 @@
 //!     Offer --> Receiving: validated, memory allocated, Accept
 //!     Offer --> [*]: Reject(memory limit / option / bad offer)
 //!     Receiving --> Verify: Switchover, every channel ended
-//!     Verify --> AwaitCommit: digest equal, Ready
-//!     AwaitCommit --> Resumed: Commit
+//!     Verify --> AwaitCommit: device state CRC ok, Ready(own digest)
+//!     AwaitCommit --> Resumed: Commit(source digest) equal to own
 //!     Receiving --> Freed: error, Abort, stall
-//!     Verify --> Freed: digest mismatch
-//!     AwaitCommit --> Freed: Abort, timeout
+//!     Verify --> Freed: device state corrupt
+//!     AwaitCommit --> Freed: digests differ, Abort, timeout
 //!     Resumed --> [*]
 //!     Freed --> [*]
 //! ```
@@ -393,16 +393,16 @@ impl Receive<'_> {
         let digest = tokio::task::spawn_blocking(move || memory_digest(&*mem))
             .await
             .map_err(|e| MigrationError::Guest(format!("digest task failed: {e}")))?;
-        if digest != sw.digest {
-            return Err(MigrationError::DigestMismatch {
-                source_digest: hex(&sw.digest),
-                dest_digest: hex(&digest),
-            });
-        }
         writer.send(&Msg::Ready { digest }).await?;
         let commit = tokio::time::timeout(self.timeout, msgs.recv()).await;
         match commit {
-            Ok(Some(Ok(Msg::Commit))) => {}
+            Ok(Some(Ok(Msg::Commit { digest: theirs }))) if theirs == digest => {}
+            Ok(Some(Ok(Msg::Commit { digest: theirs }))) => {
+                return Err(MigrationError::DigestMismatch {
+                    source_digest: hex(&theirs),
+                    dest_digest: hex(&digest),
+                })
+            }
             Ok(Some(Ok(m))) => {
                 return Err(TransportError::Unexpected {
                     expected: "Commit",
@@ -420,10 +420,16 @@ impl Receive<'_> {
                 .into())
             }
         }
-        // Resume: from here the guest belongs to this side.
-        let report = (self.resume)(self.mem, &sw.device_state)
-            .unwrap_or_else(|e| format!("resume hook failed: {e}"));
+        // Resume: from here the guest belongs to this side. Confirm first so
+        // the source's downtime does not include the hook's work.
         writer.send(&Msg::Committed).await?;
+        // The hook may take long (a full page check): keep it off the runtime.
+        let (hook, mem, state) = (self.resume.clone(), self.mem.clone(), sw.device_state);
+        let report = tokio::task::spawn_blocking(move || hook(&mem, &state))
+            .await
+            .map_err(|e| format!("{e}"))
+            .and_then(|r| r)
+            .unwrap_or_else(|e| format!("resume hook failed: {e}"));
         Ok((
             counters.payload_bytes.load(Ordering::Relaxed),
             counters.crc_errors.load(Ordering::Relaxed),

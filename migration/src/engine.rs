@@ -10,8 +10,8 @@
 //!     Round --> Round: not converged
 //!     Round --> Paused: converged / round cap
 //!     Paused --> FinalCopy
-//!     FinalCopy --> AwaitReady: Switchover(device state, digest)
-//!     AwaitReady --> Committed: Ready, digest equal / Commit
+//!     FinalCopy --> AwaitReady: Switchover(device state); both sides hash memory
+//!     AwaitReady --> Committed: Ready(digest) equal / Commit(digest)
 //!     Round --> Resumed: any error
 //!     Paused --> Resumed: any error
 //!     FinalCopy --> Resumed: any error
@@ -201,7 +201,7 @@ pub struct Summary {
     pub total_ms: f64,
     /// From pause to `Committed`.
     pub downtime_ms: f64,
-    /// Part of the downtime spent computing the digest on the source.
+    /// Part of the downtime spent on the digests (both sides hash at once).
     pub digest_ms: f64,
     /// Why pre-copy stopped.
     pub converge_reason: ConvergeReason,
@@ -577,6 +577,10 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         let paused_at = Instant::now();
         src.guest.pause()?;
         self.paused_at = Some(paused_at);
+        tracing::debug!(
+            after_ms = paused_at.elapsed().as_secs_f64() * 1e3,
+            "guest paused"
+        );
         set.merge(&src.dirty.harvest());
         let mut final_stats = self.send_set(t, &set, round, &mut seq).await?;
         // Chunks that failed their CRC are sent again; with the guest paused a
@@ -596,23 +600,34 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             final_stats.bytes += s.bytes;
         }
         t.finish().await?;
+        tracing::debug!(
+            after_ms = paused_at.elapsed().as_secs_f64() * 1e3,
+            "final copy acknowledged"
+        );
         let transfer_secs = started.elapsed().as_secs_f64();
         final_stats.duration_ms = paused_at.elapsed().as_secs_f64() * 1e3;
         rounds.push(final_stats);
 
+        // Both sides hash their memory at the same time: the source sends the
+        // device state, starts its digest, and compares it with the one the
+        // destination answers with; the destination compares again on Commit.
         let device_state = src.guest.device_state()?;
-        let digest_started = Instant::now();
-        let digest = memory_digest(&*src.mem);
-        let digest_ms = digest_started.elapsed().as_secs_f64() * 1e3;
         let device_state_crc = crc32fast::hash(&device_state);
         self.conn
             .send(&Msg::Switchover(Switchover {
                 device_state,
                 device_state_crc,
-                digest,
             }))
             .await?;
-        match self.conn.recv("the destination's Ready").await? {
+        let digest_started = Instant::now();
+        let mem = src.mem.clone();
+        let digest_task = tokio::task::spawn_blocking(move || memory_digest(&*mem));
+        let ready = self.conn.recv("the destination's Ready").await;
+        let digest = digest_task
+            .await
+            .map_err(|e| MigrationError::Guest(format!("digest task failed: {e}")))?;
+        let digest_ms = digest_started.elapsed().as_secs_f64() * 1e3;
+        match ready? {
             Msg::Ready { digest: theirs } if theirs == digest => {}
             Msg::Ready { digest: theirs } => {
                 return Err(MigrationError::DigestMismatch {
@@ -628,7 +643,11 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                 .into())
             }
         }
-        self.conn.send(&Msg::Commit).await?;
+        tracing::debug!(
+            after_ms = paused_at.elapsed().as_secs_f64() * 1e3,
+            "digests equal, committing"
+        );
+        self.conn.send(&Msg::Commit { digest }).await?;
         self.commit_sent = true;
         match self.conn.recv("the destination's Committed").await {
             Ok(Msg::Committed) => {}

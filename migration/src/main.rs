@@ -1,1 +1,400 @@
-fn main() {}
+//! `ferry`: live-migrate guest memory.
+//!
+//! * `ferry listen`: destination daemon.
+//! * `ferry send`: source, with a built-in synthetic guest.
+//! * `ferry demo`: both ends in one process over loopback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ferry_migration::dest::{Destination, ListenOptions, ResumeHook};
+use ferry_migration::dirty::BitmapDirtyLog;
+use ferry_migration::engine::{Phase, Progress, Source, SourceOptions, Summary};
+use ferry_migration::guest::{
+    verify_pages, SyntheticConfig, SyntheticGuest, SyntheticState, SYNTHETIC_FORMAT,
+};
+use ferry_migration::memory::{default_layout, source_memory};
+use ferry_transport::auth::AuthKey;
+use ferry_transport::proto::{PerformanceOption, DEFAULT_PORT};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+mod units;
+
+/// Ferry: live-migration memory transport.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Destination daemon: accept incoming migrations.
+    Listen(ListenArgs),
+    /// Source: migrate a synthetic guest to a destination.
+    Send(SendArgs),
+    /// Both ends in one process over loopback (1 GiB guest dirtying 64 MB/s unless told otherwise).
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OptionArg {
+    /// Plain TCP/IP.
+    Tcp,
+}
+
+impl From<OptionArg> for PerformanceOption {
+    fn from(o: OptionArg) -> Self {
+        match o {
+            OptionArg::Tcp => PerformanceOption::Tcp,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct ListenArgs {
+    /// Address and port to listen on.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
+    listen: SocketAddr,
+    /// File holding the pre-shared key (at least 16 bytes).
+    #[arg(long)]
+    auth_key_file: PathBuf,
+    /// Largest guest memory accepted, e.g. 64GiB.
+    #[arg(long, default_value = "64GiB", value_parser = units::parse_size)]
+    memory_limit: u64,
+    /// Simultaneous incoming migrations.
+    #[arg(long, default_value_t = 2)]
+    max_concurrent: usize,
+    /// How long a source may stay silent before its migration is aborted.
+    #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
+    timeout: Duration,
+    /// Exit after the first migration attempt (status 0 only if it committed).
+    #[arg(long)]
+    once: bool,
+}
+
+#[derive(Debug, Args)]
+struct GuestArgs {
+    /// Guest memory size, e.g. 1GiB.
+    #[arg(long, default_value = "1GiB", value_parser = units::parse_size)]
+    memory: u64,
+    /// Bytes per second the guest dirties, e.g. 64MB/s (0 for an idle guest).
+    #[arg(long, default_value = "64MB/s", value_parser = units::parse_rate)]
+    dirty_rate: u64,
+    /// Fill guest memory from this file (the rest stays zero).
+    #[arg(long)]
+    guest_image: Option<PathBuf>,
+    /// Fraction of pattern pages left zero at start (ignored with --guest-image).
+    #[arg(long, default_value_t = 0.25)]
+    zero_fraction: f64,
+}
+
+#[derive(Debug, Args)]
+struct EngineArgs {
+    /// Longest pause the engine aims for.
+    #[arg(long, default_value = "300ms", value_parser = units::parse_duration)]
+    downtime_limit: Duration,
+    /// Switch over after this many pre-copy rounds even if not converged.
+    #[arg(long, default_value_t = 30)]
+    max_rounds: u32,
+    /// Payload bytes per chunk.
+    #[arg(long, default_value = "1MiB", value_parser = units::parse_size)]
+    chunk_size: u64,
+    /// How long to wait for the peer before giving up.
+    #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
+    timeout: Duration,
+    /// Transport: tcp (compression and rdma come with their own work).
+    #[arg(long, value_enum, default_value_t = OptionArg::Tcp)]
+    performance_option: OptionArg,
+    /// Write a JSON summary here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct SendArgs {
+    /// Destination HOST[:PORT] (port 6600 when omitted).
+    #[arg(long)]
+    to: String,
+    /// File holding the pre-shared key.
+    #[arg(long)]
+    auth_key_file: PathBuf,
+    #[command(flatten)]
+    guest: GuestArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    guest: GuestArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let r = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Listen(a) => listen(a).await,
+            Cmd::Send(a) => send(a).await,
+            Cmd::Demo(a) => demo(a).await,
+        }
+    });
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn source_options(e: &EngineArgs) -> anyhow::Result<SourceOptions> {
+    if e.downtime_limit.is_zero() {
+        bail!("--downtime-limit must be above zero");
+    }
+    let chunk_bytes = u32::try_from(e.chunk_size)
+        .ok()
+        .filter(|c| *c >= 4096 && *c <= ferry_transport::wire::MAX_CHUNK_PAYLOAD);
+    let Some(chunk_bytes) = chunk_bytes else {
+        bail!(
+            "--chunk-size must be between 4KiB and {} bytes",
+            ferry_transport::wire::MAX_CHUNK_PAYLOAD
+        )
+    };
+    Ok(SourceOptions {
+        downtime_limit: e.downtime_limit,
+        max_rounds: e.max_rounds.max(1),
+        chunk_bytes,
+        timeout: e.timeout,
+        option: e.performance_option.into(),
+    })
+}
+
+fn start_guest(g: &GuestArgs) -> anyhow::Result<SyntheticGuest> {
+    let layout = default_layout(g.memory).context("--memory")?;
+    let mem = Arc::new(source_memory(&layout)?);
+    let cfg = SyntheticConfig {
+        dirty_rate: g.dirty_rate,
+        zero_fraction: g.zero_fraction,
+        image: g.guest_image.clone(),
+        seed: 1,
+    };
+    Ok(SyntheticGuest::start(mem, cfg)?)
+}
+
+/// The resume hook of the CLI's destination: checks every page of a
+/// synthetic guest on its own.
+fn resume_hook() -> ResumeHook {
+    Arc::new(|mem, state| {
+        let st: SyntheticState = serde_json::from_slice(state)
+            .map_err(|e| format!("device state is not {SYNTHETIC_FORMAT}: {e}"))?;
+        let c = verify_pages(mem);
+        if c.corrupt > 0 {
+            return Err(format!(
+                "{} corrupt pages, first at {:#x}",
+                c.corrupt,
+                c.first_corrupt.unwrap_or(0)
+            ));
+        }
+        Ok(format!(
+            "guest resumed after {} guest writes: {} pattern pages verified, {} zero, {} image pages (digest-checked)",
+            st.writes, c.pattern, c.zero, c.other
+        ))
+    })
+}
+
+fn with_port(to: &str) -> String {
+    let has_port = to
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')));
+    if has_port {
+        to.to_string()
+    } else {
+        format!("{to}:{DEFAULT_PORT}")
+    }
+}
+
+async fn listen(a: ListenArgs) -> anyhow::Result<()> {
+    let key = AuthKey::from_file(&a.auth_key_file)?;
+    let listener = TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    let opts = ListenOptions {
+        key,
+        memory_limit: a.memory_limit,
+        timeout: a.timeout,
+        max_concurrent: a.max_concurrent,
+    };
+    let dest = Destination::new(opts, resume_hook());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    eprintln!("ferry: listening on {}", listener.local_addr()?);
+    let server = tokio::spawn(dest.serve(listener, tx));
+    while let Some(o) = rx.recv().await {
+        match &o.result {
+            Ok(s) => println!(
+                "migration {} from {} committed: {} bytes, digest {} verified; {}",
+                s.migration_id, o.peer, s.memory_bytes, s.digest, s.resume_report
+            ),
+            Err(e) => println!("migration from {} failed: {e}", o.peer),
+        }
+        if a.once {
+            server.abort();
+            return o.result.map(|_| ()).map_err(Into::into);
+        }
+    }
+    server.await??;
+    Ok(())
+}
+
+async fn run_source(
+    to: String,
+    key: &AuthKey,
+    guest: &SyntheticGuest,
+    e: &EngineArgs,
+) -> anyhow::Result<Summary> {
+    let opts = source_options(e)?;
+    let dirty = BitmapDirtyLog::new(guest.memory().clone());
+    let progress = Arc::new(Progress::default());
+    let bar = progress_bar(progress.clone());
+    let src = Source {
+        to,
+        key,
+        guest,
+        mem: guest.memory().clone(),
+        dirty: &dirty,
+        opts,
+        progress,
+    };
+    let r = src.migrate().await;
+    bar.abort();
+    let summary = r?;
+    if let Some(path) = &e.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    print_summary(&summary);
+    Ok(summary)
+}
+
+fn progress_bar(p: Arc<Progress>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("template"),
+        );
+        let started = std::time::Instant::now();
+        loop {
+            let sent = p.sent_bytes.load(std::sync::atomic::Ordering::Relaxed);
+            let rate = sent as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            let phase = match p.phase() {
+                Phase::Connecting => "connecting".to_string(),
+                Phase::Precopy => format!(
+                    "round {}",
+                    p.round.load(std::sync::atomic::Ordering::Relaxed)
+                ),
+                Phase::Switchover => "switchover (guest paused)".to_string(),
+                Phase::Done => "done".to_string(),
+            };
+            bar.set_message(format!(
+                "{phase} | remaining dirty {} | sent {} | {}/s",
+                units::human(p.remaining_bytes.load(std::sync::atomic::Ordering::Relaxed)),
+                units::human(sent),
+                units::human(rate as u64)
+            ));
+            bar.tick();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+fn print_summary(s: &Summary) {
+    println!(
+        "migration committed: {} guest over {:?} in {:.2} s",
+        units::human(s.memory_bytes),
+        s.option,
+        s.total_ms / 1e3
+    );
+    println!(
+        "  rounds: {} pre-copy + final copy (stopped: {:?}); downtime {:.1} ms (digest {:.1} ms)",
+        s.rounds.len() - 1,
+        s.converge_reason,
+        s.downtime_ms,
+        s.digest_ms
+    );
+    println!(
+        "  throughput {}/s ({:.2} Gbit/s); page bytes {}; bytes on the wire {}; CRC resends {}",
+        units::human(s.throughput_bytes_per_sec as u64),
+        s.throughput_bytes_per_sec * 8.0 / 1e9,
+        units::human(s.payload_bytes),
+        units::human(s.bytes_on_wire),
+        s.crc_resends
+    );
+    println!("  digest {} verified on both sides", s.digest);
+}
+
+async fn send(a: SendArgs) -> anyhow::Result<()> {
+    let key = AuthKey::from_file(&a.auth_key_file)?;
+    let guest = start_guest(&a.guest)?;
+    let r = run_source(with_port(&a.to), &key, &guest, &a.engine).await;
+    if r.is_err() {
+        eprintln!(
+            "ferry: migration failed; the guest keeps running on this host (running: {})",
+            guest.is_running()
+        );
+    }
+    r.map(|_| ())
+}
+
+async fn demo(a: DemoArgs) -> anyhow::Result<()> {
+    let key = AuthKey::random();
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("cannot bind a loopback port")?;
+    let addr = listener.local_addr()?;
+    let opts = ListenOptions {
+        key: key.clone(),
+        memory_limit: u64::MAX,
+        timeout: a.engine.timeout,
+        max_concurrent: 2,
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let server = tokio::spawn(Destination::new(opts, resume_hook()).serve(listener, tx));
+    eprintln!(
+        "ferry demo: {} guest dirtying {}/s, migrating over loopback {addr}",
+        units::human(a.guest.memory),
+        units::human(a.guest.dirty_rate)
+    );
+    let guest = start_guest(&a.guest)?;
+    let r = run_source(addr.to_string(), &key, &guest, &a.engine).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
+    server.abort();
+    r?;
+    match outcome {
+        Ok(Some(o)) => {
+            let d = o.result?;
+            println!(
+                "  destination: digest {} verified; {}",
+                d.digest, d.resume_report
+            );
+            Ok(())
+        }
+        _ => bail!("the destination did not report its outcome"),
+    }
+}

@@ -150,8 +150,6 @@ pub struct Switchover {
     pub device_state: Vec<u8>,
     /// crc32fast of `device_state`.
     pub device_state_crc: u32,
-    /// Digest of the whole guest memory on the source.
-    pub digest: [u8; 16],
 }
 
 /// A control message.
@@ -210,8 +208,12 @@ pub enum Msg {
         /// Digest the destination computed.
         digest: [u8; 16],
     },
-    /// Source lets go: destination resumes the guest.
-    Commit,
+    /// Source lets go: destination resumes the guest, after checking that
+    /// the source's digest equals its own (it refuses otherwise).
+    Commit {
+        /// Digest of the whole guest memory on the source.
+        digest: [u8; 16],
+    },
     /// Destination resumed the guest.
     Committed,
     /// Either side gives up; the source keeps its guest.
@@ -235,7 +237,7 @@ impl Msg {
             Msg::RoundDone { .. } => "RoundDone",
             Msg::Switchover(_) => "Switchover",
             Msg::Ready { .. } => "Ready",
-            Msg::Commit => "Commit",
+            Msg::Commit { .. } => "Commit",
             Msg::Committed => "Committed",
             Msg::Abort { .. } => "Abort",
         }
@@ -382,7 +384,7 @@ mod tests {
                 digest: [6; 16],
             }),
             Msg::Ready { digest: [6; 16] },
-            Msg::Commit,
+            Msg::Commit { digest: [6; 16] },
             Msg::Committed,
             Msg::Abort { reason: "x".into() },
         ];
