@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_ffi::rdma::{
-    anon_buffer, Access, Completion, ConnectionOptions, RdmaConnection, RdmaError, RdmaListener, RemoteRegion,
-    Segment, WorkKind, WriteOp,
+    anon_buffer, Access, Completion, ConnectionOptions, RdmaConnection, RdmaError, RdmaListener,
+    RemoteRegion, Segment, WorkKind, WriteOp,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -55,13 +55,23 @@ fn parse() -> Opts {
         Some("client") => false,
         _ => usage(),
     };
-    let mut o = Opts { server, pairs: vec![], mib: 64, wr_kib: 256, depth: 32, timeout: Duration::from_secs(240) };
+    let mut o = Opts {
+        server,
+        pairs: vec![],
+        mib: 64,
+        wr_kib: 256,
+        depth: 32,
+        timeout: Duration::from_secs(240),
+    };
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_else(|| usage());
         match a.as_str() {
             "--pair" => {
                 let (l, p) = v.split_once(':').unwrap_or_else(|| usage());
-                o.pairs.push((l.parse().unwrap_or_else(|_| usage()), p.parse().unwrap_or_else(|_| usage())));
+                o.pairs.push((
+                    l.parse().unwrap_or_else(|_| usage()),
+                    p.parse().unwrap_or_else(|_| usage()),
+                ));
             }
             "--mib" => o.mib = v.parse().unwrap_or_else(|_| usage()),
             "--wr-kib" => o.wr_kib = v.parse().unwrap_or_else(|_| usage()),
@@ -85,16 +95,28 @@ type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 async fn server_pair(local: IpAddr, o: &Opts) -> Res<()> {
     let len = o.mib << 20;
-    let mut listener = RdmaListener::bind(SocketAddr::new(local, RDMA_PORT), ConnectionOptions::default())?;
-    let pd = listener.protection_domain().ok_or("listener not bound to an RDMA device")??;
+    let mut listener = RdmaListener::bind(
+        SocketAddr::new(local, RDMA_PORT),
+        ConnectionOptions::default(),
+    )?;
+    let pd = listener
+        .protection_domain()
+        .ok_or("listener not bound to an RDMA device")??;
     let dst = pd.register(Arc::new(anon_buffer(len)?), Access::RemoteWrite)?;
-    let seed = u64::from_be_bytes([0x5e, 0xed, 0, 0, 0, 0, 0, 0]) ^ dst.addr() ^ u64::from(dst.rkey());
-    println!("[server {local}] device {} registered {} MiB rkey {:#x}", pd.device_name(), o.mib, dst.rkey());
+    let seed =
+        u64::from_be_bytes([0x5e, 0xed, 0, 0, 0, 0, 0, 0]) ^ dst.addr() ^ u64::from(dst.rkey());
+    println!(
+        "[server {local}] device {} registered {} MiB rkey {:#x}",
+        pd.device_name(),
+        o.mib,
+        dst.rkey()
+    );
 
     let tcp = TcpListener::bind(SocketAddr::new(local, CTRL_PORT)).await?;
     let (mut ctrl, peer) = tcp.accept().await?;
     let r = dst.remote_region();
-    ctrl.write_all(format!("{} {} {} {}\n", r.addr, r.len, r.rkey, seed).as_bytes()).await?;
+    ctrl.write_all(format!("{} {} {} {}\n", r.addr, r.len, r.rkey, seed).as_bytes())
+        .await?;
     println!("[server {local}] control connection from {peer}; sent region");
 
     let mut conn = listener.accept().await?;
@@ -165,8 +187,13 @@ async fn client_pair(local: IpAddr, peer: IpAddr, o: &Opts) -> Res<f64> {
     let mut ctrl = BufReader::new(ctrl);
     let mut line = String::new();
     ctrl.read_line(&mut line).await?;
-    let f: Vec<u64> = line.split_whitespace().map(str::parse).collect::<Result<_, _>>()?;
-    let [addr, rlen, rkey, seed] = f[..] else { return Err(format!("bad descriptor {line:?}").into()) };
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let [addr, rlen, rkey, seed] = f[..] else {
+        return Err(format!("bad descriptor {line:?}").into());
+    };
     let remote = RemoteRegion::new(addr, rlen, u32::try_from(rkey)?);
     let len = o.mib << 20;
     if (len as u64) > remote.len {
@@ -188,7 +215,10 @@ async fn client_pair(local: IpAddr, peer: IpAddr, o: &Opts) -> Res<f64> {
     for off in (0..len).step_by(8) {
         vs.write_obj(word(seed, off).to_le(), off)?;
     }
-    println!("[client {local}] device {} connected to {peer}", conn.device_name());
+    println!(
+        "[client {local}] device {} connected to {peer}",
+        conn.device_name()
+    );
 
     let wr = o.wr_kib << 10;
     let half = wr / 2;
@@ -207,7 +237,10 @@ async fn client_pair(local: IpAddr, peer: IpAddr, o: &Opts) -> Res<f64> {
         let this = wr.min(len - off);
         let h = half.min(this);
         // Two scatter-gather entries per request (the second may be empty).
-        let segs = [Segment::new(&src, off, h)?, Segment::new(&src, off + h, this - h)?];
+        let segs = [
+            Segment::new(&src, off, h)?,
+            Segment::new(&src, off + h, this - h)?,
+        ];
         let last = off + this == len;
         conn.post_writes(&[WriteOp {
             segments: if this > h { &segs } else { &segs[..1] },
@@ -316,5 +349,7 @@ async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -
         }
     })
     .await;
-    out.into_iter().map(|v| v.expect("every future completed")).collect()
+    out.into_iter()
+        .map(|v| v.expect("every future completed"))
+        .collect()
 }

@@ -70,7 +70,9 @@ impl CmChannel {
             let io = io_source(&e);
             match io.raw_os_error() {
                 // No /dev/infiniband/rdma_cm: no RDMA in this kernel.
-                Some(libc::ENOENT | libc::ENODEV | libc::ENOSYS | libc::EOPNOTSUPP) => RdmaError::NoDevice,
+                Some(libc::ENOENT | libc::ENODEV | libc::ENOSYS | libc::EOPNOTSUPP) => {
+                    RdmaError::NoDevice
+                }
                 _ => RdmaError::verbs("rdma_create_event_channel", io),
             }
         })?;
@@ -81,7 +83,9 @@ impl CmChannel {
         // `as_raw_fd` keeps returning it, until the AsyncFd is dropped (it
         // deregisters before dropping `CmFd`).
         let afd = unsafe { AsyncFd::register_with_interest(CmFd(ch), Interest::READABLE) }
-            .map_err(|e| RdmaError::verbs("AsyncFd::register(rdma_cm channel)", e.into_parts().1))?;
+            .map_err(|e| {
+                RdmaError::verbs("AsyncFd::register(rdma_cm channel)", e.into_parts().1)
+            })?;
         Ok(CmChannel { afd })
     }
 
@@ -100,7 +104,9 @@ impl CmChannel {
                 Ok(ev) => return Ok(ev),
                 Err(e) => match e.0 {
                     GetEventErrorKind::NoEvent => guard.clear_ready(),
-                    GetEventErrorKind::Rdmacm(io) => return Err(RdmaError::verbs("rdma_get_cm_event", io)),
+                    GetEventErrorKind::Rdmacm(io) => {
+                        return Err(RdmaError::verbs("rdma_get_cm_event", io))
+                    }
                     other => return Err(RdmaError::verbs("rdma_get_cm_event", io_source(&other))),
                 },
             }
@@ -110,12 +116,14 @@ impl CmChannel {
     /// The next event, or an error naming the event when it is not `want`.
     async fn expect(&self, want: EventType, peer: SocketAddr, timeout: Duration) -> Result<Event> {
         let expected = event_name(&want);
-        let ev = tokio::time::timeout(timeout, self.next()).await.map_err(|_| RdmaError::Connect {
-            peer,
-            event: "timeout".into(),
-            status: -libc::ETIMEDOUT,
-            expected,
-        })??;
+        let ev = tokio::time::timeout(timeout, self.next())
+            .await
+            .map_err(|_| RdmaError::Connect {
+                peer,
+                event: "timeout".into(),
+                status: -libc::ETIMEDOUT,
+                expected,
+            })??;
         if ev.event_type() == want {
             Ok(ev)
         } else {
@@ -153,7 +161,9 @@ pub struct RdmaListener {
 
 impl std::fmt::Debug for RdmaListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RdmaListener").field("addr", &self.addr).finish()
+        f.debug_struct("RdmaListener")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -175,8 +185,15 @@ impl RdmaListener {
             .map_err(|e| RdmaError::verbs("rdma_create_id", io_source(&e)))?;
         id.bind_addr(addr)
             .map_err(|e| RdmaError::verbs("rdma_bind_addr", io_source(&e)))?;
-        id.listen(16).map_err(|e| RdmaError::verbs("rdma_listen", io_source(&e)))?;
-        Ok(RdmaListener { id, chan, addr, pending: VecDeque::new(), opts })
+        id.listen(16)
+            .map_err(|e| RdmaError::verbs("rdma_listen", io_source(&e)))?;
+        Ok(RdmaListener {
+            id,
+            chan,
+            addr,
+            pending: VecDeque::new(),
+            opts,
+        })
     }
 
     /// Address the listener was bound to.
@@ -214,20 +231,21 @@ impl RdmaListener {
             conn.make_ready(&id)?;
             let mut param = ConnectionParameter::default();
             param.setup_qp_number(conn.qp.qp_number());
-            id.accept(param).map_err(|e| RdmaError::verbs("rdma_accept", io_source(&e)))?;
+            id.accept(param)
+                .map_err(|e| RdmaError::verbs("rdma_accept", io_source(&e)))?;
             drop(ev);
             // Wait for the RTU (Established) of *this* id; keep other
             // connection requests for later accepts.
             let deadline = tokio::time::Instant::now() + self.opts.cm_timeout;
             loop {
-                let ev = tokio::time::timeout_at(deadline, self.chan.next()).await.map_err(|_| {
-                    RdmaError::Connect {
+                let ev = tokio::time::timeout_at(deadline, self.chan.next())
+                    .await
+                    .map_err(|_| RdmaError::Connect {
                         peer: self.addr,
                         event: "timeout".into(),
                         status: -libc::ETIMEDOUT,
                         expected: "Established",
-                    }
-                })??;
+                    })??;
                 let ours = ev.cm_id().is_some_and(|e| Arc::ptr_eq(&e, &id));
                 match (ev.event_type(), ours) {
                     (EventType::ConnectRequest, _) => self.pending.push_back(ev),
@@ -394,7 +412,11 @@ impl RdmaConnection {
     ///
     /// # Panics
     /// Outside a tokio runtime with IO and time enabled.
-    pub async fn connect(src: Option<SocketAddr>, dst: SocketAddr, opts: ConnectionOptions) -> Result<RdmaConnection> {
+    pub async fn connect(
+        src: Option<SocketAddr>,
+        dst: SocketAddr,
+        opts: ConnectionOptions,
+    ) -> Result<RdmaConnection> {
         let chan = CmChannel::new()?;
         let id = chan
             .channel()
@@ -407,19 +429,27 @@ impl RdmaConnection {
         let t = opts.cm_timeout;
         id.resolve_addr(None, dst, t)
             .map_err(|e| RdmaError::verbs("rdma_resolve_addr", io_source(&e)))?;
-        drop(chan.expect(EventType::AddressResolved, dst, t + Duration::from_secs(1)).await?);
+        drop(
+            chan.expect(EventType::AddressResolved, dst, t + Duration::from_secs(1))
+                .await?,
+        );
         id.resolve_route(t)
             .map_err(|e| RdmaError::verbs("rdma_resolve_route", io_source(&e)))?;
-        drop(chan.expect(EventType::RouteResolved, dst, t + Duration::from_secs(1)).await?);
+        drop(
+            chan.expect(EventType::RouteResolved, dst, t + Duration::from_secs(1))
+                .await?,
+        );
 
         let mut conn = RdmaConnection::create(&id, &opts, dst)?;
         let mut param = ConnectionParameter::default();
         param.setup_qp_number(conn.qp.qp_number());
-        id.connect(param).map_err(|e| RdmaError::verbs("rdma_connect", io_source(&e)))?;
+        id.connect(param)
+            .map_err(|e| RdmaError::verbs("rdma_connect", io_source(&e)))?;
         drop(chan.expect(EventType::ConnectResponse, dst, t).await?);
         conn.modify(&id, QueuePairState::ReadyToReceive)?;
         conn.modify(&id, QueuePairState::ReadyToSend)?;
-        id.establish().map_err(|e| RdmaError::verbs("rdma_establish", io_source(&e)))?;
+        id.establish()
+            .map_err(|e| RdmaError::verbs("rdma_establish", io_source(&e)))?;
         conn.id = Some(id);
         conn.chan = Some(chan);
         Ok(conn)
@@ -427,7 +457,11 @@ impl RdmaConnection {
 
     /// Creates PD (cached per device), CQ and QP on the device of `id`, and
     /// moves the QP to INIT.
-    fn create(id: &Arc<Identifier>, opts: &ConnectionOptions, peer: SocketAddr) -> Result<RdmaConnection> {
+    fn create(
+        id: &Arc<Identifier>,
+        opts: &ConnectionOptions,
+        peer: SocketAddr,
+    ) -> Result<RdmaConnection> {
         let ctx = id.get_device_context().ok_or(RdmaError::NoDevice)?;
         let pd = ProtectionDomain::for_context(&ctx, ctx.name())?;
         let cq = Cq::new(&ctx, opts.max_send_wr + opts.max_recv_wr)?;
@@ -483,7 +517,11 @@ impl RdmaConnection {
 
     /// Registers `owner` on this connection's device (shared by every
     /// connection on the same device).
-    pub fn register<O: RdmaMemory>(&self, owner: O, access: Access) -> Result<Arc<MemoryRegion<O>>> {
+    pub fn register<O: RdmaMemory>(
+        &self,
+        owner: O,
+        access: Access,
+    ) -> Result<Arc<MemoryRegion<O>>> {
         self.pd.register(owner, access)
     }
 
@@ -525,7 +563,13 @@ impl RdmaConnection {
         wr_id: u64,
     ) -> Result<()> {
         let seg = [Segment::new(local, offset, len)?];
-        self.post_writes(&[WriteOp { segments: &seg, remote, remote_offset, imm: None, wr_id }])
+        self.post_writes(&[WriteOp {
+            segments: &seg,
+            remote,
+            remote_offset,
+            imm: None,
+            wr_id,
+        }])
     }
 
     /// As [`post_write`](Self::post_write), as WRITE_WITH_IMM carrying `imm`
@@ -543,7 +587,13 @@ impl RdmaConnection {
         imm: u32,
     ) -> Result<()> {
         let seg = [Segment::new(local, offset, len)?];
-        self.post_writes(&[WriteOp { segments: &seg, remote, remote_offset, imm: Some(imm), wr_id }])
+        self.post_writes(&[WriteOp {
+            segments: &seg,
+            remote,
+            remote_offset,
+            imm: Some(imm),
+            wr_id,
+        }])
     }
 
     /// Posts several WRITEs (scatter-gather each) with one doorbell.
@@ -566,7 +616,11 @@ impl RdmaConnection {
         self.check_room(Queue::Send, ops.len())?;
         let mut reqs = Vec::with_capacity(ops.len());
         for (op, addr) in ops.iter().zip(checked) {
-            let kind = if op.imm.is_some() { WorkKind::WriteImm } else { WorkKind::Write };
+            let kind = if op.imm.is_some() {
+                WorkKind::WriteImm
+            } else {
+                WorkKind::Write
+            };
             let seq = self.track(op.wr_id, kind, Queue::Send, op.segments);
             reqs.push((seq, op, addr));
         }
@@ -585,7 +639,9 @@ impl RdmaConnection {
             // the completion is reaped or the QP is destroyed.
             unsafe { wr.setup_sge_list(&sges) };
         }
-        let r = guard.post().map_err(|e| RdmaError::verbs("ibv_post_send", io_source(&e)));
+        let r = guard
+            .post()
+            .map_err(|e| RdmaError::verbs("ibv_post_send", io_source(&e)));
         self.finish_post(r)
     }
 
@@ -596,11 +652,15 @@ impl RdmaConnection {
         self.check_room(Queue::Send, 1)?;
         let seq = self.track(wr_id, WorkKind::Send, Queue::Send, segments);
         let mut guard = self.qp.start_post_send();
-        let wr = guard.construct_wr(seq, WorkRequestFlags::Signaled).setup_send();
+        let wr = guard
+            .construct_wr(seq, WorkRequestFlags::Signaled)
+            .setup_send();
         let sges = to_sges(segments);
         // SAFETY: as in `post_writes`: checked segments, kept alive by `track`.
         unsafe { wr.setup_sge_list(&sges) };
-        let r = guard.post().map_err(|e| RdmaError::verbs("ibv_post_send", io_source(&e)));
+        let r = guard
+            .post()
+            .map_err(|e| RdmaError::verbs("ibv_post_send", io_source(&e)));
         self.finish_post(r)
     }
 
@@ -615,13 +675,17 @@ impl RdmaConnection {
         let sges = to_sges(segments);
         // SAFETY: as in `post_writes`: checked segments, kept alive by `track`.
         unsafe { wr.setup_sge_list(&sges) };
-        let r = guard.post().map_err(|e| RdmaError::verbs("ibv_post_recv", io_source(&e)));
+        let r = guard
+            .post()
+            .map_err(|e| RdmaError::verbs("ibv_post_recv", io_source(&e)));
         self.finish_post(r)
     }
 
     fn check_segments(&self, segments: &[Segment], max: u32) -> Result<u64> {
         if segments.len() > max as usize {
-            return Err(RdmaError::InvalidRequest { reason: "more scatter-gather entries than the queue pair allows" });
+            return Err(RdmaError::InvalidRequest {
+                reason: "more scatter-gather entries than the queue pair allows",
+            });
         }
         let mut total: u64 = 0;
         for s in segments {
@@ -631,7 +695,9 @@ impl RdmaConnection {
             total += u64::from(s.len);
         }
         if total > (1 << 31) {
-            return Err(RdmaError::InvalidRequest { reason: "an RC message is limited to 2 GiB" });
+            return Err(RdmaError::InvalidRequest {
+                reason: "an RC message is limited to 2 GiB",
+            });
         }
         Ok(total)
     }
@@ -653,7 +719,15 @@ impl RdmaConnection {
     fn track(&mut self, wr_id: u64, kind: WorkKind, queue: Queue, segments: &[Segment]) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.inflight.insert(seq, InFlight { wr_id, kind, queue, _keep: segments.to_vec() });
+        self.inflight.insert(
+            seq,
+            InFlight {
+                wr_id,
+                kind,
+                queue,
+                _keep: segments.to_vec(),
+            },
+        );
         match queue {
             Queue::Send => self.send_used += 1,
             Queue::Recv => self.recv_used += 1,
@@ -703,17 +777,20 @@ impl RdmaConnection {
     fn reap(&mut self, raw: &[RawWc], out: &mut Vec<Completion>) -> usize {
         let before = out.len();
         for wc in raw {
-            let Some(f) = self.inflight.remove(&wc.wr_id) else { continue };
+            let Some(f) = self.inflight.remove(&wc.wr_id) else {
+                continue;
+            };
             match f.queue {
                 Queue::Send => self.send_used -= 1,
                 Queue::Recv => self.recv_used -= 1,
             }
             // IBV_WC_RECV_RDMA_WITH_IMM = 129.
-            let (kind, imm) = if f.queue == Queue::Recv && wc.status.is_success() && wc.opcode == 129 {
-                (WorkKind::RecvImm, Some(u32::from_be(wc.imm_be)))
-            } else {
-                (f.kind, None)
-            };
+            let (kind, imm) =
+                if f.queue == Queue::Recv && wc.status.is_success() && wc.opcode == 129 {
+                    (WorkKind::RecvImm, Some(u32::from_be(wc.imm_be)))
+                } else {
+                    (f.kind, None)
+                };
             if !wc.status.is_success() {
                 self.broken = true;
             }
@@ -731,5 +808,12 @@ impl RdmaConnection {
 }
 
 fn to_sges(segments: &[Segment]) -> Vec<ibv_sge> {
-    segments.iter().map(|s| ibv_sge { addr: s.addr, length: s.len, lkey: s.lkey }).collect()
+    segments
+        .iter()
+        .map(|s| ibv_sge {
+            addr: s.addr,
+            length: s.len,
+            lkey: s.lkey,
+        })
+        .collect()
 }

@@ -18,7 +18,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::ptr;
 use std::sync::Arc;
 
-use rdma_mummy_sys::{ibv_ack_cq_events, ibv_cq, ibv_get_cq_event, ibv_req_notify_cq, ibv_wc_status_str};
+use rdma_mummy_sys::{
+    ibv_ack_cq_events, ibv_cq, ibv_get_cq_event, ibv_req_notify_cq, ibv_wc_status_str,
+};
 use sideway::ibverbs::completion::{
     BasicCompletionQueue, CompletionChannel, CompletionQueue as _, PollCompletionQueueError,
 };
@@ -129,8 +131,14 @@ impl Cq {
         // `as_raw_fd` keeps returning it, until the AsyncFd is dropped (it
         // deregisters before dropping `ChannelFd`).
         let afd = unsafe { AsyncFd::register_with_interest(ChannelFd(ch), Interest::READABLE) }
-            .map_err(|e| RdmaError::verbs("AsyncFd::register(completion channel)", e.into_parts().1))?;
-        Ok(Cq { cq, afd, armed: false })
+            .map_err(|e| {
+                RdmaError::verbs("AsyncFd::register(completion channel)", e.into_parts().1)
+            })?;
+        Ok(Cq {
+            cq,
+            afd,
+            armed: false,
+        })
     }
 
     fn raw_cq(&self) -> *mut ibv_cq {
@@ -166,7 +174,10 @@ impl Cq {
         // any completion (not only solicited ones).
         let r = unsafe { ibv_req_notify_cq(self.raw_cq(), 0) };
         if r != 0 {
-            return Err(RdmaError::verbs("ibv_req_notify_cq", io::Error::from_raw_os_error(r.abs())));
+            return Err(RdmaError::verbs(
+                "ibv_req_notify_cq",
+                io::Error::from_raw_os_error(r.abs()),
+            ));
         }
         self.armed = true;
         Ok(())

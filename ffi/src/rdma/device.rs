@@ -48,7 +48,9 @@ fn library_loadable(library: &'static CStr) -> bool {
 /// Fails with [`RdmaError::LibraryMissing`] unless libibverbs and librdmacm load.
 pub fn check_libraries() -> Result<()> {
     if !library_loadable(c"libibverbs.so.1") {
-        return Err(RdmaError::LibraryMissing { library: LIBIBVERBS });
+        return Err(RdmaError::LibraryMissing {
+            library: LIBIBVERBS,
+        });
     }
     if !library_loadable(c"librdmacm.so.1") {
         return Err(RdmaError::LibraryMissing { library: LIBRDMACM });
@@ -100,8 +102,13 @@ fn device_list() -> Result<DeviceList> {
                 .and_then(io::Error::raw_os_error);
             match os {
                 Some(libc::ENOSYS | libc::ENOENT | libc::ENODEV) | None => Err(RdmaError::NoDevice),
-                Some(libc::EOPNOTSUPP) => Err(RdmaError::LibraryMissing { library: LIBIBVERBS }),
-                Some(code) => Err(RdmaError::verbs("ibv_get_device_list", io::Error::from_raw_os_error(code))),
+                Some(libc::EOPNOTSUPP) => Err(RdmaError::LibraryMissing {
+                    library: LIBIBVERBS,
+                }),
+                Some(code) => Err(RdmaError::verbs(
+                    "ibv_get_device_list",
+                    io::Error::from_raw_os_error(code),
+                )),
             }
         }
     }
@@ -149,7 +156,10 @@ impl Device {
         let ctx = dev
             .open()
             .map_err(|e| RdmaError::verbs("ibv_open_device", io_source(&e)))?;
-        Ok(Device { ctx, name: dev_name })
+        Ok(Device {
+            ctx,
+            name: dev_name,
+        })
     }
 
     /// Kernel name of the device.
@@ -179,7 +189,9 @@ pub struct ProtectionDomain {
 
 impl std::fmt::Debug for ProtectionDomain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProtectionDomain").field("device", &self.device).finish()
+        f.debug_struct("ProtectionDomain")
+            .field("device", &self.device)
+            .finish()
     }
 }
 
@@ -190,7 +202,10 @@ fn pd_cache() -> &'static PdCache {
 }
 
 impl ProtectionDomain {
-    pub(crate) fn for_context(ctx: &Arc<DeviceContext>, device: String) -> Result<ProtectionDomain> {
+    pub(crate) fn for_context(
+        ctx: &Arc<DeviceContext>,
+        device: String,
+    ) -> Result<ProtectionDomain> {
         // Keyed by the context's address: while a Weak upgrades, the PD holds
         // an Arc of that context, so the address cannot have been reused.
         let key = Arc::as_ptr(ctx) as usize;

@@ -199,7 +199,11 @@ impl ProtectionDomain {
     /// [`RdmaError::MemlockLimit`] when the locked-memory limit is too small
     /// (names the limit and the fix), [`RdmaError::Verbs`] otherwise,
     /// [`RdmaError::InvalidRequest`] for an empty mapping.
-    pub fn register<O: RdmaMemory>(&self, owner: O, access: Access) -> Result<Arc<MemoryRegion<O>>> {
+    pub fn register<O: RdmaMemory>(
+        &self,
+        owner: O,
+        access: Access,
+    ) -> Result<Arc<MemoryRegion<O>>> {
         let (ptr, len) = (owner.as_ptr(), owner.len());
         // SAFETY: `RdmaMemory` guarantees `ptr..ptr+len` stays mapped for as
         // long as `owner` lives, and `owner` is moved into the region.
@@ -221,13 +225,21 @@ impl ProtectionDomain {
         access: Access,
     ) -> Result<Arc<MemoryRegion<O>>> {
         if len == 0 || ptr.is_null() {
-            return Err(RdmaError::InvalidRequest { reason: "cannot register an empty or null region" });
+            return Err(RdmaError::InvalidRequest {
+                reason: "cannot register an empty or null region",
+            });
         }
         // SAFETY: forwarded from this function's contract.
         let mr = unsafe { self.pd.reg_mr(ptr as usize, len, access.flags()) };
         let mr = mr.map_err(|e| match e.0 {
-            RegisterMemoryRegionErrorKind::Ibverbs(io) if io.raw_os_error() == Some(libc::ENOMEM) => {
-                RdmaError::MemlockLimit { len, limit: memlock_limit(), source: io }
+            RegisterMemoryRegionErrorKind::Ibverbs(io)
+                if io.raw_os_error() == Some(libc::ENOMEM) =>
+            {
+                RdmaError::MemlockLimit {
+                    len,
+                    limit: memlock_limit(),
+                    source: io,
+                }
             }
             RegisterMemoryRegionErrorKind::Ibverbs(io) => RdmaError::verbs("ibv_reg_mr", io),
             other => RdmaError::verbs("ibv_reg_mr", io::Error::other(other.to_string())),
@@ -245,7 +257,10 @@ impl ProtectionDomain {
 
 /// The soft RLIMIT_MEMLOCK, formatted for an error message.
 pub(crate) fn memlock_limit() -> String {
-    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: `rl` is a valid, writable rlimit for the duration of the call.
     let r = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut rl) };
     if r != 0 {
@@ -329,7 +344,11 @@ impl Segment {
     /// # Errors
     /// [`RdmaError::LocalOutOfRange`] if the range leaves the region,
     /// [`RdmaError::InvalidRequest`] if it is longer than 4 GiB - 1.
-    pub fn new<O: Send + Sync + 'static>(mr: &Arc<MemoryRegion<O>>, offset: usize, len: usize) -> Result<Segment> {
+    pub fn new<O: Send + Sync + 'static>(
+        mr: &Arc<MemoryRegion<O>>,
+        offset: usize,
+        len: usize,
+    ) -> Result<Segment> {
         check_local(mr.len(), offset, len)?;
         let len32 = u32::try_from(len).map_err(|_| RdmaError::InvalidRequest {
             reason: "a scatter-gather entry is limited to 4 GiB - 1",
@@ -357,7 +376,11 @@ impl Segment {
 pub(crate) fn check_local(region_len: usize, offset: usize, len: usize) -> Result<()> {
     match offset.checked_add(len) {
         Some(end) if end <= region_len => Ok(()),
-        _ => Err(RdmaError::LocalOutOfRange { offset, len, region_len }),
+        _ => Err(RdmaError::LocalOutOfRange {
+            offset,
+            len,
+            region_len,
+        }),
     }
 }
 
@@ -371,9 +394,18 @@ mod tests {
         assert_eq!(r.checked_addr(0, 0x4000).unwrap(), 0x1000);
         assert_eq!(r.checked_addr(0x3000, 0x1000).unwrap(), 0x4000);
         assert_eq!(r.checked_addr(0x4000, 0).unwrap(), 0x5000);
-        for (off, len) in [(0, 0x4001), (0x3fff, 2), (0x4001, 0), (u64::MAX, 1), (1, u64::MAX)] {
+        for (off, len) in [
+            (0, 0x4001),
+            (0x3fff, 2),
+            (0x4001, 0),
+            (u64::MAX, 1),
+            (1, u64::MAX),
+        ] {
             let e = r.checked_addr(off, len).unwrap_err();
-            assert!(matches!(e, RdmaError::RemoteOutOfRange { rkey: 7, .. }), "{off:#x}+{len:#x}: {e}");
+            assert!(
+                matches!(e, RdmaError::RemoteOutOfRange { rkey: 7, .. }),
+                "{off:#x}+{len:#x}: {e}"
+            );
         }
         // Address overflow of a bogus descriptor is refused too.
         let wrap = RemoteRegion::new(u64::MAX - 1, 16, 1);

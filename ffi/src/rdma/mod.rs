@@ -81,7 +81,9 @@ mod memory;
 
 pub use conn::{Completion, ConnectionOptions, RdmaConnection, RdmaListener, WorkKind, WriteOp};
 pub use cq::WcStatus;
-pub use device::{check_libraries, list_devices, Device, DeviceInfo, ProtectionDomain, LIBIBVERBS, LIBRDMACM};
+pub use device::{
+    check_libraries, list_devices, Device, DeviceInfo, ProtectionDomain, LIBIBVERBS, LIBRDMACM,
+};
 pub use error::{RdmaError, Result};
 pub use memory::{Access, MemoryRegion, RdmaMemory, RemoteRegion, Segment};
 

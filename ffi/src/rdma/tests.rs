@@ -38,7 +38,10 @@ macro_rules! skip_loudly {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 #[test]
@@ -53,7 +56,12 @@ fn list_devices_reports_clearly() {
             let msg = e.to_string();
             assert!(msg.starts_with("RDMA unavailable: "), "{msg}");
             // Names what is missing: the library or the device.
-            assert!(msg.contains(LIBIBVERBS) || msg.contains(LIBRDMACM) || msg.contains("no RDMA device"), "{msg}");
+            assert!(
+                msg.contains(LIBIBVERBS)
+                    || msg.contains(LIBRDMACM)
+                    || msg.contains("no RDMA device"),
+                "{msg}"
+            );
             eprintln!("no RDMA on this machine, as reported: {msg}");
         }
     }
@@ -83,11 +91,16 @@ fn listener_and_connect_without_rdma_fail_cleanly() {
         return;
     };
     rt().block_on(async {
-        let e = RdmaListener::bind("0.0.0.0:0".parse().unwrap(), ConnectionOptions::default()).unwrap_err();
-        assert!(e.is_unavailable(), "{e}");
-        let e = RdmaConnection::connect(None, "10.255.255.1:7471".parse().unwrap(), ConnectionOptions::default())
-            .await
+        let e = RdmaListener::bind("0.0.0.0:0".parse().unwrap(), ConnectionOptions::default())
             .unwrap_err();
+        assert!(e.is_unavailable(), "{e}");
+        let e = RdmaConnection::connect(
+            None,
+            "10.255.255.1:7471".parse().unwrap(),
+            ConnectionOptions::default(),
+        )
+        .await
+        .unwrap_err();
         assert!(e.is_unavailable(), "{e}");
     });
     eprintln!("without RDMA, listener/connect report: {why}");
@@ -100,7 +113,9 @@ fn register_and_write_in_range_on_a_device() {
     }
     let dev = Device::open(None).unwrap();
     let pd = dev.protection_domain().unwrap();
-    let mr = pd.register(Arc::new(anon_buffer(1 << 20).unwrap()), Access::RemoteWrite).unwrap();
+    let mr = pd
+        .register(Arc::new(anon_buffer(1 << 20).unwrap()), Access::RemoteWrite)
+        .unwrap();
     assert_eq!(mr.len(), 1 << 20);
     let remote = mr.remote_region();
     assert_eq!(remote.checked_addr(0, 1 << 20).unwrap(), mr.addr());
@@ -131,16 +146,24 @@ fn loopback_write_imm_and_send_recv() {
     rt().block_on(async move {
         let addr = SocketAddr::new(ip, 18515);
         let mut listener = RdmaListener::bind(addr, ConnectionOptions::default()).unwrap();
-        let pd = listener.protection_domain().expect("bound to a device address").unwrap();
+        let pd = listener
+            .protection_domain()
+            .expect("bound to a device address")
+            .unwrap();
         const LEN: usize = 4 << 20;
-        let dst = pd.register(Arc::new(anon_buffer(LEN).unwrap()), Access::RemoteWrite).unwrap();
-        let ctrl_rx = pd.register(anon_buffer(4096).unwrap(), Access::LocalWrite).unwrap();
+        let dst = pd
+            .register(Arc::new(anon_buffer(LEN).unwrap()), Access::RemoteWrite)
+            .unwrap();
+        let ctrl_rx = pd
+            .register(anon_buffer(4096).unwrap(), Access::LocalWrite)
+            .unwrap();
         let remote = dst.remote_region();
 
         let server = async {
             let mut c = listener.accept().await.unwrap();
             c.post_recv(&[], 1).unwrap();
-            c.post_recv(&[Segment::new(&ctrl_rx, 0, 4096).unwrap()], 2).unwrap();
+            c.post_recv(&[Segment::new(&ctrl_rx, 0, 4096).unwrap()], 2)
+                .unwrap();
             let mut done = Vec::new();
             while done.len() < 2 {
                 c.poll_completions(&mut done).await.unwrap();
@@ -148,36 +171,58 @@ fn loopback_write_imm_and_send_recv() {
             (c, done)
         };
         let client = async {
-            let mut c = RdmaConnection::connect(Some(SocketAddr::new(ip, 0)), addr, ConnectionOptions::default())
-                .await
+            let mut c = RdmaConnection::connect(
+                Some(SocketAddr::new(ip, 0)),
+                addr,
+                ConnectionOptions::default(),
+            )
+            .await
+            .unwrap();
+            let src = c
+                .register(Arc::new(anon_buffer(LEN).unwrap()), Access::LocalRead)
                 .unwrap();
-            let src = c.register(Arc::new(anon_buffer(LEN).unwrap()), Access::LocalRead).unwrap();
             let vs = src.as_volatile_slice();
             for i in 0..LEN / 8 {
                 vs.write_obj((i as u64).to_le(), i * 8).unwrap();
             }
             // Out of range: refused before anything is posted.
-            let e = c.post_write(&src, 0, 4096, &remote, (LEN - 100) as u64, 9).unwrap_err();
+            let e = c
+                .post_write(&src, 0, 4096, &remote, (LEN - 100) as u64, 9)
+                .unwrap_err();
             assert!(matches!(e, RdmaError::RemoteOutOfRange { .. }), "{e}");
             assert_eq!(c.in_flight(), 0);
             // Scatter-gather: two halves of the first MiB in one request.
-            let segs = [Segment::new(&src, 0, 1 << 19).unwrap(), Segment::new(&src, 1 << 19, 1 << 19).unwrap()];
-            c.post_writes(&[WriteOp { segments: &segs, remote: &remote, remote_offset: 0, imm: None, wr_id: 10 }])
-                .unwrap();
+            let segs = [
+                Segment::new(&src, 0, 1 << 19).unwrap(),
+                Segment::new(&src, 1 << 19, 1 << 19).unwrap(),
+            ];
+            c.post_writes(&[WriteOp {
+                segments: &segs,
+                remote: &remote,
+                remote_offset: 0,
+                imm: None,
+                wr_id: 10,
+            }])
+            .unwrap();
             let mut off = 1 << 20;
             let mut id = 11;
             while off < LEN {
                 if off + (1 << 20) == LEN {
-                    c.post_write_imm(&src, off, 1 << 20, &remote, off as u64, id, 0xC0FFEE).unwrap();
+                    c.post_write_imm(&src, off, 1 << 20, &remote, off as u64, id, 0xC0FFEE)
+                        .unwrap();
                 } else {
-                    c.post_write(&src, off, 1 << 20, &remote, off as u64, id).unwrap();
+                    c.post_write(&src, off, 1 << 20, &remote, off as u64, id)
+                        .unwrap();
                 }
                 off += 1 << 20;
                 id += 1;
             }
-            let ctrl = c.register(anon_buffer(4096).unwrap(), Access::LocalRead).unwrap();
+            let ctrl = c
+                .register(anon_buffer(4096).unwrap(), Access::LocalRead)
+                .unwrap();
             ctrl.as_volatile_slice().write_slice(b"hello", 0).unwrap();
-            c.post_send(&[Segment::new(&ctrl, 0, 5).unwrap()], 99).unwrap();
+            c.post_send(&[Segment::new(&ctrl, 0, 5).unwrap()], 99)
+                .unwrap();
             let mut done = Vec::new();
             while c.in_flight() > 0 {
                 c.poll_completions(&mut done).await.unwrap();
@@ -190,12 +235,21 @@ fn loopback_write_imm_and_send_recv() {
         let ((_sc, sdone), (_cc, n)) = tokio::join!(server, client);
         // 1 scatter-gather WRITE + 2 WRITEs + 1 WRITE_WITH_IMM + 1 SEND.
         assert_eq!(n, 5);
-        let imm = sdone.iter().find(|d| d.kind == WorkKind::RecvImm).expect("RecvImm completion");
+        let imm = sdone
+            .iter()
+            .find(|d| d.kind == WorkKind::RecvImm)
+            .expect("RecvImm completion");
         assert_eq!(imm.imm, Some(0xC0FFEE));
-        let recv = sdone.iter().find(|d| d.kind == WorkKind::Recv).expect("Recv completion");
+        let recv = sdone
+            .iter()
+            .find(|d| d.kind == WorkKind::Recv)
+            .expect("Recv completion");
         assert_eq!(recv.byte_len, 5);
         let mut hello = [0u8; 5];
-        ctrl_rx.as_volatile_slice().read_slice(&mut hello, 0).unwrap();
+        ctrl_rx
+            .as_volatile_slice()
+            .read_slice(&mut hello, 0)
+            .unwrap();
         assert_eq!(&hello, b"hello");
         let vs = dst.as_volatile_slice();
         for i in 0..LEN / 8 {
