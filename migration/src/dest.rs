@@ -167,6 +167,9 @@ impl Destination {
                     .await;
                 return Some(Err(e.into()));
             }
+            // Closed before saying anything: a health check or port scan,
+            // not a migration attempt.
+            Err(TransportError::PeerClosed { .. }) => return None,
             Err(e) => return Some(Err(e.into())),
         };
         let version = match negotiate(min, max) {

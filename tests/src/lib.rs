@@ -1,1 +1,240 @@
-//! Cross-crate end-to-end tests.
+//! Helpers for Ferry's end-to-end tests: build and start real `ferry`
+//! processes, make keys, and play a hostile peer with the library's own
+//! protocol pieces.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ferry_transport::auth::AuthKey;
+use ferry_transport::conn::Conn;
+use ferry_transport::proto::{
+    Accept, GuestConfig, Msg, Offer, PerformanceOption, Role, PROTOCOL_MAX, PROTOCOL_MIN,
+};
+use ferry_transport::MemoryLayout;
+
+/// Path of the `ferry` binary, built once per test process with the same
+/// profile as the tests.
+pub fn ferry_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "ferry-migration",
+            "--bin",
+            "ferry",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        let target_dir = profile_dir.parent().expect("target root");
+        cmd.env("CARGO_TARGET_DIR", target_dir);
+        let st = cmd.status().expect("run cargo build for the ferry binary");
+        assert!(st.success(), "building the ferry binary failed");
+        profile_dir.join("ferry")
+    })
+    .clone()
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes a key file with `bytes` and returns its path.
+pub fn key_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// A running `ferry` process whose output is collected.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    stdout: std::thread::JoinHandle<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+/// What a finished process printed.
+#[derive(Debug)]
+pub struct Output {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Output {
+    /// Both streams, for assertion messages.
+    pub fn all(&self) -> String {
+        format!(
+            "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+    /// True if the process panicked (Rust exits 101 on panic).
+    pub fn panicked(&self) -> bool {
+        self.status.code() == Some(101) || self.stderr.contains("panicked at")
+    }
+}
+
+fn drain<R: Read + Send + 'static>(r: R) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            s.push_str(&line);
+            s.push('\n');
+        }
+        s
+    })
+}
+
+impl Proc {
+    /// Starts `ferry ARGS`.
+    pub fn start(args: &[&str]) -> Proc {
+        let mut child = Command::new(ferry_bin())
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ferry");
+        let stdout = drain(child.stdout.take().unwrap());
+        let stderr = drain(child.stderr.take().unwrap());
+        Proc {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits for the process (killing it after `timeout`) and returns its output.
+    pub fn wait(mut self, timeout: Duration) -> Output {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > timeout {
+                let _ = self.child.kill();
+                break self.child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Output {
+            status,
+            stdout: self.stdout.join().unwrap(),
+            stderr: self.stderr.join().unwrap(),
+        }
+    }
+
+    /// Kills the process now.
+    pub fn kill(mut self) -> Output {
+        let _ = self.child.kill();
+        self.wait(Duration::from_secs(5))
+    }
+}
+
+/// Starts `ferry listen --once` on a free loopback port and waits until it
+/// accepts connections. Extra arguments are appended.
+pub fn listen(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr_s = addr.to_string();
+    let mut args = vec![
+        "listen",
+        "--listen",
+        &addr_s,
+        "--auth-key-file",
+        key.to_str().unwrap(),
+        "--once",
+    ];
+    args.extend_from_slice(extra);
+    let p = Proc::start(&args);
+    let start = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "ferry listen did not come up on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The probe connection above was one attempt under --once: wait for a
+    // fresh listener only if that made it exit.
+    (p, addr)
+}
+
+/// A small offer for hostile-peer tests.
+pub fn offer(bytes: u64) -> Offer {
+    Offer {
+        layout: MemoryLayout {
+            page_size: 4096,
+            regions: vec![ferry_transport::layout::RegionDesc {
+                gpa: 0,
+                size: bytes,
+            }],
+        },
+        guest: GuestConfig {
+            vcpus: 1,
+            cpu_vendor: "test".into(),
+            device_state_format: "test".into(),
+        },
+        option: PerformanceOption::Tcp,
+        channels: 1,
+    }
+}
+
+/// Connects, authenticates and gets an offer of `bytes` accepted.
+pub async fn authed_session(addr: SocketAddr, key: &AuthKey, bytes: u64) -> (Conn, Accept) {
+    let mut c = Conn::new(
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+        Duration::from_secs(10),
+    );
+    c.client_handshake(key).await.unwrap();
+    c.send(&Msg::Offer(offer(bytes))).await.unwrap();
+    match c.recv("accept").await.unwrap() {
+        Msg::Accept(a) => (c, a),
+        m => panic!("expected Accept, got {m:?}"),
+    }
+}
+
+/// Opens a data channel with `token`.
+pub async fn data_channel(addr: SocketAddr, token: [u8; 32]) -> tokio::net::TcpStream {
+    let mut c = Conn::new(
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+        Duration::from_secs(10),
+    );
+    c.send(&Msg::Hello {
+        min_version: PROTOCOL_MIN,
+        max_version: PROTOCOL_MAX,
+        role: Role::Data,
+        nonce: token,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(c.recv("welcome").await.unwrap(), Msg::Welcome));
+    c.into_stream()
+}

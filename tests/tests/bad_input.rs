@@ -1,0 +1,486 @@
+//! Bad input: every case gets a clear error naming what went wrong, the
+//! source guest keeps running, and no process panics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_migration::dirty::BitmapDirtyLog;
+use ferry_migration::engine::{Progress, Source, SourceOptions};
+use ferry_migration::guest::{SyntheticConfig, SyntheticGuest};
+use ferry_migration::memory::{default_layout, source_memory};
+use ferry_tests::{authed_session, data_channel, key_file, listen, Proc};
+use ferry_transport::auth::AuthKey;
+use ferry_transport::conn::Conn;
+use ferry_transport::layout::PageRun;
+use ferry_transport::proto::{Accept, Msg, RejectReason, Role};
+use ferry_transport::wire::{AckFrame, AckStatus, ChunkHeader, RunDesc, MAX_CHUNK_PAYLOAD};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use zerocopy::IntoBytes;
+
+const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn key() -> AuthKey {
+    AuthKey::new(KEY.to_vec()).unwrap()
+}
+
+/// Starts a real destination, runs `f` as a hostile source against it, and
+/// returns what the destination printed (it runs with --once).
+fn against_destination<F, Fut>(extra: &[&str], f: F) -> ferry_tests::Output
+where
+    F: FnOnce(std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let k = key_file(dir.path(), "key", KEY);
+    let (dest, addr) = listen(&k, extra);
+    rt().block_on(f(addr));
+    let out = dest.wait(Duration::from_secs(30));
+    assert!(!out.panicked(), "destination panicked: {}", out.all());
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "destination reports the failed attempt: {}",
+        out.all()
+    );
+    out
+}
+
+#[test]
+fn wrong_magic_is_named() {
+    let out = against_destination(&[], |addr| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+    });
+    assert!(
+        out.all().contains("bad magic in control frame"),
+        "{}",
+        out.all()
+    );
+}
+
+#[test]
+fn unknown_protocol_version_is_rejected_with_reason() {
+    let out = against_destination(&[], |addr| async move {
+        let mut c = Conn::new(
+            TcpStream::connect(addr).await.unwrap(),
+            Duration::from_secs(5),
+        );
+        c.send(&Msg::Hello {
+            min_version: 7,
+            max_version: 9,
+            role: Role::Control,
+            nonce: [0; 32],
+        })
+        .await
+        .unwrap();
+        match c.recv("reject").await.unwrap() {
+            Msg::Reject { reason, message } => {
+                assert_eq!(reason, RejectReason::Version);
+                assert!(
+                    message.contains("unsupported protocol version: peer speaks 7..=9"),
+                    "{message}"
+                );
+            }
+            m => panic!("expected Reject, got {m:?}"),
+        }
+    });
+    assert!(
+        out.stdout.contains("unsupported protocol version"),
+        "{}",
+        out.all()
+    );
+}
+
+#[test]
+fn wrong_key_fails_both_ways_and_the_source_guest_keeps_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = key_file(dir.path(), "good", KEY);
+    let bad = key_file(dir.path(), "bad", b"another key of sufficient length!");
+    let (dest, addr) = listen(&good, &[]);
+    let src = Proc::start(&[
+        "send",
+        "--to",
+        &addr.to_string(),
+        "--auth-key-file",
+        bad.to_str().unwrap(),
+        "--memory",
+        "16MiB",
+    ])
+    .wait(Duration::from_secs(60));
+    let dest = dest.wait(Duration::from_secs(30));
+    assert!(!src.panicked() && !dest.panicked());
+    assert_eq!(src.status.code(), Some(1), "{}", src.all());
+    assert!(
+        src.stderr.contains("authentication failed"),
+        "{}",
+        src.all()
+    );
+    assert!(
+        src.stderr
+            .contains("the guest keeps running on this host (running: true)"),
+        "{}",
+        src.all()
+    );
+    assert!(
+        dest.stdout.contains("authentication failed") || dest.stdout.contains("peer aborted"),
+        "{}",
+        dest.all()
+    );
+}
+
+#[test]
+fn memory_above_the_limit_is_refused_before_allocation() {
+    let out = against_destination(&["--memory-limit", "32MiB"], |addr| async move {
+        let mut c = Conn::new(
+            TcpStream::connect(addr).await.unwrap(),
+            Duration::from_secs(5),
+        );
+        c.client_handshake(&key()).await.unwrap();
+        c.send(&Msg::Offer(ferry_tests::offer(1 << 40)))
+            .await
+            .unwrap();
+        match c.recv("reject").await.unwrap() {
+            Msg::Reject { reason, message } => {
+                assert_eq!(reason, RejectReason::MemoryLimit);
+                assert!(message.contains("--memory-limit"), "{message}");
+            }
+            m => panic!("expected Reject, got {m:?}"),
+        }
+    });
+    assert!(out.stdout.contains("memory limit"), "{}", out.all());
+}
+
+async fn send_chunk(
+    s: &mut TcpStream,
+    runs: &[PageRun],
+    payload: &[u8],
+    crc_override: Option<u32>,
+    claimed_len: Option<u32>,
+) {
+    let table: Vec<RunDesc> = runs.iter().map(RunDesc::from_run).collect();
+    let mut h = crc32fast::Hasher::new();
+    h.update(table.as_bytes());
+    h.update(payload);
+    let crc = crc_override.unwrap_or(h.finalize());
+    let len = claimed_len.unwrap_or(payload.len() as u32);
+    let header = ChunkHeader::pages(1, 0, table.len() as u32, len, 0, crc);
+    s.write_all(header.as_bytes()).await.unwrap();
+    s.write_all(table.as_bytes()).await.unwrap();
+    s.write_all(payload).await.unwrap();
+}
+
+/// Sets up a session of 1 MiB and gives a data channel to `f`; afterwards
+/// waits until the destination gives up on the session (it sends Abort with
+/// its reason, or closes) instead of guessing a delay.
+fn data_case<F, Fut>(f: F) -> ferry_tests::Output
+where
+    F: FnOnce(TcpStream, Conn) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Conn> + Send,
+{
+    against_destination(&[], |addr| async move {
+        let (conn, accept) = authed_session(addr, &key(), 1 << 20).await;
+        let data = data_channel(addr, accept.data_token).await;
+        let mut conn = f(data, conn).await;
+        let end = conn
+            .recv_within("the destination's abort", Duration::from_secs(20))
+            .await;
+        assert!(
+            end.is_err(),
+            "the destination must end the session, got {end:?}"
+        );
+    })
+}
+
+#[test]
+fn truncated_frame_is_named() {
+    let out = data_case(|mut data, c| async move {
+        let runs = [PageRun {
+            gpa: 0,
+            pages: 4,
+            zero: false,
+        }];
+        let table: Vec<RunDesc> = runs.iter().map(RunDesc::from_run).collect();
+        data.write_all(ChunkHeader::pages(1, 0, 1, 4 * 4096, 0, 0).as_bytes())
+            .await
+            .unwrap();
+        data.write_all(table.as_bytes()).await.unwrap();
+        data.write_all(&[7u8; 100]).await.unwrap();
+        drop(data);
+        c
+    });
+    assert!(
+        out.stdout
+            .contains("truncated: connection closed after 100 of 16384 payload bytes"),
+        "{}",
+        out.all()
+    );
+}
+
+#[test]
+fn page_range_outside_the_layout_is_named() {
+    let out = data_case(|mut data, c| async move {
+        // The layout is 1 MiB = 256 pages; pages 255..257 run past it.
+        send_chunk(
+            &mut data,
+            &[PageRun {
+                gpa: 255 * 4096,
+                pages: 2,
+                zero: false,
+            }],
+            &[1u8; 8192],
+            None,
+            None,
+        )
+        .await;
+        c
+    });
+    assert!(
+        out.stdout.contains(
+            "page run at guest address 0xff000 with 2 pages lies outside the offered memory layout"
+        ),
+        "{}",
+        out.all()
+    );
+}
+
+#[test]
+fn payload_length_above_the_limit_is_named() {
+    let out = data_case(|mut data, c| async move {
+        send_chunk(
+            &mut data,
+            &[PageRun {
+                gpa: 0,
+                pages: 1,
+                zero: false,
+            }],
+            &[],
+            None,
+            Some(MAX_CHUNK_PAYLOAD + 1),
+        )
+        .await;
+        c
+    });
+    assert!(
+        out.stdout
+            .contains("chunk payload length is 16777217 bytes, above the limit of 16777216"),
+        "{}",
+        out.all()
+    );
+}
+
+#[test]
+fn crc_mismatch_is_detected_and_the_chunk_refused() {
+    let out = data_case(|mut data, mut conn| async move {
+        send_chunk(
+            &mut data,
+            &[PageRun {
+                gpa: 0,
+                pages: 1,
+                zero: false,
+            }],
+            &[9u8; 4096],
+            Some(0x1234_5678),
+            None,
+        )
+        .await;
+        let mut ack = [0u8; 16];
+        data.read_exact(&mut ack).await.unwrap();
+        assert_eq!(
+            AckFrame::decode(&ack).unwrap(),
+            (1, AckStatus::CrcMismatch),
+            "the destination asks for the chunk again"
+        );
+        // A source that ignores this and switches over is refused: digests differ.
+        data.write_all(ChunkHeader::end(2).as_bytes())
+            .await
+            .unwrap();
+        let state = b"state".to_vec();
+        let crc = crc32fast::hash(&state);
+        conn.send(&Msg::Switchover(ferry_transport::proto::Switchover {
+            device_state: state,
+            device_state_crc: crc,
+        }))
+        .await
+        .unwrap();
+        let ready = conn.recv("ready").await.unwrap();
+        let Msg::Ready { digest } = ready else {
+            panic!("expected Ready, got {ready:?}")
+        };
+        // Commit with the digest of the memory we claim to have sent (all zero but page 0 = 9s):
+        let mut wrong = digest;
+        wrong[0] ^= 1;
+        conn.send(&Msg::Commit { digest: wrong }).await.unwrap();
+        conn
+    });
+    assert!(
+        out.stdout.contains("memory digest mismatch"),
+        "{}",
+        out.all()
+    );
+}
+
+#[test]
+fn source_disconnecting_mid_round_frees_the_destination() {
+    let out = against_destination(&[], |addr| async move {
+        let (mut conn, accept) = authed_session(addr, &key(), 1 << 20).await;
+        let mut data = data_channel(addr, accept.data_token).await;
+        send_chunk(
+            &mut data,
+            &[PageRun {
+                gpa: 0,
+                pages: 2,
+                zero: false,
+            }],
+            &[3u8; 8192],
+            None,
+            None,
+        )
+        .await;
+        let mut ack = [0u8; 16];
+        data.read_exact(&mut ack).await.unwrap();
+        drop(data);
+        // The destination notices the dead data channel and aborts.
+        assert!(conn
+            .recv_within("abort", Duration::from_secs(20))
+            .await
+            .is_err());
+    });
+    assert!(out.stdout.contains("peer closed"), "{}", out.all());
+}
+
+#[test]
+fn a_stalled_source_is_timed_out_by_the_destination() {
+    let out = against_destination(&["--timeout", "1s"], |addr| async move {
+        let (conn, accept) = authed_session(addr, &key(), 1 << 20).await;
+        let data = data_channel(addr, accept.data_token).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        drop((conn, data));
+    });
+    assert!(
+        out.stdout.contains(
+            "did not respond within 1s while waiting for pages or messages from the source"
+        ),
+        "{}",
+        out.all()
+    );
+}
+
+/// A fake destination: authenticates, accepts, takes the data channel, and
+/// then misbehaves as `mode` says.
+#[derive(Clone, Copy, PartialEq)]
+enum Fake {
+    /// Reads some of round 0, then closes everything.
+    DisconnectMidRound,
+    /// Reads chunks but never acknowledges them.
+    NeverAck,
+}
+
+async fn fake_destination(listener: TcpListener, mode: Fake) {
+    let (s, _) = listener.accept().await.unwrap();
+    let mut c = Conn::new(s, Duration::from_secs(10));
+    let Msg::Hello { nonce, .. } = c.recv("hello").await.unwrap() else {
+        panic!()
+    };
+    c.server_authenticate(&key(), nonce, 1).await.unwrap();
+    let Msg::Offer(_) = c.recv("offer").await.unwrap() else {
+        panic!()
+    };
+    c.send(&Msg::Accept(Accept {
+        migration_id: 1,
+        data_token: [5; 32],
+        max_chunk: MAX_CHUNK_PAYLOAD,
+    }))
+    .await
+    .unwrap();
+    let (d, _) = listener.accept().await.unwrap();
+    let mut d = Conn::new(d, Duration::from_secs(10));
+    let _ = d.recv("data hello").await.unwrap();
+    d.send(&Msg::Welcome).await.unwrap();
+    let mut d = d.into_stream();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0usize;
+    loop {
+        match d.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+        if mode == Fake::DisconnectMidRound && got > 4 << 20 {
+            break;
+        }
+    }
+    drop((c, d));
+}
+
+fn migrate_to_fake(mode: Fake, timeout: Duration) -> (String, bool, u64, u64) {
+    rt().block_on(async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fake = tokio::spawn(fake_destination(listener, mode));
+        let mem = Arc::new(source_memory(&default_layout(32 << 20).unwrap()).unwrap());
+        let guest = SyntheticGuest::start(
+            mem.clone(),
+            SyntheticConfig {
+                dirty_rate: 8 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let dirty = BitmapDirtyLog::new(mem.clone());
+        let k = key();
+        let src = Source {
+            to: addr.to_string(),
+            key: &k,
+            guest: &guest,
+            mem,
+            dirty: &dirty,
+            opts: SourceOptions {
+                timeout,
+                ..Default::default()
+            },
+            progress: Arc::new(Progress::default()),
+        };
+        let err = src
+            .migrate()
+            .await
+            .expect_err("the migration must fail")
+            .to_string();
+        let before = guest.writes();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        fake.abort();
+        (err, guest.is_running(), before, guest.writes())
+    })
+}
+
+#[test]
+fn destination_disconnecting_mid_round_aborts_with_the_guest_running() {
+    let (err, running, before, after) =
+        migrate_to_fake(Fake::DisconnectMidRound, Duration::from_secs(10));
+    assert!(
+        err.contains("peer closed") || err.contains("writing a chunk"),
+        "{err}"
+    );
+    assert!(running, "the guest keeps running on the source");
+    assert!(after > before, "and keeps writing memory");
+}
+
+#[test]
+fn destination_that_stops_responding_is_timed_out() {
+    let (err, running, before, after) = migrate_to_fake(Fake::NeverAck, Duration::from_secs(1));
+    assert!(
+        err.contains("peer did not respond within 1s while waiting for chunk acknowledgements"),
+        "{err}"
+    );
+    assert!(running && after > before);
+}
