@@ -46,7 +46,7 @@ pub fn with_bytes<B: BitmapSlice, R>(
     // (mmap'ed anonymous or file memory). Concurrent writers may exist (the
     // guest); we only read through the view for checks whose result is
     // verified again later, which the module docs explain.
-    let bytes = unsafe { std::slice::from_raw_parts(guard.as_ptr() as *const u8, slice.len()) };
+    let bytes = unsafe { std::slice::from_raw_parts(guard.as_ptr(), slice.len()) };
     f(bytes)
 }
 

@@ -53,7 +53,7 @@ impl DirtySet {
             .map(|r| {
                 let pages = r.size / PAGE_SIZE;
                 let mut words = vec![u64::MAX; pages.div_ceil(64) as usize];
-                if pages % 64 != 0 {
+                if !pages.is_multiple_of(64) {
                     *words.last_mut().expect("non-empty") = (1u64 << (pages % 64)) - 1;
                 }
                 RegionDirty {

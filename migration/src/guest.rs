@@ -329,7 +329,7 @@ fn dirty_worker(mem: &SourceMemory, shared: &Shared, cfg: &SyntheticConfig) {
         }
         rng = splitmix(rng);
         // Three writes in four go to a hot sixteenth of memory.
-        let idx = if rng % 4 != 0 {
+        let idx = if !rng.is_multiple_of(4) {
             (rng >> 8) as usize % hot
         } else {
             (rng >> 8) as usize % pages.len()

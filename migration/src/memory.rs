@@ -19,7 +19,7 @@ const HIGH_MEM_START: u64 = 4 << 30;
 /// The layout of a guest of `size` bytes as a VMM would lay it out on x86:
 /// one region up to 3 GiB, and the rest from 4 GiB.
 pub fn default_layout(size: u64) -> Result<MemoryLayout> {
-    if size == 0 || size % PAGE_SIZE != 0 {
+    if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
         return Err(MigrationError::Config(format!(
             "guest memory size {size} must be a non-zero multiple of 4 KiB"
         )));

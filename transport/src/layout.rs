@@ -136,7 +136,7 @@ impl MemoryLayout {
     /// Checks that `pages` pages from `gpa` lie inside one region.
     pub fn check_run(&self, gpa: u64, pages: u64) -> Result<()> {
         let outside = || TransportError::OutsideLayout { gpa, pages };
-        if pages == 0 || gpa % self.page_size != 0 {
+        if pages == 0 || !gpa.is_multiple_of(self.page_size) {
             return Err(outside());
         }
         let len = pages.checked_mul(self.page_size).ok_or_else(outside)?;

@@ -13,6 +13,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("Ferry needs a 64-bit host: guest memory sizes and offsets are u64 and are used as usize");
+
 use std::future::Future;
 
 use serde::Serialize;

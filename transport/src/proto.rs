@@ -381,7 +381,6 @@ mod tests {
             Msg::Switchover(Switchover {
                 device_state: vec![1, 2, 3],
                 device_state_crc: 5,
-                digest: [6; 16],
             }),
             Msg::Ready { digest: [6; 16] },
             Msg::Commit { digest: [6; 16] },

@@ -1,0 +1,13 @@
+//! Data-channel decoders (chunk header, run table, ack) on arbitrary bytes.
+#![no_main]
+
+use ferry_transport::layout::{MemoryLayout, RegionDesc, PAGE_SIZE};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let layout = MemoryLayout {
+        page_size: PAGE_SIZE,
+        regions: vec![RegionDesc { gpa: 0, size: 64 << 20 }, RegionDesc { gpa: 4 << 30, size: 1 << 20 }],
+    };
+    ferry_transport::wire::fuzz_decode(data, &layout);
+});

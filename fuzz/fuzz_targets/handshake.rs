@@ -1,0 +1,8 @@
+//! Control-frame and handshake message decoders on arbitrary bytes.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    ferry_transport::proto::fuzz_decode(data);
+});
