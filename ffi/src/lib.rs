@@ -8,6 +8,8 @@
 //!   views of guest memory for checksums and digests, and `madvise` hints.
 //!   This is what keeps the TCP data path zero-copy without `unsafe` in the
 //!   transport crate.
+//! * [`net`]: TCP send-queue depth and per-thread nice, which the
+//!   compression option's pipeline steers by.
 //! * `rdma` (feature `rdma`): rdma-core verbs and rdma_cm behind safe types.
 //!
 //! Every `unsafe` block carries a `// SAFETY:` comment (enforced by
@@ -16,6 +18,7 @@
 //! [`VolatileSlice`]: vm_memory::VolatileSlice
 #![warn(missing_docs)]
 
+pub mod net;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod vio;

@@ -50,6 +50,94 @@ pub fn with_bytes<B: BitmapSlice, R>(
     f(bytes)
 }
 
+/// A writable view was refused because it overlaps one that is still alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ViewBusy {
+    /// Host address of the refused view.
+    pub addr: usize,
+    /// Its length.
+    pub len: usize,
+}
+
+impl std::fmt::Display for ViewBusy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} bytes of guest memory at host address {:#x} are already being written through another view",
+            self.len, self.addr
+        )
+    }
+}
+
+impl std::error::Error for ViewBusy {}
+
+/// Host address ranges `[start, end)` with a live [`with_bytes_mut`] view.
+static MUT_VIEWS: std::sync::Mutex<Vec<(usize, usize)>> = std::sync::Mutex::new(Vec::new());
+
+/// Removes a range from [`MUT_VIEWS`] when the view ends, also on unwind.
+struct MutViewGuard((usize, usize));
+
+impl Drop for MutViewGuard {
+    fn drop(&mut self) {
+        let mut v = MUT_VIEWS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = v.iter().position(|r| *r == self.0) {
+            v.swap_remove(i);
+        }
+    }
+}
+
+/// Calls `f` with a writable byte view of `slice`, so that a decoder (the
+/// compression option's decompressor) writes its output straight into guest
+/// memory without a staging buffer. The slice's dirty bitmap is marked for the
+/// whole slice afterwards, as [`readv_volatile`] does for what it lands.
+///
+/// Views handed out here never overlap: while one is alive (on any thread),
+/// a call for an overlapping range returns [`ViewBusy`] without calling `f`.
+///
+/// Meant for destination memory, which no guest runs on before commit; see
+/// the module documentation for what a concurrent writer through another
+/// path (a running guest, `readv`) would mean: unspecified bytes, never a
+/// fault, and the chunk's checksum is checked over what landed.
+///
+/// # Errors
+/// [`ViewBusy`] if an overlapping view is alive.
+pub fn with_bytes_mut<B: BitmapSlice, R>(
+    slice: &VolatileSlice<'_, B>,
+    f: impl FnOnce(&mut [u8]) -> R,
+) -> Result<R, ViewBusy> {
+    let guard = slice.ptr_guard_mut();
+    if slice.is_empty() {
+        return Ok(f(&mut []));
+    }
+    let start = guard.as_ptr() as usize;
+    let range = (start, start + slice.len());
+    {
+        let mut v = MUT_VIEWS.lock().unwrap_or_else(|e| e.into_inner());
+        if v.iter().any(|&(s, e)| s < range.1 && range.0 < e) {
+            return Err(ViewBusy {
+                addr: start,
+                len: slice.len(),
+            });
+        }
+        v.push(range);
+    }
+    let _registered = MutViewGuard(range);
+    // SAFETY: `guard` keeps the mapping behind `slice` alive (vm-memory's
+    // PtrGuardMut contract) and `slice.len()` bytes from `guard.as_ptr()` lie
+    // inside it, as VolatileSlice guarantees; the mapping is writable (a
+    // VolatileSlice of guest memory) and initialised, and every byte pattern
+    // is a valid `u8`. No other view from this function overlaps the range
+    // while this one lives: `MUT_VIEWS` refuses overlapping ranges until
+    // `_registered` is dropped, which happens after `f` returns or unwinds,
+    // and `f` cannot keep the reference beyond the call. Writers outside Rust
+    // references (a guest, `readv` by the kernel) are the case the module
+    // documentation covers: they can only make the bytes unspecified.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), slice.len()) };
+    let r = f(bytes);
+    slice.bitmap().mark_dirty(0, slice.len());
+    Ok(r)
+}
+
 fn iovecs<B: BitmapSlice>(
     head: &[u8],
     bufs: &[VolatileSlice<'_, B>],
@@ -229,6 +317,32 @@ mod tests {
             0,
             "EOF reads 0"
         );
+    }
+
+    #[test]
+    fn with_bytes_mut_writes_guest_memory_and_refuses_overlapping_views() {
+        let m = mem();
+        let s = m.get_slice(GuestAddress(4096), 8192).unwrap();
+        let inner = m.get_slice(GuestAddress(8192), 100).unwrap();
+        let apart = m.get_slice(GuestAddress(32768), 100).unwrap();
+        let r = with_bytes_mut(&s, |b| {
+            b.fill(0xab);
+            // A view of an overlapping range is refused while this one lives;
+            // one elsewhere is fine.
+            let busy = with_bytes_mut(&inner, |_| ()).unwrap_err();
+            assert_eq!(busy.len, 100);
+            assert!(busy.to_string().contains("already being written"));
+            with_bytes_mut(&apart, |x| x[0] = 1).unwrap();
+            b.len()
+        })
+        .unwrap();
+        assert_eq!(r, 8192);
+        let mut back = [0u8; 8192];
+        m.read_slice(&mut back, GuestAddress(4096)).unwrap();
+        assert!(back.iter().all(|&x| x == 0xab));
+        // The view ended: the range can be written again.
+        with_bytes_mut(&inner, |x| x.fill(2)).unwrap();
+        with_bytes(&inner, |x| assert!(x.iter().all(|&b| b == 2)));
     }
 
     #[test]
