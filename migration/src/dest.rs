@@ -271,6 +271,8 @@ impl Destination {
         }
         // Validated: now, and only now, allocate.
         let mem = Arc::new(dest_memory(&offer.layout)?);
+        let stop_populate = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        crate::memory::populate_in_background(mem.clone(), stop_populate.clone());
         let token = ferry_transport::auth::nonce();
         let (tx, rx) = mpsc::channel(usize::from(offer.channels));
         self.pending.lock().expect("pending").insert(token, tx);
@@ -304,6 +306,7 @@ impl Destination {
             Err(e) => Err(e.into()),
         };
         self.pending.lock().expect("pending").remove(&token);
+        stop_populate.store(true, Ordering::Relaxed);
         match result {
             Ok((payload_bytes, crc_errors, digest, resume_report)) => Ok(DestSummary {
                 migration_id,

@@ -75,12 +75,37 @@ pub fn dest_memory(layout: &MemoryLayout) -> Result<DestMemory> {
     let mem: DestMemory = map(layout)?;
     for r in mem.iter() {
         if let Ok(s) = r.get_slice(vm_memory::MemoryRegionAddress(0), r.len() as usize) {
-            if let Err(e) = ferry_ffi::vio::advise_hugepages(&s) {
+            if let Err(e) = ferry_ffi::vio::advise(&s, ferry_ffi::vio::Advice::HugePages) {
                 tracing::debug!("MADV_HUGEPAGE refused: {e}");
             }
         }
     }
     Ok(mem)
+}
+
+/// Faults destination memory in ahead of the pages landing in it, in address
+/// order (the order round 0 sends), so the receiver does not pay for page
+/// faults and zeroing on its critical path. Runs on its own thread; stops
+/// early when `stop` is set.
+pub fn populate_in_background(mem: std::sync::Arc<DestMemory>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let _ = std::thread::Builder::new().name("populate".into()).spawn(move || {
+        const STEP: u64 = 32 << 20;
+        for r in mem.iter() {
+            let mut off = 0;
+            while off < r.len() {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let len = STEP.min(r.len() - off);
+                if let Ok(s) = r.get_slice(vm_memory::MemoryRegionAddress(off), len as usize) {
+                    if ferry_ffi::vio::advise(&s, ferry_ffi::vio::Advice::PopulateWrite).is_err() {
+                        return; // kernel without MADV_POPULATE_WRITE: faults happen on landing instead
+                    }
+                }
+                off += len;
+            }
+        }
+    });
 }
 
 /// The dirty bitmap of a source region.
