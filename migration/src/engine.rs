@@ -70,7 +70,7 @@ impl Default for SourceOptions {
         SourceOptions {
             downtime_limit: Duration::from_millis(300),
             max_rounds: 30,
-            chunk_bytes: 1 << 20,
+            chunk_bytes: 4 << 20,
             timeout: Duration::from_secs(30),
             option: PerformanceOption::Tcp,
         }

@@ -105,7 +105,7 @@ struct EngineArgs {
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
     /// Payload bytes per chunk.
-    #[arg(long, default_value = "1MiB", value_parser = units::parse_size)]
+    #[arg(long, default_value = "4MiB", value_parser = units::parse_size)]
     chunk_size: u64,
     /// How long to wait for the peer before giving up.
     #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
