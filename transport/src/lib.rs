@@ -6,7 +6,8 @@
 //! * [`layout`]: the guest memory layout and page-run checks.
 //! * [`Transport`]: the trait every performance option implements;
 //!   [`tcp`]: the TCP implementation (zero-copy `writev`/`readv` between
-//!   guest memory and the socket).
+//!   guest memory and the socket); [`compress`]: the compression option
+//!   (lz4/zstd on a worker pool, decompression straight into guest memory).
 //!
 //! The transport knows nothing about VMs: it moves [`Chunk`]s of
 //! [`PageRun`]s out of a `vm-memory` guest memory and lands them in another.
@@ -14,13 +15,16 @@
 #![warn(missing_docs)]
 
 #[cfg(not(target_pointer_width = "64"))]
-compile_error!("Ferry needs a 64-bit host: guest memory sizes and offsets are u64 and are used as usize");
+compile_error!(
+    "Ferry needs a 64-bit host: guest memory sizes and offsets are u64 and are used as usize"
+);
 
 use std::future::Future;
 
 use serde::Serialize;
 
 pub mod auth;
+pub mod compress;
 pub mod conn;
 pub mod error;
 pub mod layout;
@@ -85,6 +89,14 @@ pub struct ChannelStats {
     pub chunks: u64,
     /// Chunks the destination asked to be resent (CRC mismatch).
     pub crc_resends: u64,
+    /// Compression option: chunks sent compressed.
+    pub compressed_chunks: u64,
+    /// Compression option: chunks sent raw because they (or a sample of
+    /// them) did not shrink enough.
+    pub raw_incompressible_chunks: u64,
+    /// Compression option: chunks sent raw because the link was about to go
+    /// idle before a worker got to them.
+    pub raw_link_idle_chunks: u64,
 }
 
 /// A way of moving chunks of guest pages to the destination.

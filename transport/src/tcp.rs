@@ -5,9 +5,13 @@
 //! Destination side ([`receive_channel`]): the header and run table are read
 //! and checked, then the payload is read with `readv` straight into the
 //! destination guest memory at the addresses the runs name, its CRC checked,
-//! and an ack returned.
+//! and an ack returned. On a channel of the compression option
+//! ([`receive_channel_with`] given a codec) compressed frames are read into
+//! one buffer and decompressed from there straight into guest memory
+//! ([`crate::compress`]).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,9 +26,10 @@ use vm_memory::bitmap::MS;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 use zerocopy::IntoBytes;
 
+use crate::compress::{land_compressed, Decoder};
 use crate::error::{Result, TransportError};
 use crate::layout::{MemoryLayout, PageRun};
-use crate::wire::{self, AckFrame, AckStatus, ChunkHeader, ChunkKind, RunDesc};
+use crate::wire::{self, AckFrame, AckStatus, ChunkHeader, ChunkKind, Codec, RunDesc};
 use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
 
 /// Guest memory the transport can read from or land pages in.
@@ -91,8 +96,13 @@ pub struct TcpSender<M: GuestMem> {
     mem: Arc<M>,
     write: OwnedWriteHalf,
     acks: mpsc::UnboundedReceiver<Result<(u64, AckStatus)>>,
+    /// Sequence number -> (runs, bytes counted against the window).
     in_flight: HashMap<u64, (Vec<PageRun>, u64)>,
     in_flight_bytes: u64,
+    /// Wire bytes of the chunks acknowledged so far.
+    acked_wire: u64,
+    /// Wire bytes of each chunk in flight.
+    in_flight_wire: HashMap<u64, u64>,
     window: u64,
     timeout: Duration,
     resend: Vec<PageRun>,
@@ -134,6 +144,8 @@ impl<M: GuestMem> TcpSender<M> {
             acks,
             in_flight: HashMap::new(),
             in_flight_bytes: 0,
+            acked_wire: 0,
+            in_flight_wire: HashMap::new(),
             window: DEFAULT_WINDOW,
             timeout,
             resend: Vec::new(),
@@ -155,6 +167,7 @@ impl<M: GuestMem> TcpSender<M> {
                 detail: format!("{seq} is not in flight"),
             })?;
         self.in_flight_bytes -= bytes;
+        self.acked_wire += self.in_flight_wire.remove(&seq).unwrap_or(0);
         self.stats.chunks += 1;
         if status == AckStatus::CrcMismatch {
             tracing::warn!(
@@ -184,6 +197,67 @@ impl<M: GuestMem> TcpSender<M> {
         while let Ok(ack) = self.acks.try_recv() {
             self.apply_ack(ack)?;
         }
+        Ok(())
+    }
+
+    /// Waits for an acknowledgement (and applies it) or for `other`,
+    /// whichever comes first. Used by the compression pipeline to wake up
+    /// when the link drains.
+    pub(crate) async fn wait_ack_or(&mut self, other: impl Future<Output = ()>) -> Result<()> {
+        tokio::select! {
+            ack = self.acks.recv() => match ack {
+                Some(ack) => self.apply_ack(ack),
+                None => Err(TransportError::PeerClosed {
+                    what: "data channel",
+                }),
+            },
+            () = other => Ok(()),
+        }
+    }
+
+    /// Wire bytes of the chunks acknowledged so far.
+    pub(crate) fn acked_wire_bytes(&self) -> u64 {
+        self.acked_wire
+    }
+
+    /// The socket.
+    pub(crate) fn stream(&self) -> &TcpStream {
+        self.write.as_ref()
+    }
+
+    /// Counters, for the compression pipeline's own.
+    pub(crate) fn stats_mut(&mut self) -> &mut ChannelStats {
+        &mut self.stats
+    }
+
+    /// Waits until `bytes` more fit the window.
+    async fn reserve(&mut self, bytes: u64) -> Result<()> {
+        self.drain_ready_acks()?;
+        while !self.in_flight.is_empty() && self.in_flight_bytes + bytes > self.window {
+            self.wait_ack().await?;
+        }
+        Ok(())
+    }
+
+    fn sent(&mut self, chunk: Chunk, wire: u64, window_bytes: u64) {
+        self.stats.bytes_on_wire += wire;
+        self.stats.payload_bytes += chunk.payload_bytes();
+        self.in_flight_bytes += window_bytes;
+        self.in_flight_wire.insert(chunk.seq, wire);
+        self.in_flight.insert(chunk.seq, (chunk.runs, window_bytes));
+    }
+
+    /// Sends a frame built elsewhere (a compressed chunk: header, run table
+    /// and payload in `frame`) for `chunk`'s pages.
+    pub(crate) async fn send_frame(&mut self, chunk: Chunk, frame: &[u8]) -> Result<()> {
+        let wire = frame.len() as u64;
+        self.reserve(wire).await?;
+        self.write
+            .write_all(frame)
+            .await
+            .map_err(|e| TransportError::io("writing a chunk", "data channel", e))?;
+        self.stats.compressed_chunks += 1;
+        self.sent(chunk, wire, wire);
         Ok(())
     }
 
@@ -233,10 +307,7 @@ impl<M: GuestMem> Transport for TcpSender<M> {
                 limit: wire::MAX_CHUNK_PAYLOAD.into(),
             });
         }
-        self.drain_ready_acks()?;
-        while !self.in_flight.is_empty() && self.in_flight_bytes + payload > self.window {
-            self.wait_ack().await?;
-        }
+        self.reserve(payload).await?;
         let table: Vec<RunDesc> = chunk.runs.iter().map(RunDesc::from_run).collect();
         let crc = {
             let slices = run_slices(&*self.mem, &chunk.runs)?;
@@ -255,10 +326,7 @@ impl<M: GuestMem> Transport for TcpSender<M> {
         head.extend_from_slice(table.as_bytes());
         let total = head.len() + payload as usize;
         self.write_frame(&head, &chunk.runs, total).await?;
-        self.stats.bytes_on_wire += total as u64;
-        self.stats.payload_bytes += payload;
-        self.in_flight_bytes += payload;
-        self.in_flight.insert(chunk.seq, (chunk.runs, payload));
+        self.sent(chunk, total as u64, payload);
         Ok(())
     }
 
@@ -302,6 +370,16 @@ pub struct RecvCounters {
     pub crc_errors: AtomicU64,
     /// Highest round seen.
     pub round: AtomicU64,
+    /// Chunks that arrived compressed.
+    pub compressed_chunks: AtomicU64,
+}
+
+/// What a data channel accepts beyond plain frames.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecvOptions {
+    /// The codec the migration negotiated (compression option); `None`
+    /// refuses compressed frames.
+    pub codec: Option<Codec>,
 }
 
 async fn read_payload<M: GuestMem>(
@@ -351,12 +429,31 @@ async fn read_payload<M: GuestMem>(
 /// round than one already seen is refused, so a stale copy can never
 /// overwrite a newer one.
 pub async fn receive_channel<M: GuestMem>(
-    mut stream: TcpStream,
+    stream: TcpStream,
     layout: &MemoryLayout,
     mem: &M,
     counters: &RecvCounters,
 ) -> Result<()> {
+    receive_channel_with(stream, layout, mem, counters, RecvOptions::default()).await
+}
+
+/// [`receive_channel`] for a channel that may carry compressed frames of the
+/// negotiated codec (`opts.codec`): their payload is read into one buffer,
+/// its CRC checked, and then decompressed straight into guest memory. A
+/// compressed frame with another codec, a bad sub-header, an uncompressed
+/// size other than its runs' or a segment that does not decompress is an
+/// error; a CRC mismatch (of the frame, or of the landed pages) asks for
+/// the chunk again, as on a plain channel.
+pub async fn receive_channel_with<M: GuestMem>(
+    mut stream: TcpStream,
+    layout: &MemoryLayout,
+    mem: &M,
+    counters: &RecvCounters,
+    opts: RecvOptions,
+) -> Result<()> {
     let _ = stream.set_nodelay(true);
+    let mut cbuf: Vec<u8> = Vec::new();
+    let mut decoder = Decoder::default();
     let mut head = [0u8; 32];
     let mut last_round = 0u32;
     loop {
@@ -377,12 +474,20 @@ pub async fn receive_channel<M: GuestMem>(
         }
         last_round = round;
         counters.round.fetch_max(round.into(), Ordering::Relaxed);
-        if h.flags.get() & wire::FLAG_COMPRESSED != 0 {
-            return Err(TransportError::Invalid {
-                field: "chunk flags",
-                detail: "compressed chunk on a channel negotiated without compression".into(),
-            });
-        }
+        let codec = if h.flags.get() & wire::FLAG_COMPRESSED != 0 {
+            match opts.codec {
+                Some(c) => Some(c),
+                None => {
+                    return Err(TransportError::Invalid {
+                        field: "chunk flags",
+                        detail: "compressed chunk on a channel negotiated without compression"
+                            .into(),
+                    })
+                }
+            }
+        } else {
+            None
+        };
         let mut table = vec![0u8; h.run_count.get() as usize * 16];
         stream
             .read_exact(&mut table)
@@ -396,26 +501,71 @@ pub async fn receive_channel<M: GuestMem>(
             })?;
         let (runs, data_bytes) = wire::decode_runs(&table, layout)?;
         let payload_len = u64::from(h.payload_len.get());
-        if data_bytes != payload_len {
-            return Err(TransportError::Invalid {
-                field: "chunk payload length",
-                detail: format!(
-                    "chunk {seq} says {payload_len} bytes but its runs hold {data_bytes}"
-                ),
-            });
-        }
-        read_payload(&stream, mem, &runs, payload_len as usize).await?;
-        let computed = {
-            let slices = run_slices(mem, &runs)?;
-            chunk_crc(&table, &slices)
+        let landed = match codec {
+            None => {
+                if data_bytes != payload_len {
+                    return Err(TransportError::Invalid {
+                        field: "chunk payload length",
+                        detail: format!(
+                            "chunk {seq} says {payload_len} bytes but its runs hold {data_bytes}"
+                        ),
+                    });
+                }
+                read_payload(&stream, mem, &runs, payload_len as usize).await?;
+                let slices = run_slices(mem, &runs)?;
+                chunk_crc(&table, &slices) == h.crc32.get()
+            }
+            Some(codec) => {
+                if data_bytes > u64::from(wire::MAX_CHUNK_PAYLOAD) {
+                    return Err(TransportError::TooLarge {
+                        field: "uncompressed chunk",
+                        len: data_bytes,
+                        limit: wire::MAX_CHUNK_PAYLOAD.into(),
+                    });
+                }
+                let n = payload_len as usize;
+                if cbuf.len() < n {
+                    cbuf.resize(n, 0);
+                }
+                let payload = &mut cbuf[..n];
+                stream
+                    .read_exact(payload)
+                    .await
+                    .map_err(|e| match e.kind() {
+                        std::io::ErrorKind::UnexpectedEof => TransportError::Malformed {
+                            what: "chunk frame",
+                            detail: format!("truncated inside the payload of chunk {seq}"),
+                        },
+                        _ => TransportError::io("reading a chunk payload", "data channel", e),
+                    })?;
+                let mut crc = crc32fast::Hasher::new();
+                crc.update(&table);
+                crc.update(payload);
+                if crc.finalize() != h.crc32.get() {
+                    false
+                } else {
+                    counters.compressed_chunks.fetch_add(1, Ordering::Relaxed);
+                    let payload = &*payload;
+                    let mut land =
+                        || land_compressed(&mut decoder, mem, seq, &runs, payload, codec);
+                    // Decompression is CPU work: keep it off the runtime's
+                    // other tasks where the runtime allows.
+                    match tokio::runtime::Handle::current().runtime_flavor() {
+                        tokio::runtime::RuntimeFlavor::MultiThread => {
+                            tokio::task::block_in_place(land)?
+                        }
+                        _ => land()?,
+                    }
+                }
+            }
         };
-        let status = if computed == h.crc32.get() {
+        let status = if landed {
             for r in runs.iter().filter(|r| r.zero) {
                 zero_run(mem, r)?;
             }
             counters
                 .payload_bytes
-                .fetch_add(payload_len, Ordering::Relaxed);
+                .fetch_add(data_bytes, Ordering::Relaxed);
             counters.pages.fetch_add(
                 runs.iter().map(|r| u64::from(r.pages)).sum(),
                 Ordering::Relaxed,
@@ -428,7 +578,6 @@ pub async fn receive_channel<M: GuestMem>(
             tracing::debug!(
                 seq,
                 expected = h.crc32.get(),
-                computed,
                 "CRC mismatch: asking the source to send the chunk again"
             );
             counters.crc_errors.fetch_add(1, Ordering::Relaxed);

@@ -33,6 +33,32 @@
 //!
 //! Ack frame: magic "FRYA" | status (u8) | 3 reserved | seq (u64)
 //! ```
+//!
+//! With [`FLAG_COMPRESSED`] (only on a channel whose migration negotiated the
+//! compression option) the payload is a [`CompressedHeader`], a segment table
+//! and one segment per non-zero run:
+//!
+//! ```text
+//!  0                   1                   2                   3
+//!  0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+//! +---------------+---------------+-------------------------------+
+//! |  codec id     |  reserved (0) |       segment_count (u16)     |  0
+//! +---------------+---------------+-------------------------------+
+//! |    uncompressed_len (u32): bytes of the non-zero runs         |  4
+//! +---------------------------------------------------------------+
+//! |    compressed_len (u32): segment table + segments             |  8
+//! +---------------------------------------------------------------+
+//! |    data_crc32 (u32): crc32fast of the uncompressed pages      | 12
+//! +---------------------------------------------------------------+
+//! |  segment_count x u32: segment length, bit 31 = stored raw     | 16
+//! +---------------------------------------------------------------+
+//! |  segments, in run order: one codec block per non-zero run     |
+//! +---------------------------------------------------------------+
+//! ```
+//!
+//! The header's `crc32` still covers run table + the whole payload as sent,
+//! so a damaged frame is refused (and resent) before any decompression; the
+//! `data_crc32` is checked over the pages as they landed.
 
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -54,6 +80,54 @@ pub const MAX_RUNS: u32 = 4096;
 pub const FLAG_COMPRESSED: u16 = 1;
 /// Run flag: the run's pages are all zero and have no payload.
 pub const RUN_ZERO: u32 = 1;
+/// Segment-table flag: the segment holds the run's bytes as they are
+/// (the codec did not shrink them).
+pub const SEGMENT_STORED: u32 = 1 << 31;
+
+/// A compression codec, by its wire id (0 is reserved as invalid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Codec {
+    /// LZ4 block format (`lz4_flex`), one block per segment.
+    Lz4 = 1,
+    /// Zstandard, one frame per segment.
+    Zstd = 2,
+}
+
+impl Codec {
+    /// Every codec this build knows.
+    pub const ALL: [Codec; 2] = [Codec::Lz4, Codec::Zstd];
+
+    /// Wire id.
+    pub fn id(self) -> u8 {
+        self as u8
+    }
+
+    /// Name used on the command line and in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Lz4 => "lz4",
+            Codec::Zstd => "zstd",
+        }
+    }
+
+    /// The codec with this wire id, or an error naming the unknown id.
+    pub fn from_id(id: u8) -> Result<Codec> {
+        Codec::ALL
+            .into_iter()
+            .find(|c| c.id() == id)
+            .ok_or_else(|| TransportError::Invalid {
+                field: "compression codec id",
+                detail: format!("unknown codec id {id} (this host knows 1 = lz4, 2 = zstd)"),
+            })
+    }
+}
+
+impl std::fmt::Display for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Kind of a chunk frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +176,165 @@ pub struct RunDesc {
     pub flags: U32,
 }
 const _: () = assert!(std::mem::size_of::<RunDesc>() == 16);
+
+/// Sub-header at the start of a compressed chunk's payload (16 bytes).
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct CompressedHeader {
+    /// [`Codec`] id.
+    pub codec: u8,
+    /// Zero.
+    pub reserved: u8,
+    /// Number of segments: one per non-zero run.
+    pub segment_count: U16,
+    /// Bytes the segments decompress to: must equal the non-zero runs' bytes.
+    pub uncompressed_len: U32,
+    /// Bytes after this sub-header: segment table and segments.
+    pub compressed_len: U32,
+    /// CRC32 (crc32fast) of the uncompressed pages, in run order.
+    pub data_crc32: U32,
+}
+const _: () = assert!(std::mem::size_of::<CompressedHeader>() == 16);
+
+/// One segment of a compressed payload, located and checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Offset of the segment's bytes in the payload.
+    pub offset: usize,
+    /// Its length.
+    pub len: usize,
+    /// Stored as-is rather than compressed.
+    pub stored: bool,
+}
+
+/// A compressed payload's sub-header and segments, checked against the runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompressedPayload {
+    /// The codec.
+    pub codec: Codec,
+    /// CRC32 of the uncompressed pages.
+    pub data_crc32: u32,
+    /// One per non-zero run, in run order.
+    pub segments: Vec<Segment>,
+}
+
+impl CompressedHeader {
+    /// Parses and checks a compressed payload: a known codec (and the one the
+    /// migration negotiated, when given), an uncompressed length equal to
+    /// `run_bytes` (so a frame cannot claim more output than its runs hold:
+    /// no decompression bombs), a compressed length equal to what follows
+    /// the sub-header, one segment per non-zero run, stored segments exactly
+    /// as long as their run, and segment lengths adding up.
+    ///
+    /// `data_runs` are the byte lengths of the frame's non-zero runs.
+    pub fn decode(
+        payload: &[u8],
+        data_runs: &[u64],
+        negotiated: Option<Codec>,
+    ) -> Result<CompressedPayload> {
+        let (h, _) =
+            CompressedHeader::read_from_prefix(payload).map_err(|_| TransportError::Malformed {
+                what: "compressed payload",
+                detail: format!("{} bytes, need at least 16", payload.len()),
+            })?;
+        let codec = Codec::from_id(h.codec)?;
+        if let Some(want) = negotiated {
+            if want != codec {
+                return Err(TransportError::Invalid {
+                    field: "compression codec id",
+                    detail: format!(
+                        "frame uses {codec} (id {}) but the migration negotiated {want} (id {})",
+                        codec.id(),
+                        want.id()
+                    ),
+                });
+            }
+        }
+        let run_bytes: u64 = data_runs.iter().sum();
+        let claimed = u64::from(h.uncompressed_len.get());
+        if claimed != run_bytes {
+            return Err(TransportError::Invalid {
+                field: "uncompressed length",
+                detail: format!(
+                    "compressed payload claims {claimed} bytes but its non-zero runs hold {run_bytes}"
+                ),
+            });
+        }
+        let after = payload.len() - 16;
+        if h.compressed_len.get() as usize != after {
+            return Err(TransportError::Invalid {
+                field: "compressed length",
+                detail: format!(
+                    "sub-header says {} bytes but {after} follow it",
+                    h.compressed_len.get()
+                ),
+            });
+        }
+        let n = usize::from(h.segment_count.get());
+        if n != data_runs.len() {
+            return Err(TransportError::Invalid {
+                field: "segment count",
+                detail: format!("{n} segments for {} non-zero runs", data_runs.len()),
+            });
+        }
+        let table_end = 16 + 4 * n;
+        let table = payload
+            .get(16..table_end)
+            .ok_or_else(|| TransportError::Malformed {
+                what: "compressed payload",
+                detail: format!("{n} segments need a {}-byte table", 4 * n),
+            })?;
+        let lens = <[U32]>::ref_from_bytes(table).map_err(|_| TransportError::Malformed {
+            what: "segment table",
+            detail: "not a whole number of u32".into(),
+        })?;
+        let mut segments = Vec::with_capacity(n);
+        let mut offset = table_end;
+        for (i, (raw, &run)) in lens.iter().zip(data_runs).enumerate() {
+            let stored = raw.get() & SEGMENT_STORED != 0;
+            let len = (raw.get() & !SEGMENT_STORED) as usize;
+            if len == 0 || (stored && len as u64 != run) {
+                return Err(TransportError::Invalid {
+                    field: "segment length",
+                    detail: format!(
+                        "segment {i} is {len} bytes{} for a run of {run} bytes",
+                        if stored { " stored" } else { "" }
+                    ),
+                });
+            }
+            let end = offset
+                .checked_add(len)
+                .filter(|&e| e <= payload.len())
+                .ok_or_else(|| TransportError::Invalid {
+                    field: "segment length",
+                    detail: format!(
+                        "segment {i} ({len} bytes at offset {offset}) runs past the {}-byte payload",
+                        payload.len()
+                    ),
+                })?;
+            segments.push(Segment {
+                offset,
+                len,
+                stored,
+            });
+            offset = end;
+        }
+        if offset != payload.len() {
+            return Err(TransportError::Invalid {
+                field: "segment length",
+                detail: format!(
+                    "segments end at {offset} but the payload is {} bytes",
+                    payload.len()
+                ),
+            });
+        }
+        Ok(CompressedPayload {
+            codec,
+            data_crc32: h.data_crc32.get(),
+            segments,
+        })
+    }
+}
 
 /// Ack status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,7 +546,14 @@ pub fn fuzz_decode(data: &[u8], layout: &MemoryLayout) {
         let rest = &data[32..];
         let table_len = (h.run_count.get() as usize) * 16;
         if rest.len() >= table_len {
-            let _ = decode_runs(&rest[..table_len], layout);
+            if let Ok((runs, _)) = decode_runs(&rest[..table_len], layout) {
+                let data: Vec<u64> = runs
+                    .iter()
+                    .filter(|r| !r.zero)
+                    .map(PageRun::bytes)
+                    .collect();
+                let _ = CompressedHeader::decode(&rest[table_len..], &data, None);
+            }
         }
     }
     let _ = AckFrame::decode(data);
