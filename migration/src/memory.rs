@@ -1,7 +1,14 @@
 //! Guest memory on both sides: `vm-memory`'s `GuestMemoryMmap`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ferry_ffi::vio::{self, Advice};
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+    MmapRegion,
+};
 
 use crate::error::{MigrationError, Result};
 use ferry_transport::{MemoryLayout, PAGE_SIZE};
@@ -74,8 +81,8 @@ pub fn source_memory(layout: &MemoryLayout) -> Result<SourceMemory> {
 pub fn dest_memory(layout: &MemoryLayout) -> Result<DestMemory> {
     let mem: DestMemory = map(layout)?;
     for r in mem.iter() {
-        if let Ok(s) = r.get_slice(vm_memory::MemoryRegionAddress(0), r.len() as usize) {
-            if let Err(e) = ferry_ffi::vio::advise(&s, ferry_ffi::vio::Advice::HugePages) {
+        if let Ok(s) = r.get_slice(MemoryRegionAddress(0), r.len() as usize) {
+            if let Err(e) = vio::advise(&s, Advice::HugePages) {
                 tracing::debug!("MADV_HUGEPAGE refused: {e}");
             }
         }
@@ -87,25 +94,31 @@ pub fn dest_memory(layout: &MemoryLayout) -> Result<DestMemory> {
 /// order (the order round 0 sends), so the receiver does not pay for page
 /// faults and zeroing on its critical path. Runs on its own thread; stops
 /// early when `stop` is set.
-pub fn populate_in_background(mem: std::sync::Arc<DestMemory>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
-    let _ = std::thread::Builder::new().name("populate".into()).spawn(move || {
-        const STEP: u64 = 32 << 20;
+pub fn populate_in_background(mem: Arc<DestMemory>, stop: Arc<AtomicBool>) {
+    const STEP: u64 = 32 << 20;
+    let populate = move || {
         for r in mem.iter() {
-            let mut off = 0;
-            while off < r.len() {
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for off in (0..r.len()).step_by(STEP as usize) {
+                if stop.load(Ordering::Relaxed) {
                     return;
                 }
-                let len = STEP.min(r.len() - off);
-                if let Ok(s) = r.get_slice(vm_memory::MemoryRegionAddress(off), len as usize) {
-                    if ferry_ffi::vio::advise(&s, ferry_ffi::vio::Advice::PopulateWrite).is_err() {
-                        return; // kernel without MADV_POPULATE_WRITE: faults happen on landing instead
-                    }
+                let len = STEP.min(r.len() - off) as usize;
+                let Ok(s) = r.get_slice(MemoryRegionAddress(off), len) else {
+                    return;
+                };
+                // A kernel without MADV_POPULATE_WRITE: pages fault in on landing instead.
+                if vio::advise(&s, Advice::PopulateWrite).is_err() {
+                    return;
                 }
-                off += len;
             }
         }
-    });
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("populate".into())
+        .spawn(populate)
+    {
+        tracing::debug!("no populate thread: {e}");
+    }
 }
 
 /// The dirty bitmap of a source region.
