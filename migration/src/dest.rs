@@ -28,9 +28,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_transport::auth::AuthKey;
+use ferry_transport::compress::CompressionSpec;
 use ferry_transport::conn::{negotiate, Conn};
 use ferry_transport::proto::{Accept, Msg, Offer, PerformanceOption, RejectReason, Role};
-use ferry_transport::tcp::{receive_channel, RecvCounters};
+use ferry_transport::tcp::{receive_channel_with, RecvCounters, RecvOptions};
+use ferry_transport::wire::Codec;
 use ferry_transport::wire::MAX_CHUNK_PAYLOAD;
 use ferry_transport::{MemoryLayout, TransportError};
 use serde::Serialize;
@@ -216,14 +218,21 @@ impl Destination {
                 format!("guest memory of {total} bytes is above this destination's --memory-limit of {} bytes", self.opts.memory_limit),
             ));
         }
-        if offer.option != PerformanceOption::Tcp {
-            return Err((
-                RejectReason::Option,
-                format!(
-                    "performance option {:?} is not available on this destination",
-                    offer.option
-                ),
-            ));
+        match offer.option {
+            PerformanceOption::Tcp => {}
+            PerformanceOption::Compression { codec, level } => {
+                let codec = Codec::from_id(codec)
+                    .map_err(|e| (RejectReason::Option, format!("compression option: {e}")))?;
+                CompressionSpec { codec, level }
+                    .validate()
+                    .map_err(|e| (RejectReason::Option, format!("compression option: {e}")))?;
+            }
+            other => {
+                return Err((
+                    RejectReason::Option,
+                    format!("performance option {other} is not available on this destination"),
+                ));
+            }
         }
         if offer.channels == 0 || offer.channels > 64 {
             return Err((
@@ -344,6 +353,13 @@ impl Receive<'_> {
     ) -> Result<(u64, u64, [u8; 16], String)> {
         let layout = Arc::new(self.offer.layout.clone());
         let counters = Arc::new(RecvCounters::default());
+        let recv_opts = RecvOptions {
+            codec: match self.offer.option {
+                // Validated before Accept: the id is known.
+                PerformanceOption::Compression { codec, .. } => Codec::from_id(codec).ok(),
+                _ => None,
+            },
+        };
         let mut channels = JoinSet::new();
         let mut opened = 0u16;
         let mut ended = 0u16;
@@ -356,7 +372,7 @@ impl Receive<'_> {
                 Some(stream) = streams.recv(), if opened < self.offer.channels => {
                     opened += 1;
                     let (l, m, c) = (layout.clone(), self.mem.clone(), counters.clone());
-                    channels.spawn(async move { receive_channel(stream, &l, &*m, &c).await });
+                    channels.spawn(async move { receive_channel_with(stream, &l, &*m, &c, recv_opts).await });
                 }
                 Some(done) = channels.join_next() => {
                     match done {

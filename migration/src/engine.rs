@@ -30,11 +30,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_ffi::vio;
+use ferry_transport::compress::{CompressConfig, CompressSender, CompressionSpec};
 use ferry_transport::conn::Conn;
 use ferry_transport::proto::{
     Msg, Offer, PerformanceOption, Role, Switchover, PROTOCOL_MAX, PROTOCOL_MIN,
 };
 use ferry_transport::tcp::TcpSender;
+use ferry_transport::wire::Codec;
 use ferry_transport::wire::MAX_RUNS;
 use ferry_transport::{
     auth::AuthKey, ChannelStats, Chunk, MemoryLayout, PageRun, Transport, TransportError, PAGE_SIZE,
@@ -63,6 +65,8 @@ pub struct SourceOptions {
     pub timeout: Duration,
     /// Performance option.
     pub option: PerformanceOption,
+    /// Compression option: worker threads.
+    pub compression_workers: usize,
 }
 
 impl Default for SourceOptions {
@@ -73,6 +77,7 @@ impl Default for SourceOptions {
             chunk_bytes: 4 << 20,
             timeout: Duration::from_secs(30),
             option: PerformanceOption::Tcp,
+            compression_workers: CompressConfig::default_workers(),
         }
     }
 }
@@ -211,6 +216,8 @@ pub struct Summary {
     pub bytes_on_wire: u64,
     /// Page bytes sent.
     pub payload_bytes: u64,
+    /// Page bytes per byte on the wire (above 1 when compression pays off).
+    pub compression_ratio: f64,
     /// Page bytes per second over the transfer (connect to final flush).
     pub throughput_bytes_per_sec: f64,
     /// Chunks sent again after a CRC mismatch.
@@ -248,6 +255,21 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
     pub async fn migrate(&self) -> Result<Summary> {
         let started = Instant::now();
         self.progress.set_phase(Phase::Connecting);
+        let compression = match self.opts.option {
+            PerformanceOption::Compression { codec, level } => {
+                let spec = CompressionSpec {
+                    codec: Codec::from_id(codec)?,
+                    level,
+                };
+                spec.validate()?;
+                Some(CompressConfig {
+                    spec,
+                    workers: self.opts.compression_workers.max(1),
+                    adaptive: true,
+                })
+            }
+            _ => None,
+        };
         let mut conn = Conn::new(
             connect(&self.to, self.opts.timeout).await?,
             self.opts.timeout,
@@ -275,17 +297,24 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             }
         };
         let data = open_data_channel(&self.to, accept.data_token, self.opts.timeout).await?;
-        let mut transport = TcpSender::new(data, self.mem.clone(), 0, self.opts.timeout);
         let mut run = Run {
             src: self,
             conn: &mut conn,
             paused_at: None,
             commit_sent: false,
         };
-        match run
-            .precopy_and_switch(&mut transport, &layout, started)
-            .await
-        {
+        let (mem, timeout) = (self.mem.clone(), self.opts.timeout);
+        let result = match compression {
+            Some(cfg) => match CompressSender::new(data, mem, 0, timeout, cfg) {
+                Ok(mut t) => run.precopy_and_switch(&mut t, &layout, started).await,
+                Err(e) => Err(e.into()),
+            },
+            None => {
+                let mut t = TcpSender::new(data, mem, 0, timeout);
+                run.precopy_and_switch(&mut t, &layout, started).await
+            }
+        };
+        match result {
             Ok(s) => {
                 self.progress.set_phase(Phase::Done);
                 Ok(s)
@@ -662,6 +691,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
         let channels = t.stats();
         let payload_bytes: u64 = rounds.iter().map(|r| r.bytes).sum();
+        let bytes_on_wire: u64 = channels.iter().map(|c| c.bytes_on_wire).sum();
         Ok(Summary {
             option: opts.option,
             memory_bytes: layout.total_bytes(),
@@ -670,8 +700,9 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             digest_ms,
             converge_reason: reason,
             rounds,
-            bytes_on_wire: channels.iter().map(|c| c.bytes_on_wire).sum(),
+            bytes_on_wire,
             payload_bytes,
+            compression_ratio: payload_bytes as f64 / bytes_on_wire.max(1) as f64,
             throughput_bytes_per_sec: payload_bytes as f64 / transfer_secs.max(1e-9),
             crc_resends: channels.iter().map(|c| c.crc_resends).sum(),
             digest: hex(&digest),

@@ -19,6 +19,7 @@ use ferry_migration::guest::{
 };
 use ferry_migration::memory::{default_layout, source_memory};
 use ferry_transport::auth::AuthKey;
+use ferry_transport::compress::{CompressConfig, CompressionSpec};
 use ferry_transport::proto::{PerformanceOption, DEFAULT_PORT};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::net::TcpListener;
@@ -44,18 +45,13 @@ enum Cmd {
     Demo(DemoArgs),
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum OptionArg {
     /// Plain TCP/IP.
     Tcp,
-}
-
-impl From<OptionArg> for PerformanceOption {
-    fn from(o: OptionArg) -> Self {
-        match o {
-            OptionArg::Tcp => PerformanceOption::Tcp,
-        }
-    }
+    /// Pages compressed on worker threads (codec from --compression), raw
+    /// whenever the link would otherwise wait for a core.
+    Compression,
 }
 
 #[derive(Debug, Args)]
@@ -110,9 +106,15 @@ struct EngineArgs {
     /// How long to wait for the peer before giving up.
     #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
     timeout: Duration,
-    /// Transport: tcp (compression and rdma come with their own work).
-    #[arg(long, value_enum, default_value_t = OptionArg::Tcp)]
+    /// Transport: compression (the default, as on Hyper-V) or plain tcp.
+    #[arg(long, value_enum, default_value_t = OptionArg::Compression)]
     performance_option: OptionArg,
+    /// Codec of the compression option: lz4, zstd or zstd:LEVEL (1-19).
+    #[arg(long, default_value = "zstd:1")]
+    compression: CompressionSpec,
+    /// Compression worker threads (default: one per core; they run niced).
+    #[arg(long)]
+    compression_threads: Option<usize>,
     /// Write a JSON summary here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -183,7 +185,18 @@ fn source_options(e: &EngineArgs) -> anyhow::Result<SourceOptions> {
         max_rounds: e.max_rounds.max(1),
         chunk_bytes,
         timeout: e.timeout,
-        option: e.performance_option.into(),
+        option: match e.performance_option {
+            OptionArg::Tcp => PerformanceOption::Tcp,
+            OptionArg::Compression => PerformanceOption::Compression {
+                codec: e.compression.codec.id(),
+                level: e.compression.level,
+            },
+        },
+        compression_workers: match e.compression_threads {
+            Some(0) => bail!("--compression-threads must be at least 1"),
+            Some(n) => n,
+            None => CompressConfig::default_workers(),
+        },
     })
 }
 
@@ -326,7 +339,7 @@ fn progress_bar(p: Arc<Progress>) -> tokio::task::JoinHandle<()> {
 
 fn print_summary(s: &Summary) {
     println!(
-        "migration committed: {} guest over {:?} in {:.2} s",
+        "migration committed: {} guest over {} in {:.2} s",
         units::human(s.memory_bytes),
         s.option,
         s.total_ms / 1e3
@@ -346,6 +359,17 @@ fn print_summary(s: &Summary) {
         units::human(s.bytes_on_wire),
         s.crc_resends
     );
+    if let PerformanceOption::Compression { .. } = s.option {
+        let sum =
+            |f: fn(&ferry_transport::ChannelStats) -> u64| s.channels.iter().map(f).sum::<u64>();
+        println!(
+            "  compression: {:.2}x page bytes per wire byte; chunks compressed {}, raw (incompressible) {}, raw (link would idle) {}",
+            s.compression_ratio,
+            sum(|c| c.compressed_chunks),
+            sum(|c| c.raw_incompressible_chunks),
+            sum(|c| c.raw_link_idle_chunks),
+        );
+    }
     println!("  digest {} verified on both sides", s.digest);
 }
 

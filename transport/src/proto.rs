@@ -65,9 +65,35 @@ pub enum PerformanceOption {
     /// Plain TCP/IP.
     Tcp,
     /// Compressed pages over TCP.
-    Compression,
+    Compression {
+        /// Codec wire id ([`crate::wire::Codec`]); kept as a raw id so that a
+        /// destination can name an id it does not know when it refuses it.
+        codec: u8,
+        /// Codec level (zstd: 1..=19; lz4: 0). Informational for the
+        /// destination, which decompresses any level.
+        level: i32,
+    },
     /// RDMA WRITE.
     Rdma,
+}
+
+impl std::fmt::Display for PerformanceOption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            PerformanceOption::Tcp => f.write_str("tcp"),
+            PerformanceOption::Compression { codec, level } => {
+                match crate::wire::Codec::from_id(codec) {
+                    Ok(c) => write!(
+                        f,
+                        "compression ({})",
+                        crate::compress::CompressionSpec { codec: c, level }
+                    ),
+                    Err(_) => write!(f, "compression (codec id {codec})"),
+                }
+            }
+            PerformanceOption::Rdma => f.write_str("rdma"),
+        }
+    }
 }
 
 /// Machine-readable reason of a rejection.
@@ -364,7 +390,11 @@ mod tests {
             },
             Msg::Auth { proof: [3; 32] },
             Msg::Welcome,
-            Msg::Offer(offer),
+            Msg::Offer(offer.clone()),
+            Msg::Offer(Offer {
+                option: PerformanceOption::Compression { codec: 2, level: 3 },
+                ..offer
+            }),
             Msg::Accept(Accept {
                 migration_id: 9,
                 data_token: [4; 32],
@@ -390,6 +420,17 @@ mod tests {
         for m in msgs {
             assert_eq!(roundtrip(&m), m);
         }
+    }
+
+    #[test]
+    fn options_display_their_codec() {
+        assert_eq!(PerformanceOption::Tcp.to_string(), "tcp");
+        let z = PerformanceOption::Compression { codec: 2, level: 1 };
+        assert_eq!(z.to_string(), "compression (zstd:1)");
+        let l = PerformanceOption::Compression { codec: 1, level: 0 };
+        assert_eq!(l.to_string(), "compression (lz4)");
+        let u = PerformanceOption::Compression { codec: 9, level: 0 };
+        assert_eq!(u.to_string(), "compression (codec id 9)");
     }
 
     #[test]

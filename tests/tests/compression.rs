@@ -1,0 +1,295 @@
+//! The compression performance option end to end: real `ferry` processes
+//! migrating a compressible guest, and a hostile source sending bad
+//! compressed frames or offers to a real destination.
+
+use std::time::Duration;
+
+use ferry_tests::{data_channel, key_file, listen, offer, Proc};
+use ferry_transport::auth::AuthKey;
+use ferry_transport::compress::{CompressionSpec, Encoder};
+use ferry_transport::conn::Conn;
+use ferry_transport::layout::PageRun;
+use ferry_transport::proto::{Accept, Msg, PerformanceOption, RejectReason};
+use ferry_transport::wire::{AckFrame, AckStatus, ChunkHeader, Codec, RunDesc, FLAG_COMPRESSED};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use zerocopy::IntoBytes;
+
+const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+fn key() -> AuthKey {
+    AuthKey::new(KEY.to_vec()).unwrap()
+}
+
+/// Text-like, compressible content with zero and random pages mixed in.
+fn image(pages: usize) -> Vec<u8> {
+    let words = [
+        "migration ",
+        "guest ",
+        "page ",
+        "memory ",
+        "ferry ",
+        "kernel ",
+    ];
+    let mut x = 0x1234_5678_9abc_def0u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut out = Vec::with_capacity(pages * 4096);
+    for p in 0..pages {
+        let mut page = Vec::with_capacity(4096);
+        match p % 10 {
+            0 | 1 | 2 => page.resize(4096, 0),
+            3 => (0..512).for_each(|_| page.extend_from_slice(&next().to_le_bytes())),
+            _ => {
+                while page.len() < 4096 {
+                    page.extend_from_slice(words[(next() % 6) as usize].as_bytes());
+                }
+                page.truncate(4096);
+            }
+        }
+        out.extend_from_slice(&page);
+    }
+    out
+}
+
+fn migrate(codec: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let k = key_file(dir.path(), "key", KEY);
+    let img = dir.path().join("guest.img");
+    std::fs::write(&img, image(8192)).unwrap();
+    let json = dir.path().join("summary.json");
+    let (dest, addr) = listen(&k, &[]);
+    let src = Proc::start(&[
+        "send",
+        "--to",
+        &addr.to_string(),
+        "--auth-key-file",
+        k.to_str().unwrap(),
+        "--memory",
+        "48MiB",
+        "--dirty-rate",
+        "0",
+        "--guest-image",
+        img.to_str().unwrap(),
+        "--performance-option",
+        "compression",
+        "--compression",
+        codec,
+        "--chunk-size",
+        "256KiB",
+        "--json",
+        json.to_str().unwrap(),
+    ])
+    .wait(Duration::from_secs(120));
+    let dest = dest.wait(Duration::from_secs(30));
+    assert!(src.status.success(), "source failed: {}", src.all());
+    assert!(dest.status.success(), "destination failed: {}", dest.all());
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(s["digest_verified"], true);
+    let digest = s["digest"].as_str().unwrap();
+    assert!(dest.stdout.contains(digest), "{}", dest.all());
+    assert!(
+        src.stdout.contains(&format!("over compression ({codec}")),
+        "{}",
+        src.all()
+    );
+    let c = &s["channels"][0];
+    let n = |f: &str| c[f].as_u64().unwrap();
+    // 30 % of the image is zero and never travels; every chunk with data
+    // went either compressed or raw for a stated reason.
+    assert!(
+        s["payload_bytes"].as_u64().unwrap() <= 8192 * 4096 * 7 / 10,
+        "{s}"
+    );
+    assert!(
+        n("compressed_chunks") + n("raw_incompressible_chunks") + n("raw_link_idle_chunks")
+            <= n("chunks"),
+        "{c}"
+    );
+    assert!(n("chunks") > 0);
+    let ratio = s["compression_ratio"].as_f64().unwrap();
+    if n("compressed_chunks") > n("chunks") / 2 {
+        assert!(ratio > 1.3, "mostly compressed, yet ratio {ratio}: {c}");
+    }
+}
+
+#[test]
+fn compression_option_migrates_with_lz4_and_zstd_and_verified_digest() {
+    migrate("lz4");
+    migrate("zstd:3");
+}
+
+/// Starts a real destination, runs `f` as a hostile source, returns what the
+/// destination printed.
+fn against_destination<F, Fut>(f: F) -> ferry_tests::Output
+where
+    F: FnOnce(std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let k = key_file(dir.path(), "key", KEY);
+    let (dest, addr) = listen(&k, &[]);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f(addr));
+    let out = dest.wait(Duration::from_secs(30));
+    assert!(!out.panicked(), "destination panicked: {}", out.all());
+    assert_eq!(out.status.code(), Some(1), "{}", out.all());
+    out
+}
+
+async fn session(addr: std::net::SocketAddr, option: PerformanceOption) -> (Conn, Msg) {
+    let mut c = Conn::new(
+        TcpStream::connect(addr).await.unwrap(),
+        Duration::from_secs(10),
+    );
+    c.client_handshake(&key()).await.unwrap();
+    let mut o = offer(1 << 20);
+    o.option = option;
+    c.send(&Msg::Offer(o)).await.unwrap();
+    let answer = c.recv("the answer to the offer").await.unwrap();
+    (c, answer)
+}
+
+#[test]
+fn unknown_codec_id_in_the_offer_is_rejected_with_the_reason() {
+    let out = against_destination(|addr| async move {
+        let (_, answer) =
+            session(addr, PerformanceOption::Compression { codec: 9, level: 0 }).await;
+        match answer {
+            Msg::Reject { reason, message } => {
+                assert_eq!(reason, RejectReason::Option);
+                assert!(message.contains("unknown codec id 9"), "{message}");
+            }
+            m => panic!("expected Reject, got {m:?}"),
+        }
+    });
+    assert!(out.stdout.contains("unknown codec id 9"), "{}", out.all());
+}
+
+/// A compressed frame for one 4-page run at guest address 0, with the
+/// sub-header fields given (codec id, claimed uncompressed size) and one
+/// segment; `fix` may damage the segment, after which the frame CRC is
+/// computed, so only the codec can notice.
+fn frame(codec_id: u8, claimed: u32, fix: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let run = PageRun {
+        gpa: 0,
+        pages: 4,
+        zero: false,
+    };
+    let pages: Vec<u8> = (0..4 * 4096u32).map(|i| (i / 64 % 7) as u8).collect();
+    let mut enc = Encoder::new(CompressionSpec {
+        codec: Codec::Zstd,
+        level: 1,
+    })
+    .unwrap();
+    let mut seg = vec![0u8; enc.bound(pages.len())];
+    let n = enc.compress(&pages, &mut seg).unwrap();
+    seg.truncate(n);
+    fix(&mut seg);
+    let mut payload = vec![codec_id, 0, 1, 0];
+    payload.extend_from_slice(&claimed.to_le_bytes());
+    payload.extend_from_slice(&(4 + seg.len() as u32).to_le_bytes());
+    payload.extend_from_slice(&crc32fast::hash(&pages).to_le_bytes());
+    payload.extend_from_slice(&(seg.len() as u32).to_le_bytes());
+    payload.extend_from_slice(&seg);
+    let table = [RunDesc::from_run(&run)];
+    let mut h = crc32fast::Hasher::new();
+    h.update(table.as_bytes());
+    h.update(&payload);
+    let header = ChunkHeader::pages(1, 0, 1, payload.len() as u32, FLAG_COMPRESSED, h.finalize());
+    let mut out = header.as_bytes().to_vec();
+    out.extend_from_slice(table.as_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Opens a zstd session, sends `f`, and waits for the destination to end it.
+fn bad_frame(f: Vec<u8>) -> ferry_tests::Output {
+    against_destination(|addr| async move {
+        let (mut c, answer) = session(
+            addr,
+            PerformanceOption::Compression {
+                codec: Codec::Zstd.id(),
+                level: 1,
+            },
+        )
+        .await;
+        let Msg::Accept(Accept { data_token, .. }) = answer else {
+            panic!("expected Accept, got {answer:?}")
+        };
+        let mut data = data_channel(addr, data_token).await;
+        data.write_all(&f).await.unwrap();
+        let end = c
+            .recv_within("the destination's abort", Duration::from_secs(20))
+            .await;
+        assert!(
+            end.is_err(),
+            "the destination must end the session: {end:?}"
+        );
+    })
+}
+
+#[test]
+fn a_well_formed_frame_lands_and_is_acknowledged() {
+    // The frame builder itself is right: only the damage below is refused.
+    against_destination(|addr| async move {
+        let (_c, answer) = session(
+            addr,
+            PerformanceOption::Compression {
+                codec: Codec::Zstd.id(),
+                level: 1,
+            },
+        )
+        .await;
+        let Msg::Accept(Accept { data_token, .. }) = answer else {
+            panic!("expected Accept, got {answer:?}")
+        };
+        let mut data = data_channel(addr, data_token).await;
+        data.write_all(&frame(Codec::Zstd.id(), 4 * 4096, |_| {}))
+            .await
+            .unwrap();
+        let mut ack = [0u8; 16];
+        data.read_exact(&mut ack).await.unwrap();
+        assert_eq!(AckFrame::decode(&ack).unwrap(), (1, AckStatus::Landed));
+    });
+}
+
+#[test]
+fn corrupt_compressed_payload_is_named() {
+    let out = bad_frame(frame(Codec::Zstd.id(), 4 * 4096, |seg| {
+        for b in seg.iter_mut().skip(4) {
+            *b ^= 0xa5;
+        }
+    }));
+    assert!(
+        out.stdout
+            .contains("the zstd segment of the run at 0x0 (4 pages) does not decompress"),
+        "{}",
+        out.all()
+    );
+}
+
+#[test]
+fn claimed_uncompressed_size_other_than_the_run_is_refused() {
+    let out = bad_frame(frame(Codec::Zstd.id(), 1 << 30, |_| {}));
+    assert!(
+        out.stdout.contains(
+            "compressed payload claims 1073741824 bytes but its non-zero runs hold 16384"
+        ),
+        "{}",
+        out.all()
+    );
+}
+
+#[test]
+fn unknown_codec_id_in_a_frame_is_named() {
+    let out = bad_frame(frame(7, 4 * 4096, |_| {}));
+    assert!(out.stdout.contains("unknown codec id 7"), "{}", out.all());
+}
