@@ -4,7 +4,9 @@
 #   1. one VM, loopback on one rxe device: the ffi rdma unit tests for real
 #      (FERRY_RDMA_TEST_ADDR set, so no test skips);             [--skip-loopback]
 #   2. two VMs, two rxe NICs each: rdma_selftest server in A, client in B,
-#      over both device pairs at once (MIB MiB per pair, default 64).
+#      over both device pairs at once (MIB MiB per pair, default 64);
+#   3. ferry-suite.sh: real `ferry` migrations over RDMA in two VMs (commit
+#      over both NICs, NIC failover, destination killed).
 # Exits 0 only if everything verified. Prints the MB/s figures.
 #
 #   ci/softroce/selftest.sh [--mib N] [--skip-loopback] [--out DIR]
@@ -60,6 +62,8 @@ if [ "$LOOP" = 1 ]; then
 fi
 echo "== two VMs, two soft-RoCE pairs: rdma_selftest ${MIB} MiB per pair =="
 bash "$HERE/vm.sh" --timeout 420 --out "$OUT/pairs" -- bash "$GUEST" || rc=1
+echo "== two VMs: ferry send --performance-option rdma (commit, failover, abort) =="
+bash "$HERE/ferry-suite.sh" --out "$OUT/ferry" || rc=1
 echo "== figures =="
 grep -h 'MB/s\|RESULT\|VERIFIED\|FAILED' "$OUT"/pairs/guest-*.log || true
 if [ "$rc" = 0 ]; then echo "softroce selftest: PASS"; else echo "softroce selftest: FAIL"; fi

@@ -227,6 +227,9 @@ impl Destination {
                     .validate()
                     .map_err(|e| (RejectReason::Option, format!("compression option: {e}")))?;
             }
+            #[cfg(feature = "rdma")]
+            PerformanceOption::Rdma => {}
+            #[cfg_attr(feature = "rdma", allow(unreachable_patterns))]
             other => {
                 return Err((
                     RejectReason::Option,
@@ -278,8 +281,29 @@ impl Destination {
         if let Err((reason, message)) = self.validate(&offer) {
             return Err(conn.reject(reason, message).await.into());
         }
+        // RDMA: the source's NICs follow the offer; ours must share a subnet
+        // with one of them (checked before anything is allocated).
+        #[cfg(feature = "rdma")]
+        let rdma_shared = if offer.option == PerformanceOption::Rdma {
+            match crate::rdma::dest_endpoints(&mut conn).await {
+                Ok(s) => Some(s),
+                Err((reason, message)) => return Err(conn.reject(reason, message).await.into()),
+            }
+        } else {
+            None
+        };
         // Validated: now, and only now, allocate.
         let mem = Arc::new(dest_memory(&offer.layout)?);
+        // RDMA: listeners on the shared NICs, guest memory registered once
+        // per device (a memlock failure is the rejection).
+        #[cfg(feature = "rdma")]
+        let rdma = match &rdma_shared {
+            Some(shared) => match crate::rdma::dest_prepare(&mem, &offer.layout, shared) {
+                Ok(r) => Some(r),
+                Err((reason, message)) => return Err(conn.reject(reason, message).await.into()),
+            },
+            None => None,
+        };
         let stop_populate = Arc::new(std::sync::atomic::AtomicBool::new(false));
         crate::memory::populate_in_background(mem.clone(), stop_populate.clone());
         let token = ferry_transport::auth::nonce();
@@ -300,6 +324,11 @@ impl Destination {
                 max_chunk: MAX_CHUNK_PAYLOAD,
             }))
             .await;
+        #[cfg(feature = "rdma")]
+        let accepted = match (&rdma, accepted) {
+            (Some(r), Ok(())) => conn.send(&Msg::RdmaAccept(r.accept().clone())).await,
+            (_, a) => a,
+        };
         let (mut writer, msgs) = conn.split();
         let result = match accepted {
             Ok(()) => {
@@ -308,6 +337,8 @@ impl Destination {
                     mem: &mem,
                     timeout: self.opts.timeout,
                     resume: &self.resume,
+                    #[cfg(feature = "rdma")]
+                    rdma: std::sync::Mutex::new(rdma),
                 }
                 .run(&mut writer, msgs, rx)
                 .await
@@ -341,6 +372,9 @@ struct Receive<'a> {
     mem: &'a Arc<DestMemory>,
     timeout: Duration,
     resume: &'a ResumeHook,
+    /// RDMA option: the prepared channels, taken when receiving starts.
+    #[cfg(feature = "rdma")]
+    rdma: std::sync::Mutex<Option<ferry_transport::rdma::RdmaReceiver<()>>>,
 }
 
 impl Receive<'_> {
@@ -353,6 +387,14 @@ impl Receive<'_> {
     ) -> Result<(u64, u64, [u8; 16], String)> {
         let layout = Arc::new(self.offer.layout.clone());
         let counters = Arc::new(RecvCounters::default());
+        // RDMA: every channel lands pages on its own; the task ends once each
+        // has sent its end frame (or was reported lost by the source).
+        #[cfg(feature = "rdma")]
+        let mut rdma_task = JoinSet::new();
+        #[cfg(feature = "rdma")]
+        if let Some(r) = self.rdma.lock().expect("rdma").take() {
+            rdma_task.spawn(r.receive(layout.clone(), self.mem.clone(), counters.clone(), self.timeout));
+        }
         let recv_opts = RecvOptions {
             codec: match self.offer.option {
                 // Validated before Accept: the id is known.
@@ -402,6 +444,20 @@ impl Receive<'_> {
                     }
                 }
             }
+        }
+        #[cfg(feature = "rdma")]
+        if let Ok(next) = tokio::time::timeout(self.timeout, rdma_task.join_next()).await {
+            match next {
+                Some(Ok(r)) => r?,
+                Some(Err(e)) => return Err(MigrationError::Guest(format!("RDMA receive task failed: {e}"))),
+                None => {}
+            }
+        } else {
+            return Err(TransportError::Timeout {
+                what: "the end frames of the RDMA channels",
+                after: self.timeout,
+            }
+            .into());
         }
         let sw = switchover.expect("loop ends with a switchover");
         let computed = crc32fast::hash(&sw.device_state);

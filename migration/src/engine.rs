@@ -270,6 +270,19 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             }
             _ => None,
         };
+        // RDMA: this host's RDMA NICs, found before anything is sent (none:
+        // a clear error, the guest untouched).
+        #[cfg(feature = "rdma")]
+        let rdma_endpoints = match self.opts.option {
+            PerformanceOption::Rdma => Some(crate::rdma::source_endpoints()?),
+            _ => None,
+        };
+        #[cfg(not(feature = "rdma"))]
+        if self.opts.option == PerformanceOption::Rdma {
+            return Err(MigrationError::Config(
+                "--performance-option rdma: this ferry was built without the rdma feature".into(),
+            ));
+        }
         let mut conn = Conn::new(
             connect(&self.to, self.opts.timeout).await?,
             self.opts.timeout,
@@ -283,6 +296,13 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             channels: 1,
         }))
         .await?;
+        #[cfg(feature = "rdma")]
+        if let Some(endpoints) = &rdma_endpoints {
+            conn.send(&Msg::RdmaOffer(ferry_transport::rdma_wire::RdmaOffer {
+                endpoints: endpoints.clone(),
+            }))
+            .await?;
+        }
         let accept = match conn.recv("the destination's answer to the offer").await? {
             Msg::Accept(a) => a,
             Msg::Reject { reason, message } => {
@@ -296,6 +316,42 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 .into())
             }
         };
+        #[cfg(feature = "rdma")]
+        if let Some(endpoints) = &rdma_endpoints {
+            let t = crate::rdma::open_source(
+                &mut conn,
+                &self.mem,
+                &layout,
+                endpoints,
+                self.opts.timeout,
+            )
+            .await;
+            let mut t = match t {
+                Ok(t) => t,
+                Err(e) => {
+                    conn.abort(&e.to_string()).await;
+                    return Err(e);
+                }
+            };
+            let mut run = Run {
+                src: self,
+                conn: &mut conn,
+                paused_at: None,
+                commit_sent: false,
+            };
+            let result = run.precopy_and_switch(&mut t, &layout, started).await;
+            if result.is_err() && !run.commit_sent {
+                let e = result.as_ref().err().map(ToString::to_string).unwrap_or_default();
+                run.conn.abort(&e).await;
+                if run.paused_at.is_some() {
+                    self.guest.resume()?;
+                }
+            }
+            if result.is_ok() {
+                self.progress.set_phase(Phase::Done);
+            }
+            return result;
+        }
         let data = open_data_channel(&self.to, accept.data_token, self.opts.timeout).await?;
         let mut run = Run {
             src: self,

@@ -6,6 +6,8 @@
 //! * [`guest`]: [`guest::GuestControl`] and the synthetic guest.
 //! * [`engine`]: the source (rounds, convergence, switchover).
 //! * [`dest`]: the destination (validation, landing, verification, commit).
+//! * `rdma` (feature `rdma`, on by default): the RDMA performance option's
+//!   set-up on both sides.
 //! * [`digest`]: the whole-memory digest compared before commit.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -17,5 +19,7 @@ pub mod engine;
 pub mod error;
 pub mod guest;
 pub mod memory;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 
 pub use error::{MigrationError, Result};

@@ -52,6 +52,13 @@ enum OptionArg {
     /// Pages compressed on worker threads (codec from --compression), raw
     /// whenever the link would otherwise wait for a core.
     Compression,
+    /// RDMA WRITE from registered guest memory straight into the
+    /// destination's, over every RDMA NIC pair on a shared subnet
+    /// (unencrypted; needs RLIMIT_MEMLOCK above the guest size).
+    Rdma,
+    /// rdma when both hosts have an RDMA NIC on a shared subnet, else
+    /// compression; says which it chose.
+    Auto,
 }
 
 #[derive(Debug, Args)]
@@ -187,10 +194,11 @@ fn source_options(e: &EngineArgs) -> anyhow::Result<SourceOptions> {
         timeout: e.timeout,
         option: match e.performance_option {
             OptionArg::Tcp => PerformanceOption::Tcp,
-            OptionArg::Compression => PerformanceOption::Compression {
+            OptionArg::Compression | OptionArg::Auto => PerformanceOption::Compression {
                 codec: e.compression.codec.id(),
                 level: e.compression.level,
             },
+            OptionArg::Rdma => PerformanceOption::Rdma,
         },
         compression_workers: match e.compression_threads {
             Some(0) => bail!("--compression-threads must be at least 1"),
@@ -282,7 +290,75 @@ async fn run_source(
     guest: &SyntheticGuest,
     e: &EngineArgs,
 ) -> anyhow::Result<Summary> {
-    let opts = source_options(e)?;
+    let mut opts = source_options(e)?;
+    // auto: try rdma when this host has an RDMA NIC; if the destination
+    // refuses the option (no RDMA NIC, no shared subnet), fall back to
+    // compression. Nothing has moved when it refuses.
+    let fallback = opts.option;
+    if e.performance_option == OptionArg::Auto {
+        match auto_rdma() {
+            Ok(()) => opts.option = PerformanceOption::Rdma,
+            Err(why) => eprintln!("ferry: auto: chose {fallback} ({why})"),
+        }
+    }
+    if opts.option == PerformanceOption::Rdma && e.performance_option == OptionArg::Auto {
+        let tried = run_source_with(to.clone(), key, guest, e, opts.clone()).await;
+        match tried {
+            Err(err) if is_option_rejected(&err) => {
+                eprintln!("ferry: auto: the destination refused rdma ({err:#}); chose {fallback}");
+                opts.option = fallback;
+            }
+            Ok(s) => {
+                eprintln!("ferry: auto: chose rdma");
+                return Ok(s);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    run_source_with(to, key, guest, e, opts).await
+}
+
+/// Whether this host could use RDMA (`--performance-option auto`).
+fn auto_rdma() -> Result<(), String> {
+    #[cfg(feature = "rdma")]
+    {
+        ferry_migration::rdma::source_endpoints()
+            .map(|_| ())
+            .map_err(|e| format!("no usable RDMA here: {e}"))
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        Err("this ferry was built without the rdma feature".into())
+    }
+}
+
+fn is_option_rejected(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<ferry_transport::TransportError>(),
+            Some(ferry_transport::TransportError::Rejected {
+                reason: ferry_transport::proto::RejectReason::Option,
+                ..
+            })
+        ) || matches!(
+            c.downcast_ref::<ferry_migration::MigrationError>(),
+            Some(ferry_migration::MigrationError::Transport(
+                ferry_transport::TransportError::Rejected {
+                    reason: ferry_transport::proto::RejectReason::Option,
+                    ..
+                }
+            ))
+        )
+    })
+}
+
+async fn run_source_with(
+    to: String,
+    key: &AuthKey,
+    guest: &SyntheticGuest,
+    e: &EngineArgs,
+    opts: SourceOptions,
+) -> anyhow::Result<Summary> {
     let dirty = BitmapDirtyLog::new(guest.memory().clone());
     let progress = Arc::new(Progress::default());
     let bar = progress_bar(progress.clone());

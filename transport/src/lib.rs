@@ -9,6 +9,10 @@
 //!   guest memory and the socket); [`compress`]: the compression option
 //!   (lz4/zstd on a worker pool, decompression straight into guest memory).
 //!
+//! * [`rdma_wire`]: what the RDMA option exchanges on the control
+//!   connection; `rdma` (feature `rdma`): its data path, RDMA WRITE from
+//!   registered source guest memory into registered destination memory.
+//!
 //! The transport knows nothing about VMs: it moves [`Chunk`]s of
 //! [`PageRun`]s out of a `vm-memory` guest memory and lands them in another.
 #![forbid(unsafe_code)]
@@ -29,6 +33,9 @@ pub mod conn;
 pub mod error;
 pub mod layout;
 pub mod proto;
+#[cfg(feature = "rdma")]
+pub mod rdma;
+pub mod rdma_wire;
 pub mod tcp;
 pub mod wire;
 

@@ -247,6 +247,12 @@ pub enum Msg {
         /// Why.
         reason: String,
     },
+    /// Follows an `Offer` whose option is RDMA: the source's RDMA NICs
+    /// (see [`crate::rdma_wire`]).
+    RdmaOffer(crate::rdma_wire::RdmaOffer),
+    /// Follows the `Accept` of an RDMA offer: the destination's listeners
+    /// and the keys of its registered guest memory.
+    RdmaAccept(crate::rdma_wire::RdmaAccept),
 }
 
 impl Msg {
@@ -266,6 +272,8 @@ impl Msg {
             Msg::Commit { .. } => "Commit",
             Msg::Committed => "Committed",
             Msg::Abort { .. } => "Abort",
+            Msg::RdmaOffer(_) => "RdmaOffer",
+            Msg::RdmaAccept(_) => "RdmaAccept",
         }
     }
 
@@ -416,6 +424,29 @@ mod tests {
             Msg::Commit { digest: [6; 16] },
             Msg::Committed,
             Msg::Abort { reason: "x".into() },
+            Msg::RdmaOffer(crate::rdma_wire::RdmaOffer {
+                endpoints: vec![crate::rdma_wire::RdmaEndpoint {
+                    addr: "10.77.10.2".parse().unwrap(),
+                    prefix: 24,
+                    device: "rxe0".into(),
+                    port: 0,
+                }],
+            }),
+            Msg::RdmaAccept(crate::rdma_wire::RdmaAccept {
+                channels: vec![crate::rdma_wire::RdmaChannel {
+                    endpoint: crate::rdma_wire::RdmaEndpoint {
+                        addr: "fd00::1".parse().unwrap(),
+                        prefix: 64,
+                        device: "mlx5_0".into(),
+                        port: 6601,
+                    },
+                    regions: vec![crate::rdma_wire::RdmaRegionKey {
+                        addr: 0x7f00_0000_0000,
+                        len: 1 << 20,
+                        rkey: 0x1234,
+                    }],
+                }],
+            }),
         ];
         for m in msgs {
             assert_eq!(roundtrip(&m), m);

@@ -148,6 +148,20 @@ fn event_name(t: &EventType) -> &'static str {
     }
 }
 
+/// A connection request kept for a later [`RdmaListener::accept`].
+struct QueuedEvent(Event);
+
+// SAFETY: an `Event` owns one `rdma_cm_event` that librdmacm allocated for
+// the caller; nothing else references it until it is acknowledged
+// (`rdma_ack_cm_event`, in `Event`'s Drop), and librdmacm allows reading
+// and acknowledging an event on any thread. A queued event is only moved
+// with its listener, never shared, so sending it to another thread is sound.
+unsafe impl Send for QueuedEvent {}
+// SAFETY: through `&QueuedEvent` only `Event`'s `&self` getters run, which
+// read fields of the `rdma_cm_event` that librdmacm never changes after
+// handing the event out; concurrent reads of immutable memory are sound.
+unsafe impl Sync for QueuedEvent {}
+
 /// A passive rdma_cm endpoint: accepts one [`RdmaConnection`] per incoming
 /// connection request.
 pub struct RdmaListener {
@@ -155,7 +169,7 @@ pub struct RdmaListener {
     id: Arc<Identifier>,
     chan: CmChannel,
     addr: SocketAddr,
-    pending: VecDeque<Event>,
+    pending: VecDeque<QueuedEvent>,
     opts: ConnectionOptions,
 }
 
@@ -217,22 +231,27 @@ impl RdmaListener {
     /// error); requests that arrive meanwhile are kept for later calls.
     pub async fn accept(&mut self) -> Result<RdmaConnection> {
         loop {
+            // Events are held as `QueuedEvent` so this future is Send.
             let ev = match self.pending.pop_front() {
                 Some(ev) => ev,
-                None => self.chan.next().await?,
+                None => QueuedEvent(self.chan.next().await?),
             };
-            if ev.event_type() != EventType::ConnectRequest {
+            if ev.0.event_type() != EventType::ConnectRequest {
                 // E.g. Disconnected/TimewaitExit of an earlier connection;
                 // dropping the event acknowledges it.
                 continue;
             }
-            let Some(id) = ev.cm_id() else { continue };
+            let Some(id) = ev.0.cm_id() else { continue };
             let mut conn = RdmaConnection::create(&id, &self.opts, self.addr)?;
             conn.make_ready(&id)?;
-            let mut param = ConnectionParameter::default();
-            param.setup_qp_number(conn.qp.qp_number());
-            id.accept(param)
-                .map_err(|e| RdmaError::verbs("rdma_accept", io_source(&e)))?;
+            // In a block: the parameter holds raw pointers (not Send) and
+            // must not live across the awaits below.
+            {
+                let mut param = ConnectionParameter::default();
+                param.setup_qp_number(conn.qp.qp_number());
+                id.accept(param)
+                    .map_err(|e| RdmaError::verbs("rdma_accept", io_source(&e)))?;
+            }
             drop(ev);
             // Wait for the RTU (Established) of *this* id; keep other
             // connection requests for later accepts.
@@ -246,8 +265,9 @@ impl RdmaListener {
                         status: -libc::ETIMEDOUT,
                         expected: "Established",
                     })??;
-                let ours = ev.cm_id().is_some_and(|e| Arc::ptr_eq(&e, &id));
-                match (ev.event_type(), ours) {
+                let ev = QueuedEvent(ev);
+                let ours = ev.0.cm_id().is_some_and(|e| Arc::ptr_eq(&e, &id));
+                match (ev.0.event_type(), ours) {
                     (EventType::ConnectRequest, _) => self.pending.push_back(ev),
                     (EventType::Established, true) => {
                         conn.id = Some(id);
@@ -257,7 +277,7 @@ impl RdmaListener {
                         return Err(RdmaError::Connect {
                             peer: self.addr,
                             event: format!("{t:?}"),
-                            status: ev.status(),
+                            status: ev.0.status(),
                             expected: "Established",
                         })
                     }
@@ -441,10 +461,14 @@ impl RdmaConnection {
         );
 
         let mut conn = RdmaConnection::create(&id, &opts, dst)?;
-        let mut param = ConnectionParameter::default();
-        param.setup_qp_number(conn.qp.qp_number());
-        id.connect(param)
-            .map_err(|e| RdmaError::verbs("rdma_connect", io_source(&e)))?;
+        // In a block: the parameter holds raw pointers (not Send) and must
+        // not live across an await, so that the future is Send.
+        {
+            let mut param = ConnectionParameter::default();
+            param.setup_qp_number(conn.qp.qp_number());
+            id.connect(param)
+                .map_err(|e| RdmaError::verbs("rdma_connect", io_source(&e)))?;
+        }
         drop(chan.expect(EventType::ConnectResponse, dst, t).await?);
         conn.modify(&id, QueuePairState::ReadyToReceive)?;
         conn.modify(&id, QueuePairState::ReadyToSend)?;

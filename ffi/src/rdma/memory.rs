@@ -10,7 +10,7 @@ use sideway::ibverbs::protection_domain::ProtectionDomain as SwPd;
 use sideway::ibverbs::AccessFlags;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::mmap::{GuestRegionMmap, MmapRegion};
-use vm_memory::VolatileSlice;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileSlice};
 
 use super::device::ProtectionDomain;
 use super::error::{RdmaError, Result};
@@ -73,6 +73,75 @@ unsafe impl<T: RdmaMemory> RdmaMemory for Arc<T> {
     }
     fn len(&self) -> usize {
         (**self).len()
+    }
+}
+
+/// One region of a shared `vm-memory` guest memory, registrable as RDMA
+/// memory: guest RAM that the rest of the program holds as
+/// `Arc<GuestMemoryMmap<B>>` (whose regions are not reachable as `Arc`s).
+///
+/// Holds the whole guest memory alive, so the region's mapping outlives any
+/// registration of it.
+pub struct GuestRegion<B: Bitmap + 'static> {
+    mem: Arc<GuestMemoryMmap<B>>,
+    index: usize,
+    gpa: u64,
+    // The mapping's address, as an integer so the type stays Send + Sync.
+    addr: usize,
+    len: usize,
+}
+
+impl<B: Bitmap + 'static> std::fmt::Debug for GuestRegion<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestRegion")
+            .field("index", &self.index)
+            .field("gpa", &format_args!("{:#x}", self.gpa))
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl<B: Bitmap + 'static> GuestRegion<B> {
+    /// Every region of `mem`, in the order `mem.iter()` lists them.
+    pub fn all(mem: &Arc<GuestMemoryMmap<B>>) -> Vec<GuestRegion<B>> {
+        mem.iter()
+            .enumerate()
+            .map(|(index, r)| GuestRegion {
+                mem: Arc::clone(mem),
+                index,
+                gpa: r.start_addr().0,
+                addr: MmapRegion::as_ptr(r) as usize,
+                len: r.size(),
+            })
+            .collect()
+    }
+    /// Guest physical address of the region's first byte.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+    /// Position of the region in its guest memory.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+    /// The guest memory the region belongs to.
+    pub fn memory(&self) -> &Arc<GuestMemoryMmap<B>> {
+        &self.mem
+    }
+}
+
+// SAFETY: `GuestMemoryMmap` keeps each region as an `Arc<GuestRegionMmap>`
+// in a collection that `&self` methods never change (adding or removing a
+// region builds a new collection), so the mapping at `addr..addr+len`,
+// read from that region when this value was built, stays mapped for as
+// long as `self.mem` lives, and `as_ptr`/`len` return fixed fields. The
+// bytes are reachable from safe code only through vm-memory's volatile
+// accessors.
+unsafe impl<B: Bitmap + Send + Sync + 'static> RdmaMemory for GuestRegion<B> {
+    fn as_ptr(&self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+    fn len(&self) -> usize {
+        self.len
     }
 }
 

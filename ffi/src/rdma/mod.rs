@@ -85,7 +85,7 @@ pub use device::{
     check_libraries, list_devices, Device, DeviceInfo, ProtectionDomain, LIBIBVERBS, LIBRDMACM,
 };
 pub use error::{RdmaError, Result};
-pub use memory::{Access, MemoryRegion, RdmaMemory, RemoteRegion, Segment};
+pub use memory::{Access, GuestRegion, MemoryRegion, RdmaMemory, RemoteRegion, Segment};
 
 /// A page-aligned anonymous buffer usable as [`RdmaMemory`] (tests, control
 /// message buffers): `vm-memory`'s owned anonymous mapping.

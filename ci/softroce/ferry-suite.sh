@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Ferry's RDMA performance option end to end on soft-RoCE: builds `ferry`
+# (release) on the host, then in ONE boot of two VMs with two rxe NICs each:
+#   1. commit: `ferry listen --once` in A, `ferry send --performance-option
+#      rdma` in B over both NIC pairs; fails unless it commits with the digest
+#      verified (both sides say so);
+#   2. failover: the same while B takes its NIC 1 down mid-migration; must
+#      still commit (the failed pair's chunks resent on NIC 0);
+#   3. abort: A's destination is killed mid-migration; the source must exit
+#      non-zero and say its guest keeps running.
+# Exits 0 only if all three hold. Takes about 2-4 minutes.
+#
+#   ci/softroce/ferry-suite.sh [--mib N] [--out DIR]
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+MIB=96
+OUT=${TMPDIR:-/tmp}/ferry-softroce-suite
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --mib) MIB=$2; shift 2 ;;
+        --out) OUT=$2; shift 2 ;;
+        *) echo "ferry-suite.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+done
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+cd "$ROOT"
+echo "== build ferry (release, host, feature rdma) =="
+cargo build --release -p ferry-migration --bin ferry
+FERRY=$CARGO_TARGET_DIR/release/ferry
+[ -x "$FERRY" ] || { echo "ferry-suite.sh: $FERRY not built" >&2; exit 1; }
+mkdir -p "$OUT"
+head -c 32 /dev/urandom | base64 > "$OUT/key"
+GUEST=$OUT/guest-suite.sh
+# A: destination; B: source. They step through the cases in lock step: B
+# waits for A's "ready-N" file (A listens), A waits for B's "done-N".
+cat > "$GUEST" <<GUEST_EOF
+#!/bin/bash
+set -u
+F="$FERRY"
+KEY="$OUT/key"
+COMMON="--auth-key-file \$KEY --timeout 20s"
+wait_for() { for i in \$(seq 1 600); do [ -e "\$OUT/\$1" ] && return 0; sleep 0.2; done; echo "timeout waiting for \$1"; return 1; }
+wait_for_line() { for i in \$(seq 1 600); do grep -q "\$2" "\$1" 2>/dev/null && return 0; sleep 0.2; done; echo "timeout waiting for \$2 in \$1"; return 1; }
+send() { # case, extra args...
+    local c=\$1; shift
+    wait_for ready-\$c || return 1
+    for i in 1 2 3 4 5; do
+        "\$F" send --to \$PEER0_ADDR:6600 \$COMMON --memory ${MIB}MiB --dirty-rate \${DIRTY:-2MB/s} \
+            --performance-option rdma --json "\$OUT/send-\$c.json" "\$@" > "\$OUT/send-\$c.log" 2>&1
+        rc=\$?
+        grep -q 'cannot connect' "\$OUT/send-\$c.log" || break
+        sleep 1
+    done
+    cat "\$OUT/send-\$c.log"
+    echo "SEND_RC case=\$c rc=\$rc"
+    touch "\$OUT/done-\$c"
+    return 0
+}
+listen() { # case
+    local c=\$1
+    "\$F" listen --listen \$NIC0_ADDR:6600 \$COMMON --once > "\$OUT/listen-\$c.log" 2>&1 &
+    LPID=\$!
+    sleep 1
+    touch "\$OUT/ready-\$c"
+}
+case "\$ROLE" in
+A)
+    ulimit -l unlimited
+    listen commit
+    wait \$LPID; echo "LISTEN_RC case=commit rc=\$?"; cat "\$OUT/listen-commit.log"
+    wait_for done-commit
+    listen failover
+    wait \$LPID; echo "LISTEN_RC case=failover rc=\$?"; cat "\$OUT/listen-failover.log"
+    wait_for done-failover
+    listen abort
+    # Kill the destination once pages are flowing.
+    wait_for_line "\$OUT/send-abort.log" "rdma: " && sleep 2
+    kill -9 \$LPID; echo "killed destination"
+    wait_for done-abort
+    exit 0 ;;
+B)
+    ulimit -l unlimited
+    send commit
+    # Failover: NIC 1 goes down a few seconds into the migration.
+    IF1=\$(ip -o addr show | awk -v a="\$NIC1_ADDR" '\$4 ~ "^"a"/" { print \$2 }')
+    rm -f "\$OUT/send-failover.log"
+    ( wait_for_line "\$OUT/send-failover.log" "rdma: 2 channel" && sleep 1; ip link set "\$IF1" down; echo "took \$IF1 down" ) &
+    send failover
+    wait
+    ip link set "\$IF1" up
+    sleep 2
+    DIRTY=8MB/s send abort --downtime-limit 1ms --max-rounds 30
+    exit 0 ;;
+esac
+GUEST_EOF
+chmod +x "$GUEST"
+rm -f "$OUT"/ready-* "$OUT"/done-* "$OUT"/send-* "$OUT"/listen-*
+rc=0
+bash "$HERE/vm.sh" --timeout 420 --out "$OUT" -- bash "$GUEST" || rc=1
+
+check() { # description, condition command...
+    local what=$1; shift
+    if "$@"; then echo "PASS $what"; else echo "FAIL $what"; rc=1; fi
+}
+committed() { # case
+    grep -q "SEND_RC case=$1 rc=0" "$OUT/guest-B.log" &&
+        grep -q '"digest_verified": true' "$OUT/send-$1.json" &&
+        grep -q "committed: .*digest .* verified" "$OUT/listen-$1.log"
+}
+echo "== ferry RDMA suite =="
+check "rdma migration over both NIC pairs commits, digest verified" committed commit
+check "both RDMA channels carried pages" \
+    python3 -c "import json,sys; s=json.load(open('$OUT/send-commit.json')); c=s['channels']; sys.exit(0 if len(c)==2 and all(x['payload_bytes']>0 for x in c) else 1)"
+check "NIC 1 down mid-migration: fails over, commits, digest verified" committed failover
+check "failover: the lost channel was reported" grep -q "RDMA channel .* failed" "$OUT/send-failover.log"
+check "destination killed: source exits non-zero" grep -q "SEND_RC case=abort rc=[1-9]" "$OUT/guest-B.log"
+check "destination killed: source says its guest keeps running" grep -q "guest keeps running" "$OUT/send-abort.log"
+grep -h "throughput\|MB/s\|rdma:" "$OUT"/send-commit.log 2>/dev/null | head -5 || true
+if [ "$rc" = 0 ]; then echo "ferry RDMA suite: PASS"; else echo "ferry RDMA suite: FAIL"; fi
+exit $rc

@@ -1,0 +1,172 @@
+//! The RDMA performance option, both sides (feature `rdma`): which NICs,
+//! the checks made before any page moves, and the set-up around
+//! `ferry_transport::rdma`.
+//!
+//! Order of events (see docs/protocol.md, "RDMA"):
+//! * source: finds its RDMA NICs **before connecting** (none: a clear
+//!   error, nothing sent); sends `Offer` then `RdmaOffer`;
+//! * destination: finds its own, keeps those on a subnet shared with the
+//!   source (none: `Reject(Option)` before any memory is allocated), then
+//!   allocates, binds listeners, registers guest memory once per device
+//!   (memlock failure: `Reject(Option)` naming the limit and the fix), and
+//!   answers `Accept` then `RdmaAccept`;
+//! * source: checks the region keys against its layout, registers its
+//!   memory once per device and connects one queue pair per device pair.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_transport::conn::Conn;
+use ferry_transport::proto::{Msg, RejectReason};
+use ferry_transport::rdma::{local_endpoints, RdmaReceiver, RdmaSender};
+use ferry_transport::rdma_wire::{check_offer, shared_endpoints, RdmaEndpoint, RdmaOffer};
+use ferry_transport::{MemoryLayout, TransportError};
+use vm_memory::bitmap::AtomicBitmap;
+
+use crate::error::{MigrationError, Result};
+use crate::memory::{DestMemory, SourceMemory};
+
+/// The source's RDMA endpoints, or why `--performance-option rdma` cannot
+/// run here (said before anything is sent).
+pub fn source_endpoints() -> Result<Vec<RdmaEndpoint>> {
+    let eps = local_endpoints().map_err(|e| {
+        MigrationError::Config(format!("--performance-option rdma: this host cannot do RDMA: {e}"))
+    })?;
+    if eps.is_empty() {
+        return Err(MigrationError::Config(
+            "--performance-option rdma: this host has RDMA devices but none with an IPv4 \
+             address (RoCE GID) on a configured interface"
+                .into(),
+        ));
+    }
+    Ok(eps)
+}
+
+/// Source: after `Accept`, reads the destination's `RdmaAccept` and
+/// connects every channel.
+pub async fn open_source(
+    conn: &mut Conn,
+    mem: &Arc<SourceMemory>,
+    layout: &MemoryLayout,
+    local: &[RdmaEndpoint],
+    timeout: Duration,
+) -> Result<RdmaSender<AtomicBitmap>> {
+    let accept = match conn.recv("the destination's RDMA channels").await? {
+        Msg::RdmaAccept(a) => a,
+        m => {
+            return Err(TransportError::Unexpected {
+                expected: "RdmaAccept",
+                got: m.name().into(),
+            }
+            .into())
+        }
+    };
+    let t = RdmaSender::connect(mem, layout, local, &accept, timeout).await?;
+    eprintln!(
+        "ferry: rdma: {} channel(s): {}",
+        t.live_channels(),
+        t.channel_names().join(", ")
+    );
+    Ok(t)
+}
+
+/// Destination: reads the `RdmaOffer` that follows an RDMA offer and picks
+/// this host's endpoints on subnets the source shares. Errors are the
+/// rejection to send.
+pub async fn dest_endpoints(
+    conn: &mut Conn,
+) -> std::result::Result<Vec<RdmaEndpoint>, (RejectReason, String)> {
+    let offer = match conn.recv("the source's RDMA endpoints").await {
+        Ok(Msg::RdmaOffer(o)) => o,
+        Ok(m) => {
+            return Err((
+                RejectReason::BadOffer,
+                format!("expected RdmaOffer after an RDMA offer, got {}", m.name()),
+            ))
+        }
+        Err(e) => return Err((RejectReason::BadOffer, e.to_string())),
+    };
+    pick_shared(&offer, local_endpoints())
+}
+
+fn pick_shared(
+    offer: &RdmaOffer,
+    ours: std::result::Result<Vec<RdmaEndpoint>, ferry_ffi::rdma::RdmaError>,
+) -> std::result::Result<Vec<RdmaEndpoint>, (RejectReason, String)> {
+    check_offer(offer).map_err(|e| (RejectReason::BadOffer, e.to_string()))?;
+    let ours = ours.map_err(|e| {
+        (
+            RejectReason::Option,
+            format!("performance option rdma: the destination cannot do RDMA: {e}"),
+        )
+    })?;
+    let shared = shared_endpoints(&ours, &offer.endpoints);
+    if shared.is_empty() {
+        let list = |v: &[RdmaEndpoint]| {
+            v.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err((
+            RejectReason::Option,
+            format!(
+                "performance option rdma: no RDMA NIC of the destination [{}] shares a subnet \
+                 with one of the source's [{}]",
+                list(&ours),
+                list(&offer.endpoints)
+            ),
+        ));
+    }
+    Ok(shared)
+}
+
+/// Destination: binds listeners and registers guest memory; errors are the
+/// rejection to send (e.g. the memlock limit, named with its fix).
+pub fn dest_prepare(
+    mem: &Arc<DestMemory>,
+    layout: &MemoryLayout,
+    shared: &[RdmaEndpoint],
+) -> std::result::Result<RdmaReceiver<()>, (RejectReason, String)> {
+    RdmaReceiver::prepare(mem, layout, shared).map_err(|e| {
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg = format!("{msg}: {s}");
+            src = s.source();
+        }
+        (RejectReason::Option, msg)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_ffi::rdma::RdmaError;
+
+    fn ep(a: &str) -> RdmaEndpoint {
+        RdmaEndpoint {
+            addr: a.parse().unwrap(),
+            prefix: 24,
+            device: "rxe0".into(),
+            port: 0,
+        }
+    }
+
+    #[test]
+    fn destination_without_rdma_or_shared_subnet_rejects_the_option() {
+        let offer = RdmaOffer {
+            endpoints: vec![ep("10.77.10.2")],
+        };
+        let (r, m) = pick_shared(&offer, Err(RdmaError::NoDevice)).unwrap_err();
+        assert_eq!(r, RejectReason::Option);
+        assert!(m.contains("no RDMA device"), "{m}");
+        let (r, m) = pick_shared(&offer, Ok(vec![ep("192.168.1.1")])).unwrap_err();
+        assert_eq!(r, RejectReason::Option);
+        assert!(m.contains("shares a subnet"), "{m}");
+        assert_eq!(
+            pick_shared(&offer, Ok(vec![ep("192.168.1.1"), ep("10.77.10.1")])).unwrap(),
+            vec![ep("10.77.10.1")]
+        );
+    }
+}

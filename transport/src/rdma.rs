@@ -1,0 +1,1282 @@
+//! The RDMA performance option's data path (feature `rdma`).
+//!
+//! Zero-copy page registration: every guest memory region is registered
+//! once per RDMA device on each side (no per-page or per-round
+//! registration, no bounce buffers). The destination registers its regions
+//! for remote write before it answers the offer and sends their addresses
+//! and rkeys in [`RdmaAccept`]; the source registers its regions for local
+//! read on each device it connects from.
+//!
+//! One RC queue pair per device pair ("channel"). For each chunk the source
+//! posts one RDMA WRITE per non-zero run, straight from its guest memory
+//! into the destination's, many in flight, then a SEND carrying the chunk's
+//! descriptor: the 32-byte chunk header of [`crate::wire`] and its run table
+//! (zero runs included, so zero pages never travel as data). An RC queue
+//! pair executes requests in order, so when the descriptor's receive
+//! completes at the destination, every write before it has landed. The
+//! destination checks the runs against the layout, zeroes the zero runs
+//! and answers with a SEND of a 16-byte ack frame. Completions on both
+//! sides come through tokio's `AsyncFd` on the completion channel (see
+//! `ferry_ffi::rdma`); nothing busy-polls.
+//!
+//! Channels: [`RdmaSender`] stripes chunks over every channel (the next
+//! chunk goes to a channel with a free descriptor slot, round robin). A
+//! channel that fails (error completion, peer gone, no completion for the
+//! timeout) is closed at once — disconnected and its queue pair destroyed,
+//! so nothing more of it can land — and its unacknowledged chunks are sent
+//! again on the others. The migration fails only when none is left. At the
+//! end every live channel sends an end frame whose `seq` is the mask of the
+//! channels the source lost, so the destination stops waiting for them.
+//!
+//! Seam: this keeps its own striping because the RDMA channels share one
+//! completion-driven loop; a per-channel `RdmaChannelSender` under the
+//! generic multichannel scheduler would be the alternative.
+//!
+//! RDMA data is not encrypted and carries no CRC (the NIC's ICRC covers
+//! the wire; the whole-memory digest before commit covers the rest).
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use ferry_ffi::rdma::{
+    anon_buffer, list_devices, Access, AnonBuffer, Completion, ConnectionOptions, GuestRegion,
+    MemoryRegion, RdmaConnection, RdmaError, RdmaListener, RemoteRegion, Segment, WorkKind,
+    WriteOp,
+};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
+use zerocopy::IntoBytes;
+
+use crate::error::{Result, TransportError};
+use crate::layout::{MemoryLayout, PageRun};
+use crate::rdma_wire::{
+    check_accept, pair_channels, RdmaAccept, RdmaChannel, RdmaEndpoint, RdmaRegionKey,
+    MAX_RDMA_CHANNELS,
+};
+use crate::tcp::{zero_run, RecvCounters};
+use crate::wire::{self, AckFrame, AckStatus, ChunkHeader, ChunkKind, RunDesc, MAX_RUNS};
+use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
+
+/// Largest descriptor: chunk header and a full run table.
+pub const DESC_BYTES: usize = 32 + MAX_RUNS as usize * 16;
+/// Chunks in flight per channel (their descriptors not yet acknowledged).
+pub const DESC_SLOTS: usize = 16;
+/// Receives the destination keeps posted per channel.
+const RECV_SLOTS: usize = 2 * DESC_SLOTS;
+/// Ack sends the destination may have in flight per channel.
+const ACK_SLOTS: usize = RECV_SLOTS;
+const ACK_BYTES: usize = 16;
+/// First rdma_cm port a destination listener tries; it takes the first free
+/// one of [`PORT_TRIES`].
+pub const PORT_BASE: u16 = 6601;
+const PORT_TRIES: u16 = 64;
+/// `seq` of the ack that answers an end frame.
+const END_ACK: u64 = u64::MAX;
+
+const WR_WRITE: u64 = 0;
+const WR_DESC: u64 = 1 << 62;
+const WR_ACK: u64 = 2 << 62;
+const WR_KIND: u64 = 3 << 62;
+const WR_SLOT: u64 = (1 << 32) - 1;
+
+fn conn_options() -> ConnectionOptions {
+    ConnectionOptions {
+        max_send_wr: 256,
+        max_recv_wr: 64,
+        max_send_sge: 1,
+        max_recv_sge: 1,
+        cm_timeout: Duration::from_secs(5),
+    }
+}
+
+fn rdma_err(context: impl Into<String>, e: RdmaError) -> TransportError {
+    TransportError::Io {
+        context: context.into(),
+        source: io::Error::other(e),
+    }
+}
+
+/// This host's RDMA endpoints: for every RDMA device, each IPv4 address in
+/// its RoCE GID table, with the prefix of the connected route of the
+/// device's netdev (`/proc/net/route`).
+///
+/// # Errors
+/// The [`RdmaError`] of [`list_devices`] when this host has no usable RDMA
+/// (its [`RdmaError::is_unavailable`] is true), so callers can say why.
+pub fn local_endpoints() -> std::result::Result<Vec<RdmaEndpoint>, RdmaError> {
+    let names: Vec<String> = list_devices()?.into_iter().map(|d| d.name).collect();
+    let routes = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    Ok(endpoints_from_sysfs(
+        Path::new("/sys/class/infiniband"),
+        &routes,
+        &names,
+    ))
+}
+
+/// [`local_endpoints`] over a given sysfs root and route table (tests).
+pub fn endpoints_from_sysfs(root: &Path, routes: &str, devices: &[String]) -> Vec<RdmaEndpoint> {
+    let mut out: Vec<RdmaEndpoint> = Vec::new();
+    for dev in devices {
+        let Ok(ports) = std::fs::read_dir(root.join(dev).join("ports")) else {
+            continue;
+        };
+        let mut ports: Vec<_> = ports.flatten().map(|p| p.path()).collect();
+        ports.sort();
+        for port in ports {
+            let Ok(gids) = std::fs::read_dir(port.join("gids")) else {
+                continue;
+            };
+            let mut gids: Vec<_> = gids.flatten().map(|g| g.file_name()).collect();
+            gids.sort();
+            for g in gids {
+                let Ok(text) = std::fs::read_to_string(port.join("gids").join(&g)) else {
+                    continue;
+                };
+                let Ok(gid) = text.trim().parse::<Ipv6Addr>() else {
+                    continue;
+                };
+                let Some(v4) = gid.to_ipv4_mapped() else {
+                    continue;
+                };
+                if v4.is_unspecified() || out.iter().any(|e| e.addr == IpAddr::V4(v4)) {
+                    continue;
+                }
+                let ndev = std::fs::read_to_string(port.join("gid_attrs/ndevs").join(&g))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default();
+                out.push(RdmaEndpoint {
+                    addr: IpAddr::V4(v4),
+                    prefix: route_prefix(routes, &ndev, v4),
+                    device: dev.clone(),
+                    port: 0,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Prefix of the longest connected (gateway 0) route of `iface` that holds
+/// `addr`, from `/proc/net/route` text (hex fields in host byte order, as
+/// the kernel prints them on little-endian hosts); 0 when there is none.
+fn route_prefix(routes: &str, iface: &str, addr: Ipv4Addr) -> u8 {
+    let a = u32::from_le_bytes(addr.octets());
+    routes
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 8 || f[0] != iface {
+                return None;
+            }
+            let dst = u32::from_str_radix(f[1], 16).ok()?;
+            let gw = u32::from_str_radix(f[2], 16).ok()?;
+            let mask = u32::from_str_radix(f[7], 16).ok()?;
+            (gw == 0 && mask != 0 && a & mask == dst).then(|| mask.count_ones() as u8)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Guest regions in layout order (the layout is sorted by address; the
+/// memory's own order need not be).
+fn regions_in_layout_order<B: Bitmap + Send + Sync + 'static>(
+    mem: &Arc<GuestMemoryMmap<B>>,
+    layout: &MemoryLayout,
+) -> Result<Vec<GuestRegion<B>>> {
+    let mut all: Vec<Option<GuestRegion<B>>> = GuestRegion::all(mem).into_iter().map(Some).collect();
+    layout
+        .regions
+        .iter()
+        .map(|r| {
+            all.iter_mut()
+                .find(|g| g.as_ref().is_some_and(|g| g.gpa() == r.gpa))
+                .and_then(Option::take)
+                .ok_or(TransportError::Invalid {
+                    field: "memory layout",
+                    detail: format!("no guest region at {:#x}", r.gpa),
+                })
+        })
+        .collect()
+}
+
+/// Index of the layout region holding `gpa` and the offset into it.
+fn locate(layout: &MemoryLayout, gpa: u64) -> Option<(usize, u64)> {
+    let i = layout.regions.partition_point(|r| r.gpa <= gpa).checked_sub(1)?;
+    let r = &layout.regions[i];
+    (gpa - r.gpa < r.size).then_some((i, gpa - r.gpa))
+}
+
+/// Registers every region once on the device of `pd_of` (cached by device
+/// name in `cache`).
+fn register_all<B: Bitmap + Send + Sync + 'static>(
+    mem: &Arc<GuestMemoryMmap<B>>,
+    layout: &MemoryLayout,
+    device: &str,
+    register: impl Fn(GuestRegion<B>) -> std::result::Result<Arc<MemoryRegion<GuestRegion<B>>>, RdmaError>,
+) -> Result<Vec<Arc<MemoryRegion<GuestRegion<B>>>>> {
+    regions_in_layout_order(mem, layout)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let len = layout.regions[i].size;
+            register(g).map_err(|e| {
+                rdma_err(
+                    format!("cannot register guest memory region {i} ({len} bytes) on RDMA device {device}"),
+                    e,
+                )
+            })
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------- source
+
+type GuestMr<B> = Arc<MemoryRegion<GuestRegion<B>>>;
+
+struct Pair<B: Bitmap + 'static> {
+    index: usize,
+    name: String,
+    conn: Option<RdmaConnection>,
+    local: Arc<Vec<GuestMr<B>>>,
+    remote: Vec<RemoteRegion>,
+    desc: Arc<MemoryRegion<AnonBuffer>>,
+    acks: Arc<MemoryRegion<AnonBuffer>>,
+    free: Vec<usize>,
+    unacked: HashMap<u64, (Chunk, usize)>,
+    end_sent: bool,
+    end_acked: bool,
+    wcs: Vec<Completion>,
+    stats: ChannelStats,
+}
+
+impl<B: Bitmap + Send + Sync + 'static> Pair<B> {
+    fn alive(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    fn busy(&self) -> bool {
+        self.alive() && (!self.unacked.is_empty() || (self.end_sent && !self.end_acked))
+    }
+
+    /// Waits for this pair's next completions (bounded by `timeout`) and
+    /// handles them.
+    async fn reap(&mut self, timeout: Duration) -> std::result::Result<(), String> {
+        let conn = self.conn.as_mut().ok_or("closed")?;
+        match tokio::time::timeout(timeout, conn.poll_completions(&mut self.wcs)).await {
+            Ok(Ok(_)) => self.process(),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no completion for {timeout:?}")),
+        }
+    }
+
+    /// Handles the completions in `self.wcs`: frees the descriptor slot of
+    /// every acknowledged chunk and posts the ack's receive again.
+    fn process(&mut self) -> std::result::Result<(), String> {
+        for c in std::mem::take(&mut self.wcs) {
+            if let Err(e) = c.ok() {
+                return Err(e.to_string());
+            }
+            if c.wr_id & WR_KIND != WR_ACK || c.kind != WorkKind::Recv {
+                continue;
+            }
+            let slot = (c.wr_id & WR_SLOT) as usize;
+            let mut buf = [0u8; ACK_BYTES];
+            self.acks
+                .as_volatile_slice()
+                .read_slice(&mut buf, slot * ACK_BYTES)
+                .map_err(|e| format!("reading ack slot {slot}: {e}"))?;
+            let (seq, status) = AckFrame::decode(&buf[..c.byte_len as usize])
+                .map_err(|e| e.to_string())?;
+            if status != AckStatus::Landed {
+                return Err(format!("destination refused chunk {seq}: {status:?}"));
+            }
+            if seq == END_ACK {
+                self.end_acked = true;
+            } else if let Some((_, dslot)) = self.unacked.remove(&seq) {
+                self.free.push(dslot);
+                self.stats.chunks += 1;
+            } else {
+                return Err(format!("ack for chunk {seq}, which is not in flight here"));
+            }
+            let seg = Segment::new(&self.acks, slot * ACK_BYTES, ACK_BYTES)
+                .map_err(|e| e.to_string())?;
+            self.conn
+                .as_mut()
+                .ok_or("closed")?
+                .post_recv(&[seg], WR_ACK | slot as u64)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Writes a descriptor into a free slot and posts its SEND.
+    fn post_descriptor(&mut self, slot: usize, bytes: &[u8]) -> std::result::Result<(), String> {
+        let off = slot * DESC_BYTES;
+        self.desc
+            .as_volatile_slice()
+            .write_slice(bytes, off)
+            .map_err(|e| format!("writing descriptor slot {slot}: {e}"))?;
+        let seg = Segment::new(&self.desc, off, bytes.len()).map_err(|e| e.to_string())?;
+        self.conn
+            .as_mut()
+            .ok_or("closed")?
+            .post_send(&[seg], WR_DESC | slot as u64)
+            .map_err(|e| e.to_string())?;
+        self.stats.bytes_on_wire += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Posts a chunk: one WRITE per non-zero run, then its descriptor.
+    async fn post_chunk(
+        &mut self,
+        chunk: Chunk,
+        layout: &MemoryLayout,
+        timeout: Duration,
+    ) -> std::result::Result<(), (Chunk, String)> {
+        let Some(slot) = self.free.pop() else {
+            return Err((chunk, "no free descriptor slot".into()));
+        };
+        match self.post_chunk_in(&chunk, slot, layout, timeout).await {
+            Ok(()) => {
+                self.unacked.insert(chunk.seq, (chunk, slot));
+                Ok(())
+            }
+            Err(e) => {
+                self.free.push(slot);
+                Err((chunk, e))
+            }
+        }
+    }
+
+    async fn post_chunk_in(
+        &mut self,
+        chunk: &Chunk,
+        slot: usize,
+        layout: &MemoryLayout,
+        timeout: Duration,
+    ) -> std::result::Result<(), String> {
+        let data: Vec<&PageRun> = chunk.runs.iter().filter(|r| !r.zero).collect();
+        let mut i = 0;
+        while i < data.len() {
+            // Keep one send slot for the descriptor.
+            let room = self
+                .conn
+                .as_ref()
+                .ok_or("closed")?
+                .send_capacity()
+                .saturating_sub(1) as usize;
+            if room == 0 {
+                self.reap(timeout).await?;
+                continue;
+            }
+            let batch = &data[i..data.len().min(i + room.min(64))];
+            let mut segs = Vec::with_capacity(batch.len());
+            let mut targets = Vec::with_capacity(batch.len());
+            for r in batch {
+                let (ri, off) = locate(layout, r.gpa)
+                    .ok_or_else(|| format!("run at {:#x} outside the layout", r.gpa))?;
+                let seg = Segment::new(&self.local[ri], off as usize, r.bytes() as usize)
+                    .map_err(|e| e.to_string())?;
+                segs.push([seg]);
+                targets.push((ri, off));
+            }
+            let ops: Vec<WriteOp<'_>> = segs
+                .iter()
+                .zip(&targets)
+                .map(|(s, &(ri, off))| WriteOp {
+                    segments: s,
+                    remote: &self.remote[ri],
+                    remote_offset: off,
+                    imm: None,
+                    wr_id: WR_WRITE,
+                })
+                .collect();
+            self.conn
+                .as_mut()
+                .ok_or("closed")?
+                .post_writes(&ops)
+                .map_err(|e| e.to_string())?;
+            i += batch.len();
+        }
+        if self.conn.as_ref().ok_or("closed")?.send_capacity() == 0 {
+            self.reap(timeout).await?;
+        }
+        let table: Vec<u8> = chunk
+            .runs
+            .iter()
+            .flat_map(|r| RunDesc::from_run(r).as_bytes().to_vec())
+            .collect();
+        let payload = chunk.payload_bytes();
+        let h = ChunkHeader::pages(
+            chunk.seq,
+            chunk.round,
+            chunk.runs.len() as u32,
+            payload as u32,
+            0,
+            crc32fast::hash(&table),
+        );
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.extend_from_slice(&table);
+        self.post_descriptor(slot, &bytes)?;
+        self.stats.bytes_on_wire += payload;
+        self.stats.payload_bytes += payload;
+        Ok(())
+    }
+}
+
+/// Source side of the RDMA option: a [`Transport`] over one RC queue pair
+/// per device pair; see the module docs.
+pub struct RdmaSender<B: Bitmap + 'static> {
+    pairs: Vec<Pair<B>>,
+    layout: MemoryLayout,
+    queue: VecDeque<Chunk>,
+    timeout: Duration,
+    next: usize,
+    lost: u64,
+    last_error: String,
+}
+
+impl<B: Bitmap + 'static> std::fmt::Debug for RdmaSender<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaSender")
+            .field(
+                "channels",
+                &self.pairs.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            )
+            .field("lost", &format_args!("{:#x}", self.lost))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Bitmap + Send + Sync + 'static> RdmaSender<B> {
+    /// Connects to the channels of `accept` (checked against `layout`
+    /// first: a region key the destination did not register whole is
+    /// refused), one queue pair per channel from the local endpoint on its
+    /// subnet, and registers `mem` once per local device.
+    ///
+    /// A channel that cannot be connected is left out (named in the log and
+    /// reported to the destination as lost); the call fails when none
+    /// connects, or on a registration failure (e.g. the memlock limit).
+    pub async fn connect(
+        mem: &Arc<GuestMemoryMmap<B>>,
+        layout: &MemoryLayout,
+        local: &[RdmaEndpoint],
+        accept: &RdmaAccept,
+        timeout: Duration,
+    ) -> Result<Self> {
+        check_accept(accept, layout)?;
+        let plan = pair_channels(local, &accept.channels);
+        let mut registered: HashMap<String, Arc<Vec<GuestMr<B>>>> = HashMap::new();
+        let mut pairs = Vec::new();
+        let mut failures = Vec::new();
+        let mut lost = 0u64;
+        for (index, (ch, from)) in accept.channels.iter().zip(plan).enumerate() {
+            let dst = SocketAddr::new(ch.endpoint.addr, ch.endpoint.port);
+            let Some(from) = from else {
+                failures.push(format!("{}: no local RDMA NIC on its subnet", ch.endpoint));
+                lost |= 1 << index;
+                continue;
+            };
+            let name = format!("{} {} -> {} {dst}", from.device, from.addr, ch.endpoint.device);
+            let conn = match connect_retrying(SocketAddr::new(from.addr, 0), dst, timeout).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(channel = index, "RDMA channel {name} not connected: {e}");
+                    failures.push(format!("{name}: {e}"));
+                    lost |= 1 << index;
+                    continue;
+                }
+            };
+            let device = conn.device_name().to_string();
+            let local_mrs = match registered.get(&device) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = Arc::new(register_all(mem, layout, &device, |g| {
+                        conn.register(g, Access::LocalRead)
+                    })?);
+                    registered.insert(device.clone(), m.clone());
+                    m
+                }
+            };
+            let buf = |len: usize, access: Access| {
+                anon_buffer(len)
+                    .and_then(|b| conn.register(b, access))
+                    .map_err(|e| rdma_err(format!("cannot set up RDMA channel {name}"), e))
+            };
+            let desc = buf(DESC_SLOTS * DESC_BYTES, Access::LocalRead)?;
+            let acks = buf(DESC_SLOTS * ACK_BYTES, Access::LocalWrite)?;
+            let mut pair = Pair {
+                index,
+                name,
+                conn: Some(conn),
+                local: local_mrs,
+                remote: ch
+                    .regions
+                    .iter()
+                    .map(|k| RemoteRegion::new(k.addr, k.len, k.rkey))
+                    .collect(),
+                desc,
+                acks,
+                free: (0..DESC_SLOTS).rev().collect(),
+                unacked: HashMap::new(),
+                end_sent: false,
+                end_acked: false,
+                wcs: Vec::new(),
+                stats: ChannelStats {
+                    channel: index as u16,
+                    ..Default::default()
+                },
+            };
+            for s in 0..DESC_SLOTS {
+                let seg = Segment::new(&pair.acks, s * ACK_BYTES, ACK_BYTES)
+                    .map_err(|e| rdma_err("ack buffer", e))?;
+                pair.conn
+                    .as_mut()
+                    .expect("just connected")
+                    .post_recv(&[seg], WR_ACK | s as u64)
+                    .map_err(|e| rdma_err(format!("cannot post receives on {}", pair.name), e))?;
+            }
+            tracing::info!(channel = index, "RDMA channel {} connected", pair.name);
+            pairs.push(pair);
+        }
+        if pairs.is_empty() {
+            return Err(TransportError::Invalid {
+                field: "RDMA channels",
+                detail: format!("none could be connected: {}", failures.join("; ")),
+            });
+        }
+        Ok(RdmaSender {
+            pairs,
+            layout: layout.clone(),
+            queue: VecDeque::new(),
+            timeout,
+            next: 0,
+            lost,
+            last_error: failures.last().cloned().unwrap_or_default(),
+        })
+    }
+
+    /// Channels in use (connected and not failed).
+    pub fn live_channels(&self) -> usize {
+        self.pairs.iter().filter(|p| p.alive()).count()
+    }
+
+    /// Each channel: its name and, if it failed, why.
+    pub fn channel_names(&self) -> Vec<String> {
+        self.pairs.iter().map(|p| p.name.clone()).collect()
+    }
+
+    fn no_channel_left(&self) -> TransportError {
+        TransportError::Invalid {
+            field: "RDMA channels",
+            detail: format!("no RDMA channel left; the last one failed: {}", self.last_error),
+        }
+    }
+
+    /// Closes channel `i` (disconnect and destroy its queue pair, so nothing
+    /// more of it lands) and puts its unacknowledged chunks (and `chunk`)
+    /// back at the front of the queue.
+    fn fail(&mut self, i: usize, error: String, chunk: Option<Chunk>) {
+        let p = &mut self.pairs[i];
+        if p.conn.is_none() {
+            return;
+        }
+        drop(p.conn.take());
+        let mut back: Vec<Chunk> = p.unacked.drain().map(|(_, (c, _))| c).collect();
+        back.extend(chunk);
+        back.sort_by_key(|c| c.seq);
+        tracing::warn!(
+            channel = p.index,
+            requeued = back.len(),
+            "RDMA channel {} failed: {error}; its unacknowledged chunks go to the other channels",
+            p.name
+        );
+        eprintln!(
+            "ferry: RDMA channel {} failed ({error}); {} unacknowledged chunks resent on the others",
+            p.name,
+            back.len()
+        );
+        self.lost |= 1 << p.index;
+        self.last_error = format!("{}: {error}", p.name);
+        for c in back.into_iter().rev() {
+            self.queue.push_front(c);
+        }
+    }
+
+    fn pick(&mut self) -> Option<usize> {
+        let n = self.pairs.len();
+        (0..n)
+            .map(|k| (self.next + k) % n)
+            .find(|&i| self.pairs[i].alive() && !self.pairs[i].free.is_empty())
+            .inspect(|&i| self.next = (i + 1) % n)
+    }
+
+    /// Posts every queued chunk, waiting for free slots.
+    async fn pump(&mut self) -> Result<()> {
+        while let Some(chunk) = self.queue.pop_front() {
+            let Some(i) = self.pick() else {
+                self.queue.push_front(chunk);
+                self.wait_any().await?;
+                continue;
+            };
+            let (layout, timeout) = (&self.layout, self.timeout);
+            if let Err((chunk, e)) = self.pairs[i].post_chunk(chunk, layout, timeout).await {
+                self.fail(i, e, Some(chunk));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until some channel has completions (or the timeout passes, which
+    /// fails every channel with work outstanding), then handles them all.
+    async fn wait_any(&mut self) -> Result<()> {
+        let timeout = self.timeout;
+        let woke = {
+            type Wait<'a> = Pin<Box<dyn Future<Output = (usize, std::result::Result<usize, RdmaError>)> + Send + 'a>>;
+            let mut waits: Vec<Wait<'_>> = Vec::new();
+            for (i, p) in self.pairs.iter_mut().enumerate() {
+                if let Some(conn) = p.conn.as_mut() {
+                    let wcs = &mut p.wcs;
+                    waits.push(Box::pin(async move { (i, conn.poll_completions(wcs).await) }));
+                }
+            }
+            if waits.is_empty() {
+                None
+            } else {
+                Some(tokio::time::timeout(
+                timeout,
+                std::future::poll_fn(|cx| {
+                    for w in waits.iter_mut() {
+                        if let Poll::Ready(v) = w.as_mut().poll(cx) {
+                            return Poll::Ready(v);
+                        }
+                    }
+                    Poll::Pending
+                }),
+            )
+            .await)
+            }
+        };
+        let Some(woke) = woke else {
+            return Err(self.no_channel_left());
+        };
+        match woke {
+            Ok((i, Err(e))) => self.fail(i, e.to_string(), None),
+            Ok((_, Ok(_))) => {}
+            Err(_) => {
+                for i in 0..self.pairs.len() {
+                    if self.pairs[i].busy() {
+                        self.fail(i, format!("no completion for {timeout:?}"), None);
+                    }
+                }
+            }
+        }
+        for i in 0..self.pairs.len() {
+            let p = &mut self.pairs[i];
+            let Some(conn) = p.conn.as_mut() else { continue };
+            let r = match conn.try_poll_completions(&mut p.wcs) {
+                Ok(_) => p.process(),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = r {
+                self.fail(i, e, None);
+            }
+        }
+        if self.live_channels() == 0 {
+            return Err(self.no_channel_left());
+        }
+        Ok(())
+    }
+
+    fn settled(&self) -> bool {
+        self.queue.is_empty() && self.pairs.iter().all(|p| !p.busy())
+    }
+}
+
+impl<B: Bitmap + Send + Sync + 'static> Transport for RdmaSender<B> {
+    fn capabilities(&self) -> Caps {
+        Caps {
+            max_chunk: wire::MAX_CHUNK_PAYLOAD,
+            zero_copy: true,
+            channels: self.pairs.len() as u16,
+        }
+    }
+
+    async fn send(&mut self, chunk: Chunk) -> Result<()> {
+        if chunk.runs.len() > MAX_RUNS as usize || chunk.payload_bytes() > u64::from(wire::MAX_CHUNK_PAYLOAD) {
+            return Err(TransportError::TooLarge {
+                field: "chunk",
+                len: chunk.payload_bytes(),
+                limit: wire::MAX_CHUNK_PAYLOAD.into(),
+            });
+        }
+        for r in &chunk.runs {
+            self.layout.check_run(r.gpa, r.pages.into())?;
+        }
+        self.queue.push_back(chunk);
+        self.pump().await
+    }
+
+    async fn flush(&mut self) -> Result<Flushed> {
+        loop {
+            self.pump().await?;
+            if self.settled() {
+                return Ok(Flushed::default());
+            }
+            self.wait_any().await?;
+        }
+    }
+
+    async fn finish(&mut self) -> Result<()> {
+        self.flush().await?;
+        let end = ChunkHeader::end(self.lost);
+        for i in 0..self.pairs.len() {
+            let p = &mut self.pairs[i];
+            if !p.alive() {
+                continue;
+            }
+            let slot = p.free.last().copied().unwrap_or(0);
+            p.end_sent = true;
+            if let Err(e) = p.post_descriptor(slot, end.as_bytes()) {
+                self.fail(i, e, None);
+            }
+        }
+        while self.pairs.iter().any(Pair::busy) {
+            self.wait_any().await?;
+        }
+        if !self.queue.is_empty() {
+            // A channel failed before its end frame was acknowledged with
+            // chunks still unacknowledged: cannot happen after a flush.
+            return Err(self.no_channel_left());
+        }
+        if !self.pairs.iter().any(|p| p.end_acked) {
+            return Err(self.no_channel_left());
+        }
+        Ok(())
+    }
+
+    fn stats(&self) -> Vec<ChannelStats> {
+        self.pairs.iter().map(|p| p.stats.clone()).collect()
+    }
+}
+
+/// Connects, retrying for a few seconds while the peer's listener comes up
+/// (rdma_cm answers `Rejected` until it listens).
+async fn connect_retrying(
+    src: SocketAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> std::result::Result<RdmaConnection, RdmaError> {
+    let deadline = tokio::time::Instant::now() + timeout.min(Duration::from_secs(10));
+    loop {
+        match RdmaConnection::connect(Some(src), dst, conn_options()).await {
+            Ok(c) => return Ok(c),
+            Err(e) if e.is_unavailable() || tokio::time::Instant::now() >= deadline => {
+                return Err(e)
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+}
+
+// ----------------------------------------------------------- destination
+
+struct Listening {
+    listener: RdmaListener,
+    endpoint: RdmaEndpoint,
+}
+
+/// Destination side of the RDMA option, between validation and the data:
+/// listeners bound on the shared NICs and guest memory registered on their
+/// devices. Send [`accept`](Self::accept) to the source, then
+/// [`receive`](Self::receive).
+pub struct RdmaReceiver<B: Bitmap + 'static> {
+    listening: Vec<Listening>,
+    // Registrations stay until the receiver is dropped, after every queue
+    // pair is gone.
+    _registered: HashMap<String, Vec<GuestMr<B>>>,
+    accept: RdmaAccept,
+}
+
+impl<B: Bitmap + 'static> std::fmt::Debug for RdmaReceiver<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaReceiver")
+            .field("accept", &self.accept)
+            .finish_non_exhaustive()
+    }
+}
+
+enum ChannelEnd {
+    /// End frame received; the mask of channels the source lost.
+    Ended(u64),
+    /// The channel failed (the source resends its chunks elsewhere).
+    Lost(String),
+}
+
+impl<B: Bitmap + Send + Sync + 'static> RdmaReceiver<B> {
+    /// Binds an rdma_cm listener on each of `endpoints` (ports from
+    /// [`PORT_BASE`]) and registers every region of `mem` once per device
+    /// for remote write.
+    ///
+    /// # Errors
+    /// A listener that cannot be bound, or a registration failure (the
+    /// memlock limit: the message names it and the fix).
+    pub fn prepare(
+        mem: &Arc<GuestMemoryMmap<B>>,
+        layout: &MemoryLayout,
+        endpoints: &[RdmaEndpoint],
+    ) -> Result<Self> {
+        let mut listening = Vec::new();
+        let mut registered: HashMap<String, Vec<GuestMr<B>>> = HashMap::new();
+        let mut channels = Vec::new();
+        for ep in endpoints.iter().take(MAX_RDMA_CHANNELS) {
+            let (listener, port) = bind_listener(ep.addr)?;
+            let pd = match listener.protection_domain() {
+                Some(Ok(pd)) => pd,
+                Some(Err(e)) => return Err(rdma_err(format!("no protection domain on {ep}"), e)),
+                None => {
+                    return Err(TransportError::Invalid {
+                        field: "RDMA endpoint",
+                        detail: format!("{ep}: no RDMA device owns this address"),
+                    })
+                }
+            };
+            let device = pd.device_name().to_string();
+            if !registered.contains_key(&device) {
+                let mrs = register_all(mem, layout, &device, |g| {
+                    pd.register(g, Access::RemoteWrite)
+                })?;
+                registered.insert(device.clone(), mrs);
+            }
+            let regions = registered[&device]
+                .iter()
+                .map(|m| RdmaRegionKey {
+                    addr: m.addr(),
+                    len: m.len() as u64,
+                    rkey: m.rkey(),
+                })
+                .collect();
+            let endpoint = RdmaEndpoint {
+                device,
+                port,
+                ..ep.clone()
+            };
+            channels.push(RdmaChannel {
+                endpoint: endpoint.clone(),
+                regions,
+            });
+            listening.push(Listening { listener, endpoint });
+        }
+        Ok(RdmaReceiver {
+            listening,
+            _registered: registered,
+            accept: RdmaAccept { channels },
+        })
+    }
+
+    /// What to send the source after `Accept`.
+    pub fn accept(&self) -> &RdmaAccept {
+        &self.accept
+    }
+
+    /// Accepts each channel's connection and lands chunks until every
+    /// channel has ended or was reported lost by the source (or failed
+    /// here). Counts into `counters` as the TCP receiver does.
+    ///
+    /// # Errors
+    /// A descriptor that fails its checks (bad header, CRC, a run outside
+    /// the layout, a stale round), or every channel failing.
+    pub async fn receive(
+        self,
+        layout: Arc<MemoryLayout>,
+        mem: Arc<GuestMemoryMmap<B>>,
+        counters: Arc<RecvCounters>,
+        timeout: Duration,
+    ) -> Result<()> {
+        let n = self.listening.len();
+        type Chan = Pin<Box<dyn Future<Output = (usize, Result<ChannelEnd>)> + Send>>;
+        let mut chans: Vec<Option<Chan>> = self
+            .listening
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let (layout, mem, counters) = (layout.clone(), mem.clone(), counters.clone());
+                Some(Box::pin(async move {
+                    (i, receive_channel(l, layout, mem, counters, timeout).await)
+                }) as Chan)
+            })
+            .collect();
+        let (mut ended, mut lost, mut failed) = (0u64, 0u64, 0u64);
+        let all: u64 = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+        let mut last_failure = String::new();
+        while (ended | lost) & all != all {
+            if chans.iter().all(Option::is_none) {
+                break;
+            }
+            let (i, r) = std::future::poll_fn(|cx| {
+                for c in chans.iter_mut() {
+                    if let Some(f) = c {
+                        if let Poll::Ready(v) = f.as_mut().poll(cx) {
+                            *c = None;
+                            return Poll::Ready(v);
+                        }
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            match r? {
+                ChannelEnd::Ended(mask) => {
+                    ended |= 1 << i;
+                    lost |= mask;
+                }
+                ChannelEnd::Lost(e) => {
+                    tracing::warn!(channel = i, "RDMA channel lost: {e}");
+                    failed |= 1 << i;
+                    last_failure = e;
+                }
+            }
+        }
+        // Dropping the rest closes their queue pairs: nothing more lands.
+        drop(chans);
+        if ended == 0 {
+            return Err(TransportError::Invalid {
+                field: "RDMA channels",
+                detail: format!(
+                    "no channel ended cleanly ({} failed; last: {last_failure})",
+                    failed.count_ones()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn bind_listener(addr: IpAddr) -> Result<(RdmaListener, u16)> {
+    let mut last = None;
+    for port in PORT_BASE..PORT_BASE + PORT_TRIES {
+        match RdmaListener::bind(SocketAddr::new(addr, port), conn_options()) {
+            Ok(l) => return Ok((l, port)),
+            Err(e) if e.is_unavailable() => {
+                return Err(rdma_err(format!("cannot listen for RDMA on {addr}"), e))
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(rdma_err(
+        format!(
+            "cannot listen for RDMA on {addr}, ports {PORT_BASE}..{}",
+            PORT_BASE + PORT_TRIES
+        ),
+        last.expect("tried at least one port"),
+    ))
+}
+
+/// One channel at the destination: accept, keep receives posted, land
+/// descriptors, ack them.
+async fn receive_channel<B: Bitmap + Send + Sync + 'static>(
+    mut l: Listening,
+    layout: Arc<MemoryLayout>,
+    mem: Arc<GuestMemoryMmap<B>>,
+    counters: Arc<RecvCounters>,
+    timeout: Duration,
+) -> Result<ChannelEnd> {
+    let name = l.endpoint.to_string();
+    let mut conn = match tokio::time::timeout(timeout, l.listener.accept()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Ok(ChannelEnd::Lost(format!("{name}: accept failed: {e}"))),
+        Err(_) => return Ok(ChannelEnd::Lost(format!("{name}: no connection within {timeout:?}"))),
+    };
+    let lost = |e: RdmaError| Ok(ChannelEnd::Lost(format!("{name}: {e}")));
+    let setup = |e: RdmaError| rdma_err(format!("cannot set up RDMA channel {name}"), e);
+    let descs = anon_buffer(RECV_SLOTS * DESC_BYTES)
+        .and_then(|b| conn.register(b, Access::LocalWrite))
+        .map_err(setup)?;
+    let acks = anon_buffer(ACK_SLOTS * ACK_BYTES)
+        .and_then(|b| conn.register(b, Access::LocalRead))
+        .map_err(setup)?;
+    for s in 0..RECV_SLOTS {
+        let seg = Segment::new(&descs, s * DESC_BYTES, DESC_BYTES).map_err(setup)?;
+        if let Err(e) = conn.post_recv(&[seg], s as u64) {
+            return lost(e);
+        }
+    }
+    let mut free_acks: Vec<usize> = (0..ACK_SLOTS).rev().collect();
+    let mut wcs = Vec::new();
+    let mut max_round = 0u32;
+    let mut end: Option<u64> = None;
+    let mut buf = vec![0u8; DESC_BYTES];
+    loop {
+        if let Some(mask) = end {
+            if free_acks.len() == ACK_SLOTS {
+                // Every ack (the end frame's last) has left.
+                return Ok(ChannelEnd::Ended(mask));
+            }
+        }
+        if let Err(e) = conn.poll_completions(&mut wcs).await {
+            return lost(e);
+        }
+        for c in wcs.drain(..) {
+            if let Err(e) = c.ok() {
+                return lost(e);
+            }
+            if c.kind == WorkKind::Send {
+                free_acks.push((c.wr_id & WR_SLOT) as usize);
+                continue;
+            }
+            if c.kind != WorkKind::Recv {
+                continue;
+            }
+            let slot = (c.wr_id & WR_SLOT) as usize;
+            let len = (c.byte_len as usize).min(DESC_BYTES);
+            descs
+                .as_volatile_slice()
+                .read_slice(&mut buf[..len], slot * DESC_BYTES)
+                .map_err(|e| TransportError::Malformed {
+                    what: "RDMA descriptor",
+                    detail: e.to_string(),
+                })?;
+            let (seq, mask) = land_descriptor(&buf[..len], &layout, &*mem, &counters, &mut max_round)?;
+            if let Some(m) = mask {
+                end = Some(m);
+            }
+            let ack_seq = if mask.is_some() { END_ACK } else { seq };
+            let Some(a) = free_acks.pop() else {
+                return Err(TransportError::Invalid {
+                    field: "RDMA descriptors",
+                    detail: "more descriptors in flight than the source may have".into(),
+                });
+            };
+            let frame = AckFrame::new(ack_seq, AckStatus::Landed);
+            acks.as_volatile_slice()
+                .write_slice(frame.as_bytes(), a * ACK_BYTES)
+                .map_err(|e| TransportError::Malformed {
+                    what: "RDMA ack",
+                    detail: e.to_string(),
+                })?;
+            let seg = Segment::new(&acks, a * ACK_BYTES, ACK_BYTES).map_err(setup)?;
+            // Receive again before acking, so the source's next descriptor
+            // always finds one.
+            let rseg = Segment::new(&descs, slot * DESC_BYTES, DESC_BYTES).map_err(setup)?;
+            if let Err(e) = conn.post_recv(&[rseg], slot as u64) {
+                return lost(e);
+            }
+            if let Err(e) = conn.post_send(&[seg], a as u64) {
+                return lost(e);
+            }
+        }
+    }
+}
+
+/// Checks one descriptor and applies it: zero runs are zeroed here (their
+/// pages never travel), non-zero runs were written by the peer's NIC before
+/// the descriptor. Returns its `seq` and, for an end frame, the lost mask.
+fn land_descriptor<B: Bitmap + Send + Sync + 'static>(
+    bytes: &[u8],
+    layout: &MemoryLayout,
+    mem: &GuestMemoryMmap<B>,
+    counters: &RecvCounters,
+    max_round: &mut u32,
+) -> Result<(u64, Option<u64>)> {
+    let (h, kind) = ChunkHeader::decode(bytes)?;
+    if kind == ChunkKind::End {
+        return Ok((END_ACK, Some(h.seq.get())));
+    }
+    if h.flags.get() != 0 {
+        return Err(TransportError::Invalid {
+            field: "RDMA descriptor flags",
+            detail: format!("{:#x} (RDMA chunks are never compressed)", h.flags.get()),
+        });
+    }
+    let table_len = h.run_count.get() as usize * 16;
+    let table = bytes.get(32..32 + table_len).ok_or(TransportError::Malformed {
+        what: "RDMA descriptor",
+        detail: format!("{} bytes for {} runs", bytes.len(), h.run_count.get()),
+    })?;
+    let crc = crc32fast::hash(table);
+    if crc != h.crc32.get() {
+        return Err(TransportError::CrcMismatch {
+            what: "RDMA descriptor",
+            seq: h.seq.get(),
+            expected: h.crc32.get(),
+            computed: crc,
+        });
+    }
+    let round = h.round.get();
+    if round < *max_round {
+        return Err(TransportError::Invalid {
+            field: "chunk round",
+            detail: format!("round {round} after round {max_round}: a stale copy"),
+        });
+    }
+    *max_round = round;
+    let (runs, data) = wire::decode_runs(table, layout)?;
+    if data != u64::from(h.payload_len.get()) {
+        return Err(TransportError::Invalid {
+            field: "RDMA descriptor payload length",
+            detail: format!("{} bytes, the runs cover {data}", h.payload_len.get()),
+        });
+    }
+    let mut pages = 0u64;
+    for r in &runs {
+        if r.zero {
+            zero_run(mem, r)?;
+        }
+        pages += u64::from(r.pages);
+    }
+    counters.payload_bytes.fetch_add(data, Ordering::Relaxed);
+    counters
+        .bytes_on_wire
+        .fetch_add(data + bytes.len() as u64, Ordering::Relaxed);
+    counters.pages.fetch_add(pages, Ordering::Relaxed);
+    counters.chunks.fetch_add(1, Ordering::Relaxed);
+    counters.round.fetch_max(round.into(), Ordering::Relaxed);
+    Ok((h.seq.get(), None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{RegionDesc, PAGE_SIZE};
+
+    #[test]
+    fn endpoints_come_from_roce_gids_and_routes() {
+        let root = std::env::temp_dir().join(format!("ferry-rdma-sysfs-{}", std::process::id()));
+        let port = root.join("rxe0/ports/1");
+        std::fs::create_dir_all(port.join("gids")).unwrap();
+        std::fs::create_dir_all(port.join("gid_attrs/ndevs")).unwrap();
+        let gids = [
+            ("0", "fe80:0000:0000:0000:5054:00ff:fe77:0001", "eth1"),
+            ("1", "0000:0000:0000:0000:0000:ffff:0a4d:0a01", "eth1"),
+            ("2", "0000:0000:0000:0000:0000:ffff:0a4d:0a01", "eth1"),
+            ("3", "0000:0000:0000:0000:0000:0000:0000:0000", ""),
+        ];
+        for (i, g, nd) in gids {
+            std::fs::write(port.join("gids").join(i), format!("{g}\n")).unwrap();
+            std::fs::write(port.join("gid_attrs/ndevs").join(i), format!("{nd}\n")).unwrap();
+        }
+        // 10.77.10.0/24 on eth1, a default route via eth0.
+        let routes = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                      eth0\t00000000\t0102A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                      eth1\t000A4D0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        let eps = endpoints_from_sysfs(&root, routes, &["rxe0".into(), "missing0".into()]);
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(
+            eps,
+            vec![RdmaEndpoint {
+                addr: "10.77.10.1".parse().unwrap(),
+                prefix: 24,
+                device: "rxe0".into(),
+                port: 0,
+            }]
+        );
+        assert_eq!(route_prefix(routes, "eth0", "10.77.10.1".parse().unwrap()), 0);
+    }
+
+    #[test]
+    fn runs_are_located_in_their_region() {
+        let l = MemoryLayout {
+            page_size: PAGE_SIZE,
+            regions: vec![
+                RegionDesc {
+                    gpa: 0,
+                    size: 3 << 30,
+                },
+                RegionDesc {
+                    gpa: 4 << 30,
+                    size: 1 << 30,
+                },
+            ],
+        };
+        assert_eq!(locate(&l, 0), Some((0, 0)));
+        assert_eq!(locate(&l, (3 << 30) - 4096), Some((0, (3 << 30) - 4096)));
+        assert_eq!(locate(&l, 3 << 30), None);
+        assert_eq!(locate(&l, (4 << 30) + 8192), Some((1, 8192)));
+        assert_eq!(locate(&l, 5 << 30), None);
+    }
+
+    #[test]
+    fn descriptors_are_checked_before_anything_is_applied() {
+        let layout = MemoryLayout {
+            page_size: PAGE_SIZE,
+            regions: vec![RegionDesc {
+                gpa: 0,
+                size: 16 * PAGE_SIZE,
+            }],
+        };
+        let mem: GuestMemoryMmap<()> =
+            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 16 * 4096)]).unwrap();
+        mem.write_slice(&[0xaa; 4096], vm_memory::GuestAddress(4096)).unwrap();
+        let counters = RecvCounters::default();
+        let desc = |runs: &[PageRun], payload: u32, round: u32| {
+            let table: Vec<u8> = runs
+                .iter()
+                .flat_map(|r| RunDesc::from_run(r).as_bytes().to_vec())
+                .collect();
+            let h = ChunkHeader::pages(7, round, runs.len() as u32, payload, 0, crc32fast::hash(&table));
+            let mut b = h.as_bytes().to_vec();
+            b.extend_from_slice(&table);
+            b
+        };
+        let zero = PageRun {
+            gpa: 4096,
+            pages: 1,
+            zero: true,
+        };
+        let data = PageRun {
+            gpa: 0,
+            pages: 1,
+            zero: false,
+        };
+        let mut round = 0;
+        // Good: a data run and a zero run; the zero run is applied here.
+        let ok = desc(&[data, zero], 4096, 1);
+        assert_eq!(
+            land_descriptor(&ok, &layout, &mem, &counters, &mut round).unwrap(),
+            (7, None)
+        );
+        let mut page = [1u8; 4096];
+        mem.read_slice(&mut page, vm_memory::GuestAddress(4096)).unwrap();
+        assert!(page.iter().all(|&b| b == 0));
+        assert_eq!(counters.payload_bytes.load(Ordering::Relaxed), 4096);
+        // Payload length that does not match the runs.
+        let bad = desc(&[data], 8192, 1);
+        assert!(land_descriptor(&bad, &layout, &mem, &counters, &mut round).is_err());
+        // A run outside the layout.
+        let out = PageRun {
+            gpa: 16 * 4096,
+            pages: 1,
+            zero: true,
+        };
+        let e = land_descriptor(&desc(&[out], 0, 1), &layout, &mem, &counters, &mut round)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("outside"), "{e}");
+        // A corrupted run table.
+        let mut crc = desc(&[zero], 0, 1);
+        crc[40] ^= 1;
+        assert!(land_descriptor(&crc, &layout, &mem, &counters, &mut round).is_err());
+        // A stale round.
+        let e = land_descriptor(&desc(&[zero], 0, 0), &layout, &mem, &counters, &mut round)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stale"), "{e}");
+        // Truncated.
+        assert!(land_descriptor(&ok[..40], &layout, &mem, &counters, &mut round).is_err());
+        // End frame: the lost mask comes back.
+        let end = ChunkHeader::end(0b10);
+        assert_eq!(
+            land_descriptor(end.as_bytes(), &layout, &mem, &counters, &mut round).unwrap(),
+            (END_ACK, Some(0b10))
+        );
+    }
+}
