@@ -10,9 +10,10 @@
 //! 1. any chunk a worker has finished, as a compressed frame (or raw, if it
 //!    did not shrink by at least [`MIN_SAVING_DIVISOR`]⁻¹);
 //! 2. otherwise, if the socket's send queue is about to run dry (fewer
-//!    unacknowledged bytes than the link drains in [`IDLE_MARGIN`], measured
-//!    from the acknowledgements), the oldest chunk no worker has started,
-//!    raw and zero-copy, so the link never idles while a core compresses;
+//!    unacknowledged bytes than the link drains in [`IDLE_MARGIN`]; the drain
+//!    rate is measured from bytes written and the queue depth), the oldest
+//!    chunk no worker has started, raw and zero-copy, so the link never
+//!    idles while a core compresses;
 //! 3. otherwise it waits for either (a worker result, an acknowledgement, or
 //!    a 1 ms tick) and decides again.
 //!
@@ -61,12 +62,15 @@ use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
 /// than the link time saved.
 pub const MIN_SAVING_DIVISOR: usize = 8;
 /// The sender sends a chunk raw rather than wait for a worker when the link
-/// would otherwise drain its queue within this time.
-pub const IDLE_MARGIN: Duration = Duration::from_millis(3);
-/// Lower bound of the "about to go idle" send-queue depth (about 2 ms at 1 Gbit/s).
-const MIN_IDLE_QUEUE: f64 = 256.0 * 1024.0;
+/// would otherwise drain its queue within this time (the wait loop wakes at
+/// least once a millisecond).
+pub const IDLE_MARGIN: Duration = Duration::from_millis(1);
+/// Lower bound of the "about to go idle" send-queue depth (about 0.5 ms at 1 Gbit/s).
+const MIN_IDLE_QUEUE: f64 = 64.0 * 1024.0;
 /// Upper bound of it.
-const MAX_IDLE_QUEUE: f64 = 8.0 * 1024.0 * 1024.0;
+const MAX_IDLE_QUEUE: f64 = 4.0 * 1024.0 * 1024.0;
+/// Shortest window over which the link's drain rate is measured.
+const RATE_WINDOW: Duration = Duration::from_millis(20);
 /// Nice value of the worker threads.
 const WORKER_NICE: i32 = 10;
 /// Pieces and piece size of the sample compressed after an incompressible chunk.
@@ -561,29 +565,33 @@ fn worker<M: GuestMem>(pool: Arc<Pool>, mem: Arc<M>, spec: CompressionSpec) {
     }
 }
 
-/// Link drain rate, measured from acknowledged wire bytes.
+/// The link's drain rate: bytes the kernel got acknowledged per second,
+/// from the bytes written and the send-queue depth.
 #[derive(Debug)]
 struct LinkMeter {
     since: Instant,
-    acked_at_since: u64,
+    /// Bytes written and queue depth at `since`.
+    written: u64,
+    queued: u64,
     rate: f64,
 }
 
 impl LinkMeter {
-    /// Send-queue depth below which the link is about to go idle.
-    fn idle_queue(&mut self, acked: u64) -> usize {
+    /// Records the bytes written so far and the current queue depth; returns
+    /// the depth below which the link is about to go idle.
+    fn idle_queue(&mut self, written: u64, queued: u64) -> u64 {
         let dt = self.since.elapsed();
-        if dt >= Duration::from_millis(5) {
-            let r = (acked - self.acked_at_since) as f64 / dt.as_secs_f64();
+        if dt >= RATE_WINDOW {
+            let drained = (written - self.written) as f64 - (queued as f64 - self.queued as f64);
+            let r = drained.max(0.0) / dt.as_secs_f64();
             self.rate = if self.rate == 0.0 {
                 r
             } else {
-                0.7 * self.rate + 0.3 * r
+                0.5 * self.rate + 0.5 * r
             };
-            self.since = Instant::now();
-            self.acked_at_since = acked;
+            (self.since, self.written, self.queued) = (Instant::now(), written, queued);
         }
-        (self.rate * IDLE_MARGIN.as_secs_f64()).clamp(MIN_IDLE_QUEUE, MAX_IDLE_QUEUE) as usize
+        (self.rate * IDLE_MARGIN.as_secs_f64()).clamp(MIN_IDLE_QUEUE, MAX_IDLE_QUEUE) as u64
     }
 }
 
@@ -642,17 +650,21 @@ impl<M: GuestMem> CompressSender<M> {
             adaptive: cfg.adaptive,
             link: LinkMeter {
                 since: Instant::now(),
-                acked_at_since: 0,
+                written: 0,
+                queued: 0,
                 rate: 0.0,
             },
         })
     }
 
     fn link_about_to_idle(&mut self) -> bool {
-        let limit = self.link.idle_queue(self.tcp.acked_wire_bytes());
         let stream: &TcpStream = self.tcp.stream();
         match ferry_ffi::net::send_queue_bytes(stream.as_fd()) {
-            Ok(q) => q < limit,
+            Ok(q) => {
+                let q = q as u64;
+                let written = self.tcp.stats_mut().bytes_on_wire;
+                q < self.link.idle_queue(written, q)
+            }
             Err(_) => true,
         }
     }

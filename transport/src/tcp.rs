@@ -99,10 +99,6 @@ pub struct TcpSender<M: GuestMem> {
     /// Sequence number -> (runs, bytes counted against the window).
     in_flight: HashMap<u64, (Vec<PageRun>, u64)>,
     in_flight_bytes: u64,
-    /// Wire bytes of the chunks acknowledged so far.
-    acked_wire: u64,
-    /// Wire bytes of each chunk in flight.
-    in_flight_wire: HashMap<u64, u64>,
     window: u64,
     timeout: Duration,
     resend: Vec<PageRun>,
@@ -144,8 +140,6 @@ impl<M: GuestMem> TcpSender<M> {
             acks,
             in_flight: HashMap::new(),
             in_flight_bytes: 0,
-            acked_wire: 0,
-            in_flight_wire: HashMap::new(),
             window: DEFAULT_WINDOW,
             timeout,
             resend: Vec::new(),
@@ -167,7 +161,6 @@ impl<M: GuestMem> TcpSender<M> {
                 detail: format!("{seq} is not in flight"),
             })?;
         self.in_flight_bytes -= bytes;
-        self.acked_wire += self.in_flight_wire.remove(&seq).unwrap_or(0);
         self.stats.chunks += 1;
         if status == AckStatus::CrcMismatch {
             tracing::warn!(
@@ -215,11 +208,6 @@ impl<M: GuestMem> TcpSender<M> {
         }
     }
 
-    /// Wire bytes of the chunks acknowledged so far.
-    pub(crate) fn acked_wire_bytes(&self) -> u64 {
-        self.acked_wire
-    }
-
     /// The socket.
     pub(crate) fn stream(&self) -> &TcpStream {
         self.write.as_ref()
@@ -243,7 +231,6 @@ impl<M: GuestMem> TcpSender<M> {
         self.stats.bytes_on_wire += wire;
         self.stats.payload_bytes += chunk.payload_bytes();
         self.in_flight_bytes += window_bytes;
-        self.in_flight_wire.insert(chunk.seq, wire);
         self.in_flight.insert(chunk.seq, (chunk.runs, window_bytes));
     }
 
