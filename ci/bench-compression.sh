@@ -1,0 +1,270 @@
+#!/usr/bin/env bash
+# Benchmark of the compression performance option (not a timed test).
+#
+# Builds three 1 GiB guest memory images in a temporary directory (never
+# committed): a realistic mix (ELF binaries and libraries from /usr/lib, text,
+# about 30 % zero pages, 5 % random pages), all random, and mostly zero. Each
+# is migrated by `ferry send --guest-image` to `ferry listen` with the tcp
+# option and the compression option with lz4 and zstd:
+#   (a) over loopback;
+#   (b) over one veth link between two network namespaces, shaped to
+#       1 Gbit/s with tc on both ends (namespaces, link and addresses are
+#       created here and removed at the end);
+# and by QEMU's own migration (Debian's qemu-system-x86, multifd with 4
+# channels and zstd, over loopback) with the same bytes as guest RAM.
+# Prints, per row, the median of REPS runs: time, effective rate (guest bytes
+# / time), bytes on the wire, and ratio (page bytes / wire bytes; zero pages
+# travel as flags in every option and are not page bytes).
+#
+#   REPS=3          runs per row (median)
+#   IMAGE_MIB=1024  image and guest size
+#   SKIP_SHAPED=1   skip (b);  SKIP_QEMU=1  skip QEMU
+#   FERRY=PATH      use this ferry binary instead of building one
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPS=${REPS:-3}
+MIB=${IMAGE_MIB:-1024}
+NS_A=ferrybench-a NS_B=ferrybench-b
+ADDR_A=10.213.77.1 ADDR_B=10.213.77.2
+
+[ "$(id -u)" = 0 ] || { echo "needs root (network namespaces, tc)" >&2; exit 1; }
+for p in qemu-system-x86 iproute2 python3; do
+    dpkg -s "$p" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "$p" >/dev/null; }
+done
+
+if [ -z "${FERRY:-}" ]; then
+    cargo build --release --locked -q -p ferry-migration
+    FERRY=$PWD/target/release/ferry
+fi
+WORK=$(mktemp -d /tmp/ferry-bench.XXXXXX)
+cleanup() {
+    set +e
+    jobs -p | xargs -r kill 2>/dev/null
+    ip netns del "$NS_A" 2>/dev/null
+    ip netns del "$NS_B" 2>/dev/null
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+head -c 32 /dev/urandom >"$WORK/key"
+
+echo "== building ${MIB} MiB images in $WORK"
+python3 - "$WORK" "$MIB" <<'PY'
+import os, random, sys
+work, mib = sys.argv[1], int(sys.argv[2])
+PAGE = 4096
+pages = mib * 256
+rng = random.Random(6)
+
+def stream(paths, want):
+    """Yields file contents from paths, round robin, forever."""
+    while True:
+        for p in paths:
+            try:
+                with open(p, "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            if want(data):
+                yield data
+
+def files(roots, pred):
+    out = []
+    for root in roots:
+        for d, _, names in os.walk(root):
+            for n in names:
+                p = os.path.join(d, n)
+                if os.path.islink(p) or not os.path.isfile(p):
+                    continue
+                if pred(p):
+                    out.append(p)
+    rng.shuffle(out)
+    return out
+
+elf = files(["/usr/lib", "/usr/bin", "/usr/sbin"], lambda p: os.path.getsize(p) > 16384)
+text = files(["/usr/include", "/usr/share/doc", "/usr/lib/python3", "/usr/share/perl5"],
+             lambda p: not p.endswith((".gz", ".xz", ".bz2", ".png", ".pyc", ".zip")))
+
+class Source:
+    def __init__(self, gen):
+        self.gen, self.buf = gen, b""
+    def take(self, n):
+        while len(self.buf) < n:
+            self.buf += next(self.gen)
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+bins = Source(stream(elf, lambda d: d[:4] == b"\x7fELF"))
+txts = Source(stream(text, lambda d: b"\0" not in d[:4096]))
+
+def extent(kind):
+    # Run lengths: log-uniform, so there are many short runs and some long ones.
+    hi = {"bin": 256, "text": 64, "zero": 512, "rand": 32}[kind]
+    return max(1, int(2 ** rng.uniform(0, hi.bit_length() - 1)))
+
+def mix(f):
+    weights = [("bin", 0.45), ("text", 0.20), ("zero", 0.30), ("rand", 0.05)]
+    done = {k: 0 for k, _ in weights}
+    left = pages
+    while left > 0:
+        # Pick the kind furthest below its share, with some randomness.
+        kind = max(weights, key=lambda kw: kw[1] * (pages - left + 1) - done[kw[0]] + rng.random() * 64)[0]
+        n = min(extent(kind), left)
+        if kind == "zero":
+            f.write(bytes(n * PAGE))
+        elif kind == "rand":
+            f.write(os.urandom(n * PAGE))
+        else:
+            src = bins if kind == "bin" else txts
+            f.write(src.take(n * PAGE))
+        done[kind] += n
+        left -= n
+    return done
+
+with open(os.path.join(work, "mix.img"), "wb") as f:
+    done = mix(f)
+print("mix.img: " + ", ".join(f"{k} {100 * v / pages:.1f}%" for k, v in done.items()))
+with open(os.path.join(work, "random.img"), "wb") as f:
+    for _ in range(mib):
+        f.write(os.urandom(1 << 20))
+print("random.img: 100% random")
+with open(os.path.join(work, "zero.img"), "wb") as f:
+    # 95 % zero; the rest text pages scattered in runs of 1-8.
+    left, done = pages, 0
+    while left > 0:
+        z = min(left, rng.randint(1, 300))
+        f.write(bytes(z * PAGE))
+        left -= z
+        t = min(left, rng.randint(1, 8))
+        f.write(txts.take(t * PAGE))
+        left -= t
+        done += t
+print(f"zero.img: {100 - 100 * done / pages:.1f}% zero")
+PY
+
+# One ferry migration; prints "total_ms bytes_on_wire payload_bytes".
+ferry_once() { # netns-or-empty listen-addr image option...
+    local ns=$1 addr=$2 img=$3; shift 3
+    local run_a=() run_b=()
+    if [ -n "$ns" ]; then run_a=(ip netns exec "$NS_A"); run_b=(ip netns exec "$NS_B"); fi
+    "${run_b[@]}" "$FERRY" listen --listen "$addr" --auth-key-file "$WORK/key" --once \
+        >"$WORK/listen.out" 2>&1 &
+    local lp=$!
+    # A connection that closes before its hello is not a migration attempt,
+    # so probing does not use up --once.
+    for _ in $(seq 200); do
+        "${run_a[@]}" bash -c "exec 3<>/dev/tcp/${addr%:*}/${addr#*:}" 2>/dev/null && break
+        sleep 0.05
+    done
+    "${run_a[@]}" "$FERRY" send --to "$addr" --auth-key-file "$WORK/key" --memory "${MIB}MiB" \
+        --dirty-rate 0 --guest-image "$img" --json "$WORK/s.json" "$@" \
+        >"$WORK/send.out" 2>&1 || { cat "$WORK/send.out" "$WORK/listen.out" >&2; return 1; }
+    wait "$lp"
+    python3 -c "import json; d=json.load(open('$WORK/s.json')); print(d['total_ms'], d['bytes_on_wire'], d['payload_bytes'])"
+}
+
+# QEMU migration of the image as guest RAM; prints "total_ms bytes_on_wire payload_bytes".
+qemu_once() { # image
+    local img=$1 port=$((20000 + RANDOM % 20000)) accel=tcg
+    [ -w /dev/kvm ] && accel=kvm
+    local common=(-machine "pc,accel=$accel,memory-backend=ram" -m "${MIB}M" -nodefaults
+                  -display none -vga none -S)
+    qemu-system-x86_64 "${common[@]}" \
+        -object "memory-backend-file,id=ram,size=${MIB}M,mem-path=$img,share=off" \
+        -qmp "unix:$WORK/src.qmp,server=on,wait=off" >/dev/null 2>&1 &
+    local qs=$!
+    qemu-system-x86_64 "${common[@]}" \
+        -object "memory-backend-ram,id=ram,size=${MIB}M" -incoming defer \
+        -qmp "unix:$WORK/dst.qmp,server=on,wait=off" >/dev/null 2>&1 &
+    local qd=$!
+    python3 - "$WORK/src.qmp" "$WORK/dst.qmp" "$port" <<'PY'
+import json, socket, sys, time
+def qmp(path):
+    for _ in range(200):
+        try:
+            s = socket.socket(socket.AF_UNIX); s.connect(path); break
+        except OSError:
+            time.sleep(0.05)
+    f = s.makefile("rw")
+    json.loads(f.readline())
+    def cmd(name, **args):
+        f.write(json.dumps({"execute": name, "arguments": args}) + "\n"); f.flush()
+        while True:
+            r = json.loads(f.readline())
+            if "return" in r: return r["return"]
+            if "error" in r: raise SystemExit(f"{name}: {r['error']}")
+    cmd("qmp_capabilities")
+    return cmd
+src, dst, port = qmp(sys.argv[1]), qmp(sys.argv[2]), sys.argv[3]
+for c in (src, dst):
+    c("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+    c("migrate-set-parameters", **{"multifd-channels": 4, "multifd-compression": "zstd",
+                                   "max-bandwidth": 1 << 40})
+dst("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+src("migrate", uri=f"tcp:127.0.0.1:{port}")
+while True:
+    q = src("query-migrate")
+    if q.get("status") == "completed": break
+    if q.get("status") in ("failed", "cancelled"): raise SystemExit(f"qemu migration {q}")
+    time.sleep(0.02)
+ram = q["ram"]
+print(q["total-time"], ram["transferred"], ram["normal-bytes"])
+PY
+    kill "$qs" "$qd" 2>/dev/null; wait "$qs" "$qd" 2>/dev/null || true
+}
+
+# Runs a row REPS times and prints it.
+row() { # label image cmd...
+    local label=$1 img=$2; shift 2
+    local lines=()
+    for _ in $(seq "$REPS"); do
+        lines+=("$("$@")")
+    done
+    # The run with the median time.
+    local med
+    med=$(printf '%s\n' "${lines[@]}" | sort -n -k1,1 | awk '{ v[NR] = $0 } END { print v[int((NR + 1) / 2)] }')
+    local all
+    all=$(printf '%s\n' "${lines[@]}" | awk '{ printf "%s%.2f", (NR > 1 ? "/" : ""), $1 / 1000 }')
+    read -r ms wire payload <<<"$med"
+    python3 -c "
+ms, wire, payload, gb = $ms, $wire, $payload, $MIB * 2**20
+print(f'{\"$label\":<34} {\"$(basename "$img" .img)\":<7} {ms/1e3:7.2f} s {gb/ms/1e3:8.0f} MB/s {wire/1e6:9.1f} MB {payload/max(wire,1):6.2f}   ($all s)')"
+}
+
+header() {
+    echo
+    echo "== $1"
+    printf '%-34s %-7s %9s %13s %12s %6s   %s\n' option image time "effective" "on the wire" ratio "runs"
+}
+
+header "loopback"
+for img in mix random zero; do
+    f="$WORK/$img.img"
+    row "ferry tcp" "$f" ferry_once "" 127.0.0.1:16600 "$f" --performance-option tcp
+    row "ferry compression lz4" "$f" ferry_once "" 127.0.0.1:16600 "$f" --compression lz4
+    row "ferry compression zstd:1" "$f" ferry_once "" 127.0.0.1:16600 "$f" --compression zstd:1
+    if [ "${SKIP_QEMU:-0}" != 1 ]; then
+        row "qemu 7.2 multifd 4 + zstd" "$f" qemu_once "$f"
+    fi
+done
+
+if [ "${SKIP_SHAPED:-0}" != 1 ]; then
+    ip netns add "$NS_A"
+    ip netns add "$NS_B"
+    ip link add fb-a netns "$NS_A" type veth peer name fb-b netns "$NS_B"
+    ip -n "$NS_A" addr add "$ADDR_A/30" dev fb-a
+    ip -n "$NS_B" addr add "$ADDR_B/30" dev fb-b
+    for n in "$NS_A:fb-a" "$NS_B:fb-b"; do
+        ip -n "${n%%:*}" link set lo up
+        ip -n "${n%%:*}" link set "${n#*:}" up
+        ip netns exec "${n%%:*}" tc qdisc replace dev "${n#*:}" root tbf rate 1gbit burst 256kb latency 10ms
+    done
+    header "one veth link shaped to 1 Gbit/s (tc tbf) between two namespaces"
+    for img in mix random zero; do
+        f="$WORK/$img.img"
+        row "ferry tcp" "$f" ferry_once ns "$ADDR_B:6600" "$f" --performance-option tcp
+        row "ferry compression lz4" "$f" ferry_once ns "$ADDR_B:6600" "$f" --compression lz4
+        row "ferry compression zstd:1" "$f" ferry_once ns "$ADDR_B:6600" "$f" --compression zstd:1
+    done
+fi
+echo
+echo "time: connect to Committed, including both sides' memory digests; effective = guest bytes / time"
