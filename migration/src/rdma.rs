@@ -30,7 +30,9 @@ use crate::memory::{DestMemory, SourceMemory};
 /// run here (said before anything is sent).
 pub fn source_endpoints() -> Result<Vec<RdmaEndpoint>> {
     let eps = local_endpoints().map_err(|e| {
-        MigrationError::Config(format!("--performance-option rdma: this host cannot do RDMA: {e}"))
+        MigrationError::Config(format!(
+            "--performance-option rdma: this host cannot do RDMA: {e}"
+        ))
     })?;
     if eps.is_empty() {
         return Err(MigrationError::Config(

@@ -192,7 +192,8 @@ fn regions_in_layout_order<B: Bitmap + Send + Sync + 'static>(
     mem: &Arc<GuestMemoryMmap<B>>,
     layout: &MemoryLayout,
 ) -> Result<Vec<GuestRegion<B>>> {
-    let mut all: Vec<Option<GuestRegion<B>>> = GuestRegion::all(mem).into_iter().map(Some).collect();
+    let mut all: Vec<Option<GuestRegion<B>>> =
+        GuestRegion::all(mem).into_iter().map(Some).collect();
     layout
         .regions
         .iter()
@@ -210,7 +211,10 @@ fn regions_in_layout_order<B: Bitmap + Send + Sync + 'static>(
 
 /// Index of the layout region holding `gpa` and the offset into it.
 fn locate(layout: &MemoryLayout, gpa: u64) -> Option<(usize, u64)> {
-    let i = layout.regions.partition_point(|r| r.gpa <= gpa).checked_sub(1)?;
+    let i = layout
+        .regions
+        .partition_point(|r| r.gpa <= gpa)
+        .checked_sub(1)?;
     let r = &layout.regions[i];
     (gpa - r.gpa < r.size).then_some((i, gpa - r.gpa))
 }
@@ -221,7 +225,9 @@ fn register_all<B: Bitmap + Send + Sync + 'static>(
     mem: &Arc<GuestMemoryMmap<B>>,
     layout: &MemoryLayout,
     device: &str,
-    register: impl Fn(GuestRegion<B>) -> std::result::Result<Arc<MemoryRegion<GuestRegion<B>>>, RdmaError>,
+    register: impl Fn(
+        GuestRegion<B>,
+    ) -> std::result::Result<Arc<MemoryRegion<GuestRegion<B>>>, RdmaError>,
 ) -> Result<Vec<Arc<MemoryRegion<GuestRegion<B>>>>> {
     regions_in_layout_order(mem, layout)?
         .into_iter()
@@ -294,8 +300,8 @@ impl<B: Bitmap + Send + Sync + 'static> Pair<B> {
                 .as_volatile_slice()
                 .read_slice(&mut buf, slot * ACK_BYTES)
                 .map_err(|e| format!("reading ack slot {slot}: {e}"))?;
-            let (seq, status) = AckFrame::decode(&buf[..c.byte_len as usize])
-                .map_err(|e| e.to_string())?;
+            let (seq, status) =
+                AckFrame::decode(&buf[..c.byte_len as usize]).map_err(|e| e.to_string())?;
             if status != AckStatus::Landed {
                 return Err(format!("destination refused chunk {seq}: {status:?}"));
             }
@@ -307,8 +313,8 @@ impl<B: Bitmap + Send + Sync + 'static> Pair<B> {
             } else {
                 return Err(format!("ack for chunk {seq}, which is not in flight here"));
             }
-            let seg = Segment::new(&self.acks, slot * ACK_BYTES, ACK_BYTES)
-                .map_err(|e| e.to_string())?;
+            let seg =
+                Segment::new(&self.acks, slot * ACK_BYTES, ACK_BYTES).map_err(|e| e.to_string())?;
             self.conn
                 .as_mut()
                 .ok_or("closed")?
@@ -450,7 +456,11 @@ impl<B: Bitmap + 'static> std::fmt::Debug for RdmaSender<B> {
         f.debug_struct("RdmaSender")
             .field(
                 "channels",
-                &self.pairs.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+                &self
+                    .pairs
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>(),
             )
             .field("lost", &format_args!("{:#x}", self.lost))
             .finish_non_exhaustive()
@@ -486,7 +496,10 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaSender<B> {
                 lost |= 1 << index;
                 continue;
             };
-            let name = format!("{} {} -> {} {dst}", from.device, from.addr, ch.endpoint.device);
+            let name = format!(
+                "{} {} -> {} {dst}",
+                from.device, from.addr, ch.endpoint.device
+            );
             let conn = match connect_retrying(SocketAddr::new(from.addr, 0), dst, timeout).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -578,7 +591,10 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaSender<B> {
     fn no_channel_left(&self) -> TransportError {
         TransportError::Invalid {
             field: "RDMA channels",
-            detail: format!("no RDMA channel left; the last one failed: {}", self.last_error),
+            detail: format!(
+                "no RDMA channel left; the last one failed: {}",
+                self.last_error
+            ),
         }
     }
 
@@ -641,29 +657,37 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaSender<B> {
     async fn wait_any(&mut self) -> Result<()> {
         let timeout = self.timeout;
         let woke = {
-            type Wait<'a> = Pin<Box<dyn Future<Output = (usize, std::result::Result<usize, RdmaError>)> + Send + 'a>>;
+            type Wait<'a> = Pin<
+                Box<
+                    dyn Future<Output = (usize, std::result::Result<usize, RdmaError>)> + Send + 'a,
+                >,
+            >;
             let mut waits: Vec<Wait<'_>> = Vec::new();
             for (i, p) in self.pairs.iter_mut().enumerate() {
                 if let Some(conn) = p.conn.as_mut() {
                     let wcs = &mut p.wcs;
-                    waits.push(Box::pin(async move { (i, conn.poll_completions(wcs).await) }));
+                    waits.push(Box::pin(
+                        async move { (i, conn.poll_completions(wcs).await) },
+                    ));
                 }
             }
             if waits.is_empty() {
                 None
             } else {
-                Some(tokio::time::timeout(
-                timeout,
-                std::future::poll_fn(|cx| {
-                    for w in waits.iter_mut() {
-                        if let Poll::Ready(v) = w.as_mut().poll(cx) {
-                            return Poll::Ready(v);
-                        }
-                    }
-                    Poll::Pending
-                }),
-            )
-            .await)
+                Some(
+                    tokio::time::timeout(
+                        timeout,
+                        std::future::poll_fn(|cx| {
+                            for w in waits.iter_mut() {
+                                if let Poll::Ready(v) = w.as_mut().poll(cx) {
+                                    return Poll::Ready(v);
+                                }
+                            }
+                            Poll::Pending
+                        }),
+                    )
+                    .await,
+                )
             }
         };
         let Some(woke) = woke else {
@@ -682,7 +706,9 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaSender<B> {
         }
         for i in 0..self.pairs.len() {
             let p = &mut self.pairs[i];
-            let Some(conn) = p.conn.as_mut() else { continue };
+            let Some(conn) = p.conn.as_mut() else {
+                continue;
+            };
             let r = match conn.try_poll_completions(&mut p.wcs) {
                 Ok(_) => p.process(),
                 Err(e) => Err(e.to_string()),
@@ -712,7 +738,9 @@ impl<B: Bitmap + Send + Sync + 'static> Transport for RdmaSender<B> {
     }
 
     async fn send(&mut self, chunk: Chunk) -> Result<()> {
-        if chunk.runs.len() > MAX_RUNS as usize || chunk.payload_bytes() > u64::from(wire::MAX_CHUNK_PAYLOAD) {
+        if chunk.runs.len() > MAX_RUNS as usize
+            || chunk.payload_bytes() > u64::from(wire::MAX_CHUNK_PAYLOAD)
+        {
             return Err(TransportError::TooLarge {
                 field: "chunk",
                 len: chunk.payload_bytes(),
@@ -994,7 +1022,11 @@ async fn receive_channel<B: Bitmap + Send + Sync + 'static>(
     let mut conn = match tokio::time::timeout(timeout, l.listener.accept()).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Ok(ChannelEnd::Lost(format!("{name}: accept failed: {e}"))),
-        Err(_) => return Ok(ChannelEnd::Lost(format!("{name}: no connection within {timeout:?}"))),
+        Err(_) => {
+            return Ok(ChannelEnd::Lost(format!(
+                "{name}: no connection within {timeout:?}"
+            )))
+        }
     };
     let lost = |e: RdmaError| Ok(ChannelEnd::Lost(format!("{name}: {e}")));
     let setup = |e: RdmaError| rdma_err(format!("cannot set up RDMA channel {name}"), e);
@@ -1045,7 +1077,8 @@ async fn receive_channel<B: Bitmap + Send + Sync + 'static>(
                     what: "RDMA descriptor",
                     detail: e.to_string(),
                 })?;
-            let (seq, mask) = land_descriptor(&buf[..len], &layout, &*mem, &counters, &mut max_round)?;
+            let (seq, mask) =
+                land_descriptor(&buf[..len], &layout, &*mem, &counters, &mut max_round)?;
             if let Some(m) = mask {
                 end = Some(m);
             }
@@ -1098,10 +1131,12 @@ fn land_descriptor<B: Bitmap + Send + Sync + 'static>(
         });
     }
     let table_len = h.run_count.get() as usize * 16;
-    let table = bytes.get(32..32 + table_len).ok_or(TransportError::Malformed {
-        what: "RDMA descriptor",
-        detail: format!("{} bytes for {} runs", bytes.len(), h.run_count.get()),
-    })?;
+    let table = bytes
+        .get(32..32 + table_len)
+        .ok_or(TransportError::Malformed {
+            what: "RDMA descriptor",
+            detail: format!("{} bytes for {} runs", bytes.len(), h.run_count.get()),
+        })?;
     let crc = crc32fast::hash(table);
     if crc != h.crc32.get() {
         return Err(TransportError::CrcMismatch {
@@ -1165,7 +1200,8 @@ mod tests {
             std::fs::write(port.join("gid_attrs/ndevs").join(i), format!("{nd}\n")).unwrap();
         }
         // 10.77.10.0/24 on eth1, a default route via eth0.
-        let routes = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+        let routes =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
                       eth0\t00000000\t0102A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
                       eth1\t000A4D0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
         let eps = endpoints_from_sysfs(&root, routes, &["rxe0".into(), "missing0".into()]);
@@ -1179,7 +1215,10 @@ mod tests {
                 port: 0,
             }]
         );
-        assert_eq!(route_prefix(routes, "eth0", "10.77.10.1".parse().unwrap()), 0);
+        assert_eq!(
+            route_prefix(routes, "eth0", "10.77.10.1".parse().unwrap()),
+            0
+        );
     }
 
     #[test]
@@ -1215,14 +1254,22 @@ mod tests {
         };
         let mem: GuestMemoryMmap<()> =
             GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 16 * 4096)]).unwrap();
-        mem.write_slice(&[0xaa; 4096], vm_memory::GuestAddress(4096)).unwrap();
+        mem.write_slice(&[0xaa; 4096], vm_memory::GuestAddress(4096))
+            .unwrap();
         let counters = RecvCounters::default();
         let desc = |runs: &[PageRun], payload: u32, round: u32| {
             let table: Vec<u8> = runs
                 .iter()
                 .flat_map(|r| RunDesc::from_run(r).as_bytes().to_vec())
                 .collect();
-            let h = ChunkHeader::pages(7, round, runs.len() as u32, payload, 0, crc32fast::hash(&table));
+            let h = ChunkHeader::pages(
+                7,
+                round,
+                runs.len() as u32,
+                payload,
+                0,
+                crc32fast::hash(&table),
+            );
             let mut b = h.as_bytes().to_vec();
             b.extend_from_slice(&table);
             b
@@ -1245,7 +1292,8 @@ mod tests {
             (7, None)
         );
         let mut page = [1u8; 4096];
-        mem.read_slice(&mut page, vm_memory::GuestAddress(4096)).unwrap();
+        mem.read_slice(&mut page, vm_memory::GuestAddress(4096))
+            .unwrap();
         assert!(page.iter().all(|&b| b == 0));
         assert_eq!(counters.payload_bytes.load(Ordering::Relaxed), 4096);
         // Payload length that does not match the runs.

@@ -139,7 +139,10 @@ pub fn shared_endpoints(ours: &[RdmaEndpoint], theirs: &[RdmaEndpoint]) -> Vec<R
 /// For each destination channel, the local endpoint to connect from: the
 /// least used one on the same subnet. `None` where no local endpoint shares
 /// the channel's subnet.
-pub fn pair_channels(local: &[RdmaEndpoint], channels: &[RdmaChannel]) -> Vec<Option<RdmaEndpoint>> {
+pub fn pair_channels(
+    local: &[RdmaEndpoint],
+    channels: &[RdmaChannel],
+) -> Vec<Option<RdmaEndpoint>> {
     let mut uses = vec![0usize; local.len()];
     channels
         .iter()
