@@ -12,8 +12,10 @@
 //! 2. otherwise, if the socket's send queue is about to run dry (fewer
 //!    unacknowledged bytes than the link drains in [`IDLE_MARGIN`]; the drain
 //!    rate is measured from bytes written and the queue depth), the oldest
-//!    chunk no worker has started, raw and zero-copy, so the link never
-//!    idles while a core compresses;
+//!    chunk no worker has started, raw and zero-copy, unless the next worker
+//!    result is due sooner than the link time compressing that chunk would
+//!    save (from the workers' measured speed and ratio): the link waits on a
+//!    core only when waiting pays;
 //! 3. otherwise it waits for either (a worker result, an acknowledgement, or
 //!    a 1 ms tick) and decides again.
 //!
@@ -490,6 +492,25 @@ struct PoolState {
     streak: u32,
     /// Frame buffers to reuse.
     spare: Vec<Vec<u8>>,
+    /// Jobs being compressed: sequence number, start, page bytes.
+    busy: Vec<(u64, Instant, u64)>,
+    /// Moving averages of a worker's seconds per page byte, and of wire
+    /// bytes per page byte (1 for chunks that went raw).
+    secs_per_byte: f64,
+    wire_per_byte: f64,
+}
+
+impl PoolState {
+    /// When the next worker result is expected, from now.
+    fn next_result_in(&self, now: Instant) -> f64 {
+        self.busy
+            .iter()
+            .map(|&(_, start, bytes)| {
+                self.secs_per_byte * bytes as f64 - now.duration_since(start).as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+            .max(0.0)
+    }
 }
 
 #[derive(Default)]
@@ -526,12 +547,15 @@ fn worker<M: GuestMem>(pool: Arc<Pool>, mem: Arc<M>, spec: CompressionSpec) {
                 }
                 if let Some(j) = st.queue.pop_front() {
                     let buf = st.spare.pop().unwrap_or_default();
+                    st.busy
+                        .push((j.chunk.seq, Instant::now(), j.chunk.payload_bytes()));
                     break (j, st.streak > 0, buf);
                 }
                 st = pool.work.wait(st).unwrap_or_else(|e| e.into_inner());
             }
         };
         let seq = job.chunk.seq;
+        let (started, bytes) = (Instant::now(), job.chunk.payload_bytes());
         let out = match enc.as_mut() {
             None => None,
             Some(e) => {
@@ -549,6 +573,19 @@ fn worker<M: GuestMem>(pool: Arc<Pool>, mem: Arc<M>, spec: CompressionSpec) {
             }
         };
         let mut st = pool.lock();
+        if let Some(i) = st.busy.iter().position(|&(s, _, _)| s == seq) {
+            st.busy.swap_remove(i);
+        }
+        let spb = started.elapsed().as_secs_f64() / bytes.max(1) as f64;
+        let wpb = out.map_or(1.0, |len| len as f64 / bytes.max(1) as f64);
+        (st.secs_per_byte, st.wire_per_byte) = if st.secs_per_byte == 0.0 {
+            (spb, wpb)
+        } else {
+            (
+                0.7 * st.secs_per_byte + 0.3 * spb,
+                0.7 * st.wire_per_byte + 0.3 * wpb,
+            )
+        };
         match out {
             Some(len) => {
                 st.streak = 0;
@@ -687,7 +724,19 @@ impl<M: GuestMem> CompressSender<M> {
                 None => {}
             }
             if self.adaptive && self.link_about_to_idle() {
-                let job = self.pool.lock().queue.pop_front();
+                let job = {
+                    let mut st = self.pool.lock();
+                    let saves = st.queue.front().map_or(0.0, |j| {
+                        // Link time compressing the chunk would save.
+                        let bytes = j.chunk.payload_bytes() as f64;
+                        bytes * (1.0 - st.wire_per_byte).max(0.0) / self.link.rate.max(1.0)
+                    });
+                    if st.next_result_in(Instant::now()) >= saves {
+                        st.queue.pop_front()
+                    } else {
+                        None
+                    }
+                };
                 if let Some(job) = job {
                     self.pending.remove(&job.chunk.seq);
                     return self.send_raw(job.chunk, RawWhy::LinkIdle).await;
