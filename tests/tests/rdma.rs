@@ -1,0 +1,144 @@
+//! The RDMA option on a host without RDMA (every CI host; the real RDMA
+//! runs are in ci/softroce/ferry-suite.sh): clear errors before any page
+//! moves, and `auto` falling back to compression. On a host that does have
+//! an RDMA device these tests skip loudly.
+
+use std::time::Duration;
+
+use ferry_tests::{free_port, key_file, listen, offer, Proc};
+use ferry_transport::auth::AuthKey;
+use ferry_transport::conn::Conn;
+use ferry_transport::proto::{Msg, PerformanceOption, RejectReason};
+use ferry_transport::rdma_wire::{RdmaEndpoint, RdmaOffer};
+
+const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+/// True (and says so) when this host has RDMA devices, where these tests
+/// do not apply.
+fn host_has_rdma() -> bool {
+    let has = std::fs::read_dir("/sys/class/infiniband")
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    if has {
+        eprintln!("SKIPPED RDMA-LESS HOST TEST: this host has RDMA devices");
+    }
+    has
+}
+
+#[test]
+fn rdma_without_a_device_fails_before_connecting() {
+    if host_has_rdma() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    // Nothing listens there: an attempt to connect would say so.
+    let to = format!("127.0.0.1:{}", free_port());
+    let out = Proc::start(&[
+        "send",
+        "--to",
+        &to,
+        "--auth-key-file",
+        key.to_str().unwrap(),
+        "--memory",
+        "16MiB",
+        "--performance-option",
+        "rdma",
+    ])
+    .wait(Duration::from_secs(30));
+    assert!(!out.status.success(), "{}", out.all());
+    let all = out.all();
+    assert!(all.contains("this host cannot do RDMA"), "{all}");
+    assert!(all.contains("RDMA unavailable"), "{all}");
+    assert!(
+        !all.contains("cannot connect"),
+        "it must fail before connecting: {all}"
+    );
+    assert!(all.contains("guest keeps running"), "{all}");
+}
+
+#[test]
+fn destination_without_rdma_rejects_the_option_before_allocating() {
+    if host_has_rdma() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let (dest, addr) = listen(&key, &[]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (reason, message) = rt.block_on(async {
+        let mut c = Conn::new(
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+            Duration::from_secs(10),
+        );
+        c.client_handshake(&AuthKey::from_file(&key).unwrap())
+            .await
+            .unwrap();
+        let mut o = offer(1 << 30);
+        o.option = PerformanceOption::Rdma;
+        c.send(&Msg::Offer(o)).await.unwrap();
+        c.send(&Msg::RdmaOffer(RdmaOffer {
+            endpoints: vec![RdmaEndpoint {
+                addr: "10.77.10.2".parse().unwrap(),
+                prefix: 24,
+                device: "rxe0".into(),
+                port: 0,
+            }],
+        }))
+        .await
+        .unwrap();
+        match c.recv("answer").await.unwrap() {
+            Msg::Reject { reason, message } => (reason, message),
+            m => panic!("expected Reject, got {m:?}"),
+        }
+    });
+    assert_eq!(reason, RejectReason::Option, "{message}");
+    assert!(message.contains("cannot do RDMA"), "{message}");
+    let out = dest.wait(Duration::from_secs(20));
+    assert!(!out.status.success(), "{}", out.all());
+}
+
+#[test]
+fn auto_without_rdma_falls_back_to_compression_and_says_so() {
+    if host_has_rdma() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let (dest, addr) = listen(&key, &[]);
+    let json = dir.path().join("summary.json");
+    let src = Proc::start(&[
+        "send",
+        "--to",
+        &addr.to_string(),
+        "--auth-key-file",
+        key.to_str().unwrap(),
+        "--memory",
+        "32MiB",
+        "--dirty-rate",
+        "4MB/s",
+        "--performance-option",
+        "auto",
+        "--json",
+        json.to_str().unwrap(),
+    ])
+    .wait(Duration::from_secs(120));
+    let dest = dest.wait(Duration::from_secs(30));
+    assert!(src.status.success(), "source failed: {}", src.all());
+    assert!(dest.status.success(), "destination failed: {}", dest.all());
+    assert!(
+        src.all().contains("auto: chose compression"),
+        "{}",
+        src.all()
+    );
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(s["digest_verified"], true);
+    assert!(
+        s["option"].to_string().contains("Compression"),
+        "{}",
+        s["option"]
+    );
+}
