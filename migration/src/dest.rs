@@ -393,7 +393,12 @@ impl Receive<'_> {
         let mut rdma_task = JoinSet::new();
         #[cfg(feature = "rdma")]
         if let Some(r) = self.rdma.lock().expect("rdma").take() {
-            rdma_task.spawn(r.receive(layout.clone(), self.mem.clone(), counters.clone(), self.timeout));
+            rdma_task.spawn(r.receive(
+                layout.clone(),
+                self.mem.clone(),
+                counters.clone(),
+                self.timeout,
+            ));
         }
         let recv_opts = RecvOptions {
             codec: match self.offer.option {
@@ -449,7 +454,11 @@ impl Receive<'_> {
         if let Ok(next) = tokio::time::timeout(self.timeout, rdma_task.join_next()).await {
             match next {
                 Some(Ok(r)) => r?,
-                Some(Err(e)) => return Err(MigrationError::Guest(format!("RDMA receive task failed: {e}"))),
+                Some(Err(e)) => {
+                    return Err(MigrationError::Guest(format!(
+                        "RDMA receive task failed: {e}"
+                    )))
+                }
                 None => {}
             }
         } else {

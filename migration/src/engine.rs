@@ -341,7 +341,11 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             };
             let result = run.precopy_and_switch(&mut t, &layout, started).await;
             if result.is_err() && !run.commit_sent {
-                let e = result.as_ref().err().map(ToString::to_string).unwrap_or_default();
+                let e = result
+                    .as_ref()
+                    .err()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
                 run.conn.abort(&e).await;
                 if run.paused_at.is_some() {
                     self.guest.resume()?;
