@@ -15,7 +15,9 @@
 //!    chunk no worker has started, raw and zero-copy, unless the next worker
 //!    result is due sooner than the link time compressing that chunk would
 //!    save (from the workers' measured speed and ratio): the link waits on a
-//!    core only when waiting pays;
+//!    core only when waiting pays. While recent chunks did not shrink, the
+//!    sender does not wait at all and leaves workers only the chunks needed
+//!    to notice when memory becomes compressible again;
 //! 3. otherwise it waits for either (a worker result, an acknowledgement, or
 //!    a 1 ms tick) and decides again.
 //!
@@ -63,14 +65,15 @@ use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
 /// of its bytes; below that, decompression on the destination costs more
 /// than the link time saved.
 pub const MIN_SAVING_DIVISOR: usize = 8;
-/// The sender sends a chunk raw rather than wait for a worker when the link
-/// would otherwise drain its queue within this time (the wait loop wakes at
-/// least once a millisecond).
-pub const IDLE_MARGIN: Duration = Duration::from_millis(1);
+/// The sender considers sending a chunk raw rather than wait for a worker
+/// when the link would otherwise drain its queue within this time (the wait
+/// loop wakes at least once a millisecond; scheduling on a busy host adds
+/// more).
+pub const IDLE_MARGIN: Duration = Duration::from_millis(4);
 /// Lower bound of the "about to go idle" send-queue depth (about 0.5 ms at 1 Gbit/s).
 const MIN_IDLE_QUEUE: f64 = 64.0 * 1024.0;
 /// Upper bound of it.
-const MAX_IDLE_QUEUE: f64 = 4.0 * 1024.0 * 1024.0;
+const MAX_IDLE_QUEUE: f64 = 8.0 * 1024.0 * 1024.0;
 /// Shortest window over which the link's drain rate is measured.
 const RATE_WINDOW: Duration = Duration::from_millis(20);
 /// Nice value of the worker threads.
@@ -723,7 +726,16 @@ impl<M: GuestMem> CompressSender<M> {
                 }
                 None => {}
             }
-            if self.adaptive && self.link_about_to_idle() {
+            let incompressible = {
+                let st = self.pool.lock();
+                // Recent chunks did not shrink and a worker is measuring the
+                // next one: nothing to wait for, send as plain TCP would.
+                st.secs_per_byte > 0.0
+                    && st.wire_per_byte * MIN_SAVING_DIVISOR as f64
+                        > (MIN_SAVING_DIVISOR - 1) as f64
+                    && !st.busy.is_empty()
+            };
+            if self.adaptive && (incompressible || self.link_about_to_idle()) {
                 let job = {
                     let mut st = self.pool.lock();
                     let saves = st.queue.front().map_or(0.0, |j| {
