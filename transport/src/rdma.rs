@@ -300,8 +300,8 @@ impl<B: Bitmap + Send + Sync + 'static> Pair<B> {
                 .as_volatile_slice()
                 .read_slice(&mut buf, slot * ACK_BYTES)
                 .map_err(|e| format!("reading ack slot {slot}: {e}"))?;
-            let (seq, status) =
-                AckFrame::decode(&buf[..c.byte_len as usize]).map_err(|e| e.to_string())?;
+            let (seq, status) = AckFrame::decode(&buf[..(c.byte_len as usize).min(ACK_BYTES)])
+                .map_err(|e| e.to_string())?;
             if status != AckStatus::Landed {
                 return Err(format!("destination refused chunk {seq}: {status:?}"));
             }
@@ -615,11 +615,6 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaSender<B> {
             requeued = back.len(),
             "RDMA channel {} failed: {error}; its unacknowledged chunks go to the other channels",
             p.name
-        );
-        eprintln!(
-            "ferry: RDMA channel {} failed ({error}); {} unacknowledged chunks resent on the others",
-            p.name,
-            back.len()
         );
         self.lost |= 1 << p.index;
         self.last_error = format!("{}: {error}", p.name);
