@@ -10,6 +10,8 @@
 //!   transport crate.
 //! * [`net`]: TCP send-queue depth and per-thread nice, which the
 //!   compression option's pipeline steers by.
+//! * [`ifaddrs`]: the host's interface addresses (`getifaddrs`), for
+//!   multichannel discovery.
 //! * `rdma` (feature `rdma`): rdma-core verbs and rdma_cm behind safe types.
 //!
 //! Every `unsafe` block carries a `// SAFETY:` comment (enforced by
@@ -18,6 +20,7 @@
 //! [`VolatileSlice`]: vm_memory::VolatileSlice
 #![warn(missing_docs)]
 
+pub mod ifaddrs;
 pub mod net;
 #[cfg(feature = "rdma")]
 pub mod rdma;
