@@ -22,7 +22,8 @@
 //! Nothing on the destination becomes live before `Commit`; every failure
 //! drops the guest memory and releases the migration slot.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,6 +31,7 @@ use std::time::{Duration, Instant};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::compress::CompressionSpec;
 use ferry_transport::conn::{negotiate, Conn};
+use ferry_transport::multichannel::Cidr;
 use ferry_transport::proto::{Accept, Msg, Offer, PerformanceOption, RejectReason, Role};
 use ferry_transport::tcp::{receive_channel_with, RecvCounters, RecvOptions};
 use ferry_transport::wire::Codec;
@@ -43,6 +45,7 @@ use tokio::task::JoinSet;
 use crate::digest::{hex, memory_digest};
 use crate::error::{MigrationError, Result};
 use crate::memory::{dest_memory, DestMemory};
+use crate::nics;
 
 /// Destination settings.
 #[derive(Debug, Clone)]
@@ -56,6 +59,10 @@ pub struct ListenOptions {
     pub timeout: Duration,
     /// Simultaneous incoming migrations.
     pub max_concurrent: usize,
+    /// Networks data channels may use (`--migration-network`): only
+    /// interfaces inside them are advertised, and a data channel arriving
+    /// on another local address is refused. Empty: every network.
+    pub migration_networks: Vec<Cidr>,
 }
 
 /// Called after `Commit` with the guest's memory and device state: this is
@@ -130,6 +137,13 @@ impl Destination {
         listener: TcpListener,
         outcomes: mpsc::UnboundedSender<Outcome>,
     ) -> Result<()> {
+        let listen_ip = listener
+            .local_addr()
+            .map(|a| a.ip())
+            .map_err(|e| TransportError::Io {
+                context: "reading the listening address".into(),
+                source: e,
+            })?;
         loop {
             let (stream, addr) = listener.accept().await.map_err(|e| TransportError::Io {
                 context: "accepting a connection".into(),
@@ -138,7 +152,7 @@ impl Destination {
             let me = self.clone();
             let out = outcomes.clone();
             tokio::spawn(async move {
-                if let Some(result) = me.handle(stream).await {
+                if let Some(result) = me.handle(stream, listen_ip).await {
                     let _ = out.send(Outcome {
                         peer: addr.to_string(),
                         result,
@@ -150,7 +164,12 @@ impl Destination {
 
     /// Handles one connection. Returns `None` for data channels and for
     /// connections that never became a migration attempt.
-    async fn handle(self: Arc<Self>, stream: TcpStream) -> Option<Result<DestSummary>> {
+    async fn handle(
+        self: Arc<Self>,
+        stream: TcpStream,
+        listen_ip: IpAddr,
+    ) -> Option<Result<DestSummary>> {
+        let local = stream.local_addr().ok();
         let mut conn = Conn::new(stream, self.opts.timeout);
         let hello = conn.recv("the hello").await;
         let (min, max, role, nonce) = match hello {
@@ -183,6 +202,24 @@ impl Destination {
         };
         match role {
             Role::Data => {
+                let nets = &self.opts.migration_networks;
+                if !local.is_some_and(|l| nics::allowed(nets, l.ip())) {
+                    let e = conn
+                        .reject(
+                            RejectReason::Network,
+                            format!(
+                                "data channel to {} refused: not in --migration-network {}",
+                                local.map_or("?".into(), |l| l.ip().to_string()),
+                                nets.iter()
+                                    .map(ToString::to_string)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        )
+                        .await;
+                    tracing::warn!(peer = conn.peer(), "{e}");
+                    return None;
+                }
                 let tx = self.pending.lock().expect("pending").get(&nonce).cloned();
                 match tx {
                     Some(tx) => {
@@ -202,7 +239,7 @@ impl Destination {
                 }
                 None
             }
-            Role::Control => Some(self.session(conn, nonce, version).await),
+            Role::Control => Some(self.session(conn, nonce, version, listen_ip).await),
         }
     }
 
@@ -254,6 +291,7 @@ impl Destination {
         mut conn: Conn,
         nonce_s: [u8; 32],
         version: u16,
+        listen_ip: IpAddr,
     ) -> Result<DestSummary> {
         let started = Instant::now();
         let _permit = match self.slots.clone().try_acquire_owned() {
@@ -317,11 +355,22 @@ impl Destination {
             bytes = offer.layout.total_bytes(),
             "offer accepted"
         );
+        let local = nics::discover().unwrap_or_else(|e| {
+            tracing::warn!("{e}; advertising no interface");
+            Vec::new()
+        });
+        let interfaces = nics::advertised(&local, &self.opts.migration_networks, listen_ip);
+        tracing::info!(
+            migration_id,
+            interfaces = ?interfaces.iter().map(|i| i.addr).collect::<Vec<_>>(),
+            "advertising data-channel interfaces"
+        );
         let accepted = conn
             .send(&Msg::Accept(Accept {
                 migration_id,
                 data_token: token,
                 max_chunk: MAX_CHUNK_PAYLOAD,
+                interfaces,
             }))
             .await;
         #[cfg(feature = "rdma")]
@@ -367,6 +416,58 @@ impl Destination {
     }
 }
 
+/// The data channels of one incoming migration, by the source's address.
+#[derive(Default)]
+struct DataChannels {
+    set: JoinSet<ferry_transport::Result<()>>,
+    by_task: HashMap<tokio::task::Id, SocketAddr>,
+    live: HashMap<SocketAddr, tokio::task::AbortHandle>,
+    /// Channels the source declared lost: never (re)started.
+    fenced: HashSet<SocketAddr>,
+    opened: u16,
+    ended: u16,
+}
+
+impl DataChannels {
+    /// Starts receiving on `stream` with `recv`, unless it was fenced.
+    fn start<F, Fut>(&mut self, stream: TcpStream, recv: F)
+    where
+        F: FnOnce(TcpStream) -> Fut,
+        Fut: std::future::Future<Output = ferry_transport::Result<()>> + Send + 'static,
+    {
+        let Ok(peer) = stream.peer_addr() else {
+            return;
+        };
+        if self.fenced.contains(&peer) {
+            tracing::warn!(%peer, "data channel arrived after it was fenced: dropped");
+            return;
+        }
+        self.opened += 1;
+        let h = self.set.spawn(recv(stream));
+        self.by_task.insert(h.id(), peer);
+        self.live.insert(peer, h);
+    }
+
+    /// Aborts the channel from `peer`; true if it was running (its task
+    /// reports back once it has stopped).
+    fn abort(&mut self, peer: &SocketAddr) -> bool {
+        match self.live.get(peer) {
+            Some(h) => {
+                h.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// No channel is left that is not being fenced.
+    fn none_left(&self, fencing: &Option<(Vec<SocketAddr>, HashSet<SocketAddr>)>) -> bool {
+        self.live.keys().all(|p| {
+            self.fenced.contains(p) || fencing.as_ref().is_some_and(|(_, w)| w.contains(p))
+        })
+    }
+}
+
 struct Receive<'a> {
     offer: &'a Offer,
     mem: &'a Arc<DestMemory>,
@@ -407,25 +508,47 @@ impl Receive<'_> {
                 _ => None,
             },
         };
-        let mut channels = JoinSet::new();
-        let mut opened = 0u16;
-        let mut ended = 0u16;
+        let mut ch = DataChannels::default();
+        let mut fencing: Option<(Vec<SocketAddr>, HashSet<SocketAddr>)> = None;
         let mut switchover = None;
         let mut last_progress = (Instant::now(), 0u64);
         let mut tick = tokio::time::interval(Duration::from_millis(250));
-        // Receive until the source's switchover message and every channel's end frame.
-        while switchover.is_none() || ended < opened || opened == 0 {
+        // Receive until the source's switchover. Every chunk was acknowledged
+        // before it was sent, so whatever a channel still carries then is an
+        // end frame or a fenced channel's stale bytes: all channels are
+        // closed before the digest.
+        while switchover.is_none() {
             tokio::select! {
-                Some(stream) = streams.recv(), if opened < self.offer.channels => {
-                    opened += 1;
+                Some(stream) = streams.recv(), if ch.opened < self.offer.channels => {
                     let (l, m, c) = (layout.clone(), self.mem.clone(), counters.clone());
-                    channels.spawn(async move { receive_channel_with(stream, &l, &*m, &c, recv_opts).await });
+                    ch.start(stream, move |s| async move {
+                        receive_channel_with(s, &l, &*m, &c, recv_opts).await
+                    });
                 }
-                Some(done) = channels.join_next() => {
-                    match done {
-                        Ok(Ok(())) => ended += 1,
-                        Ok(Err(e)) => return Err(e.into()),
+                Some(done) = ch.set.join_next_with_id() => {
+                    let (id, r) = match done {
+                        Ok((id, r)) => (id, Some(r)),
+                        Err(e) if e.is_cancelled() => (e.id(), None),
                         Err(e) => return Err(MigrationError::Guest(format!("data channel task failed: {e}"))),
+                    };
+                    let peer = ch.by_task.remove(&id);
+                    if let Some(p) = peer {
+                        ch.live.remove(&p);
+                    }
+                    match r {
+                        Some(Ok(())) => ch.ended += 1,
+                        // The source fails a channel over to the others; only
+                        // when none is left is the migration lost.
+                        Some(Err(e)) if ch.none_left(&fencing) => return Err(e.into()),
+                        Some(Err(e)) => tracing::warn!(peer = ?peer, "data channel failed, the others carry on: {e}"),
+                        None => {}
+                    }
+                    if let (Some((_, waiting)), Some(p)) = (fencing.as_mut(), peer) {
+                        waiting.remove(&p);
+                    }
+                    if fencing.as_ref().is_some_and(|(_, w)| w.is_empty()) {
+                        let (channels, _) = fencing.take().expect("fencing");
+                        writer.send(&Msg::Fenced { channels }).await?;
                     }
                 }
                 msg = msgs.recv() => {
@@ -434,8 +557,26 @@ impl Receive<'_> {
                             tracing::debug!(round, pages, "round done");
                             last_progress.0 = Instant::now();
                         }
-                        Some(Ok(Msg::Switchover(sw))) if switchover.is_none() => { switchover = Some(sw); last_progress.0 = Instant::now(); }
-                        Some(Ok(m)) => return Err(TransportError::Unexpected { expected: "RoundDone or Switchover", got: m.name().into() }.into()),
+                        Some(Ok(Msg::Fence { channels })) if fencing.is_none() => {
+                            last_progress.0 = Instant::now();
+                            ch.fenced.extend(channels.iter().copied());
+                            // Channels accepted but not started yet: a fenced one is dropped.
+                            while let Ok(stream) = streams.try_recv() {
+                                let (l, m, c) = (layout.clone(), self.mem.clone(), counters.clone());
+                                ch.start(stream, move |s| async move {
+                                    receive_channel_with(s, &l, &*m, &c, recv_opts).await
+                                });
+                            }
+                            let waiting: HashSet<SocketAddr> = channels.iter().copied().filter(|p| ch.abort(p)).collect();
+                            tracing::warn!(?channels, closing = waiting.len(), "source lost data channels: fencing them");
+                            if waiting.is_empty() {
+                                writer.send(&Msg::Fenced { channels }).await?;
+                            } else {
+                                fencing = Some((channels, waiting));
+                            }
+                        }
+                        Some(Ok(Msg::Switchover(sw))) if switchover.is_none() && fencing.is_none() => { switchover = Some(sw); last_progress.0 = Instant::now(); }
+                        Some(Ok(m)) => return Err(TransportError::Unexpected { expected: "RoundDone, Fence or Switchover", got: m.name().into() }.into()),
                         Some(Err(e)) => return Err(e.into()),
                         None => return Err(TransportError::PeerClosed { what: "control" }.into()),
                     }
@@ -450,6 +591,9 @@ impl Receive<'_> {
                 }
             }
         }
+        let (opened, ended) = (ch.opened, ch.ended);
+        ch.set.shutdown().await;
+        tracing::debug!(opened, ended, "data channels closed");
         #[cfg(feature = "rdma")]
         if let Ok(next) = tokio::time::timeout(self.timeout, rdma_task.join_next()).await {
             match next {

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use ferry_ffi::vio;
 use ferry_transport::compress::{CompressConfig, CompressSender, CompressionSpec};
 use ferry_transport::conn::Conn;
+use ferry_transport::multichannel::{ChannelPath, Multichannel, MultichannelConfig};
 use ferry_transport::proto::{
     Msg, Offer, PerformanceOption, Role, Switchover, PROTOCOL_MAX, PROTOCOL_MIN,
 };
@@ -51,6 +52,7 @@ use crate::dirty::{DirtyLog, DirtySet};
 use crate::error::{MigrationError, Result};
 use crate::guest::GuestControl;
 use crate::memory::SourceMemory;
+use crate::nics::{self, MultichannelOptions};
 
 /// Source settings.
 #[derive(Debug, Clone)]
@@ -67,6 +69,8 @@ pub struct SourceOptions {
     pub option: PerformanceOption,
     /// Compression option: worker threads.
     pub compression_workers: usize,
+    /// Data channels: how many, over which interfaces, failover timeout.
+    pub multichannel: MultichannelOptions,
 }
 
 impl Default for SourceOptions {
@@ -78,6 +82,7 @@ impl Default for SourceOptions {
             timeout: Duration::from_secs(30),
             option: PerformanceOption::Tcp,
             compression_workers: CompressConfig::default_workers(),
+            multichannel: MultichannelOptions::default(),
         }
     }
 }
@@ -161,9 +166,21 @@ pub struct Progress {
     pub round_bytes: AtomicU64,
     /// [`Phase`] as u8.
     pub phase: AtomicU8,
+    /// Per-channel counters (bytes, state), refreshed a few times a second.
+    pub channels: std::sync::Mutex<Vec<ChannelStats>>,
 }
 
 impl Progress {
+    /// A snapshot of the per-channel counters.
+    pub fn channels(&self) -> Vec<ChannelStats> {
+        self.channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+    fn set_channels(&self, c: Vec<ChannelStats>) {
+        *self.channels.lock().unwrap_or_else(|e| e.into_inner()) = c;
+    }
     /// Current phase.
     pub fn phase(&self) -> Phase {
         match self.phase.load(Ordering::Relaxed) {
@@ -283,17 +300,23 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 "--performance-option rdma: this ferry was built without the rdma feature".into(),
             ));
         }
-        let mut conn = Conn::new(
-            connect(&self.to, self.opts.timeout).await?,
-            self.opts.timeout,
+        let control = connect(&self.to, self.opts.timeout).await?;
+        let control_path = (
+            control
+                .local_addr()
+                .map_err(|e| TransportError::io("local address", "control", e))?,
+            control
+                .peer_addr()
+                .map_err(|e| TransportError::io("peer address", "control", e))?,
         );
+        let mut conn = Conn::new(control, self.opts.timeout);
         conn.client_handshake(self.key).await?;
         let layout = MemoryLayout::of(&*self.mem);
         conn.send(&Msg::Offer(Offer {
             layout: layout.clone(),
             guest: self.guest.config(),
             option: self.opts.option,
-            channels: 1,
+            channels: self.opts.multichannel.max_channels(),
         }))
         .await?;
         #[cfg(feature = "rdma")]
@@ -356,21 +379,64 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             }
             return result;
         }
-        let data = open_data_channel(&self.to, accept.data_token, self.opts.timeout).await?;
+        let data = match self.open_channels(&accept, control_path).await {
+            Ok(d) => d,
+            Err(e) => {
+                conn.abort(&e.to_string()).await;
+                return Err(e);
+            }
+        };
         let mut run = Run {
             src: self,
             conn: &mut conn,
             paused_at: None,
             commit_sent: false,
         };
-        let (mem, timeout) = (self.mem.clone(), self.opts.timeout);
+        // Each channel's sender times out its acks after the channel
+        // timeout (never longer than the peer timeout), and multichannel
+        // fails a channel over after it.
+        let timeout = self
+            .opts
+            .multichannel
+            .channel_timeout
+            .min(self.opts.timeout);
+        let mc = MultichannelConfig {
+            stall_timeout: timeout,
+            ..Default::default()
+        };
+        let n = data.len();
         let result = match compression {
-            Some(cfg) => match CompressSender::new(data, mem, 0, timeout, cfg) {
-                Ok(mut t) => run.precopy_and_switch(&mut t, &layout, started).await,
-                Err(e) => Err(e.into()),
-            },
+            Some(cfg) => {
+                // One worker pool per channel: share the threads out.
+                let cfg = CompressConfig {
+                    workers: cfg.workers.div_ceil(n).max(1),
+                    ..cfg
+                };
+                let senders: std::result::Result<Vec<_>, _> = data
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (s, path))| {
+                        CompressSender::new(s, self.mem.clone(), i as u16, timeout, cfg)
+                            .map(|t| (t, path))
+                    })
+                    .collect();
+                match senders {
+                    Ok(senders) => {
+                        let mut t = Multichannel::new(senders, mc);
+                        run.precopy_and_switch(&mut t, &layout, started).await
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
             None => {
-                let mut t = TcpSender::new(data, mem, 0, timeout);
+                let senders: Vec<(TcpSender<SourceMemory>, ChannelPath)> = data
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (s, path))| {
+                        (TcpSender::new(s, self.mem.clone(), i as u16, timeout), path)
+                    })
+                    .collect();
+                let mut t = Multichannel::new(senders, mc);
                 run.precopy_and_switch(&mut t, &layout, started).await
             }
         };
@@ -389,6 +455,28 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 Err(e)
             }
         }
+    }
+}
+
+impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
+    /// Pairs interfaces with the destination's and opens the data channels.
+    async fn open_channels(
+        &self,
+        accept: &ferry_transport::proto::Accept,
+        control: (std::net::SocketAddr, std::net::SocketAddr),
+    ) -> Result<Vec<(TcpStream, ChannelPath)>> {
+        let mc = &self.opts.multichannel;
+        let local = nics::discover().unwrap_or_else(|e| {
+            tracing::warn!("{e}; data channels follow the control connection");
+            Vec::new()
+        });
+        let planned = nics::plan(mc, &local, &accept.interfaces, control)?;
+        tracing::info!(
+            planned = planned.len(),
+            offered = accept.interfaces.len(),
+            "opening data channels"
+        );
+        nics::open_channels(&planned, accept.data_token, self.opts.timeout).await
     }
 }
 
@@ -579,6 +667,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             .store(set.count() * PAGE_SIZE, Ordering::Relaxed);
         let mut ready = Vec::new();
         let mut runs = set.runs(max_pages);
+        let mut shown = Instant::now();
         loop {
             let next = runs.next();
             match next {
@@ -595,17 +684,60 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                     .progress
                     .sent_bytes
                     .fetch_add(payload, Ordering::Relaxed);
+                if shown.elapsed() >= Duration::from_millis(100) {
+                    self.src.progress.set_channels(t.stats());
+                    shown = Instant::now();
+                }
             }
             if next.is_none() {
                 break;
             }
         }
-        let flushed = t.flush().await?;
+        let flushed = t.flush().await;
+        self.src.progress.set_channels(t.stats());
+        let flushed = flushed?;
         if !flushed.resend.is_empty() {
             self.src.dirty.restore(&flushed.resend);
         }
+        self.fence_lost_channels(t).await?;
         stats.duration_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok(stats)
+    }
+
+    /// The round barrier held, but channels that failed during the round
+    /// may still have bytes in the network: an older copy of a page than
+    /// the one resent elsewhere. Harmless until the next round begins, so
+    /// before it does the destination must close them and confirm that
+    /// nothing more of theirs can land.
+    async fn fence_lost_channels<T: Transport>(&mut self, t: &mut T) -> Result<()> {
+        let lost = t.lost_channels();
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let channels: Vec<std::net::SocketAddr> = lost.iter().map(|l| l.path.local).collect();
+        for l in &lost {
+            tracing::warn!(
+                channel = l.channel,
+                local = %l.path.local,
+                remote = %l.path.remote,
+                "data channel lost, its chunks went over the others; fencing it: {}",
+                l.error
+            );
+        }
+        self.conn
+            .send(&Msg::Fence {
+                channels: channels.clone(),
+            })
+            .await?;
+        match self.conn.recv("the destination's Fenced").await? {
+            Msg::Fenced { channels: done } if done == channels => Ok(()),
+            Msg::Abort { reason } => Err(TransportError::PeerAborted(reason).into()),
+            m => Err(TransportError::Unexpected {
+                expected: "Fenced",
+                got: m.name().into(),
+            }
+            .into()),
+        }
     }
 
     async fn precopy_and_switch<T: Transport>(

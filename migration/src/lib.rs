@@ -9,6 +9,7 @@
 //! * `rdma` (feature `rdma`, on by default): the RDMA performance option's
 //!   set-up on both sides.
 //! * [`digest`]: the whole-memory digest compared before commit.
+//! * [`nics`]: interface discovery and pairing for multichannel migration.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -19,6 +20,7 @@ pub mod engine;
 pub mod error;
 pub mod guest;
 pub mod memory;
+pub mod nics;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 

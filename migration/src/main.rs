@@ -3,8 +3,9 @@
 //! * `ferry listen`: destination daemon.
 //! * `ferry send`: source, with a built-in synthetic guest.
 //! * `ferry demo`: both ends in one process over loopback.
+//! * `ferry nics`: this host's interfaces as multichannel sees them.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,9 +19,12 @@ use ferry_migration::guest::{
     verify_pages, SyntheticConfig, SyntheticGuest, SyntheticState, SYNTHETIC_FORMAT,
 };
 use ferry_migration::memory::{default_layout, source_memory};
+use ferry_migration::nics::{self, MultichannelOptions};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::compress::{CompressConfig, CompressionSpec};
+use ferry_transport::multichannel::{ChannelCount, Cidr};
 use ferry_transport::proto::{PerformanceOption, DEFAULT_PORT};
+use ferry_transport::ChannelState;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -43,6 +47,16 @@ enum Cmd {
     Send(SendArgs),
     /// Both ends in one process over loopback (1 GiB guest dirtying 64 MB/s unless told otherwise).
     Demo(DemoArgs),
+    /// List this host's interfaces as multichannel sees them: address,
+    /// prefix, link speed, RDMA device, and whether they can carry a migration.
+    Nics(NicsArgs),
+}
+
+#[derive(Debug, Args)]
+struct NicsArgs {
+    /// Also show what `ferry listen --migration-network` would advertise.
+    #[arg(long = "migration-network", value_name = "CIDR")]
+    migration_network: Vec<Cidr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -81,6 +95,11 @@ struct ListenArgs {
     /// Exit after the first migration attempt (status 0 only if it committed).
     #[arg(long)]
     once: bool,
+    /// Network that data channels may use (repeatable; default: all).
+    /// Only interfaces inside are advertised to sources, and data channels
+    /// arriving on another local address are refused.
+    #[arg(long = "migration-network", value_name = "CIDR")]
+    migration_network: Vec<Cidr>,
 }
 
 #[derive(Debug, Args)]
@@ -122,6 +141,17 @@ struct EngineArgs {
     /// Compression worker threads (default: one per core; they run niced).
     #[arg(long)]
     compression_threads: Option<usize>,
+    /// Data channels: auto (one per pair of interfaces on a shared subnet,
+    /// one in all when none pairs) or a count (spread over the pairs).
+    #[arg(long, default_value = "auto")]
+    channels: ChannelCount,
+    /// Use only this local address for data channels (repeatable).
+    #[arg(long, value_name = "ADDR")]
+    nic: Vec<IpAddr>,
+    /// A data channel that makes no progress for this long fails over to
+    /// the others.
+    #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
+    channel_timeout: Duration,
     /// Write a JSON summary here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -166,6 +196,7 @@ fn main() {
             Cmd::Listen(a) => listen(a).await,
             Cmd::Send(a) => send(a).await,
             Cmd::Demo(a) => demo(a).await,
+            Cmd::Nics(a) => list_nics(&a),
         }
     });
     if let Err(e) = r {
@@ -204,6 +235,11 @@ fn source_options(e: &EngineArgs) -> anyhow::Result<SourceOptions> {
             Some(0) => bail!("--compression-threads must be at least 1"),
             Some(n) => n,
             None => CompressConfig::default_workers(),
+        },
+        multichannel: MultichannelOptions {
+            channels: e.channels,
+            nics: e.nic.clone(),
+            channel_timeout: e.channel_timeout,
         },
     })
 }
@@ -262,6 +298,7 @@ async fn listen(a: ListenArgs) -> anyhow::Result<()> {
         memory_limit: a.memory_limit,
         timeout: a.timeout,
         max_concurrent: a.max_concurrent,
+        migration_networks: a.migration_network.clone(),
     };
     let dest = Destination::new(opts, resume_hook());
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -389,7 +426,40 @@ fn progress_bar(p: Arc<Progress>) -> tokio::task::JoinHandle<()> {
             ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("template"),
         );
         let started = std::time::Instant::now();
+        let mut last: (std::time::Instant, Vec<u64>) = (started, Vec::new());
+        let mut rates: Vec<u64> = Vec::new();
         loop {
+            let chans = p.channels();
+            let dt = last.0.elapsed().as_secs_f64();
+            if dt >= 0.5 {
+                rates = chans
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let before = last.1.get(i).copied().unwrap_or(0);
+                        (c.payload_bytes.saturating_sub(before) as f64 / dt) as u64
+                    })
+                    .collect();
+                last = (
+                    std::time::Instant::now(),
+                    chans.iter().map(|c| c.payload_bytes).collect(),
+                );
+            }
+            let per_channel: String = if chans.len() > 1 {
+                chans
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| match c.state {
+                        ChannelState::Failed => format!(" ch{i} failed"),
+                        _ => format!(
+                            " ch{i} {}/s",
+                            units::human(rates.get(i).copied().unwrap_or(0))
+                        ),
+                    })
+                    .collect::<String>()
+            } else {
+                String::new()
+            };
             let sent = p.sent_bytes.load(std::sync::atomic::Ordering::Relaxed);
             let rate = sent as f64 / started.elapsed().as_secs_f64().max(1e-3);
             let phase = match p.phase() {
@@ -402,10 +472,11 @@ fn progress_bar(p: Arc<Progress>) -> tokio::task::JoinHandle<()> {
                 Phase::Done => "done".to_string(),
             };
             bar.set_message(format!(
-                "{phase} | remaining dirty {} | sent {} | {}/s",
+                "{phase} | remaining dirty {} | sent {} | {}/s{}{per_channel}",
                 units::human(p.remaining_bytes.load(std::sync::atomic::Ordering::Relaxed)),
                 units::human(sent),
-                units::human(rate as u64)
+                units::human(rate as u64),
+                if per_channel.is_empty() { "" } else { " |" },
             ));
             bar.tick();
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -446,6 +517,34 @@ fn print_summary(s: &Summary) {
             sum(|c| c.raw_link_idle_chunks),
         );
     }
+    if s.channels.len() > 1 || s.channels.iter().any(|c| c.state == ChannelState::Failed) {
+        println!("  data channels: {}", s.channels.len());
+        for c in &s.channels {
+            println!(
+                "    ch{} {} -> {}{}: {:?}, {} page bytes at {}/s, {} chunks{}{}",
+                c.channel,
+                c.local.as_deref().unwrap_or("?"),
+                c.remote.as_deref().unwrap_or("?"),
+                c.device
+                    .as_deref()
+                    .map(|d| format!(" (dev {d})"))
+                    .unwrap_or_default(),
+                c.state,
+                units::human(c.payload_bytes),
+                units::human(c.rate_bytes_per_sec),
+                c.chunks,
+                if c.requeued_chunks > 0 {
+                    format!(", {} chunks requeued", c.requeued_chunks)
+                } else {
+                    String::new()
+                },
+                c.error
+                    .as_deref()
+                    .map(|e| format!(", failed: {e}"))
+                    .unwrap_or_default(),
+            );
+        }
+    }
     println!("  digest {} verified on both sides", s.digest);
 }
 
@@ -462,6 +561,39 @@ async fn send(a: SendArgs) -> anyhow::Result<()> {
     r.map(|_| ())
 }
 
+fn list_nics(a: &NicsArgs) -> anyhow::Result<()> {
+    let all = nics::discover()?;
+    println!(
+        "{:<16} {:<40} {:<6} {:>12} {:<10} migration",
+        "interface", "address", "state", "speed", "rdma"
+    );
+    for n in &all {
+        let state = match (n.up, n.running) {
+            (true, true) => "up",
+            (true, false) => "no-carrier",
+            _ => "down",
+        };
+        let usable = if !n.usable() {
+            "no"
+        } else if nics::allowed(&a.migration_network, n.addr) {
+            "yes"
+        } else {
+            "not in --migration-network"
+        };
+        println!(
+            "{:<16} {:<40} {:<6} {:>12} {:<10} {usable}",
+            n.name,
+            format!("{}/{}", n.addr, n.prefix),
+            state,
+            n.speed_mbps
+                .map(|m| format!("{m} Mbit/s"))
+                .unwrap_or_else(|| "-".into()),
+            n.rdma.as_deref().unwrap_or("-"),
+        );
+    }
+    Ok(())
+}
+
 async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     let key = AuthKey::random();
     let listener = TcpListener::bind("127.0.0.1:0")
@@ -473,6 +605,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         memory_limit: u64::MAX,
         timeout: a.engine.timeout,
         max_concurrent: 2,
+        migration_networks: Vec::new(),
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let server = tokio::spawn(Destination::new(opts, resume_hook()).serve(listener, tx));

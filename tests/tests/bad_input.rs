@@ -401,6 +401,7 @@ async fn fake_destination(listener: TcpListener, mode: Fake) {
         migration_id: 1,
         data_token: [5; 32],
         max_chunk: MAX_CHUNK_PAYLOAD,
+        interfaces: Vec::new(),
     }))
     .await
     .unwrap();

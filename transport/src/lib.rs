@@ -7,7 +7,9 @@
 //! * [`Transport`]: the trait every performance option implements;
 //!   [`tcp`]: the TCP implementation (zero-copy `writev`/`readv` between
 //!   guest memory and the socket); [`compress`]: the compression option
-//!   (lz4/zstd on a worker pool, decompression straight into guest memory).
+//!   (lz4/zstd on a worker pool, decompression straight into guest memory);
+//!   [`multichannel`]: one migration striped over several channels (every
+//!   NIC both hosts share), with failover.
 //!
 //! * [`rdma_wire`]: what the RDMA option exchanges on the control
 //!   connection; `rdma` (feature `rdma`): its data path, RDMA WRITE from
@@ -32,6 +34,7 @@ pub mod compress;
 pub mod conn;
 pub mod error;
 pub mod layout;
+pub mod multichannel;
 pub mod proto;
 #[cfg(feature = "rdma")]
 pub mod rdma;
@@ -104,6 +107,37 @@ pub struct ChannelStats {
     /// Compression option: chunks sent raw because the link was about to go
     /// idle before a worker got to them.
     pub raw_link_idle_chunks: u64,
+    /// Multichannel: local address of the channel's socket.
+    pub local: Option<String>,
+    /// Multichannel: destination address of the channel.
+    pub remote: Option<String>,
+    /// Multichannel: device the socket is bound to, where routing needs it.
+    pub device: Option<String>,
+    /// Active, ended (end frame sent) or failed.
+    pub state: ChannelState,
+    /// Why the channel failed.
+    pub error: Option<String>,
+    /// Chunks it had not had acknowledged when it failed, sent again on the
+    /// other channels.
+    pub requeued_chunks: u64,
+    /// Milliseconds from the channel's start until it ended or failed (so
+    /// far, while active).
+    pub active_ms: u64,
+    /// Page bytes per second over `active_ms`.
+    pub rate_bytes_per_sec: u64,
+}
+
+/// State of a data channel.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelState {
+    /// Carrying chunks.
+    #[default]
+    Active,
+    /// Ended cleanly (end frame sent).
+    Ended,
+    /// Failed; its unacknowledged chunks went to the other channels.
+    Failed,
 }
 
 /// A way of moving chunks of guest pages to the destination.
@@ -136,4 +170,13 @@ pub trait Transport: Send {
 
     /// Counters per channel.
     fn stats(&self) -> Vec<ChannelStats>;
+
+    /// Data channels that failed since the last call. Their unacknowledged
+    /// chunks were sent again on the others, but bytes of theirs may still
+    /// be in the network: before the next round the engine must have the
+    /// destination fence them (see [`multichannel`]). A single-channel
+    /// transport never reports one: its failure is the migration's.
+    fn lost_channels(&mut self) -> Vec<multichannel::LostChannel> {
+        Vec::new()
+    }
 }

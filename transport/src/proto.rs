@@ -14,12 +14,15 @@
 //! anything is read: 4 KiB until the peer has authenticated, then
 //! [`MAX_CONTROL_BODY`].
 
+use std::net::SocketAddr;
+
 use serde::{Deserialize, Serialize};
 use zerocopy::byteorder::little_endian::U32;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::error::{Result, TransportError};
 use crate::layout::MemoryLayout;
+use crate::multichannel::NetInterface;
 
 /// Default control port (the one Hyper-V uses for live migration).
 pub const DEFAULT_PORT: u16 = 6600;
@@ -153,7 +156,9 @@ pub struct Offer {
     pub guest: GuestConfig,
     /// Requested performance option.
     pub option: PerformanceOption,
-    /// Number of data channels the source will open.
+    /// Most data channels the source will open (1 to 64). It pairs
+    /// interfaces only once it has the destination's list (in `Accept`), so
+    /// with `--channels auto` this is an upper bound.
     pub channels: u16,
 }
 
@@ -166,6 +171,10 @@ pub struct Accept {
     pub data_token: [u8; 32],
     /// Largest chunk payload the destination takes.
     pub max_chunk: u32,
+    /// Interfaces the destination takes data channels on (those its
+    /// `--migration-network` list allows), for the source to pair with its
+    /// own. Data channels go to the control port at these addresses.
+    pub interfaces: Vec<NetInterface>,
 }
 
 /// Source's switchover message: sent with the guest paused, after the last
@@ -247,6 +256,18 @@ pub enum Msg {
         /// Why.
         reason: String,
     },
+    /// Between rounds (source to destination): these data channels, named
+    /// by the source's socket address, failed on the source; close them and
+    /// make sure nothing more of theirs lands before answering `Fenced`.
+    Fence {
+        /// Source addresses of the channels.
+        channels: Vec<SocketAddr>,
+    },
+    /// The channels of a `Fence` are closed: none of their bytes can land.
+    Fenced {
+        /// The same addresses.
+        channels: Vec<SocketAddr>,
+    },
     /// Follows an `Offer` whose option is RDMA: the source's RDMA NICs
     /// (see [`crate::rdma_wire`]).
     RdmaOffer(crate::rdma_wire::RdmaOffer),
@@ -274,6 +295,8 @@ impl Msg {
             Msg::Abort { .. } => "Abort",
             Msg::RdmaOffer(_) => "RdmaOffer",
             Msg::RdmaAccept(_) => "RdmaAccept",
+            Msg::Fence { .. } => "Fence",
+            Msg::Fenced { .. } => "Fenced",
         }
     }
 
@@ -407,6 +430,13 @@ mod tests {
                 migration_id: 9,
                 data_token: [4; 32],
                 max_chunk: 1 << 20,
+                interfaces: vec![NetInterface {
+                    name: "eth1".into(),
+                    addr: "10.200.1.2".parse().unwrap(),
+                    prefix: 24,
+                    speed_mbps: Some(25_000),
+                    rdma: Some("rxe0".into()),
+                }],
             }),
             Msg::Reject {
                 reason: RejectReason::Busy,
@@ -447,6 +477,12 @@ mod tests {
                     }],
                 }],
             }),
+            Msg::Fence {
+                channels: vec!["10.200.3.1:40000".parse().unwrap()],
+            },
+            Msg::Fenced {
+                channels: vec!["[fd00::1]:40001".parse().unwrap()],
+            },
         ];
         for m in msgs {
             assert_eq!(roundtrip(&m), m);

@@ -218,6 +218,17 @@ impl<M: GuestMem> TcpSender<M> {
         &mut self.stats
     }
 
+    /// After an error: the sequence numbers of the chunks sent and not
+    /// acknowledged, and the runs the destination refused (CRC) since the
+    /// last flush. Multichannel sends them again on another channel; this
+    /// one is not used again.
+    pub fn take_unlanded(&mut self) -> (Vec<u64>, Vec<PageRun>) {
+        (
+            self.in_flight.keys().copied().collect(),
+            std::mem::take(&mut self.resend),
+        )
+    }
+
     /// Waits until `bytes` more fit the window.
     async fn reserve(&mut self, bytes: u64) -> Result<()> {
         self.drain_ready_acks()?;
@@ -457,6 +468,16 @@ pub async fn receive_channel_with<M: GuestMem>(
             return Err(TransportError::Invalid {
                 field: "chunk round",
                 detail: format!("chunk {seq} is from round {round}, after round {last_round} began: stale copy refused"),
+            });
+        }
+        // Across channels too (multichannel): a round begins only after every
+        // chunk of the previous one was acknowledged, so a frame from an
+        // earlier round than any channel has seen can only be a stale copy.
+        let newest = counters.round.load(Ordering::Relaxed);
+        if u64::from(round) < newest {
+            return Err(TransportError::Invalid {
+                field: "chunk round",
+                detail: format!("chunk {seq} is from round {round}, after round {newest} began on another channel: stale copy refused"),
             });
         }
         last_round = round;
