@@ -42,7 +42,7 @@ fn image(pages: usize) -> Vec<u8> {
     for p in 0..pages {
         let mut page = Vec::with_capacity(4096);
         match p % 10 {
-            0 | 1 | 2 => page.resize(4096, 0),
+            0..=2 => page.resize(4096, 0),
             3 => (0..512).for_each(|_| page.extend_from_slice(&next().to_le_bytes())),
             _ => {
                 while page.len() < 4096 {
