@@ -382,11 +382,38 @@ pub struct RecvOptions {
     pub codec: Option<Codec>,
 }
 
+/// Feeds bytes `from..from + len` of the concatenated `slices` to `crc`.
+fn crc_range<B: vm_memory::bitmap::BitmapSlice>(
+    crc: &mut crc32fast::Hasher,
+    slices: &[VolatileSlice<'_, B>],
+    mut from: usize,
+    mut len: usize,
+) {
+    for s in slices {
+        if len == 0 {
+            break;
+        }
+        if from >= s.len() {
+            from -= s.len();
+            continue;
+        }
+        let take = (s.len() - from).min(len);
+        if let Ok(part) = s.subslice(from, take) {
+            vio::with_bytes(&part, |b| crc.update(b));
+        }
+        len -= take;
+        from = 0;
+    }
+}
+
+/// Reads `total` payload bytes straight into the runs' guest memory, feeding
+/// each piece to `crc` right after it lands, while it is still in cache.
 async fn read_payload<M: GuestMem>(
     stream: &TcpStream,
     mem: &M,
     runs: &[PageRun],
     total: usize,
+    crc: &mut crc32fast::Hasher,
 ) -> Result<()> {
     let mut done = 0usize;
     while done < total {
@@ -396,7 +423,9 @@ async fn read_payload<M: GuestMem>(
             .map_err(|e| TransportError::io("waiting for data", "data channel", e))?;
         let r = stream.try_io(Interest::READABLE, || {
             let slices = run_slices(mem, runs).map_err(std::io::Error::other)?;
-            vio::readv_volatile(stream.as_fd(), &slices, done)
+            let n = vio::readv_volatile(stream.as_fd(), &slices, done)?;
+            crc_range(crc, &slices, done, n);
+            Ok(n)
         });
         match r {
             Ok(0) => {
@@ -521,9 +550,10 @@ pub async fn receive_channel_with<M: GuestMem>(
                         ),
                     });
                 }
-                read_payload(&stream, mem, &runs, payload_len as usize).await?;
-                let slices = run_slices(mem, &runs)?;
-                chunk_crc(&table, &slices) == h.crc32.get()
+                let mut crc = crc32fast::Hasher::new();
+                crc.update(&table);
+                read_payload(&stream, mem, &runs, payload_len as usize, &mut crc).await?;
+                crc.finalize() == h.crc32.get()
             }
             Some(codec) => {
                 if data_bytes > u64::from(wire::MAX_CHUNK_PAYLOAD) {
