@@ -323,7 +323,7 @@ impl Destination {
         // with one of them (checked before anything is allocated).
         #[cfg(feature = "rdma")]
         let rdma_shared = if offer.option == PerformanceOption::Rdma {
-            match crate::rdma::dest_endpoints(&mut conn).await {
+            match crate::rdma::dest_endpoints(&mut conn, &self.opts.migration_networks).await {
                 Ok(s) => Some(s),
                 Err((reason, message)) => return Err(conn.reject(reason, message).await.into()),
             }
@@ -594,23 +594,16 @@ impl Receive<'_> {
         let (opened, ended) = (ch.opened, ch.ended);
         ch.set.shutdown().await;
         tracing::debug!(opened, ended, "data channels closed");
+        // RDMA: the source sends its switchover only after every chunk was
+        // acknowledged, and a channel it lost had its queue pair destroyed
+        // first: everything has landed. Stop the channels (a lost one may
+        // never send its end frame), unless one failed its checks.
         #[cfg(feature = "rdma")]
-        if let Ok(next) = tokio::time::timeout(self.timeout, rdma_task.join_next()).await {
-            match next {
-                Some(Ok(r)) => r?,
-                Some(Err(e)) => {
-                    return Err(MigrationError::Guest(format!(
-                        "RDMA receive task failed: {e}"
-                    )))
-                }
-                None => {}
+        {
+            if let Some(Ok(Err(e))) = rdma_task.try_join_next() {
+                return Err(e.into());
             }
-        } else {
-            return Err(TransportError::Timeout {
-                what: "the end frames of the RDMA channels",
-                after: self.timeout,
-            }
-            .into());
+            rdma_task.shutdown().await;
         }
         let sw = switchover.expect("loop ends with a switchover");
         let computed = crc32fast::hash(&sw.device_state);

@@ -291,7 +291,9 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
         // a clear error, the guest untouched).
         #[cfg(feature = "rdma")]
         let rdma_endpoints = match self.opts.option {
-            PerformanceOption::Rdma => Some(crate::rdma::source_endpoints()?),
+            PerformanceOption::Rdma => {
+                Some(crate::rdma::source_endpoints(&self.opts.multichannel)?)
+            }
             _ => None,
         };
         #[cfg(not(feature = "rdma"))]
@@ -347,6 +349,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 &layout,
                 endpoints,
                 self.opts.timeout,
+                &self.opts.multichannel,
             )
             .await;
             let mut t = match t {

@@ -333,7 +333,7 @@ async fn run_source(
     // compression. Nothing has moved when it refuses.
     let fallback = opts.option;
     if e.performance_option == OptionArg::Auto {
-        match auto_rdma() {
+        match auto_rdma(&opts.multichannel) {
             Ok(()) => opts.option = PerformanceOption::Rdma,
             Err(why) => eprintln!("ferry: auto: chose {fallback} ({why})"),
         }
@@ -356,15 +356,16 @@ async fn run_source(
 }
 
 /// Whether this host could use RDMA (`--performance-option auto`).
-fn auto_rdma() -> Result<(), String> {
+fn auto_rdma(mc: &MultichannelOptions) -> Result<(), String> {
     #[cfg(feature = "rdma")]
     {
-        ferry_migration::rdma::source_endpoints()
+        ferry_migration::rdma::source_endpoints(mc)
             .map(|_| ())
             .map_err(|e| format!("no usable RDMA here: {e}"))
     }
     #[cfg(not(feature = "rdma"))]
     {
+        let _ = mc;
         Err("this ferry was built without the rdma feature".into())
     }
 }

@@ -17,19 +17,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_transport::conn::Conn;
+use ferry_transport::multichannel::{Multichannel, MultichannelConfig};
 use ferry_transport::proto::{Msg, RejectReason};
-use ferry_transport::rdma::{local_endpoints, RdmaReceiver, RdmaSender};
+use ferry_transport::rdma::{local_endpoints, RdmaChannelSender, RdmaReceiver};
 use ferry_transport::rdma_wire::{check_offer, shared_endpoints, RdmaEndpoint, RdmaOffer};
 use ferry_transport::{MemoryLayout, TransportError};
-use vm_memory::bitmap::AtomicBitmap;
+
+use ferry_transport::multichannel::{ChannelCount, Cidr};
 
 use crate::error::{MigrationError, Result};
 use crate::memory::{DestMemory, SourceMemory};
+use crate::nics::{self, MultichannelOptions};
 
-/// The source's RDMA endpoints, or why `--performance-option rdma` cannot
-/// run here (said before anything is sent).
-pub fn source_endpoints() -> Result<Vec<RdmaEndpoint>> {
-    let eps = local_endpoints().map_err(|e| {
+/// The source's RDMA endpoints (only those at `--nic` addresses, when
+/// given), or why `--performance-option rdma` cannot run here (said before
+/// anything is sent).
+pub fn source_endpoints(mc: &MultichannelOptions) -> Result<Vec<RdmaEndpoint>> {
+    let mut eps = local_endpoints().map_err(|e| {
         MigrationError::Config(format!(
             "--performance-option rdma: this host cannot do RDMA: {e}"
         ))
@@ -41,19 +45,34 @@ pub fn source_endpoints() -> Result<Vec<RdmaEndpoint>> {
                 .into(),
         ));
     }
+    if !mc.nics.is_empty() {
+        let all: Vec<String> = eps.iter().map(ToString::to_string).collect();
+        eps.retain(|e| mc.nics.contains(&e.addr));
+        if eps.is_empty() {
+            return Err(MigrationError::Config(format!(
+                "--performance-option rdma: no RDMA device sits on a --nic address; this \
+                 host's RDMA NICs: {}",
+                all.join(", ")
+            )));
+        }
+    }
     Ok(eps)
 }
 
-/// Source: after `Accept`, reads the destination's `RdmaAccept` and
-/// connects every channel.
+/// Source: after `Accept`, reads the destination's `RdmaAccept`, connects
+/// every channel (at most `--channels N`) and stripes over them with the
+/// multichannel scheduler. A channel with work outstanding and no
+/// completion for `--channel-timeout` (or `timeout`, if shorter) fails over
+/// to the others.
 pub async fn open_source(
     conn: &mut Conn,
     mem: &Arc<SourceMemory>,
     layout: &MemoryLayout,
     local: &[RdmaEndpoint],
     timeout: Duration,
-) -> Result<RdmaSender<AtomicBitmap>> {
-    let accept = match conn.recv("the destination's RDMA channels").await? {
+    mc: &MultichannelOptions,
+) -> Result<Multichannel> {
+    let mut accept = match conn.recv("the destination's RDMA channels").await? {
         Msg::RdmaAccept(a) => a,
         m => {
             return Err(TransportError::Unexpected {
@@ -63,20 +82,35 @@ pub async fn open_source(
             .into())
         }
     };
-    let t = RdmaSender::connect(mem, layout, local, &accept, timeout).await?;
+    if let ChannelCount::Fixed(n) = mc.channels {
+        accept.channels.truncate(usize::from(n));
+    }
+    let stall = mc.channel_timeout.min(timeout);
+    let chans = RdmaChannelSender::connect_all(mem, layout, local, &accept, stall).await?;
     eprintln!(
         "ferry: rdma: {} channel(s): {}",
-        t.live_channels(),
-        t.channel_names().join(", ")
+        chans.len(),
+        chans
+            .iter()
+            .map(|(c, _)| c.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    Ok(t)
+    Ok(Multichannel::new(
+        chans,
+        MultichannelConfig {
+            stall_timeout: stall,
+            ..Default::default()
+        },
+    ))
 }
 
 /// Destination: reads the `RdmaOffer` that follows an RDMA offer and picks
-/// this host's endpoints on subnets the source shares. Errors are the
-/// rejection to send.
+/// this host's endpoints inside `networks` (`--migration-network`; empty:
+/// all) on subnets the source shares. Errors are the rejection to send.
 pub async fn dest_endpoints(
     conn: &mut Conn,
+    networks: &[Cidr],
 ) -> std::result::Result<Vec<RdmaEndpoint>, (RejectReason, String)> {
     let offer = match conn.recv("the source's RDMA endpoints").await {
         Ok(Msg::RdmaOffer(o)) => o,
@@ -88,7 +122,11 @@ pub async fn dest_endpoints(
         }
         Err(e) => return Err((RejectReason::BadOffer, e.to_string())),
     };
-    pick_shared(&offer, local_endpoints())
+    let ours = local_endpoints().map(|mut v| {
+        v.retain(|e| nics::allowed(networks, e.addr));
+        v
+    });
+    pick_shared(&offer, ours)
 }
 
 fn pick_shared(

@@ -19,23 +19,21 @@
 //! sides come through tokio's `AsyncFd` on the completion channel (see
 //! `ferry_ffi::rdma`); nothing busy-polls.
 //!
-//! Channels: [`RdmaSender`] stripes chunks over every channel (the next
-//! chunk goes to a channel with a free descriptor slot, round robin). A
-//! channel that fails (error completion, peer gone, no completion for the
-//! timeout) is closed at once — disconnected and its queue pair destroyed,
-//! so nothing more of it can land — and its unacknowledged chunks are sent
-//! again on the others. The migration fails only when none is left. At the
-//! end every live channel sends an end frame whose `seq` is the mask of the
-//! channels the source lost, so the destination stops waiting for them.
-//!
-//! Seam: this keeps its own striping because the RDMA channels share one
-//! completion-driven loop; a per-channel `RdmaChannelSender` under the
-//! generic multichannel scheduler would be the alternative.
+//! Channels: every device pair is a [`RdmaChannelSender`], and the
+//! multichannel scheduler ([`crate::multichannel::Multichannel`]) stripes
+//! chunks over them. A channel that fails (error completion, peer gone, no
+//! completion for its timeout) has its queue pair destroyed at once (in
+//! [`ChannelSender::unlanded`]), so nothing more of it can land, and its
+//! unacknowledged chunks are sent again on the others. Each channel ends
+//! with an end frame (`seq` = a mask of channels the source lost, 0 when
+//! sent per channel); the destination also stops waiting for all channels
+//! at the source's switchover, which comes only after every chunk was
+//! acknowledged.
 //!
 //! RDMA data is not encrypted and carries no CRC (the NIC's ICRC covers
 //! the wire; the whole-memory digest before commit covers the rest).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -57,6 +55,7 @@ use zerocopy::IntoBytes;
 
 use crate::error::{Result, TransportError};
 use crate::layout::{MemoryLayout, PageRun};
+use crate::multichannel::{ChannelPath, ChannelSender, Unlanded};
 use crate::rdma_wire::{
     check_accept, pair_channels, RdmaAccept, RdmaChannel, RdmaEndpoint, RdmaRegionKey,
     MAX_RDMA_CHANNELS,
@@ -249,7 +248,6 @@ fn register_all<B: Bitmap + Send + Sync + 'static>(
 type GuestMr<B> = Arc<MemoryRegion<GuestRegion<B>>>;
 
 struct Pair<B: Bitmap + 'static> {
-    index: usize,
     name: String,
     conn: Option<RdmaConnection>,
     local: Arc<Vec<GuestMr<B>>>,
@@ -265,14 +263,6 @@ struct Pair<B: Bitmap + 'static> {
 }
 
 impl<B: Bitmap + Send + Sync + 'static> Pair<B> {
-    fn alive(&self) -> bool {
-        self.conn.is_some()
-    }
-
-    fn busy(&self) -> bool {
-        self.alive() && (!self.unacked.is_empty() || (self.end_sent && !self.end_acked))
-    }
-
     /// Waits for this pair's next completions (bounded by `timeout`) and
     /// handles them.
     async fn reap(&mut self, timeout: Duration) -> std::result::Result<(), String> {
@@ -439,61 +429,55 @@ impl<B: Bitmap + Send + Sync + 'static> Pair<B> {
     }
 }
 
-/// Source side of the RDMA option: a [`Transport`] over one RC queue pair
-/// per device pair; see the module docs.
-pub struct RdmaSender<B: Bitmap + 'static> {
-    pairs: Vec<Pair<B>>,
+/// One RDMA channel (a device pair, one RC queue pair) as a [`Transport`]:
+/// the multichannel scheduler ([`crate::multichannel::Multichannel`])
+/// stripes chunks over these and fails a channel over to the others.
+///
+/// `send` returns once the chunk's writes and descriptor are posted,
+/// waiting while all [`DESC_SLOTS`] descriptors are unacknowledged; `flush`
+/// waits for every ack; `finish` sends the end frame. No completion for
+/// the channel's timeout while work is outstanding is an error.
+pub struct RdmaChannelSender<B: Bitmap + 'static> {
+    pair: Pair<B>,
     layout: MemoryLayout,
-    queue: VecDeque<Chunk>,
     timeout: Duration,
-    next: usize,
-    lost: u64,
-    last_error: String,
 }
 
-impl<B: Bitmap + 'static> std::fmt::Debug for RdmaSender<B> {
+impl<B: Bitmap + 'static> std::fmt::Debug for RdmaChannelSender<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RdmaSender")
-            .field(
-                "channels",
-                &self
-                    .pairs
-                    .iter()
-                    .map(|p| p.name.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .field("lost", &format_args!("{:#x}", self.lost))
+        f.debug_struct("RdmaChannelSender")
+            .field("channel", &self.pair.name)
+            .field("unacked", &self.pair.unacked.len())
             .finish_non_exhaustive()
     }
 }
 
-impl<B: Bitmap + Send + Sync + 'static> RdmaSender<B> {
+impl<B: Bitmap + Send + Sync + 'static> RdmaChannelSender<B> {
     /// Connects to the channels of `accept` (checked against `layout`
     /// first: a region key the destination did not register whole is
     /// refused), one queue pair per channel from the local endpoint on its
-    /// subnet, and registers `mem` once per local device.
+    /// subnet, and registers `mem` once per local device. `timeout`: how
+    /// long a channel with work outstanding may go without a completion.
     ///
-    /// A channel that cannot be connected is left out (named in the log and
-    /// reported to the destination as lost); the call fails when none
-    /// connects, or on a registration failure (e.g. the memlock limit).
-    pub async fn connect(
+    /// A channel that cannot be connected is left out (named in the log);
+    /// the call fails when none connects, or on a registration failure
+    /// (e.g. the memlock limit).
+    pub async fn connect_all(
         mem: &Arc<GuestMemoryMmap<B>>,
         layout: &MemoryLayout,
         local: &[RdmaEndpoint],
         accept: &RdmaAccept,
         timeout: Duration,
-    ) -> Result<Self> {
+    ) -> Result<Vec<(Self, ChannelPath)>> {
         check_accept(accept, layout)?;
         let plan = pair_channels(local, &accept.channels);
         let mut registered: HashMap<String, Arc<Vec<GuestMr<B>>>> = HashMap::new();
         let mut pairs = Vec::new();
         let mut failures = Vec::new();
-        let mut lost = 0u64;
         for (index, (ch, from)) in accept.channels.iter().zip(plan).enumerate() {
             let dst = SocketAddr::new(ch.endpoint.addr, ch.endpoint.port);
             let Some(from) = from else {
                 failures.push(format!("{}: no local RDMA NIC on its subnet", ch.endpoint));
-                lost |= 1 << index;
                 continue;
             };
             let name = format!(
@@ -505,7 +489,6 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaSender<B> {
                 Err(e) => {
                     tracing::warn!(channel = index, "RDMA channel {name} not connected: {e}");
                     failures.push(format!("{name}: {e}"));
-                    lost |= 1 << index;
                     continue;
                 }
             };
@@ -528,7 +511,6 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaSender<B> {
             let desc = buf(DESC_SLOTS * DESC_BYTES, Access::LocalRead)?;
             let acks = buf(DESC_SLOTS * ACK_BYTES, Access::LocalWrite)?;
             let mut pair = Pair {
-                index,
                 name,
                 conn: Some(conn),
                 local: local_mrs,
@@ -559,7 +541,19 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaSender<B> {
                     .map_err(|e| rdma_err(format!("cannot post receives on {}", pair.name), e))?;
             }
             tracing::info!(channel = index, "RDMA channel {} connected", pair.name);
-            pairs.push(pair);
+            let path = ChannelPath {
+                local: SocketAddr::new(from.addr, 0),
+                remote: dst,
+                device: Some(device.clone()),
+            };
+            pairs.push((
+                RdmaChannelSender {
+                    pair,
+                    layout: layout.clone(),
+                    timeout,
+                },
+                path,
+            ));
         }
         if pairs.is_empty() {
             return Err(TransportError::Invalid {
@@ -567,168 +561,35 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaSender<B> {
                 detail: format!("none could be connected: {}", failures.join("; ")),
             });
         }
-        Ok(RdmaSender {
-            pairs,
-            layout: layout.clone(),
-            queue: VecDeque::new(),
-            timeout,
-            next: 0,
-            lost,
-            last_error: failures.last().cloned().unwrap_or_default(),
-        })
+        Ok(pairs)
     }
 
-    /// Channels in use (connected and not failed).
-    pub fn live_channels(&self) -> usize {
-        self.pairs.iter().filter(|p| p.alive()).count()
+    /// The channel's name: local device and address, remote device and address.
+    pub fn name(&self) -> &str {
+        &self.pair.name
     }
 
-    /// Each channel: its name and, if it failed, why.
-    pub fn channel_names(&self) -> Vec<String> {
-        self.pairs.iter().map(|p| p.name.clone()).collect()
-    }
-
-    fn no_channel_left(&self) -> TransportError {
+    fn failed(&self, e: String) -> TransportError {
         TransportError::Invalid {
-            field: "RDMA channels",
-            detail: format!(
-                "no RDMA channel left; the last one failed: {}",
-                self.last_error
-            ),
+            field: "RDMA channel",
+            detail: format!("{}: {e}", self.pair.name),
         }
     }
 
-    /// Closes channel `i` (disconnect and destroy its queue pair, so nothing
-    /// more of it lands) and puts its unacknowledged chunks (and `chunk`)
-    /// back at the front of the queue.
-    fn fail(&mut self, i: usize, error: String, chunk: Option<Chunk>) {
-        let p = &mut self.pairs[i];
-        if p.conn.is_none() {
-            return;
+    async fn reap(&mut self) -> Result<()> {
+        match self.pair.reap(self.timeout).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.failed(e)),
         }
-        drop(p.conn.take());
-        let mut back: Vec<Chunk> = p.unacked.drain().map(|(_, (c, _))| c).collect();
-        back.extend(chunk);
-        back.sort_by_key(|c| c.seq);
-        tracing::warn!(
-            channel = p.index,
-            requeued = back.len(),
-            "RDMA channel {} failed: {error}; its unacknowledged chunks go to the other channels",
-            p.name
-        );
-        self.lost |= 1 << p.index;
-        self.last_error = format!("{}: {error}", p.name);
-        for c in back.into_iter().rev() {
-            self.queue.push_front(c);
-        }
-    }
-
-    fn pick(&mut self) -> Option<usize> {
-        let n = self.pairs.len();
-        (0..n)
-            .map(|k| (self.next + k) % n)
-            .find(|&i| self.pairs[i].alive() && !self.pairs[i].free.is_empty())
-            .inspect(|&i| self.next = (i + 1) % n)
-    }
-
-    /// Posts every queued chunk, waiting for free slots.
-    async fn pump(&mut self) -> Result<()> {
-        while let Some(chunk) = self.queue.pop_front() {
-            let Some(i) = self.pick() else {
-                self.queue.push_front(chunk);
-                self.wait_any().await?;
-                continue;
-            };
-            let (layout, timeout) = (&self.layout, self.timeout);
-            if let Err((chunk, e)) = self.pairs[i].post_chunk(chunk, layout, timeout).await {
-                self.fail(i, e, Some(chunk));
-            }
-        }
-        Ok(())
-    }
-
-    /// Waits until some channel has completions (or the timeout passes, which
-    /// fails every channel with work outstanding), then handles them all.
-    async fn wait_any(&mut self) -> Result<()> {
-        let timeout = self.timeout;
-        let woke = {
-            type Wait<'a> = Pin<
-                Box<
-                    dyn Future<Output = (usize, std::result::Result<usize, RdmaError>)> + Send + 'a,
-                >,
-            >;
-            let mut waits: Vec<Wait<'_>> = Vec::new();
-            for (i, p) in self.pairs.iter_mut().enumerate() {
-                if let Some(conn) = p.conn.as_mut() {
-                    let wcs = &mut p.wcs;
-                    waits.push(Box::pin(
-                        async move { (i, conn.poll_completions(wcs).await) },
-                    ));
-                }
-            }
-            if waits.is_empty() {
-                None
-            } else {
-                Some(
-                    tokio::time::timeout(
-                        timeout,
-                        std::future::poll_fn(|cx| {
-                            for w in waits.iter_mut() {
-                                if let Poll::Ready(v) = w.as_mut().poll(cx) {
-                                    return Poll::Ready(v);
-                                }
-                            }
-                            Poll::Pending
-                        }),
-                    )
-                    .await,
-                )
-            }
-        };
-        let Some(woke) = woke else {
-            return Err(self.no_channel_left());
-        };
-        match woke {
-            Ok((i, Err(e))) => self.fail(i, e.to_string(), None),
-            Ok((_, Ok(_))) => {}
-            Err(_) => {
-                for i in 0..self.pairs.len() {
-                    if self.pairs[i].busy() {
-                        self.fail(i, format!("no completion for {timeout:?}"), None);
-                    }
-                }
-            }
-        }
-        for i in 0..self.pairs.len() {
-            let p = &mut self.pairs[i];
-            let Some(conn) = p.conn.as_mut() else {
-                continue;
-            };
-            let r = match conn.try_poll_completions(&mut p.wcs) {
-                Ok(_) => p.process(),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = r {
-                self.fail(i, e, None);
-            }
-        }
-        if self.live_channels() == 0 {
-            return Err(self.no_channel_left());
-        }
-        Ok(())
-    }
-
-    fn settled(&self) -> bool {
-        self.queue.is_empty() && self.pairs.iter().all(|p| !p.busy())
     }
 }
 
-impl<B: Bitmap + Send + Sync + 'static> Transport for RdmaSender<B> {
+impl<B: Bitmap + Send + Sync + 'static> Transport for RdmaChannelSender<B> {
     fn capabilities(&self) -> Caps {
         Caps {
             max_chunk: wire::MAX_CHUNK_PAYLOAD,
             zero_copy: true,
-            channels: self.pairs.len() as u16,
+            channels: 1,
         }
     }
 
@@ -745,50 +606,54 @@ impl<B: Bitmap + Send + Sync + 'static> Transport for RdmaSender<B> {
         for r in &chunk.runs {
             self.layout.check_run(r.gpa, r.pages.into())?;
         }
-        self.queue.push_back(chunk);
-        self.pump().await
+        while self.pair.free.is_empty() {
+            self.reap().await?;
+        }
+        let (layout, timeout) = (&self.layout, self.timeout);
+        match self.pair.post_chunk(chunk, layout, timeout).await {
+            Ok(()) => Ok(()),
+            Err((_, e)) => Err(self.failed(e)),
+        }
     }
 
     async fn flush(&mut self) -> Result<Flushed> {
-        loop {
-            self.pump().await?;
-            if self.settled() {
-                return Ok(Flushed::default());
-            }
-            self.wait_any().await?;
+        while !self.pair.unacked.is_empty() {
+            self.reap().await?;
         }
+        Ok(Flushed::default())
     }
 
     async fn finish(&mut self) -> Result<()> {
         self.flush().await?;
-        let end = ChunkHeader::end(self.lost);
-        for i in 0..self.pairs.len() {
-            let p = &mut self.pairs[i];
-            if !p.alive() {
-                continue;
-            }
-            let slot = p.free.last().copied().unwrap_or(0);
-            p.end_sent = true;
-            if let Err(e) = p.post_descriptor(slot, end.as_bytes()) {
-                self.fail(i, e, None);
-            }
+        let slot = self.pair.free.last().copied().unwrap_or(0);
+        self.pair.end_sent = true;
+        let end = ChunkHeader::end(0);
+        if let Err(e) = self.pair.post_descriptor(slot, end.as_bytes()) {
+            return Err(self.failed(e));
         }
-        while self.pairs.iter().any(Pair::busy) {
-            self.wait_any().await?;
-        }
-        if !self.queue.is_empty() {
-            // A channel failed before its end frame was acknowledged with
-            // chunks still unacknowledged: cannot happen after a flush.
-            return Err(self.no_channel_left());
-        }
-        if !self.pairs.iter().any(|p| p.end_acked) {
-            return Err(self.no_channel_left());
+        while !self.pair.end_acked {
+            self.reap().await?;
         }
         Ok(())
     }
 
     fn stats(&self) -> Vec<ChannelStats> {
-        self.pairs.iter().map(|p| p.stats.clone()).collect()
+        vec![self.pair.stats.clone()]
+    }
+}
+
+impl<B: Bitmap + Send + Sync + 'static> ChannelSender for RdmaChannelSender<B> {
+    /// Destroys the queue pair first (so nothing more of this channel can
+    /// land: the RDMA form of the fence), then names the chunks whose
+    /// descriptors were not acknowledged.
+    fn unlanded(&mut self) -> Unlanded {
+        drop(self.pair.conn.take());
+        let mut in_flight: Vec<u64> = self.pair.unacked.keys().copied().collect();
+        in_flight.sort_unstable();
+        Unlanded::Known {
+            in_flight,
+            resend: Vec::new(),
+        }
     }
 }
 
