@@ -187,6 +187,26 @@ pub fn listen(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
     (p, addr)
 }
 
+/// Runs `ferry send --to ADDR --auth-key-file KEY EXTRA...` to completion
+/// (killed after `timeout`).
+pub fn send(addr: SocketAddr, key: &Path, extra: &[&str], timeout: Duration) -> Output {
+    let to = addr.to_string();
+    let mut args = vec![
+        "send",
+        "--to",
+        &to,
+        "--auth-key-file",
+        key.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(&args).wait(timeout)
+}
+
+/// Reads a `--json` summary.
+pub fn summary(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
 /// A small offer for hostile-peer tests.
 pub fn offer(bytes: u64) -> Offer {
     Offer {

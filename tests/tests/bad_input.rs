@@ -8,7 +8,7 @@ use ferry_migration::dirty::BitmapDirtyLog;
 use ferry_migration::engine::{Progress, Source, SourceOptions};
 use ferry_migration::guest::{SyntheticConfig, SyntheticGuest};
 use ferry_migration::memory::{default_layout, source_memory};
-use ferry_tests::{authed_session, data_channel, key_file, listen, Proc};
+use ferry_tests::{authed_session, data_channel, key_file, listen, send};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::conn::Conn;
 use ferry_transport::layout::PageRun;
@@ -109,16 +109,7 @@ fn wrong_key_fails_both_ways_and_the_source_guest_keeps_running() {
     let good = key_file(dir.path(), "good", KEY);
     let bad = key_file(dir.path(), "bad", b"another key of sufficient length!");
     let (dest, addr) = listen(&good, &[]);
-    let src = Proc::start(&[
-        "send",
-        "--to",
-        &addr.to_string(),
-        "--auth-key-file",
-        bad.to_str().unwrap(),
-        "--memory",
-        "16MiB",
-    ])
-    .wait(Duration::from_secs(60));
+    let src = send(addr, &bad, &["--memory", "16MiB"], Duration::from_secs(60));
     let dest = dest.wait(Duration::from_secs(30));
     assert!(!src.panicked() && !dest.panicked());
     assert_eq!(src.status.code(), Some(1), "{}", src.all());

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ferry_tests::{data_channel, key_file, listen, offer, Proc};
+use ferry_tests::{data_channel, key_file, listen, offer, send};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::compress::{CompressionSpec, Encoder};
 use ferry_transport::conn::Conn;
@@ -63,28 +63,27 @@ fn migrate(codec: &str) {
     std::fs::write(&img, image(8192)).unwrap();
     let json = dir.path().join("summary.json");
     let (dest, addr) = listen(&k, &[]);
-    let src = Proc::start(&[
-        "send",
-        "--to",
-        &addr.to_string(),
-        "--auth-key-file",
-        k.to_str().unwrap(),
-        "--memory",
-        "48MiB",
-        "--dirty-rate",
-        "0",
-        "--guest-image",
-        img.to_str().unwrap(),
-        "--performance-option",
-        "compression",
-        "--compression",
-        codec,
-        "--chunk-size",
-        "256KiB",
-        "--json",
-        json.to_str().unwrap(),
-    ])
-    .wait(Duration::from_secs(120));
+    let src = send(
+        addr,
+        &k,
+        &[
+            "--memory",
+            "48MiB",
+            "--dirty-rate",
+            "0",
+            "--guest-image",
+            img.to_str().unwrap(),
+            "--performance-option",
+            "compression",
+            "--compression",
+            codec,
+            "--chunk-size",
+            "256KiB",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
     let dest = dest.wait(Duration::from_secs(30));
     assert!(src.status.success(), "source failed: {}", src.all());
     assert!(dest.status.success(), "destination failed: {}", dest.all());

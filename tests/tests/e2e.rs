@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use ferry_tests::{key_file, listen, Proc};
+use ferry_tests::{key_file, listen, send, summary, Proc};
 
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
@@ -12,24 +12,23 @@ fn listen_and_send_in_two_processes_commit_with_verified_digest() {
     let key = key_file(dir.path(), "key", KEY);
     let (dest, addr) = listen(&key, &[]);
     let json = dir.path().join("summary.json");
-    let src = Proc::start(&[
-        "send",
-        "--to",
-        &addr.to_string(),
-        "--auth-key-file",
-        key.to_str().unwrap(),
-        "--memory",
-        "96MiB",
-        "--dirty-rate",
-        "16MB/s",
-        "--json",
-        json.to_str().unwrap(),
-    ])
-    .wait(Duration::from_secs(120));
+    let src = send(
+        addr,
+        &key,
+        &[
+            "--memory",
+            "96MiB",
+            "--dirty-rate",
+            "16MB/s",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
     let dest = dest.wait(Duration::from_secs(30));
     assert!(src.status.success(), "source failed: {}", src.all());
     assert!(dest.status.success(), "destination failed: {}", dest.all());
-    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let s = summary(&json);
     assert_eq!(s["digest_verified"], true);
     assert_eq!(s["memory_bytes"], 96 << 20);
     let digest = s["digest"].as_str().unwrap();
@@ -89,20 +88,19 @@ fn guest_image_content_is_migrated_and_digest_checked() {
     }
     std::fs::write(&img, &bytes).unwrap();
     let (dest, addr) = listen(&key, &[]);
-    let src = Proc::start(&[
-        "send",
-        "--to",
-        &addr.to_string(),
-        "--auth-key-file",
-        key.to_str().unwrap(),
-        "--memory",
-        "8MiB",
-        "--dirty-rate",
-        "0",
-        "--guest-image",
-        img.to_str().unwrap(),
-    ])
-    .wait(Duration::from_secs(60));
+    let src = send(
+        addr,
+        &key,
+        &[
+            "--memory",
+            "8MiB",
+            "--dirty-rate",
+            "0",
+            "--guest-image",
+            img.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
     let dest = dest.wait(Duration::from_secs(30));
     assert!(src.status.success(), "{}", src.all());
     assert!(

@@ -18,7 +18,7 @@ use std::sync::mpsc;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ferry_tests::{ferry_bin, key_file, listen, Proc};
+use ferry_tests::{ferry_bin, key_file, listen, send};
 
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 const SRC: &str = "ferry-src";
@@ -35,24 +35,27 @@ fn loopback_channels(option: &str) {
     let key = key_file(dir.path(), "key", KEY);
     let (dest, addr) = listen(&key, &[]);
     let json = dir.path().join("summary.json");
-    let src = Proc::start(&[
-        "send",
-        "--to",
-        &addr.to_string(),
-        "--auth-key-file",
-        key.to_str().unwrap(),
-        "--memory",
-        "128MiB",
-        "--dirty-rate",
-        "16MB/s",
-        "--performance-option",
-        option,
-        "--channels",
-        "3",
-        "--json",
-        json.to_str().unwrap(),
-    ])
-    .wait(Duration::from_secs(120));
+    let src = send(
+        addr,
+        &key,
+        &[
+            "--memory",
+            "128MiB",
+            "--dirty-rate",
+            "16MB/s",
+            "--performance-option",
+            option,
+            "--channels",
+            "3",
+            // Small chunks, so that each channel's window holds a few of
+            // them and all three get work.
+            "--chunk-size",
+            "1MiB",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
     let dest = dest.wait(Duration::from_secs(30));
     assert!(src.status.success(), "{}", src.all());
     assert!(dest.status.success(), "{}", dest.all());

@@ -37,7 +37,7 @@ pub trait GuestMem: GuestMemoryBackend + Send + Sync + 'static {}
 impl<T: GuestMemoryBackend + Send + Sync + 'static> GuestMem for T {}
 
 /// Default bytes in flight per channel before `send` waits for acks.
-pub const DEFAULT_WINDOW: u64 = 64 << 20;
+pub const DEFAULT_WINDOW: u64 = 16 << 20;
 
 /// The slices of guest memory holding the non-zero runs, in run order.
 pub fn run_slices<'m, M: GuestMem>(
