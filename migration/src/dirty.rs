@@ -12,7 +12,7 @@
 //! guest is our own thread, so marking a bit after each write is exact and
 //! costs one atomic OR per page, while userfaultfd-wp takes a fault and a
 //! context switch per first write to each page in each round and needs raw
-//! ioctls (more `unsafe`). It is also the mechanism rust-vmm VMMs already use
+//! ioctls (more code in ffi/). It is also the mechanism rust-vmm VMMs already use
 //! for device writes.
 //!
 //! Harvesting is fetch-and-clear per 64-bit word, so a write that lands while

@@ -366,21 +366,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 commit_sent: false,
             };
             let result = run.precopy_and_switch(&mut t, &layout, started).await;
-            if result.is_err() && !run.commit_sent {
-                let e = result
-                    .as_ref()
-                    .err()
-                    .map(ToString::to_string)
-                    .unwrap_or_default();
-                run.conn.abort(&e).await;
-                if run.paused_at.is_some() {
-                    self.guest.resume()?;
-                }
-            }
-            if result.is_ok() {
-                self.progress.set_phase(Phase::Done);
-            }
-            return result;
+            return run.settle(result).await;
         }
         let data = match self.open_channels(&accept, control_path).await {
             Ok(d) => d,
@@ -443,21 +429,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 run.precopy_and_switch(&mut t, &layout, started).await
             }
         };
-        match result {
-            Ok(s) => {
-                self.progress.set_phase(Phase::Done);
-                Ok(s)
-            }
-            Err(e) => {
-                if !run.commit_sent {
-                    run.conn.abort(&e.to_string()).await;
-                    if run.paused_at.is_some() {
-                        self.guest.resume()?;
-                    }
-                }
-                Err(e)
-            }
-        }
+        run.settle(result).await
     }
 }
 
@@ -639,6 +611,27 @@ impl Chunker<'_> {
 }
 
 impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
+    /// Settles a migration's outcome, whatever its transport: marks the
+    /// progress done, or — when `Commit` was not sent yet — tells the
+    /// destination to abort and resumes the guest if it was paused.
+    async fn settle(&mut self, result: Result<Summary>) -> Result<Summary> {
+        match result {
+            Ok(s) => {
+                self.src.progress.set_phase(Phase::Done);
+                Ok(s)
+            }
+            Err(e) => {
+                if !self.commit_sent {
+                    self.conn.abort(&e.to_string()).await;
+                    if self.paused_at.is_some() {
+                        self.src.guest.resume()?;
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
     async fn send_set<T: Transport>(
         &mut self,
         t: &mut T,
