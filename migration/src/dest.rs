@@ -45,6 +45,7 @@ use tokio::task::JoinSet;
 use crate::digest::{hex, memory_digest};
 use crate::error::{MigrationError, Result};
 use crate::memory::{dest_memory, DestMemory};
+use crate::metrics::{Attempt, Metrics};
 use crate::nics;
 
 /// Destination settings.
@@ -89,6 +90,9 @@ pub struct DestSummary {
     pub resume_report: String,
     /// Wall time from hello to commit.
     pub total_ms: f64,
+    /// Downtime as the destination sees it: from the source's last
+    /// pre-copy round (when it pauses the guest) to `Committed`.
+    pub downtime_ms: f64,
 }
 
 /// The outcome of one incoming migration.
@@ -109,6 +113,7 @@ pub struct Destination {
     pending: Pending,
     next_id: AtomicU64,
     resume: ResumeHook,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Destination {
@@ -128,7 +133,13 @@ impl Destination {
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             resume,
+            metrics: Arc::default(),
         })
+    }
+
+    /// Its metrics (`ferry listen --metrics`).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// Accepts connections forever, reporting each migration's outcome.
@@ -162,16 +173,40 @@ impl Destination {
         }
     }
 
-    /// Handles one connection. Returns `None` for data channels and for
-    /// connections that never became a migration attempt.
+    /// Handles one connection and counts it in the metrics. Returns `None`
+    /// for data channels and for connections that never became a migration
+    /// attempt.
     async fn handle(
         self: Arc<Self>,
         stream: TcpStream,
         listen_ip: IpAddr,
     ) -> Option<Result<DestSummary>> {
+        let mut attempt = None;
+        let result = self.handle_conn(stream, listen_ip, &mut attempt).await;
+        if let (Some(a), Some(r)) = (attempt, &result) {
+            a.finish(r);
+        }
+        result
+    }
+
+    async fn handle_conn(
+        self: Arc<Self>,
+        stream: TcpStream,
+        listen_ip: IpAddr,
+        attempt: &mut Option<Attempt>,
+    ) -> Option<Result<DestSummary>> {
         let local = stream.local_addr().ok();
         let mut conn = Conn::new(stream, self.opts.timeout);
         let hello = conn.recv("the hello").await;
+        if !matches!(
+            hello,
+            Ok(Msg::Hello {
+                role: Role::Data,
+                ..
+            }) | Err(TransportError::PeerClosed { .. })
+        ) {
+            *attempt = Some(self.metrics.begin());
+        }
         let (min, max, role, nonce) = match hello {
             Ok(Msg::Hello {
                 min_version,
@@ -304,8 +339,21 @@ impl Destination {
                 return Err(conn.reject(RejectReason::Busy, msg).await.into());
             }
         };
-        conn.server_authenticate(&self.opts.key, nonce_s, version)
-            .await?;
+        match conn
+            .server_authenticate(&self.opts.key, nonce_s, version)
+            .await
+        {
+            Ok(()) => {}
+            // The source aborts the handshake only when our proof does not
+            // match its key.
+            Err(TransportError::PeerAborted(_)) => {
+                return Err(TransportError::AuthFailed(
+                    "the source refused our proof (different --auth-key-file?)",
+                )
+                .into())
+            }
+            Err(e) => return Err(e.into()),
+        }
         let offer = match conn.recv("the offer").await? {
             Msg::Offer(o) => o,
             m => {
@@ -332,6 +380,7 @@ impl Destination {
         };
         // Validated: now, and only now, allocate.
         let mem = Arc::new(dest_memory(&offer.layout)?);
+        let _allocation = self.metrics.allocated(offer.layout.total_bytes());
         // RDMA: listeners on the shared NICs, guest memory registered once
         // per device (a memlock failure is the rejection).
         #[cfg(feature = "rdma")]
@@ -386,6 +435,8 @@ impl Destination {
                     mem: &mem,
                     timeout: self.opts.timeout,
                     resume: &self.resume,
+                    metrics: &self.metrics,
+                    migration_id,
                     #[cfg(feature = "rdma")]
                     rdma: std::sync::Mutex::new(rdma),
                 }
@@ -395,9 +446,10 @@ impl Destination {
             Err(e) => Err(e.into()),
         };
         self.pending.lock().expect("pending").remove(&token);
+        self.metrics.retire(migration_id);
         stop_populate.store(true, Ordering::Relaxed);
         match result {
-            Ok((payload_bytes, crc_errors, digest, resume_report)) => Ok(DestSummary {
+            Ok((payload_bytes, crc_errors, digest, resume_report, downtime)) => Ok(DestSummary {
                 migration_id,
                 peer,
                 memory_bytes: offer.layout.total_bytes(),
@@ -406,6 +458,7 @@ impl Destination {
                 digest: hex(&digest),
                 resume_report,
                 total_ms: started.elapsed().as_secs_f64() * 1e3,
+                downtime_ms: downtime.as_secs_f64() * 1e3,
             }),
             Err(e) => {
                 tracing::warn!(migration_id, "migration aborted: {e}");
@@ -473,27 +526,66 @@ struct Receive<'a> {
     mem: &'a Arc<DestMemory>,
     timeout: Duration,
     resume: &'a ResumeHook,
+    metrics: &'a Metrics,
+    migration_id: u64,
     /// RDMA option: the prepared channels, taken when receiving starts.
     #[cfg(feature = "rdma")]
     rdma: std::sync::Mutex<Option<ferry_transport::rdma::RdmaReceiver<()>>>,
 }
 
+/// The sum of one counter over every channel's counters.
+fn total(all: &[Arc<RecvCounters>], counter: fn(&RecvCounters) -> &AtomicU64) -> u64 {
+    all.iter().map(|c| counter(c).load(Ordering::Relaxed)).sum()
+}
+
 impl Receive<'_> {
+    /// Starts receiving a data channel into its own counters (kept in
+    /// `all`, and in the metrics under the channel's index).
+    fn start_channel(
+        &self,
+        ch: &mut DataChannels,
+        stream: TcpStream,
+        layout: &Arc<MemoryLayout>,
+        all: &mut Vec<Arc<RecvCounters>>,
+        opts: RecvOptions,
+    ) {
+        let index = ch.opened;
+        let (l, m, c) = (
+            layout.clone(),
+            self.mem.clone(),
+            Arc::new(RecvCounters::default()),
+        );
+        let counters = c.clone();
+        ch.start(stream, move |s| async move {
+            receive_channel_with(s, &l, &*m, &c, opts).await
+        });
+        if ch.opened > index {
+            self.metrics
+                .track_channel(self.migration_id, index.to_string(), counters.clone());
+            all.push(counters);
+        }
+    }
+
     /// Receives pages until the switchover, verifies, and waits for commit.
     async fn run(
         &self,
         writer: &mut ferry_transport::conn::ConnWriter,
         mut msgs: mpsc::Receiver<ferry_transport::Result<Msg>>,
         mut streams: mpsc::Receiver<TcpStream>,
-    ) -> Result<(u64, u64, [u8; 16], String)> {
+    ) -> Result<(u64, u64, [u8; 16], String, Duration)> {
         let layout = Arc::new(self.offer.layout.clone());
+        // The RDMA channels' counters first, then one per TCP data channel
+        // (each counted in the metrics under its index).
         let counters = Arc::new(RecvCounters::default());
+        let mut all_counters = vec![counters.clone()];
         // RDMA: every channel lands pages on its own; the task ends once each
         // has sent its end frame (or was reported lost by the source).
         #[cfg(feature = "rdma")]
         let mut rdma_task = JoinSet::new();
         #[cfg(feature = "rdma")]
         if let Some(r) = self.rdma.lock().expect("rdma").take() {
+            self.metrics
+                .track_channel(self.migration_id, "rdma".into(), counters.clone());
             rdma_task.spawn(r.receive(
                 layout.clone(),
                 self.mem.clone(),
@@ -511,6 +603,7 @@ impl Receive<'_> {
         let mut ch = DataChannels::default();
         let mut fencing: Option<(Vec<SocketAddr>, HashSet<SocketAddr>)> = None;
         let mut switchover = None;
+        let mut paused_at = Instant::now();
         let mut last_progress = (Instant::now(), 0u64);
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         // Receive until the source's switchover. Every chunk was acknowledged
@@ -520,10 +613,7 @@ impl Receive<'_> {
         while switchover.is_none() {
             tokio::select! {
                 Some(stream) = streams.recv(), if ch.opened < self.offer.channels => {
-                    let (l, m, c) = (layout.clone(), self.mem.clone(), counters.clone());
-                    ch.start(stream, move |s| async move {
-                        receive_channel_with(s, &l, &*m, &c, recv_opts).await
-                    });
+                    self.start_channel(&mut ch, stream, &layout, &mut all_counters, recv_opts);
                 }
                 Some(done) = ch.set.join_next_with_id() => {
                     let (id, r) = match done {
@@ -556,16 +646,15 @@ impl Receive<'_> {
                         Some(Ok(Msg::RoundDone { round, pages })) => {
                             tracing::debug!(round, pages, "round done");
                             last_progress.0 = Instant::now();
+                            // The source pauses the guest right after its last round.
+                            paused_at = last_progress.0;
                         }
                         Some(Ok(Msg::Fence { channels })) if fencing.is_none() => {
                             last_progress.0 = Instant::now();
                             ch.fenced.extend(channels.iter().copied());
                             // Channels accepted but not started yet: a fenced one is dropped.
                             while let Ok(stream) = streams.try_recv() {
-                                let (l, m, c) = (layout.clone(), self.mem.clone(), counters.clone());
-                                ch.start(stream, move |s| async move {
-                                    receive_channel_with(s, &l, &*m, &c, recv_opts).await
-                                });
+                                self.start_channel(&mut ch, stream, &layout, &mut all_counters, recv_opts);
                             }
                             let waiting: HashSet<SocketAddr> = channels.iter().copied().filter(|p| ch.abort(p)).collect();
                             tracing::warn!(?channels, closing = waiting.len(), "source lost data channels: fencing them");
@@ -582,7 +671,7 @@ impl Receive<'_> {
                     }
                 }
                 _ = tick.tick() => {
-                    let now = counters.bytes_on_wire.load(Ordering::Relaxed) + counters.chunks.load(Ordering::Relaxed);
+                    let now = total(&all_counters, |c| &c.bytes_on_wire) + total(&all_counters, |c| &c.chunks);
                     if now != last_progress.1 {
                         last_progress = (Instant::now(), now);
                     } else if last_progress.0.elapsed() > self.timeout {
@@ -647,6 +736,7 @@ impl Receive<'_> {
         // Resume: from here the guest belongs to this side. Confirm first so
         // the source's downtime does not include the hook's work.
         writer.send(&Msg::Committed).await?;
+        let downtime = paused_at.elapsed();
         // The hook may take long (a full page check): keep it off the runtime.
         let (hook, mem, state) = (self.resume.clone(), self.mem.clone(), sw.device_state);
         let report = tokio::task::spawn_blocking(move || hook(&mem, &state))
@@ -655,10 +745,11 @@ impl Receive<'_> {
             .and_then(|r| r)
             .unwrap_or_else(|e| format!("resume hook failed: {e}"));
         Ok((
-            counters.payload_bytes.load(Ordering::Relaxed),
-            counters.crc_errors.load(Ordering::Relaxed),
+            total(&all_counters, |c| &c.payload_bytes),
+            total(&all_counters, |c| &c.crc_errors),
             digest,
             report,
+            downtime,
         ))
     }
 }

@@ -200,6 +200,8 @@ impl Progress {
 pub struct RoundStats {
     /// Round number (the final copy is the last).
     pub round: u32,
+    /// When the round began, in milliseconds since the migration started.
+    pub start_ms: f64,
     /// Pages in the round's set that were sent (zero pages included).
     pub pages: u64,
     /// Zero pages sent as flags.
@@ -210,6 +212,11 @@ pub struct RoundStats {
     pub duration_ms: f64,
     /// Pages dirtied meanwhile (the next round's set).
     pub dirty_pages_after: u64,
+    /// The same in bytes: the dirty bytes remaining after the round (zero
+    /// after the final copy).
+    pub dirty_bytes_after: u64,
+    /// Page bytes per second over the round.
+    pub rate_bytes_per_sec: f64,
 }
 
 /// Summary of a committed migration.
@@ -223,6 +230,8 @@ pub struct Summary {
     pub total_ms: f64,
     /// From pause to `Committed`.
     pub downtime_ms: f64,
+    /// When the guest was paused, in milliseconds since the start.
+    pub switchover_ms: f64,
     /// Part of the downtime spent on the digests (both sides hash at once).
     pub digest_ms: f64,
     /// Why pre-copy stopped.
@@ -752,7 +761,9 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         let mut round = 0u32;
         let mut bandwidth = 0.0f64;
         let reason = loop {
+            let start_ms = ms_since(started);
             let mut stats = self.send_set(t, &set, round, &mut seq).await?;
+            stats.start_ms = start_ms;
             self.conn
                 .send(&Msg::RoundDone {
                     round,
@@ -765,6 +776,8 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             set = src.dirty.harvest();
             stats.dirty_pages_after = set.count();
             let remaining = stats.dirty_pages_after * PAGE_SIZE;
+            stats.dirty_bytes_after = remaining;
+            stats.rate_bytes_per_sec = stats.bytes as f64 / (stats.duration_ms / 1e3).max(1e-6);
             src.progress
                 .remaining_bytes
                 .store(remaining, Ordering::Relaxed);
@@ -823,6 +836,9 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         );
         let transfer_secs = started.elapsed().as_secs_f64();
         final_stats.duration_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+        final_stats.start_ms = ms_since(started) - final_stats.duration_ms;
+        final_stats.rate_bytes_per_sec =
+            final_stats.bytes as f64 / (final_stats.duration_ms / 1e3).max(1e-6);
         rounds.push(final_stats);
 
         // Both sides hash their memory at the same time: the source sends the
@@ -885,6 +901,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             memory_bytes: layout.total_bytes(),
             total_ms: started.elapsed().as_secs_f64() * 1e3,
             downtime_ms,
+            switchover_ms: ms_since(started) - downtime_ms,
             digest_ms,
             converge_reason: reason,
             rounds,
@@ -898,6 +915,11 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             channels,
         })
     }
+}
+
+/// Milliseconds since `t`.
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 #[cfg(test)]

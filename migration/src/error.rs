@@ -44,3 +44,92 @@ pub enum MigrationError {
 
 /// Result alias of this crate.
 pub type Result<T, E = MigrationError> = std::result::Result<T, E>;
+
+impl MigrationError {
+    /// A short snake_case name of what went wrong, for metrics labels
+    /// (`ferry_migrations_aborted_total{reason}`): the rejection reason
+    /// when the peer was refused (`version`, `auth`, `memory_limit`,
+    /// `busy`, ...), else the kind of failure (`timeout`, `peer_closed`,
+    /// `crc`, `digest_mismatch`, `protocol`, ...).
+    pub fn reason(&self) -> String {
+        use TransportError as T;
+        let s = match self {
+            MigrationError::Transport(t) => match t {
+                // Every rejection reason, present and future: its variant name.
+                T::Rejected { reason, .. } => return snake_case(&format!("{reason:?}")),
+                T::UnsupportedVersion { .. } => "version",
+                T::AuthFailed(_) => "auth",
+                T::Timeout { .. } => "timeout",
+                T::PeerClosed { .. } => "peer_closed",
+                T::PeerAborted(_) => "peer_aborted",
+                T::CrcMismatch { .. } => "crc",
+                T::Io { .. } => "io",
+                T::BadMagic { .. }
+                | T::TooLarge { .. }
+                | T::Invalid { .. }
+                | T::OutsideLayout { .. }
+                | T::Malformed { .. }
+                | T::Unexpected { .. } => "protocol",
+                _ => "transport",
+            },
+            MigrationError::Config(_) => "config",
+            MigrationError::Memory(_) => "memory",
+            MigrationError::DigestMismatch { .. } => "digest_mismatch",
+            MigrationError::DeviceStateCrc { .. } | MigrationError::FinalCopyCorrupt(_) => "crc",
+            MigrationError::Guest(_) => "guest",
+            MigrationError::CommitUnconfirmed(_) => "commit_unconfirmed",
+        };
+        s.into()
+    }
+}
+
+/// `MemoryLimit` → `memory_limit`.
+fn snake_case(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_transport::proto::RejectReason;
+
+    #[test]
+    fn reasons_are_snake_case_labels() {
+        let rejected = |reason| {
+            MigrationError::from(TransportError::Rejected {
+                reason,
+                message: String::new(),
+            })
+        };
+        assert_eq!(rejected(RejectReason::MemoryLimit).reason(), "memory_limit");
+        assert_eq!(rejected(RejectReason::Busy).reason(), "busy");
+        assert_eq!(rejected(RejectReason::BadOffer).reason(), "bad_offer");
+        assert_eq!(
+            MigrationError::from(TransportError::AuthFailed("x")).reason(),
+            "auth"
+        );
+        assert_eq!(
+            MigrationError::from(TransportError::PeerClosed { what: "control" }).reason(),
+            "peer_closed"
+        );
+        assert_eq!(
+            MigrationError::DigestMismatch {
+                source_digest: String::new(),
+                dest_digest: String::new()
+            }
+            .reason(),
+            "digest_mismatch"
+        );
+    }
+}

@@ -9,6 +9,8 @@
 //! * `rdma` (feature `rdma`, on by default): the RDMA performance option's
 //!   set-up on both sides.
 //! * [`digest`]: the whole-memory digest compared before commit.
+//! * [`metrics`]: the destination's Prometheus metrics.
+//! * [`report`]: the `--json` record, its time series, and its SVG drawing.
 //! * [`nics`]: interface discovery and pairing for multichannel migration.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -20,8 +22,10 @@ pub mod engine;
 pub mod error;
 pub mod guest;
 pub mod memory;
+pub mod metrics;
 pub mod nics;
 #[cfg(feature = "rdma")]
 pub mod rdma;
+pub mod report;
 
 pub use error::{MigrationError, Result};

@@ -20,6 +20,7 @@ use ferry_migration::guest::{
 };
 use ferry_migration::memory::{default_layout, source_memory};
 use ferry_migration::nics::{self, MultichannelOptions};
+use ferry_migration::report::{self, Record, RecordIn, Sampler};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::compress::{CompressConfig, CompressionSpec};
 use ferry_transport::multichannel::{ChannelCount, Cidr};
@@ -50,6 +51,18 @@ enum Cmd {
     /// List this host's interfaces as multichannel sees them: address,
     /// prefix, link speed, RDMA device, and whether they can carry a migration.
     Nics(NicsArgs),
+    /// Summarise a `ferry send --json` record, and draw it as an SVG.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReportArgs {
+    /// The record `ferry send --json FILE` wrote.
+    file: PathBuf,
+    /// Draw remaining dirty bytes per round and throughput per channel over
+    /// time into this SVG file.
+    #[arg(long, value_name = "OUT.svg")]
+    svg: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -100,6 +113,11 @@ struct ListenArgs {
     /// arriving on another local address are refused.
     #[arg(long = "migration-network", value_name = "CIDR")]
     migration_network: Vec<Cidr>,
+    /// Serve Prometheus metrics (text format 0.0.4) at http://ADDR/metrics:
+    /// migrations started, committed, aborted by reason, bytes received per
+    /// data channel, memory held, last downtime.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -152,7 +170,9 @@ struct EngineArgs {
     /// the others.
     #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
     channel_timeout: Duration,
-    /// Write a JSON summary here.
+    /// Write a JSON record here: the summary, per-round and per-channel
+    /// figures, and a time series sampled every 100 ms (`ferry report`
+    /// draws it).
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -197,6 +217,7 @@ fn main() {
             Cmd::Send(a) => send(a).await,
             Cmd::Demo(a) => demo(a).await,
             Cmd::Nics(a) => list_nics(&a),
+            Cmd::Report(a) => report(&a),
         }
     });
     if let Err(e) = r {
@@ -301,6 +322,18 @@ async fn listen(a: ListenArgs) -> anyhow::Result<()> {
         migration_networks: a.migration_network.clone(),
     };
     let dest = Destination::new(opts, resume_hook());
+    if let Some(addr) = a.metrics {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--metrics: cannot listen on {addr}"))?;
+        eprintln!("ferry: metrics on http://{}/metrics", l.local_addr()?);
+        let metrics = dest.metrics();
+        tokio::spawn(async move {
+            if let Err(e) = ferry_migration::metrics::serve(l, metrics).await {
+                eprintln!("ferry: metrics server stopped: {e}");
+            }
+        });
+    }
     let (tx, mut rx) = mpsc::unbounded_channel();
     eprintln!("ferry: listening on {}", listener.local_addr()?);
     let server = tokio::spawn(dest.serve(listener, tx));
@@ -400,6 +433,7 @@ async fn run_source_with(
     let dirty = BitmapDirtyLog::new(guest.memory().clone());
     let progress = Arc::new(Progress::default());
     let bar = progress_bar(progress.clone());
+    let sampler = Sampler::start(progress.clone(), Duration::from_millis(100));
     let src = Source {
         to,
         key,
@@ -411,9 +445,15 @@ async fn run_source_with(
     };
     let r = src.migrate().await;
     bar.abort();
+    let samples = sampler.stop();
     let summary = r?;
     if let Some(path) = &e.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
+        let record = Record {
+            schema: report::SCHEMA,
+            summary: &summary,
+            samples: &samples,
+        };
+        std::fs::write(path, serde_json::to_vec_pretty(&record)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     print_summary(&summary);
@@ -560,6 +600,18 @@ async fn send(a: SendArgs) -> anyhow::Result<()> {
         );
     }
     r.map(|_| ())
+}
+
+fn report(a: &ReportArgs) -> anyhow::Result<()> {
+    let bytes =
+        std::fs::read(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
+    let r = RecordIn::parse(&bytes).with_context(|| format!("{}", a.file.display()))?;
+    print!("{}", r.text_summary());
+    if let Some(out) = &a.svg {
+        std::fs::write(out, r.svg()).with_context(|| format!("cannot write {}", out.display()))?;
+        println!("drawn: {}", out.display());
+    }
+    Ok(())
 }
 
 fn list_nics(a: &NicsArgs) -> anyhow::Result<()> {

@@ -161,6 +161,14 @@ impl Proc {
 /// Starts `ferry listen --once` on a free loopback port and waits until it
 /// accepts connections. Extra arguments are appended.
 pub fn listen(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
+    let mut args = vec!["--once"];
+    args.extend_from_slice(extra);
+    daemon(key, &args)
+}
+
+/// Starts `ferry listen` (staying up) on a free loopback port and waits
+/// until it accepts connections. Extra arguments are appended.
+pub fn daemon(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let addr_s = addr.to_string();
@@ -170,7 +178,6 @@ pub fn listen(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
         &addr_s,
         "--auth-key-file",
         key.to_str().unwrap(),
-        "--once",
     ];
     args.extend_from_slice(extra);
     let p = Proc::start(&args);
@@ -200,6 +207,29 @@ pub fn send(addr: SocketAddr, key: &Path, extra: &[&str], timeout: Duration) -> 
     ];
     args.extend_from_slice(extra);
     Proc::start(&args).wait(timeout)
+}
+
+/// `GET PATH` over plain HTTP/1.1: the status line and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// The value of one Prometheus sample (`name{labels}` exactly as
+/// exposed), if present.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Reads a `--json` summary.

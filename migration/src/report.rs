@@ -1,0 +1,658 @@
+//! The `ferry send --json` record of a migration, its time series, and
+//! `ferry report`: a text summary and a self-contained SVG drawing of it.
+//!
+//! The JSON document ([`Record`], schema [`SCHEMA`]) is the engine's
+//! [`Summary`] (every field at the top level, `rounds` and `channels`
+//! included) plus:
+//!
+//! * `schema`: the version of this layout (an integer; a reader refuses
+//!   another one). Fields may be added within a version, never removed or
+//!   renamed.
+//! * `samples`: the time series, one [`Sample`] every ~100 ms from connect
+//!   to commit.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Phase, Progress, Summary};
+
+/// Version of the `--json` layout.
+pub const SCHEMA: u32 = 1;
+
+/// One point of the time series.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Milliseconds since the migration started.
+    pub t_ms: f64,
+    /// `connecting`, `precopy`, `switchover` (guest paused) or `done`.
+    pub phase: String,
+    /// Current round (the final copy has the last number).
+    pub round: u64,
+    /// Dirty bytes left after the last finished round.
+    pub remaining_dirty_bytes: u64,
+    /// Bytes in the current round's set.
+    pub round_bytes: u64,
+    /// Page bytes sent so far.
+    pub sent_bytes: u64,
+    /// Page bytes each data channel carried so far, by channel index.
+    pub channel_bytes: Vec<u64>,
+}
+
+impl Sample {
+    fn of(p: &Progress, started: Instant) -> Sample {
+        Sample {
+            t_ms: started.elapsed().as_secs_f64() * 1e3,
+            phase: match p.phase() {
+                Phase::Connecting => "connecting",
+                Phase::Precopy => "precopy",
+                Phase::Switchover => "switchover",
+                Phase::Done => "done",
+            }
+            .into(),
+            round: p.round.load(Ordering::Relaxed),
+            remaining_dirty_bytes: p.remaining_bytes.load(Ordering::Relaxed),
+            round_bytes: p.round_bytes.load(Ordering::Relaxed),
+            sent_bytes: p.sent_bytes.load(Ordering::Relaxed),
+            channel_bytes: p.channels().iter().map(|c| c.payload_bytes).collect(),
+        }
+    }
+}
+
+/// Samples a migration's [`Progress`] at a fixed interval until stopped.
+#[derive(Debug)]
+pub struct Sampler {
+    progress: Arc<Progress>,
+    started: Instant,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sampler {
+    /// Starts sampling `progress` every `every` (call it when the
+    /// migration starts: sample times count from here).
+    pub fn start(progress: Arc<Progress>, every: Duration) -> Sampler {
+        let started = Instant::now();
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let (p, s) = (progress.clone(), samples.clone());
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let sample = Sample::of(&p, started);
+                s.lock().unwrap_or_else(|e| e.into_inner()).push(sample);
+            }
+        });
+        Sampler {
+            progress,
+            started,
+            samples,
+            task,
+        }
+    }
+
+    /// Stops, takes one last sample and returns the series.
+    pub fn stop(self) -> Vec<Sample> {
+        self.task.abort();
+        let mut s = std::mem::take(&mut *self.samples.lock().unwrap_or_else(|e| e.into_inner()));
+        s.push(Sample::of(&self.progress, self.started));
+        s
+    }
+}
+
+/// What `ferry send --json` writes (see the module doc).
+#[derive(Debug, Serialize)]
+pub struct Record<'a> {
+    /// [`SCHEMA`].
+    pub schema: u32,
+    /// The engine's summary, flattened into the document.
+    #[serde(flatten)]
+    pub summary: &'a Summary,
+    /// The time series.
+    pub samples: &'a [Sample],
+}
+
+/// The part of a record that `ferry report` reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RecordIn {
+    /// Layout version.
+    pub schema: u32,
+    /// Performance option, as written.
+    #[serde(default)]
+    pub option: serde_json::Value,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Connect to commit.
+    pub total_ms: f64,
+    /// Pause to commit.
+    pub downtime_ms: f64,
+    /// Pause, since the start.
+    pub switchover_ms: f64,
+    /// Rounds, the final copy last.
+    pub rounds: Vec<RoundIn>,
+    /// Per-channel totals.
+    pub channels: Vec<ChannelIn>,
+    /// Time series.
+    pub samples: Vec<Sample>,
+    /// Digest verified on both sides.
+    #[serde(default)]
+    pub digest_verified: bool,
+}
+
+/// A round as `ferry report` reads it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RoundIn {
+    /// Round number.
+    pub round: u32,
+    /// Start, since the migration started.
+    pub start_ms: f64,
+    /// Duration.
+    pub duration_ms: f64,
+    /// Page bytes sent.
+    pub bytes: u64,
+    /// Dirty bytes left after it.
+    pub dirty_bytes_after: u64,
+}
+
+/// A data channel as `ferry report` reads it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChannelIn {
+    /// Index.
+    pub channel: u16,
+    /// Page bytes carried.
+    pub payload_bytes: u64,
+    /// Chunks acknowledged.
+    pub chunks: u64,
+    /// CRC resends.
+    #[serde(default)]
+    pub crc_resends: u64,
+    /// active / ended / failed.
+    #[serde(default)]
+    pub state: String,
+    /// Local address.
+    #[serde(default)]
+    pub local: Option<String>,
+    /// Remote address.
+    #[serde(default)]
+    pub remote: Option<String>,
+}
+
+/// Why a `--json` file cannot be reported on.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// Not JSON, or not a migration record.
+    #[error("not a ferry migration record (JSON written by `ferry send --json`): {0}")]
+    NotARecord(String),
+    /// Another layout version.
+    #[error("record has schema {found}; this ferry reads schema {SCHEMA}")]
+    Schema {
+        /// The file's version.
+        found: u64,
+    },
+    /// Nothing to draw.
+    #[error("record has no {0}")]
+    Empty(&'static str),
+}
+
+impl RecordIn {
+    /// Parses and checks a record.
+    pub fn parse(bytes: &[u8]) -> Result<RecordIn, ReportError> {
+        let v: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| ReportError::NotARecord(e.to_string()))?;
+        match v.get("schema").map(serde_json::Value::as_u64) {
+            Some(Some(n)) if n == u64::from(SCHEMA) => {}
+            Some(Some(n)) => return Err(ReportError::Schema { found: n }),
+            _ => {
+                return Err(ReportError::NotARecord(
+                    "no integer \"schema\" field".into(),
+                ))
+            }
+        }
+        let r: RecordIn =
+            serde_json::from_value(v).map_err(|e| ReportError::NotARecord(e.to_string()))?;
+        if r.samples.is_empty() {
+            return Err(ReportError::Empty("samples (time series)"));
+        }
+        if r.rounds.is_empty() {
+            return Err(ReportError::Empty("rounds"));
+        }
+        Ok(r)
+    }
+
+    /// Throughput of each channel between consecutive samples, in bytes per
+    /// second, at the later sample's time (ms): one series per channel.
+    pub fn channel_rates(&self) -> Vec<Vec<(f64, f64)>> {
+        let n = self
+            .samples
+            .iter()
+            .map(|s| s.channel_bytes.len())
+            .max()
+            .unwrap_or(0);
+        (0..n)
+            .map(|c| {
+                let mut points = vec![(0.0, 0.0)];
+                for w in self.samples.windows(2) {
+                    let dt = (w[1].t_ms - w[0].t_ms) / 1e3;
+                    if dt <= 0.0 {
+                        continue;
+                    }
+                    let b0 = w[0].channel_bytes.get(c).copied().unwrap_or(0);
+                    let b1 = w[1].channel_bytes.get(c).copied().unwrap_or(0);
+                    points.push((w[1].t_ms, b1.saturating_sub(b0) as f64 / dt));
+                }
+                points
+            })
+            .collect()
+    }
+
+    /// A few lines for a terminal.
+    pub fn text_summary(&self) -> String {
+        let mut s = String::new();
+        let option = match &self.option {
+            serde_json::Value::String(o) => o.clone(),
+            serde_json::Value::Null => "?".into(),
+            o => o.to_string(),
+        };
+        let _ = writeln!(
+            s,
+            "migration of {} over {option}: {:.2} s total, downtime {:.1} ms, {} pre-copy rounds + final copy{}",
+            mib(self.memory_bytes as f64),
+            self.total_ms / 1e3,
+            self.downtime_ms,
+            self.rounds.len().saturating_sub(1),
+            if self.digest_verified { ", digest verified" } else { "" }
+        );
+        for r in &self.rounds {
+            let _ = writeln!(
+                s,
+                "  round {:>2}{}: {} in {:.0} ms ({}/s), {} dirty after",
+                r.round,
+                if r.round + 1 == self.rounds.len() as u32 {
+                    " (final)"
+                } else {
+                    ""
+                },
+                mib(r.bytes as f64),
+                r.duration_ms,
+                mib(r.bytes as f64 / (r.duration_ms / 1e3).max(1e-6)),
+                mib(r.dirty_bytes_after as f64),
+            );
+        }
+        let rates = self.channel_rates();
+        for c in &self.channels {
+            let peak = rates
+                .get(usize::from(c.channel))
+                .map(|p| p.iter().map(|x| x.1).fold(0.0, f64::max))
+                .unwrap_or(0.0);
+            let _ = writeln!(
+                s,
+                "  channel {} {} -> {}: {} in {} chunks, peak {}/s, {} CRC resends, {}",
+                c.channel,
+                c.local.as_deref().unwrap_or("?"),
+                c.remote.as_deref().unwrap_or("?"),
+                mib(c.payload_bytes as f64),
+                c.chunks,
+                mib(peak),
+                c.crc_resends,
+                c.state
+            );
+        }
+        let _ = writeln!(s, "  {} samples", self.samples.len());
+        s
+    }
+
+    /// The migration as a self-contained SVG: remaining dirty bytes per
+    /// round (bars), and throughput per channel over time (one line per
+    /// channel) with round boundaries and the switchover marked.
+    pub fn svg(&self) -> String {
+        const TOP1: f64 = 75.0;
+        const TOP2: f64 = TOP1 + PH + 90.0;
+        const H: f64 = TOP2 + PH + 70.0;
+        let colors = [
+            "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+        ];
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            r#"<?xml version="1.0" encoding="UTF-8"?>
+<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">
+<rect x="0" y="0" width="{W}" height="{H}" fill="white"/>
+<text x="{LEFT}" y="24" font-size="16">Ferry migration of {}: {:.2} s, downtime {:.1} ms</text>"#,
+            mib(self.memory_bytes as f64),
+            self.total_ms / 1e3,
+            self.downtime_ms
+        );
+
+        // Panel 1: remaining dirty bytes after each round.
+        let max_dirty = self
+            .rounds
+            .iter()
+            .map(|r| r.dirty_bytes_after)
+            .max()
+            .unwrap_or(0)
+            .max(1) as f64;
+        let ymax1 = nice_ceiling(max_dirty / MIB);
+        axes(
+            &mut s,
+            TOP1,
+            PH,
+            "Remaining dirty bytes after each round",
+            "MiB",
+            ymax1,
+            "round",
+        );
+        let n = self.rounds.len() as f64;
+        let slot = PW / n;
+        for (i, r) in self.rounds.iter().enumerate() {
+            let h = r.dirty_bytes_after as f64 / MIB / ymax1 * PH;
+            let x = LEFT + i as f64 * slot + slot * 0.15;
+            let final_copy = i + 1 == self.rounds.len();
+            let _ = writeln!(
+                s,
+                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="{}"><title>round {}: {} dirty after</title></rect>"#,
+                TOP1 + PH - h,
+                slot * 0.7,
+                if final_copy { "#d62728" } else { "#1f77b4" },
+                r.round,
+                mib(r.dirty_bytes_after as f64)
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+                x + slot * 0.35,
+                TOP1 + PH + 15.0,
+                if final_copy {
+                    "final".to_string()
+                } else {
+                    r.round.to_string()
+                }
+            );
+        }
+
+        // Panel 2: throughput per channel over time.
+        let rates = self.channel_rates();
+        let tmax = self
+            .samples
+            .last()
+            .map(|s| s.t_ms)
+            .unwrap_or(0.0)
+            .max(self.total_ms)
+            .max(1.0);
+        let max_rate = rates
+            .iter()
+            .flatten()
+            .map(|p| p.1)
+            .fold(0.0, f64::max)
+            .max(1.0);
+        let ymax2 = nice_ceiling(max_rate / MIB);
+        axes(
+            &mut s,
+            TOP2,
+            PH,
+            "Throughput per data channel",
+            "MiB/s",
+            ymax2,
+            "time (s)",
+        );
+        let xt = |t_ms: f64| LEFT + t_ms.clamp(0.0, tmax) / tmax * PW;
+        // Time ticks.
+        let step = nice_ceiling(tmax / 1e3 / 8.0);
+        let mut t = 0.0;
+        while t <= tmax / 1e3 + 1e-9 {
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+                xt(t * 1e3),
+                TOP2 + PH + 15.0,
+                trim(t)
+            );
+            t += step;
+        }
+        // Switchover (downtime) shaded, round boundaries dashed.
+        let (sw, end) = (xt(self.switchover_ms), xt(self.total_ms));
+        let _ = writeln!(
+            s,
+            r##"<rect x="{sw:.1}" y="{TOP2}" width="{:.1}" height="{PH}" fill="#d62728" fill-opacity="0.15"><title>downtime {:.1} ms</title></rect>
+<text x="{sw:.1}" y="{:.1}" fill="#d62728">switchover (downtime {:.1} ms)</text>"##,
+            (end - sw).max(1.0),
+            self.downtime_ms,
+            TOP2 - 4.0,
+            self.downtime_ms
+        );
+        for r in &self.rounds {
+            let x = xt(r.start_ms);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{x:.1}" y1="{TOP2}" x2="{x:.1}" y2="{:.1}" stroke="#888" stroke-dasharray="4 3"><title>round {} starts</title></line>
+<text x="{:.1}" y="{:.1}" fill="#888" font-size="10">r{}</text>"##,
+                TOP2 + PH,
+                r.round,
+                x + 2.0,
+                TOP2 + 10.0,
+                r.round
+            );
+        }
+        for (c, points) in rates.iter().enumerate() {
+            let color = colors[c % colors.len()];
+            let pts: Vec<String> = points
+                .iter()
+                .map(|(t, r)| format!("{:.1},{:.1}", xt(*t), TOP2 + PH - r / MIB / ymax2 * PH))
+                .collect();
+            let _ = writeln!(
+                s,
+                r#"<polyline class="channel" data-channel="{c}" fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#,
+                pts.join(" ")
+            );
+            let ly = TOP2 + 10.0 + c as f64 * 18.0;
+            let lx = LEFT + PW + 15.0;
+            let _ = writeln!(
+                s,
+                r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{color}" stroke-width="3"/>
+<text x="{:.1}" y="{:.1}">channel {c}</text>"#,
+                lx + 20.0,
+                lx + 25.0,
+                ly + 4.0
+            );
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+const MIB: f64 = (1u64 << 20) as f64;
+/// SVG width, left margin (y labels), plot width (the legend is right of
+/// it) and panel height.
+const W: f64 = 900.0;
+const LEFT: f64 = 80.0;
+const PW: f64 = W - LEFT - 160.0;
+const PH: f64 = 220.0;
+
+fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / MIB)
+}
+
+/// Draws a panel's frame, title, y ticks and axis labels.
+fn axes(s: &mut String, top: f64, ph: f64, title: &str, yunit: &str, ymax: f64, xlabel: &str) {
+    let _ = writeln!(
+        s,
+        r##"<text x="{LEFT}" y="{:.1}" font-size="14">{title}</text>
+<rect x="{LEFT}" y="{top}" width="{PW}" height="{ph}" fill="none" stroke="#333"/>
+<text x="{:.1}" y="{:.1}" text-anchor="middle">{xlabel}</text>
+<text x="20" y="{:.1}" text-anchor="middle" transform="rotate(-90 20 {:.1})">{yunit}</text>"##,
+        top - 22.0,
+        LEFT + PW / 2.0,
+        top + ph + 35.0,
+        top + ph / 2.0,
+        top + ph / 2.0,
+    );
+    for i in 0..=4 {
+        let v = ymax * f64::from(i) / 4.0;
+        let y = top + ph - ph * f64::from(i) / 4.0;
+        let _ = writeln!(
+            s,
+            r##"<line x1="{:.1}" y1="{y:.1}" x2="{LEFT}" y2="{y:.1}" stroke="#333"/>
+<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+            LEFT - 5.0,
+            LEFT - 8.0,
+            y + 4.0,
+            trim(v)
+        );
+    }
+}
+
+/// The smallest 1, 2 or 5 × 10^k at or above `v` (positive).
+fn nice_ceiling(v: f64) -> f64 {
+    let v = v.max(1e-9);
+    let p = 10f64.powf(v.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * p)
+        .find(|c| *c >= v * (1.0 - 1e-12))
+        .unwrap_or(10.0 * p)
+}
+
+/// A number without trailing zeros.
+fn trim(v: f64) -> String {
+    let s = format!("{v:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(channels: usize) -> serde_json::Value {
+        let samples: Vec<serde_json::Value> = (0..20u32)
+            .map(|i| {
+                serde_json::json!({
+                    "t_ms": f64::from(i) * 100.0,
+                    "phase": if i < 15 { "precopy" } else { "switchover" },
+                    "round": i / 5,
+                    "remaining_dirty_bytes": 1000,
+                    "round_bytes": 2000,
+                    "sent_bytes": i * 1000,
+                    "channel_bytes": (0..channels).map(|c| (c as u64 + 1) * u64::from(i) * 5_000_000).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "schema": 1,
+            "option": "tcp",
+            "memory_bytes": 64u64 << 20,
+            "total_ms": 2000.0,
+            "downtime_ms": 120.5,
+            "switchover_ms": 1879.5,
+            "digest_verified": true,
+            "rounds": (0..4).map(|r| serde_json::json!({
+                "round": r, "start_ms": f64::from(r) * 500.0, "duration_ms": 400.0,
+                "bytes": 10u64 << 20, "pages": 2560, "dirty_bytes_after": if r == 3 { 0 } else { (8u64 >> r) << 20 },
+            })).collect::<Vec<_>>(),
+            "channels": (0..channels).map(|c| serde_json::json!({
+                "channel": c, "payload_bytes": 1u64 << 20, "chunks": 3, "crc_resends": 0, "state": "ended",
+            })).collect::<Vec<_>>(),
+            "samples": samples,
+        })
+    }
+
+    /// Tags balance, attributes are quoted, nothing is left unescaped: a
+    /// small well-formedness check (no XML crate needed).
+    fn check_xml(s: &str) {
+        let body = s.split_once("?>").map_or(s, |(_, b)| b);
+        let mut stack: Vec<String> = Vec::new();
+        let mut rest = body;
+        while let Some(i) = rest.find('<') {
+            assert!(!rest[..i].contains('>'), "stray > before {:?}", &rest[i..]);
+            let end = rest[i..].find('>').expect("unclosed tag") + i;
+            let tag = &rest[i + 1..end];
+            assert!(!tag.contains('<'), "< inside tag {tag:?}");
+            assert_eq!(tag.matches('"').count() % 2, 0, "unbalanced quotes: {tag}");
+            if let Some(name) = tag.strip_prefix('/') {
+                assert_eq!(
+                    stack.pop().as_deref(),
+                    Some(name.trim()),
+                    "mismatched </{name}>"
+                );
+            } else if !tag.ends_with('/') {
+                let name = tag.split_whitespace().next().unwrap();
+                stack.push(name.to_string());
+            }
+            rest = &rest[end + 1..];
+        }
+        assert!(stack.is_empty(), "unclosed: {stack:?}");
+        assert!(body.trim_start().starts_with("<svg"));
+    }
+
+    #[test]
+    fn svg_is_well_formed_with_a_line_per_channel_and_labelled_axes() {
+        for channels in [1, 3] {
+            let r = RecordIn::parse(record(channels).to_string().as_bytes()).unwrap();
+            let svg = r.svg();
+            check_xml(&svg);
+            assert_eq!(svg.matches("<polyline").count(), channels, "{svg}");
+            for c in 0..channels {
+                assert!(svg.contains(&format!("channel {c}</text>")), "legend {c}");
+            }
+            for label in [
+                "MiB",
+                "MiB/s",
+                "time (s)",
+                "round",
+                "final",
+                "switchover",
+                "r0",
+                "r3",
+            ] {
+                assert!(svg.contains(label), "missing {label}");
+            }
+            // Rounds: one bar each.
+            assert_eq!(svg.matches("dirty after</title>").count(), 4);
+        }
+    }
+
+    #[test]
+    fn rates_follow_the_channel_counters() {
+        let r = RecordIn::parse(record(2).to_string().as_bytes()).unwrap();
+        let rates = r.channel_rates();
+        assert_eq!(rates.len(), 2);
+        // 5 MB per 100 ms = 50 MB/s on channel 0, twice that on channel 1.
+        assert!((rates[0][3].1 - 50e6).abs() < 1.0, "{:?}", rates[0]);
+        assert!((rates[1][3].1 - 100e6).abs() < 1.0);
+        let text = r.text_summary();
+        assert!(text.contains("downtime 120.5 ms"), "{text}");
+        assert!(text.contains("round  3 (final)"), "{text}");
+        assert!(text.contains("channel 1"), "{text}");
+    }
+
+    #[test]
+    fn bad_records_are_refused_by_name() {
+        let e = RecordIn::parse(b"not json").unwrap_err();
+        assert!(
+            e.to_string().contains("not a ferry migration record"),
+            "{e}"
+        );
+        let mut v = record(1);
+        v["schema"] = 7.into();
+        let e = RecordIn::parse(v.to_string().as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("schema 7"), "{e}");
+        let mut v = record(1);
+        v.as_object_mut().unwrap().remove("schema");
+        assert!(RecordIn::parse(v.to_string().as_bytes()).is_err());
+        let mut v = record(1);
+        v["samples"] = serde_json::json!([]);
+        let e = RecordIn::parse(v.to_string().as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("no samples"), "{e}");
+    }
+
+    #[test]
+    fn nice_ceilings() {
+        assert_eq!(nice_ceiling(0.7), 1.0);
+        assert_eq!(nice_ceiling(1.3), 2.0);
+        assert_eq!(nice_ceiling(3.0), 5.0);
+        assert_eq!(nice_ceiling(51.0), 100.0);
+        assert_eq!(trim(2.50), "2.5");
+        assert_eq!(trim(3.0), "3");
+    }
+}
