@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Ferry's test command (the README's): installs what the tests need when it
 # is missing, then lint, fuzz smoke runs, the soft-RoCE RDMA suite in two
-# emulated VMs, and every Rust test. Ends with "tests: N passed, N failed".
+# emulated VMs, a short soak (ci/soak.sh), and every Rust test. Ends with
+# "tests: N passed, N failed".
 #
 #   FERRY_SKIP_SOFTROCE=1  skip the VM suite (it needs ~5 minutes)
 #   FERRY_SKIP_FUZZ=1      skip the fuzz build and runs
@@ -31,6 +32,10 @@ if [ "${FERRY_SKIP_SOFTROCE:-0}" != 1 ]; then
     step "soft-RoCE: RDMA tests and selftest in emulated VMs"
     bash ci/softroce/selftest.sh
 fi
+
+step "soak (short): 4 back-to-back migrations between two daemons"
+# The full soak (50 runs of a 256 MiB guest): bash ci/soak.sh
+SOAK_RUNS=4 SOAK_MEMORY=128MiB SOAK_PROFILE=debug bash ci/soak.sh
 
 step "cargo test"
 # CI runs as root: there the multichannel namespace tests must run, not skip.
