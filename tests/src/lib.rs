@@ -181,14 +181,7 @@ pub fn daemon(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
     ];
     args.extend_from_slice(extra);
     let p = Proc::start(&args);
-    let start = Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "ferry listen did not come up on {addr}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_port(addr, "ferry listen");
     // The probe connection above was one attempt under --once: wait for a
     // fresh listener only if that made it exit.
     (p, addr)
@@ -207,6 +200,18 @@ pub fn send(addr: SocketAddr, key: &Path, extra: &[&str], timeout: Duration) -> 
     ];
     args.extend_from_slice(extra);
     Proc::start(&args).wait(timeout)
+}
+
+/// Waits (up to 20 s) until `addr` accepts connections.
+pub fn wait_for_port(addr: SocketAddr, what: &str) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what} did not come up on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `GET PATH` over plain HTTP/1.1: the status line and the body.

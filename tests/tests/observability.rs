@@ -5,20 +5,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ferry_tests::{daemon, free_port, http_get, key_file, metric, send, summary, Proc};
+use ferry_tests::{
+    daemon, free_port, http_get, key_file, metric, send, summary, wait_for_port, Proc,
+};
 
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
-
-fn wait_for_http(addr: SocketAddr) {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "metrics endpoint {addr} did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn metrics_count_a_committed_and_an_unauthenticated_migration() {
@@ -28,7 +19,7 @@ fn metrics_count_a_committed_and_an_unauthenticated_migration() {
     let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let maddr_s = maddr.to_string();
     let (dest, addr) = daemon(&key, &["--metrics", &maddr_s]);
-    wait_for_http(maddr);
+    wait_for_port(maddr, "the metrics endpoint");
 
     let (status, body) = http_get(maddr, "/metrics");
     assert!(status.contains("200"), "{status}");
