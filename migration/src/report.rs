@@ -23,6 +23,9 @@ use crate::engine::{Phase, Progress, Summary};
 /// Version of the `--json` layout.
 pub const SCHEMA: u32 = 1;
 
+/// Shortest span a drawn or reported throughput is measured over.
+pub const RATE_WINDOW_MS: f64 = 300.0;
+
 /// One point of the time series.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
@@ -222,8 +225,11 @@ impl RecordIn {
         Ok(r)
     }
 
-    /// Throughput of each channel between consecutive samples, in bytes per
-    /// second, at the later sample's time (ms): one series per channel.
+    /// Throughput of each channel, in bytes per second, at each sample's
+    /// time (ms): one series per channel. Each rate is taken over the last
+    /// [`RATE_WINDOW_MS`] or more (back to the latest sample at least that
+    /// old), so that the engine refreshing its channel counters on its own
+    /// beat does not alias into spikes.
     pub fn channel_rates(&self) -> Vec<Vec<(f64, f64)>> {
         let n = self
             .samples
@@ -233,15 +239,18 @@ impl RecordIn {
             .unwrap_or(0);
         (0..n)
             .map(|c| {
+                let bytes = |s: &Sample| s.channel_bytes.get(c).copied().unwrap_or(0);
                 let mut points = vec![(0.0, 0.0)];
-                for w in self.samples.windows(2) {
-                    let dt = (w[1].t_ms - w[0].t_ms) / 1e3;
-                    if dt <= 0.0 {
-                        continue;
+                let mut from = 0;
+                for (i, now) in self.samples.iter().enumerate().skip(1) {
+                    while from + 1 < i && self.samples[from + 1].t_ms <= now.t_ms - RATE_WINDOW_MS {
+                        from += 1;
                     }
-                    let b0 = w[0].channel_bytes.get(c).copied().unwrap_or(0);
-                    let b1 = w[1].channel_bytes.get(c).copied().unwrap_or(0);
-                    points.push((w[1].t_ms, b1.saturating_sub(b0) as f64 / dt));
+                    let then = &self.samples[from];
+                    let dt = (now.t_ms - then.t_ms) / 1e3;
+                    if dt > 0.0 {
+                        points.push((now.t_ms, bytes(now).saturating_sub(bytes(then)) as f64 / dt));
+                    }
                 }
                 points
             })
@@ -251,8 +260,13 @@ impl RecordIn {
     /// A few lines for a terminal.
     pub fn text_summary(&self) -> String {
         let mut s = String::new();
+        // "Tcp", or {"Compression": {"codec": 2, "level": 1}}.
         let option = match &self.option {
-            serde_json::Value::String(o) => o.clone(),
+            serde_json::Value::String(o) => o.to_lowercase(),
+            serde_json::Value::Object(m) if m.len() == 1 => {
+                let (k, v) = m.iter().next().expect("one entry");
+                format!("{} {v}", k.to_lowercase())
+            }
             serde_json::Value::Null => "?".into(),
             o => o.to_string(),
         };
@@ -624,6 +638,22 @@ mod tests {
         assert!(text.contains("downtime 120.5 ms"), "{text}");
         assert!(text.contains("round  3 (final)"), "{text}");
         assert!(text.contains("channel 1"), "{text}");
+    }
+
+    #[test]
+    fn rates_are_windowed_so_a_slow_counter_refresh_does_not_alias() {
+        // The counter moves 10 MB every other 100 ms sample: 50 MB/s, which
+        // sample-to-sample differences would show as 0 and 100 MB/s.
+        let mut v = record(1);
+        for (i, s) in v["samples"].as_array_mut().unwrap().iter_mut().enumerate() {
+            s["channel_bytes"] = serde_json::json!([(i as u64 / 2) * 10_000_000]);
+        }
+        let r = RecordIn::parse(v.to_string().as_bytes()).unwrap();
+        let rates = &r.channel_rates()[0];
+        let settled: Vec<f64> = rates.iter().skip(4).map(|p| p.1).collect();
+        assert!(settled.iter().all(|r| *r > 25e6 && *r < 75e6), "{rates:?}");
+        let mean = settled.iter().sum::<f64>() / settled.len() as f64;
+        assert!((mean - 50e6).abs() < 10e6, "{mean}");
     }
 
     #[test]
