@@ -218,3 +218,30 @@ fn report_refuses_bad_input_by_name() {
     let out = Proc::start(&["report", "/nonexistent/x.json"]).wait(Duration::from_secs(30));
     assert!(out.stderr.contains("cannot read"), "{}", out.all());
 }
+
+#[test]
+fn metrics_address_in_use_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let out = Proc::start(&[
+        "listen",
+        "--listen",
+        &listen,
+        "--auth-key-file",
+        key.to_str().unwrap(),
+        "--metrics",
+        &taken,
+    ])
+    .wait(Duration::from_secs(30));
+    assert!(!out.status.success(), "{}", out.all());
+    assert!(!out.panicked(), "{}", out.all());
+    assert!(
+        out.stderr
+            .contains(&format!("--metrics: cannot listen on {taken}")),
+        "{}",
+        out.all()
+    );
+}
