@@ -697,6 +697,13 @@ impl<M: GuestMem> CompressSender<M> {
         })
     }
 
+    /// Paces this channel's writes with the migration's shared
+    /// `--bandwidth-limit` (see [`TcpSender::with_limiter`]).
+    pub fn with_limiter(mut self, limiter: Option<Arc<crate::ratelimit::RateLimiter>>) -> Self {
+        self.tcp.set_limiter(limiter);
+        self
+    }
+
     fn link_about_to_idle(&mut self) -> bool {
         let stream: &TcpStream = self.tcp.stream();
         match ferry_ffi::net::send_queue_bytes(stream.as_fd()) {

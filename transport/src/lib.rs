@@ -9,7 +9,8 @@
 //!   guest memory and the socket); [`compress`]: the compression option
 //!   (lz4/zstd on a worker pool, decompression straight into guest memory);
 //!   [`multichannel`]: one migration striped over several channels (every
-//!   NIC both hosts share), with failover.
+//!   NIC both hosts share), with failover; [`ratelimit`]: the
+//!   `--bandwidth-limit` token bucket all channels of a migration share.
 //!
 //! * [`rdma_wire`]: what the RDMA option exchanges on the control
 //!   connection; `rdma` (feature `rdma`): its data path, RDMA WRITE from
@@ -36,6 +37,7 @@ pub mod error;
 pub mod layout;
 pub mod multichannel;
 pub mod proto;
+pub mod ratelimit;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod rdma_wire;

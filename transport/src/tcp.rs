@@ -29,6 +29,7 @@ use zerocopy::IntoBytes;
 use crate::compress::{land_compressed, Decoder};
 use crate::error::{Result, TransportError};
 use crate::layout::{MemoryLayout, PageRun};
+use crate::ratelimit::RateLimiter;
 use crate::wire::{self, AckFrame, AckStatus, ChunkHeader, ChunkKind, Codec, RunDesc};
 use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
 
@@ -104,6 +105,8 @@ pub struct TcpSender<M: GuestMem> {
     resend: Vec<PageRun>,
     stats: ChannelStats,
     ack_task: tokio::task::JoinHandle<()>,
+    /// `--bandwidth-limit`, shared with the migration's other channels.
+    limiter: Option<Arc<RateLimiter>>,
 }
 
 impl<M: GuestMem> Drop for TcpSender<M> {
@@ -148,6 +151,24 @@ impl<M: GuestMem> TcpSender<M> {
                 ..Default::default()
             },
             ack_task,
+            limiter: None,
+        }
+    }
+
+    /// Paces this channel's writes with `limiter` (shared by every channel
+    /// of the migration, so the cap holds for all of them together).
+    pub fn with_limiter(mut self, limiter: Option<Arc<RateLimiter>>) -> Self {
+        self.set_limiter(limiter);
+        self
+    }
+
+    pub(crate) fn set_limiter(&mut self, limiter: Option<Arc<RateLimiter>>) {
+        self.limiter = limiter;
+    }
+
+    async fn pace(&self, wire: u64) {
+        if let Some(l) = &self.limiter {
+            l.acquire(wire).await;
         }
     }
 
@@ -252,6 +273,7 @@ impl<M: GuestMem> TcpSender<M> {
     pub(crate) async fn send_frame(&mut self, chunk: Chunk, frame: &[u8]) -> Result<()> {
         let wire = frame.len() as u64;
         self.reserve(wire).await?;
+        self.pace(wire).await;
         self.write
             .write_all(frame)
             .await
@@ -325,6 +347,7 @@ impl<M: GuestMem> Transport for TcpSender<M> {
         head.extend_from_slice(header.as_bytes());
         head.extend_from_slice(table.as_bytes());
         let total = head.len() + payload as usize;
+        self.pace(total as u64).await;
         self.write_frame(&head, &chunk.runs, total).await?;
         self.sent(chunk, total as u64, payload);
         Ok(())
