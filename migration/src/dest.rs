@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,16 +53,22 @@ use crate::nics;
 pub struct ListenOptions {
     /// Pre-shared key.
     pub key: AuthKey,
-    /// Largest guest memory accepted.
+    /// Largest guest memory accepted, and the most guest memory of all
+    /// accepted migrations together.
     pub memory_limit: u64,
     /// How long a peer may stay silent (no message, no page) before the
     /// migration is aborted.
     pub timeout: Duration,
     /// Simultaneous incoming migrations.
     pub max_concurrent: usize,
-    /// Networks data channels may use (`--migration-network`): only
-    /// interfaces inside them are advertised, and a data channel arriving
-    /// on another local address is refused. Empty: every network.
+    /// Authenticated migrations that may wait for a slot (`--queue`).
+    pub queue: usize,
+    /// Longest a queued migration waits (`--queue-timeout`).
+    pub queue_timeout: Duration,
+    /// Networks migrations may use (`--migration-network`): only
+    /// interfaces inside them are advertised, a data channel arriving on
+    /// another local address is refused, and a connection from a peer
+    /// outside them is closed before anything is read. Empty: every network.
     pub migration_networks: Vec<Cidr>,
 }
 
@@ -110,6 +116,10 @@ type Pending = Mutex<HashMap<[u8; 32], mpsc::Sender<TcpStream>>>;
 pub struct Destination {
     opts: ListenOptions,
     slots: Arc<Semaphore>,
+    /// Migrations waiting for a slot.
+    queued: AtomicUsize,
+    /// Guest memory of the migrations accepted and not finished.
+    reserved: Arc<Mutex<u64>>,
     pending: Pending,
     next_id: AtomicU64,
     resume: ResumeHook,
@@ -129,6 +139,8 @@ impl Destination {
     pub fn new(opts: ListenOptions, resume: ResumeHook) -> Arc<Self> {
         Arc::new(Destination {
             slots: Arc::new(Semaphore::new(opts.max_concurrent.max(1))),
+            queued: AtomicUsize::new(0),
+            reserved: Arc::new(Mutex::new(0)),
             opts,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -160,6 +172,10 @@ impl Destination {
                 context: "accepting a connection".into(),
                 source: e,
             })?;
+            if !nics::allowed(&self.opts.migration_networks, addr.ip()) {
+                self.refuse_network(stream, addr);
+                continue;
+            }
             let me = self.clone();
             let out = outcomes.clone();
             tokio::spawn(async move {
@@ -171,6 +187,106 @@ impl Destination {
                 }
             });
         }
+    }
+
+    /// Refuses a peer outside `--migration-network` without reading
+    /// anything it sent: one `Reject` frame, then the socket is closed
+    /// (after a short, bounded wait so the peer can read the reason rather
+    /// than a reset). No key, nonce or memory is touched.
+    fn refuse_network(&self, mut stream: TcpStream, addr: SocketAddr) {
+        let n = self.metrics.refused_network();
+        let nets = self
+            .opts
+            .migration_networks
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        tracing::warn!(
+            peer = %addr,
+            refused = n,
+            "connection refused before authentication: {} is not in --migration-network {nets}",
+            addr.ip()
+        );
+        let frame = Msg::Reject {
+            reason: RejectReason::Network,
+            message: format!(
+                "connections from {} are refused: not in this destination's --migration-network {nets}",
+                addr.ip()
+            ),
+        }
+        .encode();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                stream.write_all(&frame).await?;
+                stream.shutdown().await?;
+                // Discard (bounded) what the peer sent until it closes.
+                let mut sink = [0u8; 1024];
+                let mut left = 64 * 1024;
+                while left > 0 {
+                    match stream.read(&mut sink).await? {
+                        0 => break,
+                        n => left -= n.min(left),
+                    }
+                }
+                std::io::Result::Ok(())
+            })
+            .await;
+        });
+    }
+
+    /// Waits for a migration slot: at once when one is free, else in the
+    /// queue (`--queue`, at most `--queue-timeout`), else refused as busy
+    /// with the numbers.
+    async fn admit(&self) -> std::result::Result<tokio::sync::OwnedSemaphorePermit, String> {
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        let busy = |queued: usize| {
+            format!(
+                "busy: {} migrations running (--max-concurrent {}) and {} waiting (--queue {})",
+                self.opts.max_concurrent.max(1) - self.slots.available_permits(),
+                self.opts.max_concurrent.max(1),
+                queued,
+                self.opts.queue
+            )
+        };
+        let queued = self.queued.fetch_add(1, Ordering::SeqCst);
+        if queued >= self.opts.queue {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(busy(queued));
+        }
+        tracing::info!(position = queued + 1, "no free slot: migration queued");
+        let got =
+            tokio::time::timeout(self.opts.queue_timeout, self.slots.clone().acquire_owned()).await;
+        let waiting = self.queued.fetch_sub(1, Ordering::SeqCst) - 1;
+        match got {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(format!(
+                "{} after waiting {:?} in the queue (--queue-timeout)",
+                busy(waiting),
+                self.opts.queue_timeout
+            )),
+        }
+    }
+
+    /// Books `bytes` of guest memory against `--memory-limit` for all
+    /// migrations together; released when the returned guard drops.
+    fn reserve(&self, bytes: u64) -> std::result::Result<Reservation, String> {
+        let mut r = self.reserved.lock().expect("reserved");
+        let limit = self.opts.memory_limit;
+        if r.saturating_add(bytes) > limit {
+            return Err(format!(
+                "guest memory of {bytes} bytes plus the {} bytes of the migrations already accepted is above this destination's --memory-limit of {limit} bytes",
+                *r
+            ));
+        }
+        *r += bytes;
+        Ok(Reservation {
+            pool: self.reserved.clone(),
+            bytes,
+        })
     }
 
     /// Handles one connection and counts it in the metrics. Returns `None`
@@ -329,16 +445,19 @@ impl Destination {
         listen_ip: IpAddr,
     ) -> Result<DestSummary> {
         let started = Instant::now();
-        let _permit = match self.slots.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                let msg = format!(
-                    "this destination already runs {} migrations (--max-concurrent)",
-                    self.opts.max_concurrent
-                );
-                return Err(conn.reject(RejectReason::Busy, msg).await.into());
-            }
-        };
+        // Refused before any authentication work when the slots and the
+        // queue are full.
+        if self.slots.available_permits() == 0
+            && self.queued.load(Ordering::SeqCst) >= self.opts.queue
+        {
+            let msg = format!(
+                "busy: {n} migrations running (--max-concurrent {n}) and {} waiting (--queue {})",
+                self.queued.load(Ordering::SeqCst),
+                self.opts.queue,
+                n = self.opts.max_concurrent.max(1),
+            );
+            return Err(conn.reject(RejectReason::Busy, msg).await.into());
+        }
         match conn
             .server_authenticate(&self.opts.key, nonce_s, version)
             .await
@@ -367,6 +486,14 @@ impl Destination {
         if let Err((reason, message)) = self.validate(&offer) {
             return Err(conn.reject(reason, message).await.into());
         }
+        let _permit = match self.admit().await {
+            Ok(p) => p,
+            Err(msg) => return Err(conn.reject(RejectReason::Busy, msg).await.into()),
+        };
+        let _reserved = match self.reserve(offer.layout.total_bytes()) {
+            Ok(r) => r,
+            Err(msg) => return Err(conn.reject(RejectReason::MemoryLimit, msg).await.into()),
+        };
         // RDMA: the source's NICs follow the offer; ours must share a subnet
         // with one of them (checked before anything is allocated).
         #[cfg(feature = "rdma")]
@@ -466,6 +593,19 @@ impl Destination {
                 Err(e)
             }
         }
+    }
+}
+
+/// Guest memory booked by one accepted migration.
+struct Reservation {
+    pool: Arc<Mutex<u64>>,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut r = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        *r = r.saturating_sub(self.bytes);
     }
 }
 

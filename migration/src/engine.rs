@@ -63,8 +63,19 @@ pub struct SourceOptions {
     pub max_rounds: u32,
     /// Payload bytes per chunk.
     pub chunk_bytes: u32,
-    /// How long to wait for the peer before giving up.
+    /// How long to wait for the peer before giving up (`--peer-timeout`).
     pub timeout: Duration,
+    /// Longest the whole migration may take before switchover
+    /// (`--timeout`); past it pre-copy is cancelled, the guest running here.
+    pub total_timeout: Option<Duration>,
+    /// Wire bytes per second across all data channels together
+    /// (`--bandwidth-limit`; TCP and compression options).
+    pub bandwidth_limit: Option<u64>,
+    /// Throttle the guest when rounds stop shrinking (`--auto-converge`).
+    pub auto_converge: bool,
+    /// At `--max-rounds` without convergence, switch over anyway (the pause
+    /// is longer than the limit) instead of cancelling.
+    pub force_switchover: bool,
     /// Performance option.
     pub option: PerformanceOption,
     /// Compression option: worker threads.
@@ -80,6 +91,10 @@ impl Default for SourceOptions {
             max_rounds: 30,
             chunk_bytes: 4 << 20,
             timeout: Duration::from_secs(30),
+            total_timeout: None,
+            bandwidth_limit: None,
+            auto_converge: false,
+            force_switchover: false,
             option: PerformanceOption::Tcp,
             compression_workers: CompressConfig::default_workers(),
             multichannel: MultichannelOptions::default(),
@@ -95,7 +110,8 @@ pub enum ConvergeReason {
     NothingDirty,
     /// The dirty bytes fit the downtime limit at the measured bandwidth.
     FitsDowntime,
-    /// The round cap was reached.
+    /// The round cap was reached (switched over only with
+    /// `--force-switchover`, else cancelled).
     RoundCap,
 }
 
@@ -137,6 +153,63 @@ pub fn decide(
         return Decision::Switchover(ConvergeReason::RoundCap);
     }
     Decision::Continue
+}
+
+/// Auto-converge (QEMU-like): a round is *stuck* when the pause it predicts
+/// is above the limit and it left at least 90% of the previous round's dirty
+/// bytes. After two stuck rounds in a row the guest is throttled 20%, then
+/// 10 points more after every further stuck round, up to 99%. The throttle
+/// is never lowered during a migration (reset when it ends). Pure, so it is
+/// tested alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AutoConverge {
+    stuck: u32,
+    prev_remaining: Option<u64>,
+    /// Throttle in force, percent.
+    pub percent: u8,
+}
+
+/// First throttle step, percent.
+pub const THROTTLE_INITIAL: u8 = 20;
+/// Further steps, percent.
+pub const THROTTLE_STEP: u8 = 10;
+/// Highest throttle.
+pub const THROTTLE_MAX: u8 = 99;
+
+impl AutoConverge {
+    /// Takes a round's outcome (`remaining` dirty bytes, whether the pause
+    /// it predicts fits the limit) and returns the new throttle when it
+    /// changes.
+    pub fn after_round(&mut self, remaining: u64, fits: bool) -> Option<u8> {
+        let shrank = self
+            .prev_remaining
+            .is_none_or(|p| (remaining as f64) < 0.9 * p as f64);
+        self.prev_remaining = Some(remaining);
+        if fits || shrank {
+            self.stuck = 0;
+            return None;
+        }
+        self.stuck += 1;
+        let next = match self.percent {
+            0 if self.stuck >= 2 => THROTTLE_INITIAL,
+            0 => return None,
+            p => p.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX),
+        };
+        (next != self.percent).then(|| {
+            self.percent = next;
+            next
+        })
+    }
+}
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+fn deadline_error(opts: &SourceOptions, round: u32, remaining: u64) -> MigrationError {
+    MigrationError::Deadline {
+        after: opts.total_timeout.unwrap_or_default(),
+        round,
+        remaining_mib: remaining as f64 / MIB,
+    }
 }
 
 /// Phase shown by progress displays.
@@ -217,6 +290,8 @@ pub struct RoundStats {
     pub dirty_bytes_after: u64,
     /// Page bytes per second over the round.
     pub rate_bytes_per_sec: f64,
+    /// Auto-converge throttle in force during the round, percent.
+    pub throttle_percent: u8,
 }
 
 /// Summary of a committed migration.
@@ -236,6 +311,14 @@ pub struct Summary {
     pub digest_ms: f64,
     /// Why pre-copy stopped.
     pub converge_reason: ConvergeReason,
+    /// Pause predicted when pre-copy stopped (dirty bytes / link rate).
+    pub predicted_downtime_ms: f64,
+    /// Auto-converge throttle when the guest was paused, percent (0: none).
+    pub throttle_percent: u8,
+    /// `--bandwidth-limit`, bytes per second (all channels together).
+    pub bandwidth_limit: Option<u64>,
+    /// Bytes on the wire per second over the transfer (what the cap bounds).
+    pub wire_bytes_per_sec: f64,
     /// Every round, the final copy last.
     pub rounds: Vec<RoundStats>,
     /// Bytes written to data channels (headers and payload).
@@ -300,6 +383,11 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
         // a clear error, the guest untouched).
         #[cfg(feature = "rdma")]
         let rdma_endpoints = match self.opts.option {
+            PerformanceOption::Rdma if self.opts.bandwidth_limit.is_some() => {
+                return Err(MigrationError::Config(
+                    "--bandwidth-limit applies to the tcp and compression options; RDMA WRITEs are not paced (cap the RDMA NIC's port instead)".into(),
+                ))
+            }
             PerformanceOption::Rdma => {
                 Some(crate::rdma::source_endpoints(&self.opts.multichannel)?)
             }
@@ -373,6 +461,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 conn: &mut conn,
                 paused_at: None,
                 commit_sent: false,
+                throttled: 0,
             };
             let result = run.precopy_and_switch(&mut t, &layout, started).await;
             return run.settle(result).await;
@@ -389,6 +478,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             conn: &mut conn,
             paused_at: None,
             commit_sent: false,
+            throttled: 0,
         };
         // Each channel's sender times out its acks after the channel
         // timeout (never longer than the peer timeout), and multichannel
@@ -403,6 +493,11 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             ..Default::default()
         };
         let n = data.len();
+        // One bucket for every channel: the cap holds for the migration.
+        let limiter = self
+            .opts
+            .bandwidth_limit
+            .map(|r| Arc::new(ferry_transport::ratelimit::RateLimiter::new(r)));
         let result = match compression {
             Some(cfg) => {
                 // One worker pool per channel: share the threads out.
@@ -415,7 +510,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                     .enumerate()
                     .map(|(i, (s, path))| {
                         CompressSender::new(s, self.mem.clone(), i as u16, timeout, cfg)
-                            .map(|t| (t, path))
+                            .map(|t| (t.with_limiter(limiter.clone()), path))
                     })
                     .collect();
                 match senders {
@@ -431,7 +526,11 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                     .into_iter()
                     .enumerate()
                     .map(|(i, (s, path))| {
-                        (TcpSender::new(s, self.mem.clone(), i as u16, timeout), path)
+                        (
+                            TcpSender::new(s, self.mem.clone(), i as u16, timeout)
+                                .with_limiter(limiter.clone()),
+                            path,
+                        )
                     })
                     .collect();
                 let mut t = Multichannel::new(senders, mc);
@@ -507,6 +606,8 @@ struct Run<'r, 'a, G: GuestControl, D: DirtyLog> {
     conn: &'r mut Conn,
     paused_at: Option<Instant>,
     commit_sent: bool,
+    /// Auto-converge throttle applied to the guest, percent.
+    throttled: u8,
 }
 
 /// Returns true if the page holds only zero bytes.
@@ -624,6 +725,12 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
     /// progress done, or — when `Commit` was not sent yet — tells the
     /// destination to abort and resumes the guest if it was paused.
     async fn settle(&mut self, result: Result<Summary>) -> Result<Summary> {
+        // The guest runs at full speed again, here or (after commit) there.
+        if self.throttled > 0 {
+            if let Err(e) = self.src.guest.throttle(0) {
+                tracing::warn!("could not lift the auto-converge throttle: {e}");
+            }
+        }
         match result {
             Ok(s) => {
                 self.src.progress.set_phase(Phase::Done);
@@ -760,22 +867,35 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         let mut seq = 0u64;
         let mut round = 0u32;
         let mut bandwidth = 0.0f64;
-        let reason = loop {
+        let cap = opts.bandwidth_limit.map_or(f64::INFINITY, |c| c as f64);
+        let deadline = opts.total_timeout.map(|t| started + t);
+        let mut auto = AutoConverge::default();
+        let mut remaining = layout.total_bytes();
+        let (reason, predicted) = loop {
             let start_ms = ms_since(started);
-            let mut stats = self.send_set(t, &set, round, &mut seq).await?;
+            let sent = self.send_set(t, &set, round, &mut seq);
+            let mut stats = match deadline {
+                Some(d) => match tokio::time::timeout_at(d.into(), sent).await {
+                    Ok(r) => r?,
+                    Err(_) => return Err(deadline_error(opts, round, remaining)),
+                },
+                None => sent.await?,
+            };
             stats.start_ms = start_ms;
+            stats.throttle_percent = self.throttled;
             self.conn
                 .send(&Msg::RoundDone {
                     round,
                     pages: stats.pages,
                 })
                 .await?;
+            // The link the prediction uses: measured, never above the cap.
             if stats.duration_ms > 1.0 && stats.bytes > 0 {
-                bandwidth = stats.bytes as f64 / (stats.duration_ms / 1e3);
+                bandwidth = (stats.bytes as f64 / (stats.duration_ms / 1e3)).min(cap);
             }
             set = src.dirty.harvest();
             stats.dirty_pages_after = set.count();
-            let remaining = stats.dirty_pages_after * PAGE_SIZE;
+            remaining = stats.dirty_pages_after * PAGE_SIZE;
             stats.dirty_bytes_after = remaining;
             stats.rate_bytes_per_sec = stats.bytes as f64 / (stats.duration_ms / 1e3).max(1e-6);
             src.progress
@@ -786,10 +906,16 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                 pages = stats.pages,
                 remaining,
                 bandwidth,
+                throttle = self.throttled,
                 "round done"
             );
             rounds.push(stats);
             round += 1;
+            let predicted = if bandwidth > 0.0 {
+                Duration::from_secs_f64(remaining as f64 / bandwidth)
+            } else {
+                Duration::MAX
+            };
             match decide(
                 remaining,
                 bandwidth,
@@ -798,9 +924,43 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                 opts.max_rounds,
             ) {
                 Decision::Continue => {}
-                Decision::Switchover(r) => break r,
+                Decision::Switchover(ConvergeReason::RoundCap) if !opts.force_switchover => {
+                    return Err(MigrationError::NotConverged {
+                        rounds: round,
+                        last_dirty_mib: remaining as f64 / MIB,
+                        link_mb_s: bandwidth / 1e6,
+                        predicted_ms: predicted.as_secs_f64() * 1e3,
+                        limit_ms: opts.downtime_limit.as_secs_f64() * 1e3,
+                        throttle: if self.throttled > 0 {
+                            format!(", auto-converge throttle {}%", self.throttled)
+                        } else {
+                            String::new()
+                        },
+                    });
+                }
+                Decision::Switchover(r) => break (r, predicted),
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(deadline_error(opts, round, remaining));
+            }
+            if opts.auto_converge {
+                if let Some(p) = auto.after_round(remaining, predicted <= opts.downtime_limit) {
+                    match src.guest.throttle(p) {
+                        Ok(()) => {
+                            tracing::info!(round, percent = p, "auto-converge: guest throttled");
+                            self.throttled = p;
+                        }
+                        Err(e) => tracing::warn!("auto-converge: {e}"),
+                    }
+                }
             }
         };
+        if reason == ConvergeReason::RoundCap {
+            tracing::warn!(
+                predicted_ms = predicted.as_secs_f64() * 1e3,
+                "--force-switchover: switching over without converging"
+            );
+        }
 
         // Switchover: pause, copy the rest, hand over device state and digest.
         src.progress.set_phase(Phase::Switchover);
@@ -904,6 +1064,10 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             switchover_ms: ms_since(started) - downtime_ms,
             digest_ms,
             converge_reason: reason,
+            predicted_downtime_ms: predicted.as_secs_f64() * 1e3,
+            throttle_percent: self.throttled,
+            bandwidth_limit: opts.bandwidth_limit,
+            wire_bytes_per_sec: bytes_on_wire as f64 / transfer_secs.max(1e-9),
             rounds,
             bytes_on_wire,
             payload_bytes,
@@ -949,6 +1113,29 @@ mod tests {
             Decision::Continue,
             "unknown bandwidth never fits"
         );
+    }
+
+    #[test]
+    fn auto_converge_throttles_stuck_rounds_in_steps() {
+        let mut a = AutoConverge::default();
+        // Shrinking rounds never throttle.
+        assert_eq!(a.after_round(1000, false), None);
+        assert_eq!(a.after_round(800, false), None);
+        // Two stuck rounds (>= 90% of the one before, pause too long): 20%.
+        assert_eq!(a.after_round(790, false), None);
+        assert_eq!(a.after_round(800, false), Some(THROTTLE_INITIAL));
+        // Then +10 per stuck round...
+        assert_eq!(a.after_round(780, false), Some(30));
+        // ...not while rounds shrink or fit the limit...
+        assert_eq!(a.after_round(500, false), None);
+        assert_eq!(a.after_round(500, true), None);
+        assert_eq!(a.percent, 30);
+        // ...up to 99.
+        for _ in 0..20 {
+            a.after_round(500, false);
+        }
+        assert_eq!(a.percent, THROTTLE_MAX);
+        assert_eq!(a.after_round(500, false), None, "no change at the top");
     }
 
     #[test]

@@ -37,9 +37,48 @@ pub enum MigrationError {
     /// The guest failed to pause, resume or give its state.
     #[error("guest: {0}")]
     Guest(String),
+    /// Pre-copy reached `--max-rounds` without converging and
+    /// `--force-switchover` was not given: cancelled, guest running here.
+    #[error("did not converge after {rounds} rounds: last round dirtied {last_dirty_mib:.1} MiB, link {link_mb_s:.1} MB/s, predicted downtime {predicted_ms:.0} ms > limit {limit_ms:.0} ms{throttle}; migration cancelled (--force-switchover would switch over anyway)")]
+    NotConverged {
+        /// Pre-copy rounds sent.
+        rounds: u32,
+        /// Dirty bytes left after the last round, MiB.
+        last_dirty_mib: f64,
+        /// Link rate used by the prediction (capped by --bandwidth-limit), MB/s.
+        link_mb_s: f64,
+        /// Predicted pause, ms.
+        predicted_ms: f64,
+        /// --downtime-limit, ms.
+        limit_ms: f64,
+        /// ", auto-converge throttle N%" when the guest was throttled.
+        throttle: String,
+    },
+    /// The whole migration took longer than `--timeout`: cancelled before
+    /// switchover, guest running here.
+    #[error("migration cancelled: --timeout of {after:?} reached in pre-copy round {round} ({remaining_mib:.1} MiB still dirty)")]
+    Deadline {
+        /// The limit.
+        after: std::time::Duration,
+        /// Round in progress.
+        round: u32,
+        /// Dirty bytes left when the time ran out, MiB.
+        remaining_mib: f64,
+    },
     /// Commit was sent but not confirmed: the guest stays paused on the source.
     #[error("commit was sent but the destination did not confirm it ({0}); the guest is left paused on the source because it may already run on the destination")]
     CommitUnconfirmed(String),
+}
+
+impl MigrationError {
+    /// A deliberate cancel because the guest could not converge in time
+    /// (`ferry send` exits with status 3 for these).
+    pub fn is_not_converged(&self) -> bool {
+        matches!(
+            self,
+            MigrationError::NotConverged { .. } | MigrationError::Deadline { .. }
+        )
+    }
 }
 
 /// Result alias of this crate.
@@ -78,6 +117,8 @@ impl MigrationError {
             MigrationError::DeviceStateCrc { .. } | MigrationError::FinalCopyCorrupt(_) => "crc",
             MigrationError::Guest(_) => "guest",
             MigrationError::CommitUnconfirmed(_) => "commit_unconfirmed",
+            MigrationError::NotConverged { .. } => "not_converged",
+            MigrationError::Deadline { .. } => "deadline",
         };
         s.into()
     }

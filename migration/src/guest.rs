@@ -41,6 +41,15 @@ pub trait GuestControl: Send + Sync {
     fn resume(&self) -> Result<()>;
     /// Device state (vCPU registers, device models), taken while paused.
     fn device_state(&self) -> Result<Vec<u8>>;
+    /// Auto-converge: slows the guest so it dirties memory more slowly,
+    /// keeping it off its vCPUs `percent`% of the time (0: full speed again,
+    /// at most 99). A VMM implements it by making its vCPU threads sleep,
+    /// as QEMU's CPU throttling does; the default says it cannot.
+    fn throttle(&self, percent: u8) -> Result<()> {
+        Err(MigrationError::Guest(format!(
+            "this guest cannot be throttled (asked for {percent}%)"
+        )))
+    }
 }
 
 /// First word of every pattern page ("FERRYPG1").
@@ -110,6 +119,8 @@ struct Gate {
 struct Shared {
     pause_requested: AtomicBool,
     stop: AtomicBool,
+    /// Auto-converge throttle, percent of the time the worker sleeps.
+    throttle: std::sync::atomic::AtomicU8,
     gate: Mutex<Gate>,
     cv: Condvar,
     writes: AtomicU64,
@@ -236,6 +247,13 @@ impl GuestControl for SyntheticGuest {
         };
         serde_json::to_vec(&st).map_err(|e| MigrationError::Guest(e.to_string()))
     }
+
+    fn throttle(&self, percent: u8) -> Result<()> {
+        self.shared
+            .throttle
+            .store(percent.min(99), Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 fn cpu_vendor() -> String {
@@ -305,8 +323,10 @@ fn dirty_worker(mem: &SourceMemory, shared: &Shared, cfg: &SyntheticConfig) {
     let hot = (pages.len() / 16).max(1);
     let mut rng = splitmix(cfg.seed ^ 0xD1B5_4A32_D192_ED03);
     let mut page = [0u64; WORDS];
-    let start = Instant::now();
-    let mut written_bytes = 0u64;
+    // Bytes the rate allows so far; a throttled worker earns them only
+    // for the (100 - throttle)% of the time it is let run.
+    let mut allowed = 0.0f64;
+    let mut last = Instant::now();
     loop {
         if shared.stop.load(Ordering::Relaxed) {
             return;
@@ -319,11 +339,17 @@ fn dirty_worker(mem: &SourceMemory, shared: &Shared, cfg: &SyntheticConfig) {
                 g = shared.cv.wait(g).expect("gate");
             }
             g.parked = false;
+            last = Instant::now();
             continue;
         }
-        // Token bucket: write what the rate allows by now, else sleep a tick.
-        let allowed = (start.elapsed().as_secs_f64() * cfg.dirty_rate as f64) as u64;
-        if written_bytes + PAGE_SIZE > allowed {
+        // Token bucket: write what the rate allows by now, else sleep a tick
+        // (at most a second's worth of writes banked).
+        let now = Instant::now();
+        let run = 1.0 - f64::from(shared.throttle.load(Ordering::Relaxed)) / 100.0;
+        let rate = cfg.dirty_rate as f64;
+        allowed = (allowed + now.duration_since(last).as_secs_f64() * rate * run).min(rate);
+        last = now;
+        if allowed < PAGE_SIZE as f64 {
             std::thread::sleep(Duration::from_millis(1));
             continue;
         }
@@ -339,7 +365,7 @@ fn dirty_worker(mem: &SourceMemory, shared: &Shared, cfg: &SyntheticConfig) {
         pattern_page(&mut page, gpa, version);
         mem.write_slice(&page_bytes(&page), GuestAddress(gpa))
             .expect("page inside guest memory");
-        written_bytes += PAGE_SIZE;
+        allowed -= PAGE_SIZE as f64;
     }
 }
 
@@ -458,5 +484,34 @@ mod tests {
         }
         let st: SyntheticState = serde_json::from_slice(&g.device_state().unwrap()).unwrap();
         assert!(st.writes > w);
+    }
+
+    #[test]
+    fn a_throttled_worker_dirties_proportionally_less() {
+        let mem = Arc::new(source_memory(&default_layout(8 << 20).unwrap()).unwrap());
+        let g = SyntheticGuest::start(
+            mem,
+            SyntheticConfig {
+                dirty_rate: 40 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // Pages written over 300 ms, by the worker's own count (so a slow
+        // machine only makes both figures smaller, never the ratio wrong).
+        let over = |g: &SyntheticGuest| {
+            let (w, t) = (g.writes(), Instant::now());
+            std::thread::sleep(Duration::from_millis(300));
+            (g.writes() - w) as f64 / t.elapsed().as_secs_f64()
+        };
+        let full = over(&g);
+        g.throttle(90).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let slow = over(&g);
+        assert!(
+            slow < full / 3.0,
+            "90% throttle: {slow:.0} pages/s vs {full:.0} unthrottled"
+        );
+        g.throttle(0).unwrap();
     }
 }

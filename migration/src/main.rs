@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_migration::dest::{Destination, ListenOptions, ResumeHook};
 use ferry_migration::dirty::BitmapDirtyLog;
-use ferry_migration::engine::{Phase, Progress, Source, SourceOptions, Summary};
+use ferry_migration::engine::{ConvergeReason, Phase, Progress, Source, SourceOptions, Summary};
 use ferry_migration::guest::{
     verify_pages, SyntheticConfig, SyntheticGuest, SyntheticState, SYNTHETIC_FORMAT,
 };
@@ -102,15 +102,24 @@ struct ListenArgs {
     /// Simultaneous incoming migrations.
     #[arg(long, default_value_t = 2)]
     max_concurrent: usize,
-    /// How long a source may stay silent before its migration is aborted.
-    #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
-    timeout: Duration,
+    /// Authenticated migrations that may wait for a free slot (beyond it:
+    /// refused as busy, naming how many run and wait).
+    #[arg(long, default_value_t = 4)]
+    queue: usize,
+    /// Longest a queued migration waits for a slot before it is refused.
+    #[arg(long, default_value = "20s", value_parser = units::parse_duration)]
+    queue_timeout: Duration,
+    /// How long a source may stay silent (no message, no page) before its
+    /// migration is aborted and its memory freed (also `--timeout`).
+    #[arg(long = "peer-timeout", alias = "timeout", default_value = "30s", value_parser = units::parse_duration)]
+    peer_timeout: Duration,
     /// Exit after the first migration attempt (status 0 only if it committed).
     #[arg(long)]
     once: bool,
-    /// Network that data channels may use (repeatable; default: all).
-    /// Only interfaces inside are advertised to sources, and data channels
-    /// arriving on another local address are refused.
+    /// Network that migrations may use (repeatable; default: all). Only
+    /// interfaces inside are advertised to sources, data channels arriving
+    /// on another local address are refused, and connections from a peer
+    /// address outside are closed before anything is read from them.
     #[arg(long = "migration-network", value_name = "CIDR")]
     migration_network: Vec<Cidr>,
     /// Serve Prometheus metrics (text format 0.0.4) at http://ADDR/metrics:
@@ -141,15 +150,32 @@ struct EngineArgs {
     /// Longest pause the engine aims for.
     #[arg(long, default_value = "300ms", value_parser = units::parse_duration)]
     downtime_limit: Duration,
-    /// Switch over after this many pre-copy rounds even if not converged.
+    /// Pre-copy rounds before giving up on convergence: the migration is
+    /// cancelled (exit status 3, guest running here) unless --force-switchover.
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
+    /// At --max-rounds, switch over anyway with the longer pause.
+    #[arg(long)]
+    force_switchover: bool,
+    /// When rounds stop shrinking, throttle the guest (20%, then +10% per
+    /// round, up to 99%) so it dirties memory more slowly.
+    #[arg(long)]
+    auto_converge: bool,
+    /// Cancel the migration (exit status 3, guest running here) when
+    /// pre-copy has not switched over after this long, e.g. 10m.
+    #[arg(long, value_parser = units::parse_duration)]
+    timeout: Option<Duration>,
+    /// Cap on the wire bytes of all data channels together, e.g. 115MB/s
+    /// (tcp and compression options; RDMA is not paced).
+    #[arg(long, value_parser = units::parse_rate)]
+    bandwidth_limit: Option<u64>,
     /// Payload bytes per chunk.
     #[arg(long, default_value = "4MiB", value_parser = units::parse_size)]
     chunk_size: u64,
-    /// How long to wait for the peer before giving up.
+    /// How long to wait for the peer (any message or acknowledgement)
+    /// before giving up.
     #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
-    timeout: Duration,
+    peer_timeout: Duration,
     /// Transport: compression (the default, as on Hyper-V) or plain tcp.
     #[arg(long, value_enum, default_value_t = OptionArg::Compression)]
     performance_option: OptionArg,
@@ -222,7 +248,13 @@ fn main() {
     });
     if let Err(e) = r {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        // 3: cancelled because the guest did not converge (--max-rounds,
+        // --timeout); the guest keeps running on the source.
+        let not_converged = e.chain().any(|c| {
+            c.downcast_ref::<ferry_migration::MigrationError>()
+                .is_some_and(ferry_migration::MigrationError::is_not_converged)
+        });
+        std::process::exit(if not_converged { 3 } else { 1 });
     }
 }
 
@@ -243,7 +275,17 @@ fn source_options(e: &EngineArgs) -> anyhow::Result<SourceOptions> {
         downtime_limit: e.downtime_limit,
         max_rounds: e.max_rounds.max(1),
         chunk_bytes,
-        timeout: e.timeout,
+        timeout: e.peer_timeout,
+        total_timeout: match e.timeout {
+            Some(t) if t.is_zero() => bail!("--timeout must be above zero"),
+            t => t,
+        },
+        bandwidth_limit: match e.bandwidth_limit {
+            Some(0) => bail!("--bandwidth-limit must be above zero"),
+            b => b,
+        },
+        auto_converge: e.auto_converge,
+        force_switchover: e.force_switchover,
         option: match e.performance_option {
             OptionArg::Tcp => PerformanceOption::Tcp,
             OptionArg::Compression | OptionArg::Auto => PerformanceOption::Compression {
@@ -317,8 +359,10 @@ async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     let opts = ListenOptions {
         key,
         memory_limit: a.memory_limit,
-        timeout: a.timeout,
+        timeout: a.peer_timeout,
         max_concurrent: a.max_concurrent,
+        queue: a.queue,
+        queue_timeout: a.queue_timeout,
         migration_networks: a.migration_network.clone(),
     };
     let dest = Destination::new(opts, resume_hook());
@@ -539,6 +583,30 @@ fn print_summary(s: &Summary) {
         s.downtime_ms,
         s.digest_ms
     );
+    if s.converge_reason == ConvergeReason::RoundCap {
+        println!(
+            "  --force-switchover: switched over without converging, predicted pause {:.0} ms",
+            s.predicted_downtime_ms
+        );
+    }
+    if s.rounds.iter().any(|r| r.throttle_percent > 0) {
+        println!(
+            "  auto-converge: guest throttled {}% at switchover; per round: {}",
+            s.throttle_percent,
+            s.rounds[..s.rounds.len() - 1]
+                .iter()
+                .map(|r| format!("{}%", r.throttle_percent))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    if let Some(cap) = s.bandwidth_limit {
+        println!(
+            "  bandwidth limit {}/s: {}/s on the wire",
+            units::human(cap),
+            units::human(s.wire_bytes_per_sec as u64)
+        );
+    }
     println!(
         "  throughput {}/s ({:.2} Gbit/s); page bytes {}; bytes on the wire {}; CRC resends {}",
         units::human(s.throughput_bytes_per_sec as u64),
@@ -656,8 +724,10 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     let opts = ListenOptions {
         key: key.clone(),
         memory_limit: u64::MAX,
-        timeout: a.engine.timeout,
+        timeout: a.engine.peer_timeout,
         max_concurrent: 2,
+        queue: 0,
+        queue_timeout: Duration::ZERO,
         migration_networks: Vec::new(),
     };
     let (tx, mut rx) = mpsc::unbounded_channel();

@@ -31,6 +31,8 @@ pub struct Metrics {
     committed: AtomicU64,
     active: AtomicU64,
     memory_allocated: AtomicU64,
+    /// Connections closed unread: peer outside --migration-network.
+    refused_network: AtomicU64,
     aborted: Mutex<BTreeMap<String, u64>>,
     received: Mutex<Received>,
     /// (downtime seen by the destination, migration duration) of the last
@@ -155,6 +157,12 @@ impl Metrics {
         });
     }
 
+    /// Counts a connection refused before authentication because its peer
+    /// is outside `--migration-network`; returns the count so far.
+    pub fn refused_network(&self) -> u64 {
+        self.refused_network.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     /// The metrics in the Prometheus text exposition format, version 0.0.4.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -193,6 +201,12 @@ impl Metrics {
             "counter",
             "Incoming migrations that failed or were refused, by reason.",
             &labelled("reason", aborted),
+        );
+        metric(
+            "ferry_connections_refused_network_total",
+            "counter",
+            "Connections closed before authentication: peer outside --migration-network.",
+            &plain(self.refused_network.load(Ordering::Relaxed)),
         );
         metric(
             "ferry_migrations_active",
