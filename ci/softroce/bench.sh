@@ -68,7 +68,7 @@ else
         if [ \$n = 1 ]; then rdma link delete rxe1; else rdma link add rxe1 type rxe netdev "\$IF1"; fi
         for i in \$(seq 1 100); do [ -e "\$OUT/ferry-ready-\$n" ] && break; sleep 0.3; done
         "$FERRY" send --to \$PEER0_ADDR:6600 --auth-key-file "\$OUT/key" --performance-option rdma \
-            --memory \$(( $MIB * n ))MiB --dirty-rate 0 --zero-fraction 0 --max-rounds 1 \
+            --memory \$(( $MIB * n ))MiB --dirty-rate 0 --zero-fraction 0 --max-rounds 1 --force-switchover \
             --json "\$OUT/ferry-\$n.json"
     done
 fi

@@ -40,14 +40,14 @@ cat > "$GUEST" <<GUEST_EOF
 set -u
 F="$FERRY"
 KEY="$OUT/key"
-COMMON="--auth-key-file \$KEY --timeout 20s"
+COMMON="--auth-key-file \$KEY --peer-timeout 20s"
 wait_for() { for i in \$(seq 1 600); do [ -e "\$OUT/\$1" ] && return 0; sleep 0.2; done; echo "timeout waiting for \$1"; return 1; }
 wait_for_line() { for i in \$(seq 1 600); do grep -q "\$2" "\$1" 2>/dev/null && return 0; sleep 0.2; done; echo "timeout waiting for \$2 in \$1"; return 1; }
 send() { # case, extra args...
     local c=\$1; shift
     wait_for ready-\$c || return 1
     for i in 1 2 3 4 5; do
-        "\$F" send --to \$PEER0_ADDR:6600 \$COMMON --memory ${MIB}MiB --dirty-rate \${DIRTY:-1MB/s} --max-rounds \${ROUNDS:-6} \
+        "\$F" send --to \$PEER0_ADDR:6600 \$COMMON --memory ${MIB}MiB --dirty-rate \${DIRTY:-1MB/s} --max-rounds \${ROUNDS:-6} --force-switchover \
             --performance-option rdma --json "\$OUT/send-\$c.json" "\$@" > "\$OUT/send-\$c.log" 2>&1
         rc=\$?
         grep -q 'cannot connect' "\$OUT/send-\$c.log" || break

@@ -3,12 +3,16 @@
 //!
 //! ```mermaid
 //! stateDiagram-v2
-//!     [*] --> Hello
-//!     Hello --> Auth: version ok, slot free
+//!     [*] --> Hello: peer inside --migration-network
+//!     [*] --> [*]: Reject(network), nothing read
+//!     Hello --> Auth: version ok, slot or queue place free
 //!     Hello --> [*]: Reject(version / busy)
 //!     Auth --> Offer: proof ok
 //!     Auth --> [*]: Reject(auth)
-//!     Offer --> Receiving: validated, memory allocated, Accept
+//!     Offer --> Queued: validated, no free slot
+//!     Queued --> Offer: slot free
+//!     Queued --> [*]: Reject(busy) after --queue-timeout
+//!     Offer --> Receiving: slot, memory within the limit over all migrations, allocated, Accept
 //!     Offer --> [*]: Reject(memory limit / option / bad offer)
 //!     Receiving --> Verify: Switchover, every channel ended
 //!     Verify --> AwaitCommit: device state CRC ok, Ready(own digest)

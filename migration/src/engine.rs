@@ -516,9 +516,10 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 match senders {
                     Ok(senders) => {
                         let mut t = Multichannel::new(senders, mc);
-                        run.precopy_and_switch(&mut t, &layout, started).await
+                        let r = run.precopy_and_switch(&mut t, &layout, started).await;
+                        run.settle(r).await
                     }
-                    Err(e) => Err(e.into()),
+                    Err(e) => run.settle(Err(e.into())).await,
                 }
             }
             None => {
@@ -534,10 +535,13 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                     })
                     .collect();
                 let mut t = Multichannel::new(senders, mc);
-                run.precopy_and_switch(&mut t, &layout, started).await
+                let r = run.precopy_and_switch(&mut t, &layout, started).await;
+                run.settle(r).await
             }
         };
-        run.settle(result).await
+        // Settled while the data channels were still open, so the
+        // destination hears the reason (Abort) before the channels close.
+        result
     }
 }
 
@@ -973,6 +977,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         );
         set.merge(&src.dirty.harvest());
         let mut final_stats = self.send_set(t, &set, round, &mut seq).await?;
+        final_stats.throttle_percent = self.throttled;
         // Chunks that failed their CRC are sent again; with the guest paused a
         // mismatch is real corruption, so give up after a few tries.
         let mut tries = 0;

@@ -343,11 +343,13 @@ fn dirty_worker(mem: &SourceMemory, shared: &Shared, cfg: &SyntheticConfig) {
             continue;
         }
         // Token bucket: write what the rate allows by now, else sleep a tick
-        // (at most a second's worth of writes banked).
+        // (at most 10 ms of writes banked: a worker that fell behind does
+        // not catch up in a burst, and a throttle bites at once).
         let now = Instant::now();
         let run = 1.0 - f64::from(shared.throttle.load(Ordering::Relaxed)) / 100.0;
         let rate = cfg.dirty_rate as f64;
-        allowed = (allowed + now.duration_since(last).as_secs_f64() * rate * run).min(rate);
+        let bank = (rate / 100.0).max(PAGE_SIZE as f64);
+        allowed = (allowed + now.duration_since(last).as_secs_f64() * rate * run).min(bank);
         last = now;
         if allowed < PAGE_SIZE as f64 {
             std::thread::sleep(Duration::from_millis(1));

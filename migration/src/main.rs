@@ -591,9 +591,9 @@ fn print_summary(s: &Summary) {
     }
     if s.rounds.iter().any(|r| r.throttle_percent > 0) {
         println!(
-            "  auto-converge: guest throttled {}% at switchover; per round: {}",
+            "  auto-converge: guest throttled {}% at switchover; per round (final copy last): {}",
             s.throttle_percent,
-            s.rounds[..s.rounds.len() - 1]
+            s.rounds
                 .iter()
                 .map(|r| format!("{}%", r.throttle_percent))
                 .collect::<Vec<_>>()

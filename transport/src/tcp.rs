@@ -330,6 +330,10 @@ impl<M: GuestMem> Transport for TcpSender<M> {
             });
         }
         self.reserve(payload).await?;
+        // Paced before the CRC is taken: a page the guest writes while this
+        // chunk waits would otherwise fail its CRC and the chunk go again.
+        let table_bytes = (chunk.runs.len() * std::mem::size_of::<RunDesc>()) as u64;
+        self.pace(32 + table_bytes + payload).await;
         let table: Vec<RunDesc> = chunk.runs.iter().map(RunDesc::from_run).collect();
         let crc = {
             let slices = run_slices(&*self.mem, &chunk.runs)?;
@@ -347,7 +351,6 @@ impl<M: GuestMem> Transport for TcpSender<M> {
         head.extend_from_slice(header.as_bytes());
         head.extend_from_slice(table.as_bytes());
         let total = head.len() + payload as usize;
-        self.pace(total as u64).await;
         self.write_frame(&head, &chunk.runs, total).await?;
         self.sent(chunk, total as u64, payload);
         Ok(())
