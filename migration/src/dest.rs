@@ -773,7 +773,15 @@ impl Receive<'_> {
                         Some(Ok(())) => ch.ended += 1,
                         // The source fails a channel over to the others; only
                         // when none is left is the migration lost.
-                        Some(Err(e)) if ch.none_left(&fencing) => return Err(e.into()),
+                        Some(Err(e)) if ch.none_left(&fencing) => {
+                            // A source that gives up says why (Abort) just
+                            // before its channels close: prefer its reason.
+                            let why = tokio::time::timeout(Duration::from_millis(200), msgs.recv()).await;
+                            if let Ok(Some(Err(aborted @ TransportError::PeerAborted(_)))) = why {
+                                return Err(aborted.into());
+                            }
+                            return Err(e.into());
+                        }
                         Some(Err(e)) => tracing::warn!(peer = ?peer, "data channel failed, the others carry on: {e}"),
                         None => {}
                     }

@@ -216,27 +216,29 @@ fn peers_outside_the_migration_network_are_refused_before_authentication() {
     );
 }
 
+/// A daemon with one slot, one queue place and room for `memory` of guest.
+fn one_slot(k: &Path, memory: &str, extra: &[&str]) -> (ferry_tests::Proc, SocketAddr) {
+    let mut args = vec![
+        "--max-concurrent",
+        "1",
+        "--memory-limit",
+        memory,
+        "--queue",
+        "1",
+        "--queue-timeout",
+        "60s",
+    ];
+    args.extend_from_slice(extra);
+    daemon(k, &args)
+}
+
 #[test]
 fn a_stalled_authenticated_peer_is_timed_out_and_its_slot_and_memory_freed() {
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
-    // One slot, room for one guest: the real migration below fits only
-    // once the stalled one's slot and memory are released.
-    let (dest, addr) = daemon(
-        &k,
-        &[
-            "--max-concurrent",
-            "1",
-            "--memory-limit",
-            "48MiB",
-            "--peer-timeout",
-            "2s",
-            "--queue",
-            "1",
-            "--queue-timeout",
-            "60s",
-        ],
-    );
+    // The real migration below fits only once the stalled one's slot and
+    // memory are released.
+    let (dest, addr) = one_slot(&k, "48MiB", &["--peer-timeout", "2s"]);
     let r = rt();
     // Authenticates, gets its 40 MiB allocated, then says nothing more.
     let (stalled, _) = r.block_on(authed_session(addr, &key(), 40 * MIB));
@@ -333,19 +335,9 @@ fn one_busy_guest() -> std::sync::MutexGuard<'static, ()> {
 fn a_guest_that_cannot_converge_is_cancelled_after_max_rounds_and_the_destination_freed() {
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
-    // Room for one 4 MiB guest in one slot: the migration after the
-    // cancelled one is accepted only if everything was released.
-    let (dest, addr) = daemon(
-        &k,
-        &[
-            "--max-concurrent",
-            "1",
-            "--memory-limit",
-            "4MiB",
-            "--queue",
-            "1",
-        ],
-    );
+    // The migration after the cancelled one is accepted only if
+    // everything was released.
+    let (dest, addr) = one_slot(&k, "4MiB", &[]);
     let _one = one_busy_guest();
     let mut args = BUSY.to_vec();
     args.extend(["--max-rounds", "4"]);
@@ -369,25 +361,27 @@ fn a_guest_that_cannot_converge_is_cancelled_after_max_rounds_and_the_destinatio
     );
 }
 
-#[test]
-fn force_switchover_switches_over_a_guest_that_cannot_converge() {
+/// Migrates the busy guest with `extra` flags to a `--once` destination;
+/// both must succeed. The source's output and `--json` summary.
+fn busy_committed(extra: &[&str]) -> (Output, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
     let json = dir.path().join("s.json");
     let (dest, addr) = listen(&k, &[]);
     let _one = one_busy_guest();
     let mut args = BUSY.to_vec();
-    args.extend([
-        "--max-rounds",
-        "2",
-        "--force-switchover",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    let out = send(addr, &k, &args, Duration::from_secs(120));
+    args.extend(extra);
+    args.extend(["--json", json.to_str().unwrap()]);
+    let out = send(addr, &k, &args, Duration::from_secs(180));
     assert!(out.status.success(), "{}", out.all());
-    assert!(dest.wait(Duration::from_secs(30)).status.success());
-    let s = summary(&json);
+    let d = dest.wait(Duration::from_secs(30));
+    assert!(d.status.success(), "{}", d.all());
+    (out, summary(&json))
+}
+
+#[test]
+fn force_switchover_switches_over_a_guest_that_cannot_converge() {
+    let (out, s) = busy_committed(&["--max-rounds", "2", "--force-switchover"]);
     assert_eq!(s["converge_reason"], "round_cap", "{s}");
     assert!(s["predicted_downtime_ms"].as_f64().unwrap() > 50.0, "{s}");
     assert!(out.stdout.contains("--force-switchover"), "{}", out.all());
@@ -395,24 +389,7 @@ fn force_switchover_switches_over_a_guest_that_cannot_converge() {
 
 #[test]
 fn auto_converge_throttles_a_busy_guest_until_it_converges() {
-    let dir = tempfile::tempdir().unwrap();
-    let k = key_file(dir.path(), "key", KEY);
-    let json = dir.path().join("s.json");
-    let (dest, addr) = listen(&k, &[]);
-    let _one = one_busy_guest();
-    let mut args = BUSY.to_vec();
-    args.extend([
-        "--auto-converge",
-        "--max-rounds",
-        "100",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    let out = send(addr, &k, &args, Duration::from_secs(180));
-    assert!(out.status.success(), "{}", out.all());
-    let d = dest.wait(Duration::from_secs(30));
-    assert!(d.status.success(), "{}", d.all());
-    let s = summary(&json);
+    let (out, s) = busy_committed(&["--auto-converge", "--max-rounds", "100"]);
     assert_eq!(s["converge_reason"], "fits_downtime", "{s}");
     let throttle = s["throttle_percent"].as_u64().unwrap();
     assert!(throttle >= 20, "{s}");
