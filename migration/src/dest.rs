@@ -776,9 +776,12 @@ impl Receive<'_> {
                         Some(Err(e)) if ch.none_left(&fencing) => {
                             // A source that gives up says why (Abort) just
                             // before its channels close: prefer its reason.
-                            let why = tokio::time::timeout(Duration::from_millis(200), msgs.recv()).await;
-                            if let Ok(Some(Err(aborted @ TransportError::PeerAborted(_)))) = why {
-                                return Err(aborted.into());
+                            // (Messages before it, a RoundDone, are skipped.)
+                            let until = tokio::time::Instant::now() + Duration::from_millis(200);
+                            while let Ok(Some(m)) = tokio::time::timeout_at(until, msgs.recv()).await {
+                                if let Err(aborted @ TransportError::PeerAborted(_)) = m {
+                                    return Err(aborted.into());
+                                }
                             }
                             return Err(e.into());
                         }
