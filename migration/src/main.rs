@@ -409,7 +409,9 @@ async fn run_source(
     // refuses the option (no RDMA NIC, no shared subnet), fall back to
     // compression. Nothing has moved when it refuses.
     let fallback = opts.option;
-    if e.performance_option == OptionArg::Auto {
+    if e.performance_option == OptionArg::Auto && opts.bandwidth_limit.is_some() {
+        eprintln!("ferry: auto: chose {fallback} (--bandwidth-limit: RDMA is not paced)");
+    } else if e.performance_option == OptionArg::Auto {
         match auto_rdma(&opts.multichannel) {
             Ok(()) => opts.option = PerformanceOption::Rdma,
             Err(why) => eprintln!("ferry: auto: chose {fallback} ({why})"),

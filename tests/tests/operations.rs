@@ -436,3 +436,62 @@ fn the_overall_timeout_cancels_pre_copy() {
         d.all()
     );
 }
+
+#[test]
+fn compression_under_a_bandwidth_limit_keeps_the_cap_and_compresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = key_file(dir.path(), "key", KEY);
+    let json = dir.path().join("s.json");
+    // Pages half noise, half zero: about 2x with zstd.
+    let img = dir.path().join("img");
+    let mut bytes = Vec::with_capacity(24 << 20);
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for _ in 0..(24 << 20) / 4096 {
+        for _ in 0..2048 / 8 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
+        bytes.extend_from_slice(&[0u8; 2048]);
+    }
+    std::fs::write(&img, bytes).unwrap();
+    let (dest, addr) = listen(&k, &[]);
+    let out = send(
+        addr,
+        &k,
+        &[
+            "--memory",
+            "24MiB",
+            "--dirty-rate",
+            "0",
+            "--guest-image",
+            img.to_str().unwrap(),
+            "--performance-option",
+            "compression",
+            "--bandwidth-limit",
+            "10MB/s",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "{}", out.all());
+    assert!(dest.wait(Duration::from_secs(30)).status.success());
+    let s = summary(&json);
+    let wire = s["wire_bytes_per_sec"].as_f64().unwrap();
+    assert!(wire <= 11e6, "the cap holds for compressed frames: {s}");
+    assert!(s["compression_ratio"].as_f64().unwrap() > 1.5, "{s}");
+    let sum = |f: &str| -> u64 {
+        s["channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c[f].as_u64().unwrap())
+            .sum()
+    };
+    assert!(
+        sum("compressed_chunks") > sum("raw_link_idle_chunks"),
+        "a capped link is busy, so chunks are compressed rather than sent raw: {s}"
+    );
+}

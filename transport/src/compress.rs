@@ -705,6 +705,15 @@ impl<M: GuestMem> CompressSender<M> {
     }
 
     fn link_about_to_idle(&mut self) -> bool {
+        // Under --bandwidth-limit the cap is the link: busy while what was
+        // booked against it takes longer than the margin to drain.
+        if self
+            .tcp
+            .limiter()
+            .is_some_and(|l| l.backlog(Instant::now()) > IDLE_MARGIN)
+        {
+            return false;
+        }
         let stream: &TcpStream = self.tcp.stream();
         match ferry_ffi::net::send_queue_bytes(stream.as_fd()) {
             Ok(q) => {

@@ -166,6 +166,11 @@ impl<M: GuestMem> TcpSender<M> {
         self.limiter = limiter;
     }
 
+    /// The shared `--bandwidth-limit`, if any.
+    pub(crate) fn limiter(&self) -> Option<&RateLimiter> {
+        self.limiter.as_deref()
+    }
+
     async fn pace(&self, wire: u64) {
         if let Some(l) = &self.limiter {
             l.acquire(wire).await;
