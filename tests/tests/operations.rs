@@ -244,13 +244,19 @@ fn a_stalled_authenticated_peer_is_timed_out_and_its_slot_and_memory_freed() {
     let (stalled, _) = r.block_on(authed_session(addr, &key(), 40 * MIB));
     let out = small_send(addr, &k, "32MiB", &[]);
     assert!(out.status.success(), "{}", out.all());
-    drop(stalled);
+    // The same with a data channel open and silent.
+    let (stalled_data, accept) = r.block_on(authed_session(addr, &key(), 40 * MIB));
+    let channel = r.block_on(ferry_tests::data_channel(addr, accept.data_token));
+    let out = small_send(addr, &k, "32MiB", &[]);
+    assert!(out.status.success(), "{}", out.all());
+    drop((stalled, stalled_data, channel));
     let d = dest.kill();
-    assert!(
-        d.stdout.contains(
-            "peer did not respond within 2s while waiting for pages or messages from the source"
-        ),
-        "the stalled peer was timed out: {}",
+    let timed_out =
+        "peer did not respond within 2s while waiting for pages or messages from the source";
+    assert_eq!(
+        d.stdout.matches(timed_out).count(),
+        2,
+        "both stalled peers were timed out: {}",
         d.all()
     );
 }
