@@ -3,7 +3,7 @@
 //!
 //! ```mermaid
 //! stateDiagram-v2
-//!     [*] --> Hello: peer inside --migration-network
+//!     [*] --> Hello: peer inside --migration-network (or not on it)
 //!     [*] --> [*]: Reject(network), nothing read
 //!     Hello --> Auth: version ok, slot or queue place free
 //!     Hello --> [*]: Reject(version / busy)
@@ -71,8 +71,9 @@ pub struct ListenOptions {
     pub queue_timeout: Duration,
     /// Networks migrations may use (`--migration-network`): only
     /// interfaces inside them are advertised, a data channel arriving on
-    /// another local address is refused, and a connection from a peer
-    /// outside them is closed before anything is read. Empty: every network.
+    /// another local address is refused, and a connection arriving on an
+    /// address inside them from a peer outside them is closed before
+    /// anything is read. Empty: every network.
     pub migration_networks: Vec<Cidr>,
 }
 
@@ -176,7 +177,16 @@ impl Destination {
                 context: "accepting a connection".into(),
                 source: e,
             })?;
-            if !nics::allowed(&self.opts.migration_networks, addr.ip()) {
+            // The migration network admits only its own: a connection that
+            // arrives on an address inside it from a peer outside it is
+            // refused before anything is read. (A control connection to a
+            // management address outside it is not its business: listen on
+            // a migration-network address to close that path too.)
+            let nets = &self.opts.migration_networks;
+            let on_migration_network = stream
+                .local_addr()
+                .is_ok_and(|l| !nets.is_empty() && nics::allowed(nets, l.ip()));
+            if on_migration_network && !nics::allowed(nets, addr.ip()) {
                 self.refuse_network(stream, addr);
                 continue;
             }

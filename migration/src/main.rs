@@ -118,8 +118,9 @@ struct ListenArgs {
     once: bool,
     /// Network that migrations may use (repeatable; default: all). Only
     /// interfaces inside are advertised to sources, data channels arriving
-    /// on another local address are refused, and connections from a peer
-    /// address outside are closed before anything is read from them.
+    /// on another local address are refused, and a connection to an address
+    /// inside from a peer outside is closed before anything is read from it
+    /// (--listen on a migration-network address to admit only its peers).
     #[arg(long = "migration-network", value_name = "CIDR")]
     migration_network: Vec<Cidr>,
     /// Serve Prometheus metrics (text format 0.0.4) at http://ADDR/metrics:
