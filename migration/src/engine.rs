@@ -740,15 +740,50 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                 self.src.progress.set_phase(Phase::Done);
                 Ok(s)
             }
+            Err(e) if self.commit_sent => Err(e),
             Err(e) => {
-                if !self.commit_sent {
-                    self.conn.abort(&e.to_string()).await;
-                    if self.paused_at.is_some() {
-                        self.src.guest.resume()?;
-                    }
+                if self.paused_at.is_some() {
+                    self.src.guest.resume()?;
                 }
+                let e = self.destination_view(e).await;
+                self.conn.abort(&e.to_string()).await;
                 Err(e)
             }
+        }
+    }
+
+    /// A failure seen here (a data channel closed, a write failed) is often
+    /// the destination giving up on something only it saw (a corrupt frame,
+    /// its own timeout): it sends `Abort` with its reason before closing.
+    /// Reads that (briefly) from the control connection and adds it to the
+    /// error, or that the control connection is gone.
+    async fn destination_view(&mut self, e: MigrationError) -> MigrationError {
+        // Only transport failures: what this side decided itself (a digest
+        // mismatch, corruption in the final copy) it names already.
+        if !matches!(e, MigrationError::Transport(_))
+            || matches!(
+                e,
+                MigrationError::Transport(
+                    TransportError::PeerAborted(_) | TransportError::PeerClosed { what: "control" }
+                )
+            )
+        {
+            return e;
+        }
+        let peer = match self
+            .conn
+            .recv_within("the destination's abort", Duration::from_secs(1))
+            .await
+        {
+            Ok(Msg::Abort { reason }) | Err(TransportError::PeerAborted(reason)) => {
+                format!("aborted: {reason}")
+            }
+            Err(TransportError::PeerClosed { .. }) => "closed the control connection".into(),
+            _ => return e,
+        };
+        MigrationError::Destination {
+            cause: Box::new(e),
+            peer,
         }
     }
 

@@ -32,7 +32,7 @@ pub enum MigrationError {
         computed: u32,
     },
     /// Pages kept failing their checksum in the final copy.
-    #[error("final copy failed: {0} chunks still failed their CRC after retries")]
+    #[error("final copy failed: {0} pages still failed their CRC after 3 retries")]
     FinalCopyCorrupt(u64),
     /// The guest failed to pause, resume or give its state.
     #[error("guest: {0}")]
@@ -64,6 +64,16 @@ pub enum MigrationError {
         round: u32,
         /// Dirty bytes left when the time ran out, MiB.
         remaining_mib: f64,
+    },
+    /// The migration failed here, and the destination had given up first
+    /// (its reason), or is gone: both sides' views, so the error names the
+    /// fault even when it was only seen on the destination.
+    #[error("{cause}; the destination {peer}")]
+    Destination {
+        /// What failed on this side.
+        cause: Box<MigrationError>,
+        /// "aborted: REASON" or "closed the control connection".
+        peer: String,
     },
     /// Commit was sent but not confirmed: the guest stays paused on the source.
     #[error("commit was sent but the destination did not confirm it ({0}); the guest is left paused on the source because it may already run on the destination")]

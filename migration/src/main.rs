@@ -665,10 +665,17 @@ async fn send(a: SendArgs) -> anyhow::Result<()> {
     let guest = start_guest(&a.guest)?;
     let r = run_source(with_port(&a.to), &key, &guest, &a.engine).await;
     if r.is_err() {
-        eprintln!(
-            "ferry: migration failed; the guest keeps running on this host (running: {})",
-            guest.is_running()
-        );
+        if guest.is_running() {
+            eprintln!(
+                "ferry: migration failed; the guest keeps running on this host (running: true)"
+            );
+        } else {
+            // Commit was sent but not confirmed: resuming could make two
+            // running copies.
+            eprintln!(
+                "ferry: migration failed; the guest is left paused on this host (running: false)"
+            );
+        }
     }
     r.map(|_| ())
 }

@@ -3,11 +3,13 @@
 //! protocol pieces.
 #![forbid(unsafe_code)]
 
+pub mod proxy;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferry_transport::auth::AuthKey;
@@ -74,6 +76,14 @@ pub struct Proc {
     child: Child,
     stdout: std::thread::JoinHandle<String>,
     stderr: std::thread::JoinHandle<String>,
+    live: Arc<Live>,
+}
+
+/// Output so far, both streams interleaved by line, for waiting on an event.
+#[derive(Debug, Default)]
+struct Live {
+    text: Mutex<String>,
+    changed: Condvar,
 }
 
 /// What a finished process printed.
@@ -101,12 +111,16 @@ impl Output {
     }
 }
 
-fn drain<R: Read + Send + 'static>(r: R) -> std::thread::JoinHandle<String> {
+fn drain<R: Read + Send + 'static>(r: R, live: Arc<Live>) -> std::thread::JoinHandle<String> {
     std::thread::spawn(move || {
         let mut s = String::new();
         for line in BufReader::new(r).lines().map_while(Result::ok) {
             s.push_str(&line);
             s.push('\n');
+            let mut t = live.text.lock().unwrap();
+            t.push_str(&line);
+            t.push('\n');
+            live.changed.notify_all();
         }
         s
     })
@@ -122,13 +136,36 @@ impl Proc {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start ferry");
-        let stdout = drain(child.stdout.take().unwrap());
-        let stderr = drain(child.stderr.take().unwrap());
+        let live = Arc::new(Live::default());
+        let stdout = drain(child.stdout.take().unwrap(), live.clone());
+        let stderr = drain(child.stderr.take().unwrap(), live.clone());
         Proc {
             child,
             stdout,
             stderr,
+            live,
         }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the process has printed `needle` (either stream) and
+    /// returns everything printed so far; panics after `timeout`.
+    pub fn wait_for_output(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut t = self.live.text.lock().unwrap();
+        while !t.contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "timed out waiting for {needle:?} in the output:\n{t}"
+            );
+            t = self.live.changed.wait_timeout(t, left).unwrap().0;
+        }
+        t.clone()
     }
 
     /// Waits for the process (killing it after `timeout`) and returns its output.
@@ -190,6 +227,12 @@ pub fn daemon(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
 /// Runs `ferry send --to ADDR --auth-key-file KEY EXTRA...` to completion
 /// (killed after `timeout`).
 pub fn send(addr: SocketAddr, key: &Path, extra: &[&str], timeout: Duration) -> Output {
+    start_send(addr, key, extra).wait(timeout)
+}
+
+/// Starts `ferry send --to ADDR --auth-key-file KEY EXTRA...` and returns
+/// at once.
+pub fn start_send(addr: SocketAddr, key: &Path, extra: &[&str]) -> Proc {
     let to = addr.to_string();
     let mut args = vec![
         "send",
@@ -199,7 +242,16 @@ pub fn send(addr: SocketAddr, key: &Path, extra: &[&str], timeout: Duration) -> 
         key.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    Proc::start(&args).wait(timeout)
+    Proc::start(&args)
+}
+
+/// Sends SIGKILL to process `pid` (a `ferry` this test started).
+pub fn sigkill(pid: u32) {
+    let st = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -KILL {pid} failed");
 }
 
 /// Waits (up to 20 s) until `addr` accepts connections.

@@ -1,0 +1,386 @@
+//! A TCP proxy for fault injection: forwards every connection from a
+//! loopback port to the real destination, frame by frame, and lets a test
+//! look at, alter, hold back or cut each frame on its way.
+//!
+//! Frames are parsed with the library's own decoders: control frames
+//! (`FRYM`, both directions of a control connection, and the hello and its
+//! answer on a data channel), chunk frames (source to destination on a data
+//! channel) and ack frames (destination to source on a data channel). The
+//! role of a connection comes from its `Hello`. Bytes the decoders refuse
+//! are forwarded as they come ([`Kind::Raw`]).
+//!
+//! A destination listening on loopback advertises no interface, so the
+//! source opens its data channels along the control connection's path:
+//! through the proxy. Every connection is numbered in accept order.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_transport::proto::{Msg, Role, MAX_CONTROL_BODY};
+use ferry_transport::wire::{AckFrame, AckStatus, ChunkHeader, ChunkKind};
+
+/// Which way a frame travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// Source to destination.
+    ToDest,
+    /// Destination to source.
+    ToSource,
+}
+
+/// What a frame is.
+#[derive(Debug, Clone)]
+pub enum Kind {
+    /// A control frame and its message.
+    Control(Msg),
+    /// A chunk frame (header already checked by [`ChunkHeader::decode`]).
+    Chunk(ChunkHeader, ChunkKind),
+    /// An ack frame.
+    Ack(u64, AckStatus),
+    /// Bytes that did not parse (everything after them is raw too).
+    Raw,
+}
+
+/// One frame on its way through the proxy.
+#[derive(Debug)]
+pub struct Frame {
+    /// Connection number, in accept order from 0.
+    pub conn: usize,
+    /// The connection's role once its hello was seen.
+    pub role: Option<Role>,
+    /// Direction.
+    pub dir: Dir,
+    /// What it is (parsed before the hook sees it).
+    pub kind: Kind,
+    /// The frame's bytes, as they will be forwarded: a hook may change them.
+    pub bytes: Vec<u8>,
+}
+
+impl Frame {
+    /// The control message's name, if this is a control frame.
+    pub fn msg_name(&self) -> Option<&'static str> {
+        match &self.kind {
+            Kind::Control(m) => Some(m.name()),
+            _ => None,
+        }
+    }
+    /// The chunk header if this is a page chunk.
+    pub fn pages(&self) -> Option<&ChunkHeader> {
+        match &self.kind {
+            Kind::Chunk(h, ChunkKind::Pages) => Some(h),
+            _ => None,
+        }
+    }
+}
+
+/// What the proxy does with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward it (with the hook's changes).
+    Forward,
+    /// Do not forward it; carry on with the next one.
+    Swallow,
+    /// Close this connection, both sides, both ways; the frame is lost.
+    Drop,
+    /// Forward nothing more on this connection, either way, but keep both
+    /// sockets open (a stalled link).
+    Stall,
+}
+
+/// The test's hook, called for every frame.
+pub type Hook = Box<dyn FnMut(&mut Frame) -> Verdict + Send>;
+
+/// What a proxy saw: one entry per frame (before the hook changed it).
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Connection number.
+    pub conn: usize,
+    /// Its role.
+    pub role: Option<Role>,
+    /// Direction.
+    pub dir: Dir,
+    /// What it was.
+    pub kind: Kind,
+    /// Its bytes, for control frames only (data would be large).
+    pub bytes: Vec<u8>,
+    /// What the hook decided.
+    pub verdict: Verdict,
+}
+
+struct ConnState {
+    role: Mutex<Option<Role>>,
+    role_set: Condvar,
+    stalled: AtomicBool,
+    /// Clones of both sockets, to close them from anywhere; the pumps own
+    /// their own clones and drop them when they end, so a closed
+    /// connection's descriptors really go (a reset if bytes are unread).
+    sockets: Mutex<Vec<TcpStream>>,
+}
+
+struct Shared {
+    hook: Mutex<Hook>,
+    seen: Mutex<Vec<Seen>>,
+    changed: Condvar,
+    conns: Mutex<Vec<Arc<ConnState>>>,
+    stop: AtomicBool,
+}
+
+/// A running proxy. Dropping it closes every connection.
+pub struct Proxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").field("addr", &self.addr).finish()
+    }
+}
+
+impl Proxy {
+    /// Listens on a free loopback port and forwards to `target`.
+    pub fn start(target: SocketAddr, hook: Hook) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            hook: Mutex::new(hook),
+            seen: Mutex::new(Vec::new()),
+            changed: Condvar::new(),
+            conns: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+        });
+        let sh = shared.clone();
+        let next = AtomicUsize::new(0);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if sh.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(target) else {
+                    // The destination is gone: the source sees the close.
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let st = Arc::new(ConnState {
+                    role: Mutex::new(None),
+                    role_set: Condvar::new(),
+                    stalled: AtomicBool::new(false),
+                    sockets: Mutex::new(vec![
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                    ]),
+                });
+                let id = next.fetch_add(1, Ordering::SeqCst);
+                sh.conns.lock().unwrap().push(st.clone());
+                for (dir, from, to) in [
+                    (
+                        Dir::ToDest,
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                    ),
+                    (
+                        Dir::ToSource,
+                        server.try_clone().unwrap(),
+                        client.try_clone().unwrap(),
+                    ),
+                ] {
+                    let (sh, st) = (sh.clone(), st.clone());
+                    std::thread::spawn(move || pump(&sh, &st, id, dir, from, to));
+                }
+            }
+        });
+        Proxy { addr, shared }
+    }
+
+    /// Forwards everything unchanged.
+    pub fn transparent(target: SocketAddr) -> Proxy {
+        Proxy::start(target, Box::new(|_| Verdict::Forward))
+    }
+
+    /// The address sources should connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Every frame seen so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.shared.seen.lock().unwrap().clone()
+    }
+
+    /// Waits (up to `timeout`) until `pred` holds for the frames seen so
+    /// far; panics naming `what` otherwise.
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&[Seen]) -> bool) {
+        let deadline = Instant::now() + timeout;
+        let mut seen = self.shared.seen.lock().unwrap();
+        while !pred(&seen) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "proxy: timed out waiting for {what}");
+            seen = self.shared.changed.wait_timeout(seen, left).unwrap().0;
+        }
+    }
+
+    /// The bytes the source sent on connection `conn` (control frames only).
+    pub fn control_bytes(&self, conn: usize, dir: Dir) -> Vec<u8> {
+        self.seen()
+            .iter()
+            .filter(|s| s.conn == conn && s.dir == dir)
+            .flat_map(|s| s.bytes.clone())
+            .collect()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for c in self.shared.conns.lock().unwrap().iter() {
+            close(c);
+        }
+        // Wake the accept loop so it sees the stop flag.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn close(c: &ConnState) {
+    for s in c.sockets.lock().unwrap().drain(..) {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+}
+
+/// Reads one frame; `None` at a clean end of stream.
+fn read_frame(from: &mut TcpStream, role: Option<Role>, dir: Dir, first: bool) -> Option<Frame> {
+    let mut head = [0u8; 16];
+    if from.read_exact(&mut head).is_err() {
+        return None;
+    }
+    let mut bytes = head.to_vec();
+    let data = role == Some(Role::Data) && !first;
+    let kind = match (data, dir) {
+        (false, _) => match Msg::decode_header(&head, MAX_CONTROL_BODY) {
+            Ok((len, crc)) => {
+                let mut body = vec![0u8; len as usize];
+                if from.read_exact(&mut body).is_err() {
+                    return None;
+                }
+                bytes.extend_from_slice(&body);
+                match Msg::decode_body(&body, crc) {
+                    Ok(m) => Kind::Control(m),
+                    Err(_) => Kind::Raw,
+                }
+            }
+            Err(_) => Kind::Raw,
+        },
+        (true, Dir::ToSource) => match AckFrame::decode(&head) {
+            Ok((seq, st)) => Kind::Ack(seq, st),
+            Err(_) => Kind::Raw,
+        },
+        (true, Dir::ToDest) => {
+            let mut rest = [0u8; 16];
+            if from.read_exact(&mut rest).is_err() {
+                return None;
+            }
+            bytes.extend_from_slice(&rest);
+            match ChunkHeader::decode(&bytes) {
+                Ok((h, k)) => {
+                    let more = h.run_count.get() as usize * 16 + h.payload_len.get() as usize;
+                    let at = bytes.len();
+                    bytes.resize(at + more, 0);
+                    if from.read_exact(&mut bytes[at..]).is_err() {
+                        return None;
+                    }
+                    Kind::Chunk(h, k)
+                }
+                Err(_) => Kind::Raw,
+            }
+        }
+    };
+    Some(Frame {
+        conn: 0,
+        role,
+        dir,
+        kind,
+        bytes,
+    })
+}
+
+fn pump(sh: &Shared, st: &ConnState, id: usize, dir: Dir, mut from: TcpStream, mut to: TcpStream) {
+    let mut first = true;
+    loop {
+        let role = match dir {
+            Dir::ToDest => *st.role.lock().unwrap(),
+            // The answer comes after the hello, whose role is known by then.
+            Dir::ToSource => {
+                let g = st.role.lock().unwrap();
+                *st.role_set
+                    .wait_timeout_while(g, Duration::from_secs(30), |r| r.is_none())
+                    .unwrap()
+                    .0
+            }
+        };
+        let Some(mut f) = read_frame(&mut from, role, dir, first) else {
+            break;
+        };
+        first = false;
+        f.conn = id;
+        if let (Dir::ToDest, Kind::Control(Msg::Hello { role, .. })) = (dir, &f.kind) {
+            *st.role.lock().unwrap() = Some(*role);
+            f.role = Some(*role);
+            st.role_set.notify_all();
+        }
+        let raw = matches!(f.kind, Kind::Raw);
+        let kind = f.kind.clone();
+        let original = if matches!(kind, Kind::Control(_)) {
+            f.bytes.clone()
+        } else {
+            Vec::new()
+        };
+        let verdict = if st.stalled.load(Ordering::SeqCst) {
+            Verdict::Stall
+        } else {
+            (sh.hook.lock().unwrap())(&mut f)
+        };
+        {
+            let mut seen = sh.seen.lock().unwrap();
+            seen.push(Seen {
+                conn: id,
+                role: f.role,
+                dir,
+                kind,
+                bytes: original,
+                verdict,
+            });
+            sh.changed.notify_all();
+        }
+        match verdict {
+            Verdict::Forward => {
+                if to.write_all(&f.bytes).is_err() {
+                    break;
+                }
+            }
+            Verdict::Swallow => {}
+            Verdict::Drop => {
+                close(st);
+                return;
+            }
+            Verdict::Stall => {
+                st.stalled.store(true, Ordering::SeqCst);
+                // Hold the sockets open, read nothing more, until the proxy goes.
+                while !sh.stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                return;
+            }
+        }
+        if raw {
+            // Past bytes that did not parse: copy the rest as it comes.
+            let _ = std::io::copy(&mut from, &mut to);
+            break;
+        }
+    }
+    // One side closed: pass the close on (half-close, as TCP would).
+    let _ = to.shutdown(Shutdown::Write);
+}

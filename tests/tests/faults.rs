@@ -1,0 +1,658 @@
+//! Fault injection: real `ferry listen` and `ferry send` processes with a
+//! proxy between them (tests/src/proxy.rs) that kills processes, flips
+//! bits, stalls and cuts connections at precise points of the protocol.
+//!
+//! Every case asserts that
+//! * no data is lost: a committed migration has equal digests on both
+//!   sides and every page of the synthetic guest verified on the
+//!   destination; an aborted one leaves the guest running on the source,
+//!   which says so and exits non-zero;
+//! * the guest ends up running on exactly one side (the source's exit
+//!   status and words, the destination's "committed" / "failed" line);
+//! * the error names what went wrong.
+//!
+//! The destination listens on loopback and so advertises no interface: the
+//! source's data channels follow the control connection, through the proxy.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_tests::proxy::{Dir, Frame, Kind, Proxy, Seen, Verdict};
+use ferry_tests::{daemon, key_file, listen, sigkill, start_send, summary, Output, Proc};
+use ferry_transport::proto::{Msg, RejectReason, Role};
+use ferry_transport::wire::{ChunkKind, FLAG_COMPRESSED};
+
+const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+const LONG: Duration = Duration::from_secs(90);
+const KEEPS_RUNNING: &str = "the guest keeps running on this host (running: true)";
+
+struct Case {
+    dir: tempfile::TempDir,
+    key: PathBuf,
+}
+
+impl Case {
+    fn new() -> Case {
+        let dir = tempfile::tempdir().unwrap();
+        let key = key_file(dir.path(), "key", KEY);
+        Case { dir, key }
+    }
+    fn json(&self) -> PathBuf {
+        self.dir.path().join("summary.json")
+    }
+    /// `ferry send` through `proxy` with small-guest, short-timeout flags
+    /// (tcp, 1 MiB chunks) and `extra`.
+    fn send(&self, proxy: &Proxy, extra: &[&str]) -> Proc {
+        let json = self.json();
+        let defaults = [
+            ("--memory", "64MiB"),
+            ("--performance-option", "tcp"),
+            ("--chunk-size", "1MiB"),
+            ("--timeout", "10s"),
+            ("--json", json.to_str().unwrap()),
+        ];
+        let mut args: Vec<&str> = extra.to_vec();
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                args.extend([flag, value]);
+            }
+        }
+        start_send(proxy.addr(), &self.key, &args)
+    }
+}
+
+/// The source gave up and its guest runs on: exit 1, says so, names `why`.
+fn assert_source_kept_guest(src: &Output, why: &[&str]) {
+    assert!(!src.panicked(), "{}", src.all());
+    assert_eq!(src.status.code(), Some(1), "{}", src.all());
+    assert!(src.stderr.contains(KEEPS_RUNNING), "{}", src.all());
+    assert!(!src.stdout.contains("migration committed"), "{}", src.all());
+    assert!(
+        why.iter().any(|w| src.stderr.contains(w)),
+        "the source's error names one of {why:?}: {}",
+        src.all()
+    );
+}
+
+/// The destination refused to run the guest and says why.
+fn assert_dest_failed(dest: &Output, why: &[&str]) {
+    assert!(!dest.panicked(), "{}", dest.all());
+    assert!(!dest.stdout.contains("committed"), "{}", dest.all());
+    assert!(dest.stdout.contains("failed: "), "{}", dest.all());
+    assert!(
+        why.iter().any(|w| dest.stdout.contains(w)),
+        "the destination's error names one of {why:?}: {}",
+        dest.all()
+    );
+}
+
+/// A destination that was killed: it never said it runs the guest.
+fn assert_dest_killed(dest: &Output) {
+    assert!(!dest.status.success(), "{}", dest.all());
+    assert!(!dest.stdout.contains("committed"), "{}", dest.all());
+}
+
+/// Committed, with equal digests and every page verified on the destination.
+fn assert_committed(src: &Output, dest_stdout: &str, json: &Path) -> serde_json::Value {
+    assert!(src.status.success(), "source failed: {}", src.all());
+    assert!(
+        src.stdout.contains("verified on both sides"),
+        "{}",
+        src.all()
+    );
+    let s = summary(json);
+    assert_eq!(s["digest_verified"], true);
+    let digest = s["digest"].as_str().unwrap();
+    assert!(
+        dest_stdout.contains(&format!("digest {digest} verified")),
+        "the destination has the same memory: {dest_stdout}"
+    );
+    assert!(
+        dest_stdout.contains("pattern pages verified") && !dest_stdout.contains("corrupt pages"),
+        "every page checked on the destination: {dest_stdout}"
+    );
+    s
+}
+
+fn is_data(f: &Frame) -> bool {
+    f.role == Some(Role::Data)
+}
+
+fn page_chunks(seen: &[Seen]) -> usize {
+    seen.iter()
+        .filter(|s| matches!(s.kind, Kind::Chunk(_, ChunkKind::Pages)))
+        .count()
+}
+
+fn saw_msg(seen: &[Seen], name: &str) -> bool {
+    seen.iter()
+        .any(|s| matches!(&s.kind, Kind::Control(m) if m.name() == name))
+}
+
+// ---------------------------------------------------------------------------
+// Destination killed
+
+/// Kills the destination when `when` says so (before forwarding that
+/// frame), and runs a migration through the proxy.
+fn kill_destination_when(
+    send_extra: &[&str],
+    when: impl Fn(&Frame) -> bool + Send + 'static,
+) -> (Output, Output, Vec<Seen>) {
+    let c = Case::new();
+    let (dest, addr) = listen(&c.key, &["--timeout", "5s"]);
+    let pid = dest.pid();
+    let killed = AtomicBool::new(false);
+    let proxy = Proxy::start(
+        addr,
+        Box::new(move |f| {
+            if !killed.load(Ordering::SeqCst) && when(f) {
+                killed.store(true, Ordering::SeqCst);
+                sigkill(pid);
+                return Verdict::Drop;
+            }
+            Verdict::Forward
+        }),
+    );
+    let src = c.send(&proxy, send_extra).wait(LONG);
+    let dest = dest.wait(LONG);
+    let seen = proxy.seen();
+    assert!(
+        seen.iter().any(|s| s.verdict == Verdict::Drop),
+        "the fault was injected: {}",
+        src.all()
+    );
+    (src, dest, seen)
+}
+
+#[test]
+fn destination_killed_in_round_0() {
+    let (src, dest, seen) = kill_destination_when(&["--dirty-rate", "8MB/s"], |f| {
+        f.pages()
+            .is_some_and(|h| h.round.get() == 0 && h.seq.get() >= 3)
+    });
+    assert!(!saw_msg(&seen, "RoundDone"), "still in round 0");
+    assert_dest_killed(&dest);
+    assert_source_kept_guest(&src, &["the destination closed the control connection"]);
+}
+
+#[test]
+fn destination_killed_in_a_later_round() {
+    // A busy guest that cannot meet a 1 ms pause: several rounds.
+    let (src, dest, seen) = kill_destination_when(
+        &[
+            "--dirty-rate",
+            "32MB/s",
+            "--downtime-limit",
+            "1ms",
+            "--max-rounds",
+            "6",
+        ],
+        |f| f.pages().is_some_and(|h| h.round.get() == 2),
+    );
+    assert!(saw_msg(&seen, "RoundDone"), "past round 0");
+    assert!(!saw_msg(&seen, "Switchover"), "still in pre-copy");
+    assert_dest_killed(&dest);
+    assert_source_kept_guest(&src, &["the destination closed the control connection"]);
+}
+
+#[test]
+fn destination_killed_between_ready_and_commit() {
+    // The destination has verified its memory and answered Ready; it dies
+    // before the source could commit: the source resumes its guest.
+    let (src, dest, seen) = kill_destination_when(&["--dirty-rate", "8MB/s"], |f| {
+        f.msg_name() == Some("Ready")
+    });
+    assert!(saw_msg(&seen, "Switchover"));
+    assert!(!saw_msg(&seen, "Commit"), "Commit was never sent");
+    assert_dest_killed(&dest);
+    assert_source_kept_guest(&src, &["error: peer closed the control connection"]);
+}
+
+#[test]
+fn destination_killed_after_commit_was_sent_leaves_the_guest_paused() {
+    // Commit sent but never confirmed: the guest may already run on the
+    // destination, so the source must not resume it (two running copies
+    // would be worse) and says so. Here the destination died before it
+    // received Commit: the guest runs nowhere, and the operator is told.
+    let (src, dest, _) = kill_destination_when(&["--dirty-rate", "8MB/s"], |f| {
+        f.msg_name() == Some("Commit")
+    });
+    assert_dest_killed(&dest);
+    assert!(!src.panicked(), "{}", src.all());
+    assert_eq!(src.status.code(), Some(1), "{}", src.all());
+    assert!(
+        src.stderr.contains(
+            "commit was sent but the destination did not confirm it (peer closed the control connection"
+        ),
+        "{}",
+        src.all()
+    );
+    assert!(
+        src.stderr
+            .contains("the guest is left paused on this host (running: false)"),
+        "{}",
+        src.all()
+    );
+    assert!(!src.stderr.contains(KEEPS_RUNNING), "{}", src.all());
+}
+
+// ---------------------------------------------------------------------------
+// Source killed
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn source_killed_mid_migration_frees_the_destination_for_the_next() {
+    let c = Case::new();
+    // One migration at a time: the second is accepted only if the first
+    // one's slot was given back.
+    let (dest, addr) = daemon(&c.key, &["--max-concurrent", "1", "--timeout", "5s"]);
+    let idle_rss = rss_kib(dest.pid());
+    let proxy = Proxy::transparent(addr);
+    let first = c.send(&proxy, &["--memory", "128MiB", "--dirty-rate", "8MB/s"]);
+    proxy.wait_for("round 0 under way", LONG, |s| page_chunks(s) >= 8);
+    sigkill(first.pid());
+    let first = first.wait(LONG);
+    assert!(!first.status.success());
+    let out = dest.wait_for_output("failed: ", LONG);
+    assert!(
+        out.contains("peer closed the"),
+        "the destination names the lost source: {out}"
+    );
+    // Guest memory (128 MiB, pre-faulted) is given back.
+    let deadline = std::time::Instant::now() + LONG;
+    while rss_kib(dest.pid()) > idle_rss + 48 * 1024 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the destination keeps {} KiB resident (idle: {idle_rss} KiB)",
+            rss_kib(dest.pid())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = c.send(&proxy, &["--dirty-rate", "8MB/s"]).wait(LONG);
+    let out = dest.wait_for_output(" committed: ", LONG);
+    let dest = dest.kill();
+    assert!(!dest.panicked(), "{}", dest.all());
+    assert_committed(&second, &out, &c.json());
+}
+
+// ---------------------------------------------------------------------------
+// Bytes corrupted on a data channel
+
+/// Runs a migration whose data frames pass through `corrupt` (which
+/// returns true once it changed a frame).
+fn corrupt_data(
+    c: &Case,
+    send_extra: &[&str],
+    corrupt: impl FnMut(&mut Frame) -> bool + Send + 'static,
+) -> (Output, Output, usize) {
+    let (dest, addr) = listen(&c.key, &["--timeout", "5s"]);
+    let count = Arc::new(AtomicUsize::new(0));
+    let n = count.clone();
+    let corrupt = Mutex::new(corrupt);
+    let proxy = Proxy::start(
+        addr,
+        Box::new(move |f| {
+            if is_data(f) && f.dir == Dir::ToDest && (corrupt.lock().unwrap())(f) {
+                n.fetch_add(1, Ordering::SeqCst);
+            }
+            Verdict::Forward
+        }),
+    );
+    let src = c.send(&proxy, send_extra).wait(LONG);
+    let dest = dest.wait(LONG);
+    (src, dest, count.load(Ordering::SeqCst))
+}
+
+/// Offset of the payload in a chunk frame.
+fn payload_at(f: &Frame) -> usize {
+    32 + f.pages().map_or(0, |h| h.run_count.get() as usize * 16)
+}
+
+/// Corrupts the `nth` page chunk (counted from 1) that `pick` accepts.
+fn nth(
+    nth: usize,
+    pick: impl Fn(&Frame) -> bool + Send + 'static,
+    flip: impl Fn(&mut Frame) + Send + 'static,
+) -> impl FnMut(&mut Frame) -> bool + Send + 'static {
+    let mut n = 0;
+    move |f| {
+        if f.pages().is_some() && pick(f) {
+            n += 1;
+            if n == nth {
+                flip(f);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+fn with_payload(f: &Frame) -> bool {
+    f.pages().is_some_and(|h| h.payload_len.get() > 0)
+}
+
+#[test]
+fn payload_bit_flip_is_caught_by_the_crc_and_the_chunk_resent() {
+    let c = Case::new();
+    let (src, dest, n) = corrupt_data(
+        &c,
+        &["--dirty-rate", "8MB/s"],
+        nth(2, with_payload, |f| {
+            let at = payload_at(f) + 5000;
+            f.bytes[at] ^= 0x10;
+        }),
+    );
+    assert_eq!(n, 1);
+    let s = assert_committed(&src, &dest.stdout, &c.json());
+    assert!(s["crc_resends"].as_u64().unwrap() >= 1, "{s}");
+}
+
+#[test]
+fn header_crc_bit_flip_makes_the_chunk_resent() {
+    let c = Case::new();
+    let (src, dest, n) = corrupt_data(
+        &c,
+        &["--dirty-rate", "8MB/s"],
+        nth(3, |_| true, |f| f.bytes[29] ^= 0x01),
+    );
+    assert_eq!(n, 1);
+    let s = assert_committed(&src, &dest.stdout, &c.json());
+    assert!(s["crc_resends"].as_u64().unwrap() >= 1, "{s}");
+}
+
+#[test]
+fn header_magic_bit_flip_aborts_with_the_field_named() {
+    let c = Case::new();
+    let (src, dest, n) = corrupt_data(
+        &c,
+        &["--dirty-rate", "8MB/s"],
+        nth(2, |_| true, |f| f.bytes[0] ^= 0x01),
+    );
+    assert_eq!(n, 1);
+    assert_dest_failed(&dest, &["bad magic in chunk header"]);
+    // The source only saw its channel close; it names the destination's reason.
+    assert_source_kept_guest(
+        &src,
+        &["the destination aborted: bad magic in chunk header"],
+    );
+}
+
+#[test]
+fn run_table_address_bit_flip_is_never_committed() {
+    // An idle guest, so no page is sent twice by itself. The third data
+    // chunk's first run is moved down onto pages an earlier chunk already
+    // landed: the CRC catches the chunk (it is resent), but the pages it
+    // overwrote are not resent, so the digests differ and the migration
+    // aborts: it is never committed with bad memory.
+    let c = Case::new();
+    let (src, dest, n) = corrupt_data(
+        &c,
+        &["--dirty-rate", "0"],
+        nth(3, with_payload, |f| {
+            let gpa = u64::from_le_bytes(f.bytes[32..40].try_into().unwrap());
+            let high = 63 - gpa.leading_zeros();
+            let moved = gpa & !(1u64 << high);
+            f.bytes[32..40].copy_from_slice(&moved.to_le_bytes());
+        }),
+    );
+    assert_eq!(n, 1);
+    assert_source_kept_guest(&src, &["memory digest mismatch"]);
+    assert_dest_failed(&dest, &["memory digest mismatch"]);
+}
+
+#[test]
+fn compressed_payload_bit_flip_is_caught_before_decompression() {
+    let c = Case::new();
+    // Compressible memory (the synthetic pattern pages are not): 16 MiB of
+    // repeated text.
+    let img = c.dir.path().join("guest.img");
+    let text = b"Ferry moves guest memory; this line repeats so it compresses well. ";
+    let image: Vec<u8> = text.iter().copied().cycle().take(16 << 20).collect();
+    std::fs::write(&img, image).unwrap();
+    let slow = Arc::new(AtomicBool::new(true));
+    let s2 = slow.clone();
+    // Loopback is faster than the compression workers, so the link is
+    // slowed (a few ms per chunk) until a compressed chunk comes by.
+    let (src, dest, n) = corrupt_data(
+        &c,
+        &[
+            "--performance-option",
+            "compression",
+            "--compression",
+            "lz4",
+            "--dirty-rate",
+            "0",
+            "--guest-image",
+            img.to_str().unwrap(),
+        ],
+        move |f| {
+            let Some(h) = f.pages() else { return false };
+            if h.flags.get() & FLAG_COMPRESSED != 0 && s2.swap(false, Ordering::SeqCst) {
+                // Inside the segments, past the 16-byte sub-header.
+                let at = payload_at(f) + 16 + (h.payload_len.get() as usize - 16) / 2;
+                f.bytes[at] ^= 0x40;
+                return true;
+            }
+            if s2.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(15));
+            }
+            false
+        },
+    );
+    assert_eq!(n, 1, "a compressed chunk came by: {}", src.all());
+    let s = assert_committed(&src, &dest.stdout, &c.json());
+    assert!(s["crc_resends"].as_u64().unwrap() >= 1, "{s}");
+}
+
+#[test]
+fn corruption_that_persists_in_the_final_copy_aborts() {
+    // Every chunk of the final copy (guest paused) is corrupted: after its
+    // retries the source gives up and resumes the guest.
+    let c = Case::new();
+    let (src, dest, n) = corrupt_data(
+        &c,
+        &[
+            "--dirty-rate",
+            "32MB/s",
+            "--downtime-limit",
+            "1ms",
+            "--max-rounds",
+            "1",
+        ],
+        |f| {
+            if f.pages().is_some_and(|h| h.round.get() >= 1) {
+                f.bytes[29] ^= 0x01;
+                return true;
+            }
+            false
+        },
+    );
+    assert!(n >= 4, "the final copy and its 3 retries were corrupted");
+    assert_source_kept_guest(&src, &["still failed their CRC after 3 retries"]);
+    assert_dest_failed(&dest, &["peer aborted the migration: final copy failed"]);
+}
+
+// ---------------------------------------------------------------------------
+// Stalled and dropped channels
+
+/// Applies `verdict` to the first data connection at its third page chunk.
+fn break_first_data_channel(
+    verdict: Verdict,
+    send_extra: &[&str],
+) -> (Case, Output, Output, Vec<Seen>) {
+    let c = Case::new();
+    let (dest, addr) = listen(&c.key, &["--timeout", "5s"]);
+    let mut first: Option<usize> = None;
+    let mut n = 0;
+    let proxy = Proxy::start(
+        addr,
+        Box::new(move |f| {
+            if f.pages().is_some() && *first.get_or_insert(f.conn) == f.conn {
+                n += 1;
+                if n == 3 {
+                    return verdict;
+                }
+            }
+            Verdict::Forward
+        }),
+    );
+    let src = c.send(&proxy, send_extra).wait(LONG);
+    let dest = dest.wait(LONG);
+    let seen = proxy.seen();
+    assert!(seen.iter().any(|s| s.verdict == verdict));
+    (c, src, dest, seen)
+}
+
+fn failover(verdict: Verdict, error: &str) {
+    let (c, src, dest, _) = break_first_data_channel(
+        verdict,
+        &[
+            "--channels",
+            "2",
+            "--channel-timeout",
+            "1s",
+            "--dirty-rate",
+            "8MB/s",
+        ],
+    );
+    let s = assert_committed(&src, &dest.stdout, &c.json());
+    let chans = s["channels"].as_array().unwrap();
+    assert_eq!(chans.len(), 2, "{s}");
+    let failed: Vec<_> = chans.iter().filter(|c| c["state"] == "failed").collect();
+    assert_eq!(failed.len(), 1, "exactly the broken channel failed: {s}");
+    let why = failed[0]["error"].as_str().unwrap();
+    assert!(why.contains(error), "{why}");
+}
+
+#[test]
+fn stalled_data_channel_fails_over_to_the_other() {
+    failover(Verdict::Stall, "did not respond within");
+}
+
+#[test]
+fn dropped_data_channel_fails_over_to_the_other() {
+    failover(Verdict::Drop, "peer closed the data channel");
+}
+
+#[test]
+fn stalled_only_data_channel_aborts_cleanly() {
+    let (_c, src, dest, _) = break_first_data_channel(
+        Verdict::Stall,
+        &[
+            "--channels",
+            "1",
+            "--channel-timeout",
+            "1s",
+            "--dirty-rate",
+            "8MB/s",
+        ],
+    );
+    assert_source_kept_guest(&src, &["did not respond within"]);
+    assert_dest_failed(
+        &dest,
+        &["peer aborted the migration", "did not respond within"],
+    );
+}
+
+#[test]
+fn dropped_only_data_channel_aborts_cleanly() {
+    let (_c, src, dest, _) =
+        break_first_data_channel(Verdict::Drop, &["--channels", "1", "--dirty-rate", "8MB/s"]);
+    assert_source_kept_guest(&src, &["peer closed the data channel"]);
+    assert_dest_failed(&dest, &["peer closed the data channel", "peer aborted"]);
+}
+
+#[test]
+fn dropped_control_connection_aborts_cleanly() {
+    let c = Case::new();
+    let (dest, addr) = listen(&c.key, &["--timeout", "5s"]);
+    let proxy = Proxy::start(
+        addr,
+        Box::new(|f| {
+            if f.msg_name() == Some("RoundDone") {
+                return Verdict::Drop;
+            }
+            Verdict::Forward
+        }),
+    );
+    let src = c
+        .send(&proxy, &["--channels", "2", "--dirty-rate", "8MB/s"])
+        .wait(LONG);
+    let dest = dest.wait(LONG);
+    assert_source_kept_guest(&src, &["control connection"]);
+    assert_dest_failed(&dest, &["peer closed the control connection"]);
+}
+
+// ---------------------------------------------------------------------------
+// Hostile peers (more in bad_input.rs)
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn replayed_authentication_is_refused() {
+    let c = Case::new();
+    let (dest, addr) = daemon(&c.key, &["--timeout", "5s"]);
+    let proxy = Proxy::transparent(addr);
+    let src = c
+        .send(&proxy, &["--memory", "32MiB", "--dirty-rate", "0"])
+        .wait(LONG);
+    assert!(src.status.success(), "{}", src.all());
+    dest.wait_for_output(" committed: ", LONG);
+    // The source's side of the recorded control connection: Hello, Auth,
+    // Offer, ... replayed verbatim on a new connection.
+    let seen = proxy.seen();
+    let control = seen
+        .iter()
+        .find(|s| s.role == Some(Role::Control))
+        .unwrap()
+        .conn;
+    let frames: Vec<Vec<u8>> = seen
+        .iter()
+        .filter(|s| s.conn == control && s.dir == Dir::ToDest)
+        .map(|s| s.bytes.clone())
+        .collect();
+    assert!(frames.len() >= 3, "Hello, Auth and Offer were recorded");
+    let answer = rt().block_on(async move {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(&frames[0]).await.unwrap();
+        let mut conn = ferry_transport::conn::Conn::new(s, Duration::from_secs(10));
+        let reply = conn.recv("hello reply").await.unwrap();
+        assert!(matches!(reply, Msg::HelloReply { .. }), "{reply:?}");
+        let mut s = conn.into_stream();
+        // The recorded proof answers another challenge.
+        s.write_all(&frames[1]).await.unwrap();
+        let mut conn = ferry_transport::conn::Conn::new(s, Duration::from_secs(10));
+        conn.recv("answer to the replayed Auth").await
+    });
+    match answer {
+        Ok(Msg::Reject { reason, message }) => {
+            assert_eq!(reason, RejectReason::Auth);
+            assert!(message.contains("authentication failed"), "{message}");
+        }
+        other => panic!("a replayed Auth must be refused, got {other:?}"),
+    }
+    let out = dest.wait_for_output("authentication failed", LONG);
+    assert_eq!(
+        out.matches(" committed: ").count(),
+        1,
+        "only the real one: {out}"
+    );
+    let dest = dest.kill();
+    assert!(!dest.panicked(), "{}", dest.all());
+}
