@@ -115,7 +115,9 @@ pub struct Outcome {
     pub result: Result<DestSummary>,
 }
 
-type Pending = Mutex<HashMap<[u8; 32], mpsc::Sender<TcpStream>>>;
+/// Live data-channel tokens: where their channels go, and how many more of
+/// the offered channels may still open (a token opens no more than that).
+type Pending = Mutex<HashMap<[u8; 32], (mpsc::Sender<TcpStream>, u16)>>;
 
 /// A destination daemon.
 pub struct Destination {
@@ -385,20 +387,24 @@ impl Destination {
                     tracing::warn!(peer = conn.peer(), "{e}");
                     return None;
                 }
-                let tx = self.pending.lock().expect("pending").get(&nonce).cloned();
+                let tx = match self.pending.lock().expect("pending").get_mut(&nonce) {
+                    Some((tx, left)) if *left > 0 => {
+                        *left -= 1;
+                        Ok(tx.clone())
+                    }
+                    Some(_) => Err(
+                        "every data channel the migration offered is already open on this token",
+                    ),
+                    None => Err("unknown or expired data-channel token"),
+                };
                 match tx {
-                    Some(tx) => {
+                    Ok(tx) => {
                         if conn.send(&Msg::Welcome).await.is_ok() {
                             let _ = tx.send(conn.into_stream()).await;
                         }
                     }
-                    None => {
-                        let e = conn
-                            .reject(
-                                RejectReason::Token,
-                                "unknown or expired data-channel token".into(),
-                            )
-                            .await;
+                    Err(why) => {
+                        let e = conn.reject(RejectReason::Token, why.into()).await;
                         tracing::warn!(peer = conn.peer(), "{e}");
                     }
                 }
@@ -536,7 +542,10 @@ impl Destination {
         crate::memory::populate_in_background(mem.clone(), stop_populate.clone());
         let token = ferry_transport::auth::nonce();
         let (tx, rx) = mpsc::channel(usize::from(offer.channels));
-        self.pending.lock().expect("pending").insert(token, tx);
+        self.pending
+            .lock()
+            .expect("pending")
+            .insert(token, (tx, offer.channels));
         let migration_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let peer = conn.peer().to_string();
         tracing::info!(

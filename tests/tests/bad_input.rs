@@ -476,3 +476,219 @@ fn destination_that_stops_responding_is_timed_out() {
     );
     assert!(running && after > before);
 }
+
+/// A control frame header announcing `len` body bytes (the body never comes).
+fn control_header(len: u32) -> Vec<u8> {
+    let mut h = b"FRYM".to_vec();
+    h.extend_from_slice(&len.to_le_bytes());
+    h.extend_from_slice(&[0; 8]);
+    h
+}
+
+#[test]
+fn huge_control_length_before_authentication_is_refused_unread() {
+    let out = against_destination(&[], |addr| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&control_header(u32::MAX - 15)).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+    });
+    assert!(
+        out.stdout
+            .contains("control message length is 4294967280 bytes, above the limit of 4096"),
+        "{}",
+        out.all()
+    );
+}
+
+#[test]
+fn huge_control_length_after_authentication_is_refused_unread() {
+    let out = against_destination(&[], |addr| async move {
+        let mut c = Conn::new(
+            TcpStream::connect(addr).await.unwrap(),
+            Duration::from_secs(5),
+        );
+        c.client_handshake(&key()).await.unwrap();
+        let mut s = c.into_stream();
+        s.write_all(&control_header(
+            ferry_transport::proto::MAX_CONTROL_BODY + 1,
+        ))
+        .await
+        .unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+    });
+    assert!(
+        out.stdout
+            .contains("control message length is 67108865 bytes, above the limit of 67108864"),
+        "{}",
+        out.all()
+    );
+}
+
+#[test]
+fn unknown_control_message_kind_is_named() {
+    let out = against_destination(&[], |addr| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // postcard: the enum's variant index first; 100 is no Msg.
+        let body = [100u8, 0, 0, 0];
+        let mut frame = b"FRYM".to_vec();
+        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        frame.extend_from_slice(&[0; 4]);
+        frame.extend_from_slice(&body);
+        s.write_all(&frame).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+    });
+    assert!(
+        out.stdout.contains("malformed control message"),
+        "{}",
+        out.all()
+    );
+}
+
+/// Sends a one-page chunk whose header (and run table) `edit` changes.
+async fn send_edited_chunk(s: &mut TcpStream, edit: impl FnOnce(&mut ChunkHeader, &mut RunDesc)) {
+    let mut run = RunDesc::from_run(&PageRun {
+        gpa: 0,
+        pages: 1,
+        zero: false,
+    });
+    let payload = [5u8; 4096];
+    let mut h = ChunkHeader::pages(1, 0, 1, 4096, 0, 0);
+    edit(&mut h, &mut run);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(run.as_bytes());
+    crc.update(&payload);
+    h.crc32 = crc.finalize().into();
+    s.write_all(h.as_bytes()).await.unwrap();
+    s.write_all(run.as_bytes()).await.unwrap();
+    let _ = s.write_all(&payload).await;
+}
+
+fn edited_chunk_case(edit: fn(&mut ChunkHeader, &mut RunDesc), expect: &str) {
+    let out = data_case(move |mut data, c| async move {
+        send_edited_chunk(&mut data, edit).await;
+        c
+    });
+    assert!(out.stdout.contains(expect), "{}", out.all());
+}
+
+#[test]
+fn unknown_chunk_kind_is_named() {
+    edited_chunk_case(|h, _| h.kind = 7, "invalid chunk kind: unknown kind 7");
+}
+
+#[test]
+fn unknown_chunk_flags_are_named() {
+    edited_chunk_case(
+        |h, _| h.flags = 0x80.into(),
+        "invalid chunk flags: unknown flags 0x80",
+    );
+}
+
+#[test]
+fn compressed_chunk_on_a_migration_without_compression_is_named() {
+    edited_chunk_case(
+        |h, _| h.flags = ferry_transport::wire::FLAG_COMPRESSED.into(),
+        "compressed chunk on a channel negotiated without compression",
+    );
+}
+
+#[test]
+fn huge_run_count_is_refused_before_the_run_table_is_read() {
+    edited_chunk_case(
+        |h, _| h.run_count = (ferry_transport::wire::MAX_RUNS + 1).into(),
+        "chunk run count is 4097",
+    );
+}
+
+#[test]
+fn page_run_wrapping_the_address_space_is_named() {
+    edited_chunk_case(
+        |_, r| r.gpa = (u64::MAX & !4095).into(),
+        "page run at guest address 0xfffffffffffff000 with 1 pages lies outside the offered memory layout",
+    );
+}
+
+#[test]
+fn unknown_run_flags_are_named() {
+    edited_chunk_case(
+        |_, r| r.flags = 4.into(),
+        "invalid run flags: unknown flags 0x4",
+    );
+}
+
+/// A data-channel hello with `token`; returns the destination's answer.
+async fn data_hello(addr: std::net::SocketAddr, token: [u8; 32]) -> Msg {
+    let mut c = Conn::new(
+        TcpStream::connect(addr).await.unwrap(),
+        Duration::from_secs(10),
+    );
+    c.send(&Msg::Hello {
+        min_version: ferry_transport::proto::PROTOCOL_MIN,
+        max_version: ferry_transport::proto::PROTOCOL_MAX,
+        role: Role::Data,
+        nonce: token,
+    })
+    .await
+    .unwrap();
+    c.recv("the answer to a data hello").await.unwrap()
+}
+
+fn assert_token_refused(m: Msg, why: &str) {
+    match m {
+        Msg::Reject { reason, message } => {
+            assert_eq!(reason, RejectReason::Token);
+            assert!(message.contains(why), "{message}");
+        }
+        m => panic!("expected Reject(Token), got {m:?}"),
+    }
+}
+
+#[test]
+fn more_data_channels_than_offered_are_refused_on_the_token() {
+    against_destination(&[], |addr| async move {
+        // The offer asked for one channel.
+        let (conn, accept) = authed_session(addr, &key(), 1 << 20).await;
+        let data = data_channel(addr, accept.data_token).await;
+        assert_token_refused(
+            data_hello(addr, accept.data_token).await,
+            "every data channel the migration offered is already open",
+        );
+        drop((conn, data));
+    });
+}
+
+#[test]
+fn a_used_token_does_not_open_a_channel_into_the_next_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = key_file(dir.path(), "key", KEY);
+    let (dest, addr) = ferry_tests::listen_daemon(&k, &[]);
+    let d = &dest;
+    rt().block_on(async move {
+        let (mut conn, accept) = authed_session(addr, &key(), 1 << 20).await;
+        conn.abort("test over").await;
+        drop(conn);
+        // Printed once the migration and its token are gone.
+        d.wait_for_output(
+            "peer aborted the migration: test over",
+            Duration::from_secs(20),
+        );
+        // The next migration runs; the first one's token must not reach it.
+        let (_next, next) = authed_session(addr, &key(), 1 << 20).await;
+        assert_ne!(next.data_token, accept.data_token);
+        assert_token_refused(
+            data_hello(addr, accept.data_token).await,
+            "unknown or expired data-channel token",
+        );
+    });
+    let out = dest.kill();
+    assert!(!out.panicked(), "{}", out.all());
+    assert!(
+        out.stdout.contains("peer aborted the migration: test over"),
+        "{}",
+        out.all()
+    );
+}
