@@ -607,7 +607,7 @@ fn huge_run_count_is_refused_before_the_run_table_is_read() {
 #[test]
 fn page_run_wrapping_the_address_space_is_named() {
     edited_chunk_case(
-        |_, r| r.gpa = (u64::MAX & !4095).into(),
+        |_, r| r.gpa = (!4095u64).into(),
         "page run at guest address 0xfffffffffffff000 with 1 pages lies outside the offered memory layout",
     );
 }
