@@ -53,15 +53,18 @@ where
     out
 }
 
+/// Writes `bytes` on a new connection and reads until the destination closes.
+async fn write_raw(addr: std::net::SocketAddr, bytes: &[u8]) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+}
+
 #[test]
 fn wrong_magic_is_named() {
     let out = against_destination(&[], |addr| async move {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = Vec::new();
-        let _ = s.read_to_end(&mut buf).await;
+        write_raw(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     });
     assert!(
         out.all().contains("bad magic in control frame"),
@@ -488,10 +491,7 @@ fn control_header(len: u32) -> Vec<u8> {
 #[test]
 fn huge_control_length_before_authentication_is_refused_unread() {
     let out = against_destination(&[], |addr| async move {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(&control_header(u32::MAX - 15)).await.unwrap();
-        let mut buf = Vec::new();
-        let _ = s.read_to_end(&mut buf).await;
+        write_raw(addr, &control_header(u32::MAX - 15)).await;
     });
     assert!(
         out.stdout
@@ -529,7 +529,6 @@ fn huge_control_length_after_authentication_is_refused_unread() {
 #[test]
 fn unknown_control_message_kind_is_named() {
     let out = against_destination(&[], |addr| async move {
-        let mut s = TcpStream::connect(addr).await.unwrap();
         // postcard: the enum's variant index first; 100 is no Msg.
         let body = [100u8, 0, 0, 0];
         let mut frame = b"FRYM".to_vec();
@@ -537,9 +536,7 @@ fn unknown_control_message_kind_is_named() {
         frame.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         frame.extend_from_slice(&[0; 4]);
         frame.extend_from_slice(&body);
-        s.write_all(&frame).await.unwrap();
-        let mut buf = Vec::new();
-        let _ = s.read_to_end(&mut buf).await;
+        write_raw(addr, &frame).await;
     });
     assert!(
         out.stdout.contains("malformed control message"),

@@ -337,6 +337,14 @@ fn nth(
     }
 }
 
+/// One frame was corrupted, the chunk sent again, and the migration
+/// committed with verified memory.
+fn assert_resent(c: &Case, src: &Output, dest: &Output, corrupted: usize) {
+    assert_eq!(corrupted, 1);
+    let s = assert_committed(src, &dest.stdout, &c.json());
+    assert!(s["crc_resends"].as_u64().unwrap() >= 1, "{s}");
+}
+
 fn with_payload(f: &Frame) -> bool {
     f.pages().is_some_and(|h| h.payload_len.get() > 0)
 }
@@ -352,9 +360,7 @@ fn payload_bit_flip_is_caught_by_the_crc_and_the_chunk_resent() {
             f.bytes[at] ^= 0x10;
         }),
     );
-    assert_eq!(n, 1);
-    let s = assert_committed(&src, &dest.stdout, &c.json());
-    assert!(s["crc_resends"].as_u64().unwrap() >= 1, "{s}");
+    assert_resent(&c, &src, &dest, n);
 }
 
 #[test]
@@ -365,9 +371,7 @@ fn header_crc_bit_flip_makes_the_chunk_resent() {
         &["--dirty-rate", "8MB/s"],
         nth(3, |_| true, |f| f.bytes[29] ^= 0x01),
     );
-    assert_eq!(n, 1);
-    let s = assert_committed(&src, &dest.stdout, &c.json());
-    assert!(s["crc_resends"].as_u64().unwrap() >= 1, "{s}");
+    assert_resent(&c, &src, &dest, n);
 }
 
 #[test]
@@ -450,8 +454,7 @@ fn compressed_payload_bit_flip_is_caught_before_decompression() {
         },
     );
     assert_eq!(n, 1, "a compressed chunk came by: {}", src.all());
-    let s = assert_committed(&src, &dest.stdout, &c.json());
-    assert!(s["crc_resends"].as_u64().unwrap() >= 1, "{s}");
+    assert_resent(&c, &src, &dest, n);
 }
 
 #[test]
