@@ -129,6 +129,8 @@ impl MigrationError {
             MigrationError::CommitUnconfirmed(_) => "commit_unconfirmed",
             MigrationError::NotConverged { .. } => "not_converged",
             MigrationError::Deadline { .. } => "deadline",
+            // What failed here; the destination's view is in the message.
+            MigrationError::Destination { cause, .. } => return cause.reason(),
         };
         s.into()
     }

@@ -662,7 +662,7 @@ fn more_data_channels_than_offered_are_refused_on_the_token() {
 fn a_used_token_does_not_open_a_channel_into_the_next_migration() {
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = ferry_tests::listen_daemon(&k, &[]);
+    let (dest, addr) = ferry_tests::daemon(&k, &[]);
     let d = &dest;
     rt().block_on(async move {
         let (mut conn, accept) = authed_session(addr, &key(), 1 << 20).await;
