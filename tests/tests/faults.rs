@@ -50,7 +50,7 @@ impl Case {
             ("--memory", "64MiB"),
             ("--performance-option", "tcp"),
             ("--chunk-size", "1MiB"),
-            ("--timeout", "10s"),
+            ("--peer-timeout", "10s"),
             ("--json", json.to_str().unwrap()),
         ];
         let mut args: Vec<&str> = extra.to_vec();
@@ -141,7 +141,7 @@ fn kill_destination_when(
     when: impl Fn(&Frame) -> bool + Send + 'static,
 ) -> (Output, Output, Vec<Seen>) {
     let c = Case::new();
-    let (dest, addr) = listen(&c.key, &["--timeout", "5s"]);
+    let (dest, addr) = listen(&c.key, &["--peer-timeout", "5s"]);
     let pid = dest.pid();
     let killed = AtomicBool::new(false);
     let proxy = Proxy::start(
@@ -188,6 +188,7 @@ fn destination_killed_in_a_later_round() {
             "1ms",
             "--max-rounds",
             "6",
+            "--force-switchover",
         ],
         |f| f.pages().is_some_and(|h| h.round.get() == 2),
     );
@@ -255,7 +256,7 @@ fn source_killed_mid_migration_frees_the_destination_for_the_next() {
     let c = Case::new();
     // One migration at a time: the second is accepted only if the first
     // one's slot was given back.
-    let (dest, addr) = daemon(&c.key, &["--max-concurrent", "1", "--timeout", "5s"]);
+    let (dest, addr) = daemon(&c.key, &["--max-concurrent", "1", "--peer-timeout", "5s"]);
     let idle_rss = rss_kib(dest.pid());
     let proxy = Proxy::transparent(addr);
     let first = c.send(&proxy, &["--memory", "128MiB", "--dirty-rate", "8MB/s"]);
@@ -295,7 +296,7 @@ fn corrupt_data(
     send_extra: &[&str],
     corrupt: impl FnMut(&mut Frame) -> bool + Send + 'static,
 ) -> (Output, Output, usize) {
-    let (dest, addr) = listen(&c.key, &["--timeout", "5s"]);
+    let (dest, addr) = listen(&c.key, &["--peer-timeout", "5s"]);
     let count = Arc::new(AtomicUsize::new(0));
     let n = count.clone();
     let corrupt = Mutex::new(corrupt);
@@ -471,6 +472,7 @@ fn corruption_that_persists_in_the_final_copy_aborts() {
             "1ms",
             "--max-rounds",
             "1",
+            "--force-switchover",
         ],
         |f| {
             if f.pages().is_some_and(|h| h.round.get() >= 1) {
@@ -494,7 +496,7 @@ fn break_first_data_channel(
     send_extra: &[&str],
 ) -> (Case, Output, Output, Vec<Seen>) {
     let c = Case::new();
-    let (dest, addr) = listen(&c.key, &["--timeout", "5s"]);
+    let (dest, addr) = listen(&c.key, &["--peer-timeout", "5s"]);
     let mut first: Option<usize> = None;
     let mut n = 0;
     let proxy = Proxy::start(
@@ -578,7 +580,7 @@ fn dropped_only_data_channel_aborts_cleanly() {
 #[test]
 fn dropped_control_connection_aborts_cleanly() {
     let c = Case::new();
-    let (dest, addr) = listen(&c.key, &["--timeout", "5s"]);
+    let (dest, addr) = listen(&c.key, &["--peer-timeout", "5s"]);
     let proxy = Proxy::start(
         addr,
         Box::new(|f| {
@@ -609,7 +611,7 @@ fn rt() -> tokio::runtime::Runtime {
 #[test]
 fn replayed_authentication_is_refused() {
     let c = Case::new();
-    let (dest, addr) = daemon(&c.key, &["--timeout", "5s"]);
+    let (dest, addr) = daemon(&c.key, &["--peer-timeout", "5s"]);
     let proxy = Proxy::transparent(addr);
     let src = c
         .send(&proxy, &["--memory", "32MiB", "--dirty-rate", "0"])
