@@ -37,7 +37,9 @@ use ferry_transport::compress::CompressionSpec;
 use ferry_transport::conn::{negotiate, Conn};
 use ferry_transport::multichannel::Cidr;
 use ferry_transport::proto::{Accept, Msg, Offer, PerformanceOption, RejectReason, Role};
+use ferry_transport::stream::Stream;
 use ferry_transport::tcp::{receive_channel_with, RecvCounters, RecvOptions};
+use ferry_transport::tls::{TlsConfig, TLS_HANDSHAKE_BYTE};
 use ferry_transport::wire::Codec;
 use ferry_transport::wire::MAX_CHUNK_PAYLOAD;
 use ferry_transport::{MemoryLayout, TransportError};
@@ -75,6 +77,13 @@ pub struct ListenOptions {
     /// address inside them from a peer outside them is closed before
     /// anything is read. Empty: every network.
     pub migration_networks: Vec<Cidr>,
+    /// TLS settings: a source that starts a TLS handshake is served with
+    /// them (its control connection and data channels encrypted). `None`:
+    /// TLS is not spoken.
+    pub tls: Option<Arc<TlsConfig>>,
+    /// `--encrypt`: refuse unencrypted sources (and the RDMA option, whose
+    /// data channels are not encrypted) with `Reject(Encryption)`.
+    pub require_encryption: bool,
 }
 
 /// Called after `Commit` with the guest's memory and device state: this is
@@ -115,9 +124,11 @@ pub struct Outcome {
     pub result: Result<DestSummary>,
 }
 
-/// Live data-channel tokens: where their channels go, and how many more of
-/// the offered channels may still open (a token opens no more than that).
-type Pending = Mutex<HashMap<[u8; 32], (mpsc::Sender<TcpStream>, u16)>>;
+/// Live data-channel tokens: where their channels go, how many more of the
+/// offered channels may still open (a token opens no more than that), and
+/// whether the migration's control connection is encrypted (its data
+/// channels must be too).
+type Pending = Mutex<HashMap<[u8; 32], (mpsc::Sender<Stream>, u16, bool)>>;
 
 /// A destination daemon.
 pub struct Destination {
@@ -328,6 +339,17 @@ impl Destination {
         attempt: &mut Option<Attempt>,
     ) -> Option<Result<DestSummary>> {
         let local = stream.local_addr().ok();
+        let stream = match self.secure(stream).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return None,
+            Err(e) => {
+                // A failed TLS handshake is a refused attempt (metrics
+                // reason `tls`).
+                *attempt = Some(self.metrics.begin());
+                return Some(Err(e));
+            }
+        };
+        let encrypted = stream.is_encrypted();
         let mut conn = Conn::new(stream, self.opts.timeout);
         let hello = conn.recv("the hello").await;
         if !matches!(
@@ -367,6 +389,16 @@ impl Destination {
                 return Some(Err(e.into()));
             }
         };
+        if self.opts.require_encryption && !encrypted {
+            let e = conn
+                .reject(
+                    RejectReason::Encryption,
+                    "this destination requires encryption (ferry listen --encrypt): start ferry send with --encrypt".into(),
+                )
+                .await;
+            tracing::warn!(peer = conn.peer(), "unencrypted connection refused: {e}");
+            return Some(Err(e.into()));
+        }
         match role {
             Role::Data => {
                 let nets = &self.opts.migration_networks;
@@ -388,14 +420,19 @@ impl Destination {
                     return None;
                 }
                 let tx = match self.pending.lock().expect("pending").get_mut(&nonce) {
-                    Some((tx, left)) if *left > 0 => {
+                    Some((_, _, true)) if !encrypted => Err((
+                        RejectReason::Encryption,
+                        "data channel refused: its migration's control connection is encrypted and it is not",
+                    )),
+                    Some((tx, left, _)) if *left > 0 => {
                         *left -= 1;
                         Ok(tx.clone())
                     }
-                    Some(_) => Err(
+                    Some(_) => Err((
+                        RejectReason::Token,
                         "every data channel the migration offered is already open on this token",
-                    ),
-                    None => Err("unknown or expired data-channel token"),
+                    )),
+                    None => Err((RejectReason::Token, "unknown or expired data-channel token")),
                 };
                 match tx {
                     Ok(tx) => {
@@ -403,14 +440,47 @@ impl Destination {
                             let _ = tx.send(conn.into_stream()).await;
                         }
                     }
-                    Err(why) => {
-                        let e = conn.reject(RejectReason::Token, why.into()).await;
+                    Err((reason, why)) => {
+                        let e = conn.reject(reason, why.into()).await;
                         tracing::warn!(peer = conn.peer(), "{e}");
                     }
                 }
                 None
             }
             Role::Control => Some(self.session(conn, nonce, version, listen_ip).await),
+        }
+    }
+
+    /// Tells a TLS client from a plaintext one by the first byte (a TLS
+    /// handshake record starts with 0x16, a Ferry frame with "FRYM") and
+    /// runs the TLS handshake for the former. `None`: closed before a byte.
+    async fn secure(&self, stream: TcpStream) -> Result<Option<Stream>> {
+        let mut first = [0u8; 1];
+        let timeout = self.opts.timeout;
+        match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+            Ok(Ok(0)) => return Ok(None),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(TransportError::io("reading the hello", "control", e).into()),
+            Err(_) => {
+                return Err(TransportError::Timeout {
+                    what: "the hello",
+                    after: timeout,
+                }
+                .into())
+            }
+        }
+        match (&self.opts.tls, first[0] == TLS_HANDSHAKE_BYTE) {
+            (Some(tls), true) => {
+                let peer = stream
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                tls.accept(stream, timeout).await.map(Some).map_err(|e| {
+                    tracing::warn!(peer, "{e}");
+                    e.into()
+                })
+            }
+            _ => Ok(Some(stream.into())),
         }
     }
 
@@ -434,6 +504,12 @@ impl Destination {
                 CompressionSpec { codec, level }
                     .validate()
                     .map_err(|e| (RejectReason::Option, format!("compression option: {e}")))?;
+            }
+            PerformanceOption::Rdma if self.opts.require_encryption => {
+                return Err((
+                    RejectReason::Encryption,
+                    "this destination requires encryption (--encrypt) and RDMA data channels are not encrypted: use --performance-option tcp or compression".into(),
+                ));
             }
             #[cfg(feature = "rdma")]
             PerformanceOption::Rdma => {}
@@ -545,7 +621,7 @@ impl Destination {
         self.pending
             .lock()
             .expect("pending")
-            .insert(token, (tx, offer.channels));
+            .insert(token, (tx, offer.channels, conn.is_encrypted()));
         let migration_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let peer = conn.peer().to_string();
         tracing::info!(
@@ -646,9 +722,9 @@ struct DataChannels {
 
 impl DataChannels {
     /// Starts receiving on `stream` with `recv`, unless it was fenced.
-    fn start<F, Fut>(&mut self, stream: TcpStream, recv: F)
+    fn start<F, Fut>(&mut self, stream: Stream, recv: F)
     where
-        F: FnOnce(TcpStream) -> Fut,
+        F: FnOnce(Stream) -> Fut,
         Fut: std::future::Future<Output = ferry_transport::Result<()>> + Send + 'static,
     {
         let Ok(peer) = stream.peer_addr() else {
@@ -707,7 +783,7 @@ impl Receive<'_> {
     fn start_channel(
         &self,
         ch: &mut DataChannels,
-        stream: TcpStream,
+        stream: Stream,
         layout: &Arc<MemoryLayout>,
         all: &mut Vec<Arc<RecvCounters>>,
         opts: RecvOptions,
@@ -734,7 +810,7 @@ impl Receive<'_> {
         &self,
         writer: &mut ferry_transport::conn::ConnWriter,
         mut msgs: mpsc::Receiver<ferry_transport::Result<Msg>>,
-        mut streams: mpsc::Receiver<TcpStream>,
+        mut streams: mpsc::Receiver<Stream>,
     ) -> Result<(u64, u64, [u8; 16], String, Duration)> {
         let layout = Arc::new(self.offer.layout.clone());
         // The RDMA channels' counters first, then one per TCP data channel

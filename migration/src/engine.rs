@@ -36,7 +36,9 @@ use ferry_transport::multichannel::{ChannelPath, Multichannel, MultichannelConfi
 use ferry_transport::proto::{
     Msg, Offer, PerformanceOption, Role, Switchover, PROTOCOL_MAX, PROTOCOL_MIN,
 };
+use ferry_transport::stream::Stream;
 use ferry_transport::tcp::TcpSender;
+use ferry_transport::tls::TlsConfig;
 use ferry_transport::wire::Codec;
 use ferry_transport::wire::MAX_RUNS;
 use ferry_transport::{
@@ -82,6 +84,9 @@ pub struct SourceOptions {
     pub compression_workers: usize,
     /// Data channels: how many, over which interfaces, failover timeout.
     pub multichannel: MultichannelOptions,
+    /// Encryption (`--encrypt`): TLS on the control connection and every
+    /// data channel. `None`: plain TCP.
+    pub tls: Option<Arc<TlsConfig>>,
 }
 
 impl Default for SourceOptions {
@@ -98,6 +103,7 @@ impl Default for SourceOptions {
             option: PerformanceOption::Tcp,
             compression_workers: CompressConfig::default_workers(),
             multichannel: MultichannelOptions::default(),
+            tls: None,
         }
     }
 }
@@ -337,6 +343,9 @@ pub struct Summary {
     pub digest_verified: bool,
     /// Per-channel counters.
     pub channels: Vec<ChannelStats>,
+    /// Encryption of the control connection and the TCP data channels
+    /// (TLS version, cipher suite, identity mode); `None` when plain.
+    pub encryption: Option<String>,
 }
 
 /// Everything the source needs to migrate one guest.
@@ -393,6 +402,9 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             }
             _ => None,
         };
+        if self.opts.tls.is_some() && self.opts.option == PerformanceOption::Rdma {
+            return Err(MigrationError::Config(RDMA_NOT_ENCRYPTED.into()));
+        }
         #[cfg(not(feature = "rdma"))]
         if self.opts.option == PerformanceOption::Rdma {
             return Err(MigrationError::Config(
@@ -408,6 +420,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 .peer_addr()
                 .map_err(|e| TransportError::io("peer address", "control", e))?,
         );
+        let control = secure(control, self.opts.tls.as_deref(), self.opts.timeout).await?;
         let mut conn = Conn::new(control, self.opts.timeout);
         conn.client_handshake(self.key).await?;
         let layout = MemoryLayout::of(&*self.mem);
@@ -551,7 +564,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
         &self,
         accept: &ferry_transport::proto::Accept,
         control: (std::net::SocketAddr, std::net::SocketAddr),
-    ) -> Result<Vec<(TcpStream, ChannelPath)>> {
+    ) -> Result<Vec<(Stream, ChannelPath)>> {
         let mc = &self.opts.multichannel;
         let local = nics::discover().unwrap_or_else(|e| {
             tracing::warn!("{e}; data channels follow the control connection");
@@ -563,7 +576,13 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             offered = accept.interfaces.len(),
             "opening data channels"
         );
-        nics::open_channels(&planned, accept.data_token, self.opts.timeout).await
+        nics::open_channels(
+            &planned,
+            accept.data_token,
+            self.opts.timeout,
+            self.opts.tls.clone(),
+        )
+        .await
     }
 }
 
@@ -584,9 +603,27 @@ pub async fn connect(to: &str, timeout: Duration) -> Result<TcpStream> {
     }
 }
 
-/// Opens one data channel and presents the migration's token.
-pub async fn open_data_channel(to: &str, token: [u8; 32], timeout: Duration) -> Result<TcpStream> {
-    let mut c = Conn::new(connect(to, timeout).await?, timeout);
+/// Why `--encrypt` refuses the RDMA option.
+pub const RDMA_NOT_ENCRYPTED: &str = "--encrypt cannot protect --performance-option rdma: RDMA data channels move pages by RDMA WRITE, unencrypted. Use --performance-option tcp or compression to encrypt, or leave out --encrypt on a trusted, isolated migration network";
+
+/// Starts TLS on a connected socket when `tls` is given.
+pub async fn secure(tcp: TcpStream, tls: Option<&TlsConfig>, timeout: Duration) -> Result<Stream> {
+    match tls {
+        Some(t) => Ok(t.connect(tcp, timeout).await?),
+        None => Ok(tcp.into()),
+    }
+}
+
+/// Opens one data channel (TLS when `tls` is given) and presents the
+/// migration's token.
+pub async fn open_data_channel(
+    to: &str,
+    token: [u8; 32],
+    timeout: Duration,
+    tls: Option<&TlsConfig>,
+) -> Result<Stream> {
+    let tcp = connect(to, timeout).await?;
+    let mut c = Conn::new(secure(tcp, tls, timeout).await?, timeout);
     c.send(&Msg::Hello {
         min_version: PROTOCOL_MIN,
         max_version: PROTOCOL_MAX,
@@ -1117,6 +1154,13 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             digest: hex(&digest),
             digest_verified: true,
             channels,
+            encryption: opts.tls.as_ref().map(|t| {
+                format!(
+                    "TLS 1.3 {}, {}",
+                    self.conn.cipher_suite().unwrap_or_default(),
+                    t.mode()
+                )
+            }),
         })
     }
 }

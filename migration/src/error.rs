@@ -112,6 +112,7 @@ impl MigrationError {
                 T::PeerClosed { .. } => "peer_closed",
                 T::PeerAborted(_) => "peer_aborted",
                 T::CrcMismatch { .. } => "crc",
+                T::Tls(_) => "tls",
                 T::Io { .. } => "io",
                 T::BadMagic { .. }
                 | T::TooLarge { .. }

@@ -4,6 +4,7 @@
 //! * `ferry send`: source, with a built-in synthetic guest.
 //! * `ferry demo`: both ends in one process over loopback.
 //! * `ferry nics`: this host's interfaces as multichannel sees them.
+//! * `ferry gen-certs`: a test CA and host certificates for `--tls-dir`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ use ferry_transport::auth::AuthKey;
 use ferry_transport::compress::{CompressConfig, CompressionSpec};
 use ferry_transport::multichannel::{ChannelCount, Cidr};
 use ferry_transport::proto::{PerformanceOption, DEFAULT_PORT};
+use ferry_transport::tls::TlsConfig;
 use ferry_transport::ChannelState;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::net::TcpListener;
@@ -53,6 +55,10 @@ enum Cmd {
     Nics(NicsArgs),
     /// Summarise a `ferry send --json` record, and draw it as an SVG.
     Report(ReportArgs),
+    /// Write a test PKI for --tls-dir: DIR/ca.pem and DIR/ca-key.pem (a new
+    /// CA, unless --ca), DIR/cert.pem and DIR/key.pem (a host certificate
+    /// signed by it, for client and server use). Never overwrites a file.
+    GenCerts(GenCertsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -63,6 +69,16 @@ struct ReportArgs {
     /// time into this SVG file.
     #[arg(long, value_name = "OUT.svg")]
     svg: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct GenCertsArgs {
+    /// Directory to write into (created if missing).
+    dir: PathBuf,
+    /// Sign the host certificate with the CA of this directory (its ca.pem
+    /// and ca-key.pem) instead of creating a new CA: one CA, many hosts.
+    #[arg(long, value_name = "CA_DIR")]
+    ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -80,11 +96,12 @@ enum OptionArg {
     /// whenever the link would otherwise wait for a core.
     Compression,
     /// RDMA WRITE from registered guest memory straight into the
-    /// destination's, over every RDMA NIC pair on a shared subnet
-    /// (unencrypted; needs RLIMIT_MEMLOCK above the guest size).
+    /// destination's, over every RDMA NIC pair on a shared subnet (NOT
+    /// encrypted, so refused with --encrypt; needs RLIMIT_MEMLOCK above the
+    /// guest size).
     Rdma,
-    /// rdma when both hosts have an RDMA NIC on a shared subnet, else
-    /// compression; says which it chose.
+    /// rdma when both hosts have an RDMA NIC on a shared subnet (and no
+    /// --encrypt), else compression; says which it chose.
     Auto,
 }
 
@@ -128,6 +145,16 @@ struct ListenArgs {
     /// data channel, memory held, last downtime.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Refuse sources that do not encrypt (Reject naming the cause), and
+    /// the RDMA option, whose data channels are not encrypted. Without it,
+    /// a source that asks for encryption still gets it.
+    #[arg(long)]
+    encrypt: bool,
+    /// TLS identity: DIR/ca.pem (the CA sources' certificates must chain
+    /// to), DIR/cert.pem and DIR/key.pem (this host's certificate and key).
+    /// Without it, the identity is derived from --auth-key-file.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -197,6 +224,17 @@ struct EngineArgs {
     /// the others.
     #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
     channel_timeout: Duration,
+    /// Encrypt the control connection and every TCP data channel (tcp and
+    /// compression options) with TLS 1.3, each channel its own session.
+    /// RDMA data channels are NOT encrypted: --encrypt refuses
+    /// --performance-option rdma, and auto then picks compression.
+    #[arg(long)]
+    encrypt: bool,
+    /// TLS identity for --encrypt: DIR/ca.pem (the CA the destination's
+    /// certificate must chain to), DIR/cert.pem and DIR/key.pem (this
+    /// host's). Without it, the identity is derived from the pre-shared key.
+    #[arg(long, value_name = "DIR", requires = "encrypt")]
+    tls_dir: Option<PathBuf>,
     /// Write a JSON record here: the summary, per-round and per-channel
     /// figures, and a time series sampled every 100 ms (`ferry report`
     /// draws it).
@@ -245,6 +283,7 @@ fn main() {
             Cmd::Demo(a) => demo(a).await,
             Cmd::Nics(a) => list_nics(&a),
             Cmd::Report(a) => report(&a),
+            Cmd::GenCerts(a) => gen_certs(&a),
         }
     });
     if let Err(e) = r {
@@ -259,9 +298,27 @@ fn main() {
     }
 }
 
+/// The TLS settings `--tls-dir DIR` names, else the key's.
+fn tls_config(dir: Option<&std::path::Path>, key: &AuthKey) -> anyhow::Result<Arc<TlsConfig>> {
+    Ok(Arc::new(match dir {
+        Some(d) => TlsConfig::from_dir(d)?,
+        None => TlsConfig::from_psk(key)?,
+    }))
+}
+
+fn gen_certs(a: &GenCertsArgs) -> anyhow::Result<()> {
+    for f in ferry_transport::tls::generate(&a.dir, a.ca.as_deref())? {
+        println!("wrote {}", f.display());
+    }
+    Ok(())
+}
+
 fn source_options(e: &EngineArgs) -> anyhow::Result<SourceOptions> {
     if e.downtime_limit.is_zero() {
         bail!("--downtime-limit must be above zero");
+    }
+    if e.encrypt && e.performance_option == OptionArg::Rdma {
+        bail!("{}", ferry_migration::engine::RDMA_NOT_ENCRYPTED);
     }
     let chunk_bytes = u32::try_from(e.chunk_size)
         .ok()
@@ -305,6 +362,7 @@ fn source_options(e: &EngineArgs) -> anyhow::Result<SourceOptions> {
             nics: e.nic.clone(),
             channel_timeout: e.channel_timeout,
         },
+        tls: None,
     })
 }
 
@@ -354,6 +412,7 @@ fn with_port(to: &str) -> String {
 
 async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     let key = AuthKey::from_file(&a.auth_key_file)?;
+    let tls = tls_config(a.tls_dir.as_deref(), &key)?;
     let listener = TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;
@@ -365,6 +424,8 @@ async fn listen(a: ListenArgs) -> anyhow::Result<()> {
         queue: a.queue,
         queue_timeout: a.queue_timeout,
         migration_networks: a.migration_network.clone(),
+        tls: Some(tls.clone()),
+        require_encryption: a.encrypt,
     };
     let dest = Destination::new(opts, resume_hook());
     if let Some(addr) = a.metrics {
@@ -380,7 +441,16 @@ async fn listen(a: ListenArgs) -> anyhow::Result<()> {
         });
     }
     let (tx, mut rx) = mpsc::unbounded_channel();
-    eprintln!("ferry: listening on {}", listener.local_addr()?);
+    eprintln!(
+        "ferry: listening on {} ({}; TLS identity: {})",
+        listener.local_addr()?,
+        if a.encrypt {
+            "encryption required"
+        } else {
+            "encryption optional"
+        },
+        tls.mode()
+    );
     let server = tokio::spawn(dest.serve(listener, tx));
     while let Some(o) = rx.recv().await {
         match &o.result {
@@ -406,6 +476,9 @@ async fn run_source(
     e: &EngineArgs,
 ) -> anyhow::Result<Summary> {
     let mut opts = source_options(e)?;
+    if e.encrypt {
+        opts.tls = Some(tls_config(e.tls_dir.as_deref(), key)?);
+    }
     // auto: try rdma when this host has an RDMA NIC; if the destination
     // refuses the option (no RDMA NIC, no shared subnet), fall back to
     // compression. Nothing has moved when it refuses.
@@ -413,7 +486,12 @@ async fn run_source(
     if e.performance_option == OptionArg::Auto && opts.bandwidth_limit.is_some() {
         eprintln!("ferry: auto: chose {fallback} (--bandwidth-limit: RDMA is not paced)");
     } else if e.performance_option == OptionArg::Auto {
-        match auto_rdma(&opts.multichannel) {
+        let usable = if e.encrypt {
+            Err("--encrypt: RDMA data channels are not encrypted".to_string())
+        } else {
+            auto_rdma(&opts.multichannel)
+        };
+        match usable {
             Ok(()) => opts.option = PerformanceOption::Rdma,
             Err(why) => eprintln!("ferry: auto: chose {fallback} ({why})"),
         }
@@ -657,6 +735,9 @@ fn print_summary(s: &Summary) {
             );
         }
     }
+    if let Some(enc) = &s.encryption {
+        println!("  encryption: {enc}, on the control connection and every data channel");
+    }
     println!("  digest {} verified on both sides", s.digest);
 }
 
@@ -739,6 +820,8 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         queue: 0,
         queue_timeout: Duration::ZERO,
         migration_networks: Vec::new(),
+        tls: Some(tls_config(a.engine.tls_dir.as_deref(), &key)?),
+        require_encryption: a.engine.encrypt,
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let server = tokio::spawn(Destination::new(opts, resume_hook()).serve(listener, tx));

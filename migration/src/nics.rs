@@ -26,7 +26,11 @@ use ferry_transport::multichannel::{
 use ferry_transport::proto::{Msg, Role, PROTOCOL_MAX, PROTOCOL_MIN};
 use ferry_transport::TransportError;
 use serde::Serialize;
-use tokio::net::{TcpSocket, TcpStream};
+use std::sync::Arc;
+
+use ferry_transport::stream::Stream;
+use ferry_transport::tls::TlsConfig;
+use tokio::net::TcpSocket;
 
 use crate::error::{MigrationError, Result};
 
@@ -290,7 +294,8 @@ async fn open_one(
     p: PlannedChannel,
     token: [u8; 32],
     timeout: Duration,
-) -> Result<(TcpStream, ChannelPath)> {
+    tls: Option<Arc<TlsConfig>>,
+) -> Result<(Stream, ChannelPath)> {
     let what = |e: std::io::Error, step: &str| {
         MigrationError::from(TransportError::Io {
             context: format!("data channel {} -> {}: {step}", p.local, p.remote),
@@ -327,6 +332,7 @@ async fn open_one(
         remote: p.remote,
         device: p.device.clone(),
     };
+    let stream = crate::engine::secure(stream, tls.as_deref(), timeout).await?;
     let mut c = Conn::new(stream, timeout);
     c.send(&Msg::Hello {
         min_version: PROTOCOL_MIN,
@@ -355,13 +361,14 @@ pub async fn open_channels(
     planned: &[PlannedChannel],
     token: [u8; 32],
     timeout: Duration,
-) -> Result<Vec<(TcpStream, ChannelPath)>> {
+    tls: Option<Arc<TlsConfig>>,
+) -> Result<Vec<(Stream, ChannelPath)>> {
     let mut set = tokio::task::JoinSet::new();
     for (i, p) in planned.iter().enumerate() {
-        let p = p.clone();
-        set.spawn(async move { (i, open_one(p, token, timeout).await) });
+        let (p, tls) = (p.clone(), tls.clone());
+        set.spawn(async move { (i, open_one(p, token, timeout, tls).await) });
     }
-    let mut results: Vec<(usize, Result<(TcpStream, ChannelPath)>)> = Vec::new();
+    let mut results: Vec<(usize, Result<(Stream, ChannelPath)>)> = Vec::new();
     while let Some(r) = set.join_next().await {
         match r {
             Ok(r) => results.push(r),

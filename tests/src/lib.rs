@@ -343,5 +343,8 @@ pub async fn data_channel(addr: SocketAddr, token: [u8; 32]) -> tokio::net::TcpS
     .await
     .unwrap();
     assert!(matches!(c.recv("welcome").await.unwrap(), Msg::Welcome));
-    c.into_stream()
+    match c.into_stream() {
+        ferry_transport::stream::Stream::Plain(s) => s,
+        ferry_transport::stream::Stream::Tls(_) => unreachable!("a plain connection"),
+    }
 }

@@ -67,6 +67,11 @@ impl AuthKey {
         AuthKey(k)
     }
 
+    /// The key bytes (for deriving the TLS identity, [`crate::tls`]).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     fn mac(&self, side: Side, theirs: &[u8; 32], mine: &[u8; 32]) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
         mac.update(match side {

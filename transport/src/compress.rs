@@ -41,13 +41,11 @@
 //! The CRC of the landed pages is compared with the frame's `data_crc32`.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::AsFd;
 use std::str::FromStr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_ffi::vio;
-use tokio::net::TcpStream;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use zerocopy::byteorder::little_endian::{U16, U32};
 use zerocopy::IntoBytes;
@@ -661,9 +659,10 @@ impl<M: GuestMem> Drop for CompressSender<M> {
 }
 
 impl<M: GuestMem> CompressSender<M> {
-    /// Wraps a data channel whose hello was accepted, and starts the workers.
+    /// Wraps a data channel (plain or TLS) whose hello was accepted, and
+    /// starts the workers.
     pub fn new(
-        stream: TcpStream,
+        stream: impl Into<crate::stream::Stream>,
         mem: Arc<M>,
         channel: u16,
         timeout: Duration,
@@ -714,8 +713,10 @@ impl<M: GuestMem> CompressSender<M> {
         {
             return false;
         }
-        let stream: &TcpStream = self.tcp.stream();
-        match ferry_ffi::net::send_queue_bytes(stream.as_fd()) {
+        let Some(fd) = self.tcp.socket_fd() else {
+            return true;
+        };
+        match ferry_ffi::net::send_queue_bytes(fd) {
             Ok(q) => {
                 let q = q as u64;
                 let written = self.tcp.stats_mut().bytes_on_wire;

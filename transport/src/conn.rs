@@ -1,30 +1,33 @@
-//! An authenticated, framed control connection over tokio TCP.
+//! An authenticated, framed control connection over tokio TCP, plain or
+//! TLS ([`Stream`]).
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 
 use crate::auth::{self, AuthKey, Side};
 use crate::error::{Result, TransportError};
 use crate::proto::{
     Msg, RejectReason, Role, MAX_CONTROL_BODY, PREAUTH_BODY_LIMIT, PROTOCOL_MAX, PROTOCOL_MIN,
 };
+use crate::stream::Stream;
 
 /// A control connection: framed [`Msg`]s with a body limit and a timeout on
 /// every receive.
 #[derive(Debug)]
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     limit: u32,
     timeout: Duration,
     peer: String,
 }
 
 impl Conn {
-    /// Wraps a connected stream. The body limit starts at the pre-auth limit.
-    pub fn new(stream: TcpStream, timeout: Duration) -> Self {
-        let _ = stream.set_nodelay(true);
+    /// Wraps a connected stream (plain or TLS). The body limit starts at
+    /// the pre-auth limit.
+    pub fn new(stream: impl Into<Stream>, timeout: Duration) -> Self {
+        let stream = stream.into();
+        let _ = stream.tcp().set_nodelay(true);
         let peer = stream
             .peer_addr()
             .map(|a| a.to_string())
@@ -53,14 +56,24 @@ impl Conn {
     }
 
     /// Gives back the stream (for a data channel after its hello).
-    pub fn into_stream(self) -> TcpStream {
+    pub fn into_stream(self) -> Stream {
         self.stream
+    }
+
+    /// The negotiated TLS cipher suite; `None` on a plain connection.
+    pub fn cipher_suite(&self) -> Option<String> {
+        self.stream.cipher_suite()
+    }
+
+    /// True when the connection is TLS.
+    pub fn is_encrypted(&self) -> bool {
+        self.stream.is_encrypted()
     }
 
     /// Sends one message.
     pub async fn send(&mut self, msg: &Msg) -> Result<()> {
         let bytes = msg.encode();
-        self.stream.write_all(&bytes).await.map_err(|e| {
+        write_flush(&mut self.stream, &bytes).await.map_err(|e| {
             TransportError::io(
                 format!("sending {} to {}", msg.name(), self.peer),
                 "control",
@@ -94,7 +107,7 @@ impl Conn {
     /// receive can sit in `select!` without losing half a frame), and the
     /// returned [`ConnWriter`] sends.
     pub fn split(self) -> (ConnWriter, tokio::sync::mpsc::Receiver<Result<Msg>>) {
-        let (read, write) = self.stream.into_split();
+        let (read, write) = tokio::io::split(self.stream);
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let limit = self.limit;
         tokio::spawn(async move {
@@ -287,23 +300,35 @@ async fn read_msg<R: tokio::io::AsyncRead + Unpin>(
     Ok(msg)
 }
 
+/// Writes `bytes` and flushes (a TLS session holds the last record until
+/// flushed; a plain socket's flush does nothing).
+async fn write_flush<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
 /// Sending half of a split [`Conn`].
 #[derive(Debug)]
 pub struct ConnWriter {
-    write: tokio::net::tcp::OwnedWriteHalf,
+    write: WriteHalf<Stream>,
     peer: String,
 }
 
 impl ConnWriter {
     /// Sends one message.
     pub async fn send(&mut self, msg: &Msg) -> Result<()> {
-        self.write.write_all(&msg.encode()).await.map_err(|e| {
-            TransportError::io(
-                format!("sending {} to {}", msg.name(), self.peer),
-                "control",
-                e,
-            )
-        })
+        write_flush(&mut self.write, &msg.encode())
+            .await
+            .map_err(|e| {
+                TransportError::io(
+                    format!("sending {} to {}", msg.name(), self.peer),
+                    "control",
+                    e,
+                )
+            })
     }
 
     /// Best-effort abort notice.

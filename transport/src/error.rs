@@ -120,12 +120,22 @@ pub enum TransportError {
     /// The peer aborted the migration.
     #[error("peer aborted the migration: {0}")]
     PeerAborted(String),
+    /// TLS (`--encrypt`): a setting that cannot be used, a handshake that
+    /// failed, or a peer that ended the session; the message names why.
+    #[error("encryption: {0}")]
+    Tls(String),
 }
 
 impl TransportError {
     /// Wraps an I/O error with what was being done, turning a clean EOF into
     /// [`TransportError::PeerClosed`].
+    /// A TLS error inside the I/O error (a peer that refused our identity
+    /// sends an alert, which surfaces on the next read) becomes
+    /// [`TransportError::Tls`] naming the cause.
     pub fn io(context: impl Into<String>, what: &'static str, source: std::io::Error) -> Self {
+        if let Some(why) = crate::tls::describe_io(&source) {
+            return TransportError::Tls(format!("{}: {why}", context.into()));
+        }
         match source.kind() {
             std::io::ErrorKind::UnexpectedEof
             | std::io::ErrorKind::ConnectionReset

@@ -12,6 +12,10 @@
 //!   NIC both hosts share), with failover; [`ratelimit`]: the
 //!   `--bandwidth-limit` token bucket all channels of a migration share.
 //!
+//! * [`tls`]: encryption (`--encrypt`), TLS 1.3 with rustls, identities
+//!   from certificates or from the pre-shared key; [`stream`]: a connection,
+//!   plain or TLS.
+//!
 //! * [`rdma_wire`]: what the RDMA option exchanges on the control
 //!   connection; `rdma` (feature `rdma`): its data path, RDMA WRITE from
 //!   registered source guest memory into registered destination memory.
@@ -41,7 +45,9 @@ pub mod ratelimit;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod rdma_wire;
+pub mod stream;
 pub mod tcp;
+pub mod tls;
 pub mod wire;
 
 pub use error::{Result, TransportError};

@@ -118,6 +118,9 @@ pub enum RejectReason {
     Token,
     /// Address not allowed.
     Network,
+    /// Encryption required (`ferry listen --encrypt`) and the connection
+    /// is not encrypted, or the option cannot be encrypted (RDMA).
+    Encryption,
 }
 
 impl std::fmt::Display for RejectReason {
@@ -131,6 +134,7 @@ impl std::fmt::Display for RejectReason {
             RejectReason::BadOffer => "bad offer",
             RejectReason::Token => "data-channel token",
             RejectReason::Network => "network not allowed",
+            RejectReason::Encryption => "encryption required",
         };
         f.write_str(s)
     }

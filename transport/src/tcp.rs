@@ -9,17 +9,29 @@
 //! ([`receive_channel_with`] given a codec) compressed frames are read into
 //! one buffer and decompressed from there straight into guest memory
 //! ([`crate::compress`]).
+//!
+//! # Encrypted channels (`--encrypt`)
+//! On a TLS channel ([`Stream::Tls`]) the same frames travel inside the TLS
+//! session, and nothing can be zero-copy: the sender hands each run's guest
+//! pages to the TLS session straight from guest memory (rustls copies them
+//! into its records as it encrypts them), and the receiver has the TLS
+//! session decrypt straight into the run's guest pages (each piece CRC'd as
+//! it lands, as on a plain channel). No staging buffer on either side.
+//! Every channel has its own TLS session, so its encryption runs in its own
+//! task and channels spread over cores. The plain path is unchanged.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use ferry_ffi::vio;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf, WriteHalf};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use vm_memory::bitmap::MS;
@@ -30,6 +42,7 @@ use crate::compress::{land_compressed, Decoder};
 use crate::error::{Result, TransportError};
 use crate::layout::{MemoryLayout, PageRun};
 use crate::ratelimit::RateLimiter;
+use crate::stream::Stream;
 use crate::wire::{self, AckFrame, AckStatus, ChunkHeader, ChunkKind, Codec, RunDesc};
 use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
 
@@ -91,11 +104,28 @@ pub fn zero_run<M: GuestMem>(mem: &M, run: &PageRun) -> Result<()> {
     Ok(())
 }
 
+/// The sending half of a data channel.
+#[derive(Debug)]
+enum Wire {
+    /// Plain TCP: zero-copy `writev` from guest memory.
+    Plain(OwnedWriteHalf),
+    /// TLS: pages go through the session; `fd` is a duplicate of the socket
+    /// for the compression option's send-queue depth (`SIOCOUTQ`).
+    Tls {
+        write: WriteHalf<Stream>,
+        fd: Option<OwnedFd>,
+    },
+}
+
+/// Largest piece of guest memory handed to a TLS session or landed by it in
+/// one call (bounds the dirty-bitmap marking per call on the destination).
+const TLS_PIECE: usize = 256 << 10;
+
 /// Source side of one TCP data channel.
 #[derive(Debug)]
 pub struct TcpSender<M: GuestMem> {
     mem: Arc<M>,
-    write: OwnedWriteHalf,
+    write: Wire,
     acks: mpsc::UnboundedReceiver<Result<(u64, AckStatus)>>,
     /// Sequence number -> (runs, bytes counted against the window).
     in_flight: HashMap<u64, (Vec<PageRun>, u64)>,
@@ -115,7 +145,10 @@ impl<M: GuestMem> Drop for TcpSender<M> {
     }
 }
 
-async fn read_acks(mut read: OwnedReadHalf, tx: mpsc::UnboundedSender<Result<(u64, AckStatus)>>) {
+async fn read_acks<R: AsyncRead + Unpin>(
+    mut read: R,
+    tx: mpsc::UnboundedSender<Result<(u64, AckStatus)>>,
+) {
     let mut buf = [0u8; 16];
     loop {
         let r = match read.read_exact(&mut buf).await {
@@ -130,13 +163,23 @@ async fn read_acks(mut read: OwnedReadHalf, tx: mpsc::UnboundedSender<Result<(u6
 }
 
 impl<M: GuestMem> TcpSender<M> {
-    /// Wraps a data channel whose hello was accepted. `timeout` bounds the
-    /// wait for any acknowledgement.
-    pub fn new(stream: TcpStream, mem: Arc<M>, channel: u16, timeout: Duration) -> Self {
-        let _ = stream.set_nodelay(true);
-        let (read, write) = stream.into_split();
+    /// Wraps a data channel (plain or TLS) whose hello was accepted.
+    /// `timeout` bounds the wait for any acknowledgement.
+    pub fn new(stream: impl Into<Stream>, mem: Arc<M>, channel: u16, timeout: Duration) -> Self {
+        let stream = stream.into();
+        let _ = stream.tcp().set_nodelay(true);
         let (tx, acks) = mpsc::unbounded_channel();
-        let ack_task = tokio::spawn(read_acks(read, tx));
+        let (write, ack_task) = match stream {
+            Stream::Plain(s) => {
+                let (read, write) = s.into_split();
+                (Wire::Plain(write), tokio::spawn(read_acks(read, tx)))
+            }
+            tls => {
+                let fd = tls.tcp().as_fd().try_clone_to_owned().ok();
+                let (read, write) = tokio::io::split(tls);
+                (Wire::Tls { write, fd }, tokio::spawn(read_acks(read, tx)))
+            }
+        };
         TcpSender {
             mem,
             write,
@@ -236,9 +279,23 @@ impl<M: GuestMem> TcpSender<M> {
         }
     }
 
-    /// The socket.
-    pub(crate) fn stream(&self) -> &TcpStream {
-        self.write.as_ref()
+    /// The socket (for its send-queue depth).
+    pub(crate) fn socket_fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.write {
+            Wire::Plain(w) => Some(AsRef::<TcpStream>::as_ref(w).as_fd()),
+            Wire::Tls { fd, .. } => fd.as_ref().map(AsFd::as_fd),
+        }
+    }
+
+    /// Writes bytes built elsewhere, flushing a TLS session.
+    async fn write_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match &mut self.write {
+            Wire::Plain(w) => w.write_all(bytes).await,
+            Wire::Tls { write, .. } => {
+                write.write_all(bytes).await?;
+                write.flush().await
+            }
+        }
     }
 
     /// Counters, for the compression pipeline's own.
@@ -279,8 +336,7 @@ impl<M: GuestMem> TcpSender<M> {
         let wire = frame.len() as u64;
         self.reserve(wire).await?;
         self.pace(wire).await;
-        self.write
-            .write_all(frame)
+        self.write_bytes(frame)
             .await
             .map_err(|e| TransportError::io("writing a chunk", "data channel", e))?;
         self.stats.compressed_chunks += 1;
@@ -292,8 +348,20 @@ impl<M: GuestMem> TcpSender<M> {
     /// short writes. Slices are rebuilt inside each non-blocking attempt so
     /// that no raw guest pointer is held across an await.
     async fn write_frame(&mut self, head: &[u8], runs: &[PageRun], total: usize) -> Result<()> {
-        let stream: &TcpStream = self.write.as_ref();
         let mem = &*self.mem;
+        let stream: &TcpStream = match &mut self.write {
+            Wire::Plain(w) => AsRef::<TcpStream>::as_ref(&*w),
+            Wire::Tls { write, .. } => {
+                let r = async {
+                    write.write_all(head).await?;
+                    write_pages(write, mem, runs).await?;
+                    write.flush().await
+                };
+                return r
+                    .await
+                    .map_err(|e| TransportError::io("writing a chunk", "data channel", e));
+            }
+        };
         let mut done = 0usize;
         while done < total {
             stream
@@ -373,8 +441,7 @@ impl<M: GuestMem> Transport for TcpSender<M> {
 
     async fn finish(&mut self) -> Result<()> {
         let end = ChunkHeader::end(u64::MAX);
-        self.write
-            .write_all(end.as_bytes())
+        self.write_bytes(end.as_bytes())
             .await
             .map_err(|e| TransportError::io("ending the data channel", "data channel", e))?;
         self.stats.bytes_on_wire += 32;
@@ -437,6 +504,86 @@ fn crc_range<B: vm_memory::bitmap::BitmapSlice>(
     }
 }
 
+/// Hands the non-zero runs' guest pages to `w` (a TLS session, which
+/// encrypts them into its records) straight from guest memory: each poll
+/// borrows a piece of guest memory only for the duration of the call.
+async fn write_pages<W: AsyncWrite + Unpin, M: GuestMem>(
+    w: &mut W,
+    mem: &M,
+    runs: &[PageRun],
+) -> std::io::Result<()> {
+    for r in runs.iter().filter(|r| !r.zero) {
+        let len = r.bytes() as usize;
+        let mut done = 0usize;
+        while done < len {
+            let n = std::future::poll_fn(|cx| {
+                let take = (len - done).min(TLS_PIECE);
+                let slice = mem
+                    .get_slice(GuestAddress(r.gpa + done as u64), take)
+                    .map_err(std::io::Error::other)?;
+                vio::with_bytes(&slice, |b| Pin::new(&mut *w).poll_write(cx, b))
+            })
+            .await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            done += n;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the non-zero runs' payload from `r` (a TLS session) straight into
+/// their guest memory: the session decrypts into the pages, and each piece
+/// is fed to `crc` right after it lands.
+async fn read_pages<R: AsyncRead + Unpin, M: GuestMem>(
+    r: &mut R,
+    mem: &M,
+    runs: &[PageRun],
+    crc: &mut crc32fast::Hasher,
+) -> Result<()> {
+    let total: u64 = runs.iter().map(PageRun::payload_bytes).sum();
+    let mut landed = 0u64;
+    for run in runs.iter().filter(|r| !r.zero) {
+        let len = run.bytes() as usize;
+        let mut done = 0usize;
+        while done < len {
+            let n = std::future::poll_fn(|cx| {
+                let take = (len - done).min(TLS_PIECE);
+                let slice = mem
+                    .get_slice(GuestAddress(run.gpa + done as u64), take)
+                    .map_err(std::io::Error::other)?;
+                vio::with_bytes_mut(&slice, |dst| {
+                    let mut buf = ReadBuf::new(dst);
+                    match Pin::new(&mut *r).poll_read(cx, &mut buf) {
+                        Poll::Ready(Ok(())) => {
+                            let n = buf.filled().len();
+                            crc.update(&dst[..n]);
+                            Poll::Ready(Ok(n))
+                        }
+                        other => other.map(|r| r.map(|()| 0)),
+                    }
+                })
+                .map_err(std::io::Error::other)?
+            })
+            .await
+            .map_err(|e| TransportError::io("reading a chunk payload", "data channel", e))?;
+            if n == 0 {
+                return Err(TransportError::Malformed {
+                    what: "chunk frame",
+                    detail: format!(
+                        "truncated: connection closed after {} of {total} payload bytes",
+                        landed + done as u64
+                    ),
+                });
+            }
+            done += n;
+        }
+        landed += len as u64;
+    }
+    Ok(())
+}
+
 /// Reads `total` payload bytes straight into the runs' guest memory, feeding
 /// each piece to `crc` right after it lands, while it is still in cache.
 async fn read_payload<M: GuestMem>(
@@ -489,12 +636,12 @@ async fn read_payload<M: GuestMem>(
 /// round than one already seen is refused, so a stale copy can never
 /// overwrite a newer one.
 pub async fn receive_channel<M: GuestMem>(
-    stream: TcpStream,
+    stream: impl Into<Stream>,
     layout: &MemoryLayout,
     mem: &M,
     counters: &RecvCounters,
 ) -> Result<()> {
-    receive_channel_with(stream, layout, mem, counters, RecvOptions::default()).await
+    receive_channel_with(stream.into(), layout, mem, counters, RecvOptions::default()).await
 }
 
 /// [`receive_channel`] for a channel that may carry compressed frames of the
@@ -505,13 +652,13 @@ pub async fn receive_channel<M: GuestMem>(
 /// error; a CRC mismatch (of the frame, or of the landed pages) asks for
 /// the chunk again, as on a plain channel.
 pub async fn receive_channel_with<M: GuestMem>(
-    mut stream: TcpStream,
+    mut stream: Stream,
     layout: &MemoryLayout,
     mem: &M,
     counters: &RecvCounters,
     opts: RecvOptions,
 ) -> Result<()> {
-    let _ = stream.set_nodelay(true);
+    let _ = stream.tcp().set_nodelay(true);
     let mut cbuf: Vec<u8> = Vec::new();
     let mut decoder = Decoder::default();
     let mut head = [0u8; 32];
@@ -583,7 +730,12 @@ pub async fn receive_channel_with<M: GuestMem>(
                 }
                 let mut crc = crc32fast::Hasher::new();
                 crc.update(&table);
-                read_payload(&stream, mem, &runs, payload_len as usize, &mut crc).await?;
+                match &mut stream {
+                    Stream::Plain(s) => {
+                        read_payload(s, mem, &runs, payload_len as usize, &mut crc).await?
+                    }
+                    Stream::Tls(t) => read_pages(&mut **t, mem, &runs, &mut crc).await?,
+                }
                 crc.finalize() == h.crc32.get()
             }
             Some(codec) => {
@@ -657,9 +809,14 @@ pub async fn receive_channel_with<M: GuestMem>(
         counters
             .bytes_on_wire
             .fetch_add(32 + table.len() as u64 + payload_len, Ordering::Relaxed);
-        stream
-            .write_all(AckFrame::new(seq, status).as_bytes())
-            .await
+        // The flush sends a TLS session's record; a plain socket's does nothing.
+        let ack = async {
+            stream
+                .write_all(AckFrame::new(seq, status).as_bytes())
+                .await?;
+            stream.flush().await
+        };
+        ack.await
             .map_err(|e| TransportError::io("sending an ack", "data channel", e))?;
     }
 }
