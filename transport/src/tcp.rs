@@ -346,7 +346,8 @@ impl<M: GuestMem> TcpSender<M> {
 
     /// Writes `head` and the chunk's guest pages with `writev`, resuming after
     /// short writes. Slices are rebuilt inside each non-blocking attempt so
-    /// that no raw guest pointer is held across an await.
+    /// that no raw guest pointer is held across an await. On a TLS channel
+    /// the pages go through the session instead ([`write_pages`]).
     async fn write_frame(&mut self, head: &[u8], runs: &[PageRun], total: usize) -> Result<()> {
         let mem = &*self.mem;
         let stream: &TcpStream = match &mut self.write {
@@ -386,7 +387,7 @@ impl<M: GuestMem> Transport for TcpSender<M> {
     fn capabilities(&self) -> Caps {
         Caps {
             max_chunk: wire::MAX_CHUNK_PAYLOAD,
-            zero_copy: true,
+            zero_copy: matches!(self.write, Wire::Plain(_)),
             channels: 1,
         }
     }
@@ -641,7 +642,7 @@ pub async fn receive_channel<M: GuestMem>(
     mem: &M,
     counters: &RecvCounters,
 ) -> Result<()> {
-    receive_channel_with(stream.into(), layout, mem, counters, RecvOptions::default()).await
+    receive_channel_with(stream, layout, mem, counters, RecvOptions::default()).await
 }
 
 /// [`receive_channel`] for a channel that may carry compressed frames of the
@@ -652,12 +653,13 @@ pub async fn receive_channel<M: GuestMem>(
 /// error; a CRC mismatch (of the frame, or of the landed pages) asks for
 /// the chunk again, as on a plain channel.
 pub async fn receive_channel_with<M: GuestMem>(
-    mut stream: Stream,
+    stream: impl Into<Stream>,
     layout: &MemoryLayout,
     mem: &M,
     counters: &RecvCounters,
     opts: RecvOptions,
 ) -> Result<()> {
+    let mut stream = stream.into();
     let _ = stream.tcp().set_nodelay(true);
     let mut cbuf: Vec<u8> = Vec::new();
     let mut decoder = Decoder::default();
