@@ -1301,13 +1301,25 @@ mod tests {
         r.unwrap_err().to_string()
     }
 
+    /// Runs `runs` through a compression sender into a receiver, over TLS
+    /// when `tls` (the encrypted data path), and checks every page landed.
     async fn pipeline(
         src: GuestMemoryMmap,
         codec: Codec,
         adaptive: bool,
         runs: Vec<Vec<PageRun>>,
+        tls: bool,
     ) -> ChannelStats {
         let (a, b) = pair().await;
+        let (a, b): (crate::stream::Stream, crate::stream::Stream) = if tls {
+            let key = crate::auth::AuthKey::new(vec![5; 32]).unwrap();
+            let t = crate::tls::TlsConfig::from_psk(&key).unwrap();
+            let d = Duration::from_secs(10);
+            let (a, b) = tokio::join!(t.connect(a, d), t.accept(b, d));
+            (a.unwrap(), b.unwrap())
+        } else {
+            (a.into(), b.into())
+        };
         let src = Arc::new(src);
         let dst = Arc::new(mem());
         let d = dst.clone();
@@ -1372,13 +1384,13 @@ mod tests {
         runs.push(vec![run(80, 48, false)]);
         runs.push(vec![run(72, 8, true)]);
         // Every chunk waits for a worker: all compress.
-        let s = pipeline(filled(), Codec::Lz4, false, runs.clone()).await;
+        let s = pipeline(filled(), Codec::Lz4, false, runs.clone(), false).await;
         assert_eq!(s.chunks, 66);
         assert_eq!(s.compressed_chunks, 65, "{s:?}");
         assert!(s.bytes_on_wire < s.payload_bytes / 2, "{s:?}");
         // Adaptive over loopback, which drains faster than the workers
         // compress: some chunks may go raw, and every one is accounted for.
-        let s = pipeline(filled(), Codec::Zstd, true, runs).await;
+        let s = pipeline(filled(), Codec::Zstd, true, runs.clone(), false).await;
         assert_eq!(
             s.compressed_chunks + s.raw_incompressible_chunks + s.raw_link_idle_chunks,
             65,
@@ -1387,10 +1399,25 @@ mod tests {
         assert_eq!(s.raw_incompressible_chunks, 0, "{s:?}");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipeline_over_tls_lands_compressed_raw_and_zero_runs() {
+        // Compressed frames (through the TLS session from the frame buffer),
+        // raw chunks (guest memory handed to the session, decrypted straight
+        // into guest memory) and zero runs, over an encrypted channel.
+        let mut runs: Vec<Vec<PageRun>> = (0..16).map(|p| vec![run(p, 1, false)]).collect();
+        runs.push(vec![run(128, 64, false)]);
+        runs.push(vec![run(72, 8, true), run(192, 64, false)]);
+        let s = pipeline(filled(), Codec::Zstd, false, runs.clone(), true).await;
+        assert_eq!(s.compressed_chunks, 16, "{s:?}");
+        assert_eq!(s.raw_incompressible_chunks, 2, "{s:?}");
+        let s = pipeline(filled(), Codec::Lz4, true, runs, true).await;
+        assert_eq!(s.chunks, 18, "{s:?}");
+    }
+
     #[tokio::test]
     async fn pipeline_sends_random_memory_raw_on_a_current_thread_runtime() {
         let runs: Vec<Vec<PageRun>> = (0..8).map(|i| vec![run(128 + 16 * i, 16, false)]).collect();
-        let s = pipeline(filled(), Codec::Zstd, false, runs).await;
+        let s = pipeline(filled(), Codec::Zstd, false, runs, false).await;
         assert_eq!(s.compressed_chunks, 0, "{s:?}");
         assert_eq!(s.raw_incompressible_chunks, 8, "{s:?}");
         assert!(s.bytes_on_wire > s.payload_bytes, "raw: headers on top");

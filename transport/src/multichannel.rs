@@ -1003,6 +1003,52 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn encrypted_channels_stripe_and_land_every_page() {
+        // Each channel its own TLS session: two rounds over three channels.
+        let key = crate::auth::AuthKey::new(vec![9; 32]).unwrap();
+        let tls = crate::tls::TlsConfig::from_psk(&key).unwrap();
+        let t = Duration::from_secs(10);
+        let (src, dst) = (guest(true), guest(false));
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for i in 0..3u16 {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let remote = l.local_addr().unwrap();
+            let a = tokio::net::TcpStream::connect(remote).await.unwrap();
+            let local = a.local_addr().unwrap();
+            let (b, _) = l.accept().await.unwrap();
+            let (a, b) = tokio::join!(tls.connect(a, t), tls.accept(b, t));
+            let (a, b) = (a.unwrap(), b.unwrap());
+            assert!(a.is_encrypted() && b.is_encrypted());
+            let d = dst.clone();
+            receivers.push(tokio::spawn(async move {
+                receive_channel(b, &layout(), &*d, &RecvCounters::default()).await
+            }));
+            let path = ChannelPath {
+                local,
+                remote,
+                device: None,
+            };
+            senders.push((TcpSender::new(a, src.clone(), i, t), path));
+        }
+        let mut tx = Multichannel::new(senders, MultichannelConfig::default());
+        assert!(!tx.capabilities().zero_copy, "TLS channels copy");
+        send_all(&mut tx, 0, 0).await.unwrap();
+        send_all(&mut tx, 1, 1000).await.unwrap();
+        tx.finish().await.unwrap();
+        for r in receivers {
+            r.await.unwrap().unwrap();
+        }
+        assert!(same(&src, &dst));
+        let stats = tx.stats();
+        assert_eq!(
+            stats.iter().map(|s| s.chunks).sum::<u64>(),
+            2 * PAGES / u64::from(CHUNK_PAGES)
+        );
+        assert!(stats.iter().all(|s| s.state == ChannelState::Ended));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_channel_dying_mid_round_has_its_unacknowledged_chunks_resent() {
         let mut r = rig(
             &[Peer::Good, Peer::DiesAfter(3), Peer::Good],
