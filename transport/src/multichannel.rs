@@ -768,7 +768,7 @@ mod tests {
     use crate::layout::{MemoryLayout, RegionDesc, PAGE_SIZE};
     use crate::tcp::{receive_channel, RecvCounters};
     use std::sync::atomic::Ordering;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     const PAGES: u64 = 4096;
@@ -934,12 +934,31 @@ mod tests {
                     tokio::spawn(async move { receive_channel(b, &layout(), &*d, &c).await });
                 }
                 Peer::DiesAfter(n) => {
-                    let c2 = c.clone();
+                    // A relay lets exactly `n` chunk frames through to a
+                    // real receiver, passes their acks back and closes: the
+                    // channel dies after n landed chunks whatever the timing
+                    // (polling the counters raced a fast receiver).
+                    let l2 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                    let mut relay = tokio::net::TcpStream::connect(l2.local_addr().unwrap())
+                        .await
+                        .unwrap();
+                    let (inner, _) = l2.accept().await.unwrap();
                     let h =
-                        tokio::spawn(async move { receive_channel(b, &layout(), &*d, &c2).await });
+                        tokio::spawn(
+                            async move { receive_channel(inner, &layout(), &*d, &c).await },
+                        );
                     tokio::spawn(async move {
-                        while c.chunks.load(Ordering::Relaxed) < n {
-                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        let mut frame =
+                            vec![0u8; 32 + 16 + (u64::from(CHUNK_PAGES) * PAGE_SIZE) as usize];
+                        let mut ack = [0u8; 16];
+                        for _ in 0..n {
+                            let through = b.read_exact(&mut frame).await.is_ok()
+                                && relay.write_all(&frame).await.is_ok()
+                                && relay.read_exact(&mut ack).await.is_ok()
+                                && b.write_all(&ack).await.is_ok();
+                            if !through {
+                                break;
+                            }
                         }
                         h.abort();
                     });
@@ -951,7 +970,12 @@ mod tests {
                     });
                 }
             }
-            senders.push((TcpSender::new(a, src.clone(), i as u16, stall), path));
+            // One chunk in flight per channel: a channel waiting for its ack
+            // leaves the next chunks to the others, so striping does not
+            // depend on how fast this host's receivers run.
+            let sender = TcpSender::new(a, src.clone(), i as u16, stall)
+                .with_window(u64::from(CHUNK_PAGES) * PAGE_SIZE);
+            senders.push((sender, path));
         }
         let tx = Multichannel::new(
             senders,

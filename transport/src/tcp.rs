@@ -198,6 +198,13 @@ impl<M: GuestMem> TcpSender<M> {
         }
     }
 
+    /// Sets how many payload bytes may be unacknowledged at once (default
+    /// [`DEFAULT_WINDOW`]; at least one chunk is always let through).
+    pub fn with_window(mut self, bytes: u64) -> Self {
+        self.window = bytes;
+        self
+    }
+
     /// Paces this channel's writes with `limiter` (shared by every channel
     /// of the migration, so the cap holds for all of them together).
     pub fn with_limiter(mut self, limiter: Option<Arc<RateLimiter>>) -> Self {
