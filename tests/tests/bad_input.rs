@@ -683,8 +683,10 @@ fn a_used_token_does_not_open_a_channel_into_the_next_migration() {
     });
     let out = dest.kill();
     assert!(!out.panicked(), "{}", out.all());
+    // The log line (stderr) is what was waited for; the stdout summary of
+    // the same outcome may still be on its way when the daemon is killed.
     assert!(
-        out.stdout.contains("peer aborted the migration: test over"),
+        out.all().contains("peer aborted the migration: test over"),
         "{}",
         out.all()
     );
