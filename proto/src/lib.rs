@@ -1,0 +1,14 @@
+//! `ferry-proto`: Ferry's protocol core. No IO runtime, no sockets, no
+//! `unsafe`, no clock: callers pass time in.
+//!
+//! * [`keys`]: the session keys both sides derive after authentication.
+//! * [`evidence`]: page hashes and the evidence that verifies guest memory
+//!   while it moves (compared at switchover in constant time).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod evidence;
+pub mod keys;
+
+pub use evidence::{Evidence, Ledger, PageHash, PageTable};
+pub use keys::{MacKey, PageKey, SessionKeys};
