@@ -67,6 +67,12 @@ impl AuthKey {
         AuthKey(k)
     }
 
+    /// The keys of the session whose handshake exchanged `nonce_s` (the
+    /// source's) and `nonce_d` (the destination's).
+    pub fn session_keys(&self, nonce_s: &[u8; 32], nonce_d: &[u8; 32]) -> ferry_proto::SessionKeys {
+        ferry_proto::SessionKeys::derive(&self.0, nonce_s, nonce_d)
+    }
+
     /// The key bytes (for deriving the TLS identity, [`crate::tls`]).
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.0

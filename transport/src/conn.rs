@@ -1,8 +1,11 @@
 //! An authenticated, framed control connection over tokio TCP, plain or
 //! TLS ([`Stream`]).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferry_proto::SessionKeys;
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 
 use crate::auth::{self, AuthKey, Side};
@@ -12,6 +15,48 @@ use crate::proto::{
 };
 use crate::stream::Stream;
 
+/// Running SHA-256 hashes of every control frame sent and received on a
+/// connection, in order: what each side said, as the other heard it. The
+/// source's `sent` is the destination's `received` and the other way round
+/// (one hash per direction, so messages that cross on the wire do not make
+/// the two sides' views differ).
+#[derive(Debug, Clone, Default)]
+pub struct Transcript {
+    sent: Sha256,
+    received: Arc<Mutex<Sha256>>,
+}
+
+/// The two directions of a [`Transcript`] at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TranscriptHashes {
+    /// Every frame this side sent.
+    pub sent: [u8; 32],
+    /// Every frame this side received.
+    pub received: [u8; 32],
+}
+
+impl Transcript {
+    fn sent(&mut self, frame: &[u8]) {
+        self.sent.update(frame);
+    }
+    fn received(&self) -> Arc<Mutex<Sha256>> {
+        self.received.clone()
+    }
+    /// The hashes of both directions so far.
+    pub fn hashes(&self) -> TranscriptHashes {
+        TranscriptHashes {
+            sent: self.sent.clone().finalize().into(),
+            received: self
+                .received
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .finalize()
+                .into(),
+        }
+    }
+}
+
 /// A control connection: framed [`Msg`]s with a body limit and a timeout on
 /// every receive.
 #[derive(Debug)]
@@ -20,6 +65,8 @@ pub struct Conn {
     limit: u32,
     timeout: Duration,
     peer: String,
+    transcript: Transcript,
+    keys: Option<Arc<SessionKeys>>,
 }
 
 impl Conn {
@@ -37,7 +84,19 @@ impl Conn {
             limit: PREAUTH_BODY_LIMIT,
             timeout,
             peer,
+            transcript: Transcript::default(),
+            keys: None,
         }
+    }
+
+    /// The session's keys, once the handshake authenticated both sides.
+    pub fn session_keys(&self) -> Option<Arc<SessionKeys>> {
+        self.keys.clone()
+    }
+
+    /// Hashes of every frame sent and received so far.
+    pub fn transcript(&self) -> TranscriptHashes {
+        self.transcript.hashes()
     }
 
     /// Peer address, for messages.
@@ -73,6 +132,7 @@ impl Conn {
     /// Sends one message.
     pub async fn send(&mut self, msg: &Msg) -> Result<()> {
         let bytes = msg.encode();
+        self.transcript.sent(&bytes);
         write_flush(&mut self.stream, &bytes).await.map_err(|e| {
             TransportError::io(
                 format!("sending {} to {}", msg.name(), self.peer),
@@ -100,7 +160,8 @@ impl Conn {
     }
 
     async fn recv_inner(&mut self, what: &'static str) -> Result<Msg> {
-        read_msg(&mut self.stream, self.limit, what).await
+        let heard = self.transcript.received();
+        read_msg(&mut self.stream, self.limit, what, &heard).await
     }
 
     /// Splits the connection: a task reads messages into a channel (so a
@@ -110,10 +171,11 @@ impl Conn {
         let (read, write) = tokio::io::split(self.stream);
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let limit = self.limit;
+        let heard = self.transcript.received();
         tokio::spawn(async move {
             let mut read = read;
             loop {
-                let r = read_msg(&mut read, limit, "a control message").await;
+                let r = read_msg(&mut read, limit, "a control message", &heard).await;
                 let stop = r.is_err();
                 if tx.send(r).await.is_err() || stop {
                     return;
@@ -124,6 +186,8 @@ impl Conn {
             ConnWriter {
                 write,
                 peer: self.peer,
+                transcript: self.transcript,
+                keys: self.keys,
             },
             rx,
         )
@@ -187,7 +251,7 @@ impl Conn {
         })
         .await?;
         match self.recv("authentication result").await? {
-            Msg::Welcome => {}
+            Msg::Welcome => self.keys = Some(Arc::new(key.session_keys(&nonce_s, &nonce_d))),
             Msg::Reject { reason, message } => {
                 return Err(TransportError::Rejected { reason, message })
             }
@@ -239,6 +303,7 @@ impl Conn {
             ));
         }
         self.send(&Msg::Welcome).await?;
+        self.keys = Some(Arc::new(key.session_keys(&nonce_s, &nonce_d)));
         self.authenticated();
         Ok(())
     }
@@ -275,6 +340,7 @@ async fn read_msg<R: tokio::io::AsyncRead + Unpin>(
     read: &mut R,
     limit: u32,
     what: &'static str,
+    heard: &Mutex<Sha256>,
 ) -> Result<Msg> {
     let mut head = [0u8; 16];
     read.read_exact(&mut head)
@@ -293,6 +359,11 @@ async fn read_msg<R: tokio::io::AsyncRead + Unpin>(
             },
             _ => TransportError::io(what, "control", e),
         })?;
+    {
+        let mut h = heard.lock().unwrap_or_else(|e| e.into_inner());
+        h.update(head);
+        h.update(&body);
+    }
     let msg = Msg::decode_body(&body, crc)?;
     if let Msg::Abort { reason } = msg {
         return Err(TransportError::PeerAborted(reason));
@@ -315,20 +386,33 @@ async fn write_flush<W: tokio::io::AsyncWrite + Unpin>(
 pub struct ConnWriter {
     write: WriteHalf<Stream>,
     peer: String,
+    transcript: Transcript,
+    keys: Option<Arc<SessionKeys>>,
 }
 
 impl ConnWriter {
+    /// The session's keys, once the handshake authenticated both sides.
+    pub fn session_keys(&self) -> Option<Arc<SessionKeys>> {
+        self.keys.clone()
+    }
+
+    /// Hashes of every frame sent and received so far (received: as far as
+    /// the reader task has read).
+    pub fn transcript(&self) -> TranscriptHashes {
+        self.transcript.hashes()
+    }
+
     /// Sends one message.
     pub async fn send(&mut self, msg: &Msg) -> Result<()> {
-        write_flush(&mut self.write, &msg.encode())
-            .await
-            .map_err(|e| {
-                TransportError::io(
-                    format!("sending {} to {}", msg.name(), self.peer),
-                    "control",
-                    e,
-                )
-            })
+        let bytes = msg.encode();
+        self.transcript.sent(&bytes);
+        write_flush(&mut self.write, &bytes).await.map_err(|e| {
+            TransportError::io(
+                format!("sending {} to {}", msg.name(), self.peer),
+                "control",
+                e,
+            )
+        })
     }
 
     /// Best-effort abort notice.
@@ -340,5 +424,50 @@ impl ConnWriter {
             }),
         )
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn both_sides_derive_the_same_session_keys_and_mirror_transcripts() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let key = AuthKey::new(vec![7; 32]).unwrap();
+        let k2 = key.clone();
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let mut c = Conn::new(s, Duration::from_secs(5));
+            let (version, nonce) = match c.recv("hello").await.unwrap() {
+                Msg::Hello {
+                    max_version, nonce, ..
+                } => (max_version, nonce),
+                m => panic!("{m:?}"),
+            };
+            c.server_authenticate(&k2, nonce, version).await.unwrap();
+            let (mut w, mut rx) = c.split();
+            w.send(&Msg::Welcome).await.unwrap();
+            let got = rx.recv().await.unwrap().unwrap();
+            assert!(matches!(got, Msg::RoundDone { round: 3, .. }));
+            (w.session_keys().unwrap(), w.transcript())
+        });
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut c = Conn::new(s, Duration::from_secs(5));
+        assert!(c.session_keys().is_none(), "no keys before authentication");
+        c.client_handshake(&key).await.unwrap();
+        c.send(&Msg::RoundDone { round: 3, pages: 1 })
+            .await
+            .unwrap();
+        assert!(matches!(c.recv("welcome").await.unwrap(), Msg::Welcome));
+        let (dest_keys, dest_t) = server.await.unwrap();
+        let src_keys = c.session_keys().unwrap();
+        let m = src_keys.commit.mac(&[b"x"]);
+        assert!(dest_keys.commit.verify(&[b"x"], &m), "same commit key");
+        let src_t = c.transcript();
+        assert_eq!(src_t.sent, dest_t.received);
+        assert_eq!(src_t.received, dest_t.sent);
+        assert_ne!(src_t.sent, src_t.received);
     }
 }
