@@ -97,11 +97,11 @@ enum OptionArg {
     Compression,
     /// RDMA WRITE from registered guest memory straight into the
     /// destination's, over every RDMA NIC pair on a shared subnet (NOT
-    /// encrypted, so refused with --encrypt; needs RLIMIT_MEMLOCK above the
-    /// guest size).
+    /// encrypted: needs --plaintext on both ends; needs RLIMIT_MEMLOCK above
+    /// the guest size).
     Rdma,
-    /// rdma when both hosts have an RDMA NIC on a shared subnet (and no
-    /// --encrypt), else compression; says which it chose.
+    /// rdma when both hosts have an RDMA NIC on a shared subnet and
+    /// --plaintext is given, else compression; says which it chose.
     Auto,
 }
 
@@ -145,10 +145,14 @@ struct ListenArgs {
     /// data channel, memory held, last downtime.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
-    /// Refuse sources that do not encrypt (Reject naming the cause), and
-    /// the RDMA option, whose data channels are not encrypted. Without it,
-    /// a source that asks for encryption still gets it.
+    /// Also accept sources that do not encrypt, and the RDMA option (whose
+    /// data channels cannot be encrypted). Only for a trusted, isolated
+    /// migration network: guest memory and device state cross it readable.
+    /// Without it (the default) every source must use TLS 1.3.
     #[arg(long)]
+    plaintext: bool,
+    /// Encryption is the default: still accepted, changes nothing.
+    #[arg(long, hide = true, conflicts_with = "plaintext")]
     encrypt: bool,
     /// TLS identity: DIR/ca.pem (the CA sources' certificates must chain
     /// to), DIR/cert.pem and DIR/key.pem (this host's certificate and key).
@@ -224,16 +228,21 @@ struct EngineArgs {
     /// the others.
     #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
     channel_timeout: Duration,
-    /// Encrypt the control connection and every TCP data channel (tcp and
-    /// compression options) with TLS 1.3, each channel its own session.
-    /// RDMA data channels are NOT encrypted: --encrypt refuses
-    /// --performance-option rdma, and auto then picks compression.
+    /// Do not encrypt (default: TLS 1.3 on the control connection and on
+    /// every TCP data channel, each its own session). Only for a trusted,
+    /// isolated migration network, and the destination must allow it
+    /// (ferry listen --plaintext). Needed for --performance-option rdma:
+    /// RDMA data channels are NOT encrypted (their control connection keeps
+    /// TLS).
     #[arg(long)]
+    plaintext: bool,
+    /// Encryption is the default: still accepted, changes nothing.
+    #[arg(long, hide = true, conflicts_with = "plaintext")]
     encrypt: bool,
-    /// TLS identity for --encrypt: DIR/ca.pem (the CA the destination's
-    /// certificate must chain to), DIR/cert.pem and DIR/key.pem (this
-    /// host's). Without it, the identity is derived from the pre-shared key.
-    #[arg(long, value_name = "DIR", requires = "encrypt")]
+    /// TLS identity: DIR/ca.pem (the CA the destination's certificate must
+    /// chain to), DIR/cert.pem and DIR/key.pem (this host's). Without it,
+    /// the identity is derived from the pre-shared key.
+    #[arg(long, value_name = "DIR")]
     tls_dir: Option<PathBuf>,
     /// Write a JSON record here: the summary, per-round and per-channel
     /// figures, and a time series sampled every 100 ms (`ferry report`
@@ -319,7 +328,7 @@ fn source_options(e: &EngineArgs) -> anyhow::Result<SourceOptions> {
     if e.downtime_limit.is_zero() {
         bail!("--downtime-limit must be above zero");
     }
-    if e.encrypt && e.performance_option == OptionArg::Rdma {
+    if !e.plaintext && e.performance_option == OptionArg::Rdma {
         bail!("{}", ferry_migration::engine::RDMA_NOT_ENCRYPTED);
     }
     let chunk_bytes = u32::try_from(e.chunk_size)
@@ -365,6 +374,7 @@ fn source_options(e: &EngineArgs) -> anyhow::Result<SourceOptions> {
             channel_timeout: e.channel_timeout,
         },
         tls: None,
+        plaintext: e.plaintext,
     })
 }
 
@@ -426,8 +436,8 @@ async fn listen(a: ListenArgs) -> anyhow::Result<()> {
         queue: a.queue,
         queue_timeout: a.queue_timeout,
         migration_networks: a.migration_network.clone(),
-        tls: Some(tls.clone()),
-        require_encryption: a.encrypt,
+        tls: tls.clone(),
+        plaintext: a.plaintext,
     };
     let dest = Destination::new(opts, resume_hook());
     if let Some(addr) = a.metrics {
@@ -446,10 +456,10 @@ async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     eprintln!(
         "ferry: listening on {} ({}; TLS identity: {})",
         listener.local_addr()?,
-        if a.encrypt {
-            "encryption required"
+        if a.plaintext {
+            "--plaintext: unencrypted sources and the RDMA option accepted, TLS served to sources that ask"
         } else {
-            "encryption optional"
+            "TLS 1.3 required"
         },
         tls.mode()
     );
@@ -478,8 +488,15 @@ async fn run_source(
     e: &EngineArgs,
 ) -> anyhow::Result<Summary> {
     let mut opts = source_options(e)?;
-    if e.encrypt {
-        opts.tls = Some(tls_config(e.tls_dir.as_deref(), key)?);
+    opts.tls = Some(tls_config(e.tls_dir.as_deref(), key)?);
+    if e.plaintext {
+        eprintln!(
+            "ferry: --plaintext: {} cross the network unencrypted",
+            match e.performance_option {
+                OptionArg::Rdma => "guest pages (RDMA WRITE)",
+                _ => "guest pages, device state and control messages",
+            }
+        );
     }
     // auto: try rdma when this host has an RDMA NIC; if the destination
     // refuses the option (no RDMA NIC, no shared subnet), fall back to
@@ -488,8 +505,8 @@ async fn run_source(
     if e.performance_option == OptionArg::Auto && opts.bandwidth_limit.is_some() {
         eprintln!("ferry: auto: chose {fallback} (--bandwidth-limit: RDMA is not paced)");
     } else if e.performance_option == OptionArg::Auto {
-        let usable = if e.encrypt {
-            Err("--encrypt: RDMA data channels are not encrypted".to_string())
+        let usable = if !e.plaintext {
+            Err("RDMA data channels are not encrypted: rdma only with --plaintext".to_string())
         } else {
             auto_rdma(&opts.multichannel)
         };
@@ -737,9 +754,7 @@ fn print_summary(s: &Summary) {
             );
         }
     }
-    if let Some(enc) = &s.encryption {
-        println!("  encryption: {enc}, on the control connection and every data channel");
-    }
+    println!("  encryption: {}", s.encryption);
     println!("  digest {} verified on both sides", s.digest);
 }
 
@@ -822,8 +837,8 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         queue: 0,
         queue_timeout: Duration::ZERO,
         migration_networks: Vec::new(),
-        tls: Some(tls_config(a.engine.tls_dir.as_deref(), &key)?),
-        require_encryption: a.engine.encrypt,
+        tls: tls_config(a.engine.tls_dir.as_deref(), &key)?,
+        plaintext: a.engine.plaintext,
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let server = tokio::spawn(Destination::new(opts, resume_hook()).serve(listener, tx));
