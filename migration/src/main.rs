@@ -74,6 +74,17 @@ fn main() {
             c.downcast_ref::<ferry_migration::MigrationError>()
                 .is_some_and(ferry_migration::MigrationError::is_not_converged)
         });
-        std::process::exit(if not_converged { 3 } else { 1 });
+        let cancelled = e.chain().any(|c| {
+            matches!(
+                c.downcast_ref::<ferry_migration::MigrationError>(),
+                Some(ferry_migration::MigrationError::Cancelled(_))
+            )
+        });
+        std::process::exit(match cli::signals::exit_status() {
+            // 128 + N: stopped by signal N (SIGINT 130, SIGTERM 143).
+            Some(status) if cancelled => status,
+            _ if not_converged => 3,
+            _ => 1,
+        });
     }
 }

@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use super::args::ListenArgs;
-use super::{resume_hook, tls_config};
+use super::{resume_hook, signals, tls_config};
 
 pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     let key = AuthKey::from_file(&a.auth_key_file)?;
@@ -50,6 +50,13 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
         },
         tls.mode()
     );
+    let d = dest.clone();
+    signals::on_signal(move |name| {
+        eprintln!(
+            "ferry: {name}: shutting down: no new migrations; those before their switchover are aborted and freed, one in its switchover finishes; a second signal exits at once"
+        );
+        d.shutdown();
+    })?;
     let server = tokio::spawn(dest.serve(listener, tx));
     while let Some(o) = rx.recv().await {
         match &o.result {
@@ -65,5 +72,8 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
         }
     }
     server.await??;
+    if signals::exit_status().is_some() {
+        eprintln!("ferry: stopped: every migration ended and its memory was freed");
+    }
     Ok(())
 }

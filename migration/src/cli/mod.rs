@@ -11,6 +11,7 @@ pub mod args;
 pub mod listen;
 pub mod progress;
 pub mod send;
+pub mod signals;
 pub mod summary;
 pub mod tools;
 pub mod units;

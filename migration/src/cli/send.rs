@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use ferry_migration::dest::{Destination, ListenOptions};
 use ferry_migration::dirty::BitmapDirtyLog;
-use ferry_migration::engine::{Progress, Source, SourceOptions, Summary};
+use ferry_migration::engine::{Cancel, Progress, Source, SourceOptions, Summary};
 use ferry_migration::guest::{SyntheticConfig, SyntheticGuest};
 use ferry_migration::memory::{default_layout, source_memory};
 use ferry_migration::nics::MultichannelOptions;
@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use super::args::{source_options, DemoArgs, EngineArgs, GuestArgs, OptionArg, SendArgs};
 use super::progress::progress_bar;
 use super::summary::print_summary;
-use super::{resume_hook, tls_config, units};
+use super::{resume_hook, signals, tls_config, units};
 
 pub fn start_guest(g: &GuestArgs) -> anyhow::Result<SyntheticGuest> {
     let layout = default_layout(g.memory).context("--memory")?;
@@ -49,6 +49,7 @@ pub async fn run_source(
     key: &AuthKey,
     guest: &SyntheticGuest,
     e: &EngineArgs,
+    cancel: &Cancel,
 ) -> anyhow::Result<Summary> {
     let mut opts = source_options(e)?;
     if e.encrypt {
@@ -72,7 +73,7 @@ pub async fn run_source(
         }
     }
     if opts.option == PerformanceOption::Rdma && e.performance_option == OptionArg::Auto {
-        let tried = run_source_with(to.clone(), key, guest, e, opts.clone()).await;
+        let tried = run_source_with(to.clone(), key, guest, e, opts.clone(), cancel).await;
         match tried {
             Err(err) if is_option_rejected(&err) => {
                 eprintln!("ferry: auto: the destination refused rdma ({err:#}); chose {fallback}");
@@ -85,7 +86,7 @@ pub async fn run_source(
             Err(err) => return Err(err),
         }
     }
-    run_source_with(to, key, guest, e, opts).await
+    run_source_with(to, key, guest, e, opts, cancel).await
 }
 
 /// Whether this host could use RDMA (`--performance-option auto`).
@@ -129,6 +130,7 @@ pub async fn run_source_with(
     guest: &SyntheticGuest,
     e: &EngineArgs,
     opts: SourceOptions,
+    cancel: &Cancel,
 ) -> anyhow::Result<Summary> {
     let dirty = BitmapDirtyLog::new(guest.memory().clone());
     let progress = Arc::new(Progress::default());
@@ -142,6 +144,7 @@ pub async fn run_source_with(
         dirty: &dirty,
         opts,
         progress,
+        cancel: cancel.clone(),
     };
     let r = src.migrate().await;
     bar.abort();
@@ -163,9 +166,14 @@ pub async fn run_source_with(
 pub async fn send(a: SendArgs) -> anyhow::Result<()> {
     let key = AuthKey::from_file(&a.auth_key_file)?;
     let guest = start_guest(&a.guest)?;
-    let r = run_source(with_port(&a.to), &key, &guest, &a.engine).await;
+    let cancel = cancel_on_signal()?;
+    let r = run_source(with_port(&a.to), &key, &guest, &a.engine, &cancel).await;
     if r.is_err() {
-        if guest.is_running() {
+        if cancel.reason().is_some() && guest.is_running() {
+            eprintln!(
+                "ferry: migration cancelled; the guest keeps running on this host (running: true)"
+            );
+        } else if guest.is_running() {
             eprintln!(
                 "ferry: migration failed; the guest keeps running on this host (running: true)"
             );
@@ -205,7 +213,8 @@ pub async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         units::human(a.guest.dirty_rate)
     );
     let guest = start_guest(&a.guest)?;
-    let r = run_source(addr.to_string(), &key, &guest, &a.engine).await;
+    let cancel = cancel_on_signal()?;
+    let r = run_source(addr.to_string(), &key, &guest, &a.engine, &cancel).await;
     let outcome = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
     server.abort();
     r?;
@@ -220,4 +229,23 @@ pub async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         }
         _ => bail!("the destination did not report its outcome"),
     }
+}
+
+/// A [`Cancel`] that the first SIGINT or SIGTERM triggers ("cancelled by
+/// the operator"); a second signal exits at once.
+fn cancel_on_signal() -> anyhow::Result<Cancel> {
+    let cancel = Cancel::default();
+    let c = cancel.clone();
+    signals::on_signal(move |name| {
+        if c.cancel(&format!("cancelled by the operator ({name})")) {
+            eprintln!(
+                "\nferry: {name}: cancelling the migration (Abort to the destination, guest resumed here); a second signal exits at once"
+            );
+        } else {
+            eprintln!(
+                "\nferry: {name}: Commit is already sent, so the migration finishes (cancelling now could leave the guest running nowhere); a second signal exits at once"
+            );
+        }
+    })?;
+    Ok(cancel)
 }
