@@ -17,7 +17,13 @@ mod cli;
 
 /// Ferry: live-migration memory transport.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Ferry: live-migrate guest memory between hosts (pre-copy over TCP, compression or RDMA, on every NIC at once)",
+    long_about = None,
+    after_help = cli::help::TOP_EXAMPLES
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -26,19 +32,25 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Destination daemon: accept incoming migrations.
+    #[command(after_help = cli::help::LISTEN_EXAMPLES)]
     Listen(ListenArgs),
     /// Source: migrate a synthetic guest to a destination.
+    #[command(after_help = cli::help::SEND_EXAMPLES)]
     Send(SendArgs),
     /// Both ends in one process over loopback (1 GiB guest dirtying 64 MB/s unless told otherwise).
+    #[command(after_help = cli::help::DEMO_EXAMPLES)]
     Demo(DemoArgs),
     /// List this host's interfaces as multichannel sees them: address,
     /// prefix, link speed, RDMA device, and whether they can carry a migration.
+    #[command(after_help = cli::help::NICS_EXAMPLES)]
     Nics(NicsArgs),
     /// Summarise a `ferry send --json` record, and draw it as an SVG.
+    #[command(after_help = cli::help::REPORT_EXAMPLES)]
     Report(ReportArgs),
     /// Write a test PKI for --tls-dir: DIR/ca.pem and DIR/ca-key.pem (a new
     /// CA, unless --ca), DIR/cert.pem and DIR/key.pem (a host certificate
     /// signed by it, for client and server use). Never overwrites a file.
+    #[command(after_help = cli::help::GEN_CERTS_EXAMPLES)]
     GenCerts(GenCertsArgs),
 }
 

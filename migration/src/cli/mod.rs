@@ -8,6 +8,7 @@ use ferry_transport::auth::AuthKey;
 use ferry_transport::tls::TlsConfig;
 
 pub mod args;
+pub mod help;
 pub mod listen;
 pub mod progress;
 pub mod send;
