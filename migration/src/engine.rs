@@ -536,6 +536,8 @@ pub struct Summary {
     pub converge_reason: ConvergeReason,
     /// Pause predicted when pre-copy stopped (dirty bytes / link rate).
     pub predicted_downtime_ms: f64,
+    /// `--downtime-limit`, ms: the pause the engine aimed for.
+    pub downtime_limit_ms: f64,
     /// Auto-converge throttle when the guest was paused, percent (0: none).
     pub throttle_percent: u8,
     /// `--bandwidth-limit`, bytes per second (all channels together).
@@ -1418,6 +1420,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             digest_ms,
             converge_reason: reason,
             predicted_downtime_ms: predicted.as_secs_f64() * 1e3,
+            downtime_limit_ms: opts.downtime_limit.as_secs_f64() * 1e3,
             throttle_percent: self.throttled,
             bandwidth_limit: opts.bandwidth_limit,
             wire_bytes_per_sec: bytes_on_wire as f64 / transfer_secs.max(1e-9),

@@ -122,8 +122,8 @@ pub struct ListenArgs {
 #[derive(Debug, Args)]
 pub struct GuestArgs {
     /// Guest memory size, e.g. 1GiB.
-    #[arg(help_heading = GUEST, long, default_value = "1GiB", value_parser = units::parse_size, value_name = "SIZE")]
-    pub memory: u64,
+    #[arg(help_heading = GUEST, long, default_value = "1GiB", value_parser = units::parse_pages, value_name = "SIZE")]
+    pub memory: units::Size,
     /// Bytes per second the guest dirties, e.g. 64MB/s (0 for an idle guest).
     #[arg(help_heading = GUEST, long, default_value = "64MB/s", value_parser = units::parse_rate, value_name = "RATE")]
     pub dirty_rate: u64,
@@ -167,7 +167,7 @@ pub struct EngineArgs {
     #[arg(help_heading = TRANSPORT, long, value_parser = units::parse_rate, value_name = "RATE")]
     pub bandwidth_limit: Option<u64>,
     /// Payload bytes per chunk.
-    #[arg(help_heading = TRANSPORT, long, default_value = "4MiB", value_parser = units::parse_size, value_name = "SIZE")]
+    #[arg(help_heading = TRANSPORT, long, default_value = "4MiB", value_parser = units::parse_page_bytes, value_name = "SIZE")]
     pub chunk_size: u64,
     /// Longest pause the engine aims for.
     #[arg(help_heading = CONVERGENCE, long, default_value = "300ms", value_parser = units::parse_duration, value_name = "DURATION")]

@@ -11,7 +11,9 @@ Examples:
   # Try it on one machine (both ends over loopback)
   ferry demo
 
-See 'ferry <command> --help' for a command's options, grouped by what they set.";
+See 'ferry <command> --help' for a command's options, grouped by what they set.
+Units: an i means binary (4GiB = 4Gi = 4 x 2^30 bytes), none decimal (4GB = 4G = 4 x 10^9);
+rates are per second (64MB/s, 1GiB/s) or bits (1Gbit/s, 500Mbps); durations need a unit (300ms, 2s, 10m).";
 
 pub const LISTEN_EXAMPLES: &str = "\
 Examples:
@@ -32,7 +34,7 @@ Examples:
 
   # Keep under 90% of a 1 Gbit/s link, give up after 10 minutes, keep a record
   ferry send --to dst-host --auth-key-file /etc/ferry/key \\
-      --bandwidth-limit 112MB/s --timeout 10m --json run.json
+      --bandwidth-limit 900Mbit/s --timeout 10m --json run.json
 
   # A busy guest: throttle it until the pause fits 500 ms
   ferry send --to dst-host --auth-key-file /etc/ferry/key --dirty-rate 200MB/s \\

@@ -22,7 +22,16 @@ use super::summary::print_summary;
 use super::{resume_hook, signals, tls_config, units};
 
 pub fn start_guest(g: &GuestArgs) -> anyhow::Result<SyntheticGuest> {
-    let layout = default_layout(g.memory).context("--memory")?;
+    if let Some(binary) = g.memory.binary_reading() {
+        tracing::warn!(
+            "--memory {} is decimal: {} bytes ({}); {binary} would be {}",
+            g.memory.text,
+            g.memory.bytes,
+            units::human(g.memory.bytes),
+            units::parse_size(&binary).map_or(String::new(), |b| format!("{b} bytes")),
+        );
+    }
+    let layout = default_layout(g.memory.bytes).context("--memory")?;
     let mem = Arc::new(source_memory(&layout)?);
     let cfg = SyntheticConfig {
         dirty_rate: g.dirty_rate,
@@ -209,7 +218,7 @@ pub async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     let server = tokio::spawn(Destination::new(opts, resume_hook()).serve(listener, tx));
     eprintln!(
         "ferry demo: {} guest dirtying {}/s, migrating over loopback {addr}",
-        units::human(a.guest.memory),
+        units::human(a.guest.memory.bytes),
         units::human(a.guest.dirty_rate)
     );
     let guest = start_guest(&a.guest)?;

@@ -14,10 +14,15 @@ pub fn print_summary(s: &Summary) {
         s.total_ms / 1e3
     );
     println!(
-        "  rounds: {} pre-copy + final copy (stopped: {:?}); downtime {:.1} ms (digest {:.1} ms)",
+        "  rounds: {} pre-copy + final copy (stopped: {}); downtime {:.1} ms (limit {} ms; digest {:.1} ms)",
         s.rounds.len() - 1,
-        s.converge_reason,
+        match s.converge_reason {
+            ConvergeReason::NothingDirty => "nothing left dirty",
+            ConvergeReason::FitsDowntime => "the rest fits the downtime limit",
+            ConvergeReason::RoundCap => "--max-rounds reached",
+        },
         s.downtime_ms,
+        units::trim(s.downtime_limit_ms),
         s.digest_ms
     );
     if s.converge_reason == ConvergeReason::RoundCap {
