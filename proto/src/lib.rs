@@ -4,11 +4,17 @@
 //! * [`keys`]: the session keys both sides derive after authentication.
 //! * [`evidence`]: page hashes and the evidence that verifies guest memory
 //!   while it moves (compared at switchover in constant time).
+//! * [`budget`]: convergence and the pause budget (when to switch over,
+//!   what the pause will cost).
+//! * [`switchover`]: the `Ready` / `Commit` / `Committed` proofs that bind
+//!   the transcripts, the evidence and the device state to the session.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod budget;
 pub mod evidence;
 pub mod keys;
+pub mod switchover;
 
 pub use evidence::{Evidence, Ledger, PageHash, PageTable};
 pub use keys::{MacKey, PageKey, SessionKeys};

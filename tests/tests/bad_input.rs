@@ -445,6 +445,7 @@ fn migrate_to_fake(mode: Fake, timeout: Duration) -> (String, bool, u64, u64) {
                 ..Default::default()
             },
             progress: Arc::new(Progress::default()),
+            cancel: Default::default(),
         };
         let err = src
             .migrate()
