@@ -3,7 +3,9 @@
 //! protocol pieces.
 #![forbid(unsafe_code)]
 
+pub mod netns;
 pub mod proxy;
+pub mod qemu;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
