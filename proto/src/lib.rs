@@ -4,10 +4,13 @@
 //! * [`keys`]: the session keys both sides derive after authentication.
 //! * [`evidence`]: page hashes and the evidence that verifies guest memory
 //!   while it moves (compared at switchover in constant time).
+//! * [`frame`]: the tags of data-channel frames (header, payload, ack) and
+//!   the round gate every channel of a migration shares.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod evidence;
+pub mod frame;
 pub mod keys;
 
 pub use evidence::{Evidence, Ledger, PageHash, PageTable};
