@@ -497,7 +497,7 @@ def migrate_once(workdir, uri, incoming=None, src_ns=None, dst_ns=None, mem_kib=
         if compare:
             res["ram"] = compare_ram(src, dst, workdir)
             log(f"RAM compared in {res['ram']['ms']} ms: equal={res['ram']['equal']}")
-            if running or dst.status() == "paused":
+            if running:
                 dst.cont()
         res["dst_status"] = dst.status()
         if running:
