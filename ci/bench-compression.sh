@@ -55,7 +55,9 @@ ferry_once() { # netns-or-empty listen-addr image option...
     local ns=$1 addr=$2 img=$3; shift 3
     local run_a=() run_b=()
     if [ -n "$ns" ]; then run_a=(ip netns exec "$NS_A"); run_b=(ip netns exec "$NS_B"); fi
-    "${run_b[@]}" "$FERRY" listen --listen "$addr" --auth-key-file "$WORK/key" --once \
+    # --plaintext on both ends: compared with QEMU's unencrypted migration
+    # (ci/bench-encrypt.sh measures what encryption adds).
+    "${run_b[@]}" "$FERRY" listen --listen "$addr" --auth-key-file "$WORK/key" --plaintext --once \
         >"$WORK/listen.out" 2>&1 &
     local lp=$!
     # A connection that closes before its hello is not a migration attempt,
@@ -65,7 +67,7 @@ ferry_once() { # netns-or-empty listen-addr image option...
         sleep 0.05
     done
     "${run_a[@]}" "$FERRY" send --to "$addr" --auth-key-file "$WORK/key" --memory "${MIB}MiB" \
-        --dirty-rate 0 --guest-image "$img" --json "$WORK/s.json" "$@" \
+        --dirty-rate 0 --guest-image "$img" --plaintext --json "$WORK/s.json" "$@" \
         >"$WORK/send.out" 2>&1 || { cat "$WORK/send.out" "$WORK/listen.out" >&2; return 1; }
     wait "$lp"
     python3 -c "import json; d=json.load(open('$WORK/s.json')); print(d['total_ms'], d['bytes_on_wire'], d['payload_bytes'])"

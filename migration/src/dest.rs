@@ -78,12 +78,13 @@ pub struct ListenOptions {
     /// anything is read. Empty: every network.
     pub migration_networks: Vec<Cidr>,
     /// TLS settings: a source that starts a TLS handshake is served with
-    /// them (its control connection and data channels encrypted). `None`:
-    /// TLS is not spoken.
-    pub tls: Option<Arc<TlsConfig>>,
-    /// `--encrypt`: refuse unencrypted sources (and the RDMA option, whose
-    /// data channels are not encrypted) with `Reject(Encryption)`.
-    pub require_encryption: bool,
+    /// them (its control connection and data channels encrypted).
+    pub tls: Arc<TlsConfig>,
+    /// `--plaintext`: also accept sources that do not encrypt, and the RDMA
+    /// option (whose data channels cannot be encrypted; its control
+    /// connection must still be TLS). Without it both are refused with
+    /// `Reject(Encryption)` naming the cause.
+    pub plaintext: bool,
 }
 
 /// Called after `Commit` with the guest's memory and device state: this is
@@ -428,11 +429,11 @@ impl Destination {
                 return Some(Err(e.into()));
             }
         };
-        if self.opts.require_encryption && !encrypted {
+        if !self.opts.plaintext && !encrypted {
             let e = conn
                 .reject(
                     RejectReason::Encryption,
-                    "this destination requires encryption (ferry listen --encrypt): start ferry send with --encrypt".into(),
+                    "this destination requires encryption: leave out --plaintext on ferry send, or (on a trusted, isolated migration network) start ferry listen with --plaintext too".into(),
                 )
                 .await;
             tracing::warn!(peer = conn.peer(), "unencrypted connection refused: {e}");
@@ -508,22 +509,30 @@ impl Destination {
                 .into())
             }
         }
-        match (&self.opts.tls, first[0] == TLS_HANDSHAKE_BYTE) {
-            (Some(tls), true) => {
-                let peer = stream
-                    .peer_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
-                tls.accept(stream, timeout).await.map(Some).map_err(|e| {
+        if first[0] == TLS_HANDSHAKE_BYTE {
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            self.opts
+                .tls
+                .accept(stream, timeout)
+                .await
+                .map(Some)
+                .map_err(|e| {
                     tracing::warn!(peer, "{e}");
                     e.into()
                 })
-            }
-            _ => Ok(Some(stream.into())),
+        } else {
+            Ok(Some(stream.into()))
         }
     }
 
-    fn validate(&self, offer: &Offer) -> std::result::Result<(), (RejectReason, String)> {
+    fn validate(
+        &self,
+        offer: &Offer,
+        encrypted: bool,
+    ) -> std::result::Result<(), (RejectReason, String)> {
         offer
             .layout
             .validate()
@@ -544,10 +553,16 @@ impl Destination {
                     .validate()
                     .map_err(|e| (RejectReason::Option, format!("compression option: {e}")))?;
             }
-            PerformanceOption::Rdma if self.opts.require_encryption => {
+            PerformanceOption::Rdma if !self.opts.plaintext => {
                 return Err((
                     RejectReason::Encryption,
-                    "this destination requires encryption (--encrypt) and RDMA data channels are not encrypted: use --performance-option tcp or compression".into(),
+                    "RDMA data channels are not encrypted and this destination requires encryption: use --performance-option tcp or compression, or (on a trusted, isolated migration network) start both ferry listen and ferry send with --plaintext".into(),
+                ));
+            }
+            PerformanceOption::Rdma if !encrypted => {
+                return Err((
+                    RejectReason::Encryption,
+                    "the RDMA option's control connection must be encrypted (it carries what admits the RDMA channels): connect with TLS".into(),
                 ));
             }
             #[cfg(feature = "rdma")]
@@ -618,7 +633,7 @@ impl Destination {
                 .into())
             }
         };
-        if let Err((reason, message)) = self.validate(&offer) {
+        if let Err((reason, message)) = self.validate(&offer, conn.is_encrypted()) {
             return Err(conn.reject(reason, message).await.into());
         }
         let _permit = match self.admit().await {

@@ -85,9 +85,16 @@ pub struct SourceOptions {
     pub compression_workers: usize,
     /// Data channels: how many, over which interfaces, failover timeout.
     pub multichannel: MultichannelOptions,
-    /// Encryption (`--encrypt`): TLS on the control connection and every
-    /// data channel. `None`: plain TCP.
+    /// TLS identity for the control connection and every TCP data channel;
+    /// `None`: the one derived from the pre-shared key. TLS is always on
+    /// unless `plaintext`.
     pub tls: Option<Arc<TlsConfig>>,
+    /// `--plaintext`: consent to data crossing the network unencrypted (a
+    /// trusted, isolated migration network). With the tcp and compression
+    /// options nothing is encrypted (control messages stay authenticated);
+    /// the RDMA option needs it (RDMA WRITEs cannot be encrypted) and keeps
+    /// TLS on its control connection.
+    pub plaintext: bool,
 }
 
 impl Default for SourceOptions {
@@ -105,6 +112,7 @@ impl Default for SourceOptions {
             compression_workers: CompressConfig::default_workers(),
             multichannel: MultichannelOptions::default(),
             tls: None,
+            plaintext: false,
         }
     }
 }
@@ -562,9 +570,10 @@ pub struct Summary {
     pub digest_verified: bool,
     /// Per-channel counters.
     pub channels: Vec<ChannelStats>,
-    /// Encryption of the control connection and the TCP data channels
-    /// (TLS version, cipher suite, identity mode); `None` when plain.
-    pub encryption: Option<String>,
+    /// Encryption of the control connection and the data channels: TLS
+    /// version, cipher suite and identity mode, or what `--plaintext` left
+    /// unencrypted.
+    pub encryption: String,
 }
 
 /// Everything the source needs to migrate one guest.
@@ -623,9 +632,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             }
             _ => None,
         };
-        if self.opts.tls.is_some() && self.opts.option == PerformanceOption::Rdma {
-            return Err(MigrationError::Config(RDMA_NOT_ENCRYPTED.into()));
-        }
+        let (control_tls, data_tls) = self.tls_settings()?;
         #[cfg(not(feature = "rdma"))]
         if self.opts.option == PerformanceOption::Rdma {
             return Err(MigrationError::Config(
@@ -645,7 +652,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 .map_err(|e| TransportError::io("peer address", "control", e))?,
         );
         let control = cancel
-            .or_cancel(secure(control, self.opts.tls.as_deref(), self.opts.timeout))
+            .or_cancel(secure(control, control_tls.as_deref(), self.opts.timeout))
             .await?;
         let mut conn = Conn::new(control, self.opts.timeout);
         cancel.or_cancel(conn.client_handshake(self.key)).await?;
@@ -722,7 +729,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             return run.settle(result).await;
         }
         let data = match cancel
-            .or_cancel(self.open_channels(&accept, control_path))
+            .or_cancel(self.open_channels(&accept, control_path, data_tls))
             .await
         {
             Ok(d) => d,
@@ -809,11 +816,36 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
 }
 
 impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
+    /// TLS of the control connection and of the TCP data channels: both
+    /// unless `--plaintext`; the RDMA option needs `--plaintext` (its data
+    /// cannot be encrypted) and keeps TLS on its control connection.
+    #[allow(clippy::type_complexity)]
+    fn tls_settings(&self) -> Result<(Option<Arc<TlsConfig>>, Option<Arc<TlsConfig>>)> {
+        let tls = || -> Result<Arc<TlsConfig>> {
+            match &self.opts.tls {
+                Some(t) => Ok(t.clone()),
+                None => Ok(Arc::new(TlsConfig::from_psk(self.key)?)),
+            }
+        };
+        match (self.opts.option, self.opts.plaintext) {
+            (PerformanceOption::Rdma, false) => {
+                Err(MigrationError::Config(RDMA_NOT_ENCRYPTED.into()))
+            }
+            (PerformanceOption::Rdma, true) => Ok((Some(tls()?), None)),
+            (_, true) => Ok((None, None)),
+            (_, false) => {
+                let t = tls()?;
+                Ok((Some(t.clone()), Some(t)))
+            }
+        }
+    }
+
     /// Pairs interfaces with the destination's and opens the data channels.
     async fn open_channels(
         &self,
         accept: &ferry_transport::proto::Accept,
         control: (std::net::SocketAddr, std::net::SocketAddr),
+        tls: Option<Arc<TlsConfig>>,
     ) -> Result<Vec<(Stream, ChannelPath)>> {
         let mc = &self.opts.multichannel;
         let local = nics::discover().unwrap_or_else(|e| {
@@ -826,13 +858,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             offered = accept.interfaces.len(),
             "opening data channels"
         );
-        nics::open_channels(
-            &planned,
-            accept.data_token,
-            self.opts.timeout,
-            self.opts.tls.clone(),
-        )
-        .await
+        nics::open_channels(&planned, accept.data_token, self.opts.timeout, tls).await
     }
 }
 
@@ -853,8 +879,21 @@ pub async fn connect(to: &str, timeout: Duration) -> Result<TcpStream> {
     }
 }
 
-/// Why `--encrypt` refuses the RDMA option.
-pub const RDMA_NOT_ENCRYPTED: &str = "--encrypt cannot protect --performance-option rdma: RDMA data channels move pages by RDMA WRITE, unencrypted. Use --performance-option tcp or compression to encrypt, or leave out --encrypt on a trusted, isolated migration network";
+/// Why the RDMA option needs `--plaintext`.
+pub const RDMA_NOT_ENCRYPTED: &str = "--performance-option rdma needs --plaintext on both ends: RDMA data channels move pages by RDMA WRITE, unencrypted (its control connection keeps TLS). Use --performance-option tcp or compression to encrypt, or add --plaintext to ferry send and ferry listen on a trusted, isolated migration network";
+
+/// What was encrypted, for the summary and `--json`: the control
+/// connection's TLS session (version, suite, identity mode), and whether
+/// the data channels shared it.
+pub fn describe_encryption(conn: &Conn, option: PerformanceOption) -> String {
+    match (conn.encryption(), option) {
+        (Some(tls), PerformanceOption::Rdma) => {
+            format!("{tls} on the control connection; RDMA data channels unencrypted (--plaintext)")
+        }
+        (Some(tls), _) => format!("{tls}, on the control connection and every data channel"),
+        (None, _) => "none (--plaintext)".into(),
+    }
+}
 
 /// Starts TLS on a connected socket when `tls` is given.
 pub async fn secure(tcp: TcpStream, tls: Option<&TlsConfig>, timeout: Duration) -> Result<Stream> {
@@ -1433,13 +1472,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             digest: hex(&digest),
             digest_verified: true,
             channels,
-            encryption: opts.tls.as_ref().map(|t| {
-                format!(
-                    "TLS 1.3 {}, {}",
-                    self.conn.cipher_suite().unwrap_or_default(),
-                    t.mode()
-                )
-            }),
+            encryption: describe_encryption(self.conn, opts.option),
         })
     }
 }

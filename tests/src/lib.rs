@@ -316,6 +316,18 @@ pub fn offer(bytes: u64) -> Offer {
     }
 }
 
+/// Connects (plaintext), authenticates and sends `offer`; the answer is
+/// the caller's to read.
+pub async fn authed_offer(addr: SocketAddr, key: &AuthKey, offer: Offer) -> Conn {
+    let mut c = Conn::new(
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+        Duration::from_secs(10),
+    );
+    c.client_handshake(key).await.unwrap();
+    c.send(&Msg::Offer(offer)).await.unwrap();
+    c
+}
+
 /// Connects, authenticates and gets an offer of `bytes` accepted.
 pub async fn authed_session(addr: SocketAddr, key: &AuthKey, bytes: u64) -> (Conn, Accept) {
     let mut c = Conn::new(

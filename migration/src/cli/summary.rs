@@ -96,8 +96,6 @@ pub fn print_summary(s: &Summary) {
             );
         }
     }
-    if let Some(enc) = &s.encryption {
-        println!("  encryption: {enc}, on the control connection and every data channel");
-    }
+    println!("  encryption: {}", s.encryption);
     println!("  digest {} verified on both sides", s.digest);
 }
