@@ -6,12 +6,18 @@
 //!   while it moves (compared at switchover in constant time).
 //! * [`frame`]: the tags of data-channel frames (header, payload, ack) and
 //!   the round gate every channel of a migration shares.
+//! * [`budget`]: convergence and the pause budget (when to switch over,
+//!   what the pause will cost).
+//! * [`switchover`]: the `Ready` / `Commit` / `Committed` proofs that bind
+//!   the transcripts, the evidence and the device state to the session.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod budget;
 pub mod evidence;
 pub mod frame;
 pub mod keys;
+pub mod switchover;
 
 pub use evidence::{Evidence, Ledger, PageHash, PageTable};
 pub use keys::{MacKey, PageKey, SessionKeys};

@@ -53,7 +53,7 @@ async fn ack(s: &mut TcpStream) -> Option<(u64, AckStatus)> {
 fn a_frame_older_than_any_channel_has_seen_is_refused_on_every_channel() {
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = listen(&k, &["--peer-timeout", "5s"]);
+    let (dest, addr) = listen(&k, &["--plaintext", "--peer-timeout", "5s"]);
     rt().block_on(async move {
         let mut c = Conn::new(
             TcpStream::connect(addr).await.unwrap(),
