@@ -47,6 +47,7 @@ use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::digest::{hex, memory_digest};
 use crate::error::{MigrationError, Result};
@@ -229,14 +230,25 @@ impl Destination {
             }
             let me = self.clone();
             let out = outcomes.clone();
-            tasks.spawn(async move {
-                if let Some(result) = me.handle(stream, listen_ip).await {
-                    let _ = out.send(Outcome {
-                        peer: addr.to_string(),
-                        result,
-                    });
+            // Every log line of the connection names its peer and, once
+            // accepted, its migration id.
+            let span = tracing::info_span!(
+                "migration",
+                peer = %addr,
+                migration_id = tracing::field::Empty
+            );
+            tasks.spawn(
+                async move {
+                    if let Some(result) = me.handle(stream, listen_ip).await {
+                        log_outcome(&result);
+                        let _ = out.send(Outcome {
+                            peer: addr.to_string(),
+                            result,
+                        });
+                    }
                 }
-            });
+                .instrument(span),
+            );
         }
         drop(listener);
         tracing::info!(
@@ -662,6 +674,7 @@ impl Destination {
             .expect("pending")
             .insert(token, (tx, offer.channels, conn.is_encrypted()));
         let migration_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        tracing::Span::current().record("migration_id", migration_id);
         let peer = conn.peer().to_string();
         tracing::info!(
             migration_id,
@@ -727,11 +740,28 @@ impl Destination {
                 downtime_ms: downtime.as_secs_f64() * 1e3,
             }),
             Err(e) => {
-                tracing::warn!(migration_id, "migration aborted: {e}");
+                tracing::debug!(migration_id, "migration aborted, telling the source: {e}");
                 writer.abort(&e.to_string()).await;
                 Err(e)
             }
         }
+    }
+}
+
+/// The event of a migration's end: committed (with its size and pause)
+/// or failed (with the reason), inside its span (peer, migration id).
+fn log_outcome(result: &Result<DestSummary>) {
+    match result {
+        Ok(s) => tracing::info!(
+            migration_id = s.migration_id,
+            bytes = s.memory_bytes,
+            payload_bytes = s.payload_bytes,
+            downtime_ms = s.downtime_ms,
+            total_ms = s.total_ms,
+            digest = %s.digest,
+            "migration committed"
+        ),
+        Err(e) => tracing::warn!(reason = %e.reason(), "migration failed: {e}"),
     }
 }
 

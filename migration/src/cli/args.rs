@@ -203,6 +203,25 @@ pub struct EngineArgs {
     /// draws it).
     #[arg(help_heading = OUTPUT, long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Write the migration's events as JSON lines as they happen (phase
+    /// changes, each round's figures, pause start and end, the outcome)
+    /// to FILE, or to standard output with `-` (the summary then goes to
+    /// stderr).
+    #[arg(help_heading = OUTPUT, long, value_name = "FILE|-")]
+    pub events: Option<String>,
+    /// Without a terminal, log a progress line this often (with a
+    /// terminal, the progress line is redrawn in place).
+    #[arg(help_heading = OUTPUT, long, default_value = "5s", value_parser = units::parse_duration, value_name = "DURATION")]
+    pub progress_interval: Duration,
+}
+
+impl EngineArgs {
+    /// `--performance-option` as given (`auto` before it chose).
+    pub fn performance_option_name(&self) -> String {
+        self.performance_option
+            .to_possible_value()
+            .map_or_else(|| "?".into(), |v| v.get_name().to_string())
+    }
 }
 
 #[derive(Debug, Args)]

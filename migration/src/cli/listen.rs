@@ -1,4 +1,6 @@
-//! `ferry listen`: the destination daemon.
+//! `ferry listen`: the destination daemon. Its log (stderr) has an event
+//! per migration committed or aborted; its standard output one line per
+//! migration with the result, for scripts.
 
 use anyhow::Context;
 use ferry_migration::dest::{Destination, ListenOptions};
@@ -7,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use super::args::ListenArgs;
-use super::{resume_hook, signals, tls_config};
+use super::{resume_hook, signals, tls_config, units};
 
 pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     let key = AuthKey::from_file(&a.auth_key_file)?;
@@ -31,17 +33,17 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
         let l = TcpListener::bind(addr)
             .await
             .with_context(|| format!("--metrics: cannot listen on {addr}"))?;
-        eprintln!("ferry: metrics on http://{}/metrics", l.local_addr()?);
+        tracing::info!("metrics on http://{}/metrics", l.local_addr()?);
         let metrics = dest.metrics();
         tokio::spawn(async move {
             if let Err(e) = ferry_migration::metrics::serve(l, metrics).await {
-                eprintln!("ferry: metrics server stopped: {e}");
+                tracing::error!("metrics server stopped: {e}");
             }
         });
     }
     let (tx, mut rx) = mpsc::unbounded_channel();
-    eprintln!(
-        "ferry: listening on {} ({}; TLS identity: {})",
+    tracing::info!(
+        "listening on {} ({}; TLS identity: {})",
         listener.local_addr()?,
         if a.encrypt {
             "encryption required"
@@ -52,8 +54,8 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     );
     let d = dest.clone();
     signals::on_signal(move |name| {
-        eprintln!(
-            "ferry: {name}: shutting down: no new migrations; those before their switchover are aborted and freed, one in its switchover finishes; a second signal exits at once"
+        tracing::warn!(
+            "{name}: shutting down: no new migrations; those before their switchover are aborted and freed, one in its switchover finishes; a second signal exits at once"
         );
         d.shutdown();
     })?;
@@ -61,8 +63,15 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     while let Some(o) = rx.recv().await {
         match &o.result {
             Ok(s) => println!(
-                "migration {} from {} committed: {} bytes, digest {} verified; {}",
-                s.migration_id, o.peer, s.memory_bytes, s.digest, s.resume_report
+                "migration {} from {} committed: {} ({} bytes) in {:.2} s, pause {:.1} ms, digest {} verified; {}",
+                s.migration_id,
+                o.peer,
+                units::human(s.memory_bytes),
+                s.memory_bytes,
+                s.total_ms / 1e3,
+                s.downtime_ms,
+                s.digest,
+                s.resume_report
             ),
             Err(e) => println!("migration from {} failed: {e}", o.peer),
         }
@@ -73,7 +82,7 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     }
     server.await??;
     if signals::exit_status().is_some() {
-        eprintln!("ferry: stopped: every migration ended and its memory was freed");
+        tracing::info!("stopped: every migration ended and its memory was freed");
     }
     Ok(())
 }

@@ -6,14 +6,37 @@ use ferry_transport::ChannelState;
 
 use super::units;
 
-pub fn print_summary(s: &Summary) {
-    println!(
+/// `writeln!` into a `String` (cannot fail).
+macro_rules! outln {
+    ($out:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
+/// Prints the summary of a committed migration: on stdout, or on stderr
+/// when stdout carries `--events -`.
+pub fn print_summary(s: &Summary, to_stderr: bool) {
+    let text = summary(s);
+    if to_stderr {
+        eprint!("{text}");
+    } else {
+        print!("{text}");
+    }
+}
+
+/// The summary's lines.
+fn summary(s: &Summary) -> String {
+    let mut out = String::new();
+    outln!(
+        out,
         "migration committed: {} guest over {} in {:.2} s",
         units::human(s.memory_bytes),
         s.option,
         s.total_ms / 1e3
     );
-    println!(
+    outln!(
+        out,
         "  rounds: {} pre-copy + final copy (stopped: {}); downtime {:.1} ms (limit {} ms; digest {:.1} ms)",
         s.rounds.len() - 1,
         match s.converge_reason {
@@ -26,13 +49,15 @@ pub fn print_summary(s: &Summary) {
         s.digest_ms
     );
     if s.converge_reason == ConvergeReason::RoundCap {
-        println!(
+        outln!(
+            out,
             "  --force-switchover: switched over without converging, predicted pause {:.0} ms",
             s.predicted_downtime_ms
         );
     }
     if s.rounds.iter().any(|r| r.throttle_percent > 0) {
-        println!(
+        outln!(
+            out,
             "  auto-converge: guest throttled {}% at switchover; per round (final copy last): {}",
             s.throttle_percent,
             s.rounds
@@ -43,13 +68,15 @@ pub fn print_summary(s: &Summary) {
         );
     }
     if let Some(cap) = s.bandwidth_limit {
-        println!(
+        outln!(
+            out,
             "  bandwidth limit {}/s: {}/s on the wire",
             units::human(cap),
             units::human(s.wire_bytes_per_sec as u64)
         );
     }
-    println!(
+    outln!(
+        out,
         "  throughput {}/s ({:.2} Gbit/s); page bytes {}; bytes on the wire {}; CRC resends {}",
         units::human(s.throughput_bytes_per_sec as u64),
         s.throughput_bytes_per_sec * 8.0 / 1e9,
@@ -60,7 +87,8 @@ pub fn print_summary(s: &Summary) {
     if let PerformanceOption::Compression { .. } = s.option {
         let sum =
             |f: fn(&ferry_transport::ChannelStats) -> u64| s.channels.iter().map(f).sum::<u64>();
-        println!(
+        outln!(
+        out,
             "  compression: {:.2}x page bytes per wire byte; chunks compressed {}, raw (incompressible) {}, raw (link would idle) {}",
             s.compression_ratio,
             sum(|c| c.compressed_chunks),
@@ -69,9 +97,10 @@ pub fn print_summary(s: &Summary) {
         );
     }
     if s.channels.len() > 1 || s.channels.iter().any(|c| c.state == ChannelState::Failed) {
-        println!("  data channels: {}", s.channels.len());
+        outln!(out, "  data channels: {}", s.channels.len());
         for c in &s.channels {
-            println!(
+            outln!(
+                out,
                 "    ch{} {} -> {}{}: {:?}, {} page bytes at {}/s, {} chunks{}{}",
                 c.channel,
                 c.local.as_deref().unwrap_or("?"),
@@ -97,7 +126,11 @@ pub fn print_summary(s: &Summary) {
         }
     }
     if let Some(enc) = &s.encryption {
-        println!("  encryption: {enc}, on the control connection and every data channel");
+        outln!(
+            out,
+            "  encryption: {enc}, on the control connection and every data channel"
+        );
     }
-    println!("  digest {} verified on both sides", s.digest);
+    outln!(out, "  digest {} verified on both sides", s.digest);
+    out
 }
