@@ -32,13 +32,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_proto::{Evidence, Ledger};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::compress::CompressionSpec;
 use ferry_transport::conn::{negotiate, Conn};
 use ferry_transport::multichannel::Cidr;
 use ferry_transport::proto::{Accept, Msg, Offer, PerformanceOption, RejectReason, Role};
 use ferry_transport::stream::Stream;
-use ferry_transport::tcp::{receive_channel_with, RecvCounters, RecvOptions};
+use ferry_transport::tcp::{receive_channel, Inbound, RecvCounters};
 use ferry_transport::tls::{TlsConfig, TLS_HANDSHAKE_BYTE};
 use ferry_transport::wire::Codec;
 use ferry_transport::wire::MAX_CHUNK_PAYLOAD;
@@ -79,12 +80,13 @@ pub struct ListenOptions {
     /// anything is read. Empty: every network.
     pub migration_networks: Vec<Cidr>,
     /// TLS settings: a source that starts a TLS handshake is served with
-    /// them (its control connection and data channels encrypted). `None`:
-    /// TLS is not spoken.
-    pub tls: Option<Arc<TlsConfig>>,
-    /// `--encrypt`: refuse unencrypted sources (and the RDMA option, whose
-    /// data channels are not encrypted) with `Reject(Encryption)`.
-    pub require_encryption: bool,
+    /// them (its control connection and data channels encrypted).
+    pub tls: Arc<TlsConfig>,
+    /// `--plaintext`: also accept sources that do not encrypt, and the RDMA
+    /// option (whose data channels cannot be encrypted; its control
+    /// connection must still be TLS). Without it both are refused with
+    /// `Reject(Encryption)` naming the cause.
+    pub plaintext: bool,
 }
 
 /// Called after `Commit` with the guest's memory and device state: this is
@@ -440,11 +442,11 @@ impl Destination {
                 return Some(Err(e.into()));
             }
         };
-        if self.opts.require_encryption && !encrypted {
+        if !self.opts.plaintext && !encrypted {
             let e = conn
                 .reject(
                     RejectReason::Encryption,
-                    "this destination requires encryption (ferry listen --encrypt): start ferry send with --encrypt".into(),
+                    "this destination requires encryption: leave out --plaintext on ferry send, or (on a trusted, isolated migration network) start ferry listen with --plaintext too".into(),
                 )
                 .await;
             tracing::warn!(peer = conn.peer(), "unencrypted connection refused: {e}");
@@ -520,22 +522,30 @@ impl Destination {
                 .into())
             }
         }
-        match (&self.opts.tls, first[0] == TLS_HANDSHAKE_BYTE) {
-            (Some(tls), true) => {
-                let peer = stream
-                    .peer_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
-                tls.accept(stream, timeout).await.map(Some).map_err(|e| {
+        if first[0] == TLS_HANDSHAKE_BYTE {
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            self.opts
+                .tls
+                .accept(stream, timeout)
+                .await
+                .map(Some)
+                .map_err(|e| {
                     tracing::warn!(peer, "{e}");
                     e.into()
                 })
-            }
-            _ => Ok(Some(stream.into())),
+        } else {
+            Ok(Some(stream.into()))
         }
     }
 
-    fn validate(&self, offer: &Offer) -> std::result::Result<(), (RejectReason, String)> {
+    fn validate(
+        &self,
+        offer: &Offer,
+        encrypted: bool,
+    ) -> std::result::Result<(), (RejectReason, String)> {
         offer
             .layout
             .validate()
@@ -556,10 +566,16 @@ impl Destination {
                     .validate()
                     .map_err(|e| (RejectReason::Option, format!("compression option: {e}")))?;
             }
-            PerformanceOption::Rdma if self.opts.require_encryption => {
+            PerformanceOption::Rdma if !self.opts.plaintext => {
                 return Err((
                     RejectReason::Encryption,
-                    "this destination requires encryption (--encrypt) and RDMA data channels are not encrypted: use --performance-option tcp or compression".into(),
+                    "RDMA data channels are not encrypted and this destination requires encryption: use --performance-option tcp or compression, or (on a trusted, isolated migration network) start both ferry listen and ferry send with --plaintext".into(),
+                ));
+            }
+            PerformanceOption::Rdma if !encrypted => {
+                return Err((
+                    RejectReason::Encryption,
+                    "the RDMA option's control connection must be encrypted (it carries what admits the RDMA channels): connect with TLS".into(),
                 ));
             }
             #[cfg(feature = "rdma")]
@@ -630,7 +646,7 @@ impl Destination {
                 .into())
             }
         };
-        if let Err((reason, message)) = self.validate(&offer) {
+        if let Err((reason, message)) = self.validate(&offer, conn.is_encrypted()) {
             return Err(conn.reject(reason, message).await.into());
         }
         let _permit = match self.admit().await {
@@ -654,6 +670,21 @@ impl Destination {
         };
         // Validated: now, and only now, allocate.
         let mem = Arc::new(dest_memory(&offer.layout)?);
+        // The destination's evidence, under the session's page key: every
+        // page any channel lands is recorded in it.
+        let keys = conn.session_keys().ok_or(TransportError::AuthFailed(
+            "no session keys after authentication",
+        ))?;
+        let ledger = Arc::new(offer.layout.ledger(keys.page.clone())?);
+        let inbound = Arc::new(Inbound::new(
+            offer.layout.clone(),
+            match offer.option {
+                // Validated before Accept: the id is known.
+                PerformanceOption::Compression { codec, .. } => Codec::from_id(codec).ok(),
+                _ => None,
+            },
+            ledger.clone(),
+        ));
         let _allocation = self.metrics.allocated(offer.layout.total_bytes());
         // RDMA: listeners on the shared NICs, guest memory registered once
         // per device (a memlock failure is the rejection).
@@ -711,6 +742,7 @@ impl Destination {
                 Receive {
                     offer: &offer,
                     mem: &mem,
+                    inbound: &inbound,
                     timeout: self.opts.timeout,
                     resume: &self.resume,
                     metrics: &self.metrics,
@@ -839,6 +871,9 @@ impl DataChannels {
 struct Receive<'a> {
     offer: &'a Offer,
     mem: &'a Arc<DestMemory>,
+    /// What every data channel shares: layout, codec, the destination's
+    /// ledger and the round gate.
+    inbound: &'a Arc<Inbound>,
     timeout: Duration,
     resume: &'a ResumeHook,
     metrics: &'a Metrics,
@@ -856,25 +891,36 @@ fn total(all: &[Arc<RecvCounters>], counter: fn(&RecvCounters) -> &AtomicU64) ->
 }
 
 impl Receive<'_> {
+    /// The destination's evidence so far: the sum over every page of what
+    /// landed in it (see [`ferry_proto::evidence`]).
+    #[allow(dead_code)] // compared at switchover (issue 14)
+    fn evidence(&self) -> Evidence {
+        self.ledger().evidence()
+    }
+
+    /// The destination's ledger.
+    fn ledger(&self) -> &Ledger {
+        &self.inbound.ledger
+    }
+
     /// Starts receiving a data channel into its own counters (kept in
-    /// `all`, and in the metrics under the channel's index).
+    /// `all`, and in the metrics under the channel's index); every channel
+    /// shares the migration's [`Inbound`] (ledger, round gate).
     fn start_channel(
         &self,
         ch: &mut DataChannels,
         stream: Stream,
-        layout: &Arc<MemoryLayout>,
         all: &mut Vec<Arc<RecvCounters>>,
-        opts: RecvOptions,
     ) {
         let index = ch.opened;
-        let (l, m, c) = (
-            layout.clone(),
+        let (i, m, c) = (
+            self.inbound.clone(),
             self.mem.clone(),
             Arc::new(RecvCounters::default()),
         );
         let counters = c.clone();
         ch.start(stream, move |s| async move {
-            receive_channel_with(s, &l, &*m, &c, opts).await
+            receive_channel(s, &i, &*m, &c).await
         });
         if ch.opened > index {
             self.metrics
@@ -890,7 +936,6 @@ impl Receive<'_> {
         mut msgs: mpsc::Receiver<ferry_transport::Result<Msg>>,
         mut streams: mpsc::Receiver<Stream>,
     ) -> Result<(u64, u64, [u8; 16], String, Duration)> {
-        let layout = Arc::new(self.offer.layout.clone());
         // The RDMA channels' counters first, then one per TCP data channel
         // (each counted in the metrics under its index).
         let counters = Arc::new(RecvCounters::default());
@@ -904,19 +949,12 @@ impl Receive<'_> {
             self.metrics
                 .track_channel(self.migration_id, "rdma".into(), counters.clone());
             rdma_task.spawn(r.receive(
-                layout.clone(),
+                self.inbound.clone(),
                 self.mem.clone(),
                 counters.clone(),
                 self.timeout,
             ));
         }
-        let recv_opts = RecvOptions {
-            codec: match self.offer.option {
-                // Validated before Accept: the id is known.
-                PerformanceOption::Compression { codec, .. } => Codec::from_id(codec).ok(),
-                _ => None,
-            },
-        };
         let mut ch = DataChannels::default();
         let mut fencing: Option<(Vec<SocketAddr>, HashSet<SocketAddr>)> = None;
         let mut switchover = None;
@@ -931,7 +969,7 @@ impl Receive<'_> {
         while switchover.is_none() {
             tokio::select! {
                 Some(stream) = streams.recv(), if ch.opened < self.offer.channels => {
-                    self.start_channel(&mut ch, stream, &layout, &mut all_counters, recv_opts);
+                    self.start_channel(&mut ch, stream, &mut all_counters);
                 }
                 Some(done) = ch.set.join_next_with_id() => {
                     let (id, r) = match done {
@@ -983,7 +1021,7 @@ impl Receive<'_> {
                             ch.fenced.extend(channels.iter().copied());
                             // Channels accepted but not started yet: a fenced one is dropped.
                             while let Ok(stream) = streams.try_recv() {
-                                self.start_channel(&mut ch, stream, &layout, &mut all_counters, recv_opts);
+                                self.start_channel(&mut ch, stream, &mut all_counters);
                             }
                             let waiting: HashSet<SocketAddr> = channels.iter().copied().filter(|p| ch.abort(p)).collect();
                             tracing::warn!(?channels, closing = waiting.len(), "source lost data channels: fencing them");

@@ -7,7 +7,7 @@
 
 use ferry_ffi::vio;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
-use xxhash_rust::xxh3::xxh3_128;
+use xxhash_rust::xxh3::{xxh3_128, Xxh3};
 
 const BLOCK: usize = 4 << 20;
 
@@ -31,6 +31,10 @@ pub fn memory_digest<M: GuestMemoryBackend + Sync>(mem: &M) -> [u8; 16] {
     std::thread::scope(|s| {
         for (bl, out) in blocks.chunks(per).zip(hashes.chunks_mut(per)) {
             s.spawn(move || {
+                // Guest memory is read through a private copy, never a
+                // reference (ferry_ffi::vio): the streaming hash of the
+                // pieces equals the one-shot hash of the block.
+                let mut buf = Vec::new();
                 for (&(start, _, off, len), h) in bl.iter().zip(out.iter_mut()) {
                     let r = mem
                         .find_region(vm_memory::GuestAddress(start))
@@ -38,7 +42,12 @@ pub fn memory_digest<M: GuestMemoryBackend + Sync>(mem: &M) -> [u8; 16] {
                     let slice = r
                         .get_slice(MemoryRegionAddress(off as u64), len)
                         .expect("block inside region");
-                    *h = vio::with_bytes(&slice, xxh3_128);
+                    let mut x = Xxh3::new();
+                    let _ = vio::read_pieces::<_, ()>(&slice, &mut buf, 256 << 10, |_, b| {
+                        x.update(b);
+                        Ok(())
+                    });
+                    *h = x.digest128();
                 }
             });
         }

@@ -30,6 +30,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_ffi::vio;
+use ferry_proto::evidence::PageHash;
+use ferry_proto::{Evidence, Ledger};
 use ferry_transport::compress::{CompressConfig, CompressSender, CompressionSpec};
 use ferry_transport::conn::Conn;
 use ferry_transport::multichannel::{ChannelPath, Multichannel, MultichannelConfig};
@@ -85,9 +87,16 @@ pub struct SourceOptions {
     pub compression_workers: usize,
     /// Data channels: how many, over which interfaces, failover timeout.
     pub multichannel: MultichannelOptions,
-    /// Encryption (`--encrypt`): TLS on the control connection and every
-    /// data channel. `None`: plain TCP.
+    /// TLS identity for the control connection and every TCP data channel;
+    /// `None`: the one derived from the pre-shared key. TLS is always on
+    /// unless `plaintext`.
     pub tls: Option<Arc<TlsConfig>>,
+    /// `--plaintext`: consent to data crossing the network unencrypted (a
+    /// trusted, isolated migration network). With the tcp and compression
+    /// options nothing is encrypted (control messages stay authenticated);
+    /// the RDMA option needs it (RDMA WRITEs cannot be encrypted) and keeps
+    /// TLS on its control connection.
+    pub plaintext: bool,
 }
 
 impl Default for SourceOptions {
@@ -105,6 +114,7 @@ impl Default for SourceOptions {
             compression_workers: CompressConfig::default_workers(),
             multichannel: MultichannelOptions::default(),
             tls: None,
+            plaintext: false,
         }
     }
 }
@@ -560,9 +570,10 @@ pub struct Summary {
     pub digest_verified: bool,
     /// Per-channel counters.
     pub channels: Vec<ChannelStats>,
-    /// Encryption of the control connection and the TCP data channels
-    /// (TLS version, cipher suite, identity mode); `None` when plain.
-    pub encryption: Option<String>,
+    /// Encryption of the control connection and the data channels: TLS
+    /// version, cipher suite and identity mode, or what `--plaintext` left
+    /// unencrypted.
+    pub encryption: String,
 }
 
 /// Serializes a value as its `Display` text.
@@ -629,9 +640,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             }
             _ => None,
         };
-        if self.opts.tls.is_some() && self.opts.option == PerformanceOption::Rdma {
-            return Err(MigrationError::Config(RDMA_NOT_ENCRYPTED.into()));
-        }
+        let (control_tls, data_tls) = self.tls_settings()?;
         #[cfg(not(feature = "rdma"))]
         if self.opts.option == PerformanceOption::Rdma {
             return Err(MigrationError::Config(
@@ -651,11 +660,17 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 .map_err(|e| TransportError::io("peer address", "control", e))?,
         );
         let control = cancel
-            .or_cancel(secure(control, self.opts.tls.as_deref(), self.opts.timeout))
+            .or_cancel(secure(control, control_tls.as_deref(), self.opts.timeout))
             .await?;
         let mut conn = Conn::new(control, self.opts.timeout);
         cancel.or_cancel(conn.client_handshake(self.key)).await?;
         let layout = MemoryLayout::of(&*self.mem);
+        // Both sides keep evidence under the session's page key: here what
+        // is sent for each page, there what lands.
+        let keys = conn.session_keys().ok_or(TransportError::AuthFailed(
+            "no session keys after the handshake",
+        ))?;
+        let ledger = Arc::new(layout.ledger(keys.page.clone())?);
         conn.send(&Msg::Offer(Offer {
             layout: layout.clone(),
             guest: self.guest.config(),
@@ -720,6 +735,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             let mut run = Run {
                 src: self,
                 conn: &mut conn,
+                ledger: ledger.clone(),
                 paused_at: None,
                 commit_sent: false,
                 throttled: 0,
@@ -728,7 +744,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             return run.settle(result).await;
         }
         let data = match cancel
-            .or_cancel(self.open_channels(&accept, control_path))
+            .or_cancel(self.open_channels(&accept, control_path, data_tls))
             .await
         {
             Ok(d) => d,
@@ -745,6 +761,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
         let mut run = Run {
             src: self,
             conn: &mut conn,
+            ledger: ledger.clone(),
             paused_at: None,
             commit_sent: false,
             throttled: 0,
@@ -815,11 +832,36 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
 }
 
 impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
+    /// TLS of the control connection and of the TCP data channels: both
+    /// unless `--plaintext`; the RDMA option needs `--plaintext` (its data
+    /// cannot be encrypted) and keeps TLS on its control connection.
+    #[allow(clippy::type_complexity)]
+    fn tls_settings(&self) -> Result<(Option<Arc<TlsConfig>>, Option<Arc<TlsConfig>>)> {
+        let tls = || -> Result<Arc<TlsConfig>> {
+            match &self.opts.tls {
+                Some(t) => Ok(t.clone()),
+                None => Ok(Arc::new(TlsConfig::from_psk(self.key)?)),
+            }
+        };
+        match (self.opts.option, self.opts.plaintext) {
+            (PerformanceOption::Rdma, false) => {
+                Err(MigrationError::Config(RDMA_NOT_ENCRYPTED.into()))
+            }
+            (PerformanceOption::Rdma, true) => Ok((Some(tls()?), None)),
+            (_, true) => Ok((None, None)),
+            (_, false) => {
+                let t = tls()?;
+                Ok((Some(t.clone()), Some(t)))
+            }
+        }
+    }
+
     /// Pairs interfaces with the destination's and opens the data channels.
     async fn open_channels(
         &self,
         accept: &ferry_transport::proto::Accept,
         control: (std::net::SocketAddr, std::net::SocketAddr),
+        tls: Option<Arc<TlsConfig>>,
     ) -> Result<Vec<(Stream, ChannelPath)>> {
         let mc = &self.opts.multichannel;
         let local = nics::discover().unwrap_or_else(|e| {
@@ -832,13 +874,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             offered = accept.interfaces.len(),
             "opening data channels"
         );
-        nics::open_channels(
-            &planned,
-            accept.data_token,
-            self.opts.timeout,
-            self.opts.tls.clone(),
-        )
-        .await
+        nics::open_channels(&planned, accept.data_token, self.opts.timeout, tls).await
     }
 }
 
@@ -859,8 +895,21 @@ pub async fn connect(to: &str, timeout: Duration) -> Result<TcpStream> {
     }
 }
 
-/// Why `--encrypt` refuses the RDMA option.
-pub const RDMA_NOT_ENCRYPTED: &str = "--encrypt cannot protect --performance-option rdma: RDMA data channels move pages by RDMA WRITE, unencrypted. Use --performance-option tcp or compression to encrypt, or leave out --encrypt on a trusted, isolated migration network";
+/// Why the RDMA option needs `--plaintext`.
+pub const RDMA_NOT_ENCRYPTED: &str = "--performance-option rdma needs --plaintext on both ends: RDMA data channels move pages by RDMA WRITE, unencrypted (its control connection keeps TLS). Use --performance-option tcp or compression to encrypt, or add --plaintext to ferry send and ferry listen on a trusted, isolated migration network";
+
+/// What was encrypted, for the summary and `--json`: the control
+/// connection's TLS session (version, suite, identity mode), and whether
+/// the data channels shared it.
+pub fn describe_encryption(conn: &Conn, option: PerformanceOption) -> String {
+    match (conn.encryption(), option) {
+        (Some(tls), PerformanceOption::Rdma) => {
+            format!("{tls} on the control connection; RDMA data channels unencrypted (--plaintext)")
+        }
+        (Some(tls), _) => format!("{tls}, on the control connection and every data channel"),
+        (None, _) => "none (--plaintext)".into(),
+    }
+}
 
 /// Starts TLS on a connected socket when `tls` is given.
 pub async fn secure(tcp: TcpStream, tls: Option<&TlsConfig>, timeout: Duration) -> Result<Stream> {
@@ -901,6 +950,9 @@ pub async fn open_data_channel(
 struct Run<'r, 'a, G: GuestControl, D: DirtyLog> {
     src: &'r Source<'a, G, D>,
     conn: &'r mut Conn,
+    /// The source's evidence: for every page, the hash of what was last
+    /// sent for it (recorded as chunks are built).
+    ledger: Arc<Ledger>,
     paused_at: Option<Instant>,
     commit_sent: bool,
     /// Auto-converge throttle applied to the guest, percent.
@@ -909,55 +961,67 @@ struct Run<'r, 'a, G: GuestControl, D: DirtyLog> {
 
 /// Returns true if the page holds only zero bytes.
 pub fn is_zero_page(p: &[u8]) -> bool {
-    if p[..64].iter().any(|&b| b != 0) {
-        return false;
-    }
-    p.chunks_exact(64)
-        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+    ferry_proto::evidence::is_zero(p)
 }
 
-/// Builds chunks from a dirty set, detecting zero pages. A zero page becomes
-/// a zero run (or is skipped when `skip_zero`: the destination's memory starts
-/// zeroed, so round 0 need not mention it).
+/// Builds chunks from a dirty set in one pass over each page: the page is
+/// copied out of guest memory once ([`vio::copy_out`], the only read of it
+/// here), and on that private copy it is tested for zero and hashed with
+/// the session's page key; the hash is recorded in the source's ledger
+/// (what was sent for the page) and its contribution summed into the
+/// chunk's. A zero page becomes a zero run (or is skipped when `skip_zero`:
+/// the destination's memory starts zeroed, so round 0 need not mention it).
 struct Chunker<'m> {
     mem: &'m SourceMemory,
+    ledger: &'m Ledger,
     max_payload: u64,
     skip_zero: bool,
     round: u32,
     cur: Vec<PageRun>,
     payload: u64,
+    /// Sum of the current chunk's pages' contributions.
+    sum: u128,
+    /// Change to the evidence not applied yet.
+    delta: u128,
+    /// The private copy of one page.
+    page: Vec<u8>,
 }
 
-impl Chunker<'_> {
-    fn push(&mut self, run: PageRun, out: &mut Vec<Chunk>, seq: &mut u64) {
-        if run.zero && self.skip_zero {
-            return;
+impl<'m> Chunker<'m> {
+    fn new(
+        mem: &'m SourceMemory,
+        ledger: &'m Ledger,
+        max_payload: u64,
+        round: u32,
+        skip_zero: bool,
+    ) -> Self {
+        Chunker {
+            mem,
+            ledger,
+            max_payload: max_payload.max(PAGE_SIZE),
+            skip_zero,
+            round,
+            cur: Vec::new(),
+            payload: 0,
+            sum: 0,
+            delta: 0,
+            page: vec![0; PAGE_SIZE as usize],
         }
-        let max_pages = (self.max_payload / PAGE_SIZE).max(1) as u32;
-        if !run.zero && run.pages > max_pages {
-            let head = PageRun {
-                pages: max_pages,
-                ..run
-            };
-            let tail = PageRun {
-                gpa: run.gpa + head.bytes(),
-                pages: run.pages - max_pages,
-                zero: false,
-            };
-            self.push(head, out, seq);
-            return self.push(tail, out, seq);
-        }
-        if self.payload + run.payload_bytes() > self.max_payload {
-            self.cut(out, seq);
-        }
-        self.payload += run.payload_bytes();
+    }
+
+    /// Appends one page (zero or not) to the current chunk.
+    fn push(&mut self, gpa: u64, zero: bool) {
         match self.cur.last_mut() {
-            Some(last) if last.zero == run.zero && last.gpa + last.bytes() == run.gpa => {
-                last.pages += run.pages
-            }
-            _ => self.cur.push(run),
+            Some(last) if last.zero == zero && last.gpa + last.bytes() == gpa => last.pages += 1,
+            _ => self.cur.push(PageRun {
+                gpa,
+                pages: 1,
+                zero,
+            }),
         }
-        self.maybe_cut(out, seq);
+        if !zero {
+            self.payload += PAGE_SIZE;
+        }
     }
 
     fn maybe_cut(&mut self, out: &mut Vec<Chunk>, seq: &mut u64) {
@@ -967,6 +1031,7 @@ impl Chunker<'_> {
     }
 
     fn cut(&mut self, out: &mut Vec<Chunk>, seq: &mut u64) {
+        self.ledger.apply(std::mem::take(&mut self.delta));
         if !self.cur.is_empty() {
             out.push(Chunk {
                 seq: *seq,
@@ -975,49 +1040,50 @@ impl Chunker<'_> {
             });
             *seq += 1;
             self.payload = 0;
+            self.sum = 0;
         }
     }
 
-    /// Splits `run` into zero / non-zero sub-runs and adds them.
-    fn add(&mut self, run: PageRun, out: &mut Vec<Chunk>, seq: &mut u64) {
-        let slice = self
-            .mem
-            .get_slice(GuestAddress(run.gpa), run.bytes() as usize)
-            .expect("dirty run inside guest memory");
-        let mut pieces = Vec::new();
-        vio::with_bytes(&slice, |bytes| {
-            let mut start = 0u32;
-            let mut zero = None;
-            for (i, p) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
-                let z = is_zero_page(p);
-                match zero {
-                    Some(prev) if prev != z => {
-                        pieces.push(PageRun {
-                            gpa: run.gpa + u64::from(start) * PAGE_SIZE,
-                            pages: i as u32 - start,
-                            zero: prev,
-                        });
-                        start = i as u32;
-                    }
-                    _ => {}
-                }
-                zero = Some(z);
+    /// Reads, tests, hashes and records every page of `run` and adds it.
+    fn add(&mut self, run: PageRun, out: &mut Vec<Chunk>, seq: &mut u64) -> Result<()> {
+        for p in 0..u64::from(run.pages) {
+            let gpa = run.gpa + p * PAGE_SIZE;
+            if self.payload + PAGE_SIZE > self.max_payload {
+                self.cut(out, seq);
             }
-            if let Some(z) = zero {
-                pieces.push(PageRun {
-                    gpa: run.gpa + u64::from(start) * PAGE_SIZE,
-                    pages: run.pages - start,
-                    zero: z,
-                });
+            let slice = self
+                .mem
+                .get_slice(GuestAddress(gpa), PAGE_SIZE as usize)
+                .map_err(|e| {
+                    MigrationError::Guest(format!("dirty page {gpa:#x} outside guest memory: {e}"))
+                })?;
+            vio::copy_out(&slice, &mut self.page);
+            let h = self.ledger.key().hash_or_zero(&self.page);
+            let (delta, contribution) = self.ledger.record_page(gpa, h).map_err(|e| {
+                MigrationError::Guest(format!("dirty page outside the layout: {e}"))
+            })?;
+            self.delta = self.delta.wrapping_add(delta);
+            let zero = h == PageHash::ZERO;
+            if zero && self.skip_zero {
+                continue;
             }
-        });
-        for p in pieces {
-            self.push(p, out, seq);
+            self.sum = self.sum.wrapping_add(contribution);
+            self.push(gpa, zero);
+            self.maybe_cut(out, seq);
         }
+        Ok(())
     }
 }
 
 impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
+    /// The source's evidence so far: the sum over every page of what was
+    /// last sent for it (see [`ferry_proto::evidence`]). Equal to the
+    /// destination's once every chunk landed and was acknowledged.
+    #[allow(dead_code)] // compared at switchover (issue 14)
+    fn evidence(&self) -> Evidence {
+        self.ledger.evidence()
+    }
+
     /// Settles a migration's outcome, whatever its transport: marks the
     /// progress done, or — when `Commit` was not sent yet — tells the
     /// destination to abort and resumes the guest if it was paused.
@@ -1097,14 +1163,13 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
     ) -> Result<RoundStats> {
         let started = Instant::now();
         let max_pages = (self.src.opts.chunk_bytes as u64 / PAGE_SIZE).max(1) as u32;
-        let mut ch = Chunker {
-            mem: &self.src.mem,
-            max_payload: u64::from(self.src.opts.chunk_bytes),
-            skip_zero: round == 0,
+        let mut ch = Chunker::new(
+            &self.src.mem,
+            &self.ledger,
+            u64::from(self.src.opts.chunk_bytes),
             round,
-            cur: Vec::new(),
-            payload: 0,
-        };
+            round == 0,
+        );
         let mut stats = RoundStats {
             round,
             ..Default::default()
@@ -1124,7 +1189,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         loop {
             let next = runs.next();
             match next {
-                Some(r) => ch.add(r, &mut ready, seq),
+                Some(r) => ch.add(r, &mut ready, seq)?,
                 None => ch.cut(&mut ready, seq),
             }
             for c in ready.drain(..) {
@@ -1441,13 +1506,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             digest: hex(&digest),
             digest_verified: true,
             channels,
-            encryption: opts.tls.as_ref().map(|t| {
-                format!(
-                    "TLS 1.3 {}, {}",
-                    self.conn.cipher_suite().unwrap_or_default(),
-                    t.mode()
-                )
-            }),
+            encryption: describe_encryption(self.conn, opts.option),
         })
     }
 }
@@ -1520,34 +1579,32 @@ mod tests {
         assert!(!is_zero_page(&p));
     }
 
+    fn test_ledger(layout: &MemoryLayout) -> Ledger {
+        layout
+            .ledger(ferry_proto::PageKey::from_secrets([3; 192], [5; 192]))
+            .unwrap()
+    }
+
     #[test]
-    fn chunker_splits_zero_and_data_runs_and_caps_payload() {
+    fn chunker_splits_zero_and_data_runs_caps_payload_and_records_evidence() {
         use crate::memory::{default_layout, source_memory};
         use vm_memory::Bytes;
-        let mem = source_memory(&default_layout(64 * PAGE_SIZE).unwrap()).unwrap();
+        let layout = default_layout(64 * PAGE_SIZE).unwrap();
+        let mem = source_memory(&layout).unwrap();
         for p in [0u64, 1, 2, 5, 6, 7, 8, 9] {
-            mem.write_slice(&[1], GuestAddress(p * PAGE_SIZE + 10))
+            mem.write_slice(&[p as u8 + 1], GuestAddress(p * PAGE_SIZE + 10))
                 .unwrap();
         }
+        let ledger = test_ledger(&layout);
         let mut out = Vec::new();
         let mut seq = 0;
-        let mut ch = Chunker {
-            mem: &mem,
-            max_payload: 4 * PAGE_SIZE,
-            skip_zero: false,
-            round: 2,
-            cur: vec![],
-            payload: 0,
+        let mut ch = Chunker::new(&mem, &ledger, 4 * PAGE_SIZE, 2, false);
+        let all12 = PageRun {
+            gpa: 0,
+            pages: 12,
+            zero: false,
         };
-        ch.add(
-            PageRun {
-                gpa: 0,
-                pages: 12,
-                zero: false,
-            },
-            &mut out,
-            &mut seq,
-        );
+        ch.add(all12, &mut out, &mut seq).unwrap();
         ch.cut(&mut out, &mut seq);
         let all: Vec<PageRun> = out.iter().flat_map(|c| c.runs.clone()).collect();
         let pages: u64 = all.iter().map(|r| u64::from(r.pages)).sum();
@@ -1564,27 +1621,54 @@ mod tests {
             out.iter().map(|c| c.seq).collect::<Vec<_>>(),
             (0..out.len() as u64).collect::<Vec<_>>()
         );
+        // The ledger holds exactly the pages' hashes: the same evidence as
+        // hashing them directly.
+        let direct = test_ledger(&layout);
+        for p in 0..12u64 {
+            let mut page = vec![0u8; PAGE_SIZE as usize];
+            mem.read_slice(&mut page, GuestAddress(p * PAGE_SIZE))
+                .unwrap();
+            let d = direct
+                .record(p * PAGE_SIZE, direct.key().hash_or_zero(&page))
+                .unwrap();
+            direct.apply(d);
+        }
+        assert_ne!(ledger.evidence(), Evidence::default());
+        assert_eq!(ledger.evidence(), direct.evidence());
+        // A page changed and sent again replaces its old hash.
+        mem.write_slice(&[0xee], GuestAddress(5 * PAGE_SIZE + 99))
+            .unwrap();
+        let again = PageRun {
+            gpa: 5 * PAGE_SIZE,
+            pages: 1,
+            zero: false,
+        };
+        let mut ch = Chunker::new(&mem, &ledger, 4 * PAGE_SIZE, 3, false);
+        ch.add(again, &mut out, &mut seq).unwrap();
+        ch.cut(&mut out, &mut seq);
+        assert_ne!(ledger.evidence(), direct.evidence());
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        mem.read_slice(&mut page, GuestAddress(5 * PAGE_SIZE))
+            .unwrap();
+        direct.apply(
+            direct
+                .record(5 * PAGE_SIZE, direct.key().hash_or_zero(&page))
+                .unwrap(),
+        );
+        assert_eq!(ledger.evidence(), direct.evidence());
         // Round 0 skips zero pages entirely.
         let mut out0 = Vec::new();
-        let mut ch0 = Chunker {
-            mem: &mem,
-            max_payload: 1 << 20,
-            skip_zero: true,
-            round: 0,
-            cur: vec![],
-            payload: 0,
-        };
-        ch0.add(
-            PageRun {
-                gpa: 0,
-                pages: 12,
-                zero: false,
-            },
-            &mut out0,
-            &mut seq,
-        );
+        let mut ch0 = Chunker::new(&mem, &ledger, 1 << 20, 0, true);
+        ch0.add(all12, &mut out0, &mut seq).unwrap();
         ch0.cut(&mut out0, &mut seq);
         assert!(out0.iter().flat_map(|c| &c.runs).all(|r| !r.zero));
         assert_eq!(out0.iter().map(|c| c.pages()).sum::<u64>(), 8);
+        // A run longer than a chunk is split over chunks.
+        let mut big = Vec::new();
+        let mut ch = Chunker::new(&mem, &ledger, 2 * PAGE_SIZE, 1, false);
+        ch.add(all12, &mut big, &mut seq).unwrap();
+        ch.cut(&mut big, &mut seq);
+        assert!(big.iter().all(|c| c.payload_bytes() <= 2 * PAGE_SIZE));
+        assert_eq!(big.iter().map(|c| c.pages()).sum::<u64>(), 12);
     }
 }

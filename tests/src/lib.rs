@@ -3,7 +3,9 @@
 //! protocol pieces.
 #![forbid(unsafe_code)]
 
+pub mod netns;
 pub mod proxy;
+pub mod qemu;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
@@ -127,9 +129,10 @@ fn drain<R: Read + Send + 'static>(r: R, live: Arc<Live>) -> std::thread::JoinHa
 }
 
 impl Proc {
-    /// Starts `ferry ARGS` with `RUST_LOG=warn` (warnings and errors).
+    /// Starts `ferry ARGS` with `RUST_LOG=warn,ferry=info`: the command's
+    /// own messages, and the libraries' warnings and errors.
     pub fn start(args: &[&str]) -> Proc {
-        Proc::start_logging(args, Some("warn"))
+        Proc::start_logging(args, Some("warn,ferry=info"))
     }
 
     /// Starts `ferry ARGS` with `RUST_LOG=log`, or without `RUST_LOG`
@@ -350,6 +353,18 @@ pub fn offer(bytes: u64) -> Offer {
         option: PerformanceOption::Tcp,
         channels: 1,
     }
+}
+
+/// Connects (plaintext), authenticates and sends `offer`; the answer is
+/// the caller's to read.
+pub async fn authed_offer(addr: SocketAddr, key: &AuthKey, offer: Offer) -> Conn {
+    let mut c = Conn::new(
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+        Duration::from_secs(10),
+    );
+    c.client_handshake(key).await.unwrap();
+    c.send(&Msg::Offer(offer)).await.unwrap();
+    c
 }
 
 /// Connects, authenticates and gets an offer of `bytes` accepted.

@@ -59,11 +59,11 @@ pub enum OptionArg {
     Compression,
     /// RDMA WRITE from registered guest memory straight into the
     /// destination's, over every RDMA NIC pair on a shared subnet (NOT
-    /// encrypted, so refused with --encrypt; needs RLIMIT_MEMLOCK above the
-    /// guest size).
+    /// encrypted: needs --plaintext on both ends; needs RLIMIT_MEMLOCK above
+    /// the guest size).
     Rdma,
-    /// rdma when both hosts have an RDMA NIC on a shared subnet (and no
-    /// --encrypt), else compression; says which it chose.
+    /// rdma when both hosts have an RDMA NIC on a shared subnet and
+    /// --plaintext is given, else compression; says which it chose.
     Auto,
 }
 
@@ -102,10 +102,14 @@ pub struct ListenArgs {
     /// File holding the pre-shared key (at least 16 bytes).
     #[arg(help_heading = SECURITY, long, value_name = "FILE")]
     pub auth_key_file: PathBuf,
-    /// Refuse sources that do not encrypt (Reject naming the cause), and
-    /// the RDMA option, whose data channels are not encrypted. Without it,
-    /// a source that asks for encryption still gets it.
+    /// Also accept sources that do not encrypt, and the RDMA option (whose
+    /// data channels cannot be encrypted). Only for a trusted, isolated
+    /// migration network: guest memory and device state cross it readable.
+    /// Without it (the default) every source must use TLS 1.3.
     #[arg(help_heading = SECURITY, long)]
+    pub plaintext: bool,
+    /// Encryption is the default: still accepted, changes nothing.
+    #[arg(long, hide = true, conflicts_with = "plaintext")]
     pub encrypt: bool,
     /// TLS identity: DIR/ca.pem (the CA sources' certificates must chain
     /// to), DIR/cert.pem and DIR/key.pem (this host's certificate and key).
@@ -187,16 +191,21 @@ pub struct EngineArgs {
     /// pre-copy has not switched over after this long, e.g. 10m.
     #[arg(help_heading = CONVERGENCE, long, value_parser = units::parse_duration, value_name = "DURATION")]
     pub timeout: Option<Duration>,
-    /// Encrypt the control connection and every TCP data channel (tcp and
-    /// compression options) with TLS 1.3, each channel its own session.
-    /// RDMA data channels are NOT encrypted: --encrypt refuses
-    /// --performance-option rdma, and auto then picks compression.
+    /// Do not encrypt (default: TLS 1.3 on the control connection and on
+    /// every TCP data channel, each its own session). Only for a trusted,
+    /// isolated migration network, and the destination must allow it
+    /// (ferry listen --plaintext). Needed for --performance-option rdma:
+    /// RDMA data channels are NOT encrypted (their control connection keeps
+    /// TLS).
     #[arg(help_heading = SECURITY, long)]
+    pub plaintext: bool,
+    /// Encryption is the default: still accepted, changes nothing.
+    #[arg(long, hide = true, conflicts_with = "plaintext")]
     pub encrypt: bool,
-    /// TLS identity for --encrypt: DIR/ca.pem (the CA the destination's
-    /// certificate must chain to), DIR/cert.pem and DIR/key.pem (this
-    /// host's). Without it, the identity is derived from the pre-shared key.
-    #[arg(help_heading = SECURITY, long, value_name = "DIR", requires = "encrypt")]
+    /// TLS identity: DIR/ca.pem (the CA the destination's certificate must
+    /// chain to), DIR/cert.pem and DIR/key.pem (this host's). Without it,
+    /// the identity is derived from the pre-shared key.
+    #[arg(help_heading = SECURITY, long, value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
     /// Write a JSON record here: the summary, per-round and per-channel
     /// figures, and a time series sampled every 100 ms (`ferry report`
@@ -250,7 +259,7 @@ pub fn source_options(e: &EngineArgs) -> anyhow::Result<SourceOptions> {
     if e.downtime_limit.is_zero() {
         bail!("--downtime-limit must be above zero");
     }
-    if e.encrypt && e.performance_option == OptionArg::Rdma {
+    if !e.plaintext && e.performance_option == OptionArg::Rdma {
         bail!("{}", ferry_migration::engine::RDMA_NOT_ENCRYPTED);
     }
     let chunk_bytes = u32::try_from(e.chunk_size)
@@ -296,5 +305,6 @@ pub fn source_options(e: &EngineArgs) -> anyhow::Result<SourceOptions> {
             channel_timeout: e.channel_timeout,
         },
         tls: None,
+        plaintext: e.plaintext,
     })
 }

@@ -24,8 +24,11 @@ Examples:
   ferry listen --listen 10.0.0.2:6600 --migration-network 10.0.0.0/24 \\
       --auth-key-file /etc/ferry/key --memory-limit 64GiB --metrics 127.0.0.1:9660
 
-  # Require encrypted sources, with certificates from 'ferry gen-certs'
-  ferry listen --auth-key-file /etc/ferry/key --encrypt --tls-dir /etc/ferry/tls";
+  # TLS identities from certificates ('ferry gen-certs') instead of the key
+  ferry listen --auth-key-file /etc/ferry/key --tls-dir /etc/ferry/tls
+
+  # A trusted, isolated migration network: also accept unencrypted sources and RDMA
+  ferry listen --listen 10.0.0.2:6600 --auth-key-file /etc/ferry/key --plaintext";
 
 pub const SEND_EXAMPLES: &str = "\
 Examples:
@@ -40,9 +43,13 @@ Examples:
   ferry send --to dst-host --auth-key-file /etc/ferry/key --dirty-rate 200MB/s \\
       --auto-converge --downtime-limit 500ms
 
-  # Encrypted, plain TCP, four data channels
-  ferry send --to dst-host --auth-key-file /etc/ferry/key --encrypt \\
-      --performance-option tcp --channels 4";
+  # Plain TCP (encrypted, as always unless --plaintext), four data channels
+  ferry send --to dst-host --auth-key-file /etc/ferry/key \\
+      --performance-option tcp --channels 4
+
+  # RDMA on a trusted, isolated network (unencrypted: --plaintext on both ends)
+  ferry send --to 10.0.0.2 --auth-key-file /etc/ferry/key --plaintext \\
+      --performance-option rdma";
 
 pub const DEMO_EXAMPLES: &str = "\
 Examples:

@@ -25,8 +25,8 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
         queue: a.queue,
         queue_timeout: a.queue_timeout,
         migration_networks: a.migration_network.clone(),
-        tls: Some(tls.clone()),
-        require_encryption: a.encrypt,
+        tls: tls.clone(),
+        plaintext: a.plaintext,
     };
     let dest = Destination::new(opts, resume_hook());
     if let Some(addr) = a.metrics {
@@ -45,10 +45,10 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     tracing::info!(
         "listening on {} ({}; TLS identity: {})",
         listener.local_addr()?,
-        if a.encrypt {
-            "encryption required"
+        if a.plaintext {
+            "--plaintext: unencrypted sources and the RDMA option accepted, TLS served to sources that ask"
         } else {
-            "encryption optional"
+            "TLS 1.3 required"
         },
         tls.mode()
     );

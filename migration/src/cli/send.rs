@@ -60,8 +60,15 @@ pub async fn run_source(
     progress: &Arc<Progress>,
 ) -> anyhow::Result<Summary> {
     let mut opts = source_options(e)?;
-    if e.encrypt {
-        opts.tls = Some(tls_config(e.tls_dir.as_deref(), key)?);
+    opts.tls = Some(tls_config(e.tls_dir.as_deref(), key)?);
+    if e.plaintext {
+        tracing::warn!(
+            "--plaintext: {} cross the network unencrypted",
+            match e.performance_option {
+                OptionArg::Rdma => "guest pages (RDMA WRITE)",
+                _ => "guest pages, device state and control messages",
+            }
+        );
     }
     // auto: try rdma when this host has an RDMA NIC; if the destination
     // refuses the option (no RDMA NIC, no shared subnet), fall back to
@@ -70,8 +77,8 @@ pub async fn run_source(
     if e.performance_option == OptionArg::Auto && opts.bandwidth_limit.is_some() {
         tracing::info!("auto: chose {fallback} (--bandwidth-limit: RDMA is not paced)");
     } else if e.performance_option == OptionArg::Auto {
-        let usable = if e.encrypt {
-            Err("--encrypt: RDMA data channels are not encrypted".to_string())
+        let usable = if !e.plaintext {
+            Err("RDMA data channels are not encrypted: rdma only with --plaintext".to_string())
         } else {
             auto_rdma(&opts.multichannel)
         };
@@ -209,8 +216,8 @@ pub async fn demo(a: DemoArgs, quiet: bool) -> anyhow::Result<()> {
         queue: 0,
         queue_timeout: Duration::ZERO,
         migration_networks: Vec::new(),
-        tls: Some(tls_config(a.engine.tls_dir.as_deref(), &key)?),
-        require_encryption: a.engine.encrypt,
+        tls: tls_config(a.engine.tls_dir.as_deref(), &key)?,
+        plaintext: a.engine.plaintext,
     };
     let outputs = Outputs::check(&a.engine)?;
     let (tx, mut rx) = mpsc::unbounded_channel();

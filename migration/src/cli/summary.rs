@@ -125,12 +125,7 @@ fn summary(s: &Summary) -> String {
             );
         }
     }
-    if let Some(enc) = &s.encryption {
-        outln!(
-            out,
-            "  encryption: {enc}, on the control connection and every data channel"
-        );
-    }
+    outln!(out, "  encryption: {}", s.encryption);
     outln!(out, "  digest {} verified on both sides", s.digest);
     out
 }
