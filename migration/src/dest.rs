@@ -55,6 +55,7 @@ use crate::error::{MigrationError, Result};
 use crate::memory::{dest_memory, DestMemory};
 use crate::metrics::{Attempt, Metrics};
 use crate::nics;
+use crate::units::human_exact;
 
 /// Destination settings.
 #[derive(Debug, Clone)]
@@ -358,8 +359,10 @@ impl Destination {
         let limit = self.opts.memory_limit;
         if r.saturating_add(bytes) > limit {
             return Err(format!(
-                "guest memory of {bytes} bytes plus the {} bytes of the migrations already accepted is above this destination's --memory-limit of {limit} bytes",
-                *r
+                "guest memory of {} plus the {} of the migrations already accepted is above this destination's --memory-limit of {}",
+                human_exact(bytes),
+                human_exact(*r),
+                human_exact(limit),
             ));
         }
         *r += bytes;
@@ -554,7 +557,11 @@ impl Destination {
         if total > self.opts.memory_limit {
             return Err((
                 RejectReason::MemoryLimit,
-                format!("guest memory of {total} bytes is above this destination's --memory-limit of {} bytes", self.opts.memory_limit),
+                format!(
+                    "guest memory of {} is above this destination's --memory-limit of {}",
+                    human_exact(total),
+                    human_exact(self.opts.memory_limit)
+                ),
             ));
         }
         match offer.option {

@@ -352,6 +352,9 @@ pub enum Event {
         option: String,
         /// Data channels open.
         channels: usize,
+        /// The addresses the destination offered for data channels (none:
+        /// they follow the control connection).
+        offered: Vec<String>,
     },
     /// A pre-copy round ended: its figures, as in the summary's `rounds`
     /// (`dirty_bytes_after` is what the next round must send).
@@ -731,6 +734,11 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 migration_id: accept.migration_id,
                 option: self.opts.option.to_string(),
                 channels: t.stats().len(),
+                offered: accept
+                    .interfaces
+                    .iter()
+                    .map(|i| i.addr.to_string())
+                    .collect(),
             });
             let mut run = Run {
                 src: self,
@@ -757,6 +765,11 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             migration_id: accept.migration_id,
             option: self.opts.option.to_string(),
             channels: data.len(),
+            offered: accept
+                .interfaces
+                .iter()
+                .map(|i| i.addr.to_string())
+                .collect(),
         });
         let mut run = Run {
             src: self,

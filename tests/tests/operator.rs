@@ -530,3 +530,50 @@ fn the_events_stream_tells_the_migration_in_order() {
     assert!(last.get("error").is_none(), "{last}");
     dest.kill();
 }
+
+#[test]
+fn listen_takes_a_host_name_and_send_says_when_a_port_is_not_ferry() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    // --listen accepts a name, as --to does.
+    let port = free_port();
+    let dest = Proc::start(&[
+        "listen",
+        "--listen",
+        &format!("localhost:{port}"),
+        "--auth-key-file",
+        key.to_str().unwrap(),
+    ]);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_for_port(addr, "ferry listen --listen localhost:PORT");
+    let ok = send(addr, &key, &["--memory", "16MiB"], WAIT);
+    assert!(ok.status.success(), "{}", ok.all());
+    dest.wait_for_output(" committed: 16.00 MiB", WAIT);
+    dest.kill();
+
+    // Something else on the port: named as such, not a bare protocol error.
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_addr = other.local_addr().unwrap();
+    let banner = std::thread::spawn(move || {
+        use std::io::Write;
+        if let Ok((mut c, _)) = other.accept() {
+            let _ = c.write_all(b"SSH-2.0-OpenSSH_9.2\r\n");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    let out = send(
+        other_addr,
+        &key,
+        &["--memory", "16MiB", "--plaintext"],
+        WAIT,
+    );
+    banner.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", out.all());
+    assert!(
+        out.stderr.contains(&format!(
+            "{other_addr} is not a ferry listen port: it answered \"SSH-\""
+        )),
+        "{}",
+        out.all()
+    );
+}

@@ -9,14 +9,21 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use super::args::ListenArgs;
-use super::{resume_hook, signals, tls_config, units};
+use super::{resume_hook, signals, tls_config, units, with_port};
 
 pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     let key = AuthKey::from_file(&a.auth_key_file)?;
     let tls = tls_config(a.tls_dir.as_deref(), &key)?;
-    let listener = TcpListener::bind(a.listen)
+    let listen = with_port(&a.listen);
+    let addr = tokio::net::lookup_host(&listen)
         .await
-        .with_context(|| format!("cannot listen on {}", a.listen))?;
+        .with_context(|| format!("--listen {}: cannot resolve it", a.listen))?
+        .next()
+        .with_context(|| format!("--listen {}: no address", a.listen))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (--listen {})", a.listen))?;
+    let one_path = one_path_note(addr.ip(), &a.migration_network);
     let opts = ListenOptions {
         key,
         memory_limit: a.memory_limit,
@@ -63,7 +70,7 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     while let Some(o) = rx.recv().await {
         match &o.result {
             Ok(s) => println!(
-                "migration {} from {} committed: {} ({} bytes) in {:.2} s, pause {:.1} ms, digest {} verified; {}",
+                "migration {} from {} committed: {} ({} bytes) in {:.2} s, pause {:.1} ms, digest {} verified; {}{}",
                 s.migration_id,
                 o.peer,
                 units::human(s.memory_bytes),
@@ -71,7 +78,8 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
                 s.total_ms / 1e3,
                 s.downtime_ms,
                 s.digest,
-                s.resume_report
+                s.resume_report,
+                one_path.as_deref().map(|n| format!("; {n}")).unwrap_or_default()
             ),
             Err(e) => println!("migration from {} failed: {e}", o.peer),
         }
@@ -85,4 +93,43 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
         tracing::info!("stopped: every migration ended and its memory was freed");
     }
     Ok(())
+}
+
+/// A daemon listening on one address takes data channels there only: when
+/// this host has other usable interfaces (inside `--migration-network`), it
+/// says so at start (with the fix) and returns the note each migration's
+/// line carries.
+fn one_path_note(
+    ip: std::net::IpAddr,
+    networks: &[ferry_transport::multichannel::Cidr],
+) -> Option<String> {
+    // A loopback daemon serves this host only: one path is all there is.
+    if ip.is_loopback() {
+        return None;
+    }
+    let local = match ferry_migration::nics::discover() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!("cannot list interfaces: {e}");
+            return None;
+        }
+    };
+    let unreached = ferry_migration::nics::unreached(&local, networks, ip);
+    if unreached.is_empty() {
+        return None;
+    }
+    let list = unreached
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    tracing::warn!(
+        unreached = %list,
+        "listening on {ip} only: sources can open data channels to this address alone, so each migration gets one network path although this host has {} more usable interface(s) ({list}); to stripe over them, listen on {} (with --migration-network CIDR to keep migrations to that network)",
+        unreached.len(),
+        if ip.is_ipv4() { "0.0.0.0" } else { "[::]" },
+    );
+    Some(format!(
+        "one network path only: listening on {ip}, not on {list}"
+    ))
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use ferry_migration::dest::ResumeHook;
 use ferry_migration::guest::{verify_pages, SyntheticState, SYNTHETIC_FORMAT};
 use ferry_transport::auth::AuthKey;
+use ferry_transport::proto::DEFAULT_PORT;
 use ferry_transport::tls::TlsConfig;
 
 pub mod args;
@@ -46,6 +47,18 @@ pub fn resume_hook() -> ResumeHook {
             st.writes, c.pattern, c.zero, c.other
         ))
     })
+}
+
+/// `HOST[:PORT]` with Ferry's port when none is given.
+pub fn with_port(to: &str) -> String {
+    let has_port = to
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')));
+    if has_port {
+        to.to_string()
+    } else {
+        format!("{to}:{DEFAULT_PORT}")
+    }
 }
 
 /// The exit status for a failed command (README, "Exit statuses"):

@@ -11,13 +11,13 @@ use ferry_migration::guest::{SyntheticConfig, SyntheticGuest};
 use ferry_migration::memory::{default_layout, source_memory};
 use ferry_migration::nics::MultichannelOptions;
 use ferry_transport::auth::AuthKey;
-use ferry_transport::proto::{PerformanceOption, DEFAULT_PORT};
+use ferry_transport::proto::PerformanceOption;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use super::args::{source_options, DemoArgs, EngineArgs, GuestArgs, OptionArg, SendArgs};
 use super::session::{GuestState, Outputs};
-use super::{resume_hook, signals, tls_config, units};
+use super::{resume_hook, signals, tls_config, units, with_port};
 
 pub fn start_guest(g: &GuestArgs) -> anyhow::Result<SyntheticGuest> {
     if let Some(binary) = g.memory.binary_reading() {
@@ -38,17 +38,6 @@ pub fn start_guest(g: &GuestArgs) -> anyhow::Result<SyntheticGuest> {
         seed: 1,
     };
     Ok(SyntheticGuest::start(mem, cfg)?)
-}
-
-pub fn with_port(to: &str) -> String {
-    let has_port = to
-        .rsplit_once(':')
-        .is_some_and(|(h, p)| p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')));
-    if has_port {
-        to.to_string()
-    } else {
-        format!("{to}:{DEFAULT_PORT}")
-    }
 }
 
 pub async fn run_source(
@@ -158,7 +147,46 @@ pub async fn run_source_with(
         progress: progress.clone(),
         cancel: cancel.clone(),
     };
-    Ok(src.migrate().await?)
+    let to = src.to.clone();
+    src.migrate().await.map_err(|e| not_ferry(e, &to))
+}
+
+/// Names the likely cause when what answered at `to` is not a Ferry
+/// destination: something else on that port (it answered in another
+/// protocol), or nothing that speaks (no answer to the hello).
+fn not_ferry(e: ferry_migration::MigrationError, to: &str) -> anyhow::Error {
+    use ferry_migration::MigrationError as M;
+    use ferry_transport::TransportError as T;
+    let hint = match &e {
+        M::Transport(T::BadMagic {
+            what: "control frame",
+            found,
+            ..
+        }) => {
+            let text: String = found
+                .iter()
+                .map(|b| match *b {
+                    b if b.is_ascii_graphic() || b == b' ' => char::from(b),
+                    _ => '.',
+                })
+                .collect();
+            Some(format!(
+                "{to} is not a ferry listen port: it answered {text:?}, not Ferry (check the host and port)"
+            ))
+        }
+        M::Transport(T::Timeout { what, after })
+            if what.contains("hello") || what.contains("TLS handshake") =>
+        {
+            Some(format!(
+                "no Ferry destination answered at {to} within {after:?}: the port accepted the connection but said nothing (is it a ferry listen port?)"
+            ))
+        }
+        _ => None,
+    };
+    match hint {
+        Some(h) => anyhow::Error::new(e).context(h),
+        None => e.into(),
+    }
 }
 
 /// Where the guest runs after `result`.
@@ -166,7 +194,8 @@ fn guest_state(result: &anyhow::Result<Summary>, guest: Option<&SyntheticGuest>)
     match (result, guest) {
         (Ok(_), _) => GuestState::Destination,
         (Err(_), Some(g)) if !g.is_running() => GuestState::PausedOnSource,
-        (Err(_), _) => GuestState::Source,
+        (Err(_), Some(_)) => GuestState::Source,
+        (Err(_), None) => GuestState::NotStarted,
     }
 }
 

@@ -27,13 +27,16 @@ pub enum GuestState {
     Source,
     /// `Commit` went unconfirmed: paused on the source.
     PausedOnSource,
+    /// The migration failed before the guest was set up (a bad key
+    /// file, guest memory that cannot be allocated).
+    NotStarted,
 }
 
 impl GuestState {
     fn name(self) -> &'static str {
         match self {
             GuestState::Destination => "destination",
-            GuestState::Source => "source",
+            GuestState::Source | GuestState::NotStarted => "source",
             GuestState::PausedOnSource => "paused_on_source",
         }
     }
@@ -135,6 +138,7 @@ impl Sink {
 struct Seen {
     migration_id: Option<u64>,
     option: Option<String>,
+    offered: Vec<String>,
     rounds: Vec<RoundStats>,
 }
 
@@ -236,11 +240,12 @@ impl Session {
                         o => o.name(),
                     },
                     match guest {
-                        GuestState::PausedOnSource => "the guest is left paused on this host (running: false): it may already run on the destination, check there before resuming it",
-                        _ => "the guest keeps running on this host (running: true)",
+                        GuestState::PausedOnSource => "; the guest is left paused on this host (running: false): it may already run on the destination, check there before resuming it",
+                        GuestState::NotStarted => "",
+                        _ => "; the guest keeps running on this host (running: true)",
                     },
                 );
-                let msg = format!("migration {what}: {err:#}; {guest_says}");
+                let msg = format!("migration {what}: {err:#}{guest_says}");
                 macro_rules! event {
                     ($level:ident) => {
                         tracing::$level!(
@@ -301,7 +306,8 @@ impl Session {
             }
         }
         if let Ok(s) = &result {
-            print_summary(s, self.events_on_stdout);
+            let notes: Vec<String> = one_path_note(&seen.offered).into_iter().collect();
+            print_summary(s, &notes, self.events_on_stdout);
         }
         result
     }
@@ -331,10 +337,12 @@ async fn pump(mut feed: mpsc::UnboundedReceiver<Stamped>, mut sink: Option<Sink>
             Event::Connected {
                 migration_id,
                 option,
+                offered,
                 ..
             } => {
                 seen.migration_id = Some(*migration_id);
                 seen.option = Some(option.clone());
+                seen.offered = offered.clone();
             }
             Event::Round(r) => seen.rounds.push(r.clone()),
             _ => {}
@@ -348,4 +356,21 @@ async fn pump(mut feed: mpsc::UnboundedReceiver<Stamped>, mut sink: Option<Sink>
         }
     }
     seen
+}
+
+/// When the destination offered one address for data channels and this
+/// host has more usable interfaces, the migration used one network path:
+/// says so, and the likely reason.
+fn one_path_note(offered: &[String]) -> Option<String> {
+    let [only] = offered else {
+        return None;
+    };
+    let usable = ferry_migration::nics::discover()
+        .map(|l| l.iter().filter(|n| n.usable()).count())
+        .unwrap_or(0);
+    (usable > 1).then(|| {
+        format!(
+            "one network path: the destination offered data channels on {only} only, though this host has {usable} usable interfaces (a destination listening on one address takes data channels there only: ferry listen --listen 0.0.0.0:6600 stripes over all its NICs)"
+        )
+    })
 }

@@ -16,8 +16,11 @@ macro_rules! outln {
 
 /// Prints the summary of a committed migration: on stdout, or on stderr
 /// when stdout carries `--events -`.
-pub fn print_summary(s: &Summary, to_stderr: bool) {
-    let text = summary(s);
+pub fn print_summary(s: &Summary, notes: &[String], to_stderr: bool) {
+    let mut text = summary(s);
+    for n in notes {
+        text.push_str(&format!("  note: {n}\n"));
+    }
     if to_stderr {
         eprint!("{text}");
     } else {
