@@ -48,12 +48,14 @@ use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::digest::{hex, memory_digest};
 use crate::error::{MigrationError, Result};
 use crate::memory::{dest_memory, DestMemory};
 use crate::metrics::{Attempt, Metrics};
 use crate::nics;
+use crate::units::human_exact;
 
 /// Destination settings.
 #[derive(Debug, Clone)]
@@ -240,14 +242,25 @@ impl Destination {
             }
             let me = self.clone();
             let out = outcomes.clone();
-            tasks.spawn(async move {
-                if let Some(result) = me.handle(stream, listen_ip).await {
-                    let _ = out.send(Outcome {
-                        peer: addr.to_string(),
-                        result,
-                    });
+            // Every log line of the connection names its peer and, once
+            // accepted, its migration id.
+            let span = tracing::info_span!(
+                "migration",
+                peer = %addr,
+                migration_id = tracing::field::Empty
+            );
+            tasks.spawn(
+                async move {
+                    if let Some(result) = me.handle(stream, listen_ip).await {
+                        log_outcome(&result);
+                        let _ = out.send(Outcome {
+                            peer: addr.to_string(),
+                            result,
+                        });
+                    }
                 }
-            });
+                .instrument(span),
+            );
         }
         drop(listener);
         tracing::info!(
@@ -355,8 +368,10 @@ impl Destination {
         let limit = self.opts.memory_limit;
         if r.saturating_add(bytes) > limit {
             return Err(format!(
-                "guest memory of {bytes} bytes plus the {} bytes of the migrations already accepted is above this destination's --memory-limit of {limit} bytes",
-                *r
+                "guest memory of {} plus the {} of the migrations already accepted is above this destination's --memory-limit of {}",
+                human_exact(bytes),
+                human_exact(*r),
+                human_exact(limit),
             ));
         }
         *r += bytes;
@@ -566,7 +581,11 @@ impl Destination {
         if total > self.opts.memory_limit {
             return Err((
                 RejectReason::MemoryLimit,
-                format!("guest memory of {total} bytes is above this destination's --memory-limit of {} bytes", self.opts.memory_limit),
+                format!(
+                    "guest memory of {} is above this destination's --memory-limit of {}",
+                    human_exact(total),
+                    human_exact(self.opts.memory_limit)
+                ),
             ));
         }
         match offer.option {
@@ -712,6 +731,7 @@ impl Destination {
         crate::memory::populate_in_background(mem.clone(), stop_populate.clone());
         let (tx, rx) = mpsc::channel(usize::from(offer.channels));
         let migration_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        tracing::Span::current().record("migration_id", migration_id);
         let Some(keys) = conn.session_keys() else {
             return Err(TransportError::AuthFailed("no session keys after authentication").into());
         };
@@ -789,11 +809,28 @@ impl Destination {
                 downtime_ms: downtime.as_secs_f64() * 1e3,
             }),
             Err(e) => {
-                tracing::warn!(migration_id, "migration aborted: {e}");
+                tracing::debug!(migration_id, "migration aborted, telling the source: {e}");
                 writer.abort(&e.to_string()).await;
                 Err(e)
             }
         }
+    }
+}
+
+/// The event of a migration's end: committed (with its size and pause)
+/// or failed (with the reason), inside its span (peer, migration id).
+fn log_outcome(result: &Result<DestSummary>) {
+    match result {
+        Ok(s) => tracing::info!(
+            migration_id = s.migration_id,
+            bytes = s.memory_bytes,
+            payload_bytes = s.payload_bytes,
+            downtime_ms = s.downtime_ms,
+            total_ms = s.total_ms,
+            digest = %s.digest,
+            "migration committed"
+        ),
+        Err(e) => tracing::warn!(reason = %e.reason(), "migration failed: {e}"),
     }
 }
 
