@@ -830,6 +830,10 @@ fn log_outcome(result: &Result<DestSummary>) {
             digest = %s.digest,
             "migration committed"
         ),
+        Err(MigrationError::Transport(TransportError::PeerAborted(why))) => tracing::warn!(
+            reason = "peer_aborted",
+            "migration failed: the source aborted it: {why}"
+        ),
         Err(e) => tracing::warn!(reason = %e.reason(), "migration failed: {e}"),
     }
 }

@@ -192,6 +192,8 @@ pub struct Partial {
     pub total_ms: f64,
     /// `--downtime-limit`, ms.
     pub downtime_limit_ms: f64,
+    /// `--bandwidth-limit`, bytes per second (all channels together).
+    pub bandwidth_limit: Option<u64>,
     /// The rounds finished (no final copy).
     pub rounds: Vec<RoundStats>,
     /// Per-channel counters at the end.

@@ -577,3 +577,54 @@ fn listen_takes_a_host_name_and_send_says_when_a_port_is_not_ferry() {
         out.all()
     );
 }
+
+#[test]
+fn a_record_that_cannot_be_written_after_a_commit_is_only_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let (dest, addr) = daemon(&key, &[]);
+    // The record's directory exists when the command checks it, and is
+    // gone by the time the record is written.
+    let out_dir = dir.path().join("records");
+    std::fs::create_dir(&out_dir).unwrap();
+    let json = out_dir.join("r.json");
+    let events = dir.path().join("e.jsonl");
+    let src = start_send(
+        addr,
+        &key,
+        &[
+            &SLOW[..],
+            &[
+                "--json",
+                json.to_str().unwrap(),
+                "--events",
+                events.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    wait_for_file(&events, "\"phase\":\"precopy\"", WAIT);
+    std::fs::remove_dir_all(&out_dir).unwrap();
+    let src = src.wait(WAIT);
+    assert_eq!(
+        src.status.code(),
+        Some(0),
+        "a committed migration: {}",
+        src.all()
+    );
+    assert!(src.stdout.contains("migration committed"), "{}", src.all());
+    assert!(
+        src.stderr.contains(&format!(
+            "the migration committed, but its --json record could not be written to {}",
+            json.display()
+        )),
+        "{}",
+        src.all()
+    );
+    assert!(
+        !src.stderr.contains("keeps running on this host"),
+        "{}",
+        src.all()
+    );
+    dest.kill();
+}

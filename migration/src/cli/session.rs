@@ -276,6 +276,7 @@ impl Session {
                 memory_bytes,
                 total_ms,
                 downtime_limit_ms: e.downtime_limit.as_secs_f64() * 1e3,
+                bandwidth_limit: e.bandwidth_limit,
                 rounds: seen.rounds.clone(),
                 channels: self.progress.channels(),
             });
