@@ -64,10 +64,21 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Writes a key file with `bytes` and returns its path.
+/// Writes a key file holding `bytes` as `ferry gen-key` writes one (base64,
+/// mode 0600) and returns its path.
 pub fn key_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    use base64::Engine;
+    use std::os::unix::fs::OpenOptionsExt;
     let p = dir.join(name);
-    std::fs::write(&p, bytes).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&p)
+        .unwrap();
+    let text = base64::engine::general_purpose::STANDARD.encode(bytes) + "\n";
+    std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
     p
 }
 

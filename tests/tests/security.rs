@@ -356,3 +356,103 @@ fn tls_bits_flipped_in_the_encrypted_stream_are_refused() {
         "the TLS session refused the changed record: {all}"
     );
 }
+
+/// Runs `ferry ARGS` to completion.
+fn ferry(args: &[&str]) -> Output {
+    ferry_tests::Proc::start(args).wait(Duration::from_secs(60))
+}
+
+#[test]
+fn gen_key_output_is_accepted_and_weak_or_exposed_key_files_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    let k = key.to_str().unwrap();
+    let out = ferry(&["gen-key", k]);
+    assert!(out.status.success(), "{}", out.all());
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let written = std::fs::read(&key).unwrap();
+    // Never overwritten.
+    let again = ferry(&["gen-key", k]);
+    assert!(!again.status.success(), "{}", again.all());
+    assert!(
+        again.stderr.contains("exists: not overwritten"),
+        "{}",
+        again.all()
+    );
+    assert_eq!(std::fs::read(&key).unwrap(), written);
+    // Accepted by both ends: a migration commits with it.
+    let (dest, addr) = listen(&key, &[]);
+    let src = send(
+        addr,
+        &key,
+        &["--memory", "16MiB", "--dirty-rate", "0"],
+        WAIT,
+    );
+    let dest = dest.wait(Duration::from_secs(60));
+    assert!(src.status.success(), "{}", src.all());
+    assert!(dest.status.success(), "{}", dest.all());
+
+    // Refused by send and by listen, before anything is sent or bound,
+    // each naming the fix.
+    let refused = |file: &std::path::Path, want: &[&str]| {
+        let f = file.to_str().unwrap();
+        let port = ferry_tests::free_port().to_string();
+        let to = format!("127.0.0.1:{port}");
+        let listen_addr = to.clone();
+        for out in [
+            ferry(&[
+                "send",
+                "--to",
+                &to,
+                "--auth-key-file",
+                f,
+                "--memory",
+                "16MiB",
+            ]),
+            ferry(&[
+                "listen",
+                "--listen",
+                &listen_addr,
+                "--auth-key-file",
+                f,
+                "--once",
+            ]),
+        ] {
+            assert!(!out.status.success() && !out.panicked(), "{}", out.all());
+            assert!(!out.all().contains("cannot connect"), "{}", out.all());
+            for w in want {
+                assert!(out.stderr.contains(w), "wants {w:?}: {}", out.all());
+            }
+        }
+    };
+    // Exposed: readable by the group, or by others.
+    for mode in [0o640, 0o644] {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        refused(
+            &key,
+            &[&format!("(mode {mode:04o})"), &format!("chmod 600 {k}")],
+        );
+    }
+    // Weak: a password (16 bytes once decoded), and text that is not base64.
+    let write = |name: &str, content: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    };
+    refused(
+        &write("password", "cGFzc3dvcmRwYXNzd29yZA==\n"),
+        &[
+            "is 16 bytes after decoding, need at least 32",
+            "ferry gen-key",
+        ],
+    );
+    refused(
+        &write("text", "passwordpassword, my favourite one\n"),
+        &["does not hold a base64-encoded key", "ferry gen-key"],
+    );
+}
