@@ -9,7 +9,8 @@
 //!   This is what keeps the TCP data path zero-copy without `unsafe` in the
 //!   transport crate.
 //! * [`net`]: TCP send-queue depth and per-thread nice, which the
-//!   compression option's pipeline steers by.
+//!   compression option's pipeline steers by; TCP keepalive and
+//!   `TCP_USER_TIMEOUT`; raising `RLIMIT_NOFILE`.
 //! * [`ifaddrs`]: the host's interface addresses (`getifaddrs`), for
 //!   multichannel discovery.
 //! * `rdma` (feature `rdma`): rdma-core verbs and rdma_cm behind safe types.

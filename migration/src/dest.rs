@@ -50,6 +50,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::admission::{self, RefusalLog, Slot, Unauthenticated};
 use crate::digest::{hex, memory_digest};
 use crate::error::{MigrationError, Result};
 use crate::memory::{dest_memory, DestMemory};
@@ -88,6 +89,17 @@ pub struct ListenOptions {
     /// connection must still be TLS). Without it both are refused with
     /// `Reject(Encryption)` naming the cause.
     pub plaintext: bool,
+    /// One deadline for everything before authentication: TLS handshake,
+    /// hello and proof, on control connections and data channels
+    /// (`--handshake-timeout`).
+    pub handshake_timeout: Duration,
+    /// Most connections authenticating at once (`--max-unauthenticated`;
+    /// never above a quarter of `RLIMIT_NOFILE`): more are closed as soon
+    /// as they are accepted.
+    pub max_unauthenticated: usize,
+    /// Most of them from one source address
+    /// (`--max-unauthenticated-per-source`).
+    pub max_unauthenticated_per_source: usize,
 }
 
 /// Called after `Commit` with the guest's memory and device state: this is
@@ -157,6 +169,8 @@ pub struct Destination {
     metrics: Arc<Metrics>,
     /// True once [`Destination::shutdown`] was called.
     stop: tokio::sync::watch::Sender<bool>,
+    /// Connections not authenticated yet.
+    unauth: Unauthenticated,
 }
 
 impl std::fmt::Debug for Destination {
@@ -170,7 +184,12 @@ impl std::fmt::Debug for Destination {
 impl Destination {
     /// A destination with these settings and resume hook.
     pub fn new(opts: ListenOptions, resume: ResumeHook) -> Arc<Self> {
+        let cap = admission::effective_cap(
+            opts.max_unauthenticated,
+            ferry_ffi::net::nofile_limit().ok(),
+        );
         Arc::new(Destination {
+            unauth: Unauthenticated::new(cap, opts.max_unauthenticated_per_source),
             slots: Arc::new(Semaphore::new(opts.max_concurrent.max(1))),
             queued: AtomicUsize::new(0),
             reserved: Arc::new(Mutex::new(0)),
@@ -196,6 +215,12 @@ impl Destination {
         *self.stop.borrow()
     }
 
+    /// The cap on unauthenticated connections in force (`--max-unauthenticated`,
+    /// lowered to a quarter of the descriptor limit).
+    pub fn unauthenticated_cap(&self) -> usize {
+        self.unauth.total_cap()
+    }
+
     /// Its metrics (`ferry listen --metrics`).
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
@@ -217,16 +242,61 @@ impl Destination {
             })?;
         let mut stop = self.stop.subscribe();
         let mut tasks = JoinSet::new();
+        let mut backoff = Duration::ZERO;
+        let mut refusals = RefusalLog::new(Duration::from_secs(10));
+        let mut starved = RefusalLog::new(Duration::from_secs(10));
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 _ = stopped(&mut stop) => break,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             };
-            let (stream, addr) = accepted.map_err(|e| TransportError::Io {
-                context: "accepting a connection".into(),
-                source: e,
-            })?;
+            // Never fatal: out of descriptors, wait and try again (the
+            // connections in progress end within their deadlines); a
+            // connection that died in the backlog is skipped.
+            let (stream, addr) = match accepted {
+                Ok(a) => {
+                    backoff = Duration::ZERO;
+                    a
+                }
+                Err(e) => {
+                    let (wait, warn) = admission::accept_retry(&e, &mut backoff);
+                    if warn {
+                        if let Some(n) = starved.note(std::time::Instant::now()) {
+                            tracing::warn!(
+                                failures = n,
+                                unauthenticated = self.unauth.in_progress(),
+                                "accepting a connection failed: {e}; retrying in {wait:?} (raise the descriptor limit, e.g. LimitNOFILE=, or lower --max-unauthenticated)"
+                            );
+                        }
+                    } else {
+                        tracing::debug!("accepting a connection failed: {e}; skipped");
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        _ = stopped(&mut stop) => break,
+                    }
+                    continue;
+                }
+            };
+            // Before anything is read: a cap on connections that have not
+            // authenticated, overall and per source address.
+            let slot = match self.unauth.admit(addr.ip()) {
+                Ok(s) => s,
+                Err(why) => {
+                    let total = self.metrics.refused_unauthenticated();
+                    if let Some(n) = refusals.note(std::time::Instant::now()) {
+                        tracing::warn!(
+                            peer = %addr,
+                            refused = n,
+                            refused_total = total,
+                            "connection closed before authentication: {why}"
+                        );
+                    }
+                    drop(stream);
+                    continue;
+                }
+            };
             // The migration network admits only its own: a connection that
             // arrives on an address inside it from a peer outside it is
             // refused before anything is read. (A control connection to a
@@ -237,7 +307,7 @@ impl Destination {
                 .local_addr()
                 .is_ok_and(|l| !nets.is_empty() && nics::allowed(nets, l.ip()));
             if on_migration_network && !nics::allowed(nets, addr.ip()) {
-                self.refuse_network(stream, addr);
+                self.refuse_network(stream, addr, slot);
                 continue;
             }
             let me = self.clone();
@@ -251,7 +321,7 @@ impl Destination {
             );
             tasks.spawn(
                 async move {
-                    if let Some(result) = me.handle(stream, listen_ip).await {
+                    if let Some(result) = me.handle(stream, listen_ip, slot).await {
                         log_outcome(&result);
                         let _ = out.send(Outcome {
                             peer: addr.to_string(),
@@ -275,7 +345,7 @@ impl Destination {
     /// anything it sent: one `Reject` frame, then the socket is closed
     /// (after a short, bounded wait so the peer can read the reason rather
     /// than a reset). No key, nonce or memory is touched.
-    fn refuse_network(&self, mut stream: TcpStream, addr: SocketAddr) {
+    fn refuse_network(&self, mut stream: TcpStream, addr: SocketAddr, slot: Slot) {
         let n = self.metrics.refused_network();
         let nets = self
             .opts
@@ -299,6 +369,7 @@ impl Destination {
         }
         .encode();
         tokio::spawn(async move {
+            let _slot = slot;
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
                 stream.write_all(&frame).await?;
@@ -388,9 +459,12 @@ impl Destination {
         self: Arc<Self>,
         stream: TcpStream,
         listen_ip: IpAddr,
+        slot: Slot,
     ) -> Option<Result<DestSummary>> {
         let mut attempt = None;
-        let result = self.handle_conn(stream, listen_ip, &mut attempt).await;
+        let result = self
+            .handle_conn(stream, listen_ip, &mut attempt, slot)
+            .await;
         if let (Some(a), Some(r)) = (attempt, &result) {
             a.finish(r);
         }
@@ -402,9 +476,12 @@ impl Destination {
         stream: TcpStream,
         listen_ip: IpAddr,
         attempt: &mut Option<Attempt>,
+        slot: Slot,
     ) -> Option<Result<DestSummary>> {
         let local = stream.local_addr().ok();
-        let stream = match self.secure(stream).await {
+        // One deadline for TLS, hello and proof.
+        let deadline = tokio::time::Instant::now() + self.opts.handshake_timeout;
+        let stream = match self.secure(stream, deadline).await {
             Ok(Some(s)) => s,
             Ok(None) => return None,
             Err(e) => {
@@ -416,7 +493,10 @@ impl Destination {
         };
         let encrypted = stream.is_encrypted();
         let mut conn = Conn::new(stream, self.opts.timeout);
-        let hello = conn.recv("the hello").await;
+        let hello = match tokio::time::timeout_at(deadline, conn.recv("the hello")).await {
+            Ok(h) => h,
+            Err(_) => Err(self.handshake_expired()),
+        };
         if !matches!(
             hello,
             Ok(Msg::Hello {
@@ -486,7 +566,10 @@ impl Destination {
                 }
                 // The channel proves which session it belongs to; no token
                 // crosses the network.
-                let claim = match conn.data_challenge(version).await {
+                let claim = match tokio::time::timeout_at(deadline, conn.data_challenge(version))
+                    .await
+                    .unwrap_or_else(|_| Err(self.handshake_expired()))
+                {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(peer = conn.peer(), "data channel refused: {e}");
@@ -516,7 +599,10 @@ impl Destination {
                 };
                 match found {
                     Ok((tx, key)) => {
-                        if conn.admit_data(&claim, &key).await.is_ok() {
+                        let admitted =
+                            tokio::time::timeout_at(deadline, conn.admit_data(&claim, &key)).await;
+                        drop(slot);
+                        if matches!(admitted, Ok(Ok(()))) {
                             let _ = tx.send(conn.into_stream()).await;
                         }
                     }
@@ -527,28 +613,35 @@ impl Destination {
                 }
                 None
             }
-            Role::Control => Some(self.session(conn, nonce, version, listen_ip).await),
+            Role::Control => Some(
+                self.session(conn, nonce, version, listen_ip, (deadline, slot))
+                    .await,
+            ),
         }
     }
 
     /// Tells a TLS client from a plaintext one by the first byte (a TLS
     /// handshake record starts with 0x16, a Ferry frame with "FRYM") and
-    /// runs the TLS handshake for the former. `None`: closed before a byte.
-    async fn secure(&self, stream: TcpStream) -> Result<Option<Stream>> {
+    /// runs the TLS handshake for the former. `None`: closed before a byte,
+    /// or not a byte before the handshake deadline.
+    async fn secure(
+        &self,
+        stream: TcpStream,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<Stream>> {
         let mut first = [0u8; 1];
-        let timeout = self.opts.timeout;
-        match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+        match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
             Ok(Ok(0)) => return Ok(None),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(TransportError::io("reading the hello", "control", e).into()),
+            // Not a byte before the deadline: not a migration attempt (an
+            // idle stranger, a port scan); closed without a log line each.
             Err(_) => {
-                return Err(TransportError::Timeout {
-                    what: "the hello",
-                    after: timeout,
-                }
-                .into())
+                tracing::debug!("closed: nothing sent before --handshake-timeout");
+                return Ok(None);
             }
         }
+        let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
         if first[0] == TLS_HANDSHAKE_BYTE {
             let peer = stream
                 .peer_addr()
@@ -565,6 +658,14 @@ impl Destination {
                 })
         } else {
             Ok(Some(stream.into()))
+        }
+    }
+
+    /// The pre-authentication deadline passed.
+    fn handshake_expired(&self) -> TransportError {
+        TransportError::Timeout {
+            what: "the TLS handshake, hello and proof (--handshake-timeout)",
+            after: self.opts.handshake_timeout,
         }
     }
 
@@ -637,6 +738,7 @@ impl Destination {
         nonce_s: [u8; 32],
         version: u16,
         listen_ip: IpAddr,
+        (deadline, slot): (tokio::time::Instant, Slot),
     ) -> Result<DestSummary> {
         let started = Instant::now();
         // Refused before any authentication work when the slots and the
@@ -652,10 +754,15 @@ impl Destination {
             );
             return Err(conn.reject(RejectReason::Busy, msg).await.into());
         }
-        match conn
-            .server_authenticate(&self.opts.key, nonce_s, version)
-            .await
-        {
+        let authenticated = tokio::time::timeout_at(
+            deadline,
+            conn.server_authenticate(&self.opts.key, nonce_s, version),
+        )
+        .await
+        .unwrap_or_else(|_| Err(self.handshake_expired()));
+        // Authenticated (or gone): no longer counted against the caps.
+        drop(slot);
+        match authenticated {
             Ok(()) => {}
             // The source aborts the handshake only when our proof does not
             // match its key.

@@ -6,6 +6,8 @@
 //! * [`guest`]: [`guest::GuestControl`] and the synthetic guest.
 //! * [`engine`]: the source (rounds, convergence, switchover).
 //! * [`dest`]: the destination (validation, landing, verification, commit).
+//! * [`admission`]: before authentication (accept errors, caps on
+//!   unauthenticated connections, the handshake deadline).
 //! * `rdma` (feature `rdma`, on by default): the RDMA performance option's
 //!   set-up on both sides.
 //! * [`digest`]: the whole-memory digest compared before commit.
@@ -16,6 +18,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admission;
 pub mod dest;
 pub mod digest;
 pub mod dirty;

@@ -64,6 +64,11 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     cli::logging::init(&cli.log);
+    // Every descriptor the process may have (soft limit up to the hard
+    // one): a daemon under many connections, a source with many channels.
+    if let Err(e) = ferry_ffi::net::raise_nofile_limit() {
+        tracing::warn!("cannot raise the descriptor limit (RLIMIT_NOFILE): {e}");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -33,6 +33,7 @@ pub struct Metrics {
     memory_allocated: AtomicU64,
     /// Connections closed unread: peer outside --migration-network.
     refused_network: AtomicU64,
+    refused_unauthenticated: AtomicU64,
     aborted: Mutex<BTreeMap<String, u64>>,
     received: Mutex<Received>,
     /// (downtime seen by the destination, migration duration) of the last
@@ -163,6 +164,12 @@ impl Metrics {
         self.refused_network.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// Counts a connection closed on accept: the caps on unauthenticated
+    /// connections were reached. Returns the new total.
+    pub fn refused_unauthenticated(&self) -> u64 {
+        self.refused_unauthenticated.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     /// The metrics in the Prometheus text exposition format, version 0.0.4.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -210,6 +217,12 @@ impl Metrics {
             "counter",
             "Connections closed before authentication: peer outside --migration-network.",
             &plain(self.refused_network.load(Ordering::Relaxed)),
+        );
+        metric(
+            "ferry_connections_refused_unauthenticated_total",
+            "counter",
+            "Connections closed as soon as accepted: --max-unauthenticated or --max-unauthenticated-per-source reached.",
+            &plain(self.refused_unauthenticated.load(Ordering::Relaxed)),
         );
         metric(
             "ferry_migrations_active",
@@ -265,17 +278,49 @@ fn escape(v: &str) -> String {
         .replace('\n', r"\n")
 }
 
+/// Most metrics connections served at once; more are closed on accept.
+pub const MAX_METRICS_CONNECTIONS: usize = 16;
+/// Deadline for a metrics request's head.
+pub const METRICS_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Answers `GET /metrics` on `listener` forever; anything else gets 404
-/// (another path) or 405 (another method).
+/// (another path) or 405 (another method). Like the migration port, it
+/// cannot be stopped by strangers: an accept error is logged and retried
+/// with backoff (never fatal), at most [`MAX_METRICS_CONNECTIONS`] are
+/// served at once (more are closed as soon as accepted), and each has
+/// [`METRICS_REQUEST_TIMEOUT`] to send its request.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
+    let mut backoff = Duration::ZERO;
+    let mut starved = crate::admission::RefusalLog::new(Duration::from_secs(10));
     loop {
-        let (mut stream, _) = listener.accept().await?;
+        let mut stream = match listener.accept().await {
+            Ok((s, _)) => {
+                backoff = Duration::ZERO;
+                s
+            }
+            Err(e) => {
+                let (wait, warn) = crate::admission::accept_retry(&e, &mut backoff);
+                if warn && starved.note(std::time::Instant::now()).is_some() {
+                    tracing::warn!(
+                        "metrics: accepting a connection failed: {e}; retrying in {wait:?}"
+                    );
+                }
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut buf = vec![0u8; 4096];
             let mut len = 0;
             // Read the request head (bounded in size and time).
-            let head = tokio::time::timeout(Duration::from_secs(10), async {
+            let head = tokio::time::timeout(METRICS_REQUEST_TIMEOUT, async {
                 while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") && len < buf.len() {
                     match stream.read(&mut buf[len..]).await {
                         Ok(0) | Err(_) => return false,
@@ -312,8 +357,12 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Res
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            // A client that does not read its answer is not waited for.
+            let _ = tokio::time::timeout(METRICS_REQUEST_TIMEOUT, async {
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            })
+            .await;
         });
     }
 }

@@ -148,7 +148,19 @@ impl Proc {
     /// Starts `ferry ARGS` with `RUST_LOG=log`, or without `RUST_LOG`
     /// (ferry's own `-v`/`-q` levels) when `None`.
     pub fn start_logging(args: &[&str], log: Option<&str>) -> Proc {
-        let mut cmd = Command::new(ferry_bin());
+        Proc::spawn(Command::new(ferry_bin()), args, log)
+    }
+
+    /// Starts `ferry ARGS` limited to `nofile` open descriptors (soft and
+    /// hard `RLIMIT_NOFILE`, with util-linux's `prlimit`).
+    pub fn start_with_nofile(nofile: u64, args: &[&str]) -> Proc {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={nofile}:{nofile}"))
+            .arg(ferry_bin());
+        Proc::spawn(cmd, args, Some("warn,ferry=info"))
+    }
+
+    fn spawn(mut cmd: Command, args: &[&str], log: Option<&str>) -> Proc {
         match log {
             Some(l) => cmd.env("RUST_LOG", l),
             None => cmd.env_remove("RUST_LOG"),
@@ -315,6 +327,13 @@ pub fn wait_for_port(addr: SocketAddr, what: &str) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// How many descriptors process `pid` has open.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// `GET PATH` over plain HTTP/1.1: the status line and the body.

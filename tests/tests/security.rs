@@ -456,3 +456,200 @@ fn gen_key_output_is_accepted_and_weak_or_exposed_key_files_are_refused() {
         &["does not hold a base64-encoded key", "ferry gen-key"],
     );
 }
+
+/// Opens an idle TCP connection to `to` from `from` (a loopback address).
+fn idle_from(from: &str, to: std::net::SocketAddr) -> Option<std::net::TcpStream> {
+    connect_from(from, to).ok()
+}
+
+/// `connect(2)` from a chosen loopback source address (tokio's TcpSocket
+/// on a small runtime).
+fn connect_from(from: &str, to: std::net::SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4()?;
+        s.bind(format!("{from}:0").parse().unwrap())?;
+        let c = tokio::time::timeout(Duration::from_secs(10), s.connect(to))
+            .await
+            .map_err(|_| std::io::Error::other("connect timed out"))??;
+        c.into_std()
+    })
+}
+
+/// Waits until the peer closes each of `conns` (end of stream or reset);
+/// panics after `limit`.
+fn wait_closed(conns: Vec<std::net::TcpStream>, limit: Duration) {
+    let start = std::time::Instant::now();
+    for mut c in conns {
+        c.set_nonblocking(false).unwrap();
+        let left = limit
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_millis(10));
+        c.set_read_timeout(Some(left)).unwrap();
+        let mut b = [0u8; 64];
+        loop {
+            match std::io::Read::read(&mut c, &mut b) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    panic!("a connection that never authenticated is still open after {limit:?}")
+                }
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+#[test]
+fn idle_connections_cannot_stop_a_daemon_with_few_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let port = ferry_tests::free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let maddr: std::net::SocketAddr = format!("127.0.0.1:{}", ferry_tests::free_port())
+        .parse()
+        .unwrap();
+    let (a, m) = (addr.to_string(), maddr.to_string());
+    let dest = ferry_tests::Proc::start_with_nofile(
+        128,
+        &[
+            "listen",
+            "--listen",
+            &a,
+            "--auth-key-file",
+            key.to_str().unwrap(),
+            "--metrics",
+            &m,
+            "--handshake-timeout",
+            "3s",
+        ],
+    );
+    ferry_tests::wait_for_port(addr, "ferry listen");
+    ferry_tests::wait_for_port(maddr, "the metrics port");
+    // 200 connections that never say anything: 100 from one address, 100
+    // from 100 others; and 40 to the metrics port.
+    let mut idle = Vec::new();
+    for i in 0..200 {
+        let from = if i < 100 {
+            "127.0.0.2".to_string()
+        } else {
+            format!("127.0.1.{}", i - 99)
+        };
+        if let Some(c) = idle_from(&from, addr) {
+            idle.push(c);
+        }
+    }
+    assert!(
+        idle.len() >= 150,
+        "only {} connections were made",
+        idle.len()
+    );
+    let idle_metrics: Vec<_> = (0..40)
+        .filter_map(|i| idle_from(&format!("127.0.2.{}", i + 1), maddr))
+        .collect();
+    // The daemon did not go down under them...
+    let out = dest.wait_for_output("connection closed before authentication", WAIT);
+    assert!(out.contains("--max-unauthenticated"), "{out}");
+    // ...and each was closed: over the caps at once, the others when the
+    // handshake deadline passed.
+    wait_closed(idle, Duration::from_secs(60));
+    wait_closed(idle_metrics, Duration::from_secs(60));
+    // It serves a migration, and its metrics, afterwards.
+    let src = send(
+        addr,
+        &key,
+        &["--memory", "16MiB", "--dirty-rate", "0"],
+        WAIT,
+    );
+    assert!(src.status.success(), "{}", src.all());
+    let (status, body) = ferry_tests::http_get(maddr, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let refused =
+        ferry_tests::metric(&body, "ferry_connections_refused_unauthenticated_total").unwrap();
+    assert!(refused >= 100.0, "{body}");
+    dest.wait_for_output(" committed: ", WAIT);
+    let out = dest.kill();
+    assert!(!out.panicked(), "{}", out.all());
+    // Idle strangers are not migration attempts: no line each.
+    assert!(
+        !out.stdout.contains("migration from 127.0.1."),
+        "{}",
+        out.all()
+    );
+    assert!(!out.all().contains("Too many open files"), "{}", out.all());
+    // The caps in force are logged at start (a quarter of 128 descriptors).
+    assert!(
+        out.stderr
+            .contains("at most 32 connections authenticating at once, 8 per source address"),
+        "{}",
+        out.all()
+    );
+}
+
+#[test]
+fn descriptors_return_to_the_baseline_after_20_migrations_aborted_by_the_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = key_file(dir.path(), "key", KEY);
+    let (dest, addr) = ferry_tests::daemon(
+        &k,
+        &[
+            "--plaintext",
+            "--peer-timeout",
+            "1s",
+            "--max-concurrent",
+            "20",
+            "--max-unauthenticated-per-source",
+            "64",
+        ],
+    );
+    // The daemon at rest (the probe of wait_for_port gone).
+    std::thread::sleep(Duration::from_millis(500));
+    let baseline = ferry_tests::open_fds(dest.pid());
+    assert!(baseline > 0);
+    let key = AuthKey::new(KEY.to_vec()).unwrap();
+    // 20 sources authenticate, open their data channel, and then say
+    // nothing while keeping both sockets open: the destination times
+    // each out and aborts it.
+    let held = rt().block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..20 {
+            let (conn, _) = ferry_tests::authed_session(addr, &key, 1 << 20).await;
+            let data = ferry_tests::data_channel(addr, &conn).await;
+            held.push((conn, data));
+        }
+        held
+    });
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let out = dest.wait_for_output("did not respond within 1s", WAIT);
+        let aborted = out
+            .lines()
+            .filter(|l| l.starts_with("migration from ") && l.contains("did not respond within 1s"))
+            .count();
+        if aborted >= 20 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Every descriptor of those migrations goes, although their peers
+    // still hold their ends open.
+    let mut now = ferry_tests::open_fds(dest.pid());
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while now > baseline && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+        now = ferry_tests::open_fds(dest.pid());
+    }
+    assert!(
+        now <= baseline,
+        "{now} descriptors open after 20 aborted migrations, {baseline} before"
+    );
+    drop(held);
+    let out = dest.kill();
+    assert!(!out.panicked(), "{}", out.all());
+}

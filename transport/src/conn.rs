@@ -79,10 +79,13 @@ pub struct Conn {
 
 impl Conn {
     /// Wraps a connected stream (plain or TLS). The body limit starts at
-    /// the pre-auth limit.
+    /// the pre-auth limit. Every connection of a migration, control or
+    /// data, both sides, passes here: its socket gets keepalive and
+    /// `TCP_USER_TIMEOUT` from `timeout` ([`crate::stream::keep_alive`]).
     pub fn new(stream: impl Into<Stream>, timeout: Duration) -> Self {
         let stream = stream.into();
         let _ = stream.tcp().set_nodelay(true);
+        crate::stream::keep_alive(stream.tcp(), timeout);
         let peer = stream
             .peer_addr()
             .map(|a| a.to_string())

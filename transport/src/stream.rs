@@ -12,6 +12,22 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+/// Keepalive and `TCP_USER_TIMEOUT` on a socket, so that a peer that
+/// vanishes without a FIN or RST (host down, link cut) fails the socket
+/// within about `timeout` even when nothing is being sent: first probe
+/// after a third of it, then one every sixth, three unanswered probes or
+/// data unacknowledged for `timeout` end it. Best effort (a socket that
+/// refuses an option is logged and used as it is).
+pub fn keep_alive(tcp: &TcpStream, timeout: std::time::Duration) {
+    use std::os::fd::AsFd;
+    let fd = tcp.as_fd();
+    let r = ferry_ffi::net::set_keepalive(fd, timeout / 3, timeout / 6, 3)
+        .and_then(|()| ferry_ffi::net::set_user_timeout(fd, timeout));
+    if let Err(e) = r {
+        tracing::debug!("keepalive / TCP_USER_TIMEOUT not set: {e}");
+    }
+}
+
 /// A TLS session over TCP, client or server side.
 pub type TlsStream = tokio_rustls::TlsStream<TcpStream>;
 

@@ -107,6 +107,18 @@ pub struct ListenArgs {
     /// Longest a queued migration waits for a slot before it is refused.
     #[arg(help_heading = ADMISSION, long, default_value = "20s", value_parser = units::parse_duration, value_name = "DURATION")]
     pub queue_timeout: Duration,
+    /// One deadline for everything before a connection has authenticated
+    /// (TLS handshake, hello, proof); past it the connection is closed.
+    #[arg(help_heading = ADMISSION, long, default_value = "5s", value_parser = units::parse_duration, value_name = "DURATION")]
+    pub handshake_timeout: Duration,
+    /// Most connections authenticating at once (never above a quarter of
+    /// the descriptor limit); more are closed as soon as they are accepted,
+    /// so strangers cannot use up the daemon's descriptors.
+    #[arg(help_heading = ADMISSION, long, default_value_t = ferry_migration::admission::DEFAULT_MAX_UNAUTHENTICATED, value_name = "N")]
+    pub max_unauthenticated: usize,
+    /// Most of them from one source address.
+    #[arg(help_heading = ADMISSION, long, default_value_t = ferry_migration::admission::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE, value_name = "N")]
+    pub max_unauthenticated_per_source: usize,
     /// File holding the pre-shared key, as `ferry gen-key FILE` writes it
     /// (32 random bytes in base64, mode 0600; a shorter key, or a file that
     /// group or others may read, is refused).

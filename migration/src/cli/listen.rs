@@ -34,8 +34,21 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
         migration_networks: a.migration_network.clone(),
         tls: tls.clone(),
         plaintext: a.plaintext,
+        handshake_timeout: a.handshake_timeout,
+        max_unauthenticated: a.max_unauthenticated,
+        max_unauthenticated_per_source: a.max_unauthenticated_per_source,
     };
+    if a.handshake_timeout.is_zero() {
+        anyhow::bail!("--handshake-timeout must be above zero");
+    }
     let dest = Destination::new(opts, resume_hook());
+    tracing::info!(
+        "at most {} connections authenticating at once, {} per source address, {} each (descriptor limit {})",
+        dest.unauthenticated_cap(),
+        a.max_unauthenticated_per_source.max(1),
+        format!("{:?}", a.handshake_timeout),
+        ferry_ffi::net::nofile_limit().map_or("unknown".into(), |n| n.to_string())
+    );
     if let Some(addr) = a.metrics {
         let l = TcpListener::bind(addr)
             .await

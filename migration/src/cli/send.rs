@@ -247,6 +247,10 @@ pub async fn demo(a: DemoArgs, quiet: bool) -> anyhow::Result<()> {
         migration_networks: Vec::new(),
         tls: tls_config(a.engine.tls_dir.as_deref(), &key)?,
         plaintext: a.engine.plaintext,
+        handshake_timeout: ferry_migration::admission::DEFAULT_HANDSHAKE_TIMEOUT,
+        max_unauthenticated: ferry_migration::admission::DEFAULT_MAX_UNAUTHENTICATED,
+        max_unauthenticated_per_source:
+            ferry_migration::admission::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
     };
     let outputs = Outputs::check(&a.engine)?;
     let (tx, mut rx) = mpsc::unbounded_channel();
