@@ -48,105 +48,16 @@ trap cleanup EXIT
 head -c 32 /dev/urandom >"$WORK/key"
 
 echo "== building ${MIB} MiB images in $WORK"
-python3 - "$WORK" "$MIB" <<'PY'
-import os, random, sys
-work, mib = sys.argv[1], int(sys.argv[2])
-PAGE = 4096
-pages = mib * 256
-rng = random.Random(6)
-
-def stream(paths, want):
-    """Yields file contents from paths, round robin, forever."""
-    while True:
-        for p in paths:
-            try:
-                with open(p, "rb") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            if want(data):
-                yield data
-
-def files(roots, pred):
-    out = []
-    for root in roots:
-        for d, _, names in os.walk(root):
-            for n in names:
-                p = os.path.join(d, n)
-                if os.path.islink(p) or not os.path.isfile(p):
-                    continue
-                if pred(p):
-                    out.append(p)
-    rng.shuffle(out)
-    return out
-
-elf = files(["/usr/lib", "/usr/bin", "/usr/sbin"], lambda p: os.path.getsize(p) > 16384)
-text = files(["/usr/include", "/usr/share/doc", "/usr/lib/python3", "/usr/share/perl5"],
-             lambda p: not p.endswith((".gz", ".xz", ".bz2", ".png", ".pyc", ".zip")))
-
-class Source:
-    def __init__(self, gen):
-        self.gen, self.buf = gen, b""
-    def take(self, n):
-        while len(self.buf) < n:
-            self.buf += next(self.gen)
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-bins = Source(stream(elf, lambda d: d[:4] == b"\x7fELF"))
-txts = Source(stream(text, lambda d: b"\0" not in d[:4096]))
-
-def extent(kind):
-    # Run lengths: log-uniform, so there are many short runs and some long ones.
-    hi = {"bin": 256, "text": 64, "zero": 512, "rand": 32}[kind]
-    return max(1, int(2 ** rng.uniform(0, hi.bit_length() - 1)))
-
-def mix(f):
-    weights = [("bin", 0.45), ("text", 0.20), ("zero", 0.30), ("rand", 0.05)]
-    done = {k: 0 for k, _ in weights}
-    left = pages
-    while left > 0:
-        # Pick the kind furthest below its share, with some randomness.
-        kind = max(weights, key=lambda kw: kw[1] * (pages - left + 1) - done[kw[0]] + rng.random() * 64)[0]
-        n = min(extent(kind), left)
-        if kind == "zero":
-            f.write(bytes(n * PAGE))
-        elif kind == "rand":
-            f.write(os.urandom(n * PAGE))
-        else:
-            src = bins if kind == "bin" else txts
-            f.write(src.take(n * PAGE))
-        done[kind] += n
-        left -= n
-    return done
-
-with open(os.path.join(work, "mix.img"), "wb") as f:
-    done = mix(f)
-print("mix.img: " + ", ".join(f"{k} {100 * v / pages:.1f}%" for k, v in done.items()))
-with open(os.path.join(work, "random.img"), "wb") as f:
-    for _ in range(mib):
-        f.write(os.urandom(1 << 20))
-print("random.img: 100% random")
-with open(os.path.join(work, "zero.img"), "wb") as f:
-    # 95 % zero; the rest text pages scattered in runs of 1-8.
-    left, done = pages, 0
-    while left > 0:
-        z = min(left, rng.randint(1, 300))
-        f.write(bytes(z * PAGE))
-        left -= z
-        t = min(left, rng.randint(1, 8))
-        f.write(txts.take(t * PAGE))
-        left -= t
-        done += t
-print(f"zero.img: {100 - 100 * done / pages:.1f}% zero")
-PY
+python3 ci/memimage.py "$WORK" "$MIB"
 
 # One ferry migration; prints "total_ms bytes_on_wire payload_bytes".
 ferry_once() { # netns-or-empty listen-addr image option...
     local ns=$1 addr=$2 img=$3; shift 3
     local run_a=() run_b=()
     if [ -n "$ns" ]; then run_a=(ip netns exec "$NS_A"); run_b=(ip netns exec "$NS_B"); fi
-    "${run_b[@]}" "$FERRY" listen --listen "$addr" --auth-key-file "$WORK/key" --once \
+    # --plaintext on both ends: compared with QEMU's unencrypted migration
+    # (ci/bench-encrypt.sh measures what encryption adds).
+    "${run_b[@]}" "$FERRY" listen --listen "$addr" --auth-key-file "$WORK/key" --plaintext --once \
         >"$WORK/listen.out" 2>&1 &
     local lp=$!
     # A connection that closes before its hello is not a migration attempt,
@@ -156,7 +67,7 @@ ferry_once() { # netns-or-empty listen-addr image option...
         sleep 0.05
     done
     "${run_a[@]}" "$FERRY" send --to "$addr" --auth-key-file "$WORK/key" --memory "${MIB}MiB" \
-        --dirty-rate 0 --guest-image "$img" --json "$WORK/s.json" "$@" \
+        --dirty-rate 0 --guest-image "$img" --plaintext --json "$WORK/s.json" "$@" \
         >"$WORK/send.out" 2>&1 || { cat "$WORK/send.out" "$WORK/listen.out" >&2; return 1; }
     wait "$lp"
     python3 -c "import json; d=json.load(open('$WORK/s.json')); print(d['total_ms'], d['bytes_on_wire'], d['payload_bytes'])"

@@ -57,8 +57,8 @@ run() {
 }
 
 echo "== --encrypt over loopback, $MEM idle guest of non-zero pages, $REPEAT runs each (medians), $(nproc) cores =="
-run "tcp"                         ""          -- --performance-option tcp --channels 1
-run "tcp --encrypt"               "--encrypt" -- --performance-option tcp --channels 1 --encrypt
-run "tcp --encrypt --channels 2"  "--encrypt" -- --performance-option tcp --channels 2 --encrypt
-run "compression"                 ""          -- --performance-option compression --channels 1
-run "compression --encrypt"       "--encrypt" -- --performance-option compression --channels 1 --encrypt
+run "tcp --plaintext"              "--plaintext" -- --performance-option tcp --channels 1 --plaintext
+run "tcp (TLS)"                    ""            -- --performance-option tcp --channels 1
+run "tcp (TLS) --channels 2"       ""            -- --performance-option tcp --channels 2
+run "compression --plaintext"      "--plaintext" -- --performance-option compression --channels 1 --plaintext
+run "compression (TLS)"            ""            -- --performance-option compression --channels 1

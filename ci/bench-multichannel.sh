@@ -46,11 +46,13 @@ median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] 
 PORT=6650
 run() { # run CHANNELS TAG
     PORT=$((PORT + 1))
-    ip netns exec ferry-dst "$FERRY" listen --listen 0.0.0.0:$PORT --auth-key-file "$WORK/key" --once > "$WORK/listen.$2" 2>&1 &
+    # --plaintext on both ends: what the links carry, without TLS's CPU
+    # (ci/bench-encrypt.sh measures that).
+    ip netns exec ferry-dst "$FERRY" listen --listen 0.0.0.0:$PORT --auth-key-file "$WORK/key" --plaintext --once > "$WORK/listen.$2" 2>&1 &
     LPID=$!
     for _ in $(seq 200); do grep -q "listening on" "$WORK/listen.$2" 2>/dev/null && break; sleep 0.05; done
     ip netns exec ferry-src "$FERRY" send --to 10.200.0.2:$PORT --auth-key-file "$WORK/key" --memory "$MEM" \
-        --dirty-rate 0 --zero-fraction 0 --performance-option tcp --channels "$1" \
+        --dirty-rate 0 --zero-fraction 0 --performance-option tcp --plaintext --channels "$1" \
         --json "$WORK/$2.json" > "$WORK/send.$2" 2>&1 || { cat "$WORK/send.$2" "$WORK/listen.$2" >&2; exit 1; }
     wait "$LPID"; LPID=
     python3 - "$WORK/$2.json" <<'PY'

@@ -44,11 +44,13 @@ kill "$IPERF_PID"; IPERF_PID=
 
 for i in $(seq "$REPEAT"); do
     P=$(port)
-    "$FERRY" listen --listen 127.0.0.1:"$P" --auth-key-file "$WORK/key" --once > "$WORK/listen.$i" 2>&1 &
+    # --plaintext on both ends: the plain TCP data path, as iperf3 measures it
+    # (ci/bench-encrypt.sh measures the default, encrypted, path).
+    "$FERRY" listen --listen 127.0.0.1:"$P" --auth-key-file "$WORK/key" --plaintext --once > "$WORK/listen.$i" 2>&1 &
     LPID=$!
     for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$P)).close()" 2>/dev/null && break; sleep 0.05; done
     "$FERRY" send --to 127.0.0.1:"$P" --auth-key-file "$WORK/key" --memory "$MEM" --dirty-rate 0 --zero-fraction 0 \
-        --performance-option tcp --json "$WORK/ferry.$i.json" > "$WORK/send.$i" 2>&1
+        --performance-option tcp --plaintext --json "$WORK/ferry.$i.json" > "$WORK/send.$i" 2>&1
     wait "$LPID"
     python3 -c "import json; d=json.load(open('$WORK/ferry.$i.json')); assert d['digest_verified']; print(d['throughput_bytes_per_sec'] * 8 / 1e9)"
 done > "$WORK/ferry"

@@ -9,14 +9,18 @@
 #   namespace ferry-src: fsrc0..fsrc3 = 10.200.0.1/24 .. 10.200.3.1/24
 #   namespace ferry-dst: fdst0..fdst3 = 10.200.0.2/24 .. 10.200.3.2/24
 #
+# FERRY_TESTBED_SRC / FERRY_TESTBED_DST name the namespaces instead (a second
+# bed beside the first, e.g. for the QEMU tests); FERRY_TESTBED_LINKS and
+# FERRY_TESTBED_RATE change the number of links (4) and their rate (1gbit).
+#
 # Every link: tc qdisc replace dev X root tbf rate 1gbit burst 256kb latency 10ms
 # on both ends. Needs root. Touches nothing outside the two namespaces it
 # creates (the veths live only inside them). Run ferry in them with
 #   ip netns exec ferry-dst ferry listen ...
 #   ip netns exec ferry-src ferry send --to 10.200.0.2 ...
 set -euo pipefail
-SRC=ferry-src
-DST=ferry-dst
+SRC=${FERRY_TESTBED_SRC:-ferry-src}
+DST=${FERRY_TESTBED_DST:-ferry-dst}
 LINKS=${FERRY_TESTBED_LINKS:-4}
 RATE=${FERRY_TESTBED_RATE:-1gbit}
 

@@ -49,7 +49,7 @@ if [ "\$ROLE" = A ]; then
     "$SELFTEST" server --pair \$NIC0_ADDR:\$PEER0_ADDR --mib $MIB
     "$SELFTEST" server --pair \$NIC0_ADDR:\$PEER0_ADDR --pair \$NIC1_ADDR:\$PEER1_ADDR --mib $MIB
     for n in 1 2; do
-        "$FERRY" listen --listen \$NIC0_ADDR:6600 --auth-key-file "\$OUT/key" --once &
+        "$FERRY" listen --listen \$NIC0_ADDR:6600 --auth-key-file "\$OUT/key" --plaintext --once &
         sleep 1; touch "\$OUT/ferry-ready-\$n"; wait
     done
 else
@@ -67,7 +67,7 @@ else
     for n in 1 2; do
         if [ \$n = 1 ]; then rdma link delete rxe1; else rdma link add rxe1 type rxe netdev "\$IF1"; fi
         for i in \$(seq 1 100); do [ -e "\$OUT/ferry-ready-\$n" ] && break; sleep 0.3; done
-        "$FERRY" send --to \$PEER0_ADDR:6600 --auth-key-file "\$OUT/key" --performance-option rdma \
+        "$FERRY" send --to \$PEER0_ADDR:6600 --auth-key-file "\$OUT/key" --plaintext --performance-option rdma \
             --memory \$(( $MIB * n ))MiB --dirty-rate 0 --zero-fraction 0 --max-rounds 1 --force-switchover \
             --json "\$OUT/ferry-\$n.json"
     done

@@ -40,7 +40,8 @@ cat > "$GUEST" <<GUEST_EOF
 set -u
 F="$FERRY"
 KEY="$OUT/key"
-COMMON="--auth-key-file \$KEY --peer-timeout 20s"
+# --plaintext on both ends: consent to RDMA's unencrypted data channels.
+COMMON="--auth-key-file \$KEY --peer-timeout 20s --plaintext"
 wait_for() { for i in \$(seq 1 600); do [ -e "\$OUT/\$1" ] && return 0; sleep 0.2; done; echo "timeout waiting for \$1"; return 1; }
 wait_for_line() { for i in \$(seq 1 600); do grep -q "\$2" "\$1" 2>/dev/null && return 0; sleep 0.2; done; echo "timeout waiting for \$2 in \$1"; return 1; }
 send() { # case, extra args...

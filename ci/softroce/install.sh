@@ -6,12 +6,16 @@
 #   which the `sideway` crate's build needs.
 # * virtme-ng (`vng`) from PyPI, to boot that kernel over the host's root fs.
 #   busybox-static: virtme-ng builds its initramfs from it.
+# * The real QEMU guest of ci/qemu/ (shared/qemu-guest.md): gcc and libc6-dev
+#   build its static memcheck program, cpio packs its busybox initramfs,
+#   python3 runs the QEMU driver (ci/qemu/driver.py).
 #
 # Idempotent: a second run installs nothing and takes well under a second.
 set -euo pipefail
 
 PKGS=(qemu-system-x86 linux-image-amd64 kmod iproute2 rdma-core ibverbs-providers
-      ibverbs-utils perftest rdmacm-utils cmake libclang-dev pkg-config busybox-static)
+      ibverbs-utils perftest rdmacm-utils cmake libclang-dev pkg-config busybox-static
+      gcc libc6-dev cpio python3)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -87,12 +87,13 @@ pub struct ListenOptions {
     /// anything is read. Empty: every network.
     pub migration_networks: Vec<Cidr>,
     /// TLS settings: a source that starts a TLS handshake is served with
-    /// them (its control connection and data channels encrypted). `None`:
-    /// TLS is not spoken.
-    pub tls: Option<Arc<TlsConfig>>,
-    /// `--encrypt`: refuse unencrypted sources (and the RDMA option, whose
-    /// data channels are not encrypted) with `Reject(Encryption)`.
-    pub require_encryption: bool,
+    /// them (its control connection and data channels encrypted).
+    pub tls: Arc<TlsConfig>,
+    /// `--plaintext`: also accept sources that do not encrypt, and the RDMA
+    /// option (whose data channels cannot be encrypted; its control
+    /// connection must still be TLS). Without it both are refused with
+    /// `Reject(Encryption)` naming the cause.
+    pub plaintext: bool,
 }
 
 /// What this destination can restore. The offer's guest configuration is
@@ -237,6 +238,8 @@ pub struct Destination {
     next_id: AtomicU64,
     resume: ResumeHook,
     metrics: Arc<Metrics>,
+    /// True once [`Destination::shutdown`] was called.
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Destination {
@@ -259,7 +262,21 @@ impl Destination {
             next_id: AtomicU64::new(1),
             resume,
             metrics: Arc::default(),
+            stop: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Stops the daemon: [`Destination::serve`] accepts nothing more,
+    /// migrations waiting for a slot are refused, and every migration
+    /// still before its switchover is aborted (`Abort` with "destination
+    /// shutting down") and freed; one already in its switchover finishes.
+    /// `serve` returns once all have ended.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
     }
 
     /// Its metrics (`ferry listen --metrics`).
@@ -267,7 +284,8 @@ impl Destination {
         self.metrics.clone()
     }
 
-    /// Accepts connections forever, reporting each migration's outcome.
+    /// Accepts connections until [`Destination::shutdown`], reporting each
+    /// migration's outcome; then waits for the connections in flight to end.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
@@ -280,8 +298,15 @@ impl Destination {
                 context: "reading the listening address".into(),
                 source: e,
             })?;
+        let mut stop = self.stop.subscribe();
+        let mut tasks = JoinSet::new();
         loop {
-            let (stream, addr) = listener.accept().await.map_err(|e| TransportError::Io {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stopped(&mut stop) => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            };
+            let (stream, addr) = accepted.map_err(|e| TransportError::Io {
                 context: "accepting a connection".into(),
                 source: e,
             })?;
@@ -300,7 +325,7 @@ impl Destination {
             }
             let me = self.clone();
             let out = outcomes.clone();
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 if let Some(result) = me.handle(stream, listen_ip).await {
                     let _ = out.send(Outcome {
                         peer: addr.to_string(),
@@ -309,6 +334,13 @@ impl Destination {
                 }
             });
         }
+        drop(listener);
+        tracing::info!(
+            connections = tasks.len(),
+            "shutting down: no new connections; aborting the migrations in flight"
+        );
+        while tasks.join_next().await.is_some() {}
+        Ok(())
     }
 
     /// Refuses a peer outside `--migration-network` without reading
@@ -362,6 +394,10 @@ impl Destination {
     /// queue (`--queue`, at most `--queue-timeout`), else refused as busy
     /// with the numbers.
     async fn admit(&self) -> std::result::Result<tokio::sync::OwnedSemaphorePermit, String> {
+        const STOPPING: &str = "destination shutting down: it takes no new migrations";
+        if self.stopping() {
+            return Err(STOPPING.into());
+        }
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
             return Ok(p);
         }
@@ -380,11 +416,15 @@ impl Destination {
             return Err(busy(queued));
         }
         tracing::info!(position = queued + 1, "no free slot: migration queued");
-        let got =
-            tokio::time::timeout(self.opts.queue_timeout, self.slots.clone().acquire_owned()).await;
+        let mut stop = self.stop.subscribe();
+        let got = tokio::select! {
+            got = tokio::time::timeout(self.opts.queue_timeout, self.slots.clone().acquire_owned()) => Some(got),
+            _ = stopped(&mut stop) => None,
+        };
         let waiting = self.queued.fetch_sub(1, Ordering::SeqCst) - 1;
         match got {
-            Ok(Ok(p)) => Ok(p),
+            None => Err(STOPPING.into()),
+            Some(Ok(Ok(p))) => Ok(p),
             _ => Err(format!(
                 "{} after waiting {:?} in the queue (--queue-timeout)",
                 busy(waiting),
@@ -484,11 +524,11 @@ impl Destination {
                 return Some(Err(e.into()));
             }
         };
-        if self.opts.require_encryption && !encrypted {
+        if !self.opts.plaintext && !encrypted {
             let e = conn
                 .reject(
                     RejectReason::Encryption,
-                    "this destination requires encryption (ferry listen --encrypt): start ferry send with --encrypt".into(),
+                    "this destination requires encryption: leave out --plaintext on ferry send, or (on a trusted, isolated migration network) start ferry listen with --plaintext too".into(),
                 )
                 .await;
             tracing::warn!(peer = conn.peer(), "unencrypted connection refused: {e}");
@@ -564,22 +604,30 @@ impl Destination {
                 .into())
             }
         }
-        match (&self.opts.tls, first[0] == TLS_HANDSHAKE_BYTE) {
-            (Some(tls), true) => {
-                let peer = stream
-                    .peer_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
-                tls.accept(stream, timeout).await.map(Some).map_err(|e| {
+        if first[0] == TLS_HANDSHAKE_BYTE {
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            self.opts
+                .tls
+                .accept(stream, timeout)
+                .await
+                .map(Some)
+                .map_err(|e| {
                     tracing::warn!(peer, "{e}");
                     e.into()
                 })
-            }
-            _ => Ok(Some(stream.into())),
+        } else {
+            Ok(Some(stream.into()))
         }
     }
 
-    fn validate(&self, offer: &Offer) -> std::result::Result<(), (RejectReason, String)> {
+    fn validate(
+        &self,
+        offer: &Offer,
+        encrypted: bool,
+    ) -> std::result::Result<(), (RejectReason, String)> {
         offer
             .layout
             .validate()
@@ -600,10 +648,16 @@ impl Destination {
                     .validate()
                     .map_err(|e| (RejectReason::Option, format!("compression option: {e}")))?;
             }
-            PerformanceOption::Rdma if self.opts.require_encryption => {
+            PerformanceOption::Rdma if !self.opts.plaintext => {
                 return Err((
                     RejectReason::Encryption,
-                    "this destination requires encryption (--encrypt) and RDMA data channels are not encrypted: use --performance-option tcp or compression".into(),
+                    "RDMA data channels are not encrypted and this destination requires encryption: use --performance-option tcp or compression, or (on a trusted, isolated migration network) start both ferry listen and ferry send with --plaintext".into(),
+                ));
+            }
+            PerformanceOption::Rdma if !encrypted => {
+                return Err((
+                    RejectReason::Encryption,
+                    "the RDMA option's control connection must be encrypted (it carries what admits the RDMA channels): connect with TLS".into(),
                 ));
             }
             #[cfg(feature = "rdma")]
@@ -678,7 +732,7 @@ impl Destination {
                 .into())
             }
         };
-        if let Err((reason, message)) = self.validate(&offer) {
+        if let Err((reason, message)) = self.validate(&offer, conn.is_encrypted()) {
             return Err(conn.reject(reason, message).await.into());
         }
         let _permit = match self.admit().await {
@@ -762,6 +816,7 @@ impl Destination {
                     resume: &self.resume,
                     metrics: &self.metrics,
                     migration_id,
+                    stop: self.stop.subscribe(),
                     #[cfg(feature = "rdma")]
                     rdma: std::sync::Mutex::new(rdma),
                 }
@@ -805,6 +860,12 @@ impl Destination {
             }
         }
     }
+}
+
+/// Resolves once the daemon's shutdown flag is set.
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    // An error means the daemon is gone: that is a stop too.
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Guest memory booked by one accepted migration.
@@ -879,6 +940,8 @@ struct Receive<'a> {
     resume: &'a ResumeHook,
     metrics: &'a Metrics,
     migration_id: u64,
+    /// The daemon's shutdown flag: aborts the migration before its switchover.
+    stop: tokio::sync::watch::Receiver<bool>,
     /// RDMA option: the prepared channels, taken when receiving starts.
     #[cfg(feature = "rdma")]
     rdma: std::sync::Mutex<Option<ferry_transport::rdma::RdmaReceiver<()>>>,
@@ -974,6 +1037,7 @@ impl Receive<'_> {
         let mut paused_at = Instant::now();
         let mut last_progress = (Instant::now(), 0u64);
         let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut stop = self.stop.clone();
         // Receive until the source's switchover. Every chunk was acknowledged
         // before it was sent, so whatever a channel still carries then is an
         // end frame or a fenced channel's stale bytes: all channels are
@@ -1053,6 +1117,7 @@ impl Receive<'_> {
                         None => return Err(TransportError::PeerClosed { what: "control" }.into()),
                     }
                 }
+                _ = stopped(&mut stop) => return Err(MigrationError::ShuttingDown),
                 _ = tick.tick() => {
                     let now = total(&all_counters, |c| &c.bytes_on_wire) + total(&all_counters, |c| &c.chunks);
                     if now != last_progress.1 {

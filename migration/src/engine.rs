@@ -56,6 +56,7 @@ use ferry_transport::{
 };
 use serde::Serialize;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use vm_memory::GuestAddress;
 use vm_memory::GuestMemoryBackend;
 
@@ -94,11 +95,18 @@ pub struct SourceOptions {
     pub compression_workers: usize,
     /// Data channels: how many, over which interfaces, failover timeout.
     pub multichannel: MultichannelOptions,
-    /// Encryption (`--encrypt`): TLS on the control connection and every
-    /// data channel. `None`: plain TCP.
+    /// TLS identity for the control connection and every TCP data channel;
+    /// `None`: the one derived from the pre-shared key. TLS is always on
+    /// unless `plaintext`.
     pub tls: Option<Arc<TlsConfig>>,
     /// How the switchover verifies memory (`--verify`).
     pub verify: Verify,
+    /// `--plaintext`: consent to data crossing the network unencrypted (a
+    /// trusted, isolated migration network). With the tcp and compression
+    /// options nothing is encrypted (control messages stay authenticated);
+    /// the RDMA option needs it (RDMA WRITEs cannot be encrypted) and keeps
+    /// TLS on its control connection.
+    pub plaintext: bool,
 }
 
 impl Default for SourceOptions {
@@ -117,6 +125,7 @@ impl Default for SourceOptions {
             multichannel: MultichannelOptions::default(),
             tls: None,
             verify: Verify::Evidence,
+            plaintext: false,
         }
     }
 }
@@ -180,6 +189,8 @@ pub struct Progress {
     pub phase: AtomicU8,
     /// Per-channel counters (bytes, state), refreshed a few times a second.
     pub channels: std::sync::Mutex<Vec<ChannelStats>>,
+    /// The [`Progress::subscribe`]r's feed and when it subscribed.
+    events: std::sync::Mutex<Option<(mpsc::UnboundedSender<Stamped>, Instant)>>,
 }
 
 impl Progress {
@@ -203,7 +214,221 @@ impl Progress {
         }
     }
     fn set_phase(&self, p: Phase) {
-        self.phase.store(p as u8, Ordering::Relaxed);
+        let before = self.phase.swap(p as u8, Ordering::Relaxed);
+        if before != p as u8 || p == Phase::Connecting {
+            self.emit(Event::Phase { phase: p.name() });
+        }
+    }
+
+    /// A live feed of the migration's [`Event`]s from now on (one
+    /// subscriber: a later call replaces the earlier one).
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Stamped> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.events.lock().unwrap_or_else(|e| e.into_inner()) = Some((tx, Instant::now()));
+        rx
+    }
+
+    /// Sends `e` to the subscriber, if any, stamped with the time.
+    pub fn emit(&self, event: Event) {
+        if let Some((tx, since)) = &*self.events.lock().unwrap_or_else(|e| e.into_inner()) {
+            let unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let _ = tx.send(Stamped {
+                t_ms: ms_since(*since),
+                unix_ms,
+                event,
+            });
+        }
+    }
+}
+
+impl Phase {
+    /// `connecting`, `precopy`, `switchover` or `done`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Connecting => "connecting",
+            Phase::Precopy => "precopy",
+            Phase::Switchover => "switchover",
+            Phase::Done => "done",
+        }
+    }
+}
+
+/// What happens during a migration, as it happens (`ferry send --events`:
+/// one JSON object per line, `"event"` naming the kind).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The engine entered a [`Phase`] (`connecting`, `precopy`,
+    /// `switchover`: the guest is about to pause, `done`: committed).
+    Phase {
+        /// The phase's name.
+        phase: &'static str,
+    },
+    /// The destination accepted the offer and the data channels are open.
+    Connected {
+        /// The destination's migration id.
+        migration_id: u64,
+        /// Performance option.
+        option: String,
+        /// Data channels open.
+        channels: usize,
+    },
+    /// A pre-copy round ended.
+    Round {
+        /// Round number.
+        round: u32,
+        /// Page bytes sent in it.
+        bytes: u64,
+        /// Its wall time, ms.
+        duration_ms: f64,
+        /// Page bytes per second over it.
+        rate_bytes_per_sec: f64,
+        /// Dirty bytes left after it (the next round's set).
+        dirty_bytes: u64,
+        /// Auto-converge throttle in force, percent.
+        throttle_percent: u8,
+    },
+    /// The guest was paused for the final copy: the pause starts.
+    Paused {
+        /// Dirty bytes still to copy.
+        dirty_bytes: u64,
+        /// Pause predicted from them and the link rate, ms.
+        predicted_downtime_ms: f64,
+        /// `--downtime-limit`, ms.
+        downtime_limit_ms: f64,
+    },
+    /// The pause ended: the guest runs again, `on` the `destination`
+    /// (committed) or the `source` (resumed after a failure or cancel).
+    Resumed {
+        /// Where the guest runs now.
+        on: &'static str,
+        /// How long it was paused, ms.
+        downtime_ms: f64,
+    },
+    /// A data channel failed; its chunks went over the others.
+    ChannelLost {
+        /// Channel index.
+        channel: u16,
+        /// Why.
+        error: String,
+    },
+    /// How the migration ended (emitted by the caller, which knows the
+    /// whole outcome): `committed`, `failed`, `cancelled` or
+    /// `not_converged`.
+    Outcome {
+        /// The outcome.
+        outcome: &'static str,
+        /// The error, unless committed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+/// An [`Event`] with when it happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stamped {
+    /// Milliseconds since the feed was subscribed (the migration's start).
+    pub t_ms: f64,
+    /// Wall-clock time, milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    /// The event, flattened into the object.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// Cancels a migration from outside (`ferry send` on SIGINT/SIGTERM).
+///
+/// Before the source sends `Commit`, a cancel stops the migration at its
+/// next step: the destination gets `Abort` with the reason, the guest is
+/// resumed here if it was paused, and [`Source::migrate`] returns
+/// [`MigrationError::Cancelled`]. Once `Commit` is on its way the guest may
+/// already run on the destination, so the cancel is refused
+/// ([`Cancel::cancel`] returns false) and the migration finishes.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<CancelInner>);
+
+#[derive(Debug, Default)]
+struct CancelInner {
+    state: std::sync::Mutex<CancelState>,
+    notify: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default, Clone)]
+enum CancelState {
+    #[default]
+    Armed,
+    Cancelled(String),
+    Committing,
+}
+
+impl Cancel {
+    /// Asks the migration to stop with `reason` (the destination's abort
+    /// reason). False when it is too late: `Commit` was already sent.
+    pub fn cancel(&self, reason: &str) -> bool {
+        let mut s = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        match &*s {
+            CancelState::Committing => false,
+            CancelState::Cancelled(_) => true,
+            CancelState::Armed => {
+                *s = CancelState::Cancelled(reason.to_string());
+                self.0.notify.notify_waiters();
+                true
+            }
+        }
+    }
+
+    /// The reason, once cancelled.
+    pub fn reason(&self) -> Option<String> {
+        match &*self.0.state.lock().unwrap_or_else(|e| e.into_inner()) {
+            CancelState::Cancelled(r) => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    /// Resolves once cancelled, with the reason.
+    pub async fn cancelled(&self) -> String {
+        loop {
+            let notified = self.0.notify.notified();
+            if let Some(r) = self.reason() {
+                return r;
+            }
+            notified.await;
+        }
+    }
+
+    /// The point of no return, just before `Commit` is sent: from here a
+    /// cancel is refused. Fails if the migration was cancelled first.
+    pub fn commit(&self) -> Result<()> {
+        let mut s = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        match &*s {
+            CancelState::Cancelled(r) => Err(MigrationError::Cancelled(r.clone())),
+            _ => {
+                *s = CancelState::Committing;
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs `f` unless cancelled first (then `f` is dropped).
+    pub async fn or_cancel<T, E: Into<MigrationError>>(
+        &self,
+        f: impl std::future::Future<Output = std::result::Result<T, E>>,
+    ) -> Result<T> {
+        tokio::select! {
+            biased;
+            r = self.cancelled() => Err(MigrationError::Cancelled(r)),
+            r = f => r.map_err(Into::into),
+        }
+    }
+
+    /// Fails with [`MigrationError::Cancelled`] if cancelled.
+    pub fn check(&self) -> Result<()> {
+        match self.reason() {
+            Some(r) => Err(MigrationError::Cancelled(r)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -263,6 +488,8 @@ pub struct Summary {
     pub verify: Verify,
     /// The audit of the frozen source memory after the pause.
     pub audit: Audit,
+    /// `--downtime-limit`, ms: the pause the engine aimed for.
+    pub downtime_limit_ms: f64,
     /// Auto-converge throttle when the guest was paused, percent (0: none).
     pub throttle_percent: u8,
     /// `--bandwidth-limit`, bytes per second (all channels together).
@@ -289,9 +516,10 @@ pub struct Summary {
     pub digest_verified: bool,
     /// Per-channel counters.
     pub channels: Vec<ChannelStats>,
-    /// Encryption of the control connection and the TCP data channels
-    /// (TLS version, cipher suite, identity mode); `None` when plain.
-    pub encryption: Option<String>,
+    /// Encryption of the control connection and the data channels: TLS
+    /// version, cipher suite and identity mode, or what `--plaintext` left
+    /// unencrypted.
+    pub encryption: String,
 }
 
 /// The source's audit after the pause: its frozen memory hashed again and
@@ -336,6 +564,8 @@ pub struct Source<'a, G: GuestControl, D: DirtyLog> {
     pub opts: SourceOptions,
     /// Live figures.
     pub progress: Arc<Progress>,
+    /// Stops the migration before commit when cancelled.
+    pub cancel: Cancel,
 }
 
 impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
@@ -373,16 +603,17 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             }
             _ => None,
         };
-        if self.opts.tls.is_some() && self.opts.option == PerformanceOption::Rdma {
-            return Err(MigrationError::Config(RDMA_NOT_ENCRYPTED.into()));
-        }
+        let (control_tls, data_tls) = self.tls_settings()?;
         #[cfg(not(feature = "rdma"))]
         if self.opts.option == PerformanceOption::Rdma {
             return Err(MigrationError::Config(
                 "--performance-option rdma: this ferry was built without the rdma feature".into(),
             ));
         }
-        let control = connect(&self.to, self.opts.timeout).await?;
+        let cancel = &self.cancel;
+        let control = cancel
+            .or_cancel(connect(&self.to, self.opts.timeout))
+            .await?;
         let control_path = (
             control
                 .local_addr()
@@ -391,9 +622,11 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 .peer_addr()
                 .map_err(|e| TransportError::io("peer address", "control", e))?,
         );
-        let control = secure(control, self.opts.tls.as_deref(), self.opts.timeout).await?;
+        let control = cancel
+            .or_cancel(secure(control, control_tls.as_deref(), self.opts.timeout))
+            .await?;
         let mut conn = Conn::new(control, self.opts.timeout);
-        conn.client_handshake(self.key).await?;
+        cancel.or_cancel(conn.client_handshake(self.key)).await?;
         let layout = MemoryLayout::of(&*self.mem);
         conn.send(&Msg::Offer(Offer {
             layout: layout.clone(),
@@ -409,7 +642,18 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             }))
             .await?;
         }
-        let accept = match conn.recv("the destination's answer to the offer").await? {
+        let answer = cancel
+            .or_cancel(conn.recv("the destination's answer to the offer"))
+            .await;
+        let answer = match answer {
+            Err(e @ MigrationError::Cancelled(_)) => {
+                // It may have accepted meanwhile: tell it why we leave.
+                conn.abort(&e.to_string()).await;
+                return Err(e);
+            }
+            a => a?,
+        };
+        let accept = match answer {
             Msg::Accept(a) => a,
             Msg::Reject { reason, message } => {
                 return Err(TransportError::Rejected { reason, message }.into())
@@ -440,6 +684,11 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                     return Err(e);
                 }
             };
+            self.progress.emit(Event::Connected {
+                migration_id: accept.migration_id,
+                option: self.opts.option.to_string(),
+                channels: t.stats().len(),
+            });
             let mut run = Run {
                 src: self,
                 conn: &mut conn,
@@ -451,13 +700,21 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             let result = run.precopy_and_switch(&mut t, &layout, started).await;
             return run.settle(result).await;
         }
-        let data = match self.open_channels(&accept, control_path).await {
+        let data = match cancel
+            .or_cancel(self.open_channels(&accept, control_path, data_tls))
+            .await
+        {
             Ok(d) => d,
             Err(e) => {
                 conn.abort(&e.to_string()).await;
                 return Err(e);
             }
         };
+        self.progress.emit(Event::Connected {
+            migration_id: accept.migration_id,
+            option: self.opts.option.to_string(),
+            channels: data.len(),
+        });
         let mut run = Run {
             src: self,
             conn: &mut conn,
@@ -532,11 +789,36 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
 }
 
 impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
+    /// TLS of the control connection and of the TCP data channels: both
+    /// unless `--plaintext`; the RDMA option needs `--plaintext` (its data
+    /// cannot be encrypted) and keeps TLS on its control connection.
+    #[allow(clippy::type_complexity)]
+    fn tls_settings(&self) -> Result<(Option<Arc<TlsConfig>>, Option<Arc<TlsConfig>>)> {
+        let tls = || -> Result<Arc<TlsConfig>> {
+            match &self.opts.tls {
+                Some(t) => Ok(t.clone()),
+                None => Ok(Arc::new(TlsConfig::from_psk(self.key)?)),
+            }
+        };
+        match (self.opts.option, self.opts.plaintext) {
+            (PerformanceOption::Rdma, false) => {
+                Err(MigrationError::Config(RDMA_NOT_ENCRYPTED.into()))
+            }
+            (PerformanceOption::Rdma, true) => Ok((Some(tls()?), None)),
+            (_, true) => Ok((None, None)),
+            (_, false) => {
+                let t = tls()?;
+                Ok((Some(t.clone()), Some(t)))
+            }
+        }
+    }
+
     /// Pairs interfaces with the destination's and opens the data channels.
     async fn open_channels(
         &self,
         accept: &ferry_transport::proto::Accept,
         control: (std::net::SocketAddr, std::net::SocketAddr),
+        tls: Option<Arc<TlsConfig>>,
     ) -> Result<Vec<(Stream, ChannelPath)>> {
         let mc = &self.opts.multichannel;
         let local = nics::discover().unwrap_or_else(|e| {
@@ -549,13 +831,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             offered = accept.interfaces.len(),
             "opening data channels"
         );
-        nics::open_channels(
-            &planned,
-            accept.data_token,
-            self.opts.timeout,
-            self.opts.tls.clone(),
-        )
-        .await
+        nics::open_channels(&planned, accept.data_token, self.opts.timeout, tls).await
     }
 }
 
@@ -576,8 +852,21 @@ pub async fn connect(to: &str, timeout: Duration) -> Result<TcpStream> {
     }
 }
 
-/// Why `--encrypt` refuses the RDMA option.
-pub const RDMA_NOT_ENCRYPTED: &str = "--encrypt cannot protect --performance-option rdma: RDMA data channels move pages by RDMA WRITE, unencrypted. Use --performance-option tcp or compression to encrypt, or leave out --encrypt on a trusted, isolated migration network";
+/// Why the RDMA option needs `--plaintext`.
+pub const RDMA_NOT_ENCRYPTED: &str = "--performance-option rdma needs --plaintext on both ends: RDMA data channels move pages by RDMA WRITE, unencrypted (its control connection keeps TLS). Use --performance-option tcp or compression to encrypt, or add --plaintext to ferry send and ferry listen on a trusted, isolated migration network";
+
+/// What was encrypted, for the summary and `--json`: the control
+/// connection's TLS session (version, suite, identity mode), and whether
+/// the data channels shared it.
+pub fn describe_encryption(conn: &Conn, option: PerformanceOption) -> String {
+    match (conn.encryption(), option) {
+        (Some(tls), PerformanceOption::Rdma) => {
+            format!("{tls} on the control connection; RDMA data channels unencrypted (--plaintext)")
+        }
+        (Some(tls), _) => format!("{tls}, on the control connection and every data channel"),
+        (None, _) => "none (--plaintext)".into(),
+    }
+}
 
 /// Starts TLS on a connected socket when `tls` is given.
 pub async fn secure(tcp: TcpStream, tls: Option<&TlsConfig>, timeout: Duration) -> Result<Stream> {
@@ -749,13 +1038,21 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         }
         match result {
             Ok(s) => {
+                self.src.progress.emit(Event::Resumed {
+                    on: "destination",
+                    downtime_ms: s.downtime_ms,
+                });
                 self.src.progress.set_phase(Phase::Done);
                 Ok(s)
             }
             Err(e) if self.commit_sent => Err(e),
             Err(e) => {
-                if self.paused_at.is_some() {
+                if let Some(paused_at) = self.paused_at {
                     self.src.guest.resume()?;
+                    self.src.progress.emit(Event::Resumed {
+                        on: "source",
+                        downtime_ms: ms_since(paused_at),
+                    });
                 }
                 let e = self.destination_view(e).await;
                 self.conn.abort(&e.to_string()).await;
@@ -842,7 +1139,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                 stats.pages += pages;
                 stats.zero_pages += pages - payload / PAGE_SIZE;
                 stats.bytes += payload;
-                t.send(c).await?;
+                self.src.cancel.or_cancel(t.send(c)).await?;
                 self.src
                     .progress
                     .sent_bytes
@@ -856,7 +1153,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                 break;
             }
         }
-        let flushed = t.flush().await;
+        let flushed = self.src.cancel.or_cancel(t.flush()).await;
         self.src.progress.set_channels(t.stats());
         let flushed = flushed?;
         if !flushed.resend.is_empty() {
@@ -879,6 +1176,10 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         }
         let channels: Vec<std::net::SocketAddr> = lost.iter().map(|l| l.path.local).collect();
         for l in &lost {
+            self.src.progress.emit(Event::ChannelLost {
+                channel: l.channel,
+                error: l.error.to_string(),
+            });
             tracing::warn!(
                 channel = l.channel,
                 local = %l.path.local,
@@ -1003,8 +1304,17 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                 throttle = self.throttled,
                 "round done"
             );
+            src.progress.emit(Event::Round {
+                round,
+                bytes: stats.bytes,
+                duration_ms: stats.duration_ms,
+                rate_bytes_per_sec: stats.rate_bytes_per_sec,
+                dirty_bytes: remaining,
+                throttle_percent: stats.throttle_percent,
+            });
             rounds.push(stats);
             round += 1;
+            src.cancel.check()?;
             let (decision, predicted) = ferry_proto::budget::decide(
                 remaining,
                 &costs,
@@ -1079,6 +1389,11 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         let paused_at = Instant::now();
         src.guest.pause()?;
         self.paused_at = Some(paused_at);
+        src.progress.emit(Event::Paused {
+            dirty_bytes: remaining,
+            predicted_downtime_ms: predicted.total_ms(),
+            downtime_limit_ms: opts.downtime_limit.as_secs_f64() * 1e3,
+        });
         tracing::debug!(
             after_ms = paused_at.elapsed().as_secs_f64() * 1e3,
             "guest paused"
@@ -1146,6 +1461,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             pause_actual,
             verify: opts.verify,
             audit,
+            downtime_limit_ms: opts.downtime_limit.as_secs_f64() * 1e3,
             throttle_percent: self.throttled,
             bandwidth_limit: opts.bandwidth_limit,
             wire_bytes_per_sec: bytes_on_wire as f64 / transfer_secs.max(1e-9),
@@ -1158,13 +1474,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             digest: hex(&ferry_proto::switchover::fingerprint(&proven.committed)),
             digest_verified: true,
             channels,
-            encryption: opts.tls.as_ref().map(|t| {
-                format!(
-                    "TLS 1.3 {}, {}",
-                    self.conn.cipher_suite().unwrap_or_default(),
-                    t.mode()
-                )
-            }),
+            encryption: describe_encryption(self.conn, opts.option),
         })
     }
 
@@ -1223,6 +1533,8 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         let ready_checked = Instant::now();
         tracing::debug!("destination's proof checked, committing");
         let commit = proof::commit_mac(&keys.commit, &claims, &ready);
+        // The point of no return: a cancel from here on is refused.
+        src.cancel.commit()?;
         self.conn.send(&Msg::Commit { mac: commit }).await?;
         self.commit_sent = true;
         match self.conn.recv("the destination's Committed").await {

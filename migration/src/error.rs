@@ -100,6 +100,16 @@ pub enum MigrationError {
         /// "aborted: REASON" or "closed the control connection".
         peer: String,
     },
+    /// Cancelled from outside before `Commit` (`ferry send` on SIGINT or
+    /// SIGTERM): the destination was told (`Abort` with this reason) and
+    /// the guest keeps running on the source.
+    #[error("{0}")]
+    Cancelled(String),
+    /// The destination daemon is shutting down (`ferry listen` got
+    /// SIGTERM): the migration was aborted before its switchover and its
+    /// memory freed; the source keeps its guest.
+    #[error("destination shutting down (ferry listen was asked to stop); the migration was aborted before its switchover")]
+    ShuttingDown,
     /// Commit was sent but not confirmed: the guest stays paused on the source.
     #[error("commit was sent but the destination did not confirm it ({0}); the guest is left paused on the source because it may already run on the destination")]
     CommitUnconfirmed(String),
@@ -171,6 +181,8 @@ impl MigrationError {
             MigrationError::CommitUnconfirmed(_) => "commit_unconfirmed",
             MigrationError::NotConverged { .. } => "not_converged",
             MigrationError::Deadline { .. } => "deadline",
+            MigrationError::Cancelled(_) => "cancelled",
+            MigrationError::ShuttingDown => "shutdown",
             // What failed here; the destination's view is in the message.
             MigrationError::Destination { cause, .. } => return cause.reason(),
         };

@@ -3,7 +3,9 @@
 //! protocol pieces.
 #![forbid(unsafe_code)]
 
+pub mod netns;
 pub mod proxy;
+pub mod qemu;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
@@ -313,6 +315,18 @@ pub fn offer(bytes: u64) -> Offer {
         option: PerformanceOption::Tcp,
         channels: 1,
     }
+}
+
+/// Connects (plaintext), authenticates and sends `offer`; the answer is
+/// the caller's to read.
+pub async fn authed_offer(addr: SocketAddr, key: &AuthKey, offer: Offer) -> Conn {
+    let mut c = Conn::new(
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+        Duration::from_secs(10),
+    );
+    c.client_handshake(key).await.unwrap();
+    c.send(&Msg::Offer(offer)).await.unwrap();
+    c
 }
 
 /// Connects, authenticates and gets an offer of `bytes` accepted.

@@ -34,7 +34,8 @@ fn key() -> AuthKey {
 }
 
 /// Starts a real destination, runs `f` as a hostile source against it, and
-/// returns what the destination printed (it runs with --once).
+/// returns what the destination printed (it runs with --once). The hostile
+/// source speaks plaintext: the destination runs with `--plaintext`.
 fn against_destination<F, Fut>(extra: &[&str], f: F) -> ferry_tests::Output
 where
     F: FnOnce(std::net::SocketAddr) -> Fut,
@@ -42,7 +43,9 @@ where
 {
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = listen(&k, extra);
+    let mut args = vec!["--plaintext"];
+    args.extend_from_slice(extra);
+    let (dest, addr) = listen(&k, &args);
     rt().block_on(f(addr));
     let out = dest.wait(Duration::from_secs(30));
     assert!(!out.panicked(), "destination panicked: {}", out.all());
@@ -113,8 +116,13 @@ fn wrong_key_fails_both_ways_and_the_source_guest_keeps_running() {
     let dir = tempfile::tempdir().unwrap();
     let good = key_file(dir.path(), "good", KEY);
     let bad = key_file(dir.path(), "bad", b"another key of sufficient length!");
-    let (dest, addr) = listen(&good, &[]);
-    let src = send(addr, &bad, &["--memory", "16MiB"], Duration::from_secs(60));
+    let (dest, addr) = listen(&good, &["--plaintext"]);
+    let src = send(
+        addr,
+        &bad,
+        &["--memory", "16MiB", "--plaintext"],
+        Duration::from_secs(60),
+    );
     let dest = dest.wait(Duration::from_secs(30));
     assert!(!src.panicked() && !dest.panicked());
     assert_eq!(src.status.code(), Some(1), "{}", src.all());
@@ -468,9 +476,12 @@ fn migrate_to_fake(mode: Fake, timeout: Duration) -> (String, bool, u64, u64) {
             dirty: &dirty,
             opts: SourceOptions {
                 timeout,
+                // The fake destination speaks plaintext.
+                plaintext: true,
                 ..Default::default()
             },
             progress: Arc::new(Progress::default()),
+            cancel: Default::default(),
         };
         let err = src
             .migrate()
@@ -688,7 +699,7 @@ fn more_data_channels_than_offered_are_refused_on_the_token() {
 fn a_used_token_does_not_open_a_channel_into_the_next_migration() {
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = ferry_tests::daemon(&k, &[]);
+    let (dest, addr) = ferry_tests::daemon(&k, &["--plaintext"]);
     let d = &dest;
     rt().block_on(async move {
         let (mut conn, accept) = authed_session(addr, &key(), 1 << 20).await;

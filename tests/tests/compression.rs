@@ -123,7 +123,8 @@ fn compression_option_migrates_with_lz4_and_zstd_and_verified_digest() {
 }
 
 /// Starts a real destination, runs `f` as a hostile source, returns what the
-/// destination printed.
+/// destination printed. The hostile source speaks plaintext: the
+/// destination runs with `--plaintext`.
 fn against_destination<F, Fut>(f: F) -> ferry_tests::Output
 where
     F: FnOnce(std::net::SocketAddr) -> Fut,
@@ -131,7 +132,7 @@ where
 {
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = listen(&k, &[]);
+    let (dest, addr) = listen(&k, &["--plaintext"]);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

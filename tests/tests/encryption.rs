@@ -1,7 +1,8 @@
-//! Encryption (`--encrypt`): both identity modes migrate end to end with
-//! the digest verified; the bytes on the wire are not plaintext; every
-//! mismatch (wrong CA, certificate from another CA, wrong key, identity
-//! mode, plaintext against TLS either way) fails with a message naming the
+//! Encryption, on by default: both identity modes migrate end to end with
+//! the digest verified; the bytes on the wire are not plaintext; plaintext
+//! needs `--plaintext` on both ends (and so does RDMA); every mismatch
+//! (wrong CA, certificate from another CA, wrong key, identity mode,
+//! plaintext against TLS either way) fails with a message naming the
 //! cause, the source guest keeps running, and nothing panics.
 
 use std::net::SocketAddr;
@@ -116,16 +117,11 @@ fn assert_encrypted_channels(s: &serde_json::Value, mode: &str, channels: usize)
 fn psk_identity_migrates_tcp_and_compression_over_two_encrypted_channels() {
     for option in ["tcp", "compression"] {
         let dir = tempfile::tempdir().unwrap();
+        // No flag: encryption is the default.
         let s = migrate(
             dir.path(),
-            &["--encrypt"],
-            &[
-                "--encrypt",
-                "--performance-option",
-                option,
-                "--channels",
-                "2",
-            ],
+            &[],
+            &["--performance-option", option, "--channels", "2"],
         );
         assert_encrypted_channels(&s, "pre-shared-key identity", 2);
     }
@@ -144,9 +140,8 @@ fn certificates_migrate_tcp_and_compression_over_two_encrypted_channels() {
         let run = tempfile::tempdir().unwrap();
         let s = migrate(
             run.path(),
-            &["--encrypt", "--tls-dir", dst_pki.to_str().unwrap()],
+            &["--tls-dir", dst_pki.to_str().unwrap()],
             &[
-                "--encrypt",
                 "--tls-dir",
                 src_pki.to_str().unwrap(),
                 "--performance-option",
@@ -270,26 +265,26 @@ fn encrypted_bytes_on_the_wire_are_not_plaintext() {
         }
     }
     std::fs::write(&image, &text).unwrap();
-    // The control run: without --encrypt the marker and the frame magics
+    // The control run: with --plaintext the marker and the frame magics
     // are on the wire, so the check below can see plaintext.
-    let (plain, _) = captured(dir.path(), &image, &[], &["--performance-option", "tcp"]);
+    let (plain, _) = captured(
+        dir.path(),
+        &image,
+        &["--plaintext"],
+        &["--plaintext", "--performance-option", "tcp"],
+    );
     assert!(
         contains(&plain, marker),
         "the plaintext run carries the marker"
     );
     assert!(contains(&plain, b"FRYM") && contains(&plain, b"FRYC"));
     for option in ["tcp", "compression"] {
+        // The defaults: encrypted.
         let (wire, conns) = captured(
             dir.path(),
             &image,
-            &["--encrypt"],
-            &[
-                "--encrypt",
-                "--performance-option",
-                option,
-                "--channels",
-                "2",
-            ],
+            &[],
+            &["--performance-option", option, "--channels", "2"],
         );
         assert_eq!(
             conns, 3,
@@ -358,8 +353,8 @@ fn a_destination_certificate_from_another_ca_is_rejected_by_the_source() {
     gen_certs(&src, Some(&a));
     std::fs::copy(b.join("ca.pem"), src.join("ca.pem")).unwrap();
     refused(
-        &["--encrypt", "--tls-dir", a.to_str().unwrap()],
-        &["--encrypt", "--tls-dir", src.to_str().unwrap()],
+        &["--tls-dir", a.to_str().unwrap()],
+        &["--tls-dir", src.to_str().unwrap()],
         "the destination's certificate is not signed by our CA",
         "the source refused the handshake",
     );
@@ -374,8 +369,8 @@ fn a_source_certificate_from_another_ca_is_rejected_by_the_destination() {
     std::fs::remove_file(b.join("ca.pem")).unwrap();
     std::fs::copy(a.join("ca.pem"), b.join("ca.pem")).unwrap();
     refused(
-        &["--encrypt", "--tls-dir", a.to_str().unwrap()],
-        &["--encrypt", "--tls-dir", b.to_str().unwrap()],
+        &["--tls-dir", a.to_str().unwrap()],
+        &["--tls-dir", b.to_str().unwrap()],
         "does not trust our identity",
         "the source's certificate is not signed by our CA",
     );
@@ -386,8 +381,8 @@ fn a_different_pre_shared_key_fails_the_tls_handshake() {
     refused_with_keys(
         KEY,
         OTHER_KEY,
-        &["--encrypt"],
-        &["--encrypt"],
+        &[],
+        &[],
         "--auth-key-file keys differ",
         "TLS handshake with the source failed",
     );
@@ -398,36 +393,62 @@ fn identity_modes_must_match() {
     let dir = tempfile::tempdir().unwrap();
     let (a, _) = two_pkis(dir.path());
     refused(
-        &["--encrypt", "--tls-dir", a.to_str().unwrap()],
-        &["--encrypt"],
+        &["--tls-dir", a.to_str().unwrap()],
+        &[],
         "start both ends with --tls-dir, or neither",
         "start both ends with --tls-dir, or neither",
     );
 }
 
 #[test]
-fn a_plaintext_source_is_refused_by_an_encrypting_destination() {
+fn a_plaintext_source_is_refused_by_a_default_destination() {
     refused(
-        &["--encrypt"],
-        &["--performance-option", "tcp"],
-        "encryption required: this destination requires encryption (ferry listen --encrypt): start ferry send with --encrypt",
+        &[],
+        &["--plaintext", "--performance-option", "tcp"],
+        "encryption required: this destination requires encryption: leave out --plaintext on ferry send, or (on a trusted, isolated migration network) start ferry listen with --plaintext too",
         "requires encryption",
     );
 }
 
 #[test]
-fn a_destination_without_encrypt_accepts_an_encrypting_source() {
+fn plaintext_needs_both_ends_and_is_said_in_the_record() {
+    // A destination that allows plaintext still serves TLS to a source
+    // that did not opt out.
     let dir = tempfile::tempdir().unwrap();
     let s = migrate(
         dir.path(),
-        &[],
-        &["--encrypt", "--performance-option", "tcp"],
+        &["--plaintext"],
+        &["--performance-option", "tcp"],
     );
     assert_encrypted_channels(&s, "pre-shared-key identity", 1);
-    // And one without --encrypt on either side stays plaintext.
+    // Both ends opted out: plaintext, and the record says so.
     let dir = tempfile::tempdir().unwrap();
-    let s = migrate(dir.path(), &[], &["--performance-option", "tcp"]);
-    assert!(s["encryption"].is_null(), "{s}");
+    let s = migrate(
+        dir.path(),
+        &["--plaintext"],
+        &["--plaintext", "--performance-option", "tcp"],
+    );
+    let enc = s["encryption"].as_str().unwrap();
+    assert!(enc.starts_with("none (--plaintext)"), "{s}");
+    // --encrypt (the old opt-in) is still accepted, and contradicts --plaintext.
+    let dir = tempfile::tempdir().unwrap();
+    let s = migrate(dir.path(), &["--encrypt"], &["--encrypt"]);
+    assert_encrypted_channels(&s, "pre-shared-key identity", 1);
+    let both = Proc::start(&["listen", "--auth-key-file", "k", "--encrypt", "--plaintext"])
+        .wait(Duration::from_secs(30));
+    assert!(!both.status.success(), "{}", both.all());
+    assert!(
+        both.stderr.contains("cannot be used with"),
+        "{}",
+        both.all()
+    );
+    // Both commands say what the default is and what --plaintext gives up.
+    for cmd in ["listen", "send"] {
+        let help = Proc::start(&[cmd, "--help"]).wait(Duration::from_secs(30));
+        assert!(help.stdout.contains("--plaintext"), "{}", help.all());
+        assert!(help.stdout.contains("TLS 1.3"), "{}", help.all());
+        assert!(help.stdout.contains("trusted, isolated"), "{}", help.all());
+    }
 }
 
 #[test]
@@ -453,13 +474,13 @@ fn an_encrypting_source_against_a_plaintext_only_peer_names_the_cause() {
         let _ = s.write_all(&reject.encode()).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     });
-    let src = send(addr, &key, &["--memory", "32MiB", "--encrypt"], WAIT);
+    let src = send(addr, &key, &["--memory", "32MiB"], WAIT);
     assert_failed_cleanly(&src, "did not answer in TLS");
     let _ = rt.block_on(peer);
 }
 
 #[test]
-fn encrypt_refuses_rdma_before_connecting() {
+fn rdma_needs_plaintext_consent_before_connecting() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
     // Nothing listens there: the refusal comes first.
@@ -469,22 +490,17 @@ fn encrypt_refuses_rdma_before_connecting() {
     let src = send(
         addr,
         &key,
-        &[
-            "--memory",
-            "32MiB",
-            "--encrypt",
-            "--performance-option",
-            "rdma",
-        ],
+        &["--memory", "32MiB", "--performance-option", "rdma"],
         WAIT,
     );
     assert!(!src.status.success() && !src.panicked(), "{}", src.all());
     assert!(
         src.stderr
-            .contains("RDMA data channels move pages by RDMA WRITE, unencrypted"),
+            .contains("--performance-option rdma needs --plaintext on both ends: RDMA data channels move pages by RDMA WRITE, unencrypted"),
         "{}",
         src.all()
     );
+    assert!(!src.stderr.contains("cannot connect"), "{}", src.all());
     let help = Proc::start(&["send", "--help"]).wait(Duration::from_secs(30));
     assert!(
         help.stdout.contains("RDMA data channels are NOT encrypted"),
@@ -493,10 +509,48 @@ fn encrypt_refuses_rdma_before_connecting() {
     );
 }
 
-/// A hostile source over TLS with the right key: an RDMA offer, and a
-/// plaintext data channel for an encrypted migration, are both refused.
+/// `auto` picks RDMA only with `--plaintext`: without it, it says why and
+/// migrates encrypted with compression (the destination is never asked).
 #[test]
-fn an_encrypting_destination_refuses_rdma_offers_and_plaintext_data_channels() {
+fn auto_without_plaintext_never_picks_rdma() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let (dest, addr) = listen(&key, &[]);
+    let json = dir.path().join("summary.json");
+    let src = send(
+        addr,
+        &key,
+        &[
+            "--memory",
+            "32MiB",
+            "--dirty-rate",
+            "0",
+            "--performance-option",
+            "auto",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        WAIT,
+    );
+    let dest = dest.wait(Duration::from_secs(30));
+    assert!(src.status.success(), "{}", src.all());
+    assert!(dest.status.success(), "{}", dest.all());
+    assert!(
+        src.stderr.contains(
+            "auto: chose compression (zstd:1) (RDMA data channels are not encrypted: rdma only with --plaintext)"
+        ),
+        "{}",
+        src.all()
+    );
+    assert_encrypted_channels(&summary(&json), "pre-shared-key identity", 1);
+}
+
+/// A hostile source over TLS with the right key: an RDMA offer without
+/// `--plaintext` on the destination, an RDMA offer over a plaintext control
+/// connection, and a plaintext data channel for an encrypted migration, are
+/// all refused.
+#[test]
+fn a_destination_refuses_rdma_offers_and_plaintext_data_channels() {
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
     let key = AuthKey::new(KEY.to_vec()).unwrap();
@@ -511,8 +565,8 @@ fn an_encrypting_destination_refuses_rdma_offers_and_plaintext_data_channels() {
             c
         }
     };
-    // RDMA offer.
-    let (dest, addr) = listen(&k, &["--encrypt"]);
+    // RDMA offer to a default destination.
+    let (dest, addr) = listen(&k, &[]);
     rt().block_on(async {
         let mut c = connect(addr).await;
         let mut o = offer(1 << 20);
@@ -530,9 +584,31 @@ fn an_encrypting_destination_refuses_rdma_offers_and_plaintext_data_channels() {
         }
     });
     assert_dest_refused(dest, "RDMA data channels are not encrypted");
-    // Plaintext data channel for an encrypted migration (destination
-    // without --encrypt: only the migration's own encryption is required).
-    let (dest, addr) = listen(&k, &[]);
+    // RDMA offer over a plaintext control connection, even where
+    // --plaintext allows RDMA: its control connection must be TLS.
+    let (dest, addr) = listen(&k, &["--plaintext"]);
+    rt().block_on(async {
+        let mut c = ferry_tests::authed_offer(addr, &key, {
+            let mut o = offer(1 << 20);
+            o.option = PerformanceOption::Rdma;
+            o
+        })
+        .await;
+        match c.recv("answer").await.unwrap() {
+            Msg::Reject { reason, message } => {
+                assert_eq!(reason, RejectReason::Encryption);
+                assert!(
+                    message.contains("control connection must be encrypted"),
+                    "{message}"
+                );
+            }
+            m => panic!("expected Reject, got {m:?}"),
+        }
+    });
+    assert_dest_refused(dest, "control connection must be encrypted");
+    // Plaintext data channel for an encrypted migration (a destination
+    // with --plaintext: the migration's own encryption is still required).
+    let (dest, addr) = listen(&k, &["--plaintext"]);
     rt().block_on(async {
         let mut c = connect(addr).await;
         c.send(&Msg::Offer(offer(1 << 20))).await.unwrap();
@@ -564,7 +640,7 @@ fn an_encrypting_destination_refuses_rdma_offers_and_plaintext_data_channels() {
     let out = dest.wait(Duration::from_secs(30));
     assert!(!out.panicked(), "{}", out.all());
     // A plaintext session still works against it (authed_session is plain).
-    let (dest, addr) = listen(&k, &[]);
+    let (dest, addr) = listen(&k, &["--plaintext"]);
     rt().block_on(async {
         let (mut c, _) = authed_session(addr, &key, 1 << 20).await;
         assert!(!c.is_encrypted());

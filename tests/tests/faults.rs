@@ -13,6 +13,7 @@
 //!
 //! The destination listens on loopback and so advertises no interface: the
 //! source's data channels follow the control connection, through the proxy.
+//! The proxy reads frames, so both ends run with `--plaintext`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -42,11 +43,12 @@ impl Case {
     fn json(&self) -> PathBuf {
         self.dir.path().join("summary.json")
     }
-    /// `ferry send` through `proxy` with small-guest, short-timeout flags
-    /// (tcp, 1 MiB chunks) and `extra`.
+    /// `ferry send --plaintext` through `proxy` with small-guest,
+    /// short-timeout flags (tcp, 1 MiB chunks) and `extra`.
     fn send(&self, proxy: &Proxy, extra: &[&str]) -> Proc {
         let json = self.json();
         let defaults = [
+            ("--plaintext", ""),
             ("--memory", "64MiB"),
             ("--performance-option", "tcp"),
             ("--chunk-size", "1MiB"),
@@ -56,7 +58,10 @@ impl Case {
         let mut args: Vec<&str> = extra.to_vec();
         for (flag, value) in defaults {
             if !extra.contains(&flag) {
-                args.extend([flag, value]);
+                args.push(flag);
+                if !value.is_empty() {
+                    args.push(value);
+                }
             }
         }
         start_send(proxy.addr(), &self.key, &args)
@@ -141,7 +146,7 @@ fn kill_destination_when(
     when: impl Fn(&Frame) -> bool + Send + 'static,
 ) -> (Output, Output, Vec<Seen>) {
     let c = Case::new();
-    let (dest, addr) = listen(&c.key, &["--peer-timeout", "5s"]);
+    let (dest, addr) = listen(&c.key, &["--plaintext", "--peer-timeout", "5s"]);
     let pid = dest.pid();
     let killed = AtomicBool::new(false);
     let proxy = Proxy::start(
@@ -256,7 +261,16 @@ fn source_killed_mid_migration_frees_the_destination_for_the_next() {
     let c = Case::new();
     // One migration at a time: the second is accepted only if the first
     // one's slot was given back.
-    let (dest, addr) = daemon(&c.key, &["--max-concurrent", "1", "--peer-timeout", "5s"]);
+    let (dest, addr) = daemon(
+        &c.key,
+        &[
+            "--plaintext",
+            "--max-concurrent",
+            "1",
+            "--peer-timeout",
+            "5s",
+        ],
+    );
     let idle_rss = rss_kib(dest.pid());
     let proxy = Proxy::transparent(addr);
     let first = c.send(&proxy, &["--memory", "128MiB", "--dirty-rate", "8MB/s"]);
@@ -296,7 +310,7 @@ fn corrupt_data(
     send_extra: &[&str],
     corrupt: impl FnMut(&mut Frame) -> bool + Send + 'static,
 ) -> (Output, Output, usize) {
-    let (dest, addr) = listen(&c.key, &["--peer-timeout", "5s"]);
+    let (dest, addr) = listen(&c.key, &["--plaintext", "--peer-timeout", "5s"]);
     let count = Arc::new(AtomicUsize::new(0));
     let n = count.clone();
     let corrupt = Mutex::new(corrupt);
@@ -502,7 +516,7 @@ fn break_first_data_channel(
     send_extra: &[&str],
 ) -> (Case, Output, Output, Vec<Seen>) {
     let c = Case::new();
-    let (dest, addr) = listen(&c.key, &["--peer-timeout", "5s"]);
+    let (dest, addr) = listen(&c.key, &["--plaintext", "--peer-timeout", "5s"]);
     let mut first: Option<usize> = None;
     let mut n = 0;
     let proxy = Proxy::start(
@@ -586,7 +600,7 @@ fn dropped_only_data_channel_aborts_cleanly() {
 #[test]
 fn dropped_control_connection_aborts_cleanly() {
     let c = Case::new();
-    let (dest, addr) = listen(&c.key, &["--peer-timeout", "5s"]);
+    let (dest, addr) = listen(&c.key, &["--plaintext", "--peer-timeout", "5s"]);
     let proxy = Proxy::start(
         addr,
         Box::new(|f| {
@@ -617,7 +631,7 @@ fn rt() -> tokio::runtime::Runtime {
 #[test]
 fn replayed_authentication_is_refused() {
     let c = Case::new();
-    let (dest, addr) = daemon(&c.key, &["--peer-timeout", "5s"]);
+    let (dest, addr) = daemon(&c.key, &["--plaintext", "--peer-timeout", "5s"]);
     let proxy = Proxy::transparent(addr);
     let src = c
         .send(&proxy, &["--memory", "32MiB", "--dirty-rate", "0"])

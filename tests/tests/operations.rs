@@ -80,9 +80,11 @@ fn small_send(addr: SocketAddr, k: &Path, memory: &str, extra: &[&str]) -> Outpu
 fn a_full_destination_queues_the_next_migration_and_refuses_beyond_the_queue() {
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
+    // --plaintext: the hand-made peers below speak plaintext.
     let (dest, addr) = daemon(
         &k,
         &[
+            "--plaintext",
             "--max-concurrent",
             "1",
             "--queue",
@@ -133,7 +135,16 @@ fn a_full_destination_queues_the_next_migration_and_refuses_beyond_the_queue() {
 fn memory_limit_bounds_the_sum_of_accepted_migrations() {
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = daemon(&k, &["--memory-limit", "64MiB", "--max-concurrent", "4"]);
+    let (dest, addr) = daemon(
+        &k,
+        &[
+            "--plaintext",
+            "--memory-limit",
+            "64MiB",
+            "--max-concurrent",
+            "4",
+        ],
+    );
     let r = rt();
     let (first, _) = r.block_on(authed_session(addr, &key(), 40 * MIB));
     let (_, ans) = r.block_on(try_offer(addr, 40 * MIB));
@@ -167,7 +178,7 @@ fn memory_limit_bounds_the_sum_of_accepted_migrations() {
 fn peers_outside_the_migration_network_are_refused_before_authentication() {
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = listen(&k, &["--migration-network", "127.0.0.1/32"]);
+    let (dest, addr) = listen(&k, &["--plaintext", "--migration-network", "127.0.0.1/32"]);
     let r = rt();
     r.block_on(async {
         // From 127.0.0.2 (loopback holds all of 127/8): the reason arrives
@@ -216,9 +227,11 @@ fn peers_outside_the_migration_network_are_refused_before_authentication() {
     );
 }
 
-/// A daemon with one slot, one queue place and room for `memory` of guest.
+/// A daemon with one slot, one queue place and room for `memory` of guest
+/// (`--plaintext`: the hand-made stalled peers speak plaintext).
 fn one_slot(k: &Path, memory: &str, extra: &[&str]) -> (ferry_tests::Proc, SocketAddr) {
     let mut args = vec![
+        "--plaintext",
         "--max-concurrent",
         "1",
         "--memory-limit",

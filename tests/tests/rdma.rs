@@ -10,6 +10,7 @@ use ferry_transport::auth::AuthKey;
 use ferry_transport::conn::Conn;
 use ferry_transport::proto::{Msg, PerformanceOption, RejectReason};
 use ferry_transport::rdma_wire::{RdmaEndpoint, RdmaOffer};
+use ferry_transport::tls::TlsConfig;
 
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
@@ -44,6 +45,7 @@ fn rdma_without_a_device_fails_before_connecting() {
         "16MiB",
         "--performance-option",
         "rdma",
+        "--plaintext",
     ])
     .wait(Duration::from_secs(30));
     assert!(!out.status.success(), "{}", out.all());
@@ -64,19 +66,20 @@ fn destination_without_rdma_rejects_the_option_before_allocating() {
     }
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = listen(&key, &[]);
+    // --plaintext: consent to RDMA's unencrypted data channels.
+    let (dest, addr) = listen(&key, &["--plaintext"]);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let (reason, message) = rt.block_on(async {
-        let mut c = Conn::new(
-            tokio::net::TcpStream::connect(addr).await.unwrap(),
-            Duration::from_secs(10),
-        );
-        c.client_handshake(&AuthKey::from_file(&key).unwrap())
-            .await
-            .unwrap();
+        // The RDMA option's control connection is TLS.
+        let k = AuthKey::from_file(&key).unwrap();
+        let tls = TlsConfig::from_psk(&k).unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let t = Duration::from_secs(10);
+        let mut c = Conn::new(tls.connect(tcp, t).await.unwrap(), t);
+        c.client_handshake(&k).await.unwrap();
         let mut o = offer(1 << 30);
         o.option = PerformanceOption::Rdma;
         c.send(&Msg::Offer(o)).await.unwrap();
@@ -108,7 +111,8 @@ fn auto_without_rdma_falls_back_to_compression_and_says_so() {
     }
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = listen(&key, &[]);
+    // --plaintext on both ends: auto may pick RDMA only with it.
+    let (dest, addr) = listen(&key, &["--plaintext"]);
     let json = dir.path().join("summary.json");
     let src = Proc::start(&[
         "send",
@@ -122,6 +126,7 @@ fn auto_without_rdma_falls_back_to_compression_and_says_so() {
         "4MB/s",
         "--performance-option",
         "auto",
+        "--plaintext",
         "--json",
         json.to_str().unwrap(),
     ])

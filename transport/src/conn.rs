@@ -124,6 +124,12 @@ impl Conn {
         self.stream.cipher_suite()
     }
 
+    /// The TLS session in words (version, cipher suite, identity mode);
+    /// `None` on a plain connection.
+    pub fn encryption(&self) -> Option<String> {
+        self.stream.encryption()
+    }
+
     /// True when the connection is TLS.
     pub fn is_encrypted(&self) -> bool {
         self.stream.is_encrypted()

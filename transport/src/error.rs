@@ -120,7 +120,7 @@ pub enum TransportError {
     /// The peer aborted the migration.
     #[error("peer aborted the migration: {0}")]
     PeerAborted(String),
-    /// TLS (`--encrypt`): a setting that cannot be used, a handshake that
+    /// TLS (on unless `--plaintext`): a setting that cannot be used, a handshake that
     /// failed, or a peer that ended the session; the message names why.
     #[error("encryption: {0}")]
     Tls(String),

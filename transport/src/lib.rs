@@ -12,7 +12,7 @@
 //!   NIC both hosts share), with failover; [`ratelimit`]: the
 //!   `--bandwidth-limit` token bucket all channels of a migration share.
 //!
-//! * [`tls`]: encryption (`--encrypt`), TLS 1.3 with rustls, identities
+//! * [`tls`]: encryption (on unless `--plaintext`), TLS 1.3 with rustls, identities
 //!   from certificates or from the pre-shared key; [`stream`]: a connection,
 //!   plain or TLS.
 //!

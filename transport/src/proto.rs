@@ -118,8 +118,9 @@ pub enum RejectReason {
     Token,
     /// Address not allowed.
     Network,
-    /// Encryption required (`ferry listen --encrypt`) and the connection
-    /// is not encrypted, or the option cannot be encrypted (RDMA).
+    /// Encryption required (the default; `ferry listen --plaintext` lifts
+    /// it) and the connection is not encrypted, or the option cannot be
+    /// encrypted (RDMA) without that consent.
     Encryption,
     /// The offer's guest configuration (vCPUs, CPU vendor, device-state
     /// format) is not one this destination can restore.

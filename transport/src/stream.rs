@@ -1,4 +1,4 @@
-//! A connection to the peer: plain TCP, or TLS 1.3 over TCP (`--encrypt`,
+//! A connection to the peer: plain TCP, or TLS 1.3 over TCP (the default,
 //! see [`crate::tls`]). Control connections and data channels are both a
 //! [`Stream`]; the data path keeps its zero-copy `writev`/`readv` on the
 //! plain variant and reads/writes guest memory through the TLS session on
@@ -64,6 +64,22 @@ impl Stream {
                 .negotiated_cipher_suite()
                 .map(|c| format!("{:?}", c.suite())),
         }
+    }
+
+    /// The TLS session in words, for summaries and logs: "TLS 1.3
+    /// SUITE, MODE" (the identity mode from the negotiated ALPN).
+    pub fn encryption(&self) -> Option<String> {
+        let Stream::Tls(t) = self else {
+            return None;
+        };
+        let mode = match t.get_ref().1.alpn_protocol() {
+            Some(p) if p == crate::tls::ALPN_CERTIFICATES => crate::tls::Mode::Certificates,
+            _ => crate::tls::Mode::Psk,
+        };
+        Some(format!(
+            "TLS 1.3 {}, {mode}",
+            self.cipher_suite().unwrap_or_default()
+        ))
     }
 }
 

@@ -1,4 +1,4 @@
-//! Encryption (`--encrypt`): TLS 1.3 with rustls (ring provider) on the
+//! Encryption (the default; `--plaintext` turns it off): TLS 1.3 with rustls (ring provider) on the
 //! control connection and on every TCP data channel.
 //!
 //! # Identity, two modes
@@ -338,13 +338,13 @@ impl TlsConfig {
                 self.mode
             ),
             Some(rustls::Error::InvalidMessage(_)) => format!(
-                "the {peer} did not answer in TLS (it sent plaintext): it does not support --encrypt, or it refused the connection before TLS (e.g. an address outside its --migration-network)"
+                "the {peer} did not answer in TLS (it sent plaintext): it does not support encryption (a Ferry from before TLS; start both ends with --plaintext on a trusted network), or it refused the connection before TLS (e.g. an address outside its --migration-network)"
             ),
             Some(other) => other.to_string(),
             None if e.kind() == std::io::ErrorKind::UnexpectedEof
                 || e.kind() == std::io::ErrorKind::ConnectionReset =>
             {
-                format!("the {peer} closed the connection during the TLS handshake: it does not speak TLS (a Ferry without --encrypt support?) or refused us")
+                format!("the {peer} closed the connection during the TLS handshake: it does not speak TLS (a Ferry from before TLS?) or refused us")
             }
             None => e.to_string(),
         }
