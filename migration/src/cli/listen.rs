@@ -75,9 +75,11 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
         if a.once {
             server.abort();
             if let Ok(s) = &o.result {
-                audit_exit(s.audit.as_ref().is_some_and(|a| {
-                    a.result == ferry_transport::proto::AuditResult::Failed
-                }));
+                audit_exit(
+                    s.audit
+                        .as_ref()
+                        .is_some_and(|a| a.result == ferry_transport::proto::AuditResult::Failed),
+                );
             }
             return o.result.map(|_| ()).map_err(Into::into);
         }
