@@ -61,11 +61,16 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     while let Some(o) = rx.recv().await {
         match &o.result {
             Ok(s) => println!(
-                "migration {} from {} committed: {} bytes, digest {} verified; {}; {}; {}",
+                "migration {} from {} committed: {} bytes, digest {} verified ({}); {}; {}; {}",
                 s.migration_id,
                 o.peer,
                 s.memory_bytes,
                 s.digest,
+                if s.verify_full {
+                    "page evidence and whole memory"
+                } else {
+                    "page evidence"
+                },
                 s.restore_report,
                 s.resume_report,
                 dest_audit_line(s.audit.as_ref())
