@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_proto::switchover::{self as proof, Claims, ReadyProof, Transcripts};
+use ferry_proto::{Evidence, Ledger};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::compress::CompressionSpec;
 use ferry_transport::conn::{negotiate, Conn};
@@ -47,7 +48,7 @@ use ferry_transport::proto::{
     Accept, AuditReport, GuestConfig, Msg, Offer, PerformanceOption, RejectReason, Role,
 };
 use ferry_transport::stream::Stream;
-use ferry_transport::tcp::{receive_channel_with, RecvCounters, RecvOptions};
+use ferry_transport::tcp::{receive_channel, Inbound, RecvCounters};
 use ferry_transport::tls::{TlsConfig, TLS_HANDSHAKE_BYTE};
 use ferry_transport::wire::Codec;
 use ferry_transport::wire::MAX_CHUNK_PAYLOAD;
@@ -756,6 +757,21 @@ impl Destination {
         };
         // Validated: now, and only now, allocate.
         let mem = Arc::new(dest_memory(&offer.layout)?);
+        // The destination's evidence, under the session's page key: every
+        // page any channel lands is recorded in it.
+        let keys = conn.session_keys().ok_or(TransportError::AuthFailed(
+            "no session keys after authentication",
+        ))?;
+        let ledger = Arc::new(offer.layout.ledger(keys.page.clone())?);
+        let inbound = Arc::new(Inbound::new(
+            offer.layout.clone(),
+            match offer.option {
+                // Validated before Accept: the id is known.
+                PerformanceOption::Compression { codec, .. } => Codec::from_id(codec).ok(),
+                _ => None,
+            },
+            ledger.clone(),
+        ));
         let _allocation = self.metrics.allocated(offer.layout.total_bytes());
         // RDMA: listeners on the shared NICs, guest memory registered once
         // per device (a memlock failure is the rejection).
@@ -812,6 +828,7 @@ impl Destination {
                 Receive {
                     offer: &offer,
                     mem: &mem,
+                    inbound: &inbound,
                     timeout: self.opts.timeout,
                     resume: &self.resume,
                     metrics: &self.metrics,
@@ -936,6 +953,9 @@ impl DataChannels {
 struct Receive<'a> {
     offer: &'a Offer,
     mem: &'a Arc<DestMemory>,
+    /// What every data channel shares: layout, codec, the destination's
+    /// ledger and the round gate.
+    inbound: &'a Arc<Inbound>,
     timeout: Duration,
     resume: &'a ResumeHook,
     metrics: &'a Metrics,
@@ -965,25 +985,35 @@ fn total(all: &[Arc<RecvCounters>], counter: fn(&RecvCounters) -> &AtomicU64) ->
 }
 
 impl Receive<'_> {
+    /// The destination's evidence so far: the sum over every page of what
+    /// landed in it (see [`ferry_proto::evidence`]).
+    fn evidence(&self) -> Evidence {
+        self.ledger().evidence()
+    }
+
+    /// The destination's ledger.
+    fn ledger(&self) -> &Ledger {
+        &self.inbound.ledger
+    }
+
     /// Starts receiving a data channel into its own counters (kept in
-    /// `all`, and in the metrics under the channel's index).
+    /// `all`, and in the metrics under the channel's index); every channel
+    /// shares the migration's [`Inbound`] (ledger, round gate).
     fn start_channel(
         &self,
         ch: &mut DataChannels,
         stream: Stream,
-        layout: &Arc<MemoryLayout>,
         all: &mut Vec<Arc<RecvCounters>>,
-        opts: RecvOptions,
     ) {
         let index = ch.opened;
-        let (l, m, c) = (
-            layout.clone(),
+        let (i, m, c) = (
+            self.inbound.clone(),
             self.mem.clone(),
             Arc::new(RecvCounters::default()),
         );
         let counters = c.clone();
         ch.start(stream, move |s| async move {
-            receive_channel_with(s, &l, &*m, &c, opts).await
+            receive_channel(s, &i, &*m, &c).await
         });
         if ch.opened > index {
             self.metrics
@@ -1004,7 +1034,6 @@ impl Receive<'_> {
             expected: "an authenticated session",
             got: "no session keys".into(),
         })?;
-        let layout = Arc::new(self.offer.layout.clone());
         // The RDMA channels' counters first, then one per TCP data channel
         // (each counted in the metrics under its index).
         let counters = Arc::new(RecvCounters::default());
@@ -1018,19 +1047,12 @@ impl Receive<'_> {
             self.metrics
                 .track_channel(self.migration_id, "rdma".into(), counters.clone());
             rdma_task.spawn(r.receive(
-                layout.clone(),
+                self.inbound.clone(),
                 self.mem.clone(),
                 counters.clone(),
                 self.timeout,
             ));
         }
-        let recv_opts = RecvOptions {
-            codec: match self.offer.option {
-                // Validated before Accept: the id is known.
-                PerformanceOption::Compression { codec, .. } => Codec::from_id(codec).ok(),
-                _ => None,
-            },
-        };
         let mut ch = DataChannels::default();
         let mut fencing: Option<(Vec<SocketAddr>, HashSet<SocketAddr>)> = None;
         let mut switchover = None;
@@ -1045,7 +1067,7 @@ impl Receive<'_> {
         while switchover.is_none() {
             tokio::select! {
                 Some(stream) = streams.recv(), if ch.opened < self.offer.channels => {
-                    self.start_channel(&mut ch, stream, &layout, &mut all_counters, recv_opts);
+                    self.start_channel(&mut ch, stream, &mut all_counters);
                 }
                 Some(done) = ch.set.join_next_with_id() => {
                     let (id, r) = match done {
@@ -1097,7 +1119,7 @@ impl Receive<'_> {
                             ch.fenced.extend(channels.iter().copied());
                             // Channels accepted but not started yet: a fenced one is dropped.
                             while let Ok(stream) = streams.try_recv() {
-                                self.start_channel(&mut ch, stream, &layout, &mut all_counters, recv_opts);
+                                self.start_channel(&mut ch, stream, &mut all_counters);
                             }
                             let waiting: HashSet<SocketAddr> = channels.iter().copied().filter(|p| ch.abort(p)).collect();
                             tracing::warn!(?channels, closing = waiting.len(), "source lost data channels: fencing them");
@@ -1170,15 +1192,22 @@ impl Receive<'_> {
             s2d: t.received,
             d2s: t.sent,
         };
-        let (mem, key) = (self.mem.clone(), keys.page.clone());
-        let scan = tokio::task::spawn_blocking(move || memory_evidence(&*mem, &key))
-            .await
-            .map_err(|e| MigrationError::Guest(format!("verification task failed: {e}")))?;
+        // --verify full: the whole memory too, hashed in the pause.
+        let memory = if sw.verify_full {
+            let (mem, key) = (self.mem.clone(), keys.page.clone());
+            let scan = tokio::task::spawn_blocking(move || memory_evidence(&*mem, &key))
+                .await
+                .map_err(|e| MigrationError::Guest(format!("verification task failed: {e}")))?;
+            Some(scan.evidence)
+        } else {
+            None
+        };
         let claims = Claims {
             transcripts,
-            evidence: scan.evidence,
+            // What landed on every page: complete, every channel stopped.
+            evidence: self.evidence(),
             device_state: sw.device_state_hash,
-            memory: sw.verify_full.then_some(scan.evidence),
+            memory,
         };
         let ready = ReadyProof::new(&keys.commit, &claims);
         writer.send(&Msg::Ready(ready)).await?;

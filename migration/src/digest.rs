@@ -22,6 +22,8 @@ use ferry_proto::{Evidence, Ledger, PageKey, PageTable};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 const BLOCK: usize = 4 << 20;
+/// Bytes copied out of guest memory at a time (a multiple of the page).
+const PIECE: usize = 256 << 10;
 
 /// What a scan of the whole memory found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -91,6 +93,7 @@ fn scan<M: GuestMemoryBackend + Sync>(mem: &M, key: &PageKey, table: Option<&Pag
             .map(|part| {
                 s.spawn(move || {
                     let mut out = Scan::default();
+                    let mut buf = Vec::new();
                     for &(start, off, len, index) in part {
                         let r = mem
                             .find_region(vm_memory::GuestAddress(start))
@@ -99,8 +102,12 @@ fn scan<M: GuestMemoryBackend + Sync>(mem: &M, key: &PageKey, table: Option<&Pag
                             .get_slice(MemoryRegionAddress(off as u64), len)
                             .expect("block inside region");
                         let gpa = start + off as u64;
-                        vio::with_bytes(&slice, |bytes| {
-                            scan_block(bytes, gpa, index, key, table, &mut out)
+                        // Through a private copy, never a reference to
+                        // guest memory (ferry_ffi::vio), a piece at a time.
+                        let _ = vio::read_pieces::<_, ()>(&slice, &mut buf, PIECE, |at, b| {
+                            let pages = (at / PAGE) as u64;
+                            scan_block(b, gpa + at as u64, index + pages, key, table, &mut out);
+                            Ok(())
                         });
                     }
                     out

@@ -37,8 +37,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_ffi::vio;
+use ferry_proto::evidence::PageHash;
 use ferry_proto::switchover::{self as proof, Claims, Transcripts};
 use ferry_proto::SessionKeys;
+use ferry_proto::{Evidence, Ledger};
 use ferry_transport::compress::{CompressConfig, CompressSender, CompressionSpec};
 use ferry_transport::conn::Conn;
 use ferry_transport::multichannel::{ChannelPath, Multichannel, MultichannelConfig};
@@ -628,6 +630,12 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
         let mut conn = Conn::new(control, self.opts.timeout);
         cancel.or_cancel(conn.client_handshake(self.key)).await?;
         let layout = MemoryLayout::of(&*self.mem);
+        // Both sides keep evidence under the session's page key: here what
+        // is sent for each page, there what lands.
+        let keys = conn.session_keys().ok_or(TransportError::AuthFailed(
+            "no session keys after the handshake",
+        ))?;
+        let ledger = Arc::new(layout.ledger(keys.page.clone())?);
         conn.send(&Msg::Offer(Offer {
             layout: layout.clone(),
             guest: self.guest.config(),
@@ -692,6 +700,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             let mut run = Run {
                 src: self,
                 conn: &mut conn,
+                ledger: ledger.clone(),
                 paused_at: None,
                 commit_sent: false,
                 throttled: 0,
@@ -718,6 +727,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
         let mut run = Run {
             src: self,
             conn: &mut conn,
+            ledger: ledger.clone(),
             paused_at: None,
             commit_sent: false,
             throttled: 0,
@@ -907,6 +917,9 @@ pub async fn open_data_channel(
 struct Run<'r, 'a, G: GuestControl, D: DirtyLog> {
     src: &'r Source<'a, G, D>,
     conn: &'r mut Conn,
+    /// The source's evidence: for every page, the hash of what was last
+    /// sent for it (recorded as chunks are built).
+    ledger: Arc<Ledger>,
     paused_at: Option<Instant>,
     commit_sent: bool,
     /// Auto-converge throttle applied to the guest, percent.
@@ -917,55 +930,67 @@ struct Run<'r, 'a, G: GuestControl, D: DirtyLog> {
 
 /// Returns true if the page holds only zero bytes.
 pub fn is_zero_page(p: &[u8]) -> bool {
-    if p[..64].iter().any(|&b| b != 0) {
-        return false;
-    }
-    p.chunks_exact(64)
-        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+    ferry_proto::evidence::is_zero(p)
 }
 
-/// Builds chunks from a dirty set, detecting zero pages. A zero page becomes
-/// a zero run (or is skipped when `skip_zero`: the destination's memory starts
-/// zeroed, so round 0 need not mention it).
+/// Builds chunks from a dirty set in one pass over each page: the page is
+/// copied out of guest memory once ([`vio::copy_out`], the only read of it
+/// here), and on that private copy it is tested for zero and hashed with
+/// the session's page key; the hash is recorded in the source's ledger
+/// (what was sent for the page) and its contribution summed into the
+/// chunk's. A zero page becomes a zero run (or is skipped when `skip_zero`:
+/// the destination's memory starts zeroed, so round 0 need not mention it).
 struct Chunker<'m> {
     mem: &'m SourceMemory,
+    ledger: &'m Ledger,
     max_payload: u64,
     skip_zero: bool,
     round: u32,
     cur: Vec<PageRun>,
     payload: u64,
+    /// Sum of the current chunk's pages' contributions.
+    sum: u128,
+    /// Change to the evidence not applied yet.
+    delta: u128,
+    /// The private copy of one page.
+    page: Vec<u8>,
 }
 
-impl Chunker<'_> {
-    fn push(&mut self, run: PageRun, out: &mut Vec<Chunk>, seq: &mut u64) {
-        if run.zero && self.skip_zero {
-            return;
+impl<'m> Chunker<'m> {
+    fn new(
+        mem: &'m SourceMemory,
+        ledger: &'m Ledger,
+        max_payload: u64,
+        round: u32,
+        skip_zero: bool,
+    ) -> Self {
+        Chunker {
+            mem,
+            ledger,
+            max_payload: max_payload.max(PAGE_SIZE),
+            skip_zero,
+            round,
+            cur: Vec::new(),
+            payload: 0,
+            sum: 0,
+            delta: 0,
+            page: vec![0; PAGE_SIZE as usize],
         }
-        let max_pages = (self.max_payload / PAGE_SIZE).max(1) as u32;
-        if !run.zero && run.pages > max_pages {
-            let head = PageRun {
-                pages: max_pages,
-                ..run
-            };
-            let tail = PageRun {
-                gpa: run.gpa + head.bytes(),
-                pages: run.pages - max_pages,
-                zero: false,
-            };
-            self.push(head, out, seq);
-            return self.push(tail, out, seq);
-        }
-        if self.payload + run.payload_bytes() > self.max_payload {
-            self.cut(out, seq);
-        }
-        self.payload += run.payload_bytes();
+    }
+
+    /// Appends one page (zero or not) to the current chunk.
+    fn push(&mut self, gpa: u64, zero: bool) {
         match self.cur.last_mut() {
-            Some(last) if last.zero == run.zero && last.gpa + last.bytes() == run.gpa => {
-                last.pages += run.pages
-            }
-            _ => self.cur.push(run),
+            Some(last) if last.zero == zero && last.gpa + last.bytes() == gpa => last.pages += 1,
+            _ => self.cur.push(PageRun {
+                gpa,
+                pages: 1,
+                zero,
+            }),
         }
-        self.maybe_cut(out, seq);
+        if !zero {
+            self.payload += PAGE_SIZE;
+        }
     }
 
     fn maybe_cut(&mut self, out: &mut Vec<Chunk>, seq: &mut u64) {
@@ -975,6 +1000,7 @@ impl Chunker<'_> {
     }
 
     fn cut(&mut self, out: &mut Vec<Chunk>, seq: &mut u64) {
+        self.ledger.apply(std::mem::take(&mut self.delta));
         if !self.cur.is_empty() {
             out.push(Chunk {
                 seq: *seq,
@@ -983,49 +1009,49 @@ impl Chunker<'_> {
             });
             *seq += 1;
             self.payload = 0;
+            self.sum = 0;
         }
     }
 
-    /// Splits `run` into zero / non-zero sub-runs and adds them.
-    fn add(&mut self, run: PageRun, out: &mut Vec<Chunk>, seq: &mut u64) {
-        let slice = self
-            .mem
-            .get_slice(GuestAddress(run.gpa), run.bytes() as usize)
-            .expect("dirty run inside guest memory");
-        let mut pieces = Vec::new();
-        vio::with_bytes(&slice, |bytes| {
-            let mut start = 0u32;
-            let mut zero = None;
-            for (i, p) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
-                let z = is_zero_page(p);
-                match zero {
-                    Some(prev) if prev != z => {
-                        pieces.push(PageRun {
-                            gpa: run.gpa + u64::from(start) * PAGE_SIZE,
-                            pages: i as u32 - start,
-                            zero: prev,
-                        });
-                        start = i as u32;
-                    }
-                    _ => {}
-                }
-                zero = Some(z);
+    /// Reads, tests, hashes and records every page of `run` and adds it.
+    fn add(&mut self, run: PageRun, out: &mut Vec<Chunk>, seq: &mut u64) -> Result<()> {
+        for p in 0..u64::from(run.pages) {
+            let gpa = run.gpa + p * PAGE_SIZE;
+            if self.payload + PAGE_SIZE > self.max_payload {
+                self.cut(out, seq);
             }
-            if let Some(z) = zero {
-                pieces.push(PageRun {
-                    gpa: run.gpa + u64::from(start) * PAGE_SIZE,
-                    pages: run.pages - start,
-                    zero: z,
-                });
+            let slice = self
+                .mem
+                .get_slice(GuestAddress(gpa), PAGE_SIZE as usize)
+                .map_err(|e| {
+                    MigrationError::Guest(format!("dirty page {gpa:#x} outside guest memory: {e}"))
+                })?;
+            vio::copy_out(&slice, &mut self.page);
+            let h = self.ledger.key().hash_or_zero(&self.page);
+            let (delta, contribution) = self.ledger.record_page(gpa, h).map_err(|e| {
+                MigrationError::Guest(format!("dirty page outside the layout: {e}"))
+            })?;
+            self.delta = self.delta.wrapping_add(delta);
+            let zero = h == PageHash::ZERO;
+            if zero && self.skip_zero {
+                continue;
             }
-        });
-        for p in pieces {
-            self.push(p, out, seq);
+            self.sum = self.sum.wrapping_add(contribution);
+            self.push(gpa, zero);
+            self.maybe_cut(out, seq);
         }
+        Ok(())
     }
 }
 
 impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
+    /// The source's evidence so far: the sum over every page of what was
+    /// last sent for it (see [`ferry_proto::evidence`]). Equal to the
+    /// destination's once every chunk landed and was acknowledged.
+    fn evidence(&self) -> Evidence {
+        self.ledger.evidence()
+    }
+
     /// Settles a migration's outcome, whatever its transport: marks the
     /// progress done, or — when `Commit` was not sent yet — tells the
     /// destination to abort and resumes the guest if it was paused.
@@ -1105,14 +1131,13 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
     ) -> Result<RoundStats> {
         let started = Instant::now();
         let max_pages = (self.src.opts.chunk_bytes as u64 / PAGE_SIZE).max(1) as u32;
-        let mut ch = Chunker {
-            mem: &self.src.mem,
-            max_payload: u64::from(self.src.opts.chunk_bytes),
-            skip_zero: round == 0,
+        let mut ch = Chunker::new(
+            &self.src.mem,
+            &self.ledger,
+            u64::from(self.src.opts.chunk_bytes),
             round,
-            cur: Vec::new(),
-            payload: 0,
-        };
+            round == 0,
+        );
         let mut stats = RoundStats {
             round,
             ..Default::default()
@@ -1131,7 +1156,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         loop {
             let next = runs.next();
             match next {
-                Some(r) => ch.add(r, &mut ready, seq),
+                Some(r) => ch.add(r, &mut ready, seq)?,
                 None => ch.cut(&mut ready, seq),
             }
             for c in ready.drain(..) {
@@ -1504,18 +1529,27 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             s2d: t.sent,
             d2s: t.received,
         };
-        // This side's evidence, while the destination computes its own.
-        let (mem, key) = (src.mem.clone(), keys.page.clone());
-        let scan = tokio::task::spawn_blocking(move || memory_evidence(&*mem, &key));
+        // --verify full: this side's whole memory, hashed while the
+        // destination hashes its own.
+        let scan = verify_full.then(|| {
+            let (mem, key) = (src.mem.clone(), keys.page.clone());
+            tokio::task::spawn_blocking(move || memory_evidence(&*mem, &key))
+        });
         let ready = self.conn.recv("the destination's Ready").await;
-        let scan = scan
-            .await
-            .map_err(|e| MigrationError::Guest(format!("verification task failed: {e}")))?;
+        let memory = match scan {
+            Some(t) => Some(
+                t.await
+                    .map_err(|e| MigrationError::Guest(format!("verification task failed: {e}")))?
+                    .evidence,
+            ),
+            None => None,
+        };
         let claims = Claims {
             transcripts,
-            evidence: scan.evidence,
+            // What was sent for every page: complete, every chunk acked.
+            evidence: self.evidence(),
             device_state: device_state_hash,
-            memory: verify_full.then_some(scan.evidence),
+            memory,
         };
         let ready = match ready? {
             Msg::Ready(r) => r,
@@ -1579,12 +1613,14 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         actual: &PauseParts,
     ) -> Audit {
         let started = Instant::now();
-        let (mem, key) = (self.src.mem.clone(), keys.page.clone());
-        let scan = tokio::task::spawn_blocking(move || memory_evidence(&*mem, &key)).await;
+        let (mem, ledger) = (self.src.mem.clone(), self.ledger.clone());
+        let scan = tokio::task::spawn_blocking(move || crate::digest::audit(&*mem, &ledger)).await;
         let duration_ms = started.elapsed().as_secs_f64() * 1e3;
         let audit = match scan {
             Ok(scan) => {
-                let equal = scan.evidence == proven.claims.evidence;
+                // Every page equals what was sent for it, and the sum equals
+                // the evidence both sides proved.
+                let equal = scan.mismatched == 0 && scan.evidence == proven.claims.evidence;
                 Audit {
                     result: if equal { "passed" } else { "failed" }.into(),
                     pages: scan.pages,
@@ -1659,34 +1695,32 @@ mod tests {
         assert!(!is_zero_page(&p));
     }
 
+    fn test_ledger(layout: &MemoryLayout) -> Ledger {
+        layout
+            .ledger(ferry_proto::PageKey::from_secrets([3; 192], [5; 192]))
+            .unwrap()
+    }
+
     #[test]
-    fn chunker_splits_zero_and_data_runs_and_caps_payload() {
+    fn chunker_splits_zero_and_data_runs_caps_payload_and_records_evidence() {
         use crate::memory::{default_layout, source_memory};
         use vm_memory::Bytes;
-        let mem = source_memory(&default_layout(64 * PAGE_SIZE).unwrap()).unwrap();
+        let layout = default_layout(64 * PAGE_SIZE).unwrap();
+        let mem = source_memory(&layout).unwrap();
         for p in [0u64, 1, 2, 5, 6, 7, 8, 9] {
-            mem.write_slice(&[1], GuestAddress(p * PAGE_SIZE + 10))
+            mem.write_slice(&[p as u8 + 1], GuestAddress(p * PAGE_SIZE + 10))
                 .unwrap();
         }
+        let ledger = test_ledger(&layout);
         let mut out = Vec::new();
         let mut seq = 0;
-        let mut ch = Chunker {
-            mem: &mem,
-            max_payload: 4 * PAGE_SIZE,
-            skip_zero: false,
-            round: 2,
-            cur: vec![],
-            payload: 0,
+        let mut ch = Chunker::new(&mem, &ledger, 4 * PAGE_SIZE, 2, false);
+        let all12 = PageRun {
+            gpa: 0,
+            pages: 12,
+            zero: false,
         };
-        ch.add(
-            PageRun {
-                gpa: 0,
-                pages: 12,
-                zero: false,
-            },
-            &mut out,
-            &mut seq,
-        );
+        ch.add(all12, &mut out, &mut seq).unwrap();
         ch.cut(&mut out, &mut seq);
         let all: Vec<PageRun> = out.iter().flat_map(|c| c.runs.clone()).collect();
         let pages: u64 = all.iter().map(|r| u64::from(r.pages)).sum();
@@ -1703,27 +1737,54 @@ mod tests {
             out.iter().map(|c| c.seq).collect::<Vec<_>>(),
             (0..out.len() as u64).collect::<Vec<_>>()
         );
+        // The ledger holds exactly the pages' hashes: the same evidence as
+        // hashing them directly.
+        let direct = test_ledger(&layout);
+        for p in 0..12u64 {
+            let mut page = vec![0u8; PAGE_SIZE as usize];
+            mem.read_slice(&mut page, GuestAddress(p * PAGE_SIZE))
+                .unwrap();
+            let d = direct
+                .record(p * PAGE_SIZE, direct.key().hash_or_zero(&page))
+                .unwrap();
+            direct.apply(d);
+        }
+        assert_ne!(ledger.evidence(), Evidence::default());
+        assert_eq!(ledger.evidence(), direct.evidence());
+        // A page changed and sent again replaces its old hash.
+        mem.write_slice(&[0xee], GuestAddress(5 * PAGE_SIZE + 99))
+            .unwrap();
+        let again = PageRun {
+            gpa: 5 * PAGE_SIZE,
+            pages: 1,
+            zero: false,
+        };
+        let mut ch = Chunker::new(&mem, &ledger, 4 * PAGE_SIZE, 3, false);
+        ch.add(again, &mut out, &mut seq).unwrap();
+        ch.cut(&mut out, &mut seq);
+        assert_ne!(ledger.evidence(), direct.evidence());
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        mem.read_slice(&mut page, GuestAddress(5 * PAGE_SIZE))
+            .unwrap();
+        direct.apply(
+            direct
+                .record(5 * PAGE_SIZE, direct.key().hash_or_zero(&page))
+                .unwrap(),
+        );
+        assert_eq!(ledger.evidence(), direct.evidence());
         // Round 0 skips zero pages entirely.
         let mut out0 = Vec::new();
-        let mut ch0 = Chunker {
-            mem: &mem,
-            max_payload: 1 << 20,
-            skip_zero: true,
-            round: 0,
-            cur: vec![],
-            payload: 0,
-        };
-        ch0.add(
-            PageRun {
-                gpa: 0,
-                pages: 12,
-                zero: false,
-            },
-            &mut out0,
-            &mut seq,
-        );
+        let mut ch0 = Chunker::new(&mem, &ledger, 1 << 20, 0, true);
+        ch0.add(all12, &mut out0, &mut seq).unwrap();
         ch0.cut(&mut out0, &mut seq);
         assert!(out0.iter().flat_map(|c| &c.runs).all(|r| !r.zero));
         assert_eq!(out0.iter().map(|c| c.pages()).sum::<u64>(), 8);
+        // A run longer than a chunk is split over chunks.
+        let mut big = Vec::new();
+        let mut ch = Chunker::new(&mem, &ledger, 2 * PAGE_SIZE, 1, false);
+        ch.add(all12, &mut big, &mut seq).unwrap();
+        ch.cut(&mut big, &mut seq);
+        assert!(big.iter().all(|c| c.payload_bytes() <= 2 * PAGE_SIZE));
+        assert_eq!(big.iter().map(|c| c.pages()).sum::<u64>(), 12);
     }
 }

@@ -284,15 +284,19 @@ impl Ledger {
     /// the change to the evidence, to be [`Ledger::apply`]'d (callers batch
     /// a chunk's changes into one).
     pub fn record(&self, gpa: u64, h: PageHash) -> Result<u128, OutsideLayout> {
+        self.record_page(gpa, h).map(|(delta, _)| delta)
+    }
+
+    /// [`Ledger::record`], also returning the page's new contribution (what
+    /// a chunk's payload tag sums, see [`crate::frame`]).
+    pub fn record_page(&self, gpa: u64, h: PageHash) -> Result<(u128, u128), OutsideLayout> {
         let index = self.table.index(gpa)?;
         let old = self.table.replace(index, h);
+        let new = self.key.contribution(gpa, h);
         if old == h {
-            return Ok(0);
+            return Ok((0, new));
         }
-        Ok(self
-            .key
-            .contribution(gpa, h)
-            .wrapping_sub(self.key.contribution(gpa, old)))
+        Ok((new.wrapping_sub(self.key.contribution(gpa, old)), new))
     }
 
     /// Adds changes returned by [`Ledger::record`].

@@ -4,6 +4,8 @@
 //! * [`keys`]: the session keys both sides derive after authentication.
 //! * [`evidence`]: page hashes and the evidence that verifies guest memory
 //!   while it moves (compared at switchover in constant time).
+//! * [`frame`]: the tags of data-channel frames (header, payload, ack) and
+//!   the round gate every channel of a migration shares.
 //! * [`budget`]: convergence and the pause budget (when to switch over,
 //!   what the pause will cost).
 //! * [`switchover`]: the `Ready` / `Commit` / `Committed` proofs that bind
@@ -13,6 +15,7 @@
 
 pub mod budget;
 pub mod evidence;
+pub mod frame;
 pub mod keys;
 pub mod switchover;
 

@@ -11,13 +11,13 @@
 //! capture) when not root or without `ip netns`; with
 //! `FERRY_REQUIRE_NETNS=1` (CI) they fail instead.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use ferry_tests::netns::TestBed;
 use ferry_tests::{ferry_bin, key_file, listen, send};
 
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
@@ -91,73 +91,6 @@ fn three_channels_over_loopback_compression() {
 }
 
 // ---------------------------------------------------------------- test bed
-
-static BED: Mutex<()> = Mutex::new(());
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ci/netns-testbed.sh")
-}
-
-/// Writes past the test harness's output capture, so a skip is seen.
-fn loud(msg: &str) {
-    let mut e = std::io::stderr().lock();
-    let _ = writeln!(e, "\n*** {msg}\n");
-}
-
-/// The test bed, up, for as long as the guard lives (it is torn down on
-/// drop, also when the test panics). `None`: skipped, with the reason shown.
-struct TestBed {
-    _lock: MutexGuard<'static, ()>,
-}
-
-impl TestBed {
-    fn up(test: &str) -> Option<TestBed> {
-        let lock = BED.lock().unwrap_or_else(|e| e.into_inner());
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
-        let netns = Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        let why = match (root, netns) {
-            (false, _) => Some("not running as root"),
-            (_, false) => Some("`ip netns` is not available"),
-            _ => None,
-        };
-        if let Some(why) = why {
-            if std::env::var("FERRY_REQUIRE_NETNS").as_deref() == Ok("1") {
-                panic!(
-                    "{test}: the namespace test bed is required (FERRY_REQUIRE_NETNS=1) but {why}"
-                );
-            }
-            loud(&format!(
-                "SKIPPED {test}: {why}; the multichannel test bed needs root and iproute2 (CI runs it)"
-            ));
-            return None;
-        }
-        let st = Command::new("bash")
-            .arg(script())
-            .arg("up")
-            .status()
-            .expect("run netns-testbed.sh");
-        assert!(st.success(), "ci/netns-testbed.sh up failed");
-        Some(TestBed { _lock: lock })
-    }
-}
-
-impl Drop for TestBed {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(script())
-            .arg("down")
-            .stdout(Stdio::null())
-            .status();
-    }
-}
 
 /// A `ferry` process inside a namespace, its output collected.
 struct NsProc {
@@ -289,7 +222,7 @@ fn remotes(s: &serde_json::Value) -> Vec<String> {
 
 #[test]
 fn four_links_carry_one_migration_and_it_verifies() {
-    let Some(_bed) = TestBed::up("four_links_carry_one_migration_and_it_verifies") else {
+    let Some(_bed) = TestBed::up("four_links_carry_one_migration_and_it_verifies", SRC, DST) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -341,8 +274,11 @@ fn four_links_carry_one_migration_and_it_verifies() {
 
 #[test]
 fn a_link_going_down_mid_migration_fails_over_and_still_verifies() {
-    let Some(_bed) = TestBed::up("a_link_going_down_mid_migration_fails_over_and_still_verifies")
-    else {
+    let Some(_bed) = TestBed::up(
+        "a_link_going_down_mid_migration_fails_over_and_still_verifies",
+        SRC,
+        DST,
+    ) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -400,7 +336,11 @@ fn a_link_going_down_mid_migration_fails_over_and_still_verifies() {
 
 #[test]
 fn migration_network_limits_the_links_that_carry_data() {
-    let Some(_bed) = TestBed::up("migration_network_limits_the_links_that_carry_data") else {
+    let Some(_bed) = TestBed::up(
+        "migration_network_limits_the_links_that_carry_data",
+        SRC,
+        DST,
+    ) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

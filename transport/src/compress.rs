@@ -34,11 +34,16 @@
 //! rounds never interleave on the wire.
 //!
 //! # Destination
-//! [`land_compressed`] checks the sub-header against the run table before
+//! `land_compressed` checks the sub-header against the run table before
 //! touching memory (see [`CompressedHeader::decode`]), then decompresses
-//! each segment straight into its run's guest pages through
-//! [`vio::with_bytes_mut`]: the only buffer is the compressed chunk itself.
-//! The CRC of the landed pages is compared with the frame's `data_crc32`.
+//! each segment straight into its run's guest pages, inside the chunk's
+//! landing claim ([`vio::Claim::with_bytes_mut`]): the only buffer is the
+//! compressed chunk itself. Each run's pages are hashed into the
+//! migration's ledger right after they land. The CRC of the landed pages is
+//! compared with the frame's `data_crc32`.
+//!
+//! The workers compress from a private copy of the pages
+//! ([`crate::tcp::copy_runs`]), never from a reference to guest memory.
 
 use std::collections::{HashMap, VecDeque};
 use std::str::FromStr;
@@ -46,13 +51,14 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_ffi::vio;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestAddress;
 use zerocopy::byteorder::little_endian::{U16, U32};
 use zerocopy::IntoBytes;
 
 use crate::error::{Result, TransportError};
 use crate::layout::PageRun;
-use crate::tcp::{GuestMem, TcpSender};
+use crate::layout::PAGE_SIZE;
+use crate::tcp::{claim_error, copy_runs, GuestMem, Tally, TcpSender};
 use crate::wire::{
     ChunkHeader, Codec, CompressedHeader, RunDesc, FLAG_COMPRESSED, MAX_CHUNK_PAYLOAD,
     SEGMENT_STORED,
@@ -271,25 +277,36 @@ fn outside(r: &PageRun) -> TransportError {
 }
 
 /// Builds the complete frame of `chunk` compressed (header, run table,
-/// [`CompressedHeader`], segment table, segments) in `buf`, reading the pages
-/// from `mem`. Returns its length, or `None` when the chunk does not shrink by
+/// [`CompressedHeader`], segment table, segments) in `buf`, from `data`: the
+/// bytes of the chunk's non-zero runs in run order, a private copy of guest
+/// memory. Returns its length, or `None` when the chunk does not shrink by
 /// at least 1/[`MIN_SAVING_DIVISOR`] and should go raw. Runs that do not
 /// shrink are stored as they are inside an otherwise compressed chunk.
-pub fn encode_frame<M: GuestMemoryBackend>(
+pub fn encode_frame(
     enc: &mut Encoder,
-    mem: &M,
     chunk: &Chunk,
+    data: &[u8],
     buf: &mut Vec<u8>,
 ) -> Result<Option<usize>> {
-    let data: Vec<&PageRun> = chunk.runs.iter().filter(|r| !r.zero).collect();
-    let raw: usize = data.iter().map(|r| r.bytes() as usize).sum();
+    let runs: Vec<&PageRun> = chunk.runs.iter().filter(|r| !r.zero).collect();
+    let raw: usize = runs.iter().map(|r| r.bytes() as usize).sum();
+    if data.len() != raw {
+        return Err(TransportError::Invalid {
+            field: "chunk data",
+            detail: format!(
+                "{} bytes for non-zero runs of {raw} bytes (chunk {})",
+                data.len(),
+                chunk.seq
+            ),
+        });
+    }
     let table: Vec<RunDesc> = chunk.runs.iter().map(RunDesc::from_run).collect();
     let table_len = table.as_bytes().len();
     let sub = 32 + table_len;
     let segs = sub + 16;
-    let body = segs + 4 * data.len();
+    let body = segs + 4 * runs.len();
     let bound = body
-        + data
+        + runs
             .iter()
             .map(|r| enc.bound(r.bytes() as usize))
             .sum::<usize>();
@@ -298,26 +315,25 @@ pub fn encode_frame<M: GuestMemoryBackend>(
     }
     buf[32..sub].copy_from_slice(table.as_bytes());
     let mut pos = body;
-    let mut crc = crc32fast::Hasher::new();
-    for (i, r) in data.iter().enumerate() {
-        let slice = mem
-            .get_slice(GuestAddress(r.gpa), r.bytes() as usize)
-            .map_err(|_| outside(r))?;
-        let (len, stored) = vio::with_bytes(&slice, |b| {
-            crc.update(b);
-            let out = &mut buf[pos..];
-            match enc.compress(b, out) {
-                Ok(n) if n < b.len() => Ok((n, false)),
-                Ok(_) => {
-                    out[..b.len()].copy_from_slice(b);
-                    Ok((b.len(), true))
-                }
-                Err(e) => Err(TransportError::Invalid {
+    let mut at = 0usize;
+    let crc = crc32fast::hash(data);
+    for (i, r) in runs.iter().enumerate() {
+        let b = &data[at..at + r.bytes() as usize];
+        at += b.len();
+        let out = &mut buf[pos..];
+        let (len, stored) = match enc.compress(b, out) {
+            Ok(n) if n < b.len() => (n, false),
+            Ok(_) => {
+                out[..b.len()].copy_from_slice(b);
+                (b.len(), true)
+            }
+            Err(e) => {
+                return Err(TransportError::Invalid {
                     field: "compression",
                     detail: format!("{} failed on the run at {:#x}: {e}", enc.spec, r.gpa),
-                }),
+                })
             }
-        })?;
+        };
         let word = u32::try_from(len).expect("a run is below 2 GiB")
             | if stored { SEGMENT_STORED } else { 0 };
         buf[segs + 4 * i..segs + 4 * i + 4].copy_from_slice(&word.to_le_bytes());
@@ -333,10 +349,10 @@ pub fn encode_frame<M: GuestMemoryBackend>(
     let sh = CompressedHeader {
         codec: enc.spec.codec.id(),
         reserved: 0,
-        segment_count: U16::new(u16::try_from(data.len()).expect("at most MAX_RUNS runs")),
+        segment_count: U16::new(u16::try_from(runs.len()).expect("at most MAX_RUNS runs")),
         uncompressed_len: U32::new(u32::try_from(raw).expect("chunk below 4 GiB")),
         compressed_len: U32::new(u32::try_from(payload - 16).expect("chunk below 4 GiB")),
-        data_crc32: U32::new(crc.finalize()),
+        data_crc32: U32::new(crc),
     };
     buf[sub..segs].copy_from_slice(sh.as_bytes());
     let frame_crc = crc32fast::hash(&buf[32..pos]);
@@ -352,16 +368,11 @@ pub fn encode_frame<M: GuestMemoryBackend>(
     Ok(Some(pos))
 }
 
-/// Compresses up to [`PROBE_PIECES`] pieces of [`PROBE_BYTES`] spread over the
-/// chunk's pages; true if they do not shrink enough to be worth compressing.
-pub fn probe_incompressible<M: GuestMemoryBackend>(
-    enc: &mut Encoder,
-    mem: &M,
-    runs: &[PageRun],
-    scratch: &mut Vec<u8>,
-) -> bool {
-    let data: Vec<&PageRun> = runs.iter().filter(|r| !r.zero).collect();
-    let total: u64 = data.iter().map(|r| r.bytes()).sum();
+/// Compresses up to [`PROBE_PIECES`] pieces of [`PROBE_BYTES`] spread over
+/// `data` (a chunk's page bytes); true if they do not shrink enough to be
+/// worth compressing.
+pub fn probe_incompressible(enc: &mut Encoder, data: &[u8], scratch: &mut Vec<u8>) -> bool {
+    let total = data.len();
     if total == 0 {
         return false;
     }
@@ -370,46 +381,36 @@ pub fn probe_incompressible<M: GuestMemoryBackend>(
         scratch.resize(need, 0);
     }
     let (mut inp, mut out) = (0usize, 0usize);
-    for k in 0..PROBE_PIECES as u64 {
-        // The run holding byte k/PIECES of the chunk's data, from that byte.
-        let mut at = total * k / PROBE_PIECES as u64;
-        let Some(r) = data.iter().find(|r| {
-            if at < r.bytes() {
-                true
-            } else {
-                at -= r.bytes();
-                false
-            }
-        }) else {
-            break;
-        };
-        let len = (r.bytes() - at).min(PROBE_BYTES as u64) as usize;
-        let Ok(slice) = mem.get_slice(GuestAddress(r.gpa + at), len) else {
-            return false;
-        };
-        let n = vio::with_bytes(&slice, |b| enc.compress(b, scratch).unwrap_or(b.len()));
-        inp += len;
-        out += n.min(len);
+    for k in 0..PROBE_PIECES {
+        let at = total * k / PROBE_PIECES;
+        let b = &data[at..total.min(at + PROBE_BYTES)];
+        let n = enc.compress(b, scratch).unwrap_or(b.len());
+        inp += b.len();
+        out += n.min(b.len());
     }
     out * MIN_SAVING_DIVISOR > inp * (MIN_SAVING_DIVISOR - 1)
 }
 
-/// Lands a compressed chunk's pages straight in guest memory: checks the
-/// payload against the runs (see [`CompressedHeader::decode`]), decompresses
-/// every segment into its run's pages, and returns whether the CRC of the
+/// Lands a compressed chunk's pages straight in claimed guest memory:
+/// checks the payload against the runs (see [`CompressedHeader::decode`]),
+/// decompresses every segment into its run's pages, hashes each run's pages
+/// into `tally` right after they land, and returns whether the CRC of the
 /// landed pages matches the frame's `data_crc32`.
 ///
 /// # Errors
 /// A payload that fails a check, a codec other than `negotiated`, or a
 /// segment that does not decompress to exactly its run's bytes. Guest memory
-/// may then hold part of the chunk: the migration is aborted anyway.
-pub fn land_compressed<M: GuestMemoryBackend>(
+/// may then hold part of the chunk (recorded in `tally` as it is).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn land_compressed<M: GuestMem>(
     dec: &mut Decoder,
+    claim: &mut vio::Claim,
     mem: &M,
     seq: u64,
     runs: &[PageRun],
     payload: &[u8],
     negotiated: Codec,
+    tally: &mut Tally<'_>,
 ) -> Result<bool> {
     let data: Vec<&PageRun> = runs.iter().filter(|r| !r.zero).collect();
     let lens: Vec<u64> = data.iter().map(|r| r.bytes()).collect();
@@ -420,26 +421,30 @@ pub fn land_compressed<M: GuestMemoryBackend>(
         let slice = mem
             .get_slice(GuestAddress(r.gpa), r.bytes() as usize)
             .map_err(|_| outside(r))?;
-        vio::with_bytes_mut(&slice, |dst| {
-            if seg.stored {
-                dst.copy_from_slice(src);
-            } else {
-                dec.decompress_exact(p.codec, src, dst)
-                    .map_err(|e| TransportError::Invalid {
-                        field: "compressed payload",
-                        detail: format!(
-                            "chunk {seq}: the {} segment of the run at {:#x} ({} pages) does not decompress: {e}",
-                            p.codec, r.gpa, r.pages
-                        ),
-                    })?;
-            }
-            crc.update(dst);
-            Ok(())
-        })
-        .map_err(|busy| TransportError::Invalid {
-            field: "chunk pages",
-            detail: format!("chunk {seq}: {busy}"),
-        })??;
+        let landed = claim
+            .with_bytes_mut(&slice, |dst| {
+                let out = if seg.stored {
+                    dst.copy_from_slice(src);
+                    Ok(())
+                } else {
+                    dec.decompress_exact(p.codec, src, dst)
+                };
+                crc.update(dst);
+                // Whatever the decoder wrote is recorded, page by page,
+                // while it is in cache.
+                for (i, page) in dst.chunks_exact(PAGE_SIZE as usize).enumerate() {
+                    tally.page(r.gpa + i as u64 * PAGE_SIZE, page);
+                }
+                out
+            })
+            .map_err(claim_error)?;
+        landed.map_err(|e| TransportError::Invalid {
+            field: "compressed payload",
+            detail: format!(
+                "chunk {seq}: the {} segment of the run at {:#x} ({} pages) does not decompress: {e}",
+                p.codec, r.gpa, r.pages
+            ),
+        })?;
     }
     Ok(crc.finalize() == p.data_crc32)
 }
@@ -539,6 +544,7 @@ fn worker<M: GuestMem>(pool: Arc<Pool>, mem: Arc<M>, spec: CompressionSpec) {
         }
     };
     let mut scratch = Vec::new();
+    let mut data = Vec::new();
     loop {
         let (job, probe, mut buf) = {
             let mut st = pool.lock();
@@ -560,10 +566,15 @@ fn worker<M: GuestMem>(pool: Arc<Pool>, mem: Arc<M>, spec: CompressionSpec) {
         let out = match enc.as_mut() {
             None => None,
             Some(e) => {
-                if probe && probe_incompressible(e, &*mem, &job.chunk.runs, &mut scratch) {
+                // The one read of guest memory: a private copy of the pages.
+                let copied = copy_runs(&*mem, &job.chunk.runs, &mut data);
+                if let Err(err) = copied {
+                    tracing::warn!(seq, "chunk goes raw: {err}");
+                    None
+                } else if probe && probe_incompressible(e, &data, &mut scratch) {
                     None
                 } else {
-                    match encode_frame(e, &*mem, &job.chunk, &mut buf) {
+                    match encode_frame(e, &job.chunk, &data, &mut buf) {
                         Ok(r) => r,
                         Err(err) => {
                             tracing::warn!(seq, "chunk goes raw: {err}");
@@ -840,10 +851,11 @@ impl<M: GuestMem> Transport for CompressSender<M> {
 mod tests {
     use super::*;
     use crate::layout::{MemoryLayout, RegionDesc, PAGE_SIZE};
-    use crate::tcp::{receive_channel_with, RecvCounters, RecvOptions};
+    use crate::tcp::{receive_channel, test_inbound, RecvCounters};
     use crate::wire::{AckFrame, AckStatus};
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use vm_memory::GuestMemoryBackend;
     use vm_memory::{Bytes, GuestMemoryMmap};
 
     const PAGES: u64 = 256;
@@ -944,11 +956,35 @@ mod tests {
     fn encode(codec: Codec, src: &GuestMemoryMmap, c: &Chunk) -> Vec<u8> {
         let mut enc = Encoder::new(spec(codec)).unwrap();
         let mut buf = Vec::new();
-        let n = encode_frame(&mut enc, src, c, &mut buf)
+        let mut data = Vec::new();
+        crate::tcp::copy_runs(src, &c.runs, &mut data).unwrap();
+        let n = encode_frame(&mut enc, c, &data, &mut buf)
             .unwrap()
             .expect("compressible chunk");
         buf.truncate(n);
         buf
+    }
+
+    /// Lands a compressed payload in `dst` under a claim, into a fresh ledger.
+    fn land(
+        dst: &GuestMemoryMmap,
+        runs: &[PageRun],
+        payload: &[u8],
+        codec: Codec,
+    ) -> crate::Result<bool> {
+        let inbound = test_inbound(layout(), Some(codec));
+        let mut claim = crate::tcp::claim_runs(dst, runs).unwrap().unwrap();
+        let mut tally = Tally::new(&inbound.ledger);
+        land_compressed(
+            &mut Decoder::default(),
+            &mut claim,
+            dst,
+            7,
+            runs,
+            payload,
+            codec,
+            &mut tally,
+        )
     }
 
     /// Splits a frame into (header, run table, payload) after checking it.
@@ -1049,8 +1085,7 @@ mod tests {
             let dst = mem();
             dst.write_slice(&[0xee; 4096], GuestAddress(100 * PAGE_SIZE))
                 .unwrap();
-            let ok =
-                land_compressed(&mut Decoder::default(), &dst, 7, &runs, payload, codec).unwrap();
+            let ok = land(&dst, &runs, payload, codec).unwrap();
             assert!(ok, "{codec}: data CRC matches");
             for (first, n) in [(0, 72), (80, 48)] {
                 assert_eq!(
@@ -1068,26 +1103,19 @@ mod tests {
         let src = filled();
         let random = chunk(vec![run(128, 128, false)]);
         let text = chunk(vec![run(0, 64, false)]);
+        let (mut rdata, mut tdata) = (Vec::new(), Vec::new());
+        crate::tcp::copy_runs(&src, &random.runs, &mut rdata).unwrap();
+        crate::tcp::copy_runs(&src, &text.runs, &mut tdata).unwrap();
         let mut scratch = Vec::new();
         for codec in Codec::ALL {
             let mut enc = Encoder::new(spec(codec)).unwrap();
             let mut buf = Vec::new();
             assert_eq!(
-                encode_frame(&mut enc, &src, &random, &mut buf).unwrap(),
+                encode_frame(&mut enc, &random, &rdata, &mut buf).unwrap(),
                 None
             );
-            assert!(probe_incompressible(
-                &mut enc,
-                &src,
-                &random.runs,
-                &mut scratch
-            ));
-            assert!(!probe_incompressible(
-                &mut enc,
-                &src,
-                &text.runs,
-                &mut scratch
-            ));
+            assert!(probe_incompressible(&mut enc, &rdata, &mut scratch));
+            assert!(!probe_incompressible(&mut enc, &tdata, &mut scratch));
         }
     }
 
@@ -1108,7 +1136,7 @@ mod tests {
 
     fn land_err(frame: &[u8], codec: Codec) -> String {
         let (_, runs, payload) = split(frame);
-        land_compressed(&mut Decoder::default(), &mem(), 7, &runs, payload, codec)
+        land(&mem(), &runs, payload, codec)
             .expect_err("bad payload must be refused")
             .to_string()
     }
@@ -1179,7 +1207,7 @@ mod tests {
             let small = chunk(vec![run(0, 1, false)]);
             let mut p = payload.to_vec();
             p[4..8].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
-            let e = land_compressed(&mut Decoder::default(), &mem(), 7, &small.runs, &p, codec)
+            let e = land(&mem(), &small.runs, &p, codec)
                 .expect_err("inflating segment")
                 .to_string();
             assert!(e.contains("does not decompress"), "{codec}: {e}");
@@ -1199,14 +1227,14 @@ mod tests {
     /// acks it sent.
     async fn receive_frames(
         frames: Vec<Vec<u8>>,
-        opts: RecvOptions,
+        codec: Option<Codec>,
     ) -> (crate::Result<()>, Vec<AckStatus>, GuestMemoryMmap) {
         let (mut a, b) = pair().await;
         let dst = Arc::new(mem());
         let d = dst.clone();
         let rx = tokio::spawn(async move {
             let c = RecvCounters::default();
-            receive_channel_with(b, &layout(), &*d, &c, opts).await
+            receive_channel(b, &test_inbound(layout(), codec), &*d, &c).await
         });
         let n = frames.len();
         // The receiver may refuse a frame and close: later writes may fail.
@@ -1233,7 +1261,7 @@ mod tests {
         let c = chunk(vec![run(0, 16, false), run(72, 4, true)]);
         let zstd = Some(Codec::Zstd);
         let good = encode(Codec::Zstd, &src, &c);
-        let (r, acks, dst) = receive_frames(vec![good.clone()], RecvOptions { codec: zstd }).await;
+        let (r, acks, dst) = receive_frames(vec![good.clone()], zstd).await;
         r.unwrap();
         assert_eq!(acks, [AckStatus::Landed]);
         assert_eq!(page_bytes(&dst, 0, 16), page_bytes(&src, 0, 16));
@@ -1243,8 +1271,7 @@ mod tests {
         let mut damaged = good.clone();
         let last = damaged.len() - 1;
         damaged[last] ^= 0x55;
-        let (r, acks, _) =
-            receive_frames(vec![damaged, good.clone()], RecvOptions { codec: zstd }).await;
+        let (r, acks, _) = receive_frames(vec![damaged, good.clone()], zstd).await;
         r.unwrap();
         assert_eq!(acks, [AckStatus::CrcMismatch, AckStatus::Landed]);
 
@@ -1254,21 +1281,17 @@ mod tests {
                 *b = b.wrapping_add(1);
             }
         });
-        let (r, _, _) = receive_frames(vec![corrupt], RecvOptions { codec: zstd }).await;
+        let (r, _, _) = receive_frames(vec![corrupt], zstd).await;
         let e = r.unwrap_err().to_string();
         assert!(e.contains("zstd segment of the run at 0x0"), "{e}");
 
         // Unknown codec id.
-        let (r, _, _) = receive_frames(
-            vec![tamper(&good, |p| p[0] = 200)],
-            RecvOptions { codec: zstd },
-        )
-        .await;
+        let (r, _, _) = receive_frames(vec![tamper(&good, |p| p[0] = 200)], zstd).await;
         let e = r.unwrap_err().to_string();
         assert!(e.contains("unknown codec id 200"), "{e}");
 
         // Compressed frame on a channel without compression.
-        let (r, _, _) = receive_frames(vec![good.clone()], RecvOptions::default()).await;
+        let (r, _, _) = receive_frames(vec![good.clone()], None).await;
         let e = r.unwrap_err().to_string();
         assert!(e.contains("negotiated without compression"), "{e}");
 
@@ -1291,13 +1314,7 @@ mod tests {
 
     /// Why the receiver refused a single zstd frame.
     async fn refused_reason(frame: Vec<u8>) -> String {
-        let (r, _, _) = receive_frames(
-            vec![frame],
-            RecvOptions {
-                codec: Some(Codec::Zstd),
-            },
-        )
-        .await;
+        let (r, _, _) = receive_frames(vec![frame], Some(Codec::Zstd)).await;
         r.unwrap_err().to_string()
     }
 
@@ -1326,7 +1343,7 @@ mod tests {
         let counters = Arc::new(RecvCounters::default());
         let c2 = counters.clone();
         let rx = tokio::spawn(async move {
-            receive_channel_with(b, &layout(), &*d, &c2, RecvOptions { codec: Some(codec) }).await
+            receive_channel(b, &test_inbound(layout(), Some(codec)), &*d, &c2).await
         });
         let mut tx = CompressSender::new(
             a,

@@ -56,6 +56,16 @@ impl PageRun {
 }
 
 impl MemoryLayout {
+    /// An empty ledger (every page zero) for this layout: the evidence
+    /// one side of a migration keeps (see [`ferry_proto::evidence`]).
+    pub fn ledger(&self, key: ferry_proto::PageKey) -> Result<ferry_proto::Ledger> {
+        let regions: Vec<(u64, u64)> = self.regions.iter().map(|r| (r.gpa, r.size)).collect();
+        ferry_proto::Ledger::new(key, &regions).map_err(|e| TransportError::Invalid {
+            field: "memory layout",
+            detail: e.to_string(),
+        })
+    }
+
     /// Reads the layout of a `vm-memory` guest memory.
     pub fn of<M: GuestMemoryBackend>(mem: &M) -> Self {
         let mut regions: Vec<RegionDesc> = mem

@@ -931,7 +931,9 @@ mod tests {
             let d = dst.clone();
             match peer {
                 Peer::Good => {
-                    tokio::spawn(async move { receive_channel(b, &layout(), &*d, &c).await });
+                    tokio::spawn(async move {
+                        receive_channel(b, &crate::tcp::test_inbound(layout(), None), &*d, &c).await
+                    });
                 }
                 Peer::DiesAfter(n) => {
                     // A relay lets exactly `n` chunk frames through to a
@@ -943,10 +945,10 @@ mod tests {
                         .await
                         .unwrap();
                     let (inner, _) = l2.accept().await.unwrap();
-                    let h =
-                        tokio::spawn(
-                            async move { receive_channel(inner, &layout(), &*d, &c).await },
-                        );
+                    let h = tokio::spawn(async move {
+                        receive_channel(inner, &crate::tcp::test_inbound(layout(), None), &*d, &c)
+                            .await
+                    });
                     tokio::spawn(async move {
                         let mut frame =
                             vec![0u8; 32 + 16 + (u64::from(CHUNK_PAGES) * PAGE_SIZE) as usize];
@@ -1046,7 +1048,13 @@ mod tests {
             assert!(a.is_encrypted() && b.is_encrypted());
             let d = dst.clone();
             receivers.push(tokio::spawn(async move {
-                receive_channel(b, &layout(), &*d, &RecvCounters::default()).await
+                receive_channel(
+                    b,
+                    &crate::tcp::test_inbound(layout(), None),
+                    &*d,
+                    &RecvCounters::default(),
+                )
+                .await
             }));
             let path = ChannelPath {
                 local,

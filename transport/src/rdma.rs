@@ -50,17 +50,18 @@ use ferry_ffi::rdma::{
     WriteOp,
 };
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use zerocopy::IntoBytes;
 
 use crate::error::{Result, TransportError};
+use crate::layout::PAGE_SIZE;
 use crate::layout::{MemoryLayout, PageRun};
 use crate::multichannel::{ChannelPath, ChannelSender, Unlanded};
 use crate::rdma_wire::{
     check_accept, pair_channels, RdmaAccept, RdmaChannel, RdmaEndpoint, RdmaRegionKey,
     MAX_RDMA_CHANNELS,
 };
-use crate::tcp::{zero_run, RecvCounters};
+use crate::tcp::{claim_runs, land_zero_run, Inbound, RecvCounters, Tally};
 use crate::wire::{self, AckFrame, AckStatus, ChunkHeader, ChunkKind, RunDesc, MAX_RUNS};
 use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
 
@@ -785,7 +786,7 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaReceiver<B> {
     /// the layout, a stale round), or every channel failing.
     pub async fn receive(
         self,
-        layout: Arc<MemoryLayout>,
+        inbound: Arc<Inbound>,
         mem: Arc<GuestMemoryMmap<B>>,
         counters: Arc<RecvCounters>,
         timeout: Duration,
@@ -797,9 +798,9 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaReceiver<B> {
             .into_iter()
             .enumerate()
             .map(|(i, l)| {
-                let (layout, mem, counters) = (layout.clone(), mem.clone(), counters.clone());
+                let (inbound, mem, counters) = (inbound.clone(), mem.clone(), counters.clone());
                 Some(Box::pin(async move {
-                    (i, receive_channel(l, layout, mem, counters, timeout).await)
+                    (i, receive_channel(l, inbound, mem, counters, timeout).await)
                 }) as Chan)
             })
             .collect();
@@ -873,7 +874,7 @@ fn bind_listener(addr: IpAddr) -> Result<(RdmaListener, u16)> {
 /// descriptors, ack them.
 async fn receive_channel<B: Bitmap + Send + Sync + 'static>(
     mut l: Listening,
-    layout: Arc<MemoryLayout>,
+    inbound: Arc<Inbound>,
     mem: Arc<GuestMemoryMmap<B>>,
     counters: Arc<RecvCounters>,
     timeout: Duration,
@@ -904,7 +905,6 @@ async fn receive_channel<B: Bitmap + Send + Sync + 'static>(
     }
     let mut free_acks: Vec<usize> = (0..ACK_SLOTS).rev().collect();
     let mut wcs = Vec::new();
-    let mut max_round = 0u32;
     let mut end: Option<u64> = None;
     let mut buf = vec![0u8; DESC_BYTES];
     loop {
@@ -937,8 +937,7 @@ async fn receive_channel<B: Bitmap + Send + Sync + 'static>(
                     what: "RDMA descriptor",
                     detail: e.to_string(),
                 })?;
-            let (seq, mask) =
-                land_descriptor(&buf[..len], &layout, &*mem, &counters, &mut max_round)?;
+            let (seq, mask) = land_descriptor(&buf[..len], &inbound, &*mem, &counters)?;
             if let Some(m) = mask {
                 end = Some(m);
             }
@@ -970,15 +969,18 @@ async fn receive_channel<B: Bitmap + Send + Sync + 'static>(
     }
 }
 
-/// Checks one descriptor and applies it: zero runs are zeroed here (their
-/// pages never travel), non-zero runs were written by the peer's NIC before
-/// the descriptor. Returns its `seq` and, for an end frame, the lost mask.
+/// Checks one descriptor and applies it: the runs are claimed (no other
+/// landing touches them meanwhile), zero runs are zeroed here (their pages
+/// never travel), and the non-zero runs, written by the peer's NIC before
+/// the descriptor, are hashed into the migration's ledger. They are read
+/// through an opaque copy ([`ferry_ffi::vio::copy_out`]), never a
+/// reference: memory registered for remote write can be written by the NIC
+/// at any time. Returns its `seq` and, for an end frame, the lost mask.
 fn land_descriptor<B: Bitmap + Send + Sync + 'static>(
     bytes: &[u8],
-    layout: &MemoryLayout,
+    inbound: &Inbound,
     mem: &GuestMemoryMmap<B>,
     counters: &RecvCounters,
-    max_round: &mut u32,
 ) -> Result<(u64, Option<u64>)> {
     let (h, kind) = ChunkHeader::decode(bytes)?;
     if kind == ChunkKind::End {
@@ -1006,28 +1008,44 @@ fn land_descriptor<B: Bitmap + Send + Sync + 'static>(
             computed: crc,
         });
     }
-    let round = h.round.get();
-    if round < *max_round {
-        return Err(TransportError::Invalid {
-            field: "chunk round",
-            detail: format!("round {round} after round {max_round}: a stale copy"),
-        });
-    }
-    *max_round = round;
-    let (runs, data) = wire::decode_runs(table, layout)?;
+    let (seq, round) = (h.seq.get(), h.round.get());
+    inbound.admit_round(seq, round)?;
+    let (runs, data) = wire::decode_runs(table, &inbound.layout)?;
     if data != u64::from(h.payload_len.get()) {
         return Err(TransportError::Invalid {
             field: "RDMA descriptor payload length",
             detail: format!("{} bytes, the runs cover {data}", h.payload_len.get()),
         });
     }
+    let mut claim = match claim_runs(mem, &runs)? {
+        Ok(c) => c,
+        Err(busy) => {
+            return Err(TransportError::Invalid {
+                field: "chunk pages",
+                detail: format!("chunk {seq}: {busy}"),
+            })
+        }
+    };
+    let mut tally = Tally::new(&inbound.ledger);
+    let mut page = [0u8; PAGE_SIZE as usize];
     let mut pages = 0u64;
     for r in &runs {
         if r.zero {
-            zero_run(mem, r)?;
+            land_zero_run(&mut claim, mem, r, &mut tally)?;
+        } else {
+            for p in 0..u64::from(r.pages) {
+                let gpa = r.gpa + p * PAGE_SIZE;
+                let s = mem
+                    .get_slice(vm_memory::GuestAddress(gpa), PAGE_SIZE as usize)
+                    .map_err(|_| TransportError::OutsideLayout { gpa, pages: 1 })?;
+                ferry_ffi::vio::copy_out(&s, &mut page);
+                tally.page(gpa, &page);
+            }
         }
         pages += u64::from(r.pages);
     }
+    drop(tally);
+    drop(claim);
     counters.payload_bytes.fetch_add(data, Ordering::Relaxed);
     counters
         .bytes_on_wire
@@ -1035,7 +1053,7 @@ fn land_descriptor<B: Bitmap + Send + Sync + 'static>(
     counters.pages.fetch_add(pages, Ordering::Relaxed);
     counters.chunks.fetch_add(1, Ordering::Relaxed);
     counters.round.fetch_max(round.into(), Ordering::Relaxed);
-    Ok((h.seq.get(), None))
+    Ok((seq, None))
 }
 
 #[cfg(test)]
@@ -1117,6 +1135,7 @@ mod tests {
         mem.write_slice(&[0xaa; 4096], vm_memory::GuestAddress(4096))
             .unwrap();
         let counters = RecvCounters::default();
+        let inbound = crate::tcp::test_inbound(layout.clone(), None);
         let desc = |runs: &[PageRun], payload: u32, round: u32| {
             let table: Vec<u8> = runs
                 .iter()
@@ -1144,11 +1163,10 @@ mod tests {
             pages: 1,
             zero: false,
         };
-        let mut round = 0;
         // Good: a data run and a zero run; the zero run is applied here.
         let ok = desc(&[data, zero], 4096, 1);
         assert_eq!(
-            land_descriptor(&ok, &layout, &mem, &counters, &mut round).unwrap(),
+            land_descriptor(&ok, &inbound, &mem, &counters).unwrap(),
             (7, None)
         );
         let mut page = [1u8; 4096];
@@ -1158,32 +1176,32 @@ mod tests {
         assert_eq!(counters.payload_bytes.load(Ordering::Relaxed), 4096);
         // Payload length that does not match the runs.
         let bad = desc(&[data], 8192, 1);
-        assert!(land_descriptor(&bad, &layout, &mem, &counters, &mut round).is_err());
+        assert!(land_descriptor(&bad, &inbound, &mem, &counters).is_err());
         // A run outside the layout.
         let out = PageRun {
             gpa: 16 * 4096,
             pages: 1,
             zero: true,
         };
-        let e = land_descriptor(&desc(&[out], 0, 1), &layout, &mem, &counters, &mut round)
+        let e = land_descriptor(&desc(&[out], 0, 1), &inbound, &mem, &counters)
             .unwrap_err()
             .to_string();
         assert!(e.contains("outside"), "{e}");
         // A corrupted run table.
         let mut crc = desc(&[zero], 0, 1);
         crc[40] ^= 1;
-        assert!(land_descriptor(&crc, &layout, &mem, &counters, &mut round).is_err());
+        assert!(land_descriptor(&crc, &inbound, &mem, &counters).is_err());
         // A stale round.
-        let e = land_descriptor(&desc(&[zero], 0, 0), &layout, &mem, &counters, &mut round)
+        let e = land_descriptor(&desc(&[zero], 0, 0), &inbound, &mem, &counters)
             .unwrap_err()
             .to_string();
         assert!(e.contains("stale"), "{e}");
         // Truncated.
-        assert!(land_descriptor(&ok[..40], &layout, &mem, &counters, &mut round).is_err());
+        assert!(land_descriptor(&ok[..40], &inbound, &mem, &counters).is_err());
         // End frame: the lost mask comes back.
         let end = ChunkHeader::end(0b10);
         assert_eq!(
-            land_descriptor(end.as_bytes(), &layout, &mem, &counters, &mut round).unwrap(),
+            land_descriptor(end.as_bytes(), &inbound, &mem, &counters).unwrap(),
             (END_ACK, Some(0b10))
         );
     }

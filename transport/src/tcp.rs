@@ -1,24 +1,26 @@
 //! The TCP performance option: one data channel per TCP connection.
 //!
 //! Source side ([`TcpSender`]): each chunk goes out as one `writev` of
-//! header + run table + the guest pages themselves (no staging copy).
-//! Destination side ([`receive_channel`]): the header and run table are read
-//! and checked, then the payload is read with `readv` straight into the
-//! destination guest memory at the addresses the runs name, its CRC checked,
-//! and an ack returned. On a channel of the compression option
-//! ([`receive_channel_with`] given a codec) compressed frames are read into
-//! one buffer and decompressed from there straight into guest memory
-//! ([`crate::compress`]).
+//! header + run table + the guest pages themselves (no staging copy: the
+//! kernel copies from guest memory). Destination side ([`receive_channel`]):
+//! the header and run table are read and checked, every page the chunk
+//! names is claimed ([`vio::claim`]: no other channel lands there
+//! meanwhile), then the payload is read with `readv` straight into the
+//! destination guest memory at the addresses the runs name; every page is
+//! hashed into the migration's ledger ([`Inbound::ledger`]) right after it
+//! lands, the chunk's CRC checked, and an ack returned. On a channel of the
+//! compression option compressed frames are read into one buffer and
+//! decompressed from there straight into guest memory ([`crate::compress`]).
 //!
 //! # Encrypted channels (`--encrypt`)
 //! On a TLS channel ([`Stream::Tls`]) the same frames travel inside the TLS
-//! session, and nothing can be zero-copy: the sender hands each run's guest
-//! pages to the TLS session straight from guest memory (rustls copies them
-//! into its records as it encrypts them), and the receiver has the TLS
-//! session decrypt straight into the run's guest pages (each piece CRC'd as
-//! it lands, as on a plain channel). No staging buffer on either side.
-//! Every channel has its own TLS session, so its encryption runs in its own
-//! task and channels spread over cores. The plain path is unchanged.
+//! session, and nothing can be zero-copy: the sender copies each run's
+//! guest pages out of guest memory ([`vio::copy_out`]) and hands the copy to
+//! the TLS session, and the receiver has the TLS session decrypt straight
+//! into the run's claimed guest pages (each piece CRC'd and hashed as it
+//! lands, as on a plain channel). Every channel has its own TLS session, so
+//! its encryption runs in its own task and channels spread over cores. The
+//! plain path is unchanged.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -40,11 +42,15 @@ use zerocopy::IntoBytes;
 
 use crate::compress::{land_compressed, Decoder};
 use crate::error::{Result, TransportError};
+use crate::layout::PAGE_SIZE;
 use crate::layout::{MemoryLayout, PageRun};
 use crate::ratelimit::RateLimiter;
 use crate::stream::Stream;
 use crate::wire::{self, AckFrame, AckStatus, ChunkHeader, ChunkKind, Codec, RunDesc};
 use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
+use ferry_proto::evidence::PageHash;
+use ferry_proto::frame::RoundGate;
+use ferry_proto::Ledger;
 
 /// Guest memory the transport can read from or land pages in.
 pub trait GuestMem: GuestMemoryBackend + Send + Sync + 'static {}
@@ -73,17 +79,36 @@ pub fn run_slices<'m, M: GuestMem>(
         .collect()
 }
 
-/// CRC32 of a run table followed by the given slices.
+/// CRC32 of a run table followed by the given slices (read through copies
+/// into `scratch`).
 pub fn chunk_crc<B: vm_memory::bitmap::BitmapSlice>(
     table: &[u8],
     slices: &[VolatileSlice<'_, B>],
+    scratch: &mut Vec<u8>,
 ) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(table);
     for s in slices {
-        vio::with_bytes(s, |b| h.update(b));
+        let _ = vio::read_pieces::<_, ()>(s, scratch, 64 << 10, |_, b| {
+            h.update(b);
+            Ok(())
+        });
     }
     h.finalize()
+}
+
+/// Copies the non-zero runs' pages, in run order, out of guest memory into
+/// `out` (resized to their total) with [`vio::copy_out`]: the private copy
+/// compression and encryption work from.
+pub fn copy_runs<M: GuestMem>(mem: &M, runs: &[PageRun], out: &mut Vec<u8>) -> Result<()> {
+    let total: u64 = runs.iter().map(PageRun::payload_bytes).sum();
+    out.resize(total as usize, 0);
+    let mut at = 0usize;
+    for r in runs.iter().filter(|r| !r.zero) {
+        let s = run_slice(mem, r)?;
+        at += vio::copy_out(&s, &mut out[at..]);
+    }
+    Ok(())
 }
 
 /// Fills a zero run in destination memory with zeros.
@@ -137,6 +162,9 @@ pub struct TcpSender<M: GuestMem> {
     ack_task: tokio::task::JoinHandle<()>,
     /// `--bandwidth-limit`, shared with the migration's other channels.
     limiter: Option<Arc<RateLimiter>>,
+    /// Private buffer guest pages are copied into when they cannot go to
+    /// the kernel straight from guest memory.
+    scratch: Vec<u8>,
 }
 
 impl<M: GuestMem> Drop for TcpSender<M> {
@@ -195,6 +223,7 @@ impl<M: GuestMem> TcpSender<M> {
             },
             ack_task,
             limiter: None,
+            scratch: Vec::new(),
         }
     }
 
@@ -357,12 +386,13 @@ impl<M: GuestMem> TcpSender<M> {
     /// the pages go through the session instead ([`write_pages`]).
     async fn write_frame(&mut self, head: &[u8], runs: &[PageRun], total: usize) -> Result<()> {
         let mem = &*self.mem;
+        let scratch = &mut self.scratch;
         let stream: &TcpStream = match &mut self.write {
             Wire::Plain(w) => AsRef::<TcpStream>::as_ref(&*w),
             Wire::Tls { write, .. } => {
                 let r = async {
                     write.write_all(head).await?;
-                    write_pages(write, mem, runs).await?;
+                    write_pages(write, mem, runs, scratch).await?;
                     write.flush().await
                 };
                 return r
@@ -418,7 +448,7 @@ impl<M: GuestMem> Transport for TcpSender<M> {
         let table: Vec<RunDesc> = chunk.runs.iter().map(RunDesc::from_run).collect();
         let crc = {
             let slices = run_slices(&*self.mem, &chunk.runs)?;
-            chunk_crc(table.as_bytes(), &slices)
+            chunk_crc(table.as_bytes(), &slices, &mut self.scratch)
         };
         let header = ChunkHeader::pages(
             chunk.seq,
@@ -480,16 +510,188 @@ pub struct RecvCounters {
     pub compressed_chunks: AtomicU64,
 }
 
-/// What a data channel accepts beyond plain frames.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RecvOptions {
+/// What every data channel of one incoming migration shares (TCP and RDMA
+/// alike): the layout pages must lie in, the negotiated codec, the
+/// destination's evidence, and the round gate.
+#[derive(Debug)]
+pub struct Inbound {
+    /// The offered memory layout.
+    pub layout: MemoryLayout,
     /// The codec the migration negotiated (compression option); `None`
     /// refuses compressed frames.
     pub codec: Option<Codec>,
+    /// The destination's evidence: every page a channel lands is hashed
+    /// (from destination memory, under the landing claim, right after it
+    /// landed) and recorded here; zero runs record zero pages.
+    pub ledger: Arc<Ledger>,
+    /// One gate for every channel: a frame from an earlier round than any
+    /// channel has seen is a stale copy and refused.
+    pub rounds: RoundGate,
 }
 
-/// Feeds bytes `from..from + len` of the concatenated `slices` to `crc`.
+impl Inbound {
+    /// The shared state of a migration's channels.
+    pub fn new(layout: MemoryLayout, codec: Option<Codec>, ledger: Arc<Ledger>) -> Self {
+        Inbound {
+            layout,
+            codec,
+            ledger,
+            rounds: RoundGate::new(),
+        }
+    }
+
+    /// Admits a frame of `round` through the shared gate.
+    pub fn admit_round(&self, seq: u64, round: u32) -> Result<()> {
+        self.rounds
+            .admit(round)
+            .map_err(|newest| TransportError::Invalid {
+                field: "chunk round",
+                detail: format!(
+                "chunk {seq} is from round {round}, after round {newest} began: stale copy refused"
+            ),
+            })
+    }
+}
+
+/// Shared channel state for tests: a fixed page key.
+#[cfg(test)]
+pub(crate) fn test_inbound(layout: MemoryLayout, codec: Option<Codec>) -> Inbound {
+    let key = ferry_proto::PageKey::from_secrets([3; 192], [5; 192]);
+    let ledger = Arc::new(layout.ledger(key).expect("a valid test layout"));
+    Inbound::new(layout, codec, ledger)
+}
+
+/// The destination's side of the evidence for one chunk: hashes pages as
+/// they land, records them in the ledger, and sums their contributions.
+#[derive(Debug)]
+pub(crate) struct Tally<'a> {
+    ledger: &'a Ledger,
+    delta: u128,
+    /// Sum of the landed pages' contributions (what the payload tag covers).
+    pub(crate) sum: u128,
+}
+
+impl<'a> Tally<'a> {
+    pub(crate) fn new(ledger: &'a Ledger) -> Self {
+        Tally {
+            ledger,
+            delta: 0,
+            sum: 0,
+        }
+    }
+
+    /// Records page `gpa` as holding `bytes`.
+    pub(crate) fn page(&mut self, gpa: u64, bytes: &[u8]) {
+        let h = self.ledger.key().hash_or_zero(bytes);
+        self.hashed(gpa, h);
+    }
+
+    /// Records page `gpa` as holding content that hashes to `h`.
+    pub(crate) fn hashed(&mut self, gpa: u64, h: PageHash) {
+        // Runs were checked against the layout the ledger was built for.
+        if let Ok((d, c)) = self.ledger.record_page(gpa, h) {
+            self.delta = self.delta.wrapping_add(d);
+            self.sum = self.sum.wrapping_add(c);
+        }
+    }
+
+    /// Records every page of a zero run as zero.
+    pub(crate) fn zero_run(&mut self, run: &PageRun) {
+        for p in 0..u64::from(run.pages) {
+            self.hashed(run.gpa + p * PAGE_SIZE, PageHash::ZERO);
+        }
+    }
+}
+
+impl Drop for Tally<'_> {
+    /// Applies the chunk's changes to the evidence in one step, also when
+    /// landing stopped half way (what landed is recorded either way).
+    fn drop(&mut self) {
+        self.ledger.apply(self.delta);
+    }
+}
+
+/// Claims every run of a chunk (zero runs included) for landing. The outer
+/// error is a run outside guest memory, the inner one an overlapping claim.
+pub(crate) fn claim_runs<M: GuestMem>(
+    mem: &M,
+    runs: &[PageRun],
+) -> Result<std::result::Result<vio::Claim, vio::Busy>> {
+    let slices = runs
+        .iter()
+        .map(|r| run_slice(mem, r))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(vio::claim(&slices))
+}
+
+fn run_slice<'m, M: GuestMem>(mem: &'m M, r: &PageRun) -> Result<VolatileSlice<'m, MS<'m, M>>> {
+    mem.get_slice(
+        GuestAddress(r.gpa),
+        usize::try_from(r.bytes()).unwrap_or(usize::MAX),
+    )
+    .map_err(|_| TransportError::OutsideLayout {
+        gpa: r.gpa,
+        pages: r.pages.into(),
+    })
+}
+
+/// Writes a claimed zero run's zeros and records them.
+pub(crate) fn land_zero_run<M: GuestMem>(
+    claim: &mut vio::Claim,
+    mem: &M,
+    run: &PageRun,
+    tally: &mut Tally<'_>,
+) -> Result<()> {
+    let slice = run_slice(mem, run)?;
+    claim
+        .with_bytes_mut(&slice, |b| b.fill(0))
+        .map_err(claim_error)?;
+    tally.zero_run(run);
+    Ok(())
+}
+
+pub(crate) fn claim_error(e: vio::NotClaimed) -> TransportError {
+    TransportError::Invalid {
+        field: "landing claim",
+        detail: e.to_string(),
+    }
+}
+
+/// Hashes (from destination memory, under the claim) and records the pages
+/// in payload bytes `from..to` of the non-zero runs `data`; `from` and `to`
+/// are page aligned. Returns the offset reached.
+fn hash_landed<M: GuestMem>(
+    claim: &vio::Claim,
+    mem: &M,
+    data: &[PageRun],
+    mut from: u64,
+    to: u64,
+    tally: &mut Tally<'_>,
+) -> Result<u64> {
+    let mut base = 0u64;
+    for r in data {
+        let end = base + r.bytes();
+        while from < to && from < end {
+            let gpa = r.gpa + (from - base);
+            let page = mem
+                .get_slice(GuestAddress(gpa), PAGE_SIZE as usize)
+                .map_err(|_| TransportError::OutsideLayout { gpa, pages: 1 })?;
+            claim
+                .with_bytes(&page, |b| tally.page(gpa, b))
+                .map_err(claim_error)?;
+            from += PAGE_SIZE;
+        }
+        base = end;
+        if from >= to {
+            break;
+        }
+    }
+    Ok(from)
+}
+
+/// Feeds bytes `from..from + len` of the concatenated `slices` (claimed) to `crc`.
 fn crc_range<B: vm_memory::bitmap::BitmapSlice>(
+    claim: &vio::Claim,
     crc: &mut crc32fast::Hasher,
     slices: &[VolatileSlice<'_, B>],
     mut from: usize,
@@ -505,7 +707,7 @@ fn crc_range<B: vm_memory::bitmap::BitmapSlice>(
         }
         let take = (s.len() - from).min(len);
         if let Ok(part) = s.subslice(from, take) {
-            vio::with_bytes(&part, |b| crc.update(b));
+            let _ = claim.with_bytes(&part, |b| crc.update(b));
         }
         len -= take;
         from = 0;
@@ -513,46 +715,52 @@ fn crc_range<B: vm_memory::bitmap::BitmapSlice>(
 }
 
 /// Hands the non-zero runs' guest pages to `w` (a TLS session, which
-/// encrypts them into its records) straight from guest memory: each poll
-/// borrows a piece of guest memory only for the duration of the call.
+/// encrypts them into its records): each piece is copied out of guest
+/// memory into `buf` ([`vio::copy_out`]) and written from there.
 async fn write_pages<W: AsyncWrite + Unpin, M: GuestMem>(
     w: &mut W,
     mem: &M,
     runs: &[PageRun],
+    buf: &mut Vec<u8>,
 ) -> std::io::Result<()> {
+    if buf.len() < TLS_PIECE {
+        buf.resize(TLS_PIECE, 0);
+    }
     for r in runs.iter().filter(|r| !r.zero) {
         let len = r.bytes() as usize;
         let mut done = 0usize;
         while done < len {
-            let n = std::future::poll_fn(|cx| {
-                let take = (len - done).min(TLS_PIECE);
+            let take = (len - done).min(TLS_PIECE);
+            {
                 let slice = mem
                     .get_slice(GuestAddress(r.gpa + done as u64), take)
                     .map_err(std::io::Error::other)?;
-                vio::with_bytes(&slice, |b| Pin::new(&mut *w).poll_write(cx, b))
-            })
-            .await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
+                vio::copy_out(&slice, &mut buf[..take]);
             }
-            done += n;
+            w.write_all(&buf[..take]).await?;
+            done += take;
         }
     }
     Ok(())
 }
 
 /// Reads the non-zero runs' payload from `r` (a TLS session) straight into
-/// their guest memory: the session decrypts into the pages, and each piece
-/// is fed to `crc` right after it lands.
+/// their claimed guest memory: the session decrypts into the pages, and
+/// each piece is fed to `crc` and every completed page hashed into `tally`
+/// right after it lands.
 async fn read_pages<R: AsyncRead + Unpin, M: GuestMem>(
     r: &mut R,
+    claim: &mut vio::Claim,
     mem: &M,
     runs: &[PageRun],
     crc: &mut crc32fast::Hasher,
+    tally: &mut Tally<'_>,
 ) -> Result<()> {
-    let total: u64 = runs.iter().map(PageRun::payload_bytes).sum();
+    let data: Vec<PageRun> = runs.iter().filter(|r| !r.zero).copied().collect();
+    let total: u64 = data.iter().map(PageRun::bytes).sum();
     let mut landed = 0u64;
-    for run in runs.iter().filter(|r| !r.zero) {
+    let mut hashed = 0u64;
+    for run in &data {
         let len = run.bytes() as usize;
         let mut done = 0usize;
         while done < len {
@@ -561,22 +769,24 @@ async fn read_pages<R: AsyncRead + Unpin, M: GuestMem>(
                 let slice = mem
                     .get_slice(GuestAddress(run.gpa + done as u64), take)
                     .map_err(std::io::Error::other)?;
-                vio::with_bytes_mut(&slice, |dst| {
-                    let mut buf = ReadBuf::new(dst);
-                    match Pin::new(&mut *r).poll_read(cx, &mut buf) {
-                        Poll::Ready(Ok(())) => {
-                            let n = buf.filled().len();
-                            crc.update(&dst[..n]);
-                            Poll::Ready(Ok(n))
+                claim
+                    .with_bytes_mut(&slice, |dst| {
+                        let mut buf = ReadBuf::new(dst);
+                        match Pin::new(&mut *r).poll_read(cx, &mut buf) {
+                            Poll::Ready(Ok(())) => {
+                                let n = buf.filled().len();
+                                crc.update(&dst[..n]);
+                                Poll::Ready(Ok(n))
+                            }
+                            other => other.map(|r| r.map(|()| 0)),
                         }
-                        other => other.map(|r| r.map(|()| 0)),
-                    }
-                })
-                .map_err(std::io::Error::other)?
+                    })
+                    .map_err(std::io::Error::other)?
             })
             .await
             .map_err(|e| TransportError::io("reading a chunk payload", "data channel", e))?;
             if n == 0 {
+                hash_landed(claim, mem, &data, hashed, landed + done as u64, tally)?;
                 return Err(TransportError::Malformed {
                     what: "chunk frame",
                     detail: format!(
@@ -586,43 +796,58 @@ async fn read_pages<R: AsyncRead + Unpin, M: GuestMem>(
                 });
             }
             done += n;
+            let whole = (landed + done as u64) / PAGE_SIZE * PAGE_SIZE;
+            hashed = hash_landed(claim, mem, &data, hashed, whole, tally)?;
         }
         landed += len as u64;
     }
     Ok(())
 }
 
-/// Reads `total` payload bytes straight into the runs' guest memory, feeding
-/// each piece to `crc` right after it lands, while it is still in cache.
+/// Reads `total` payload bytes straight into the runs' claimed guest
+/// memory, feeding each piece to `crc` and hashing every completed page
+/// into `tally` right after it lands, while it is still in cache.
 async fn read_payload<M: GuestMem>(
     stream: &TcpStream,
+    claim: &mut vio::Claim,
     mem: &M,
     runs: &[PageRun],
     total: usize,
     crc: &mut crc32fast::Hasher,
+    tally: &mut Tally<'_>,
 ) -> Result<()> {
+    let data: Vec<PageRun> = runs.iter().filter(|r| !r.zero).copied().collect();
     let mut done = 0usize;
+    let mut hashed = 0u64;
     while done < total {
         stream
             .readable()
             .await
             .map_err(|e| TransportError::io("waiting for data", "data channel", e))?;
         let r = stream.try_io(Interest::READABLE, || {
-            let slices = run_slices(mem, runs).map_err(std::io::Error::other)?;
-            let n = vio::readv_volatile(stream.as_fd(), &slices, done)?;
-            crc_range(crc, &slices, done, n);
+            let slices = run_slices(mem, &data).map_err(std::io::Error::other)?;
+            let n = claim.readv(stream.as_fd(), &slices, done)?;
+            crc_range(claim, crc, &slices, done, n);
             Ok(n)
         });
         match r {
             Ok(0) => {
+                // What landed is recorded (the partial page too): the
+                // ledger describes destination memory whatever happens.
+                let partial = (done as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+                hash_landed(claim, mem, &data, hashed, partial, tally)?;
                 return Err(TransportError::Malformed {
                     what: "chunk frame",
                     detail: format!(
                         "truncated: connection closed after {done} of {total} payload bytes"
                     ),
-                })
+                });
             }
-            Ok(n) => done += n,
+            Ok(n) => {
+                done += n;
+                let whole = done as u64 / PAGE_SIZE * PAGE_SIZE;
+                hashed = hash_landed(claim, mem, &data, hashed, whole, tally)?;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
                 return Err(TransportError::io(
@@ -637,41 +862,29 @@ async fn read_payload<M: GuestMem>(
 }
 
 /// Destination side of one TCP data channel: reads chunk frames until the
-/// source's end frame, lands every page straight in `mem`, checks each chunk's
-/// CRC and acknowledges it (or asks for it again).
+/// source's end frame, lands every page straight in `mem` (under a landing
+/// claim on the chunk's pages, so no other channel lands there meanwhile),
+/// hashes what landed into the migration's ledger, checks each chunk's CRC
+/// and acknowledges it (or asks for it again). On a channel of the
+/// compression option compressed frames are read into one buffer, their
+/// CRC checked, and decompressed straight into guest memory.
 ///
-/// Frames must come in non-decreasing round order; a frame from an earlier
-/// round than one already seen is refused, so a stale copy can never
+/// Frames must come in non-decreasing round order across every channel of
+/// the migration ([`Inbound::rounds`]): a frame from an earlier round than
+/// one any channel has seen is refused, so a stale copy can never
 /// overwrite a newer one.
 pub async fn receive_channel<M: GuestMem>(
     stream: impl Into<Stream>,
-    layout: &MemoryLayout,
+    inbound: &Inbound,
     mem: &M,
     counters: &RecvCounters,
-) -> Result<()> {
-    receive_channel_with(stream, layout, mem, counters, RecvOptions::default()).await
-}
-
-/// [`receive_channel`] for a channel that may carry compressed frames of the
-/// negotiated codec (`opts.codec`): their payload is read into one buffer,
-/// its CRC checked, and then decompressed straight into guest memory. A
-/// compressed frame with another codec, a bad sub-header, an uncompressed
-/// size other than its runs' or a segment that does not decompress is an
-/// error; a CRC mismatch (of the frame, or of the landed pages) asks for
-/// the chunk again, as on a plain channel.
-pub async fn receive_channel_with<M: GuestMem>(
-    stream: impl Into<Stream>,
-    layout: &MemoryLayout,
-    mem: &M,
-    counters: &RecvCounters,
-    opts: RecvOptions,
 ) -> Result<()> {
     let mut stream = stream.into();
     let _ = stream.tcp().set_nodelay(true);
+    let layout = &inbound.layout;
     let mut cbuf: Vec<u8> = Vec::new();
     let mut decoder = Decoder::default();
     let mut head = [0u8; 32];
-    let mut last_round = 0u32;
     loop {
         stream
             .read_exact(&mut head)
@@ -682,26 +895,10 @@ pub async fn receive_channel_with<M: GuestMem>(
             return Ok(());
         }
         let (seq, round) = (h.seq.get(), h.round.get());
-        if round < last_round {
-            return Err(TransportError::Invalid {
-                field: "chunk round",
-                detail: format!("chunk {seq} is from round {round}, after round {last_round} began: stale copy refused"),
-            });
-        }
-        // Across channels too (multichannel): a round begins only after every
-        // chunk of the previous one was acknowledged, so a frame from an
-        // earlier round than any channel has seen can only be a stale copy.
-        let newest = counters.round.load(Ordering::Relaxed);
-        if u64::from(round) < newest {
-            return Err(TransportError::Invalid {
-                field: "chunk round",
-                detail: format!("chunk {seq} is from round {round}, after round {newest} began on another channel: stale copy refused"),
-            });
-        }
-        last_round = round;
+        inbound.admit_round(seq, round)?;
         counters.round.fetch_max(round.into(), Ordering::Relaxed);
         let codec = if h.flags.get() & wire::FLAG_COMPRESSED != 0 {
-            match opts.codec {
+            match inbound.codec {
                 Some(c) => Some(c),
                 None => {
                     return Err(TransportError::Invalid {
@@ -727,34 +924,57 @@ pub async fn receive_channel_with<M: GuestMem>(
             })?;
         let (runs, data_bytes) = wire::decode_runs(&table, layout)?;
         let payload_len = u64::from(h.payload_len.get());
+        if codec.is_none() && data_bytes != payload_len {
+            return Err(TransportError::Invalid {
+                field: "chunk payload length",
+                detail: format!(
+                    "chunk {seq} says {payload_len} bytes but its runs hold {data_bytes}"
+                ),
+            });
+        }
+        if codec.is_some() && data_bytes > u64::from(wire::MAX_CHUNK_PAYLOAD) {
+            return Err(TransportError::TooLarge {
+                field: "uncompressed chunk",
+                len: data_bytes,
+                limit: wire::MAX_CHUNK_PAYLOAD.into(),
+            });
+        }
+        // Nothing lands before every page the chunk names is claimed: no
+        // other channel writes them meanwhile.
+        let mut claim = match claim_runs(mem, &runs)? {
+            Ok(c) => c,
+            Err(busy) => {
+                return Err(TransportError::Invalid {
+                    field: "chunk pages",
+                    detail: format!("chunk {seq}: {busy}"),
+                })
+            }
+        };
+        let mut tally = Tally::new(&inbound.ledger);
         let landed = match codec {
             None => {
-                if data_bytes != payload_len {
-                    return Err(TransportError::Invalid {
-                        field: "chunk payload length",
-                        detail: format!(
-                            "chunk {seq} says {payload_len} bytes but its runs hold {data_bytes}"
-                        ),
-                    });
-                }
                 let mut crc = crc32fast::Hasher::new();
                 crc.update(&table);
                 match &mut stream {
                     Stream::Plain(s) => {
-                        read_payload(s, mem, &runs, payload_len as usize, &mut crc).await?
+                        read_payload(
+                            s,
+                            &mut claim,
+                            mem,
+                            &runs,
+                            payload_len as usize,
+                            &mut crc,
+                            &mut tally,
+                        )
+                        .await?
                     }
-                    Stream::Tls(t) => read_pages(&mut **t, mem, &runs, &mut crc).await?,
+                    Stream::Tls(t) => {
+                        read_pages(&mut **t, &mut claim, mem, &runs, &mut crc, &mut tally).await?
+                    }
                 }
                 crc.finalize() == h.crc32.get()
             }
             Some(codec) => {
-                if data_bytes > u64::from(wire::MAX_CHUNK_PAYLOAD) {
-                    return Err(TransportError::TooLarge {
-                        field: "uncompressed chunk",
-                        len: data_bytes,
-                        limit: wire::MAX_CHUNK_PAYLOAD.into(),
-                    });
-                }
                 let n = payload_len as usize;
                 if cbuf.len() < n {
                     cbuf.resize(n, 0);
@@ -778,8 +998,18 @@ pub async fn receive_channel_with<M: GuestMem>(
                 } else {
                     counters.compressed_chunks.fetch_add(1, Ordering::Relaxed);
                     let payload = &*payload;
-                    let mut land =
-                        || land_compressed(&mut decoder, mem, seq, &runs, payload, codec);
+                    let mut land = || {
+                        land_compressed(
+                            &mut decoder,
+                            &mut claim,
+                            mem,
+                            seq,
+                            &runs,
+                            payload,
+                            codec,
+                            &mut tally,
+                        )
+                    };
                     // Decompression is CPU work: keep it off the runtime's
                     // other tasks where the runtime allows.
                     match tokio::runtime::Handle::current().runtime_flavor() {
@@ -793,7 +1023,7 @@ pub async fn receive_channel_with<M: GuestMem>(
         };
         let status = if landed {
             for r in runs.iter().filter(|r| r.zero) {
-                zero_run(mem, r)?;
+                land_zero_run(&mut claim, mem, r, &mut tally)?;
             }
             counters
                 .payload_bytes
@@ -815,6 +1045,8 @@ pub async fn receive_channel_with<M: GuestMem>(
             counters.crc_errors.fetch_add(1, Ordering::Relaxed);
             AckStatus::CrcMismatch
         };
+        drop(tally);
+        drop(claim);
         counters
             .bytes_on_wire
             .fetch_add(32 + table.len() as u64 + payload_len, Ordering::Relaxed);
