@@ -177,7 +177,7 @@ for name in a b; do
     c=$(metric "$text" ferry_migrations_committed_total)
     a=$(metric "$text" ferry_migrations_aborted_total)
     s=$(metric "$text" ferry_migrations_started_total)
-    reasons=$(grep '^ferry_migrations_aborted_total{' <<<"$text" | tr '\n' ' ' || true)
+    reasons=$(grep '^ferry_migrations_aborted_total{' <<<"$text" | grep -v ' 0$' | tr '\n' ' ' || true)
     echo "  daemon $name metrics: started $s, committed $c, aborted $a ${reasons}"
     committed=$((committed + ${c%.*}))
 done

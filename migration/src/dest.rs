@@ -57,12 +57,14 @@ use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::digest::{hex, memory_evidence};
 use crate::error::{MigrationError, Result};
 use crate::memory::{dest_memory, DestMemory};
 use crate::metrics::{Attempt, Metrics};
 use crate::nics;
+use crate::units::human_exact;
 
 /// Destination settings.
 #[derive(Debug, Clone)]
@@ -326,14 +328,25 @@ impl Destination {
             }
             let me = self.clone();
             let out = outcomes.clone();
-            tasks.spawn(async move {
-                if let Some(result) = me.handle(stream, listen_ip).await {
-                    let _ = out.send(Outcome {
-                        peer: addr.to_string(),
-                        result,
-                    });
+            // Every log line of the connection names its peer and, once
+            // accepted, its migration id.
+            let span = tracing::info_span!(
+                "migration",
+                peer = %addr,
+                migration_id = tracing::field::Empty
+            );
+            tasks.spawn(
+                async move {
+                    if let Some(result) = me.handle(stream, listen_ip).await {
+                        log_outcome(&result);
+                        let _ = out.send(Outcome {
+                            peer: addr.to_string(),
+                            result,
+                        });
+                    }
                 }
-            });
+                .instrument(span),
+            );
         }
         drop(listener);
         tracing::info!(
@@ -441,8 +454,10 @@ impl Destination {
         let limit = self.opts.memory_limit;
         if r.saturating_add(bytes) > limit {
             return Err(format!(
-                "guest memory of {bytes} bytes plus the {} bytes of the migrations already accepted is above this destination's --memory-limit of {limit} bytes",
-                *r
+                "guest memory of {} plus the {} of the migrations already accepted is above this destination's --memory-limit of {}",
+                human_exact(bytes),
+                human_exact(*r),
+                human_exact(limit),
             ));
         }
         *r += bytes;
@@ -637,7 +652,11 @@ impl Destination {
         if total > self.opts.memory_limit {
             return Err((
                 RejectReason::MemoryLimit,
-                format!("guest memory of {total} bytes is above this destination's --memory-limit of {} bytes", self.opts.memory_limit),
+                format!(
+                    "guest memory of {} is above this destination's --memory-limit of {}",
+                    human_exact(total),
+                    human_exact(self.opts.memory_limit)
+                ),
             ));
         }
         match offer.option {
@@ -792,6 +811,7 @@ impl Destination {
             .expect("pending")
             .insert(token, (tx, offer.channels, conn.is_encrypted()));
         let migration_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        tracing::Span::current().record("migration_id", migration_id);
         let peer = conn.peer().to_string();
         tracing::info!(
             migration_id,
@@ -871,11 +891,32 @@ impl Destination {
                 Err(e)
             }
             Err(e) => {
-                tracing::warn!(migration_id, "migration aborted: {e}");
+                tracing::debug!(migration_id, "migration aborted, telling the source: {e}");
                 writer.abort(&e.to_string()).await;
                 Err(e)
             }
         }
+    }
+}
+
+/// The event of a migration's end: committed (with its size and pause)
+/// or failed (with the reason), inside its span (peer, migration id).
+fn log_outcome(result: &Result<DestSummary>) {
+    match result {
+        Ok(s) => tracing::info!(
+            migration_id = s.migration_id,
+            bytes = s.memory_bytes,
+            payload_bytes = s.payload_bytes,
+            downtime_ms = s.downtime_ms,
+            total_ms = s.total_ms,
+            digest = %s.digest,
+            "migration committed"
+        ),
+        Err(MigrationError::Transport(TransportError::PeerAborted(why))) => tracing::warn!(
+            reason = "peer_aborted",
+            "migration failed: the source aborted it: {why}"
+        ),
+        Err(e) => tracing::warn!(reason = %e.reason(), "migration failed: {e}"),
     }
 }
 

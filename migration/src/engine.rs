@@ -187,6 +187,9 @@ pub struct Progress {
     pub sent_bytes: AtomicU64,
     /// Bytes in the current round's set.
     pub round_bytes: AtomicU64,
+    /// Bytes of the current round's set handled so far (sent, or found
+    /// zero): `round_done / round_bytes` is how far the round is.
+    pub round_done: AtomicU64,
     /// [`Phase`] as u8.
     pub phase: AtomicU8,
     /// Per-channel counters (bytes, state), refreshed a few times a second.
@@ -230,6 +233,12 @@ impl Progress {
         rx
     }
 
+    /// Ends the feed: the subscriber's receiver ends after the events
+    /// already sent.
+    pub fn unsubscribe(&self) {
+        *self.events.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Sends `e` to the subscriber, if any, stamped with the time.
     pub fn emit(&self, event: Event) {
         if let Some((tx, since)) = &*self.events.lock().unwrap_or_else(|e| e.into_inner()) {
@@ -259,7 +268,7 @@ impl Phase {
 
 /// What happens during a migration, as it happens (`ferry send --events`:
 /// one JSON object per line, `"event"` naming the kind).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// The engine entered a [`Phase`] (`connecting`, `precopy`,
@@ -276,22 +285,13 @@ pub enum Event {
         option: String,
         /// Data channels open.
         channels: usize,
+        /// The addresses the destination offered for data channels (none:
+        /// they follow the control connection).
+        offered: Vec<String>,
     },
-    /// A pre-copy round ended.
-    Round {
-        /// Round number.
-        round: u32,
-        /// Page bytes sent in it.
-        bytes: u64,
-        /// Its wall time, ms.
-        duration_ms: f64,
-        /// Page bytes per second over it.
-        rate_bytes_per_sec: f64,
-        /// Dirty bytes left after it (the next round's set).
-        dirty_bytes: u64,
-        /// Auto-converge throttle in force, percent.
-        throttle_percent: u8,
-    },
+    /// A pre-copy round ended: its figures, as in the summary's `rounds`
+    /// (`dirty_bytes_after` is what the next round must send).
+    Round(RoundStats),
     /// The guest was paused for the final copy: the pause starts.
     Paused {
         /// Dirty bytes still to copy.
@@ -463,7 +463,8 @@ pub struct RoundStats {
 /// Summary of a committed migration.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
-    /// Performance option.
+    /// Performance option (`tcp`, `compression (zstd:1)`, `rdma`).
+    #[serde(serialize_with = "display")]
     pub option: PerformanceOption,
     /// Guest memory size.
     pub memory_bytes: u64,
@@ -547,6 +548,14 @@ impl Audit {
     pub fn failed(&self) -> bool {
         self.result != "passed"
     }
+}
+
+/// Serializes a value as its `Display` text.
+pub fn display<T: std::fmt::Display, S: serde::Serializer>(
+    v: &T,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(v)
 }
 
 /// Everything the source needs to migrate one guest.
@@ -696,6 +705,11 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 migration_id: accept.migration_id,
                 option: self.opts.option.to_string(),
                 channels: t.stats().len(),
+                offered: accept
+                    .interfaces
+                    .iter()
+                    .map(|i| i.addr.to_string())
+                    .collect(),
             });
             let mut run = Run {
                 src: self,
@@ -723,6 +737,11 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             migration_id: accept.migration_id,
             option: self.opts.option.to_string(),
             channels: data.len(),
+            offered: accept
+                .interfaces
+                .iter()
+                .map(|i| i.addr.to_string())
+                .collect(),
         });
         let mut run = Run {
             src: self,
@@ -1150,6 +1169,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             .progress
             .round_bytes
             .store(set.count() * PAGE_SIZE, Ordering::Relaxed);
+        self.src.progress.round_done.store(0, Ordering::Relaxed);
         let mut ready = Vec::new();
         let mut runs = set.runs(max_pages);
         let mut shown = Instant::now();
@@ -1174,9 +1194,14 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                     shown = Instant::now();
                 }
             }
-            if next.is_none() {
-                break;
-            }
+            match next {
+                Some(r) => self
+                    .src
+                    .progress
+                    .round_done
+                    .fetch_add(u64::from(r.pages) * PAGE_SIZE, Ordering::Relaxed),
+                None => break,
+            };
         }
         let flushed = self.src.cancel.or_cancel(t.flush()).await;
         self.src.progress.set_channels(t.stats());
@@ -1283,6 +1308,9 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             },
         };
         let mut rtts = std::collections::VecDeque::with_capacity(3);
+        src.progress
+            .remaining_bytes
+            .store(remaining, Ordering::Relaxed);
         let (reason, predicted) = loop {
             let start_ms = ms_since(started);
             let sent = self.send_set(t, &set, round, &mut seq);
@@ -1329,14 +1357,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                 throttle = self.throttled,
                 "round done"
             );
-            src.progress.emit(Event::Round {
-                round,
-                bytes: stats.bytes,
-                duration_ms: stats.duration_ms,
-                rate_bytes_per_sec: stats.rate_bytes_per_sec,
-                dirty_bytes: remaining,
-                throttle_percent: stats.throttle_percent,
-            });
+            src.progress.emit(Event::Round(stats.clone()));
             rounds.push(stats);
             round += 1;
             src.cancel.check()?;

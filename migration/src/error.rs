@@ -136,7 +136,7 @@ impl MigrationError {
     /// (`ferry_migrations_aborted_total{reason}`): the rejection reason
     /// when the peer was refused (`version`, `auth`, `memory_limit`,
     /// `busy`, ...), else the kind of failure (`timeout`, `peer_closed`,
-    /// `crc`, `digest_mismatch`, `protocol`, ...).
+    /// `crc`, `evidence_mismatch`, `restore_failed`, `protocol`, ...).
     pub fn reason(&self) -> String {
         use TransportError as T;
         let s = match self {
@@ -189,6 +189,31 @@ impl MigrationError {
         s.into()
     }
 }
+
+/// Reasons `ferry_migrations_aborted_total{reason}` shows from the start
+/// (at zero until one happens), so that alerts and rates have a series to
+/// work on before the first abort; others appear when they happen.
+pub const COMMON_REASONS: [&str; 19] = [
+    "auth",
+    "version",
+    "busy",
+    "memory_limit",
+    "option",
+    "encryption",
+    "tls",
+    "timeout",
+    "peer_closed",
+    "peer_aborted",
+    "protocol",
+    "crc",
+    "evidence_mismatch",
+    "guest_config",
+    "restore_failed",
+    "commit_proof",
+    "not_converged",
+    "shutdown",
+    "cancelled",
+];
 
 /// `MemoryLimit` → `memory_limit`.
 fn snake_case(name: &str) -> String {

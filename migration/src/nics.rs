@@ -179,6 +179,27 @@ pub fn advertised(nics: &[Nic], networks: &[Cidr], listen: IpAddr) -> Vec<NetInt
     out
 }
 
+/// The usable addresses of this host, inside `networks`, that a daemon
+/// listening on `listen` cannot take data channels on (empty for an
+/// unspecified address): when there are any, its migrations use one
+/// network path although the host has more.
+pub fn unreached(nics: &[Nic], networks: &[Cidr], listen: IpAddr) -> Vec<IpAddr> {
+    let offered: Vec<IpAddr> = advertised(nics, networks, listen)
+        .iter()
+        .map(|i| i.addr)
+        .collect();
+    let mut out: Vec<IpAddr> = Vec::new();
+    for n in nics
+        .iter()
+        .filter(|n| n.usable() && allowed(networks, n.addr))
+    {
+        if !offered.contains(&n.addr) && !out.contains(&n.addr) {
+            out.push(n.addr);
+        }
+    }
+    out
+}
+
 /// Source-side multichannel settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MultichannelOptions {
@@ -493,6 +514,18 @@ mod tests {
             ["eth0"]
         );
         assert!(allowed(&only1, "::ffff:10.200.1.9".parse().unwrap()));
+        // Listening on one address leaves the others unreached.
+        let ips = |v: Vec<IpAddr>| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            ips(unreached(&nics, &[], "10.200.0.2".parse().unwrap())),
+            ["10.200.1.2", "fd00:200:2::2"]
+        );
+        assert_eq!(
+            ips(unreached(&nics, &only1, "10.200.1.2".parse().unwrap())),
+            Vec::<String>::new()
+        );
+        assert!(unreached(&nics, &[], any6).is_empty());
+        assert_eq!(ips(unreached(&nics, &[], any4)), ["fd00:200:2::2"]);
         assert!(!allowed(&only1, "10.200.0.9".parse().unwrap()));
         assert!(allowed(&[], "10.9.9.9".parse().unwrap()));
     }

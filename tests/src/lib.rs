@@ -129,11 +129,22 @@ fn drain<R: Read + Send + 'static>(r: R, live: Arc<Live>) -> std::thread::JoinHa
 }
 
 impl Proc {
-    /// Starts `ferry ARGS`.
+    /// Starts `ferry ARGS` with `RUST_LOG=warn,ferry=info`: the command's
+    /// own messages, and the libraries' warnings and errors.
     pub fn start(args: &[&str]) -> Proc {
-        let mut child = Command::new(ferry_bin())
+        Proc::start_logging(args, Some("warn,ferry=info"))
+    }
+
+    /// Starts `ferry ARGS` with `RUST_LOG=log`, or without `RUST_LOG`
+    /// (ferry's own `-v`/`-q` levels) when `None`.
+    pub fn start_logging(args: &[&str], log: Option<&str>) -> Proc {
+        let mut cmd = Command::new(ferry_bin());
+        match log {
+            Some(l) => cmd.env("RUST_LOG", l),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        let mut child = cmd
             .args(args)
-            .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -254,6 +265,34 @@ pub fn sigkill(pid: u32) {
         .status()
         .expect("run kill");
     assert!(st.success(), "kill -KILL {pid} failed");
+}
+
+/// Sends signal `name` (`INT`, `TERM`) to process `pid` (a `ferry` this
+/// test started).
+pub fn signal(pid: u32, name: &str) {
+    let st = Command::new("kill")
+        .args(["-s", name, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -s {name} {pid} failed");
+}
+
+/// Waits until the file at `path` contains `needle` and returns its text;
+/// panics after `timeout`.
+pub fn wait_for_file(path: &Path, needle: &str, timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out waiting for {needle:?} in {}:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Waits (up to 20 s) until `addr` accepts connections.

@@ -133,7 +133,10 @@ fn send_json_records_a_time_series_that_report_draws() {
     assert!(dest.status.success(), "{}", dest.all());
 
     let s = summary(&json);
-    assert_eq!(s["schema"], 1);
+    assert_eq!(s["schema"], 2);
+    assert_eq!(s["outcome"], "committed");
+    assert_eq!(s["guest"], "destination");
+    assert!(s["error"].is_null());
     let rounds = s["rounds"].as_array().unwrap();
     for r in rounds {
         for f in [
@@ -191,7 +194,11 @@ fn send_json_records_a_time_series_that_report_draws() {
     assert!(out.stdout.contains("channel 1"), "{}", out.all());
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<?xml") && svg.trim_end().ends_with("</svg>"));
-    assert_eq!(svg.matches("<polyline").count(), 2, "one line per channel");
+    assert_eq!(
+        svg.matches("<polyline class=\"channel\"").count(),
+        2,
+        "one line per channel"
+    );
     assert!(svg.contains("switchover"));
 }
 

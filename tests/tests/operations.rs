@@ -150,8 +150,11 @@ fn memory_limit_bounds_the_sum_of_accepted_migrations() {
     let (_, ans) = r.block_on(try_offer(addr, 40 * MIB));
     let msg = rejected(&ans, RejectReason::MemoryLimit);
     assert!(
-        msg.contains(&format!("{} bytes plus the {} bytes", 40 * MIB, 40 * MIB))
-            && msg.contains(&format!("--memory-limit of {} bytes", 64 * MIB)),
+        msg.contains(&format!(
+            "40.00 MiB ({} bytes) plus the 40.00 MiB ({} bytes)",
+            40 * MIB,
+            40 * MIB
+        )) && msg.contains(&format!("--memory-limit of 64.00 MiB ({} bytes)", 64 * MIB)),
         "{msg}"
     );
     // A smaller one still fits beside it.

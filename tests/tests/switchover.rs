@@ -393,7 +393,7 @@ fn the_audit_catches_a_write_the_dirty_log_missed() {
     let (r, _) = migrate_with_a_missed_write(addr, Verify::Evidence);
     assert!(r.unwrap().audit.failed());
     let out = dest.wait(LONG);
-    assert_eq!(out.status.code(), Some(4), "{}", out.all());
+    assert_eq!(out.status.code(), Some(5), "{}", out.all());
     assert!(out.stderr.contains("audit failed"), "{}", out.all());
 }
 

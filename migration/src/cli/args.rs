@@ -10,7 +10,7 @@ use ferry_migration::engine::{SourceOptions, Verify};
 use ferry_migration::nics::MultichannelOptions;
 use ferry_transport::compress::{CompressConfig, CompressionSpec};
 use ferry_transport::multichannel::{ChannelCount, Cidr};
-use ferry_transport::proto::{PerformanceOption, DEFAULT_PORT};
+use ferry_transport::proto::PerformanceOption;
 
 use super::units;
 
@@ -69,9 +69,11 @@ pub enum OptionArg {
 
 #[derive(Debug, Args)]
 pub struct ListenArgs {
-    /// Address and port to listen on.
-    #[arg(help_heading = CONNECTION, long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
-    pub listen: SocketAddr,
+    /// Address (or host name) and port to listen on (port 6600 when
+    /// omitted). A single address takes data channels on that address
+    /// only: listen on 0.0.0.0 (with --migration-network) to use every NIC.
+    #[arg(help_heading = CONNECTION, long, default_value = "0.0.0.0:6600", value_name = "HOST[:PORT]")]
+    pub listen: String,
     /// Network that migrations may use (repeatable; default: all). Only
     /// interfaces inside are advertised to sources, data channels arriving
     /// on another local address are refused, and a connection to an address
@@ -212,11 +214,21 @@ pub struct EngineArgs {
     /// draws it).
     #[arg(help_heading = OUTPUT, long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Write the migration's events as JSON lines as they happen (phase
+    /// changes, each round's figures, pause start and end, the outcome)
+    /// to FILE, or to standard output with `-` (the summary then goes to
+    /// stderr).
+    #[arg(help_heading = OUTPUT, long, value_name = "FILE|-")]
+    pub events: Option<String>,
+    /// Without a terminal, log a progress line this often (with a
+    /// terminal, the progress line is redrawn in place).
+    #[arg(help_heading = OUTPUT, long, default_value = "5s", value_parser = units::parse_duration, value_name = "DURATION")]
+    pub progress_interval: Duration,
     /// How the switchover verifies memory. `evidence` (the default): both
     /// sides build keyed evidence of every page as it moves and prove it to
     /// each other in the pause in constant time; after the pause the source
     /// audits its frozen memory against it (catching dirty-tracking misses;
-    /// a failed audit exits 4). `full`: also hash the whole guest memory on
+    /// a failed audit exits 5). `full`: also hash the whole guest memory on
     /// both sides inside the pause, as before: about 0.2 s of pause per GiB
     /// on a 2-core host, which the pause budget counts (raise
     /// --downtime-limit).
@@ -231,6 +243,15 @@ pub enum VerifyArg {
     Evidence,
     /// Also a whole-memory hash on both sides inside the pause.
     Full,
+}
+
+impl EngineArgs {
+    /// `--performance-option` as given (`auto` before it chose).
+    pub fn performance_option_name(&self) -> String {
+        self.performance_option
+            .to_possible_value()
+            .map_or_else(|| "?".into(), |v| v.get_name().to_string())
+    }
 }
 
 #[derive(Debug, Args)]

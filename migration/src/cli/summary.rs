@@ -6,14 +6,40 @@ use ferry_transport::ChannelState;
 
 use super::units;
 
-pub fn print_summary(s: &Summary) {
-    println!(
+/// `writeln!` into a `String` (cannot fail).
+macro_rules! outln {
+    ($out:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
+/// Prints the summary of a committed migration: on stdout, or on stderr
+/// when stdout carries `--events -`.
+pub fn print_summary(s: &Summary, notes: &[String], to_stderr: bool) {
+    let mut text = summary(s);
+    for n in notes {
+        text.push_str(&format!("  note: {n}\n"));
+    }
+    if to_stderr {
+        eprint!("{text}");
+    } else {
+        print!("{text}");
+    }
+}
+
+/// The summary's lines.
+fn summary(s: &Summary) -> String {
+    let mut out = String::new();
+    outln!(
+        out,
         "migration committed: {} guest over {} in {:.2} s",
         units::human(s.memory_bytes),
         s.option,
         s.total_ms / 1e3
     );
-    println!(
+    outln!(
+        out,
         "  rounds: {} pre-copy + final copy (stopped: {}); downtime {:.1} ms (limit {} ms; predicted {:.1} ms)",
         s.rounds.len() - 1,
         match s.converge_reason {
@@ -32,19 +58,21 @@ pub fn print_summary(s: &Summary) {
             p.final_copy_ms, p.device_state_ms, p.verification_ms, p.commit_round_trip_ms
         )
     };
-    println!("  pause (ms): {}", parts(&s.pause_actual));
-    println!("  predicted:  {}", parts(&s.pause_predicted));
+    outln!(out, "  pause (ms): {}", parts(&s.pause_actual));
+    outln!(out, "  predicted:  {}", parts(&s.pause_predicted));
     if matches!(
         s.converge_reason,
         ConvergeReason::RoundCap | ConvergeReason::CannotFit
     ) {
-        println!(
+        outln!(
+            out,
             "  --force-switchover: switched over without a pause that fits the limit, predicted pause {:.0} ms",
             s.predicted_downtime_ms
         );
     }
     if s.rounds.iter().any(|r| r.throttle_percent > 0) {
-        println!(
+        outln!(
+            out,
             "  auto-converge: guest throttled {}% at switchover; per round (final copy last): {}",
             s.throttle_percent,
             s.rounds
@@ -55,13 +83,15 @@ pub fn print_summary(s: &Summary) {
         );
     }
     if let Some(cap) = s.bandwidth_limit {
-        println!(
+        outln!(
+            out,
             "  bandwidth limit {}/s: {}/s on the wire",
             units::human(cap),
             units::human(s.wire_bytes_per_sec as u64)
         );
     }
-    println!(
+    outln!(
+        out,
         "  throughput {}/s ({:.2} Gbit/s); page bytes {}; bytes on the wire {}; CRC resends {}",
         units::human(s.throughput_bytes_per_sec as u64),
         s.throughput_bytes_per_sec * 8.0 / 1e9,
@@ -72,7 +102,8 @@ pub fn print_summary(s: &Summary) {
     if let PerformanceOption::Compression { .. } = s.option {
         let sum =
             |f: fn(&ferry_transport::ChannelStats) -> u64| s.channels.iter().map(f).sum::<u64>();
-        println!(
+        outln!(
+        out,
             "  compression: {:.2}x page bytes per wire byte; chunks compressed {}, raw (incompressible) {}, raw (link would idle) {}",
             s.compression_ratio,
             sum(|c| c.compressed_chunks),
@@ -81,9 +112,10 @@ pub fn print_summary(s: &Summary) {
         );
     }
     if s.channels.len() > 1 || s.channels.iter().any(|c| c.state == ChannelState::Failed) {
-        println!("  data channels: {}", s.channels.len());
+        outln!(out, "  data channels: {}", s.channels.len());
         for c in &s.channels {
-            println!(
+            outln!(
+                out,
                 "    ch{} {} -> {}{}: {:?}, {} page bytes at {}/s, {} chunks{}{}",
                 c.channel,
                 c.local.as_deref().unwrap_or("?"),
@@ -108,8 +140,9 @@ pub fn print_summary(s: &Summary) {
             );
         }
     }
-    println!("  encryption: {}", s.encryption);
-    println!(
+    outln!(out, "  encryption: {}", s.encryption);
+    outln!(
+        out,
         "  digest {} verified on both sides ({})",
         s.digest,
         match s.verify {
@@ -118,15 +151,19 @@ pub fn print_summary(s: &Summary) {
         }
     );
     if s.audit.failed() {
-        println!(
+        outln!(
+            out,
             "  AUDIT FAILED: {} pages of the frozen source memory differ from what was migrated (first at {:#x}): the dirty log missed guest writes; the destination runs with stale pages",
             s.audit.mismatched_pages,
             s.audit.first_mismatch.unwrap_or(0)
         );
     } else {
-        println!(
+        outln!(
+            out,
             "  audit passed: {} pages of the frozen source memory equal what was migrated ({:.0} ms after the pause)",
-            s.audit.pages, s.audit.duration_ms
+            s.audit.pages,
+            s.audit.duration_ms
         );
     }
+    out
 }
