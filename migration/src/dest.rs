@@ -207,6 +207,9 @@ pub struct DestSummary {
     /// The source's audit of its frozen memory after the pause (`None`: it
     /// never came, e.g. the source died first).
     pub audit: Option<AuditReport>,
+    /// This process's memory when the migration ended: peak RSS (over the
+    /// daemon's life), the guest's resident part, and the rest.
+    pub memory: crate::memory::MemoryUse,
     /// Wall time from hello to commit.
     pub total_ms: f64,
     /// Downtime as the destination sees it: from the source's last
@@ -877,6 +880,7 @@ impl Destination {
                 restore_report: r.restore_report,
                 resume_report: r.resume_report,
                 audit: r.audit,
+                memory: crate::memory::memory_use(&*mem),
                 total_ms: started.elapsed().as_secs_f64() * 1e3,
                 downtime_ms: r.downtime.as_secs_f64() * 1e3,
             }),

@@ -523,6 +523,9 @@ pub struct Summary {
     /// version, cipher suite and identity mode, or what `--plaintext` left
     /// unencrypted.
     pub encryption: String,
+    /// This process's memory at the end: peak RSS, the guest's resident
+    /// part, and Ferry's own.
+    pub memory: crate::memory::MemoryUse,
 }
 
 /// The source's audit after the pause: its frozen memory hashed again and
@@ -1521,6 +1524,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             digest_verified: true,
             channels,
             encryption: describe_encryption(self.conn, opts.option),
+            memory: crate::memory::memory_use(&*src.mem),
         })
     }
 

@@ -406,6 +406,7 @@ mod tests {
                 },
                 mac: [0; 32],
             }),
+            memory: Default::default(),
             total_ms: 1500.0,
             downtime_ms: 25.0,
         }

@@ -143,6 +143,14 @@ fn summary(s: &Summary) -> String {
     outln!(out, "  encryption: {}", s.encryption);
     outln!(
         out,
+        "  memory: peak RSS {} (guest {}, Ferry's own {} = {:.2}% of the guest)",
+        units::human(s.memory.peak_rss_bytes),
+        units::human(s.memory.guest_resident_bytes),
+        units::human(s.memory.own_bytes),
+        s.memory.own_percent_of_guest
+    );
+    outln!(
+        out,
         "  digest {} verified on both sides ({})",
         s.digest,
         match s.verify {
