@@ -226,11 +226,20 @@ pub struct Outcome {
     pub result: Result<DestSummary>,
 }
 
-/// Live data-channel tokens: where their channels go, how many more of the
-/// offered channels may still open (a token opens no more than that), and
-/// whether the migration's control connection is encrypted (its data
-/// channels must be too).
-type Pending = Mutex<HashMap<[u8; 32], (mpsc::Sender<Stream>, u16, bool)>>;
+/// Migrations that take data channels, by id: where their channels go, how
+/// many more of the offered channels may still open, whether the
+/// migration's control connection is encrypted (its data channels must be
+/// too), and the session's `data_channel` key that a channel must prove it
+/// holds.
+type Pending = Mutex<HashMap<u64, PendingChannels>>;
+
+/// See [`Pending`].
+struct PendingChannels {
+    tx: mpsc::Sender<Stream>,
+    left: u16,
+    encrypted: bool,
+    key: ferry_proto::MacKey,
+}
 
 /// A destination daemon.
 pub struct Destination {
@@ -573,24 +582,39 @@ impl Destination {
                     tracing::warn!(peer = conn.peer(), "{e}");
                     return None;
                 }
-                let tx = match self.pending.lock().expect("pending").get_mut(&nonce) {
-                    Some((_, _, true)) if !encrypted => Err((
-                        RejectReason::Encryption,
-                        "data channel refused: its migration's control connection is encrypted and it is not",
-                    )),
-                    Some((tx, left, _)) if *left > 0 => {
-                        *left -= 1;
-                        Ok(tx.clone())
+                // The channel proves which session it belongs to; no token
+                // crosses the network.
+                let claim = match conn.data_challenge(version).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(peer = conn.peer(), "data channel refused: {e}");
+                        return None;
                     }
-                    Some(_) => Err((
-                        RejectReason::Token,
-                        "every data channel the migration offered is already open on this token",
-                    )),
-                    None => Err((RejectReason::Token, "unknown or expired data-channel token")),
                 };
-                match tx {
-                    Ok(tx) => {
-                        if conn.send(&Msg::Welcome).await.is_ok() {
+                let found = {
+                    let mut pending = self.pending.lock().expect("pending");
+                    match pending.values_mut().find(|p| claim.belongs_to(&p.key)) {
+                        Some(p) if p.encrypted && !encrypted => Err((
+                            RejectReason::Encryption,
+                            "data channel refused: its migration's control connection is encrypted and it is not",
+                        )),
+                        Some(p) if p.left > 0 => {
+                            p.left -= 1;
+                            Ok((p.tx.clone(), p.key.clone()))
+                        }
+                        Some(_) => Err((
+                            RejectReason::Token,
+                            "every data channel the migration offered is already open",
+                        )),
+                        None => Err((
+                            RejectReason::Token,
+                            "the data channel's proof matches no migration in progress (another session's, an ended one's, or forged)",
+                        )),
+                    }
+                };
+                match found {
+                    Ok((tx, key)) => {
+                        if conn.admit_data(&claim, &key).await.is_ok() {
                             let _ = tx.send(conn.into_stream()).await;
                         }
                     }
@@ -807,14 +831,21 @@ impl Destination {
         };
         let stop_populate = Arc::new(std::sync::atomic::AtomicBool::new(false));
         crate::memory::populate_in_background(mem.clone(), stop_populate.clone());
-        let token = ferry_transport::auth::nonce();
         let (tx, rx) = mpsc::channel(usize::from(offer.channels));
-        self.pending
-            .lock()
-            .expect("pending")
-            .insert(token, (tx, offer.channels, conn.is_encrypted()));
         let migration_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         tracing::Span::current().record("migration_id", migration_id);
+        let Some(keys) = conn.session_keys() else {
+            return Err(TransportError::AuthFailed("no session keys after authentication").into());
+        };
+        self.pending.lock().expect("pending").insert(
+            migration_id,
+            PendingChannels {
+                tx,
+                left: offer.channels,
+                encrypted: conn.is_encrypted(),
+                key: keys.data_channel.clone(),
+            },
+        );
         let peer = conn.peer().to_string();
         tracing::info!(
             migration_id,
@@ -835,7 +866,6 @@ impl Destination {
         let accepted = conn
             .send(&Msg::Accept(Accept {
                 migration_id,
-                data_token: token,
                 max_chunk: MAX_CHUNK_PAYLOAD,
                 interfaces,
             }))
@@ -865,7 +895,7 @@ impl Destination {
             }
             Err(e) => Err(e.into()),
         };
-        self.pending.lock().expect("pending").remove(&token);
+        self.pending.lock().expect("pending").remove(&migration_id);
         self.metrics.retire(migration_id);
         stop_populate.store(true, Ordering::Relaxed);
         match result {

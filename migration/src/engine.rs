@@ -44,10 +44,7 @@ use ferry_proto::{Evidence, Ledger};
 use ferry_transport::compress::{CompressConfig, CompressSender, CompressionSpec};
 use ferry_transport::conn::Conn;
 use ferry_transport::multichannel::{ChannelPath, Multichannel, MultichannelConfig};
-use ferry_transport::proto::{
-    AuditReport, AuditResult, Msg, Offer, PerformanceOption, Role, Switchover, PROTOCOL_MAX,
-    PROTOCOL_MIN,
-};
+use ferry_transport::proto::{AuditReport, AuditResult, Msg, Offer, PerformanceOption, Switchover};
 use ferry_transport::stream::Stream;
 use ferry_transport::tcp::TcpSender;
 use ferry_transport::tls::TlsConfig;
@@ -727,7 +724,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             return run.settle(result).await;
         }
         let data = match cancel
-            .or_cancel(self.open_channels(&accept, control_path, data_tls))
+            .or_cancel(self.open_channels(&accept, control_path, data_tls, &conn))
             .await
         {
             Ok(d) => d,
@@ -851,7 +848,11 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
         accept: &ferry_transport::proto::Accept,
         control: (std::net::SocketAddr, std::net::SocketAddr),
         tls: Option<Arc<TlsConfig>>,
+        conn: &Conn,
     ) -> Result<Vec<(Stream, ChannelPath)>> {
+        let keys = conn.session_keys().ok_or(TransportError::AuthFailed(
+            "no session keys after authentication",
+        ))?;
         let mc = &self.opts.multichannel;
         let local = nics::discover().unwrap_or_else(|e| {
             tracing::warn!("{e}; data channels follow the control connection");
@@ -863,7 +864,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             offered = accept.interfaces.len(),
             "opening data channels"
         );
-        nics::open_channels(&planned, accept.data_token, self.opts.timeout, tls).await
+        nics::open_channels(&planned, keys, self.opts.timeout, tls).await
     }
 }
 
@@ -908,32 +909,18 @@ pub async fn secure(tcp: TcpStream, tls: Option<&TlsConfig>, timeout: Duration) 
     }
 }
 
-/// Opens one data channel (TLS when `tls` is given) and presents the
-/// migration's token.
+/// Opens one data channel (TLS when `tls` is given) and proves it belongs
+/// to the session of `keys` (the control connection's
+/// [`Conn::session_keys`]).
 pub async fn open_data_channel(
     to: &str,
-    token: [u8; 32],
+    keys: &ferry_proto::SessionKeys,
     timeout: Duration,
     tls: Option<&TlsConfig>,
 ) -> Result<Stream> {
     let tcp = connect(to, timeout).await?;
-    let mut c = Conn::new(secure(tcp, tls, timeout).await?, timeout);
-    c.send(&Msg::Hello {
-        min_version: PROTOCOL_MIN,
-        max_version: PROTOCOL_MAX,
-        role: Role::Data,
-        nonce: token,
-    })
-    .await?;
-    match c.recv("the data channel's welcome").await? {
-        Msg::Welcome => Ok(c.into_stream()),
-        Msg::Reject { reason, message } => Err(TransportError::Rejected { reason, message }.into()),
-        m => Err(TransportError::Unexpected {
-            expected: "Welcome",
-            got: m.name().into(),
-        }
-        .into()),
-    }
+    let stream = secure(tcp, tls, timeout).await?;
+    Ok(ferry_transport::conn::open_data_channel(stream, keys, timeout).await?)
 }
 
 struct Run<'r, 'a, G: GuestControl, D: DirtyLog> {

@@ -4,14 +4,15 @@
 //! * `ferry send`: source, with a built-in synthetic guest.
 //! * `ferry demo`: both ends in one process over loopback.
 //! * `ferry nics`: this host's interfaces as multichannel sees them.
+//! * `ferry gen-key`: a new pre-shared key file for `--auth-key-file`.
 //! * `ferry gen-certs`: a test CA and host certificates for `--tls-dir`.
 //!
 //! The parts live in `cli/`: `args` (every flag), `listen`, `send` (send
-//! and demo), `tools` (nics, report, gen-certs), `progress`, `summary`,
+//! and demo), `tools` (nics, report, gen-key, gen-certs), `progress`, `summary`,
 //! `units`.
 
 use clap::{Parser, Subcommand};
-use cli::args::{DemoArgs, GenCertsArgs, ListenArgs, NicsArgs, ReportArgs, SendArgs};
+use cli::args::{DemoArgs, GenCertsArgs, GenKeyArgs, ListenArgs, NicsArgs, ReportArgs, SendArgs};
 
 mod cli;
 
@@ -49,6 +50,10 @@ enum Cmd {
     /// Summarise a `ferry send --json` record, and draw it as an SVG.
     #[command(after_help = cli::help::REPORT_EXAMPLES)]
     Report(ReportArgs),
+    /// Write a new pre-shared key for --auth-key-file: 32 random bytes,
+    /// base64, to a new file of mode 0600 (never overwrites a file).
+    #[command(after_help = cli::help::GEN_KEY_EXAMPLES)]
+    GenKey(GenKeyArgs),
     /// Write a test PKI for --tls-dir: DIR/ca.pem and DIR/ca-key.pem (a new
     /// CA, unless --ca), DIR/cert.pem and DIR/key.pem (a host certificate
     /// signed by it, for client and server use). Never overwrites a file.
@@ -72,6 +77,7 @@ fn main() {
             Cmd::Nics(a) => cli::tools::list_nics(&a),
             Cmd::Report(a) => cli::tools::report(&a),
             Cmd::GenCerts(a) => cli::tools::gen_certs(&a),
+            Cmd::GenKey(a) => cli::tools::gen_key(&a),
         }
     });
     if let Err(e) = r {

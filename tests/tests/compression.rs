@@ -221,10 +221,10 @@ fn bad_frame(f: Vec<u8>) -> ferry_tests::Output {
             },
         )
         .await;
-        let Msg::Accept(Accept { data_token, .. }) = answer else {
+        let Msg::Accept(Accept { .. }) = answer else {
             panic!("expected Accept, got {answer:?}")
         };
-        let mut data = data_channel(addr, data_token).await;
+        let mut data = data_channel(addr, &c).await;
         data.write_all(&f).await.unwrap();
         let end = c
             .recv_within("the destination's abort", Duration::from_secs(20))
@@ -240,7 +240,7 @@ fn bad_frame(f: Vec<u8>) -> ferry_tests::Output {
 fn a_well_formed_frame_lands_and_is_acknowledged() {
     // The frame builder itself is right: only the damage below is refused.
     against_destination(|addr| async move {
-        let (_c, answer) = session(
+        let (c, answer) = session(
             addr,
             PerformanceOption::Compression {
                 codec: Codec::Zstd.id(),
@@ -248,10 +248,10 @@ fn a_well_formed_frame_lands_and_is_acknowledged() {
             },
         )
         .await;
-        let Msg::Accept(Accept { data_token, .. }) = answer else {
+        let Msg::Accept(Accept { .. }) = answer else {
             panic!("expected Accept, got {answer:?}")
         };
-        let mut data = data_channel(addr, data_token).await;
+        let mut data = data_channel(addr, &c).await;
         data.write_all(&frame(Codec::Zstd.id(), 4 * 4096, |_| {}))
             .await
             .unwrap();

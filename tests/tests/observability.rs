@@ -18,9 +18,7 @@ fn metrics_count_a_committed_and_an_unauthenticated_migration() {
     let wrong = key_file(dir.path(), "wrong", b"another key, 32 bytes long......");
     let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let maddr_s = maddr.to_string();
-    // --plaintext on both ends: a wrong key is then an authentication
-    // failure (with TLS's key-derived identity it fails the TLS handshake).
-    let (dest, addr) = daemon(&key, &["--plaintext", "--metrics", &maddr_s]);
+    let (dest, addr) = daemon(&key, &["--metrics", &maddr_s]);
     wait_for_port(maddr, "the metrics endpoint");
 
     let (status, body) = http_get(maddr, "/metrics");
@@ -38,7 +36,6 @@ fn metrics_count_a_committed_and_an_unauthenticated_migration() {
             "8MB/s",
             "--channels",
             "2",
-            "--plaintext",
             "--json",
             json.to_str().unwrap(),
         ],
@@ -48,7 +45,7 @@ fn metrics_count_a_committed_and_an_unauthenticated_migration() {
     let bad = send(
         addr,
         &wrong,
-        &["--memory", "16MiB", "--plaintext"],
+        &["--memory", "16MiB"],
         Duration::from_secs(60),
     );
     assert!(!bad.status.success(), "{}", bad.all());

@@ -261,8 +261,8 @@ fn a_stalled_authenticated_peer_is_timed_out_and_its_slot_and_memory_freed() {
     let out = small_send(addr, &k, "32MiB", &[]);
     assert!(out.status.success(), "{}", out.all());
     // The same with a data channel open and silent.
-    let (stalled_data, accept) = r.block_on(authed_session(addr, &key(), 40 * MIB));
-    let channel = r.block_on(ferry_tests::data_channel(addr, accept.data_token));
+    let (stalled_data, _) = r.block_on(authed_session(addr, &key(), 40 * MIB));
+    let channel = r.block_on(ferry_tests::data_channel(addr, &stalled_data));
     let out = small_send(addr, &k, "32MiB", &[]);
     assert!(out.status.success(), "{}", out.all());
     drop((stalled, stalled_data, channel));

@@ -65,11 +65,11 @@ fn a_frame_older_than_any_channel_has_seen_is_refused_on_every_channel() {
         let mut o = offer(1 << 20);
         o.channels = 2;
         c.send(&Msg::Offer(o)).await.unwrap();
-        let Msg::Accept(accept) = c.recv("accept").await.unwrap() else {
+        let Msg::Accept(_) = c.recv("accept").await.unwrap() else {
             panic!("expected Accept")
         };
-        let mut a = data_channel(addr, accept.data_token).await;
-        let mut b = data_channel(addr, accept.data_token).await;
+        let mut a = data_channel(addr, &c).await;
+        let mut b = data_channel(addr, &c).await;
         // Round 1 begins on channel a...
         send_page(&mut a, 1, 1, 0, 0x11).await;
         assert_eq!(ack(&mut a).await, Some((1, AckStatus::Landed)));

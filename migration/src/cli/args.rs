@@ -34,6 +34,12 @@ pub struct ReportArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct GenKeyArgs {
+    /// The key file to create (never overwritten).
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct GenCertsArgs {
     /// Directory to write into (created if missing).
     pub dir: PathBuf,
@@ -101,7 +107,9 @@ pub struct ListenArgs {
     /// Longest a queued migration waits for a slot before it is refused.
     #[arg(help_heading = ADMISSION, long, default_value = "20s", value_parser = units::parse_duration, value_name = "DURATION")]
     pub queue_timeout: Duration,
-    /// File holding the pre-shared key (at least 16 bytes).
+    /// File holding the pre-shared key, as `ferry gen-key FILE` writes it
+    /// (32 random bytes in base64, mode 0600; a shorter key, or a file that
+    /// group or others may read, is refused).
     #[arg(help_heading = SECURITY, long, value_name = "FILE")]
     pub auth_key_file: PathBuf,
     /// Also accept sources that do not encrypt, and the RDMA option (whose
@@ -263,7 +271,8 @@ pub struct SendArgs {
     pub guest: GuestArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// File holding the pre-shared key.
+    /// File holding the pre-shared key, as `ferry gen-key FILE` writes it
+    /// (the same file as the destination's).
     #[arg(help_heading = SECURITY, long, value_name = "FILE")]
     pub auth_key_file: PathBuf,
 }
