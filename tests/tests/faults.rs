@@ -429,8 +429,14 @@ fn run_table_address_bit_flip_is_never_committed() {
         }),
     );
     assert_eq!(n, 1);
-    assert_source_kept_guest(&src, &["memory digest mismatch"]);
-    assert_dest_failed(&dest, &["memory digest mismatch"]);
+    assert_source_kept_guest(
+        &src,
+        &["switchover verification failed: the page evidence differs"],
+    );
+    assert_dest_failed(
+        &dest,
+        &["switchover verification failed: the page evidence differs"],
+    );
 }
 
 #[test]
