@@ -38,6 +38,7 @@ use ferry_transport::compress::CompressionSpec;
 use ferry_transport::conn::{negotiate, Conn};
 use ferry_transport::multichannel::Cidr;
 use ferry_transport::proto::{Accept, Msg, Offer, PerformanceOption, RejectReason, Role};
+use ferry_transport::reservation::{MemoryPool, Reservation};
 use ferry_transport::stream::Stream;
 use ferry_transport::tcp::{receive_channel, Inbound, RecvCounters};
 use ferry_transport::tls::{TlsConfig, TLS_HANDSHAKE_BYTE};
@@ -139,7 +140,9 @@ pub struct Destination {
     /// Migrations waiting for a slot.
     queued: AtomicUsize,
     /// Guest memory of the migrations accepted and not finished.
-    reserved: Arc<Mutex<u64>>,
+    /// `--memory-limit`: guest memory and receive buffers of the migrations
+    /// accepted and not finished.
+    reserved: Arc<MemoryPool>,
     pending: Pending,
     next_id: AtomicU64,
     resume: ResumeHook,
@@ -162,7 +165,7 @@ impl Destination {
         Arc::new(Destination {
             slots: Arc::new(Semaphore::new(opts.max_concurrent.max(1))),
             queued: AtomicUsize::new(0),
-            reserved: Arc::new(Mutex::new(0)),
+            reserved: MemoryPool::new(opts.memory_limit),
             opts,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -341,19 +344,12 @@ impl Destination {
 
     /// Books `bytes` of guest memory against `--memory-limit` for all
     /// migrations together; released when the returned guard drops.
-    fn reserve(&self, bytes: u64) -> std::result::Result<Reservation, String> {
-        let mut r = self.reserved.lock().expect("reserved");
-        let limit = self.opts.memory_limit;
-        if r.saturating_add(bytes) > limit {
-            return Err(format!(
-                "guest memory of {bytes} bytes plus the {} bytes of the migrations already accepted is above this destination's --memory-limit of {limit} bytes",
-                *r
-            ));
-        }
-        *r += bytes;
-        Ok(Reservation {
-            pool: self.reserved.clone(),
-            bytes,
+    fn reserve(&self, bytes: u64) -> std::result::Result<Arc<Reservation>, String> {
+        self.reserved.reserve(bytes).map(Arc::new).map_err(|f| {
+            format!(
+                "guest memory of {bytes} bytes plus the {} bytes of the migrations already accepted is above this destination's --memory-limit of {} bytes",
+                f.used, f.limit
+            )
         })
     }
 
@@ -641,7 +637,7 @@ impl Destination {
             Ok(p) => p,
             Err(msg) => return Err(conn.reject(RejectReason::Busy, msg).await.into()),
         };
-        let _reserved = match self.reserve(offer.layout.total_bytes()) {
+        let reserved = match self.reserve(offer.layout.total_bytes()) {
             Ok(r) => r,
             Err(msg) => return Err(conn.reject(RejectReason::MemoryLimit, msg).await.into()),
         };
@@ -664,15 +660,24 @@ impl Destination {
             "no session keys after authentication",
         ))?;
         let ledger = Arc::new(offer.layout.ledger(keys.page.clone())?);
-        let inbound = Arc::new(Inbound::new(
-            offer.layout.clone(),
-            match offer.option {
-                // Validated before Accept: the id is known.
-                PerformanceOption::Compression { codec, .. } => Codec::from_id(codec).ok(),
-                _ => None,
-            },
-            ledger.clone(),
-        ));
+        // Every channel checks frames with the session's frame key, shares
+        // the round gate, gives each frame --peer-timeout to arrive once it
+        // has begun, and books its receive buffers on this migration's
+        // reservation (so they count against --memory-limit).
+        let inbound = Arc::new(
+            Inbound::new(
+                offer.layout.clone(),
+                match offer.option {
+                    // Validated before Accept: the id is known.
+                    PerformanceOption::Compression { codec, .. } => Codec::from_id(codec).ok(),
+                    _ => None,
+                },
+                ledger.clone(),
+                keys.frame.clone(),
+            )
+            .with_deadline(self.opts.timeout)
+            .with_budget(reserved.clone()),
+        );
         let _allocation = self.metrics.allocated(offer.layout.total_bytes());
         // RDMA: listeners on the shared NICs, guest memory registered once
         // per device (a memlock failure is the rejection).
@@ -771,19 +776,6 @@ impl Destination {
 async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     // An error means the daemon is gone: that is a stop too.
     let _ = stop.wait_for(|s| *s).await;
-}
-
-/// Guest memory booked by one accepted migration.
-struct Reservation {
-    pool: Arc<Mutex<u64>>,
-    bytes: u64,
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        let mut r = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        *r = r.saturating_sub(self.bytes);
-    }
 }
 
 /// The data channels of one incoming migration, by the source's address.

@@ -23,7 +23,7 @@ use std::time::Duration;
 use ferry_tests::proxy::{Dir, Frame, Kind, Proxy, Seen, Verdict};
 use ferry_tests::{daemon, key_file, listen, sigkill, start_send, summary, Output, Proc};
 use ferry_transport::proto::{Msg, RejectReason, Role};
-use ferry_transport::wire::{ChunkKind, FLAG_COMPRESSED};
+use ferry_transport::wire::{ChunkKind, FLAG_COMPRESSED, HEADER_LEN};
 
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 const LONG: Duration = Duration::from_secs(90);
@@ -330,7 +330,7 @@ fn corrupt_data(
 
 /// Offset of the payload in a chunk frame.
 fn payload_at(f: &Frame) -> usize {
-    32 + f.pages().map_or(0, |h| h.run_count.get() as usize * 16)
+    HEADER_LEN + f.pages().map_or(0, |h| h.run_count.get() as usize * 16)
 }
 
 /// Corrupts the `nth` page chunk (counted from 1) that `pick` accepts.
@@ -365,7 +365,7 @@ fn with_payload(f: &Frame) -> bool {
 }
 
 #[test]
-fn payload_bit_flip_is_caught_by_the_crc_and_the_chunk_resent() {
+fn payload_bit_flip_is_caught_by_the_payload_tag_and_the_chunk_resent() {
     let c = Case::new();
     let (src, dest, n) = corrupt_data(
         &c,
@@ -378,15 +378,39 @@ fn payload_bit_flip_is_caught_by_the_crc_and_the_chunk_resent() {
     assert_resent(&c, &src, &dest, n);
 }
 
+/// One data channel of two was closed by the destination for a frame whose
+/// header tag did not hold; its chunks went over the other, and the
+/// migration committed with every page verified: nothing of the refused
+/// frame landed anywhere.
+fn assert_refused_before_landing_and_failed_over(c: &Case, src: &Output, dest: &Output) {
+    let s = assert_committed(src, &dest.stdout, &c.json());
+    assert!(
+        dest.all().contains("invalid chunk header tag"),
+        "the destination names the refused frame: {}",
+        dest.all()
+    );
+    let chans = s["channels"].as_array().unwrap();
+    let failed: Vec<_> = chans.iter().filter(|c| c["state"] == "failed").collect();
+    assert_eq!(
+        failed.len(),
+        1,
+        "the channel with the forged frame failed over: {s}"
+    );
+}
+
 #[test]
-fn header_crc_bit_flip_makes_the_chunk_resent() {
+fn header_bit_flip_is_refused_before_landing_and_its_channel_fails_over() {
+    // The round (bytes 16..20) of the third chunk: the header tag does not
+    // hold, the frame is refused before a byte lands and its channel is
+    // closed (its framing can no longer be trusted).
     let c = Case::new();
     let (src, dest, n) = corrupt_data(
         &c,
-        &["--dirty-rate", "8MB/s"],
-        nth(3, |_| true, |f| f.bytes[29] ^= 0x01),
+        &["--channels", "2", "--dirty-rate", "8MB/s"],
+        nth(3, |_| true, |f| f.bytes[16] ^= 0x01),
     );
-    assert_resent(&c, &src, &dest, n);
+    assert_eq!(n, 1);
+    assert_refused_before_landing_and_failed_over(&c, &src, &dest);
 }
 
 #[test]
@@ -407,30 +431,43 @@ fn header_magic_bit_flip_aborts_with_the_field_named() {
 }
 
 #[test]
-fn run_table_address_bit_flip_is_never_committed() {
+fn run_table_address_bit_flip_is_refused_before_landing() {
     // An idle guest, so no page is sent twice by itself. The third data
     // chunk's first run is moved down onto pages an earlier chunk already
-    // landed: the CRC catches the chunk (it is resent), but the pages it
-    // overwrote are not resent, so the digests differ and the migration
-    // aborts: it is never committed with bad memory.
+    // landed. Frame format 1 landed it there (the CRC came after the
+    // payload) and only the whole-memory digest stopped the commit; now the
+    // header tag refuses it before a byte lands, the chunk goes over the
+    // other channel, and the migration commits with every page verified.
+    let c = Case::new();
+    let (src, dest, n) = corrupt_data(
+        &c,
+        &["--channels", "2", "--dirty-rate", "0"],
+        nth(3, with_payload, |f| {
+            let gpa = u64::from_le_bytes(f.bytes[HEADER_LEN..HEADER_LEN + 8].try_into().unwrap());
+            let high = 63 - gpa.leading_zeros();
+            let moved = gpa & !(1u64 << high);
+            f.bytes[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&moved.to_le_bytes());
+        }),
+    );
+    assert_eq!(n, 1);
+    assert_refused_before_landing_and_failed_over(&c, &src, &dest);
+}
+
+#[test]
+fn run_table_address_bit_flip_on_the_only_channel_aborts_before_landing() {
     let c = Case::new();
     let (src, dest, n) = corrupt_data(
         &c,
         &["--dirty-rate", "0"],
-        nth(3, with_payload, |f| {
-            let gpa = u64::from_le_bytes(f.bytes[32..40].try_into().unwrap());
-            let high = 63 - gpa.leading_zeros();
-            let moved = gpa & !(1u64 << high);
-            f.bytes[32..40].copy_from_slice(&moved.to_le_bytes());
-        }),
+        nth(3, with_payload, |f| f.bytes[HEADER_LEN + 2] ^= 0x10),
     );
     assert_eq!(n, 1);
-    assert_source_kept_guest(&src, &["memory digest mismatch"]);
-    assert_dest_failed(&dest, &["memory digest mismatch"]);
+    assert_dest_failed(&dest, &["invalid chunk header tag"]);
+    assert_source_kept_guest(&src, &["invalid chunk header tag"]);
 }
 
 #[test]
-fn compressed_payload_bit_flip_is_caught_before_decompression() {
+fn compressed_payload_bit_flip_is_asked_for_again() {
     let c = Case::new();
     // Compressible memory (the synthetic pattern pages are not): 16 MiB of
     // repeated text.
@@ -489,15 +526,18 @@ fn corruption_that_persists_in_the_final_copy_aborts() {
             "--force-switchover",
         ],
         |f| {
-            if f.pages().is_some_and(|h| h.round.get() >= 1) {
-                f.bytes[29] ^= 0x01;
+            if f.pages()
+                .is_some_and(|h| h.round.get() >= 1 && h.payload_len.get() > 0)
+            {
+                let at = payload_at(f) + 100;
+                f.bytes[at] ^= 0x01;
                 return true;
             }
             false
         },
     );
     assert!(n >= 4, "the final copy and its 3 retries were corrupted");
-    assert_source_kept_guest(&src, &["still failed their CRC after 3 retries"]);
+    assert_source_kept_guest(&src, &["still failed verification after 3 retries"]);
     assert_dest_failed(&dest, &["peer aborted the migration: final copy failed"]);
 }
 

@@ -3,15 +3,15 @@
 
 use std::time::Duration;
 
-use ferry_tests::{data_channel, key_file, listen, offer};
+use ferry_proto::SessionKeys;
+use ferry_tests::{chunk_frame, data_channel, key_file, listen, offer, read_ack};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::conn::Conn;
 use ferry_transport::layout::PageRun;
 use ferry_transport::proto::Msg;
-use ferry_transport::wire::{AckFrame, AckStatus, ChunkHeader, RunDesc};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ferry_transport::wire::AckStatus;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use zerocopy::IntoBytes;
 
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
@@ -23,30 +23,22 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 /// Sends one page of `fill` at page `page` in `round` as chunk `seq`.
-async fn send_page(s: &mut TcpStream, seq: u64, round: u32, page: u64, fill: u8) {
-    let runs = [RunDesc::from_run(&PageRun {
+async fn send_page(
+    s: &mut TcpStream,
+    keys: &SessionKeys,
+    seq: u64,
+    round: u32,
+    page: u64,
+    fill: u8,
+) {
+    let runs = [PageRun {
         gpa: page * 4096,
         pages: 1,
         zero: false,
-    })];
-    let payload = [fill; 4096];
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(runs.as_bytes());
-    crc.update(&payload);
-    let h = ChunkHeader::pages(seq, round, 1, 4096, 0, crc.finalize());
-    s.write_all(h.as_bytes()).await.unwrap();
-    s.write_all(runs.as_bytes()).await.unwrap();
-    s.write_all(&payload).await.unwrap();
-}
-
-/// The next ack on `s`, or `None` when the destination closed the channel.
-async fn ack(s: &mut TcpStream) -> Option<(u64, AckStatus)> {
-    let mut b = [0u8; 16];
-    match tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut b)).await {
-        Ok(Ok(_)) => Some(AckFrame::decode(&b).unwrap()),
-        Ok(Err(_)) => None,
-        Err(_) => panic!("the destination neither acknowledged nor closed the channel"),
-    }
+    }];
+    s.write_all(&chunk_frame(keys, seq, round, &runs, &[fill; 4096]))
+        .await
+        .unwrap();
 }
 
 #[test]
@@ -62,6 +54,7 @@ fn a_frame_older_than_any_channel_has_seen_is_refused_on_every_channel() {
         c.client_handshake(&AuthKey::new(KEY.to_vec()).unwrap())
             .await
             .unwrap();
+        let keys = c.session_keys().unwrap();
         let mut o = offer(1 << 20);
         o.channels = 2;
         c.send(&Msg::Offer(o)).await.unwrap();
@@ -71,19 +64,19 @@ fn a_frame_older_than_any_channel_has_seen_is_refused_on_every_channel() {
         let mut a = data_channel(addr, accept.data_token).await;
         let mut b = data_channel(addr, accept.data_token).await;
         // Round 1 begins on channel a...
-        send_page(&mut a, 1, 1, 0, 0x11).await;
-        assert_eq!(ack(&mut a).await, Some((1, AckStatus::Landed)));
+        send_page(&mut a, &keys, 1, 1, 0, 0x11).await;
+        assert_eq!(read_ack(&mut a, &keys).await, Some((1, AckStatus::Landed)));
         // ...so a round-0 frame on channel b, which has seen no frame yet,
         // can only be a stale copy: refused, the channel closed, no ack.
-        send_page(&mut b, 0, 0, 1, 0x22).await;
+        send_page(&mut b, &keys, 0, 0, 1, 0x22).await;
         assert_eq!(
-            ack(&mut b).await,
+            read_ack(&mut b, &keys).await,
             None,
             "a stale frame on another channel was accepted"
         );
         // The channel that carried round 1 still works.
-        send_page(&mut a, 2, 1, 2, 0x33).await;
-        assert_eq!(ack(&mut a).await, Some((2, AckStatus::Landed)));
+        send_page(&mut a, &keys, 2, 1, 2, 0x33).await;
+        assert_eq!(read_ack(&mut a, &keys).await, Some((2, AckStatus::Landed)));
         drop(c);
     });
     let out = dest.wait(Duration::from_secs(30));
