@@ -38,7 +38,7 @@ use ferry_transport::compress::CompressionSpec;
 use ferry_transport::conn::{negotiate, Conn};
 use ferry_transport::multichannel::Cidr;
 use ferry_transport::proto::{Accept, Msg, Offer, PerformanceOption, RejectReason, Role};
-use ferry_transport::reservation::{MemoryPool, Reservation};
+use ferry_transport::reservation::{channel_allowance, ChannelBudgets, MemoryPool, Reservation};
 use ferry_transport::stream::Stream;
 use ferry_transport::tcp::{receive_channel, Inbound, RecvCounters};
 use ferry_transport::tls::{TlsConfig, TLS_HANDSHAKE_BYTE};
@@ -342,15 +342,19 @@ impl Destination {
         }
     }
 
-    /// Books `bytes` of guest memory against `--memory-limit` for all
-    /// migrations together; released when the returned guard drops.
-    fn reserve(&self, bytes: u64) -> std::result::Result<Arc<Reservation>, String> {
-        self.reserved.reserve(bytes).map(Arc::new).map_err(|f| {
-            format!(
-                "guest memory of {bytes} bytes plus the {} bytes of the migrations already accepted is above this destination's --memory-limit of {} bytes",
-                f.used, f.limit
-            )
-        })
+    /// Books `guest` bytes of guest memory and `buffers` bytes of receive
+    /// buffers against `--memory-limit`, for all migrations together;
+    /// released when the returned guard drops.
+    fn reserve(&self, guest: u64, buffers: u64) -> std::result::Result<Arc<Reservation>, String> {
+        self.reserved
+            .reserve(guest.saturating_add(buffers))
+            .map(Arc::new)
+            .map_err(|f| {
+                format!(
+                    "guest memory of {guest} bytes (and {buffers} bytes of receive buffers for its first data channel) plus the {} bytes of the migrations already accepted is above this destination's --memory-limit of {} bytes",
+                    f.used, f.limit
+                )
+            })
     }
 
     /// Handles one connection and counts it in the metrics. Returns `None`
@@ -637,7 +641,13 @@ impl Destination {
             Ok(p) => p,
             Err(msg) => return Err(conn.reject(RejectReason::Busy, msg).await.into()),
         };
-        let reserved = match self.reserve(offer.layout.total_bytes()) {
+        // Receive buffers are bounded per data channel (see
+        // ferry_transport::reservation): the first channel's are booked
+        // now, with the guest memory, so a migration that cannot run at all
+        // is refused here; each further channel books its own when it
+        // opens (refused if it does not fit, the others carry on).
+        let per_channel = channel_allowance(offer.option);
+        let reserved = match self.reserve(offer.layout.total_bytes(), per_channel) {
             Ok(r) => r,
             Err(msg) => return Err(conn.reject(RejectReason::MemoryLimit, msg).await.into()),
         };
@@ -676,7 +686,7 @@ impl Destination {
                 keys.frame.clone(),
             )
             .with_deadline(self.opts.timeout)
-            .with_budget(reserved.clone()),
+            .with_buffers(ChannelBudgets::new(reserved, per_channel, 1)),
         );
         let _allocation = self.metrics.allocated(offer.layout.total_bytes());
         // RDMA: listeners on the shared NICs, guest memory registered once
@@ -910,12 +920,24 @@ impl Receive<'_> {
         if let Some(r) = self.rdma.lock().expect("rdma").take() {
             self.metrics
                 .track_channel(self.migration_id, "rdma".into(), counters.clone());
-            rdma_task.spawn(r.receive(
+            // Every RDMA channel's registered receive buffers count against
+            // --memory-limit too (the first was booked with the offer).
+            let bookings = match &self.inbound.buffers {
+                Some(b) => (0..r.accept().channels.len())
+                    .map(|_| b.book())
+                    .collect::<std::result::Result<Vec<_>, _>>()?,
+                None => Vec::new(),
+            };
+            let receiving = r.receive(
                 self.inbound.clone(),
                 self.mem.clone(),
                 counters.clone(),
                 self.timeout,
-            ));
+            );
+            rdma_task.spawn(async move {
+                let _bookings = bookings;
+                receiving.await
+            });
         }
         let mut ch = DataChannels::default();
         let mut fencing: Option<(Vec<SocketAddr>, HashSet<SocketAddr>)> = None;

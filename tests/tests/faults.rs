@@ -20,10 +20,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferry_proto::{frame, MacKey};
 use ferry_tests::proxy::{Dir, Frame, Kind, Proxy, Seen, Verdict};
 use ferry_tests::{daemon, key_file, listen, sigkill, start_send, summary, Output, Proc};
 use ferry_transport::proto::{Msg, RejectReason, Role};
-use ferry_transport::wire::{ChunkKind, FLAG_COMPRESSED, HEADER_LEN};
+use ferry_transport::wire::{
+    AckFrame, AckStatus, ChunkHeader, ChunkKind, FLAG_COMPRESSED, HEADER_LEN,
+};
 
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 const LONG: Duration = Duration::from_secs(90);
@@ -539,6 +542,169 @@ fn corruption_that_persists_in_the_final_copy_aborts() {
     assert!(n >= 4, "the final copy and its 3 retries were corrupted");
     assert_source_kept_guest(&src, &["still failed verification after 3 retries"]);
     assert_dest_failed(&dest, &["peer aborted the migration: final copy failed"]);
+}
+
+// ---------------------------------------------------------------------------
+// An attacker on the path (plaintext: it sees and rewrites frames, it has
+// neither the pre-shared key nor the session's keys)
+
+/// A key of the attacker's choosing: what it computes tags with.
+fn attacker_key() -> MacKey {
+    MacKey::from_bytes(*b"an attacker's guess at the key!!")
+}
+
+/// Runs a migration through a proxy whose hook sees every frame (both
+/// ways, control and data) and returns the outputs.
+fn through(c: &Case, send_extra: &[&str], hook: ferry_tests::proxy::Hook) -> (Output, Output) {
+    let (dest, addr) = listen(&c.key, &["--plaintext", "--peer-timeout", "5s"]);
+    let proxy = Proxy::start(addr, hook);
+    let src = c.send(&proxy, send_extra).wait(LONG);
+    let dest = dest.wait(LONG);
+    (src, dest)
+}
+
+#[test]
+fn pages_rewritten_in_flight_never_commit_even_with_forged_tags() {
+    // Chunk 2 (with pages): a page's bytes replaced by the attacker's.
+    // Chunk 4: the same, and the payload tag "fixed" under the attacker's
+    // key (the header tag too, since it covers the payload tag). The first
+    // lands, fails its payload tag and is sent again; the second is refused
+    // before a byte lands and its channel fails over. The guest that
+    // commits holds the source's pages only.
+    let c = Case::new();
+    let mut n = 0;
+    let (src, dest) = through(
+        &c,
+        &["--channels", "2", "--dirty-rate", "0"],
+        Box::new(move |f| {
+            if !(is_data(f) && f.dir == Dir::ToDest && with_payload(f)) {
+                return Verdict::Forward;
+            }
+            n += 1;
+            if n == 2 || n == 4 {
+                let at = payload_at(f);
+                f.bytes[at..at + 4096].fill(0xee);
+            }
+            if n == 4 {
+                let (mut h, _) = ChunkHeader::decode(&f.bytes).unwrap();
+                let table = f.bytes[HEADER_LEN..payload_at(f)].to_vec();
+                h.payload_tag = frame::payload_tag(&attacker_key(), h.seq.get(), h.round.get(), 0);
+                h.seal(&attacker_key(), &table);
+                f.bytes[..HEADER_LEN].copy_from_slice(zerocopy::IntoBytes::as_bytes(&h));
+            }
+            Verdict::Forward
+        }),
+    );
+    let s = assert_committed(&src, &dest.stdout, &c.json());
+    assert!(
+        s["crc_resends"].as_u64().unwrap() >= 1,
+        "the rewritten page was sent again: {s}"
+    );
+    assert!(
+        dest.all().contains("invalid chunk header tag"),
+        "{}",
+        dest.all()
+    );
+}
+
+#[test]
+fn a_dropped_chunk_with_a_forged_ack_never_commits_a_hole() {
+    // The third chunk on the first data channel is swallowed, and the next
+    // ack going back on that channel is followed by a forged "landed" ack
+    // for it (tag under the attacker's key). The source refuses the
+    // forgery, fails the channel over and the chunk lands on the other.
+    let c = Case::new();
+    let (mut first, mut n, mut dropped) = (None, 0, None::<u64>);
+    let mut forged = false;
+    let (src, dest) = through(
+        &c,
+        &[
+            "--channels",
+            "2",
+            "--channel-timeout",
+            "2s",
+            "--dirty-rate",
+            "0",
+        ],
+        Box::new(move |f| {
+            if !is_data(f) {
+                return Verdict::Forward;
+            }
+            if *first.get_or_insert(f.conn) != f.conn {
+                return Verdict::Forward;
+            }
+            match (&f.kind, f.dir) {
+                (Kind::Chunk(h, ChunkKind::Pages), Dir::ToDest) => {
+                    n += 1;
+                    if n == 3 {
+                        dropped = Some(h.seq.get());
+                        return Verdict::Swallow;
+                    }
+                }
+                (Kind::Ack(..), Dir::ToSource) if !forged => {
+                    if let Some(seq) = dropped {
+                        forged = true;
+                        let ack = AckFrame::new(&attacker_key(), seq, AckStatus::Landed);
+                        f.bytes
+                            .extend_from_slice(zerocopy::IntoBytes::as_bytes(&ack));
+                    }
+                }
+                _ => {}
+            }
+            Verdict::Forward
+        }),
+    );
+    let s = assert_committed(&src, &dest.stdout, &c.json());
+    let chans = s["channels"].as_array().unwrap();
+    let failed: Vec<_> = chans.iter().filter(|c| c["state"] == "failed").collect();
+    assert_eq!(failed.len(), 1, "{s}");
+    let why = failed[0]["error"].as_str().unwrap();
+    assert!(
+        why.contains("invalid ack tag"),
+        "the forged ack was refused: {why}"
+    );
+}
+
+#[test]
+fn a_stale_copy_replayed_after_a_newer_round_is_refused() {
+    // A round-0 chunk frame, recorded verbatim (its tags hold: the source
+    // made it), is replayed on the same channel right after a frame of a
+    // later round. The round gate refuses it before it lands; the channel
+    // fails over; what commits is the source's memory.
+    let c = Case::new();
+    let (mut stale, mut replayed) = (None::<(usize, Vec<u8>)>, false);
+    let (src, dest) = through(
+        &c,
+        &[
+            "--channels",
+            "2",
+            "--dirty-rate",
+            "32MB/s",
+            "--downtime-limit",
+            "1ms",
+            "--max-rounds",
+            "3",
+            "--force-switchover",
+        ],
+        Box::new(move |f| {
+            if !(is_data(f) && f.dir == Dir::ToDest && with_payload(f)) {
+                return Verdict::Forward;
+            }
+            let round = f.pages().map_or(0, |h| h.round.get());
+            match &stale {
+                None if round == 0 => stale = Some((f.conn, f.bytes.clone())),
+                Some((conn, bytes)) if !replayed && round >= 1 && *conn == f.conn => {
+                    replayed = true;
+                    let bytes = bytes.clone();
+                    f.bytes.extend_from_slice(&bytes);
+                }
+                _ => {}
+            }
+            Verdict::Forward
+        }),
+    );
+    assert!(dest.all().contains("stale copy refused"), "{}", dest.all());
+    assert_committed(&src, &dest.stdout, &c.json());
 }
 
 // ---------------------------------------------------------------------------

@@ -61,7 +61,7 @@ use crate::layout::PAGE_SIZE;
 use crate::tcp::{claim_error, copy_runs, GuestMem, Tally, TcpSender};
 use crate::wire::{
     run_table, ChunkHeader, Codec, CompressedHeader, FLAG_COMPRESSED, HEADER_LEN,
-    MAX_CHUNK_PAYLOAD, SEGMENT_STORED,
+    MAX_CHUNK_PAYLOAD, MAX_SEGMENT, SEGMENT_STORED,
 };
 use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
 use ferry_proto::MacKey;
@@ -291,7 +291,10 @@ pub fn encode_frame(
     data: &[u8],
     buf: &mut Vec<u8>,
 ) -> Result<Option<usize>> {
-    let runs: Vec<&PageRun> = chunk.runs.iter().filter(|r| !r.zero).collect();
+    // Runs longer than a segment may be are split (the frame's run table
+    // lists the pieces; the pages and so the payload tag are the same).
+    let frame_runs = split_runs(&chunk.runs);
+    let runs: Vec<&PageRun> = frame_runs.iter().filter(|r| !r.zero).collect();
     let raw: usize = runs.iter().map(|r| r.bytes() as usize).sum();
     if data.len() != raw {
         return Err(TransportError::Invalid {
@@ -303,7 +306,7 @@ pub fn encode_frame(
             ),
         });
     }
-    let table = run_table(&chunk.runs);
+    let table = run_table(&frame_runs);
     let table_len = table.len();
     let sub = HEADER_LEN + table_len;
     let segs = sub + 16;
@@ -370,6 +373,30 @@ pub fn encode_frame(
     Ok(Some(pos))
 }
 
+/// `runs` with every non-zero run longer than [`MAX_SEGMENT`] split into
+/// pieces of at most that (adjacent runs, in order).
+pub fn split_runs(runs: &[PageRun]) -> Vec<PageRun> {
+    let max = (MAX_SEGMENT as u64 / PAGE_SIZE) as u32;
+    let mut out = Vec::with_capacity(runs.len());
+    for r in runs {
+        if r.zero {
+            out.push(*r);
+            continue;
+        }
+        let mut at = 0u32;
+        while at < r.pages {
+            let pages = (r.pages - at).min(max);
+            out.push(PageRun {
+                gpa: r.gpa + u64::from(at) * PAGE_SIZE,
+                pages,
+                zero: false,
+            });
+            at += pages;
+        }
+    }
+    out
+}
+
 /// Compresses up to [`PROBE_PIECES`] pieces of [`PROBE_BYTES`] spread over
 /// `data` (a chunk's page bytes); true if they do not shrink enough to be
 /// worth compressing.
@@ -393,16 +420,59 @@ pub fn probe_incompressible(enc: &mut Encoder, data: &[u8], scratch: &mut Vec<u8
     out * MIN_SAVING_DIVISOR > inp * (MIN_SAVING_DIVISOR - 1)
 }
 
-/// Lands a compressed chunk's pages straight in claimed guest memory:
-/// checks the payload against the runs (see [`CompressedHeader::decode`]),
-/// decompresses every segment into its run's pages, and hashes each run's
-/// pages into `tally` right after they land (whatever the decoder wrote,
-/// also when it then fails). Whether they are what the source sent is the
-/// payload tag's business (the caller's).
+/// Lands one segment (`src`: compressed, or `stored` as it is) in its
+/// run's claimed guest memory, decompressing straight into it, and hashes
+/// the run's pages into `tally` right after they land (whatever the
+/// decoder wrote, also when it then fails). Whether they are what the
+/// source sent is the payload tag's business (the caller's).
 ///
 /// # Errors
-/// A payload that fails a check, a codec other than `negotiated`, or a
-/// segment that does not decompress to exactly its run's bytes.
+/// A segment that does not decompress to exactly its run's bytes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn land_segment<M: GuestMem>(
+    dec: &mut Decoder,
+    claim: &mut vio::Claim,
+    mem: &M,
+    seq: u64,
+    run: &PageRun,
+    codec: Codec,
+    src: &[u8],
+    stored: bool,
+    tally: &mut Tally<'_>,
+) -> Result<()> {
+    let slice = mem
+        .get_slice(GuestAddress(run.gpa), run.bytes() as usize)
+        .map_err(|_| outside(run))?;
+    let landed = claim
+        .with_bytes_mut(&slice, |dst| {
+            let out = if stored {
+                dst.copy_from_slice(src);
+                Ok(())
+            } else {
+                dec.decompress_exact(codec, src, dst)
+            };
+            // Whatever the decoder wrote is recorded, page by page, while
+            // it is in cache.
+            for (i, page) in dst.chunks_exact(PAGE_SIZE as usize).enumerate() {
+                tally.page(run.gpa + i as u64 * PAGE_SIZE, page);
+            }
+            out
+        })
+        .map_err(claim_error)?;
+    landed.map_err(|e| TransportError::Invalid {
+        field: "compressed payload",
+        detail: format!(
+            "chunk {seq}: the {codec} segment of the run at {:#x} ({} pages) does not decompress: {e}",
+            run.gpa, run.pages
+        ),
+    })
+}
+
+/// Lands a whole compressed payload: checks it against the runs (see
+/// [`CompressedHeader::decode`]) and lands every segment
+/// ([`land_segment`]). The receiver streams segments instead; this is the
+/// same on a payload already in memory.
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn land_compressed<M: GuestMem>(
     dec: &mut Decoder,
@@ -419,32 +489,7 @@ pub(crate) fn land_compressed<M: GuestMem>(
     let p = CompressedHeader::decode(payload, &lens, Some(negotiated))?;
     for (r, seg) in data.iter().zip(&p.segments) {
         let src = &payload[seg.offset..seg.offset + seg.len];
-        let slice = mem
-            .get_slice(GuestAddress(r.gpa), r.bytes() as usize)
-            .map_err(|_| outside(r))?;
-        let landed = claim
-            .with_bytes_mut(&slice, |dst| {
-                let out = if seg.stored {
-                    dst.copy_from_slice(src);
-                    Ok(())
-                } else {
-                    dec.decompress_exact(p.codec, src, dst)
-                };
-                // Whatever the decoder wrote is recorded, page by page,
-                // while it is in cache.
-                for (i, page) in dst.chunks_exact(PAGE_SIZE as usize).enumerate() {
-                    tally.page(r.gpa + i as u64 * PAGE_SIZE, page);
-                }
-                out
-            })
-            .map_err(claim_error)?;
-        landed.map_err(|e| TransportError::Invalid {
-            field: "compressed payload",
-            detail: format!(
-                "chunk {seq}: the {} segment of the run at {:#x} ({} pages) does not decompress: {e}",
-                p.codec, r.gpa, r.pages
-            ),
-        })?;
+        land_segment(dec, claim, mem, seq, r, p.codec, src, seg.stored, tally)?;
     }
     Ok(())
 }
@@ -1241,14 +1286,29 @@ mod tests {
 
     #[test]
     fn a_segment_that_inflates_beyond_its_run_is_refused() {
-        // Decompression bomb, hidden: the sub-header matches the run (one
+        // Decompression bombs, hidden: the sub-header matches the run (one
         // page) but the segment holds 16 pages of compressed data.
-        let src = filled();
+        let src = mem();
+        src.write_slice(&[0x41; 16 * PAGE_SIZE as usize], GuestAddress(0))
+            .unwrap();
+        let text = filled();
         for codec in Codec::ALL {
-            let big = encode(codec, &src, &chunk(vec![run(0, 16, false)]));
+            // Longer than the run: refused before decompression.
+            let big = encode(codec, &text, &chunk(vec![run(0, 16, false)]));
             let (_, _, payload) = split(&big);
             let small = chunk(vec![run(0, 1, false)]);
             let mut p = payload.to_vec();
+            p[4..8].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+            let e = land(&mem(), &small.runs, &p, codec)
+                .expect_err("segment longer than its run")
+                .to_string();
+            assert!(e.contains("segment length"), "{codec}: {e}");
+            // Shorter than the run but inflating past it: the decoder stops
+            // at the run's end.
+            let bomb = encode(codec, &src, &chunk(vec![run(0, 16, false)]));
+            let (_, _, payload) = split(&bomb);
+            let mut p = payload.to_vec();
+            assert!(p.len() < 4096, "{codec}: a tight segment");
             p[4..8].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
             let e = land(&mem(), &small.runs, &p, codec)
                 .expect_err("inflating segment")

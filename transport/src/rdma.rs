@@ -75,6 +75,11 @@ const RECV_SLOTS: usize = 2 * DESC_SLOTS;
 /// Ack sends the destination may have in flight per channel.
 const ACK_SLOTS: usize = RECV_SLOTS;
 const ACK_BYTES: usize = wire::ACK_LEN;
+const _: () = assert!(
+    (RECV_SLOTS * DESC_BYTES + ACK_SLOTS * ACK_BYTES) as u64
+        == crate::rdma_wire::RDMA_CHANNEL_BUFFERS,
+    "rdma_wire's count of a channel's receive buffers matches the data path"
+);
 /// First rdma_cm port a destination listener tries; it takes the first free
 /// one of [`PORT_TRIES`].
 pub const PORT_BASE: u16 = 6601;

@@ -126,6 +126,109 @@ impl Drop for Reservation {
     }
 }
 
+/// The most receive-buffer bytes one data channel of a migration with
+/// `option` holds: a TCP channel [`crate::tcp::channel_buffers`], an RDMA
+/// channel [`crate::rdma_wire::RDMA_CHANNEL_BUFFERS`].
+pub fn channel_allowance(option: crate::proto::PerformanceOption) -> u64 {
+    use crate::proto::PerformanceOption;
+    match option {
+        PerformanceOption::Rdma => crate::rdma_wire::RDMA_CHANNEL_BUFFERS,
+        PerformanceOption::Compression { .. } => crate::tcp::channel_buffers(true),
+        _ => crate::tcp::channel_buffers(false),
+    }
+}
+
+/// The receive buffers of one migration's data channels. Each channel
+/// books its allowance on the migration's reservation when it starts (the
+/// first `prebooked` were booked with the guest memory, when the offer was
+/// accepted) and keeps every buffer within it; when it ends, the booking
+/// goes back. A channel that does not fit is refused, naming the limit;
+/// the others carry the migration.
+#[derive(Debug)]
+pub struct ChannelBudgets {
+    reservation: Arc<Reservation>,
+    per_channel: u64,
+    prebooked: std::sync::atomic::AtomicU32,
+    /// Each live channel's pool, for [`ChannelBudgets::buffered`].
+    pools: Mutex<Vec<std::sync::Weak<MemoryPool>>>,
+}
+
+impl ChannelBudgets {
+    /// Budgets of `per_channel` bytes on `reservation`, of which
+    /// `prebooked` are already part of it.
+    pub fn new(reservation: Arc<Reservation>, per_channel: u64, prebooked: u32) -> Arc<Self> {
+        Arc::new(ChannelBudgets {
+            reservation,
+            per_channel,
+            prebooked: prebooked.into(),
+            pools: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Bytes the live channels' buffers hold now (at most their bookings).
+    pub fn buffered(&self) -> u64 {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.retain(|p| p.strong_count() > 0);
+        pools
+            .iter()
+            .filter_map(|p| p.upgrade())
+            .map(|p| p.used())
+            .sum()
+    }
+
+    /// Bytes one channel may hold.
+    pub fn per_channel(&self) -> u64 {
+        self.per_channel
+    }
+
+    /// Books one channel's allowance.
+    ///
+    /// # Errors
+    /// The reservation cannot grow by it (`--memory-limit`).
+    pub fn book(self: &Arc<Self>) -> Result<ChannelBooking> {
+        let prebooked = self
+            .prebooked
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if !prebooked {
+            self.reservation.grow(
+                self.per_channel,
+                "receive buffers with another data channel",
+            )?;
+        }
+        let pool = MemoryPool::new(self.per_channel);
+        self.pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&pool));
+        let buffers = Arc::new(pool.reserve(0).expect("an empty reservation fits"));
+        Ok(ChannelBooking {
+            budgets: self.clone(),
+            prebooked,
+            buffers,
+        })
+    }
+}
+
+/// One channel's booking ([`ChannelBudgets::book`]); given back on drop.
+#[derive(Debug)]
+pub struct ChannelBooking {
+    budgets: Arc<ChannelBudgets>,
+    prebooked: bool,
+    /// Where the channel's buffers grow: at most the allowance.
+    pub buffers: Arc<Reservation>,
+}
+
+impl Drop for ChannelBooking {
+    fn drop(&mut self) {
+        if self.prebooked {
+            self.budgets.prebooked.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.budgets.reservation.shrink(self.budgets.per_channel);
+        }
+    }
+}
+
 /// First allocation of a [`RecvBuf`], and the smallest growth step.
 pub const RECV_STEP: usize = 64 << 10;
 
@@ -217,6 +320,34 @@ mod tests {
         r.shrink(100);
         assert_eq!(pool.used(), 800);
         drop(r);
+        assert_eq!(pool.used(), 0);
+    }
+
+    #[test]
+    fn channels_book_their_allowance_and_give_it_back() {
+        let pool = MemoryPool::new(900);
+        let r = Arc::new(pool.reserve(400 + 200).unwrap());
+        let budgets = ChannelBudgets::new(r.clone(), 200, 1);
+        let first = budgets.book().unwrap();
+        assert_eq!(pool.used(), 600, "the first was booked with the offer");
+        let second = budgets.book().unwrap();
+        assert_eq!(pool.used(), 800);
+        let e = budgets.book().unwrap_err().to_string();
+        assert!(
+            e.contains("another data channel") && e.contains("900"),
+            "{e}"
+        );
+        // A channel's buffers stay within its allowance.
+        assert!(first.buffers.grow(200, "x").is_ok());
+        assert!(first.buffers.grow(1, "x").is_err());
+        second.buffers.grow(50, "x").unwrap();
+        assert_eq!(budgets.buffered(), 250);
+        drop(second);
+        assert_eq!(pool.used(), 600);
+        drop(first);
+        let again = budgets.book().unwrap();
+        assert_eq!(pool.used(), 600, "the pre-booked place is free again");
+        drop((again, budgets, r));
         assert_eq!(pool.used(), 0);
     }
 

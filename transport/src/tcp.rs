@@ -39,14 +39,16 @@ use vm_memory::bitmap::MS;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 use zerocopy::IntoBytes;
 
-use crate::compress::{land_compressed, Decoder};
+use crate::compress::{land_segment, Decoder};
 use crate::error::{Result, TransportError};
 use crate::layout::PAGE_SIZE;
 use crate::layout::{MemoryLayout, PageRun};
 use crate::ratelimit::RateLimiter;
-use crate::reservation::{RecvBuf, Reservation, RECV_STEP};
+use crate::reservation::{ChannelBudgets, RecvBuf, RECV_STEP};
 use crate::stream::Stream;
-use crate::wire::{self, AckFrame, AckStatus, ChunkHeader, ChunkKind, Codec, RunDesc};
+use crate::wire::{
+    self, AckFrame, AckStatus, ChunkHeader, ChunkKind, Codec, CompressedHeader, RunDesc,
+};
 use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
 use ferry_proto::evidence::PageHash;
 use ferry_proto::frame::{RoundGate, Tag};
@@ -566,8 +568,9 @@ pub struct Inbound {
     /// bytes is timed out on its own). Waiting for a frame to begin has no
     /// per-channel limit: a channel may idle between rounds.
     pub deadline: Duration,
-    /// Where receive buffers are booked (the migration's reservation).
-    pub budget: Option<Arc<Reservation>>,
+    /// Where each channel books its receive buffers (on the migration's
+    /// reservation); `None`: not counted.
+    pub buffers: Option<Arc<ChannelBudgets>>,
 }
 
 impl Inbound {
@@ -586,7 +589,7 @@ impl Inbound {
             frame,
             rounds: RoundGate::new(),
             deadline: Duration::from_secs(30),
-            budget: None,
+            buffers: None,
         }
     }
 
@@ -596,9 +599,9 @@ impl Inbound {
         self
     }
 
-    /// Books every receive buffer on `budget`.
-    pub fn with_budget(mut self, budget: Arc<Reservation>) -> Self {
-        self.budget = Some(budget);
+    /// Books every channel's receive buffers on `buffers`.
+    pub fn with_buffers(mut self, buffers: Arc<ChannelBudgets>) -> Self {
+        self.buffers = Some(buffers);
         self
     }
 
@@ -926,16 +929,17 @@ async fn read_payload<M: GuestMem>(
     Ok(())
 }
 
-/// Reads exactly `need` bytes into `buf`, which grows only as they arrive
-/// (booked on the migration's reservation). `what` names the bytes in a
-/// truncation error.
+/// Reads bytes `from..need` of a message into `buf`, which grows only as
+/// they arrive (booked on the migration's reservation). `what` names the
+/// bytes in a truncation error.
 async fn read_into<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut RecvBuf,
+    from: usize,
     need: usize,
     what: &str,
 ) -> Result<()> {
-    let mut have = 0usize;
+    let mut have = from;
     while have < need {
         let room = buf.room_for(have, need)?;
         let n = r
@@ -978,6 +982,104 @@ async fn drain<R: AsyncRead + Unpin>(r: &mut R, scratch: &mut RecvBuf, need: usi
     Ok(())
 }
 
+/// Reads a compressed payload of `payload_len` bytes one segment at a time
+/// and lands each segment in its run (`data`: the non-zero runs) as soon as
+/// it arrived, decompressing straight into claimed guest memory. The outer
+/// error is the channel's (reading failed, a buffer did not fit); the inner
+/// one a payload that does not decode, after which the rest of the payload
+/// is read and dropped, so the channel stays in step with the frames (the
+/// payload length is the source's: the header tag covers it).
+#[allow(clippy::too_many_arguments)]
+async fn land_streamed<M: GuestMem>(
+    stream: &mut Stream,
+    bufs: &mut Buffers,
+    mem: &M,
+    claim: &mut vio::Claim,
+    seq: u64,
+    data: &[PageRun],
+    payload_len: usize,
+    codec: Codec,
+    tally: &mut Tally<'_>,
+) -> Result<std::result::Result<(), TransportError>> {
+    let head = 16.min(payload_len);
+    read_into(
+        stream,
+        &mut bufs.segtable,
+        0,
+        head,
+        "the compressed sub-header",
+    )
+    .await?;
+    let prefix = match CompressedHeader::prefix_len(bufs.segtable.get(head)) {
+        Ok(p) if p <= payload_len => p,
+        Ok(p) => {
+            drain(stream, &mut bufs.scratch, payload_len - head).await?;
+            return Ok(Err(TransportError::Malformed {
+                what: "compressed payload",
+                detail: format!(
+                    "chunk {seq}: a {p}-byte segment table in a {payload_len}-byte payload"
+                ),
+            }));
+        }
+        Err(e) => {
+            drain(stream, &mut bufs.scratch, payload_len - head).await?;
+            return Ok(Err(e));
+        }
+    };
+    read_into(
+        stream,
+        &mut bufs.segtable,
+        head,
+        prefix,
+        "the segment table",
+    )
+    .await?;
+    let lens: Vec<u64> = data.iter().map(PageRun::bytes).collect();
+    let p = match CompressedHeader::decode_prefix(
+        bufs.segtable.get(prefix),
+        payload_len,
+        &lens,
+        Some(codec),
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            drain(stream, &mut bufs.scratch, payload_len - prefix).await?;
+            return Ok(Err(e));
+        }
+    };
+    let mut failed = None;
+    for (run, seg) in data.iter().zip(&p.segments) {
+        read_into(
+            stream,
+            &mut bufs.segment,
+            0,
+            seg.len,
+            "a compressed segment",
+        )
+        .await?;
+        if failed.is_some() {
+            continue;
+        }
+        let src = bufs.segment.get(seg.len);
+        let decoder = &mut bufs.decoder;
+        let mut land = || {
+            land_segment(
+                decoder, claim, mem, seq, run, p.codec, src, seg.stored, tally,
+            )
+        };
+        // Decompression is CPU work: keep it off the runtime's other tasks
+        // where the runtime allows.
+        let r = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(land),
+            _ => land(),
+        };
+        if let Err(e) = r {
+            failed = Some(e);
+        }
+    }
+    Ok(failed.map_or(Ok(()), Err))
+}
+
 /// What one frame was.
 enum Received {
     /// The source's end frame.
@@ -987,12 +1089,30 @@ enum Received {
 }
 
 /// One channel's buffers, all growing as bytes arrive and booked on the
-/// migration's reservation.
+/// migration's reservation, each bounded (see [`channel_buffers`]).
 struct Buffers {
+    /// A run table: at most [`wire::MAX_RUNS`] runs.
     table: RecvBuf,
-    compressed: RecvBuf,
+    /// A compressed payload's sub-header and segment table.
+    segtable: RecvBuf,
+    /// One compressed segment: at most [`wire::MAX_SEGMENT`] bytes.
+    segment: RecvBuf,
+    /// Drains a payload that may not land, a step at a time.
     scratch: RecvBuf,
     decoder: Decoder,
+}
+
+/// The most receive-buffer bytes one TCP data channel holds: a full run
+/// table, a drain step, and on a compressed channel a full segment table
+/// and one segment. Every compressed frame is read and decompressed one
+/// segment at a time, so no buffer depends on how large a frame is.
+pub const fn channel_buffers(compressed: bool) -> u64 {
+    let base = (wire::MAX_RUNS as usize * std::mem::size_of::<RunDesc>() + RECV_STEP) as u64;
+    if compressed {
+        base + (16 + 4 * wire::MAX_RUNS as usize + wire::MAX_SEGMENT) as u64
+    } else {
+        base
+    }
 }
 
 /// Destination side of one TCP data channel: reads chunk frames until the
@@ -1023,10 +1143,14 @@ pub async fn receive_channel<M: GuestMem>(
 ) -> Result<()> {
     let mut stream = stream.into();
     let _ = stream.tcp().set_nodelay(true);
-    let budget = inbound.budget.clone();
+    // The channel's buffers are booked (a channel that does not fit within
+    // --memory-limit is refused) and grow within the booking.
+    let booking = inbound.buffers.as_ref().map(|b| b.book()).transpose()?;
+    let budget = booking.as_ref().map(|b| b.buffers.clone());
     let mut bufs = Buffers {
         table: RecvBuf::new(budget.clone(), "receive buffers (run table)"),
-        compressed: RecvBuf::new(budget.clone(), "receive buffers (compressed frame)"),
+        segtable: RecvBuf::new(budget.clone(), "receive buffers (segment table)"),
+        segment: RecvBuf::new(budget.clone(), "receive buffers (compressed segment)"),
         scratch: RecvBuf::new(budget, "receive buffers (scratch)"),
         decoder: Decoder::default(),
     };
@@ -1096,7 +1220,7 @@ async fn receive_frame<M: GuestMem>(
     let (h, kind) = ChunkHeader::decode(head)?;
     let (seq, round) = (h.seq.get(), h.round.get());
     let table_len = h.run_count.get() as usize * std::mem::size_of::<RunDesc>();
-    read_into(stream, &mut bufs.table, table_len, "the run table").await?;
+    read_into(stream, &mut bufs.table, 0, table_len, "the run table").await?;
     let table = bufs.table.get(table_len);
     // Nothing lands before the header and run table are known to be the
     // source's.
@@ -1169,22 +1293,20 @@ async fn receive_frame<M: GuestMem>(
             true
         }
         Some(codec) => {
-            let n = payload_len as usize;
-            read_into(stream, &mut bufs.compressed, n, "the compressed payload").await?;
             counters.compressed_chunks.fetch_add(1, Ordering::Relaxed);
-            let payload = bufs.compressed.get(n);
-            let decoder = &mut bufs.decoder;
-            let mut land = || {
-                land_compressed(
-                    decoder, &mut claim, mem, seq, &runs, payload, codec, &mut tally,
-                )
-            };
-            // Decompression is CPU work: keep it off the runtime's other
-            // tasks where the runtime allows.
-            let landed = match tokio::runtime::Handle::current().runtime_flavor() {
-                tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(land),
-                _ => land(),
-            };
+            let data: Vec<PageRun> = runs.iter().filter(|r| !r.zero).copied().collect();
+            let landed = land_streamed(
+                stream,
+                bufs,
+                mem,
+                &mut claim,
+                seq,
+                &data,
+                payload_len as usize,
+                codec,
+                &mut tally,
+            )
+            .await?;
             match landed {
                 Ok(()) => true,
                 Err(e) => {
@@ -1545,52 +1667,123 @@ mod tests {
         );
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn compressed_frame_buffers_grow_as_bytes_arrive_within_the_reservation() {
-        let pool = MemoryPool::new(2 << 20);
-        let reservation = Arc::new(pool.reserve(PAGES * PAGE_SIZE).unwrap());
+    /// A channel whose buffers are booked on a pool of `limit` bytes beyond
+    /// the guest's, receiving `frames` (bytes written as they are); returns
+    /// the pool, the channel's result and its acks.
+    async fn budgeted(
+        extra: u64,
+        writes: Vec<(Vec<u8>, Duration)>,
+    ) -> (Arc<MemoryPool>, Result<()>, Vec<AckStatus>, u64) {
+        let base = PAGES * PAGE_SIZE;
+        let pool = MemoryPool::new(base + extra);
+        let reservation = Arc::new(pool.reserve(base + extra).unwrap());
+        let budgets = crate::reservation::ChannelBudgets::new(reservation, extra, 1);
         let inbound = Arc::new(
             test_inbound(layout(), Some(Codec::Zstd))
-                .with_budget(reservation.clone())
-                .with_deadline(Duration::from_secs(10)),
+                .with_buffers(budgets.clone())
+                .with_deadline(Duration::from_secs(20)),
         );
-        // A frame announcing a 16 MiB compressed payload for 64 pages.
+        let (mut a, b) = pair(false).await;
+        let dst = Arc::new(mem());
+        let rx = tokio::spawn(async move {
+            receive_channel(b, &inbound, &*dst, &RecvCounters::default()).await
+        });
+        let mut peak = 0;
+        for (w, pause) in writes {
+            if a.write_all(&w).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            peak = peak.max(budgets.buffered());
+        }
+        let _ = a
+            .write_all(ChunkHeader::end(&test_frame_key(), u64::MAX).as_bytes())
+            .await;
+        let mut acks = Vec::new();
+        let mut buf = [0u8; wire::ACK_LEN];
+        while a.read_exact(&mut buf).await.is_ok() {
+            acks.push(AckFrame::decode(&test_frame_key(), &buf).unwrap().1);
+        }
+        let r = rx.await.unwrap();
+        drop(budgets);
+        (pool, r, acks, peak)
+    }
+
+    /// Header and run table of a compressed frame announcing `payload` bytes
+    /// for the whole guest (64 pages).
+    fn announcing(payload: u32) -> Vec<u8> {
         let table = wire::run_table(&[run(0, PAGES as u32, false)]);
         let h = ChunkHeader::pages(
             &test_frame_key(),
             1,
             0,
             &table,
-            MAX_CHUNK_PAYLOAD,
+            payload,
             wire::FLAG_COMPRESSED,
             [0; 16],
         );
-        let (mut a, b) = pair(false).await;
-        let dst = Arc::new(mem());
-        let (d, i) = (dst.clone(), inbound.clone());
-        let rx =
-            tokio::spawn(
-                async move { receive_channel(b, &i, &*d, &RecvCounters::default()).await },
-            );
-        a.write_all(h.as_bytes()).await.unwrap();
-        a.write_all(&table).await.unwrap();
-        a.write_all(&[0u8; 1000]).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        // Announced 16 MiB, arrived 1000 bytes: one step is booked, no more.
-        let base = PAGES * PAGE_SIZE;
-        let booked = pool.used() - base;
-        assert!(booked <= 2 * RECV_STEP as u64, "{booked} bytes booked");
-        // Bytes that really arrive grow it, up to the limit: then refused.
-        let junk = vec![0u8; 4 << 20];
-        let _ = a.write_all(&junk).await;
-        let e = rx.await.unwrap().unwrap_err().to_string();
+        let mut f = h.as_bytes().to_vec();
+        f.extend_from_slice(&table);
+        f
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn receive_buffers_grow_as_bytes_arrive_and_stay_within_the_reservation() {
+        let limit = channel_buffers(true);
+        // A frame announcing a 16 MiB compressed payload, then trickling:
+        // nothing near 16 MiB is allocated, only what arrived needs.
+        let mut writes = vec![(announcing(MAX_CHUNK_PAYLOAD), Duration::ZERO)];
+        writes.extend((0..5).map(|_| (vec![0u8; 100], Duration::from_millis(40))));
+        // Then the 16 MiB really arrive (junk: the sub-header does not
+        // decode): read and dropped a step at a time, answered Mismatch.
+        writes.push((
+            vec![0u8; MAX_CHUNK_PAYLOAD as usize - 500],
+            Duration::from_millis(50),
+        ));
+        let (pool, r, acks, peak) = budgeted(limit, writes).await;
+        r.unwrap();
+        assert_eq!(acks, [AckStatus::Mismatch]);
+        assert!(peak <= limit, "{peak} bytes booked, at most {limit}");
         assert!(
-            e.contains("receive buffers (compressed frame)") && e.contains("2097152"),
-            "{e}"
+            peak <= 2 * RECV_STEP as u64,
+            "only what the junk needed: {peak}"
         );
-        assert!(pool.used() <= pool.limit());
-        assert_eq!(pool.used(), base, "the channel's buffers were given back");
-        drop((reservation, inbound));
+        assert_eq!(
+            pool.used(),
+            0,
+            "given back when the channel (and its migration) ended"
+        );
+
+        // A real compressed frame lands through one segment buffer.
+        let src = filled();
+        let c = read(&src, 2, 0, vec![run(0, PAGES as u32, false)], true);
+        let mut enc = crate::compress::Encoder::new(crate::compress::CompressionSpec {
+            codec: Codec::Zstd,
+            level: 1,
+        })
+        .unwrap();
+        let mut buf = Vec::new();
+        let n = crate::compress::encode_frame(
+            &mut enc,
+            &test_frame_key(),
+            &c,
+            c.data.as_ref().unwrap(),
+            &mut buf,
+        )
+        .unwrap()
+        .expect("patterned pages compress");
+        buf.truncate(n);
+        let (_, r, acks, peak) =
+            budgeted(limit, vec![(buf.clone(), Duration::from_millis(50))]).await;
+        r.unwrap();
+        assert_eq!(acks, [AckStatus::Landed]);
+        assert!(peak <= limit, "{peak}");
+
+        // A reservation too small for the buffers: refused, naming them.
+        let (pool, r, acks, _) = budgeted(8, vec![(buf, Duration::ZERO)]).await;
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("receive buffers"), "{e}");
+        assert!(acks.is_empty());
         assert_eq!(pool.used(), 0);
     }
 }

@@ -72,9 +72,12 @@
 //! +---------------------------------------------------------------+
 //! ```
 //!
-//! The payload tag covers the pages as they landed after decompression; a
-//! compressed payload that does not decode (damaged on the way) lands what
-//! it can, is recorded as it landed, and is answered `Mismatch`.
+//! Every non-zero run of a compressed frame is at most [`MAX_SEGMENT`]
+//! bytes (the sender splits longer ones), so the destination reads and
+//! decompresses one bounded segment at a time. The payload tag covers the
+//! pages as they landed after decompression; a compressed payload that
+//! does not decode (damaged on the way) lands what it can, is recorded as
+//! it landed, and is answered `Mismatch`.
 
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -106,6 +109,11 @@ pub const RUN_ZERO: u32 = 1;
 /// Segment-table flag: the segment holds the run's bytes as they are
 /// (the codec did not shrink them).
 pub const SEGMENT_STORED: u32 = 1 << 31;
+/// Longest non-zero run of a compressed frame, so its segment (compressed,
+/// or stored when it did not shrink) is never longer: the destination reads
+/// and decompresses one segment at a time through a buffer of this size.
+/// The compression sender splits longer runs.
+pub const MAX_SEGMENT: usize = 256 << 10;
 
 /// A compression codec, by its wire id (0 is reserved as invalid).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -247,23 +255,40 @@ pub struct CompressedPayload {
 }
 
 impl CompressedHeader {
-    /// Parses and checks a compressed payload: a known codec (and the one the
+    /// Bytes of the sub-header and segment table of a compressed payload
+    /// whose sub-header is `head` (its first 16 bytes).
+    pub fn prefix_len(head: &[u8]) -> Result<usize> {
+        let (h, _) =
+            CompressedHeader::read_from_prefix(head).map_err(|_| TransportError::Malformed {
+                what: "compressed payload",
+                detail: format!("{} bytes, need at least 16", head.len()),
+            })?;
+        Ok(16 + 4 * usize::from(h.segment_count.get()))
+    }
+
+    /// Parses and checks a compressed payload from its prefix (`prefix`: the
+    /// sub-header and the segment table, [`CompressedHeader::prefix_len`]
+    /// bytes) and its total length: a known codec (and the one the
     /// migration negotiated, when given), an uncompressed length equal to
-    /// `run_bytes` (so a frame cannot claim more output than its runs hold:
-    /// no decompression bombs), a compressed length equal to what follows
-    /// the sub-header, one segment per non-zero run, stored segments exactly
-    /// as long as their run, and segment lengths adding up.
+    /// the non-zero runs' bytes (so a frame cannot claim more output than
+    /// its runs hold: no decompression bombs), a compressed length equal to
+    /// what follows the sub-header, one segment per non-zero run, every
+    /// non-zero run at most [`MAX_SEGMENT`] bytes (so the destination reads
+    /// one bounded segment at a time), stored segments exactly as long as
+    /// their run and compressed ones shorter, and segment lengths adding up.
     ///
     /// `data_runs` are the byte lengths of the frame's non-zero runs.
-    pub fn decode(
-        payload: &[u8],
+    /// Segment offsets are from the start of the payload.
+    pub fn decode_prefix(
+        prefix: &[u8],
+        payload_len: usize,
         data_runs: &[u64],
         negotiated: Option<Codec>,
     ) -> Result<CompressedPayload> {
         let (h, _) =
-            CompressedHeader::read_from_prefix(payload).map_err(|_| TransportError::Malformed {
+            CompressedHeader::read_from_prefix(prefix).map_err(|_| TransportError::Malformed {
                 what: "compressed payload",
-                detail: format!("{} bytes, need at least 16", payload.len()),
+                detail: format!("{} bytes, need at least 16", prefix.len()),
             })?;
         let codec = Codec::from_id(h.codec)?;
         if h.reserved != 0 || h.reserved2.get() != 0 {
@@ -294,7 +319,20 @@ impl CompressedHeader {
                 ),
             });
         }
-        let after = payload.len() - 16;
+        if let Some(long) = data_runs.iter().find(|&&r| r > MAX_SEGMENT as u64) {
+            return Err(TransportError::Invalid {
+                field: "compressed run",
+                detail: format!(
+                    "a run of {long} bytes in a compressed frame (at most {MAX_SEGMENT} per run)"
+                ),
+            });
+        }
+        let after = payload_len
+            .checked_sub(16)
+            .ok_or(TransportError::Malformed {
+                what: "compressed payload",
+                detail: format!("{payload_len} bytes, need at least 16"),
+            })?;
         if h.compressed_len.get() as usize != after {
             return Err(TransportError::Invalid {
                 field: "compressed length",
@@ -312,7 +350,7 @@ impl CompressedHeader {
             });
         }
         let table_end = 16 + 4 * n;
-        let table = payload
+        let table = prefix
             .get(16..table_end)
             .ok_or_else(|| TransportError::Malformed {
                 what: "compressed payload",
@@ -327,7 +365,7 @@ impl CompressedHeader {
         for (i, (raw, &run)) in lens.iter().zip(data_runs).enumerate() {
             let stored = raw.get() & SEGMENT_STORED != 0;
             let len = (raw.get() & !SEGMENT_STORED) as usize;
-            if len == 0 || (stored && len as u64 != run) {
+            if len == 0 || (stored && len as u64 != run) || (!stored && len as u64 >= run) {
                 return Err(TransportError::Invalid {
                     field: "segment length",
                     detail: format!(
@@ -338,12 +376,11 @@ impl CompressedHeader {
             }
             let end = offset
                 .checked_add(len)
-                .filter(|&e| e <= payload.len())
+                .filter(|&e| e <= payload_len)
                 .ok_or_else(|| TransportError::Invalid {
                     field: "segment length",
                     detail: format!(
-                        "segment {i} ({len} bytes at offset {offset}) runs past the {}-byte payload",
-                        payload.len()
+                        "segment {i} ({len} bytes at offset {offset}) runs past the {payload_len}-byte payload"
                     ),
                 })?;
             segments.push(Segment {
@@ -353,16 +390,33 @@ impl CompressedHeader {
             });
             offset = end;
         }
-        if offset != payload.len() {
+        if offset != payload_len {
             return Err(TransportError::Invalid {
                 field: "segment length",
-                detail: format!(
-                    "segments end at {offset} but the payload is {} bytes",
-                    payload.len()
-                ),
+                detail: format!("segments end at {offset} but the payload is {payload_len} bytes"),
             });
         }
         Ok(CompressedPayload { codec, segments })
+    }
+
+    /// [`CompressedHeader::decode_prefix`] on a whole payload.
+    pub fn decode(
+        payload: &[u8],
+        data_runs: &[u64],
+        negotiated: Option<Codec>,
+    ) -> Result<CompressedPayload> {
+        let prefix = Self::prefix_len(payload)?;
+        let head = payload
+            .get(..prefix)
+            .ok_or_else(|| TransportError::Malformed {
+                what: "compressed payload",
+                detail: format!(
+                    "{} segments need a {}-byte table",
+                    (prefix - 16) / 4,
+                    prefix - 16
+                ),
+            })?;
+        Self::decode_prefix(head, payload.len(), data_runs, negotiated)
     }
 }
 
