@@ -45,7 +45,7 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
-head -c 32 /dev/urandom >"$WORK/key"
+"$FERRY" gen-key "$WORK/key" > /dev/null
 
 echo "== building ${MIB} MiB images in $WORK"
 python3 ci/memimage.py "$WORK" "$MIB"

@@ -40,7 +40,7 @@ cleanup() {
 }
 trap cleanup EXIT
 bash "$ROOT/ci/netns-testbed.sh" up
-head -c 32 /dev/urandom | base64 > "$WORK/key"
+"$FERRY" gen-key "$WORK/key" > /dev/null
 median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 PORT=6650

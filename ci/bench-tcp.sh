@@ -28,7 +28,7 @@ FERRY=$ROOT/target/release/ferry
 WORK=$(mktemp -d)
 cleanup() { kill "${IPERF_PID:-}" 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
-head -c 32 /dev/urandom | base64 > "$WORK/key"
+"$FERRY" gen-key "$WORK/key" > /dev/null
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 

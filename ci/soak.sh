@@ -72,7 +72,7 @@ netns_up() {
         ip -n "$NS_A" link set "$VETH_A" up && ip -n "$NS_B" link set "$VETH_B" up
 }
 
-head -c 32 /dev/urandom > "$WORK/key"
+"$FERRY" gen-key "$WORK/key" > /dev/null
 if netns_up; then
     echo "soak: namespaces $NS_A ($NET.1) and $NS_B ($NET.2) over veth $VETH_A/$VETH_B"
     IN_A=(ip netns exec "$NS_A") IN_B=(ip netns exec "$NS_B")
@@ -177,7 +177,7 @@ for name in a b; do
     c=$(metric "$text" ferry_migrations_committed_total)
     a=$(metric "$text" ferry_migrations_aborted_total)
     s=$(metric "$text" ferry_migrations_started_total)
-    reasons=$(grep '^ferry_migrations_aborted_total{' <<<"$text" | tr '\n' ' ' || true)
+    reasons=$(grep '^ferry_migrations_aborted_total{' <<<"$text" | grep -v ' 0$' | tr '\n' ' ' || true)
     echo "  daemon $name metrics: started $s, committed $c, aborted $a ${reasons}"
     committed=$((committed + ${c%.*}))
 done

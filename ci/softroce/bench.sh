@@ -37,7 +37,7 @@ FERRY=$CARGO_TARGET_DIR/release/ferry
 command -v ib_write_bw >/dev/null || { echo "bench.sh: ib_write_bw missing: run ci/softroce/install.sh" >&2; exit 1; }
 ITERS=$((MIB * 4))
 mkdir -p "$OUT/run"
-head -c 32 /dev/urandom | base64 > "$OUT/run/key" # the guests see $OUT/run as their OUT
+rm -f "$OUT/run/key"; "$FERRY" gen-key "$OUT/run/key" > /dev/null # the guests see $OUT/run as their OUT
 rm -f "$OUT"/run/ferry-*.json "$OUT"/run/ferry-ready-*
 GUEST=$OUT/guest-bench.sh
 cat > "$GUEST" <<GUEST_EOF

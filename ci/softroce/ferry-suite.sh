@@ -31,7 +31,7 @@ cargo build --release -p ferry-migration --bin ferry
 FERRY=$CARGO_TARGET_DIR/release/ferry
 [ -x "$FERRY" ] || { echo "ferry-suite.sh: $FERRY not built" >&2; exit 1; }
 mkdir -p "$OUT"
-head -c 32 /dev/urandom | base64 > "$OUT/key"
+rm -f "$OUT/key"; "$FERRY" gen-key "$OUT/key" > /dev/null
 GUEST=$OUT/guest-suite.sh
 # A: destination; B: source. They step through the cases in lock step: B
 # waits for A's "ready-N" file (A listens), A waits for B's "done-N".

@@ -49,12 +49,14 @@ use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::digest::{hex, memory_digest};
 use crate::error::{MigrationError, Result};
 use crate::memory::{dest_memory, DestMemory};
 use crate::metrics::{Attempt, Metrics};
 use crate::nics;
+use crate::units::human_exact;
 
 /// Destination settings.
 #[derive(Debug, Clone)]
@@ -127,11 +129,20 @@ pub struct Outcome {
     pub result: Result<DestSummary>,
 }
 
-/// Live data-channel tokens: where their channels go, how many more of the
-/// offered channels may still open (a token opens no more than that), and
-/// whether the migration's control connection is encrypted (its data
-/// channels must be too).
-type Pending = Mutex<HashMap<[u8; 32], (mpsc::Sender<Stream>, u16, bool)>>;
+/// Migrations that take data channels, by id: where their channels go, how
+/// many more of the offered channels may still open, whether the
+/// migration's control connection is encrypted (its data channels must be
+/// too), and the session's `data_channel` key that a channel must prove it
+/// holds.
+type Pending = Mutex<HashMap<u64, PendingChannels>>;
+
+/// See [`Pending`].
+struct PendingChannels {
+    tx: mpsc::Sender<Stream>,
+    left: u16,
+    encrypted: bool,
+    key: ferry_proto::MacKey,
+}
 
 /// A destination daemon.
 pub struct Destination {
@@ -234,14 +245,25 @@ impl Destination {
             }
             let me = self.clone();
             let out = outcomes.clone();
-            tasks.spawn(async move {
-                if let Some(result) = me.handle(stream, listen_ip).await {
-                    let _ = out.send(Outcome {
-                        peer: addr.to_string(),
-                        result,
-                    });
+            // Every log line of the connection names its peer and, once
+            // accepted, its migration id.
+            let span = tracing::info_span!(
+                "migration",
+                peer = %addr,
+                migration_id = tracing::field::Empty
+            );
+            tasks.spawn(
+                async move {
+                    if let Some(result) = me.handle(stream, listen_ip).await {
+                        log_outcome(&result);
+                        let _ = out.send(Outcome {
+                            peer: addr.to_string(),
+                            result,
+                        });
+                    }
                 }
-            });
+                .instrument(span),
+            );
         }
         drop(listener);
         tracing::info!(
@@ -351,8 +373,11 @@ impl Destination {
             .map(Arc::new)
             .map_err(|f| {
                 format!(
-                    "guest memory of {guest} bytes (and {buffers} bytes of receive buffers for its first data channel) plus the {} bytes of the migrations already accepted is above this destination's --memory-limit of {} bytes",
-                    f.used, f.limit
+                    "guest memory of {} (and {} of receive buffers for its first data channel) plus the {} of the migrations already accepted is above this destination's --memory-limit of {}",
+                    human_exact(guest),
+                    human_exact(buffers),
+                    human_exact(f.used),
+                    human_exact(f.limit),
                 )
             })
     }
@@ -460,24 +485,39 @@ impl Destination {
                     tracing::warn!(peer = conn.peer(), "{e}");
                     return None;
                 }
-                let tx = match self.pending.lock().expect("pending").get_mut(&nonce) {
-                    Some((_, _, true)) if !encrypted => Err((
-                        RejectReason::Encryption,
-                        "data channel refused: its migration's control connection is encrypted and it is not",
-                    )),
-                    Some((tx, left, _)) if *left > 0 => {
-                        *left -= 1;
-                        Ok(tx.clone())
+                // The channel proves which session it belongs to; no token
+                // crosses the network.
+                let claim = match conn.data_challenge(version).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(peer = conn.peer(), "data channel refused: {e}");
+                        return None;
                     }
-                    Some(_) => Err((
-                        RejectReason::Token,
-                        "every data channel the migration offered is already open on this token",
-                    )),
-                    None => Err((RejectReason::Token, "unknown or expired data-channel token")),
                 };
-                match tx {
-                    Ok(tx) => {
-                        if conn.send(&Msg::Welcome).await.is_ok() {
+                let found = {
+                    let mut pending = self.pending.lock().expect("pending");
+                    match pending.values_mut().find(|p| claim.belongs_to(&p.key)) {
+                        Some(p) if p.encrypted && !encrypted => Err((
+                            RejectReason::Encryption,
+                            "data channel refused: its migration's control connection is encrypted and it is not",
+                        )),
+                        Some(p) if p.left > 0 => {
+                            p.left -= 1;
+                            Ok((p.tx.clone(), p.key.clone()))
+                        }
+                        Some(_) => Err((
+                            RejectReason::Token,
+                            "every data channel the migration offered is already open",
+                        )),
+                        None => Err((
+                            RejectReason::Token,
+                            "the data channel's proof matches no migration in progress (another session's, an ended one's, or forged)",
+                        )),
+                    }
+                };
+                match found {
+                    Ok((tx, key)) => {
+                        if conn.admit_data(&claim, &key).await.is_ok() {
                             let _ = tx.send(conn.into_stream()).await;
                         }
                     }
@@ -542,7 +582,11 @@ impl Destination {
         if total > self.opts.memory_limit {
             return Err((
                 RejectReason::MemoryLimit,
-                format!("guest memory of {total} bytes is above this destination's --memory-limit of {} bytes", self.opts.memory_limit),
+                format!(
+                    "guest memory of {} is above this destination's --memory-limit of {}",
+                    human_exact(total),
+                    human_exact(self.opts.memory_limit)
+                ),
             ));
         }
         match offer.option {
@@ -701,13 +745,21 @@ impl Destination {
         };
         let stop_populate = Arc::new(std::sync::atomic::AtomicBool::new(false));
         crate::memory::populate_in_background(mem.clone(), stop_populate.clone());
-        let token = ferry_transport::auth::nonce();
         let (tx, rx) = mpsc::channel(usize::from(offer.channels));
-        self.pending
-            .lock()
-            .expect("pending")
-            .insert(token, (tx, offer.channels, conn.is_encrypted()));
         let migration_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        tracing::Span::current().record("migration_id", migration_id);
+        let Some(keys) = conn.session_keys() else {
+            return Err(TransportError::AuthFailed("no session keys after authentication").into());
+        };
+        self.pending.lock().expect("pending").insert(
+            migration_id,
+            PendingChannels {
+                tx,
+                left: offer.channels,
+                encrypted: conn.is_encrypted(),
+                key: keys.data_channel.clone(),
+            },
+        );
         let peer = conn.peer().to_string();
         tracing::info!(
             migration_id,
@@ -728,7 +780,6 @@ impl Destination {
         let accepted = conn
             .send(&Msg::Accept(Accept {
                 migration_id,
-                data_token: token,
                 max_chunk: MAX_CHUNK_PAYLOAD,
                 interfaces,
             }))
@@ -758,7 +809,7 @@ impl Destination {
             }
             Err(e) => Err(e.into()),
         };
-        self.pending.lock().expect("pending").remove(&token);
+        self.pending.lock().expect("pending").remove(&migration_id);
         self.metrics.retire(migration_id);
         stop_populate.store(true, Ordering::Relaxed);
         match result {
@@ -774,11 +825,32 @@ impl Destination {
                 downtime_ms: downtime.as_secs_f64() * 1e3,
             }),
             Err(e) => {
-                tracing::warn!(migration_id, "migration aborted: {e}");
+                tracing::debug!(migration_id, "migration aborted, telling the source: {e}");
                 writer.abort(&e.to_string()).await;
                 Err(e)
             }
         }
+    }
+}
+
+/// The event of a migration's end: committed (with its size and pause)
+/// or failed (with the reason), inside its span (peer, migration id).
+fn log_outcome(result: &Result<DestSummary>) {
+    match result {
+        Ok(s) => tracing::info!(
+            migration_id = s.migration_id,
+            bytes = s.memory_bytes,
+            payload_bytes = s.payload_bytes,
+            downtime_ms = s.downtime_ms,
+            total_ms = s.total_ms,
+            digest = %s.digest,
+            "migration committed"
+        ),
+        Err(MigrationError::Transport(TransportError::PeerAborted(why))) => tracing::warn!(
+            reason = "peer_aborted",
+            "migration failed: the source aborted it: {why}"
+        ),
+        Err(e) => tracing::warn!(reason = %e.reason(), "migration failed: {e}"),
     }
 }
 

@@ -36,9 +36,7 @@ use ferry_proto::{Evidence, Ledger, MacKey};
 use ferry_transport::compress::{CompressConfig, CompressSender, CompressionSpec};
 use ferry_transport::conn::Conn;
 use ferry_transport::multichannel::{ChannelPath, Multichannel, MultichannelConfig};
-use ferry_transport::proto::{
-    Msg, Offer, PerformanceOption, Role, Switchover, PROTOCOL_MAX, PROTOCOL_MIN,
-};
+use ferry_transport::proto::{Msg, Offer, PerformanceOption, Switchover};
 use ferry_transport::stream::Stream;
 use ferry_transport::tcp::TcpSender;
 use ferry_transport::tls::TlsConfig;
@@ -256,6 +254,9 @@ pub struct Progress {
     pub sent_bytes: AtomicU64,
     /// Bytes in the current round's set.
     pub round_bytes: AtomicU64,
+    /// Bytes of the current round's set handled so far (sent, or found
+    /// zero): `round_done / round_bytes` is how far the round is.
+    pub round_done: AtomicU64,
     /// [`Phase`] as u8.
     pub phase: AtomicU8,
     /// Per-channel counters (bytes, state), refreshed a few times a second.
@@ -299,6 +300,12 @@ impl Progress {
         rx
     }
 
+    /// Ends the feed: the subscriber's receiver ends after the events
+    /// already sent.
+    pub fn unsubscribe(&self) {
+        *self.events.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Sends `e` to the subscriber, if any, stamped with the time.
     pub fn emit(&self, event: Event) {
         if let Some((tx, since)) = &*self.events.lock().unwrap_or_else(|e| e.into_inner()) {
@@ -328,7 +335,7 @@ impl Phase {
 
 /// What happens during a migration, as it happens (`ferry send --events`:
 /// one JSON object per line, `"event"` naming the kind).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// The engine entered a [`Phase`] (`connecting`, `precopy`,
@@ -345,22 +352,13 @@ pub enum Event {
         option: String,
         /// Data channels open.
         channels: usize,
+        /// The addresses the destination offered for data channels (none:
+        /// they follow the control connection).
+        offered: Vec<String>,
     },
-    /// A pre-copy round ended.
-    Round {
-        /// Round number.
-        round: u32,
-        /// Page bytes sent in it.
-        bytes: u64,
-        /// Its wall time, ms.
-        duration_ms: f64,
-        /// Page bytes per second over it.
-        rate_bytes_per_sec: f64,
-        /// Dirty bytes left after it (the next round's set).
-        dirty_bytes: u64,
-        /// Auto-converge throttle in force, percent.
-        throttle_percent: u8,
-    },
+    /// A pre-copy round ended: its figures, as in the summary's `rounds`
+    /// (`dirty_bytes_after` is what the next round must send).
+    Round(RoundStats),
     /// The guest was paused for the final copy: the pause starts.
     Paused {
         /// Dirty bytes still to copy.
@@ -532,7 +530,8 @@ pub struct RoundStats {
 /// Summary of a committed migration.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
-    /// Performance option.
+    /// Performance option (`tcp`, `compression (zstd:1)`, `rdma`).
+    #[serde(serialize_with = "display")]
     pub option: PerformanceOption,
     /// Guest memory size.
     pub memory_bytes: u64,
@@ -578,6 +577,14 @@ pub struct Summary {
     /// version, cipher suite and identity mode, or what `--plaintext` left
     /// unencrypted.
     pub encryption: String,
+}
+
+/// Serializes a value as its `Display` text.
+pub fn display<T: std::fmt::Display, S: serde::Serializer>(
+    v: &T,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(v)
 }
 
 /// Everything the source needs to migrate one guest.
@@ -728,6 +735,11 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 migration_id: accept.migration_id,
                 option: self.opts.option.to_string(),
                 channels: t.stats().len(),
+                offered: accept
+                    .interfaces
+                    .iter()
+                    .map(|i| i.addr.to_string())
+                    .collect(),
             });
             let mut run = Run {
                 src: self,
@@ -743,7 +755,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             return run.settle(result).await;
         }
         let data = match cancel
-            .or_cancel(self.open_channels(&accept, control_path, data_tls))
+            .or_cancel(self.open_channels(&accept, control_path, data_tls, &conn))
             .await
         {
             Ok(d) => d,
@@ -756,6 +768,11 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             migration_id: accept.migration_id,
             option: self.opts.option.to_string(),
             channels: data.len(),
+            offered: accept
+                .interfaces
+                .iter()
+                .map(|i| i.addr.to_string())
+                .collect(),
         });
         let mut run = Run {
             src: self,
@@ -876,7 +893,11 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
         accept: &ferry_transport::proto::Accept,
         control: (std::net::SocketAddr, std::net::SocketAddr),
         tls: Option<Arc<TlsConfig>>,
+        conn: &Conn,
     ) -> Result<Vec<(Stream, ChannelPath)>> {
+        let keys = conn.session_keys().ok_or(TransportError::AuthFailed(
+            "no session keys after authentication",
+        ))?;
         let mc = &self.opts.multichannel;
         let local = nics::discover().unwrap_or_else(|e| {
             tracing::warn!("{e}; data channels follow the control connection");
@@ -888,7 +909,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             offered = accept.interfaces.len(),
             "opening data channels"
         );
-        nics::open_channels(&planned, accept.data_token, self.opts.timeout, tls).await
+        nics::open_channels(&planned, keys, self.opts.timeout, tls).await
     }
 }
 
@@ -933,32 +954,18 @@ pub async fn secure(tcp: TcpStream, tls: Option<&TlsConfig>, timeout: Duration) 
     }
 }
 
-/// Opens one data channel (TLS when `tls` is given) and presents the
-/// migration's token.
+/// Opens one data channel (TLS when `tls` is given) and proves it belongs
+/// to the session of `keys` (the control connection's
+/// [`Conn::session_keys`]).
 pub async fn open_data_channel(
     to: &str,
-    token: [u8; 32],
+    keys: &ferry_proto::SessionKeys,
     timeout: Duration,
     tls: Option<&TlsConfig>,
 ) -> Result<Stream> {
     let tcp = connect(to, timeout).await?;
-    let mut c = Conn::new(secure(tcp, tls, timeout).await?, timeout);
-    c.send(&Msg::Hello {
-        min_version: PROTOCOL_MIN,
-        max_version: PROTOCOL_MAX,
-        role: Role::Data,
-        nonce: token,
-    })
-    .await?;
-    match c.recv("the data channel's welcome").await? {
-        Msg::Welcome => Ok(c.into_stream()),
-        Msg::Reject { reason, message } => Err(TransportError::Rejected { reason, message }.into()),
-        m => Err(TransportError::Unexpected {
-            expected: "Welcome",
-            got: m.name().into(),
-        }
-        .into()),
-    }
+    let stream = secure(tcp, tls, timeout).await?;
+    Ok(ferry_transport::conn::open_data_channel(stream, keys, timeout).await?)
 }
 
 struct Run<'r, 'a, G: GuestControl, D: DirtyLog> {
@@ -1251,6 +1258,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             .progress
             .round_bytes
             .store(set.count() * PAGE_SIZE, Ordering::Relaxed);
+        self.src.progress.round_done.store(0, Ordering::Relaxed);
         let mut ready = Vec::new();
         let mut runs = set.runs(max_pages);
         let mut shown = Instant::now();
@@ -1275,9 +1283,14 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                     shown = Instant::now();
                 }
             }
-            if next.is_none() {
-                break;
-            }
+            match next {
+                Some(r) => self
+                    .src
+                    .progress
+                    .round_done
+                    .fetch_add(u64::from(r.pages) * PAGE_SIZE, Ordering::Relaxed),
+                None => break,
+            };
         }
         let flushed = self.src.cancel.or_cancel(t.flush()).await;
         self.src.progress.set_channels(t.stats());
@@ -1349,6 +1362,9 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         let deadline = opts.total_timeout.map(|t| started + t);
         let mut auto = AutoConverge::default();
         let mut remaining = layout.total_bytes();
+        src.progress
+            .remaining_bytes
+            .store(remaining, Ordering::Relaxed);
         let (reason, predicted) = loop {
             let start_ms = ms_since(started);
             let sent = self.send_set(t, &set, round, &mut seq);
@@ -1387,14 +1403,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                 throttle = self.throttled,
                 "round done"
             );
-            src.progress.emit(Event::Round {
-                round,
-                bytes: stats.bytes,
-                duration_ms: stats.duration_ms,
-                rate_bytes_per_sec: stats.rate_bytes_per_sec,
-                dirty_bytes: remaining,
-                throttle_percent: stats.throttle_percent,
-            });
+            src.progress.emit(Event::Round(stats.clone()));
             rounds.push(stats);
             round += 1;
             src.cancel.check()?;

@@ -149,6 +149,28 @@ impl MigrationError {
     }
 }
 
+/// Reasons `ferry_migrations_aborted_total{reason}` shows from the start
+/// (at zero until one happens), so that alerts and rates have a series to
+/// work on before the first abort; others appear when they happen.
+pub const COMMON_REASONS: [&str; 16] = [
+    "auth",
+    "version",
+    "busy",
+    "memory_limit",
+    "option",
+    "encryption",
+    "tls",
+    "timeout",
+    "peer_closed",
+    "peer_aborted",
+    "protocol",
+    "crc",
+    "digest_mismatch",
+    "not_converged",
+    "shutdown",
+    "cancelled",
+];
+
 /// `MemoryLimit` → `memory_limit`.
 fn snake_case(name: &str) -> String {
     let mut out = String::new();

@@ -12,6 +12,7 @@
 //! * [`metrics`]: the destination's Prometheus metrics.
 //! * [`report`]: the `--json` record, its time series, and its SVG drawing.
 //! * [`nics`]: interface discovery and pairing for multichannel migration.
+//! * [`units`]: sizes for people.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -27,5 +28,6 @@ pub mod nics;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod report;
+pub mod units;
 
 pub use error::{MigrationError, Result};

@@ -4,14 +4,15 @@
 //! * `ferry send`: source, with a built-in synthetic guest.
 //! * `ferry demo`: both ends in one process over loopback.
 //! * `ferry nics`: this host's interfaces as multichannel sees them.
+//! * `ferry gen-key`: a new pre-shared key file for `--auth-key-file`.
 //! * `ferry gen-certs`: a test CA and host certificates for `--tls-dir`.
 //!
 //! The parts live in `cli/`: `args` (every flag), `listen`, `send` (send
-//! and demo), `tools` (nics, report, gen-certs), `progress`, `summary`,
+//! and demo), `tools` (nics, report, gen-key, gen-certs), `progress`, `summary`,
 //! `units`.
 
 use clap::{Parser, Subcommand};
-use cli::args::{DemoArgs, GenCertsArgs, ListenArgs, NicsArgs, ReportArgs, SendArgs};
+use cli::args::{DemoArgs, GenCertsArgs, GenKeyArgs, ListenArgs, NicsArgs, ReportArgs, SendArgs};
 
 mod cli;
 
@@ -27,6 +28,8 @@ mod cli;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    log: cli::logging::LogArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,6 +50,10 @@ enum Cmd {
     /// Summarise a `ferry send --json` record, and draw it as an SVG.
     #[command(after_help = cli::help::REPORT_EXAMPLES)]
     Report(ReportArgs),
+    /// Write a new pre-shared key for --auth-key-file: 32 random bytes,
+    /// base64, to a new file of mode 0600 (never overwrites a file).
+    #[command(after_help = cli::help::GEN_KEY_EXAMPLES)]
+    GenKey(GenKeyArgs),
     /// Write a test PKI for --tls-dir: DIR/ca.pem and DIR/ca-key.pem (a new
     /// CA, unless --ca), DIR/cert.pem and DIR/key.pem (a host certificate
     /// signed by it, for client and server use). Never overwrites a file.
@@ -56,47 +63,27 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only on a terminal: logs and CI captures stay plain.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    cli::logging::init(&cli.log);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
+    let quiet = cli.log.quiet;
     let r = rt.block_on(async {
         match cli.cmd {
             Cmd::Listen(a) => cli::listen::listen(a).await,
-            Cmd::Send(a) => cli::send::send(a).await,
-            Cmd::Demo(a) => cli::send::demo(a).await,
+            Cmd::Send(a) => cli::send::send(a, quiet).await,
+            Cmd::Demo(a) => cli::send::demo(a, quiet).await,
             Cmd::Nics(a) => cli::tools::list_nics(&a),
             Cmd::Report(a) => cli::tools::report(&a),
             Cmd::GenCerts(a) => cli::tools::gen_certs(&a),
+            Cmd::GenKey(a) => cli::tools::gen_key(&a),
         }
     });
     if let Err(e) = r {
-        eprintln!("error: {e:#}");
-        // 3: cancelled because the guest did not converge (--max-rounds,
-        // --timeout); the guest keeps running on the source.
-        let not_converged = e.chain().any(|c| {
-            c.downcast_ref::<ferry_migration::MigrationError>()
-                .is_some_and(ferry_migration::MigrationError::is_not_converged)
-        });
-        let cancelled = e.chain().any(|c| {
-            matches!(
-                c.downcast_ref::<ferry_migration::MigrationError>(),
-                Some(ferry_migration::MigrationError::Cancelled(_))
-            )
-        });
-        std::process::exit(match cli::signals::exit_status() {
-            // 128 + N: stopped by signal N (SIGINT 130, SIGTERM 143).
-            Some(status) if cancelled => status,
-            _ if not_converged => 3,
-            _ => 1,
-        });
+        if !cli::reported() {
+            tracing::error!("{e:#}");
+        }
+        std::process::exit(cli::exit_status(&e));
     }
 }

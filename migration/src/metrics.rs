@@ -191,11 +191,14 @@ impl Metrics {
             "Incoming migrations committed (digest verified, guest resumed here).",
             &plain(self.committed.load(Ordering::Relaxed)),
         );
-        let aborted = self
+        let mut aborted = self
             .aborted
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        for r in crate::error::COMMON_REASONS {
+            aborted.entry(r.to_string()).or_default();
+        }
         metric(
             "ferry_migrations_aborted_total",
             "counter",
@@ -383,6 +386,15 @@ mod tests {
             let name = l.split(['{', ' ']).next().unwrap();
             assert!(text.contains(&format!("# TYPE {name} ")), "{name}");
             assert!(text.contains(&format!("# HELP {name} ")), "{name}");
+        }
+    }
+
+    #[test]
+    fn aborted_series_exist_at_zero_before_the_first_abort() {
+        let text = Metrics::default().render();
+        for r in ["auth", "busy", "timeout", "shutdown", "cancelled"] {
+            let line = format!("ferry_migrations_aborted_total{{reason=\"{r}\"}} 0\n");
+            assert!(text.contains(&line), "{line} in\n{text}");
         }
     }
 

@@ -18,12 +18,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use ferry_transport::conn::Conn;
+use ferry_proto::SessionKeys;
 use ferry_transport::multichannel::{
     pair_interfaces, plan_channels, routable, ChannelCount, ChannelPath, Cidr, NetInterface,
     MAX_CHANNELS,
 };
-use ferry_transport::proto::{Msg, Role, PROTOCOL_MAX, PROTOCOL_MIN};
 use ferry_transport::TransportError;
 use serde::Serialize;
 use std::sync::Arc;
@@ -179,6 +178,27 @@ pub fn advertised(nics: &[Nic], networks: &[Cidr], listen: IpAddr) -> Vec<NetInt
     out
 }
 
+/// The usable addresses of this host, inside `networks`, that a daemon
+/// listening on `listen` cannot take data channels on (empty for an
+/// unspecified address): when there are any, its migrations use one
+/// network path although the host has more.
+pub fn unreached(nics: &[Nic], networks: &[Cidr], listen: IpAddr) -> Vec<IpAddr> {
+    let offered: Vec<IpAddr> = advertised(nics, networks, listen)
+        .iter()
+        .map(|i| i.addr)
+        .collect();
+    let mut out: Vec<IpAddr> = Vec::new();
+    for n in nics
+        .iter()
+        .filter(|n| n.usable() && allowed(networks, n.addr))
+    {
+        if !offered.contains(&n.addr) && !out.contains(&n.addr) {
+            out.push(n.addr);
+        }
+    }
+    out
+}
+
 /// Source-side multichannel settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MultichannelOptions {
@@ -289,10 +309,11 @@ pub fn plan(
         .collect())
 }
 
-/// Connects one planned channel and presents the migration's token.
+/// Connects one planned channel and proves it belongs to the session of
+/// `keys`.
 async fn open_one(
     p: PlannedChannel,
-    token: [u8; 32],
+    keys: Arc<SessionKeys>,
     timeout: Duration,
     tls: Option<Arc<TlsConfig>>,
 ) -> Result<(Stream, ChannelPath)> {
@@ -333,23 +354,10 @@ async fn open_one(
         device: p.device.clone(),
     };
     let stream = crate::engine::secure(stream, tls.as_deref(), timeout).await?;
-    let mut c = Conn::new(stream, timeout);
-    c.send(&Msg::Hello {
-        min_version: PROTOCOL_MIN,
-        max_version: PROTOCOL_MAX,
-        role: Role::Data,
-        nonce: token,
-    })
-    .await?;
-    match c.recv("the data channel's welcome").await? {
-        Msg::Welcome => Ok((c.into_stream(), path)),
-        Msg::Reject { reason, message } => Err(TransportError::Rejected { reason, message }.into()),
-        m => Err(TransportError::Unexpected {
-            expected: "Welcome",
-            got: m.name().into(),
-        }
-        .into()),
-    }
+    Ok((
+        ferry_transport::conn::open_data_channel(stream, &keys, timeout).await?,
+        path,
+    ))
 }
 
 /// Opens the planned channels at once. Channels that fail to open are
@@ -359,14 +367,14 @@ async fn open_one(
 /// The first channel's error when none opened.
 pub async fn open_channels(
     planned: &[PlannedChannel],
-    token: [u8; 32],
+    keys: Arc<SessionKeys>,
     timeout: Duration,
     tls: Option<Arc<TlsConfig>>,
 ) -> Result<Vec<(Stream, ChannelPath)>> {
     let mut set = tokio::task::JoinSet::new();
     for (i, p) in planned.iter().enumerate() {
-        let (p, tls) = (p.clone(), tls.clone());
-        set.spawn(async move { (i, open_one(p, token, timeout, tls).await) });
+        let (p, tls, keys) = (p.clone(), tls.clone(), keys.clone());
+        set.spawn(async move { (i, open_one(p, keys, timeout, tls).await) });
     }
     let mut results: Vec<(usize, Result<(Stream, ChannelPath)>)> = Vec::new();
     while let Some(r) = set.join_next().await {
@@ -493,6 +501,18 @@ mod tests {
             ["eth0"]
         );
         assert!(allowed(&only1, "::ffff:10.200.1.9".parse().unwrap()));
+        // Listening on one address leaves the others unreached.
+        let ips = |v: Vec<IpAddr>| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            ips(unreached(&nics, &[], "10.200.0.2".parse().unwrap())),
+            ["10.200.1.2", "fd00:200:2::2"]
+        );
+        assert_eq!(
+            ips(unreached(&nics, &only1, "10.200.1.2".parse().unwrap())),
+            Vec::<String>::new()
+        );
+        assert!(unreached(&nics, &[], any6).is_empty());
+        assert_eq!(ips(unreached(&nics, &[], any4)), ["fd00:200:2::2"]);
         assert!(!allowed(&only1, "10.200.0.9".parse().unwrap()));
         assert!(allowed(&[], "10.9.9.9".parse().unwrap()));
     }

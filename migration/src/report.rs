@@ -1,15 +1,23 @@
 //! The `ferry send --json` record of a migration, its time series, and
 //! `ferry report`: a text summary and a self-contained SVG drawing of it.
 //!
-//! The JSON document ([`Record`], schema [`SCHEMA`]) is the engine's
-//! [`Summary`] (every field at the top level, `rounds` and `channels`
-//! included) plus:
+//! The JSON document ([`Record`], schema [`SCHEMA`]) is written for every
+//! outcome. It holds:
 //!
 //! * `schema`: the version of this layout (an integer; a reader refuses
-//!   another one). Fields may be added within a version, never removed or
-//!   renamed.
-//! * `samples`: the time series, one [`Sample`] every ~100 ms from connect
-//!   to commit.
+//!   versions it does not know). Fields may be added within a version,
+//!   never removed or renamed. Version 2 added `outcome`, `error`,
+//!   `guest`, `destination`, `migration_id` and records of migrations that
+//!   did not commit; `ferry report` reads versions 1 and 2.
+//! * `outcome`: [`Outcome`] (`committed`, `failed`, `cancelled`,
+//!   `not_converged`), `error` (the error text, `null` when committed) and
+//!   `guest` (where the guest runs now: `destination`, `source`, or
+//!   `paused_on_source` when a commit went unconfirmed).
+//! * committed: the engine's [`Summary`], every field at the top level
+//!   (`rounds` and `channels` included); otherwise [`Partial`]: what the
+//!   migration got to (its rounds and channels so far).
+//! * `samples`: the time series, one [`Sample`] every ~100 ms from the
+//!   start to the end.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -18,10 +26,50 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Phase, Progress, Summary};
+use ferry_transport::proto::PerformanceOption;
+use ferry_transport::ChannelStats;
 
-/// Version of the `--json` layout.
-pub const SCHEMA: u32 = 1;
+use crate::engine::{Phase, Progress, RoundStats, Summary};
+
+/// Version of the `--json` layout written.
+pub const SCHEMA: u32 = 2;
+
+/// Versions `ferry report` reads.
+pub const SCHEMAS_READ: [u32; 2] = [1, 2];
+
+/// How a migration ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Committed: the guest runs on the destination.
+    Committed,
+    /// Failed; the guest runs on the source (unless `guest` says otherwise).
+    Failed,
+    /// Cancelled by the operator (SIGINT/SIGTERM); the guest runs on the source.
+    Cancelled,
+    /// Cancelled because the guest did not converge (`--max-rounds`,
+    /// `--timeout`); the guest runs on the source.
+    NotConverged,
+}
+
+impl Outcome {
+    /// `committed`, `failed`, `cancelled` or `not_converged`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Committed => "committed",
+            Outcome::Failed => "failed",
+            Outcome::Cancelled => "cancelled",
+            Outcome::NotConverged => "not_converged",
+        }
+    }
+}
+
+impl Default for Outcome {
+    /// Schema 1 recorded committed migrations only.
+    fn default() -> Self {
+        Outcome::Committed
+    }
+}
 
 /// Shortest span a drawn or reported throughput is measured over.
 pub const RATE_WINDOW_MS: f64 = 300.0;
@@ -111,11 +159,45 @@ impl Sampler {
 pub struct Record<'a> {
     /// [`SCHEMA`].
     pub schema: u32,
-    /// The engine's summary, flattened into the document.
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Why it did not commit (`None` when committed).
+    pub error: Option<String>,
+    /// Where the guest runs now: `destination`, `source` or
+    /// `paused_on_source`.
+    pub guest: &'static str,
+    /// The destination, as given.
+    pub destination: &'a str,
+    /// The destination's id of the migration, once it accepted it.
+    pub migration_id: Option<u64>,
+    /// Committed: the engine's summary, flattened into the document.
     #[serde(flatten)]
-    pub summary: &'a Summary,
+    pub summary: Option<&'a Summary>,
+    /// Not committed: what it got to, flattened into the document.
+    #[serde(flatten)]
+    pub partial: Option<Partial>,
     /// The time series.
     pub samples: &'a [Sample],
+}
+
+/// What a migration that did not commit got to.
+#[derive(Debug, Clone, Serialize)]
+pub struct Partial {
+    /// Performance option (as `Summary::option`; `auto` when the
+    /// migration ended before it chose).
+    pub option: String,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// From the start to the end.
+    pub total_ms: f64,
+    /// `--downtime-limit`, ms.
+    pub downtime_limit_ms: f64,
+    /// `--bandwidth-limit`, bytes per second (all channels together).
+    pub bandwidth_limit: Option<u64>,
+    /// The rounds finished (no final copy).
+    pub rounds: Vec<RoundStats>,
+    /// Per-channel counters at the end.
+    pub channels: Vec<ChannelStats>,
 }
 
 /// The part of a record that `ferry report` reads.
@@ -123,17 +205,31 @@ pub struct Record<'a> {
 pub struct RecordIn {
     /// Layout version.
     pub schema: u32,
+    /// How it ended (schema 1: committed).
+    #[serde(default)]
+    pub outcome: Outcome,
+    /// Why it did not commit.
+    #[serde(default)]
+    pub error: Option<String>,
     /// Performance option, as written.
     #[serde(default)]
     pub option: serde_json::Value,
     /// Guest memory size.
     pub memory_bytes: u64,
-    /// Connect to commit.
+    /// Start to end (committed: connect to commit).
     pub total_ms: f64,
-    /// Pause to commit.
-    pub downtime_ms: f64,
-    /// Pause, since the start.
-    pub switchover_ms: f64,
+    /// Pause to commit (committed only).
+    #[serde(default)]
+    pub downtime_ms: Option<f64>,
+    /// `--downtime-limit` (schema 2).
+    #[serde(default)]
+    pub downtime_limit_ms: Option<f64>,
+    /// `--bandwidth-limit`, bytes per second.
+    #[serde(default)]
+    pub bandwidth_limit: Option<u64>,
+    /// Pause, since the start (committed only).
+    #[serde(default)]
+    pub switchover_ms: Option<f64>,
     /// Rounds, the final copy last.
     pub rounds: Vec<RoundIn>,
     /// Per-channel totals.
@@ -190,7 +286,7 @@ pub enum ReportError {
     #[error("not a ferry migration record (JSON written by `ferry send --json`): {0}")]
     NotARecord(String),
     /// Another layout version.
-    #[error("record has schema {found}; this ferry reads schema {SCHEMA}")]
+    #[error("record has schema {found}; this ferry reads schemas 1 and {SCHEMA}")]
     Schema {
         /// The file's version.
         found: u64,
@@ -206,7 +302,7 @@ impl RecordIn {
         let v: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| ReportError::NotARecord(e.to_string()))?;
         match v.get("schema").map(serde_json::Value::as_u64) {
-            Some(Some(n)) if n == u64::from(SCHEMA) => {}
+            Some(Some(n)) if SCHEMAS_READ.iter().any(|s| u64::from(*s) == n) => {}
             Some(Some(n)) => return Err(ReportError::Schema { found: n }),
             _ => {
                 return Err(ReportError::NotARecord(
@@ -219,7 +315,7 @@ impl RecordIn {
         if r.samples.is_empty() {
             return Err(ReportError::Empty("samples (time series)"));
         }
-        if r.rounds.is_empty() {
+        if r.rounds.is_empty() && r.outcome == Outcome::Committed {
             return Err(ReportError::Empty("rounds"));
         }
         Ok(r)
@@ -257,34 +353,72 @@ impl RecordIn {
             .collect()
     }
 
+    /// The performance option in words: `tcp`, `compression (zstd:1)`,
+    /// from either schema's spelling (schema 1 wrote `"Tcp"` or
+    /// `{"Compression": {"codec": 2, "level": 1}}`).
+    pub fn option_name(&self) -> String {
+        match serde_json::from_value::<PerformanceOption>(self.option.clone()) {
+            Ok(o) => o.to_string(),
+            Err(_) => match &self.option {
+                serde_json::Value::String(o) => o.clone(),
+                serde_json::Value::Null => "?".into(),
+                o => o.to_string(),
+            },
+        }
+    }
+
+    /// Whether the last round is the final copy (committed records).
+    fn has_final_copy(&self) -> bool {
+        self.outcome == Outcome::Committed
+    }
+
     /// A few lines for a terminal.
     pub fn text_summary(&self) -> String {
         let mut s = String::new();
-        // "Tcp", or {"Compression": {"codec": 2, "level": 1}}.
-        let option = match &self.option {
-            serde_json::Value::String(o) => o.to_lowercase(),
-            serde_json::Value::Object(m) if m.len() == 1 => {
-                let (k, v) = m.iter().next().expect("one entry");
-                format!("{} {v}", k.to_lowercase())
+        let option = self.option_name();
+        let limit = self
+            .downtime_limit_ms
+            .map(|l| format!(" (limit {} ms)", trim(l)))
+            .unwrap_or_default();
+        match (self.outcome, self.downtime_ms) {
+            (Outcome::Committed, Some(downtime)) => {
+                let _ = writeln!(
+                    s,
+                    "migration of {} over {option}: committed, {:.2} s total, downtime {downtime:.1} ms{limit}, {} pre-copy rounds + final copy{}",
+                    mib(self.memory_bytes as f64),
+                    self.total_ms / 1e3,
+                    self.rounds.len().saturating_sub(1),
+                    if self.digest_verified { ", digest verified" } else { "" }
+                );
             }
-            serde_json::Value::Null => "?".into(),
-            o => o.to_string(),
-        };
-        let _ = writeln!(
-            s,
-            "migration of {} over {option}: {:.2} s total, downtime {:.1} ms, {} pre-copy rounds + final copy{}",
-            mib(self.memory_bytes as f64),
-            self.total_ms / 1e3,
-            self.downtime_ms,
-            self.rounds.len().saturating_sub(1),
-            if self.digest_verified { ", digest verified" } else { "" }
-        );
+            (outcome, _) => {
+                let _ = writeln!(
+                    s,
+                    "migration of {} over {option}: {} after {:.2} s, {} pre-copy rounds; downtime limit{}",
+                    mib(self.memory_bytes as f64),
+                    outcome.name(),
+                    self.total_ms / 1e3,
+                    self.rounds.len(),
+                    if limit.is_empty() { " ?".to_string() } else { limit.replace(" (limit", "").replace(')', "") },
+                );
+                if let Some(e) = &self.error {
+                    let _ = writeln!(s, "  error: {e}");
+                }
+            }
+        }
+        if let Some(cap) = self.bandwidth_limit {
+            let _ = writeln!(
+                s,
+                "  bandwidth limit {}/s (all channels together)",
+                mib(cap as f64)
+            );
+        }
         for r in &self.rounds {
             let _ = writeln!(
                 s,
                 "  round {:>2}{}: {} in {:.0} ms ({}/s), {} dirty after",
                 r.round,
-                if r.round + 1 == self.rounds.len() as u32 {
+                if self.has_final_copy() && r.round + 1 == self.rounds.len() as u32 {
                     " (final)"
                 } else {
                     ""
@@ -334,10 +468,18 @@ impl RecordIn {
             r#"<?xml version="1.0" encoding="UTF-8"?>
 <svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">
 <rect x="0" y="0" width="{W}" height="{H}" fill="white"/>
-<text x="{LEFT}" y="24" font-size="16">Ferry migration of {}: {:.2} s, downtime {:.1} ms</text>"#,
+<text x="{LEFT}" y="24" font-size="16">Ferry migration of {}: {}</text>"#,
             mib(self.memory_bytes as f64),
-            self.total_ms / 1e3,
-            self.downtime_ms
+            match self.downtime_ms {
+                Some(d) if self.outcome == Outcome::Committed => format!(
+                    "{:.2} s, downtime {d:.1} ms{}",
+                    self.total_ms / 1e3,
+                    self.downtime_limit_ms
+                        .map(|l| format!(" (limit {} ms)", trim(l)))
+                        .unwrap_or_default()
+                ),
+                _ => format!("{} after {:.2} s", self.outcome.name(), self.total_ms / 1e3),
+            }
         );
 
         // Panel 1: remaining dirty bytes after each round.
@@ -358,12 +500,12 @@ impl RecordIn {
             ymax1,
             "round",
         );
-        let n = self.rounds.len() as f64;
+        let n = self.rounds.len().max(1) as f64;
         let slot = PW / n;
         for (i, r) in self.rounds.iter().enumerate() {
             let h = r.dirty_bytes_after as f64 / MIB / ymax1 * PH;
             let x = LEFT + i as f64 * slot + slot * 0.15;
-            let final_copy = i + 1 == self.rounds.len();
+            let final_copy = self.has_final_copy() && i + 1 == self.rounds.len();
             let _ = writeln!(
                 s,
                 r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="{}"><title>round {}: {} dirty after</title></rect>"#,
@@ -395,10 +537,22 @@ impl RecordIn {
             .unwrap_or(0.0)
             .max(self.total_ms)
             .max(1.0);
+        // With several channels, their sum too: what a cap bounds.
+        let total: Vec<(f64, f64)> = match rates.len() {
+            0 | 1 => Vec::new(),
+            _ => (0..rates[0].len())
+                .map(|i| {
+                    let t = rates[0][i].0;
+                    (t, rates.iter().filter_map(|r| r.get(i)).map(|p| p.1).sum())
+                })
+                .collect(),
+        };
         let max_rate = rates
             .iter()
             .flatten()
+            .chain(&total)
             .map(|p| p.1)
+            .chain(self.bandwidth_limit.map(|c| c as f64))
             .fold(0.0, f64::max)
             .max(1.0);
         let ymax2 = nice_ceiling(max_rate / MIB);
@@ -425,17 +579,60 @@ impl RecordIn {
             );
             t += step;
         }
-        // Switchover (downtime) shaded, round boundaries dashed.
-        let (sw, end) = (xt(self.switchover_ms), xt(self.total_ms));
-        let _ = writeln!(
-            s,
-            r##"<rect x="{sw:.1}" y="{TOP2}" width="{:.1}" height="{PH}" fill="#d62728" fill-opacity="0.15"><title>downtime {:.1} ms</title></rect>
-<text x="{sw:.1}" y="{:.1}" fill="#d62728">switchover (downtime {:.1} ms)</text>"##,
-            (end - sw).max(1.0),
-            self.downtime_ms,
-            TOP2 - 4.0,
-            self.downtime_ms
-        );
+        // Switchover (downtime) shaded, the downtime limit outlined from
+        // the pause on, round boundaries dashed.
+        if let (Some(switchover), Some(downtime)) = (self.switchover_ms, self.downtime_ms) {
+            let (sw, end) = (xt(switchover), xt(self.total_ms));
+            let _ = writeln!(
+                s,
+                r##"<rect x="{sw:.1}" y="{TOP2}" width="{:.1}" height="{PH}" fill="#d62728" fill-opacity="0.15"><title>downtime {downtime:.1} ms</title></rect>
+<text x="{sw:.1}" y="{:.1}" fill="#d62728">switchover (downtime {downtime:.1} ms)</text>"##,
+                (end - sw).max(1.0),
+                TOP2 - 4.0,
+            );
+            if let Some(limit) = self.downtime_limit_ms {
+                let _ = writeln!(
+                    s,
+                    r##"<rect class="downtime-limit" x="{sw:.1}" y="{TOP2}" width="{:.1}" height="{PH}" fill="none" stroke="#d62728" stroke-dasharray="6 3"><title>downtime limit {} ms</title></rect>
+<text x="{sw:.1}" y="{:.1}" fill="#d62728" font-size="10">limit {} ms</text>"##,
+                    (xt(switchover + limit) - sw).max(1.0),
+                    trim(limit),
+                    TOP2 + PH - 4.0,
+                    trim(limit),
+                );
+            }
+        }
+        if let Some(cap) = self.bandwidth_limit {
+            let y = TOP2 + PH - cap as f64 / MIB / ymax2 * PH;
+            let _ = writeln!(
+                s,
+                r##"<line class="bandwidth-limit" x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#000" stroke-dasharray="8 4"><title>bandwidth limit {}/s (wire bytes, all channels)</title></line>
+<text x="{:.1}" y="{:.1}" text-anchor="end" font-size="10">bandwidth limit {}/s</text>"##,
+                LEFT + PW,
+                mib(cap as f64),
+                LEFT + PW - 4.0,
+                y - 4.0,
+                mib(cap as f64),
+            );
+        }
+        if !total.is_empty() {
+            let pts: Vec<String> = total
+                .iter()
+                .map(|(t, r)| format!("{:.1},{:.1}", xt(*t), TOP2 + PH - r / MIB / ymax2 * PH))
+                .collect();
+            let lx = LEFT + PW + 15.0;
+            let ly = TOP2 + 10.0 + rates.len() as f64 * 18.0;
+            let _ = writeln!(
+                s,
+                r##"<polyline class="total" fill="none" stroke="#000" stroke-width="1" points="{}"/>
+<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="#000" stroke-width="1"/>
+<text x="{:.1}" y="{:.1}">all channels</text>"##,
+                pts.join(" "),
+                lx + 20.0,
+                lx + 25.0,
+                ly + 4.0
+            );
+        }
         for r in &self.rounds {
             let x = xt(r.start_ms);
             let _ = writeln!(
@@ -605,7 +802,13 @@ mod tests {
             let r = RecordIn::parse(record(channels).to_string().as_bytes()).unwrap();
             let svg = r.svg();
             check_xml(&svg);
-            assert_eq!(svg.matches("<polyline").count(), channels, "{svg}");
+            assert_eq!(
+                svg.matches("<polyline class=\"channel\"").count(),
+                channels,
+                "{svg}"
+            );
+            // Several channels: their sum too.
+            assert_eq!(svg.contains("class=\"total\""), channels > 1);
             for c in 0..channels {
                 assert!(svg.contains(&format!("channel {c}</text>")), "legend {c}");
             }
@@ -674,6 +877,84 @@ mod tests {
         v["samples"] = serde_json::json!([]);
         let e = RecordIn::parse(v.to_string().as_bytes()).unwrap_err();
         assert!(e.to_string().contains("no samples"), "{e}");
+    }
+
+    #[test]
+    fn the_svg_draws_the_downtime_limit_and_the_bandwidth_cap() {
+        let mut v = record(2);
+        v["schema"] = 2.into();
+        v["downtime_limit_ms"] = 300.0.into();
+        v["bandwidth_limit"] = 100_000_000u64.into();
+        let r = RecordIn::parse(v.to_string().as_bytes()).unwrap();
+        let svg = r.svg();
+        check_xml(&svg);
+        assert!(svg.contains("class=\"downtime-limit\""), "{svg}");
+        assert!(svg.contains("limit 300 ms"), "{svg}");
+        assert!(svg.contains("class=\"bandwidth-limit\""), "{svg}");
+        assert!(svg.contains("bandwidth limit 95.4 MiB/s"), "{svg}");
+        let text = r.text_summary();
+        assert!(text.contains("downtime 120.5 ms (limit 300 ms)"), "{text}");
+        assert!(text.contains("bandwidth limit 95.4 MiB/s"), "{text}");
+        // Without them, neither is drawn.
+        let svg = RecordIn::parse(record(2).to_string().as_bytes())
+            .unwrap()
+            .svg();
+        assert!(!svg.contains("downtime-limit") && !svg.contains("bandwidth-limit"));
+    }
+
+    #[test]
+    fn records_of_migrations_that_did_not_commit_are_reported() {
+        let mut v = record(1);
+        let o = v.as_object_mut().unwrap();
+        o.insert("schema".into(), 2.into());
+        o.insert("outcome".into(), "not_converged".into());
+        o.insert(
+            "error".into(),
+            "did not converge after 4 rounds: ...".into(),
+        );
+        o.remove("downtime_ms");
+        o.remove("switchover_ms");
+        o.insert("option".into(), "compression (zstd:1)".into());
+        let r = RecordIn::parse(v.to_string().as_bytes()).unwrap();
+        let text = r.text_summary();
+        assert!(
+            text.contains("over compression (zstd:1): not_converged after 2.00 s"),
+            "{text}"
+        );
+        assert!(
+            text.contains("error: did not converge after 4 rounds"),
+            "{text}"
+        );
+        assert!(!text.contains("(final)"), "no final copy: {text}");
+        let svg = r.svg();
+        check_xml(&svg);
+        assert!(svg.contains("not_converged after 2.00 s"), "{svg}");
+        assert!(!svg.contains("switchover (downtime"), "{svg}");
+        // A failure before any round still makes a report.
+        let mut v = v.clone();
+        v["rounds"] = serde_json::json!([]);
+        v["outcome"] = "failed".into();
+        let r = RecordIn::parse(v.to_string().as_bytes()).unwrap();
+        check_xml(&r.svg());
+        assert!(r.text_summary().contains("failed after"));
+        // A committed record needs its rounds.
+        let mut v = record(1);
+        v["rounds"] = serde_json::json!([]);
+        assert!(RecordIn::parse(v.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn the_option_is_named_in_either_schema() {
+        let mut v = record(1);
+        v["option"] = serde_json::json!({"Compression": {"codec": 2, "level": 1}});
+        let r = RecordIn::parse(v.to_string().as_bytes()).unwrap();
+        assert_eq!(r.option_name(), "compression (zstd:1)");
+        v["option"] = "Tcp".into();
+        let r = RecordIn::parse(v.to_string().as_bytes()).unwrap();
+        assert_eq!(r.option_name(), "tcp");
+        v["option"] = "compression (lz4)".into();
+        let r = RecordIn::parse(v.to_string().as_bytes()).unwrap();
+        assert_eq!(r.option_name(), "compression (lz4)");
     }
 
     #[test]

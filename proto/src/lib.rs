@@ -10,12 +10,16 @@
 //!   what the pause will cost).
 //! * [`switchover`]: the `Ready` / `Commit` / `Committed` proofs that bind
 //!   the transcripts, the evidence and the device state to the session.
+//! * [`handshake`]: the handshake's proofs (the source proves first, bound to
+//!   the TLS session and every frame before them) and the tags that
+//!   authenticate every control message after it.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod budget;
 pub mod evidence;
 pub mod frame;
+pub mod handshake;
 pub mod keys;
 pub mod switchover;
 

@@ -14,11 +14,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use ferry_proto::SessionKeys;
 use ferry_transport::auth::AuthKey;
 use ferry_transport::conn::Conn;
-use ferry_transport::proto::{
-    Accept, GuestConfig, Msg, Offer, PerformanceOption, Role, PROTOCOL_MAX, PROTOCOL_MIN,
-};
+use ferry_transport::proto::{Accept, GuestConfig, Msg, Offer, PerformanceOption};
 use ferry_transport::MemoryLayout;
 
 /// Path of the `ferry` binary, built once per test process with the same
@@ -65,10 +64,21 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Writes a key file with `bytes` and returns its path.
+/// Writes a key file holding `bytes` as `ferry gen-key` writes one (base64,
+/// mode 0600) and returns its path.
 pub fn key_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    use base64::Engine;
+    use std::os::unix::fs::OpenOptionsExt;
     let p = dir.join(name);
-    std::fs::write(&p, bytes).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&p)
+        .unwrap();
+    let text = base64::engine::general_purpose::STANDARD.encode(bytes) + "\n";
+    std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
     p
 }
 
@@ -129,11 +139,22 @@ fn drain<R: Read + Send + 'static>(r: R, live: Arc<Live>) -> std::thread::JoinHa
 }
 
 impl Proc {
-    /// Starts `ferry ARGS`.
+    /// Starts `ferry ARGS` with `RUST_LOG=warn,ferry=info`: the command's
+    /// own messages, and the libraries' warnings and errors.
     pub fn start(args: &[&str]) -> Proc {
-        let mut child = Command::new(ferry_bin())
+        Proc::start_logging(args, Some("warn,ferry=info"))
+    }
+
+    /// Starts `ferry ARGS` with `RUST_LOG=log`, or without `RUST_LOG`
+    /// (ferry's own `-v`/`-q` levels) when `None`.
+    pub fn start_logging(args: &[&str], log: Option<&str>) -> Proc {
+        let mut cmd = Command::new(ferry_bin());
+        match log {
+            Some(l) => cmd.env("RUST_LOG", l),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        let mut child = cmd
             .args(args)
-            .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -256,6 +277,34 @@ pub fn sigkill(pid: u32) {
     assert!(st.success(), "kill -KILL {pid} failed");
 }
 
+/// Sends signal `name` (`INT`, `TERM`) to process `pid` (a `ferry` this
+/// test started).
+pub fn signal(pid: u32, name: &str) {
+    let st = Command::new("kill")
+        .args(["-s", name, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -s {name} {pid} failed");
+}
+
+/// Waits until the file at `path` contains `needle` and returns its text;
+/// panics after `timeout`.
+pub fn wait_for_file(path: &Path, needle: &str, timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out waiting for {needle:?} in {}:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits (up to 20 s) until `addr` accepts connections.
 pub fn wait_for_port(addr: SocketAddr, what: &str) {
     let start = Instant::now();
@@ -342,22 +391,12 @@ pub async fn authed_session(addr: SocketAddr, key: &AuthKey, bytes: u64) -> (Con
     }
 }
 
-/// Opens a data channel with `token`.
-pub async fn data_channel(addr: SocketAddr, token: [u8; 32]) -> tokio::net::TcpStream {
-    let mut c = Conn::new(
-        tokio::net::TcpStream::connect(addr).await.unwrap(),
-        Duration::from_secs(10),
-    );
-    c.send(&Msg::Hello {
-        min_version: PROTOCOL_MIN,
-        max_version: PROTOCOL_MAX,
-        role: Role::Data,
-        nonce: token,
-    })
-    .await
-    .unwrap();
-    assert!(matches!(c.recv("welcome").await.unwrap(), Msg::Welcome));
-    match c.into_stream() {
+/// Opens a (plaintext) data channel of the session of `control` (an
+/// authenticated control connection).
+pub async fn data_channel(addr: SocketAddr, control: &Conn) -> tokio::net::TcpStream {
+    let keys = control.session_keys().expect("an authenticated session");
+    let s = data_channel_with(addr, &keys).await.unwrap();
+    match s {
         ferry_transport::stream::Stream::Plain(s) => s,
         ferry_transport::stream::Stream::Tls(_) => unreachable!("a plain connection"),
     }
@@ -424,4 +463,14 @@ pub async fn read_ack(
         Ok(Err(_)) => None,
         Err(_) => panic!("the destination neither acknowledged nor closed the channel"),
     }
+}
+
+/// Tries to open a (plaintext) data channel with the proof of the session
+/// of `keys`: the stream, or why the destination refused it.
+pub async fn data_channel_with(
+    addr: SocketAddr,
+    keys: &SessionKeys,
+) -> Result<ferry_transport::stream::Stream, ferry_transport::TransportError> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    ferry_transport::conn::open_data_channel(tcp.into(), keys, Duration::from_secs(10)).await
 }

@@ -77,6 +77,32 @@ impl Frame {
             _ => None,
         }
     }
+
+    /// Rewrites a control frame's message as an on-path attacker without
+    /// the key would: `change` edits the message (returning false leaves
+    /// the frame alone); the frame is re-encoded with a correct CRC and its
+    /// flags, and keeps its original tag (the attacker cannot make a new
+    /// one). True if the frame was changed.
+    pub fn rewrite_msg(&mut self, change: impl FnOnce(&mut Msg) -> bool) -> bool {
+        let Kind::Control(m) = &self.kind else {
+            return false;
+        };
+        let mut m = m.clone();
+        if !change(&mut m) {
+            return false;
+        }
+        let head: [u8; 16] = self.bytes[..16].try_into().expect("a header");
+        let Ok(h) = Msg::decode_head(&head, MAX_CONTROL_BODY) else {
+            return false;
+        };
+        let tag = self.bytes[16 + h.len as usize..].to_vec();
+        let mut out = m.encode();
+        out[12..16].copy_from_slice(&head[12..16]);
+        out.extend_from_slice(&tag);
+        self.bytes = out;
+        self.kind = Kind::Control(m);
+        true
+    }
 }
 
 /// What the proxy does with a frame.
@@ -254,23 +280,31 @@ fn close(c: &ConnState) {
     }
 }
 
-/// Reads one frame; `None` at a clean end of stream.
-fn read_frame(from: &mut TcpStream, role: Option<Role>, dir: Dir, first: bool) -> Option<Frame> {
+/// Control frames at the start of a data channel, each way: Hello and Auth
+/// from the source, HelloReply and Welcome from the destination.
+const DATA_HANDSHAKE_FRAMES: usize = 2;
+
+/// Reads one frame (`seen` frames came before it this way); `None` at a
+/// clean end of stream.
+fn read_frame(from: &mut TcpStream, role: Option<Role>, dir: Dir, seen: usize) -> Option<Frame> {
     let mut head = [0u8; 16];
     if from.read_exact(&mut head).is_err() {
         return None;
     }
     let mut bytes = head.to_vec();
-    let data = role == Some(Role::Data) && !first;
+    let data = role == Some(Role::Data) && seen >= DATA_HANDSHAKE_FRAMES;
     let kind = match (data, dir) {
-        (false, _) => match Msg::decode_header(&head, MAX_CONTROL_BODY) {
-            Ok((len, crc)) => {
-                let mut body = vec![0u8; len as usize];
-                if from.read_exact(&mut body).is_err() {
+        (false, _) => match Msg::decode_head(&head, MAX_CONTROL_BODY) {
+            Ok(h) => {
+                // Body, and after authentication the frame's tag (kept in
+                // the frame's bytes: a hook that changes the body leaves a
+                // tag that no longer matches).
+                let mut rest = vec![0u8; h.rest_len()];
+                if from.read_exact(&mut rest).is_err() {
                     return None;
                 }
-                bytes.extend_from_slice(&body);
-                match Msg::decode_body(&body, crc) {
+                bytes.extend_from_slice(&rest);
+                match Msg::decode_body(&rest[..h.len as usize], h.crc) {
                     Ok(m) => Kind::Control(m),
                     Err(_) => Kind::Raw,
                 }
@@ -319,7 +353,7 @@ fn read_frame(from: &mut TcpStream, role: Option<Role>, dir: Dir, first: bool) -
 }
 
 fn pump(sh: &Shared, st: &ConnState, id: usize, dir: Dir, mut from: TcpStream, mut to: TcpStream) {
-    let mut first = true;
+    let mut seen = 0;
     loop {
         let role = match dir {
             Dir::ToDest => *st.role.lock().unwrap(),
@@ -332,10 +366,10 @@ fn pump(sh: &Shared, st: &ConnState, id: usize, dir: Dir, mut from: TcpStream, m
                     .0
             }
         };
-        let Some(mut f) = read_frame(&mut from, role, dir, first) else {
+        let Some(mut f) = read_frame(&mut from, role, dir, seen) else {
             break;
         };
-        first = false;
+        seen += 1;
         f.conn = id;
         if let (Dir::ToDest, Kind::Control(Msg::Hello { role, .. })) = (dir, &f.kind) {
             *st.role.lock().unwrap() = Some(*role);

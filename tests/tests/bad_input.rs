@@ -201,8 +201,8 @@ where
     Fut: std::future::Future<Output = Conn> + Send,
 {
     against_destination(&[], |addr| async move {
-        let (conn, accept) = authed_session(addr, &key(), 1 << 20).await;
-        let data = data_channel(addr, accept.data_token).await;
+        let (conn, _) = authed_session(addr, &key(), 1 << 20).await;
+        let data = data_channel(addr, &conn).await;
         let mut conn = f(data, conn).await;
         let end = conn
             .recv_within("the destination's abort", Duration::from_secs(20))
@@ -344,8 +344,8 @@ fn payload_tag_mismatch_is_detected_and_the_chunk_refused() {
 #[test]
 fn source_disconnecting_mid_round_frees_the_destination() {
     let out = against_destination(&[], |addr| async move {
-        let (mut conn, accept) = authed_session(addr, &key(), 1 << 20).await;
-        let mut data = data_channel(addr, accept.data_token).await;
+        let (mut conn, _) = authed_session(addr, &key(), 1 << 20).await;
+        let mut data = data_channel(addr, &conn).await;
         let keys = conn.session_keys().unwrap();
         send_chunk(
             &mut data,
@@ -374,8 +374,8 @@ fn source_disconnecting_mid_round_frees_the_destination() {
 #[test]
 fn a_stalled_source_is_timed_out_by_the_destination() {
     let out = against_destination(&["--timeout", "1s"], |addr| async move {
-        let (conn, accept) = authed_session(addr, &key(), 1 << 20).await;
-        let data = data_channel(addr, accept.data_token).await;
+        let (conn, _) = authed_session(addr, &key(), 1 << 20).await;
+        let data = data_channel(addr, &conn).await;
         tokio::time::sleep(Duration::from_secs(4)).await;
         drop((conn, data));
     });
@@ -404,13 +404,15 @@ async fn fake_destination(listener: TcpListener, mode: Fake) {
     let Msg::Hello { nonce, .. } = c.recv("hello").await.unwrap() else {
         panic!()
     };
-    c.server_authenticate(&key(), nonce, 1).await.unwrap();
+    c.server_authenticate(&key(), nonce, ferry_transport::proto::PROTOCOL_MAX)
+        .await
+        .unwrap();
+    let keys = c.session_keys().unwrap();
     let Msg::Offer(_) = c.recv("offer").await.unwrap() else {
         panic!()
     };
     c.send(&Msg::Accept(Accept {
         migration_id: 1,
-        data_token: [5; 32],
         max_chunk: MAX_CHUNK_PAYLOAD,
         interfaces: Vec::new(),
     }))
@@ -419,7 +421,12 @@ async fn fake_destination(listener: TcpListener, mode: Fake) {
     let (d, _) = listener.accept().await.unwrap();
     let mut d = Conn::new(d, Duration::from_secs(10));
     let _ = d.recv("data hello").await.unwrap();
-    d.send(&Msg::Welcome).await.unwrap();
+    let claim = d
+        .data_challenge(ferry_transport::proto::PROTOCOL_MAX)
+        .await
+        .unwrap();
+    assert!(claim.belongs_to(&keys.data_channel));
+    d.admit_data(&claim, &keys.data_channel).await.unwrap();
     let mut d = d.into_stream();
     let mut buf = vec![0u8; 1 << 20];
     let mut got = 0usize;
@@ -640,41 +647,30 @@ fn unknown_run_flags_are_named() {
     );
 }
 
-/// A data-channel hello with `token`; returns the destination's answer.
-async fn data_hello(addr: std::net::SocketAddr, token: [u8; 32]) -> Msg {
-    let mut c = Conn::new(
-        TcpStream::connect(addr).await.unwrap(),
-        Duration::from_secs(10),
-    );
-    c.send(&Msg::Hello {
-        min_version: ferry_transport::proto::PROTOCOL_MIN,
-        max_version: ferry_transport::proto::PROTOCOL_MAX,
-        role: Role::Data,
-        nonce: token,
-    })
-    .await
-    .unwrap();
-    c.recv("the answer to a data hello").await.unwrap()
-}
-
-fn assert_token_refused(m: Msg, why: &str) {
-    match m {
-        Msg::Reject { reason, message } => {
-            assert_eq!(reason, RejectReason::Token);
-            assert!(message.contains(why), "{message}");
-        }
-        m => panic!("expected Reject(Token), got {m:?}"),
+/// A data channel proving the session of `keys`: the destination's refusal.
+async fn refused_data_channel(
+    addr: std::net::SocketAddr,
+    keys: &SessionKeys,
+) -> (RejectReason, String) {
+    match ferry_tests::data_channel_with(addr, keys).await {
+        Err(ferry_transport::TransportError::Rejected { reason, message }) => (reason, message),
+        other => panic!("expected a refusal, got {other:?}"),
     }
 }
 
+fn assert_token_refused((reason, message): (RejectReason, String), why: &str) {
+    assert_eq!(reason, RejectReason::Token);
+    assert!(message.contains(why), "{message}");
+}
+
 #[test]
-fn more_data_channels_than_offered_are_refused_on_the_token() {
+fn more_data_channels_than_offered_are_refused() {
     against_destination(&[], |addr| async move {
         // The offer asked for one channel.
-        let (conn, accept) = authed_session(addr, &key(), 1 << 20).await;
-        let data = data_channel(addr, accept.data_token).await;
+        let (conn, _) = authed_session(addr, &key(), 1 << 20).await;
+        let data = data_channel(addr, &conn).await;
         assert_token_refused(
-            data_hello(addr, accept.data_token).await,
+            refused_data_channel(addr, &conn.session_keys().unwrap()).await,
             "every data channel the migration offered is already open",
         );
         drop((conn, data));
@@ -682,27 +678,29 @@ fn more_data_channels_than_offered_are_refused_on_the_token() {
 }
 
 #[test]
-fn a_used_token_does_not_open_a_channel_into_the_next_migration() {
+fn an_ended_sessions_proof_does_not_open_a_channel_into_the_next_migration() {
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
     let (dest, addr) = ferry_tests::daemon(&k, &["--plaintext"]);
     let d = &dest;
     rt().block_on(async move {
-        let (mut conn, accept) = authed_session(addr, &key(), 1 << 20).await;
+        let (mut conn, _) = authed_session(addr, &key(), 1 << 20).await;
+        let first = conn.session_keys().unwrap();
         conn.abort("test over").await;
         drop(conn);
-        // Printed once the migration and its token are gone.
+        // Printed once the migration is gone.
         d.wait_for_output(
             "peer aborted the migration: test over",
             Duration::from_secs(20),
         );
-        // The next migration runs; the first one's token must not reach it.
-        let (_next, next) = authed_session(addr, &key(), 1 << 20).await;
-        assert_ne!(next.data_token, accept.data_token);
+        // The next migration runs; the first one's session must not reach it.
+        let (next, _) = authed_session(addr, &key(), 1 << 20).await;
         assert_token_refused(
-            data_hello(addr, accept.data_token).await,
-            "unknown or expired data-channel token",
+            refused_data_channel(addr, &first).await,
+            "matches no migration in progress",
         );
+        // Its own still opens.
+        let _ = data_channel(addr, &next).await;
     });
     let out = dest.kill();
     assert!(!out.panicked(), "{}", out.all());

@@ -241,10 +241,10 @@ fn one_frame(f: fn(&SessionKeys) -> Vec<u8>) -> (Option<(u64, AckStatus)>, ferry
             )
             .await;
             let keys = c.session_keys().unwrap();
-            let Msg::Accept(Accept { data_token, .. }) = answer else {
+            let Msg::Accept(Accept { .. }) = answer else {
                 panic!("expected Accept, got {answer:?}")
             };
-            let mut data = data_channel(addr, data_token).await;
+            let mut data = data_channel(addr, &c).await;
             data.write_all(&f(&keys)).await.unwrap();
             *ack = read_ack(&mut data, &keys).await;
         }

@@ -13,10 +13,9 @@ use std::time::Duration;
 use ferry_tests::{authed_session, key_file, listen, offer, send, summary, Output, Proc};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::conn::Conn;
-use ferry_transport::proto::{
-    Msg, PerformanceOption, RejectReason, Role, PROTOCOL_MAX, PROTOCOL_MIN,
-};
+use ferry_transport::proto::{Msg, PerformanceOption, RejectReason};
 use ferry_transport::tls::TlsConfig;
+use ferry_transport::TransportError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
@@ -377,14 +376,14 @@ fn a_source_certificate_from_another_ca_is_rejected_by_the_destination() {
 }
 
 #[test]
-fn a_different_pre_shared_key_fails_the_tls_handshake() {
+fn a_different_pre_shared_key_fails_authentication_inside_tls() {
     refused_with_keys(
         KEY,
         OTHER_KEY,
         &[],
         &[],
-        "--auth-key-file keys differ",
-        "TLS handshake with the source failed",
+        "the two --auth-key-file keys differ",
+        "the source's proof does not match our key",
     );
 }
 
@@ -612,21 +611,13 @@ fn a_destination_refuses_rdma_offers_and_plaintext_data_channels() {
     rt().block_on(async {
         let mut c = connect(addr).await;
         c.send(&Msg::Offer(offer(1 << 20))).await.unwrap();
-        let accept = match c.recv("accept").await.unwrap() {
-            Msg::Accept(a) => a,
+        match c.recv("accept").await.unwrap() {
+            Msg::Accept(_) => {}
             m => panic!("expected Accept, got {m:?}"),
         };
-        let mut d = Conn::new(tokio::net::TcpStream::connect(addr).await.unwrap(), t);
-        d.send(&Msg::Hello {
-            min_version: PROTOCOL_MIN,
-            max_version: PROTOCOL_MAX,
-            role: Role::Data,
-            nonce: accept.data_token,
-        })
-        .await
-        .unwrap();
-        match d.recv("welcome").await {
-            Ok(Msg::Reject { reason, message }) => {
+        // The session's own proof, over a plaintext connection.
+        match ferry_tests::data_channel_with(addr, &c.session_keys().unwrap()).await {
+            Err(TransportError::Rejected { reason, message }) => {
                 assert_eq!(reason, RejectReason::Encryption);
                 assert!(
                     message.contains("control connection is encrypted"),

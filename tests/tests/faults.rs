@@ -216,7 +216,10 @@ fn destination_killed_between_ready_and_commit() {
     assert!(saw_msg(&seen, "Switchover"));
     assert!(!saw_msg(&seen, "Commit"), "Commit was never sent");
     assert_dest_killed(&dest);
-    assert_source_kept_guest(&src, &["error: peer closed the control connection"]);
+    assert_source_kept_guest(
+        &src,
+        &["migration failed: peer closed the control connection"],
+    );
 }
 
 #[test]
@@ -230,7 +233,8 @@ fn destination_killed_after_commit_was_sent_leaves_the_guest_paused() {
     });
     assert_dest_killed(&dest);
     assert!(!src.panicked(), "{}", src.all());
-    assert_eq!(src.status.code(), Some(1), "{}", src.all());
+    // Exit status 4: the guest is left paused here.
+    assert_eq!(src.status.code(), Some(4), "{}", src.all());
     assert!(
         src.stderr.contains(
             "commit was sent but the destination did not confirm it (peer closed the control connection"

@@ -106,7 +106,7 @@ impl NsProc {
             .args(["netns", "exec", ns])
             .arg(ferry_bin())
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,ferry=info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -123,7 +123,7 @@ impl NsProc {
         let err = std::thread::spawn(move || {
             let mut s = String::new();
             for l in BufReader::new(se).lines().map_while(Result::ok) {
-                if l.contains("ferry: listening on") {
+                if l.contains("listening on") {
                     let _ = tx.send(());
                 }
                 s.push_str(&l);

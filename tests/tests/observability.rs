@@ -18,9 +18,7 @@ fn metrics_count_a_committed_and_an_unauthenticated_migration() {
     let wrong = key_file(dir.path(), "wrong", b"another key, 32 bytes long......");
     let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let maddr_s = maddr.to_string();
-    // --plaintext on both ends: a wrong key is then an authentication
-    // failure (with TLS's key-derived identity it fails the TLS handshake).
-    let (dest, addr) = daemon(&key, &["--plaintext", "--metrics", &maddr_s]);
+    let (dest, addr) = daemon(&key, &["--metrics", &maddr_s]);
     wait_for_port(maddr, "the metrics endpoint");
 
     let (status, body) = http_get(maddr, "/metrics");
@@ -38,7 +36,6 @@ fn metrics_count_a_committed_and_an_unauthenticated_migration() {
             "8MB/s",
             "--channels",
             "2",
-            "--plaintext",
             "--json",
             json.to_str().unwrap(),
         ],
@@ -48,7 +45,7 @@ fn metrics_count_a_committed_and_an_unauthenticated_migration() {
     let bad = send(
         addr,
         &wrong,
-        &["--memory", "16MiB", "--plaintext"],
+        &["--memory", "16MiB"],
         Duration::from_secs(60),
     );
     assert!(!bad.status.success(), "{}", bad.all());
@@ -133,7 +130,10 @@ fn send_json_records_a_time_series_that_report_draws() {
     assert!(dest.status.success(), "{}", dest.all());
 
     let s = summary(&json);
-    assert_eq!(s["schema"], 1);
+    assert_eq!(s["schema"], 2);
+    assert_eq!(s["outcome"], "committed");
+    assert_eq!(s["guest"], "destination");
+    assert!(s["error"].is_null());
     let rounds = s["rounds"].as_array().unwrap();
     for r in rounds {
         for f in [
@@ -191,7 +191,11 @@ fn send_json_records_a_time_series_that_report_draws() {
     assert!(out.stdout.contains("channel 1"), "{}", out.all());
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<?xml") && svg.trim_end().ends_with("</svg>"));
-    assert_eq!(svg.matches("<polyline").count(), 2, "one line per channel");
+    assert_eq!(
+        svg.matches("<polyline class=\"channel\"").count(),
+        2,
+        "one line per channel"
+    );
     assert!(svg.contains("switchover"));
 }
 

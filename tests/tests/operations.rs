@@ -156,10 +156,11 @@ fn memory_limit_bounds_the_sum_of_accepted_migrations() {
     );
     assert!(
         msg.contains(&format!(
-            "{} bytes (and {buffers} bytes of receive buffers for its first data channel) plus the {} bytes",
+            "40.00 MiB ({} bytes) (and {} of receive buffers for its first data channel) plus the {} of the migrations",
             40 * MIB,
-            40 * MIB + buffers
-        )) && msg.contains(&format!("--memory-limit of {} bytes", 64 * MIB)),
+            ferry_migration::units::human_exact(buffers),
+            ferry_migration::units::human_exact(40 * MIB + buffers),
+        )) && msg.contains(&format!("--memory-limit of 64.00 MiB ({} bytes)", 64 * MIB)),
         "{msg}"
     );
     // A smaller one still fits beside it.
@@ -266,8 +267,8 @@ fn a_stalled_authenticated_peer_is_timed_out_and_its_slot_and_memory_freed() {
     let out = small_send(addr, &k, "32MiB", &[]);
     assert!(out.status.success(), "{}", out.all());
     // The same with a data channel open and silent.
-    let (stalled_data, accept) = r.block_on(authed_session(addr, &key(), 40 * MIB));
-    let channel = r.block_on(ferry_tests::data_channel(addr, accept.data_token));
+    let (stalled_data, _) = r.block_on(authed_session(addr, &key(), 40 * MIB));
+    let channel = r.block_on(ferry_tests::data_channel(addr, &stalled_data));
     let out = small_send(addr, &k, "32MiB", &[]);
     assert!(out.status.success(), "{}", out.all());
     drop((stalled, stalled_data, channel));

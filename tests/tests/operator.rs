@@ -2,10 +2,13 @@
 //! record for every outcome, cancel and shutdown by signal, progress lines
 //! in logs, and the `--events` stream, each with real `ferry` processes.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
 use std::time::Duration;
 
-use ferry_tests::{key_file, Proc};
+use ferry_tests::{
+    daemon, free_port, key_file, send, signal, start_send, wait_for_file, wait_for_port, Proc,
+};
 
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
@@ -63,4 +66,565 @@ fn bad_units_are_refused_with_the_likely_value_before_connecting() {
         assert!(out.stderr.contains(flag), "names the flag: {}", out.all());
     }
     assert!(nobody_connected(&l), "nothing connected for a refused flag");
+}
+
+/// `ferry listen` on a free loopback port with ferry's default log level
+/// (info), waiting until it accepts connections.
+fn daemon_logging(key: &Path) -> (Proc, SocketAddr) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let p = Proc::start_logging(
+        &[
+            "listen",
+            "--listen",
+            &addr.to_string(),
+            "--auth-key-file",
+            key.to_str().unwrap(),
+        ],
+        None,
+    );
+    wait_for_port(addr, "ferry listen");
+    (p, addr)
+}
+
+/// `ferry send` with ferry's default log level (info).
+fn send_logging(addr: SocketAddr, key: &Path, extra: &[&str]) -> Proc {
+    let to = addr.to_string();
+    let mut args = vec![
+        "send",
+        "--to",
+        &to,
+        "--auth-key-file",
+        key.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Proc::start_logging(&args, None)
+}
+
+/// Reads a `--json` record.
+fn record(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("no record at {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// `ferry report FILE` succeeds and mentions `want`.
+fn report_reads(path: &Path, want: &str) {
+    let out = Proc::start(&["report", path.to_str().unwrap()]).wait(WAIT);
+    assert!(out.status.success(), "{}", out.all());
+    assert!(out.stdout.contains(want), "{want:?}: {}", out.all());
+}
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// A guest that keeps a migration in pre-copy for a few seconds: its
+/// 32 MiB are all data, and the link is held to 8 MB/s.
+const SLOW: [&str; 10] = [
+    "--memory",
+    "32MiB",
+    "--dirty-rate",
+    "4MB/s",
+    "--bandwidth-limit",
+    "8MB/s",
+    "--performance-option",
+    "tcp",
+    "--zero-fraction",
+    "0",
+];
+
+#[test]
+fn an_unwritable_json_or_events_path_stops_before_anything_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let (l, addr) = silent_listener();
+    for (flag, path, want) in [
+        (
+            "--json",
+            "/nonexistent/dir/r.json",
+            "cannot create a file in /nonexistent/dir",
+        ),
+        ("--json", dir.path().to_str().unwrap(), "is a directory"),
+        (
+            "--events",
+            "/nonexistent/dir/e.jsonl",
+            "--events /nonexistent/dir/e.jsonl",
+        ),
+    ] {
+        let out = Proc::start(&[
+            "send",
+            "--to",
+            &addr,
+            "--auth-key-file",
+            key.to_str().unwrap(),
+            "--memory",
+            "16MiB",
+            flag,
+            path,
+        ])
+        .wait(WAIT);
+        assert_eq!(out.status.code(), Some(1), "{}", out.all());
+        assert!(!out.panicked(), "{}", out.all());
+        assert!(out.stderr.contains(flag), "{}", out.all());
+        assert!(out.stderr.contains(want), "{want:?}: {}", out.all());
+        assert!(out.stderr.contains("nothing was migrated"), "{}", out.all());
+    }
+    assert!(nobody_connected(&l), "no migration was attempted");
+    // No temporary file was left behind either.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "only the key: {left:?}");
+}
+
+#[test]
+fn every_outcome_writes_a_record_that_report_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let json = |name: &str| dir.path().join(name);
+
+    // Committed.
+    let (dest, addr) = daemon(&key, &[]);
+    let ok = send(
+        addr,
+        &key,
+        &[
+            "--memory",
+            "16MiB",
+            "--json",
+            json("ok.json").to_str().unwrap(),
+        ],
+        WAIT,
+    );
+    assert!(ok.status.success(), "{}", ok.all());
+    let r = record(&json("ok.json"));
+    assert_eq!(r["schema"], 2);
+    assert_eq!(r["outcome"], "committed", "{r}");
+    assert_eq!(r["guest"], "destination");
+    assert!(r["error"].is_null());
+    assert_eq!(r["migration_id"], 1);
+    assert!(r["downtime_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["downtime_limit_ms"], 300.0);
+    report_reads(&json("ok.json"), "committed");
+
+    // Not converged: the round cap comes before the pause fits.
+    let nc = send(
+        addr,
+        &key,
+        &[
+            "--memory",
+            "8MiB",
+            "--zero-fraction",
+            "0",
+            "--dirty-rate",
+            "40MB/s",
+            "--bandwidth-limit",
+            "8MB/s",
+            "--performance-option",
+            "tcp",
+            "--downtime-limit",
+            "1ms",
+            "--max-rounds",
+            "2",
+            "--json",
+            json("nc.json").to_str().unwrap(),
+        ],
+        WAIT,
+    );
+    assert_eq!(nc.status.code(), Some(3), "{}", nc.all());
+    let r = record(&json("nc.json"));
+    assert_eq!(r["outcome"], "not_converged", "{r}");
+    assert_eq!(r["guest"], "source");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("did not converge after 2 rounds"),
+        "{r}"
+    );
+    assert_eq!(r["rounds"].as_array().unwrap().len(), 2, "{r}");
+    assert!(r["samples"].as_array().unwrap().len() > 1);
+    assert!(r.get("downtime_ms").is_none(), "no pause happened: {r}");
+    report_reads(&json("nc.json"), "not_converged");
+    let dest = dest.kill();
+    assert!(dest.stdout.contains("did not converge"), "{}", dest.all());
+
+    // Failed: nobody at the destination.
+    let gone = format!("127.0.0.1:{}", free_port());
+    let failed = Proc::start(&[
+        "send",
+        "--to",
+        &gone,
+        "--auth-key-file",
+        key.to_str().unwrap(),
+        "--memory",
+        "16MiB",
+        "--json",
+        json("failed.json").to_str().unwrap(),
+    ])
+    .wait(WAIT);
+    assert_eq!(failed.status.code(), Some(1), "{}", failed.all());
+    let r = record(&json("failed.json"));
+    assert_eq!(r["outcome"], "failed", "{r}");
+    assert_eq!(r["guest"], "source");
+    assert!(
+        r["error"].as_str().unwrap().contains("cannot connect"),
+        "{r}"
+    );
+    assert!(r["migration_id"].is_null());
+    report_reads(&json("failed.json"), "failed");
+    // (cancelled: sigint_on_send_cancels_and_the_destination_reports_it)
+}
+
+#[test]
+fn sigint_on_send_cancels_and_the_destination_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let (dest, addr) = daemon(&key, &[]);
+    let json = dir.path().join("c.json");
+    let events = dir.path().join("c.jsonl");
+    let src = start_send(
+        addr,
+        &key,
+        &[
+            &SLOW[..],
+            &[
+                "--json",
+                json.to_str().unwrap(),
+                "--events",
+                events.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    // Mid-way through round 0.
+    wait_for_file(&events, "\"phase\":\"precopy\"", WAIT);
+    signal(src.pid(), "INT");
+    let src = src.wait(WAIT);
+    assert_eq!(src.status.code(), Some(130), "{}", src.all());
+    assert!(!src.panicked(), "{}", src.all());
+    assert!(
+        src.stderr.contains("SIGINT: cancelling the migration"),
+        "{}",
+        src.all()
+    );
+    assert!(
+        src.stderr.contains(
+            "migration cancelled: cancelled by the operator (SIGINT); the guest keeps running on this host (running: true)"
+        ),
+        "{}",
+        src.all()
+    );
+    assert!(!src.stdout.contains("migration committed"), "{}", src.all());
+    let r = record(&json);
+    assert_eq!(r["outcome"], "cancelled", "{r}");
+    assert_eq!(r["guest"], "source");
+    report_reads(&json, "cancelled");
+    let ev = std::fs::read_to_string(&events).unwrap();
+    let last: serde_json::Value = serde_json::from_str(ev.lines().last().unwrap()).unwrap();
+    assert_eq!(last["event"], "outcome");
+    assert_eq!(last["outcome"], "cancelled");
+    // The destination heard why, freed the migration, and takes the next.
+    let out = dest.wait_for_output("cancelled by the operator", WAIT);
+    assert!(
+        out.contains("failed: peer aborted the migration: cancelled by the operator (SIGINT)"),
+        "{out}"
+    );
+    let next = send(addr, &key, &["--memory", "16MiB"], WAIT);
+    assert!(next.status.success(), "{}", next.all());
+    dest.kill();
+}
+
+#[test]
+fn sigterm_on_listen_aborts_the_migration_in_flight_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let (dest, addr) = daemon_logging(&key);
+    let json = dir.path().join("s.json");
+    let events = dir.path().join("s.jsonl");
+    let src = start_send(
+        addr,
+        &key,
+        &[
+            &SLOW[..],
+            &[
+                "--json",
+                json.to_str().unwrap(),
+                "--events",
+                events.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    wait_for_file(&events, "\"phase\":\"precopy\"", WAIT);
+    signal(dest.pid(), "TERM");
+    let dest = dest.wait(WAIT);
+    let src = src.wait(WAIT);
+    // The daemon stopped cleanly, after aborting and freeing the migration.
+    assert_eq!(dest.status.code(), Some(0), "{}", dest.all());
+    assert!(
+        dest.stderr.contains("SIGTERM: shutting down"),
+        "{}",
+        dest.all()
+    );
+    assert!(
+        dest.stdout.contains("failed: destination shutting down"),
+        "{}",
+        dest.all()
+    );
+    assert!(
+        dest.stderr
+            .contains("stopped: every migration ended and its memory was freed"),
+        "{}",
+        dest.all()
+    );
+    // The source names the shutdown, and keeps its guest.
+    assert_eq!(src.status.code(), Some(1), "{}", src.all());
+    assert!(
+        src.stderr
+            .contains("the destination aborted: destination shutting down"),
+        "{}",
+        src.all()
+    );
+    assert!(
+        src.stderr
+            .contains("the guest keeps running on this host (running: true)"),
+        "{}",
+        src.all()
+    );
+    let r = record(&json);
+    assert_eq!(r["outcome"], "failed");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("destination shutting down"),
+        "{r}"
+    );
+    // Nothing listens there any more.
+    assert!(std::net::TcpStream::connect(addr).is_err());
+}
+
+#[test]
+fn without_a_terminal_progress_is_a_log_line_every_interval_and_quiet_turns_it_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let (dest, addr) = daemon(&key, &[]);
+    let src = send_logging(
+        addr,
+        &key,
+        &[&SLOW[..], &["--progress-interval", "1s"]].concat(),
+    )
+    .wait(WAIT);
+    assert!(src.status.success(), "{}", src.all());
+    // stderr is a pipe here: plain lines, no terminal control codes.
+    let lines: Vec<&str> = src
+        .stderr
+        .lines()
+        .filter(|l| l.contains("progress: round"))
+        .collect();
+    assert!(lines.len() >= 2, "progress lines: {}", src.all());
+    for l in &lines {
+        assert!(l.contains("% of "), "percent of the round: {l}");
+        assert!(l.contains("/s"), "rate: {l}");
+        assert!(l.contains("ETA"), "ETA: {l}");
+        assert!(l.contains("dirty left"), "{l}");
+    }
+    assert!(!src.stderr.contains('\r') && !src.stderr.contains('\x1b'));
+    // The summary follows on stdout, no progress in it.
+    assert!(src.stdout.contains("migration committed"), "{}", src.all());
+    assert!(!src.stdout.contains("progress"), "{}", src.all());
+
+    let quiet = send_logging(
+        addr,
+        &key,
+        &[&SLOW[..], &["--progress-interval", "1s", "--quiet"]].concat(),
+    )
+    .wait(WAIT);
+    assert!(quiet.status.success(), "{}", quiet.all());
+    assert!(!quiet.stderr.contains("progress"), "{}", quiet.all());
+    assert!(
+        quiet.stdout.contains("migration committed"),
+        "{}",
+        quiet.all()
+    );
+    dest.kill();
+}
+
+#[test]
+fn the_events_stream_tells_the_migration_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let (dest, addr) = daemon(&key, &[]);
+    let src = send(
+        addr,
+        &key,
+        &[
+            "--memory",
+            "32MiB",
+            "--dirty-rate",
+            "8MB/s",
+            "--events",
+            "-",
+        ],
+        WAIT,
+    );
+    assert!(src.status.success(), "{}", src.all());
+    // stdout is only the stream; the summary went to stderr.
+    let events: Vec<serde_json::Value> = src
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(src.stderr.contains("migration committed"), "{}", src.all());
+    let kinds: Vec<String> = events
+        .iter()
+        .map(|e| match e["event"].as_str().unwrap() {
+            "phase" => format!("phase:{}", e["phase"].as_str().unwrap()),
+            k => k.to_string(),
+        })
+        .collect();
+    // connecting, connected, precopy, rounds..., switchover, paused,
+    // resumed, done, outcome.
+    let rounds = kinds.iter().filter(|k| *k == "round").count();
+    assert!(rounds >= 1, "{kinds:?}");
+    let mut want: Vec<String> = ["phase:connecting", "connected", "phase:precopy"]
+        .map(String::from)
+        .to_vec();
+    want.extend(std::iter::repeat_n("round".to_string(), rounds));
+    want.extend(
+        [
+            "phase:switchover",
+            "paused",
+            "resumed",
+            "phase:done",
+            "outcome",
+        ]
+        .map(String::from),
+    );
+    assert_eq!(kinds, want, "{}", src.stdout);
+    // Times only go forward; rounds count up and carry their figures.
+    let t: Vec<f64> = events.iter().map(|e| e["t_ms"].as_f64().unwrap()).collect();
+    assert!(t.windows(2).all(|w| w[0] <= w[1]), "{t:?}");
+    let round_events: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["event"] == "round").collect();
+    for (i, r) in round_events.iter().enumerate() {
+        assert_eq!(r["round"], i as u64, "{r}");
+        for f in [
+            "bytes",
+            "duration_ms",
+            "rate_bytes_per_sec",
+            "dirty_bytes_after",
+        ] {
+            assert!(r[f].is_number(), "{f} in {r}");
+        }
+    }
+    let paused = events.iter().find(|e| e["event"] == "paused").unwrap();
+    assert_eq!(paused["downtime_limit_ms"], 300.0, "{paused}");
+    let resumed = events.iter().find(|e| e["event"] == "resumed").unwrap();
+    assert_eq!(resumed["on"], "destination", "{resumed}");
+    assert!(resumed["downtime_ms"].as_f64().unwrap() > 0.0);
+    let connected = events.iter().find(|e| e["event"] == "connected").unwrap();
+    assert_eq!(connected["migration_id"], 1);
+    let last = events.last().unwrap();
+    assert_eq!(last["outcome"], "committed", "{last}");
+    assert!(last.get("error").is_none(), "{last}");
+    dest.kill();
+}
+
+#[test]
+fn listen_takes_a_host_name_and_send_says_when_a_port_is_not_ferry() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    // --listen accepts a name, as --to does.
+    let port = free_port();
+    let dest = Proc::start(&[
+        "listen",
+        "--listen",
+        &format!("localhost:{port}"),
+        "--auth-key-file",
+        key.to_str().unwrap(),
+    ]);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_for_port(addr, "ferry listen --listen localhost:PORT");
+    let ok = send(addr, &key, &["--memory", "16MiB"], WAIT);
+    assert!(ok.status.success(), "{}", ok.all());
+    dest.wait_for_output(" committed: 16.00 MiB", WAIT);
+    dest.kill();
+
+    // Something else on the port: named as such, not a bare protocol error.
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_addr = other.local_addr().unwrap();
+    let banner = std::thread::spawn(move || {
+        use std::io::Write;
+        if let Ok((mut c, _)) = other.accept() {
+            let _ = c.write_all(b"SSH-2.0-OpenSSH_9.2\r\n");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    let out = send(
+        other_addr,
+        &key,
+        &["--memory", "16MiB", "--plaintext"],
+        WAIT,
+    );
+    banner.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", out.all());
+    assert!(
+        out.stderr.contains(&format!(
+            "{other_addr} is not a ferry listen port: it answered \"SSH-\""
+        )),
+        "{}",
+        out.all()
+    );
+}
+
+#[test]
+fn a_record_that_cannot_be_written_after_a_commit_is_only_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let (dest, addr) = daemon(&key, &[]);
+    // The record's directory exists when the command checks it, and is
+    // gone by the time the record is written.
+    let out_dir = dir.path().join("records");
+    std::fs::create_dir(&out_dir).unwrap();
+    let json = out_dir.join("r.json");
+    let events = dir.path().join("e.jsonl");
+    let src = start_send(
+        addr,
+        &key,
+        &[
+            &SLOW[..],
+            &[
+                "--json",
+                json.to_str().unwrap(),
+                "--events",
+                events.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    wait_for_file(&events, "\"phase\":\"precopy\"", WAIT);
+    std::fs::remove_dir_all(&out_dir).unwrap();
+    let src = src.wait(WAIT);
+    assert_eq!(
+        src.status.code(),
+        Some(0),
+        "a committed migration: {}",
+        src.all()
+    );
+    assert!(src.stdout.contains("migration committed"), "{}", src.all());
+    assert!(
+        src.stderr.contains(&format!(
+            "the migration committed, but its --json record could not be written to {}",
+            json.display()
+        )),
+        "{}",
+        src.all()
+    );
+    assert!(
+        !src.stderr.contains("keeps running on this host"),
+        "{}",
+        src.all()
+    );
+    dest.kill();
 }

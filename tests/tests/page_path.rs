@@ -59,11 +59,11 @@ fn a_frame_older_than_any_channel_has_seen_is_refused_on_every_channel() {
         let mut o = offer(1 << 20);
         o.channels = 2;
         c.send(&Msg::Offer(o)).await.unwrap();
-        let Msg::Accept(accept) = c.recv("accept").await.unwrap() else {
+        let Msg::Accept(_) = c.recv("accept").await.unwrap() else {
             panic!("expected Accept")
         };
-        let mut a = data_channel(addr, accept.data_token).await;
-        let mut b = data_channel(addr, accept.data_token).await;
+        let mut a = data_channel(addr, &c).await;
+        let mut b = data_channel(addr, &c).await;
         // Round 1 begins on channel a...
         send_page(&mut a, &keys, 1, 1, 0, 0x11).await;
         assert_eq!(read_ack(&mut a, &keys).await, Some((1, AckStatus::Landed)));
@@ -160,12 +160,12 @@ fn a_daemon_under_the_16_mib_frame_attack_stays_within_its_reservation() {
         o.option = ferry_transport::proto::PerformanceOption::Compression { codec: 2, level: 1 };
         o.channels = 9;
         c.send(&Msg::Offer(o)).await.unwrap();
-        let Msg::Accept(accept) = c.recv("accept").await.unwrap() else {
+        let Msg::Accept(_) = c.recv("accept").await.unwrap() else {
             panic!("expected Accept")
         };
         let mut chans = Vec::new();
         for i in 0..9u64 {
-            let mut d = data_channel(addr, accept.data_token).await;
+            let mut d = data_channel(addr, &c).await;
             let _ = d.write_all(&announcing_16_mib(&keys, i)).await;
             chans.push(d);
         }

@@ -1,14 +1,18 @@
 //! An authenticated, framed control connection over tokio TCP, plain or
-//! TLS ([`Stream`]).
+//! TLS ([`Stream`]): the handshake (the source proves itself first, both
+//! proofs bound to the transcript and the TLS session, see
+//! [`ferry_proto::handshake`]), a tag on every control message after it,
+//! and the data channels' admission by proof.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_proto::SessionKeys;
+use ferry_proto::handshake::{self, ControlTags, HandshakeView, Prover, TAG_LEN};
+use ferry_proto::{MacKey, SessionKeys};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 
-use crate::auth::{self, AuthKey, Side};
+use crate::auth::{self, AuthKey};
 use crate::error::{Result, TransportError};
 use crate::proto::{
     Msg, RejectReason, Role, MAX_CONTROL_BODY, PREAUTH_BODY_LIMIT, PROTOCOL_MAX, PROTOCOL_MIN,
@@ -67,6 +71,10 @@ pub struct Conn {
     peer: String,
     transcript: Transcript,
     keys: Option<Arc<SessionKeys>>,
+    /// Tags of the frames this side sends (after authentication).
+    seal: Option<ControlTags>,
+    /// Tags of the frames this side receives (after authentication).
+    open: Option<ControlTags>,
 }
 
 impl Conn {
@@ -86,6 +94,8 @@ impl Conn {
             peer,
             transcript: Transcript::default(),
             keys: None,
+            seal: None,
+            open: None,
         }
     }
 
@@ -109,8 +119,16 @@ impl Conn {
         self.timeout
     }
 
-    /// Raises the body limit once the peer is authenticated.
-    pub fn authenticated(&mut self) {
+    /// Authentication passed: the session's keys, the larger body limit,
+    /// and tags on every frame from now on, each way.
+    fn authenticated(&mut self, keys: SessionKeys, side: Prover) {
+        let (seal, open) = match side {
+            Prover::Source => (keys.control_s2d.clone(), keys.control_d2s.clone()),
+            Prover::Destination => (keys.control_d2s.clone(), keys.control_s2d.clone()),
+        };
+        self.seal = Some(ControlTags::new(seal));
+        self.open = Some(ControlTags::new(open));
+        self.keys = Some(Arc::new(keys));
         self.limit = MAX_CONTROL_BODY;
     }
 
@@ -135,9 +153,9 @@ impl Conn {
         self.stream.is_encrypted()
     }
 
-    /// Sends one message.
+    /// Sends one message (tagged once authenticated).
     pub async fn send(&mut self, msg: &Msg) -> Result<()> {
-        let bytes = msg.encode();
+        let bytes = msg.encode_frame(self.seal.as_mut());
         self.transcript.sent(&bytes);
         write_flush(&mut self.stream, &bytes).await.map_err(|e| {
             TransportError::io(
@@ -167,21 +185,28 @@ impl Conn {
 
     async fn recv_inner(&mut self, what: &'static str) -> Result<Msg> {
         let heard = self.transcript.received();
-        read_msg(&mut self.stream, self.limit, what, &heard).await
+        read_msg(&mut self.stream, self.limit, what, &heard, &mut self.open).await
     }
 
     /// Splits the connection: a task reads messages into a channel (so a
     /// receive can sit in `select!` without losing half a frame), and the
-    /// returned [`ConnWriter`] sends.
+    /// returned [`ConnWriter`] sends. The reader task ends when the
+    /// connection fails or ends, when the receiver is dropped, or when the
+    /// writer is dropped (it holds the task's abort handle): a silent peer
+    /// cannot keep the socket open past the session.
     pub fn split(self) -> (ConnWriter, tokio::sync::mpsc::Receiver<Result<Msg>>) {
         let (read, write) = tokio::io::split(self.stream);
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let limit = self.limit;
         let heard = self.transcript.received();
-        tokio::spawn(async move {
+        let mut open = self.open;
+        let reader = tokio::spawn(async move {
             let mut read = read;
             loop {
-                let r = read_msg(&mut read, limit, "a control message", &heard).await;
+                let r = tokio::select! {
+                    r = read_msg(&mut read, limit, "a control message", &heard, &mut open) => r,
+                    () = tx.closed() => return,
+                };
                 let stop = r.is_err();
                 if tx.send(r).await.is_err() || stop {
                     return;
@@ -194,6 +219,8 @@ impl Conn {
                 peer: self.peer,
                 transcript: self.transcript,
                 keys: self.keys,
+                seal: self.seal,
+                _reader: AbortOnDrop(reader.abort_handle()),
             },
             rx,
         )
@@ -210,23 +237,37 @@ impl Conn {
         .await;
     }
 
-    /// Source side of the handshake: hello, mutual authentication.
-    /// Returns the protocol version chosen by the destination.
-    pub async fn client_handshake(&mut self, key: &AuthKey) -> Result<u16> {
+    /// The channel binding of this connection (see
+    /// [`Stream::channel_binding`]).
+    fn binding(&self) -> Result<Vec<u8>> {
+        self.stream
+            .channel_binding()
+            .map_err(|e| TransportError::Tls(format!("channel binding: {e}")))
+    }
+
+    /// The transcripts as the source (`side`) or the destination sees them,
+    /// put the source's way round.
+    fn transcripts(&self, side: Prover) -> ([u8; 32], [u8; 32]) {
+        let t = self.transcript.hashes();
+        match side {
+            Prover::Source => (t.sent, t.received),
+            Prover::Destination => (t.received, t.sent),
+        }
+    }
+
+    /// Sends a hello with a fresh nonce and reads the destination's reply:
+    /// its chosen version and nonce.
+    async fn hello(&mut self, role: Role) -> Result<([u8; 32], u16, [u8; 32])> {
         let nonce_s = auth::nonce();
         self.send(&Msg::Hello {
             min_version: PROTOCOL_MIN,
             max_version: PROTOCOL_MAX,
-            role: Role::Control,
+            role,
             nonce: nonce_s,
         })
         .await?;
-        let (version, nonce_d, proof_d) = match self.recv("the destination's hello").await? {
-            Msg::HelloReply {
-                version,
-                nonce,
-                proof,
-            } => (version, nonce, proof),
+        let (version, nonce_d) = match self.recv("the destination's hello").await? {
+            Msg::HelloReply { version, nonce } => (version, nonce),
             Msg::Reject { reason, message } => {
                 return Err(TransportError::Rejected { reason, message })
             }
@@ -245,35 +286,58 @@ impl Conn {
                 ours_max: PROTOCOL_MAX,
             });
         }
-        if !key.verify(Side::Destination, &nonce_s, &nonce_d, &proof_d) {
-            self.abort("authentication failed: destination proof does not match our key")
-                .await;
-            return Err(TransportError::AuthFailed(
-                "the destination's proof does not match our key (different --auth-key-file?)",
-            ));
+        Ok((nonce_s, version, nonce_d))
+    }
+
+    /// Reads the destination's `Welcome` and its proof.
+    async fn welcome(&mut self) -> Result<[u8; 32]> {
+        match self.recv("the destination's welcome").await? {
+            Msg::Welcome { proof } => Ok(proof),
+            Msg::Reject { reason, message } => Err(TransportError::Rejected { reason, message }),
+            m => Err(TransportError::Unexpected {
+                expected: "Welcome",
+                got: m.name().into(),
+            }),
         }
+    }
+
+    /// Source side of the handshake: hello, then the source's proof, then
+    /// the destination's, checked before anything else is sent. Returns the
+    /// protocol version chosen by the destination.
+    pub async fn client_handshake(&mut self, key: &AuthKey) -> Result<u16> {
+        let (nonce_s, version, nonce_d) = self.hello(Role::Control).await?;
+        let binding = self.binding()?;
+        let (s2d, d2s) = self.transcripts(Prover::Source);
+        let view = HandshakeView {
+            binding: &binding,
+            s2d,
+            d2s,
+        };
         self.send(&Msg::Auth {
-            proof: key.proof(Side::Source, &nonce_d, &nonce_s),
+            proof: handshake::key_proof(key.bytes(), Prover::Source, &view),
         })
         .await?;
-        match self.recv("authentication result").await? {
-            Msg::Welcome => self.keys = Some(Arc::new(key.session_keys(&nonce_s, &nonce_d))),
-            Msg::Reject { reason, message } => {
-                return Err(TransportError::Rejected { reason, message })
-            }
-            m => {
-                return Err(TransportError::Unexpected {
-                    expected: "Welcome",
-                    got: m.name().into(),
-                })
-            }
+        let (s2d, d2s) = self.transcripts(Prover::Source);
+        let proof_d = self.welcome().await?;
+        let view = HandshakeView {
+            binding: &binding,
+            s2d,
+            d2s,
+        };
+        if !handshake::verify_key_proof(key.bytes(), Prover::Destination, &view, &proof_d) {
+            self.abort("authentication failed: the destination's proof does not match our key")
+                .await;
+            return Err(TransportError::AuthFailed(
+                "the destination's proof does not match our key (a different --auth-key-file, or someone in between)",
+            ));
         }
-        self.authenticated();
+        self.authenticated(key.session_keys(&nonce_s, &nonce_d), Prover::Source);
         Ok(version)
     }
 
-    /// Destination side of the handshake after the hello was read: answers
-    /// the challenge and checks the source's proof.
+    /// Destination side of the handshake after the hello was read: sends
+    /// its nonce (nothing derived from the key), checks the source's proof,
+    /// and only then proves itself.
     pub async fn server_authenticate(
         &mut self,
         key: &AuthKey,
@@ -281,13 +345,13 @@ impl Conn {
         version: u16,
     ) -> Result<()> {
         let nonce_d = auth::nonce();
-        let proof = key.proof(Side::Destination, &nonce_s, &nonce_d);
         self.send(&Msg::HelloReply {
             version,
             nonce: nonce_d,
-            proof,
         })
         .await?;
+        let binding = self.binding()?;
+        let (s2d, d2s) = self.transcripts(Prover::Destination);
         let proof_s = match self.recv("the source's authentication").await? {
             Msg::Auth { proof } => proof,
             m => {
@@ -297,21 +361,78 @@ impl Conn {
                 })
             }
         };
-        if !key.verify(Side::Source, &nonce_d, &nonce_s, &proof_s) {
+        let view = HandshakeView {
+            binding: &binding,
+            s2d,
+            d2s,
+        };
+        if !handshake::verify_key_proof(key.bytes(), Prover::Source, &view, &proof_s) {
             let _ = self
                 .send(&Msg::Reject {
                     reason: RejectReason::Auth,
-                    message: "authentication failed: wrong key".into(),
+                    message: "authentication failed: the source's proof does not match this destination's key (the two --auth-key-file keys differ, or something in between relays the connection)".into(),
                 })
                 .await;
             return Err(TransportError::AuthFailed(
-                "the source's proof does not match our key",
+                "the source's proof does not match our key (the two --auth-key-file keys differ, or something in between relays the connection)",
             ));
         }
-        self.send(&Msg::Welcome).await?;
-        self.keys = Some(Arc::new(key.session_keys(&nonce_s, &nonce_d)));
-        self.authenticated();
+        let (s2d, d2s) = self.transcripts(Prover::Destination);
+        let view = HandshakeView {
+            binding: &binding,
+            s2d,
+            d2s,
+        };
+        self.send(&Msg::Welcome {
+            proof: handshake::key_proof(key.bytes(), Prover::Destination, &view),
+        })
+        .await?;
+        self.authenticated(key.session_keys(&nonce_s, &nonce_d), Prover::Destination);
         Ok(())
+    }
+
+    /// Destination side of a data channel after its hello was read: sends
+    /// its nonce and reads the source's proof, to be matched against the
+    /// `data_channel` keys of the sessions that take channels
+    /// ([`DataClaim::belongs_to`]), then answered with [`Conn::admit_data`]
+    /// or a rejection.
+    pub async fn data_challenge(&mut self, version: u16) -> Result<DataClaim> {
+        self.send(&Msg::HelloReply {
+            version,
+            nonce: auth::nonce(),
+        })
+        .await?;
+        let binding = self.binding()?;
+        let before = self.transcripts(Prover::Destination);
+        let proof = match self.recv("the data channel's proof").await? {
+            Msg::Auth { proof } => proof,
+            m => {
+                return Err(TransportError::Unexpected {
+                    expected: "Auth",
+                    got: m.name().into(),
+                })
+            }
+        };
+        Ok(DataClaim {
+            binding,
+            before,
+            after: self.transcripts(Prover::Destination),
+            proof,
+        })
+    }
+
+    /// Admits a data channel whose claim matched `key`: sends the
+    /// destination's proof of the same session.
+    pub async fn admit_data(&mut self, claim: &DataClaim, key: &MacKey) -> Result<()> {
+        let view = HandshakeView {
+            binding: &claim.binding,
+            s2d: claim.after.0,
+            d2s: claim.after.1,
+        };
+        self.send(&Msg::Welcome {
+            proof: handshake::data_proof(key, Prover::Destination, &view),
+        })
+        .await
     }
 
     /// Sends a rejection and returns the matching error.
@@ -324,6 +445,68 @@ impl Conn {
             .await;
         TransportError::Rejected { reason, message }
     }
+}
+
+/// A data channel's proof, read by [`Conn::data_challenge`]: which
+/// session it belongs to is found by trying the `data_channel` keys of the
+/// sessions that take channels.
+#[derive(Debug, Clone)]
+pub struct DataClaim {
+    binding: Vec<u8>,
+    /// Transcripts (source's, destination's) before and after the proof.
+    before: ([u8; 32], [u8; 32]),
+    after: ([u8; 32], [u8; 32]),
+    proof: [u8; 32],
+}
+
+impl DataClaim {
+    /// True if the channel proved it belongs to the session of `key` (its
+    /// `data_channel` key); constant time.
+    pub fn belongs_to(&self, key: &MacKey) -> bool {
+        let view = HandshakeView {
+            binding: &self.binding,
+            s2d: self.before.0,
+            d2s: self.before.1,
+        };
+        handshake::verify_data_proof(key, Prover::Source, &view, &self.proof)
+    }
+}
+
+/// Source side of a data channel on a connected stream (TLS or not): hello,
+/// the proof that it belongs to the session of `keys`, and the
+/// destination's proof of the same session. No token crosses the network.
+/// Returns the stream, ready for data frames.
+pub async fn open_data_channel(
+    stream: Stream,
+    keys: &SessionKeys,
+    timeout: Duration,
+) -> Result<Stream> {
+    let mut c = Conn::new(stream, timeout);
+    c.hello(Role::Data).await?;
+    let binding = c.binding()?;
+    let (s2d, d2s) = c.transcripts(Prover::Source);
+    let view = HandshakeView {
+        binding: &binding,
+        s2d,
+        d2s,
+    };
+    c.send(&Msg::Auth {
+        proof: handshake::data_proof(&keys.data_channel, Prover::Source, &view),
+    })
+    .await?;
+    let (s2d, d2s) = c.transcripts(Prover::Source);
+    let proof_d = c.welcome().await?;
+    let view = HandshakeView {
+        binding: &binding,
+        s2d,
+        d2s,
+    };
+    if !handshake::verify_data_proof(&keys.data_channel, Prover::Destination, &view, &proof_d) {
+        return Err(TransportError::AuthFailed(
+            "the destination's data-channel proof is not from our session",
+        ));
+    }
+    Ok(c.into_stream())
 }
 
 /// Picks the highest version both sides speak.
@@ -341,36 +524,64 @@ pub fn negotiate(peer_min: u16, peer_max: u16) -> Result<u16> {
 }
 
 /// Reads one framed message; an `Abort` from the peer becomes
-/// [`TransportError::PeerAborted`].
+/// [`TransportError::PeerAborted`]. With `open` (after authentication) the
+/// frame must carry a tag that verifies, checked before the body is
+/// decoded; before it, a tagged frame is malformed.
 async fn read_msg<R: tokio::io::AsyncRead + Unpin>(
     read: &mut R,
     limit: u32,
     what: &'static str,
     heard: &Mutex<Sha256>,
+    open: &mut Option<ControlTags>,
 ) -> Result<Msg> {
     let mut head = [0u8; 16];
     read.read_exact(&mut head)
         .await
         .map_err(|e| TransportError::io(what, "control", e))?;
-    let (len, crc) = Msg::decode_header(&head, limit)?;
-    let mut body = vec![0u8; len as usize];
-    read.read_exact(&mut body)
+    let h = Msg::decode_head(&head, limit)?;
+    match (open.as_ref(), h.tagged) {
+        (Some(o), false) => {
+            return Err(TransportError::Unauthenticated {
+                seq: o.seq(),
+                detail: "it carries no tag (every control message after authentication must)",
+            })
+        }
+        (None, true) => {
+            return Err(TransportError::Malformed {
+                what: "control message",
+                detail: "a tagged frame before authentication".into(),
+            })
+        }
+        _ => {}
+    }
+    let mut rest = vec![0u8; h.rest_len()];
+    read.read_exact(&mut rest)
         .await
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::UnexpectedEof => TransportError::Malformed {
                 what: "control message",
                 detail: format!(
-                    "truncated: header announced {len} bytes, connection closed before them"
+                    "truncated: header announced {} bytes, connection closed before them",
+                    h.len
                 ),
             },
             _ => TransportError::io(what, "control", e),
         })?;
-    {
-        let mut h = heard.lock().unwrap_or_else(|e| e.into_inner());
-        h.update(head);
-        h.update(&body);
+    let (body, tag) = rest.split_at(h.len as usize);
+    if let Some(o) = open.as_mut() {
+        let tag: &[u8; TAG_LEN] = tag.try_into().expect("tagged frames end in a tag");
+        o.open(&head, body, tag)
+            .map_err(|b| TransportError::Unauthenticated {
+                seq: b.seq,
+                detail: "its tag does not match (changed, dropped, replayed or reordered on the way, or not sent by the peer)",
+            })?;
     }
-    let msg = Msg::decode_body(&body, crc)?;
+    {
+        let mut t = heard.lock().unwrap_or_else(|e| e.into_inner());
+        t.update(head);
+        t.update(&rest);
+    }
+    let msg = Msg::decode_body(body, h.crc)?;
     if let Msg::Abort { reason } = msg {
         return Err(TransportError::PeerAborted(reason));
     }
@@ -387,13 +598,25 @@ async fn write_flush<W: tokio::io::AsyncWrite + Unpin>(
     w.flush().await
 }
 
-/// Sending half of a split [`Conn`].
+/// Aborts a task when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sending half of a split [`Conn`]. Dropping it stops the reader task.
 #[derive(Debug)]
 pub struct ConnWriter {
     write: WriteHalf<Stream>,
     peer: String,
     transcript: Transcript,
     keys: Option<Arc<SessionKeys>>,
+    seal: Option<ControlTags>,
+    _reader: AbortOnDrop,
 }
 
 impl ConnWriter {
@@ -408,9 +631,9 @@ impl ConnWriter {
         self.transcript.hashes()
     }
 
-    /// Sends one message.
+    /// Sends one message (tagged once authenticated).
     pub async fn send(&mut self, msg: &Msg) -> Result<()> {
-        let bytes = msg.encode();
+        let bytes = msg.encode_frame(self.seal.as_mut());
         self.transcript.sent(&bytes);
         write_flush(&mut self.write, &bytes).await.map_err(|e| {
             TransportError::io(
@@ -436,38 +659,53 @@ impl ConnWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::{TcpListener, TcpStream};
+
+    fn t() -> Duration {
+        Duration::from_secs(5)
+    }
+
+    /// A connected pair of plain sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// The destination's side of a control handshake on `s`.
+    async fn serve(s: TcpStream, key: AuthKey) -> Result<Conn> {
+        let mut c = Conn::new(s, t());
+        let (version, nonce) = match c.recv("hello").await? {
+            Msg::Hello {
+                max_version, nonce, ..
+            } => (max_version, nonce),
+            m => panic!("{m:?}"),
+        };
+        c.server_authenticate(&key, nonce, version).await?;
+        Ok(c)
+    }
 
     #[tokio::test]
     async fn both_sides_derive_the_same_session_keys_and_mirror_transcripts() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let key = AuthKey::new(vec![7; 32]).unwrap();
-        let k2 = key.clone();
-        let server = tokio::spawn(async move {
-            let (s, _) = listener.accept().await.unwrap();
-            let mut c = Conn::new(s, Duration::from_secs(5));
-            let (version, nonce) = match c.recv("hello").await.unwrap() {
-                Msg::Hello {
-                    max_version, nonce, ..
-                } => (max_version, nonce),
-                m => panic!("{m:?}"),
-            };
-            c.server_authenticate(&k2, nonce, version).await.unwrap();
-            let (mut w, mut rx) = c.split();
-            w.send(&Msg::Welcome).await.unwrap();
-            let got = rx.recv().await.unwrap().unwrap();
-            assert!(matches!(got, Msg::RoundDone { round: 3, .. }));
-            (w.session_keys().unwrap(), w.transcript())
-        });
-        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut c = Conn::new(s, Duration::from_secs(5));
+        let (a, b) = pair().await;
+        let server = tokio::spawn(serve(b, key.clone()));
+        let mut c = Conn::new(a, t());
         assert!(c.session_keys().is_none(), "no keys before authentication");
         c.client_handshake(&key).await.unwrap();
+        let (mut w, mut rx) = server.await.unwrap().unwrap().split();
         c.send(&Msg::RoundDone { round: 3, pages: 1 })
             .await
             .unwrap();
-        assert!(matches!(c.recv("welcome").await.unwrap(), Msg::Welcome));
-        let (dest_keys, dest_t) = server.await.unwrap();
+        w.send(&Msg::Fenced { channels: vec![] }).await.unwrap();
+        let got = rx.recv().await.unwrap().unwrap();
+        assert!(matches!(got, Msg::RoundDone { round: 3, .. }));
+        assert!(matches!(
+            c.recv("fenced").await.unwrap(),
+            Msg::Fenced { .. }
+        ));
+        let (dest_keys, dest_t) = (w.session_keys().unwrap(), w.transcript());
         let src_keys = c.session_keys().unwrap();
         let m = src_keys.commit.mac(&[b"x"]);
         assert!(dest_keys.commit.verify(&[b"x"], &m), "same commit key");
@@ -475,5 +713,300 @@ mod tests {
         assert_eq!(src_t.sent, dest_t.received);
         assert_eq!(src_t.received, dest_t.sent);
         assert_ne!(src_t.sent, src_t.received);
+    }
+
+    #[tokio::test]
+    async fn a_stranger_gets_a_nonce_and_a_refusal_and_nothing_from_the_key() {
+        let key = AuthKey::new(vec![7; 32]).unwrap();
+        let (a, b) = pair().await;
+        let server = tokio::spawn(serve(b, key));
+        let mut c = Conn::new(a, t());
+        c.send(&Msg::Hello {
+            min_version: PROTOCOL_MIN,
+            max_version: PROTOCOL_MAX,
+            role: Role::Control,
+            nonce: [0; 32],
+        })
+        .await
+        .unwrap();
+        // The reply: a version and a nonce, the same shape whatever the key.
+        let reply = c.recv("reply").await.unwrap();
+        assert!(matches!(reply, Msg::HelloReply { .. }), "{reply:?}");
+        c.send(&Msg::Auth { proof: [9; 32] }).await.unwrap();
+        match c.recv("answer").await.unwrap() {
+            Msg::Reject { reason, message } => {
+                assert_eq!(reason, RejectReason::Auth);
+                assert!(message.contains("keys differ"), "{message}");
+            }
+            m => panic!("expected Reject, got {m:?}"),
+        }
+        let e = server.await.unwrap().unwrap_err();
+        assert!(matches!(e, TransportError::AuthFailed(_)), "{e}");
+        // With another key the source is refused the same way.
+        let (a, b) = pair().await;
+        let server = tokio::spawn(serve(b, AuthKey::new(vec![8; 32]).unwrap()));
+        let e = Conn::new(a, t())
+            .client_handshake(&AuthKey::new(vec![7; 32]).unwrap())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TransportError::Rejected {
+                    reason: RejectReason::Auth,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(server.await.unwrap().is_err());
+    }
+
+    /// What the relay does with the source's `n`-th frame (from 0).
+    type Edit = fn(&mut Vec<u8>) -> bool;
+
+    /// Forwards frames from the source to the destination, letting `edit`
+    /// change (or, returning false, drop) the `n`-th; the other way bytes
+    /// are copied as they come.
+    async fn relay(src: TcpStream, dst: TcpStream, n: usize, edit: Edit) {
+        let (mut sr, mut sw) = src.into_split();
+        let (mut dr, mut dw) = dst.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut dr, &mut sw).await;
+        });
+        tokio::spawn(async move {
+            for i in 0.. {
+                let mut head = [0u8; 16];
+                if sr.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let h = Msg::decode_head(&head, MAX_CONTROL_BODY).unwrap();
+                let mut frame = head.to_vec();
+                frame.resize(16 + h.rest_len(), 0);
+                if sr.read_exact(&mut frame[16..]).await.is_err() {
+                    return;
+                }
+                if (i != n || edit(&mut frame)) && dw.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// A handshake and two round-done messages through a relay that applies
+    /// `edit` to the source's `n`-th frame; what each side got.
+    async fn through_relay(n: usize, edit: Edit) -> (Result<u16>, Result<Vec<Msg>>) {
+        let key = AuthKey::new(vec![7; 32]).unwrap();
+        let (src, relay_src) = pair().await;
+        let (relay_dst, dst) = pair().await;
+        relay(relay_src, relay_dst, n, edit).await;
+        let server = tokio::spawn(async move {
+            let mut c = serve(dst, AuthKey::new(vec![7; 32]).unwrap()).await?;
+            let mut got = Vec::new();
+            for _ in 0..2 {
+                got.push(c.recv("a round").await?);
+            }
+            Ok(got)
+        });
+        let mut c = Conn::new(src, t());
+        let hs = c.client_handshake(&key).await;
+        if hs.is_ok() {
+            for round in [3, 4] {
+                let _ = c.send(&Msg::RoundDone { round, pages: 1 }).await;
+            }
+        }
+        (hs, server.await.unwrap())
+    }
+
+    /// Re-encodes a frame's message after `change`, fixing its CRC (and
+    /// keeping its tag, which no longer matches).
+    fn rewrite(frame: &mut Vec<u8>, change: fn(&mut Msg)) {
+        let head: [u8; 16] = frame[..16].try_into().unwrap();
+        let h = Msg::decode_head(&head, MAX_CONTROL_BODY).unwrap();
+        let mut m = Msg::decode_body(&frame[16..16 + h.len as usize], h.crc).unwrap();
+        change(&mut m);
+        let tag = frame[16 + h.len as usize..].to_vec();
+        let mut out = m.encode();
+        if h.tagged {
+            out[12] = 1;
+        }
+        out.extend_from_slice(&tag);
+        *frame = out;
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_relay_passes_and_every_change_after_the_handshake_is_refused() {
+        let (hs, got) = through_relay(usize::MAX, |_| true).await;
+        hs.unwrap();
+        assert_eq!(got.unwrap().len(), 2);
+        // A message rewritten with its CRC fixed (frames: Hello, Auth, then
+        // the rounds).
+        let (hs, got) = through_relay(2, |f| {
+            rewrite(f, |m| {
+                if let Msg::RoundDone { round, .. } = m {
+                    *round = 99;
+                }
+            });
+            true
+        })
+        .await;
+        hs.unwrap();
+        let e = got.unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "control message 0 from the peer failed authentication: its tag does not match"
+            ),
+            "{e}"
+        );
+        // A message dropped: the next one fails (its sequence number).
+        let (_, got) = through_relay(2, |_| false).await;
+        assert!(
+            matches!(got, Err(TransportError::Unauthenticated { seq: 0, .. })),
+            "{got:?}"
+        );
+        // The tag stripped.
+        let (_, got) = through_relay(2, |f| {
+            let len = f.len() - TAG_LEN;
+            f.truncate(len);
+            f[12] = 0;
+            true
+        })
+        .await;
+        let e = got.unwrap_err().to_string();
+        assert!(e.contains("it carries no tag"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_changed_hello_fails_both_proofs() {
+        // The version range or nonce of the hello changed on the way: the
+        // source's proof covers what it sent, the destination checks it
+        // against what it received.
+        let (hs, got) = through_relay(0, |f| {
+            rewrite(f, |m| {
+                if let Msg::Hello { nonce, .. } = m {
+                    nonce[0] ^= 1;
+                }
+            });
+            true
+        })
+        .await;
+        assert!(
+            matches!(
+                hs,
+                Err(TransportError::Rejected {
+                    reason: RejectReason::Auth,
+                    ..
+                })
+            ),
+            "{hs:?}"
+        );
+        assert!(matches!(got, Err(TransportError::AuthFailed(_))), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_relay_between_two_tls_sessions_fails_the_proofs() {
+        // Someone in between terminates TLS towards both sides (the
+        // pre-shared-key mode's TLS authenticates nobody) and copies the
+        // decrypted bytes across unchanged: each side's proof is bound to
+        // its own session, so the destination refuses the source.
+        let key = AuthKey::new(vec![7; 32]).unwrap();
+        let tls = crate::tls::TlsConfig::from_psk(&key).unwrap();
+        let (src, relay_in) = pair().await;
+        let (relay_out, dst) = pair().await;
+        let (t1, t2) = (tls.clone(), tls.clone());
+        tokio::spawn(async move {
+            let (inner, outer) = tokio::join!(t1.accept(relay_in, t()), t2.connect(relay_out, t()));
+            let (mut a, mut b) = (inner.unwrap(), outer.unwrap());
+            let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+        });
+        let t3 = tls.clone();
+        let k2 = key.clone();
+        let server = tokio::spawn(async move {
+            let s = t3.accept(dst, t()).await.unwrap();
+            let mut c = Conn::new(s, t());
+            let Msg::Hello {
+                max_version, nonce, ..
+            } = c.recv("hello").await.unwrap()
+            else {
+                panic!()
+            };
+            c.server_authenticate(&k2, nonce, max_version).await
+        });
+        let s = tls.connect(src, t()).await.unwrap();
+        let hs = Conn::new(s, t()).client_handshake(&key).await;
+        assert!(
+            matches!(
+                hs,
+                Err(TransportError::Rejected {
+                    reason: RejectReason::Auth,
+                    ..
+                })
+            ),
+            "{hs:?}"
+        );
+        assert!(matches!(
+            server.await.unwrap(),
+            Err(TransportError::AuthFailed(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn data_channels_prove_their_session_and_nothing_else_admits_them() {
+        let key = AuthKey::new(vec![7; 32]).unwrap();
+        let (a, b) = pair().await;
+        let server = tokio::spawn(serve(b, key.clone()));
+        let mut c = Conn::new(a, t());
+        c.client_handshake(&key).await.unwrap();
+        let dest = server.await.unwrap().unwrap();
+        let (ours, theirs) = (c.session_keys().unwrap(), dest.session_keys().unwrap());
+        // Another session of the same key: other keys.
+        let (a, b) = pair().await;
+        let server = tokio::spawn(serve(b, key.clone()));
+        let mut c2 = Conn::new(a, t());
+        c2.client_handshake(&key).await.unwrap();
+        let other = server.await.unwrap().unwrap().session_keys().unwrap();
+        for (src_keys, admits) in [(ours.clone(), true), (other.clone(), false)] {
+            let (a, b) = pair().await;
+            let theirs = theirs.clone();
+            let dst = tokio::spawn(async move {
+                let mut d = Conn::new(b, t());
+                let Msg::Hello { role, .. } = d.recv("hello").await.unwrap() else {
+                    panic!()
+                };
+                assert_eq!(role, Role::Data);
+                let claim = d.data_challenge(PROTOCOL_MAX).await.unwrap();
+                if claim.belongs_to(&theirs.data_channel) {
+                    d.admit_data(&claim, &theirs.data_channel).await.unwrap();
+                    true
+                } else {
+                    let _ = d.reject(RejectReason::Token, "no session".into()).await;
+                    false
+                }
+            });
+            let r = open_data_channel(a.into(), &src_keys, t()).await;
+            assert_eq!(dst.await.unwrap(), admits);
+            assert_eq!(r.is_ok(), admits, "{r:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_the_writer_stops_the_reader_and_frees_the_socket() {
+        let key = AuthKey::new(vec![7; 32]).unwrap();
+        let (a, b) = pair().await;
+        let server = tokio::spawn(serve(b, key.clone()));
+        let mut c = Conn::new(a, t());
+        c.client_handshake(&key).await.unwrap();
+        let (w, rx) = server.await.unwrap().unwrap().split();
+        // The source stays silent; the destination ends its session while
+        // keeping the receiver (as a session that is still winding down).
+        drop(w);
+        let mut s = c.into_stream();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("the destination closed its socket")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "end of stream: the reader task let go of the socket");
+        drop(rx);
     }
 }

@@ -120,6 +120,16 @@ pub enum TransportError {
     /// The peer aborted the migration.
     #[error("peer aborted the migration: {0}")]
     PeerAborted(String),
+    /// A control message after authentication whose tag does not verify:
+    /// changed, dropped, replayed or reordered on the way, or not sent by
+    /// the peer. The connection is not used again.
+    #[error("control message {seq} from the peer failed authentication: {detail}")]
+    Unauthenticated {
+        /// Its sequence number in its direction (from 0 after `Welcome`).
+        seq: u64,
+        /// What was wrong.
+        detail: &'static str,
+    },
     /// TLS (on unless `--plaintext`): a setting that cannot be used, a handshake that
     /// failed, or a peer that ended the session; the message names why.
     #[error("encryption: {0}")]

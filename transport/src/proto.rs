@@ -5,14 +5,18 @@
 //!
 //! ```text
 //! +----------------+----------------+----------------+----------------+
-//! | magic "FRYM"   | body len (u32) | crc32 of body  | reserved (0)   |
+//! | magic "FRYM"   | body len (u32) | crc32 of body  | flags (u32)    |
 //! +----------------+----------------+----------------+----------------+
 //! | body: postcard(Msg)                                              ...
+//! | tag (16 bytes, when flags has FLAG_TAGGED)                          |
 //! ```
 //!
 //! The body length is checked against the connection's current limit before
 //! anything is read: 4 KiB until the peer has authenticated, then
-//! [`MAX_CONTROL_BODY`].
+//! [`MAX_CONTROL_BODY`]. Frames before authentication have no flag and no
+//! tag; every frame after it has [`FLAG_TAGGED`] and the tag of
+//! [`ferry_proto::handshake::ControlTags`] (sequence number, header, body,
+//! under the direction's session key), checked before the body is decoded.
 
 use std::net::SocketAddr;
 
@@ -28,10 +32,14 @@ use crate::multichannel::NetInterface;
 pub const DEFAULT_PORT: u16 = 6600;
 /// Magic of a control frame.
 pub const CONTROL_MAGIC: [u8; 4] = *b"FRYM";
-/// Lowest protocol version this build speaks.
-pub const PROTOCOL_MIN: u16 = 1;
+/// Lowest protocol version this build speaks (2: the source proves itself
+/// first, proofs bound to the transcript and the TLS session, tagged
+/// control messages, data channels admitted by proof).
+pub const PROTOCOL_MIN: u16 = 2;
 /// Highest protocol version this build speaks.
-pub const PROTOCOL_MAX: u16 = 1;
+pub const PROTOCOL_MAX: u16 = 2;
+/// Control frame flag: a 16-byte tag follows the body.
+pub const FLAG_TAGGED: u32 = 1;
 /// Body limit before authentication.
 pub const PREAUTH_BODY_LIMIT: u32 = 4096;
 /// Body limit after authentication (device state travels in one message).
@@ -49,8 +57,31 @@ pub struct ControlHeader {
     pub len: U32,
     /// crc32fast of the body.
     pub crc32: U32,
-    /// Zero.
-    pub reserved: U32,
+    /// [`FLAG_TAGGED`] after authentication, else 0.
+    pub flags: U32,
+}
+
+/// A checked control frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHead {
+    /// Body length.
+    pub len: u32,
+    /// CRC32 of the body.
+    pub crc: u32,
+    /// A tag follows the body.
+    pub tagged: bool,
+}
+
+impl FrameHead {
+    /// Bytes after the header: body and tag.
+    pub fn rest_len(&self) -> usize {
+        self.len as usize
+            + if self.tagged {
+                ferry_proto::handshake::TAG_LEN
+            } else {
+                0
+            }
+    }
 }
 
 /// Which kind of connection a hello opens.
@@ -172,8 +203,6 @@ pub struct Offer {
 pub struct Accept {
     /// Migration id on the destination.
     pub migration_id: u64,
-    /// Token each data channel presents.
-    pub data_token: [u8; 32],
     /// Largest chunk payload the destination takes.
     pub max_chunk: u32,
     /// Interfaces the destination takes data channels on (those its
@@ -195,7 +224,9 @@ pub struct Switchover {
 /// A control message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Msg {
-    /// First message of every connection (source to destination).
+    /// First message of every connection (source to destination). Its
+    /// layout is the same in every protocol version, so that a peer of
+    /// another version can be told which versions this one speaks.
     Hello {
         /// Lowest version the sender speaks.
         min_version: u16,
@@ -203,26 +234,30 @@ pub enum Msg {
         max_version: u16,
         /// Connection role.
         role: Role,
-        /// Challenge for the destination (control role), or data token (data role).
+        /// The source's fresh random nonce.
         nonce: [u8; 32],
     },
-    /// Destination's answer to a control hello: the chosen version, its
-    /// challenge, and its proof of the key.
+    /// Destination's answer to a hello: the chosen version and its own
+    /// nonce. Nothing derived from the key: a stranger learns nothing.
     HelloReply {
         /// Chosen version.
         version: u16,
-        /// Challenge for the source.
+        /// The destination's fresh random nonce.
         nonce: [u8; 32],
-        /// HMAC proving the destination holds the key.
-        proof: [u8; 32],
     },
-    /// Source's proof of the key.
+    /// Source's proof (of the key on a control connection, of its session
+    /// on a data channel), over the handshake so far and the TLS session
+    /// ([`ferry_proto::handshake`]).
     Auth {
-        /// HMAC proving the source holds the key.
+        /// The proof.
         proof: [u8; 32],
     },
-    /// Authentication (or a data channel) accepted.
-    Welcome,
+    /// The source's proof was right; the destination's own, over the
+    /// handshake including `Auth`.
+    Welcome {
+        /// The proof.
+        proof: [u8; 32],
+    },
     /// The offer.
     Offer(Offer),
     /// Offer accepted.
@@ -288,7 +323,7 @@ impl Msg {
             Msg::Hello { .. } => "Hello",
             Msg::HelloReply { .. } => "HelloReply",
             Msg::Auth { .. } => "Auth",
-            Msg::Welcome => "Welcome",
+            Msg::Welcome { .. } => "Welcome",
             Msg::Offer(_) => "Offer",
             Msg::Accept(_) => "Accept",
             Msg::Reject { .. } => "Reject",
@@ -305,24 +340,39 @@ impl Msg {
         }
     }
 
-    /// Encodes header and body.
+    /// Encodes header and body (a frame before authentication: no tag).
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_frame(None)
+    }
+
+    /// Encodes header and body, and with `tags` (after authentication) the
+    /// [`FLAG_TAGGED`] flag and the frame's tag.
+    pub fn encode_frame(&self, tags: Option<&mut ferry_proto::handshake::ControlTags>) -> Vec<u8> {
         let body = postcard::to_stdvec(self).expect("control messages always serialize");
         let len = u32::try_from(body.len()).expect("control message below 4 GiB");
         let h = ControlHeader {
             magic: CONTROL_MAGIC,
             len: U32::new(len),
             crc32: U32::new(crc32fast::hash(&body)),
-            reserved: U32::new(0),
+            flags: U32::new(if tags.is_some() { FLAG_TAGGED } else { 0 }),
         };
-        let mut out = Vec::with_capacity(16 + body.len());
+        let mut out = Vec::with_capacity(16 + body.len() + ferry_proto::handshake::TAG_LEN);
         out.extend_from_slice(h.as_bytes());
         out.extend_from_slice(&body);
+        if let Some(t) = tags {
+            let tag = t.seal(&out[..16], &out[16..]);
+            out.extend_from_slice(&tag);
+        }
         out
     }
 
     /// Checks a control header against `limit`; returns the body length and CRC.
     pub fn decode_header(bytes: &[u8; 16], limit: u32) -> Result<(u32, u32)> {
+        Self::decode_head(bytes, limit).map(|h| (h.len, h.crc))
+    }
+
+    /// Checks a control header against `limit` and its flags.
+    pub fn decode_head(bytes: &[u8; 16], limit: u32) -> Result<FrameHead> {
         let h = ControlHeader::read_from_bytes(bytes).expect("16 bytes");
         if h.magic != CONTROL_MAGIC {
             return Err(TransportError::BadMagic {
@@ -338,7 +388,18 @@ impl Msg {
                 limit: limit.into(),
             });
         }
-        Ok((h.len.get(), h.crc32.get()))
+        let flags = h.flags.get();
+        if flags & !FLAG_TAGGED != 0 {
+            return Err(TransportError::Invalid {
+                field: "control frame flags",
+                detail: format!("unknown flags {:#x}", flags & !FLAG_TAGGED),
+            });
+        }
+        Ok(FrameHead {
+            len: h.len.get(),
+            crc: h.crc32.get(),
+            tagged: flags & FLAG_TAGGED != 0,
+        })
     }
 
     /// Checks the body's CRC and decodes it.
@@ -371,10 +432,20 @@ impl Msg {
 pub fn fuzz_decode(data: &[u8]) {
     if data.len() >= 16 {
         let head: &[u8; 16] = data[..16].try_into().expect("16 bytes");
-        if let Ok((len, crc)) = Msg::decode_header(head, MAX_CONTROL_BODY) {
-            let body = &data[16..];
-            if body.len() >= len as usize {
-                let _ = Msg::decode_body(&body[..len as usize], crc);
+        if let Ok(h) = Msg::decode_head(head, MAX_CONTROL_BODY) {
+            let rest = &data[16..];
+            if rest.len() >= h.rest_len() {
+                let body = &rest[..h.len as usize];
+                if h.tagged {
+                    let tag: [u8; 16] = rest[h.len as usize..h.rest_len()]
+                        .try_into()
+                        .expect("16 bytes");
+                    let mut t = ferry_proto::handshake::ControlTags::new(
+                        ferry_proto::MacKey::from_bytes([0; 32]),
+                    );
+                    let _ = t.open(head, body, &tag);
+                }
+                let _ = Msg::decode_body(body, h.crc);
             }
         }
     }
@@ -392,6 +463,33 @@ mod tests {
         let (len, crc) = Msg::decode_header(&head, MAX_CONTROL_BODY).unwrap();
         assert_eq!(len as usize, b.len() - 16);
         Msg::decode_body(&b[16..], crc).unwrap()
+    }
+
+    #[test]
+    fn tagged_frames_carry_the_flag_and_a_tag_that_opens_in_order() {
+        use ferry_proto::handshake::ControlTags;
+        let key = ferry_proto::MacKey::from_bytes([4; 32]);
+        let (mut tx, mut rx) = (ControlTags::new(key.clone()), ControlTags::new(key));
+        for round in 0..3 {
+            let b = Msg::RoundDone { round, pages: 1 }.encode_frame(Some(&mut tx));
+            let head: [u8; 16] = b[..16].try_into().unwrap();
+            let h = Msg::decode_head(&head, MAX_CONTROL_BODY).unwrap();
+            assert!(h.tagged);
+            assert_eq!(h.rest_len(), b.len() - 16);
+            let (body, tag) = b[16..].split_at(h.len as usize);
+            rx.open(&head, body, tag.try_into().unwrap()).unwrap();
+            assert_eq!(
+                Msg::decode_body(body, h.crc).unwrap(),
+                Msg::RoundDone { round, pages: 1 }
+            );
+        }
+        let plain = Msg::Abort { reason: "x".into() }.encode();
+        let head: [u8; 16] = plain[..16].try_into().unwrap();
+        assert!(!Msg::decode_head(&head, MAX_CONTROL_BODY).unwrap().tagged);
+        let mut odd = head;
+        odd[12] = 2;
+        let e = Msg::decode_head(&odd, MAX_CONTROL_BODY).unwrap_err();
+        assert!(e.to_string().contains("unknown flags 0x2"), "{e}");
     }
 
     #[test]
@@ -422,10 +520,9 @@ mod tests {
             Msg::HelloReply {
                 version: 1,
                 nonce: [1; 32],
-                proof: [2; 32],
             },
             Msg::Auth { proof: [3; 32] },
-            Msg::Welcome,
+            Msg::Welcome { proof: [2; 32] },
             Msg::Offer(offer.clone()),
             Msg::Offer(Offer {
                 option: PerformanceOption::Compression { codec: 2, level: 3 },
@@ -433,7 +530,6 @@ mod tests {
             }),
             Msg::Accept(Accept {
                 migration_id: 9,
-                data_token: [4; 32],
                 max_chunk: 1 << 20,
                 interfaces: vec![NetInterface {
                     name: "eth1".into(),
@@ -507,7 +603,7 @@ mod tests {
 
     #[test]
     fn control_frames_are_checked_before_decoding() {
-        let mut b = Msg::Welcome.encode();
+        let mut b = Msg::Welcome { proof: [0; 32] }.encode();
         let head: [u8; 16] = b[..16].try_into().unwrap();
         let e = Msg::decode_header(&head, 0).unwrap_err().to_string();
         assert!(e.contains("control message length"), "{e}");

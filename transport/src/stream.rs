@@ -66,6 +66,33 @@ impl Stream {
         }
     }
 
+    /// The channel binding of the connection: 32 bytes exported from the
+    /// TLS session (label [`ferry_proto::handshake::BINDING_LABEL`]), the
+    /// same at both ends of one session and unlike any other session's;
+    /// empty on a plain connection. Handshake proofs cover it, so a proof
+    /// made in one TLS session is worthless in another (a relay between
+    /// two sessions fails).
+    pub fn channel_binding(&self) -> io::Result<Vec<u8>> {
+        use ferry_proto::handshake::{BINDING_LABEL, BINDING_LEN};
+        let out = vec![0u8; BINDING_LEN];
+        let r = match self {
+            Stream::Plain(_) => return Ok(Vec::new()),
+            Stream::Tls(t) => match t.as_ref() {
+                tokio_rustls::TlsStream::Client(c) => {
+                    c.get_ref()
+                        .1
+                        .export_keying_material(out, BINDING_LABEL, None)
+                }
+                tokio_rustls::TlsStream::Server(s) => {
+                    s.get_ref()
+                        .1
+                        .export_keying_material(out, BINDING_LABEL, None)
+                }
+            },
+        };
+        r.map_err(|e| io::Error::other(format!("TLS exporter: {e}")))
+    }
+
     /// The TLS session in words, for summaries and logs: "TLS 1.3
     /// SUITE, MODE" (the identity mode from the negotiated ALPN).
     pub fn encryption(&self) -> Option<String> {

@@ -1,5 +1,6 @@
-//! Encryption (the default; `--plaintext` turns it off): TLS 1.3 with rustls (ring provider) on the
-//! control connection and on every TCP data channel.
+//! Encryption (the default; `--plaintext` turns it off): TLS 1.3 with
+//! rustls (ring provider) on the control connection and on every TCP data
+//! channel.
 //!
 //! # Identity, two modes
 //! * **Certificates** ([`TlsConfig::from_dir`], `--tls-dir DIR`): `DIR/ca.pem`
@@ -11,16 +12,20 @@
 //!   reach destinations by addresses (one per NIC with multichannel), so a
 //!   CA dedicated to migration is the trust boundary. [`generate`] writes a
 //!   test CA and certificates (`ferry gen-certs`).
-//! * **Pre-shared key** ([`TlsConfig::from_psk`], no `--tls-dir`): both ends
-//!   derive an Ed25519 key from the `--auth-key-file` key with HKDF-SHA256
-//!   (info [`IDENTITY_INFO`]) and build the same self-signed certificate
-//!   from it (fixed serial, names and validity; Ed25519 signatures are
-//!   deterministic, so the DER is byte-identical, see [`psk_identity`]).
-//!   Each side accepts exactly that certificate (DER compared) and checks
-//!   the handshake signature with it. rustls has no external-PSK support;
-//!   this gives the same property (only holders of the key complete the
-//!   handshake) over the ordinary certificate path, so both modes share one
-//!   encrypted code path.
+//! * **Pre-shared key** ([`TlsConfig::from_psk`], no `--tls-dir`): the
+//!   destination presents a fresh self-signed Ed25519 certificate made at
+//!   start (nothing in it depends on the key), the source accepts any
+//!   single certificate whose key signs the handshake, and neither side
+//!   authenticates the other in TLS. Who the peer is, is proven right after,
+//!   inside the session, by the key's challenge-response
+//!   ([`ferry_proto::handshake`]), whose proofs cover the session's
+//!   exporter value ([`crate::stream::Stream::channel_binding`]): a relay
+//!   that terminates TLS towards both sides holds two sessions with two
+//!   exporter values, and the proofs fail. Why not a certificate derived
+//!   from the key (as before protocol 2): any stranger who completes a TLS
+//!   handshake with the destination would get a value computed from the
+//!   key, to test guesses against offline. (rustls has no external-PSK
+//!   support, and a TLS PSK binder would give the same offline test.)
 //!
 //! The mode travels in ALPN ([`ALPN_PSK`], [`ALPN_CERTIFICATES`]); a
 //! destination serves exactly one mode (certificates with `--tls-dir`, else
@@ -28,24 +33,21 @@
 //! alert, which both sides turn into a message naming the mismatch.
 //!
 //! TLS 1.2, session tickets and resumption are off: every connection makes a
-//! full TLS 1.3 handshake. The HMAC challenge-response of [`crate::auth`]
-//! runs unchanged inside the encrypted control connection.
+//! full TLS 1.3 handshake. The key's challenge-response runs inside the
+//! encrypted connection in both modes.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hkdf::Hkdf;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
-    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName,
-    OtherError, RootCertStore, ServerConfig, SignatureScheme,
+    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, OtherError,
+    RootCertStore, ServerConfig, SignatureScheme,
 };
-use sha2::Sha256;
 use tokio::net::TcpStream;
 
 use crate::auth::AuthKey;
@@ -56,8 +58,6 @@ use crate::stream::Stream;
 pub const ALPN_PSK: &[u8] = b"ferry-psk/1";
 /// ALPN protocol of the certificate identity.
 pub const ALPN_CERTIFICATES: &[u8] = b"ferry-cert/1";
-/// HKDF info from which the pre-shared-key identity is derived.
-pub const IDENTITY_INFO: &[u8] = b"ferry tls identity v1";
 /// Name the source asks for (not checked: see the module docs).
 const SERVER_NAME: &str = "ferry.invalid";
 /// File names inside `--tls-dir`.
@@ -152,27 +152,29 @@ fn finish(
 }
 
 impl TlsConfig {
-    /// The pre-shared-key identity: see the module docs.
-    pub fn from_psk(key: &AuthKey) -> Result<Self> {
-        let (cert, pkcs8) = psk_identity(key)?;
+    /// The pre-shared-key mode: see the module docs. The key itself is
+    /// proven inside the session ([`crate::conn`]); `_key` is taken so that
+    /// both modes are built from what the command line gives.
+    pub fn from_psk(_key: &AuthKey) -> Result<Self> {
+        let (cert, pkcs8) = ephemeral_identity()?;
         let p = provider();
-        let peer = Arc::new(PskPeer {
-            cert: cert.clone(),
+        let peer = Arc::new(SessionPeer {
             algs: p.signature_verification_algorithms,
         });
-        let key_der = || PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.clone()));
         let client = ClientConfig::builder_with_provider(p.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| config_err("TLS client", e))?
             .dangerous()
-            .with_custom_certificate_verifier(peer.clone())
-            .with_client_auth_cert(vec![cert.clone()], key_der())
-            .map_err(|e| config_err("TLS client identity", e))?;
+            .with_custom_certificate_verifier(peer)
+            .with_no_client_auth();
         let server = ServerConfig::builder_with_provider(p)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| config_err("TLS server", e))?
-            .with_client_cert_verifier(peer)
-            .with_single_cert(vec![cert], key_der())
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8)),
+            )
             .map_err(|e| config_err("TLS server identity", e))?;
         let (client, server) = finish(Mode::Psk, client, server);
         Ok(TlsConfig {
@@ -320,13 +322,6 @@ impl TlsConfig {
                     self.mode
                 )
             }
-            Some(rustls::Error::InvalidCertificate(CertificateError::Other(o)))
-                if o.0.downcast_ref::<PskMismatch>().is_some() =>
-            {
-                format!(
-                    "the {peer}'s TLS identity is not the one derived from our pre-shared key: the two --auth-key-file keys differ"
-                )
-            }
             Some(rustls::Error::InvalidCertificate(
                 CertificateError::UnknownIssuer | CertificateError::BadSignature,
             )) => format!("the {peer}'s certificate is not signed by our CA ({ours})"),
@@ -334,7 +329,7 @@ impl TlsConfig {
                 format!("the {peer}'s certificate is not acceptable: {c:?}")
             }
             Some(rustls::Error::AlertReceived(a)) => format!(
-                "the {peer} refused the handshake (TLS alert {a:?}): it does not trust our identity ({} from {ours}: a different CA, or a different pre-shared key)",
+                "the {peer} refused the handshake (TLS alert {a:?}): it does not trust our identity ({} from {ours}: a different CA)",
                 self.mode
             ),
             Some(rustls::Error::InvalidMessage(_)) => format!(
@@ -362,107 +357,61 @@ pub fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
 pub fn describe_io(e: &std::io::Error) -> Option<String> {
     match rustls_error(e)? {
         rustls::Error::AlertReceived(a) => Some(format!(
-            "the peer ended the TLS session with alert {a:?}: it does not trust our identity (its CA did not sign our certificate, or its pre-shared key differs)"
+            "the peer ended the TLS session with alert {a:?}: it does not trust our identity (its CA did not sign our certificate)"
         )),
         other => Some(format!("TLS: {other}")),
     }
 }
 
-/// Derives the pre-shared-key identity: the self-signed certificate (DER)
-/// and its Ed25519 private key (PKCS#8 v1 DER). The same key gives the same
-/// bytes on every host.
-pub fn psk_identity(key: &AuthKey) -> Result<(CertificateDer<'static>, Vec<u8>)> {
-    let mut seed = [0u8; 32];
-    Hkdf::<Sha256>::new(None, key.bytes())
-        .expand(IDENTITY_INFO, &mut seed)
-        .expect("32 bytes is a valid HKDF-SHA256 output length");
-    // PKCS#8 v1 (RFC 8410) of an Ed25519 private key: fixed prefix + seed.
-    let mut pkcs8 = vec![
-        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
-        0x20,
-    ];
-    pkcs8.extend_from_slice(&seed);
-    let kp = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(
-        &PrivatePkcs8KeyDer::from(pkcs8.clone()),
-        &rcgen::PKCS_ED25519,
-    )
-    .map_err(|e| config_err("deriving the TLS identity", e))?;
+/// A fresh self-signed Ed25519 certificate and its key (PKCS#8), for the
+/// destination side of the pre-shared-key mode: nothing in it depends on
+/// the key, so a stranger who completes a TLS handshake learns nothing
+/// about the key from it.
+fn ephemeral_identity() -> Result<(CertificateDer<'static>, Vec<u8>)> {
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
+        .map_err(|e| config_err("generating the TLS session identity", e))?;
     let mut params = rcgen::CertificateParams::default();
-    params.not_before = rcgen::date_time_ymd(2000, 1, 1);
-    params.not_after = rcgen::date_time_ymd(9999, 12, 31);
-    params.serial_number = Some(rcgen::SerialNumber::from_slice(&[1]));
     params.distinguished_name = rcgen::DistinguishedName::new();
     params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, "ferry pre-shared-key identity");
+        .push(rcgen::DnType::CommonName, "ferry pre-shared-key session");
     let cert = params
         .self_signed(&kp)
-        .map_err(|e| config_err("deriving the TLS identity", e))?;
-    Ok((cert.der().clone(), pkcs8))
+        .map_err(|e| config_err("generating the TLS session identity", e))?;
+    Ok((cert.der().clone(), kp.serialize_der()))
 }
 
-/// The peer's certificate is not the pre-shared-key identity.
+/// The source's verifier in the pre-shared-key mode: any single
+/// certificate, whose key must sign the TLS 1.3 handshake. Who the peer is
+/// is proven inside the session, with the key, bound to it (see the module
+/// docs).
 #[derive(Debug)]
-struct PskMismatch;
-
-impl std::fmt::Display for PskMismatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the certificate is not the one derived from our pre-shared key")
-    }
-}
-
-impl std::error::Error for PskMismatch {}
-
-/// Accepts exactly the pre-shared-key certificate, both as client and as
-/// server certificate; the handshake signature is checked against it.
-#[derive(Debug)]
-struct PskPeer {
-    cert: CertificateDer<'static>,
+struct SessionPeer {
     algs: WebPkiSupportedAlgorithms,
-}
-
-impl PskPeer {
-    fn check(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-    ) -> std::result::Result<(), rustls::Error> {
-        if intermediates.is_empty() && end_entity.as_ref() == self.cert.as_ref() {
-            Ok(())
-        } else {
-            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-                OtherError(Arc::new(PskMismatch)),
-            )))
-        }
-    }
-
-    fn tls13(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        // The certificate was compared with ours before: the key is the
-        // derived one.
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
 }
 
 fn no_tls12() -> rustls::Error {
     rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic)
 }
 
-impl ServerCertVerifier for PskPeer {
+impl ServerCertVerifier for SessionPeer {
     fn verify_server_cert(
         &self,
-        end_entity: &CertificateDer<'_>,
+        _end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        self.check(end_entity, intermediates)
-            .map(|()| ServerCertVerified::assertion())
+        if intermediates.is_empty() {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                OtherError(Arc::new(std::io::Error::other(
+                    "a pre-shared-key session certificate comes alone",
+                ))),
+            )))
+        }
     }
 
     fn verify_tls12_signature(
@@ -480,45 +429,7 @@ impl ServerCertVerifier for PskPeer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.tls13(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
-    }
-}
-
-impl ClientCertVerifier for PskPeer {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
-        self.check(end_entity, intermediates)
-            .map(|()| ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        Err(no_tls12())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.tls13(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -688,29 +599,6 @@ mod tests {
         AuthKey::new(vec![b; 32]).unwrap()
     }
 
-    #[test]
-    fn both_sides_derive_the_same_identity_and_other_keys_differ() {
-        let (c1, k1) = psk_identity(&key(7)).unwrap();
-        let (c2, k2) = psk_identity(&key(7)).unwrap();
-        assert_eq!(c1, c2, "certificate DER is byte-identical");
-        assert_eq!(k1, k2);
-        let (c3, k3) = psk_identity(&key(8)).unwrap();
-        assert_ne!(c1, c3);
-        assert_ne!(k1, k3);
-        // The key is in the certificate: its raw public key follows the
-        // Ed25519 SubjectPublicKeyInfo header.
-        let kp = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(
-            &PrivatePkcs8KeyDer::from(k1),
-            &rcgen::PKCS_ED25519,
-        )
-        .unwrap();
-        let mut spki = vec![
-            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-        ];
-        spki.extend_from_slice(kp.public_key_raw());
-        assert!(c1.windows(spki.len()).any(|w| w == spki.as_slice()));
-    }
-
     async fn handshake(client: &TlsConfig, server: &TlsConfig) -> (Result<Stream>, Result<Stream>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
@@ -735,20 +623,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn psk_identity_handshakes_only_with_the_same_key() {
+    async fn psk_mode_sessions_carry_no_key_material_and_bind_each_session() {
         let a = TlsConfig::from_psk(&key(1)).unwrap();
         let (c, s) = handshake(&a, &a).await;
-        assert!(c
-            .as_ref()
-            .unwrap()
-            .cipher_suite()
-            .unwrap()
-            .contains("TLS13"));
-        exchange(c, s).await.unwrap();
+        let (c, s) = (c.unwrap(), s.unwrap());
+        assert!(c.cipher_suite().unwrap().contains("TLS13"));
+        // Both ends of one session export the same binding...
+        let (bc, bs) = (c.channel_binding().unwrap(), s.channel_binding().unwrap());
+        assert_eq!(bc.len(), 32);
+        assert_eq!(bc, bs);
+        exchange(Ok(c), Ok(s)).await.unwrap();
+        // ...and another session another one.
+        let (c2, _s2) = handshake(&a, &a).await;
+        assert_ne!(c2.unwrap().channel_binding().unwrap(), bc);
+        // The TLS layer does not test the key (the proofs inside do): a
+        // peer with another key completes it, and the destination's
+        // certificate is fresh per configuration, not derived from the key.
         let b = TlsConfig::from_psk(&key(2)).unwrap();
-        let (c, _s) = handshake(&a, &b).await;
-        let e = c.unwrap_err().to_string();
-        assert!(e.contains("--auth-key-file keys differ"), "{e}");
+        let (c, s) = handshake(&b, &a).await;
+        exchange(c, s).await.unwrap();
+        // The destination's certificate is not a function of the key: two
+        // configurations from one key present different ones.
+        let server_cert = |st: &Stream| match st {
+            Stream::Tls(t) => t.get_ref().1.peer_certificates().unwrap()[0].clone(),
+            Stream::Plain(_) => unreachable!(),
+        };
+        let a2 = TlsConfig::from_psk(&key(1)).unwrap();
+        let (c1, _s1) = handshake(&a, &a).await;
+        let (c2, _s2) = handshake(&a, &a2).await;
+        assert_ne!(server_cert(&c1.unwrap()), server_cert(&c2.unwrap()));
+        // A plain connection has no binding.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let plain = Stream::Plain(TcpStream::connect(l.local_addr().unwrap()).await.unwrap());
+        assert!(plain.channel_binding().unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use ferry_migration::engine::SourceOptions;
 use ferry_migration::nics::MultichannelOptions;
 use ferry_transport::compress::{CompressConfig, CompressionSpec};
 use ferry_transport::multichannel::{ChannelCount, Cidr};
-use ferry_transport::proto::{PerformanceOption, DEFAULT_PORT};
+use ferry_transport::proto::PerformanceOption;
 
 use super::units;
 
@@ -31,6 +31,12 @@ pub struct ReportArgs {
     /// time into this SVG file.
     #[arg(long, value_name = "OUT.svg")]
     pub svg: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct GenKeyArgs {
+    /// The key file to create (never overwritten).
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -69,9 +75,11 @@ pub enum OptionArg {
 
 #[derive(Debug, Args)]
 pub struct ListenArgs {
-    /// Address and port to listen on.
-    #[arg(help_heading = CONNECTION, long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
-    pub listen: SocketAddr,
+    /// Address (or host name) and port to listen on (port 6600 when
+    /// omitted). A single address takes data channels on that address
+    /// only: listen on 0.0.0.0 (with --migration-network) to use every NIC.
+    #[arg(help_heading = CONNECTION, long, default_value = "0.0.0.0:6600", value_name = "HOST[:PORT]")]
+    pub listen: String,
     /// Network that migrations may use (repeatable; default: all). Only
     /// interfaces inside are advertised to sources, data channels arriving
     /// on another local address are refused, and a connection to an address
@@ -99,7 +107,9 @@ pub struct ListenArgs {
     /// Longest a queued migration waits for a slot before it is refused.
     #[arg(help_heading = ADMISSION, long, default_value = "20s", value_parser = units::parse_duration, value_name = "DURATION")]
     pub queue_timeout: Duration,
-    /// File holding the pre-shared key (at least 16 bytes).
+    /// File holding the pre-shared key, as `ferry gen-key FILE` writes it
+    /// (32 random bytes in base64, mode 0600; a shorter key, or a file that
+    /// group or others may read, is refused).
     #[arg(help_heading = SECURITY, long, value_name = "FILE")]
     pub auth_key_file: PathBuf,
     /// Also accept sources that do not encrypt, and the RDMA option (whose
@@ -212,6 +222,25 @@ pub struct EngineArgs {
     /// draws it).
     #[arg(help_heading = OUTPUT, long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Write the migration's events as JSON lines as they happen (phase
+    /// changes, each round's figures, pause start and end, the outcome)
+    /// to FILE, or to standard output with `-` (the summary then goes to
+    /// stderr).
+    #[arg(help_heading = OUTPUT, long, value_name = "FILE|-")]
+    pub events: Option<String>,
+    /// Without a terminal, log a progress line this often (with a
+    /// terminal, the progress line is redrawn in place).
+    #[arg(help_heading = OUTPUT, long, default_value = "5s", value_parser = units::parse_duration, value_name = "DURATION")]
+    pub progress_interval: Duration,
+}
+
+impl EngineArgs {
+    /// `--performance-option` as given (`auto` before it chose).
+    pub fn performance_option_name(&self) -> String {
+        self.performance_option
+            .to_possible_value()
+            .map_or_else(|| "?".into(), |v| v.get_name().to_string())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -223,7 +252,8 @@ pub struct SendArgs {
     pub guest: GuestArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// File holding the pre-shared key.
+    /// File holding the pre-shared key, as `ferry gen-key FILE` writes it
+    /// (the same file as the destination's).
     #[arg(help_heading = SECURITY, long, value_name = "FILE")]
     pub auth_key_file: PathBuf,
 }

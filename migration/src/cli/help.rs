@@ -73,6 +73,12 @@ Examples:
   ferry send --to dst-host --auth-key-file key --json run.json
   ferry report run.json --svg run.svg";
 
+pub const GEN_KEY_EXAMPLES: &str = "\
+Examples:
+  # A key for a pair of hosts, copied to the other keeping its mode
+  ferry gen-key /etc/ferry/key
+  scp -p /etc/ferry/key dst-host:/etc/ferry/key";
+
 pub const GEN_CERTS_EXAMPLES: &str = "\
 Examples:
   # A new CA and a certificate for this host

@@ -1,4 +1,6 @@
-//! `ferry listen`: the destination daemon.
+//! `ferry listen`: the destination daemon. Its log (stderr) has an event
+//! per migration committed or aborted; its standard output one line per
+//! migration with the result, for scripts.
 
 use anyhow::Context;
 use ferry_migration::dest::{Destination, ListenOptions};
@@ -7,14 +9,21 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use super::args::ListenArgs;
-use super::{resume_hook, signals, tls_config};
+use super::{resume_hook, signals, tls_config, units, with_port};
 
 pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     let key = AuthKey::from_file(&a.auth_key_file)?;
     let tls = tls_config(a.tls_dir.as_deref(), &key)?;
-    let listener = TcpListener::bind(a.listen)
+    let listen = with_port(&a.listen);
+    let addr = tokio::net::lookup_host(&listen)
         .await
-        .with_context(|| format!("cannot listen on {}", a.listen))?;
+        .with_context(|| format!("--listen {}: cannot resolve it", a.listen))?
+        .next()
+        .with_context(|| format!("--listen {}: no address", a.listen))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (--listen {})", a.listen))?;
+    let one_path = one_path_note(addr.ip(), &a.migration_network);
     let opts = ListenOptions {
         key,
         memory_limit: a.memory_limit,
@@ -31,17 +40,17 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
         let l = TcpListener::bind(addr)
             .await
             .with_context(|| format!("--metrics: cannot listen on {addr}"))?;
-        eprintln!("ferry: metrics on http://{}/metrics", l.local_addr()?);
+        tracing::info!("metrics on http://{}/metrics", l.local_addr()?);
         let metrics = dest.metrics();
         tokio::spawn(async move {
             if let Err(e) = ferry_migration::metrics::serve(l, metrics).await {
-                eprintln!("ferry: metrics server stopped: {e}");
+                tracing::error!("metrics server stopped: {e}");
             }
         });
     }
     let (tx, mut rx) = mpsc::unbounded_channel();
-    eprintln!(
-        "ferry: listening on {} ({}; TLS identity: {})",
+    tracing::info!(
+        "listening on {} ({}; TLS identity: {})",
         listener.local_addr()?,
         if a.plaintext {
             "--plaintext: unencrypted sources and the RDMA option accepted, TLS served to sources that ask"
@@ -52,8 +61,8 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     );
     let d = dest.clone();
     signals::on_signal(move |name| {
-        eprintln!(
-            "ferry: {name}: shutting down: no new migrations; those before their switchover are aborted and freed, one in its switchover finishes; a second signal exits at once"
+        tracing::warn!(
+            "{name}: shutting down: no new migrations; those before their switchover are aborted and freed, one in its switchover finishes; a second signal exits at once"
         );
         d.shutdown();
     })?;
@@ -61,8 +70,16 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     while let Some(o) = rx.recv().await {
         match &o.result {
             Ok(s) => println!(
-                "migration {} from {} committed: {} bytes, digest {} verified; {}",
-                s.migration_id, o.peer, s.memory_bytes, s.digest, s.resume_report
+                "migration {} from {} committed: {} ({} bytes) in {:.2} s, pause {:.1} ms, digest {} verified; {}{}",
+                s.migration_id,
+                o.peer,
+                units::human(s.memory_bytes),
+                s.memory_bytes,
+                s.total_ms / 1e3,
+                s.downtime_ms,
+                s.digest,
+                s.resume_report,
+                one_path.as_deref().map(|n| format!("; {n}")).unwrap_or_default()
             ),
             Err(e) => println!("migration from {} failed: {e}", o.peer),
         }
@@ -73,7 +90,46 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     }
     server.await??;
     if signals::exit_status().is_some() {
-        eprintln!("ferry: stopped: every migration ended and its memory was freed");
+        tracing::info!("stopped: every migration ended and its memory was freed");
     }
     Ok(())
+}
+
+/// A daemon listening on one address takes data channels there only: when
+/// this host has other usable interfaces (inside `--migration-network`), it
+/// says so at start (with the fix) and returns the note each migration's
+/// line carries.
+fn one_path_note(
+    ip: std::net::IpAddr,
+    networks: &[ferry_transport::multichannel::Cidr],
+) -> Option<String> {
+    // A loopback daemon serves this host only: one path is all there is.
+    if ip.is_loopback() {
+        return None;
+    }
+    let local = match ferry_migration::nics::discover() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!("cannot list interfaces: {e}");
+            return None;
+        }
+    };
+    let unreached = ferry_migration::nics::unreached(&local, networks, ip);
+    if unreached.is_empty() {
+        return None;
+    }
+    let list = unreached
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    tracing::warn!(
+        unreached = %list,
+        "listening on {ip} only: sources can open data channels to this address alone, so each migration gets one network path although this host has {} more usable interface(s) ({list}); to stripe over them, listen on {} (with --migration-network CIDR to keep migrations to that network)",
+        unreached.len(),
+        if ip.is_ipv4() { "0.0.0.0" } else { "[::]" },
+    );
+    Some(format!(
+        "one network path only: listening on {ip}, not on {list}"
+    ))
 }

@@ -10,16 +10,14 @@ use ferry_migration::engine::{Cancel, Progress, Source, SourceOptions, Summary};
 use ferry_migration::guest::{SyntheticConfig, SyntheticGuest};
 use ferry_migration::memory::{default_layout, source_memory};
 use ferry_migration::nics::MultichannelOptions;
-use ferry_migration::report::{self, Record, Sampler};
 use ferry_transport::auth::AuthKey;
-use ferry_transport::proto::{PerformanceOption, DEFAULT_PORT};
+use ferry_transport::proto::PerformanceOption;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use super::args::{source_options, DemoArgs, EngineArgs, GuestArgs, OptionArg, SendArgs};
-use super::progress::progress_bar;
-use super::summary::print_summary;
-use super::{resume_hook, signals, tls_config, units};
+use super::session::{GuestState, Outputs};
+use super::{resume_hook, signals, tls_config, units, with_port};
 
 pub fn start_guest(g: &GuestArgs) -> anyhow::Result<SyntheticGuest> {
     if let Some(binary) = g.memory.binary_reading() {
@@ -42,29 +40,19 @@ pub fn start_guest(g: &GuestArgs) -> anyhow::Result<SyntheticGuest> {
     Ok(SyntheticGuest::start(mem, cfg)?)
 }
 
-pub fn with_port(to: &str) -> String {
-    let has_port = to
-        .rsplit_once(':')
-        .is_some_and(|(h, p)| p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')));
-    if has_port {
-        to.to_string()
-    } else {
-        format!("{to}:{DEFAULT_PORT}")
-    }
-}
-
 pub async fn run_source(
     to: String,
     key: &AuthKey,
     guest: &SyntheticGuest,
     e: &EngineArgs,
     cancel: &Cancel,
+    progress: &Arc<Progress>,
 ) -> anyhow::Result<Summary> {
     let mut opts = source_options(e)?;
     opts.tls = Some(tls_config(e.tls_dir.as_deref(), key)?);
     if e.plaintext {
-        eprintln!(
-            "ferry: --plaintext: {} cross the network unencrypted",
+        tracing::warn!(
+            "--plaintext: {} cross the network unencrypted",
             match e.performance_option {
                 OptionArg::Rdma => "guest pages (RDMA WRITE)",
                 _ => "guest pages, device state and control messages",
@@ -76,7 +64,7 @@ pub async fn run_source(
     // compression. Nothing has moved when it refuses.
     let fallback = opts.option;
     if e.performance_option == OptionArg::Auto && opts.bandwidth_limit.is_some() {
-        eprintln!("ferry: auto: chose {fallback} (--bandwidth-limit: RDMA is not paced)");
+        tracing::info!("auto: chose {fallback} (--bandwidth-limit: RDMA is not paced)");
     } else if e.performance_option == OptionArg::Auto {
         let usable = if !e.plaintext {
             Err("RDMA data channels are not encrypted: rdma only with --plaintext".to_string())
@@ -85,24 +73,24 @@ pub async fn run_source(
         };
         match usable {
             Ok(()) => opts.option = PerformanceOption::Rdma,
-            Err(why) => eprintln!("ferry: auto: chose {fallback} ({why})"),
+            Err(why) => tracing::info!("auto: chose {fallback} ({why})"),
         }
     }
     if opts.option == PerformanceOption::Rdma && e.performance_option == OptionArg::Auto {
-        let tried = run_source_with(to.clone(), key, guest, e, opts.clone(), cancel).await;
+        let tried = run_source_with(to.clone(), key, guest, opts.clone(), cancel, progress).await;
         match tried {
             Err(err) if is_option_rejected(&err) => {
-                eprintln!("ferry: auto: the destination refused rdma ({err:#}); chose {fallback}");
+                tracing::info!("auto: the destination refused rdma ({err:#}); chose {fallback}");
                 opts.option = fallback;
             }
             Ok(s) => {
-                eprintln!("ferry: auto: chose rdma");
+                tracing::info!("auto: chose rdma");
                 return Ok(s);
             }
             Err(err) => return Err(err),
         }
     }
-    run_source_with(to, key, guest, e, opts, cancel).await
+    run_source_with(to, key, guest, opts, cancel, progress).await
 }
 
 /// Whether this host could use RDMA (`--performance-option auto`).
@@ -144,14 +132,11 @@ pub async fn run_source_with(
     to: String,
     key: &AuthKey,
     guest: &SyntheticGuest,
-    e: &EngineArgs,
     opts: SourceOptions,
     cancel: &Cancel,
+    progress: &Arc<Progress>,
 ) -> anyhow::Result<Summary> {
     let dirty = BitmapDirtyLog::new(guest.memory().clone());
-    let progress = Arc::new(Progress::default());
-    let bar = progress_bar(progress.clone());
-    let sampler = Sampler::start(progress.clone(), Duration::from_millis(100));
     let src = Source {
         to,
         key,
@@ -159,52 +144,94 @@ pub async fn run_source_with(
         mem: guest.memory().clone(),
         dirty: &dirty,
         opts,
-        progress,
+        progress: progress.clone(),
         cancel: cancel.clone(),
     };
-    let r = src.migrate().await;
-    bar.abort();
-    let samples = sampler.stop();
-    let summary = r?;
-    if let Some(path) = &e.json {
-        let record = Record {
-            schema: report::SCHEMA,
-            summary: &summary,
-            samples: &samples,
-        };
-        std::fs::write(path, serde_json::to_vec_pretty(&record)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    print_summary(&summary);
-    Ok(summary)
+    let to = src.to.clone();
+    src.migrate().await.map_err(|e| not_ferry(e, &to))
 }
 
-pub async fn send(a: SendArgs) -> anyhow::Result<()> {
-    let key = AuthKey::from_file(&a.auth_key_file)?;
-    let guest = start_guest(&a.guest)?;
-    let cancel = cancel_on_signal()?;
-    let r = run_source(with_port(&a.to), &key, &guest, &a.engine, &cancel).await;
-    if r.is_err() {
-        if cancel.reason().is_some() && guest.is_running() {
-            eprintln!(
-                "ferry: migration cancelled; the guest keeps running on this host (running: true)"
-            );
-        } else if guest.is_running() {
-            eprintln!(
-                "ferry: migration failed; the guest keeps running on this host (running: true)"
-            );
-        } else {
-            // Commit was sent but not confirmed: resuming could make two
-            // running copies.
-            eprintln!(
-                "ferry: migration failed; the guest is left paused on this host (running: false)"
-            );
+/// Names the likely cause when what answered at `to` is not a Ferry
+/// destination: something else on that port (it answered in another
+/// protocol), or nothing that speaks (no answer to the hello).
+fn not_ferry(e: ferry_migration::MigrationError, to: &str) -> anyhow::Error {
+    use ferry_migration::MigrationError as M;
+    use ferry_transport::TransportError as T;
+    let hint = match &e {
+        M::Transport(T::BadMagic {
+            what: "control frame",
+            found,
+            ..
+        }) => {
+            let text: String = found
+                .iter()
+                .map(|b| match *b {
+                    b if b.is_ascii_graphic() || b == b' ' => char::from(b),
+                    _ => '.',
+                })
+                .collect();
+            Some(format!(
+                "{to} is not a ferry listen port: it answered {text:?}, not Ferry (check the host and port)"
+            ))
         }
+        M::Transport(T::Timeout { what, after })
+            if what.contains("hello") || what.contains("TLS handshake") =>
+        {
+            Some(format!(
+                "no Ferry destination answered at {to} within {after:?}: the port accepted the connection but said nothing (is it a ferry listen port?)"
+            ))
+        }
+        _ => None,
+    };
+    match hint {
+        Some(h) => anyhow::Error::new(e).context(h),
+        None => e.into(),
     }
-    r.map(|_| ())
 }
 
-pub async fn demo(a: DemoArgs) -> anyhow::Result<()> {
+/// Where the guest runs after `result`.
+fn guest_state(result: &anyhow::Result<Summary>, guest: Option<&SyntheticGuest>) -> GuestState {
+    match (result, guest) {
+        (Ok(_), _) => GuestState::Destination,
+        (Err(_), Some(g)) if !g.is_running() => GuestState::PausedOnSource,
+        (Err(_), Some(_)) => GuestState::Source,
+        (Err(_), None) => GuestState::NotStarted,
+    }
+}
+
+pub async fn send(a: SendArgs, quiet: bool) -> anyhow::Result<()> {
+    // --json and --events are checked before anything else happens.
+    let outputs = Outputs::check(&a.engine)?;
+    let to = with_port(&a.to);
+    let prepared = (|| {
+        let key = AuthKey::from_file(&a.auth_key_file)?;
+        let guest = start_guest(&a.guest)?;
+        anyhow::Ok((key, guest, cancel_on_signal()?))
+    })();
+    let session = outputs.start(&a.engine, quiet);
+    let (result, guest) = match prepared {
+        Ok((key, guest, cancel)) => (
+            run_source(
+                to.clone(),
+                &key,
+                &guest,
+                &a.engine,
+                &cancel,
+                &session.progress,
+            )
+            .await,
+            Some(guest),
+        ),
+        Err(e) => (Err(e), None),
+    };
+    let state = guest_state(&result, guest.as_ref());
+    session
+        .finish(result, state, &a.engine, &to, a.guest.memory.bytes)
+        .await
+        .map(|_| ())
+}
+
+pub async fn demo(a: DemoArgs, quiet: bool) -> anyhow::Result<()> {
     let key = AuthKey::random();
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
@@ -221,16 +248,31 @@ pub async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         tls: tls_config(a.engine.tls_dir.as_deref(), &key)?,
         plaintext: a.engine.plaintext,
     };
+    let outputs = Outputs::check(&a.engine)?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let server = tokio::spawn(Destination::new(opts, resume_hook()).serve(listener, tx));
-    eprintln!(
-        "ferry demo: {} guest dirtying {}/s, migrating over loopback {addr}",
+    tracing::info!(
+        "demo: {} guest dirtying {}/s, migrating over loopback {addr}",
         units::human(a.guest.memory.bytes),
         units::human(a.guest.dirty_rate)
     );
     let guest = start_guest(&a.guest)?;
     let cancel = cancel_on_signal()?;
-    let r = run_source(addr.to_string(), &key, &guest, &a.engine, &cancel).await;
+    let session = outputs.start(&a.engine, quiet);
+    let to = addr.to_string();
+    let result = run_source(
+        to.clone(),
+        &key,
+        &guest,
+        &a.engine,
+        &cancel,
+        &session.progress,
+    )
+    .await;
+    let state = guest_state(&result, Some(&guest));
+    let r = session
+        .finish(result, state, &a.engine, &to, a.guest.memory.bytes)
+        .await;
     let outcome = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
     server.abort();
     r?;
@@ -254,12 +296,12 @@ fn cancel_on_signal() -> anyhow::Result<Cancel> {
     let c = cancel.clone();
     signals::on_signal(move |name| {
         if c.cancel(&format!("cancelled by the operator ({name})")) {
-            eprintln!(
-                "\nferry: {name}: cancelling the migration (Abort to the destination, guest resumed here); a second signal exits at once"
+            tracing::warn!(
+                "{name}: cancelling the migration (Abort to the destination, guest resumed here); a second signal exits at once"
             );
         } else {
-            eprintln!(
-                "\nferry: {name}: Commit is already sent, so the migration finishes (cancelling now could leave the guest running nowhere); a second signal exits at once"
+            tracing::warn!(
+                "{name}: Commit is already sent, so the migration finishes (cancelling now could leave the guest running nowhere); a second signal exits at once"
             );
         }
     })?;

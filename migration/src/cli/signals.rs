@@ -28,7 +28,7 @@ pub fn on_signal(first: impl FnOnce(&'static str) + Send + 'static) -> anyhow::R
         RECEIVED.store(n, Ordering::Relaxed);
         first(name);
         let (name, n) = next(&mut int, &mut term).await;
-        eprintln!("ferry: second signal ({name}): exiting now");
+        tracing::error!("second signal ({name}): exiting now");
         std::process::exit(128 + n);
     });
     Ok(())

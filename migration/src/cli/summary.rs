@@ -6,14 +6,40 @@ use ferry_transport::ChannelState;
 
 use super::units;
 
-pub fn print_summary(s: &Summary) {
-    println!(
+/// `writeln!` into a `String` (cannot fail).
+macro_rules! outln {
+    ($out:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
+/// Prints the summary of a committed migration: on stdout, or on stderr
+/// when stdout carries `--events -`.
+pub fn print_summary(s: &Summary, notes: &[String], to_stderr: bool) {
+    let mut text = summary(s);
+    for n in notes {
+        text.push_str(&format!("  note: {n}\n"));
+    }
+    if to_stderr {
+        eprint!("{text}");
+    } else {
+        print!("{text}");
+    }
+}
+
+/// The summary's lines.
+fn summary(s: &Summary) -> String {
+    let mut out = String::new();
+    outln!(
+        out,
         "migration committed: {} guest over {} in {:.2} s",
         units::human(s.memory_bytes),
         s.option,
         s.total_ms / 1e3
     );
-    println!(
+    outln!(
+        out,
         "  rounds: {} pre-copy + final copy (stopped: {}); downtime {:.1} ms (limit {} ms; digest {:.1} ms)",
         s.rounds.len() - 1,
         match s.converge_reason {
@@ -26,13 +52,15 @@ pub fn print_summary(s: &Summary) {
         s.digest_ms
     );
     if s.converge_reason == ConvergeReason::RoundCap {
-        println!(
+        outln!(
+            out,
             "  --force-switchover: switched over without converging, predicted pause {:.0} ms",
             s.predicted_downtime_ms
         );
     }
     if s.rounds.iter().any(|r| r.throttle_percent > 0) {
-        println!(
+        outln!(
+            out,
             "  auto-converge: guest throttled {}% at switchover; per round (final copy last): {}",
             s.throttle_percent,
             s.rounds
@@ -43,13 +71,15 @@ pub fn print_summary(s: &Summary) {
         );
     }
     if let Some(cap) = s.bandwidth_limit {
-        println!(
+        outln!(
+            out,
             "  bandwidth limit {}/s: {}/s on the wire",
             units::human(cap),
             units::human(s.wire_bytes_per_sec as u64)
         );
     }
-    println!(
+    outln!(
+        out,
         "  throughput {}/s ({:.2} Gbit/s); page bytes {}; bytes on the wire {}; chunks resent {}",
         units::human(s.throughput_bytes_per_sec as u64),
         s.throughput_bytes_per_sec * 8.0 / 1e9,
@@ -60,7 +90,8 @@ pub fn print_summary(s: &Summary) {
     if let PerformanceOption::Compression { .. } = s.option {
         let sum =
             |f: fn(&ferry_transport::ChannelStats) -> u64| s.channels.iter().map(f).sum::<u64>();
-        println!(
+        outln!(
+        out,
             "  compression: {:.2}x page bytes per wire byte; chunks compressed {}, raw (incompressible) {}, raw (link would idle) {}",
             s.compression_ratio,
             sum(|c| c.compressed_chunks),
@@ -69,9 +100,10 @@ pub fn print_summary(s: &Summary) {
         );
     }
     if s.channels.len() > 1 || s.channels.iter().any(|c| c.state == ChannelState::Failed) {
-        println!("  data channels: {}", s.channels.len());
+        outln!(out, "  data channels: {}", s.channels.len());
         for c in &s.channels {
-            println!(
+            outln!(
+                out,
                 "    ch{} {} -> {}{}: {:?}, {} page bytes at {}/s, {} chunks{}{}",
                 c.channel,
                 c.local.as_deref().unwrap_or("?"),
@@ -96,6 +128,7 @@ pub fn print_summary(s: &Summary) {
             );
         }
     }
-    println!("  encryption: {}", s.encryption);
-    println!("  digest {} verified on both sides", s.digest);
+    outln!(out, "  encryption: {}", s.encryption);
+    outln!(out, "  digest {} verified on both sides", s.digest);
+    out
 }

@@ -1,10 +1,19 @@
-//! `ferry gen-certs`, `ferry report`, `ferry nics`.
+//! `ferry gen-key`, `ferry gen-certs`, `ferry report`, `ferry nics`.
 
 use anyhow::Context;
 use ferry_migration::nics;
 use ferry_migration::report::RecordIn;
 
-use super::args::{GenCertsArgs, NicsArgs, ReportArgs};
+use super::args::{GenCertsArgs, GenKeyArgs, NicsArgs, ReportArgs};
+
+pub fn gen_key(a: &GenKeyArgs) -> anyhow::Result<()> {
+    ferry_transport::auth::generate_key_file(&a.file)?;
+    println!(
+        "wrote {} (32 random bytes, base64, mode 0600): give it to ferry listen and ferry send as --auth-key-file, copied keeping its mode",
+        a.file.display()
+    );
+    Ok(())
+}
 
 pub fn gen_certs(a: &GenCertsArgs) -> anyhow::Result<()> {
     for f in ferry_transport::tls::generate(&a.dir, a.ca.as_deref())? {

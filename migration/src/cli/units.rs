@@ -250,21 +250,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("'{s}' is too long"))
 }
 
-/// `1.00 GiB`-style rendering (binary units).
-pub fn human(b: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.2} {}", U[i])
-    }
-}
+pub use ferry_migration::units::human;
 
 /// A number with at most 2 decimals, without trailing zeros.
 pub fn trim(v: f64) -> String {
@@ -355,8 +341,6 @@ mod tests {
 
     #[test]
     fn rendering() {
-        assert_eq!(human(1 << 30), "1.00 GiB");
-        assert_eq!(human(512), "512 B");
         assert_eq!(trim(2.50), "2.5");
         assert_eq!(trim(300.0), "300");
     }
