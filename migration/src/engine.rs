@@ -746,7 +746,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 conn: &mut conn,
                 ledger: ledger.clone(),
                 frame: keys.frame.clone(),
-                pages: BufPool::new(CHUNK_BUFFERS_KEPT),
+                pages: BufPool::new(chunk_buffers_kept(self.opts.chunk_bytes)),
                 paused_at: None,
                 commit_sent: false,
                 throttled: 0,
@@ -779,7 +779,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             conn: &mut conn,
             ledger: ledger.clone(),
             frame: keys.frame.clone(),
-            pages: BufPool::new(CHUNK_BUFFERS_KEPT),
+            pages: BufPool::new(chunk_buffers_kept(self.opts.chunk_bytes)),
             paused_at: None,
             commit_sent: false,
             throttled: 0,
@@ -990,8 +990,11 @@ pub fn is_zero_page(p: &[u8]) -> bool {
     ferry_proto::evidence::is_zero(p)
 }
 
-/// Idle chunk buffers a migration keeps for reuse.
-const CHUNK_BUFFERS_KEPT: usize = 16;
+/// Idle chunk buffers a migration keeps for reuse: up to 32 MiB of them
+/// (at least two), so a burst does not leave more than that resident.
+fn chunk_buffers_kept(chunk_bytes: u32) -> usize {
+    ((32 << 20) / (chunk_bytes.max(1) as usize)).max(2)
+}
 
 /// Builds chunks from a dirty set in one pass over each page: the page is
 /// copied out of guest memory once ([`vio::copy_out`], the only read of it
@@ -1088,8 +1091,10 @@ impl<'m> Chunker<'m> {
         if self.cur.is_empty() {
             return;
         }
-        let data = self.data.take().map(|mut d| {
-            d.truncate(self.payload as usize);
+        // A chunk of zero runs only carries no copy (its buffer goes back).
+        let payload = self.payload as usize;
+        let data = self.data.take().filter(|_| payload > 0).map(|mut d| {
+            d.truncate(payload);
             d.freeze()
         });
         out.push(Chunk {
@@ -1740,6 +1745,33 @@ mod tests {
         ch0.cut(&mut out0, &mut seq);
         assert!(out0.iter().flat_map(|c| &c.runs).all(|r| !r.zero));
         assert_eq!(out0.iter().map(|c| c.pages()).sum::<u64>(), 8);
+        // Copying (compression, TLS): each chunk carries exactly its
+        // non-zero pages' bytes, and its tag is the one a fresh read gives.
+        let pool = BufPool::new(2);
+        let mut copied = Vec::new();
+        let mut ch =
+            Chunker::new(&mem, &ledger, &frame_key, 4 * PAGE_SIZE, 4, false).copying(&pool);
+        ch.add(all12, &mut copied, &mut seq).unwrap();
+        ch.cut(&mut copied, &mut seq);
+        for c in &copied {
+            let again = Chunk::read(
+                &mem,
+                ledger.key(),
+                &frame_key,
+                c.seq,
+                c.round,
+                c.runs.clone(),
+                true,
+            )
+            .unwrap();
+            assert_eq!(c.tag, again.tag, "chunk {}", c.seq);
+            match &c.data {
+                Some(d) => assert!(**d == *again.data.unwrap(), "chunk {} bytes", c.seq),
+                None => assert_eq!(c.payload_bytes(), 0, "only zero runs go without a copy"),
+            }
+        }
+        drop(copied);
+        assert!(pool.idle() >= 1, "buffers go back to the pool");
         // A run longer than a chunk is split over chunks.
         let mut big = Vec::new();
         let mut ch = Chunker::new(&mem, &ledger, &frame_key, 2 * PAGE_SIZE, 1, false);

@@ -403,7 +403,12 @@ fn pump(sh: &Shared, st: &ConnState, id: usize, dir: Dir, mut from: TcpStream, m
         match verdict {
             Verdict::Forward => {
                 if to.write_all(&f.bytes).is_err() {
-                    break;
+                    // The other side reset the connection (it refused what
+                    // it was sent, and closed with bytes unread): reset this
+                    // side too, as one TCP connection would, so a writer
+                    // here sees the failure instead of a full buffer.
+                    close(st);
+                    return;
                 }
             }
             Verdict::Swallow => {}

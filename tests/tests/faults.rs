@@ -682,6 +682,8 @@ fn a_stale_copy_replayed_after_a_newer_round_is_refused() {
         &[
             "--channels",
             "2",
+            "--channel-timeout",
+            "2s",
             "--dirty-rate",
             "32MB/s",
             "--downtime-limit",
