@@ -140,7 +140,7 @@ for i in $(seq 0 $((RUNS - 1))); do
         done
         if [ -z "$line" ]; then
             why="destination $dst reported no commit"
-        elif ! grep -q "digest $digest verified; .* pattern pages verified" <<<"$line"; then
+        elif ! grep -q "digest $digest verified .* pattern pages verified" <<<"$line"; then
             why="destination $dst: $line"
         fi
     fi

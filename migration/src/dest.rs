@@ -1,5 +1,7 @@
-//! The destination: accepts connections, validates offers before allocating
-//! anything, lands pages, verifies the digest, and resumes on `Commit`.
+//! The destination: accepts connections, validates offers (guest
+//! configuration included) before allocating anything, lands pages, proves
+//! what landed, restores the device state before confirming a commit and
+//! resumes only after.
 //!
 //! ```mermaid
 //! stateDiagram-v2
@@ -12,19 +14,23 @@
 //!     Offer --> Queued: validated, no free slot
 //!     Queued --> Offer: slot free
 //!     Queued --> [*]: Reject(busy) after --queue-timeout
-//!     Offer --> Receiving: slot, memory within the limit over all migrations, allocated, Accept
-//!     Offer --> [*]: Reject(memory limit / option / bad offer)
-//!     Receiving --> Verify: Switchover, every channel ended
-//!     Verify --> AwaitCommit: device state CRC ok, Ready(own digest)
-//!     AwaitCommit --> Resumed: Commit(source digest) equal to own
+//!     Offer --> Receiving: slot, memory within the limit over all migrations, guest config restorable, allocated, Accept
+//!     Offer --> [*]: Reject(memory limit / option / guest config / bad offer)
+//!     Receiving --> Receiving: pages, RoundDone, Ping/Pong, Fence/Fenced
+//!     Receiving --> Proving: Switchover, every channel stopped
+//!     Proving --> AwaitCommit: device-state hash ok, Ready(MACs over transcripts, evidence, device state)
+//!     AwaitCommit --> Restoring: Commit proves the same claims
+//!     Restoring --> Resumed: restore ok, Committed(MAC), then resume
+//!     Resumed --> [*]: Audit report counted (or missing)
 //!     Receiving --> Freed: error, Abort, stall
-//!     Verify --> Freed: device state corrupt
-//!     AwaitCommit --> Freed: digests differ, Abort, timeout
-//!     Resumed --> [*]
+//!     Proving --> Freed: device state corrupt
+//!     AwaitCommit --> Freed: Abort, timeout; CommitRefused(MAC) if its proof differs
+//!     Restoring --> Freed: restore failed, CommitRefused(MAC): the source resumes
 //!     Freed --> [*]
 //! ```
-//! Nothing on the destination becomes live before `Commit`; every failure
-//! drops the guest memory and releases the migration slot.
+//! Nothing on the destination becomes live before `Committed`, and
+//! `Committed` is sent only once everything that can fail has succeeded;
+//! every failure drops the guest memory and releases the migration slot.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -32,12 +38,15 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_proto::switchover::{self as proof, Claims, ReadyProof, Transcripts};
 use ferry_proto::{Evidence, Ledger};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::compress::CompressionSpec;
 use ferry_transport::conn::{negotiate, Conn};
 use ferry_transport::multichannel::Cidr;
-use ferry_transport::proto::{Accept, Msg, Offer, PerformanceOption, RejectReason, Role};
+use ferry_transport::proto::{
+    Accept, AuditReport, GuestConfig, Msg, Offer, PerformanceOption, RejectReason, Role,
+};
 use ferry_transport::reservation::{channel_allowance, ChannelBudgets, MemoryPool, Reservation};
 use ferry_transport::stream::Stream;
 use ferry_transport::tcp::{receive_channel, Inbound, RecvCounters};
@@ -51,7 +60,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::digest::{hex, memory_digest};
+use crate::digest::{hex, memory_evidence};
 use crate::error::{MigrationError, Result};
 use crate::memory::{dest_memory, DestMemory};
 use crate::metrics::{Attempt, Metrics};
@@ -91,10 +100,88 @@ pub struct ListenOptions {
     pub plaintext: bool,
 }
 
-/// Called after `Commit` with the guest's memory and device state: this is
-/// where a VMM would resume the guest. Its report ends up in the summary.
-pub type ResumeHook =
+/// What this destination can restore. The offer's guest configuration is
+/// checked against it before `Accept`; a guest it cannot restore is refused
+/// with `Reject(GuestConfig)` naming the mismatch, before anything is
+/// allocated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestSupport {
+    /// Most vCPUs a guest may have.
+    pub max_vcpus: u32,
+    /// The CPU vendor guests must come from (their state holds the vendor's
+    /// CPU features); `None`: any.
+    pub cpu_vendor: Option<String>,
+    /// Device-state formats this destination restores.
+    pub device_state_formats: Vec<String>,
+}
+
+impl GuestSupport {
+    /// Checks a guest configuration; the error names the mismatch.
+    pub fn check(&self, g: &GuestConfig) -> std::result::Result<(), String> {
+        if g.vcpus == 0 {
+            return Err("guest configuration: 0 vCPUs".into());
+        }
+        if g.vcpus > self.max_vcpus {
+            return Err(format!(
+                "guest configuration: {} vCPUs, this destination restores at most {}",
+                g.vcpus, self.max_vcpus
+            ));
+        }
+        if let Some(v) = &self.cpu_vendor {
+            if &g.cpu_vendor != v {
+                return Err(format!(
+                    "guest configuration: CPU vendor {:?}, this destination's is {v:?} (a guest cannot move between CPU vendors)",
+                    g.cpu_vendor
+                ));
+            }
+        }
+        if !self.device_state_formats.contains(&g.device_state_format) {
+            return Err(format!(
+                "guest configuration: device-state format {:?} is not one this destination restores ({})",
+                g.device_state_format,
+                self.device_state_formats.join(", ")
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A hook the destination calls with the guest's memory (and device state).
+pub type RestoreFn =
     Arc<dyn Fn(&DestMemory, &[u8]) -> std::result::Result<String, String> + Send + Sync>;
+/// A hook the destination calls with the guest's memory once committed.
+pub type ResumeFn = Arc<dyn Fn(&DestMemory) -> std::result::Result<String, String> + Send + Sync>;
+
+/// How the destination hands a migrated guest to its VMM, in commit order:
+///
+/// 1. [`ResumeHook::supports`] is checked against the offer, before `Accept`;
+/// 2. [`ResumeHook::restore`] runs once the source's `Commit` is checked and
+///    before `Committed` is sent: everything that can fail (parsing and
+///    loading the device state, creating vCPUs, checks of memory). An error
+///    refuses the commit (`CommitRefused`, bound to the session): the
+///    destination frees everything and the source resumes its guest;
+/// 3. [`ResumeHook::resume`] runs right after `Committed`: starts the guest.
+///    It should not fail; if it does, the error is reported (the guest runs
+///    nowhere) but the commit stands.
+///
+/// Their reports end up in the summary.
+#[derive(Clone)]
+pub struct ResumeHook {
+    /// What this destination can restore.
+    pub supports: GuestSupport,
+    /// Restores the device state into the VMM (before `Committed`).
+    pub restore: RestoreFn,
+    /// Starts the guest (after `Committed`).
+    pub resume: ResumeFn,
+}
+
+impl std::fmt::Debug for ResumeHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResumeHook")
+            .field("supports", &self.supports)
+            .finish_non_exhaustive()
+    }
+}
 
 /// What a committed incoming migration looked like.
 #[derive(Debug, Clone, Serialize)]
@@ -109,10 +196,21 @@ pub struct DestSummary {
     pub payload_bytes: u64,
     /// Chunks whose CRC failed and were sent again.
     pub crc_errors: u64,
-    /// Digest (hex).
+    /// Fingerprint of the verified switchover (hex): the source prints the
+    /// same one.
     pub digest: String,
-    /// What the resume hook said.
+    /// `--verify full`: the whole memory was hashed in the pause too.
+    pub verify_full: bool,
+    /// What the restore hook said (before `Committed`).
+    pub restore_report: String,
+    /// What the resume hook said (after `Committed`).
     pub resume_report: String,
+    /// The source's audit of its frozen memory after the pause (`None`: it
+    /// never came, e.g. the source died first).
+    pub audit: Option<AuditReport>,
+    /// This process's memory when the migration ended: peak RSS (over the
+    /// daemon's life), the guest's resident part, and the rest.
+    pub memory: crate::memory::MemoryUse,
     /// Wall time from hello to commit.
     pub total_ms: f64,
     /// Downtime as the destination sees it: from the source's last
@@ -620,6 +718,10 @@ impl Destination {
                 ));
             }
         }
+        self.resume
+            .supports
+            .check(&offer.guest)
+            .map_err(|e| (RejectReason::GuestConfig, e))?;
         if offer.channels == 0 || offer.channels > 64 {
             return Err((
                 RejectReason::BadOffer,
@@ -813,17 +915,31 @@ impl Destination {
         self.metrics.retire(migration_id);
         stop_populate.store(true, Ordering::Relaxed);
         match result {
-            Ok((payload_bytes, crc_errors, digest, resume_report, downtime)) => Ok(DestSummary {
+            Ok(r) => Ok(DestSummary {
                 migration_id,
                 peer,
                 memory_bytes: offer.layout.total_bytes(),
-                payload_bytes,
-                crc_errors,
-                digest: hex(&digest),
-                resume_report,
+                payload_bytes: r.payload_bytes,
+                crc_errors: r.crc_errors,
+                digest: hex(&r.fingerprint),
+                verify_full: r.verify_full,
+                restore_report: r.restore_report,
+                resume_report: r.resume_report,
+                audit: r.audit,
+                memory: crate::memory::memory_use(&*mem),
                 total_ms: started.elapsed().as_secs_f64() * 1e3,
-                downtime_ms: downtime.as_secs_f64() * 1e3,
+                downtime_ms: r.downtime.as_secs_f64() * 1e3,
             }),
+            // Committed: the source has let go, nothing to tell it.
+            Err(e @ MigrationError::ResumeFailed(_)) => {
+                tracing::error!(migration_id, "{e}");
+                Err(e)
+            }
+            // Refused after Commit: the source was told, with its proof.
+            Err(e @ (MigrationError::RestoreFailed(_) | MigrationError::CommitProof)) => {
+                tracing::warn!(migration_id, "migration aborted: {e}");
+                Err(e)
+            }
             Err(e) => {
                 tracing::debug!(migration_id, "migration aborted, telling the source: {e}");
                 writer.abort(&e.to_string()).await;
@@ -929,6 +1045,18 @@ struct Receive<'a> {
     rdma: std::sync::Mutex<Option<ferry_transport::rdma::RdmaReceiver<()>>>,
 }
 
+/// What a committed incoming migration produced.
+struct Received {
+    payload_bytes: u64,
+    crc_errors: u64,
+    fingerprint: [u8; 16],
+    verify_full: bool,
+    restore_report: String,
+    resume_report: String,
+    audit: Option<AuditReport>,
+    downtime: Duration,
+}
+
 /// The sum of one counter over every channel's counters.
 fn total(all: &[Arc<RecvCounters>], counter: fn(&RecvCounters) -> &AtomicU64) -> u64 {
     all.iter().map(|c| counter(c).load(Ordering::Relaxed)).sum()
@@ -937,7 +1065,6 @@ fn total(all: &[Arc<RecvCounters>], counter: fn(&RecvCounters) -> &AtomicU64) ->
 impl Receive<'_> {
     /// The destination's evidence so far: the sum over every page of what
     /// landed in it (see [`ferry_proto::evidence`]).
-    #[allow(dead_code)] // compared at switchover (issue 14)
     fn evidence(&self) -> Evidence {
         self.ledger().evidence()
     }
@@ -973,13 +1100,18 @@ impl Receive<'_> {
         }
     }
 
-    /// Receives pages until the switchover, verifies, and waits for commit.
+    /// Receives pages until the switchover, proves what landed, and
+    /// restores and resumes the guest on a valid commit.
     async fn run(
         &self,
         writer: &mut ferry_transport::conn::ConnWriter,
         mut msgs: mpsc::Receiver<ferry_transport::Result<Msg>>,
         mut streams: mpsc::Receiver<Stream>,
-    ) -> Result<(u64, u64, [u8; 16], String, Duration)> {
+    ) -> Result<Received> {
+        let keys = writer.session_keys().ok_or(TransportError::Unexpected {
+            expected: "an authenticated session",
+            got: "no session keys".into(),
+        })?;
         // The RDMA channels' counters first, then one per TCP data channel
         // (each counted in the metrics under its index).
         let counters = Arc::new(RecvCounters::default());
@@ -1087,8 +1219,12 @@ impl Receive<'_> {
                                 fencing = Some((channels, waiting));
                             }
                         }
+                        Some(Ok(Msg::Ping { seq })) => {
+                            last_progress.0 = Instant::now();
+                            writer.send(&Msg::Pong { seq }).await?;
+                        }
                         Some(Ok(Msg::Switchover(sw))) if switchover.is_none() && fencing.is_none() => { switchover = Some(sw); last_progress.0 = Instant::now(); }
-                        Some(Ok(m)) => return Err(TransportError::Unexpected { expected: "RoundDone, Fence or Switchover", got: m.name().into() }.into()),
+                        Some(Ok(m)) => return Err(TransportError::Unexpected { expected: "RoundDone, Ping, Fence or Switchover", got: m.name().into() }.into()),
                         Some(Err(e)) => return Err(e.into()),
                         None => return Err(TransportError::PeerClosed { what: "control" }.into()),
                     }
@@ -1119,27 +1255,54 @@ impl Receive<'_> {
             rdma_task.shutdown().await;
         }
         let sw = switchover.expect("loop ends with a switchover");
-        let computed = crc32fast::hash(&sw.device_state);
-        if computed != sw.device_state_crc {
-            return Err(MigrationError::DeviceStateCrc {
-                expected: sw.device_state_crc,
-                computed,
-            });
-        }
-        let mem = self.mem.clone();
-        let digest = tokio::task::spawn_blocking(move || memory_digest(&*mem))
+        self.switchover(writer, &mut msgs, &keys, sw, &all_counters, paused_at)
             .await
-            .map_err(|e| MigrationError::Guest(format!("digest task failed: {e}")))?;
-        writer.send(&Msg::Ready { digest }).await?;
-        let commit = tokio::time::timeout(self.timeout, msgs.recv()).await;
-        match commit {
-            Ok(Some(Ok(Msg::Commit { digest: theirs }))) if theirs == digest => {}
-            Ok(Some(Ok(Msg::Commit { digest: theirs }))) => {
-                return Err(MigrationError::DigestMismatch {
-                    source_digest: hex(&theirs),
-                    dest_digest: hex(&digest),
-                })
-            }
+    }
+
+    /// From `Switchover` on, with every data channel stopped: proves what
+    /// landed (`Ready`), checks the source's `Commit`, restores the device
+    /// state, and only then confirms (`Committed`) and resumes; then takes
+    /// the source's audit.
+    async fn switchover(
+        &self,
+        writer: &mut ferry_transport::conn::ConnWriter,
+        msgs: &mut mpsc::Receiver<ferry_transport::Result<Msg>>,
+        keys: &ferry_proto::SessionKeys,
+        sw: ferry_transport::proto::Switchover,
+        all_counters: &[Arc<RecvCounters>],
+        paused_at: Instant,
+    ) -> Result<Received> {
+        if proof::device_state_hash(&sw.device_state) != sw.device_state_hash {
+            return Err(MigrationError::DeviceStateCorrupt);
+        }
+        // Nothing was sent since Switchover and nothing more can come in
+        // before Ready: both sides take the transcripts at this point.
+        let t = writer.transcript();
+        let transcripts = Transcripts {
+            s2d: t.received,
+            d2s: t.sent,
+        };
+        // --verify full: the whole memory too, hashed in the pause.
+        let memory = if sw.verify_full {
+            let (mem, key) = (self.mem.clone(), keys.page.clone());
+            let scan = tokio::task::spawn_blocking(move || memory_evidence(&*mem, &key))
+                .await
+                .map_err(|e| MigrationError::Guest(format!("verification task failed: {e}")))?;
+            Some(scan.evidence)
+        } else {
+            None
+        };
+        let claims = Claims {
+            transcripts,
+            // What landed on every page: complete, every channel stopped.
+            evidence: self.evidence(),
+            device_state: sw.device_state_hash,
+            memory,
+        };
+        let ready = ReadyProof::new(&keys.commit, &claims);
+        writer.send(&Msg::Ready(ready)).await?;
+        let commit = match tokio::time::timeout(self.timeout, msgs.recv()).await {
+            Ok(Some(Ok(Msg::Commit { mac }))) => mac,
             Ok(Some(Ok(m))) => {
                 return Err(TransportError::Unexpected {
                     expected: "Commit",
@@ -1156,25 +1319,90 @@ impl Receive<'_> {
                 }
                 .into())
             }
+        };
+        // The Commit the source must have sent if it holds the same claims:
+        // refusals and Committed are bound to it.
+        let expected = proof::commit_mac(&keys.commit, &claims, &ready);
+        let refuse = |reason: String| Msg::CommitRefused {
+            mac: proof::refusal_mac(&keys.commit, &expected, &reason),
+            reason,
+        };
+        if !proof::check_commit(&keys.commit, &claims, &ready, &commit) {
+            let e = MigrationError::CommitProof;
+            writer.send(&refuse(e.to_string())).await?;
+            return Err(e);
         }
-        // Resume: from here the guest belongs to this side. Confirm first so
-        // the source's downtime does not include the hook's work.
-        writer.send(&Msg::Committed).await?;
-        let downtime = paused_at.elapsed();
-        // The hook may take long (a full page check): keep it off the runtime.
+        // Restore: everything that can fail, before this side takes the
+        // guest (off the runtime: a VMM may do real work here).
         let (hook, mem, state) = (self.resume.clone(), self.mem.clone(), sw.device_state);
-        let report = tokio::task::spawn_blocking(move || hook(&mem, &state))
+        let restored = tokio::task::spawn_blocking(move || (hook.restore)(&mem, &state))
             .await
-            .map_err(|e| format!("{e}"))
+            .map_err(|e| format!("restore task failed: {e}"))
+            .and_then(|r| r);
+        let restore_report = match restored {
+            Ok(r) => r,
+            Err(e) => {
+                let e = MigrationError::RestoreFailed(e);
+                writer.send(&refuse(e.to_string())).await?;
+                return Err(e);
+            }
+        };
+        let committed = proof::committed_mac(&keys.commit, &expected);
+        writer.send(&Msg::Committed { mac: committed }).await?;
+        let downtime = paused_at.elapsed();
+        // The guest is this side's now: resume it.
+        let (hook, mem) = (self.resume.clone(), self.mem.clone());
+        let resume_report = tokio::task::spawn_blocking(move || (hook.resume)(&mem))
+            .await
+            .map_err(|e| format!("resume task failed: {e}"))
             .and_then(|r| r)
-            .unwrap_or_else(|e| format!("resume hook failed: {e}"));
-        Ok((
-            total(&all_counters, |c| &c.payload_bytes),
-            total(&all_counters, |c| &c.crc_errors),
-            digest,
-            report,
+            .map_err(MigrationError::ResumeFailed)?;
+        // The source audits its frozen memory after the pause and reports.
+        let audit = match tokio::time::timeout(self.timeout, msgs.recv()).await {
+            Ok(Some(Ok(Msg::Audit(a)))) if a.verify(&keys.commit, &committed) => Some(a),
+            Ok(Some(Ok(Msg::Audit(_)))) => {
+                tracing::warn!(
+                    migration_id = self.migration_id,
+                    "audit report without this session's proof: ignored"
+                );
+                None
+            }
+            Ok(other) => {
+                tracing::warn!(
+                    migration_id = self.migration_id,
+                    "no audit report from the source: {other:?}"
+                );
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    migration_id = self.migration_id,
+                    "no audit report from the source within {:?}",
+                    self.timeout
+                );
+                None
+            }
+        };
+        if let Some(a) = &audit {
+            if a.result == ferry_transport::proto::AuditResult::Failed {
+                tracing::error!(
+                    migration_id = self.migration_id,
+                    mismatched_pages = a.mismatched_pages,
+                    first = ?a.first_mismatch,
+                    "AUDIT FAILED: the source's memory differs from what was migrated (its dirty log missed guest writes); this guest runs with stale pages"
+                );
+            }
+        }
+        Ok(Received {
+            payload_bytes: total(all_counters, |c| &c.payload_bytes),
+            crc_errors: total(all_counters, |c| &c.crc_errors),
+            fingerprint: proof::fingerprint(&committed),
+            verify_full: sw.verify_full,
+            restore_report,
+            resume_report,
+            audit,
             downtime,
-        ))
+        })
     }
 }
 

@@ -1,70 +1,176 @@
-//! Whole-memory digest compared at switchover.
+//! Whole-memory evidence: the same keyed page hashes as the evidence built
+//! while pages move ([`ferry_proto::evidence`]), recomputed from a whole,
+//! frozen guest memory.
 //!
-//! xxh3-128 of every 4 MiB block (in parallel over the available cores), then
-//! xxh3-128 over the layout and the block digests in address order. It is a
-//! check against transfer bugs and corruption, not a cryptographic proof
-//! (authentication and, later, encryption cover an active attacker).
+//! Two uses:
+//! * `--verify full`: both sides hash their memory inside the pause and
+//!   prove the result to each other with the other switchover claims (what
+//!   the previous protocol's digest did, now keyed).
+//! * The audit: after `Committed` the source's memory is frozen (its guest
+//!   stays paused for good); the source hashes it in the background and
+//!   compares every page with what its ledger says was sent, which the
+//!   destination proved it holds. A page that differs is one the dirty log
+//!   never reported: invisible to every transfer check.
+//!
+//! Work is split over the available cores in 4 MiB blocks; zero pages are
+//! detected and not hashed (they contribute nothing), exactly as the
+//! ledgers treat them.
 
 use ferry_ffi::vio;
+use ferry_proto::evidence::{PageHash, PAGE};
+use ferry_proto::{Evidence, Ledger, PageKey, PageTable};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
-use xxhash_rust::xxh3::{xxh3_128, Xxh3};
 
 const BLOCK: usize = 4 << 20;
+/// Bytes copied out of guest memory at a time (a multiple of the page).
+const PIECE: usize = 256 << 10;
 
-/// Digest of the whole guest memory.
-pub fn memory_digest<M: GuestMemoryBackend + Sync>(mem: &M) -> [u8; 16] {
-    // (region start, region len, block offset, block len)
+/// What a scan of the whole memory found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Scan {
+    /// Pages scanned.
+    pub pages: u64,
+    /// Pages holding data (not all zero).
+    pub data_pages: u64,
+    /// The evidence of the memory as it is.
+    pub evidence: Evidence,
+    /// Pages whose content differs from the ledger's record (audits only).
+    pub mismatched: u64,
+    /// The lowest guest address among them.
+    pub first_mismatch: Option<u64>,
+}
+
+impl Scan {
+    fn add(&mut self, o: &Scan) {
+        self.pages += o.pages;
+        self.data_pages += o.data_pages;
+        self.evidence.apply(o.evidence.0);
+        self.mismatched += o.mismatched;
+        self.first_mismatch = match (self.first_mismatch, o.first_mismatch) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// The keyed evidence of the whole memory (`--verify full`).
+pub fn memory_evidence<M: GuestMemoryBackend + Sync>(mem: &M, key: &PageKey) -> Scan {
+    scan(mem, key, None)
+}
+
+/// Recomputes the evidence of the whole memory and compares every page with
+/// what `ledger` recorded for it (the audit).
+pub fn audit<M: GuestMemoryBackend + Sync>(mem: &M, ledger: &Ledger) -> Scan {
+    scan(mem, ledger.key(), Some(ledger.table()))
+}
+
+fn scan<M: GuestMemoryBackend + Sync>(mem: &M, key: &PageKey, table: Option<&PageTable>) -> Scan {
+    // (region start, block offset, block len, table index of the block's first page)
     let mut blocks = Vec::new();
+    let mut first = 0u64;
     for r in mem.iter() {
         let len = r.len() as usize;
         let mut off = 0;
         while off < len {
-            blocks.push((r.start_addr().0, len, off, BLOCK.min(len - off)));
+            blocks.push((
+                r.start_addr().0,
+                off,
+                BLOCK.min(len - off),
+                first + (off / PAGE) as u64,
+            ));
             off += BLOCK;
         }
+        first += r.len() / PAGE as u64;
     }
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 8);
-    let mut hashes = vec![0u128; blocks.len()];
     let per = blocks.len().div_ceil(threads).max(1);
+    let mut total = Scan::default();
     std::thread::scope(|s| {
-        for (bl, out) in blocks.chunks(per).zip(hashes.chunks_mut(per)) {
+        let workers: Vec<_> = blocks
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || {
+                    let mut out = Scan::default();
+                    let mut buf = Vec::new();
+                    for &(start, off, len, index) in part {
+                        let r = mem
+                            .find_region(vm_memory::GuestAddress(start))
+                            .expect("region exists");
+                        let slice = r
+                            .get_slice(MemoryRegionAddress(off as u64), len)
+                            .expect("block inside region");
+                        let gpa = start + off as u64;
+                        // Through a private copy, never a reference to
+                        // guest memory (ferry_ffi::vio), a piece at a time.
+                        let _ = vio::read_pieces::<_, ()>(&slice, &mut buf, PIECE, |at, b| {
+                            let pages = (at / PAGE) as u64;
+                            scan_block(b, gpa + at as u64, index + pages, key, table, &mut out);
+                            Ok(())
+                        });
+                    }
+                    out
+                })
+            })
+            .collect();
+        for w in workers {
+            total.add(&w.join().expect("scan worker"));
+        }
+    });
+    total
+}
+
+fn scan_block(
+    bytes: &[u8],
+    gpa: u64,
+    index: u64,
+    key: &PageKey,
+    table: Option<&PageTable>,
+    out: &mut Scan,
+) {
+    for (i, page) in bytes.chunks_exact(PAGE).enumerate() {
+        let h = key.hash_or_zero(page);
+        let at = gpa + (i * PAGE) as u64;
+        out.pages += 1;
+        if h != PageHash::ZERO {
+            out.data_pages += 1;
+            out.evidence.apply(key.contribution(at, h));
+        }
+        if let Some(t) = table {
+            if t.get(index + i as u64) != h {
+                out.mismatched += 1;
+                out.first_mismatch.get_or_insert(at);
+            }
+        }
+    }
+}
+
+/// Bytes per second [`memory_evidence`] hashes on this host with every
+/// core (pages of data, the costly case), measured on a private buffer: the
+/// pause budget's estimate of `--verify full`.
+pub fn scan_rate(key: &PageKey) -> f64 {
+    const PER_THREAD: usize = 8 << 20;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8);
+    let buf: Vec<u8> = (0..PER_THREAD).map(|i| (i % 251) as u8 | 1).collect();
+    let started = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let buf = &buf;
             s.spawn(move || {
-                // Guest memory is read through a private copy, never a
-                // reference (ferry_ffi::vio): the streaming hash of the
-                // pieces equals the one-shot hash of the block.
-                let mut buf = Vec::new();
-                for (&(start, _, off, len), h) in bl.iter().zip(out.iter_mut()) {
-                    let r = mem
-                        .find_region(vm_memory::GuestAddress(start))
-                        .expect("region exists");
-                    let slice = r
-                        .get_slice(MemoryRegionAddress(off as u64), len)
-                        .expect("block inside region");
-                    let mut x = Xxh3::new();
-                    let _ = vio::read_pieces::<_, ()>(&slice, &mut buf, 256 << 10, |_, b| {
-                        x.update(b);
-                        Ok(())
-                    });
-                    *h = x.digest128();
-                }
+                let mut out = Scan::default();
+                scan_block(buf, (t * PER_THREAD) as u64, 0, key, None, &mut out);
+                out
             });
         }
     });
-    let mut all = Vec::with_capacity(blocks.len() * 16 + 16 * mem.num_regions());
-    for r in mem.iter() {
-        all.extend_from_slice(&r.start_addr().0.to_le_bytes());
-        all.extend_from_slice(&r.len().to_le_bytes());
-    }
-    for h in hashes {
-        all.extend_from_slice(&h.to_le_bytes());
-    }
-    xxh3_128(&all).to_le_bytes()
+    (threads * PER_THREAD) as f64 / started.elapsed().as_secs_f64().max(1e-9)
 }
 
-/// Hex form of a digest.
-pub fn hex(d: &[u8; 16]) -> String {
+/// Hex form of a digest or fingerprint.
+pub fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -74,20 +180,70 @@ mod tests {
     use crate::memory::{default_layout, dest_memory, source_memory};
     use vm_memory::{Bytes, GuestAddress};
 
+    fn key() -> PageKey {
+        PageKey::from_secrets([3; 192], [5; 192])
+    }
+
     #[test]
-    fn equal_content_equal_digest_any_change_differs() {
+    fn equal_content_equal_evidence_any_change_differs() {
         let l = default_layout(9 << 20).unwrap();
         let a = source_memory(&l).unwrap();
         let b = dest_memory(&l).unwrap();
+        let ea = memory_evidence(&a, &key());
         assert_eq!(
-            memory_digest(&a),
-            memory_digest(&b),
-            "same content, different bitmap types"
+            ea,
+            memory_evidence(&b, &key()),
+            "same content, different bitmaps"
         );
+        assert_eq!(ea.evidence, Evidence(0), "zero memory has zero evidence");
+        assert_eq!(ea.pages, (9 << 20) / 4096);
         a.write_slice(&[1], GuestAddress((9 << 20) - 1)).unwrap();
-        assert_ne!(memory_digest(&a), memory_digest(&b));
+        let ea = memory_evidence(&a, &key());
+        assert_ne!(ea.evidence, memory_evidence(&b, &key()).evidence);
+        assert_eq!(ea.data_pages, 1);
         b.write_slice(&[1], GuestAddress((9 << 20) - 1)).unwrap();
-        assert_eq!(memory_digest(&a), memory_digest(&b));
+        assert_eq!(ea, memory_evidence(&b, &key()));
+        // Another key, another evidence.
+        let other = PageKey::from_secrets([4; 192], [5; 192]);
+        assert_ne!(ea.evidence, memory_evidence(&a, &other).evidence);
         assert_eq!(hex(&[0xab; 16]).len(), 32);
+    }
+
+    #[test]
+    fn the_whole_memory_evidence_equals_a_ledger_of_every_page() {
+        // Two regions, pages written in another order than the scan's.
+        let l = ferry_transport::MemoryLayout {
+            page_size: 4096,
+            regions: vec![
+                ferry_transport::layout::RegionDesc {
+                    gpa: 0,
+                    size: 16 << 20,
+                },
+                ferry_transport::layout::RegionDesc {
+                    gpa: 4 << 30,
+                    size: 8 << 20,
+                },
+            ],
+        };
+        let regions: Vec<(u64, u64)> = l.regions.iter().map(|r| (r.gpa, r.size)).collect();
+        let mem = source_memory(&l).unwrap();
+        let ledger = Ledger::new(key(), &regions).unwrap();
+        for gpa in [(4u64 << 30) + 4096, 0, 12 << 20, (16 << 20) - 4096] {
+            let page = [gpa as u8 ^ 0x5a; 4096];
+            mem.write_slice(&page, GuestAddress(gpa)).unwrap();
+            let d = ledger.record(gpa, key().hash_or_zero(&page)).unwrap();
+            ledger.apply(d);
+        }
+        let s = audit(&mem, &ledger);
+        assert_eq!(s.evidence, ledger.evidence());
+        assert_eq!((s.mismatched, s.first_mismatch, s.data_pages), (0, None, 4));
+        // A write the ledger never saw (a missed dirty page) is found, by address.
+        mem.write_slice(&[7], GuestAddress((4 << 30) + 8192 + 5))
+            .unwrap();
+        mem.write_slice(&[7], GuestAddress(12 << 20)).unwrap();
+        let s = audit(&mem, &ledger);
+        assert_ne!(s.evidence, ledger.evidence());
+        assert_eq!(s.mismatched, 2);
+        assert_eq!(s.first_mismatch, Some(12 << 20));
     }
 }

@@ -1,5 +1,5 @@
-//! The source side: pre-copy rounds, convergence, switchover with
-//! Ready/Commit.
+//! The source side: pre-copy rounds, the pause budget, switchover with
+//! proofs, commit, and the audit after the pause.
 //!
 //! ```mermaid
 //! stateDiagram-v2
@@ -7,23 +7,30 @@
 //!     Handshake --> Offer: authenticated
 //!     Offer --> Round: Accept
 //!     Offer --> [*]: Reject (guest keeps running)
-//!     Round --> Round: not converged
-//!     Round --> Paused: converged / round cap
+//!     Round --> Round: RoundDone, Ping/Pong; predicted pause above the limit
+//!     Round --> Paused: predicted pause fits / round cap with --force-switchover
+//!     Round --> Resumed: round cap, pause cannot fit, --timeout (cancelled)
 //!     Paused --> FinalCopy
-//!     FinalCopy --> AwaitReady: Switchover(device state); both sides hash memory
-//!     AwaitReady --> Committed: Ready(digest) equal / Commit(digest)
+//!     FinalCopy --> AwaitReady: acked; Switchover(device state, its SHA-256)
+//!     AwaitReady --> AwaitCommitted: Ready proves our transcripts, evidence, device state / Commit(MAC)
+//!     AwaitCommitted --> Audit: Committed(MAC)
+//!     Audit --> [*]: Audit(report) sent; pause over already
 //!     Round --> Resumed: any error
 //!     Paused --> Resumed: any error
 //!     FinalCopy --> Resumed: any error
-//!     AwaitReady --> Resumed: Abort, digest mismatch, timeout
+//!     AwaitReady --> Resumed: Abort, a claim differs (named), timeout
+//!     AwaitCommitted --> Resumed: CommitRefused(MAC): restore failed there
+//!     AwaitCommitted --> LeftPaused: no answer, or one without the session's proof
 //!     Resumed --> [*]
-//!     Committed --> [*]
+//!     LeftPaused --> [*]
 //! ```
 //!
 //! Any failure before `Commit` is sent resumes the source guest and tells the
-//! destination to free everything. A failure after `Commit` was sent but
-//! before `Committed` came back leaves the guest paused: it may already run on
-//! the destination, and two running copies would be worse than a pause.
+//! destination to free everything; so does a refusal the destination proves
+//! with the session's commit key (it will never run the guest). A failure
+//! after `Commit` was sent but before a proven `Committed` or refusal came
+//! back leaves the guest paused: it may already run on the destination, and
+//! two running copies would be worse than a pause.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -32,11 +39,13 @@ use std::time::{Duration, Instant};
 use ferry_ffi::vio;
 use ferry_proto::evidence::PageHash;
 use ferry_proto::frame;
+use ferry_proto::switchover::{self as proof, Claims, Transcripts};
+use ferry_proto::SessionKeys;
 use ferry_proto::{Evidence, Ledger, MacKey};
 use ferry_transport::compress::{CompressConfig, CompressSender, CompressionSpec};
 use ferry_transport::conn::Conn;
 use ferry_transport::multichannel::{ChannelPath, Multichannel, MultichannelConfig};
-use ferry_transport::proto::{Msg, Offer, PerformanceOption, Switchover};
+use ferry_transport::proto::{AuditReport, AuditResult, Msg, Offer, PerformanceOption, Switchover};
 use ferry_transport::stream::Stream;
 use ferry_transport::tcp::TcpSender;
 use ferry_transport::tls::TlsConfig;
@@ -52,7 +61,7 @@ use tokio::sync::mpsc;
 use vm_memory::GuestAddress;
 use vm_memory::GuestMemoryBackend;
 
-use crate::digest::{hex, memory_digest};
+use crate::digest::{hex, memory_evidence};
 use crate::dirty::{DirtyLog, DirtySet};
 use crate::error::{MigrationError, Result};
 use crate::guest::GuestControl;
@@ -91,6 +100,8 @@ pub struct SourceOptions {
     /// `None`: the one derived from the pre-shared key. TLS is always on
     /// unless `plaintext`.
     pub tls: Option<Arc<TlsConfig>>,
+    /// How the switchover verifies memory (`--verify`).
+    pub verify: Verify,
     /// `--plaintext`: consent to data crossing the network unencrypted (a
     /// trusted, isolated migration network). With the tcp and compression
     /// options nothing is encrypted (control messages stay authenticated);
@@ -114,109 +125,30 @@ impl Default for SourceOptions {
             compression_workers: CompressConfig::default_workers(),
             multichannel: MultichannelOptions::default(),
             tls: None,
+            verify: Verify::Evidence,
             plaintext: false,
         }
     }
 }
 
-/// Why pre-copy stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub use ferry_proto::budget::{
+    AutoConverge, ConvergeReason, Decision, PauseCosts, PauseParts, THROTTLE_INITIAL, THROTTLE_MAX,
+    THROTTLE_STEP,
+};
+
+/// How the switchover verifies memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ConvergeReason {
-    /// No page was dirty.
-    NothingDirty,
-    /// The dirty bytes fit the downtime limit at the measured bandwidth.
-    FitsDowntime,
-    /// The round cap was reached (switched over only with
-    /// `--force-switchover`, else cancelled).
-    RoundCap,
-}
-
-/// What to do after a round.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    /// Send another round.
-    Continue,
-    /// Pause the guest and copy the rest.
-    Switchover(ConvergeReason),
-}
-
-/// Decides whether pre-copy has converged. Pure, so it is tested alone.
-///
-/// Criteria, in order:
-/// 1. nothing dirty → switch over;
-/// 2. `remaining_bytes / bandwidth <= downtime_limit` → switch over (the
-///    estimate covers the page copy; device state and digest come on top and
-///    are reported in the downtime);
-/// 3. `rounds_done >= max_rounds` → switch over anyway;
-/// 4. otherwise another round.
-///
-/// `bandwidth` is bytes per second measured over the last round; zero means
-/// unknown and never converges by criterion 2.
-pub fn decide(
-    remaining_bytes: u64,
-    bandwidth: f64,
-    downtime_limit: Duration,
-    rounds_done: u32,
-    max_rounds: u32,
-) -> Decision {
-    if remaining_bytes == 0 {
-        return Decision::Switchover(ConvergeReason::NothingDirty);
-    }
-    if bandwidth > 0.0 && remaining_bytes as f64 / bandwidth <= downtime_limit.as_secs_f64() {
-        return Decision::Switchover(ConvergeReason::FitsDowntime);
-    }
-    if rounds_done >= max_rounds {
-        return Decision::Switchover(ConvergeReason::RoundCap);
-    }
-    Decision::Continue
-}
-
-/// Auto-converge (QEMU-like): a round is *stuck* when the pause it predicts
-/// is above the limit and it left at least 90% of the previous round's dirty
-/// bytes. After two stuck rounds in a row the guest is throttled 20%, then
-/// 10 points more after every further stuck round, up to 99%. The throttle
-/// is never lowered during a migration (reset when it ends). Pure, so it is
-/// tested alone.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AutoConverge {
-    stuck: u32,
-    prev_remaining: Option<u64>,
-    /// Throttle in force, percent.
-    pub percent: u8,
-}
-
-/// First throttle step, percent.
-pub const THROTTLE_INITIAL: u8 = 20;
-/// Further steps, percent.
-pub const THROTTLE_STEP: u8 = 10;
-/// Highest throttle.
-pub const THROTTLE_MAX: u8 = 99;
-
-impl AutoConverge {
-    /// Takes a round's outcome (`remaining` dirty bytes, whether the pause
-    /// it predicts fits the limit) and returns the new throttle when it
-    /// changes.
-    pub fn after_round(&mut self, remaining: u64, fits: bool) -> Option<u8> {
-        let shrank = self
-            .prev_remaining
-            .is_none_or(|p| (remaining as f64) < 0.9 * p as f64);
-        self.prev_remaining = Some(remaining);
-        if fits || shrank {
-            self.stuck = 0;
-            return None;
-        }
-        self.stuck += 1;
-        let next = match self.percent {
-            0 if self.stuck >= 2 => THROTTLE_INITIAL,
-            0 => return None,
-            p => p.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX),
-        };
-        (next != self.percent).then(|| {
-            self.percent = next;
-            next
-        })
-    }
+pub enum Verify {
+    /// The page evidence both sides built while pages moved, compared
+    /// inside MACs: constant work in the pause. A dirty log that missed a
+    /// guest write is caught by the audit after the pause.
+    #[default]
+    Evidence,
+    /// Also hash the whole guest memory on both sides inside the pause and
+    /// compare (the pause grows with the guest: about 1.5 s for 8 GiB on a
+    /// 2-core host).
+    Full,
 }
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -541,12 +473,23 @@ pub struct Summary {
     pub downtime_ms: f64,
     /// When the guest was paused, in milliseconds since the start.
     pub switchover_ms: f64,
-    /// Part of the downtime spent on the digests (both sides hash at once).
+    /// Part of the downtime spent verifying (`Switchover` sent to `Ready`
+    /// checked: `pause_actual.verification_ms`).
     pub digest_ms: f64,
     /// Why pre-copy stopped.
     pub converge_reason: ConvergeReason,
-    /// Pause predicted when pre-copy stopped (dirty bytes / link rate).
+    /// Pause predicted when pre-copy stopped (`pause_predicted`'s total).
     pub predicted_downtime_ms: f64,
+    /// The pause's parts as predicted when pre-copy stopped (from the rate,
+    /// round trip and costs measured during pre-copy).
+    pub pause_predicted: PauseParts,
+    /// The pause's parts as measured (they add up to `downtime_ms`, give or
+    /// take the guest's pause call).
+    pub pause_actual: PauseParts,
+    /// How the switchover verified memory.
+    pub verify: Verify,
+    /// The audit of the frozen source memory after the pause.
+    pub audit: Audit,
     /// `--downtime-limit`, ms: the pause the engine aimed for.
     pub downtime_limit_ms: f64,
     /// Auto-converge throttle when the guest was paused, percent (0: none).
@@ -567,9 +510,11 @@ pub struct Summary {
     pub throughput_bytes_per_sec: f64,
     /// Chunks sent again after a CRC mismatch.
     pub crc_resends: u64,
-    /// Digest of guest memory (hex), equal on both sides.
+    /// Fingerprint of the verified switchover (hex; the destination prints
+    /// the same one). It reveals nothing of the memory or the keys.
     pub digest: String,
-    /// The destination computed the same digest before commit.
+    /// Both sides proved the same transcripts, page evidence and device
+    /// state (and with `--verify full` memory) before commit.
     pub digest_verified: bool,
     /// Per-channel counters.
     pub channels: Vec<ChannelStats>,
@@ -577,6 +522,34 @@ pub struct Summary {
     /// version, cipher suite and identity mode, or what `--plaintext` left
     /// unencrypted.
     pub encryption: String,
+    /// This process's memory at the end: peak RSS, the guest's resident
+    /// part, and Ferry's own.
+    pub memory: crate::memory::MemoryUse,
+}
+
+/// The source's audit after the pause: its frozen memory hashed again and
+/// compared, page by page, with what was sent (which the destination proved
+/// it holds).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Audit {
+    /// `passed` or `failed`.
+    pub result: String,
+    /// Pages hashed.
+    pub pages: u64,
+    /// Pages whose content differs from what was sent: writes the dirty log
+    /// never reported. The destination runs with stale copies of them.
+    pub mismatched_pages: u64,
+    /// Lowest guest address among them.
+    pub first_mismatch: Option<u64>,
+    /// How long it took (after the pause), milliseconds.
+    pub duration_ms: f64,
+}
+
+impl Audit {
+    /// True when pages differ.
+    pub fn failed(&self) -> bool {
+        self.result != "passed"
+    }
 }
 
 /// Serializes a value as its `Display` text.
@@ -750,6 +723,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 paused_at: None,
                 commit_sent: false,
                 throttled: 0,
+                pings: 0,
             };
             let result = run.precopy_and_switch(&mut t, &layout, started).await;
             return run.settle(result).await;
@@ -783,6 +757,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             paused_at: None,
             commit_sent: false,
             throttled: 0,
+            pings: 0,
         };
         // Each channel's sender times out its acks after the channel
         // timeout (never longer than the peer timeout), and multichannel
@@ -983,6 +958,8 @@ struct Run<'r, 'a, G: GuestControl, D: DirtyLog> {
     commit_sent: bool,
     /// Auto-converge throttle applied to the guest, percent.
     throttled: u8,
+    /// Pings sent (round-trip measurements).
+    pings: u64,
 }
 
 /// Returns true if the page holds only zero bytes.
@@ -1156,7 +1133,6 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
     /// The source's evidence so far: the sum over every page of what was
     /// last sent for it (see [`ferry_proto::evidence`]). Equal to the
     /// destination's once every chunk landed and was acknowledged.
-    #[allow(dead_code)] // compared at switchover (issue 14)
     fn evidence(&self) -> Evidence {
         self.ledger.evidence()
     }
@@ -1348,6 +1324,23 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         }
     }
 
+    /// Measures the control connection's round trip (between rounds, not
+    /// in the pause).
+    async fn ping(&mut self) -> Result<Duration> {
+        self.pings += 1;
+        let seq = self.pings;
+        let sent = Instant::now();
+        self.conn.send(&Msg::Ping { seq }).await?;
+        match self.conn.recv("the destination's Pong").await? {
+            Msg::Pong { seq: s } if s == seq => Ok(sent.elapsed()),
+            m => Err(TransportError::Unexpected {
+                expected: "Pong",
+                got: m.name().into(),
+            }
+            .into()),
+        }
+    }
+
     async fn precopy_and_switch<T: Transport>(
         &mut self,
         t: &mut T,
@@ -1356,17 +1349,35 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
     ) -> Result<Summary> {
         let src = self.src;
         let opts = &src.opts;
+        let keys = self.conn.session_keys().ok_or(TransportError::Unexpected {
+            expected: "an authenticated session",
+            got: "no session keys".into(),
+        })?;
         src.progress.set_phase(Phase::Precopy);
         src.dirty.start();
         let mut set = DirtySet::all(layout);
         let mut rounds = Vec::new();
         let mut seq = 0u64;
         let mut round = 0u32;
-        let mut bandwidth = 0.0f64;
         let cap = opts.bandwidth_limit.map_or(f64::INFINITY, |c| c as f64);
         let deadline = opts.total_timeout.map(|t| started + t);
         let mut auto = AutoConverge::default();
         let mut remaining = layout.total_bytes();
+        // What the pause will cost besides the final dirty bytes: measured
+        // as pre-copy goes (rate, round trip), or known up front.
+        let mut costs = PauseCosts {
+            rate: 0.0,
+            round_trip: Duration::ZERO,
+            device_state_bytes: src.guest.device_state_size_hint(),
+            verification: match opts.verify {
+                Verify::Evidence => Duration::ZERO,
+                Verify::Full => {
+                    let rate = crate::digest::scan_rate(&keys.page);
+                    Duration::from_secs_f64(layout.total_bytes() as f64 / rate.max(1.0))
+                }
+            },
+        };
+        let mut rtts = std::collections::VecDeque::with_capacity(3);
         src.progress
             .remaining_bytes
             .store(remaining, Ordering::Relaxed);
@@ -1388,9 +1399,16 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                     pages: stats.pages,
                 })
                 .await?;
+            // The round trip the pause pays three times: the largest of the
+            // last three measured (a noisy host errs on the long side).
+            if rtts.len() == 3 {
+                rtts.pop_front();
+            }
+            rtts.push_back(self.ping().await?);
+            costs.round_trip = rtts.iter().copied().max().unwrap_or_default();
             // The link the prediction uses: measured, never above the cap.
             if stats.duration_ms > 1.0 && stats.bytes > 0 {
-                bandwidth = (stats.bytes as f64 / (stats.duration_ms / 1e3)).min(cap);
+                costs.rate = (stats.bytes as f64 / (stats.duration_ms / 1e3)).min(cap);
             }
             set = src.dirty.harvest();
             stats.dirty_pages_after = set.count();
@@ -1404,7 +1422,8 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                 round,
                 pages = stats.pages,
                 remaining,
-                bandwidth,
+                rate = costs.rate,
+                rtt_us = costs.round_trip.as_micros() as u64,
                 throttle = self.throttled,
                 "round done"
             );
@@ -1412,25 +1431,41 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             rounds.push(stats);
             round += 1;
             src.cancel.check()?;
-            let predicted = if bandwidth > 0.0 {
-                Duration::from_secs_f64(remaining as f64 / bandwidth)
-            } else {
-                Duration::MAX
-            };
-            match decide(
+            let (decision, predicted) = ferry_proto::budget::decide(
                 remaining,
-                bandwidth,
+                &costs,
                 opts.downtime_limit,
                 round,
                 opts.max_rounds,
-            ) {
+            );
+            let predicted_ms = predicted.map_or(f64::INFINITY, |p| p.total_ms());
+            match decision {
                 Decision::Continue => {}
+                // --force-switchover: no round makes the pause fit, but
+                // rounds still shrink its final copy, up to the round cap.
+                Decision::Switchover(ConvergeReason::CannotFit)
+                    if opts.force_switchover && remaining > 0 && round < opts.max_rounds => {}
+                Decision::Switchover(ConvergeReason::CannotFit) if !opts.force_switchover => {
+                    let fixed = costs.predict(0).unwrap_or_default();
+                    return Err(MigrationError::PauseCannotFit {
+                        limit_ms: opts.downtime_limit.as_secs_f64() * 1e3,
+                        fixed_ms: fixed.total_ms(),
+                        round_trips_ms: 3.0 * costs.round_trip.as_secs_f64() * 1e3,
+                        device_state_ms: fixed.device_state_ms,
+                        verification_ms: costs.verification.as_secs_f64() * 1e3,
+                        hint: if opts.verify == Verify::Full {
+                            ", or drop --verify full".into()
+                        } else {
+                            String::new()
+                        },
+                    });
+                }
                 Decision::Switchover(ConvergeReason::RoundCap) if !opts.force_switchover => {
                     return Err(MigrationError::NotConverged {
                         rounds: round,
                         last_dirty_mib: remaining as f64 / MIB,
-                        link_mb_s: bandwidth / 1e6,
-                        predicted_ms: predicted.as_secs_f64() * 1e3,
+                        link_mb_s: costs.rate / 1e6,
+                        predicted_ms,
                         limit_ms: opts.downtime_limit.as_secs_f64() * 1e3,
                         throttle: if self.throttled > 0 {
                             format!(", auto-converge throttle {}%", self.throttled)
@@ -1439,13 +1474,14 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                         },
                     });
                 }
-                Decision::Switchover(r) => break (r, predicted),
+                Decision::Switchover(r) => break (r, predicted.unwrap_or_default()),
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(deadline_error(opts, round, remaining));
             }
             if opts.auto_converge {
-                if let Some(p) = auto.after_round(remaining, predicted <= opts.downtime_limit) {
+                let fits = predicted.is_some_and(|p| p.total() <= opts.downtime_limit);
+                if let Some(p) = auto.after_round(remaining, fits) {
                     match src.guest.throttle(p) {
                         Ok(()) => {
                             tracing::info!(round, percent = p, "auto-converge: guest throttled");
@@ -1456,21 +1492,22 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                 }
             }
         };
-        if reason == ConvergeReason::RoundCap {
+        if matches!(reason, ConvergeReason::RoundCap | ConvergeReason::CannotFit) {
             tracing::warn!(
-                predicted_ms = predicted.as_secs_f64() * 1e3,
-                "--force-switchover: switching over without converging"
+                predicted_ms = predicted.total_ms(),
+                ?reason,
+                "--force-switchover: switching over without a pause that fits the limit"
             );
         }
 
-        // Switchover: pause, copy the rest, hand over device state and digest.
+        // Switchover: pause, copy the rest.
         src.progress.set_phase(Phase::Switchover);
         let paused_at = Instant::now();
         src.guest.pause()?;
         self.paused_at = Some(paused_at);
         src.progress.emit(Event::Paused {
             dirty_bytes: remaining,
-            predicted_downtime_ms: predicted.as_secs_f64() * 1e3,
+            predicted_downtime_ms: predicted.total_ms(),
             downtime_limit_ms: opts.downtime_limit.as_secs_f64() * 1e3,
         });
         tracing::debug!(
@@ -1497,6 +1534,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             final_stats.bytes += s.bytes;
         }
         t.finish().await?;
+        let copied_at = Instant::now();
         tracing::debug!(
             after_ms = paused_at.elapsed().as_secs_f64() * 1e3,
             "final copy acknowledged"
@@ -1508,72 +1546,37 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             final_stats.bytes as f64 / (final_stats.duration_ms / 1e3).max(1e-6);
         rounds.push(final_stats);
 
-        // Both sides hash their memory at the same time: the source sends the
-        // device state, starts its digest, and compares it with the one the
-        // destination answers with; the destination compares again on Commit.
-        let device_state = src.guest.device_state()?;
-        let device_state_crc = crc32fast::hash(&device_state);
-        self.conn
-            .send(&Msg::Switchover(Switchover {
-                device_state,
-                device_state_crc,
-            }))
-            .await?;
-        let digest_started = Instant::now();
-        let mem = src.mem.clone();
-        let digest_task = tokio::task::spawn_blocking(move || memory_digest(&*mem));
-        let ready = self.conn.recv("the destination's Ready").await;
-        let digest = digest_task
-            .await
-            .map_err(|e| MigrationError::Guest(format!("digest task failed: {e}")))?;
-        let digest_ms = digest_started.elapsed().as_secs_f64() * 1e3;
-        match ready? {
-            Msg::Ready { digest: theirs } if theirs == digest => {}
-            Msg::Ready { digest: theirs } => {
-                return Err(MigrationError::DigestMismatch {
-                    source_digest: hex(&digest),
-                    dest_digest: hex(&theirs),
-                })
-            }
-            m => {
-                return Err(TransportError::Unexpected {
-                    expected: "Ready",
-                    got: m.name().into(),
-                }
-                .into())
-            }
-        }
-        tracing::debug!(
-            after_ms = paused_at.elapsed().as_secs_f64() * 1e3,
-            "digests equal, committing"
-        );
-        // The point of no return: a cancel from here on is refused.
-        src.cancel.commit()?;
-        self.conn.send(&Msg::Commit { digest }).await?;
-        self.commit_sent = true;
-        match self.conn.recv("the destination's Committed").await {
-            Ok(Msg::Committed) => {}
-            Ok(m) => {
-                return Err(MigrationError::CommitUnconfirmed(format!(
-                    "got {}",
-                    m.name()
-                )))
-            }
-            Err(e) => return Err(MigrationError::CommitUnconfirmed(e.to_string())),
-        }
-        let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+        let proven = self.prove(&keys, copied_at).await?;
+        let committed_at = Instant::now();
+        let downtime_ms = (committed_at - paused_at).as_secs_f64() * 1e3;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let pause_actual = PauseParts {
+            final_copy_ms: ms(copied_at - paused_at),
+            device_state_ms: ms(proven.switchover_sent - copied_at),
+            verification_ms: ms(proven.ready_checked - proven.switchover_sent),
+            commit_round_trip_ms: ms(committed_at - proven.ready_checked),
+        };
+        tracing::debug!(downtime_ms, ?pause_actual, "committed");
+
+        // The audit: the source's memory is frozen from here on (the guest
+        // runs on the destination); hash it again, after the pause.
+        let audit = self.audit(&keys, &proven, &predicted, &pause_actual).await;
         let channels = t.stats();
         let payload_bytes: u64 = rounds.iter().map(|r| r.bytes).sum();
         let bytes_on_wire: u64 = channels.iter().map(|c| c.bytes_on_wire).sum();
         Ok(Summary {
             option: opts.option,
             memory_bytes: layout.total_bytes(),
-            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            total_ms: (committed_at - started).as_secs_f64() * 1e3,
             downtime_ms,
-            switchover_ms: ms_since(started) - downtime_ms,
-            digest_ms,
+            switchover_ms: (paused_at - started).as_secs_f64() * 1e3,
+            digest_ms: pause_actual.verification_ms,
             converge_reason: reason,
-            predicted_downtime_ms: predicted.as_secs_f64() * 1e3,
+            predicted_downtime_ms: predicted.total_ms(),
+            pause_predicted: predicted,
+            pause_actual,
+            verify: opts.verify,
+            audit,
             downtime_limit_ms: opts.downtime_limit.as_secs_f64() * 1e3,
             throttle_percent: self.throttled,
             bandwidth_limit: opts.bandwidth_limit,
@@ -1584,12 +1587,184 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             compression_ratio: payload_bytes as f64 / bytes_on_wire.max(1) as f64,
             throughput_bytes_per_sec: payload_bytes as f64 / transfer_secs.max(1e-9),
             crc_resends: channels.iter().map(|c| c.crc_resends).sum(),
-            digest: hex(&digest),
+            digest: hex(&ferry_proto::switchover::fingerprint(&proven.committed)),
             digest_verified: true,
             channels,
             encryption: describe_encryption(self.conn, opts.option),
+            memory: crate::memory::memory_use(&*src.mem),
         })
     }
+
+    /// With the final copy acknowledged: sends the device state, checks the
+    /// destination's proof (`Ready`) against this side's claims, commits,
+    /// and checks the destination's confirmation or refusal.
+    async fn prove(&mut self, keys: &SessionKeys, copied_at: Instant) -> Result<Proven> {
+        let src = self.src;
+        let device_state = src.guest.device_state()?;
+        let device_state_hash = proof::device_state_hash(&device_state);
+        let verify_full = src.opts.verify == Verify::Full;
+        self.conn
+            .send(&Msg::Switchover(Switchover {
+                device_state,
+                device_state_hash,
+                verify_full,
+            }))
+            .await?;
+        let switchover_sent = Instant::now();
+        tracing::debug!(
+            after_ms = (switchover_sent - copied_at).as_secs_f64() * 1e3,
+            "device state sent"
+        );
+        // Everything both sides said, up to and including Switchover.
+        let t = self.conn.transcript();
+        let transcripts = Transcripts {
+            s2d: t.sent,
+            d2s: t.received,
+        };
+        // --verify full: this side's whole memory, hashed while the
+        // destination hashes its own.
+        let scan = verify_full.then(|| {
+            let (mem, key) = (src.mem.clone(), keys.page.clone());
+            tokio::task::spawn_blocking(move || memory_evidence(&*mem, &key))
+        });
+        let ready = self.conn.recv("the destination's Ready").await;
+        let memory = match scan {
+            Some(t) => Some(
+                t.await
+                    .map_err(|e| MigrationError::Guest(format!("verification task failed: {e}")))?
+                    .evidence,
+            ),
+            None => None,
+        };
+        let claims = Claims {
+            transcripts,
+            // What was sent for every page: complete, every chunk acked.
+            evidence: self.evidence(),
+            device_state: device_state_hash,
+            memory,
+        };
+        let ready = match ready? {
+            Msg::Ready(r) => r,
+            m => {
+                return Err(TransportError::Unexpected {
+                    expected: "Ready",
+                    got: m.name().into(),
+                }
+                .into())
+            }
+        };
+        ready
+            .check(&keys.commit, &claims)
+            .map_err(MigrationError::Verification)?;
+        let ready_checked = Instant::now();
+        tracing::debug!("destination's proof checked, committing");
+        let commit = proof::commit_mac(&keys.commit, &claims, &ready);
+        // The point of no return: a cancel from here on is refused.
+        src.cancel.commit()?;
+        self.conn.send(&Msg::Commit { mac: commit }).await?;
+        self.commit_sent = true;
+        match self.conn.recv("the destination's Committed").await {
+            Ok(Msg::Committed { mac }) if proof::check_committed(&keys.commit, &commit, &mac) => {
+                Ok(Proven {
+                    claims,
+                    committed: mac,
+                    switchover_sent,
+                    ready_checked,
+                })
+            }
+            Ok(Msg::Committed { .. }) => Err(MigrationError::CommitUnconfirmed(
+                "its Committed does not carry this session's proof".into(),
+            )),
+            Ok(Msg::CommitRefused { reason, mac })
+                if proof::check_refusal(&keys.commit, &commit, &reason, &mac) =>
+            {
+                // Proven to come from the destination, about this Commit:
+                // it will not run the guest, so it may run here again.
+                self.commit_sent = false;
+                Err(MigrationError::CommitRefused(reason))
+            }
+            Ok(Msg::CommitRefused { reason, .. }) => Err(MigrationError::CommitUnconfirmed(
+                format!("a refusal without this session's proof ({reason})"),
+            )),
+            Ok(m) => Err(MigrationError::CommitUnconfirmed(format!(
+                "got {}",
+                m.name()
+            ))),
+            Err(e) => Err(MigrationError::CommitUnconfirmed(e.to_string())),
+        }
+    }
+
+    /// Hashes the frozen source memory again, compares it with the evidence
+    /// both sides proved, and tells the destination (with the pause's
+    /// figures). Runs after `Committed`: it never lengthens the pause.
+    async fn audit(
+        &mut self,
+        keys: &SessionKeys,
+        proven: &Proven,
+        predicted: &PauseParts,
+        actual: &PauseParts,
+    ) -> Audit {
+        let started = Instant::now();
+        let (mem, ledger) = (self.src.mem.clone(), self.ledger.clone());
+        let scan = tokio::task::spawn_blocking(move || crate::digest::audit(&*mem, &ledger)).await;
+        let duration_ms = started.elapsed().as_secs_f64() * 1e3;
+        let audit = match scan {
+            Ok(scan) => {
+                // Every page equals what was sent for it, and the sum equals
+                // the evidence both sides proved.
+                let equal = scan.mismatched == 0 && scan.evidence == proven.claims.evidence;
+                Audit {
+                    result: if equal { "passed" } else { "failed" }.into(),
+                    pages: scan.pages,
+                    mismatched_pages: scan.mismatched,
+                    first_mismatch: scan.first_mismatch,
+                    duration_ms,
+                }
+            }
+            Err(e) => {
+                tracing::error!("audit task failed: {e}");
+                Audit {
+                    result: format!("failed: audit task failed: {e}"),
+                    duration_ms,
+                    ..Audit::default()
+                }
+            }
+        };
+        if audit.failed() {
+            tracing::error!(
+                mismatched_pages = audit.mismatched_pages,
+                first = ?audit.first_mismatch,
+                "AUDIT FAILED: the frozen source memory differs from what was migrated (the dirty log missed guest writes)"
+            );
+        }
+        let mut report = AuditReport {
+            result: if audit.failed() {
+                AuditResult::Failed
+            } else {
+                AuditResult::Passed
+            },
+            pages: audit.pages,
+            mismatched_pages: audit.mismatched_pages,
+            first_mismatch: audit.first_mismatch,
+            duration_us: (duration_ms * 1e3) as u64,
+            pause_predicted: (*predicted).into(),
+            pause_actual: (*actual).into(),
+            mac: [0; 32],
+        };
+        report.seal(&keys.commit, &proven.committed);
+        if let Err(e) = self.conn.send(&Msg::Audit(report)).await {
+            tracing::warn!("could not send the audit report to the destination: {e}");
+        }
+        audit
+    }
+}
+
+/// What the switchover proved.
+struct Proven {
+    claims: Claims,
+    committed: [u8; 32],
+    switchover_sent: Instant,
+    ready_checked: Instant,
 }
 
 /// Milliseconds since `t`.
@@ -1600,54 +1775,6 @@ fn ms_since(t: Instant) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn convergence_criteria_in_order() {
-        let ms300 = Duration::from_millis(300);
-        assert_eq!(
-            decide(0, 0.0, ms300, 1, 30),
-            Decision::Switchover(ConvergeReason::NothingDirty)
-        );
-        // 100 MB at 1 GB/s = 100 ms <= 300 ms
-        assert_eq!(
-            decide(100_000_000, 1e9, ms300, 1, 30),
-            Decision::Switchover(ConvergeReason::FitsDowntime)
-        );
-        // 1 GB at 1 GB/s = 1 s > 300 ms
-        assert_eq!(decide(1_000_000_000, 1e9, ms300, 1, 30), Decision::Continue);
-        assert_eq!(
-            decide(1_000_000_000, 1e9, ms300, 30, 30),
-            Decision::Switchover(ConvergeReason::RoundCap)
-        );
-        assert_eq!(
-            decide(1, 0.0, ms300, 1, 30),
-            Decision::Continue,
-            "unknown bandwidth never fits"
-        );
-    }
-
-    #[test]
-    fn auto_converge_throttles_stuck_rounds_in_steps() {
-        let mut a = AutoConverge::default();
-        // Shrinking rounds never throttle.
-        assert_eq!(a.after_round(1000, false), None);
-        assert_eq!(a.after_round(800, false), None);
-        // Two stuck rounds (>= 90% of the one before, pause too long): 20%.
-        assert_eq!(a.after_round(790, false), None);
-        assert_eq!(a.after_round(800, false), Some(THROTTLE_INITIAL));
-        // Then +10 per stuck round...
-        assert_eq!(a.after_round(780, false), Some(30));
-        // ...not while rounds shrink or fit the limit...
-        assert_eq!(a.after_round(500, false), None);
-        assert_eq!(a.after_round(500, true), None);
-        assert_eq!(a.percent, 30);
-        // ...up to 99.
-        for _ in 0..20 {
-            a.after_round(500, false);
-        }
-        assert_eq!(a.percent, THROTTLE_MAX);
-        assert_eq!(a.after_round(500, false), None, "no change at the top");
-    }
 
     #[test]
     fn zero_page_detection() {

@@ -15,22 +15,30 @@ pub enum MigrationError {
     /// Guest memory could not be set up.
     #[error("guest memory: {0}")]
     Memory(String),
-    /// The digests of source and destination memory differ.
-    #[error("memory digest mismatch: source {source_digest}, destination {dest_digest}")]
-    DigestMismatch {
-        /// Source digest (hex).
-        source_digest: String,
-        /// Destination digest (hex).
-        dest_digest: String,
-    },
+    /// The destination's `Ready` does not prove what the source holds
+    /// (checked on the source; the guest keeps running there).
+    #[error("switchover verification failed: {0}")]
+    Verification(ferry_proto::switchover::Mismatch),
+    /// The source's `Commit` does not prove the destination's own claims
+    /// (checked on the destination, which refuses it).
+    #[error("switchover verification failed: the source's Commit does not prove what this destination holds (evidence, device state or transcript differ, or it is not from this session)")]
+    CommitProof,
     /// The device-state blob arrived corrupted.
-    #[error("device state CRC mismatch: expected {expected:#010x}, got {computed:#010x}")]
-    DeviceStateCrc {
-        /// CRC sent.
-        expected: u32,
-        /// CRC computed.
-        computed: u32,
-    },
+    #[error("device state corrupt: its SHA-256 is not the one Switchover carries")]
+    DeviceStateCorrupt,
+    /// The destination could not restore the device state: it refused the
+    /// commit and freed everything (seen on the destination).
+    #[error("device-state restore failed: {0}")]
+    RestoreFailed(String),
+    /// The destination refused the commit with this session's proof (its
+    /// device-state restore failed): it will not run the guest, so the
+    /// source resumed it (seen on the source).
+    #[error("the destination refused the commit: {0}")]
+    CommitRefused(String),
+    /// The guest was committed and restored on the destination, but its
+    /// resume hook failed: the guest runs nowhere.
+    #[error("committed, but resuming the guest failed: {0}")]
+    ResumeFailed(String),
     /// Pages kept failing their checksum in the final copy.
     #[error("final copy failed: {0} pages still failed verification after 3 retries (their payload tags did not match what landed)")]
     FinalCopyCorrupt(u64),
@@ -53,6 +61,23 @@ pub enum MigrationError {
         limit_ms: f64,
         /// ", auto-converge throttle N%" when the guest was throttled.
         throttle: String,
+    },
+    /// Even with nothing left to copy, the predicted pause is above
+    /// `--downtime-limit`: no pre-copy round can make it fit.
+    #[error("the pause cannot fit --downtime-limit {limit_ms:.0} ms: with nothing left to copy it is predicted at {fixed_ms:.1} ms (round trips and final acks {round_trips_ms:.1} ms, device state {device_state_ms:.1} ms, verification work {verification_ms:.1} ms); migration cancelled (raise --downtime-limit{hint}, or --force-switchover to switch over anyway)")]
+    PauseCannotFit {
+        /// --downtime-limit, ms.
+        limit_ms: f64,
+        /// The predicted pause with an empty final copy, ms.
+        fixed_ms: f64,
+        /// The round trips in it, ms.
+        round_trips_ms: f64,
+        /// The device state, ms.
+        device_state_ms: f64,
+        /// Verification work beyond the round trip, ms.
+        verification_ms: f64,
+        /// ", or drop --verify full" when that is what costs.
+        hint: String,
     },
     /// The whole migration took longer than `--timeout`: cancelled before
     /// switchover, guest running here.
@@ -96,7 +121,9 @@ impl MigrationError {
     pub fn is_not_converged(&self) -> bool {
         matches!(
             self,
-            MigrationError::NotConverged { .. } | MigrationError::Deadline { .. }
+            MigrationError::NotConverged { .. }
+                | MigrationError::Deadline { .. }
+                | MigrationError::PauseCannotFit { .. }
         )
     }
 }
@@ -109,7 +136,7 @@ impl MigrationError {
     /// (`ferry_migrations_aborted_total{reason}`): the rejection reason
     /// when the peer was refused (`version`, `auth`, `memory_limit`,
     /// `busy`, ...), else the kind of failure (`timeout`, `peer_closed`,
-    /// `crc`, `digest_mismatch`, `protocol`, ...).
+    /// `crc`, `evidence_mismatch`, `restore_failed`, `protocol`, ...).
     pub fn reason(&self) -> String {
         use TransportError as T;
         let s = match self {
@@ -134,8 +161,22 @@ impl MigrationError {
             },
             MigrationError::Config(_) => "config",
             MigrationError::Memory(_) => "memory",
-            MigrationError::DigestMismatch { .. } => "digest_mismatch",
-            MigrationError::DeviceStateCrc { .. } | MigrationError::FinalCopyCorrupt(_) => "crc",
+            MigrationError::Verification(m) => {
+                use ferry_proto::switchover::Mismatch as M;
+                match m {
+                    M::Transcript => "transcript_mismatch",
+                    M::Evidence => "evidence_mismatch",
+                    M::DeviceState => "device_state_mismatch",
+                    M::Memory => "memory_mismatch",
+                }
+            }
+            MigrationError::CommitProof => "commit_proof",
+            MigrationError::DeviceStateCorrupt => "device_state_corrupt",
+            MigrationError::RestoreFailed(_) => "restore_failed",
+            MigrationError::CommitRefused(_) => "commit_refused",
+            MigrationError::ResumeFailed(_) => "resume_failed",
+            MigrationError::PauseCannotFit { .. } => "pause_cannot_fit",
+            MigrationError::FinalCopyCorrupt(_) => "crc",
             MigrationError::Guest(_) => "guest",
             MigrationError::CommitUnconfirmed(_) => "commit_unconfirmed",
             MigrationError::NotConverged { .. } => "not_converged",
@@ -152,7 +193,7 @@ impl MigrationError {
 /// Reasons `ferry_migrations_aborted_total{reason}` shows from the start
 /// (at zero until one happens), so that alerts and rates have a series to
 /// work on before the first abort; others appear when they happen.
-pub const COMMON_REASONS: [&str; 16] = [
+pub const COMMON_REASONS: [&str; 19] = [
     "auth",
     "version",
     "busy",
@@ -165,7 +206,10 @@ pub const COMMON_REASONS: [&str; 16] = [
     "peer_aborted",
     "protocol",
     "crc",
-    "digest_mismatch",
+    "evidence_mismatch",
+    "guest_config",
+    "restore_failed",
+    "commit_proof",
     "not_converged",
     "shutdown",
     "cancelled",
@@ -212,12 +256,12 @@ mod tests {
             "peer_closed"
         );
         assert_eq!(
-            MigrationError::DigestMismatch {
-                source_digest: String::new(),
-                dest_digest: String::new()
-            }
-            .reason(),
-            "digest_mismatch"
+            MigrationError::Verification(ferry_proto::switchover::Mismatch::Evidence).reason(),
+            "evidence_mismatch"
+        );
+        assert_eq!(
+            MigrationError::RestoreFailed("x".into()).reason(),
+            "restore_failed"
         );
     }
 }

@@ -41,6 +41,12 @@ pub trait GuestControl: Send + Sync {
     fn resume(&self) -> Result<()>;
     /// Device state (vCPU registers, device models), taken while paused.
     fn device_state(&self) -> Result<Vec<u8>>;
+    /// The expected size of [`GuestControl::device_state`], asked while the
+    /// guest runs: the pause budget counts its transfer. The default, 1 MiB,
+    /// is on the large side for a VM's vCPU and device state.
+    fn device_state_size_hint(&self) -> u64 {
+        1 << 20
+    }
     /// Auto-converge: slows the guest so it dirties memory more slowly,
     /// keeping it off its vCPUs `percent`% of the time (0: full speed again,
     /// at most 99). A VMM implements it by making its vCPU threads sleep,
@@ -248,6 +254,10 @@ impl GuestControl for SyntheticGuest {
         serde_json::to_vec(&st).map_err(|e| MigrationError::Guest(e.to_string()))
     }
 
+    fn device_state_size_hint(&self) -> u64 {
+        self.device_state().map_or(0, |s| s.len() as u64)
+    }
+
     fn throttle(&self, percent: u8) -> Result<()> {
         self.shared
             .throttle
@@ -256,7 +266,9 @@ impl GuestControl for SyntheticGuest {
     }
 }
 
-fn cpu_vendor() -> String {
+/// This host's CPU vendor (`vendor_id` in /proc/cpuinfo; `unknown` when
+/// it says none).
+pub fn cpu_vendor() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

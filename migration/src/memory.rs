@@ -121,6 +121,78 @@ pub fn populate_in_background(mem: Arc<DestMemory>, stop: Arc<AtomicBool>) {
     }
 }
 
+/// What this process holds in memory: its peak resident set, the part of
+/// it that is guest memory, and the rest (Ferry's own: buffers, ledgers,
+/// bitmaps, threads, the binary).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct MemoryUse {
+    /// Peak resident set of the process (`VmHWM`).
+    pub peak_rss_bytes: u64,
+    /// Guest memory resident now (only pages that were written cost memory).
+    pub guest_resident_bytes: u64,
+    /// The peak minus the guest memory: an upper bound of Ferry's own part
+    /// at the peak (guest memory only grows during a migration).
+    pub own_bytes: u64,
+    /// `own_bytes` as a percentage of the guest's size.
+    pub own_percent_of_guest: f64,
+}
+
+/// Measures [`MemoryUse`] for guest memory `mem` from `/proc/self` (zeros
+/// where the kernel does not say).
+pub fn memory_use<M: GuestMemoryBackend>(mem: &M) -> MemoryUse {
+    let kib = |v: &str| v.split_whitespace().next()?.parse::<u64>().ok();
+    let peak = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(kib)
+        })
+        .unwrap_or(0)
+        * 1024;
+    // Host ranges of the guest's regions (the pointer's address only).
+    let ranges: Vec<(usize, usize)> = mem
+        .iter()
+        .filter_map(|r| {
+            let base = r.get_host_address(MemoryRegionAddress(0)).ok()? as usize;
+            Some((base, base + r.len() as usize))
+        })
+        .collect();
+    // The kernel may merge a region's mapping with a neighbouring one of
+    // the same kind: a mapping counts as guest memory up to its overlap
+    // with the guest's ranges.
+    let mut guest = 0u64;
+    if let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") {
+        let mut overlap = 0u64;
+        for l in smaps.lines() {
+            let head = l.split_whitespace().next().unwrap_or("");
+            if let Some((a, b)) = head.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    overlap = ranges
+                        .iter()
+                        .map(|&(s, e)| e.min(b).saturating_sub(s.max(a)) as u64)
+                        .sum();
+                    continue;
+                }
+            }
+            if overlap > 0 {
+                if let Some(v) = l.strip_prefix("Rss:").and_then(kib) {
+                    guest += (v * 1024).min(overlap);
+                }
+            }
+        }
+    }
+    let own = peak.saturating_sub(guest);
+    MemoryUse {
+        peak_rss_bytes: peak,
+        guest_resident_bytes: guest,
+        own_bytes: own,
+        own_percent_of_guest: own as f64 * 100.0
+            / mem.iter().map(|r| r.len()).sum::<u64>().max(1) as f64,
+    }
+}
+
 /// The dirty bitmap of a source region.
 pub(crate) fn region_bitmap(r: &vm_memory::GuestRegionMmap<AtomicBitmap>) -> &AtomicBitmap {
     MmapRegion::bitmap(r)
@@ -140,6 +212,26 @@ pub(crate) fn any_dirty(mem: &SourceMemory) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_written_guest_pages_count_as_resident() {
+        use vm_memory::Bytes;
+        let m = source_memory(&default_layout(64 << 20).unwrap()).unwrap();
+        let before = memory_use(&m);
+        assert!(before.peak_rss_bytes > 0, "{before:?}");
+        assert!(before.guest_resident_bytes < 4 << 20, "{before:?}");
+        for p in 0..256u64 {
+            m.write_slice(&[1], GuestAddress(p * 4096 * 4)).unwrap();
+        }
+        let after = memory_use(&m);
+        // 256 pages written (1 MiB), one in four of the first 4 MiB.
+        assert!(
+            after.guest_resident_bytes >= before.guest_resident_bytes + (1 << 20)
+                && after.guest_resident_bytes < before.guest_resident_bytes + (8 << 20),
+            "{before:?} {after:?}"
+        );
+        assert!(after.peak_rss_bytes >= after.guest_resident_bytes);
+    }
 
     #[test]
     fn layouts_split_at_the_pci_hole() {

@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferry_proto::budget::PauseParts;
+use ferry_transport::proto::AuditResult;
 use ferry_transport::tcp::RecvCounters;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -38,6 +40,11 @@ pub struct Metrics {
     /// (downtime seen by the destination, migration duration) of the last
     /// committed migration, in seconds.
     last: Mutex<Option<(f64, f64)>>,
+    /// Audits of committed migrations by result (`passed`, `failed`,
+    /// `missing`).
+    audits: Mutex<BTreeMap<String, u64>>,
+    /// The last audited migration's pause: (predicted, measured) parts.
+    last_pause: Mutex<Option<(PauseParts, PauseParts)>>,
 }
 
 /// Page bytes received per data-channel label: totals of finished channels
@@ -65,6 +72,20 @@ impl Attempt {
                 m.committed.fetch_add(1, Ordering::Relaxed);
                 *m.last.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some((s.downtime_ms / 1e3, s.total_ms / 1e3));
+                let result = match &s.audit {
+                    Some(a) if a.result == AuditResult::Passed => "passed",
+                    Some(_) => "failed",
+                    None => "missing",
+                };
+                *m.audits
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(result.into())
+                    .or_default() += 1;
+                if let Some(a) = &s.audit {
+                    *m.last_pause.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((a.pause_predicted.into(), a.pause_actual.into()));
+                }
             }
             Err(e) => m.aborted(e),
         }
@@ -254,6 +275,38 @@ impl Metrics {
             "Last committed migration: from its hello to Committed.",
             &duration,
         );
+        let audits = self
+            .audits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        metric(
+            "ferry_audits_total",
+            "counter",
+            "Committed migrations by the source's audit of its frozen memory after the pause: passed, failed (the source's dirty log missed guest writes: this host runs stale pages), missing (no report came).",
+            &labelled("result", audits),
+        );
+        let pause = *self.last_pause.lock().unwrap_or_else(|e| e.into_inner());
+        let mut parts = Vec::new();
+        if let Some((predicted, actual)) = pause {
+            for (kind, p) in [("predicted", predicted), ("actual", actual)] {
+                for (part, ms) in [
+                    ("final_copy", p.final_copy_ms),
+                    ("device_state", p.device_state_ms),
+                    ("verification", p.verification_ms),
+                    ("commit_round_trip", p.commit_round_trip_ms),
+                    ("total", p.total_ms()),
+                ] {
+                    parts.push((format!("{{kind=\"{kind}\",part=\"{part}\"}}"), ms / 1e3));
+                }
+            }
+        }
+        metric(
+            "ferry_last_pause_seconds",
+            "gauge",
+            "Last audited migration: the pause as the source predicted it when pre-copy stopped and as it measured it, by part (final_copy, device_state, verification, commit_round_trip, total).",
+            &parts,
+        );
         out
     }
 }
@@ -332,7 +385,28 @@ mod tests {
             payload_bytes: 4096,
             crc_errors: 0,
             digest: "00".into(),
+            verify_full: false,
+            restore_report: String::new(),
             resume_report: String::new(),
+            audit: Some(ferry_transport::proto::AuditReport {
+                result: AuditResult::Failed,
+                pages: 2,
+                mismatched_pages: 1,
+                first_mismatch: Some(4096),
+                duration_us: 10,
+                pause_predicted: ferry_transport::proto::PauseMicros {
+                    final_copy: 2000,
+                    ..Default::default()
+                },
+                pause_actual: ferry_transport::proto::PauseMicros {
+                    final_copy: 1000,
+                    device_state: 500,
+                    verification: 250,
+                    commit_round_trip: 250,
+                },
+                mac: [0; 32],
+            }),
+            memory: Default::default(),
             total_ms: 1500.0,
             downtime_ms: 25.0,
         }
@@ -378,6 +452,10 @@ mod tests {
             "ferry_received_bytes_total{channel=\"0\"} 8192\n",
             "ferry_last_downtime_seconds 0.025\n",
             "ferry_last_migration_duration_seconds 1.5\n",
+            "ferry_audits_total{result=\"failed\"} 1\n",
+            "ferry_last_pause_seconds{kind=\"actual\",part=\"final_copy\"} 0.001\n",
+            "ferry_last_pause_seconds{kind=\"actual\",part=\"total\"} 0.002\n",
+            "ferry_last_pause_seconds{kind=\"predicted\",part=\"final_copy\"} 0.002\n",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -199,10 +199,20 @@ pub fn committed_mac(key: &MacKey, commit: &[u8; 32]) -> [u8; 32] {
     key.mac(&[b"ferry committed", commit])
 }
 
+/// Checks a `Committed` against the `Commit` we sent.
+pub fn check_committed(key: &MacKey, commit: &[u8; 32], mac: &[u8; 32]) -> bool {
+    key.verify(&[b"ferry committed", commit], mac)
+}
+
 /// The destination's refusal of a `Commit` it checked (a failed restore):
 /// binds the `Commit` and the reason.
 pub fn refusal_mac(key: &MacKey, commit: &[u8; 32], reason: &str) -> [u8; 32] {
     key.mac(&[b"ferry commit refused", commit, reason.as_bytes()])
+}
+
+/// Checks a refusal against the `Commit` we sent.
+pub fn check_refusal(key: &MacKey, commit: &[u8; 32], reason: &str, mac: &[u8; 32]) -> bool {
+    key.verify(&[b"ferry commit refused", commit, reason.as_bytes()], mac)
 }
 
 /// The source's audit report after the pause: binds the `Committed` it
@@ -345,6 +355,13 @@ mod tests {
         // Committed, refusal and audit MACs are bound to the commit and
         // their content, and differ from each other.
         let done = committed_mac(&key(), &commit);
+        assert!(check_committed(&key(), &commit, &done));
+        assert!(!check_committed(&key(), &[0; 32], &done));
+        assert!(!check_committed(&other, &commit, &done));
+        let no = refusal_mac(&key(), &commit, "restore failed");
+        assert!(check_refusal(&key(), &commit, "restore failed", &no));
+        assert!(!check_refusal(&key(), &commit, "restore failed.", &no));
+        assert!(!check_refusal(&key(), &[1; 32], "restore failed", &no));
         assert_ne!(done, committed_mac(&key(), &[0; 32]));
         assert_ne!(done, refusal_mac(&key(), &commit, ""));
         assert_ne!(

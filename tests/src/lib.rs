@@ -355,10 +355,11 @@ pub fn offer(bytes: u64) -> Offer {
                 size: bytes,
             }],
         },
+        // What `ferry listen` restores: the synthetic guest of this host.
         guest: GuestConfig {
             vcpus: 1,
-            cpu_vendor: "test".into(),
-            device_state_format: "test".into(),
+            cpu_vendor: ferry_migration::guest::cpu_vendor(),
+            device_state_format: ferry_migration::guest::SYNTHETIC_FORMAT.into(),
         },
         option: PerformanceOption::Tcp,
         channels: 1,

@@ -8,6 +8,8 @@ use ferry_migration::dirty::BitmapDirtyLog;
 use ferry_migration::engine::{Progress, Source, SourceOptions};
 use ferry_migration::guest::{SyntheticConfig, SyntheticGuest};
 use ferry_migration::memory::{default_layout, source_memory};
+use ferry_proto::switchover::{self as proof, Claims, Mismatch, Transcripts};
+use ferry_proto::Evidence;
 use ferry_proto::SessionKeys;
 use ferry_tests::{
     authed_session, chunk_frame, data_channel, end_frame, key_file, listen, read_ack, send,
@@ -314,28 +316,52 @@ fn payload_tag_mismatch_is_detected_and_the_chunk_refused() {
             Some((1, AckStatus::Mismatch)),
             "the destination asks for the chunk again"
         );
-        // A source that ignores this and switches over is refused: digests differ.
+        // A source that ignores this and switches over, claiming page 0
+        // holds what it never sent intact, is refused: its Commit proves
+        // evidence the destination does not hold.
         data.write_all(&end_frame(&keys)).await.unwrap();
-        let state = b"state".to_vec();
-        let crc = crc32fast::hash(&state);
+        let state = br#"{"writes":0,"dirty_rate":0}"#.to_vec();
+        let device_state = proof::device_state_hash(&state);
         conn.send(&Msg::Switchover(ferry_transport::proto::Switchover {
             device_state: state,
-            device_state_crc: crc,
+            device_state_hash: device_state,
+            verify_full: false,
         }))
         .await
         .unwrap();
+        let t = conn.transcript();
         let ready = conn.recv("ready").await.unwrap();
-        let Msg::Ready { digest } = ready else {
+        let Msg::Ready(ready) = ready else {
             panic!("expected Ready, got {ready:?}")
         };
-        // Commit with the digest of the memory we claim to have sent (all zero but page 0 = 9s):
-        let mut wrong = digest;
-        wrong[0] ^= 1;
-        conn.send(&Msg::Commit { digest: wrong }).await.unwrap();
+        let keys = conn.session_keys().unwrap();
+        let page = keys.page.hash_or_zero(&[8u8; 4096]);
+        let claimed = Claims {
+            transcripts: Transcripts {
+                s2d: t.sent,
+                d2s: t.received,
+            },
+            evidence: Evidence(keys.page.contribution(0, page)),
+            device_state,
+            memory: None,
+        };
+        assert_eq!(
+            ready.check(&keys.commit, &claimed),
+            Err(Mismatch::Evidence),
+            "the destination's proof shows page 0 does not hold that"
+        );
+        let mac = proof::commit_mac(&keys.commit, &claimed, &ready);
+        conn.send(&Msg::Commit { mac }).await.unwrap();
+        match conn.recv("the refusal").await.unwrap() {
+            Msg::CommitRefused { reason, .. } => {
+                assert!(reason.contains("verification failed"), "{reason}")
+            }
+            m => panic!("expected CommitRefused, got {m:?}"),
+        }
         conn
     });
     assert!(
-        out.stdout.contains("memory digest mismatch"),
+        out.stdout.contains("switchover verification failed"),
         "{}",
         out.all()
     );

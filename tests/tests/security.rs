@@ -120,12 +120,12 @@ fn plaintext_an_offer_field_rewritten_is_refused() {
 }
 
 #[test]
-fn plaintext_the_device_state_rewritten_with_its_crc_fixed_is_refused() {
+fn plaintext_the_device_state_rewritten_with_its_hash_fixed_is_refused() {
     let (src, dest, n) = through_proxy(rewrite_first(Dir::ToDest, |m| match m {
         Msg::Switchover(sw) => {
             // The vCPU state an attacker would like to run.
             sw.device_state = b"{\"writes\":0,\"attacker\":true}".to_vec();
-            sw.device_state_crc = crc32fast::hash(&sw.device_state);
+            sw.device_state_hash = ferry_proto::switchover::device_state_hash(&sw.device_state);
             true
         }
         _ => false,

@@ -153,6 +153,9 @@ pub enum RejectReason {
     /// it) and the connection is not encrypted, or the option cannot be
     /// encrypted (RDMA) without that consent.
     Encryption,
+    /// The offer's guest configuration (vCPUs, CPU vendor, device-state
+    /// format) is not one this destination can restore.
+    GuestConfig,
 }
 
 impl std::fmt::Display for RejectReason {
@@ -167,6 +170,7 @@ impl std::fmt::Display for RejectReason {
             RejectReason::Token => "data-channel token",
             RejectReason::Network => "network not allowed",
             RejectReason::Encryption => "encryption required",
+            RejectReason::GuestConfig => "guest configuration",
         };
         f.write_str(s)
     }
@@ -212,13 +216,107 @@ pub struct Accept {
 }
 
 /// Source's switchover message: sent with the guest paused, after the last
-/// pages were acknowledged.
+/// pages were acknowledged (see [`ferry_proto::switchover`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Switchover {
     /// Device state blob.
     pub device_state: Vec<u8>,
-    /// crc32fast of `device_state`.
-    pub device_state_crc: u32,
+    /// SHA-256 of `device_state` (bound into every switchover MAC).
+    pub device_state_hash: [u8; 32],
+    /// `--verify full`: the destination hashes its whole memory too, and
+    /// proves the result in `Ready`.
+    pub verify_full: bool,
+}
+
+/// Whether the source's audit after the pause found its memory equal to
+/// what both sides agreed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuditResult {
+    /// Every page of the frozen source memory equals what was sent for it.
+    Passed,
+    /// Some pages differ: the dirty log missed guest writes, so the
+    /// destination runs with stale pages.
+    Failed,
+}
+
+/// The source's report after `Committed`: its audit of the frozen memory
+/// and the pause as it predicted and measured it (for the destination's
+/// metrics). Sealed with the session's commit key, bound to `Committed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditReport {
+    /// Outcome.
+    pub result: AuditResult,
+    /// Pages hashed.
+    pub pages: u64,
+    /// Pages whose content differs from what was sent for them.
+    pub mismatched_pages: u64,
+    /// Lowest guest address among them.
+    pub first_mismatch: Option<u64>,
+    /// How long the audit took, microseconds.
+    pub duration_us: u64,
+    /// The pause predicted when pre-copy stopped.
+    pub pause_predicted: PauseMicros,
+    /// The pause measured.
+    pub pause_actual: PauseMicros,
+    /// [`ferry_proto::switchover::audit_mac`] over the rest (this field
+    /// zero while it is computed).
+    pub mac: [u8; 32],
+}
+
+/// The parts of a pause ([`ferry_proto::budget::PauseParts`]) in whole
+/// microseconds, as they travel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PauseMicros {
+    /// Final copy.
+    pub final_copy: u64,
+    /// Device state.
+    pub device_state: u64,
+    /// Verification.
+    pub verification: u64,
+    /// Commit round trip.
+    pub commit_round_trip: u64,
+}
+
+impl From<ferry_proto::budget::PauseParts> for PauseMicros {
+    fn from(p: ferry_proto::budget::PauseParts) -> Self {
+        let us = |ms: f64| (ms.max(0.0) * 1e3).round() as u64;
+        PauseMicros {
+            final_copy: us(p.final_copy_ms),
+            device_state: us(p.device_state_ms),
+            verification: us(p.verification_ms),
+            commit_round_trip: us(p.commit_round_trip_ms),
+        }
+    }
+}
+
+impl From<PauseMicros> for ferry_proto::budget::PauseParts {
+    fn from(p: PauseMicros) -> Self {
+        let ms = |us: u64| us as f64 / 1e3;
+        ferry_proto::budget::PauseParts {
+            final_copy_ms: ms(p.final_copy),
+            device_state_ms: ms(p.device_state),
+            verification_ms: ms(p.verification),
+            commit_round_trip_ms: ms(p.commit_round_trip),
+        }
+    }
+}
+
+impl AuditReport {
+    fn body(&self) -> Vec<u8> {
+        let mut unsealed = self.clone();
+        unsealed.mac = [0; 32];
+        postcard::to_stdvec(&unsealed).expect("an audit report always serializes")
+    }
+
+    /// Sets the MAC (`committed`: the `Committed` MAC it follows).
+    pub fn seal(&mut self, key: &ferry_proto::MacKey, committed: &[u8; 32]) {
+        self.mac = ferry_proto::switchover::audit_mac(key, committed, &self.body());
+    }
+
+    /// Checks the MAC.
+    pub fn verify(&self, key: &ferry_proto::MacKey, committed: &[u8; 32]) -> bool {
+        key.verify(&[b"ferry audit", committed, &self.body()], &self.mac)
+    }
 }
 
 /// A control message.
@@ -278,19 +376,22 @@ pub enum Msg {
     },
     /// Switchover (guest paused on the source).
     Switchover(Switchover),
-    /// Destination verified the digest and is ready to resume.
-    Ready {
-        /// Digest the destination computed.
-        digest: [u8; 16],
-    },
-    /// Source lets go: destination resumes the guest, after checking that
-    /// the source's digest equals its own (it refuses otherwise).
+    /// Destination: every channel stopped, device state intact; its proof
+    /// of the transcripts, its page evidence and the device state.
+    Ready(ferry_proto::switchover::ReadyProof),
+    /// Source lets go: the destination checks the MAC against its own
+    /// claims, restores the device state and answers `Committed`, or
+    /// refuses (`CommitRefused`).
     Commit {
-        /// Digest of the whole guest memory on the source.
-        digest: [u8; 16],
+        /// [`ferry_proto::switchover::commit_mac`].
+        mac: [u8; 32],
     },
-    /// Destination resumed the guest.
-    Committed,
+    /// Destination restored the device state and takes the guest: it
+    /// resumes it right after sending this.
+    Committed {
+        /// [`ferry_proto::switchover::committed_mac`].
+        mac: [u8; 32],
+    },
     /// Either side gives up; the source keeps its guest.
     Abort {
         /// Why.
@@ -314,6 +415,27 @@ pub enum Msg {
     /// Follows the `Accept` of an RDMA offer: the destination's listeners
     /// and the keys of its registered guest memory.
     RdmaAccept(crate::rdma_wire::RdmaAccept),
+    /// The destination checked `Commit` but will not run the guest (its
+    /// device state could not be restored): the source may resume its own.
+    CommitRefused {
+        /// Why.
+        reason: String,
+        /// [`ferry_proto::switchover::refusal_mac`].
+        mac: [u8; 32],
+    },
+    /// Source, between rounds: measures the control round trip (the pause
+    /// budget counts three).
+    Ping {
+        /// Echoed.
+        seq: u64,
+    },
+    /// Destination: the answer to `Ping`.
+    Pong {
+        /// The ping's.
+        seq: u64,
+    },
+    /// Source, after `Committed`: the audit of its frozen memory.
+    Audit(AuditReport),
 }
 
 impl Msg {
@@ -329,9 +451,13 @@ impl Msg {
             Msg::Reject { .. } => "Reject",
             Msg::RoundDone { .. } => "RoundDone",
             Msg::Switchover(_) => "Switchover",
-            Msg::Ready { .. } => "Ready",
+            Msg::Ready(_) => "Ready",
             Msg::Commit { .. } => "Commit",
-            Msg::Committed => "Committed",
+            Msg::Committed { .. } => "Committed",
+            Msg::CommitRefused { .. } => "CommitRefused",
+            Msg::Ping { .. } => "Ping",
+            Msg::Pong { .. } => "Pong",
+            Msg::Audit(_) => "Audit",
             Msg::Abort { .. } => "Abort",
             Msg::RdmaOffer(_) => "RdmaOffer",
             Msg::RdmaAccept(_) => "RdmaAccept",
@@ -549,11 +675,38 @@ mod tests {
             },
             Msg::Switchover(Switchover {
                 device_state: vec![1, 2, 3],
-                device_state_crc: 5,
+                device_state_hash: [5; 32],
+                verify_full: true,
             }),
-            Msg::Ready { digest: [6; 16] },
-            Msg::Commit { digest: [6; 16] },
-            Msg::Committed,
+            Msg::Ready(ferry_proto::switchover::ReadyProof {
+                transcript: [1; 32],
+                evidence: [2; 32],
+                device_state: [3; 32],
+                memory: Some([4; 32]),
+            }),
+            Msg::Commit { mac: [6; 32] },
+            Msg::Committed { mac: [7; 32] },
+            Msg::CommitRefused {
+                reason: "restore failed".into(),
+                mac: [8; 32],
+            },
+            Msg::Ping { seq: 3 },
+            Msg::Pong { seq: 3 },
+            Msg::Audit(AuditReport {
+                result: AuditResult::Failed,
+                pages: 10,
+                mismatched_pages: 1,
+                first_mismatch: Some(4096),
+                duration_us: 1500,
+                pause_predicted: Default::default(),
+                pause_actual: PauseMicros {
+                    final_copy: 1000,
+                    device_state: 500,
+                    verification: 250,
+                    commit_round_trip: 125,
+                },
+                mac: [9; 32],
+            }),
             Msg::Abort { reason: "x".into() },
             Msg::RdmaOffer(crate::rdma_wire::RdmaOffer {
                 endpoints: vec![crate::rdma_wire::RdmaEndpoint {
@@ -588,6 +741,30 @@ mod tests {
         for m in msgs {
             assert_eq!(roundtrip(&m), m);
         }
+    }
+
+    #[test]
+    fn audit_reports_are_sealed_to_the_commit() {
+        let key = ferry_proto::MacKey::from_bytes([1; 32]);
+        let mut r = AuditReport {
+            result: AuditResult::Passed,
+            pages: 10,
+            mismatched_pages: 0,
+            first_mismatch: None,
+            duration_us: 3000,
+            pause_predicted: Default::default(),
+            pause_actual: Default::default(),
+            mac: [0; 32],
+        };
+        r.seal(&key, &[2; 32]);
+        assert!(r.verify(&key, &[2; 32]));
+        assert!(
+            !r.verify(&key, &[3; 32]),
+            "bound to the Committed it follows"
+        );
+        let mut forged = r.clone();
+        forged.result = AuditResult::Failed;
+        assert!(!forged.verify(&key, &[2; 32]), "bound to its content");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use super::args::ListenArgs;
-use super::{resume_hook, signals, tls_config, units, with_port};
+use super::{dest_audit_line, resume_hook, signals, tls_config, units, with_port, AuditFailed};
 
 pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     let key = AuthKey::from_file(&a.auth_key_file)?;
@@ -70,7 +70,7 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     while let Some(o) = rx.recv().await {
         match &o.result {
             Ok(s) => println!(
-                "migration {} from {} committed: {} ({} bytes) in {:.2} s, pause {:.1} ms, digest {} verified; {}{}",
+                "migration {} from {} committed: {} ({} bytes) in {:.2} s, pause {:.1} ms, digest {} verified ({}); {}; {}; {}; peak RSS {} (guest {}, own {:.2}% of the guest){}",
                 s.migration_id,
                 o.peer,
                 units::human(s.memory_bytes),
@@ -78,14 +78,37 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
                 s.total_ms / 1e3,
                 s.downtime_ms,
                 s.digest,
+                if s.verify_full {
+                    "page evidence and whole memory"
+                } else {
+                    "page evidence"
+                },
+                s.restore_report,
                 s.resume_report,
+                dest_audit_line(s.audit.as_ref()),
+                units::human(s.memory.peak_rss_bytes),
+                units::human(s.memory.guest_resident_bytes),
+                s.memory.own_percent_of_guest,
                 one_path.as_deref().map(|n| format!("; {n}")).unwrap_or_default()
             ),
             Err(e) => println!("migration from {} failed: {e}", o.peer),
         }
         if a.once {
             server.abort();
-            return o.result.map(|_| ()).map_err(Into::into);
+            let s = o.result?;
+            if let Some(r) = s
+                .audit
+                .as_ref()
+                .filter(|r| r.result == ferry_transport::proto::AuditResult::Failed)
+            {
+                return Err(AuditFailed(format!(
+                    "{} pages differ, first at {:#x}",
+                    r.mismatched_pages,
+                    r.first_mismatch.unwrap_or(0)
+                ))
+                .into());
+            }
+            return Ok(());
         }
     }
     server.await??;

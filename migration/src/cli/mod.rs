@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use ferry_migration::dest::ResumeHook;
+use ferry_migration::dest::{GuestSupport, ResumeHook};
 use ferry_migration::guest::{verify_pages, SyntheticState, SYNTHETIC_FORMAT};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::proto::DEFAULT_PORT;
@@ -28,25 +28,82 @@ pub fn tls_config(dir: Option<&std::path::Path>, key: &AuthKey) -> anyhow::Resul
     }))
 }
 
-/// The resume hook of the CLI's destination: checks every page of a
-/// synthetic guest on its own.
+/// The CLI destination's side of a VMM, for the synthetic guest: it
+/// restores its device state (parsing it is what can fail, before
+/// `Committed`), then, resumed, checks every page of the guest on its own.
 pub fn resume_hook() -> ResumeHook {
-    Arc::new(|mem, state| {
-        let st: SyntheticState = serde_json::from_slice(state)
-            .map_err(|e| format!("device state is not {SYNTHETIC_FORMAT}: {e}"))?;
-        let c = verify_pages(mem);
-        if c.corrupt > 0 {
-            return Err(format!(
-                "{} corrupt pages, first at {:#x}",
-                c.corrupt,
-                c.first_corrupt.unwrap_or(0)
-            ));
+    ResumeHook {
+        supports: GuestSupport {
+            max_vcpus: 1,
+            cpu_vendor: Some(ferry_migration::guest::cpu_vendor()),
+            device_state_formats: vec![SYNTHETIC_FORMAT.into()],
+        },
+        restore: Arc::new(|_mem, state| {
+            let st: SyntheticState = serde_json::from_slice(state)
+                .map_err(|e| format!("device state is not {SYNTHETIC_FORMAT}: {e}"))?;
+            Ok(format!("restored after {} guest writes", st.writes))
+        }),
+        resume: Arc::new(|mem| {
+            let c = verify_pages(mem);
+            if c.corrupt > 0 {
+                return Err(format!(
+                    "{} corrupt pages, first at {:#x}",
+                    c.corrupt,
+                    c.first_corrupt.unwrap_or(0)
+                ));
+            }
+            Ok(format!(
+                "guest resumed: {} pattern pages verified, {} zero, {} image pages (evidence-checked)",
+                c.pattern, c.zero, c.other
+            ))
+        }),
+    }
+}
+
+/// How the destination reports the source's audit.
+pub fn dest_audit_line(a: Option<&ferry_transport::proto::AuditReport>) -> String {
+    use ferry_transport::proto::AuditResult;
+    match a {
+        Some(a) if a.result == AuditResult::Passed => {
+            format!("audit passed ({} pages)", a.pages)
         }
-        Ok(format!(
-            "guest resumed after {} guest writes: {} pattern pages verified, {} zero, {} image pages (digest-checked)",
-            st.writes, c.pattern, c.zero, c.other
+        Some(a) => format!(
+            "AUDIT FAILED: {} pages differ from the source's frozen memory (first at {:#x}): the source's dirty log missed guest writes",
+            a.mismatched_pages,
+            a.first_mismatch.unwrap_or(0)
+        ),
+        None => "audit report not received".into(),
+    }
+}
+
+/// A migration committed but its audit after the pause failed (exit
+/// status 5): the destination runs pages the source's dirty log missed.
+#[derive(Debug)]
+pub struct AuditFailed(pub String);
+
+impl std::fmt::Display for AuditFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the migration committed but its audit failed: {}; the destination runs with pages the source's dirty log never reported",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for AuditFailed {}
+
+/// `Err(AuditFailed)` for a committed migration whose audit failed.
+pub fn check_audit(s: &ferry_migration::engine::Summary) -> anyhow::Result<()> {
+    if s.audit.failed() {
+        return Err(AuditFailed(format!(
+            "{} pages differ, first at {:#x}",
+            s.audit.mismatched_pages,
+            s.audit.first_mismatch.unwrap_or(0)
         ))
-    })
+        .into());
+    }
+    Ok(())
 }
 
 /// `HOST[:PORT]` with Ferry's port when none is given.
@@ -69,6 +126,9 @@ pub fn with_port(to: &str) -> String {
 ///   `--timeout`); the guest keeps running on the source;
 /// * 4: `Commit` was sent but not confirmed: the guest is left paused on
 ///   the source, as it may already run on the destination;
+/// * 5: committed, but the audit after the pause failed (`send`, `demo`,
+///   `listen --once`): the guest runs on the destination with pages the
+///   source's dirty log missed;
 /// * 128 + N: cancelled by signal N (130 SIGINT, 143 SIGTERM); the guest
 ///   keeps running on the source.
 pub fn exit_status(e: &anyhow::Error) -> i32 {
@@ -78,6 +138,7 @@ pub fn exit_status(e: &anyhow::Error) -> i32 {
         Some(status) if any(|m| matches!(m, M::Cancelled(_))) => status,
         _ if any(M::is_not_converged) => 3,
         _ if any(|m| matches!(m, M::CommitUnconfirmed(_))) => 4,
+        _ if e.chain().any(|c| c.is::<AuditFailed>()) => 5,
         _ => 1,
     }
 }

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::args::{source_options, DemoArgs, EngineArgs, GuestArgs, OptionArg, SendArgs};
 use super::session::{GuestState, Outputs};
-use super::{resume_hook, signals, tls_config, units, with_port};
+use super::{check_audit, dest_audit_line, resume_hook, signals, tls_config, units, with_port};
 
 pub fn start_guest(g: &GuestArgs) -> anyhow::Result<SyntheticGuest> {
     if let Some(binary) = g.memory.binary_reading() {
@@ -225,10 +225,10 @@ pub async fn send(a: SendArgs, quiet: bool) -> anyhow::Result<()> {
         Err(e) => (Err(e), None),
     };
     let state = guest_state(&result, guest.as_ref());
-    session
+    let s = session
         .finish(result, state, &a.engine, &to, a.guest.memory.bytes)
-        .await
-        .map(|_| ())
+        .await?;
+    check_audit(&s)
 }
 
 pub async fn demo(a: DemoArgs, quiet: bool) -> anyhow::Result<()> {
@@ -275,15 +275,17 @@ pub async fn demo(a: DemoArgs, quiet: bool) -> anyhow::Result<()> {
         .await;
     let outcome = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
     server.abort();
-    r?;
+    let s = r?;
     match outcome {
         Ok(Some(o)) => {
             let d = o.result?;
             println!(
-                "  destination: digest {} verified; {}",
-                d.digest, d.resume_report
+                "  destination: digest {} verified; {}; {}",
+                d.digest,
+                d.resume_report,
+                dest_audit_line(d.audit.as_ref())
             );
-            Ok(())
+            check_audit(&s)
         }
         _ => bail!("the destination did not report its outcome"),
     }

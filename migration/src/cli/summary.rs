@@ -1,6 +1,6 @@
 //! The summary `ferry send` prints after a commit.
 
-use ferry_migration::engine::{ConvergeReason, Summary};
+use ferry_migration::engine::{ConvergeReason, PauseParts, Summary, Verify};
 use ferry_transport::proto::PerformanceOption;
 use ferry_transport::ChannelState;
 
@@ -40,21 +40,33 @@ fn summary(s: &Summary) -> String {
     );
     outln!(
         out,
-        "  rounds: {} pre-copy + final copy (stopped: {}); downtime {:.1} ms (limit {} ms; digest {:.1} ms)",
+        "  rounds: {} pre-copy + final copy (stopped: {}); downtime {:.1} ms (limit {} ms; predicted {:.1} ms)",
         s.rounds.len() - 1,
         match s.converge_reason {
             ConvergeReason::NothingDirty => "nothing left dirty",
-            ConvergeReason::FitsDowntime => "the rest fits the downtime limit",
+            ConvergeReason::FitsDowntime => "the predicted pause fits the downtime limit",
             ConvergeReason::RoundCap => "--max-rounds reached",
+            ConvergeReason::CannotFit => "no pause can fit the limit",
         },
         s.downtime_ms,
         units::trim(s.downtime_limit_ms),
-        s.digest_ms
+        s.predicted_downtime_ms
     );
-    if s.converge_reason == ConvergeReason::RoundCap {
+    let parts = |p: &PauseParts| {
+        format!(
+            "final copy {:.1}, device state {:.1}, verification {:.1}, commit round trip {:.1}",
+            p.final_copy_ms, p.device_state_ms, p.verification_ms, p.commit_round_trip_ms
+        )
+    };
+    outln!(out, "  pause (ms): {}", parts(&s.pause_actual));
+    outln!(out, "  predicted:  {}", parts(&s.pause_predicted));
+    if matches!(
+        s.converge_reason,
+        ConvergeReason::RoundCap | ConvergeReason::CannotFit
+    ) {
         outln!(
             out,
-            "  --force-switchover: switched over without converging, predicted pause {:.0} ms",
+            "  --force-switchover: switched over without a pause that fits the limit, predicted pause {:.0} ms",
             s.predicted_downtime_ms
         );
     }
@@ -129,6 +141,37 @@ fn summary(s: &Summary) -> String {
         }
     }
     outln!(out, "  encryption: {}", s.encryption);
-    outln!(out, "  digest {} verified on both sides", s.digest);
+    outln!(
+        out,
+        "  memory: peak RSS {} (guest {}, Ferry's own {} = {:.2}% of the guest)",
+        units::human(s.memory.peak_rss_bytes),
+        units::human(s.memory.guest_resident_bytes),
+        units::human(s.memory.own_bytes),
+        s.memory.own_percent_of_guest
+    );
+    outln!(
+        out,
+        "  digest {} verified on both sides ({})",
+        s.digest,
+        match s.verify {
+            Verify::Evidence => "page evidence",
+            Verify::Full => "page evidence and whole memory",
+        }
+    );
+    if s.audit.failed() {
+        outln!(
+            out,
+            "  AUDIT FAILED: {} pages of the frozen source memory differ from what was migrated (first at {:#x}): the dirty log missed guest writes; the destination runs with stale pages",
+            s.audit.mismatched_pages,
+            s.audit.first_mismatch.unwrap_or(0)
+        );
+    } else {
+        outln!(
+            out,
+            "  audit passed: {} pages of the frozen source memory equal what was migrated ({:.0} ms after the pause)",
+            s.audit.pages,
+            s.audit.duration_ms
+        );
+    }
     out
 }
