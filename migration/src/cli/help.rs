@@ -2,6 +2,9 @@
 
 pub const TOP_EXAMPLES: &str = "\
 Examples:
+  # Once: a pre-shared key for both hosts (copy it with scp -p)
+  ferry gen-key /etc/ferry/key
+
   # On the destination host: accept migrations (Ctrl-C or SIGTERM stops it cleanly)
   ferry listen --auth-key-file /etc/ferry/key
 

@@ -134,9 +134,21 @@ impl Meter {
         let sent = p.sent_bytes.load(Ordering::Relaxed);
         let round = p.round.load(Ordering::Relaxed);
         let round_bytes = p.round_bytes.load(Ordering::Relaxed);
-        let done = p.round_done.load(Ordering::Relaxed).min(round_bytes);
         let dirty = p.remaining_bytes.load(Ordering::Relaxed);
         let chans = p.channels();
+        // The engine counts pages as done when it hands them to the
+        // transport; what the channels have not carried yet is not done.
+        let carried: u64 = chans.iter().map(|c| c.payload_bytes).sum();
+        let in_flight = if chans.is_empty() {
+            0
+        } else {
+            sent.saturating_sub(carried)
+        };
+        let done = p
+            .round_done
+            .load(Ordering::Relaxed)
+            .saturating_sub(in_flight)
+            .min(round_bytes);
         let dt = self.then.0.elapsed();
         if dt >= WINDOW {
             let secs = dt.as_secs_f64();
@@ -264,6 +276,13 @@ mod tests {
         let eta = l.eta_s.expect("eta");
         assert!(eta > 0.0 && eta < 10.0, "{l:?}");
         assert!(l.text.contains("ETA "), "{}", l.text);
+        // Pages handed to the transport but not carried yet are not done.
+        *p.channels.lock().unwrap() = vec![ferry_transport::ChannelStats {
+            payload_bytes: 5 << 20,
+            ..Default::default()
+        }];
+        let l = m.line(&p);
+        assert_eq!(l.percent, 30.0, "{l:?}");
     }
 
     #[test]
