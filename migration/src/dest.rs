@@ -47,6 +47,7 @@ use ferry_transport::multichannel::Cidr;
 use ferry_transport::proto::{
     Accept, AuditReport, GuestConfig, Msg, Offer, PerformanceOption, RejectReason, Role,
 };
+use ferry_transport::reservation::{channel_allowance, ChannelBudgets, MemoryPool, Reservation};
 use ferry_transport::stream::Stream;
 use ferry_transport::tcp::{receive_channel, Inbound, RecvCounters};
 use ferry_transport::tls::{TlsConfig, TLS_HANDSHAKE_BYTE};
@@ -260,7 +261,9 @@ pub struct Destination {
     /// Migrations waiting for a slot.
     queued: AtomicUsize,
     /// Guest memory of the migrations accepted and not finished.
-    reserved: Arc<Mutex<u64>>,
+    /// `--memory-limit`: guest memory and receive buffers of the migrations
+    /// accepted and not finished.
+    reserved: Arc<MemoryPool>,
     pending: Pending,
     next_id: AtomicU64,
     resume: ResumeHook,
@@ -290,7 +293,7 @@ impl Destination {
             unauth: Unauthenticated::new(cap, opts.max_unauthenticated_per_source),
             slots: Arc::new(Semaphore::new(opts.max_concurrent.max(1))),
             queued: AtomicUsize::new(0),
-            reserved: Arc::new(Mutex::new(0)),
+            reserved: MemoryPool::new(opts.memory_limit),
             opts,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -530,24 +533,22 @@ impl Destination {
         }
     }
 
-    /// Books `bytes` of guest memory against `--memory-limit` for all
-    /// migrations together; released when the returned guard drops.
-    fn reserve(&self, bytes: u64) -> std::result::Result<Reservation, String> {
-        let mut r = self.reserved.lock().expect("reserved");
-        let limit = self.opts.memory_limit;
-        if r.saturating_add(bytes) > limit {
-            return Err(format!(
-                "guest memory of {} plus the {} of the migrations already accepted is above this destination's --memory-limit of {}",
-                human_exact(bytes),
-                human_exact(*r),
-                human_exact(limit),
-            ));
-        }
-        *r += bytes;
-        Ok(Reservation {
-            pool: self.reserved.clone(),
-            bytes,
-        })
+    /// Books `guest` bytes of guest memory and `buffers` bytes of receive
+    /// buffers against `--memory-limit`, for all migrations together;
+    /// released when the returned guard drops.
+    fn reserve(&self, guest: u64, buffers: u64) -> std::result::Result<Arc<Reservation>, String> {
+        self.reserved
+            .reserve(guest.saturating_add(buffers))
+            .map(Arc::new)
+            .map_err(|f| {
+                format!(
+                    "guest memory of {} (and {} of receive buffers for its first data channel) plus the {} of the migrations already accepted is above this destination's --memory-limit of {}",
+                    human_exact(guest),
+                    human_exact(buffers),
+                    human_exact(f.used),
+                    human_exact(f.limit),
+                )
+            })
     }
 
     /// Handles one connection and counts it in the metrics. Returns `None`
@@ -893,7 +894,13 @@ impl Destination {
             Ok(p) => p,
             Err(msg) => return Err(conn.reject(RejectReason::Busy, msg).await.into()),
         };
-        let _reserved = match self.reserve(offer.layout.total_bytes()) {
+        // Receive buffers are bounded per data channel (see
+        // ferry_transport::reservation): the first channel's are booked
+        // now, with the guest memory, so a migration that cannot run at all
+        // is refused here; each further channel books its own when it
+        // opens (refused if it does not fit, the others carry on).
+        let per_channel = channel_allowance(offer.option);
+        let reserved = match self.reserve(offer.layout.total_bytes(), per_channel) {
             Ok(r) => r,
             Err(msg) => return Err(conn.reject(RejectReason::MemoryLimit, msg).await.into()),
         };
@@ -916,15 +923,24 @@ impl Destination {
             "no session keys after authentication",
         ))?;
         let ledger = Arc::new(offer.layout.ledger(keys.page.clone())?);
-        let inbound = Arc::new(Inbound::new(
-            offer.layout.clone(),
-            match offer.option {
-                // Validated before Accept: the id is known.
-                PerformanceOption::Compression { codec, .. } => Codec::from_id(codec).ok(),
-                _ => None,
-            },
-            ledger.clone(),
-        ));
+        // Every channel checks frames with the session's frame key, shares
+        // the round gate, gives each frame --peer-timeout to arrive once it
+        // has begun, and books its receive buffers on this migration's
+        // reservation (so they count against --memory-limit).
+        let inbound = Arc::new(
+            Inbound::new(
+                offer.layout.clone(),
+                match offer.option {
+                    // Validated before Accept: the id is known.
+                    PerformanceOption::Compression { codec, .. } => Codec::from_id(codec).ok(),
+                    _ => None,
+                },
+                ledger.clone(),
+                keys.frame.clone(),
+            )
+            .with_deadline(self.opts.timeout)
+            .with_buffers(ChannelBudgets::new(reserved, per_channel, 1)),
+        );
         let _allocation = self.metrics.allocated(offer.layout.total_bytes());
         // RDMA: listeners on the shared NICs, guest memory registered once
         // per device (a memlock failure is the rejection).
@@ -1065,19 +1081,6 @@ fn log_outcome(result: &Result<DestSummary>) {
 async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     // An error means the daemon is gone: that is a stop too.
     let _ = stop.wait_for(|s| *s).await;
-}
-
-/// Guest memory booked by one accepted migration.
-struct Reservation {
-    pool: Arc<Mutex<u64>>,
-    bytes: u64,
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        let mut r = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        *r = r.saturating_sub(self.bytes);
-    }
 }
 
 /// The data channels of one incoming migration, by the source's address.
@@ -1228,12 +1231,24 @@ impl Receive<'_> {
         if let Some(r) = self.rdma.lock().expect("rdma").take() {
             self.metrics
                 .track_channel(self.migration_id, "rdma".into(), counters.clone());
-            rdma_task.spawn(r.receive(
+            // Every RDMA channel's registered receive buffers count against
+            // --memory-limit too (the first was booked with the offer).
+            let bookings = match &self.inbound.buffers {
+                Some(b) => (0..r.accept().channels.len())
+                    .map(|_| b.book())
+                    .collect::<std::result::Result<Vec<_>, _>>()?,
+                None => Vec::new(),
+            };
+            let receiving = r.receive(
                 self.inbound.clone(),
                 self.mem.clone(),
                 counters.clone(),
                 self.timeout,
-            ));
+            );
+            rdma_task.spawn(async move {
+                let _bookings = bookings;
+                receiving.await
+            });
         }
         let mut ch = DataChannels::default();
         let mut fencing: Option<(Vec<SocketAddr>, HashSet<SocketAddr>)> = None;

@@ -38,9 +38,10 @@ use std::time::{Duration, Instant};
 
 use ferry_ffi::vio;
 use ferry_proto::evidence::PageHash;
+use ferry_proto::frame;
 use ferry_proto::switchover::{self as proof, Claims, Transcripts};
 use ferry_proto::SessionKeys;
-use ferry_proto::{Evidence, Ledger};
+use ferry_proto::{Evidence, Ledger, MacKey};
 use ferry_transport::compress::{CompressConfig, CompressSender, CompressionSpec};
 use ferry_transport::conn::Conn;
 use ferry_transport::multichannel::{ChannelPath, Multichannel, MultichannelConfig};
@@ -53,6 +54,7 @@ use ferry_transport::wire::MAX_RUNS;
 use ferry_transport::{
     auth::AuthKey, ChannelStats, Chunk, MemoryLayout, PageRun, Transport, TransportError, PAGE_SIZE,
 };
+use ferry_transport::{BufPool, PooledBuf};
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -692,6 +694,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 endpoints,
                 self.opts.timeout,
                 &self.opts.multichannel,
+                keys.frame.clone(),
             )
             .await;
             let mut t = match t {
@@ -715,6 +718,8 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 src: self,
                 conn: &mut conn,
                 ledger: ledger.clone(),
+                frame: keys.frame.clone(),
+                pages: BufPool::new(chunk_buffers_kept(self.opts.chunk_bytes)),
                 paused_at: None,
                 commit_sent: false,
                 throttled: 0,
@@ -747,6 +752,8 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             src: self,
             conn: &mut conn,
             ledger: ledger.clone(),
+            frame: keys.frame.clone(),
+            pages: BufPool::new(chunk_buffers_kept(self.opts.chunk_bytes)),
             paused_at: None,
             commit_sent: false,
             throttled: 0,
@@ -781,8 +788,15 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                     .into_iter()
                     .enumerate()
                     .map(|(i, (s, path))| {
-                        CompressSender::new(s, self.mem.clone(), i as u16, timeout, cfg)
-                            .map(|t| (t.with_limiter(limiter.clone()), path))
+                        CompressSender::new(
+                            s,
+                            self.mem.clone(),
+                            i as u16,
+                            timeout,
+                            cfg,
+                            keys.frame.clone(),
+                        )
+                        .map(|t| (t.with_limiter(limiter.clone()), path))
                     })
                     .collect();
                 match senders {
@@ -800,8 +814,14 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                     .enumerate()
                     .map(|(i, (s, path))| {
                         (
-                            TcpSender::new(s, self.mem.clone(), i as u16, timeout)
-                                .with_limiter(limiter.clone()),
+                            TcpSender::new(
+                                s,
+                                self.mem.clone(),
+                                i as u16,
+                                timeout,
+                                keys.frame.clone(),
+                            )
+                            .with_limiter(limiter.clone()),
                             path,
                         )
                     })
@@ -929,6 +949,11 @@ struct Run<'r, 'a, G: GuestControl, D: DirtyLog> {
     /// The source's evidence: for every page, the hash of what was last
     /// sent for it (recorded as chunks are built).
     ledger: Arc<Ledger>,
+    /// The session's frame key: chunks' payload tags.
+    frame: MacKey,
+    /// Chunk-sized buffers for the pages' private copies (transports that
+    /// cannot send from guest memory).
+    pages: Arc<BufPool>,
     paused_at: Option<Instant>,
     commit_sent: bool,
     /// Auto-converge throttle applied to the guest, percent.
@@ -942,16 +967,32 @@ pub fn is_zero_page(p: &[u8]) -> bool {
     ferry_proto::evidence::is_zero(p)
 }
 
+/// Idle chunk buffers a migration keeps for reuse: up to 32 MiB of them
+/// (at least two), so a burst does not leave more than that resident.
+fn chunk_buffers_kept(chunk_bytes: u32) -> usize {
+    ((32 << 20) / (chunk_bytes.max(1) as usize)).max(2)
+}
+
 /// Builds chunks from a dirty set in one pass over each page: the page is
 /// copied out of guest memory once ([`vio::copy_out`], the only read of it
 /// here), and on that private copy it is tested for zero and hashed with
 /// the session's page key; the hash is recorded in the source's ledger
 /// (what was sent for the page) and its contribution summed into the
-/// chunk's. A zero page becomes a zero run (or is skipped when `skip_zero`:
-/// the destination's memory starts zeroed, so round 0 need not mention it).
+/// chunk's payload tag. A zero page becomes a zero run (or is skipped when
+/// `skip_zero`: the destination's memory starts zeroed, so round 0 need not
+/// mention it).
+///
+/// When the transport cannot send from guest memory (compression, TLS:
+/// `copy` on), the page is copied straight into the chunk's own buffer,
+/// which travels with the chunk ([`Chunk::data`]) to be compressed or
+/// encrypted: guest memory is still read once. Otherwise (plain TCP, RDMA)
+/// the copy goes to one scratch page and the transport sends from guest
+/// memory; a guest write in between makes the destination's tag differ and
+/// the chunk is sent again (the page is dirty anyway).
 struct Chunker<'m> {
     mem: &'m SourceMemory,
     ledger: &'m Ledger,
+    frame: &'m MacKey,
     max_payload: u64,
     skip_zero: bool,
     round: u32,
@@ -961,14 +1002,19 @@ struct Chunker<'m> {
     sum: u128,
     /// Change to the evidence not applied yet.
     delta: u128,
-    /// The private copy of one page.
+    /// The private copy of one page (`copy` off).
     page: Vec<u8>,
+    /// Where chunk buffers come from (`copy` on).
+    pool: Option<&'m Arc<BufPool>>,
+    /// The current chunk's buffer: its non-zero pages so far.
+    data: Option<PooledBuf>,
 }
 
 impl<'m> Chunker<'m> {
     fn new(
         mem: &'m SourceMemory,
         ledger: &'m Ledger,
+        frame: &'m MacKey,
         max_payload: u64,
         round: u32,
         skip_zero: bool,
@@ -976,6 +1022,7 @@ impl<'m> Chunker<'m> {
         Chunker {
             mem,
             ledger,
+            frame,
             max_payload: max_payload.max(PAGE_SIZE),
             skip_zero,
             round,
@@ -984,7 +1031,15 @@ impl<'m> Chunker<'m> {
             sum: 0,
             delta: 0,
             page: vec![0; PAGE_SIZE as usize],
+            pool: None,
+            data: None,
         }
+    }
+
+    /// Keeps each chunk's pages in a buffer from `pool` (see the type docs).
+    fn copying(mut self, pool: &'m Arc<BufPool>) -> Self {
+        self.pool = Some(pool);
+        self
     }
 
     /// Appends one page (zero or not) to the current chunk.
@@ -1010,16 +1065,25 @@ impl<'m> Chunker<'m> {
 
     fn cut(&mut self, out: &mut Vec<Chunk>, seq: &mut u64) {
         self.ledger.apply(std::mem::take(&mut self.delta));
-        if !self.cur.is_empty() {
-            out.push(Chunk {
-                seq: *seq,
-                round: self.round,
-                runs: std::mem::take(&mut self.cur),
-            });
-            *seq += 1;
-            self.payload = 0;
-            self.sum = 0;
+        if self.cur.is_empty() {
+            return;
         }
+        // A chunk of zero runs only carries no copy (its buffer goes back).
+        let payload = self.payload as usize;
+        let data = self.data.take().filter(|_| payload > 0).map(|mut d| {
+            d.truncate(payload);
+            d.freeze()
+        });
+        out.push(Chunk {
+            seq: *seq,
+            round: self.round,
+            runs: std::mem::take(&mut self.cur),
+            tag: frame::payload_tag(self.frame, *seq, self.round, self.sum),
+            data,
+        });
+        *seq += 1;
+        self.payload = 0;
+        self.sum = 0;
     }
 
     /// Reads, tests, hashes and records every page of `run` and adds it.
@@ -1035,12 +1099,24 @@ impl<'m> Chunker<'m> {
                 .map_err(|e| {
                     MigrationError::Guest(format!("dirty page {gpa:#x} outside guest memory: {e}"))
                 })?;
-            vio::copy_out(&slice, &mut self.page);
-            let h = self.ledger.key().hash_or_zero(&self.page);
+            // The one read of the page: into the chunk's buffer, at the
+            // end of its pages so far, or into the scratch page.
+            let at = self.payload as usize;
+            let bytes: &mut [u8] = match self.pool {
+                Some(pool) => {
+                    let max = self.max_payload as usize;
+                    let d = self.data.get_or_insert_with(|| pool.take(max));
+                    &mut d.as_mut_slice()[at..at + PAGE_SIZE as usize]
+                }
+                None => &mut self.page,
+            };
+            vio::copy_out(&slice, bytes);
+            let h = self.ledger.key().hash_or_zero(bytes);
             let (delta, contribution) = self.ledger.record_page(gpa, h).map_err(|e| {
                 MigrationError::Guest(format!("dirty page outside the layout: {e}"))
             })?;
             self.delta = self.delta.wrapping_add(delta);
+            // A zero page's bytes in the buffer are overwritten by the next.
             let zero = h == PageHash::ZERO;
             if zero && self.skip_zero {
                 continue;
@@ -1143,10 +1219,14 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         let mut ch = Chunker::new(
             &self.src.mem,
             &self.ledger,
+            &self.frame,
             u64::from(self.src.opts.chunk_bytes),
             round,
             round == 0,
         );
+        if !t.capabilities().zero_copy {
+            ch = ch.copying(&self.pages);
+        }
         let mut stats = RoundStats {
             round,
             ..Default::default()
@@ -1724,9 +1804,10 @@ mod tests {
                 .unwrap();
         }
         let ledger = test_ledger(&layout);
+        let frame_key = MacKey::from_bytes([7; 32]);
         let mut out = Vec::new();
         let mut seq = 0;
-        let mut ch = Chunker::new(&mem, &ledger, 4 * PAGE_SIZE, 2, false);
+        let mut ch = Chunker::new(&mem, &ledger, &frame_key, 4 * PAGE_SIZE, 2, false);
         let all12 = PageRun {
             gpa: 0,
             pages: 12,
@@ -1771,7 +1852,7 @@ mod tests {
             pages: 1,
             zero: false,
         };
-        let mut ch = Chunker::new(&mem, &ledger, 4 * PAGE_SIZE, 3, false);
+        let mut ch = Chunker::new(&mem, &ledger, &frame_key, 4 * PAGE_SIZE, 3, false);
         ch.add(again, &mut out, &mut seq).unwrap();
         ch.cut(&mut out, &mut seq);
         assert_ne!(ledger.evidence(), direct.evidence());
@@ -1786,14 +1867,41 @@ mod tests {
         assert_eq!(ledger.evidence(), direct.evidence());
         // Round 0 skips zero pages entirely.
         let mut out0 = Vec::new();
-        let mut ch0 = Chunker::new(&mem, &ledger, 1 << 20, 0, true);
+        let mut ch0 = Chunker::new(&mem, &ledger, &frame_key, 1 << 20, 0, true);
         ch0.add(all12, &mut out0, &mut seq).unwrap();
         ch0.cut(&mut out0, &mut seq);
         assert!(out0.iter().flat_map(|c| &c.runs).all(|r| !r.zero));
         assert_eq!(out0.iter().map(|c| c.pages()).sum::<u64>(), 8);
+        // Copying (compression, TLS): each chunk carries exactly its
+        // non-zero pages' bytes, and its tag is the one a fresh read gives.
+        let pool = BufPool::new(2);
+        let mut copied = Vec::new();
+        let mut ch =
+            Chunker::new(&mem, &ledger, &frame_key, 4 * PAGE_SIZE, 4, false).copying(&pool);
+        ch.add(all12, &mut copied, &mut seq).unwrap();
+        ch.cut(&mut copied, &mut seq);
+        for c in &copied {
+            let again = Chunk::read(
+                &mem,
+                ledger.key(),
+                &frame_key,
+                c.seq,
+                c.round,
+                c.runs.clone(),
+                true,
+            )
+            .unwrap();
+            assert_eq!(c.tag, again.tag, "chunk {}", c.seq);
+            match &c.data {
+                Some(d) => assert!(**d == *again.data.unwrap(), "chunk {} bytes", c.seq),
+                None => assert_eq!(c.payload_bytes(), 0, "only zero runs go without a copy"),
+            }
+        }
+        drop(copied);
+        assert!(pool.idle() >= 1, "buffers go back to the pool");
         // A run longer than a chunk is split over chunks.
         let mut big = Vec::new();
-        let mut ch = Chunker::new(&mem, &ledger, 2 * PAGE_SIZE, 1, false);
+        let mut ch = Chunker::new(&mem, &ledger, &frame_key, 2 * PAGE_SIZE, 1, false);
         ch.add(all12, &mut big, &mut seq).unwrap();
         ch.cut(&mut big, &mut seq);
         assert!(big.iter().all(|c| c.payload_bytes() <= 2 * PAGE_SIZE));

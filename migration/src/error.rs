@@ -40,7 +40,7 @@ pub enum MigrationError {
     #[error("committed, but resuming the guest failed: {0}")]
     ResumeFailed(String),
     /// Pages kept failing their checksum in the final copy.
-    #[error("final copy failed: {0} pages still failed their CRC after 3 retries")]
+    #[error("final copy failed: {0} pages still failed verification after 3 retries (their payload tags did not match what landed)")]
     FinalCopyCorrupt(u64),
     /// The guest failed to pause, resume or give its state.
     #[error("guest: {0}")]

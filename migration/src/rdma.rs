@@ -71,6 +71,7 @@ pub async fn open_source(
     local: &[RdmaEndpoint],
     timeout: Duration,
     mc: &MultichannelOptions,
+    frame: ferry_proto::MacKey,
 ) -> Result<Multichannel> {
     let mut accept = match conn.recv("the destination's RDMA channels").await? {
         Msg::RdmaAccept(a) => a,
@@ -86,7 +87,7 @@ pub async fn open_source(
         accept.channels.truncate(usize::from(n));
     }
     let stall = mc.channel_timeout.min(timeout);
-    let chans = RdmaChannelSender::connect_all(mem, layout, local, &accept, stall).await?;
+    let chans = RdmaChannelSender::connect_all(mem, layout, local, &accept, stall, frame).await?;
     eprintln!(
         "ferry: rdma: {} channel(s): {}",
         chans.len(),

@@ -422,6 +422,69 @@ pub async fn data_channel(addr: SocketAddr, control: &Conn) -> tokio::net::TcpSt
     }
 }
 
+/// A chunk frame (format v2) as a source holding the session's keys builds
+/// it: the run table of `runs`, the payload tag over the pages in `payload`
+/// (the non-zero runs' bytes, in run order) at their addresses, and the
+/// header tag.
+pub fn chunk_frame(
+    keys: &ferry_proto::SessionKeys,
+    seq: u64,
+    round: u32,
+    runs: &[ferry_transport::PageRun],
+    payload: &[u8],
+) -> Vec<u8> {
+    use zerocopy::IntoBytes;
+    let mut sum = 0u128;
+    let mut at = 0usize;
+    for r in runs.iter().filter(|r| !r.zero) {
+        for p in 0..u64::from(r.pages) {
+            if let Some(page) = payload.get(at..at + 4096) {
+                let h = keys.page.hash_or_zero(page);
+                sum = sum.wrapping_add(keys.page.contribution(r.gpa + p * 4096, h));
+            }
+            at += 4096;
+        }
+    }
+    let table = ferry_transport::wire::run_table(runs);
+    let tag = ferry_proto::frame::payload_tag(&keys.frame, seq, round, sum);
+    let h = ferry_transport::wire::ChunkHeader::pages(
+        &keys.frame,
+        seq,
+        round,
+        &table,
+        payload.len() as u32,
+        0,
+        tag,
+    );
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(&table);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// An end frame (format v2) under the session's frame key.
+pub fn end_frame(keys: &ferry_proto::SessionKeys) -> Vec<u8> {
+    use zerocopy::IntoBytes;
+    ferry_transport::wire::ChunkHeader::end(&keys.frame, u64::MAX)
+        .as_bytes()
+        .to_vec()
+}
+
+/// The next ack on a data channel (its tag checked), or `None` once the
+/// destination closed the channel; panics if neither comes within 20 s.
+pub async fn read_ack(
+    s: &mut tokio::net::TcpStream,
+    keys: &ferry_proto::SessionKeys,
+) -> Option<(u64, ferry_transport::wire::AckStatus)> {
+    use tokio::io::AsyncReadExt;
+    let mut b = [0u8; ferry_transport::wire::ACK_LEN];
+    match tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut b)).await {
+        Ok(Ok(_)) => Some(ferry_transport::wire::AckFrame::decode(&keys.frame, &b).unwrap()),
+        Ok(Err(_)) => None,
+        Err(_) => panic!("the destination neither acknowledged nor closed the channel"),
+    }
+}
+
 /// Tries to open a (plaintext) data channel with the proof of the session
 /// of `keys`: the stream, or why the destination refused it.
 pub async fn data_channel_with(

@@ -4,8 +4,11 @@
 //!
 //! Frames are parsed with the library's own decoders: control frames
 //! (`FRYM`, both directions of a control connection, and the hello and its
-//! answer on a data channel), chunk frames (source to destination on a data
-//! channel) and ack frames (destination to source on a data channel). The
+//! answer on a data channel), chunk frames (format v2: 64-byte header, run
+//! table, payload; source to destination on a data channel) and ack frames
+//! (32 bytes, destination to source on a data channel). The proxy holds no
+//! key: it parses fields and can change bytes, but cannot make a tag match,
+//! as an attacker on the path could not. The
 //! role of a connection comes from its `Hello`. Bytes the decoders refuse
 //! are forwarded as they come ([`Kind::Raw`]).
 //!
@@ -20,7 +23,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_transport::proto::{Msg, Role, MAX_CONTROL_BODY};
-use ferry_transport::wire::{AckFrame, AckStatus, ChunkHeader, ChunkKind};
+use ferry_transport::wire::{AckFrame, AckStatus, ChunkHeader, ChunkKind, ACK_LEN, HEADER_LEN};
 
 /// Which way a frame travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,12 +311,20 @@ fn read_frame(from: &mut TcpStream, role: Option<Role>, dir: Dir, seen: usize) -
             }
             Err(_) => Kind::Raw,
         },
-        (true, Dir::ToSource) => match AckFrame::decode(&head) {
-            Ok((seq, st)) => Kind::Ack(seq, st),
-            Err(_) => Kind::Raw,
-        },
+        (true, Dir::ToSource) => {
+            let mut rest = [0u8; ACK_LEN - 16];
+            if from.read_exact(&mut rest).is_err() {
+                return None;
+            }
+            bytes.extend_from_slice(&rest);
+            // The proxy has no key: fields only (the source checks the tag).
+            match AckFrame::decode_fields(&bytes) {
+                Ok((seq, st, _)) => Kind::Ack(seq, st),
+                Err(_) => Kind::Raw,
+            }
+        }
         (true, Dir::ToDest) => {
-            let mut rest = [0u8; 16];
+            let mut rest = [0u8; HEADER_LEN - 16];
             if from.read_exact(&mut rest).is_err() {
                 return None;
             }
@@ -392,7 +403,12 @@ fn pump(sh: &Shared, st: &ConnState, id: usize, dir: Dir, mut from: TcpStream, m
         match verdict {
             Verdict::Forward => {
                 if to.write_all(&f.bytes).is_err() {
-                    break;
+                    // The other side reset the connection (it refused what
+                    // it was sent, and closed with bytes unread): reset this
+                    // side too, as one TCP connection would, so a writer
+                    // here sees the failure instead of a full buffer.
+                    close(st);
+                    return;
                 }
             }
             Verdict::Swallow => {}

@@ -11,12 +11,14 @@ use ferry_migration::memory::{default_layout, source_memory};
 use ferry_proto::switchover::{self as proof, Claims, Mismatch, Transcripts};
 use ferry_proto::Evidence;
 use ferry_proto::SessionKeys;
-use ferry_tests::{authed_session, data_channel, key_file, listen, send};
+use ferry_tests::{
+    authed_session, chunk_frame, data_channel, end_frame, key_file, listen, read_ack, send,
+};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::conn::Conn;
 use ferry_transport::layout::PageRun;
 use ferry_transport::proto::{Accept, Msg, RejectReason, Role};
-use ferry_transport::wire::{AckFrame, AckStatus, ChunkHeader, RunDesc, MAX_CHUNK_PAYLOAD};
+use ferry_transport::wire::{AckStatus, ChunkHeader, RunDesc, HEADER_LEN, MAX_CHUNK_PAYLOAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use zerocopy::IntoBytes;
@@ -167,23 +169,29 @@ fn memory_above_the_limit_is_refused_before_allocation() {
     assert!(out.stdout.contains("memory limit"), "{}", out.all());
 }
 
+/// Sends chunk 1 of round 0 as a source holding the session's keys would
+/// (tags that hold), with the payload tag or the payload length replaced
+/// when given.
 async fn send_chunk(
     s: &mut TcpStream,
+    keys: &SessionKeys,
     runs: &[PageRun],
     payload: &[u8],
-    crc_override: Option<u32>,
+    tag_override: Option<[u8; 16]>,
     claimed_len: Option<u32>,
 ) {
-    let table: Vec<RunDesc> = runs.iter().map(RunDesc::from_run).collect();
-    let mut h = crc32fast::Hasher::new();
-    h.update(table.as_bytes());
-    h.update(payload);
-    let crc = crc_override.unwrap_or(h.finalize());
-    let len = claimed_len.unwrap_or(payload.len() as u32);
-    let header = ChunkHeader::pages(1, 0, table.len() as u32, len, 0, crc);
-    s.write_all(header.as_bytes()).await.unwrap();
-    s.write_all(table.as_bytes()).await.unwrap();
-    s.write_all(payload).await.unwrap();
+    let mut frame = chunk_frame(keys, 1, 0, runs, payload);
+    let (mut h, _) = ChunkHeader::decode(&frame).unwrap();
+    if let Some(t) = tag_override {
+        h.payload_tag = t;
+    }
+    if let Some(len) = claimed_len {
+        h.payload_len = len.into();
+    }
+    let table = frame[HEADER_LEN..HEADER_LEN + 16 * runs.len()].to_vec();
+    h.seal(&keys.frame, &table);
+    frame[..HEADER_LEN].copy_from_slice(h.as_bytes());
+    let _ = s.write_all(&frame).await;
 }
 
 /// Sets up a session of 1 MiB and gives a data channel to `f`; afterwards
@@ -216,12 +224,11 @@ fn truncated_frame_is_named() {
             pages: 4,
             zero: false,
         }];
-        let table: Vec<RunDesc> = runs.iter().map(RunDesc::from_run).collect();
-        data.write_all(ChunkHeader::pages(1, 0, 1, 4 * 4096, 0, 0).as_bytes())
+        let keys = c.session_keys().unwrap();
+        let frame = chunk_frame(&keys, 1, 0, &runs, &[7u8; 4 * 4096]);
+        data.write_all(&frame[..HEADER_LEN + 16 + 100])
             .await
             .unwrap();
-        data.write_all(table.as_bytes()).await.unwrap();
-        data.write_all(&[7u8; 100]).await.unwrap();
         drop(data);
         c
     });
@@ -239,6 +246,7 @@ fn page_range_outside_the_layout_is_named() {
         // The layout is 1 MiB = 256 pages; pages 255..257 run past it.
         send_chunk(
             &mut data,
+            &c.session_keys().unwrap(),
             &[PageRun {
                 gpa: 255 * 4096,
                 pages: 2,
@@ -265,6 +273,7 @@ fn payload_length_above_the_limit_is_named() {
     let out = data_case(|mut data, c| async move {
         send_chunk(
             &mut data,
+            &c.session_keys().unwrap(),
             &[PageRun {
                 gpa: 0,
                 pages: 1,
@@ -286,33 +295,31 @@ fn payload_length_above_the_limit_is_named() {
 }
 
 #[test]
-fn crc_mismatch_is_detected_and_the_chunk_refused() {
+fn payload_tag_mismatch_is_detected_and_the_chunk_refused() {
     let out = data_case(|mut data, mut conn| async move {
+        let keys = conn.session_keys().unwrap();
         send_chunk(
             &mut data,
+            &keys,
             &[PageRun {
                 gpa: 0,
                 pages: 1,
                 zero: false,
             }],
             &[9u8; 4096],
-            Some(0x1234_5678),
+            Some([0x12; 16]),
             None,
         )
         .await;
-        let mut ack = [0u8; 16];
-        data.read_exact(&mut ack).await.unwrap();
         assert_eq!(
-            AckFrame::decode(&ack).unwrap(),
-            (1, AckStatus::CrcMismatch),
+            read_ack(&mut data, &keys).await,
+            Some((1, AckStatus::Mismatch)),
             "the destination asks for the chunk again"
         );
         // A source that ignores this and switches over, claiming page 0
         // holds what it never sent intact, is refused: its Commit proves
         // evidence the destination does not hold.
-        data.write_all(ChunkHeader::end(2).as_bytes())
-            .await
-            .unwrap();
+        data.write_all(&end_frame(&keys)).await.unwrap();
         let state = br#"{"writes":0,"dirty_rate":0}"#.to_vec();
         let device_state = proof::device_state_hash(&state);
         conn.send(&Msg::Switchover(ferry_transport::proto::Switchover {
@@ -365,8 +372,10 @@ fn source_disconnecting_mid_round_frees_the_destination() {
     let out = against_destination(&[], |addr| async move {
         let (mut conn, _) = authed_session(addr, &key(), 1 << 20).await;
         let mut data = data_channel(addr, &conn).await;
+        let keys = conn.session_keys().unwrap();
         send_chunk(
             &mut data,
+            &keys,
             &[PageRun {
                 gpa: 0,
                 pages: 2,
@@ -377,8 +386,7 @@ fn source_disconnecting_mid_round_frees_the_destination() {
             None,
         )
         .await;
-        let mut ack = [0u8; 16];
-        data.read_exact(&mut ack).await.unwrap();
+        assert!(read_ack(&mut data, &keys).await.is_some());
         drop(data);
         // The destination notices the dead data channel and aborts.
         assert!(conn
@@ -590,28 +598,31 @@ fn unknown_control_message_kind_is_named() {
     );
 }
 
-/// Sends a one-page chunk whose header (and run table) `edit` changes.
-async fn send_edited_chunk(s: &mut TcpStream, edit: impl FnOnce(&mut ChunkHeader, &mut RunDesc)) {
+/// Sends a one-page chunk whose header (and run table) `edit` changes,
+/// sealed again with the session's key: what a source holding the key
+/// (a buggy one) could send.
+async fn send_edited_chunk(
+    s: &mut TcpStream,
+    keys: &SessionKeys,
+    edit: impl FnOnce(&mut ChunkHeader, &mut RunDesc),
+) {
     let mut run = RunDesc::from_run(&PageRun {
         gpa: 0,
         pages: 1,
         zero: false,
     });
     let payload = [5u8; 4096];
-    let mut h = ChunkHeader::pages(1, 0, 1, 4096, 0, 0);
+    let mut h = ChunkHeader::pages(&keys.frame, 1, 0, run.as_bytes(), 4096, 0, [0; 16]);
     edit(&mut h, &mut run);
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(run.as_bytes());
-    crc.update(&payload);
-    h.crc32 = crc.finalize().into();
+    h.seal(&keys.frame, run.as_bytes());
     s.write_all(h.as_bytes()).await.unwrap();
-    s.write_all(run.as_bytes()).await.unwrap();
+    let _ = s.write_all(run.as_bytes()).await;
     let _ = s.write_all(&payload).await;
 }
 
 fn edited_chunk_case(edit: fn(&mut ChunkHeader, &mut RunDesc), expect: &str) {
     let out = data_case(move |mut data, c| async move {
-        send_edited_chunk(&mut data, edit).await;
+        send_edited_chunk(&mut data, &c.session_keys().unwrap(), edit).await;
         c
     });
     assert!(out.stdout.contains(expect), "{}", out.all());

@@ -4,14 +4,15 @@
 
 use std::time::Duration;
 
-use ferry_tests::{data_channel, key_file, listen, offer, send};
+use ferry_proto::SessionKeys;
+use ferry_tests::{chunk_frame, data_channel, key_file, listen, offer, read_ack, send};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::compress::{CompressionSpec, Encoder};
 use ferry_transport::conn::Conn;
 use ferry_transport::layout::PageRun;
 use ferry_transport::proto::{Accept, Msg, PerformanceOption, RejectReason};
-use ferry_transport::wire::{AckFrame, AckStatus, ChunkHeader, Codec, RunDesc, FLAG_COMPRESSED};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ferry_transport::wire::{run_table, AckStatus, ChunkHeader, Codec, FLAG_COMPRESSED};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use zerocopy::IntoBytes;
 
@@ -173,11 +174,17 @@ fn unknown_codec_id_in_the_offer_is_rejected_with_the_reason() {
     assert!(out.stdout.contains("unknown codec id 9"), "{}", out.all());
 }
 
-/// A compressed frame for one 4-page run at guest address 0, with the
-/// sub-header fields given (codec id, claimed uncompressed size) and one
-/// segment; `fix` may damage the segment, after which the frame CRC is
-/// computed, so only the codec can notice.
-fn frame(codec_id: u8, claimed: u32, fix: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+/// A compressed frame for one 4-page run at guest address 0, as a source
+/// holding the session's keys builds it, with the sub-header fields given
+/// (codec id, claimed uncompressed size) and one segment; `fix` may damage
+/// the segment. The tags hold (they cover the pages the source read and
+/// the header), so only decoding the payload can notice.
+fn frame(
+    keys: &SessionKeys,
+    codec_id: u8,
+    claimed: u32,
+    fix: impl FnOnce(&mut Vec<u8>),
+) -> Vec<u8> {
     let run = PageRun {
         gpa: 0,
         pages: 4,
@@ -196,100 +203,103 @@ fn frame(codec_id: u8, claimed: u32, fix: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> 
     let mut payload = vec![codec_id, 0, 1, 0];
     payload.extend_from_slice(&claimed.to_le_bytes());
     payload.extend_from_slice(&(4 + seg.len() as u32).to_le_bytes());
-    payload.extend_from_slice(&crc32fast::hash(&pages).to_le_bytes());
+    payload.extend_from_slice(&[0; 4]);
     payload.extend_from_slice(&(seg.len() as u32).to_le_bytes());
     payload.extend_from_slice(&seg);
-    let table = [RunDesc::from_run(&run)];
-    let mut h = crc32fast::Hasher::new();
-    h.update(table.as_bytes());
-    h.update(&payload);
-    let header = ChunkHeader::pages(1, 0, 1, payload.len() as u32, FLAG_COMPRESSED, h.finalize());
+    // The payload tag is that of the uncompressed pages.
+    let plain = chunk_frame(keys, 1, 0, &[run], &pages);
+    let (tagged, _) = ChunkHeader::decode(&plain).unwrap();
+    let table = run_table(&[run]);
+    let header = ChunkHeader::pages(
+        &keys.frame,
+        1,
+        0,
+        &table,
+        payload.len() as u32,
+        FLAG_COMPRESSED,
+        tagged.payload_tag,
+    );
     let mut out = header.as_bytes().to_vec();
-    out.extend_from_slice(table.as_bytes());
+    out.extend_from_slice(&table);
     out.extend_from_slice(&payload);
     out
 }
 
-/// Opens a zstd session, sends `f`, and waits for the destination to end it.
-fn bad_frame(f: Vec<u8>) -> ferry_tests::Output {
-    against_destination(|addr| async move {
-        let (mut c, answer) = session(
-            addr,
-            PerformanceOption::Compression {
-                codec: Codec::Zstd.id(),
-                level: 1,
-            },
-        )
-        .await;
-        let Msg::Accept(Accept { .. }) = answer else {
-            panic!("expected Accept, got {answer:?}")
-        };
-        let mut data = data_channel(addr, &c).await;
-        data.write_all(&f).await.unwrap();
-        let end = c
-            .recv_within("the destination's abort", Duration::from_secs(20))
+/// Opens a zstd session, sends the frame `f` builds, and returns its ack
+/// (and what the destination printed once the session is dropped).
+fn one_frame(f: fn(&SessionKeys) -> Vec<u8>) -> (Option<(u64, AckStatus)>, ferry_tests::Output) {
+    let mut ack = None;
+    let out = against_destination(|addr| {
+        let ack = &mut ack;
+        async move {
+            let (c, answer) = session(
+                addr,
+                PerformanceOption::Compression {
+                    codec: Codec::Zstd.id(),
+                    level: 1,
+                },
+            )
             .await;
-        assert!(
-            end.is_err(),
-            "the destination must end the session: {end:?}"
-        );
-    })
+            let keys = c.session_keys().unwrap();
+            let Msg::Accept(Accept { .. }) = answer else {
+                panic!("expected Accept, got {answer:?}")
+            };
+            let mut data = data_channel(addr, &c).await;
+            data.write_all(&f(&keys)).await.unwrap();
+            *ack = read_ack(&mut data, &keys).await;
+        }
+    });
+    (ack, out)
 }
 
 #[test]
 fn a_well_formed_frame_lands_and_is_acknowledged() {
     // The frame builder itself is right: only the damage below is refused.
-    against_destination(|addr| async move {
-        let (c, answer) = session(
-            addr,
-            PerformanceOption::Compression {
-                codec: Codec::Zstd.id(),
-                level: 1,
-            },
-        )
-        .await;
-        let Msg::Accept(Accept { .. }) = answer else {
-            panic!("expected Accept, got {answer:?}")
-        };
-        let mut data = data_channel(addr, &c).await;
-        data.write_all(&frame(Codec::Zstd.id(), 4 * 4096, |_| {}))
-            .await
-            .unwrap();
-        let mut ack = [0u8; 16];
-        data.read_exact(&mut ack).await.unwrap();
-        assert_eq!(AckFrame::decode(&ack).unwrap(), (1, AckStatus::Landed));
-    });
+    let (ack, _) = one_frame(|k| frame(k, Codec::Zstd.id(), 4 * 4096, |_| {}));
+    assert_eq!(ack, Some((1, AckStatus::Landed)));
+}
+
+/// A payload that does not decode is the source's frame damaged on the way
+/// (its header tag holds): the destination names the damage and asks for
+/// the chunk again.
+fn refused_with(ack: Option<(u64, AckStatus)>, out: &ferry_tests::Output, why: &str) {
+    assert_eq!(ack, Some((1, AckStatus::Mismatch)), "{}", out.all());
+    assert!(out.all().contains(why), "{}", out.all());
+    assert!(
+        out.all().contains("asking for the chunk again"),
+        "{}",
+        out.all()
+    );
 }
 
 #[test]
-fn corrupt_compressed_payload_is_named() {
-    let out = bad_frame(frame(Codec::Zstd.id(), 4 * 4096, |seg| {
-        for b in seg.iter_mut().skip(4) {
-            *b ^= 0xa5;
-        }
-    }));
-    assert!(
-        out.stdout
-            .contains("the zstd segment of the run at 0x0 (4 pages) does not decompress"),
-        "{}",
-        out.all()
+fn corrupt_compressed_payload_is_named_and_asked_for_again() {
+    let (ack, out) = one_frame(|k| {
+        frame(k, Codec::Zstd.id(), 4 * 4096, |seg| {
+            for b in seg.iter_mut().skip(4) {
+                *b ^= 0xa5;
+            }
+        })
+    });
+    refused_with(
+        ack,
+        &out,
+        "the zstd segment of the run at 0x0 (4 pages) does not decompress",
     );
 }
 
 #[test]
 fn claimed_uncompressed_size_other_than_the_run_is_refused() {
-    let out = bad_frame(frame(Codec::Zstd.id(), 1 << 30, |_| {}));
-    assert!(
-        out.stdout.contains(
-            "compressed payload claims 1073741824 bytes but its non-zero runs hold 16384"
-        ),
-        "{}",
-        out.all()
+    let (ack, out) = one_frame(|k| frame(k, Codec::Zstd.id(), 1 << 30, |_| {}));
+    refused_with(
+        ack,
+        &out,
+        "compressed payload claims 1073741824 bytes but its non-zero runs hold 16384",
     );
 }
 
 #[test]
 fn unknown_codec_id_in_a_frame_is_named() {
-    let out = bad_frame(frame(7, 4 * 4096, |_| {}));
-    assert!(out.stdout.contains("unknown codec id 7"), "{}", out.all());
+    let (ack, out) = one_frame(|k| frame(k, 7, 4 * 4096, |_| {}));
+    refused_with(ack, &out, "unknown codec id 7");
 }

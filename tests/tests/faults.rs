@@ -20,10 +20,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferry_proto::{frame, MacKey};
 use ferry_tests::proxy::{Dir, Frame, Kind, Proxy, Seen, Verdict};
 use ferry_tests::{daemon, key_file, listen, sigkill, start_send, summary, Output, Proc};
 use ferry_transport::proto::{Msg, RejectReason, Role};
-use ferry_transport::wire::{ChunkKind, FLAG_COMPRESSED};
+use ferry_transport::wire::{
+    AckFrame, AckStatus, ChunkHeader, ChunkKind, FLAG_COMPRESSED, HEADER_LEN,
+};
 
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 const LONG: Duration = Duration::from_secs(90);
@@ -334,7 +337,7 @@ fn corrupt_data(
 
 /// Offset of the payload in a chunk frame.
 fn payload_at(f: &Frame) -> usize {
-    32 + f.pages().map_or(0, |h| h.run_count.get() as usize * 16)
+    HEADER_LEN + f.pages().map_or(0, |h| h.run_count.get() as usize * 16)
 }
 
 /// Corrupts the `nth` page chunk (counted from 1) that `pick` accepts.
@@ -369,7 +372,7 @@ fn with_payload(f: &Frame) -> bool {
 }
 
 #[test]
-fn payload_bit_flip_is_caught_by_the_crc_and_the_chunk_resent() {
+fn payload_bit_flip_is_caught_by_the_payload_tag_and_the_chunk_resent() {
     let c = Case::new();
     let (src, dest, n) = corrupt_data(
         &c,
@@ -382,15 +385,39 @@ fn payload_bit_flip_is_caught_by_the_crc_and_the_chunk_resent() {
     assert_resent(&c, &src, &dest, n);
 }
 
+/// One data channel of two was closed by the destination for a frame whose
+/// header tag did not hold; its chunks went over the other, and the
+/// migration committed with every page verified: nothing of the refused
+/// frame landed anywhere.
+fn assert_refused_before_landing_and_failed_over(c: &Case, src: &Output, dest: &Output) {
+    let s = assert_committed(src, &dest.stdout, &c.json());
+    assert!(
+        dest.all().contains("invalid chunk header tag"),
+        "the destination names the refused frame: {}",
+        dest.all()
+    );
+    let chans = s["channels"].as_array().unwrap();
+    let failed: Vec<_> = chans.iter().filter(|c| c["state"] == "failed").collect();
+    assert_eq!(
+        failed.len(),
+        1,
+        "the channel with the forged frame failed over: {s}"
+    );
+}
+
 #[test]
-fn header_crc_bit_flip_makes_the_chunk_resent() {
+fn header_bit_flip_is_refused_before_landing_and_its_channel_fails_over() {
+    // The round (bytes 16..20) of the third chunk: the header tag does not
+    // hold, the frame is refused before a byte lands and its channel is
+    // closed (its framing can no longer be trusted).
     let c = Case::new();
     let (src, dest, n) = corrupt_data(
         &c,
-        &["--dirty-rate", "8MB/s"],
-        nth(3, |_| true, |f| f.bytes[29] ^= 0x01),
+        &["--channels", "2", "--dirty-rate", "8MB/s"],
+        nth(3, |_| true, |f| f.bytes[16] ^= 0x01),
     );
-    assert_resent(&c, &src, &dest, n);
+    assert_eq!(n, 1);
+    assert_refused_before_landing_and_failed_over(&c, &src, &dest);
 }
 
 #[test]
@@ -411,36 +438,43 @@ fn header_magic_bit_flip_aborts_with_the_field_named() {
 }
 
 #[test]
-fn run_table_address_bit_flip_is_never_committed() {
+fn run_table_address_bit_flip_is_refused_before_landing() {
     // An idle guest, so no page is sent twice by itself. The third data
     // chunk's first run is moved down onto pages an earlier chunk already
-    // landed: the CRC catches the chunk (it is resent), but the pages it
-    // overwrote are not resent, so the digests differ and the migration
-    // aborts: it is never committed with bad memory.
+    // landed. Frame format 1 landed it there (the CRC came after the
+    // payload) and only the whole-memory digest stopped the commit; now the
+    // header tag refuses it before a byte lands, the chunk goes over the
+    // other channel, and the migration commits with every page verified.
+    let c = Case::new();
+    let (src, dest, n) = corrupt_data(
+        &c,
+        &["--channels", "2", "--dirty-rate", "0"],
+        nth(3, with_payload, |f| {
+            let gpa = u64::from_le_bytes(f.bytes[HEADER_LEN..HEADER_LEN + 8].try_into().unwrap());
+            let high = 63 - gpa.leading_zeros();
+            let moved = gpa & !(1u64 << high);
+            f.bytes[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&moved.to_le_bytes());
+        }),
+    );
+    assert_eq!(n, 1);
+    assert_refused_before_landing_and_failed_over(&c, &src, &dest);
+}
+
+#[test]
+fn run_table_address_bit_flip_on_the_only_channel_aborts_before_landing() {
     let c = Case::new();
     let (src, dest, n) = corrupt_data(
         &c,
         &["--dirty-rate", "0"],
-        nth(3, with_payload, |f| {
-            let gpa = u64::from_le_bytes(f.bytes[32..40].try_into().unwrap());
-            let high = 63 - gpa.leading_zeros();
-            let moved = gpa & !(1u64 << high);
-            f.bytes[32..40].copy_from_slice(&moved.to_le_bytes());
-        }),
+        nth(3, with_payload, |f| f.bytes[HEADER_LEN + 2] ^= 0x10),
     );
     assert_eq!(n, 1);
-    assert_source_kept_guest(
-        &src,
-        &["switchover verification failed: the page evidence differs"],
-    );
-    assert_dest_failed(
-        &dest,
-        &["switchover verification failed: the page evidence differs"],
-    );
+    assert_dest_failed(&dest, &["invalid chunk header tag"]);
+    assert_source_kept_guest(&src, &["invalid chunk header tag"]);
 }
 
 #[test]
-fn compressed_payload_bit_flip_is_caught_before_decompression() {
+fn compressed_payload_bit_flip_is_asked_for_again() {
     let c = Case::new();
     // Compressible memory (the synthetic pattern pages are not): 16 MiB of
     // repeated text.
@@ -499,16 +533,184 @@ fn corruption_that_persists_in_the_final_copy_aborts() {
             "--force-switchover",
         ],
         |f| {
-            if f.pages().is_some_and(|h| h.round.get() >= 1) {
-                f.bytes[29] ^= 0x01;
+            if f.pages()
+                .is_some_and(|h| h.round.get() >= 1 && h.payload_len.get() > 0)
+            {
+                let at = payload_at(f) + 100;
+                f.bytes[at] ^= 0x01;
                 return true;
             }
             false
         },
     );
     assert!(n >= 4, "the final copy and its 3 retries were corrupted");
-    assert_source_kept_guest(&src, &["still failed their CRC after 3 retries"]);
+    assert_source_kept_guest(&src, &["still failed verification after 3 retries"]);
     assert_dest_failed(&dest, &["peer aborted the migration: final copy failed"]);
+}
+
+// ---------------------------------------------------------------------------
+// An attacker on the path (plaintext: it sees and rewrites frames, it has
+// neither the pre-shared key nor the session's keys)
+
+/// A key of the attacker's choosing: what it computes tags with.
+fn attacker_key() -> MacKey {
+    MacKey::from_bytes(*b"an attacker's guess at the key!!")
+}
+
+/// Runs a migration through a proxy whose hook sees every frame (both
+/// ways, control and data) and returns the outputs.
+fn through(c: &Case, send_extra: &[&str], hook: ferry_tests::proxy::Hook) -> (Output, Output) {
+    let (dest, addr) = listen(&c.key, &["--plaintext", "--peer-timeout", "5s"]);
+    let proxy = Proxy::start(addr, hook);
+    let src = c.send(&proxy, send_extra).wait(LONG);
+    let dest = dest.wait(LONG);
+    (src, dest)
+}
+
+#[test]
+fn pages_rewritten_in_flight_never_commit_even_with_forged_tags() {
+    // Chunk 2 (with pages): a page's bytes replaced by the attacker's.
+    // Chunk 4: the same, and the payload tag "fixed" under the attacker's
+    // key (the header tag too, since it covers the payload tag). The first
+    // lands, fails its payload tag and is sent again; the second is refused
+    // before a byte lands and its channel fails over. The guest that
+    // commits holds the source's pages only.
+    let c = Case::new();
+    let mut n = 0;
+    let (src, dest) = through(
+        &c,
+        &["--channels", "2", "--dirty-rate", "0"],
+        Box::new(move |f| {
+            if !(is_data(f) && f.dir == Dir::ToDest && with_payload(f)) {
+                return Verdict::Forward;
+            }
+            n += 1;
+            if n == 2 || n == 4 {
+                let at = payload_at(f);
+                f.bytes[at..at + 4096].fill(0xee);
+            }
+            if n == 4 {
+                let (mut h, _) = ChunkHeader::decode(&f.bytes).unwrap();
+                let table = f.bytes[HEADER_LEN..payload_at(f)].to_vec();
+                h.payload_tag = frame::payload_tag(&attacker_key(), h.seq.get(), h.round.get(), 0);
+                h.seal(&attacker_key(), &table);
+                f.bytes[..HEADER_LEN].copy_from_slice(zerocopy::IntoBytes::as_bytes(&h));
+            }
+            Verdict::Forward
+        }),
+    );
+    let s = assert_committed(&src, &dest.stdout, &c.json());
+    assert!(
+        s["crc_resends"].as_u64().unwrap() >= 1,
+        "the rewritten page was sent again: {s}"
+    );
+    assert!(
+        dest.all().contains("invalid chunk header tag"),
+        "{}",
+        dest.all()
+    );
+}
+
+#[test]
+fn a_dropped_chunk_with_a_forged_ack_never_commits_a_hole() {
+    // The third chunk on the first data channel is swallowed, and the next
+    // ack going back on that channel is followed by a forged "landed" ack
+    // for it (tag under the attacker's key). The source refuses the
+    // forgery, fails the channel over and the chunk lands on the other.
+    let c = Case::new();
+    let (mut first, mut n, mut dropped) = (None, 0, None::<u64>);
+    let mut forged = false;
+    let (src, dest) = through(
+        &c,
+        &[
+            "--channels",
+            "2",
+            "--channel-timeout",
+            "2s",
+            "--dirty-rate",
+            "0",
+        ],
+        Box::new(move |f| {
+            if !is_data(f) {
+                return Verdict::Forward;
+            }
+            if *first.get_or_insert(f.conn) != f.conn {
+                return Verdict::Forward;
+            }
+            match (&f.kind, f.dir) {
+                (Kind::Chunk(h, ChunkKind::Pages), Dir::ToDest) => {
+                    n += 1;
+                    if n == 3 {
+                        dropped = Some(h.seq.get());
+                        return Verdict::Swallow;
+                    }
+                }
+                (Kind::Ack(..), Dir::ToSource) if !forged => {
+                    if let Some(seq) = dropped {
+                        forged = true;
+                        let ack = AckFrame::new(&attacker_key(), seq, AckStatus::Landed);
+                        f.bytes
+                            .extend_from_slice(zerocopy::IntoBytes::as_bytes(&ack));
+                    }
+                }
+                _ => {}
+            }
+            Verdict::Forward
+        }),
+    );
+    let s = assert_committed(&src, &dest.stdout, &c.json());
+    let chans = s["channels"].as_array().unwrap();
+    let failed: Vec<_> = chans.iter().filter(|c| c["state"] == "failed").collect();
+    assert_eq!(failed.len(), 1, "{s}");
+    let why = failed[0]["error"].as_str().unwrap();
+    assert!(
+        why.contains("invalid ack tag"),
+        "the forged ack was refused: {why}"
+    );
+}
+
+#[test]
+fn a_stale_copy_replayed_after_a_newer_round_is_refused() {
+    // A round-0 chunk frame, recorded verbatim (its tags hold: the source
+    // made it), is replayed on the same channel right after a frame of a
+    // later round. The round gate refuses it before it lands; the channel
+    // fails over; what commits is the source's memory.
+    let c = Case::new();
+    let (mut stale, mut replayed) = (None::<(usize, Vec<u8>)>, false);
+    let (src, dest) = through(
+        &c,
+        &[
+            "--channels",
+            "2",
+            "--channel-timeout",
+            "2s",
+            "--dirty-rate",
+            "32MB/s",
+            "--downtime-limit",
+            "1ms",
+            "--max-rounds",
+            "3",
+            "--force-switchover",
+        ],
+        Box::new(move |f| {
+            if !(is_data(f) && f.dir == Dir::ToDest && with_payload(f)) {
+                return Verdict::Forward;
+            }
+            let round = f.pages().map_or(0, |h| h.round.get());
+            match &stale {
+                None if round == 0 => stale = Some((f.conn, f.bytes.clone())),
+                Some((conn, bytes)) if !replayed && round >= 1 && *conn == f.conn => {
+                    replayed = true;
+                    let bytes = bytes.clone();
+                    f.bytes.extend_from_slice(&bytes);
+                }
+                _ => {}
+            }
+            Verdict::Forward
+        }),
+    );
+    assert!(dest.all().contains("stale copy refused"), "{}", dest.all());
+    assert_committed(&src, &dest.stdout, &c.json());
 }
 
 // ---------------------------------------------------------------------------

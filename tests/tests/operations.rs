@@ -149,11 +149,17 @@ fn memory_limit_bounds_the_sum_of_accepted_migrations() {
     let (first, _) = r.block_on(authed_session(addr, &key(), 40 * MIB));
     let (_, ans) = r.block_on(try_offer(addr, 40 * MIB));
     let msg = rejected(&ans, RejectReason::MemoryLimit);
+    // Each migration books its guest memory and its first data channel's
+    // receive buffers.
+    let buffers = ferry_transport::reservation::channel_allowance(
+        ferry_transport::proto::PerformanceOption::Tcp,
+    );
     assert!(
         msg.contains(&format!(
-            "40.00 MiB ({} bytes) plus the 40.00 MiB ({} bytes)",
+            "40.00 MiB ({} bytes) (and {} of receive buffers for its first data channel) plus the {} of the migrations",
             40 * MIB,
-            40 * MIB
+            ferry_migration::units::human_exact(buffers),
+            ferry_migration::units::human_exact(40 * MIB + buffers),
         )) && msg.contains(&format!("--memory-limit of 64.00 MiB ({} bytes)", 64 * MIB)),
         "{msg}"
     );
@@ -358,8 +364,9 @@ fn a_guest_that_cannot_converge_is_cancelled_after_max_rounds_and_the_destinatio
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
     // The migration after the cancelled one is accepted only if
-    // everything was released.
-    let (dest, addr) = one_slot(&k, "4MiB", &[]);
+    // everything was released (4 MiB of guest, and room for receive
+    // buffers).
+    let (dest, addr) = one_slot(&k, "5MiB", &[]);
     let _one = one_busy_guest();
     let mut args = BUSY.to_vec();
     args.extend(["--max-rounds", "4"]);

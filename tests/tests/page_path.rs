@@ -1,17 +1,18 @@
 //! The page path against a real destination, played by a source built from
-//! the library's own pieces: the round gate shared by every data channel.
+//! the library's own pieces: the round gate shared by every data channel,
+//! and receive buffers under a memory attack.
 
 use std::time::Duration;
 
-use ferry_tests::{data_channel, key_file, listen, offer};
+use ferry_proto::SessionKeys;
+use ferry_tests::{chunk_frame, data_channel, key_file, listen, offer, read_ack};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::conn::Conn;
 use ferry_transport::layout::PageRun;
 use ferry_transport::proto::Msg;
-use ferry_transport::wire::{AckFrame, AckStatus, ChunkHeader, RunDesc};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ferry_transport::wire::AckStatus;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use zerocopy::IntoBytes;
 
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
@@ -23,30 +24,22 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 /// Sends one page of `fill` at page `page` in `round` as chunk `seq`.
-async fn send_page(s: &mut TcpStream, seq: u64, round: u32, page: u64, fill: u8) {
-    let runs = [RunDesc::from_run(&PageRun {
+async fn send_page(
+    s: &mut TcpStream,
+    keys: &SessionKeys,
+    seq: u64,
+    round: u32,
+    page: u64,
+    fill: u8,
+) {
+    let runs = [PageRun {
         gpa: page * 4096,
         pages: 1,
         zero: false,
-    })];
-    let payload = [fill; 4096];
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(runs.as_bytes());
-    crc.update(&payload);
-    let h = ChunkHeader::pages(seq, round, 1, 4096, 0, crc.finalize());
-    s.write_all(h.as_bytes()).await.unwrap();
-    s.write_all(runs.as_bytes()).await.unwrap();
-    s.write_all(&payload).await.unwrap();
-}
-
-/// The next ack on `s`, or `None` when the destination closed the channel.
-async fn ack(s: &mut TcpStream) -> Option<(u64, AckStatus)> {
-    let mut b = [0u8; 16];
-    match tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut b)).await {
-        Ok(Ok(_)) => Some(AckFrame::decode(&b).unwrap()),
-        Ok(Err(_)) => None,
-        Err(_) => panic!("the destination neither acknowledged nor closed the channel"),
-    }
+    }];
+    s.write_all(&chunk_frame(keys, seq, round, &runs, &[fill; 4096]))
+        .await
+        .unwrap();
 }
 
 #[test]
@@ -62,6 +55,7 @@ fn a_frame_older_than_any_channel_has_seen_is_refused_on_every_channel() {
         c.client_handshake(&AuthKey::new(KEY.to_vec()).unwrap())
             .await
             .unwrap();
+        let keys = c.session_keys().unwrap();
         let mut o = offer(1 << 20);
         o.channels = 2;
         c.send(&Msg::Offer(o)).await.unwrap();
@@ -71,19 +65,19 @@ fn a_frame_older_than_any_channel_has_seen_is_refused_on_every_channel() {
         let mut a = data_channel(addr, &c).await;
         let mut b = data_channel(addr, &c).await;
         // Round 1 begins on channel a...
-        send_page(&mut a, 1, 1, 0, 0x11).await;
-        assert_eq!(ack(&mut a).await, Some((1, AckStatus::Landed)));
+        send_page(&mut a, &keys, 1, 1, 0, 0x11).await;
+        assert_eq!(read_ack(&mut a, &keys).await, Some((1, AckStatus::Landed)));
         // ...so a round-0 frame on channel b, which has seen no frame yet,
         // can only be a stale copy: refused, the channel closed, no ack.
-        send_page(&mut b, 0, 0, 1, 0x22).await;
+        send_page(&mut b, &keys, 0, 0, 1, 0x22).await;
         assert_eq!(
-            ack(&mut b).await,
+            read_ack(&mut b, &keys).await,
             None,
             "a stale frame on another channel was accepted"
         );
         // The channel that carried round 1 still works.
-        send_page(&mut a, 2, 1, 2, 0x33).await;
-        assert_eq!(ack(&mut a).await, Some((2, AckStatus::Landed)));
+        send_page(&mut a, &keys, 2, 1, 2, 0x33).await;
+        assert_eq!(read_ack(&mut a, &keys).await, Some((2, AckStatus::Landed)));
         drop(c);
     });
     let out = dest.wait(Duration::from_secs(30));
@@ -94,4 +88,129 @@ fn a_frame_older_than_any_channel_has_seen_is_refused_on_every_channel() {
         "the destination names the stale frame: {}",
         out.all()
     );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Header and run table of a compressed frame, valid under the session's
+/// keys, announcing a 16 MiB payload for the first 16 pages.
+fn announcing_16_mib(keys: &SessionKeys, seq: u64) -> Vec<u8> {
+    use ferry_transport::wire::{run_table, ChunkHeader, FLAG_COMPRESSED, MAX_CHUNK_PAYLOAD};
+    use zerocopy::IntoBytes;
+    let table = run_table(&[PageRun {
+        gpa: 0,
+        pages: 16,
+        zero: false,
+    }]);
+    let h = ChunkHeader::pages(
+        &keys.frame,
+        seq,
+        0,
+        &table,
+        MAX_CHUNK_PAYLOAD,
+        FLAG_COMPRESSED,
+        [0; 16],
+    );
+    let mut f = h.as_bytes().to_vec();
+    f.extend_from_slice(&table);
+    f
+}
+
+#[test]
+fn a_daemon_under_the_16_mib_frame_attack_stays_within_its_reservation() {
+    // Issue 10 item 4: 8 channels announcing 16 MiB compressed frames (and
+    // a 9th trickling) grew a daemon holding a 64 KiB guest by 136 MiB.
+    // Now frames are read a bounded segment at a time, every channel's
+    // buffers are booked on the migration's reservation within
+    // --memory-limit (a channel that does not fit is refused), and each
+    // frame must arrive within --peer-timeout once begun, per channel.
+    const LIMIT_MIB: u64 = 2;
+    let dir = tempfile::tempdir().unwrap();
+    let k = key_file(dir.path(), "key", KEY);
+    let limit = format!("{LIMIT_MIB}MiB");
+    let (dest, addr) = ferry_tests::daemon(
+        &k,
+        &[
+            "--plaintext",
+            "--memory-limit",
+            &limit,
+            "--peer-timeout",
+            "4s",
+        ],
+    );
+    let idle = rss_kib(dest.pid());
+    let pid = dest.pid();
+    let peak = rt().block_on(async move {
+        let mut c = Conn::new(
+            TcpStream::connect(addr).await.unwrap(),
+            Duration::from_secs(10),
+        );
+        c.client_handshake(&AuthKey::new(KEY.to_vec()).unwrap())
+            .await
+            .unwrap();
+        let keys = c.session_keys().unwrap();
+        let mut o = offer(64 << 10);
+        o.option = ferry_transport::proto::PerformanceOption::Compression { codec: 2, level: 1 };
+        o.channels = 9;
+        c.send(&Msg::Offer(o)).await.unwrap();
+        let Msg::Accept(_) = c.recv("accept").await.unwrap() else {
+            panic!("expected Accept")
+        };
+        let mut chans = Vec::new();
+        for i in 0..9u64 {
+            let mut d = data_channel(addr, &c).await;
+            let _ = d.write_all(&announcing_16_mib(&keys, i)).await;
+            chans.push(d);
+        }
+        // Trickle a byte per channel every 100 ms for 3 s; watch the RSS.
+        let mut peak = 0;
+        for _ in 0..30 {
+            for d in &mut chans {
+                let _ = d.write_all(&[0]).await;
+            }
+            peak = peak.max(rss_kib(pid));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Then every channel sends 4 MiB of its 16 as fast as it can.
+        let junk = vec![0u8; 1 << 20];
+        for d in &mut chans {
+            for _ in 0..4 {
+                if d.write_all(&junk).await.is_err() {
+                    break;
+                }
+            }
+            peak = peak.max(rss_kib(pid));
+        }
+        drop(chans);
+        drop(c);
+        peak
+    });
+    let grown = peak.saturating_sub(idle);
+    eprintln!("daemon RSS: idle {idle} KiB, peak {peak} KiB");
+    assert!(
+        grown < (LIMIT_MIB + 4) * 1024,
+        "the daemon grew by {grown} KiB under the attack (--memory-limit {LIMIT_MIB} MiB)"
+    );
+    let out = dest.wait_for_output("failed: ", Duration::from_secs(60));
+    assert!(
+        out.contains("receive buffers with another data channel"),
+        "channels beyond the limit were refused: {out}"
+    );
+    // The daemon is alive and serves the next migration.
+    let src = ferry_tests::send(
+        addr,
+        &k,
+        &["--plaintext", "--memory", "1MiB", "--dirty-rate", "0"],
+        Duration::from_secs(60),
+    );
+    assert!(src.status.success(), "{}", src.all());
+    let out = dest.kill();
+    assert!(!out.panicked(), "{}", out.all());
 }

@@ -60,10 +60,11 @@ use crate::layout::PageRun;
 use crate::layout::PAGE_SIZE;
 use crate::tcp::{claim_error, copy_runs, GuestMem, Tally, TcpSender};
 use crate::wire::{
-    ChunkHeader, Codec, CompressedHeader, RunDesc, FLAG_COMPRESSED, MAX_CHUNK_PAYLOAD,
-    SEGMENT_STORED,
+    run_table, ChunkHeader, Codec, CompressedHeader, FLAG_COMPRESSED, HEADER_LEN,
+    MAX_CHUNK_PAYLOAD, MAX_SEGMENT, SEGMENT_STORED,
 };
 use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
+use ferry_proto::MacKey;
 
 /// A chunk is sent compressed only if that saves at least 1/`MIN_SAVING_DIVISOR`
 /// of its bytes; below that, decompression on the destination costs more
@@ -276,19 +277,24 @@ fn outside(r: &PageRun) -> TransportError {
     }
 }
 
-/// Builds the complete frame of `chunk` compressed (header, run table,
-/// [`CompressedHeader`], segment table, segments) in `buf`, from `data`: the
-/// bytes of the chunk's non-zero runs in run order, a private copy of guest
-/// memory. Returns its length, or `None` when the chunk does not shrink by
+/// Builds the complete frame of `chunk` compressed (header with its tags
+/// under `key`, run table, [`CompressedHeader`], segment table, segments) in
+/// `buf`, from `data`: the bytes of the chunk's non-zero runs in run order,
+/// the private copy of guest memory the chunk's payload tag was computed
+/// from. Returns its length, or `None` when the chunk does not shrink by
 /// at least 1/[`MIN_SAVING_DIVISOR`] and should go raw. Runs that do not
 /// shrink are stored as they are inside an otherwise compressed chunk.
 pub fn encode_frame(
     enc: &mut Encoder,
+    key: &MacKey,
     chunk: &Chunk,
     data: &[u8],
     buf: &mut Vec<u8>,
 ) -> Result<Option<usize>> {
-    let runs: Vec<&PageRun> = chunk.runs.iter().filter(|r| !r.zero).collect();
+    // Runs longer than a segment may be are split (the frame's run table
+    // lists the pieces; the pages and so the payload tag are the same).
+    let frame_runs = split_runs(&chunk.runs);
+    let runs: Vec<&PageRun> = frame_runs.iter().filter(|r| !r.zero).collect();
     let raw: usize = runs.iter().map(|r| r.bytes() as usize).sum();
     if data.len() != raw {
         return Err(TransportError::Invalid {
@@ -300,9 +306,9 @@ pub fn encode_frame(
             ),
         });
     }
-    let table: Vec<RunDesc> = chunk.runs.iter().map(RunDesc::from_run).collect();
-    let table_len = table.as_bytes().len();
-    let sub = 32 + table_len;
+    let table = run_table(&frame_runs);
+    let table_len = table.len();
+    let sub = HEADER_LEN + table_len;
     let segs = sub + 16;
     let body = segs + 4 * runs.len();
     let bound = body
@@ -313,10 +319,9 @@ pub fn encode_frame(
     if buf.len() < bound {
         buf.resize(bound, 0);
     }
-    buf[32..sub].copy_from_slice(table.as_bytes());
+    buf[HEADER_LEN..sub].copy_from_slice(&table);
     let mut pos = body;
     let mut at = 0usize;
-    let crc = crc32fast::hash(data);
     for (i, r) in runs.iter().enumerate() {
         let b = &data[at..at + r.bytes() as usize];
         at += b.len();
@@ -352,20 +357,44 @@ pub fn encode_frame(
         segment_count: U16::new(u16::try_from(runs.len()).expect("at most MAX_RUNS runs")),
         uncompressed_len: U32::new(u32::try_from(raw).expect("chunk below 4 GiB")),
         compressed_len: U32::new(u32::try_from(payload - 16).expect("chunk below 4 GiB")),
-        data_crc32: U32::new(crc),
+        reserved2: U32::new(0),
     };
     buf[sub..segs].copy_from_slice(sh.as_bytes());
-    let frame_crc = crc32fast::hash(&buf[32..pos]);
     let h = ChunkHeader::pages(
+        key,
         chunk.seq,
         chunk.round,
-        u32::try_from(chunk.runs.len()).expect("at most MAX_RUNS runs"),
+        &table,
         u32::try_from(payload).expect("chunk below 4 GiB"),
         FLAG_COMPRESSED,
-        frame_crc,
+        chunk.tag,
     );
-    buf[..32].copy_from_slice(h.as_bytes());
+    buf[..HEADER_LEN].copy_from_slice(h.as_bytes());
     Ok(Some(pos))
+}
+
+/// `runs` with every non-zero run longer than [`MAX_SEGMENT`] split into
+/// pieces of at most that (adjacent runs, in order).
+pub fn split_runs(runs: &[PageRun]) -> Vec<PageRun> {
+    let max = (MAX_SEGMENT as u64 / PAGE_SIZE) as u32;
+    let mut out = Vec::with_capacity(runs.len());
+    for r in runs {
+        if r.zero {
+            out.push(*r);
+            continue;
+        }
+        let mut at = 0u32;
+        while at < r.pages {
+            let pages = (r.pages - at).min(max);
+            out.push(PageRun {
+                gpa: r.gpa + u64::from(at) * PAGE_SIZE,
+                pages,
+                zero: false,
+            });
+            at += pages;
+        }
+    }
+    out
 }
 
 /// Compresses up to [`PROBE_PIECES`] pieces of [`PROBE_BYTES`] spread over
@@ -391,16 +420,59 @@ pub fn probe_incompressible(enc: &mut Encoder, data: &[u8], scratch: &mut Vec<u8
     out * MIN_SAVING_DIVISOR > inp * (MIN_SAVING_DIVISOR - 1)
 }
 
-/// Lands a compressed chunk's pages straight in claimed guest memory:
-/// checks the payload against the runs (see [`CompressedHeader::decode`]),
-/// decompresses every segment into its run's pages, hashes each run's pages
-/// into `tally` right after they land, and returns whether the CRC of the
-/// landed pages matches the frame's `data_crc32`.
+/// Lands one segment (`src`: compressed, or `stored` as it is) in its
+/// run's claimed guest memory, decompressing straight into it, and hashes
+/// the run's pages into `tally` right after they land (whatever the
+/// decoder wrote, also when it then fails). Whether they are what the
+/// source sent is the payload tag's business (the caller's).
 ///
 /// # Errors
-/// A payload that fails a check, a codec other than `negotiated`, or a
-/// segment that does not decompress to exactly its run's bytes. Guest memory
-/// may then hold part of the chunk (recorded in `tally` as it is).
+/// A segment that does not decompress to exactly its run's bytes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn land_segment<M: GuestMem>(
+    dec: &mut Decoder,
+    claim: &mut vio::Claim,
+    mem: &M,
+    seq: u64,
+    run: &PageRun,
+    codec: Codec,
+    src: &[u8],
+    stored: bool,
+    tally: &mut Tally<'_>,
+) -> Result<()> {
+    let slice = mem
+        .get_slice(GuestAddress(run.gpa), run.bytes() as usize)
+        .map_err(|_| outside(run))?;
+    let landed = claim
+        .with_bytes_mut(&slice, |dst| {
+            let out = if stored {
+                dst.copy_from_slice(src);
+                Ok(())
+            } else {
+                dec.decompress_exact(codec, src, dst)
+            };
+            // Whatever the decoder wrote is recorded, page by page, while
+            // it is in cache.
+            for (i, page) in dst.chunks_exact(PAGE_SIZE as usize).enumerate() {
+                tally.page(run.gpa + i as u64 * PAGE_SIZE, page);
+            }
+            out
+        })
+        .map_err(claim_error)?;
+    landed.map_err(|e| TransportError::Invalid {
+        field: "compressed payload",
+        detail: format!(
+            "chunk {seq}: the {codec} segment of the run at {:#x} ({} pages) does not decompress: {e}",
+            run.gpa, run.pages
+        ),
+    })
+}
+
+/// Lands a whole compressed payload: checks it against the runs (see
+/// [`CompressedHeader::decode`]) and lands every segment
+/// ([`land_segment`]). The receiver streams segments instead; this is the
+/// same on a payload already in memory.
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn land_compressed<M: GuestMem>(
     dec: &mut Decoder,
@@ -411,42 +483,15 @@ pub(crate) fn land_compressed<M: GuestMem>(
     payload: &[u8],
     negotiated: Codec,
     tally: &mut Tally<'_>,
-) -> Result<bool> {
+) -> Result<()> {
     let data: Vec<&PageRun> = runs.iter().filter(|r| !r.zero).collect();
     let lens: Vec<u64> = data.iter().map(|r| r.bytes()).collect();
     let p = CompressedHeader::decode(payload, &lens, Some(negotiated))?;
-    let mut crc = crc32fast::Hasher::new();
     for (r, seg) in data.iter().zip(&p.segments) {
         let src = &payload[seg.offset..seg.offset + seg.len];
-        let slice = mem
-            .get_slice(GuestAddress(r.gpa), r.bytes() as usize)
-            .map_err(|_| outside(r))?;
-        let landed = claim
-            .with_bytes_mut(&slice, |dst| {
-                let out = if seg.stored {
-                    dst.copy_from_slice(src);
-                    Ok(())
-                } else {
-                    dec.decompress_exact(p.codec, src, dst)
-                };
-                crc.update(dst);
-                // Whatever the decoder wrote is recorded, page by page,
-                // while it is in cache.
-                for (i, page) in dst.chunks_exact(PAGE_SIZE as usize).enumerate() {
-                    tally.page(r.gpa + i as u64 * PAGE_SIZE, page);
-                }
-                out
-            })
-            .map_err(claim_error)?;
-        landed.map_err(|e| TransportError::Invalid {
-            field: "compressed payload",
-            detail: format!(
-                "chunk {seq}: the {} segment of the run at {:#x} ({} pages) does not decompress: {e}",
-                p.codec, r.gpa, r.pages
-            ),
-        })?;
+        land_segment(dec, claim, mem, seq, r, p.codec, src, seg.stored, tally)?;
     }
-    Ok(crc.finalize() == p.data_crc32)
+    Ok(())
 }
 
 /// Settings of the compression option on the source.
@@ -532,7 +577,7 @@ impl Pool {
     }
 }
 
-fn worker<M: GuestMem>(pool: Arc<Pool>, mem: Arc<M>, spec: CompressionSpec) {
+fn worker<M: GuestMem>(pool: Arc<Pool>, mem: Arc<M>, spec: CompressionSpec, key: MacKey) {
     if let Err(e) = ferry_ffi::net::set_current_thread_nice(WORKER_NICE) {
         tracing::debug!("cannot nice the compression worker: {e}");
     }
@@ -566,21 +611,26 @@ fn worker<M: GuestMem>(pool: Arc<Pool>, mem: Arc<M>, spec: CompressionSpec) {
         let out = match enc.as_mut() {
             None => None,
             Some(e) => {
-                // The one read of guest memory: a private copy of the pages.
-                let copied = copy_runs(&*mem, &job.chunk.runs, &mut data);
-                if let Err(err) = copied {
-                    tracing::warn!(seq, "chunk goes raw: {err}");
-                    None
-                } else if probe && probe_incompressible(e, &data, &mut scratch) {
-                    None
-                } else {
-                    match encode_frame(e, &job.chunk, &data, &mut buf) {
+                // The page pass's private copy of the pages (the bytes the
+                // tag was computed from), or, for a chunk sent again after
+                // a channel failed, a fresh copy.
+                let pages: std::result::Result<&[u8], TransportError> = match &job.chunk.data {
+                    Some(d) => Ok(d),
+                    None => copy_runs(&*mem, &job.chunk.runs, &mut data).map(|()| &data[..]),
+                };
+                match pages {
+                    Err(err) => {
+                        tracing::warn!(seq, "chunk goes raw: {err}");
+                        None
+                    }
+                    Ok(b) if probe && probe_incompressible(e, b, &mut scratch) => None,
+                    Ok(b) => match encode_frame(e, &key, &job.chunk, b, &mut buf) {
                         Ok(r) => r,
                         Err(err) => {
                             tracing::warn!(seq, "chunk goes raw: {err}");
                             None
                         }
-                    }
+                    },
                 }
             }
         };
@@ -678,22 +728,23 @@ impl<M: GuestMem> CompressSender<M> {
         channel: u16,
         timeout: Duration,
         cfg: CompressConfig,
+        frame: MacKey,
     ) -> Result<Self> {
         cfg.spec.validate()?;
         let workers = cfg.workers.max(1);
         let pool = Arc::new(Pool::default());
         for i in 0..workers {
-            let (p, m) = (pool.clone(), mem.clone());
+            let (p, m, k) = (pool.clone(), mem.clone(), frame.clone());
             std::thread::Builder::new()
                 .name(format!("ferry-compress-{i}"))
-                .spawn(move || worker(p, m, cfg.spec))
+                .spawn(move || worker(p, m, cfg.spec, k))
                 .map_err(|e| TransportError::Io {
                     context: "starting a compression worker".into(),
                     source: e,
                 })?;
         }
         Ok(CompressSender {
-            tcp: TcpSender::new(stream, mem, channel, timeout),
+            tcp: TcpSender::new(stream, mem, channel, timeout, frame),
             pool,
             pending: HashMap::new(),
             depth: 2 * workers + 2,
@@ -851,7 +902,7 @@ impl<M: GuestMem> Transport for CompressSender<M> {
 mod tests {
     use super::*;
     use crate::layout::{MemoryLayout, RegionDesc, PAGE_SIZE};
-    use crate::tcp::{receive_channel, test_inbound, RecvCounters};
+    use crate::tcp::{receive_channel, test_frame_key, test_inbound, test_page_key, RecvCounters};
     use crate::wire::{AckFrame, AckStatus};
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -930,12 +981,29 @@ mod tests {
         }
     }
 
+    /// Chunk 7 of round 1 of `runs` (its tag is computed when encoded).
     fn chunk(runs: Vec<PageRun>) -> Chunk {
         Chunk {
             seq: 7,
             round: 1,
             runs,
+            tag: [0; 16],
+            data: None,
         }
+    }
+
+    /// `c` read from `src` as the page pass does: tagged, with its copy.
+    fn read(src: &GuestMemoryMmap, c: &Chunk) -> Chunk {
+        Chunk::read(
+            src,
+            &test_page_key(),
+            &test_frame_key(),
+            c.seq,
+            c.round,
+            c.runs.clone(),
+            true,
+        )
+        .unwrap()
     }
 
     fn page_bytes<M: GuestMemoryBackend>(m: &M, first: u64, pages: u64) -> Vec<u8> {
@@ -956,23 +1024,24 @@ mod tests {
     fn encode(codec: Codec, src: &GuestMemoryMmap, c: &Chunk) -> Vec<u8> {
         let mut enc = Encoder::new(spec(codec)).unwrap();
         let mut buf = Vec::new();
-        let mut data = Vec::new();
-        crate::tcp::copy_runs(src, &c.runs, &mut data).unwrap();
-        let n = encode_frame(&mut enc, c, &data, &mut buf)
+        let c = read(src, c);
+        let data = c.data.clone().unwrap();
+        let n = encode_frame(&mut enc, &test_frame_key(), &c, &data, &mut buf)
             .unwrap()
             .expect("compressible chunk");
         buf.truncate(n);
         buf
     }
 
-    /// Lands a compressed payload in `dst` under a claim, into a fresh ledger.
-    fn land(
+    /// Lands a compressed payload in `dst` under a claim, into the ledger
+    /// of `inbound`; returns the landed pages' contribution sum.
+    fn land_into(
+        inbound: &crate::tcp::Inbound,
         dst: &GuestMemoryMmap,
         runs: &[PageRun],
         payload: &[u8],
         codec: Codec,
-    ) -> crate::Result<bool> {
-        let inbound = test_inbound(layout(), Some(codec));
+    ) -> crate::Result<u128> {
         let mut claim = crate::tcp::claim_runs(dst, runs).unwrap().unwrap();
         let mut tally = Tally::new(&inbound.ledger);
         land_compressed(
@@ -984,20 +1053,34 @@ mod tests {
             payload,
             codec,
             &mut tally,
+        )?;
+        Ok(tally.sum)
+    }
+
+    /// Lands a compressed payload in `dst` into a fresh ledger.
+    fn land(
+        dst: &GuestMemoryMmap,
+        runs: &[PageRun],
+        payload: &[u8],
+        codec: Codec,
+    ) -> crate::Result<u128> {
+        land_into(
+            &test_inbound(layout(), Some(codec)),
+            dst,
+            runs,
+            payload,
+            codec,
         )
     }
 
     /// Splits a frame into (header, run table, payload) after checking it.
     fn split(frame: &[u8]) -> (ChunkHeader, Vec<PageRun>, &[u8]) {
         let (h, _) = ChunkHeader::decode(frame).unwrap();
-        let t = 32 + 16 * h.run_count.get() as usize;
-        let (runs, _) = crate::wire::decode_runs(&frame[32..t], &layout()).unwrap();
+        let t = HEADER_LEN + 16 * h.run_count.get() as usize;
+        h.verify(&test_frame_key(), &frame[HEADER_LEN..t])
+            .expect("the header tag covers header and run table");
+        let (runs, _) = crate::wire::decode_runs(&frame[HEADER_LEN..t], &layout()).unwrap();
         assert_eq!(h.payload_len.get() as usize, frame.len() - t);
-        assert_eq!(
-            h.crc32.get(),
-            crc32fast::hash(&frame[32..]),
-            "frame CRC covers run table and payload"
-        );
         (h, runs, &frame[t..])
     }
 
@@ -1036,14 +1119,14 @@ mod tests {
             segment_count: U16::new(3),
             uncompressed_len: U32::new(0x0102_0304),
             compressed_len: U32::new(99),
-            data_crc32: U32::new(0xdead_beef),
+            reserved2: U32::new(0),
         };
         let b = h.as_bytes();
         assert_eq!(b[0], 2);
         assert_eq!(&b[2..4], &[3, 0]);
         assert_eq!(&b[4..8], &[4, 3, 2, 1]);
         assert_eq!(&b[8..12], &99u32.to_le_bytes());
-        assert_eq!(&b[12..16], &0xdead_beefu32.to_le_bytes());
+        assert_eq!(&b[12..16], &[0; 4]);
         assert_eq!(Codec::from_id(1).unwrap(), Codec::Lz4);
         assert_eq!(Codec::from_id(2).unwrap(), Codec::Zstd);
         let e = Codec::from_id(0).unwrap_err().to_string();
@@ -1086,7 +1169,10 @@ mod tests {
             dst.write_slice(&[0xee; 4096], GuestAddress(100 * PAGE_SIZE))
                 .unwrap();
             let ok = land(&dst, &runs, payload, codec).unwrap();
-            assert!(ok, "{codec}: data CRC matches");
+            assert!(
+                test_inbound(layout(), None).payload_ok(7, 1, ok, &h.payload_tag),
+                "{codec}: what landed matches the payload tag"
+            );
             for (first, n) in [(0, 72), (80, 48)] {
                 assert_eq!(
                     page_bytes(&dst, first, n),
@@ -1111,7 +1197,7 @@ mod tests {
             let mut enc = Encoder::new(spec(codec)).unwrap();
             let mut buf = Vec::new();
             assert_eq!(
-                encode_frame(&mut enc, &random, &rdata, &mut buf).unwrap(),
+                encode_frame(&mut enc, &test_frame_key(), &random, &rdata, &mut buf).unwrap(),
                 None
             );
             assert!(probe_incompressible(&mut enc, &rdata, &mut scratch));
@@ -1119,18 +1205,20 @@ mod tests {
         }
     }
 
-    /// Rewrites a frame's compressed payload with `f` and fixes the frame CRC.
+    /// Rewrites a frame's compressed payload with `f` and seals the header
+    /// again with the session's key (as only a holder of the key could: the
+    /// payload-level checks are what is tested).
     fn tamper(frame: &[u8], f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
         let (h, _, payload) = split(frame);
-        let t = 32 + 16 * h.run_count.get() as usize;
+        let t = HEADER_LEN + 16 * h.run_count.get() as usize;
         let mut p = payload.to_vec();
         f(&mut p);
         let mut out = frame[..t].to_vec();
         out.extend_from_slice(&p);
         let mut h2 = h;
         h2.payload_len = U32::new(p.len() as u32);
-        h2.crc32 = U32::new(crc32fast::hash(&out[32..]));
-        out[..32].copy_from_slice(h2.as_bytes());
+        h2.seal(&test_frame_key(), &frame[HEADER_LEN..t]);
+        out[..HEADER_LEN].copy_from_slice(h2.as_bytes());
         out
     }
 
@@ -1180,7 +1268,7 @@ mod tests {
                 codec,
             );
             assert!(e.contains("segment length"), "{e}");
-            // Corrupt compressed bytes, frame CRC made to match.
+            // Corrupt compressed bytes.
             let e = land_err(
                 &tamper(&frame, |p| {
                     for b in &mut p[20..] {
@@ -1198,14 +1286,29 @@ mod tests {
 
     #[test]
     fn a_segment_that_inflates_beyond_its_run_is_refused() {
-        // Decompression bomb, hidden: the sub-header matches the run (one
+        // Decompression bombs, hidden: the sub-header matches the run (one
         // page) but the segment holds 16 pages of compressed data.
-        let src = filled();
+        let src = mem();
+        src.write_slice(&[0x41; 16 * PAGE_SIZE as usize], GuestAddress(0))
+            .unwrap();
+        let text = filled();
         for codec in Codec::ALL {
-            let big = encode(codec, &src, &chunk(vec![run(0, 16, false)]));
+            // Longer than the run: refused before decompression.
+            let big = encode(codec, &text, &chunk(vec![run(0, 16, false)]));
             let (_, _, payload) = split(&big);
             let small = chunk(vec![run(0, 1, false)]);
             let mut p = payload.to_vec();
+            p[4..8].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+            let e = land(&mem(), &small.runs, &p, codec)
+                .expect_err("segment longer than its run")
+                .to_string();
+            assert!(e.contains("segment length"), "{codec}: {e}");
+            // Shorter than the run but inflating past it: the decoder stops
+            // at the run's end.
+            let bomb = encode(codec, &src, &chunk(vec![run(0, 16, false)]));
+            let (_, _, payload) = split(&bomb);
+            let mut p = payload.to_vec();
+            assert!(p.len() < 4096, "{codec}: a tight segment");
             p[4..8].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
             let e = land(&mem(), &small.runs, &p, codec)
                 .expect_err("inflating segment")
@@ -1241,14 +1344,16 @@ mod tests {
         for f in frames {
             let _ = a.write_all(&f).await;
         }
-        let _ = a.write_all(ChunkHeader::end(u64::MAX).as_bytes()).await;
+        let _ = a
+            .write_all(ChunkHeader::end(&test_frame_key(), u64::MAX).as_bytes())
+            .await;
         let mut acks = Vec::new();
-        let mut buf = [0u8; 16];
+        let mut buf = [0u8; 32];
         for _ in 0..n {
             if a.read_exact(&mut buf).await.is_err() {
                 break;
             }
-            acks.push(AckFrame::decode(&buf).unwrap().1);
+            acks.push(AckFrame::decode(&test_frame_key(), &buf).unwrap().1);
         }
         let r = rx.await.unwrap();
         let m = Arc::try_unwrap(dst).expect("receiver done");
@@ -1266,29 +1371,43 @@ mod tests {
         assert_eq!(acks, [AckStatus::Landed]);
         assert_eq!(page_bytes(&dst, 0, 16), page_bytes(&src, 0, 16));
 
-        // Damaged in transit (CRC not fixed): refused and asked again, the
-        // channel goes on.
+        // Damaged in transit: the payload tag does not match what landed,
+        // the chunk is asked for again and the channel goes on.
         let mut damaged = good.clone();
         let last = damaged.len() - 1;
         damaged[last] ^= 0x55;
         let (r, acks, _) = receive_frames(vec![damaged, good.clone()], zstd).await;
         r.unwrap();
-        assert_eq!(acks, [AckStatus::CrcMismatch, AckStatus::Landed]);
+        assert_eq!(acks, [AckStatus::Mismatch, AckStatus::Landed]);
 
-        // Corrupt but with a matching CRC: an error naming the codec and run.
+        // A payload that does not decode, an unknown codec id: the frame is
+        // the source's (its header tag holds), the payload was damaged:
+        // asked for again, the channel goes on.
         let corrupt = tamper(&good, |p| {
             for b in &mut p[20..] {
                 *b = b.wrapping_add(1);
             }
         });
-        let (r, _, _) = receive_frames(vec![corrupt], zstd).await;
-        let e = r.unwrap_err().to_string();
-        assert!(e.contains("zstd segment of the run at 0x0"), "{e}");
+        let unknown = tamper(&good, |p| p[0] = 200);
+        let (r, acks, _) = receive_frames(vec![corrupt, unknown, good.clone()], zstd).await;
+        r.unwrap();
+        assert_eq!(
+            acks,
+            [AckStatus::Mismatch, AckStatus::Mismatch, AckStatus::Landed]
+        );
 
-        // Unknown codec id.
-        let (r, _, _) = receive_frames(vec![tamper(&good, |p| p[0] = 200)], zstd).await;
+        // A header changed on the way (its tag not fixable without the key):
+        // refused before anything lands, the channel closed.
+        let mut forged = good.clone();
+        forged[HEADER_LEN] ^= 0x01; // the run table's first address
+        let (r, acks, dst) = receive_frames(vec![forged], zstd).await;
         let e = r.unwrap_err().to_string();
-        assert!(e.contains("unknown codec id 200"), "{e}");
+        assert!(e.contains("chunk header tag"), "{e}");
+        assert!(acks.is_empty());
+        assert!(
+            page_bytes(&dst, 0, 17).iter().all(|&b| b == 0),
+            "nothing landed"
+        );
 
         // Compressed frame on a channel without compression.
         let (r, _, _) = receive_frames(vec![good.clone()], None).await;
@@ -1296,26 +1415,26 @@ mod tests {
         assert!(e.contains("negotiated without compression"), "{e}");
 
         // A run table that claims 1 MiB of pages while the sub-header still
-        // says 64 KiB: refused before anything is decompressed.
+        // says 64 KiB (sealed by a holder of the key): refused before
+        // anything is decompressed, and asked for again.
         let mut huge = good.clone();
         let (h, _, _) = split(&good);
-        let t = 32 + 16 * h.run_count.get() as usize;
-        huge.truncate(32);
-        let big = RunDesc::from_run(&run(0, PAGES as u32, false));
-        huge.extend_from_slice(big.as_bytes());
+        let t = HEADER_LEN + 16 * h.run_count.get() as usize;
+        huge.truncate(HEADER_LEN);
+        let big = crate::wire::run_table(&[run(0, PAGES as u32, false)]);
+        huge.extend_from_slice(&big);
         huge.extend_from_slice(&good[t..]);
         let mut h2 = h;
         h2.run_count = U32::new(1);
-        h2.crc32 = U32::new(crc32fast::hash(&huge[32..]));
-        huge[..32].copy_from_slice(h2.as_bytes());
-        let e = refused_reason(huge).await;
-        assert!(e.contains("uncompressed length"), "{e}");
-    }
-
-    /// Why the receiver refused a single zstd frame.
-    async fn refused_reason(frame: Vec<u8>) -> String {
-        let (r, _, _) = receive_frames(vec![frame], Some(Codec::Zstd)).await;
-        r.unwrap_err().to_string()
+        h2.seal(&test_frame_key(), &big);
+        huge[..HEADER_LEN].copy_from_slice(h2.as_bytes());
+        let (r, acks, dst) = receive_frames(vec![huge], zstd).await;
+        r.unwrap();
+        assert_eq!(acks, [AckStatus::Mismatch]);
+        assert!(
+            page_bytes(&dst, 0, PAGES).iter().all(|&b| b == 0),
+            "nothing decompressed"
+        );
     }
 
     /// Runs `runs` through a compression sender into a receiver, over TLS
@@ -1342,9 +1461,9 @@ mod tests {
         let d = dst.clone();
         let counters = Arc::new(RecvCounters::default());
         let c2 = counters.clone();
-        let rx = tokio::spawn(async move {
-            receive_channel(b, &test_inbound(layout(), Some(codec)), &*d, &c2).await
-        });
+        let inbound = Arc::new(test_inbound(layout(), Some(codec)));
+        let i2 = inbound.clone();
+        let rx = tokio::spawn(async move { receive_channel(b, &i2, &*d, &c2).await });
         let mut tx = CompressSender::new(
             a,
             src.clone(),
@@ -1355,16 +1474,23 @@ mod tests {
                 workers: 2,
                 adaptive,
             },
+            test_frame_key(),
         )
         .unwrap();
         for (i, r) in runs.iter().enumerate() {
-            tx.send(Chunk {
-                seq: i as u64,
-                round: 0,
-                runs: r.clone(),
-            })
-            .await
+            // Every other chunk without its private copy, as a chunk sent
+            // again after a channel failed is: read from guest memory.
+            let c = Chunk::read(
+                &*src,
+                &test_page_key(),
+                &test_frame_key(),
+                i as u64,
+                0,
+                r.clone(),
+                i % 2 == 0,
+            )
             .unwrap();
+            tx.send(c).await.unwrap();
         }
         let f = tx.flush().await.unwrap();
         assert!(f.resend.is_empty());
@@ -1388,6 +1514,12 @@ mod tests {
         assert_eq!(
             counters.compressed_chunks.load(Ordering::Relaxed),
             s.compressed_chunks
+        );
+        // The destination's evidence is that of the pages sent.
+        assert_eq!(
+            inbound.ledger.evidence(),
+            crate::tcp::evidence_of(&*src, &runs.concat()),
+            "evidence of what landed"
         );
         s
     }

@@ -40,11 +40,13 @@ pub mod conn;
 pub mod error;
 pub mod layout;
 pub mod multichannel;
+pub mod pool;
 pub mod proto;
 pub mod ratelimit;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod rdma_wire;
+pub mod reservation;
 pub mod stream;
 pub mod tcp;
 pub mod tls;
@@ -52,6 +54,10 @@ pub mod wire;
 
 pub use error::{Result, TransportError};
 pub use layout::{MemoryLayout, PageRun, PAGE_SIZE};
+pub use pool::{BufPool, PageData, PooledBuf};
+
+use ferry_proto::frame::Tag;
+use ferry_proto::{MacKey, PageKey};
 
 /// A unit of transfer: runs of pages read in one round, sent as one frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,11 +66,66 @@ pub struct Chunk {
     pub seq: u64,
     /// Pre-copy round.
     pub round: u32,
-    /// Page runs; zero runs carry no data.
+    /// Page runs, ascending and disjoint; zero runs carry no data.
     pub runs: Vec<PageRun>,
+    /// The payload tag ([`ferry_proto::frame::payload_tag`]): computed from
+    /// the hashes of the pages as the source read them (the hashes its
+    /// evidence records). The destination computes it again from what
+    /// landed.
+    pub tag: Tag,
+    /// The private copy of the non-zero runs' bytes (in run order) the tag
+    /// was computed from, for transports that cannot send straight from
+    /// guest memory (compression, TLS): they encode or encrypt it, so guest
+    /// memory is read once. `None`: the transport reads guest memory itself
+    /// (the kernel's `writev`, an RDMA WRITE, or a fresh copy).
+    pub data: Option<PageData>,
 }
 
 impl Chunk {
+    /// A chunk of `runs` read from `mem` now: every page copied out of
+    /// guest memory, hashed with `page`, and the payload tag computed with
+    /// `frame`. What the engine's page pass does, without a ledger (tests,
+    /// tools). `copy` keeps the copy as the chunk's [`Chunk::data`].
+    pub fn read<M: tcp::GuestMem>(
+        mem: &M,
+        page: &PageKey,
+        frame: &MacKey,
+        seq: u64,
+        round: u32,
+        runs: Vec<PageRun>,
+        copy: bool,
+    ) -> Result<Chunk> {
+        let mut bytes = Vec::new();
+        tcp::copy_runs(mem, &runs, &mut bytes)?;
+        let mut sum = 0u128;
+        let mut at = 0usize;
+        for r in runs.iter().filter(|r| !r.zero) {
+            for p in 0..u64::from(r.pages) {
+                let b = &bytes[at..at + PAGE_SIZE as usize];
+                let h = page.hash_or_zero(b);
+                sum = sum.wrapping_add(page.contribution(r.gpa + p * PAGE_SIZE, h));
+                at += PAGE_SIZE as usize;
+            }
+        }
+        Ok(Chunk {
+            seq,
+            round,
+            tag: ferry_proto::frame::payload_tag(frame, seq, round, sum),
+            data: copy.then(|| PageData::from_vec(bytes)),
+            runs,
+        })
+    }
+
+    /// The same chunk without its private copy (what is kept to send it
+    /// again after a channel failed: the copy is not held for a whole round).
+    pub fn without_data(&self) -> Chunk {
+        Chunk {
+            data: None,
+            runs: self.runs.clone(),
+            ..*self
+        }
+    }
+
     /// Bytes of page data this chunk puts on the wire.
     pub fn payload_bytes(&self) -> u64 {
         self.runs.iter().map(PageRun::payload_bytes).sum()
@@ -89,7 +150,8 @@ pub struct Caps {
 /// Result of [`Transport::flush`].
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Flushed {
-    /// Runs the destination could not accept (checksum mismatch): the engine
+    /// Runs the destination could not accept (payload tag mismatch, pages
+    /// busy): the engine
     /// must send them again (it marks them dirty).
     pub resend: Vec<PageRun>,
 }
@@ -105,7 +167,9 @@ pub struct ChannelStats {
     pub payload_bytes: u64,
     /// Chunks acknowledged.
     pub chunks: u64,
-    /// Chunks the destination asked to be resent (CRC mismatch).
+    /// Chunks the destination asked to be resent: their payload tag did not
+    /// match what landed, or their pages were being landed by another chunk.
+    /// (Named for the CRC of frame format v1; the `--json` field keeps it.)
     pub crc_resends: u64,
     /// Compression option: chunks sent compressed.
     pub compressed_chunks: u64,

@@ -647,7 +647,10 @@ async fn channel_task<S: ChannelSender>(shared: Arc<Shared>, i: usize, mut s: S,
         let r = match action {
             Action::Send(chunk) => {
                 current = Some(chunk.seq);
-                since_flush.insert(chunk.seq, chunk.clone());
+                // Kept to send it again should this channel fail, without
+                // its private copy of the pages (not held for a whole
+                // round): a resent chunk is read from guest memory again.
+                since_flush.insert(chunk.seq, chunk.without_data());
                 match tokio::time::timeout(limit, s.send(chunk)).await {
                     Ok(r) => r,
                     Err(_) => Err(stalled("a chunk write on the data channel")),
@@ -870,16 +873,27 @@ mod tests {
         }
     }
 
+    /// The chunks of one round over the whole (patterned) source guest,
+    /// tagged as the page pass tags them.
     fn chunks(round: u32, first_seq: u64) -> Vec<Chunk> {
+        let src = guest(true);
         (0..PAGES / u64::from(CHUNK_PAGES))
-            .map(|i| Chunk {
-                seq: first_seq + i,
-                round,
-                runs: vec![PageRun {
+            .map(|i| {
+                let runs = vec![PageRun {
                     gpa: i * u64::from(CHUNK_PAGES) * PAGE_SIZE,
                     pages: CHUNK_PAGES,
                     zero: false,
-                }],
+                }];
+                Chunk::read(
+                    &*src,
+                    &crate::tcp::test_page_key(),
+                    &crate::tcp::test_frame_key(),
+                    first_seq + i,
+                    round,
+                    runs,
+                    false,
+                )
+                .unwrap()
             })
             .collect()
     }
@@ -950,9 +964,13 @@ mod tests {
                             .await
                     });
                     tokio::spawn(async move {
-                        let mut frame =
-                            vec![0u8; 32 + 16 + (u64::from(CHUNK_PAGES) * PAGE_SIZE) as usize];
-                        let mut ack = [0u8; 16];
+                        let mut frame = vec![
+                            0u8;
+                            wire::HEADER_LEN
+                                + 16
+                                + (u64::from(CHUNK_PAGES) * PAGE_SIZE) as usize
+                        ];
+                        let mut ack = [0u8; wire::ACK_LEN];
                         for _ in 0..n {
                             let through = b.read_exact(&mut frame).await.is_ok()
                                 && relay.write_all(&frame).await.is_ok()
@@ -975,8 +993,14 @@ mod tests {
             // One chunk in flight per channel: a channel waiting for its ack
             // leaves the next chunks to the others, so striping does not
             // depend on how fast this host's receivers run.
-            let sender = TcpSender::new(a, src.clone(), i as u16, stall)
-                .with_window(u64::from(CHUNK_PAGES) * PAGE_SIZE);
+            let sender = TcpSender::new(
+                a,
+                src.clone(),
+                i as u16,
+                stall,
+                crate::tcp::test_frame_key(),
+            )
+            .with_window(u64::from(CHUNK_PAGES) * PAGE_SIZE);
             senders.push((sender, path));
         }
         let tx = Multichannel::new(
@@ -1061,7 +1085,10 @@ mod tests {
                 remote,
                 device: None,
             };
-            senders.push((TcpSender::new(a, src.clone(), i, t), path));
+            senders.push((
+                TcpSender::new(a, src.clone(), i, t, crate::tcp::test_frame_key()),
+                path,
+            ));
         }
         let mut tx = Multichannel::new(senders, MultichannelConfig::default());
         assert!(!tx.capabilities().zero_copy, "TLS channels copy");

@@ -62,18 +62,24 @@ use crate::rdma_wire::{
     MAX_RDMA_CHANNELS,
 };
 use crate::tcp::{claim_runs, land_zero_run, Inbound, RecvCounters, Tally};
-use crate::wire::{self, AckFrame, AckStatus, ChunkHeader, ChunkKind, RunDesc, MAX_RUNS};
+use crate::wire::{self, AckFrame, AckStatus, ChunkHeader, ChunkKind, HEADER_LEN, MAX_RUNS};
 use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
+use ferry_proto::MacKey;
 
 /// Largest descriptor: chunk header and a full run table.
-pub const DESC_BYTES: usize = 32 + MAX_RUNS as usize * 16;
+pub const DESC_BYTES: usize = HEADER_LEN + MAX_RUNS as usize * 16;
 /// Chunks in flight per channel (their descriptors not yet acknowledged).
 pub const DESC_SLOTS: usize = 16;
 /// Receives the destination keeps posted per channel.
 const RECV_SLOTS: usize = 2 * DESC_SLOTS;
 /// Ack sends the destination may have in flight per channel.
 const ACK_SLOTS: usize = RECV_SLOTS;
-const ACK_BYTES: usize = 16;
+const ACK_BYTES: usize = wire::ACK_LEN;
+const _: () = assert!(
+    (RECV_SLOTS * DESC_BYTES + ACK_SLOTS * ACK_BYTES) as u64
+        == crate::rdma_wire::RDMA_CHANNEL_BUFFERS,
+    "rdma_wire's count of a channel's receive buffers matches the data path"
+);
 /// First rdma_cm port a destination listener tries; it takes the first free
 /// one of [`PORT_TRIES`].
 pub const PORT_BASE: u16 = 6601;
@@ -261,6 +267,11 @@ struct Pair<B: Bitmap + 'static> {
     end_acked: bool,
     wcs: Vec<Completion>,
     stats: ChannelStats,
+    /// The session's frame key: descriptors' header tags, acks' tags.
+    frame: MacKey,
+    /// Runs of chunks the destination asked for again (payload tag
+    /// mismatch, pages busy), until the next flush.
+    resend: Vec<PageRun>,
 }
 
 impl<B: Bitmap + Send + Sync + 'static> Pair<B> {
@@ -291,16 +302,24 @@ impl<B: Bitmap + Send + Sync + 'static> Pair<B> {
                 .as_volatile_slice()
                 .read_slice(&mut buf, slot * ACK_BYTES)
                 .map_err(|e| format!("reading ack slot {slot}: {e}"))?;
-            let (seq, status) = AckFrame::decode(&buf[..(c.byte_len as usize).min(ACK_BYTES)])
-                .map_err(|e| e.to_string())?;
-            if status != AckStatus::Landed {
-                return Err(format!("destination refused chunk {seq}: {status:?}"));
-            }
+            let (seq, status) =
+                AckFrame::decode(&self.frame, &buf[..(c.byte_len as usize).min(ACK_BYTES)])
+                    .map_err(|e| e.to_string())?;
             if seq == END_ACK {
+                if status != AckStatus::Landed {
+                    return Err(format!("destination refused the end frame: {status:?}"));
+                }
                 self.end_acked = true;
-            } else if let Some((_, dslot)) = self.unacked.remove(&seq) {
+            } else if let Some((chunk, dslot)) = self.unacked.remove(&seq) {
                 self.free.push(dslot);
                 self.stats.chunks += 1;
+                if status != AckStatus::Landed {
+                    // A guest write raced the RDMA WRITE (or the pages were
+                    // damaged, or busy): sent again in the next round.
+                    tracing::debug!(seq, ?status, "destination asked for the chunk again");
+                    self.stats.crc_resends += 1;
+                    self.resend.extend(chunk.runs);
+                }
             } else {
                 return Err(format!("ack for chunk {seq}, which is not in flight here"));
             }
@@ -407,19 +426,16 @@ impl<B: Bitmap + Send + Sync + 'static> Pair<B> {
         if self.conn.as_ref().ok_or("closed")?.send_capacity() == 0 {
             self.reap(timeout).await?;
         }
-        let table: Vec<u8> = chunk
-            .runs
-            .iter()
-            .flat_map(|r| RunDesc::from_run(r).as_bytes().to_vec())
-            .collect();
+        let table = wire::run_table(&chunk.runs);
         let payload = chunk.payload_bytes();
         let h = ChunkHeader::pages(
+            &self.frame,
             chunk.seq,
             chunk.round,
-            chunk.runs.len() as u32,
+            &table,
             payload as u32,
             0,
-            crc32fast::hash(&table),
+            chunk.tag,
         );
         let mut bytes = h.as_bytes().to_vec();
         bytes.extend_from_slice(&table);
@@ -469,6 +485,7 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaChannelSender<B> {
         local: &[RdmaEndpoint],
         accept: &RdmaAccept,
         timeout: Duration,
+        frame: MacKey,
     ) -> Result<Vec<(Self, ChannelPath)>> {
         check_accept(accept, layout)?;
         let plan = pair_channels(local, &accept.channels);
@@ -531,6 +548,8 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaChannelSender<B> {
                     channel: index as u16,
                     ..Default::default()
                 },
+                frame: frame.clone(),
+                resend: Vec::new(),
             };
             for s in 0..DESC_SLOTS {
                 let seg = Segment::new(&pair.acks, s * ACK_BYTES, ACK_BYTES)
@@ -621,14 +640,16 @@ impl<B: Bitmap + Send + Sync + 'static> Transport for RdmaChannelSender<B> {
         while !self.pair.unacked.is_empty() {
             self.reap().await?;
         }
-        Ok(Flushed::default())
+        Ok(Flushed {
+            resend: std::mem::take(&mut self.pair.resend),
+        })
     }
 
     async fn finish(&mut self) -> Result<()> {
         self.flush().await?;
         let slot = self.pair.free.last().copied().unwrap_or(0);
         self.pair.end_sent = true;
-        let end = ChunkHeader::end(0);
+        let end = ChunkHeader::end(&self.pair.frame, 0);
         if let Err(e) = self.pair.post_descriptor(slot, end.as_bytes()) {
             return Err(self.failed(e));
         }
@@ -653,7 +674,7 @@ impl<B: Bitmap + Send + Sync + 'static> ChannelSender for RdmaChannelSender<B> {
         in_flight.sort_unstable();
         Unlanded::Known {
             in_flight,
-            resend: Vec::new(),
+            resend: std::mem::take(&mut self.pair.resend),
         }
     }
 }
@@ -937,7 +958,7 @@ async fn receive_channel<B: Bitmap + Send + Sync + 'static>(
                     what: "RDMA descriptor",
                     detail: e.to_string(),
                 })?;
-            let (seq, mask) = land_descriptor(&buf[..len], &inbound, &*mem, &counters)?;
+            let (seq, status, mask) = land_descriptor(&buf[..len], &inbound, &*mem, &counters)?;
             if let Some(m) = mask {
                 end = Some(m);
             }
@@ -948,7 +969,7 @@ async fn receive_channel<B: Bitmap + Send + Sync + 'static>(
                     detail: "more descriptors in flight than the source may have".into(),
                 });
             };
-            let frame = AckFrame::new(ack_seq, AckStatus::Landed);
+            let frame = AckFrame::new(&inbound.frame, ack_seq, status);
             acks.as_volatile_slice()
                 .write_slice(frame.as_bytes(), a * ACK_BYTES)
                 .map_err(|e| TransportError::Malformed {
@@ -969,22 +990,34 @@ async fn receive_channel<B: Bitmap + Send + Sync + 'static>(
     }
 }
 
-/// Checks one descriptor and applies it: the runs are claimed (no other
-/// landing touches them meanwhile), zero runs are zeroed here (their pages
-/// never travel), and the non-zero runs, written by the peer's NIC before
-/// the descriptor, are hashed into the migration's ledger. They are read
-/// through an opaque copy ([`ferry_ffi::vio::copy_out`]), never a
-/// reference: memory registered for remote write can be written by the NIC
-/// at any time. Returns its `seq` and, for an end frame, the lost mask.
+/// Checks one descriptor and applies it. Its header tag is checked first
+/// (a descriptor changed on the way is refused and the channel lost), then
+/// its runs are claimed (no other landing touches them meanwhile; if one
+/// does, the answer is [`AckStatus::Busy`]), zero runs are zeroed here
+/// (their pages never travel), and the non-zero runs, written by the peer's
+/// NIC before the descriptor, are hashed into the migration's ledger and
+/// their contributions checked against the payload tag ([`AckStatus::Landed`]
+/// or [`AckStatus::Mismatch`]). The pages are read through an opaque copy
+/// ([`ferry_ffi::vio::copy_out`]), never a reference: memory registered for
+/// remote write can be written by the NIC at any time. Returns its `seq`,
+/// the answer, and for an end frame the lost mask.
 fn land_descriptor<B: Bitmap + Send + Sync + 'static>(
     bytes: &[u8],
     inbound: &Inbound,
     mem: &GuestMemoryMmap<B>,
     counters: &RecvCounters,
-) -> Result<(u64, Option<u64>)> {
+) -> Result<(u64, AckStatus, Option<u64>)> {
     let (h, kind) = ChunkHeader::decode(bytes)?;
+    let table_len = h.run_count.get() as usize * 16;
+    let table = bytes
+        .get(HEADER_LEN..HEADER_LEN + table_len)
+        .ok_or(TransportError::Malformed {
+            what: "RDMA descriptor",
+            detail: format!("{} bytes for {} runs", bytes.len(), h.run_count.get()),
+        })?;
+    h.verify(&inbound.frame, table)?;
     if kind == ChunkKind::End {
-        return Ok((END_ACK, Some(h.seq.get())));
+        return Ok((END_ACK, AckStatus::Landed, Some(h.seq.get())));
     }
     if h.flags.get() != 0 {
         return Err(TransportError::Invalid {
@@ -992,38 +1025,25 @@ fn land_descriptor<B: Bitmap + Send + Sync + 'static>(
             detail: format!("{:#x} (RDMA chunks are never compressed)", h.flags.get()),
         });
     }
-    let table_len = h.run_count.get() as usize * 16;
-    let table = bytes
-        .get(32..32 + table_len)
-        .ok_or(TransportError::Malformed {
-            what: "RDMA descriptor",
-            detail: format!("{} bytes for {} runs", bytes.len(), h.run_count.get()),
-        })?;
-    let crc = crc32fast::hash(table);
-    if crc != h.crc32.get() {
-        return Err(TransportError::CrcMismatch {
-            what: "RDMA descriptor",
-            seq: h.seq.get(),
-            expected: h.crc32.get(),
-            computed: crc,
-        });
-    }
     let (seq, round) = (h.seq.get(), h.round.get());
-    inbound.admit_round(seq, round)?;
     let (runs, data) = wire::decode_runs(table, &inbound.layout)?;
+    inbound.admit_round(seq, round)?;
     if data != u64::from(h.payload_len.get()) {
         return Err(TransportError::Invalid {
             field: "RDMA descriptor payload length",
             detail: format!("{} bytes, the runs cover {data}", h.payload_len.get()),
         });
     }
+    counters
+        .bytes_on_wire
+        .fetch_add(data + bytes.len() as u64, Ordering::Relaxed);
+    counters.round.fetch_max(round.into(), Ordering::Relaxed);
     let mut claim = match claim_runs(mem, &runs)? {
         Ok(c) => c,
         Err(busy) => {
-            return Err(TransportError::Invalid {
-                field: "chunk pages",
-                detail: format!("chunk {seq}: {busy}"),
-            })
+            tracing::warn!(seq, round, "chunk refused, asking for it again: {busy}");
+            counters.crc_errors.fetch_add(1, Ordering::Relaxed);
+            return Ok((seq, AckStatus::Busy, None));
         }
     };
     let mut tally = Tally::new(&inbound.ledger);
@@ -1044,16 +1064,22 @@ fn land_descriptor<B: Bitmap + Send + Sync + 'static>(
         }
         pages += u64::from(r.pages);
     }
+    let sum = tally.sum;
     drop(tally);
     drop(claim);
+    if !inbound.payload_ok(seq, round, sum, &h.payload_tag) {
+        tracing::debug!(
+            seq,
+            round,
+            "payload tag mismatch: asking for the chunk again"
+        );
+        counters.crc_errors.fetch_add(1, Ordering::Relaxed);
+        return Ok((seq, AckStatus::Mismatch, None));
+    }
     counters.payload_bytes.fetch_add(data, Ordering::Relaxed);
-    counters
-        .bytes_on_wire
-        .fetch_add(data + bytes.len() as u64, Ordering::Relaxed);
     counters.pages.fetch_add(pages, Ordering::Relaxed);
     counters.chunks.fetch_add(1, Ordering::Relaxed);
-    counters.round.fetch_max(round.into(), Ordering::Relaxed);
-    Ok((seq, None))
+    Ok((seq, AckStatus::Landed, None))
 }
 
 #[cfg(test)]
@@ -1130,25 +1156,32 @@ mod tests {
                 size: 16 * PAGE_SIZE,
             }],
         };
-        let mem: GuestMemoryMmap<()> =
-            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 16 * 4096)]).unwrap();
+        let ranges = [(vm_memory::GuestAddress(0), 16 * 4096)];
+        // What the source read, and what its NIC wrote into the destination.
+        let src: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&ranges).unwrap();
+        let mem: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&ranges).unwrap();
+        src.write_slice(&[0x5c; 4096], vm_memory::GuestAddress(0))
+            .unwrap();
+        mem.write_slice(&[0x5c; 4096], vm_memory::GuestAddress(0))
+            .unwrap();
         mem.write_slice(&[0xaa; 4096], vm_memory::GuestAddress(4096))
             .unwrap();
         let counters = RecvCounters::default();
         let inbound = crate::tcp::test_inbound(layout.clone(), None);
+        let key = crate::tcp::test_frame_key();
         let desc = |runs: &[PageRun], payload: u32, round: u32| {
-            let table: Vec<u8> = runs
-                .iter()
-                .flat_map(|r| RunDesc::from_run(r).as_bytes().to_vec())
-                .collect();
-            let h = ChunkHeader::pages(
+            let c = Chunk::read(
+                &src,
+                &crate::tcp::test_page_key(),
+                &key,
                 7,
                 round,
-                runs.len() as u32,
-                payload,
-                0,
-                crc32fast::hash(&table),
-            );
+                runs.to_vec(),
+                false,
+            )
+            .unwrap();
+            let table = wire::run_table(runs);
+            let h = ChunkHeader::pages(&key, 7, round, &table, payload, 0, c.tag);
             let mut b = h.as_bytes().to_vec();
             b.extend_from_slice(&table);
             b
@@ -1163,46 +1196,61 @@ mod tests {
             pages: 1,
             zero: false,
         };
-        // Good: a data run and a zero run; the zero run is applied here.
+        let land = |d: &[u8]| land_descriptor(d, &inbound, &mem, &counters);
+        // Good: a data run and a zero run; the zero run is applied here, the
+        // data run (written by the NIC) hashed and its tag matched.
         let ok = desc(&[data, zero], 4096, 1);
-        assert_eq!(
-            land_descriptor(&ok, &inbound, &mem, &counters).unwrap(),
-            (7, None)
-        );
+        assert_eq!(land(&ok).unwrap(), (7, AckStatus::Landed, None));
         let mut page = [1u8; 4096];
         mem.read_slice(&mut page, vm_memory::GuestAddress(4096))
             .unwrap();
         assert!(page.iter().all(|&b| b == 0));
         assert_eq!(counters.payload_bytes.load(Ordering::Relaxed), 4096);
+        // The destination's evidence is the source's for the same pages.
+        let source = layout.ledger(crate::tcp::test_page_key()).unwrap();
+        let k = source.key().clone();
+        source.apply(source.record(0, k.hash(&[0x5c; 4096])).unwrap());
+        assert_eq!(inbound.ledger.evidence(), source.evidence());
+        // The NIC wrote something else than the source read: mismatch.
+        mem.write_slice(&[0x5d], vm_memory::GuestAddress(100))
+            .unwrap();
+        assert_eq!(land(&ok).unwrap(), (7, AckStatus::Mismatch, None));
+        mem.write_slice(&[0x5c], vm_memory::GuestAddress(100))
+            .unwrap();
+        // Pages another landing holds: busy, nothing applied.
+        {
+            let held = mem.get_slice(vm_memory::GuestAddress(4096), 4096).unwrap();
+            let _claim = ferry_ffi::vio::claim(&[held]).unwrap();
+            assert_eq!(land(&ok).unwrap(), (7, AckStatus::Busy, None));
+        }
+        // A changed run table or header: refused by the header tag.
+        let mut forged = ok.clone();
+        forged[HEADER_LEN] ^= 0x10;
+        let e = land(&forged).unwrap_err().to_string();
+        assert!(e.contains("chunk header tag"), "{e}");
+        let mut forged = ok.clone();
+        forged[16] ^= 1;
+        assert!(land(&forged).is_err(), "round changed");
         // Payload length that does not match the runs.
-        let bad = desc(&[data], 8192, 1);
-        assert!(land_descriptor(&bad, &inbound, &mem, &counters).is_err());
+        assert!(land(&desc(&[data], 8192, 1)).is_err());
         // A run outside the layout.
         let out = PageRun {
             gpa: 16 * 4096,
             pages: 1,
             zero: true,
         };
-        let e = land_descriptor(&desc(&[out], 0, 1), &inbound, &mem, &counters)
-            .unwrap_err()
-            .to_string();
+        let e = land(&desc(&[out], 0, 1)).unwrap_err().to_string();
         assert!(e.contains("outside"), "{e}");
-        // A corrupted run table.
-        let mut crc = desc(&[zero], 0, 1);
-        crc[40] ^= 1;
-        assert!(land_descriptor(&crc, &inbound, &mem, &counters).is_err());
         // A stale round.
-        let e = land_descriptor(&desc(&[zero], 0, 0), &inbound, &mem, &counters)
-            .unwrap_err()
-            .to_string();
+        let e = land(&desc(&[zero], 0, 0)).unwrap_err().to_string();
         assert!(e.contains("stale"), "{e}");
         // Truncated.
-        assert!(land_descriptor(&ok[..40], &inbound, &mem, &counters).is_err());
+        assert!(land(&ok[..70]).is_err());
         // End frame: the lost mask comes back.
-        let end = ChunkHeader::end(0b10);
+        let end = ChunkHeader::end(&key, 0b10);
         assert_eq!(
-            land_descriptor(end.as_bytes(), &inbound, &mem, &counters).unwrap(),
-            (END_ACK, Some(0b10))
+            land(end.as_bytes()).unwrap(),
+            (END_ACK, AckStatus::Landed, Some(0b10))
         );
     }
 }

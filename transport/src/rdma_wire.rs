@@ -35,6 +35,14 @@ use crate::layout::MemoryLayout;
 /// lost-channel mask is 64 bits wide.
 pub const MAX_RDMA_CHANNELS: usize = 64;
 
+/// Bytes of receive buffers the destination registers per RDMA channel: 32
+/// posted descriptor receives of a full descriptor (header and a run table
+/// of [`crate::wire::MAX_RUNS`] runs) and 32 ack buffers. Counted in the
+/// migration's reservation.
+pub const RDMA_CHANNEL_BUFFERS: u64 = 32
+    * (crate::wire::HEADER_LEN as u64 + crate::wire::MAX_RUNS as u64 * 16)
+    + 32 * crate::wire::ACK_LEN as u64;
+
 /// One RDMA-capable NIC: its address, subnet, device, and (in an
 /// [`RdmaAccept`]) the port its rdma_cm listener is bound to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -28,7 +28,6 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use ferry_ffi::vio;
@@ -40,17 +39,20 @@ use vm_memory::bitmap::MS;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 use zerocopy::IntoBytes;
 
-use crate::compress::{land_compressed, Decoder};
+use crate::compress::{land_segment, Decoder};
 use crate::error::{Result, TransportError};
 use crate::layout::PAGE_SIZE;
 use crate::layout::{MemoryLayout, PageRun};
 use crate::ratelimit::RateLimiter;
+use crate::reservation::{ChannelBudgets, RecvBuf, RECV_STEP};
 use crate::stream::Stream;
-use crate::wire::{self, AckFrame, AckStatus, ChunkHeader, ChunkKind, Codec, RunDesc};
+use crate::wire::{
+    self, AckFrame, AckStatus, ChunkHeader, ChunkKind, Codec, CompressedHeader, RunDesc,
+};
 use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
 use ferry_proto::evidence::PageHash;
-use ferry_proto::frame::RoundGate;
-use ferry_proto::Ledger;
+use ferry_proto::frame::{RoundGate, Tag};
+use ferry_proto::{Ledger, MacKey};
 
 /// Guest memory the transport can read from or land pages in.
 pub trait GuestMem: GuestMemoryBackend + Send + Sync + 'static {}
@@ -77,24 +79,6 @@ pub fn run_slices<'m, M: GuestMem>(
             })
         })
         .collect()
-}
-
-/// CRC32 of a run table followed by the given slices (read through copies
-/// into `scratch`).
-pub fn chunk_crc<B: vm_memory::bitmap::BitmapSlice>(
-    table: &[u8],
-    slices: &[VolatileSlice<'_, B>],
-    scratch: &mut Vec<u8>,
-) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(table);
-    for s in slices {
-        let _ = vio::read_pieces::<_, ()>(s, scratch, 64 << 10, |_, b| {
-            h.update(b);
-            Ok(())
-        });
-    }
-    h.finalize()
 }
 
 /// Copies the non-zero runs' pages, in run order, out of guest memory into
@@ -165,6 +149,8 @@ pub struct TcpSender<M: GuestMem> {
     /// Private buffer guest pages are copied into when they cannot go to
     /// the kernel straight from guest memory.
     scratch: Vec<u8>,
+    /// The session's frame key: header tags, and ack tags checked.
+    frame: MacKey,
 }
 
 impl<M: GuestMem> Drop for TcpSender<M> {
@@ -175,12 +161,13 @@ impl<M: GuestMem> Drop for TcpSender<M> {
 
 async fn read_acks<R: AsyncRead + Unpin>(
     mut read: R,
+    key: MacKey,
     tx: mpsc::UnboundedSender<Result<(u64, AckStatus)>>,
 ) {
-    let mut buf = [0u8; 16];
+    let mut buf = [0u8; wire::ACK_LEN];
     loop {
         let r = match read.read_exact(&mut buf).await {
-            Ok(_) => AckFrame::decode(&buf),
+            Ok(_) => AckFrame::decode(&key, &buf),
             Err(e) => Err(TransportError::io("reading acks", "data channel", e)),
         };
         let stop = r.is_err();
@@ -192,20 +179,33 @@ async fn read_acks<R: AsyncRead + Unpin>(
 
 impl<M: GuestMem> TcpSender<M> {
     /// Wraps a data channel (plain or TLS) whose hello was accepted.
-    /// `timeout` bounds the wait for any acknowledgement.
-    pub fn new(stream: impl Into<Stream>, mem: Arc<M>, channel: u16, timeout: Duration) -> Self {
+    /// `timeout` bounds the wait for any acknowledgement; `frame` is the
+    /// session's frame key ([`ferry_proto::SessionKeys::frame`]).
+    pub fn new(
+        stream: impl Into<Stream>,
+        mem: Arc<M>,
+        channel: u16,
+        timeout: Duration,
+        frame: MacKey,
+    ) -> Self {
         let stream = stream.into();
         let _ = stream.tcp().set_nodelay(true);
         let (tx, acks) = mpsc::unbounded_channel();
         let (write, ack_task) = match stream {
             Stream::Plain(s) => {
                 let (read, write) = s.into_split();
-                (Wire::Plain(write), tokio::spawn(read_acks(read, tx)))
+                (
+                    Wire::Plain(write),
+                    tokio::spawn(read_acks(read, frame.clone(), tx)),
+                )
             }
             tls => {
                 let fd = tls.tcp().as_fd().try_clone_to_owned().ok();
                 let (read, write) = tokio::io::split(tls);
-                (Wire::Tls { write, fd }, tokio::spawn(read_acks(read, tx)))
+                (
+                    Wire::Tls { write, fd },
+                    tokio::spawn(read_acks(read, frame.clone(), tx)),
+                )
             }
         };
         TcpSender {
@@ -224,6 +224,7 @@ impl<M: GuestMem> TcpSender<M> {
             ack_task,
             limiter: None,
             scratch: Vec::new(),
+            frame,
         }
     }
 
@@ -267,12 +268,13 @@ impl<M: GuestMem> TcpSender<M> {
             })?;
         self.in_flight_bytes -= bytes;
         self.stats.chunks += 1;
-        if status == AckStatus::CrcMismatch {
+        if status != AckStatus::Landed {
             // Expected now and then during pre-copy (a guest write racing our
             // read of the page); counted in the summary, so not a warning.
             tracing::debug!(
                 seq,
-                "destination reported a CRC mismatch; pages will be sent again"
+                ?status,
+                "destination asked for the chunk again; its pages will be sent again"
             );
             self.stats.crc_resends += 1;
             self.resend.extend(runs);
@@ -359,6 +361,8 @@ impl<M: GuestMem> TcpSender<M> {
         Ok(())
     }
 
+    /// Records a written chunk; its private copy (if any) is dropped here,
+    /// which returns the buffer to its pool.
     fn sent(&mut self, chunk: Chunk, wire: u64, window_bytes: u64) {
         self.stats.bytes_on_wire += wire;
         self.stats.payload_bytes += chunk.payload_bytes();
@@ -380,12 +384,29 @@ impl<M: GuestMem> TcpSender<M> {
         Ok(())
     }
 
-    /// Writes `head` and the chunk's guest pages with `writev`, resuming after
-    /// short writes. Slices are rebuilt inside each non-blocking attempt so
-    /// that no raw guest pointer is held across an await. On a TLS channel
-    /// the pages go through the session instead ([`write_pages`]).
-    async fn write_frame(&mut self, head: &[u8], runs: &[PageRun], total: usize) -> Result<()> {
+    /// Writes `head` and the chunk's pages. From the chunk's private copy
+    /// when it has one ([`Chunk::data`]: the bytes its tag was computed
+    /// from), else straight from guest memory: on a plain channel with
+    /// `writev`, resuming after short writes (slices are rebuilt inside each
+    /// non-blocking attempt so that no raw guest pointer is held across an
+    /// await); on a TLS channel through copies ([`write_pages`]).
+    async fn write_frame(&mut self, head: &[u8], chunk: &Chunk, total: usize) -> Result<()> {
+        let err = |e| TransportError::io("writing a chunk", "data channel", e);
+        if let Some(data) = &chunk.data {
+            let r = match &mut self.write {
+                Wire::Plain(w) => write_two(w, head, data).await,
+                Wire::Tls { write, .. } => {
+                    async {
+                        write_two(write, head, data).await?;
+                        write.flush().await
+                    }
+                    .await
+                }
+            };
+            return r.map_err(err);
+        }
         let mem = &*self.mem;
+        let runs = &chunk.runs;
         let scratch = &mut self.scratch;
         let stream: &TcpStream = match &mut self.write {
             Wire::Plain(w) => AsRef::<TcpStream>::as_ref(&*w),
@@ -395,9 +416,7 @@ impl<M: GuestMem> TcpSender<M> {
                     write_pages(write, mem, runs, scratch).await?;
                     write.flush().await
                 };
-                return r
-                    .await
-                    .map_err(|e| TransportError::io("writing a chunk", "data channel", e));
+                return r.await.map_err(err);
             }
         };
         let mut done = 0usize;
@@ -413,11 +432,29 @@ impl<M: GuestMem> TcpSender<M> {
             match r {
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(TransportError::io("writing a chunk", "data channel", e)),
+                Err(e) => return Err(err(e)),
             }
         }
         Ok(())
     }
+}
+
+/// Writes `a` then `b` with vectored writes, resuming after short writes.
+async fn write_two<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8]) -> std::io::Result<()> {
+    let mut done = 0usize;
+    let total = a.len() + b.len();
+    while done < total {
+        let bufs = [
+            std::io::IoSlice::new(&a[done.min(a.len())..]),
+            std::io::IoSlice::new(&b[done.saturating_sub(a.len())..]),
+        ];
+        let n = w.write_vectored(&bufs).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        done += n;
+    }
+    Ok(())
 }
 
 impl<M: GuestMem> Transport for TcpSender<M> {
@@ -441,28 +478,23 @@ impl<M: GuestMem> Transport for TcpSender<M> {
             });
         }
         self.reserve(payload).await?;
-        // Paced before the CRC is taken: a page the guest writes while this
-        // chunk waits would otherwise fail its CRC and the chunk go again.
-        let table_bytes = (chunk.runs.len() * std::mem::size_of::<RunDesc>()) as u64;
-        self.pace(32 + table_bytes + payload).await;
-        let table: Vec<RunDesc> = chunk.runs.iter().map(RunDesc::from_run).collect();
-        let crc = {
-            let slices = run_slices(&*self.mem, &chunk.runs)?;
-            chunk_crc(table.as_bytes(), &slices, &mut self.scratch)
-        };
+        let table = wire::run_table(&chunk.runs);
+        self.pace((wire::HEADER_LEN + table.len()) as u64 + payload)
+            .await;
         let header = ChunkHeader::pages(
+            &self.frame,
             chunk.seq,
             chunk.round,
-            table.len() as u32,
+            &table,
             payload as u32,
             0,
-            crc,
+            chunk.tag,
         );
-        let mut head = Vec::with_capacity(32 + table.as_bytes().len());
+        let mut head = Vec::with_capacity(wire::HEADER_LEN + table.len());
         head.extend_from_slice(header.as_bytes());
-        head.extend_from_slice(table.as_bytes());
+        head.extend_from_slice(&table);
         let total = head.len() + payload as usize;
-        self.write_frame(&head, &chunk.runs, total).await?;
+        self.write_frame(&head, &chunk, total).await?;
         self.sent(chunk, total as u64, payload);
         Ok(())
     }
@@ -478,11 +510,11 @@ impl<M: GuestMem> Transport for TcpSender<M> {
     }
 
     async fn finish(&mut self) -> Result<()> {
-        let end = ChunkHeader::end(u64::MAX);
+        let end = ChunkHeader::end(&self.frame, u64::MAX);
         self.write_bytes(end.as_bytes())
             .await
             .map_err(|e| TransportError::io("ending the data channel", "data channel", e))?;
-        self.stats.bytes_on_wire += 32;
+        self.stats.bytes_on_wire += wire::HEADER_LEN as u64;
         Ok(())
     }
 
@@ -511,8 +543,9 @@ pub struct RecvCounters {
 }
 
 /// What every data channel of one incoming migration shares (TCP and RDMA
-/// alike): the layout pages must lie in, the negotiated codec, the
-/// destination's evidence, and the round gate.
+/// alike): the layout pages must lie in, the negotiated codec, the frame
+/// key, the destination's evidence, the round gate, the per-frame read
+/// deadline and the migration's memory reservation.
 #[derive(Debug)]
 pub struct Inbound {
     /// The offered memory layout.
@@ -524,20 +557,52 @@ pub struct Inbound {
     /// (from destination memory, under the landing claim, right after it
     /// landed) and recorded here; zero runs record zero pages.
     pub ledger: Arc<Ledger>,
+    /// The session's frame key: header tags are checked before anything
+    /// lands, payload tags over what landed, acks are tagged.
+    pub frame: MacKey,
     /// One gate for every channel: a frame from an earlier round than any
     /// channel has seen is a stale copy and refused.
     pub rounds: RoundGate,
+    /// Once a frame's first byte has arrived, the rest of it must arrive
+    /// within this long, or its channel is closed (a channel that trickles
+    /// bytes is timed out on its own). Waiting for a frame to begin has no
+    /// per-channel limit: a channel may idle between rounds.
+    pub deadline: Duration,
+    /// Where each channel books its receive buffers (on the migration's
+    /// reservation); `None`: not counted.
+    pub buffers: Option<Arc<ChannelBudgets>>,
 }
 
 impl Inbound {
-    /// The shared state of a migration's channels.
-    pub fn new(layout: MemoryLayout, codec: Option<Codec>, ledger: Arc<Ledger>) -> Self {
+    /// The shared state of a migration's channels (a 30 s frame deadline,
+    /// no reservation).
+    pub fn new(
+        layout: MemoryLayout,
+        codec: Option<Codec>,
+        ledger: Arc<Ledger>,
+        frame: MacKey,
+    ) -> Self {
         Inbound {
             layout,
             codec,
             ledger,
+            frame,
             rounds: RoundGate::new(),
+            deadline: Duration::from_secs(30),
+            buffers: None,
         }
+    }
+
+    /// Sets the per-frame read deadline.
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Books every channel's receive buffers on `buffers`.
+    pub fn with_buffers(mut self, buffers: Arc<ChannelBudgets>) -> Self {
+        self.buffers = Some(buffers);
+        self
     }
 
     /// Admits a frame of `round` through the shared gate.
@@ -551,14 +616,51 @@ impl Inbound {
             ),
             })
     }
+
+    /// Whether `sum` (the landed pages' contributions) matches the payload tag.
+    pub fn payload_ok(&self, seq: u64, round: u32, sum: u128, tag: &Tag) -> bool {
+        ferry_proto::frame::payload_tag_ok(&self.frame, seq, round, sum, tag)
+    }
 }
 
 /// Shared channel state for tests: a fixed page key.
 #[cfg(test)]
 pub(crate) fn test_inbound(layout: MemoryLayout, codec: Option<Codec>) -> Inbound {
-    let key = ferry_proto::PageKey::from_secrets([3; 192], [5; 192]);
-    let ledger = Arc::new(layout.ledger(key).expect("a valid test layout"));
-    Inbound::new(layout, codec, ledger)
+    let ledger = Arc::new(layout.ledger(test_page_key()).expect("a valid test layout"));
+    Inbound::new(layout, codec, ledger, test_frame_key())
+}
+
+/// The frame key of [`test_inbound`].
+#[cfg(test)]
+pub(crate) fn test_frame_key() -> MacKey {
+    MacKey::from_bytes([7; 32])
+}
+
+/// The evidence of `runs` of `mem` under [`test_page_key`], as a source
+/// that sent exactly them would hold.
+#[cfg(test)]
+pub(crate) fn evidence_of<M: GuestMem>(mem: &M, runs: &[PageRun]) -> ferry_proto::Evidence {
+    let layout = MemoryLayout::of(mem);
+    let ledger = layout.ledger(test_page_key()).unwrap();
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for r in runs {
+        for p in 0..u64::from(r.pages) {
+            let gpa = r.gpa + p * PAGE_SIZE;
+            let s = mem
+                .get_slice(GuestAddress(gpa), PAGE_SIZE as usize)
+                .unwrap();
+            vio::copy_out(&s, &mut page);
+            let h = ledger.key().hash_or_zero(&page);
+            ledger.apply(ledger.record(gpa, h).unwrap());
+        }
+    }
+    ledger.evidence()
+}
+
+/// The page key of [`test_inbound`].
+#[cfg(test)]
+pub(crate) fn test_page_key() -> ferry_proto::PageKey {
+    ferry_proto::PageKey::from_secrets([3; 192], [5; 192])
 }
 
 /// The destination's side of the evidence for one chunk: hashes pages as
@@ -689,31 +791,6 @@ fn hash_landed<M: GuestMem>(
     Ok(from)
 }
 
-/// Feeds bytes `from..from + len` of the concatenated `slices` (claimed) to `crc`.
-fn crc_range<B: vm_memory::bitmap::BitmapSlice>(
-    claim: &vio::Claim,
-    crc: &mut crc32fast::Hasher,
-    slices: &[VolatileSlice<'_, B>],
-    mut from: usize,
-    mut len: usize,
-) {
-    for s in slices {
-        if len == 0 {
-            break;
-        }
-        if from >= s.len() {
-            from -= s.len();
-            continue;
-        }
-        let take = (s.len() - from).min(len);
-        if let Ok(part) = s.subslice(from, take) {
-            let _ = claim.with_bytes(&part, |b| crc.update(b));
-        }
-        len -= take;
-        from = 0;
-    }
-}
-
 /// Hands the non-zero runs' guest pages to `w` (a TLS session, which
 /// encrypts them into its records): each piece is copied out of guest
 /// memory into `buf` ([`vio::copy_out`]) and written from there.
@@ -746,14 +823,12 @@ async fn write_pages<W: AsyncWrite + Unpin, M: GuestMem>(
 
 /// Reads the non-zero runs' payload from `r` (a TLS session) straight into
 /// their claimed guest memory: the session decrypts into the pages, and
-/// each piece is fed to `crc` and every completed page hashed into `tally`
-/// right after it lands.
+/// every completed page is hashed into `tally` right after it lands.
 async fn read_pages<R: AsyncRead + Unpin, M: GuestMem>(
     r: &mut R,
     claim: &mut vio::Claim,
     mem: &M,
     runs: &[PageRun],
-    crc: &mut crc32fast::Hasher,
     tally: &mut Tally<'_>,
 ) -> Result<()> {
     let data: Vec<PageRun> = runs.iter().filter(|r| !r.zero).copied().collect();
@@ -772,21 +847,19 @@ async fn read_pages<R: AsyncRead + Unpin, M: GuestMem>(
                 claim
                     .with_bytes_mut(&slice, |dst| {
                         let mut buf = ReadBuf::new(dst);
-                        match Pin::new(&mut *r).poll_read(cx, &mut buf) {
-                            Poll::Ready(Ok(())) => {
-                                let n = buf.filled().len();
-                                crc.update(&dst[..n]);
-                                Poll::Ready(Ok(n))
-                            }
-                            other => other.map(|r| r.map(|()| 0)),
-                        }
+                        Pin::new(&mut *r)
+                            .poll_read(cx, &mut buf)
+                            .map(|r| r.map(|()| buf.filled().len()))
                     })
                     .map_err(std::io::Error::other)?
             })
             .await
             .map_err(|e| TransportError::io("reading a chunk payload", "data channel", e))?;
             if n == 0 {
-                hash_landed(claim, mem, &data, hashed, landed + done as u64, tally)?;
+                // What landed is recorded (the partial page too): the
+                // ledger describes destination memory whatever happens.
+                let partial = (landed + done as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+                hash_landed(claim, mem, &data, hashed, partial, tally)?;
                 return Err(TransportError::Malformed {
                     what: "chunk frame",
                     detail: format!(
@@ -805,15 +878,14 @@ async fn read_pages<R: AsyncRead + Unpin, M: GuestMem>(
 }
 
 /// Reads `total` payload bytes straight into the runs' claimed guest
-/// memory, feeding each piece to `crc` and hashing every completed page
-/// into `tally` right after it lands, while it is still in cache.
+/// memory, hashing every completed page into `tally` right after it lands,
+/// while it is still in cache.
 async fn read_payload<M: GuestMem>(
     stream: &TcpStream,
     claim: &mut vio::Claim,
     mem: &M,
     runs: &[PageRun],
     total: usize,
-    crc: &mut crc32fast::Hasher,
     tally: &mut Tally<'_>,
 ) -> Result<()> {
     let data: Vec<PageRun> = runs.iter().filter(|r| !r.zero).copied().collect();
@@ -826,14 +898,10 @@ async fn read_payload<M: GuestMem>(
             .map_err(|e| TransportError::io("waiting for data", "data channel", e))?;
         let r = stream.try_io(Interest::READABLE, || {
             let slices = run_slices(mem, &data).map_err(std::io::Error::other)?;
-            let n = claim.readv(stream.as_fd(), &slices, done)?;
-            crc_range(claim, crc, &slices, done, n);
-            Ok(n)
+            claim.readv(stream.as_fd(), &slices, done)
         });
         match r {
             Ok(0) => {
-                // What landed is recorded (the partial page too): the
-                // ledger describes destination memory whatever happens.
                 let partial = (done as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
                 hash_landed(claim, mem, &data, hashed, partial, tally)?;
                 return Err(TransportError::Malformed {
@@ -861,18 +929,212 @@ async fn read_payload<M: GuestMem>(
     Ok(())
 }
 
+/// Reads bytes `from..need` of a message into `buf`, which grows only as
+/// they arrive (booked on the migration's reservation). `what` names the
+/// bytes in a truncation error.
+async fn read_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut RecvBuf,
+    from: usize,
+    need: usize,
+    what: &str,
+) -> Result<()> {
+    let mut have = from;
+    while have < need {
+        let room = buf.room_for(have, need)?;
+        let n = r
+            .read(room)
+            .await
+            .map_err(|e| TransportError::io("reading a chunk frame", "data channel", e))?;
+        if n == 0 {
+            return Err(TransportError::Malformed {
+                what: "chunk frame",
+                detail: format!(
+                    "truncated inside {what}: connection closed after {have} of {need} bytes"
+                ),
+            });
+        }
+        have += n;
+    }
+    Ok(())
+}
+
+/// Reads and drops `need` bytes through `scratch` (a payload that may not
+/// land).
+async fn drain<R: AsyncRead + Unpin>(r: &mut R, scratch: &mut RecvBuf, need: usize) -> Result<()> {
+    let mut left = need;
+    while left > 0 {
+        let room = scratch.room_for(0, left.min(RECV_STEP))?;
+        let n = r
+            .read(room)
+            .await
+            .map_err(|e| TransportError::io("reading a chunk payload", "data channel", e))?;
+        if n == 0 {
+            return Err(TransportError::Malformed {
+                what: "chunk frame",
+                detail: format!(
+                    "truncated: connection closed {left} bytes before the end of a payload"
+                ),
+            });
+        }
+        left -= n;
+    }
+    Ok(())
+}
+
+/// Reads a compressed payload of `payload_len` bytes one segment at a time
+/// and lands each segment in its run (`data`: the non-zero runs) as soon as
+/// it arrived, decompressing straight into claimed guest memory. The outer
+/// error is the channel's (reading failed, a buffer did not fit); the inner
+/// one a payload that does not decode, after which the rest of the payload
+/// is read and dropped, so the channel stays in step with the frames (the
+/// payload length is the source's: the header tag covers it).
+#[allow(clippy::too_many_arguments)]
+async fn land_streamed<M: GuestMem>(
+    stream: &mut Stream,
+    bufs: &mut Buffers,
+    mem: &M,
+    claim: &mut vio::Claim,
+    seq: u64,
+    data: &[PageRun],
+    payload_len: usize,
+    codec: Codec,
+    tally: &mut Tally<'_>,
+) -> Result<std::result::Result<(), TransportError>> {
+    let head = 16.min(payload_len);
+    read_into(
+        stream,
+        &mut bufs.segtable,
+        0,
+        head,
+        "the compressed sub-header",
+    )
+    .await?;
+    let prefix = match CompressedHeader::prefix_len(bufs.segtable.get(head)) {
+        Ok(p) if p <= payload_len => p,
+        Ok(p) => {
+            drain(stream, &mut bufs.scratch, payload_len - head).await?;
+            return Ok(Err(TransportError::Malformed {
+                what: "compressed payload",
+                detail: format!(
+                    "chunk {seq}: a {p}-byte segment table in a {payload_len}-byte payload"
+                ),
+            }));
+        }
+        Err(e) => {
+            drain(stream, &mut bufs.scratch, payload_len - head).await?;
+            return Ok(Err(e));
+        }
+    };
+    read_into(
+        stream,
+        &mut bufs.segtable,
+        head,
+        prefix,
+        "the segment table",
+    )
+    .await?;
+    let lens: Vec<u64> = data.iter().map(PageRun::bytes).collect();
+    let p = match CompressedHeader::decode_prefix(
+        bufs.segtable.get(prefix),
+        payload_len,
+        &lens,
+        Some(codec),
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            drain(stream, &mut bufs.scratch, payload_len - prefix).await?;
+            return Ok(Err(e));
+        }
+    };
+    let mut failed = None;
+    for (run, seg) in data.iter().zip(&p.segments) {
+        read_into(
+            stream,
+            &mut bufs.segment,
+            0,
+            seg.len,
+            "a compressed segment",
+        )
+        .await?;
+        if failed.is_some() {
+            continue;
+        }
+        let src = bufs.segment.get(seg.len);
+        let decoder = &mut bufs.decoder;
+        let mut land = || {
+            land_segment(
+                decoder, claim, mem, seq, run, p.codec, src, seg.stored, tally,
+            )
+        };
+        // Decompression is CPU work: keep it off the runtime's other tasks
+        // where the runtime allows.
+        let r = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(land),
+            _ => land(),
+        };
+        if let Err(e) = r {
+            failed = Some(e);
+        }
+    }
+    Ok(failed.map_or(Ok(()), Err))
+}
+
+/// What one frame was.
+enum Received {
+    /// The source's end frame.
+    End,
+    /// A chunk, answered with this ack.
+    Chunk(u64, AckStatus),
+}
+
+/// One channel's buffers, all growing as bytes arrive and booked on the
+/// migration's reservation, each bounded (see [`channel_buffers`]).
+struct Buffers {
+    /// A run table: at most [`wire::MAX_RUNS`] runs.
+    table: RecvBuf,
+    /// A compressed payload's sub-header and segment table.
+    segtable: RecvBuf,
+    /// One compressed segment: at most [`wire::MAX_SEGMENT`] bytes.
+    segment: RecvBuf,
+    /// Drains a payload that may not land, a step at a time.
+    scratch: RecvBuf,
+    decoder: Decoder,
+}
+
+/// The most receive-buffer bytes one TCP data channel holds: a full run
+/// table, a drain step, and on a compressed channel a full segment table
+/// and one segment. Every compressed frame is read and decompressed one
+/// segment at a time, so no buffer depends on how large a frame is.
+pub const fn channel_buffers(compressed: bool) -> u64 {
+    let base = (wire::MAX_RUNS as usize * std::mem::size_of::<RunDesc>() + RECV_STEP) as u64;
+    if compressed {
+        base + (16 + 4 * wire::MAX_RUNS as usize + wire::MAX_SEGMENT) as u64
+    } else {
+        base
+    }
+}
+
 /// Destination side of one TCP data channel: reads chunk frames until the
-/// source's end frame, lands every page straight in `mem` (under a landing
-/// claim on the chunk's pages, so no other channel lands there meanwhile),
-/// hashes what landed into the migration's ledger, checks each chunk's CRC
-/// and acknowledges it (or asks for it again). On a channel of the
-/// compression option compressed frames are read into one buffer, their
-/// CRC checked, and decompressed straight into guest memory.
+/// source's end frame and answers each with a tagged ack.
 ///
-/// Frames must come in non-decreasing round order across every channel of
-/// the migration ([`Inbound::rounds`]): a frame from an earlier round than
-/// one any channel has seen is refused, so a stale copy can never
-/// overwrite a newer one.
+/// For each frame: the header's plain fields are checked, the run table
+/// read, and the **header tag checked before any byte lands** (a frame
+/// whose header or run table was changed on the way is refused and the
+/// channel closed: its lengths can no longer be trusted). The round must
+/// not be older than any channel of the migration has seen
+/// ([`Inbound::rounds`]). Every page the chunk names is then claimed
+/// ([`vio::claim`]): if another chunk is landing on some of them, the
+/// payload is read and dropped and the chunk answered [`AckStatus::Busy`].
+/// Otherwise zero runs are zeroed and the payload lands straight in guest
+/// memory (`readv`, the TLS session decrypting into it, or decompression
+/// from the channel's buffer); every landed page is hashed into the
+/// migration's ledger while still in cache, and the sum of their
+/// contributions checked against the payload tag: [`AckStatus::Landed`] or
+/// [`AckStatus::Mismatch`] (the source sends the pages again).
+///
+/// Once a frame's first byte arrived, the whole frame must arrive within
+/// [`Inbound::deadline`].
 pub async fn receive_channel<M: GuestMem>(
     stream: impl Into<Stream>,
     inbound: &Inbound,
@@ -881,183 +1143,647 @@ pub async fn receive_channel<M: GuestMem>(
 ) -> Result<()> {
     let mut stream = stream.into();
     let _ = stream.tcp().set_nodelay(true);
-    let layout = &inbound.layout;
-    let mut cbuf: Vec<u8> = Vec::new();
-    let mut decoder = Decoder::default();
-    let mut head = [0u8; 32];
+    // The channel's buffers are booked (a channel that does not fit within
+    // --memory-limit is refused) and grow within the booking.
+    let booking = inbound.buffers.as_ref().map(|b| b.book()).transpose()?;
+    let budget = booking.as_ref().map(|b| b.buffers.clone());
+    let mut bufs = Buffers {
+        table: RecvBuf::new(budget.clone(), "receive buffers (run table)"),
+        segtable: RecvBuf::new(budget.clone(), "receive buffers (segment table)"),
+        segment: RecvBuf::new(budget.clone(), "receive buffers (compressed segment)"),
+        scratch: RecvBuf::new(budget, "receive buffers (scratch)"),
+        decoder: Decoder::default(),
+    };
     loop {
-        stream
-            .read_exact(&mut head)
+        let mut head = [0u8; wire::HEADER_LEN];
+        // A channel may idle between frames as long as it likes (the
+        // migration's own stall timer covers a source that stops
+        // altogether); once a frame has begun, it has its deadline.
+        let first = stream
+            .read(&mut head)
             .await
             .map_err(|e| TransportError::io("reading a chunk header", "data channel", e))?;
-        let (h, kind) = ChunkHeader::decode(&head)?;
-        if kind == ChunkKind::End {
-            return Ok(());
-        }
-        let (seq, round) = (h.seq.get(), h.round.get());
-        inbound.admit_round(seq, round)?;
-        counters.round.fetch_max(round.into(), Ordering::Relaxed);
-        let codec = if h.flags.get() & wire::FLAG_COMPRESSED != 0 {
-            match inbound.codec {
-                Some(c) => Some(c),
-                None => {
-                    return Err(TransportError::Invalid {
-                        field: "chunk flags",
-                        detail: "compressed chunk on a channel negotiated without compression"
-                            .into(),
-                    })
-                }
-            }
-        } else {
-            None
-        };
-        let mut table = vec![0u8; h.run_count.get() as usize * 16];
-        stream
-            .read_exact(&mut table)
-            .await
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => TransportError::Malformed {
-                    what: "chunk frame",
-                    detail: format!("truncated inside the run table of chunk {seq}"),
-                },
-                _ => TransportError::io("reading a run table", "data channel", e),
-            })?;
-        let (runs, data_bytes) = wire::decode_runs(&table, layout)?;
-        let payload_len = u64::from(h.payload_len.get());
-        if codec.is_none() && data_bytes != payload_len {
-            return Err(TransportError::Invalid {
-                field: "chunk payload length",
-                detail: format!(
-                    "chunk {seq} says {payload_len} bytes but its runs hold {data_bytes}"
-                ),
+        if first == 0 {
+            return Err(TransportError::PeerClosed {
+                what: "data channel",
             });
         }
-        if codec.is_some() && data_bytes > u64::from(wire::MAX_CHUNK_PAYLOAD) {
-            return Err(TransportError::TooLarge {
-                field: "uncompressed chunk",
-                len: data_bytes,
-                limit: wire::MAX_CHUNK_PAYLOAD.into(),
-            });
-        }
-        // Nothing lands before every page the chunk names is claimed: no
-        // other channel writes them meanwhile.
-        let mut claim = match claim_runs(mem, &runs)? {
-            Ok(c) => c,
-            Err(busy) => {
-                return Err(TransportError::Invalid {
-                    field: "chunk pages",
-                    detail: format!("chunk {seq}: {busy}"),
+        let frame = receive_frame(
+            &mut stream,
+            &mut head,
+            first,
+            inbound,
+            mem,
+            counters,
+            &mut bufs,
+        );
+        let received = match tokio::time::timeout(inbound.deadline, frame).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(TransportError::Timeout {
+                    what: "the rest of a chunk frame on this data channel (per-frame deadline)",
+                    after: inbound.deadline,
                 })
             }
         };
-        let mut tally = Tally::new(&inbound.ledger);
-        let landed = match codec {
-            None => {
-                let mut crc = crc32fast::Hasher::new();
-                crc.update(&table);
-                match &mut stream {
-                    Stream::Plain(s) => {
-                        read_payload(
-                            s,
-                            &mut claim,
-                            mem,
-                            &runs,
-                            payload_len as usize,
-                            &mut crc,
-                            &mut tally,
-                        )
-                        .await?
-                    }
-                    Stream::Tls(t) => {
-                        read_pages(&mut **t, &mut claim, mem, &runs, &mut crc, &mut tally).await?
-                    }
-                }
-                crc.finalize() == h.crc32.get()
-            }
-            Some(codec) => {
-                let n = payload_len as usize;
-                if cbuf.len() < n {
-                    cbuf.resize(n, 0);
-                }
-                let payload = &mut cbuf[..n];
-                stream
-                    .read_exact(payload)
-                    .await
-                    .map_err(|e| match e.kind() {
-                        std::io::ErrorKind::UnexpectedEof => TransportError::Malformed {
-                            what: "chunk frame",
-                            detail: format!("truncated inside the payload of chunk {seq}"),
-                        },
-                        _ => TransportError::io("reading a chunk payload", "data channel", e),
-                    })?;
-                let mut crc = crc32fast::Hasher::new();
-                crc.update(&table);
-                crc.update(payload);
-                if crc.finalize() != h.crc32.get() {
-                    false
-                } else {
-                    counters.compressed_chunks.fetch_add(1, Ordering::Relaxed);
-                    let payload = &*payload;
-                    let mut land = || {
-                        land_compressed(
-                            &mut decoder,
-                            &mut claim,
-                            mem,
-                            seq,
-                            &runs,
-                            payload,
-                            codec,
-                            &mut tally,
-                        )
-                    };
-                    // Decompression is CPU work: keep it off the runtime's
-                    // other tasks where the runtime allows.
-                    match tokio::runtime::Handle::current().runtime_flavor() {
-                        tokio::runtime::RuntimeFlavor::MultiThread => {
-                            tokio::task::block_in_place(land)?
-                        }
-                        _ => land()?,
-                    }
-                }
-            }
+        let (seq, status) = match received {
+            Received::End => return Ok(()),
+            Received::Chunk(seq, status) => (seq, status),
         };
-        let status = if landed {
-            for r in runs.iter().filter(|r| r.zero) {
-                land_zero_run(&mut claim, mem, r, &mut tally)?;
-            }
-            counters
-                .payload_bytes
-                .fetch_add(data_bytes, Ordering::Relaxed);
-            counters.pages.fetch_add(
-                runs.iter().map(|r| u64::from(r.pages)).sum(),
-                Ordering::Relaxed,
-            );
-            counters.chunks.fetch_add(1, Ordering::Relaxed);
-            AckStatus::Landed
-        } else {
-            // During pre-copy a guest write racing the source's read causes
-            // this too; the page is dirty and is sent again anyway.
-            tracing::debug!(
-                seq,
-                expected = h.crc32.get(),
-                "CRC mismatch: asking the source to send the chunk again"
-            );
-            counters.crc_errors.fetch_add(1, Ordering::Relaxed);
-            AckStatus::CrcMismatch
-        };
-        drop(tally);
-        drop(claim);
-        counters
-            .bytes_on_wire
-            .fetch_add(32 + table.len() as u64 + payload_len, Ordering::Relaxed);
         // The flush sends a TLS session's record; a plain socket's does nothing.
         let ack = async {
             stream
-                .write_all(AckFrame::new(seq, status).as_bytes())
+                .write_all(AckFrame::new(&inbound.frame, seq, status).as_bytes())
                 .await?;
             stream.flush().await
         };
         ack.await
             .map_err(|e| TransportError::io("sending an ack", "data channel", e))?;
+    }
+}
+
+/// Reads, checks and lands one frame whose first `first` header bytes are
+/// in `head`.
+async fn receive_frame<M: GuestMem>(
+    stream: &mut Stream,
+    head: &mut [u8; wire::HEADER_LEN],
+    first: usize,
+    inbound: &Inbound,
+    mem: &M,
+    counters: &RecvCounters,
+    bufs: &mut Buffers,
+) -> Result<Received> {
+    stream
+        .read_exact(&mut head[first..])
+        .await
+        .map_err(|e| TransportError::io("reading a chunk header", "data channel", e))?;
+    let (h, kind) = ChunkHeader::decode(head)?;
+    let (seq, round) = (h.seq.get(), h.round.get());
+    let table_len = h.run_count.get() as usize * std::mem::size_of::<RunDesc>();
+    read_into(stream, &mut bufs.table, 0, table_len, "the run table").await?;
+    let table = bufs.table.get(table_len);
+    // Nothing lands before the header and run table are known to be the
+    // source's.
+    h.verify(&inbound.frame, table)?;
+    if kind == ChunkKind::End {
+        return Ok(Received::End);
+    }
+    let (runs, data_bytes) = wire::decode_runs(table, &inbound.layout)?;
+    inbound.admit_round(seq, round)?;
+    counters.round.fetch_max(round.into(), Ordering::Relaxed);
+    let payload_len = u64::from(h.payload_len.get());
+    let codec = if h.flags.get() & wire::FLAG_COMPRESSED != 0 {
+        match inbound.codec {
+            Some(c) => Some(c),
+            None => {
+                return Err(TransportError::Invalid {
+                    field: "chunk flags",
+                    detail: "compressed chunk on a channel negotiated without compression".into(),
+                })
+            }
+        }
+    } else {
+        None
+    };
+    if codec.is_none() && data_bytes != payload_len {
+        return Err(TransportError::Invalid {
+            field: "chunk payload length",
+            detail: format!("chunk {seq} says {payload_len} bytes but its runs hold {data_bytes}"),
+        });
+    }
+    if codec.is_some() && data_bytes > u64::from(wire::MAX_CHUNK_PAYLOAD) {
+        return Err(TransportError::TooLarge {
+            field: "uncompressed chunk",
+            len: data_bytes,
+            limit: wire::MAX_CHUNK_PAYLOAD.into(),
+        });
+    }
+    counters.bytes_on_wire.fetch_add(
+        (wire::HEADER_LEN + table_len) as u64 + payload_len,
+        Ordering::Relaxed,
+    );
+    // Nothing lands before every page the chunk names is claimed: no other
+    // chunk lands on them meanwhile.
+    let mut claim = match claim_runs(mem, &runs)? {
+        Ok(c) => c,
+        Err(busy) => {
+            tracing::warn!(
+                seq,
+                round,
+                "chunk refused, asking for it again: {busy} (a stale copy in flight?)"
+            );
+            drain(stream, &mut bufs.scratch, payload_len as usize).await?;
+            counters.crc_errors.fetch_add(1, Ordering::Relaxed);
+            return Ok(Received::Chunk(seq, AckStatus::Busy));
+        }
+    };
+    let mut tally = Tally::new(&inbound.ledger);
+    for r in runs.iter().filter(|r| r.zero) {
+        land_zero_run(&mut claim, mem, r, &mut tally)?;
+    }
+    let decoded = match codec {
+        None => {
+            match stream {
+                Stream::Plain(s) => {
+                    read_payload(s, &mut claim, mem, &runs, payload_len as usize, &mut tally)
+                        .await?
+                }
+                Stream::Tls(t) => read_pages(&mut **t, &mut claim, mem, &runs, &mut tally).await?,
+            }
+            true
+        }
+        Some(codec) => {
+            counters.compressed_chunks.fetch_add(1, Ordering::Relaxed);
+            let data: Vec<PageRun> = runs.iter().filter(|r| !r.zero).copied().collect();
+            let landed = land_streamed(
+                stream,
+                bufs,
+                mem,
+                &mut claim,
+                seq,
+                &data,
+                payload_len as usize,
+                codec,
+                &mut tally,
+            )
+            .await?;
+            match landed {
+                Ok(()) => true,
+                Err(e) => {
+                    // The frame is the source's (its header tag held) but its
+                    // payload does not decode: damaged on the way. What
+                    // landed is recorded; the pages are asked for again.
+                    tracing::warn!(seq, round, "{e}; asking for the chunk again");
+                    false
+                }
+            }
+        }
+    };
+    let sum = tally.sum;
+    drop(tally);
+    drop(claim);
+    let status = if decoded && inbound.payload_ok(seq, round, sum, &h.payload_tag) {
+        counters
+            .payload_bytes
+            .fetch_add(data_bytes, Ordering::Relaxed);
+        counters.pages.fetch_add(
+            runs.iter().map(|r| u64::from(r.pages)).sum(),
+            Ordering::Relaxed,
+        );
+        counters.chunks.fetch_add(1, Ordering::Relaxed);
+        AckStatus::Landed
+    } else {
+        // During pre-copy a guest write racing the source's read causes
+        // this too; the page is dirty and is sent again anyway.
+        tracing::debug!(
+            seq,
+            round,
+            "payload tag mismatch: asking the source to send the chunk again"
+        );
+        counters.crc_errors.fetch_add(1, Ordering::Relaxed);
+        AckStatus::Mismatch
+    };
+    Ok(Received::Chunk(seq, status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::RegionDesc;
+    use crate::reservation::MemoryPool;
+    use crate::wire::{HEADER_LEN, MAX_CHUNK_PAYLOAD};
+    use vm_memory::GuestMemoryMmap;
+
+    const PAGES: u64 = 64;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (PAGES * PAGE_SIZE) as usize)]).unwrap()
+    }
+
+    fn layout() -> MemoryLayout {
+        MemoryLayout {
+            page_size: PAGE_SIZE,
+            regions: vec![RegionDesc {
+                gpa: 0,
+                size: PAGES * PAGE_SIZE,
+            }],
+        }
+    }
+
+    /// Every page a different pattern, pages 8..12 zero.
+    fn filled() -> GuestMemoryMmap {
+        let m = mem();
+        for p in (0..PAGES).filter(|p| !(8..12).contains(p)) {
+            let page: Vec<u8> = (0..PAGE_SIZE).map(|i| (i * 7 + p * 13) as u8).collect();
+            m.write_slice(&page, GuestAddress(p * PAGE_SIZE)).unwrap();
+        }
+        m
+    }
+
+    fn run(first: u64, pages: u32, zero: bool) -> PageRun {
+        PageRun {
+            gpa: first * PAGE_SIZE,
+            pages,
+            zero,
+        }
+    }
+
+    fn read(src: &GuestMemoryMmap, seq: u64, round: u32, runs: Vec<PageRun>, copy: bool) -> Chunk {
+        Chunk::read(
+            src,
+            &test_page_key(),
+            &test_frame_key(),
+            seq,
+            round,
+            runs,
+            copy,
+        )
+        .unwrap()
+    }
+
+    /// The frame a plain sender writes for `c`.
+    fn frame(c: &Chunk, src: &GuestMemoryMmap) -> Vec<u8> {
+        let table = wire::run_table(&c.runs);
+        let mut payload = Vec::new();
+        copy_runs(src, &c.runs, &mut payload).unwrap();
+        let h = ChunkHeader::pages(
+            &test_frame_key(),
+            c.seq,
+            c.round,
+            &table,
+            payload.len() as u32,
+            0,
+            c.tag,
+        );
+        let mut out = h.as_bytes().to_vec();
+        out.extend_from_slice(&table);
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    async fn pair(tls: bool) -> (Stream, Stream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        if !tls {
+            return (a.into(), b.into());
+        }
+        let key = crate::auth::AuthKey::new(vec![5; 32]).unwrap();
+        let t = crate::tls::TlsConfig::from_psk(&key).unwrap();
+        let d = Duration::from_secs(10);
+        let (a, b) = tokio::join!(t.connect(a, d), t.accept(b, d));
+        (a.unwrap(), b.unwrap())
+    }
+
+    /// Writes `frames` (then an end frame) to a receiving channel of
+    /// `inbound` over `dst`; returns its result and the acks it sent.
+    async fn receive(
+        frames: Vec<Vec<u8>>,
+        inbound: Arc<Inbound>,
+        dst: Arc<GuestMemoryMmap>,
+    ) -> (Result<()>, Vec<AckStatus>) {
+        let (mut a, b) = pair(false).await;
+        let rx = tokio::spawn(async move {
+            receive_channel(b, &inbound, &*dst, &RecvCounters::default()).await
+        });
+        let n = frames.len();
+        for f in frames {
+            let _ = a.write_all(&f).await;
+        }
+        let end = ChunkHeader::end(&test_frame_key(), u64::MAX);
+        let _ = a.write_all(end.as_bytes()).await;
+        let mut acks = Vec::new();
+        let mut buf = [0u8; wire::ACK_LEN];
+        for _ in 0..n {
+            if a.read_exact(&mut buf).await.is_err() {
+                break;
+            }
+            acks.push(AckFrame::decode(&test_frame_key(), &buf).unwrap().1);
+        }
+        (rx.await.unwrap(), acks)
+    }
+
+    fn pages_of(m: &GuestMemoryMmap, first: u64, n: u64) -> Vec<u8> {
+        let mut v = vec![0u8; (n * PAGE_SIZE) as usize];
+        m.read_slice(&mut v, GuestAddress(first * PAGE_SIZE))
+            .unwrap();
+        v
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plain_and_tls_channels_land_the_same_pages_with_the_source_s_evidence() {
+        let src = Arc::new(filled());
+        let runs = [
+            vec![run(0, 8, false), run(8, 4, true), run(12, 4, false)],
+            vec![run(16, 16, false)],
+            vec![run(32, 1, false), run(40, 24, false)],
+        ];
+        let mut evidence = Vec::new();
+        for tls in [false, true] {
+            let (a, b) = pair(tls).await;
+            let dst = Arc::new(mem());
+            let inbound = Arc::new(test_inbound(layout(), None));
+            let (d, i) = (dst.clone(), inbound.clone());
+            let rx =
+                tokio::spawn(
+                    async move { receive_channel(b, &i, &*d, &RecvCounters::default()).await },
+                );
+            let mut tx =
+                TcpSender::new(a, src.clone(), 0, Duration::from_secs(10), test_frame_key());
+            assert_eq!(tx.capabilities().zero_copy, !tls);
+            for (i, r) in runs.iter().enumerate() {
+                // With the page pass's private copy and without it.
+                tx.send(read(&src, i as u64, 0, r.clone(), i % 2 == 0))
+                    .await
+                    .unwrap();
+            }
+            assert!(tx.flush().await.unwrap().resend.is_empty());
+            tx.finish().await.unwrap();
+            rx.await.unwrap().unwrap();
+            for r in runs.iter().flatten() {
+                let (first, n) = (r.gpa / PAGE_SIZE, u64::from(r.pages));
+                assert!(
+                    pages_of(&dst, first, n) == pages_of(&src, first, n),
+                    "tls {tls}: pages {first}..+{n} differ"
+                );
+            }
+            let want = evidence_of(&*src, &runs.concat());
+            assert_eq!(inbound.ledger.evidence(), want, "tls {tls}");
+            evidence.push(inbound.ledger.evidence());
+        }
+        assert_eq!(
+            evidence[0], evidence[1],
+            "the same content, the same evidence"
+        );
+        assert_ne!(evidence[0], ferry_proto::Evidence::default());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tampered_header_or_run_table_is_refused_before_anything_lands() {
+        let src = filled();
+        let c = read(&src, 3, 1, vec![run(4, 2, false), run(20, 1, false)], false);
+        let good = frame(&c, &src);
+        let tampered: Vec<(&str, Vec<u8>)> = vec![
+            ("run address", {
+                let mut f = good.clone();
+                f[HEADER_LEN + 1] ^= 0x10;
+                f
+            }),
+            ("round", {
+                let mut f = good.clone();
+                f[16] ^= 0x01;
+                f
+            }),
+            ("payload tag", {
+                let mut f = good.clone();
+                f[40] ^= 0x01;
+                f
+            }),
+            ("a tag under another key", {
+                let (mut h, _) = ChunkHeader::decode(&good).unwrap();
+                h.seal(
+                    &MacKey::from_bytes([1; 32]),
+                    &good[HEADER_LEN..HEADER_LEN + 32],
+                );
+                let mut f = good.clone();
+                f[..HEADER_LEN].copy_from_slice(h.as_bytes());
+                f
+            }),
+        ];
+        for (what, f) in tampered {
+            let dst = Arc::new(mem());
+            let inbound = Arc::new(test_inbound(layout(), None));
+            let (r, acks) = receive(vec![f], inbound.clone(), dst.clone()).await;
+            let e = r.unwrap_err().to_string();
+            assert!(
+                e.contains("chunk header tag") && e.contains("chunk 3"),
+                "{what}: {e}"
+            );
+            assert!(acks.is_empty(), "{what}");
+            assert!(
+                pages_of(&dst, 0, PAGES).iter().all(|&b| b == 0),
+                "{what}: nothing landed"
+            );
+            assert_eq!(inbound.ledger.evidence(), ferry_proto::Evidence::default());
+        }
+        // The untouched frame lands.
+        let dst = Arc::new(mem());
+        let (r, acks) = receive(
+            vec![good],
+            Arc::new(test_inbound(layout(), None)),
+            dst.clone(),
+        )
+        .await;
+        r.unwrap();
+        assert_eq!(acks, [AckStatus::Landed]);
+        assert!(pages_of(&dst, 4, 2) == pages_of(&src, 4, 2));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tampered_payload_lands_is_recorded_and_answered_mismatch() {
+        let src = filled();
+        let runs = vec![run(4, 2, false)];
+        let c = read(&src, 3, 1, runs.clone(), false);
+        let good = frame(&c, &src);
+        let mut bad = good.clone();
+        bad[HEADER_LEN + 16 + 5000] ^= 0x04;
+        let dst = Arc::new(mem());
+        let inbound = Arc::new(test_inbound(layout(), None));
+        let want = evidence_of(&src, &runs);
+        let (r, acks) = receive(vec![bad], inbound.clone(), dst.clone()).await;
+        r.unwrap();
+        assert_eq!(acks, [AckStatus::Mismatch], "asked for again");
+        // What landed is what the ledger describes: not the source's pages.
+        assert_ne!(inbound.ledger.evidence(), want);
+        assert_eq!(inbound.ledger.evidence(), evidence_of(&*dst, &runs));
+        // The resend lands over it, and the evidence is the source's.
+        let (r, acks) = receive(vec![good], inbound.clone(), dst.clone()).await;
+        r.unwrap();
+        assert_eq!(acks, [AckStatus::Landed]);
+        assert_eq!(inbound.ledger.evidence(), want);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_on_pages_another_landing_holds_is_answered_busy() {
+        let src = filled();
+        let c = read(&src, 1, 0, vec![run(4, 4, false)], false);
+        let dst = Arc::new(mem());
+        let inbound = Arc::new(test_inbound(layout(), None));
+        let held = dst.get_slice(GuestAddress(6 * PAGE_SIZE), 4096).unwrap();
+        let claim = vio::claim(&[held]).unwrap();
+        let (r, acks) = receive(vec![frame(&c, &src)], inbound.clone(), dst.clone()).await;
+        r.unwrap();
+        assert_eq!(acks, [AckStatus::Busy]);
+        assert!(
+            pages_of(&dst, 4, 4).iter().all(|&b| b == 0),
+            "nothing landed"
+        );
+        drop(claim);
+        let (r, acks) = receive(vec![frame(&c, &src)], inbound, dst.clone()).await;
+        r.unwrap();
+        assert_eq!(acks, [AckStatus::Landed]);
+        assert!(pages_of(&dst, 4, 4) == pages_of(&src, 4, 4));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_trickling_frame_is_timed_out_on_its_own_channel_an_idle_one_is_not() {
+        let src = filled();
+        let c = read(&src, 1, 0, vec![run(0, 1, false)], false);
+        let f = frame(&c, &src);
+        let deadline = Duration::from_millis(400);
+        // Idle before a frame: allowed (longer than the deadline).
+        let (mut a, b) = pair(false).await;
+        let dst = Arc::new(mem());
+        let inbound = Arc::new(test_inbound(layout(), None).with_deadline(deadline));
+        let (d, i) = (dst.clone(), inbound.clone());
+        let rx =
+            tokio::spawn(
+                async move { receive_channel(b, &i, &*d, &RecvCounters::default()).await },
+            );
+        tokio::time::sleep(2 * deadline).await;
+        a.write_all(&f).await.unwrap();
+        let mut ack = [0u8; wire::ACK_LEN];
+        a.read_exact(&mut ack).await.unwrap();
+        assert_eq!(
+            AckFrame::decode(&test_frame_key(), &ack).unwrap(),
+            (1, AckStatus::Landed)
+        );
+        // A frame that has begun and then trickles: closed at its deadline.
+        let started = std::time::Instant::now();
+        let trickle = async {
+            for b in &f[..200] {
+                if a.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let (r, ()) = tokio::join!(rx, trickle);
+        let e = r.unwrap().unwrap_err().to_string();
+        assert!(e.contains("per-frame deadline"), "{e}");
+        assert!(
+            started.elapsed() < 200 * Duration::from_millis(50),
+            "closed before the trickle ended"
+        );
+    }
+
+    /// A channel whose buffers are booked on a pool of `limit` bytes beyond
+    /// the guest's, receiving `frames` (bytes written as they are); returns
+    /// the pool, the channel's result and its acks.
+    async fn budgeted(
+        extra: u64,
+        writes: Vec<(Vec<u8>, Duration)>,
+    ) -> (Arc<MemoryPool>, Result<()>, Vec<AckStatus>, u64) {
+        let base = PAGES * PAGE_SIZE;
+        let pool = MemoryPool::new(base + extra);
+        let reservation = Arc::new(pool.reserve(base + extra).unwrap());
+        let budgets = crate::reservation::ChannelBudgets::new(reservation, extra, 1);
+        let inbound = Arc::new(
+            test_inbound(layout(), Some(Codec::Zstd))
+                .with_buffers(budgets.clone())
+                .with_deadline(Duration::from_secs(20)),
+        );
+        let (mut a, b) = pair(false).await;
+        let dst = Arc::new(mem());
+        let rx = tokio::spawn(async move {
+            receive_channel(b, &inbound, &*dst, &RecvCounters::default()).await
+        });
+        let mut peak = 0;
+        for (w, pause) in writes {
+            if a.write_all(&w).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            peak = peak.max(budgets.buffered());
+        }
+        let _ = a
+            .write_all(ChunkHeader::end(&test_frame_key(), u64::MAX).as_bytes())
+            .await;
+        let mut acks = Vec::new();
+        let mut buf = [0u8; wire::ACK_LEN];
+        while a.read_exact(&mut buf).await.is_ok() {
+            acks.push(AckFrame::decode(&test_frame_key(), &buf).unwrap().1);
+        }
+        let r = rx.await.unwrap();
+        drop(budgets);
+        (pool, r, acks, peak)
+    }
+
+    /// Header and run table of a compressed frame announcing `payload` bytes
+    /// for the whole guest (64 pages).
+    fn announcing(payload: u32) -> Vec<u8> {
+        let table = wire::run_table(&[run(0, PAGES as u32, false)]);
+        let h = ChunkHeader::pages(
+            &test_frame_key(),
+            1,
+            0,
+            &table,
+            payload,
+            wire::FLAG_COMPRESSED,
+            [0; 16],
+        );
+        let mut f = h.as_bytes().to_vec();
+        f.extend_from_slice(&table);
+        f
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn receive_buffers_grow_as_bytes_arrive_and_stay_within_the_reservation() {
+        let limit = channel_buffers(true);
+        // A frame announcing a 16 MiB compressed payload, then trickling:
+        // nothing near 16 MiB is allocated, only what arrived needs.
+        let mut writes = vec![(announcing(MAX_CHUNK_PAYLOAD), Duration::ZERO)];
+        writes.extend((0..5).map(|_| (vec![0u8; 100], Duration::from_millis(40))));
+        // Then the 16 MiB really arrive (junk: the sub-header does not
+        // decode): read and dropped a step at a time, answered Mismatch.
+        writes.push((
+            vec![0u8; MAX_CHUNK_PAYLOAD as usize - 500],
+            Duration::from_millis(50),
+        ));
+        let (pool, r, acks, peak) = budgeted(limit, writes).await;
+        r.unwrap();
+        assert_eq!(acks, [AckStatus::Mismatch]);
+        assert!(peak <= limit, "{peak} bytes booked, at most {limit}");
+        assert!(
+            peak <= 2 * RECV_STEP as u64,
+            "only what the junk needed: {peak}"
+        );
+        assert_eq!(
+            pool.used(),
+            0,
+            "given back when the channel (and its migration) ended"
+        );
+
+        // A real compressed frame lands through one segment buffer.
+        let src = filled();
+        let c = read(&src, 2, 0, vec![run(0, PAGES as u32, false)], true);
+        let mut enc = crate::compress::Encoder::new(crate::compress::CompressionSpec {
+            codec: Codec::Zstd,
+            level: 1,
+        })
+        .unwrap();
+        let mut buf = Vec::new();
+        let n = crate::compress::encode_frame(
+            &mut enc,
+            &test_frame_key(),
+            &c,
+            c.data.as_ref().unwrap(),
+            &mut buf,
+        )
+        .unwrap()
+        .expect("patterned pages compress");
+        buf.truncate(n);
+        let (_, r, acks, peak) =
+            budgeted(limit, vec![(buf.clone(), Duration::from_millis(50))]).await;
+        r.unwrap();
+        assert_eq!(acks, [AckStatus::Landed]);
+        assert!(peak <= limit, "{peak}");
+
+        // A reservation too small for the buffers: refused, naming them.
+        let (pool, r, acks, _) = budgeted(8, vec![(buf, Duration::ZERO)]).await;
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("receive buffers"), "{e}");
+        assert!(acks.is_empty());
+        assert_eq!(pool.used(), 0);
     }
 }

@@ -1,4 +1,5 @@
-//! Data-channel frames: fixed little-endian headers defined with `zerocopy`.
+//! Data-channel frames, format v2: fixed little-endian headers defined with
+//! `zerocopy`, authenticated with the session's frame key.
 //!
 //! A data channel carries, source to destination, a sequence of *chunk
 //! frames*; destination to source, one *ack frame* per chunk. Every field is
@@ -11,7 +12,7 @@
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
 //! |                        magic "FRYC"                           |  0
 //! +---------------+---------------+-------------------------------+
-//! |    version    |     kind      |            flags              |  4
+//! |  version (2)  |     kind      |            flags              |  4
 //! +---------------+---------------+-------------------------------+
 //! |                          seq (u64)                            |  8
 //! |                                                               |
@@ -22,17 +23,32 @@
 //! +---------------------------------------------------------------+
 //! |                      payload_len (u32)                        | 24
 //! +---------------------------------------------------------------+
-//! |          crc32 of run table + payload (crc32fast)             | 28
+//! |                        reserved (0)                           | 28
 //! +---------------------------------------------------------------+
-//! |  run_count x RunDesc (16 bytes each)                          | 32
+//! |   payload tag (16 bytes): HMAC(frame key, seq | round |       | 32
+//! |     sum of the chunk's pages' keyed contributions)            |
+//! +---------------------------------------------------------------+
+//! |   header tag (16 bytes): HMAC(frame key, bytes 0..48 |        | 48
+//! |     run table)                                                |
+//! +---------------------------------------------------------------+
+//! |  run_count x RunDesc (16 bytes each), ascending, disjoint     | 64
 //! +---------------------------------------------------------------+
 //! |  payload: the pages of every non-zero run, in run order       |
 //! +---------------------------------------------------------------+
 //!
 //! RunDesc: gpa (u64) | pages (u32) | flags (u32, bit 0 = zero run)
 //!
-//! Ack frame: magic "FRYA" | status (u8) | 3 reserved | seq (u64)
+//! Ack frame (32 bytes): magic "FRYA" | status (u8) | 3 reserved | seq (u64)
+//!                       | ack tag (16 bytes): HMAC(frame key, seq | status)
 //! ```
+//!
+//! The tags are defined in [`ferry_proto::frame`]. The header tag covers
+//! every byte before the payload, so a destination checks it before any
+//! byte lands: a frame whose header or run table was changed on the way is
+//! refused with nothing written, and since its lengths can no longer be
+//! trusted the channel is closed (the source fails its chunks over to the
+//! other channels). The payload tag is checked over what landed; a mismatch
+//! is answered with [`AckStatus::Mismatch`] and the chunk is sent again.
 //!
 //! With [`FLAG_COMPRESSED`] (only on a channel whose migration negotiated the
 //! compression option) the payload is a [`CompressedHeader`], a segment table
@@ -48,7 +64,7 @@
 //! +---------------------------------------------------------------+
 //! |    compressed_len (u32): segment table + segments             |  8
 //! +---------------------------------------------------------------+
-//! |    data_crc32 (u32): crc32fast of the uncompressed pages      | 12
+//! |    reserved (0)                                               | 12
 //! +---------------------------------------------------------------+
 //! |  segment_count x u32: segment length, bit 31 = stored raw     | 16
 //! +---------------------------------------------------------------+
@@ -56,12 +72,18 @@
 //! +---------------------------------------------------------------+
 //! ```
 //!
-//! The header's `crc32` still covers run table + the whole payload as sent,
-//! so a damaged frame is refused (and resent) before any decompression; the
-//! `data_crc32` is checked over the pages as they landed.
+//! Every non-zero run of a compressed frame is at most [`MAX_SEGMENT`]
+//! bytes (the sender splits longer ones), so the destination reads and
+//! decompresses one bounded segment at a time. The payload tag covers the
+//! pages as they landed after decompression; a compressed payload that
+//! does not decode (damaged on the way) lands what it can, is recorded as
+//! it landed, and is answered `Mismatch`.
 
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use ferry_proto::frame::{self, Tag, TAG_LEN};
+use ferry_proto::MacKey;
 
 use crate::error::{Result, TransportError};
 use crate::layout::{MemoryLayout, PageRun};
@@ -71,7 +93,11 @@ pub const CHUNK_MAGIC: [u8; 4] = *b"FRYC";
 /// Magic of an ack frame.
 pub const ACK_MAGIC: [u8; 4] = *b"FRYA";
 /// Data frame format version.
-pub const FRAME_VERSION: u8 = 1;
+pub const FRAME_VERSION: u8 = 2;
+/// Bytes of a chunk frame header.
+pub const HEADER_LEN: usize = 64;
+/// Bytes of an ack frame.
+pub const ACK_LEN: usize = 32;
 /// Largest payload of one chunk frame.
 pub const MAX_CHUNK_PAYLOAD: u32 = 16 << 20;
 /// Largest number of runs in one chunk frame.
@@ -83,6 +109,11 @@ pub const RUN_ZERO: u32 = 1;
 /// Segment-table flag: the segment holds the run's bytes as they are
 /// (the codec did not shrink them).
 pub const SEGMENT_STORED: u32 = 1 << 31;
+/// Longest non-zero run of a compressed frame, so its segment (compressed,
+/// or stored when it did not shrink) is never longer: the destination reads
+/// and decompresses one segment at a time through a buffer of this size.
+/// The compression sender splits longer runs.
+pub const MAX_SEGMENT: usize = 256 << 10;
 
 /// A compression codec, by its wire id (0 is reserved as invalid).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -139,7 +170,7 @@ pub enum ChunkKind {
     End = 2,
 }
 
-/// Fixed header of a chunk frame (32 bytes).
+/// Fixed header of a chunk frame (64 bytes).
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct ChunkHeader {
@@ -159,10 +190,17 @@ pub struct ChunkHeader {
     pub run_count: U32,
     /// Payload bytes after the run table.
     pub payload_len: U32,
-    /// CRC32 (crc32fast) of run table and payload.
-    pub crc32: U32,
+    /// Zero.
+    pub reserved: U32,
+    /// [`frame::payload_tag`] over `seq`, `round` and the pages' contributions.
+    pub payload_tag: [u8; TAG_LEN],
+    /// [`frame::header_tag`] over bytes 0..48 and the run table.
+    pub header_tag: [u8; TAG_LEN],
 }
-const _: () = assert!(std::mem::size_of::<ChunkHeader>() == 32);
+const _: () = assert!(std::mem::size_of::<ChunkHeader>() == HEADER_LEN);
+
+/// Bytes of a header the header tag covers (all before the tag).
+const TAGGED: usize = HEADER_LEN - TAG_LEN;
 
 /// One run in a chunk's run table (16 bytes).
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -191,8 +229,8 @@ pub struct CompressedHeader {
     pub uncompressed_len: U32,
     /// Bytes after this sub-header: segment table and segments.
     pub compressed_len: U32,
-    /// CRC32 (crc32fast) of the uncompressed pages, in run order.
-    pub data_crc32: U32,
+    /// Zero.
+    pub reserved2: U32,
 }
 const _: () = assert!(std::mem::size_of::<CompressedHeader>() == 16);
 
@@ -212,32 +250,53 @@ pub struct Segment {
 pub struct CompressedPayload {
     /// The codec.
     pub codec: Codec,
-    /// CRC32 of the uncompressed pages.
-    pub data_crc32: u32,
     /// One per non-zero run, in run order.
     pub segments: Vec<Segment>,
 }
 
 impl CompressedHeader {
-    /// Parses and checks a compressed payload: a known codec (and the one the
+    /// Bytes of the sub-header and segment table of a compressed payload
+    /// whose sub-header is `head` (its first 16 bytes).
+    pub fn prefix_len(head: &[u8]) -> Result<usize> {
+        let (h, _) =
+            CompressedHeader::read_from_prefix(head).map_err(|_| TransportError::Malformed {
+                what: "compressed payload",
+                detail: format!("{} bytes, need at least 16", head.len()),
+            })?;
+        Ok(16 + 4 * usize::from(h.segment_count.get()))
+    }
+
+    /// Parses and checks a compressed payload from its prefix (`prefix`: the
+    /// sub-header and the segment table, [`CompressedHeader::prefix_len`]
+    /// bytes) and its total length: a known codec (and the one the
     /// migration negotiated, when given), an uncompressed length equal to
-    /// `run_bytes` (so a frame cannot claim more output than its runs hold:
-    /// no decompression bombs), a compressed length equal to what follows
-    /// the sub-header, one segment per non-zero run, stored segments exactly
-    /// as long as their run, and segment lengths adding up.
+    /// the non-zero runs' bytes (so a frame cannot claim more output than
+    /// its runs hold: no decompression bombs), a compressed length equal to
+    /// what follows the sub-header, one segment per non-zero run, every
+    /// non-zero run at most [`MAX_SEGMENT`] bytes (so the destination reads
+    /// one bounded segment at a time), stored segments exactly as long as
+    /// their run and compressed ones shorter, and segment lengths adding up.
     ///
     /// `data_runs` are the byte lengths of the frame's non-zero runs.
-    pub fn decode(
-        payload: &[u8],
+    /// Segment offsets are from the start of the payload.
+    pub fn decode_prefix(
+        prefix: &[u8],
+        payload_len: usize,
         data_runs: &[u64],
         negotiated: Option<Codec>,
     ) -> Result<CompressedPayload> {
         let (h, _) =
-            CompressedHeader::read_from_prefix(payload).map_err(|_| TransportError::Malformed {
+            CompressedHeader::read_from_prefix(prefix).map_err(|_| TransportError::Malformed {
                 what: "compressed payload",
-                detail: format!("{} bytes, need at least 16", payload.len()),
+                detail: format!("{} bytes, need at least 16", prefix.len()),
             })?;
         let codec = Codec::from_id(h.codec)?;
+        if h.reserved != 0 || h.reserved2.get() != 0 {
+            return Err(TransportError::Invalid {
+                field: "compressed sub-header",
+                detail: "reserved bytes are not zero".into(),
+            });
+        }
         if let Some(want) = negotiated {
             if want != codec {
                 return Err(TransportError::Invalid {
@@ -260,7 +319,20 @@ impl CompressedHeader {
                 ),
             });
         }
-        let after = payload.len() - 16;
+        if let Some(long) = data_runs.iter().find(|&&r| r > MAX_SEGMENT as u64) {
+            return Err(TransportError::Invalid {
+                field: "compressed run",
+                detail: format!(
+                    "a run of {long} bytes in a compressed frame (at most {MAX_SEGMENT} per run)"
+                ),
+            });
+        }
+        let after = payload_len
+            .checked_sub(16)
+            .ok_or(TransportError::Malformed {
+                what: "compressed payload",
+                detail: format!("{payload_len} bytes, need at least 16"),
+            })?;
         if h.compressed_len.get() as usize != after {
             return Err(TransportError::Invalid {
                 field: "compressed length",
@@ -278,7 +350,7 @@ impl CompressedHeader {
             });
         }
         let table_end = 16 + 4 * n;
-        let table = payload
+        let table = prefix
             .get(16..table_end)
             .ok_or_else(|| TransportError::Malformed {
                 what: "compressed payload",
@@ -293,7 +365,7 @@ impl CompressedHeader {
         for (i, (raw, &run)) in lens.iter().zip(data_runs).enumerate() {
             let stored = raw.get() & SEGMENT_STORED != 0;
             let len = (raw.get() & !SEGMENT_STORED) as usize;
-            if len == 0 || (stored && len as u64 != run) {
+            if len == 0 || (stored && len as u64 != run) || (!stored && len as u64 >= run) {
                 return Err(TransportError::Invalid {
                     field: "segment length",
                     detail: format!(
@@ -304,12 +376,11 @@ impl CompressedHeader {
             }
             let end = offset
                 .checked_add(len)
-                .filter(|&e| e <= payload.len())
+                .filter(|&e| e <= payload_len)
                 .ok_or_else(|| TransportError::Invalid {
                     field: "segment length",
                     detail: format!(
-                        "segment {i} ({len} bytes at offset {offset}) runs past the {}-byte payload",
-                        payload.len()
+                        "segment {i} ({len} bytes at offset {offset}) runs past the {payload_len}-byte payload"
                     ),
                 })?;
             segments.push(Segment {
@@ -319,20 +390,33 @@ impl CompressedHeader {
             });
             offset = end;
         }
-        if offset != payload.len() {
+        if offset != payload_len {
             return Err(TransportError::Invalid {
                 field: "segment length",
-                detail: format!(
-                    "segments end at {offset} but the payload is {} bytes",
-                    payload.len()
-                ),
+                detail: format!("segments end at {offset} but the payload is {payload_len} bytes"),
             });
         }
-        Ok(CompressedPayload {
-            codec,
-            data_crc32: h.data_crc32.get(),
-            segments,
-        })
+        Ok(CompressedPayload { codec, segments })
+    }
+
+    /// [`CompressedHeader::decode_prefix`] on a whole payload.
+    pub fn decode(
+        payload: &[u8],
+        data_runs: &[u64],
+        negotiated: Option<Codec>,
+    ) -> Result<CompressedPayload> {
+        let prefix = Self::prefix_len(payload)?;
+        let head = payload
+            .get(..prefix)
+            .ok_or_else(|| TransportError::Malformed {
+                what: "compressed payload",
+                detail: format!(
+                    "{} segments need a {}-byte table",
+                    (prefix - 16) / 4,
+                    prefix - 16
+                ),
+            })?;
+        Self::decode_prefix(head, payload.len(), data_runs, negotiated)
     }
 }
 
@@ -340,13 +424,19 @@ impl CompressedHeader {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum AckStatus {
-    /// The chunk landed and its CRC matched.
+    /// The chunk landed and its payload tag matched what landed.
     Landed = 0,
-    /// The chunk's CRC did not match: the source must send its pages again.
-    CrcMismatch = 1,
+    /// The chunk landed but its payload tag did not match what landed (a
+    /// guest write racing the source's read, or damage on the way): the
+    /// source must send its pages again.
+    Mismatch = 1,
+    /// Another chunk was landing on some of the same pages (a stale copy in
+    /// flight on another channel): nothing landed, the source must send the
+    /// pages again.
+    Busy = 2,
 }
 
-/// Ack frame (16 bytes), destination to source.
+/// Ack frame (32 bytes), destination to source.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct AckFrame {
@@ -358,50 +448,87 @@ pub struct AckFrame {
     pub reserved: [u8; 3],
     /// Sequence number of the chunk.
     pub seq: U64,
+    /// [`frame::ack_tag`] over `seq` and `status`.
+    pub tag: [u8; TAG_LEN],
 }
-const _: () = assert!(std::mem::size_of::<AckFrame>() == 16);
+const _: () = assert!(std::mem::size_of::<AckFrame>() == ACK_LEN);
 
 impl ChunkHeader {
-    /// Builds the header of a page chunk.
+    /// The header of a page chunk, its header tag computed over it and
+    /// `table` (the run table's bytes) with `key`.
+    #[allow(clippy::too_many_arguments)]
     pub fn pages(
+        key: &MacKey,
         seq: u64,
         round: u32,
-        run_count: u32,
+        table: &[u8],
         payload_len: u32,
         flags: u16,
-        crc32: u32,
+        payload_tag: Tag,
     ) -> Self {
-        ChunkHeader {
+        let mut h = ChunkHeader {
             magic: CHUNK_MAGIC,
             version: FRAME_VERSION,
             kind: ChunkKind::Pages as u8,
             flags: U16::new(flags),
             seq: U64::new(seq),
             round: U32::new(round),
-            run_count: U32::new(run_count),
+            run_count: U32::new((table.len() / std::mem::size_of::<RunDesc>()) as u32),
             payload_len: U32::new(payload_len),
-            crc32: U32::new(crc32),
-        }
-    }
-
-    /// Builds an end-of-channel header.
-    pub fn end(seq: u64) -> Self {
-        let mut h = Self::pages(seq, 0, 0, 0, 0, 0);
-        h.kind = ChunkKind::End as u8;
+            reserved: U32::new(0),
+            payload_tag,
+            header_tag: [0; TAG_LEN],
+        };
+        h.seal(key, table);
         h
     }
 
-    /// Parses and checks a header: magic, version, kind, and the length
-    /// fields against their limits. Returns the header and its kind.
+    /// An end-of-channel header (`seq` carries RDMA's lost-channel mask).
+    pub fn end(key: &MacKey, seq: u64) -> Self {
+        let mut h = Self::pages(key, seq, 0, &[], 0, 0, [0; TAG_LEN]);
+        h.kind = ChunkKind::End as u8;
+        h.seal(key, &[]);
+        h
+    }
+
+    /// Computes the header tag over the header's fields and `table`.
+    pub fn seal(&mut self, key: &MacKey, table: &[u8]) {
+        self.header_tag = frame::header_tag(key, &self.as_bytes()[..TAGGED], table);
+    }
+
+    /// Checks the header tag over the header's fields and `table`, in
+    /// constant time.
+    ///
+    /// # Errors
+    /// [`TransportError::Invalid`] naming the chunk: the header or run table
+    /// was changed on the way (or the peer holds another key). Nothing of
+    /// the chunk may land, and the channel's framing can no longer be
+    /// trusted.
+    pub fn verify(&self, key: &MacKey, table: &[u8]) -> Result<()> {
+        if frame::header_tag_ok(key, &self.as_bytes()[..TAGGED], table, &self.header_tag) {
+            Ok(())
+        } else {
+            Err(TransportError::Invalid {
+                field: "chunk header tag",
+                detail: format!(
+                    "chunk {} (round {}): the header or run table was changed on the way; nothing of it landed and the channel is closed",
+                    self.seq.get(),
+                    self.round.get()
+                ),
+            })
+        }
+    }
+
+    /// Parses and checks a header's plain fields: magic, version, kind,
+    /// flags, and the length fields against their limits, so that the rest
+    /// of the frame can be read safely. The header tag is checked after the
+    /// run table was read ([`ChunkHeader::verify`]). Returns the header and
+    /// its kind.
     pub fn decode(bytes: &[u8]) -> Result<(Self, ChunkKind)> {
         let (h, _) =
             ChunkHeader::read_from_prefix(bytes).map_err(|_| TransportError::Malformed {
                 what: "chunk header",
-                detail: format!(
-                    "{} bytes, need {}",
-                    bytes.len(),
-                    std::mem::size_of::<ChunkHeader>()
-                ),
+                detail: format!("{} bytes, need {HEADER_LEN}", bytes.len()),
             })?;
         if h.magic != CHUNK_MAGIC {
             return Err(TransportError::BadMagic {
@@ -413,7 +540,10 @@ impl ChunkHeader {
         if h.version != FRAME_VERSION {
             return Err(TransportError::Invalid {
                 field: "chunk frame version",
-                detail: format!("{} (this host reads {FRAME_VERSION})", h.version),
+                detail: format!(
+                    "{} (this host reads {FRAME_VERSION}: the peer runs an incompatible ferry; upgrade both ends to the same release)",
+                    h.version
+                ),
             });
         }
         let kind = match h.kind {
@@ -430,6 +560,12 @@ impl ChunkHeader {
             return Err(TransportError::Invalid {
                 field: "chunk flags",
                 detail: format!("unknown flags {:#x}", h.flags.get()),
+            });
+        }
+        if h.reserved.get() != 0 {
+            return Err(TransportError::Invalid {
+                field: "chunk header",
+                detail: format!("reserved field is {:#x}, not 0", h.reserved.get()),
             });
         }
         if h.run_count.get() > MAX_RUNS {
@@ -467,10 +603,17 @@ impl RunDesc {
     }
 }
 
-/// Decodes and checks a run table: every run inside the layout, known flags,
-/// and the non-zero runs adding up to exactly `payload_len` bytes (for an
-/// uncompressed chunk) or to the uncompressed size the codec must produce.
-/// Returns the runs and the total bytes of their non-zero pages.
+/// The run table of `runs`, as bytes.
+pub fn run_table(runs: &[PageRun]) -> Vec<u8> {
+    let descs: Vec<RunDesc> = runs.iter().map(RunDesc::from_run).collect();
+    descs.as_bytes().to_vec()
+}
+
+/// Decodes and checks a run table: every run inside the layout, known
+/// flags, runs in ascending address order without overlap (so no page is
+/// landed twice by one chunk). Returns the runs and the total bytes of their
+/// non-zero pages (which must equal `payload_len` for an uncompressed chunk
+/// and the uncompressed size for a compressed one).
 pub fn decode_runs(table: &[u8], layout: &MemoryLayout) -> Result<(Vec<PageRun>, u64)> {
     let descs = <[RunDesc]>::ref_from_bytes(table).map_err(|_| TransportError::Malformed {
         what: "run table",
@@ -481,6 +624,7 @@ pub fn decode_runs(table: &[u8], layout: &MemoryLayout) -> Result<(Vec<PageRun>,
     })?;
     let mut runs = Vec::with_capacity(descs.len());
     let mut data_bytes = 0u64;
+    let mut next = 0u64;
     for d in descs {
         let flags = d.flags.get();
         if flags & !RUN_ZERO != 0 {
@@ -495,6 +639,16 @@ pub fn decode_runs(table: &[u8], layout: &MemoryLayout) -> Result<(Vec<PageRun>,
             zero: flags & RUN_ZERO != 0,
         };
         layout.check_run(run.gpa, run.pages.into())?;
+        if run.gpa < next {
+            return Err(TransportError::Invalid {
+                field: "run table",
+                detail: format!(
+                    "the run at {:#x} overlaps or precedes the run before it (runs must ascend)",
+                    run.gpa
+                ),
+            });
+        }
+        next = run.gpa + run.bytes();
         data_bytes += run.payload_bytes();
         runs.push(run);
     }
@@ -502,21 +656,37 @@ pub fn decode_runs(table: &[u8], layout: &MemoryLayout) -> Result<(Vec<PageRun>,
 }
 
 impl AckFrame {
-    /// Builds an ack.
-    pub fn new(seq: u64, status: AckStatus) -> Self {
+    /// An ack with its tag.
+    pub fn new(key: &MacKey, seq: u64, status: AckStatus) -> Self {
         AckFrame {
             magic: ACK_MAGIC,
             status: status as u8,
             reserved: [0; 3],
             seq: U64::new(seq),
+            tag: frame::ack_tag(key, seq, status as u8),
         }
     }
 
-    /// Parses and checks an ack.
-    pub fn decode(bytes: &[u8]) -> Result<(u64, AckStatus)> {
+    /// Parses an ack and checks its fields and its tag.
+    pub fn decode(key: &MacKey, bytes: &[u8]) -> Result<(u64, AckStatus)> {
+        let (seq, status, a) = Self::decode_fields(bytes)?;
+        if !frame::ack_tag_ok(key, seq, a.status, &a.tag) {
+            return Err(TransportError::Invalid {
+                field: "ack tag",
+                detail: format!(
+                    "the ack of chunk {seq} was changed on the way (or comes from a peer without the session's key)"
+                ),
+            });
+        }
+        Ok((seq, status))
+    }
+
+    /// Parses an ack's fields without checking its tag (tools that watch
+    /// the wire, e.g. the test proxy).
+    pub fn decode_fields(bytes: &[u8]) -> Result<(u64, AckStatus, AckFrame)> {
         let (a, _) = AckFrame::read_from_prefix(bytes).map_err(|_| TransportError::Malformed {
             what: "ack frame",
-            detail: format!("{} bytes, need 16", bytes.len()),
+            detail: format!("{} bytes, need {ACK_LEN}", bytes.len()),
         })?;
         if a.magic != ACK_MAGIC {
             return Err(TransportError::BadMagic {
@@ -527,7 +697,8 @@ impl AckFrame {
         }
         let status = match a.status {
             0 => AckStatus::Landed,
-            1 => AckStatus::CrcMismatch,
+            1 => AckStatus::Mismatch,
+            2 => AckStatus::Busy,
             s => {
                 return Err(TransportError::Invalid {
                     field: "ack status",
@@ -535,17 +706,19 @@ impl AckFrame {
                 })
             }
         };
-        Ok((a.seq.get(), status))
+        Ok((a.seq.get(), status, a))
     }
 }
 
 /// Runs the frame and run-table decoders on arbitrary bytes; used by the fuzz
 /// target. Never panics.
 pub fn fuzz_decode(data: &[u8], layout: &MemoryLayout) {
+    let key = MacKey::from_bytes([0x5a; 32]);
     if let Ok((h, _)) = ChunkHeader::decode(data) {
-        let rest = &data[32..];
+        let rest = &data[HEADER_LEN..];
         let table_len = (h.run_count.get() as usize) * 16;
         if rest.len() >= table_len {
+            let _ = h.verify(&key, &rest[..table_len]);
             if let Ok((runs, _)) = decode_runs(&rest[..table_len], layout) {
                 let data: Vec<u64> = runs
                     .iter()
@@ -556,7 +729,7 @@ pub fn fuzz_decode(data: &[u8], layout: &MemoryLayout) {
             }
         }
     }
-    let _ = AckFrame::decode(data);
+    let _ = AckFrame::decode(&key, data);
 }
 
 #[cfg(test)]
@@ -574,70 +747,126 @@ mod tests {
         }
     }
 
+    fn key() -> MacKey {
+        MacKey::from_bytes([9; 32])
+    }
+
+    fn table() -> Vec<u8> {
+        run_table(&[
+            PageRun {
+                gpa: 0,
+                pages: 2,
+                zero: false,
+            },
+            PageRun {
+                gpa: 8 * PAGE_SIZE,
+                pages: 4,
+                zero: true,
+            },
+        ])
+    }
+
     #[test]
     fn header_bytes_are_pinned_little_endian() {
-        let h = ChunkHeader::pages(0x0102030405060708, 3, 2, 8192, 0, 0xdeadbeef);
+        let t = table();
+        let h = ChunkHeader::pages(&key(), 0x0102030405060708, 3, &t, 8192, 0, [0xaa; 16]);
         let b = h.as_bytes();
+        assert_eq!(b.len(), 64);
         assert_eq!(&b[0..4], b"FRYC");
-        assert_eq!(b[4], 1);
+        assert_eq!(b[4], 2, "format version 2");
         assert_eq!(b[5], 1);
         assert_eq!(&b[8..16], &[8, 7, 6, 5, 4, 3, 2, 1]);
         assert_eq!(&b[16..20], &[3, 0, 0, 0]);
+        assert_eq!(&b[20..24], &[2, 0, 0, 0], "run count from the table");
         assert_eq!(&b[24..28], &8192u32.to_le_bytes());
-        assert_eq!(&b[28..32], &0xdeadbeefu32.to_le_bytes());
+        assert_eq!(&b[28..32], &[0; 4]);
+        assert_eq!(&b[32..48], &[0xaa; 16], "payload tag as given");
+        assert_eq!(&b[48..64], &frame::header_tag(&key(), &b[..48], &t));
         let (back, kind) = ChunkHeader::decode(b).unwrap();
         assert_eq!(kind, ChunkKind::Pages);
         assert_eq!(back.seq.get(), 0x0102030405060708);
+        back.verify(&key(), &t).unwrap();
+    }
+
+    #[test]
+    fn the_header_tag_refuses_any_change_to_header_or_run_table() {
+        let t = table();
+        let h = ChunkHeader::pages(&key(), 5, 1, &t, 8192, 0, [1; 16]);
+        h.verify(&key(), &t).unwrap();
+        // Any byte of the header's fields or of the run table.
+        for i in 0..48 {
+            let mut b = h.as_bytes().to_vec();
+            b[i] ^= 0x01;
+            let (x, _) = ChunkHeader::read_from_prefix(&b[..]).unwrap();
+            assert!(x.verify(&key(), &t).is_err(), "header byte {i}");
+        }
+        for i in 0..t.len() {
+            let mut t2 = t.clone();
+            t2[i] ^= 0x80;
+            let e = h.verify(&key(), &t2).unwrap_err().to_string();
+            assert!(
+                e.contains("chunk header tag") && e.contains("chunk 5"),
+                "{e}"
+            );
+        }
+        // The tag itself, and another key.
+        let mut x = h;
+        x.header_tag[3] ^= 1;
+        assert!(x.verify(&key(), &t).is_err());
+        assert!(h.verify(&MacKey::from_bytes([8; 32]), &t).is_err());
+        // End frames are tagged too.
+        let e = ChunkHeader::end(&key(), 7);
+        e.verify(&key(), &[]).unwrap();
+        let mut forged = e;
+        forged.seq = U64::new(6);
+        assert!(forged.verify(&key(), &[]).is_err());
     }
 
     #[test]
     fn header_checks_name_the_bad_field() {
-        let mut h = ChunkHeader::pages(1, 0, 1, 4096, 0, 0);
+        let t = table();
+        let mut h = ChunkHeader::pages(&key(), 1, 0, &t, 4096, 0, [0; 16]);
         h.magic = *b"XXXX";
         let e = ChunkHeader::decode(h.as_bytes()).unwrap_err().to_string();
         assert!(e.contains("bad magic"), "{e}");
-        let mut h = ChunkHeader::pages(1, 0, 1, 4096, 0, 0);
-        h.version = 9;
-        assert!(ChunkHeader::decode(h.as_bytes())
-            .unwrap_err()
-            .to_string()
-            .contains("version"));
-        let h = ChunkHeader::pages(1, 0, 1, MAX_CHUNK_PAYLOAD + 1, 0, 0);
+        let mut h = ChunkHeader::pages(&key(), 1, 0, &t, 4096, 0, [0; 16]);
+        h.version = 1;
+        let e = ChunkHeader::decode(h.as_bytes()).unwrap_err().to_string();
+        assert!(
+            e.contains("chunk frame version: 1 (this host reads 2"),
+            "a v1 peer is named: {e}"
+        );
+        let h = ChunkHeader::pages(&key(), 1, 0, &t, MAX_CHUNK_PAYLOAD + 1, 0, [0; 16]);
         let e = ChunkHeader::decode(h.as_bytes()).unwrap_err().to_string();
         assert!(e.contains("payload length") && e.contains("limit"), "{e}");
-        let h = ChunkHeader::pages(1, 0, MAX_RUNS + 1, 0, 0, 0);
+        let mut h = ChunkHeader::pages(&key(), 1, 0, &t, 0, 0, [0; 16]);
+        h.run_count = U32::new(MAX_RUNS + 1);
         assert!(ChunkHeader::decode(h.as_bytes())
             .unwrap_err()
             .to_string()
             .contains("run count"));
-        let mut h = ChunkHeader::pages(1, 0, 0, 0, 0, 0);
+        let mut h = ChunkHeader::pages(&key(), 1, 0, &[], 0, 0, [0; 16]);
         h.kind = 77;
         assert!(ChunkHeader::decode(h.as_bytes())
             .unwrap_err()
             .to_string()
             .contains("kind"));
-        assert!(ChunkHeader::decode(&[0u8; 10])
+        let mut h = ChunkHeader::pages(&key(), 1, 0, &[], 0, 0, [0; 16]);
+        h.reserved = U32::new(1);
+        assert!(ChunkHeader::decode(h.as_bytes())
+            .unwrap_err()
+            .to_string()
+            .contains("reserved"));
+        assert!(ChunkHeader::decode(&[0u8; 40])
             .unwrap_err()
             .to_string()
             .contains("malformed chunk header"));
     }
 
     #[test]
-    fn run_table_rejects_runs_outside_layout_and_counts_payload() {
+    fn run_table_rejects_runs_outside_layout_out_of_order_or_overlapping() {
         let l = layout();
-        let runs = [
-            RunDesc::from_run(&PageRun {
-                gpa: 0,
-                pages: 2,
-                zero: false,
-            }),
-            RunDesc::from_run(&PageRun {
-                gpa: 8 * PAGE_SIZE,
-                pages: 4,
-                zero: true,
-            }),
-        ];
-        let (decoded, bytes) = decode_runs(runs.as_bytes(), &l).unwrap();
+        let (decoded, bytes) = decode_runs(&table(), &l).unwrap();
         assert_eq!(bytes, 2 * PAGE_SIZE);
         assert_eq!(
             decoded[1],
@@ -647,28 +876,51 @@ mod tests {
                 zero: true
             }
         );
-        let bad = [RunDesc::from_run(&PageRun {
-            gpa: 63 * PAGE_SIZE,
-            pages: 2,
+        let run = |gpa: u64, pages: u32| PageRun {
+            gpa: gpa * PAGE_SIZE,
+            pages,
             zero: false,
-        })];
-        let e = decode_runs(bad.as_bytes(), &l).unwrap_err().to_string();
+        };
+        let e = decode_runs(&run_table(&[run(63, 2)]), &l)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("outside the offered memory layout"), "{e}");
         assert!(decode_runs(&[0u8; 15], &l).is_err());
+        for bad in [[run(4, 2), run(5, 1)], [run(8, 1), run(2, 1)]] {
+            let e = decode_runs(&run_table(&bad), &l).unwrap_err().to_string();
+            assert!(e.contains("runs must ascend"), "{e}");
+        }
+        // Touching runs are fine.
+        decode_runs(&run_table(&[run(4, 2), run(6, 1)]), &l).unwrap();
     }
 
     #[test]
-    fn ack_round_trips_and_rejects_garbage() {
-        let a = AckFrame::new(42, AckStatus::CrcMismatch);
+    fn acks_round_trip_with_their_tag_and_refuse_forgeries() {
+        let a = AckFrame::new(&key(), 42, AckStatus::Mismatch);
+        assert_eq!(a.as_bytes().len(), 32);
         assert_eq!(
-            AckFrame::decode(a.as_bytes()).unwrap(),
-            (42, AckStatus::CrcMismatch)
+            AckFrame::decode(&key(), a.as_bytes()).unwrap(),
+            (42, AckStatus::Mismatch)
+        );
+        // Turning a refusal into "landed" without the key is refused.
+        let mut b = a.as_bytes().to_vec();
+        b[4] = AckStatus::Landed as u8;
+        let e = AckFrame::decode(&key(), &b).unwrap_err().to_string();
+        assert!(e.contains("ack tag") && e.contains("chunk 42"), "{e}");
+        assert!(AckFrame::decode(&MacKey::from_bytes([1; 32]), a.as_bytes()).is_err());
+        let busy = AckFrame::new(&key(), 3, AckStatus::Busy);
+        assert_eq!(
+            AckFrame::decode(&key(), busy.as_bytes()).unwrap(),
+            (3, AckStatus::Busy)
         );
         let mut b = a.as_bytes().to_vec();
         b[4] = 9;
-        assert!(AckFrame::decode(&b).is_err());
+        assert!(AckFrame::decode(&key(), &b)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown status"));
         b[0] = b'Z';
-        assert!(AckFrame::decode(&b)
+        assert!(AckFrame::decode(&key(), &b)
             .unwrap_err()
             .to_string()
             .contains("magic"));

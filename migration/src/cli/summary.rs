@@ -92,7 +92,7 @@ fn summary(s: &Summary) -> String {
     }
     outln!(
         out,
-        "  throughput {}/s ({:.2} Gbit/s); page bytes {}; bytes on the wire {}; CRC resends {}",
+        "  throughput {}/s ({:.2} Gbit/s); page bytes {}; bytes on the wire {}; chunks resent {}",
         units::human(s.throughput_bytes_per_sec as u64),
         s.throughput_bytes_per_sec * 8.0 / 1e9,
         units::human(s.payload_bytes),
