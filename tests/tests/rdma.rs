@@ -142,7 +142,10 @@ fn auto_without_rdma_falls_back_to_compression_and_says_so() {
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(s["digest_verified"], true);
     assert!(
-        s["option"].as_str().unwrap_or("").starts_with("compression"),
+        s["option"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("compression"),
         "{}",
         s["option"]
     );
