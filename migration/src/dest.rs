@@ -952,8 +952,6 @@ impl Destination {
             },
             None => None,
         };
-        let stop_populate = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        crate::memory::populate_in_background(mem.clone(), stop_populate.clone());
         let (tx, rx) = mpsc::channel(usize::from(offer.channels));
         let migration_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         tracing::Span::current().record("migration_id", migration_id);
@@ -1020,7 +1018,6 @@ impl Destination {
         };
         self.pending.lock().expect("pending").remove(&migration_id);
         self.metrics.retire(migration_id);
-        stop_populate.store(true, Ordering::Relaxed);
         match result {
             Ok(r) => Ok(DestSummary {
                 migration_id,

@@ -425,3 +425,89 @@ fn verify_full_catches_the_missed_write_before_commit() {
         out.all()
     );
 }
+
+#[test]
+fn a_mostly_zero_guest_costs_memory_only_for_its_data_on_both_sides() {
+    // 1 GiB of guest memory of which 2% holds data: only those pages may
+    // cost memory, here and on the destination (no pre-faulting, no huge
+    // pages over zero memory), and the audit still reads all of it.
+    const SIZE: u64 = 1 << 30;
+    let key = AuthKey::new(KEY.to_vec()).unwrap();
+    let rt = rt();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let opts = ListenOptions {
+        key: key.clone(),
+        memory_limit: 2 << 30,
+        timeout: Duration::from_secs(60),
+        max_concurrent: 1,
+        queue: 0,
+        queue_timeout: Duration::ZERO,
+        migration_networks: Vec::new(),
+        tls: Arc::new(TlsConfig::from_psk(&key).unwrap()),
+        plaintext: true,
+    };
+    let hook = ResumeHook {
+        supports: GuestSupport {
+            max_vcpus: 1,
+            cpu_vendor: Some(cpu_vendor()),
+            device_state_formats: vec![SYNTHETIC_FORMAT.into()],
+        },
+        restore: Arc::new(|_, _| Ok("restored".into())),
+        resume: Arc::new(|_| Ok("resumed".into())),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let server = rt.spawn(Destination::new(opts, hook).serve(listener, tx));
+    let summary = rt.block_on(async {
+        let mem = Arc::new(source_memory(&default_layout(SIZE).unwrap()).unwrap());
+        let guest = SyntheticGuest::start(
+            mem.clone(),
+            SyntheticConfig {
+                dirty_rate: 0,
+                zero_fraction: 0.98,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let dirty = BitmapDirtyLog::new(mem.clone());
+        let src = Source {
+            to: addr.to_string(),
+            key: &key,
+            guest: &guest,
+            mem,
+            dirty: &dirty,
+            opts: SourceOptions {
+                option: ferry_transport::proto::PerformanceOption::Tcp,
+                plaintext: true,
+                ..Default::default()
+            },
+            progress: Arc::new(Progress::default()),
+            cancel: Default::default(),
+        };
+        src.migrate().await
+    });
+    let dest = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(60), rx.recv()).await })
+        .expect("the destination reports")
+        .expect("an outcome")
+        .result
+        .expect("committed on the destination");
+    server.abort();
+    let s = summary.expect("committed");
+    assert_eq!(s.audit.result, "passed", "{:?}", s.audit);
+    assert_eq!(s.audit.pages, SIZE / 4096);
+    // About 20 MiB of data pages; the rest never touched on either side.
+    let data = s.payload_bytes;
+    assert!(data < SIZE / 20, "{data}");
+    for (side, resident) in [
+        ("source", s.memory.guest_resident_bytes),
+        ("destination", dest.memory.guest_resident_bytes),
+    ] {
+        assert!(
+            resident >= data / 2 && resident < data + (16 << 20),
+            "{side}: {resident} bytes of guest memory resident for {data} bytes of data"
+        );
+    }
+}
