@@ -448,6 +448,10 @@ fn a_mostly_zero_guest_costs_memory_only_for_its_data_on_both_sides() {
         migration_networks: Vec::new(),
         tls: Arc::new(TlsConfig::from_psk(&key).unwrap()),
         plaintext: true,
+        handshake_timeout: ferry_migration::admission::DEFAULT_HANDSHAKE_TIMEOUT,
+        max_unauthenticated: ferry_migration::admission::DEFAULT_MAX_UNAUTHENTICATED,
+        max_unauthenticated_per_source:
+            ferry_migration::admission::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
     };
     let hook = ResumeHook {
         supports: GuestSupport {
