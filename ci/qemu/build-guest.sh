@@ -30,6 +30,10 @@ for t in gcc cpio gzip; do
     command -v "$t" >/dev/null || { echo "build-guest.sh: $t missing (ci/softroce/install.sh installs it)" >&2; exit 1; }
 done
 
+# Two tests (or a test and a benchmark) may build at once: one at a time.
+exec 9>"$OUT/.lock"
+flock 9
+
 stamp=$(cat "$HERE/memcheck.c" "$HERE/init" "$0" "$BUSYBOX" | sha256sum | cut -c1-16)-$(gcc -dumpfullversion)
 if [ "$(cat "$OUT/stamp" 2>/dev/null)" != "$stamp" ] || [ ! -s "$OUT/initrd.gz" ] || [ ! -x "$OUT/memcheck" ]; then
     rm -f "$OUT/stamp"
