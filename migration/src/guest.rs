@@ -390,7 +390,7 @@ fn dirty_worker(mem: &SourceMemory, shared: &Shared, cfg: &SyntheticConfig) {
     let mut turns = 0u64;
     loop {
         turns += 1;
-        if turns % 64 == 0 {
+        if turns.is_multiple_of(64) {
             publish();
         }
         if shared.stop.load(Ordering::Relaxed) {
