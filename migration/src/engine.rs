@@ -640,7 +640,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             .await?;
         let mut conn = Conn::new(control, self.opts.timeout);
         cancel.or_cancel(conn.client_handshake(self.key)).await?;
-        let layout = MemoryLayout::of(&*self.mem);
+        let layout = ferry_transport::layout::of(&*self.mem);
         // Both sides keep evidence under the session's page key: here what
         // is sent for each page, there what lands.
         let keys = conn.session_keys().ok_or(TransportError::AuthFailed(

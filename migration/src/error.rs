@@ -190,6 +190,13 @@ impl MigrationError {
     }
 }
 
+impl From<ferry_proto::WireError> for MigrationError {
+    /// A wire format's error, reported as the transport reports it.
+    fn from(e: ferry_proto::WireError) -> Self {
+        MigrationError::Transport(e.into())
+    }
+}
+
 /// Reasons `ferry_migrations_aborted_total{reason}` shows from the start
 /// (at zero until one happens), so that alerts and rates have a series to
 /// work on before the first abort; others appear when they happen.

@@ -46,7 +46,6 @@
 //! ([`crate::tcp::copy_runs`]), never from a reference to guest memory.
 
 use std::collections::{HashMap, VecDeque};
-use std::str::FromStr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -86,98 +85,7 @@ const WORKER_NICE: i32 = 10;
 /// Pieces and piece size of the sample compressed after an incompressible chunk.
 const PROBE_PIECES: usize = 4;
 const PROBE_BYTES: usize = 16 << 10;
-/// Highest zstd level accepted (levels above 19 need very large windows).
-pub const ZSTD_MAX_LEVEL: i32 = 19;
-
-/// A codec and its level, as given by `--compression lz4|zstd[:LEVEL]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CompressionSpec {
-    /// The codec.
-    pub codec: Codec,
-    /// zstd level (1..=19); 0 for lz4, which has none.
-    pub level: i32,
-}
-
-impl Default for CompressionSpec {
-    /// zstd level 1: on this project's memory mix it shrinks non-zero pages
-    /// about 2.1x at about 500 MB/s per core (lz4: 1.8x at 650 MB/s; zstd-3:
-    /// 2.25x at 335 MB/s), which is what a 1 Gbit/s link needs to run twice
-    /// as fast as uncompressed with one or two cores.
-    fn default() -> Self {
-        CompressionSpec {
-            codec: Codec::Zstd,
-            level: 1,
-        }
-    }
-}
-
-impl CompressionSpec {
-    /// Checks the level against the codec.
-    pub fn validate(&self) -> Result<()> {
-        let ok = match self.codec {
-            Codec::Lz4 => self.level == 0,
-            Codec::Zstd => (1..=ZSTD_MAX_LEVEL).contains(&self.level),
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(TransportError::Invalid {
-                field: "compression level",
-                detail: match self.codec {
-                    Codec::Lz4 => format!("lz4 has no levels, got {}", self.level),
-                    Codec::Zstd => {
-                        format!("zstd level {} is not in 1..={ZSTD_MAX_LEVEL}", self.level)
-                    }
-                },
-            })
-        }
-    }
-}
-
-impl FromStr for CompressionSpec {
-    type Err = String;
-
-    /// Parses `lz4`, `zstd` or `zstd:LEVEL`.
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let (name, level) = match s.split_once(':') {
-            Some((n, l)) => (
-                n,
-                Some(
-                    l.parse::<i32>()
-                        .map_err(|_| format!("compression level {l:?} is not a number"))?,
-                ),
-            ),
-            None => (s, None),
-        };
-        let spec = match (name, level) {
-            ("lz4", None) => CompressionSpec {
-                codec: Codec::Lz4,
-                level: 0,
-            },
-            ("lz4", Some(_)) => return Err("lz4 takes no level".into()),
-            ("zstd", l) => CompressionSpec {
-                codec: Codec::Zstd,
-                level: l.unwrap_or(1),
-            },
-            _ => {
-                return Err(format!(
-                    "unknown codec {name:?}: use lz4, zstd or zstd:LEVEL"
-                ))
-            }
-        };
-        spec.validate().map_err(|e| e.to_string())?;
-        Ok(spec)
-    }
-}
-
-impl std::fmt::Display for CompressionSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.codec {
-            Codec::Lz4 => f.write_str("lz4"),
-            Codec::Zstd => write!(f, "zstd:{}", self.level),
-        }
-    }
-}
+pub use ferry_proto::wire::{CompressionSpec, ZSTD_MAX_LEVEL};
 
 /// A compressor for one thread.
 pub struct Encoder {

@@ -158,5 +158,47 @@ impl TransportError {
     }
 }
 
+impl From<ferry_proto::WireError> for TransportError {
+    /// A wire format's error, as the transport reports it (the same
+    /// message).
+    fn from(e: ferry_proto::WireError) -> Self {
+        use ferry_proto::WireError as W;
+        match e {
+            W::BadMagic {
+                what,
+                expected,
+                found,
+            } => TransportError::BadMagic {
+                what,
+                expected,
+                found,
+            },
+            W::TooLarge { field, len, limit } => TransportError::TooLarge { field, len, limit },
+            W::Invalid { field, detail } | W::BadTag { field, detail } => {
+                TransportError::Invalid { field, detail }
+            }
+            W::OutsideLayout { gpa, pages } => TransportError::OutsideLayout { gpa, pages },
+            W::CrcMismatch {
+                what,
+                seq,
+                expected,
+                computed,
+            } => TransportError::CrcMismatch {
+                what,
+                seq,
+                expected,
+                computed,
+            },
+            W::Malformed { what, detail } => TransportError::Malformed { what, detail },
+            // `WireError` is non-exhaustive: a kind added later is still
+            // reported with its own message.
+            other => TransportError::Malformed {
+                what: "frame",
+                detail: other.to_string(),
+            },
+        }
+    }
+}
+
 /// Result alias of this crate.
 pub type Result<T, E = TransportError> = std::result::Result<T, E>;

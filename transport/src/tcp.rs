@@ -167,7 +167,7 @@ async fn read_acks<R: AsyncRead + Unpin>(
     let mut buf = [0u8; wire::ACK_LEN];
     loop {
         let r = match read.read_exact(&mut buf).await {
-            Ok(_) => AckFrame::decode(&key, &buf),
+            Ok(_) => AckFrame::decode(&key, &buf).map_err(TransportError::from),
             Err(e) => Err(TransportError::io("reading acks", "data channel", e)),
         };
         let stop = r.is_err();
@@ -640,7 +640,7 @@ pub(crate) fn test_frame_key() -> MacKey {
 /// that sent exactly them would hold.
 #[cfg(test)]
 pub(crate) fn evidence_of<M: GuestMem>(mem: &M, runs: &[PageRun]) -> ferry_proto::Evidence {
-    let layout = MemoryLayout::of(mem);
+    let layout = crate::layout::of(mem);
     let ledger = layout.ledger(test_page_key()).unwrap();
     let mut page = vec![0u8; PAGE_SIZE as usize];
     for r in runs {
@@ -1023,7 +1023,7 @@ async fn land_streamed<M: GuestMem>(
         }
         Err(e) => {
             drain(stream, &mut bufs.scratch, payload_len - head).await?;
-            return Ok(Err(e));
+            return Ok(Err(e.into()));
         }
     };
     read_into(
@@ -1044,7 +1044,7 @@ async fn land_streamed<M: GuestMem>(
         Ok(p) => p,
         Err(e) => {
             drain(stream, &mut bufs.scratch, payload_len - prefix).await?;
-            return Ok(Err(e));
+            return Ok(Err(e.into()));
         }
     };
     let mut failed = None;
