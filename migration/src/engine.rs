@@ -921,12 +921,10 @@ pub fn describe_encryption(conn: &Conn, option: PerformanceOption) -> String {
     }
 }
 
-/// Starts TLS on a connected socket when `tls` is given.
+/// Starts TLS on a connected socket when `tls` is given
+/// ([`ferry_transport::tls::secure`]).
 pub async fn secure(tcp: TcpStream, tls: Option<&TlsConfig>, timeout: Duration) -> Result<Stream> {
-    match tls {
-        Some(t) => Ok(t.connect(tcp, timeout).await?),
-        None => Ok(tcp.into()),
-    }
+    Ok(ferry_transport::tls::secure(tcp, tls, timeout).await?)
 }
 
 /// Opens one data channel (TLS when `tls` is given) and proves it belongs

@@ -113,7 +113,7 @@ pub enum TransportError {
     #[error("peer refused: {reason}: {message}")]
     Rejected {
         /// Machine-readable reason.
-        reason: crate::proto::RejectReason,
+        reason: ferry_proto::control::RejectReason,
         /// Peer's explanation.
         message: String,
     },
@@ -143,7 +143,7 @@ impl TransportError {
     /// sends an alert, which surfaces on the next read) becomes
     /// [`TransportError::Tls`] naming the cause.
     pub fn io(context: impl Into<String>, what: &'static str, source: std::io::Error) -> Self {
-        if let Some(why) = crate::tls::describe_io(&source) {
+        if let Some(why) = describe_io(&source) {
             return TransportError::Tls(format!("{}: {why}", context.into()));
         }
         match source.kind() {
@@ -197,6 +197,23 @@ impl From<ferry_proto::WireError> for TransportError {
                 detail: other.to_string(),
             },
         }
+    }
+}
+
+/// The rustls error inside an I/O error from a TLS stream, if any.
+pub fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+}
+
+/// A message for a TLS error that surfaced after the handshake (on the
+/// first read): in TLS 1.3 the client finishes before the server has
+/// checked its certificate, so a rejection arrives as an alert then.
+pub fn describe_io(e: &std::io::Error) -> Option<String> {
+    match rustls_error(e)? {
+        rustls::Error::AlertReceived(a) => Some(format!(
+            "the peer ended the TLS session with alert {a:?}: it does not trust our identity (its CA did not sign our certificate)"
+        )),
+        other => Some(format!("TLS: {other}")),
     }
 }
 

@@ -37,9 +37,11 @@ use std::future::Future;
 use serde::Serialize;
 
 pub mod auth;
+pub mod codec;
 pub mod compress;
 pub mod conn;
 pub mod error;
+pub mod guest;
 pub mod multichannel;
 pub mod pool;
 pub mod ratelimit;
@@ -118,7 +120,7 @@ impl Chunk {
     /// guest memory, hashed with `page`, and the payload tag computed with
     /// `frame`. What the engine's page pass does, without a ledger (tests,
     /// tools). `copy` keeps the copy as the chunk's [`Chunk::data`].
-    pub fn read<M: tcp::GuestMem>(
+    pub fn read<M: guest::GuestMem>(
         mem: &M,
         page: &PageKey,
         frame: &MacKey,
@@ -128,7 +130,7 @@ impl Chunk {
         copy: bool,
     ) -> Result<Chunk> {
         let mut bytes = Vec::new();
-        tcp::copy_runs(mem, &runs, &mut bytes)?;
+        guest::copy_runs(mem, &runs, &mut bytes)?;
         let mut sum = 0u128;
         let mut at = 0usize;
         for r in runs.iter().filter(|r| !r.zero) {
