@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_proto::policy;
 use ferry_proto::switchover::{self as proof, Claims, ReadyProof, Transcripts};
 use ferry_proto::{Evidence, Ledger};
 use ferry_transport::auth::AuthKey;
@@ -754,6 +755,8 @@ impl Destination {
                 ),
             ));
         }
+        policy::destination_admits(offer.option, self.opts.plaintext, encrypted)
+            .map_err(|(reason, why)| (reason, why.to_string()))?;
         match offer.option {
             PerformanceOption::Tcp => {}
             PerformanceOption::Compression { codec, level } => {
@@ -762,18 +765,6 @@ impl Destination {
                 CompressionSpec { codec, level }
                     .validate()
                     .map_err(|e| (RejectReason::Option, format!("compression option: {e}")))?;
-            }
-            PerformanceOption::Rdma if !self.opts.plaintext => {
-                return Err((
-                    RejectReason::Encryption,
-                    "RDMA data channels are not encrypted and this destination requires encryption: use --performance-option tcp or compression, or (on a trusted, isolated migration network) start both ferry listen and ferry send with --plaintext".into(),
-                ));
-            }
-            PerformanceOption::Rdma if !encrypted => {
-                return Err((
-                    RejectReason::Encryption,
-                    "the RDMA option's control connection must be encrypted (it carries what admits the RDMA channels): connect with TLS".into(),
-                ));
             }
             #[cfg(feature = "rdma")]
             PerformanceOption::Rdma => {}

@@ -23,6 +23,8 @@
 //! * [`net`]: interfaces, subnets and the one pairing rule of TCP
 //!   multichannel and RDMA; the channel limit [`net::MAX_CHANNELS`].
 //! * [`rdma`]: what the RDMA option exchanges on the control connection.
+//! * [`policy`]: which options combine (what each performance option can
+//!   encrypt and what each side then requires), in one place.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -35,6 +37,7 @@ pub mod handshake;
 pub mod keys;
 pub mod layout;
 pub mod net;
+pub mod policy;
 pub mod rdma;
 pub mod switchover;
 pub mod wire;
