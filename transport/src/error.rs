@@ -130,6 +130,13 @@ pub enum TransportError {
         /// What was wrong.
         detail: &'static str,
     },
+    /// Every data channel of the migration failed: not the peer's
+    /// protocol at fault, the network (or the peer host) is.
+    #[error("no data channel left; the last one failed: {last}")]
+    NoChannelLeft {
+        /// Why the last channel failed.
+        last: String,
+    },
     /// TLS (on unless `--plaintext`): a setting that cannot be used, a handshake that
     /// failed, or a peer that ended the session; the message names why.
     #[error("encryption: {0}")]

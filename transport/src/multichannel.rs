@@ -299,10 +299,7 @@ impl Multichannel {
 }
 
 fn no_channel_left(last: &str) -> TransportError {
-    TransportError::Invalid {
-        field: "data channels",
-        detail: format!("no data channel left; the last one failed: {last}"),
-    }
+    TransportError::NoChannelLeft { last: last.into() }
 }
 
 impl Transport for Multichannel {
