@@ -577,6 +577,39 @@ pub fn fuzz_decode(data: &[u8]) {
     let _ = postcard::from_bytes::<Msg>(data);
 }
 
+/// Decodes a control message body from arbitrary bytes and runs the checks
+/// a peer's offer goes through (the memory layout, the RDMA offer, the RDMA
+/// accept against a layout); used by the fuzz target. Never panics.
+pub fn fuzz_check(data: &[u8]) {
+    let layout = MemoryLayout {
+        page_size: crate::layout::PAGE_SIZE,
+        regions: vec![crate::layout::RegionDesc {
+            gpa: 0,
+            size: 64 << 20,
+        }],
+    };
+    match postcard::from_bytes::<Msg>(data) {
+        Ok(Msg::Offer(o)) => {
+            if o.layout.validate().is_ok() {
+                let _ = o.layout.check_run(0, 1);
+                let _ = o.layout.total_pages();
+            }
+            let _ = o.option.to_string();
+        }
+        Ok(Msg::RdmaOffer(o)) => {
+            let _ = crate::rdma::check_offer(&o);
+            let _ = crate::rdma::shared_endpoints(&o.endpoints, &o.endpoints);
+        }
+        Ok(Msg::RdmaAccept(a)) => {
+            let _ = crate::rdma::check_accept(&a, &layout);
+        }
+        Ok(Msg::Audit(r)) => {
+            let _ = r.verify(&crate::MacKey::from_bytes([0; 32]), &[0; 32]);
+        }
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
