@@ -122,7 +122,10 @@ mod tests {
                 match (o.can_encrypt_data(), allowed, tls) {
                     (true, ..) | (false, true, true) => assert_eq!(r, Ok(())),
                     (false, false, _) => {
-                        assert_eq!(r, Err((RejectReason::Encryption, RDMA_NEEDS_PLAINTEXT_DEST)))
+                        assert_eq!(
+                            r,
+                            Err((RejectReason::Encryption, RDMA_NEEDS_PLAINTEXT_DEST))
+                        )
                     }
                     (false, true, false) => {
                         assert_eq!(r, Err((RejectReason::Encryption, RDMA_NEEDS_TLS_CONTROL)))
