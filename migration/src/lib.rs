@@ -20,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod admission;
+pub mod cpu;
 pub mod dest;
 pub mod digest;
 pub mod dirty;

@@ -38,4 +38,9 @@ pub struct DestSummary {
     /// Downtime as the destination sees it: from the source's last
     /// pre-copy round (when it pauses the guest) to `Committed`.
     pub downtime_ms: f64,
+    /// CPU seconds this process spent from the source's hello to the end
+    /// (the source's audit report), the restore and resume hooks left out.
+    /// Migrations running at once in one daemon share the process: each
+    /// one's figure counts them all.
+    pub cpu: crate::cpu::CpuUse,
 }
