@@ -88,8 +88,8 @@ pub async fn open_source(
     }
     let stall = mc.channel_timeout.min(timeout);
     let chans = RdmaChannelSender::connect_all(mem, layout, local, &accept, stall, frame).await?;
-    eprintln!(
-        "ferry: rdma: {} channel(s): {}",
+    tracing::info!(
+        "rdma: {} channel(s): {}",
         chans.len(),
         chans
             .iter()
