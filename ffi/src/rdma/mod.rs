@@ -73,16 +73,21 @@
 //!
 //! RDMA data is not encrypted.
 
+mod cm;
 mod conn;
 mod cq;
 mod device;
 mod error;
 mod memory;
 
-pub use conn::{Completion, ConnectionOptions, RdmaConnection, RdmaListener, WorkKind, WriteOp};
+pub use cm::{MAX_PRIVATE_DATA, REFUSAL};
+pub use conn::{
+    Completion, ConnectionOptions, RdmaConnection, RdmaListener, Request, WorkKind, WriteOp,
+};
 pub use cq::WcStatus;
 pub use device::{
-    check_libraries, list_devices, Device, DeviceInfo, ProtectionDomain, LIBIBVERBS, LIBRDMACM,
+    check_libraries, list_devices, Device, DeviceInfo, Domains, ProtectionDomain, LIBIBVERBS,
+    LIBRDMACM,
 };
 pub use error::{RdmaError, Result};
 pub use memory::{Access, GuestRegion, MemoryRegion, RdmaMemory, RemoteRegion, Segment};
