@@ -121,9 +121,60 @@ pub fn memory_use<M: GuestMemoryBackend>(mem: &M) -> MemoryUse {
             Some((base, base + r.len() as usize))
         })
         .collect();
-    // The kernel may merge a region's mapping with a neighbouring one of
-    // the same kind: a mapping counts as guest memory up to its overlap
-    // with the guest's ranges.
+    let guest = resident_by_pagemap(&ranges).unwrap_or_else(|| resident_by_smaps(&ranges));
+    let own = peak.saturating_sub(guest);
+    MemoryUse {
+        peak_rss_bytes: peak,
+        guest_resident_bytes: guest,
+        own_bytes: own,
+        own_percent_of_guest: own as f64 * 100.0
+            / mem.iter().map(|r| r.len()).sum::<u64>().max(1) as f64,
+    }
+}
+
+/// Host pages: what `/proc/self/pagemap` has one entry for.
+const HOST_PAGE: usize = 4096;
+/// A pagemap entry's bits: the page is present in memory, and mapped by
+/// this process alone (a private page that was written; not the shared zero
+/// page that reading untouched memory maps, which costs nothing).
+const PM_PRESENT: u64 = 1 << 63;
+const PM_EXCLUSIVE: u64 = 1 << 56;
+
+/// Resident bytes of the host address ranges `ranges`, counted page by
+/// page from `/proc/self/pagemap`: exactly the guest's pages, whatever
+/// mappings the kernel merged them with (a neighbouring allocation, or
+/// another guest's memory in the same process). `None` when the kernel
+/// does not say (no pagemap).
+fn resident_by_pagemap(ranges: &[(usize, usize)]) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let pagemap = std::fs::File::open("/proc/self/pagemap").ok()?;
+    // 8192 entries a read: 32 MiB of guest memory.
+    let mut buf = vec![0u8; 8 * 8192];
+    let mut pages = 0u64;
+    for &(start, end) in ranges {
+        let (first, last) = (start / HOST_PAGE, end.div_ceil(HOST_PAGE));
+        let mut page = first;
+        while page < last {
+            let n = (last - page).min(buf.len() / 8);
+            let bytes = &mut buf[..n * 8];
+            pagemap.read_exact_at(bytes, (page * 8) as u64).ok()?;
+            pages += bytes
+                .chunks_exact(8)
+                .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")))
+                .filter(|e| e & PM_PRESENT != 0 && e & PM_EXCLUSIVE != 0)
+                .count() as u64;
+            page += n;
+        }
+    }
+    Some(pages * HOST_PAGE as u64)
+}
+
+/// Resident bytes of `ranges` from `/proc/self/smaps`, where pagemap is not
+/// available: an upper bound, since the kernel may merge a guest mapping
+/// with a neighbouring one, whose resident pages then count up to the
+/// overlap.
+fn resident_by_smaps(ranges: &[(usize, usize)]) -> u64 {
+    let kib = |v: &str| v.split_whitespace().next()?.parse::<u64>().ok();
     let mut guest = 0u64;
     if let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") {
         let mut overlap = 0u64;
@@ -146,14 +197,7 @@ pub fn memory_use<M: GuestMemoryBackend>(mem: &M) -> MemoryUse {
             }
         }
     }
-    let own = peak.saturating_sub(guest);
-    MemoryUse {
-        peak_rss_bytes: peak,
-        guest_resident_bytes: guest,
-        own_bytes: own,
-        own_percent_of_guest: own as f64 * 100.0
-            / mem.iter().map(|r| r.len()).sum::<u64>().max(1) as f64,
-    }
+    guest
 }
 
 /// The dirty bitmap of a source region.
@@ -194,6 +238,39 @@ mod tests {
             "{before:?} {after:?}"
         );
         assert!(after.peak_rss_bytes >= after.guest_resident_bytes);
+    }
+
+    #[test]
+    fn neighbours_and_reads_of_untouched_memory_do_not_count() {
+        use vm_memory::Bytes;
+        // Mappings made one after the other are often placed side by side,
+        // and the kernel may merge them into one: a neighbour's pages (here
+        // another guest's, as when both sides run in one process) must not
+        // count as this guest's.
+        let layout = default_layout(32 << 20).unwrap();
+        let before = source_memory(&layout).unwrap();
+        let m = source_memory(&layout).unwrap();
+        let after = source_memory(&layout).unwrap();
+        for n in [&before, &after] {
+            for p in 0..(32u64 << 20) / 4096 {
+                n.write_slice(&[7], GuestAddress(p * 4096)).unwrap();
+            }
+        }
+        assert!(memory_use(&before).guest_resident_bytes >= 32 << 20);
+        assert!(memory_use(&m).guest_resident_bytes < 1 << 20);
+        // Reading untouched memory maps the shared zero page: no cost.
+        let mut page = [0u8; 4096];
+        for p in 0..(32u64 << 20) / 4096 {
+            m.read_slice(&mut page, GuestAddress(p * 4096)).unwrap();
+        }
+        m.write_slice(&[1; 8192], GuestAddress(4096)).unwrap();
+        // (A huge page may back the write where the host enables them
+        // always.)
+        let u = memory_use(&m);
+        assert!(
+            u.guest_resident_bytes >= 8192 && u.guest_resident_bytes <= 4 << 20,
+            "{u:?}"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use ferry_migration::guest::{
 };
 use ferry_migration::memory::{default_layout, source_memory, SourceMemory};
 use ferry_migration::MigrationError;
+use ferry_proto::Evidence;
 use ferry_tests::{daemon, http_get, key_file, listen, metric, offer, send, summary};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::conn::Conn;
@@ -513,5 +514,346 @@ fn a_mostly_zero_guest_costs_memory_only_for_its_data_on_both_sides() {
             resident >= data / 2 && resident < data + (16 << 20),
             "{side}: {resident} bytes of guest memory resident for {data} bytes of data"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The page evidence end to end: a fault no per-chunk check can see
+
+/// A frame a source holding the session's keys sends: its round, runs and
+/// payload (the non-zero runs' bytes). Its tags hold: nothing on the data
+/// channel objects to it.
+struct Sent {
+    round: u32,
+    runs: Vec<PageRun>,
+    payload: Vec<u8>,
+}
+
+fn page(fill: u8) -> Vec<u8> {
+    let mut p = vec![fill; 4096];
+    p[100] = fill.wrapping_mul(3).wrapping_add(1);
+    p
+}
+
+fn run(gpa: u64) -> Vec<PageRun> {
+    vec![PageRun {
+        gpa,
+        pages: 1,
+        zero: false,
+    }]
+}
+
+/// What the destination answered a switchover whose claims were `claimed`.
+struct Answer {
+    /// The destination's `Ready` checked against the claims.
+    ready: std::result::Result<(), ferry_proto::switchover::Mismatch>,
+    /// Its answer to `Commit` (sent whatever `Ready` said, as a buggy
+    /// source would): `Committed` or `CommitRefused`.
+    commit: Msg,
+    /// The destination's output (`ferry listen --once`).
+    dest: ferry_tests::Output,
+}
+
+/// A source whose page pass has a bug: it sends `frames` on one data
+/// channel (every one with tags that hold, every one acknowledged as
+/// landed), then switches over claiming it sent `claimed` (guest address,
+/// bytes) for the 1 MiB guest's pages; the rest zero. Only the page
+/// evidence can tell the two apart.
+fn buggy_source(frames: Vec<Sent>, claimed: Vec<(u64, Vec<u8>)>) -> Answer {
+    use ferry_proto::switchover::{self as proof, Claims, Transcripts};
+    use ferry_transport::wire::AckStatus;
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let k = key_file(dir.path(), "key", KEY);
+    let (dest, addr) = listen(&k, &["--plaintext"]);
+    let (ready, commit) = rt().block_on(async move {
+        let key = AuthKey::new(KEY.to_vec()).unwrap();
+        let (mut conn, _) = ferry_tests::authed_session(addr, &key, 1 << 20).await;
+        let keys = conn.session_keys().unwrap();
+        let mut data = ferry_tests::data_channel(addr, &conn).await;
+        for (seq, f) in frames.iter().enumerate() {
+            let seq = seq as u64 + 1;
+            let frame = ferry_tests::chunk_frame(&keys, seq, f.round, &f.runs, &f.payload);
+            data.write_all(&frame).await.unwrap();
+            assert_eq!(
+                ferry_tests::read_ack(&mut data, &keys).await,
+                Some((seq, AckStatus::Landed)),
+                "no per-chunk check objects to frame {seq}"
+            );
+        }
+        data.write_all(&ferry_tests::end_frame(&keys))
+            .await
+            .unwrap();
+        let state = br#"{"writes":0,"dirty_rate":0}"#.to_vec();
+        let device_state = proof::device_state_hash(&state);
+        conn.send(&Msg::Switchover(ferry_transport::proto::Switchover {
+            device_state: state,
+            device_state_hash: device_state,
+            verify_full: false,
+        }))
+        .await
+        .unwrap();
+        let t = conn.transcript();
+        let Msg::Ready(ready) = conn.recv("Ready").await.unwrap() else {
+            panic!("expected Ready")
+        };
+        let mut evidence = Evidence::default();
+        for (gpa, bytes) in &claimed {
+            evidence.apply(keys.page.contribution(*gpa, keys.page.hash_or_zero(bytes)));
+        }
+        let claims = Claims {
+            transcripts: Transcripts {
+                s2d: t.sent,
+                d2s: t.received,
+            },
+            evidence,
+            device_state,
+            memory: None,
+        };
+        let checked = ready.check(&keys.commit, &claims);
+        let mac = proof::commit_mac(&keys.commit, &claims, &ready);
+        conn.send(&Msg::Commit { mac }).await.unwrap();
+        let answer = conn.recv("the answer to Commit").await.unwrap();
+        (checked, answer)
+    });
+    let dest = dest.wait(LONG);
+    assert!(!dest.panicked(), "{}", dest.all());
+    Answer {
+        ready,
+        commit,
+        dest,
+    }
+}
+
+/// The destination found the evidence different and never commits.
+fn assert_refused(a: &Answer, kind: &str) {
+    use ferry_proto::switchover::Mismatch;
+    assert_eq!(a.ready, Err(Mismatch::Evidence), "{kind}: {}", a.dest.all());
+    match &a.commit {
+        Msg::CommitRefused { reason, .. } => {
+            assert!(reason.contains("verification failed"), "{kind}: {reason}")
+        }
+        m => panic!("{kind}: expected CommitRefused, got {m:?}"),
+    }
+    assert_eq!(a.dest.status.code(), Some(1), "{kind}: {}", a.dest.all());
+    assert!(
+        a.dest.stdout.contains("switchover verification failed"),
+        "{kind}: {}",
+        a.dest.all()
+    );
+    assert!(
+        !a.dest.stdout.contains(" committed: "),
+        "{kind}: {}",
+        a.dest.all()
+    );
+}
+
+#[test]
+fn the_page_evidence_refuses_what_no_per_chunk_check_sees() {
+    let (a, b, newer) = (page(1), page(2), page(3));
+    let both = |a: &[u8], b: &[u8]| [a, b].concat();
+    // The control: what was sent is what is claimed, so it commits (the
+    // test can tell a good migration from a bad one).
+    let good = buggy_source(
+        vec![Sent {
+            round: 0,
+            runs: vec![PageRun {
+                gpa: 0,
+                pages: 2,
+                zero: false,
+            }],
+            payload: both(&a, &b),
+        }],
+        vec![(0, a.clone()), (4096, b.clone())],
+    );
+    assert_eq!(good.ready, Ok(()), "{}", good.dest.all());
+    assert!(
+        matches!(good.commit, Msg::Committed { .. }),
+        "{:?}: {}",
+        good.commit,
+        good.dest.all()
+    );
+    // A corrupted page whose tags were made to fit it: what the source
+    // hashed and claims is `b`, what it put on the wire is `b` with a bit
+    // flipped.
+    let mut flipped = b.clone();
+    flipped[2000] ^= 0x10;
+    let corrupted = buggy_source(
+        vec![Sent {
+            round: 0,
+            runs: vec![PageRun {
+                gpa: 0,
+                pages: 2,
+                zero: false,
+            }],
+            payload: both(&a, &flipped),
+        }],
+        vec![(0, a.clone()), (4096, b.clone())],
+    );
+    assert_refused(&corrupted, "corrupted page");
+    // A page landed at the wrong address: `b` read from 0x1000, sent for
+    // 0x3000.
+    let misplaced = buggy_source(
+        vec![
+            Sent {
+                round: 0,
+                runs: run(0),
+                payload: a.clone(),
+            },
+            Sent {
+                round: 0,
+                runs: run(3 * 4096),
+                payload: b.clone(),
+            },
+        ],
+        vec![(0, a.clone()), (4096, b.clone())],
+    );
+    assert_refused(&misplaced, "wrong address");
+    // A dropped chunk: `b`'s chunk never sent, yet counted as sent.
+    let dropped = buggy_source(
+        vec![Sent {
+            round: 0,
+            runs: run(0),
+            payload: a.clone(),
+        }],
+        vec![(0, a.clone()), (4096, b.clone())],
+    );
+    assert_refused(&dropped, "dropped chunk");
+    // A stale copy: page 0x1000 sent as `b` in round 0 and as `newer` in
+    // round 1, then the round-0 copy lands again, relabelled as round 1 (so
+    // the round gate passes it).
+    let stale = buggy_source(
+        vec![
+            Sent {
+                round: 0,
+                runs: vec![PageRun {
+                    gpa: 0,
+                    pages: 2,
+                    zero: false,
+                }],
+                payload: both(&a, &b),
+            },
+            Sent {
+                round: 1,
+                runs: run(4096),
+                payload: newer.clone(),
+            },
+            Sent {
+                round: 1,
+                runs: run(4096),
+                payload: b.clone(),
+            },
+        ],
+        vec![(0, a.clone()), (4096, newer.clone())],
+    );
+    assert_refused(&stale, "stale copy");
+}
+
+#[test]
+fn verification_is_on_by_default_and_the_pause_parts_are_reported_everywhere() {
+    // In every option this host can run (RDMA runs in the soft-RoCE VMs,
+    // tests/rdma.rs): page evidence proved in the pause, an audit after
+    // it, and the pause predicted and measured by part in the summary, the
+    // --json record and the destination's metrics.
+    let dir = tempfile::tempdir().unwrap();
+    let k = key_file(dir.path(), "key", KEY);
+    for option in ["tcp", "compression"] {
+        let metrics = format!("127.0.0.1:{}", ferry_tests::free_port());
+        let (dest, addr) = daemon(&k, &["--metrics", &metrics]);
+        let json = dir.path().join(format!("{option}.json"));
+        let src = send(
+            addr,
+            &k,
+            &[
+                "--memory",
+                "32MiB",
+                "--dirty-rate",
+                "4MB/s",
+                "--performance-option",
+                option,
+                // A loaded debug build: the pause is not what this tests.
+                "--downtime-limit",
+                "5s",
+                "--json",
+                json.to_str().unwrap(),
+            ],
+            LONG,
+        );
+        assert!(src.status.success(), "{option}: {}", src.all());
+        let s = summary(&json);
+        assert_eq!(s["verify"], "evidence", "{option}: {s}");
+        assert_eq!(s["digest_verified"], true, "{option}: {s}");
+        assert_eq!(s["audit"]["result"], "passed", "{option}: {s}");
+        assert_eq!(s["audit"]["pages"], (32 << 20) / 4096, "{option}: {s}");
+        assert_eq!(s["audit"]["mismatched_pages"], 0, "{option}: {s}");
+        let parts = [
+            "final_copy_ms",
+            "device_state_ms",
+            "verification_ms",
+            "commit_round_trip_ms",
+        ];
+        let sum = |kind: &str| -> f64 {
+            parts
+                .iter()
+                .map(|p| {
+                    let v = s[kind][p]
+                        .as_f64()
+                        .unwrap_or_else(|| panic!("{kind}.{p}: {s}"));
+                    assert!(v >= 0.0, "{option}: {kind}.{p}: {s}");
+                    v
+                })
+                .sum()
+        };
+        // The measured parts are the pause cut at four instants: they add
+        // up to it. The predicted ones add up to the predicted pause.
+        let downtime = s["downtime_ms"].as_f64().unwrap();
+        assert!(
+            (sum("pause_actual") - downtime).abs() < 0.01,
+            "{option}: {s}"
+        );
+        let predicted = s["predicted_downtime_ms"].as_f64().unwrap();
+        assert!(
+            (sum("pause_predicted") - predicted).abs() < 0.01,
+            "{option}: {s}"
+        );
+        assert!(s["memory"]["peak_rss_bytes"].as_u64().unwrap() > 0, "{s}");
+        for line in [
+            "  pause (ms): final copy ",
+            "  predicted:  final copy ",
+            "verified on both sides (page evidence)",
+            "  audit passed: 8192 pages",
+        ] {
+            assert!(
+                src.stdout.contains(line),
+                "{option}: {line:?}: {}",
+                src.all()
+            );
+        }
+        // The destination's metrics carry the same parts (from the audit
+        // report, in microseconds).
+        dest.wait_for_output("audit passed (8192 pages)", Duration::from_secs(60));
+        let (_, text) = http_get(metrics.parse().unwrap(), "/metrics");
+        for (kind, key) in [("predicted", "pause_predicted"), ("actual", "pause_actual")] {
+            for p in parts {
+                let part = p.trim_end_matches("_ms");
+                let m = metric(
+                    &text,
+                    &format!("ferry_last_pause_seconds{{kind=\"{kind}\",part=\"{part}\"}}"),
+                )
+                .unwrap_or_else(|| panic!("{option}: {kind} {part}: {text}"));
+                let want = s[key][p].as_f64().unwrap() / 1e3;
+                assert!(
+                    (m - want).abs() < 2e-6,
+                    "{option}: {kind} {part}: {m} vs {want}"
+                );
+            }
+        }
+        assert_eq!(
+            metric(&text, "ferry_audits_total{result=\"passed\"}"),
+            Some(1.0),
+            "{option}: {text}"
+        );
+        let out = dest.kill();
+        assert!(!out.panicked(), "{}", out.all());
     }
 }
