@@ -1,63 +1,189 @@
 #!/usr/bin/env bash
-# Benchmark: Ferry's TCP transport moving an idle guest of non-zero pages over
-# loopback (two processes, `ferry listen` and `ferry send`), beside iperf3's
-# single stream in the same run. Prints both rates and their ratio.
+# Benchmark: Ferry's TCP data path against iperf3's single stream on the
+# same loopback, in one run, cases interleaved (issue 15's figures).
 #
-#   ci/bench-tcp.sh [--memory 2GiB] [--repeat 3]
+#   ci/bench-tcp.sh [--memory 2GiB] [--repeat 3] [--before FERRY_BIN] [--json FILE]
 #
-# Ferry's rate is page bytes over the transfer time (connect to the last
-# acknowledged chunk), CRC32 of every payload included; the median of the
-# repeats is reported, and so is iperf3's median over as many 5 s runs.
+# Each repeat runs, one after the other (so machine load hits all alike):
+#   * iperf3: `iperf3 -s -1` and `iperf3 -c -n BYTES` (one stream, its
+#     default 128 KiB writes), BYTES = the guest's size;
+#   * ferry --performance-option tcp --plaintext (what iperf3 measures);
+#   * ferry --performance-option tcp (the default: TLS 1.3 on every channel);
+#   * with --before BIN, the same two with an earlier ferry.
+# Ferry migrates an idle guest of non-zero pattern pages (`ferry listen
+# --once` and `ferry send`, two processes on 127.0.0.1), every page hashed
+# (switchover evidence) and every chunk tagged.
+#
+# Printed per case: the median rate (page bytes over connect-to-last-ack;
+# iperf3: received bits per second), and CPU seconds per GiB moved on each
+# side and both together:
+#   * "ferry" columns: Ferry's own work from its record (summary `cpu` on the
+#     source, `cpu_s` of the destination's "migration committed" event:
+#     getrusage over the migration, the synthetic guest's threads and hooks
+#     left out);
+#   * "process" column: both whole processes (user + system from
+#     /usr/bin/time), i.e. with filling and checking the synthetic guest
+#     and startup: the figure an earlier ferry without the accounting has.
+# iperf3's figures are its two whole processes. Then the ratios the issue's
+# goals name (rate >= 1.0x iperf3; CPU per GiB, both sides, <= 1.5x
+# iperf3's), TLS against plaintext, and this build against --before.
+# On loopback both ends share the host's cores: every CPU-second one side
+# spends is taken from the other.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 MEM=2GiB
 REPEAT=3
+BEFORE=
+JSON=
 while [ $# -gt 0 ]; do
     case "$1" in
         --memory) MEM=$2; shift 2 ;;
         --repeat) REPEAT=$2; shift 2 ;;
+        --before) BEFORE=$2; shift 2 ;;
+        --json) JSON=$2; shift 2 ;;
         *) echo "bench-tcp.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
-if ! command -v iperf3 >/dev/null; then
-    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends iperf3 >/dev/null
-fi
+need() { # COMMAND PACKAGE
+    if ! command -v "$1" >/dev/null; then
+        apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$2" >/dev/null
+    fi
+}
+need iperf3 iperf3
+if [ ! -x /usr/bin/time ]; then need /usr/bin/time time; fi
 cd "$ROOT"
-cargo build --release --locked -q -p ferry-migration --bin ferry
-FERRY=$ROOT/target/release/ferry
+if [ -z "${FERRY:-}" ]; then
+    cargo build --release --locked -q -p ferry-migration --bin ferry
+    FERRY=$ROOT/target/release/ferry
+fi
+if [ -n "$BEFORE" ] && [ ! -x "$BEFORE" ]; then
+    echo "bench-tcp.sh: --before $BEFORE is not an executable" >&2
+    exit 2
+fi
 WORK=$(mktemp -d)
-cleanup() { kill "${IPERF_PID:-}" 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
+trap 'rm -rf "$WORK"' EXIT
 "$FERRY" gen-key "$WORK/key" > /dev/null
+BYTES=$(python3 -c "
+import re, sys
+m = re.fullmatch(r'([0-9.]+)\s*([KMGT]?)(i?)B?', '$MEM')
+n, u, i = float(m.group(1)), m.group(2), m.group(3)
+print(int(n * (1024 if i or not u else 1000) ** ' KMGT'.index(u or ' ')))")
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+median() { sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) print "nan"; else print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+wait_port() { for _ in $(seq 200); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$1)).close()" 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+cpu_of() { awk '{ s += $1 + $2 } END { print s + 0 }' "$1"; }
 
-IPORT=$(port)
-iperf3 -s -B 127.0.0.1 -p "$IPORT" >/dev/null 2>&1 &
-IPERF_PID=$!
-sleep 0.5
-for i in $(seq "$REPEAT"); do
-    # One stream, default (128 KiB) writes, 5 s.
-    iperf3 -c 127.0.0.1 -p "$IPORT" -t 5 -J | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 1e9)'
-done > "$WORK/iperf"
-kill "$IPERF_PID"; IPERF_PID=
-
-for i in $(seq "$REPEAT"); do
+# Appends "rate_gbit src_ferry_s dst_ferry_s src_proc_s dst_proc_s" to $WORK/NAME.
+run_iperf() {
+    local P
     P=$(port)
-    # --plaintext on both ends: the plain TCP data path, as iperf3 measures it
-    # (ci/bench-encrypt.sh measures the default, encrypted, path).
-    "$FERRY" listen --listen 127.0.0.1:"$P" --auth-key-file "$WORK/key" --plaintext --once > "$WORK/listen.$i" 2>&1 &
-    LPID=$!
-    for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$P)).close()" 2>/dev/null && break; sleep 0.05; done
-    "$FERRY" send --to 127.0.0.1:"$P" --auth-key-file "$WORK/key" --memory "$MEM" --dirty-rate 0 --zero-fraction 0 \
-        --performance-option tcp --plaintext --json "$WORK/ferry.$i.json" > "$WORK/send.$i" 2>&1
-    wait "$LPID"
-    python3 -c "import json; d=json.load(open('$WORK/ferry.$i.json')); assert d['digest_verified']; print(d['throughput_bytes_per_sec'] * 8 / 1e9)"
-done > "$WORK/ferry"
+    rm -f "$WORK/t.s" "$WORK/t.c"
+    /usr/bin/time -o "$WORK/t.s" -f '%U %S' iperf3 -s -1 -B 127.0.0.1 -p "$P" > /dev/null 2>&1 &
+    local spid=$!
+    sleep 0.3
+    for _ in $(seq 50); do
+        if /usr/bin/time -o "$WORK/t.c" -f '%U %S' iperf3 -c 127.0.0.1 -p "$P" -n "$BYTES" -J > "$WORK/iperf.json" 2> /dev/null; then break; fi
+        sleep 0.1
+    done
+    wait "$spid" || true
+    local c s
+    c=$(cpu_of "$WORK/t.c"); s=$(cpu_of "$WORK/t.s")
+    python3 - "$WORK/iperf.json" "$c" "$s" >> "$WORK/iperf3" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+print(d["end"]["sum_received"]["bits_per_second"] / 1e9, "nan", "nan", sys.argv[2], sys.argv[3])
+PY
+}
 
-ip=$(median < "$WORK/iperf")
-fe=$(median < "$WORK/ferry")
-echo "== TCP over loopback, $MEM idle guest of non-zero pages, $REPEAT runs each (medians) =="
-echo "iperf3 single stream:            $(printf '%.2f' "$ip") Gbit/s   (runs: $(paste -sd' ' "$WORK/iperf"))"
-echo "ferry --performance-option tcp:  $(printf '%.2f' "$fe") Gbit/s   (runs: $(paste -sd' ' "$WORK/ferry"))"
-python3 -c "print('ratio ferry / iperf3: %.2f' % ($fe / $ip))"
+run_ferry() { # NAME BIN ARGS...
+    local name=$1 bin=$2; shift 2
+    local P
+    P=$(port)
+    rm -f "$WORK/t.s" "$WORK/t.d" "$WORK/run.json"
+    /usr/bin/time -o "$WORK/t.d" -f '%U %S' "$bin" listen --listen 127.0.0.1:"$P" --auth-key-file "$WORK/key" --once "$@" > "$WORK/listen.log" 2>&1 &
+    local lpid=$!
+    wait_port "$P" || { cat "$WORK/listen.log" >&2; exit 1; }
+    /usr/bin/time -o "$WORK/t.s" -f '%U %S' "$bin" send --to 127.0.0.1:"$P" --auth-key-file "$WORK/key" --memory "$MEM" \
+        --dirty-rate 0 --zero-fraction 0 --performance-option tcp --channels 1 --json "$WORK/run.json" "$@" \
+        > "$WORK/send.log" 2>&1 || { cat "$WORK/send.log" "$WORK/listen.log" >&2; exit 1; }
+    wait "$lpid" || { cat "$WORK/listen.log" >&2; exit 1; }
+    python3 - "$WORK/run.json" "$WORK/listen.log" "$(cpu_of "$WORK/t.s")" "$(cpu_of "$WORK/t.d")" >> "$WORK/$name" <<'PY'
+import json, re, sys
+d = json.load(open(sys.argv[1]))
+s = d.get("summary", d)
+assert s.get("digest_verified", True), "digest not verified"
+gib = s["payload_bytes"] / 2**30
+src = s.get("cpu", {}).get("ferry_s")
+m = re.findall(r"\bcpu_s=([0-9.eE+-]+)", open(sys.argv[2], errors="replace").read())
+dst = float(m[-1]) if m else None
+f = lambda v: "nan" if v is None else v
+print(s["throughput_bytes_per_sec"] * 8 / 1e9, f(src), f(dst), sys.argv[3], sys.argv[4])
+PY
+}
+
+CASES=("iperf3" "ferry tcp --plaintext" "ferry tcp (default: TLS)")
+if [ -n "$BEFORE" ]; then CASES+=("before: tcp --plaintext" "before: tcp (default: TLS)"); fi
+key() { echo "$1" | tr ' :()' '____'; }
+for i in $(seq "$REPEAT"); do
+    run_iperf
+    run_ferry "$(key 'ferry tcp --plaintext')" "$FERRY" --plaintext
+    run_ferry "$(key 'ferry tcp (default: TLS)')" "$FERRY"
+    if [ -n "$BEFORE" ]; then
+        run_ferry "$(key 'before: tcp --plaintext')" "$BEFORE" --plaintext
+        run_ferry "$(key 'before: tcp (default: TLS)')" "$BEFORE"
+    fi
+done
+
+GIB=$(python3 -c "print($BYTES / 2**30)")
+echo "== TCP over loopback: $MEM ($BYTES bytes) per run, $REPEAT runs per case interleaved, medians; $(nproc) cores =="
+echo "   CPU in seconds per GiB moved; ferry = Ferry's own work from its record, process = both whole processes (/usr/bin/time)"
+printf '%-28s %13s %9s %9s %9s %10s   %s\n' case rate "src/GiB" "dst/GiB" "both/GiB" "process" "rates (Gbit/s)"
+declare -A RATE BOTH PROC
+for c in "${CASES[@]}"; do
+    f=$WORK/$(key "$c")
+    col() { cut -d' ' -f"$1" "$f" | median; }
+    # per-run sums first, then medians
+    RATE[$c]=$(col 1)
+    src=$(awk -v g="$GIB" '{ print $2 / g }' "$f" | median)
+    dst=$(awk -v g="$GIB" '{ print $3 / g }' "$f" | median)
+    if [ "$c" = iperf3 ]; then
+        src=$(awk -v g="$GIB" '{ print $4 / g }' "$f" | median)
+        dst=$(awk -v g="$GIB" '{ print $5 / g }' "$f" | median)
+        BOTH[$c]=$(awk -v g="$GIB" '{ print ($4 + $5) / g }' "$f" | median)
+    else
+        BOTH[$c]=$(awk -v g="$GIB" '{ print ($2 + $3) / g }' "$f" | median)
+    fi
+    PROC[$c]=$(awk -v g="$GIB" '{ print ($4 + $5) / g }' "$f" | median)
+    printf '%-28s %6.2f Gbit/s %9.3f %9.3f %9.3f %10.3f   (%s)\n' "$c" "${RATE[$c]}" "$src" "$dst" "${BOTH[$c]}" "${PROC[$c]}" \
+        "$(cut -d' ' -f1 "$f" | xargs printf '%.2f ' | sed 's/ $//')"
+done
+ratio() { python3 -c "import sys, math; a,b=float(sys.argv[1]),float(sys.argv[2]); print('n/a' if math.isnan(a) or math.isnan(b) or b == 0 else '%.2f' % (a/b))" "$1" "$2"; }
+verdict() { python3 -c "import sys; r=sys.argv[1]; print('n/a' if r=='n/a' else ('met' if eval(r + sys.argv[2]) else 'NOT met'))" "$1" "$2"; }
+P="ferry tcp --plaintext"; T="ferry tcp (default: TLS)"
+r1=$(ratio "${RATE[$P]}" "${RATE[iperf3]}")
+c1=$(ratio "${BOTH[$P]}" "${BOTH[iperf3]}")
+echo "-- ratios --"
+echo "rate, ferry --plaintext / iperf3:                 $r1   (goal >= 1.0: $(verdict "$r1" '>= 1.0'))"
+echo "CPU/GiB both sides, ferry --plaintext / iperf3:   $c1   (goal <= 1.5: $(verdict "$c1" '<= 1.5'))"
+echo "CPU/GiB both processes, ferry --plaintext / iperf3: $(ratio "${PROC[$P]}" "${PROC[iperf3]}")"
+echo "rate, ferry TLS / iperf3:                         $(ratio "${RATE[$T]}" "${RATE[iperf3]}")"
+echo "CPU/GiB both sides, ferry TLS / iperf3:           $(ratio "${BOTH[$T]}" "${BOTH[iperf3]}")"
+echo "TLS / --plaintext: rate $(ratio "${RATE[$T]}" "${RATE[$P]}"), CPU/GiB $(ratio "${BOTH[$T]}" "${BOTH[$P]}")"
+if [ -n "$BEFORE" ]; then
+    for o in "tcp --plaintext" "tcp (default: TLS)"; do
+        echo "this build / before, $o: rate $(ratio "${RATE[ferry $o]}" "${RATE[before: $o]}"), CPU/GiB both processes $(ratio "${PROC[ferry $o]}" "${PROC[before: $o]}")"
+    done
+fi
+if [ -n "$JSON" ]; then
+    python3 - "$WORK" "$JSON" "$MEM" "$BYTES" "${CASES[@]}" <<'PY'
+import json, sys
+work, out, mem, nbytes, cases = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
+key = lambda c: c.translate(str.maketrans(" :()", "____"))
+doc = {"memory": mem, "bytes": nbytes, "cases": {}}
+for c in cases:
+    runs = [dict(zip(["rate_gbit", "src_ferry_cpu_s", "dst_ferry_cpu_s", "src_process_cpu_s", "dst_process_cpu_s"],
+                     map(float, l.split()))) for l in open(f"{work}/{key(c)}")]
+    doc["cases"][c] = runs
+json.dump(doc, open(out, "w"), indent=1, allow_nan=True)
+PY
+fi

@@ -11,6 +11,8 @@
 //! * [`net`]: TCP send-queue depth and per-thread nice, which the
 //!   compression option's pipeline steers by; TCP keepalive and
 //!   `TCP_USER_TIMEOUT`; raising `RLIMIT_NOFILE`.
+//! * [`cpu`]: CPU time of the process and of the calling thread
+//!   (`getrusage`), for the CPU-seconds-per-GiB accounting.
 //! * [`ifaddrs`]: the host's interface addresses (`getifaddrs`), for
 //!   multichannel discovery.
 //! * `rdma` (feature `rdma`): rdma-core verbs and rdma_cm behind safe types.
@@ -21,6 +23,7 @@
 //! [`VolatileSlice`]: vm_memory::VolatileSlice
 #![warn(missing_docs)]
 
+pub mod cpu;
 pub mod ifaddrs;
 pub mod net;
 #[cfg(feature = "rdma")]

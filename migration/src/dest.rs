@@ -228,6 +228,11 @@ pub struct DestSummary {
     /// Downtime as the destination sees it: from the source's last
     /// pre-copy round (when it pauses the guest) to `Committed`.
     pub downtime_ms: f64,
+    /// CPU seconds this process spent from the source's hello to the end
+    /// (the source's audit report), the restore and resume hooks left out.
+    /// Migrations running at once in one daemon share the process: each
+    /// one's figure counts them all.
+    pub cpu: crate::cpu::CpuUse,
 }
 
 /// The outcome of one incoming migration.
@@ -844,6 +849,7 @@ impl Destination {
         (deadline, slot): (tokio::time::Instant, Slot),
     ) -> Result<DestSummary> {
         let started = Instant::now();
+        let meter = crate::cpu::CpuMeter::start(Duration::ZERO);
         // Refused before any authentication work when the slots and the
         // queue are full.
         if self.slots.available_permits() == 0
@@ -1048,6 +1054,7 @@ impl Destination {
                 memory: crate::memory::memory_use(&*mem),
                 total_ms: started.elapsed().as_secs_f64() * 1e3,
                 downtime_ms: r.downtime.as_secs_f64() * 1e3,
+                cpu: meter.finish(r.hooks_cpu, r.payload_bytes),
             }),
             // Committed: the source has let go, nothing to tell it.
             Err(e @ MigrationError::ResumeFailed(_)) => {
@@ -1078,6 +1085,8 @@ fn log_outcome(result: &Result<DestSummary>) {
             payload_bytes = s.payload_bytes,
             downtime_ms = s.downtime_ms,
             total_ms = s.total_ms,
+            cpu_s = s.cpu.ferry_s,
+            cpu_s_per_gib = s.cpu.ferry_s_per_gib,
             digest = %s.digest,
             "migration committed"
         ),
@@ -1177,6 +1186,8 @@ struct Received {
     resume_report: String,
     audit: Option<AuditReport>,
     downtime: Duration,
+    /// CPU time of the restore and resume hooks (the guest's work).
+    hooks_cpu: Duration,
 }
 
 /// The sum of one counter over every channel's counters.
@@ -1463,10 +1474,16 @@ impl Receive<'_> {
         // Restore: everything that can fail, before this side takes the
         // guest (off the runtime: a VMM may do real work here).
         let (hook, mem, state) = (self.resume.clone(), self.mem.clone(), sw.device_state);
-        let restored = tokio::task::spawn_blocking(move || (hook.restore)(&mem, &state))
-            .await
-            .map_err(|e| format!("restore task failed: {e}"))
-            .and_then(|r| r);
+        let mut hooks_cpu = Duration::ZERO;
+        let restored =
+            tokio::task::spawn_blocking(move || on_thread_cpu(|| (hook.restore)(&mem, &state)))
+                .await
+                .map(|(r, cpu)| {
+                    hooks_cpu += cpu;
+                    r
+                })
+                .map_err(|e| format!("restore task failed: {e}"))
+                .and_then(|r| r);
         let restore_report = match restored {
             Ok(r) => r,
             Err(e) => {
@@ -1480,11 +1497,16 @@ impl Receive<'_> {
         let downtime = paused_at.elapsed();
         // The guest is this side's now: resume it.
         let (hook, mem) = (self.resume.clone(), self.mem.clone());
-        let resume_report = tokio::task::spawn_blocking(move || (hook.resume)(&mem))
-            .await
-            .map_err(|e| format!("resume task failed: {e}"))
-            .and_then(|r| r)
-            .map_err(MigrationError::ResumeFailed)?;
+        let resume_report =
+            tokio::task::spawn_blocking(move || on_thread_cpu(|| (hook.resume)(&mem)))
+                .await
+                .map(|(r, cpu)| {
+                    hooks_cpu += cpu;
+                    r
+                })
+                .map_err(|e| format!("resume task failed: {e}"))
+                .and_then(|r| r)
+                .map_err(MigrationError::ResumeFailed)?;
         // The source audits its frozen memory after the pause and reports.
         let audit = match tokio::time::timeout(self.timeout, msgs.recv()).await {
             Ok(Some(Ok(Msg::Audit(a)))) if a.verify(&keys.commit, &committed) => Some(a),
@@ -1530,8 +1552,22 @@ impl Receive<'_> {
             resume_report,
             audit,
             downtime,
+            hooks_cpu,
         })
     }
+}
+
+/// Runs `f` on this thread and returns what it returned and the CPU time
+/// it used (the restore and resume hooks: the guest's work, left out of
+/// Ferry's CPU figure).
+fn on_thread_cpu<R>(f: impl FnOnce() -> R) -> (R, Duration) {
+    let before = ferry_ffi::cpu::thread_times().ok();
+    let r = f();
+    let used = match (before, ferry_ffi::cpu::thread_times()) {
+        (Some(b), Ok(a)) => a.since(&b).total(),
+        _ => Duration::ZERO,
+    };
+    (r, used)
 }
 
 /// Checks that an offer's layout is something this host can map.

@@ -525,6 +525,9 @@ pub struct Summary {
     /// This process's memory at the end: peak RSS, the guest's resident
     /// part, and Ferry's own.
     pub memory: crate::memory::MemoryUse,
+    /// CPU seconds this process spent on the migration, from connect to
+    /// the end of the audit, the guest's own threads left out.
+    pub cpu: crate::cpu::CpuUse,
 }
 
 /// The source's audit after the pause: its frozen memory hashed again and
@@ -585,6 +588,14 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
     /// Runs the migration. On any error before commit the guest keeps running
     /// (it is resumed if it was paused) and the destination is told to abort.
     pub async fn migrate(&self) -> Result<Summary> {
+        // Ferry's CPU time for the migration, the guest's own left out.
+        let meter = crate::cpu::CpuMeter::start(self.guest.cpu_time());
+        let mut summary = self.migrate_measured().await?;
+        summary.cpu = meter.finish(self.guest.cpu_time(), summary.payload_bytes);
+        Ok(summary)
+    }
+
+    async fn migrate_measured(&self) -> Result<Summary> {
         let started = Instant::now();
         self.progress.set_phase(Phase::Connecting);
         let compression = match self.opts.option {
@@ -1593,6 +1604,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             channels,
             encryption: describe_encryption(self.conn, opts.option),
             memory: crate::memory::memory_use(&*src.mem),
+            cpu: crate::cpu::CpuUse::default(),
         })
     }
 

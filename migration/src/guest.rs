@@ -56,6 +56,12 @@ pub trait GuestControl: Send + Sync {
             "this guest cannot be throttled (asked for {percent}%)"
         )))
     }
+    /// CPU time the guest's own threads have used so far (vCPUs, or the
+    /// synthetic guest's worker), if this process runs them: excluded from
+    /// Ferry's CPU figure ([`crate::cpu`]). The default: none.
+    fn cpu_time(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// First word of every pattern page ("FERRYPG1").
@@ -130,6 +136,8 @@ struct Shared {
     gate: Mutex<Gate>,
     cv: Condvar,
     writes: AtomicU64,
+    /// The worker thread's CPU time, nanoseconds (refreshed as it runs).
+    cpu_ns: AtomicU64,
 }
 
 /// Device state of the synthetic guest.
@@ -236,6 +244,10 @@ impl GuestControl for SyntheticGuest {
             ));
         }
         Ok(())
+    }
+
+    fn cpu_time(&self) -> Duration {
+        Duration::from_nanos(self.shared.cpu_ns.load(Ordering::Relaxed))
     }
 
     fn resume(&self) -> Result<()> {
@@ -367,11 +379,25 @@ fn dirty_worker(mem: &SourceMemory, shared: &Shared, cfg: &SyntheticConfig) {
     // for the (100 - throttle)% of the time it is let run.
     let mut allowed = 0.0f64;
     let mut last = Instant::now();
+    // This thread's CPU time, published every 64 turns and before parking
+    // (the CPU accounting leaves the guest's work out of Ferry's).
+    let publish = || {
+        if let Ok(t) = ferry_ffi::cpu::thread_times() {
+            let ns = u64::try_from(t.total().as_nanos()).unwrap_or(u64::MAX);
+            shared.cpu_ns.store(ns, Ordering::Relaxed);
+        }
+    };
+    let mut turns = 0u64;
     loop {
+        turns += 1;
+        if turns.is_multiple_of(64) {
+            publish();
+        }
         if shared.stop.load(Ordering::Relaxed) {
             return;
         }
         if shared.pause_requested.load(Ordering::SeqCst) {
+            publish();
             let mut g = shared.gate.lock().expect("gate");
             g.parked = true;
             shared.cv.notify_all();

@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod admission;
+pub mod cpu;
 pub mod dest;
 pub mod digest;
 pub mod dirty;

@@ -458,6 +458,7 @@ mod tests {
             memory: Default::default(),
             total_ms: 1500.0,
             downtime_ms: 25.0,
+            cpu: Default::default(),
         }
     }
 

@@ -62,6 +62,20 @@ fn listen_and_send_in_two_processes_commit_with_verified_digest() {
         "{}",
         src.all()
     );
+    // CPU accounting: the process's time over the migration, the guest
+    // worker's left out, per GiB of page bytes sent; both sides print it.
+    let cpu = &s["cpu"];
+    let f = |k: &str| cpu[k].as_f64().unwrap_or_else(|| panic!("cpu.{k}: {cpu}"));
+    assert!(f("ferry_s") > 0.0, "{cpu}");
+    assert!(f("guest_s") >= 0.0, "{cpu}");
+    assert!(
+        (f("user_s") + f("system_s") - f("guest_s") - f("ferry_s")).abs() < 1e-6,
+        "{cpu}"
+    );
+    let gib = s["payload_bytes"].as_f64().unwrap() / f64::from(1u32 << 30);
+    assert!((f("ferry_s_per_gib") - f("ferry_s") / gib).abs() < 1e-6, "{cpu}");
+    assert!(src.stdout.contains("CPU (this side"), "{}", src.all());
+    assert!(dest.stdout.contains("s/GiB"), "{}", dest.all());
 }
 
 #[test]

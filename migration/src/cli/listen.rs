@@ -83,7 +83,7 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     while let Some(o) = rx.recv().await {
         match &o.result {
             Ok(s) => println!(
-                "migration {} from {} committed: {} ({} bytes) in {:.2} s, pause {:.1} ms, digest {} verified ({}); {}; {}; {}; peak RSS {} (guest {}, own {:.2}% of the guest){}",
+                "migration {} from {} committed: {} ({} bytes) in {:.2} s, pause {:.1} ms, digest {} verified ({}); {}; {}; {}; peak RSS {} (guest {}, own {:.2}% of the guest); CPU {}{}",
                 s.migration_id,
                 o.peer,
                 units::human(s.memory_bytes),
@@ -102,6 +102,7 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
                 units::human(s.memory.peak_rss_bytes),
                 units::human(s.memory.guest_resident_bytes),
                 s.memory.own_percent_of_guest,
+                s.cpu,
                 one_path.as_deref().map(|n| format!("; {n}")).unwrap_or_default()
             ),
             Err(e) => println!("migration from {} failed: {e}", o.peer),

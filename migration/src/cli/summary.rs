@@ -149,6 +149,7 @@ fn summary(s: &Summary) -> String {
         units::human(s.memory.own_bytes),
         s.memory.own_percent_of_guest
     );
+    outln!(out, "  CPU (this side, Ferry's own): {}", s.cpu);
     outln!(
         out,
         "  digest {} verified on both sides ({})",
