@@ -73,7 +73,10 @@ fn listen_and_send_in_two_processes_commit_with_verified_digest() {
         "{cpu}"
     );
     let gib = s["payload_bytes"].as_f64().unwrap() / f64::from(1u32 << 30);
-    assert!((f("ferry_s_per_gib") - f("ferry_s") / gib).abs() < 1e-6, "{cpu}");
+    assert!(
+        (f("ferry_s_per_gib") - f("ferry_s") / gib).abs() < 1e-6,
+        "{cpu}"
+    );
     assert!(src.stdout.contains("CPU (this side"), "{}", src.all());
     assert!(dest.stdout.contains("s/GiB"), "{}", dest.all());
 }
