@@ -321,6 +321,9 @@ pub enum Event {
     Outcome {
         /// The outcome.
         outcome: &'static str,
+        /// The kind of failure (the record's `reason`), unless committed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
         /// The error, unless committed.
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<String>,

@@ -10,8 +10,11 @@
 //!   `guest`, `destination`, `migration_id` and records of migrations that
 //!   did not commit; `ferry report` reads versions 1 and 2.
 //! * `outcome`: [`Outcome`] (`committed`, `failed`, `cancelled`,
-//!   `not_converged`), `error` (the error text, `null` when committed) and
-//!   `guest` (where the guest runs now: `destination`, `source`, or
+//!   `not_converged`), `error` (the error text, `null` when committed),
+//!   `reason` (the kind of failure as a snake_case label, the one
+//!   `ferry_migrations_aborted_total{reason}` uses: `not_converged`,
+//!   `pause_cannot_fit` and `deadline` tell apart the ways of not
+//!   converging; `null` when committed) and `guest` (where the guest runs now: `destination`, `source`, or
 //!   `paused_on_source` when a commit went unconfirmed).
 //! * committed: the engine's [`Summary`], every field at the top level
 //!   (`rounds` and `channels` included); otherwise [`Partial`]: what the
@@ -48,7 +51,8 @@ pub enum Outcome {
     /// Cancelled by the operator (SIGINT/SIGTERM); the guest runs on the source.
     Cancelled,
     /// Cancelled because the guest did not converge (`--max-rounds`,
-    /// `--timeout`); the guest runs on the source.
+    /// `--timeout`, or a `--downtime-limit` no pause can fit); the guest
+    /// runs on the source.
     NotConverged,
 }
 
@@ -163,6 +167,11 @@ pub struct Record<'a> {
     pub outcome: Outcome,
     /// Why it did not commit (`None` when committed).
     pub error: Option<String>,
+    /// What kind of failure, as a snake_case label (the
+    /// `ferry_migrations_aborted_total{reason}` one: `not_converged`,
+    /// `pause_cannot_fit`, `deadline`, `cancelled`, `shutdown`,
+    /// `peer_closed`, ...); `None` when committed or not known.
+    pub reason: Option<String>,
     /// Where the guest runs now: `destination`, `source` or
     /// `paused_on_source`.
     pub guest: &'static str,

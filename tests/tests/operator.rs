@@ -203,12 +203,18 @@ fn every_outcome_writes_a_record_that_report_reads() {
     assert_eq!(r["outcome"], "committed", "{r}");
     assert_eq!(r["guest"], "destination");
     assert!(r["error"].is_null());
+    assert!(r["reason"].is_null());
     assert_eq!(r["migration_id"], 1);
     assert!(r["downtime_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(r["downtime_limit_ms"], 300.0);
     report_reads(&json("ok.json"), "committed");
 
-    // Not converged: the round cap comes before the pause fits.
+    // Not converged: the round cap comes before the pause fits. The limit
+    // is one a pause can fit (its fixed part, round trips and device
+    // state, is a few ms), but the guest dirties its 8 MiB five times
+    // faster than the 4 MB/s link carries them: every round leaves about
+    // all of it dirty, a final copy of ~2 s. (Even a guest dirtying at a
+    // tenth of its rate, on a loaded host, leaves ~0.8 s.)
     let nc = send(
         addr,
         &key,
@@ -218,13 +224,13 @@ fn every_outcome_writes_a_record_that_report_reads() {
             "--zero-fraction",
             "0",
             "--dirty-rate",
-            "40MB/s",
+            "20MB/s",
             "--bandwidth-limit",
-            "8MB/s",
+            "4MB/s",
             "--performance-option",
             "tcp",
             "--downtime-limit",
-            "1ms",
+            "200ms",
             "--max-rounds",
             "2",
             "--json",
@@ -233,22 +239,82 @@ fn every_outcome_writes_a_record_that_report_reads() {
         WAIT,
     );
     assert_eq!(nc.status.code(), Some(3), "{}", nc.all());
+    assert!(
+        nc.stderr
+            .contains("migration stopped: did not converge after 2 rounds"),
+        "{}",
+        nc.all()
+    );
     let r = record(&json("nc.json"));
     assert_eq!(r["outcome"], "not_converged", "{r}");
+    assert_eq!(r["reason"], "not_converged", "{r}");
+    assert_eq!(r["guest"], "source");
+    let error = r["error"].as_str().unwrap();
+    assert!(error.contains("did not converge after 2 rounds"), "{r}");
+    assert!(error.contains("> limit 200 ms"), "{r}");
+    assert_eq!(r["rounds"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(r["downtime_limit_ms"], 200.0, "{r}");
+    assert!(r["samples"].as_array().unwrap().len() > 1);
+    assert!(r.get("downtime_ms").is_none(), "no pause happened: {r}");
+    report_reads(&json("nc.json"), "not_converged");
+    dest.wait_for_output("did not converge after 2 rounds", WAIT);
+
+    // Not converged, found out early: a limit no pause can fit, whatever
+    // is left to copy. `--verify full` hashes all 64 MiB inside the pause
+    // (milliseconds even on a fast host), so 1 ms cannot hold it; Ferry
+    // says so after the first round instead of sending more.
+    let cf = send(
+        addr,
+        &key,
+        &[
+            "--memory",
+            "64MiB",
+            "--verify",
+            "full",
+            "--downtime-limit",
+            "1ms",
+            "--json",
+            json("cf.json").to_str().unwrap(),
+        ],
+        WAIT,
+    );
+    assert_eq!(cf.status.code(), Some(3), "{}", cf.all());
+    assert!(
+        cf.stderr.contains(
+            "migration stopped: the pause cannot fit --downtime-limit 1 ms: with nothing left to copy it is predicted at"
+        ),
+        "{}",
+        cf.all()
+    );
+    assert!(cf.stderr.contains("or drop --verify full"), "{}", cf.all());
+    assert!(
+        cf.stderr
+            .contains("the guest keeps running on this host (running: true)"),
+        "{}",
+        cf.all()
+    );
+    let r = record(&json("cf.json"));
+    assert_eq!(r["outcome"], "not_converged", "{r}");
+    assert_eq!(r["reason"], "pause_cannot_fit", "{r}");
     assert_eq!(r["guest"], "source");
     assert!(
         r["error"]
             .as_str()
             .unwrap()
-            .contains("did not converge after 2 rounds"),
+            .contains("the pause cannot fit --downtime-limit 1 ms"),
         "{r}"
     );
-    assert_eq!(r["rounds"].as_array().unwrap().len(), 2, "{r}");
-    assert!(r["samples"].as_array().unwrap().len() > 1);
+    assert_eq!(r["rounds"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["downtime_limit_ms"], 1.0, "{r}");
     assert!(r.get("downtime_ms").is_none(), "no pause happened: {r}");
-    report_reads(&json("nc.json"), "not_converged");
+    report_reads(&json("cf.json"), "not_converged");
     let dest = dest.kill();
-    assert!(dest.stdout.contains("did not converge"), "{}", dest.all());
+    assert!(
+        dest.stdout
+            .contains("the pause cannot fit --downtime-limit 1 ms"),
+        "{}",
+        dest.all()
+    );
 
     // Failed: nobody at the destination.
     let gone = format!("127.0.0.1:{}", free_port());
@@ -273,6 +339,7 @@ fn every_outcome_writes_a_record_that_report_reads() {
         "{r}"
     );
     assert!(r["migration_id"].is_null());
+    assert_eq!(r["reason"], "io", "{r}");
     report_reads(&json("failed.json"), "failed");
     // (cancelled: sigint_on_send_cancels_and_the_destination_reports_it)
 }
@@ -319,12 +386,14 @@ fn sigint_on_send_cancels_and_the_destination_reports_it() {
     assert!(!src.stdout.contains("migration committed"), "{}", src.all());
     let r = record(&json);
     assert_eq!(r["outcome"], "cancelled", "{r}");
+    assert_eq!(r["reason"], "cancelled", "{r}");
     assert_eq!(r["guest"], "source");
     report_reads(&json, "cancelled");
     let ev = std::fs::read_to_string(&events).unwrap();
     let last: serde_json::Value = serde_json::from_str(ev.lines().last().unwrap()).unwrap();
     assert_eq!(last["event"], "outcome");
     assert_eq!(last["outcome"], "cancelled");
+    assert_eq!(last["reason"], "cancelled");
     // The destination heard why, freed the migration, and takes the next.
     let out = dest.wait_for_output("cancelled by the operator", WAIT);
     assert!(
@@ -530,6 +599,7 @@ fn the_events_stream_tells_the_migration_in_order() {
     let last = events.last().unwrap();
     assert_eq!(last["outcome"], "committed", "{last}");
     assert!(last.get("error").is_none(), "{last}");
+    assert!(last.get("reason").is_none(), "{last}");
     dest.kill();
 }
 

@@ -195,7 +195,10 @@ pub struct EngineArgs {
     /// Payload bytes per chunk.
     #[arg(help_heading = TRANSPORT, long, default_value = "4MiB", value_parser = units::parse_page_bytes, value_name = "SIZE")]
     pub chunk_size: u64,
-    /// Longest pause the engine aims for.
+    /// Longest pause the engine aims for: it switches over once the
+    /// predicted pause fits. A limit that even a pause with nothing left to
+    /// copy cannot fit (round trips, device state, --verify full) is
+    /// refused after the first round (exit status 3, guest running here).
     #[arg(help_heading = CONVERGENCE, long, default_value = "300ms", value_parser = units::parse_duration, value_name = "DURATION")]
     pub downtime_limit: Duration,
     /// Pre-copy rounds before giving up on convergence: the migration is

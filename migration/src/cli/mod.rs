@@ -123,7 +123,8 @@ pub fn with_port(to: &str) -> String {
 /// * 1: failed; a source's guest keeps running on the source;
 /// * 2: bad usage (clap's own status for a flag it refuses);
 /// * 3: cancelled because the guest did not converge (`--max-rounds`,
-///   `--timeout`); the guest keeps running on the source;
+///   `--timeout`, or a `--downtime-limit` no pause can fit); the guest
+///   keeps running on the source;
 /// * 4: `Commit` was sent but not confirmed: the guest is left paused on
 ///   the source, as it may already run on the destination;
 /// * 5: committed, but the audit after the pause failed (`send`, `demo`,

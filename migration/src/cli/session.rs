@@ -215,8 +215,10 @@ impl Session {
         let samples = self.sampler.stop();
         let outcome = outcome_of(&result);
         let error = result.as_ref().err().map(|e| format!("{e:#}"));
+        let reason = result.as_ref().err().and_then(reason_of);
         self.progress.emit(Event::Outcome {
             outcome: outcome.name(),
+            reason: reason.clone(),
             error: error.clone(),
         });
         self.progress.unsubscribe();
@@ -284,6 +286,7 @@ impl Session {
                 schema: report::SCHEMA,
                 outcome,
                 error,
+                reason,
                 guest: guest.name(),
                 destination,
                 migration_id: seen.migration_id,
@@ -327,6 +330,14 @@ pub fn outcome_of(result: &anyhow::Result<Summary>) -> Outcome {
     } else {
         Outcome::Failed
     }
+}
+
+/// The kind of failure, as the metrics label names it (the first
+/// migration error in the chain), when there is one.
+pub fn reason_of(e: &anyhow::Error) -> Option<String> {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<MigrationError>())
+        .map(MigrationError::reason)
 }
 
 /// Writes each event as a JSON line to `sink` as it comes, and keeps what
