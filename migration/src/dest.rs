@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_proto::policy;
 use ferry_proto::switchover::{self as proof, Claims, ReadyProof, Transcripts};
 use ferry_proto::{Evidence, Ledger};
 use ferry_transport::auth::AuthKey;
@@ -54,7 +55,6 @@ use ferry_transport::tls::{TlsConfig, TLS_HANDSHAKE_BYTE};
 use ferry_transport::wire::Codec;
 use ferry_transport::wire::MAX_CHUNK_PAYLOAD;
 use ferry_transport::{MemoryLayout, TransportError};
-use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
@@ -195,45 +195,7 @@ impl std::fmt::Debug for ResumeHook {
     }
 }
 
-/// What a committed incoming migration looked like.
-#[derive(Debug, Clone, Serialize)]
-pub struct DestSummary {
-    /// Migration id.
-    pub migration_id: u64,
-    /// Source address.
-    pub peer: String,
-    /// Guest memory size.
-    pub memory_bytes: u64,
-    /// Page bytes received.
-    pub payload_bytes: u64,
-    /// Chunks whose CRC failed and were sent again.
-    pub crc_errors: u64,
-    /// Fingerprint of the verified switchover (hex): the source prints the
-    /// same one.
-    pub digest: String,
-    /// `--verify full`: the whole memory was hashed in the pause too.
-    pub verify_full: bool,
-    /// What the restore hook said (before `Committed`).
-    pub restore_report: String,
-    /// What the resume hook said (after `Committed`).
-    pub resume_report: String,
-    /// The source's audit of its frozen memory after the pause (`None`: it
-    /// never came, e.g. the source died first).
-    pub audit: Option<AuditReport>,
-    /// This process's memory when the migration ended: peak RSS (over the
-    /// daemon's life), the guest's resident part, and the rest.
-    pub memory: crate::memory::MemoryUse,
-    /// Wall time from hello to commit.
-    pub total_ms: f64,
-    /// Downtime as the destination sees it: from the source's last
-    /// pre-copy round (when it pauses the guest) to `Committed`.
-    pub downtime_ms: f64,
-    /// CPU seconds this process spent from the source's hello to the end
-    /// (the source's audit report), the restore and resume hooks left out.
-    /// Migrations running at once in one daemon share the process: each
-    /// one's figure counts them all.
-    pub cpu: crate::cpu::CpuUse,
-}
+pub use crate::summary::DestSummary;
 
 /// The outcome of one incoming migration.
 #[derive(Debug)]
@@ -793,6 +755,8 @@ impl Destination {
                 ),
             ));
         }
+        policy::destination_admits(offer.option, self.opts.plaintext, encrypted)
+            .map_err(|(reason, why)| (reason, why.to_string()))?;
         match offer.option {
             PerformanceOption::Tcp => {}
             PerformanceOption::Compression { codec, level } => {
@@ -801,18 +765,6 @@ impl Destination {
                 CompressionSpec { codec, level }
                     .validate()
                     .map_err(|e| (RejectReason::Option, format!("compression option: {e}")))?;
-            }
-            PerformanceOption::Rdma if !self.opts.plaintext => {
-                return Err((
-                    RejectReason::Encryption,
-                    "RDMA data channels are not encrypted and this destination requires encryption: use --performance-option tcp or compression, or (on a trusted, isolated migration network) start both ferry listen and ferry send with --plaintext".into(),
-                ));
-            }
-            PerformanceOption::Rdma if !encrypted => {
-                return Err((
-                    RejectReason::Encryption,
-                    "the RDMA option's control connection must be encrypted (it carries what admits the RDMA channels): connect with TLS".into(),
-                ));
             }
             #[cfg(feature = "rdma")]
             PerformanceOption::Rdma => {}

@@ -107,8 +107,8 @@ pub async fn open_source(
         migration_id,
     )
     .await?;
-    eprintln!(
-        "ferry: rdma: {} channel(s): {}",
+    tracing::info!(
+        "rdma: {} channel(s): {}",
         chans.len(),
         chans
             .iter()

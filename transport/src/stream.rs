@@ -1,8 +1,9 @@
-//! A connection to the peer: plain TCP, or TLS 1.3 over TCP (the default,
-//! see [`crate::tls`]). Control connections and data channels are both a
-//! [`Stream`]; the data path keeps its zero-copy `writev`/`readv` on the
-//! plain variant and reads/writes guest memory through the TLS session on
-//! the other (see [`crate::tcp`]).
+//! A connection to the peer: plain TCP, or TLS 1.3 over TCP (the default;
+//! its settings are in `tls`). Control connections and data channels are
+//! both a [`Stream`]; the data path keeps its zero-copy `writev`/`readv` on
+//! the plain variant and reads/writes guest memory through the TLS session
+//! on the other. The identity [`Mode`] a TLS session was opened with
+//! travels in its ALPN protocol.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,6 +12,37 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+/// ALPN protocol of the pre-shared-key identity.
+pub const ALPN_PSK: &[u8] = b"ferry-psk/1";
+/// ALPN protocol of the certificate identity.
+pub const ALPN_CERTIFICATES: &[u8] = b"ferry-cert/1";
+/// How peers prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A certificate derived from the pre-shared key.
+    Psk,
+    /// Certificates signed by the CA in `--tls-dir`.
+    Certificates,
+}
+
+impl Mode {
+    pub(crate) fn alpn(self) -> &'static [u8] {
+        match self {
+            Mode::Psk => ALPN_PSK,
+            Mode::Certificates => ALPN_CERTIFICATES,
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Psk => "pre-shared-key identity",
+            Mode::Certificates => "certificates (--tls-dir)",
+        })
+    }
+}
 
 /// Keepalive and `TCP_USER_TIMEOUT` on a socket, so that a peer that
 /// vanishes without a FIN or RST (host down, link cut) fails the socket
@@ -116,8 +148,8 @@ impl Stream {
             return None;
         };
         let mode = match t.get_ref().1.alpn_protocol() {
-            Some(p) if p == crate::tls::ALPN_CERTIFICATES => crate::tls::Mode::Certificates,
-            _ => crate::tls::Mode::Psk,
+            Some(p) if p == ALPN_CERTIFICATES => Mode::Certificates,
+            _ => Mode::Psk,
         };
         Some(format!(
             "TLS 1.3 {}, {mode}",

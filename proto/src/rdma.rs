@@ -1,7 +1,7 @@
 //! What the RDMA performance option exchanges on the control connection,
 //! and the checks both sides make on it. Always compiled (a destination
-//! built without the `rdma` feature still decodes, and refuses, an RDMA
-//! offer); the data path itself is [`crate::rdma`] (feature `rdma`).
+//! built without RDMA support still decodes, and refuses, an RDMA offer);
+//! the data path itself is `ferry_transport::rdma` (feature `rdma`).
 //!
 //! ```text
 //! S -> D  Offer { option: Rdma, .. }
@@ -52,15 +52,18 @@
 
 use std::net::IpAddr;
 
-use ferry_proto::MacKey;
+use crate::keys::MacKey;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, TransportError};
+use crate::error::{Result, WireError};
 use crate::layout::MemoryLayout;
+use crate::net::MAX_CHANNELS;
 
-/// Most RDMA channels (device pairs) one migration uses: the end frame's
-/// lost-channel mask is 64 bits wide.
-pub const MAX_RDMA_CHANNELS: usize = 64;
+/// Most RDMA channels (device pairs) one migration uses: the channel limit
+/// of every option ([`MAX_CHANNELS`]), which is also the width of the end
+/// frame's lost-channel mask.
+pub const MAX_RDMA_CHANNELS: usize = MAX_CHANNELS as usize;
+const _: () = assert!(MAX_RDMA_CHANNELS <= 64, "the lost-channel mask is a u64");
 
 /// Bytes of receive buffers the destination registers per RDMA channel: 32
 /// posted descriptor receives of a full descriptor (header and a run table
@@ -88,33 +91,13 @@ impl RdmaEndpoint {
     /// Whether `other` lies on the same subnet (each address inside the
     /// other's prefix; a prefix of 0 means unknown and never matches).
     pub fn shares_subnet(&self, other: &RdmaEndpoint) -> bool {
-        self.prefix > 0
-            && other.prefix > 0
-            && in_subnet(self.addr, self.prefix, other.addr)
-            && in_subnet(other.addr, other.prefix, self.addr)
+        crate::net::shares_subnet(self.addr, self.prefix, other.addr, other.prefix)
     }
 }
 
 impl std::fmt::Display for RdmaEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} ({}/{})", self.device, self.addr, self.prefix)
-    }
-}
-
-/// Whether `ip` lies in `net/prefix` (never across address families).
-fn in_subnet(net: IpAddr, prefix: u8, ip: IpAddr) -> bool {
-    match (net, ip) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => {
-            let p = u32::from(prefix.min(32));
-            let mask = u32::MAX.checked_shl(32 - p).unwrap_or(0);
-            u32::from(n) & mask == u32::from(a) & mask
-        }
-        (IpAddr::V6(n), IpAddr::V6(a)) => {
-            let p = u32::from(prefix.min(128));
-            let mask = u128::MAX.checked_shl(128 - p).unwrap_or(0);
-            u128::from(n) & mask == u128::from(a) & mask
-        }
-        _ => false,
     }
 }
 
@@ -200,7 +183,7 @@ pub fn pair_channels(
 /// endpoints, none with a prefix longer than its address.
 pub fn check_offer(offer: &RdmaOffer) -> Result<()> {
     if offer.endpoints.len() > 256 {
-        return Err(TransportError::TooLarge {
+        return Err(WireError::TooLarge {
             field: "RDMA endpoint count",
             len: offer.endpoints.len() as u64,
             limit: 256,
@@ -209,7 +192,7 @@ pub fn check_offer(offer: &RdmaOffer) -> Result<()> {
     for e in &offer.endpoints {
         let width = if e.addr.is_ipv4() { 32 } else { 128 };
         if e.prefix > width {
-            return Err(TransportError::Invalid {
+            return Err(WireError::Invalid {
                 field: "RDMA endpoint",
                 detail: format!("{e}: prefix longer than the address"),
             });
@@ -225,13 +208,13 @@ pub fn check_offer(offer: &RdmaOffer) -> Result<()> {
 /// register whole, a missing key) is refused before any page moves.
 pub fn check_accept(accept: &RdmaAccept, layout: &MemoryLayout) -> Result<()> {
     if accept.channels.is_empty() {
-        return Err(TransportError::Invalid {
+        return Err(WireError::Invalid {
             field: "RDMA accept",
             detail: "the destination offered no RDMA channel".into(),
         });
     }
     if accept.channels.len() > MAX_RDMA_CHANNELS {
-        return Err(TransportError::TooLarge {
+        return Err(WireError::TooLarge {
             field: "RDMA channel count",
             len: accept.channels.len() as u64,
             limit: MAX_RDMA_CHANNELS as u64,
@@ -239,7 +222,7 @@ pub fn check_accept(accept: &RdmaAccept, layout: &MemoryLayout) -> Result<()> {
     }
     for c in &accept.channels {
         if c.regions.len() != layout.regions.len() {
-            return Err(TransportError::Invalid {
+            return Err(WireError::Invalid {
                 field: "RDMA region keys",
                 detail: format!(
                     "channel {} carries {} region keys for a layout of {} regions",
@@ -251,7 +234,7 @@ pub fn check_accept(accept: &RdmaAccept, layout: &MemoryLayout) -> Result<()> {
         }
         for (i, (k, r)) in c.regions.iter().zip(&layout.regions).enumerate() {
             if k.len != r.size {
-                return Err(TransportError::Invalid {
+                return Err(WireError::Invalid {
                     field: "RDMA region key",
                     detail: format!(
                         "channel {}: region {i} registered with {:#x} bytes (rkey {:#x}), \
