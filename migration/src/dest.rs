@@ -900,18 +900,31 @@ impl Destination {
             .with_buffers(ChannelBudgets::new(reserved, per_channel, 1)),
         );
         let _allocation = self.metrics.allocated(offer.layout.total_bytes());
+        let migration_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // RDMA: listeners on the shared NICs, guest memory registered once
-        // per device (a memlock failure is the rejection).
+        // per device in this migration's protection domains (a memlock
+        // failure is the rejection); each channel admits one connection,
+        // with its token. Remote write access is revoked at the switchover,
+        // and (the guard) whenever this migration ends otherwise.
         #[cfg(feature = "rdma")]
         let rdma = match &rdma_shared {
-            Some(shared) => match crate::rdma::dest_prepare(&mem, &offer.layout, shared) {
+            Some(shared) => match crate::rdma::dest_prepare(
+                &mem,
+                &offer.layout,
+                shared,
+                &keys.data_channel,
+                migration_id,
+            ) {
                 Ok(r) => Some(r),
                 Err((reason, message)) => return Err(conn.reject(reason, message).await.into()),
             },
             None => None,
         };
+        #[cfg(feature = "rdma")]
+        let rdma_exposure = rdma.as_ref().map(|r| r.exposure());
+        #[cfg(feature = "rdma")]
+        let _revoke_on_exit = rdma_exposure.clone().map(crate::rdma::RevokeOnDrop);
         let (tx, rx) = mpsc::channel(usize::from(offer.channels));
-        let migration_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         tracing::Span::current().record("migration_id", migration_id);
         let Some(keys) = conn.session_keys() else {
             return Err(TransportError::AuthFailed("no session keys after authentication").into());
@@ -968,6 +981,8 @@ impl Destination {
                     stop: self.stop.subscribe(),
                     #[cfg(feature = "rdma")]
                     rdma: std::sync::Mutex::new(rdma),
+                    #[cfg(feature = "rdma")]
+                    rdma_exposure,
                 }
                 .run(&mut writer, msgs, rx)
                 .await
@@ -1108,6 +1123,9 @@ struct Receive<'a> {
     /// RDMA option: the prepared channels, taken when receiving starts.
     #[cfg(feature = "rdma")]
     rdma: std::sync::Mutex<Option<ferry_transport::rdma::RdmaReceiver<()>>>,
+    /// RDMA option: the remote-write exposure, revoked at the switchover.
+    #[cfg(feature = "rdma")]
+    rdma_exposure: Option<ferry_transport::rdma::RdmaExposure<()>>,
 }
 
 /// What a committed incoming migration produced.
@@ -1320,6 +1338,12 @@ impl Receive<'_> {
                 return Err(e.into());
             }
             rdma_task.shutdown().await;
+            // Nothing more may land: deregister every remote-write region
+            // (the NIC refuses their rkeys from here on) before taking the
+            // evidence of what landed.
+            if let Some(x) = &self.rdma_exposure {
+                x.revoke(ferry_transport::rdma_wire::RevokeReason::Switchover);
+            }
         }
         let sw = switchover.expect("loop ends with a switchover");
         self.switchover(writer, &mut msgs, &keys, sw, &all_counters, paused_at)

@@ -709,7 +709,8 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 endpoints,
                 self.opts.timeout,
                 &self.opts.multichannel,
-                keys.frame.clone(),
+                &keys,
+                accept.migration_id,
             )
             .await;
             let mut t = match t {

@@ -757,7 +757,6 @@ mod tests {
                         port: 6601,
                     },
                     regions: vec![crate::rdma::RdmaRegionKey {
-                        addr: 0x7f00_0000_0000,
                         len: 1 << 20,
                         rkey: 0x1234,
                     }],

@@ -9,14 +9,40 @@
 //! D       validates; needs an RDMA NIC on a subnet shared with the source,
 //!         else Reject(Option) -- before any memory is allocated
 //! D       allocates guest memory, binds one rdma_cm listener per shared NIC,
-//!         registers every guest region once per device (remote write)
-//! D -> S  Accept { .. }
-//! D -> S  RdmaAccept { channels: [{ endpoint (with port), regions: [{addr,len,rkey}] }] }
+//!         registers every guest region once per device (remote write,
+//!         zero-based) in protection domains of this migration only
+//! D -> S  Accept { migration_id, .. }
+//! D -> S  RdmaAccept { channels: [{ endpoint (with port), regions: [{len,rkey}] }] }
 //! S       checks every channel's regions against the offered layout
 //!         (same count, same lengths) and refuses anything else
 //! S       registers every guest region once per local device, connects one
-//!         RC queue pair per channel (rdma_cm, bound to the paired local NIC)
+//!         RC queue pair per channel (rdma_cm, bound to the paired local NIC),
+//!         each request carrying the channel's token as private data
+//! D       accepts a request only with the token of its channel, from an
+//!         address the source offered, once; refuses (rejects) all others
 //! ```
+//!
+//! Both messages travel on the control connection, which the RDMA option
+//! requires to be TLS (and every control message is tagged with the
+//! session's control keys): region keys never cross in the clear, and no
+//! host address crosses at all (regions are zero-based: writes address
+//! offsets).
+//!
+//! # Connection token (rdma_cm private data, 48 bytes)
+//!
+//! ```text
+//!  0       4    5    6         8                16                              48
+//!  +-------+----+----+---------+----------------+-------------------------------+
+//!  | FRDM  | v1 | 0  | channel | migration id   | token = HMAC-SHA256(data      |
+//!  |       |    |    | u16 LE  | u64 LE         |  channel key, label|mid|chan) |
+//!  +-------+----+----+---------+----------------+-------------------------------+
+//! ```
+//!
+//! The data-channel key comes from the session's HKDF (see
+//! `ferry_proto::keys`), so only the two authenticated ends can make a
+//! token; it is bound to this migration and this channel. It crosses the
+//! RDMA network in the clear (rdma_cm has no encryption), so it is
+//! single-use: once its channel is connected, the same token is refused.
 //!
 //! Data path (per channel): RDMA WRITEs from source guest memory into
 //! destination guest memory, then a SEND carrying the chunk's descriptor (the
@@ -26,6 +52,7 @@
 
 use std::net::IpAddr;
 
+use crate::keys::MacKey;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, WireError};
@@ -75,11 +102,11 @@ impl std::fmt::Display for RdmaEndpoint {
 }
 
 /// A destination guest region as registered on one device: where RDMA
-/// WRITEs for that region may land.
+/// WRITEs for that region may land. The registration is zero-based: a
+/// write's remote address is its offset in the region (no host address of
+/// the destination is ever sent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RdmaRegionKey {
-    /// Destination virtual address of the region's first byte.
-    pub addr: u64,
     /// Registered length (the region's size).
     pub len: u64,
     /// Remote key of the registration.
@@ -206,19 +233,241 @@ pub fn check_accept(accept: &RdmaAccept, layout: &MemoryLayout) -> Result<()> {
             });
         }
         for (i, (k, r)) in c.regions.iter().zip(&layout.regions).enumerate() {
-            if k.len != r.size || k.addr.checked_add(k.len).is_none() {
+            if k.len != r.size {
                 return Err(WireError::Invalid {
                     field: "RDMA region key",
                     detail: format!(
-                        "channel {}: region {i} registered as {:#x}+{:#x} (rkey {:#x}), \
+                        "channel {}: region {i} registered with {:#x} bytes (rkey {:#x}), \
                          the offered region is {:#x} bytes",
-                        c.endpoint, k.addr, k.len, k.rkey, r.size
+                        c.endpoint, k.len, k.rkey, r.size
                     ),
                 });
             }
         }
     }
     Ok(())
+}
+
+/// Bytes of the private data a source puts in each RDMA connection request.
+pub const CM_PRIVATE_DATA_LEN: usize = 48;
+const CM_MAGIC: [u8; 4] = *b"FRDM";
+const CM_VERSION: u8 = 1;
+
+/// The token of `channel` of migration `migration_id`: HMAC-SHA256 under the
+/// session's data-channel key.
+pub fn channel_token(key: &MacKey, migration_id: u64, channel: u16) -> [u8; 32] {
+    key.mac(&[
+        b"ferry rdma-cm token",
+        &migration_id.to_le_bytes(),
+        &channel.to_le_bytes(),
+    ])
+}
+
+/// What the source sends as private data of channel `channel`'s connection
+/// request (layout in the module docs).
+pub fn cm_private_data(key: &MacKey, migration_id: u64, channel: u16) -> [u8; CM_PRIVATE_DATA_LEN] {
+    let mut d = [0u8; CM_PRIVATE_DATA_LEN];
+    d[..4].copy_from_slice(&CM_MAGIC);
+    d[4] = CM_VERSION;
+    d[6..8].copy_from_slice(&channel.to_le_bytes());
+    d[8..16].copy_from_slice(&migration_id.to_le_bytes());
+    d[16..].copy_from_slice(&channel_token(key, migration_id, channel));
+    d
+}
+
+/// Why the destination refused an RDMA connection request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CmRefusal {
+    /// No private data (or all zero): not a Ferry source of this session.
+    NoToken,
+    /// Private data that is not a Ferry connection token (magic, version).
+    Malformed,
+    /// A token for another migration.
+    OtherMigration,
+    /// A token for another channel, or a channel this migration does not have.
+    OtherChannel,
+    /// The token does not verify under this session's key.
+    BadToken,
+    /// The request came from an address the source did not offer.
+    UnknownPeer,
+    /// The channel is connected already (a replayed token).
+    ChannelConnected,
+    /// The migration's RDMA exposure was revoked.
+    Revoked(RevokeReason),
+}
+
+impl std::fmt::Display for CmRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CmRefusal::NoToken => f.write_str("no token in the request's private data"),
+            CmRefusal::Malformed => f.write_str("private data is not a Ferry connection token"),
+            CmRefusal::OtherMigration => f.write_str("token of another migration"),
+            CmRefusal::OtherChannel => f.write_str("token of another channel"),
+            CmRefusal::BadToken => f.write_str("token does not verify under this session's key"),
+            CmRefusal::UnknownPeer => f.write_str("from an address the source did not offer"),
+            CmRefusal::ChannelConnected => {
+                f.write_str("channel already connected (token replayed)")
+            }
+            CmRefusal::Revoked(r) => write!(f, "RDMA access revoked ({r})"),
+        }
+    }
+}
+
+/// Why a migration's RDMA exposure ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RevokeReason {
+    /// The source's switchover: every chunk was acknowledged, nothing more
+    /// may land.
+    Switchover,
+    /// The migration failed or was aborted (either side).
+    Abort,
+    /// Every channel ended or failed.
+    ChannelsEnded,
+}
+
+impl std::fmt::Display for RevokeReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RevokeReason::Switchover => "switchover",
+            RevokeReason::Abort => "migration aborted",
+            RevokeReason::ChannelsEnded => "every channel ended",
+        })
+    }
+}
+
+/// The destination's admission of RDMA connections for one migration, and
+/// the lifetime of its remote-write exposure:
+///
+/// ```text
+///            admit(ch, token ok)         revoke(reason)
+///  Open{} ────────────────────▶ Open{ch} ─────────────────▶ Revoked(reason)
+///    │  refused: no/bad token, other      (regions deregistered,
+///    │  migration/channel, unknown peer,   every request refused)
+///    │  channel connected (replay)
+///    └──────────── revoke(reason) ─────────────────────────▶ Revoked(reason)
+/// ```
+///
+/// Each channel admits exactly one connection; a refused request changes
+/// nothing (it takes no channel's place). Revocation is final.
+#[derive(Debug)]
+pub struct Admission {
+    key: MacKey,
+    migration_id: u64,
+    channels: u16,
+    peers: Vec<IpAddr>,
+    connected: u64,
+    refused: u64,
+    revoked: Option<RevokeReason>,
+}
+
+impl Admission {
+    /// Admission for `channels` channels of migration `migration_id`,
+    /// checking tokens under `key` (the session's data-channel key) and
+    /// source addresses against `peers` (the source's offered endpoints).
+    pub fn new(key: MacKey, migration_id: u64, channels: usize, peers: Vec<IpAddr>) -> Self {
+        Admission {
+            key,
+            migration_id,
+            channels: channels.min(MAX_RDMA_CHANNELS) as u16,
+            peers,
+            connected: 0,
+            refused: 0,
+            revoked: None,
+        }
+    }
+
+    /// Decides on a connection request for `channel` from `peer` carrying
+    /// `private_data`; on `Ok` the channel counts as connected.
+    pub fn admit(
+        &mut self,
+        channel: u16,
+        peer: Option<IpAddr>,
+        private_data: &[u8],
+    ) -> std::result::Result<(), CmRefusal> {
+        let r = self.check(channel, peer, private_data);
+        match r {
+            Ok(()) => self.connected |= 1 << channel,
+            Err(_) => self.refused += 1,
+        }
+        r
+    }
+
+    fn check(
+        &self,
+        channel: u16,
+        peer: Option<IpAddr>,
+        d: &[u8],
+    ) -> std::result::Result<(), CmRefusal> {
+        if let Some(r) = self.revoked {
+            return Err(CmRefusal::Revoked(r));
+        }
+        if channel >= self.channels {
+            return Err(CmRefusal::OtherChannel);
+        }
+        if d.iter().all(|&b| b == 0) {
+            return Err(CmRefusal::NoToken);
+        }
+        if d.len() < CM_PRIVATE_DATA_LEN || d[..4] != CM_MAGIC || d[4] != CM_VERSION {
+            return Err(CmRefusal::Malformed);
+        }
+        let ch = u16::from_le_bytes([d[6], d[7]]);
+        let mid = u64::from_le_bytes(d[8..16].try_into().expect("8 bytes"));
+        if mid != self.migration_id {
+            return Err(CmRefusal::OtherMigration);
+        }
+        if ch != channel {
+            return Err(CmRefusal::OtherChannel);
+        }
+        let token: &[u8; 32] = d[16..48].try_into().expect("32 bytes");
+        if !self.key.verify(
+            &[
+                b"ferry rdma-cm token",
+                &mid.to_le_bytes(),
+                &ch.to_le_bytes(),
+            ],
+            token,
+        ) {
+            return Err(CmRefusal::BadToken);
+        }
+        if !peer.is_some_and(|p| self.peers.contains(&p)) {
+            return Err(CmRefusal::UnknownPeer);
+        }
+        if self.connected & (1 << channel) != 0 {
+            return Err(CmRefusal::ChannelConnected);
+        }
+        Ok(())
+    }
+
+    /// Ends the exposure; `true` only for the call that ended it.
+    pub fn revoke(&mut self, reason: RevokeReason) -> bool {
+        if self.revoked.is_some() {
+            return false;
+        }
+        self.revoked = Some(reason);
+        true
+    }
+
+    /// Why the exposure ended, once it has.
+    pub fn revoked(&self) -> Option<RevokeReason> {
+        self.revoked
+    }
+
+    /// Mask of the channels admitted so far.
+    pub fn connected(&self) -> u64 {
+        self.connected
+    }
+
+    /// Requests refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused
+    }
+
+    /// The migration this admission is for.
+    pub fn migration_id(&self) -> u64 {
+        self.migration_id
+    }
 }
 
 #[cfg(test)]
@@ -251,15 +500,13 @@ mod tests {
         }
     }
 
-    fn keys(addr: u64) -> Vec<RdmaRegionKey> {
+    fn keys() -> Vec<RdmaRegionKey> {
         vec![
             RdmaRegionKey {
-                addr,
                 len: 1 << 20,
                 rkey: 1,
             },
             RdmaRegionKey {
-                addr: addr + (1 << 30),
                 len: 2 << 20,
                 rkey: 2,
             },
@@ -283,7 +530,7 @@ mod tests {
             .into_iter()
             .map(|endpoint| RdmaChannel {
                 endpoint,
-                regions: keys(0x7f00_0000_0000),
+                regions: keys(),
             })
             .collect();
         let pairs = pair_channels(&src, &chans);
@@ -297,7 +544,7 @@ mod tests {
         let good = RdmaAccept {
             channels: vec![RdmaChannel {
                 endpoint: ep("10.77.10.1", 24, "rxe0"),
-                regions: keys(0x7f00_0000_0000),
+                regions: keys(),
             }],
         };
         check_accept(&good, &l).unwrap();
@@ -312,9 +559,9 @@ mod tests {
         let e = check_accept(&missing, &l).unwrap_err().to_string();
         assert!(e.contains("1 region keys for a layout of 2"), "{e}");
 
-        let mut wrap = good.clone();
-        wrap.channels[0].regions[0].addr = u64::MAX - 10;
-        assert!(check_accept(&wrap, &l).is_err());
+        let mut long = good.clone();
+        long.channels[0].regions[0].len += PAGE_SIZE;
+        assert!(check_accept(&long, &l).is_err());
 
         let none = RdmaAccept { channels: vec![] };
         assert!(check_accept(&none, &l)
@@ -333,5 +580,124 @@ mod tests {
             endpoints: vec![ep("10.0.0.1", 33, "rxe0")],
         })
         .is_err());
+    }
+
+    #[test]
+    fn region_keys_carry_no_address() {
+        // A region key is its length and rkey, nothing else: the wire
+        // form is exactly theirs (regions are zero-based; writes address
+        // offsets), so no destination host address can be in it.
+        let k = RdmaRegionKey {
+            len: 1 << 30,
+            rkey: 0xdead_beef,
+        };
+        let bytes = postcard::to_allocvec(&k).unwrap();
+        assert_eq!(
+            bytes,
+            postcard::to_allocvec(&(1u64 << 30, 0xdead_beefu32)).unwrap()
+        );
+        let accept = RdmaAccept {
+            channels: vec![RdmaChannel {
+                endpoint: ep("10.77.10.1", 24, "rxe0"),
+                regions: keys(),
+            }],
+        };
+        let wire = postcard::to_allocvec(&accept).unwrap();
+        let back: RdmaAccept = postcard::from_bytes(&wire).unwrap();
+        assert_eq!(back, accept);
+    }
+
+    fn admission() -> (MacKey, Admission) {
+        let key = MacKey::from_bytes([7; 32]);
+        let peers = vec!["10.77.10.2".parse().unwrap(), "10.77.11.2".parse().unwrap()];
+        (key.clone(), Admission::new(key, 42, 2, peers))
+    }
+
+    #[test]
+    fn tokens_are_bound_to_key_migration_and_channel() {
+        let k = MacKey::from_bytes([7; 32]);
+        let t = channel_token(&k, 42, 0);
+        assert_eq!(t, channel_token(&k, 42, 0));
+        assert_ne!(t, channel_token(&k, 42, 1));
+        assert_ne!(t, channel_token(&k, 43, 0));
+        assert_ne!(t, channel_token(&MacKey::from_bytes([8; 32]), 42, 0));
+        let d = cm_private_data(&k, 42, 1);
+        assert_eq!(d.len(), CM_PRIVATE_DATA_LEN);
+        // Fits rdma_cm's private data of a connection request (56 bytes).
+        const { assert!(CM_PRIVATE_DATA_LEN <= 56) };
+        assert_eq!(&d[..4], b"FRDM");
+        assert_eq!(&d[16..], &channel_token(&k, 42, 1));
+    }
+
+    #[test]
+    fn admission_takes_only_the_channels_token_once() {
+        let (key, mut a) = admission();
+        let src = Some("10.77.10.2".parse().unwrap());
+        let good0 = cm_private_data(&key, 42, 0);
+        // rdma_cm pads private data with zeros to 56 bytes.
+        let mut padded1 = cm_private_data(&key, 42, 1).to_vec();
+        padded1.resize(56, 0);
+        let refusals = [
+            (0, &[][..], CmRefusal::NoToken),
+            (0, &[0u8; 56][..], CmRefusal::NoToken),
+            (0, &b"GET / HTTP/1.1"[..], CmRefusal::Malformed),
+            (0, &good0[..40], CmRefusal::Malformed),
+            (1, &good0[..], CmRefusal::OtherChannel),
+            (2, &good0[..], CmRefusal::OtherChannel),
+        ];
+        for (ch, data, want) in refusals {
+            assert_eq!(a.admit(ch, src, data), Err(want), "{data:?}");
+        }
+        let other_mig = cm_private_data(&key, 41, 0);
+        assert_eq!(a.admit(0, src, &other_mig), Err(CmRefusal::OtherMigration));
+        let forged = cm_private_data(&MacKey::from_bytes([9; 32]), 42, 0);
+        assert_eq!(a.admit(0, src, &forged), Err(CmRefusal::BadToken));
+        let mut flipped = good0;
+        flipped[47] ^= 1;
+        assert_eq!(a.admit(0, src, &flipped), Err(CmRefusal::BadToken));
+        // The right token from an address the source did not offer.
+        let stranger = Some("10.77.10.99".parse().unwrap());
+        assert_eq!(a.admit(0, stranger, &good0), Err(CmRefusal::UnknownPeer));
+        assert_eq!(a.admit(0, None, &good0), Err(CmRefusal::UnknownPeer));
+        // None of that took the channel's place.
+        assert_eq!(a.connected(), 0);
+        assert_eq!(a.refused(), 11);
+        assert_eq!(a.admit(0, src, &good0), Ok(()));
+        // Replayed: refused.
+        assert_eq!(a.admit(0, src, &good0), Err(CmRefusal::ChannelConnected));
+        assert_eq!(
+            a.admit(1, Some("10.77.11.2".parse().unwrap()), &padded1),
+            Ok(())
+        );
+        assert_eq!(a.connected(), 0b11);
+    }
+
+    #[test]
+    fn revocation_is_final() {
+        let (key, mut a) = admission();
+        let src = Some("10.77.10.2".parse().unwrap());
+        assert_eq!(a.revoked(), None);
+        assert!(a.revoke(RevokeReason::Abort));
+        assert!(
+            !a.revoke(RevokeReason::Switchover),
+            "the first reason stays"
+        );
+        assert_eq!(a.revoked(), Some(RevokeReason::Abort));
+        // Even the right token is refused once revoked.
+        assert_eq!(
+            a.admit(0, src, &cm_private_data(&key, 42, 0)),
+            Err(CmRefusal::Revoked(RevokeReason::Abort))
+        );
+        let (_, mut b) = admission();
+        assert_eq!(b.admit(0, src, &cm_private_data(&key, 42, 0)), Ok(()));
+        assert!(b.revoke(RevokeReason::Switchover));
+        assert_eq!(
+            b.admit(
+                1,
+                Some("10.77.11.2".parse().unwrap()),
+                &cm_private_data(&key, 42, 1)
+            ),
+            Err(CmRefusal::Revoked(RevokeReason::Switchover))
+        );
     }
 }

@@ -772,7 +772,6 @@ fn one_channel_limit_for_every_option() {
             .regions
             .iter()
             .map(|r| RdmaRegionKey {
-                addr: 0x1000_0000,
                 len: r.size,
                 rkey: 1,
             })

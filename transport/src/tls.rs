@@ -52,8 +52,8 @@ use tokio::net::TcpStream;
 
 use crate::auth::AuthKey;
 use crate::error::{Result, TransportError};
-use crate::stream::Stream;
 pub use crate::stream::{Mode, ALPN_CERTIFICATES, ALPN_PSK};
+use crate::stream::{Stream, TlsTcp};
 
 /// Name the source asks for (not checked: see the module docs).
 const SERVER_NAME: &str = "ferry.invalid";
@@ -248,7 +248,7 @@ impl TlsConfig {
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(SERVER_NAME).expect("a valid DNS name");
         let connector = tokio_rustls::TlsConnector::from(self.client.clone());
-        match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+        match tokio::time::timeout(timeout, connector.connect(name, TlsTcp::new(tcp))).await {
             Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s.into()))),
             Ok(Err(e)) => Err(TransportError::Tls(format!(
                 "TLS handshake with the destination failed: {}",
@@ -265,7 +265,7 @@ impl TlsConfig {
     pub async fn accept(&self, tcp: TcpStream, timeout: Duration) -> Result<Stream> {
         let _ = tcp.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(self.server.clone());
-        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        match tokio::time::timeout(timeout, acceptor.accept(TlsTcp::new(tcp))).await {
             Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s.into()))),
             Ok(Err(e)) => Err(TransportError::Tls(format!(
                 "TLS handshake with the source failed: {}",
