@@ -674,3 +674,48 @@ pub(crate) struct ConnectRequest {
     pub(crate) private_data: Vec<u8>,
     pub(crate) peer: Option<SocketAddr>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_addresses_survive_the_round_trip_through_sockaddr() {
+        for a in [
+            "10.77.10.1:6601",
+            "0.0.0.0:0",
+            "[fd00::1]:6601",
+            "[fe80::5054:ff:fe77:1%3]:1",
+        ] {
+            let a: SocketAddr = a.parse().unwrap();
+            let ss = sockaddr(a);
+            // SAFETY: `ss` is a valid sockaddr_storage whose family says its type.
+            let back = unsafe { from_sockaddr(ptr::addr_of!(ss).cast::<libc::sockaddr>()) };
+            assert_eq!(back, Some(a));
+        }
+        // SAFETY: all-zero storage is a valid sockaddr of family AF_UNSPEC.
+        let zero: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let none = unsafe { from_sockaddr(ptr::addr_of!(zero).cast::<libc::sockaddr>()) };
+        assert_eq!(none, None);
+    }
+
+    #[test]
+    fn connection_parameters_carry_the_private_data() {
+        let data = [7u8; 48];
+        let p = conn_param(0x1234, &data);
+        assert_eq!(p.qp_num, 0x1234);
+        assert_eq!(usize::from(p.private_data_len), 48);
+        assert_eq!(p.private_data.cast::<u8>(), data.as_ptr());
+        assert_eq!((p.retry_count, p.rnr_retry_count), (7, 7));
+        let empty = conn_param(1, &[]);
+        assert!(empty.private_data.is_null());
+        assert_eq!(empty.private_data_len, 0);
+        assert!(check_private_data(&[0; MAX_PRIVATE_DATA]).is_ok());
+        assert!(check_private_data(&[0; MAX_PRIVATE_DATA + 1]).is_err());
+        assert!(is_refusal(b"ferry:refuse\0\0\0"));
+        assert!(!is_refusal(&[0; 56]));
+        assert_eq!(CmEventKind::from_raw(4), CmEventKind::ConnectRequest);
+        assert_eq!(CmEventKind::from_raw(7).name(), "Unreachable");
+    }
+}
