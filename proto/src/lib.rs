@@ -10,6 +10,8 @@
 //!   what the pause will cost).
 //! * [`switchover`]: the `Ready` / `Commit` / `Committed` proofs that bind
 //!   the transcripts, the evidence and the device state to the session.
+//! * [`session`]: the source's side of the handshake as a state machine
+//!   (messages and transcripts in, messages out; no IO).
 //! * [`handshake`]: the handshake's proofs (the source proves first, bound to
 //!   the TLS session and every frame before them) and the tags that
 //!   authenticate every control message after it.
@@ -39,6 +41,7 @@ pub mod layout;
 pub mod net;
 pub mod policy;
 pub mod rdma;
+pub mod session;
 pub mod switchover;
 pub mod wire;
 

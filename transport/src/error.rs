@@ -207,6 +207,32 @@ impl From<ferry_proto::WireError> for TransportError {
     }
 }
 
+impl From<ferry_proto::session::HandshakeError> for TransportError {
+    /// The source handshake's error, as the transport reports it.
+    fn from(e: ferry_proto::session::HandshakeError) -> Self {
+        use ferry_proto::control::{PROTOCOL_MAX, PROTOCOL_MIN};
+        use ferry_proto::session::HandshakeError as H;
+        match e {
+            H::Rejected { reason, message } => TransportError::Rejected { reason, message },
+            H::Unexpected { expected, got } => TransportError::Unexpected {
+                expected,
+                got: got.into(),
+            },
+            H::UnsupportedVersion { version } => TransportError::UnsupportedVersion {
+                peer_min: version,
+                peer_max: version,
+                ours_min: PROTOCOL_MIN,
+                ours_max: PROTOCOL_MAX,
+            },
+            H::AuthFailed(why) => TransportError::AuthFailed(why),
+            other => TransportError::Malformed {
+                what: "handshake",
+                detail: other.to_string(),
+            },
+        }
+    }
+}
+
 /// The rustls error inside an I/O error from a TLS stream, if any.
 pub fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
     e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
