@@ -836,5 +836,14 @@ fn no_decoder_panics_on_short_or_random_input() {
         let mut control = Msg::Ping { seq: 0 }.encode()[..16].to_vec();
         control.extend_from_slice(&bytes);
         ferry_proto::control::fuzz_decode(&control);
+        ferry_proto::control::fuzz_check(&bytes);
+    }
+    // The offer checks on real bodies, and on each of them cut short.
+    for m in every_message() {
+        let frame = m.encode();
+        let body = &frame[16..];
+        for end in 0..=body.len() {
+            ferry_proto::control::fuzz_check(&body[..end]);
+        }
     }
 }
