@@ -3,6 +3,8 @@
 # same loopback, in one run, cases interleaved (issue 15's figures).
 #
 #   ci/bench-tcp.sh [--memory 2GiB] [--repeat 3] [--before FERRY_BIN] [--json FILE]
+#                   [--send-args "ARGS"]   (extra `ferry send` options, this build only,
+#                                           e.g. "--chunk-size 1MiB")
 #
 # Each repeat runs, one after the other (so machine load hits all alike):
 #   * iperf3: `iperf3 -s -1` and `iperf3 -c -n BYTES` (one stream, its
@@ -35,12 +37,14 @@ MEM=2GiB
 REPEAT=3
 BEFORE=
 JSON=
+SEND_ARGS=
 while [ $# -gt 0 ]; do
     case "$1" in
         --memory) MEM=$2; shift 2 ;;
         --repeat) REPEAT=$2; shift 2 ;;
         --before) BEFORE=$2; shift 2 ;;
         --json) JSON=$2; shift 2 ;;
+        --send-args) SEND_ARGS=$2; shift 2 ;;
         *) echo "bench-tcp.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -95,16 +99,17 @@ print(d["end"]["sum_received"]["bits_per_second"] / 1e9, "nan", "nan", sys.argv[
 PY
 }
 
-run_ferry() { # NAME BIN ARGS...
-    local name=$1 bin=$2; shift 2
+run_ferry() { # NAME BIN EXTRA_SEND_ARGS ARGS...
+    local name=$1 bin=$2 extra=$3; shift 3
     local P
     P=$(port)
     rm -f "$WORK/t.s" "$WORK/t.d" "$WORK/run.json"
     /usr/bin/time -o "$WORK/t.d" -f '%U %S' "$bin" listen --listen 127.0.0.1:"$P" --auth-key-file "$WORK/key" --once "$@" > "$WORK/listen.log" 2>&1 &
     local lpid=$!
     wait_port "$P" || { cat "$WORK/listen.log" >&2; exit 1; }
+    # shellcheck disable=SC2086 # $extra: words on purpose
     /usr/bin/time -o "$WORK/t.s" -f '%U %S' "$bin" send --to 127.0.0.1:"$P" --auth-key-file "$WORK/key" --memory "$MEM" \
-        --dirty-rate 0 --zero-fraction 0 --performance-option tcp --channels 1 --json "$WORK/run.json" "$@" \
+        --dirty-rate 0 --zero-fraction 0 --performance-option tcp --channels 1 --json "$WORK/run.json" $extra "$@" \
         > "$WORK/send.log" 2>&1 || { cat "$WORK/send.log" "$WORK/listen.log" >&2; exit 1; }
     wait "$lpid" || { cat "$WORK/listen.log" >&2; exit 1; }
     python3 - "$WORK/run.json" "$WORK/listen.log" "$(cpu_of "$WORK/t.s")" "$(cpu_of "$WORK/t.d")" >> "$WORK/$name" <<'PY'
@@ -126,11 +131,11 @@ if [ -n "$BEFORE" ]; then CASES+=("before: tcp --plaintext" "before: tcp (defaul
 key() { echo "$1" | tr ' :()' '____'; }
 for i in $(seq "$REPEAT"); do
     run_iperf
-    run_ferry "$(key 'ferry tcp --plaintext')" "$FERRY" --plaintext
-    run_ferry "$(key 'ferry tcp (default: TLS)')" "$FERRY"
+    run_ferry "$(key 'ferry tcp --plaintext')" "$FERRY" "$SEND_ARGS" --plaintext
+    run_ferry "$(key 'ferry tcp (default: TLS)')" "$FERRY" "$SEND_ARGS"
     if [ -n "$BEFORE" ]; then
-        run_ferry "$(key 'before: tcp --plaintext')" "$BEFORE" --plaintext
-        run_ferry "$(key 'before: tcp (default: TLS)')" "$BEFORE"
+        run_ferry "$(key 'before: tcp --plaintext')" "$BEFORE" "" --plaintext
+        run_ferry "$(key 'before: tcp (default: TLS)')" "$BEFORE" ""
     fi
 done
 

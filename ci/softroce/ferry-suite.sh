@@ -3,7 +3,11 @@
 # (release) on the host, then in ONE boot of two VMs with two rxe NICs each:
 #   1. commit: `ferry listen --once` in A, `ferry send --performance-option
 #      rdma` in B over both NIC pairs; fails unless it commits with the digest
-#      verified (both sides say so);
+#      verified (both sides say so). Meanwhile an intruder in B sends
+#      connection requests to A's RDMA listener without the migration's token
+#      (none, and a forged one): each must be refused (rejected, no queue
+#      pair) and the migration must still commit; A must say it revoked
+#      remote write access (when the channels ended, or at the switchover);
 #   2. failover: the same while B takes its NIC 1 down mid-migration; must
 #      still commit (the failed pair's chunks resent on NIC 0);
 #   3. abort: A's destination is killed mid-migration; the source must exit
@@ -26,10 +30,13 @@ while [ $# -gt 0 ]; do
 done
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 cd "$ROOT"
-echo "== build ferry (release, host, feature rdma) =="
+echo "== build ferry and the rdma probe (release, host, feature rdma) =="
 cargo build --release -p ferry-migration --bin ferry
+cargo build -p ferry-ffi --features rdma --release --example rdma_selftest
 FERRY=$CARGO_TARGET_DIR/release/ferry
+PROBE=$CARGO_TARGET_DIR/release/examples/rdma_selftest
 [ -x "$FERRY" ] || { echo "ferry-suite.sh: $FERRY not built" >&2; exit 1; }
+[ -x "$PROBE" ] || { echo "ferry-suite.sh: $PROBE not built" >&2; exit 1; }
 mkdir -p "$OUT"
 rm -f "$OUT/key"; "$FERRY" gen-key "$OUT/key" > /dev/null
 GUEST=$OUT/guest-suite.sh
@@ -39,6 +46,7 @@ cat > "$GUEST" <<GUEST_EOF
 #!/bin/bash
 set -u
 F="$FERRY"
+PROBE="$PROBE"
 KEY="$OUT/key"
 # --plaintext on both ends: consent to RDMA's unencrypted data channels.
 COMMON="--auth-key-file \$KEY --peer-timeout 20s --plaintext"
@@ -83,7 +91,16 @@ A)
     exit 0 ;;
 B)
     ulimit -l unlimited
+    # Intruders: once the channels are up, requests to A's first RDMA
+    # listener (port 6601) without the token, and with a forged one.
+    rm -f "\$OUT/send-commit.log"
+    ( wait_for_line "\$OUT/send-commit.log" "rdma: 2 channel" &&
+      "\$PROBE" probe --from \$NIC0_ADDR --to \$PEER0_ADDR:6601 --for-s 30 > "\$OUT/probe-none.log" 2>&1;
+      echo "PROBE_RC kind=none rc=\$?";
+      "\$PROBE" probe --from \$NIC1_ADDR --to \$PEER1_ADDR:6601 --data FRDM-forged-token-0000000000000000000000000000000 --for-s 30 > "\$OUT/probe-forged.log" 2>&1;
+      echo "PROBE_RC kind=forged rc=\$?" ) &
     send commit
+    wait
     # Failover: NIC 1 goes down a few seconds into the migration.
     IF1=\$(ip -o addr show | awk -v a="\$NIC1_ADDR" '\$4 ~ "^"a"/" { print \$2 }')
     rm -f "\$OUT/send-failover.log"
@@ -112,6 +129,14 @@ committed() { # case
 }
 echo "== ferry RDMA suite =="
 check "rdma migration over both NIC pairs commits, digest verified" committed commit
+check "intruder without a token: refused by the RDMA listener" \
+    grep -q "PROBE_RC kind=none rc=0" "$OUT/guest-B.log"
+check "intruder with a forged token: refused by the RDMA listener" \
+    grep -q "PROBE_RC kind=forged rc=0" "$OUT/guest-B.log"
+check "destination logged the refusals and still committed" \
+    grep -q "refused an RDMA connection request" "$OUT/listen-commit.log"
+check "destination revoked remote write access before committing" \
+    grep -Eq "RDMA remote write access revoked \((switchover|every channel ended)\)" "$OUT/listen-commit.log"
 check "both RDMA channels carried pages" \
     python3 -c "import json,sys; s=json.load(open('$OUT/send-commit.json')); c=s['channels']; sys.exit(0 if len(c)==2 and all(x['payload_bytes']>0 for x in c) else 1)"
 check "NIC 1 down mid-migration: fails over, commits, digest verified" committed failover
@@ -120,5 +145,7 @@ check "failover: the lost channel was reported failed, its chunks requeued" \
 check "destination killed: source exits non-zero" grep -q "SEND_RC case=abort rc=[1-9]" "$OUT/guest-B.log"
 check "destination killed: source says its guest keeps running" grep -q "guest keeps running" "$OUT/send-abort.log"
 grep -h "throughput\|MB/s\|rdma:" "$OUT"/send-commit.log 2>/dev/null | head -5 || true
+cat "$OUT"/probe-*.log 2>/dev/null || true
+grep -h "refused an RDMA\|revoked" "$OUT"/listen-*.log 2>/dev/null | head -8 || true
 if [ "$rc" = 0 ]; then echo "ferry RDMA suite: PASS"; else echo "ferry RDMA suite: FAIL"; fi
 exit $rc

@@ -13,6 +13,14 @@
 //! WRITE_WITH_IMM; the server waits for that immediate, verifies every
 //! byte, and answers `OK` or `BAD <offset>`. Both print MB/s. The exit code
 //! is 0 only if every pair verified.
+//!
+//! ```text
+//! rdma_selftest probe --from LOCAL_IP --to IP:PORT [--data TEXT] [--for-s 60]
+//! ```
+//!
+//! An intruder's connection request (no private data, or `TEXT`), repeated
+//! every 200 ms until a Ferry listener refuses it (`PROBE refused`, exit 0).
+//! Exit 1 if a listener *accepted* it, 2 if none refused within the time.
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
@@ -20,8 +28,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_ffi::rdma::{
-    anon_buffer, Access, Completion, ConnectionOptions, RdmaConnection, RdmaError, RdmaListener,
-    RemoteRegion, Segment, WorkKind, WriteOp,
+    anon_buffer, Access, Completion, ConnectionOptions, Domains, RdmaConnection, RdmaError,
+    RdmaListener, RemoteRegion, Segment, WorkKind, WriteOp,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -98,10 +106,9 @@ async fn server_pair(local: IpAddr, o: &Opts) -> Res<()> {
     let mut listener = RdmaListener::bind(
         SocketAddr::new(local, RDMA_PORT),
         ConnectionOptions::default(),
+        &Domains::new(),
     )?;
-    let pd = listener
-        .protection_domain()
-        .ok_or("listener not bound to an RDMA device")??;
+    let pd = listener.protection_domain().clone();
     let dst = pd.register(Arc::new(anon_buffer(len)?), Access::RemoteWrite)?;
     let seed =
         u64::from_be_bytes([0x5e, 0xed, 0, 0, 0, 0, 0, 0]) ^ dst.addr() ^ u64::from(dst.rkey());
@@ -276,6 +283,9 @@ async fn client_pair(local: IpAddr, peer: IpAddr, o: &Opts) -> Res<f64> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("probe") {
+        return probe().await;
+    }
     let o = parse();
     let o = &o;
     let t0 = Instant::now();
@@ -352,4 +362,52 @@ async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -
     out.into_iter()
         .map(|v| v.expect("every future completed"))
         .collect()
+}
+
+/// `probe`: see the module docs.
+async fn probe() -> ExitCode {
+    let mut args = std::env::args().skip(2);
+    let (mut from, mut to, mut data, mut secs) = (None, None, Vec::new(), 60u64);
+    while let Some(a) = args.next() {
+        let v = args.next().unwrap_or_else(|| usage());
+        match a.as_str() {
+            "--from" => from = Some(v.parse::<IpAddr>().unwrap_or_else(|_| usage())),
+            "--to" => to = Some(v.parse::<SocketAddr>().unwrap_or_else(|_| usage())),
+            "--data" => data = v.into_bytes(),
+            "--for-s" => secs = v.parse().unwrap_or_else(|_| usage()),
+            _ => usage(),
+        }
+    }
+    let (Some(from), Some(to)) = (from, to) else {
+        usage()
+    };
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let r = RdmaConnection::connect_with(
+            Some(SocketAddr::new(from, 0)),
+            to,
+            ConnectionOptions::default(),
+            &Domains::new(),
+            &data,
+        )
+        .await;
+        match r {
+            Ok(_) => {
+                println!("PROBE ACCEPTED by {to}: a listener took a request without its token");
+                return ExitCode::from(1);
+            }
+            Err(RdmaError::Refused { .. }) => {
+                println!(
+                    "PROBE refused by {to} ({} bytes of private data)",
+                    data.len()
+                );
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("PROBE no refusal from {to} within {secs}s (last: {last})");
+    ExitCode::from(2)
 }

@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    ferry_transport::proto::fuzz_decode(data);
+    ferry_proto::control::fuzz_decode(data);
 });

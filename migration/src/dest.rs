@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_proto::policy;
 use ferry_proto::switchover::{self as proof, Claims, ReadyProof, Transcripts};
 use ferry_proto::{Evidence, Ledger};
 use ferry_transport::auth::AuthKey;
@@ -54,7 +55,6 @@ use ferry_transport::tls::{TlsConfig, TLS_HANDSHAKE_BYTE};
 use ferry_transport::wire::Codec;
 use ferry_transport::wire::MAX_CHUNK_PAYLOAD;
 use ferry_transport::{MemoryLayout, TransportError};
-use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
@@ -195,45 +195,7 @@ impl std::fmt::Debug for ResumeHook {
     }
 }
 
-/// What a committed incoming migration looked like.
-#[derive(Debug, Clone, Serialize)]
-pub struct DestSummary {
-    /// Migration id.
-    pub migration_id: u64,
-    /// Source address.
-    pub peer: String,
-    /// Guest memory size.
-    pub memory_bytes: u64,
-    /// Page bytes received.
-    pub payload_bytes: u64,
-    /// Chunks whose CRC failed and were sent again.
-    pub crc_errors: u64,
-    /// Fingerprint of the verified switchover (hex): the source prints the
-    /// same one.
-    pub digest: String,
-    /// `--verify full`: the whole memory was hashed in the pause too.
-    pub verify_full: bool,
-    /// What the restore hook said (before `Committed`).
-    pub restore_report: String,
-    /// What the resume hook said (after `Committed`).
-    pub resume_report: String,
-    /// The source's audit of its frozen memory after the pause (`None`: it
-    /// never came, e.g. the source died first).
-    pub audit: Option<AuditReport>,
-    /// This process's memory when the migration ended: peak RSS (over the
-    /// daemon's life), the guest's resident part, and the rest.
-    pub memory: crate::memory::MemoryUse,
-    /// Wall time from hello to commit.
-    pub total_ms: f64,
-    /// Downtime as the destination sees it: from the source's last
-    /// pre-copy round (when it pauses the guest) to `Committed`.
-    pub downtime_ms: f64,
-    /// CPU seconds this process spent from the source's hello to the end
-    /// (the source's audit report), the restore and resume hooks left out.
-    /// Migrations running at once in one daemon share the process: each
-    /// one's figure counts them all.
-    pub cpu: crate::cpu::CpuUse,
-}
+pub use crate::summary::DestSummary;
 
 /// The outcome of one incoming migration.
 #[derive(Debug)]
@@ -793,6 +755,8 @@ impl Destination {
                 ),
             ));
         }
+        policy::destination_admits(offer.option, self.opts.plaintext, encrypted)
+            .map_err(|(reason, why)| (reason, why.to_string()))?;
         match offer.option {
             PerformanceOption::Tcp => {}
             PerformanceOption::Compression { codec, level } => {
@@ -801,18 +765,6 @@ impl Destination {
                 CompressionSpec { codec, level }
                     .validate()
                     .map_err(|e| (RejectReason::Option, format!("compression option: {e}")))?;
-            }
-            PerformanceOption::Rdma if !self.opts.plaintext => {
-                return Err((
-                    RejectReason::Encryption,
-                    "RDMA data channels are not encrypted and this destination requires encryption: use --performance-option tcp or compression, or (on a trusted, isolated migration network) start both ferry listen and ferry send with --plaintext".into(),
-                ));
-            }
-            PerformanceOption::Rdma if !encrypted => {
-                return Err((
-                    RejectReason::Encryption,
-                    "the RDMA option's control connection must be encrypted (it carries what admits the RDMA channels): connect with TLS".into(),
-                ));
             }
             #[cfg(feature = "rdma")]
             PerformanceOption::Rdma => {}
@@ -948,18 +900,31 @@ impl Destination {
             .with_buffers(ChannelBudgets::new(reserved, per_channel, 1)),
         );
         let _allocation = self.metrics.allocated(offer.layout.total_bytes());
+        let migration_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // RDMA: listeners on the shared NICs, guest memory registered once
-        // per device (a memlock failure is the rejection).
+        // per device in this migration's protection domains (a memlock
+        // failure is the rejection); each channel admits one connection,
+        // with its token. Remote write access is revoked at the switchover,
+        // and (the guard) whenever this migration ends otherwise.
         #[cfg(feature = "rdma")]
         let rdma = match &rdma_shared {
-            Some(shared) => match crate::rdma::dest_prepare(&mem, &offer.layout, shared) {
+            Some(shared) => match crate::rdma::dest_prepare(
+                &mem,
+                &offer.layout,
+                shared,
+                &keys.data_channel,
+                migration_id,
+            ) {
                 Ok(r) => Some(r),
                 Err((reason, message)) => return Err(conn.reject(reason, message).await.into()),
             },
             None => None,
         };
+        #[cfg(feature = "rdma")]
+        let rdma_exposure = rdma.as_ref().map(|r| r.exposure());
+        #[cfg(feature = "rdma")]
+        let _revoke_on_exit = rdma_exposure.clone().map(crate::rdma::RevokeOnDrop);
         let (tx, rx) = mpsc::channel(usize::from(offer.channels));
-        let migration_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         tracing::Span::current().record("migration_id", migration_id);
         let Some(keys) = conn.session_keys() else {
             return Err(TransportError::AuthFailed("no session keys after authentication").into());
@@ -1016,6 +981,8 @@ impl Destination {
                     stop: self.stop.subscribe(),
                     #[cfg(feature = "rdma")]
                     rdma: std::sync::Mutex::new(rdma),
+                    #[cfg(feature = "rdma")]
+                    rdma_exposure,
                 }
                 .run(&mut writer, msgs, rx)
                 .await
@@ -1156,6 +1123,9 @@ struct Receive<'a> {
     /// RDMA option: the prepared channels, taken when receiving starts.
     #[cfg(feature = "rdma")]
     rdma: std::sync::Mutex<Option<ferry_transport::rdma::RdmaReceiver<()>>>,
+    /// RDMA option: the remote-write exposure, revoked at the switchover.
+    #[cfg(feature = "rdma")]
+    rdma_exposure: Option<ferry_transport::rdma::RdmaExposure<()>>,
 }
 
 /// What a committed incoming migration produced.
@@ -1368,6 +1338,12 @@ impl Receive<'_> {
                 return Err(e.into());
             }
             rdma_task.shutdown().await;
+            // Nothing more may land: deregister every remote-write region
+            // (the NIC refuses their rkeys from here on) before taking the
+            // evidence of what landed.
+            if let Some(x) = &self.rdma_exposure {
+                x.revoke(ferry_transport::rdma_wire::RevokeReason::Switchover);
+            }
         }
         let sw = switchover.expect("loop ends with a switchover");
         self.switchover(writer, &mut msgs, &keys, sw, &all_counters, paused_at)

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use ferry_ffi::vio;
 use ferry_proto::evidence::PageHash;
 use ferry_proto::frame;
+use ferry_proto::policy;
 use ferry_proto::switchover::{self as proof, Claims, Transcripts};
 use ferry_proto::SessionKeys;
 use ferry_proto::{Evidence, Ledger, MacKey};
@@ -654,7 +655,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             .await?;
         let mut conn = Conn::new(control, self.opts.timeout);
         cancel.or_cancel(conn.client_handshake(self.key)).await?;
-        let layout = MemoryLayout::of(&*self.mem);
+        let layout = ferry_transport::layout::of(&*self.mem);
         // Both sides keep evidence under the session's page key: here what
         // is sent for each page, there what lands.
         let keys = conn.session_keys().ok_or(TransportError::AuthFailed(
@@ -708,7 +709,8 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 endpoints,
                 self.opts.timeout,
                 &self.opts.multichannel,
-                keys.frame.clone(),
+                &keys,
+                accept.migration_id,
             )
             .await;
             let mut t = match t {
@@ -863,17 +865,11 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 None => Ok(Arc::new(TlsConfig::from_psk(self.key)?)),
             }
         };
-        match (self.opts.option, self.opts.plaintext) {
-            (PerformanceOption::Rdma, false) => {
-                Err(MigrationError::Config(RDMA_NOT_ENCRYPTED.into()))
-            }
-            (PerformanceOption::Rdma, true) => Ok((Some(tls()?), None)),
-            (_, true) => Ok((None, None)),
-            (_, false) => {
-                let t = tls()?;
-                Ok((Some(t.clone()), Some(t)))
-            }
-        }
+        let encrypt = policy::source_encryption(self.opts.option, self.opts.plaintext)
+            .map_err(|why| MigrationError::Config(why.into()))?;
+        let control = if encrypt.control { Some(tls()?) } else { None };
+        let data = if encrypt.data { control.clone() } else { None };
+        Ok((control, data))
     }
 
     /// Pairs interfaces with the destination's and opens the data channels.
@@ -919,15 +915,15 @@ pub async fn connect(to: &str, timeout: Duration) -> Result<TcpStream> {
     }
 }
 
-/// Why the RDMA option needs `--plaintext`.
-pub const RDMA_NOT_ENCRYPTED: &str = "--performance-option rdma needs --plaintext on both ends: RDMA data channels move pages by RDMA WRITE, unencrypted (its control connection keeps TLS). Use --performance-option tcp or compression to encrypt, or add --plaintext to ferry send and ferry listen on a trusted, isolated migration network";
+/// Why the RDMA option needs `--plaintext` ([`ferry_proto::policy`]).
+pub use ferry_proto::policy::RDMA_NOT_ENCRYPTED;
 
 /// What was encrypted, for the summary and `--json`: the control
 /// connection's TLS session (version, suite, identity mode), and whether
 /// the data channels shared it.
 pub fn describe_encryption(conn: &Conn, option: PerformanceOption) -> String {
     match (conn.encryption(), option) {
-        (Some(tls), PerformanceOption::Rdma) => {
+        (Some(tls), o) if !o.can_encrypt_data() => {
             format!("{tls} on the control connection; RDMA data channels unencrypted (--plaintext)")
         }
         (Some(tls), _) => format!("{tls}, on the control connection and every data channel"),
@@ -935,12 +931,10 @@ pub fn describe_encryption(conn: &Conn, option: PerformanceOption) -> String {
     }
 }
 
-/// Starts TLS on a connected socket when `tls` is given.
+/// Starts TLS on a connected socket when `tls` is given
+/// ([`ferry_transport::tls::secure`]).
 pub async fn secure(tcp: TcpStream, tls: Option<&TlsConfig>, timeout: Duration) -> Result<Stream> {
-    match tls {
-        Some(t) => Ok(t.connect(tcp, timeout).await?),
-        None => Ok(tcp.into()),
-    }
+    Ok(ferry_transport::tls::secure(tcp, tls, timeout).await?)
 }
 
 /// Opens one data channel (TLS when `tls` is given) and proves it belongs

@@ -151,6 +151,7 @@ impl MigrationError {
                 T::CrcMismatch { .. } => "crc",
                 T::Tls(_) => "tls",
                 T::Io { .. } => "io",
+                T::NoChannelLeft { .. } => "channels_lost",
                 T::BadMagic { .. }
                 | T::TooLarge { .. }
                 | T::Invalid { .. }
@@ -187,6 +188,13 @@ impl MigrationError {
             MigrationError::Destination { cause, .. } => return cause.reason(),
         };
         s.into()
+    }
+}
+
+impl From<ferry_proto::WireError> for MigrationError {
+    /// A wire format's error, reported as the transport reports it.
+    fn from(e: ferry_proto::WireError) -> Self {
+        MigrationError::Transport(e.into())
     }
 }
 
@@ -254,6 +262,15 @@ mod tests {
         assert_eq!(
             MigrationError::from(TransportError::PeerClosed { what: "control" }).reason(),
             "peer_closed"
+        );
+        // Losing every data channel is the network's doing, not a
+        // protocol error of the peer.
+        assert_eq!(
+            MigrationError::from(TransportError::NoChannelLeft {
+                last: "reset".into()
+            })
+            .reason(),
+            "channels_lost"
         );
         assert_eq!(
             MigrationError::Verification(ferry_proto::switchover::Mismatch::Evidence).reason(),

@@ -11,7 +11,8 @@
 //! * `rdma` (feature `rdma`, on by default): the RDMA performance option's
 //!   set-up on both sides.
 //! * [`digest`]: the whole-memory digest compared before commit.
-//! * [`metrics`]: the destination's Prometheus metrics.
+//! * [`metrics`]: the destination's Prometheus metrics; [`summary`]: what a
+//!   committed incoming migration looked like.
 //! * [`report`]: the `--json` record, its time series, and its SVG drawing.
 //! * [`nics`]: interface discovery and pairing for multichannel migration.
 //! * [`units`]: sizes for people.
@@ -32,6 +33,7 @@ pub mod nics;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod report;
+pub mod summary;
 pub mod units;
 
 pub use error::{MigrationError, Result};

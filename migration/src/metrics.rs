@@ -23,8 +23,8 @@ use ferry_transport::tcp::RecvCounters;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::dest::DestSummary;
 use crate::error::MigrationError;
+use crate::summary::DestSummary;
 
 /// Counters and gauges of one destination daemon.
 #[derive(Debug, Default)]

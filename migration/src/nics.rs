@@ -353,7 +353,7 @@ async fn open_one(
         remote: p.remote,
         device: p.device.clone(),
     };
-    let stream = crate::engine::secure(stream, tls.as_deref(), timeout).await?;
+    let stream = ferry_transport::tls::secure(stream, tls.as_deref(), timeout).await?;
     Ok((
         ferry_transport::conn::open_data_channel(stream, &keys, timeout).await?,
         path,

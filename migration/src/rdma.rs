@@ -11,7 +11,11 @@
 //!   (memlock failure: `Reject(Option)` naming the limit and the fix), and
 //!   answers `Accept` then `RdmaAccept`;
 //! * source: checks the region keys against its layout, registers its
-//!   memory once per device and connects one queue pair per device pair.
+//!   memory once per device and connects one queue pair per device pair,
+//!   each request carrying its channel's token;
+//! * destination: accepts each channel once, with its token, from an
+//!   address the source offered; revokes remote write access (deregisters)
+//!   at the switchover, on abort and when every channel has ended.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +23,10 @@ use std::time::Duration;
 use ferry_transport::conn::Conn;
 use ferry_transport::multichannel::{Multichannel, MultichannelConfig};
 use ferry_transport::proto::{Msg, RejectReason};
-use ferry_transport::rdma::{local_endpoints, RdmaChannelSender, RdmaReceiver};
-use ferry_transport::rdma_wire::{check_offer, shared_endpoints, RdmaEndpoint, RdmaOffer};
+use ferry_transport::rdma::{local_endpoints, RdmaChannelSender, RdmaExposure, RdmaReceiver};
+use ferry_transport::rdma_wire::{
+    check_offer, shared_endpoints, Admission, RdmaEndpoint, RdmaOffer, RevokeReason,
+};
 use ferry_transport::{MemoryLayout, TransportError};
 
 use ferry_transport::multichannel::{ChannelCount, Cidr};
@@ -63,7 +69,9 @@ pub fn source_endpoints(mc: &MultichannelOptions) -> Result<Vec<RdmaEndpoint>> {
 /// every channel (at most `--channels N`) and stripes over them with the
 /// multichannel scheduler. A channel with work outstanding and no
 /// completion for `--channel-timeout` (or `timeout`, if shorter) fails over
-/// to the others.
+/// to the others. Every connection request carries its channel's token
+/// (the session's data-channel key, `migration_id`, the channel's index).
+#[allow(clippy::too_many_arguments)]
 pub async fn open_source(
     conn: &mut Conn,
     mem: &Arc<SourceMemory>,
@@ -71,7 +79,8 @@ pub async fn open_source(
     local: &[RdmaEndpoint],
     timeout: Duration,
     mc: &MultichannelOptions,
-    frame: ferry_proto::MacKey,
+    keys: &ferry_proto::SessionKeys,
+    migration_id: u64,
 ) -> Result<Multichannel> {
     let mut accept = match conn.recv("the destination's RDMA channels").await? {
         Msg::RdmaAccept(a) => a,
@@ -87,9 +96,19 @@ pub async fn open_source(
         accept.channels.truncate(usize::from(n));
     }
     let stall = mc.channel_timeout.min(timeout);
-    let chans = RdmaChannelSender::connect_all(mem, layout, local, &accept, stall, frame).await?;
-    eprintln!(
-        "ferry: rdma: {} channel(s): {}",
+    let chans = RdmaChannelSender::connect_all(
+        mem,
+        layout,
+        local,
+        &accept,
+        stall,
+        keys.frame.clone(),
+        &keys.data_channel,
+        migration_id,
+    )
+    .await?;
+    tracing::info!(
+        "rdma: {} channel(s): {}",
         chans.len(),
         chans
             .iter()
@@ -106,13 +125,24 @@ pub async fn open_source(
     ))
 }
 
+/// What the destination keeps of an RDMA offer: its own endpoints to
+/// listen on and the source's addresses (the only ones it admits
+/// connection requests from).
+#[derive(Debug, Clone)]
+pub struct DestRdma {
+    /// This host's endpoints on subnets the source shares.
+    pub shared: Vec<RdmaEndpoint>,
+    /// The source's offered addresses.
+    pub peers: Vec<std::net::IpAddr>,
+}
+
 /// Destination: reads the `RdmaOffer` that follows an RDMA offer and picks
 /// this host's endpoints inside `networks` (`--migration-network`; empty:
 /// all) on subnets the source shares. Errors are the rejection to send.
 pub async fn dest_endpoints(
     conn: &mut Conn,
     networks: &[Cidr],
-) -> std::result::Result<Vec<RdmaEndpoint>, (RejectReason, String)> {
+) -> std::result::Result<DestRdma, (RejectReason, String)> {
     let offer = match conn.recv("the source's RDMA endpoints").await {
         Ok(Msg::RdmaOffer(o)) => o,
         Ok(m) => {
@@ -127,7 +157,10 @@ pub async fn dest_endpoints(
         v.retain(|e| nics::allowed(networks, e.addr));
         v
     });
-    pick_shared(&offer, ours)
+    Ok(DestRdma {
+        shared: pick_shared(&offer, ours)?,
+        peers: offer.endpoints.iter().map(|e| e.addr).collect(),
+    })
 }
 
 fn pick_shared(
@@ -162,14 +195,25 @@ fn pick_shared(
     Ok(shared)
 }
 
-/// Destination: binds listeners and registers guest memory; errors are the
+/// Destination: binds listeners and registers guest memory (in protection
+/// domains of this migration), admitting on each channel only the request
+/// that carries its token (made with `data_channel`, the session's key, for
+/// `migration_id`) from one of the source's addresses; errors are the
 /// rejection to send (e.g. the memlock limit, named with its fix).
 pub fn dest_prepare(
     mem: &Arc<DestMemory>,
     layout: &MemoryLayout,
-    shared: &[RdmaEndpoint],
+    rdma: &DestRdma,
+    data_channel: &ferry_proto::MacKey,
+    migration_id: u64,
 ) -> std::result::Result<RdmaReceiver<()>, (RejectReason, String)> {
-    RdmaReceiver::prepare(mem, layout, shared).map_err(|e| {
+    let admission = Admission::new(
+        data_channel.clone(),
+        migration_id,
+        rdma.shared.len(),
+        rdma.peers.clone(),
+    );
+    RdmaReceiver::prepare(mem, layout, &rdma.shared, admission).map_err(|e| {
         let mut msg = e.to_string();
         let mut src = std::error::Error::source(&e);
         while let Some(s) = src {
@@ -178,6 +222,19 @@ pub fn dest_prepare(
         }
         (RejectReason::Option, msg)
     })
+}
+
+/// Revokes a migration's RDMA remote write access when dropped (the
+/// destination holds one for as long as it handles the migration: any way
+/// out of it, error or abort included, deregisters every region at once;
+/// after a commit it was revoked at the switchover already).
+#[derive(Debug)]
+pub struct RevokeOnDrop(pub RdmaExposure<()>);
+
+impl Drop for RevokeOnDrop {
+    fn drop(&mut self) {
+        self.0.revoke(RevokeReason::Abort);
+    }
 }
 
 #[cfg(test)]

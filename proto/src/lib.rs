@@ -10,18 +10,41 @@
 //!   what the pause will cost).
 //! * [`switchover`]: the `Ready` / `Commit` / `Committed` proofs that bind
 //!   the transcripts, the evidence and the device state to the session.
+//! * [`session`]: the source's side of the handshake as a state machine
+//!   (messages and transcripts in, messages out; no IO).
 //! * [`handshake`]: the handshake's proofs (the source proves first, bound to
 //!   the TLS session and every frame before them) and the tags that
 //!   authenticate every control message after it.
+//!
+//! Wire formats, each with one encoder and one decoder that every transport
+//! uses, all failing with one typed [`WireError`]:
+//! * [`wire`]: data-channel frames (chunk header, run table, compressed
+//!   sub-header, ack), zerocopy little-endian headers.
+//! * [`control`]: control messages ([`control::Msg`]) and their framing.
+//! * [`layout`]: the guest memory layout and page runs, checked against it.
+//! * [`net`]: interfaces, subnets and the one pairing rule of TCP
+//!   multichannel and RDMA; the channel limit [`net::MAX_CHANNELS`].
+//! * [`rdma`]: what the RDMA option exchanges on the control connection.
+//! * [`policy`]: which options combine (what each performance option can
+//!   encrypt and what each side then requires), in one place.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod budget;
+pub mod control;
+pub mod error;
 pub mod evidence;
 pub mod frame;
 pub mod handshake;
 pub mod keys;
+pub mod layout;
+pub mod net;
+pub mod policy;
+pub mod rdma;
+pub mod session;
 pub mod switchover;
+pub mod wire;
 
+pub use error::{WireError, WireKind};
 pub use evidence::{Evidence, Ledger, PageHash, PageTable};
 pub use keys::{MacKey, PageKey, SessionKeys};

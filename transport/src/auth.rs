@@ -12,8 +12,8 @@
 //!
 //! The handshake itself (the source proves first, both proofs bound to the
 //! transcript and the TLS session) is [`ferry_proto::handshake`], run by
-//! [`crate::conn::Conn::client_handshake`] and
-//! [`crate::conn::Conn::server_authenticate`]. Proofs are HMAC-SHA256 under
+//! the control connection's `Conn::client_handshake` and
+//! `Conn::server_authenticate`. Proofs are HMAC-SHA256 under
 //! the key, compared in constant time; fresh 32-byte nonces on both sides
 //! make a recorded exchange useless, and the role labels stop a reflection
 //! of one side's proof as the other's.
@@ -163,7 +163,7 @@ impl AuthKey {
         ferry_proto::SessionKeys::derive(&self.0, nonce_s, nonce_d)
     }
 
-    /// The key bytes (the handshake proofs key, [`crate::conn`]).
+    /// The key bytes (the handshake proofs key).
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.0
     }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_proto::handshake::{self, ControlTags, HandshakeView, Prover, TAG_LEN};
+use ferry_proto::session::{Credential, Established, SourceHandshake, Transcripts};
 use ferry_proto::{MacKey, SessionKeys};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
@@ -258,84 +259,49 @@ impl Conn {
         }
     }
 
-    /// Sends a hello with a fresh nonce and reads the destination's reply:
-    /// its chosen version and nonce.
-    async fn hello(&mut self, role: Role) -> Result<([u8; 32], u16, [u8; 32])> {
-        let nonce_s = auth::nonce();
-        self.send(&Msg::Hello {
-            min_version: PROTOCOL_MIN,
-            max_version: PROTOCOL_MAX,
-            role,
-            nonce: nonce_s,
-        })
-        .await?;
-        let (version, nonce_d) = match self.recv("the destination's hello").await? {
-            Msg::HelloReply { version, nonce } => (version, nonce),
-            Msg::Reject { reason, message } => {
-                return Err(TransportError::Rejected { reason, message })
-            }
-            m => {
-                return Err(TransportError::Unexpected {
-                    expected: "HelloReply",
-                    got: m.name().into(),
-                })
-            }
-        };
-        if !(PROTOCOL_MIN..=PROTOCOL_MAX).contains(&version) {
-            return Err(TransportError::UnsupportedVersion {
-                peer_min: version,
-                peer_max: version,
-                ours_min: PROTOCOL_MIN,
-                ours_max: PROTOCOL_MAX,
-            });
-        }
-        Ok((nonce_s, version, nonce_d))
+    /// The source's transcripts, in [`SourceHandshake`]'s terms.
+    fn source_transcripts(&self) -> Transcripts {
+        let (s2d, d2s) = self.transcripts(Prover::Source);
+        Transcripts { s2d, d2s }
     }
 
-    /// Reads the destination's `Welcome` and its proof.
-    async fn welcome(&mut self) -> Result<[u8; 32]> {
-        match self.recv("the destination's welcome").await? {
-            Msg::Welcome { proof } => Ok(proof),
-            Msg::Reject { reason, message } => Err(TransportError::Rejected { reason, message }),
-            m => Err(TransportError::Unexpected {
-                expected: "Welcome",
-                got: m.name().into(),
-            }),
-        }
+    /// Drives the source's handshake ([`ferry_proto::session`]): sends the
+    /// hello, hands the destination's answers to the state machine and
+    /// sends what it returns, until the destination has proven itself.
+    async fn run_source(&mut self, hs: &mut SourceHandshake, hello: Msg) -> Result<Established> {
+        self.send(&hello).await?;
+        let reply = self.recv("the destination's hello").await?;
+        let auth = hs.on_reply(reply, self.source_transcripts())?;
+        self.send(&auth).await?;
+        let before = self.source_transcripts();
+        let welcome = self.recv("the destination's welcome").await?;
+        Ok(hs.on_welcome(welcome, before)?)
     }
 
     /// Source side of the handshake: hello, then the source's proof, then
     /// the destination's, checked before anything else is sent. Returns the
     /// protocol version chosen by the destination.
     pub async fn client_handshake(&mut self, key: &AuthKey) -> Result<u16> {
-        let (nonce_s, version, nonce_d) = self.hello(Role::Control).await?;
         let binding = self.binding()?;
-        let (s2d, d2s) = self.transcripts(Prover::Source);
-        let view = HandshakeView {
-            binding: &binding,
-            s2d,
-            d2s,
+        let (mut hs, hello) = SourceHandshake::new(
+            Role::Control,
+            Credential::Psk(key.bytes().to_vec()),
+            binding,
+            auth::nonce(),
+        );
+        let done = match self.run_source(&mut hs, hello).await {
+            Err(TransportError::AuthFailed(why)) => {
+                self.abort("authentication failed: the destination's proof does not match our key")
+                    .await;
+                return Err(TransportError::AuthFailed(why));
+            }
+            r => r?,
         };
-        self.send(&Msg::Auth {
-            proof: handshake::key_proof(key.bytes(), Prover::Source, &view),
-        })
-        .await?;
-        let (s2d, d2s) = self.transcripts(Prover::Source);
-        let proof_d = self.welcome().await?;
-        let view = HandshakeView {
-            binding: &binding,
-            s2d,
-            d2s,
-        };
-        if !handshake::verify_key_proof(key.bytes(), Prover::Destination, &view, &proof_d) {
-            self.abort("authentication failed: the destination's proof does not match our key")
-                .await;
-            return Err(TransportError::AuthFailed(
-                "the destination's proof does not match our key (a different --auth-key-file, or someone in between)",
-            ));
-        }
-        self.authenticated(key.session_keys(&nonce_s, &nonce_d), Prover::Source);
-        Ok(version)
+        let keys = done.keys.ok_or(TransportError::AuthFailed(
+            "no session keys after the control handshake",
+        ))?;
+        self.authenticated(keys, Prover::Source);
+        Ok(done.version)
     }
 
     /// Destination side of the handshake after the hello was read: sends
@@ -485,30 +451,14 @@ pub async fn open_data_channel(
     timeout: Duration,
 ) -> Result<Stream> {
     let mut c = Conn::new(stream, timeout);
-    c.hello(Role::Data).await?;
     let binding = c.binding()?;
-    let (s2d, d2s) = c.transcripts(Prover::Source);
-    let view = HandshakeView {
-        binding: &binding,
-        s2d,
-        d2s,
-    };
-    c.send(&Msg::Auth {
-        proof: handshake::data_proof(&keys.data_channel, Prover::Source, &view),
-    })
-    .await?;
-    let (s2d, d2s) = c.transcripts(Prover::Source);
-    let proof_d = c.welcome().await?;
-    let view = HandshakeView {
-        binding: &binding,
-        s2d,
-        d2s,
-    };
-    if !handshake::verify_data_proof(&keys.data_channel, Prover::Destination, &view, &proof_d) {
-        return Err(TransportError::AuthFailed(
-            "the destination's data-channel proof is not from our session",
-        ));
-    }
+    let (mut hs, hello) = SourceHandshake::new(
+        Role::Data,
+        Credential::Session(keys.data_channel.clone()),
+        binding,
+        auth::nonce(),
+    );
+    c.run_source(&mut hs, hello).await?;
     Ok(c.into_stream())
 }
 

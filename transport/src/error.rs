@@ -113,7 +113,7 @@ pub enum TransportError {
     #[error("peer refused: {reason}: {message}")]
     Rejected {
         /// Machine-readable reason.
-        reason: crate::proto::RejectReason,
+        reason: ferry_proto::control::RejectReason,
         /// Peer's explanation.
         message: String,
     },
@@ -130,6 +130,13 @@ pub enum TransportError {
         /// What was wrong.
         detail: &'static str,
     },
+    /// Every data channel of the migration failed: not the peer's
+    /// protocol at fault, the network (or the peer host) is.
+    #[error("no data channel left; the last one failed: {last}")]
+    NoChannelLeft {
+        /// Why the last channel failed.
+        last: String,
+    },
     /// TLS (on unless `--plaintext`): a setting that cannot be used, a handshake that
     /// failed, or a peer that ended the session; the message names why.
     #[error("encryption: {0}")]
@@ -143,7 +150,7 @@ impl TransportError {
     /// sends an alert, which surfaces on the next read) becomes
     /// [`TransportError::Tls`] naming the cause.
     pub fn io(context: impl Into<String>, what: &'static str, source: std::io::Error) -> Self {
-        if let Some(why) = crate::tls::describe_io(&source) {
+        if let Some(why) = describe_io(&source) {
             return TransportError::Tls(format!("{}: {why}", context.into()));
         }
         match source.kind() {
@@ -155,6 +162,91 @@ impl TransportError {
                 source,
             },
         }
+    }
+}
+
+impl From<ferry_proto::WireError> for TransportError {
+    /// A wire format's error, as the transport reports it (the same
+    /// message).
+    fn from(e: ferry_proto::WireError) -> Self {
+        use ferry_proto::WireError as W;
+        match e {
+            W::BadMagic {
+                what,
+                expected,
+                found,
+            } => TransportError::BadMagic {
+                what,
+                expected,
+                found,
+            },
+            W::TooLarge { field, len, limit } => TransportError::TooLarge { field, len, limit },
+            W::Invalid { field, detail } | W::BadTag { field, detail } => {
+                TransportError::Invalid { field, detail }
+            }
+            W::OutsideLayout { gpa, pages } => TransportError::OutsideLayout { gpa, pages },
+            W::CrcMismatch {
+                what,
+                seq,
+                expected,
+                computed,
+            } => TransportError::CrcMismatch {
+                what,
+                seq,
+                expected,
+                computed,
+            },
+            W::Malformed { what, detail } => TransportError::Malformed { what, detail },
+            // `WireError` is non-exhaustive: a kind added later is still
+            // reported with its own message.
+            other => TransportError::Malformed {
+                what: "frame",
+                detail: other.to_string(),
+            },
+        }
+    }
+}
+
+impl From<ferry_proto::session::HandshakeError> for TransportError {
+    /// The source handshake's error, as the transport reports it.
+    fn from(e: ferry_proto::session::HandshakeError) -> Self {
+        use ferry_proto::control::{PROTOCOL_MAX, PROTOCOL_MIN};
+        use ferry_proto::session::HandshakeError as H;
+        match e {
+            H::Rejected { reason, message } => TransportError::Rejected { reason, message },
+            H::Unexpected { expected, got } => TransportError::Unexpected {
+                expected,
+                got: got.into(),
+            },
+            H::UnsupportedVersion { version } => TransportError::UnsupportedVersion {
+                peer_min: version,
+                peer_max: version,
+                ours_min: PROTOCOL_MIN,
+                ours_max: PROTOCOL_MAX,
+            },
+            H::AuthFailed(why) => TransportError::AuthFailed(why),
+            other => TransportError::Malformed {
+                what: "handshake",
+                detail: other.to_string(),
+            },
+        }
+    }
+}
+
+/// The rustls error inside an I/O error from a TLS stream, if any.
+pub fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+}
+
+/// A message for a TLS error that surfaced after the handshake (on the
+/// first read): in TLS 1.3 the client finishes before the server has
+/// checked its certificate, so a rejection arrives as an alert then.
+pub fn describe_io(e: &std::io::Error) -> Option<String> {
+    match rustls_error(e)? {
+        rustls::Error::AlertReceived(a) => Some(format!(
+            "the peer ended the TLS session with alert {a:?}: it does not trust our identity (its CA did not sign our certificate)"
+        )),
+        other => Some(format!("TLS: {other}")),
     }
 }
 

@@ -1,9 +1,12 @@
 //! `ferry-transport`: how Ferry moves guest pages.
 //!
-//! * [`wire`]: data-channel frames (zerocopy little-endian headers, CRC32).
-//! * [`proto`]: control messages and their framing; [`conn`]: the framed,
-//!   authenticated control connection; [`auth`]: HMAC challenge-response.
-//! * [`layout`]: the guest memory layout and page-run checks.
+//! The wire formats live in the protocol core, `ferry_proto` (no IO):
+//! [`wire`] (data-channel frames), [`proto`] (control messages),
+//! [`layout`] (the memory layout and page runs) and [`rdma_wire`] are its
+//! modules, re-exported here so callers keep one path.
+//!
+//! * [`conn`]: the framed, authenticated control connection; [`auth`]: the
+//!   pre-shared key.
 //! * [`Transport`]: the trait every performance option implements;
 //!   [`tcp`]: the TCP implementation (zero-copy `writev`/`readv` between
 //!   guest memory and the socket); [`compress`]: the compression option
@@ -16,8 +19,7 @@
 //!   from certificates or from the pre-shared key; [`stream`]: a connection,
 //!   plain or TLS.
 //!
-//! * [`rdma_wire`]: what the RDMA option exchanges on the control
-//!   connection; `rdma` (feature `rdma`): its data path, RDMA WRITE from
+//! * `rdma` (feature `rdma`): the RDMA data path, RDMA WRITE from
 //!   registered source guest memory into registered destination memory.
 //!
 //! The transport knows nothing about VMs: it moves [`Chunk`]s of
@@ -35,22 +37,54 @@ use std::future::Future;
 use serde::Serialize;
 
 pub mod auth;
+pub mod codec;
 pub mod compress;
 pub mod conn;
 pub mod error;
-pub mod layout;
+pub mod guest;
 pub mod multichannel;
 pub mod pool;
-pub mod proto;
 pub mod ratelimit;
 #[cfg(feature = "rdma")]
 pub mod rdma;
-pub mod rdma_wire;
 pub mod reservation;
 pub mod stream;
 pub mod tcp;
 pub mod tls;
-pub mod wire;
+
+/// Data-channel frames, format v2: defined in the protocol core
+/// ([`ferry_proto::wire`]: one encoder and one decoder for TCP,
+/// compression and RDMA) and re-exported here.
+pub mod wire {
+    pub use ferry_proto::wire::*;
+}
+
+/// Control-channel messages and their framing: defined in the protocol
+/// core ([`ferry_proto::control`]) and re-exported here.
+pub mod proto {
+    pub use ferry_proto::control::*;
+}
+
+/// What the RDMA option exchanges on the control connection and the checks
+/// both sides make on it: defined in the protocol core
+/// ([`ferry_proto::rdma`]) and re-exported here. The data path is `rdma`
+/// (feature `rdma`).
+pub mod rdma_wire {
+    pub use ferry_proto::rdma::*;
+}
+
+/// The guest memory layout and page runs (defined in the protocol core,
+/// [`ferry_proto::layout`]), and the layout of a `vm-memory` guest memory.
+pub mod layout {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+    pub use ferry_proto::layout::*;
+
+    /// Reads the layout of a `vm-memory` guest memory.
+    pub fn of<M: GuestMemoryBackend>(mem: &M) -> MemoryLayout {
+        MemoryLayout::from_regions(mem.iter().map(|r| (r.start_addr().0, r.len())))
+    }
+}
 
 pub use error::{Result, TransportError};
 pub use layout::{MemoryLayout, PageRun, PAGE_SIZE};
@@ -86,7 +120,7 @@ impl Chunk {
     /// guest memory, hashed with `page`, and the payload tag computed with
     /// `frame`. What the engine's page pass does, without a ledger (tests,
     /// tools). `copy` keeps the copy as the chunk's [`Chunk::data`].
-    pub fn read<M: tcp::GuestMem>(
+    pub fn read<M: guest::GuestMem>(
         mem: &M,
         page: &PageKey,
         frame: &MacKey,
@@ -96,7 +130,7 @@ impl Chunk {
         copy: bool,
     ) -> Result<Chunk> {
         let mut bytes = Vec::new();
-        tcp::copy_runs(mem, &runs, &mut bytes)?;
+        guest::copy_runs(mem, &runs, &mut bytes)?;
         let mut sum = 0u128;
         let mut at = 0usize;
         for r in runs.iter().filter(|r| !r.zero) {

@@ -3,9 +3,22 @@
 //! Zero-copy page registration: every guest memory region is registered
 //! once per RDMA device on each side (no per-page or per-round
 //! registration, no bounce buffers). The destination registers its regions
-//! for remote write before it answers the offer and sends their addresses
-//! and rkeys in [`RdmaAccept`]; the source registers its regions for local
-//! read on each device it connects from.
+//! for remote write before it answers the offer, zero-based (writes address
+//! offsets, never host addresses), and sends their lengths and rkeys in
+//! [`RdmaAccept`] on the (TLS) control connection; the source registers its
+//! regions for local read on each device it connects from.
+//!
+//! Exposure (see [`Admission`]): everything one migration registers, and
+//! every queue pair it creates or accepts, lives in protection domains of
+//! that migration only ([`Domains`]); a destination listener accepts a
+//! channel's connection only with that channel's token in the request's
+//! private data, from an address the source offered, once, and rejects
+//! every other request without giving it a queue pair. The remote-write
+//! registrations are dropped (the NIC then refuses their rkeys) at the
+//! source's switchover, before the destination computes its evidence, when
+//! the migration fails or aborts ([`RdmaExposure`]'s owner revokes it), and
+//! when every channel has ended or failed; a failed channel's queue pair is
+//! destroyed at once.
 //!
 //! One RC queue pair per device pair ("channel"). For each chunk the source
 //! posts one RDMA WRITE per non-zero run, straight from its guest memory
@@ -40,14 +53,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
 use ferry_ffi::rdma::{
-    anon_buffer, list_devices, Access, AnonBuffer, Completion, ConnectionOptions, GuestRegion,
-    MemoryRegion, RdmaConnection, RdmaError, RdmaListener, RemoteRegion, Segment, WorkKind,
-    WriteOp,
+    anon_buffer, list_devices, Access, AnonBuffer, Completion, ConnectionOptions, Domains,
+    GuestRegion, MemoryRegion, RdmaConnection, RdmaError, RdmaListener, RemoteRegion, Segment,
+    WorkKind, WriteOp,
 };
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
@@ -58,8 +71,8 @@ use crate::layout::PAGE_SIZE;
 use crate::layout::{MemoryLayout, PageRun};
 use crate::multichannel::{ChannelPath, ChannelSender, Unlanded};
 use crate::rdma_wire::{
-    check_accept, pair_channels, RdmaAccept, RdmaChannel, RdmaEndpoint, RdmaRegionKey,
-    MAX_RDMA_CHANNELS,
+    check_accept, cm_private_data, pair_channels, Admission, RdmaAccept, RdmaChannel, RdmaEndpoint,
+    RdmaRegionKey, RevokeReason, MAX_RDMA_CHANNELS,
 };
 use crate::tcp::{claim_runs, land_zero_run, Inbound, RecvCounters, Tally};
 use crate::wire::{self, AckFrame, AckStatus, ChunkHeader, ChunkKind, HEADER_LEN, MAX_RUNS};
@@ -476,9 +489,15 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaChannelSender<B> {
     /// subnet, and registers `mem` once per local device. `timeout`: how
     /// long a channel with work outstanding may go without a completion.
     ///
+    /// Each connection request carries the channel's token (made with
+    /// `data_channel`, the session's data-channel key, for migration
+    /// `migration_id`: see [`crate::rdma_wire`]); every queue pair and
+    /// registration is in protection domains of this migration only.
+    ///
     /// A channel that cannot be connected is left out (named in the log);
     /// the call fails when none connects, or on a registration failure
     /// (e.g. the memlock limit).
+    #[allow(clippy::too_many_arguments)]
     pub async fn connect_all(
         mem: &Arc<GuestMemoryMmap<B>>,
         layout: &MemoryLayout,
@@ -486,9 +505,12 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaChannelSender<B> {
         accept: &RdmaAccept,
         timeout: Duration,
         frame: MacKey,
+        data_channel: &MacKey,
+        migration_id: u64,
     ) -> Result<Vec<(Self, ChannelPath)>> {
         check_accept(accept, layout)?;
         let plan = pair_channels(local, &accept.channels);
+        let domains = Domains::new();
         let mut registered: HashMap<String, Arc<Vec<GuestMr<B>>>> = HashMap::new();
         let mut pairs = Vec::new();
         let mut failures = Vec::new();
@@ -502,7 +524,9 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaChannelSender<B> {
                 "{} {} -> {} {dst}",
                 from.device, from.addr, ch.endpoint.device
             );
-            let conn = match connect_retrying(SocketAddr::new(from.addr, 0), dst, timeout).await {
+            let token = cm_private_data(data_channel, migration_id, index as u16);
+            let src = SocketAddr::new(from.addr, 0);
+            let conn = match connect_retrying(src, dst, timeout, &domains, &token).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(channel = index, "RDMA channel {name} not connected: {e}");
@@ -535,7 +559,7 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaChannelSender<B> {
                 remote: ch
                     .regions
                     .iter()
-                    .map(|k| RemoteRegion::new(k.addr, k.len, k.rkey))
+                    .map(|k| RemoteRegion::zero_based(k.len, k.rkey))
                     .collect(),
                 desc,
                 acks,
@@ -680,17 +704,24 @@ impl<B: Bitmap + Send + Sync + 'static> ChannelSender for RdmaChannelSender<B> {
 }
 
 /// Connects, retrying for a few seconds while the peer's listener comes up
-/// (rdma_cm answers `Rejected` until it listens).
+/// (rdma_cm answers `Rejected` until it listens). A refusal by the
+/// listener (its token check failed) is final.
 async fn connect_retrying(
     src: SocketAddr,
     dst: SocketAddr,
     timeout: Duration,
+    domains: &Domains,
+    token: &[u8],
 ) -> std::result::Result<RdmaConnection, RdmaError> {
     let deadline = tokio::time::Instant::now() + timeout.min(Duration::from_secs(10));
     loop {
-        match RdmaConnection::connect(Some(src), dst, conn_options()).await {
+        match RdmaConnection::connect_with(Some(src), dst, conn_options(), domains, token).await {
             Ok(c) => return Ok(c),
-            Err(e) if e.is_unavailable() || tokio::time::Instant::now() >= deadline => {
+            Err(e)
+                if e.is_unavailable()
+                    || matches!(e, RdmaError::Refused { .. })
+                    || tokio::time::Instant::now() >= deadline =>
+            {
                 return Err(e)
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
@@ -701,19 +732,136 @@ async fn connect_retrying(
 // ----------------------------------------------------------- destination
 
 struct Listening {
+    index: u16,
     listener: RdmaListener,
     endpoint: RdmaEndpoint,
 }
 
+struct ExposureInner<B: Bitmap + 'static> {
+    admission: Admission,
+    // Every remote-write registration of the migration, by device; `None`
+    // once revoked (dropping them deregisters: the NIC refuses their rkeys).
+    regions: Option<HashMap<String, Vec<GuestMr<B>>>>,
+}
+
+/// The destination's remote-write exposure of one migration: its
+/// registrations and who may connect to write into them ([`Admission`]).
+///
+/// Cloneable handle; [`revoke`](Self::revoke) deregisters every region at
+/// once (any later RDMA WRITE naming their rkeys fails at this NIC with a
+/// remote access error, and lands nothing) and refuses every later
+/// connection request. Revoke at the switchover (before computing what
+/// landed), and on every failure or abort; [`RdmaReceiver::receive`] also
+/// revokes when all channels have ended.
+pub struct RdmaExposure<B: Bitmap + 'static> {
+    inner: Arc<Mutex<ExposureInner<B>>>,
+}
+
+impl<B: Bitmap + 'static> Clone for RdmaExposure<B> {
+    fn clone(&self) -> Self {
+        RdmaExposure {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<B: Bitmap + 'static> std::fmt::Debug for RdmaExposure<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = self.lock();
+        f.debug_struct("RdmaExposure")
+            .field("admission", &g.admission)
+            .field("registered", &g.regions.is_some())
+            .finish()
+    }
+}
+
+impl<B: Bitmap + 'static> RdmaExposure<B> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ExposureInner<B>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Deregisters every remote-write region of the migration and refuses
+    /// every later connection; `true` for the call that did it.
+    pub fn revoke(&self, reason: RevokeReason) -> bool {
+        let (first, regions) = {
+            let mut g = self.lock();
+            let first = g.admission.revoke(reason);
+            (first, g.regions.take())
+        };
+        // Deregistration happens here, outside the lock.
+        let n: usize = regions
+            .as_ref()
+            .map_or(0, |r| r.values().map(Vec::len).sum());
+        drop(regions);
+        if first {
+            let g = self.lock();
+            tracing::info!(
+                migration_id = g.admission.migration_id(),
+                "RDMA remote write access revoked ({reason}): {n} region registration(s) dropped, \
+                 {} connection request(s) refused",
+                g.admission.refused()
+            );
+        }
+        first
+    }
+
+    /// Why the exposure ended, once it has.
+    pub fn revoked(&self) -> Option<RevokeReason> {
+        self.lock().admission.revoked()
+    }
+
+    /// Whether any remote-write registration is still in place.
+    pub fn is_registered(&self) -> bool {
+        self.lock().regions.is_some()
+    }
+
+    /// Connection requests refused so far.
+    pub fn refused(&self) -> u64 {
+        self.lock().admission.refused()
+    }
+
+    fn admit(
+        &self,
+        channel: u16,
+        r: &ferry_ffi::rdma::Request<'_>,
+    ) -> std::result::Result<(), String> {
+        let mut g = self.lock();
+        match g
+            .admission
+            .admit(channel, r.peer.map(|p| p.ip()), r.private_data)
+        {
+            Ok(()) => Ok(()),
+            Err(why) => {
+                let n = g.admission.refused();
+                let peer = r
+                    .peer
+                    .map_or_else(|| "an unknown address".to_string(), |p| p.to_string());
+                // An intruder may send many: the first few are warnings.
+                if n <= 8 {
+                    tracing::warn!(
+                        channel,
+                        "refused an RDMA connection request from {peer}: {why}"
+                    );
+                } else {
+                    tracing::debug!(
+                        channel,
+                        "refused an RDMA connection request from {peer}: {why}"
+                    );
+                }
+                Err(why.to_string())
+            }
+        }
+    }
+}
+
 /// Destination side of the RDMA option, between validation and the data:
 /// listeners bound on the shared NICs and guest memory registered on their
-/// devices. Send [`accept`](Self::accept) to the source, then
-/// [`receive`](Self::receive).
+/// devices, in protection domains of this migration. Send
+/// [`accept`](Self::accept) to the source, then [`receive`](Self::receive);
+/// keep [`exposure`](Self::exposure) to revoke remote access.
 pub struct RdmaReceiver<B: Bitmap + 'static> {
     listening: Vec<Listening>,
-    // Registrations stay until the receiver is dropped, after every queue
-    // pair is gone.
-    _registered: HashMap<String, Vec<GuestMr<B>>>,
+    exposure: RdmaExposure<B>,
     accept: RdmaAccept,
 }
 
@@ -735,7 +883,10 @@ enum ChannelEnd {
 impl<B: Bitmap + Send + Sync + 'static> RdmaReceiver<B> {
     /// Binds an rdma_cm listener on each of `endpoints` (ports from
     /// [`PORT_BASE`]) and registers every region of `mem` once per device
-    /// for remote write.
+    /// for remote write (zero-based), all in protection domains of this
+    /// migration only. `admission` decides which connection requests the
+    /// listeners accept (one per channel, with its token; see
+    /// [`crate::rdma_wire`]).
     ///
     /// # Errors
     /// A listener that cannot be bound, or a registration failure (the
@@ -744,22 +895,15 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaReceiver<B> {
         mem: &Arc<GuestMemoryMmap<B>>,
         layout: &MemoryLayout,
         endpoints: &[RdmaEndpoint],
+        admission: Admission,
     ) -> Result<Self> {
+        let domains = Domains::new();
         let mut listening = Vec::new();
         let mut registered: HashMap<String, Vec<GuestMr<B>>> = HashMap::new();
         let mut channels = Vec::new();
-        for ep in endpoints.iter().take(MAX_RDMA_CHANNELS) {
-            let (listener, port) = bind_listener(ep.addr)?;
-            let pd = match listener.protection_domain() {
-                Some(Ok(pd)) => pd,
-                Some(Err(e)) => return Err(rdma_err(format!("no protection domain on {ep}"), e)),
-                None => {
-                    return Err(TransportError::Invalid {
-                        field: "RDMA endpoint",
-                        detail: format!("{ep}: no RDMA device owns this address"),
-                    })
-                }
-            };
+        for (index, ep) in endpoints.iter().take(MAX_RDMA_CHANNELS).enumerate() {
+            let (listener, port) = bind_listener(ep.addr, &domains)?;
+            let pd = listener.protection_domain().clone();
             let device = pd.device_name().to_string();
             if !registered.contains_key(&device) {
                 let mrs = register_all(mem, layout, &device, |g| {
@@ -767,14 +911,21 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaReceiver<B> {
                 })?;
                 registered.insert(device.clone(), mrs);
             }
-            let regions = registered[&device]
-                .iter()
-                .map(|m| RdmaRegionKey {
-                    addr: m.addr(),
-                    len: m.len() as u64,
-                    rkey: m.rkey(),
-                })
-                .collect();
+            let mut regions = Vec::new();
+            for m in &registered[&device] {
+                let r = m.remote_region();
+                if r.addr != 0 {
+                    // Never tell a host address.
+                    return Err(TransportError::Invalid {
+                        field: "RDMA registration",
+                        detail: format!("{device}: a remote-write region is not zero-based"),
+                    });
+                }
+                regions.push(RdmaRegionKey {
+                    len: r.len,
+                    rkey: r.rkey,
+                });
+            }
             let endpoint = RdmaEndpoint {
                 device,
                 port,
@@ -784,11 +935,20 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaReceiver<B> {
                 endpoint: endpoint.clone(),
                 regions,
             });
-            listening.push(Listening { listener, endpoint });
+            listening.push(Listening {
+                index: index as u16,
+                listener,
+                endpoint,
+            });
         }
         Ok(RdmaReceiver {
             listening,
-            _registered: registered,
+            exposure: RdmaExposure {
+                inner: Arc::new(Mutex::new(ExposureInner {
+                    admission,
+                    regions: Some(registered),
+                })),
+            },
             accept: RdmaAccept { channels },
         })
     }
@@ -798,9 +958,16 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaReceiver<B> {
         &self.accept
     }
 
-    /// Accepts each channel's connection and lands chunks until every
-    /// channel has ended or was reported lost by the source (or failed
-    /// here). Counts into `counters` as the TCP receiver does.
+    /// The migration's remote-write exposure: revoke it at the switchover
+    /// and on any failure.
+    pub fn exposure(&self) -> RdmaExposure<B> {
+        self.exposure.clone()
+    }
+
+    /// Accepts each channel's connection (only with its token) and lands
+    /// chunks until every channel has ended or was reported lost by the
+    /// source (or failed here), then revokes the exposure. Counts into
+    /// `counters` as the TCP receiver does.
     ///
     /// # Errors
     /// A descriptor that fails its checks (bad header, CRC, a run outside
@@ -812,16 +979,38 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaReceiver<B> {
         counters: Arc<RecvCounters>,
         timeout: Duration,
     ) -> Result<()> {
+        let exposure = self.exposure.clone();
+        let r = self.receive_all(inbound, mem, counters, timeout).await;
+        exposure.revoke(if r.is_ok() {
+            RevokeReason::ChannelsEnded
+        } else {
+            RevokeReason::Abort
+        });
+        r
+    }
+
+    async fn receive_all(
+        self,
+        inbound: Arc<Inbound>,
+        mem: Arc<GuestMemoryMmap<B>>,
+        counters: Arc<RecvCounters>,
+        timeout: Duration,
+    ) -> Result<()> {
         let n = self.listening.len();
         type Chan = Pin<Box<dyn Future<Output = (usize, Result<ChannelEnd>)> + Send>>;
+        let exposure = self.exposure.clone();
         let mut chans: Vec<Option<Chan>> = self
             .listening
             .into_iter()
             .enumerate()
             .map(|(i, l)| {
                 let (inbound, mem, counters) = (inbound.clone(), mem.clone(), counters.clone());
+                let exposure = exposure.clone();
                 Some(Box::pin(async move {
-                    (i, receive_channel(l, inbound, mem, counters, timeout).await)
+                    (
+                        i,
+                        receive_channel(l, exposure, inbound, mem, counters, timeout).await,
+                    )
                 }) as Chan)
             })
             .collect();
@@ -871,10 +1060,10 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaReceiver<B> {
     }
 }
 
-fn bind_listener(addr: IpAddr) -> Result<(RdmaListener, u16)> {
+fn bind_listener(addr: IpAddr, domains: &Domains) -> Result<(RdmaListener, u16)> {
     let mut last = None;
     for port in PORT_BASE..PORT_BASE + PORT_TRIES {
-        match RdmaListener::bind(SocketAddr::new(addr, port), conn_options()) {
+        match RdmaListener::bind(SocketAddr::new(addr, port), conn_options(), domains) {
             Ok(l) => return Ok((l, port)),
             Err(e) if e.is_unavailable() => {
                 return Err(rdma_err(format!("cannot listen for RDMA on {addr}"), e))
@@ -891,17 +1080,22 @@ fn bind_listener(addr: IpAddr) -> Result<(RdmaListener, u16)> {
     ))
 }
 
-/// One channel at the destination: accept, keep receives posted, land
-/// descriptors, ack them.
+/// One channel at the destination: accept its connection (only with its
+/// token), keep receives posted, land descriptors, ack them; meanwhile
+/// refuse every further request on the listener.
 async fn receive_channel<B: Bitmap + Send + Sync + 'static>(
-    mut l: Listening,
+    l: Listening,
+    exposure: RdmaExposure<B>,
     inbound: Arc<Inbound>,
     mem: Arc<GuestMemoryMmap<B>>,
     counters: Arc<RecvCounters>,
     timeout: Duration,
 ) -> Result<ChannelEnd> {
     let name = l.endpoint.to_string();
-    let mut conn = match tokio::time::timeout(timeout, l.listener.accept()).await {
+    let index = l.index;
+    let mut listener = l.listener;
+    let admit = |r: &ferry_ffi::rdma::Request<'_>| exposure.admit(index, r);
+    let mut conn = match tokio::time::timeout(timeout, listener.accept_checked(admit)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Ok(ChannelEnd::Lost(format!("{name}: accept failed: {e}"))),
         Err(_) => {
@@ -910,6 +1104,7 @@ async fn receive_channel<B: Bitmap + Send + Sync + 'static>(
             )))
         }
     };
+    let mut listening = Some(listener);
     let lost = |e: RdmaError| Ok(ChannelEnd::Lost(format!("{name}: {e}")));
     let setup = |e: RdmaError| rdma_err(format!("cannot set up RDMA channel {name}"), e);
     let descs = anon_buffer(RECV_SLOTS * DESC_BYTES)
@@ -935,7 +1130,28 @@ async fn receive_channel<B: Bitmap + Send + Sync + 'static>(
                 return Ok(ChannelEnd::Ended(mask));
             }
         }
-        if let Err(e) = conn.poll_completions(&mut wcs).await {
+        let polled = match listening.as_mut() {
+            // Requests that come while the channel runs are refused (the
+            // admission says the channel is connected, or revoked).
+            Some(lst) => tokio::select! {
+                r = conn.poll_completions(&mut wcs) => r,
+                other = lst.accept_checked(admit) => {
+                    match other {
+                        Ok(c) => {
+                            drop(c);
+                            tracing::error!(channel = index, "a second RDMA connection was admitted on {name}: closed");
+                        }
+                        Err(e) => {
+                            tracing::debug!(channel = index, "RDMA listener {name} stopped: {e}");
+                            listening = None;
+                        }
+                    }
+                    continue;
+                }
+            },
+            None => conn.poll_completions(&mut wcs).await,
+        };
+        if let Err(e) = polled {
             return lost(e);
         }
         for c in wcs.drain(..) {

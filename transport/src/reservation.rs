@@ -127,14 +127,14 @@ impl Drop for Reservation {
 }
 
 /// The most receive-buffer bytes one data channel of a migration with
-/// `option` holds: a TCP channel [`crate::tcp::channel_buffers`], an RDMA
+/// `option` holds: a TCP channel [`channel_buffers`], an RDMA
 /// channel [`crate::rdma_wire::RDMA_CHANNEL_BUFFERS`].
 pub fn channel_allowance(option: crate::proto::PerformanceOption) -> u64 {
     use crate::proto::PerformanceOption;
     match option {
         PerformanceOption::Rdma => crate::rdma_wire::RDMA_CHANNEL_BUFFERS,
-        PerformanceOption::Compression { .. } => crate::tcp::channel_buffers(true),
-        _ => crate::tcp::channel_buffers(false),
+        PerformanceOption::Compression { .. } => channel_buffers(true),
+        _ => channel_buffers(false),
     }
 }
 
@@ -301,6 +301,20 @@ impl Drop for RecvBuf {
         if let Some(b) = &self.budget {
             b.shrink(self.buf.len() as u64);
         }
+    }
+}
+
+/// The most receive-buffer bytes one TCP data channel holds: a full run
+/// table, a drain step, and on a compressed channel a full segment table
+/// and one segment. Every compressed frame is read and decompressed one
+/// segment at a time, so no buffer depends on how large a frame is.
+pub const fn channel_buffers(compressed: bool) -> u64 {
+    let base = (crate::wire::MAX_RUNS as usize * std::mem::size_of::<crate::wire::RunDesc>()
+        + RECV_STEP) as u64;
+    if compressed {
+        base + (16 + 4 * crate::wire::MAX_RUNS as usize + crate::wire::MAX_SEGMENT) as u64
+    } else {
+        base
     }
 }
 

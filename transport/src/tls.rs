@@ -52,12 +52,9 @@ use tokio::net::TcpStream;
 
 use crate::auth::AuthKey;
 use crate::error::{Result, TransportError};
-use crate::stream::Stream;
+pub use crate::stream::{Mode, ALPN_CERTIFICATES, ALPN_PSK};
+use crate::stream::{Stream, TlsTcp};
 
-/// ALPN protocol of the pre-shared-key identity.
-pub const ALPN_PSK: &[u8] = b"ferry-psk/1";
-/// ALPN protocol of the certificate identity.
-pub const ALPN_CERTIFICATES: &[u8] = b"ferry-cert/1";
 /// Name the source asks for (not checked: see the module docs).
 const SERVER_NAME: &str = "ferry.invalid";
 /// File names inside `--tls-dir`.
@@ -72,33 +69,6 @@ pub const CA_KEY_FILE: &str = "ca-key.pem";
 /// First byte of a TLS handshake record: how a destination tells a TLS
 /// client from a plaintext one on the same port.
 pub const TLS_HANDSHAKE_BYTE: u8 = 0x16;
-
-/// How peers prove who they are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// A certificate derived from the pre-shared key.
-    Psk,
-    /// Certificates signed by the CA in `--tls-dir`.
-    Certificates,
-}
-
-impl Mode {
-    fn alpn(self) -> &'static [u8] {
-        match self {
-            Mode::Psk => ALPN_PSK,
-            Mode::Certificates => ALPN_CERTIFICATES,
-        }
-    }
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Mode::Psk => "pre-shared-key identity",
-            Mode::Certificates => "certificates (--tls-dir)",
-        })
-    }
-}
 
 /// TLS settings of one host, for both directions.
 #[derive(Clone)]
@@ -153,7 +123,7 @@ fn finish(
 
 impl TlsConfig {
     /// The pre-shared-key mode: see the module docs. The key itself is
-    /// proven inside the session ([`crate::conn`]); `_key` is taken so that
+    /// proven inside the session (the control connection's handshake); `_key` is taken so that
     /// both modes are built from what the command line gives.
     pub fn from_psk(_key: &AuthKey) -> Result<Self> {
         let (cert, pkcs8) = ephemeral_identity()?;
@@ -278,7 +248,7 @@ impl TlsConfig {
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(SERVER_NAME).expect("a valid DNS name");
         let connector = tokio_rustls::TlsConnector::from(self.client.clone());
-        match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+        match tokio::time::timeout(timeout, connector.connect(name, TlsTcp::new(tcp))).await {
             Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s.into()))),
             Ok(Err(e)) => Err(TransportError::Tls(format!(
                 "TLS handshake with the destination failed: {}",
@@ -295,7 +265,7 @@ impl TlsConfig {
     pub async fn accept(&self, tcp: TcpStream, timeout: Duration) -> Result<Stream> {
         let _ = tcp.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(self.server.clone());
-        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        match tokio::time::timeout(timeout, acceptor.accept(TlsTcp::new(tcp))).await {
             Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s.into()))),
             Ok(Err(e)) => Err(TransportError::Tls(format!(
                 "TLS handshake with the source failed: {}",
@@ -346,20 +316,15 @@ impl TlsConfig {
     }
 }
 
-/// The rustls error inside an I/O error from a TLS stream, if any.
-pub fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
-    e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
-}
+pub use crate::error::{describe_io, rustls_error};
 
-/// A message for a TLS error that surfaced after the handshake (on the
-/// first read): in TLS 1.3 the client finishes before the server has
-/// checked its certificate, so a rejection arrives as an alert then.
-pub fn describe_io(e: &std::io::Error) -> Option<String> {
-    match rustls_error(e)? {
-        rustls::Error::AlertReceived(a) => Some(format!(
-            "the peer ended the TLS session with alert {a:?}: it does not trust our identity (its CA did not sign our certificate)"
-        )),
-        other => Some(format!("TLS: {other}")),
+/// Source side: a connected socket as a [`Stream`], TLS when `tls` is
+/// given (the default) and plain otherwise (`--plaintext`): the one place
+/// a source picks between the two.
+pub async fn secure(tcp: TcpStream, tls: Option<&TlsConfig>, timeout: Duration) -> Result<Stream> {
+    match tls {
+        Some(t) => t.connect(tcp, timeout).await,
+        None => Ok(tcp.into()),
     }
 }
 

@@ -2,24 +2,19 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdma_mummy_sys::ibv_sge;
-use sideway::ibverbs::device::DeviceInfo as _;
 use sideway::ibverbs::queue_pair::{
     BasicQueuePair, PostSendGuard as _, QueuePair as _, QueuePairState, SetScatterGatherEntry as _,
     WorkRequestFlags,
 };
-use sideway::rdmacm::communication_manager::{
-    ConnectionParameter, Event, EventChannel, EventType, GetEventErrorKind, Identifier, PortSpace,
-};
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
+use sideway::ibverbs::AccessFlags;
 
+use super::cm::{CmChannel, CmEventKind, CmId, ConnectRequest};
 use super::cq::{Cq, RawWc, WcStatus};
-use super::device::{check_libraries, io_source, ProtectionDomain};
+use super::device::{context_for, io_source, Domains, ProtectionDomain};
 use super::error::{RdmaError, Result};
 use super::memory::{Access, MemoryRegion, RdmaMemory, RemoteRegion, Segment};
 
@@ -50,139 +45,53 @@ impl Default for ConnectionOptions {
     }
 }
 
-/// The rdma_cm event channel, non-blocking, awaited through `AsyncFd`.
-struct CmChannel {
-    afd: AsyncFd<CmFd>,
+/// What a listener knows of a connection request when deciding whether to
+/// accept it: the source address rdma_cm reports and the private data the
+/// peer sent (up to [`super::MAX_PRIVATE_DATA`] bytes, zero-padded by the
+/// connection manager on InfiniBand and RoCE).
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// Where the request came from (`None` if rdma_cm did not say).
+    pub peer: Option<SocketAddr>,
+    /// The request's private data.
+    pub private_data: &'a [u8],
 }
-
-struct CmFd(Arc<EventChannel>);
-
-impl AsRawFd for CmFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-}
-
-impl CmChannel {
-    fn new() -> Result<CmChannel> {
-        check_libraries()?;
-        let ch = EventChannel::new().map_err(|e| {
-            let io = io_source(&e);
-            match io.raw_os_error() {
-                // No /dev/infiniband/rdma_cm: no RDMA in this kernel.
-                Some(libc::ENOENT | libc::ENODEV | libc::ENOSYS | libc::EOPNOTSUPP) => {
-                    RdmaError::NoDevice
-                }
-                _ => RdmaError::verbs("rdma_create_event_channel", io),
-            }
-        })?;
-        ch.set_nonblocking(true)
-            .map_err(|e| RdmaError::verbs("fcntl(O_NONBLOCK) on rdma_cm channel", e))?;
-        // SAFETY: the fd belongs to the event channel held by the `Arc`
-        // inside `CmFd`, which the AsyncFd owns: it stays open, and
-        // `as_raw_fd` keeps returning it, until the AsyncFd is dropped (it
-        // deregisters before dropping `CmFd`).
-        let afd = unsafe { AsyncFd::register_with_interest(CmFd(ch), Interest::READABLE) }
-            .map_err(|e| {
-                RdmaError::verbs("AsyncFd::register(rdma_cm channel)", e.into_parts().1)
-            })?;
-        Ok(CmChannel { afd })
-    }
-
-    fn channel(&self) -> &Arc<EventChannel> {
-        &self.afd.get_ref().0
-    }
-
-    async fn next(&self) -> Result<Event> {
-        loop {
-            let mut guard = self
-                .afd
-                .readable()
-                .await
-                .map_err(|e| RdmaError::verbs("AsyncFd::readable(rdma_cm channel)", e))?;
-            match self.channel().get_cm_event() {
-                Ok(ev) => return Ok(ev),
-                Err(e) => match e.0 {
-                    GetEventErrorKind::NoEvent => guard.clear_ready(),
-                    GetEventErrorKind::Rdmacm(io) => {
-                        return Err(RdmaError::verbs("rdma_get_cm_event", io))
-                    }
-                    other => return Err(RdmaError::verbs("rdma_get_cm_event", io_source(&other))),
-                },
-            }
-        }
-    }
-
-    /// The next event, or an error naming the event when it is not `want`.
-    async fn expect(&self, want: EventType, peer: SocketAddr, timeout: Duration) -> Result<Event> {
-        let expected = event_name(&want);
-        let ev = tokio::time::timeout(timeout, self.next())
-            .await
-            .map_err(|_| RdmaError::Connect {
-                peer,
-                event: "timeout".into(),
-                status: -libc::ETIMEDOUT,
-                expected,
-            })??;
-        if ev.event_type() == want {
-            Ok(ev)
-        } else {
-            Err(RdmaError::Connect {
-                peer,
-                event: format!("{:?}", ev.event_type()),
-                status: ev.status(),
-                expected,
-            })
-        }
-    }
-}
-
-fn event_name(t: &EventType) -> &'static str {
-    match t {
-        EventType::AddressResolved => "AddressResolved",
-        EventType::RouteResolved => "RouteResolved",
-        EventType::ConnectRequest => "ConnectRequest",
-        EventType::ConnectResponse => "ConnectResponse",
-        EventType::Established => "Established",
-        _ => "another event",
-    }
-}
-
-/// A connection request kept for a later [`RdmaListener::accept`].
-struct QueuedEvent(Event);
-
-// SAFETY: an `Event` owns one `rdma_cm_event` that librdmacm allocated for
-// the caller; nothing else references it until it is acknowledged
-// (`rdma_ack_cm_event`, in `Event`'s Drop), and librdmacm allows reading
-// and acknowledging an event on any thread. A queued event is only moved
-// with its listener, never shared, so sending it to another thread is sound.
-unsafe impl Send for QueuedEvent {}
-// SAFETY: through `&QueuedEvent` only `Event`'s `&self` getters run, which
-// read fields of the `rdma_cm_event` that librdmacm never changes after
-// handing the event out; concurrent reads of immutable memory are sound.
-unsafe impl Sync for QueuedEvent {}
 
 /// A passive rdma_cm endpoint: accepts one [`RdmaConnection`] per incoming
-/// connection request.
+/// connection request that passes the caller's check, and rejects the
+/// others (with [`super::REFUSAL`] in the rejection's private data) without
+/// creating anything for them.
+///
+/// Every accepted connection's queue pair lives in the listener's protection
+/// domain (from the [`Domains`] given to [`bind`](Self::bind)), so it can
+/// reach the memory registered there and nothing else.
 pub struct RdmaListener {
-    // Declared before `chan`: the id holds the event channel alive anyway.
-    id: Arc<Identifier>,
+    // Requests received while a handshake was under way (their events are
+    // acknowledged; the ids are owned here until accepted or rejected).
+    pending: VecDeque<ConnectRequest>,
+    // The listening id (kept alive; destroyed after the pending requests).
+    _id: CmId,
     chan: CmChannel,
     addr: SocketAddr,
-    pending: VecDeque<QueuedEvent>,
+    pd: ProtectionDomain,
     opts: ConnectionOptions,
+    refused: u64,
 }
 
 impl std::fmt::Debug for RdmaListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RdmaListener")
             .field("addr", &self.addr)
+            .field("device", &self.pd.device_name())
+            .field("refused", &self.refused)
             .finish()
     }
 }
 
 impl RdmaListener {
-    /// Listens on `addr` (an IP of an RDMA NIC, or the unspecified address).
+    /// Listens on `addr` (an IP of an RDMA NIC; not the unspecified
+    /// address: the listener's device must be known), with its protection
+    /// domain taken from `domains`.
     ///
     /// # Errors
     /// [`RdmaError::LibraryMissing`] / [`RdmaError::NoDevice`] without RDMA,
@@ -191,22 +100,32 @@ impl RdmaListener {
     ///
     /// # Panics
     /// Outside a tokio runtime with IO enabled.
-    pub fn bind(addr: SocketAddr, opts: ConnectionOptions) -> Result<RdmaListener> {
+    pub fn bind(
+        addr: SocketAddr,
+        opts: ConnectionOptions,
+        domains: &Domains,
+    ) -> Result<RdmaListener> {
         let chan = CmChannel::new()?;
-        let id = chan
-            .channel()
-            .create_id(PortSpace::Tcp)
-            .map_err(|e| RdmaError::verbs("rdma_create_id", io_source(&e)))?;
-        id.bind_addr(addr)
-            .map_err(|e| RdmaError::verbs("rdma_bind_addr", io_source(&e)))?;
-        id.listen(16)
-            .map_err(|e| RdmaError::verbs("rdma_listen", io_source(&e)))?;
+        if addr.ip().is_unspecified() {
+            return Err(RdmaError::InvalidRequest {
+                reason:
+                    "an RDMA listener needs the address of an RDMA NIC, not the unspecified address",
+            });
+        }
+        let id = chan.create_id()?;
+        id.bind(addr)?;
+        let verbs = id.verbs().ok_or(RdmaError::NoDevice)?;
+        let ctx = context_for(verbs, addr.ip())?;
+        let pd = domains.for_context(&ctx)?;
+        id.listen(16)?;
         Ok(RdmaListener {
-            id,
+            pending: VecDeque::new(),
+            _id: id,
             chan,
             addr,
-            pending: VecDeque::new(),
+            pd,
             opts,
+            refused: 0,
         })
     }
 
@@ -215,44 +134,65 @@ impl RdmaListener {
         self.addr
     }
 
-    /// The protection domain of the device that owns the bound address, so
-    /// memory can be registered (and its rkeys advertised) **before** the
-    /// peer connects. `None` when bound to the unspecified address.
-    pub fn protection_domain(&self) -> Option<Result<ProtectionDomain>> {
-        let ctx = self.id.get_device_context()?;
-        let name = ctx.name();
-        Some(ProtectionDomain::for_context(&ctx, name))
+    /// The protection domain accepted connections use: register the memory
+    /// they may write here **before** the peer connects.
+    pub fn protection_domain(&self) -> &ProtectionDomain {
+        &self.pd
     }
 
-    /// Waits for the next connection request and accepts it.
-    ///
-    /// Cancel safety: not cancel safe while a handshake is under way (the
-    /// half-accepted connection is dropped, which the peer sees as an
-    /// error); requests that arrive meanwhile are kept for later calls.
+    /// Connection requests refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused
+    }
+
+    /// Accepts every connection request (no check): tests and tools.
     pub async fn accept(&mut self) -> Result<RdmaConnection> {
+        self.accept_checked(|_| Ok(())).await
+    }
+
+    /// Waits for a connection request that `check` accepts and accepts it.
+    /// Every request `check` refuses (`Err(reason)`) is rejected at once
+    /// (no queue pair is created for it) and waiting goes on: a stranger's
+    /// requests never take the place of the expected one.
+    ///
+    /// Cancel safety: cancel safe while waiting for a request (requests are
+    /// taken from the channel only synchronously); not while a handshake is
+    /// under way (the half-accepted connection is dropped, which the peer
+    /// sees as an error). Requests that arrive meanwhile are kept for later
+    /// calls.
+    pub async fn accept_checked(
+        &mut self,
+        mut check: impl FnMut(&Request<'_>) -> std::result::Result<(), String>,
+    ) -> Result<RdmaConnection> {
         loop {
-            // Events are held as `QueuedEvent` so this future is Send.
-            let ev = match self.pending.pop_front() {
-                Some(ev) => ev,
-                None => QueuedEvent(self.chan.next().await?),
+            let req = match self.pending.pop_front() {
+                Some(r) => r,
+                None => match self.chan.next().await?.into_request() {
+                    Some(r) => r,
+                    // Established/Disconnected/TimewaitExit of an earlier
+                    // connection: dropping the event acknowledged it.
+                    None => continue,
+                },
             };
-            if ev.0.event_type() != EventType::ConnectRequest {
-                // E.g. Disconnected/TimewaitExit of an earlier connection;
-                // dropping the event acknowledges it.
+            let verdict = check(&Request {
+                peer: req.peer,
+                private_data: &req.private_data,
+            });
+            if verdict.is_err() {
+                self.refused += 1;
+                // Rejecting can fail if the peer gave up already; either
+                // way the id is destroyed here.
+                let _ = req.id.reject();
                 continue;
             }
-            let Some(id) = ev.0.cm_id() else { continue };
-            let mut conn = RdmaConnection::create(&id, &self.opts, self.addr)?;
-            conn.make_ready(&id)?;
-            // In a block: the parameter holds raw pointers (not Send) and
-            // must not live across the awaits below.
-            {
-                let mut param = ConnectionParameter::default();
-                param.setup_qp_number(conn.qp.qp_number());
-                id.accept(param)
-                    .map_err(|e| RdmaError::verbs("rdma_accept", io_source(&e)))?;
-            }
-            drop(ev);
+            let peer = req.peer.unwrap_or(self.addr);
+            let id = req.id;
+            let mut conn = RdmaConnection::create(&self.pd, &self.opts, peer)?;
+            // The source may RDMA WRITE into this side (and do nothing else).
+            conn.modify(&id, QueuePairState::Init, Some(AccessFlags::RemoteWrite))?;
+            conn.modify(&id, QueuePairState::ReadyToReceive, None)?;
+            conn.modify(&id, QueuePairState::ReadyToSend, None)?;
+            id.accept(conn.qp.qp_number())?;
             // Wait for the RTU (Established) of *this* id; keep other
             // connection requests for later accepts.
             let deadline = tokio::time::Instant::now() + self.opts.cm_timeout;
@@ -260,29 +200,33 @@ impl RdmaListener {
                 let ev = tokio::time::timeout_at(deadline, self.chan.next())
                     .await
                     .map_err(|_| RdmaError::Connect {
-                        peer: self.addr,
+                        peer,
                         event: "timeout".into(),
                         status: -libc::ETIMEDOUT,
                         expected: "Established",
                     })??;
-                let ev = QueuedEvent(ev);
-                let ours = ev.0.cm_id().is_some_and(|e| Arc::ptr_eq(&e, &id));
-                match (ev.0.event_type(), ours) {
-                    (EventType::ConnectRequest, _) => self.pending.push_back(ev),
-                    (EventType::Established, true) => {
-                        conn.id = Some(id);
-                        return Ok(conn);
+                if ev.kind() == CmEventKind::ConnectRequest {
+                    if let Some(r) = ev.into_request() {
+                        self.pending.push_back(r);
                     }
-                    (t, true) => {
-                        return Err(RdmaError::Connect {
-                            peer: self.addr,
-                            event: format!("{t:?}"),
-                            status: ev.0.status(),
-                            expected: "Established",
-                        })
-                    }
-                    (_, false) => {}
+                    continue;
                 }
+                if !id.is(ev.id()) {
+                    continue;
+                }
+                let (kind, status) = (ev.kind(), ev.status());
+                // Acknowledge before `id` can be dropped.
+                drop(ev);
+                if kind == CmEventKind::Established {
+                    conn.id = Some(id);
+                    return Ok(conn);
+                }
+                return Err(RdmaError::Connect {
+                    peer,
+                    event: kind.name(),
+                    status,
+                    expected: "Established",
+                });
             }
         }
     }
@@ -383,7 +327,7 @@ pub struct RdmaConnection {
     // QP first, then CQ, then the cm id, then in-flight keep-alives.
     qp: BasicQueuePair,
     cq: Cq,
-    id: Option<Arc<Identifier>>,
+    id: Option<CmId>,
     chan: Option<CmChannel>,
     pd: ProtectionDomain,
     inflight: HashMap<u64, InFlight>,
@@ -419,16 +363,12 @@ impl Drop for RdmaConnection {
 }
 
 impl RdmaConnection {
-    /// Connects to a listener at `dst`, from the RDMA device owning `src`.
-    ///
-    /// `src` pins the local device (use the NIC's IP, port 0); with `None`
-    /// the route decides. Works around sideway 0.4.3's `resolve_addr(Some
-    /// (src), ..)` (which passes a dangling pointer) by binding first.
+    /// Connects to a listener at `dst`, from the RDMA device owning `src`,
+    /// in a protection domain of its own and without private data (tests
+    /// and tools; Ferry's data path uses [`connect_with`](Self::connect_with)).
     ///
     /// # Errors
-    /// [`RdmaError::LibraryMissing`]/[`RdmaError::NoDevice`] without RDMA,
-    /// [`RdmaError::Connect`] when the peer rejects or does not answer
-    /// (e.g. `Rejected` while it is not listening yet: callers may retry).
+    /// As [`connect_with`](Self::connect_with).
     ///
     /// # Panics
     /// Outside a tokio runtime with IO and time enabled.
@@ -437,58 +377,79 @@ impl RdmaConnection {
         dst: SocketAddr,
         opts: ConnectionOptions,
     ) -> Result<RdmaConnection> {
+        Self::connect_with(src, dst, opts, &Domains::new(), &[]).await
+    }
+
+    /// Connects to a listener at `dst`, from the RDMA device owning `src`
+    /// (use the NIC's IP, port 0; with `None` the route decides), with the
+    /// queue pair in `domains`' protection domain of that device, sending
+    /// `private_data` (at most [`super::MAX_PRIVATE_DATA`] bytes) with the
+    /// request. The queue pair accepts no remote access: nothing the peer
+    /// sends can read or write this side's memory.
+    ///
+    /// # Errors
+    /// [`RdmaError::LibraryMissing`]/[`RdmaError::NoDevice`] without RDMA,
+    /// [`RdmaError::Refused`] when a Ferry listener refused the request (its
+    /// check failed), [`RdmaError::Connect`] when the peer rejects or does
+    /// not answer otherwise (e.g. `Rejected` while it is not listening yet:
+    /// callers may retry).
+    ///
+    /// # Panics
+    /// Outside a tokio runtime with IO and time enabled.
+    pub async fn connect_with(
+        src: Option<SocketAddr>,
+        dst: SocketAddr,
+        opts: ConnectionOptions,
+        domains: &Domains,
+        private_data: &[u8],
+    ) -> Result<RdmaConnection> {
+        if private_data.len() > super::MAX_PRIVATE_DATA {
+            return Err(RdmaError::InvalidRequest {
+                reason: "rdma_cm private data is limited to 56 bytes",
+            });
+        }
         let chan = CmChannel::new()?;
-        let id = chan
-            .channel()
-            .create_id(PortSpace::Tcp)
-            .map_err(|e| RdmaError::verbs("rdma_create_id", io_source(&e)))?;
+        let id = chan.create_id()?;
         if let Some(src) = src {
-            id.bind_addr(src)
-                .map_err(|e| RdmaError::verbs("rdma_bind_addr", io_source(&e)))?;
+            id.bind(src)?;
         }
         let t = opts.cm_timeout;
-        id.resolve_addr(None, dst, t)
-            .map_err(|e| RdmaError::verbs("rdma_resolve_addr", io_source(&e)))?;
+        id.resolve_addr(dst, t)?;
         drop(
-            chan.expect(EventType::AddressResolved, dst, t + Duration::from_secs(1))
+            chan.expect(CmEventKind::AddrResolved, dst, t + Duration::from_secs(1))
                 .await?,
         );
-        id.resolve_route(t)
-            .map_err(|e| RdmaError::verbs("rdma_resolve_route", io_source(&e)))?;
+        id.resolve_route(t)?;
         drop(
-            chan.expect(EventType::RouteResolved, dst, t + Duration::from_secs(1))
+            chan.expect(CmEventKind::RouteResolved, dst, t + Duration::from_secs(1))
                 .await?,
         );
-
-        let mut conn = RdmaConnection::create(&id, &opts, dst)?;
-        // In a block: the parameter holds raw pointers (not Send) and must
-        // not live across an await, so that the future is Send.
-        {
-            let mut param = ConnectionParameter::default();
-            param.setup_qp_number(conn.qp.qp_number());
-            id.connect(param)
-                .map_err(|e| RdmaError::verbs("rdma_connect", io_source(&e)))?;
-        }
-        drop(chan.expect(EventType::ConnectResponse, dst, t).await?);
-        conn.modify(&id, QueuePairState::ReadyToReceive)?;
-        conn.modify(&id, QueuePairState::ReadyToSend)?;
-        id.establish()
-            .map_err(|e| RdmaError::verbs("rdma_establish", io_source(&e)))?;
+        let verbs = id.verbs().ok_or(RdmaError::NoDevice)?;
+        let local = match src {
+            Some(s) => s.ip(),
+            None => id.local_addr().map(|a| a.ip()).ok_or(RdmaError::NoDevice)?,
+        };
+        let ctx = context_for(verbs, local)?;
+        let pd = domains.for_context(&ctx)?;
+        let mut conn = RdmaConnection::create(&pd, &opts, dst)?;
+        conn.modify(&id, QueuePairState::Init, Some(AccessFlags::none()))?;
+        id.connect(conn.qp.qp_number(), private_data)?;
+        drop(chan.expect(CmEventKind::ConnectResponse, dst, t).await?);
+        conn.modify(&id, QueuePairState::ReadyToReceive, None)?;
+        conn.modify(&id, QueuePairState::ReadyToSend, None)?;
+        id.establish()?;
         conn.id = Some(id);
         conn.chan = Some(chan);
         Ok(conn)
     }
 
-    /// Creates PD (cached per device), CQ and QP on the device of `id`, and
-    /// moves the QP to INIT.
+    /// Creates CQ and QP in `pd`.
     fn create(
-        id: &Arc<Identifier>,
+        pd: &ProtectionDomain,
         opts: &ConnectionOptions,
         peer: SocketAddr,
     ) -> Result<RdmaConnection> {
-        let ctx = id.get_device_context().ok_or(RdmaError::NoDevice)?;
-        let pd = ProtectionDomain::for_context(&ctx, ctx.name())?;
-        let cq = Cq::new(&ctx, opts.max_send_wr + opts.max_recv_wr)?;
+        let cq = Cq::new(&pd.ctx, opts.max_send_wr + opts.max_recv_wr)?;
         let qp = pd
             .pd
             .create_qp_builder()
@@ -500,12 +461,12 @@ impl RdmaConnection {
             .setup_recv_cq(Arc::clone(&cq.cq))
             .build()
             .map_err(|e| RdmaError::verbs("ibv_create_qp", io_source(&e)))?;
-        let mut conn = RdmaConnection {
+        Ok(RdmaConnection {
             qp,
             cq,
             id: None,
             chan: None,
-            pd,
+            pd: pd.clone(),
             inflight: HashMap::new(),
             next_seq: 1,
             send_used: 0,
@@ -514,23 +475,24 @@ impl RdmaConnection {
             peer,
             broken: false,
             scratch: Vec::new(),
-        };
-        conn.modify(id, QueuePairState::Init)?;
-        Ok(conn)
+        })
     }
 
-    fn modify(&mut self, id: &Identifier, state: QueuePairState) -> Result<()> {
-        let attr = id
-            .get_qp_attr(state)
-            .map_err(|e| RdmaError::verbs("rdma_init_qp_attr", io_source(&e)))?;
+    /// Moves the QP to `state` with the attributes rdma_cm gives for `id`;
+    /// `access` (INIT only) sets what the peer may do to this side.
+    fn modify(
+        &mut self,
+        id: &CmId,
+        state: QueuePairState,
+        access: Option<AccessFlags>,
+    ) -> Result<()> {
+        let mut attr = id.qp_attr(state)?;
+        if let Some(a) = access {
+            attr.setup_access_flags(a);
+        }
         self.qp
             .modify(&attr)
             .map_err(|e| RdmaError::verbs("ibv_modify_qp", io_source(&e)))
-    }
-
-    fn make_ready(&mut self, id: &Identifier) -> Result<()> {
-        self.modify(id, QueuePairState::ReadyToReceive)?;
-        self.modify(id, QueuePairState::ReadyToSend)
     }
 
     /// The protection domain of this connection's device: register memory
@@ -539,8 +501,8 @@ impl RdmaConnection {
         &self.pd
     }
 
-    /// Registers `owner` on this connection's device (shared by every
-    /// connection on the same device).
+    /// Registers `owner` in this connection's protection domain (shared by
+    /// the connections of the same [`Domains`] on the same device).
     pub fn register<O: RdmaMemory>(
         &self,
         owner: O,

@@ -1,13 +1,16 @@
 //! Device discovery, opening, and protection domains.
 
-use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::net::{IpAddr, SocketAddr};
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
 
+use rdma_mummy_sys::ibv_context;
 use sideway::ibverbs::device::{DeviceInfo as _, DeviceList};
 use sideway::ibverbs::device_context::DeviceContext;
 use sideway::ibverbs::protection_domain::ProtectionDomain as SwPd;
+use sideway::rdmacm::communication_manager::{EventChannel, PortSpace};
 
 use super::error::{RdmaError, Result};
 
@@ -167,23 +170,29 @@ impl Device {
         &self.name
     }
 
-    /// The protection domain of this device context (one per context; see
-    /// [`ProtectionDomain`]).
+    /// A new protection domain on this device.
     pub fn protection_domain(&self) -> Result<ProtectionDomain> {
-        ProtectionDomain::for_context(&self.ctx, self.name.clone())
+        ProtectionDomain::alloc(&self.ctx)
+    }
+
+    /// The protection domain of `domains` on this device.
+    pub fn protection_domain_in(&self, domains: &Domains) -> Result<ProtectionDomain> {
+        domains.for_context(&self.ctx)
     }
 }
 
-/// A protection domain: memory regions registered in it can be used by every
-/// queue pair of the same device context.
+/// A protection domain: memory regions registered in it can be used by the
+/// queue pairs of the same domain, and by no others.
 ///
-/// Ferry keeps **one protection domain per device context** (a process-wide
-/// cache), so a guest region registered once per device serves every
-/// connection on that device, as the design asks. The domain lives as long as
-/// any clone, memory region or queue pair of it.
+/// Ferry gives **each migration its own protection domains** ([`Domains`]:
+/// one per device the migration uses), so a queue pair of one migration can
+/// never address the memory another migration registered, whatever rkey it
+/// tries. The domain lives as long as any clone, memory region or queue pair
+/// of it.
 #[derive(Clone)]
 pub struct ProtectionDomain {
     pub(crate) pd: Arc<SwPd>,
+    pub(crate) ctx: Arc<DeviceContext>,
     device: Arc<str>,
 }
 
@@ -195,34 +204,16 @@ impl std::fmt::Debug for ProtectionDomain {
     }
 }
 
-type PdCache = Mutex<HashMap<usize, Weak<SwPd>>>;
-fn pd_cache() -> &'static PdCache {
-    static CACHE: OnceLock<PdCache> = OnceLock::new();
-    CACHE.get_or_init(Default::default)
-}
-
 impl ProtectionDomain {
-    pub(crate) fn for_context(
-        ctx: &Arc<DeviceContext>,
-        device: String,
-    ) -> Result<ProtectionDomain> {
-        // Keyed by the context's address: while a Weak upgrades, the PD holds
-        // an Arc of that context, so the address cannot have been reused.
-        let key = Arc::as_ptr(ctx) as usize;
-        let mut cache = pd_cache().lock().unwrap_or_else(|p| p.into_inner());
-        let pd = match cache.get(&key).and_then(Weak::upgrade) {
-            Some(pd) => pd,
-            None => {
-                let pd = ctx
-                    .alloc_pd()
-                    .map_err(|e| RdmaError::verbs("ibv_alloc_pd", io_source(&e)))?;
-                cache.insert(key, Arc::downgrade(&pd));
-                pd
-            }
-        };
+    /// Allocates a new protection domain on `ctx`.
+    pub(crate) fn alloc(ctx: &Arc<DeviceContext>) -> Result<ProtectionDomain> {
+        let pd = ctx
+            .alloc_pd()
+            .map_err(|e| RdmaError::verbs("ibv_alloc_pd", io_source(&e)))?;
         Ok(ProtectionDomain {
             pd,
-            device: device.into(),
+            ctx: Arc::clone(ctx),
+            device: ctx.name().into(),
         })
     }
 
@@ -234,6 +225,97 @@ impl ProtectionDomain {
     pub(crate) fn same_as(&self, other: &Arc<SwPd>) -> bool {
         Arc::ptr_eq(&self.pd, other)
     }
+
+    /// Whether this domain and `other` are the same domain.
+    pub fn is_same(&self, other: &ProtectionDomain) -> bool {
+        self.same_as(&other.pd)
+    }
+
+    pub(crate) fn context_addr(&self) -> usize {
+        context_addr(&self.ctx)
+    }
+}
+
+/// The address of a device context's `ibv_context`, to compare contexts.
+pub(crate) fn context_addr(ctx: &DeviceContext) -> usize {
+    // SAFETY: the pointer is only turned into an integer, never dereferenced.
+    unsafe { ctx.context() }.as_ptr() as usize
+}
+
+/// The protection domains of **one** migration: one per RDMA device it
+/// uses, allocated on first use and released when the last clone, memory
+/// region and queue pair of each is gone.
+///
+/// Everything a migration registers and every queue pair it creates or
+/// accepts lives in these domains, and nothing of any other migration does.
+#[derive(Clone, Default)]
+pub struct Domains {
+    inner: Arc<Mutex<Vec<ProtectionDomain>>>,
+}
+
+impl std::fmt::Debug for Domains {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let all = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f.debug_list()
+            .entries(all.iter().map(|d| d.device_name().to_owned()))
+            .finish()
+    }
+}
+
+impl Domains {
+    /// An empty set (no domain allocated yet).
+    pub fn new() -> Domains {
+        Domains::default()
+    }
+
+    /// This migration's domain on the device of `ctx`, allocated on first use.
+    pub(crate) fn for_context(&self, ctx: &Arc<DeviceContext>) -> Result<ProtectionDomain> {
+        let mut all = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let key = context_addr(ctx);
+        if let Some(pd) = all.iter().find(|d| d.context_addr() == key) {
+            return Ok(pd.clone());
+        }
+        let pd = ProtectionDomain::alloc(ctx)?;
+        all.push(pd.clone());
+        Ok(pd)
+    }
+
+    /// How many protection domains (devices) the set holds.
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no domain was allocated yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The sideway device context of the verbs context librdmacm bound an id
+/// to (`verbs`), found by binding a throw-away sideway id to the same local
+/// IP: librdmacm opens each device once per process, and sideway keeps one
+/// `DeviceContext` per such context, so the two must be the same.
+pub(crate) fn context_for(
+    verbs: NonNull<ibv_context>,
+    local: IpAddr,
+) -> Result<Arc<DeviceContext>> {
+    let ch = EventChannel::new()
+        .map_err(|e| RdmaError::verbs("rdma_create_event_channel", io_source(&e)))?;
+    let id = ch
+        .create_id(PortSpace::Tcp)
+        .map_err(|e| RdmaError::verbs("rdma_create_id", io_source(&e)))?;
+    id.bind_addr(SocketAddr::new(local, 0))
+        .map_err(|e| RdmaError::verbs("rdma_bind_addr", io_source(&e)))?;
+    let ctx = id.get_device_context().ok_or(RdmaError::NoDevice)?;
+    if context_addr(&ctx) != verbs.as_ptr() as usize {
+        return Err(RdmaError::verbs(
+            "rdma_bind_addr",
+            io::Error::other(format!(
+                "{local}: librdmacm bound two ids on one address to different device contexts"
+            )),
+        ));
+    }
+    Ok(ctx)
 }
 
 /// Recovers the `io::Error` behind one of sideway's error wrappers.

@@ -115,6 +115,14 @@ pub enum RdmaError {
         /// Event that was expected.
         expected: &'static str,
     },
+    /// A Ferry listener refused the connection request: its private data
+    /// did not carry what the listener expects (the migration's token for
+    /// that channel), or the channel is connected already.
+    #[error("RDMA listener {peer} refused the connection request (no valid token for this migration and channel)")]
+    Refused {
+        /// The listener's address.
+        peer: SocketAddr,
+    },
     /// A work request completed with an error status.
     #[error("RDMA work request {wr_id} ({kind}) failed: {status} (vendor error {vendor_err:#x})")]
     WorkRequestFailed {

@@ -3,9 +3,10 @@
 
 use std::any::Any;
 use std::io;
+use std::ptr::NonNull;
 use std::sync::Arc;
 
-use sideway::ibverbs::memory_region::{MemoryRegion as SwMr, RegisterMemoryRegionErrorKind};
+use rdma_mummy_sys::{ibv_dereg_mr, ibv_mr, ibv_reg_mr_iova2};
 use sideway::ibverbs::protection_domain::ProtectionDomain as SwPd;
 use sideway::ibverbs::AccessFlags;
 use vm_memory::bitmap::Bitmap;
@@ -154,6 +155,11 @@ pub enum Access {
     /// Local writes too: buffers for RECV.
     LocalWrite,
     /// The peer may RDMA WRITE into it (destination guest memory).
+    ///
+    /// Registered **zero-based**: the NIC addresses the region by offsets
+    /// from 0, not by this host's virtual addresses, so what the peer is
+    /// told (and what crosses the wire in every RDMA WRITE) reveals nothing
+    /// of this process's address space.
     RemoteWrite,
 }
 
@@ -168,6 +174,35 @@ impl Access {
     }
 }
 
+/// An `ibv_mr`, deregistered on drop.
+struct RawMr(NonNull<ibv_mr>);
+
+// SAFETY: an ibv_mr is a handle the kernel validates; libibverbs allows
+// deregistering it from any thread, and it is deregistered once, in Drop.
+unsafe impl Send for RawMr {}
+// SAFETY: `&RawMr` only reads the immutable lkey/rkey fields.
+unsafe impl Sync for RawMr {}
+
+impl Drop for RawMr {
+    fn drop(&mut self) {
+        // SAFETY: the MR came from ibv_reg_mr_iova2 and is deregistered once,
+        // here. After this returns the NIC no longer accepts its keys: a
+        // peer's RDMA WRITE naming the rkey fails with a remote access error.
+        unsafe { ibv_dereg_mr(self.0.as_ptr()) };
+    }
+}
+
+impl RawMr {
+    fn lkey(&self) -> u32 {
+        // SAFETY: the MR is alive while `self` is; lkey is set at registration.
+        unsafe { self.0.as_ref().lkey }
+    }
+    fn rkey(&self) -> u32 {
+        // SAFETY: as above.
+        unsafe { self.0.as_ref().rkey }
+    }
+}
+
 /// A registered memory region that owns (or shares) its backing `O`.
 ///
 /// The registration is dropped (`ibv_dereg_mr`) before `O`, so the mapping
@@ -177,9 +212,10 @@ impl Access {
 /// out as `Arc<MemoryRegion<O>>` for that reason.
 pub struct MemoryRegion<O> {
     // Field order is drop order: deregister, then release the PD, then the owner.
-    mr: Arc<SwMr>,
+    mr: RawMr,
     pd: ProtectionDomain,
     addr: u64,
+    iova: u64,
     len: usize,
     access: Access,
     owner: O,
@@ -189,7 +225,7 @@ impl<O> std::fmt::Debug for MemoryRegion<O> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryRegion")
             .field("device", &self.pd.device_name())
-            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("iova", &format_args!("{:#x}", self.iova))
             .field("len", &self.len)
             .field("lkey", &format_args!("{:#x}", self.mr.lkey()))
             .field("rkey", &format_args!("{:#x}", self.mr.rkey()))
@@ -207,9 +243,15 @@ impl<O> MemoryRegion<O> {
     pub fn rkey(&self) -> u32 {
         self.mr.rkey()
     }
-    /// Virtual address of the first byte (what the peer addresses).
+    /// This process's virtual address of the first byte (local use only:
+    /// never tell it a peer).
     pub fn addr(&self) -> u64 {
         self.addr
+    }
+    /// The address the NIC knows the first byte by: 0 for a zero-based
+    /// region ([`Access::RemoteWrite`]), the virtual address otherwise.
+    pub fn iova(&self) -> u64 {
+        self.iova
     }
     /// Registered length in bytes.
     pub fn len(&self) -> usize {
@@ -235,7 +277,7 @@ impl<O> MemoryRegion<O> {
     /// over the control channel.
     pub fn remote_region(&self) -> RemoteRegion {
         RemoteRegion {
-            addr: self.addr,
+            addr: self.iova,
             len: self.len as u64,
             rkey: self.rkey(),
         }
@@ -298,24 +340,41 @@ impl ProtectionDomain {
                 reason: "cannot register an empty or null region",
             });
         }
-        // SAFETY: forwarded from this function's contract.
-        let mr = unsafe { self.pd.reg_mr(ptr as usize, len, access.flags()) };
-        let mr = mr.map_err(|e| match e.0 {
-            RegisterMemoryRegionErrorKind::Ibverbs(io)
-                if io.raw_os_error() == Some(libc::ENOMEM) =>
-            {
+        // Remote-write regions are zero-based (see Access::RemoteWrite).
+        let iova = match access {
+            Access::RemoteWrite => 0,
+            _ => ptr as u64,
+        };
+        // SAFETY: `self.pd` owns a live ibv_pd (the returned pointer is used
+        // only for this call, while `self` borrows the domain); `ptr..ptr+len`
+        // is valid as this function's contract requires. A page-aligned
+        // `ptr` (every mapping Ferry registers) has the same offset in its
+        // page as `iova`, which ibv_reg_mr_iova2 requires.
+        let mr = unsafe {
+            ibv_reg_mr_iova2(
+                self.pd.pd().as_ptr(),
+                ptr.cast::<std::ffi::c_void>(),
+                len,
+                iova,
+                access.flags().bits() as u32,
+            )
+        };
+        let Some(mr) = NonNull::new(mr) else {
+            let io = io::Error::last_os_error();
+            return Err(if io.raw_os_error() == Some(libc::ENOMEM) {
                 RdmaError::MemlockLimit {
                     len,
                     limit: memlock_limit(),
                     source: io,
                 }
-            }
-            RegisterMemoryRegionErrorKind::Ibverbs(io) => RdmaError::verbs("ibv_reg_mr", io),
-            other => RdmaError::verbs("ibv_reg_mr", io::Error::other(other.to_string())),
-        })?;
+            } else {
+                RdmaError::verbs("ibv_reg_mr", io)
+            });
+        };
         Ok(Arc::new(MemoryRegion {
             addr: ptr as u64,
-            mr,
+            iova,
+            mr: RawMr(mr),
             pd: self.clone(),
             len,
             access,
@@ -344,6 +403,9 @@ pub(crate) fn memlock_limit() -> String {
 
 /// A region the peer registered and advertised: where RDMA WRITEs may land.
 ///
+/// Ferry's destinations register zero-based regions, so `addr` is 0 and a
+/// write's remote address is its offset ([`RemoteRegion::zero_based`]).
+///
 /// Every write is checked against it before it is posted; a write the
 /// descriptor does not cover is refused locally (the NIC would otherwise
 /// fail the whole queue pair with a remote access error).
@@ -361,6 +423,12 @@ impl RemoteRegion {
     /// A descriptor received from the peer.
     pub fn new(addr: u64, len: u64, rkey: u32) -> RemoteRegion {
         RemoteRegion { addr, len, rkey }
+    }
+
+    /// A zero-based region of `len` bytes (what Ferry's destinations
+    /// register): remote addresses are offsets.
+    pub fn zero_based(len: u64, rkey: u32) -> RemoteRegion {
+        RemoteRegion { addr: 0, len, rkey }
     }
 
     /// The peer address of `offset`, if `offset..offset+len` lies inside the
@@ -423,7 +491,7 @@ impl Segment {
             reason: "a scatter-gather entry is limited to 4 GiB - 1",
         })?;
         Ok(Segment {
-            addr: mr.addr() + offset as u64,
+            addr: mr.iova() + offset as u64,
             len: len32,
             lkey: mr.lkey(),
             pd: Arc::clone(mr.pd()),

@@ -8,11 +8,11 @@
 //! # Objects and lifetimes
 //!
 //! ```text
-//! RdmaListener::bind(addr) ──accept()──▶ RdmaConnection ◀── RdmaConnection::connect(src, dst)
+//! RdmaListener::bind(addr, domains) ──accept_checked(check)──▶ RdmaConnection ◀── connect_with(src, dst, domains, private data)
 //!                                          │ owns: RC QP ─▶ CQ ─▶ completion channel (AsyncFd)
-//!                                          │       cm id
+//!                                          │       cm id (cm.rs: rdma_cm over rdma-mummy-sys)
 //!                                          ▼
-//! ProtectionDomain (one per device, cached) ◀── Arc ── MemoryRegion<O> ── owns ──▶ O (the mapping)
+//! ProtectionDomain (one per device per Domains, i.e. per migration) ◀── Arc ── MemoryRegion<O> ── owns ──▶ O
 //!                                                          ▲
 //!                 in-flight work request ── Segment ── Arc ┘ (until its completion is reaped)
 //! ```
@@ -32,18 +32,21 @@
 //! # How the transport uses it
 //!
 //! Destination (one listener per RDMA NIC address):
-//! 1. `let mut l = RdmaListener::bind(nic_ip:port, opts)?;`
-//! 2. `let pd = l.protection_domain().unwrap()?;` then register each guest
-//!    region once: `pd.register(Arc::clone(&guest_region), Access::RemoteWrite)?`,
-//!    and send each [`MemoryRegion::remote_region`] (addr, len, rkey) over
-//!    the control channel;
-//! 3. `let mut c = l.accept().await?;` post receives (`c.post_recv(&[], id)`)
+//! 1. `let domains = Domains::new();` (one set per migration), then
+//!    `let mut l = RdmaListener::bind(nic_ip:port, opts, &domains)?;`
+//! 2. `let pd = l.protection_domain();` then register each guest region
+//!    once: `pd.register(Arc::clone(&guest_region), Access::RemoteWrite)?`
+//!    (zero-based: its [`MemoryRegion::remote_region`] has address 0), and
+//!    send each region's (len, rkey) over the encrypted control channel;
+//! 3. `let mut c = l.accept_checked(|req| check(req.peer, req.private_data)).await?;`
+//!    (requests the check refuses are rejected; waiting goes on), post
+//!    receives (`c.post_recv(&[], id)`)
 //!    for the WRITE_WITH_IMM notifications, then `c.poll_completions(&mut v)`:
 //!    a [`WorkKind::RecvImm`] completion with `imm` means every write posted
 //!    before it on that QP has landed.
 //!
 //! Source (one connection per device pair):
-//! 1. `let mut c = RdmaConnection::connect(Some(src_ip:0), dst_ip:port, opts).await?;`
+//! 1. `let mut c = RdmaConnection::connect_with(Some(src_ip:0), dst_ip:port, opts, &domains, &token).await?;`
 //! 2. register guest regions with [`Access::LocalRead`] on `c.protection_domain()`;
 //! 3. `c.post_write(&mr, off, len, &remote, remote_off, wr_id)` (or
 //!    [`RdmaConnection::post_writes`] with several scatter-gather
@@ -53,17 +56,20 @@
 //! 4. reap with `c.poll_completions(&mut v).await` to free queue slots.
 //!
 //! Small control messages can use [`RdmaConnection::post_send`] /
-//! [`RdmaConnection::post_recv`] with registered buffers; sideway 0.4.3 cannot
-//! set rdma_cm private data, so addresses and rkeys travel on Ferry's own
-//! control channel.
+//! [`RdmaConnection::post_recv`] with registered buffers.
 //!
 //! # Work-arounds for sideway 0.4.3
-//! * `resolve_addr(Some(src), ..)` passes a pointer to a temporary: we call
-//!   `bind_addr(src)` and then `resolve_addr(None, dst, ..)`.
+//! * rdma_cm itself (`cm.rs`) is called through `rdma_mummy_sys`: sideway
+//!   can neither send nor read a connection request's private data, nor
+//!   reject a request. Verbs objects (PD, CQ, QP) stay sideway's; the
+//!   device context of an rdma_cm id is found through a sideway id bound to
+//!   the same address (librdmacm opens each device once per process).
+//! * Remote-write regions are registered with `ibv_reg_mr_iova2` (iova 0),
+//!   which sideway does not wrap.
 //! * No wrappers for `ibv_req_notify_cq`/`ibv_get_cq_event`/`ibv_ack_cq_events`:
 //!   called through `rdma_mummy_sys` in `cq.rs`.
-//! * `ConnectionParameter::new()` sets retry counts to 0; we use `default()`
-//!   (7 retries, RNR retry "infinite").
+//! * Connection parameters: 7 retries, RNR retry "infinite" (sideway's
+//!   `ConnectionParameter::new()` would set 0).
 //!
 //! # Memlock
 //! Registration pins memory and counts against `RLIMIT_MEMLOCK` unless the
@@ -73,16 +79,21 @@
 //!
 //! RDMA data is not encrypted.
 
+mod cm;
 mod conn;
 mod cq;
 mod device;
 mod error;
 mod memory;
 
-pub use conn::{Completion, ConnectionOptions, RdmaConnection, RdmaListener, WorkKind, WriteOp};
+pub use cm::{MAX_PRIVATE_DATA, REFUSAL};
+pub use conn::{
+    Completion, ConnectionOptions, RdmaConnection, RdmaListener, Request, WorkKind, WriteOp,
+};
 pub use cq::WcStatus;
 pub use device::{
-    check_libraries, list_devices, Device, DeviceInfo, ProtectionDomain, LIBIBVERBS, LIBRDMACM,
+    check_libraries, list_devices, Device, DeviceInfo, Domains, ProtectionDomain, LIBIBVERBS,
+    LIBRDMACM,
 };
 pub use error::{RdmaError, Result};
 pub use memory::{Access, GuestRegion, MemoryRegion, RdmaMemory, RemoteRegion, Segment};

@@ -71,10 +71,17 @@ fn list_devices_reports_clearly() {
 fn open_device_without_rdma_is_an_error_not_a_panic() {
     match Device::open(None) {
         Ok(d) => {
+            // No process-wide domain: each call (each migration) gets its own.
             let pd = d.protection_domain().unwrap();
-            // One protection domain per device context.
             let pd2 = d.protection_domain().unwrap();
-            assert!(pd.same_as(&pd2.pd));
+            assert!(!pd.is_same(&pd2));
+            // One per device within one migration's set.
+            let mine = Domains::new();
+            let a = d.protection_domain_in(&mine).unwrap();
+            let b = d.protection_domain_in(&mine).unwrap();
+            assert!(a.is_same(&b));
+            assert_eq!(mine.len(), 1);
+            assert!(!a.is_same(&d.protection_domain_in(&Domains::new()).unwrap()));
         }
         Err(e) => assert!(e.is_unavailable(), "{e}"),
     }
@@ -91,8 +98,12 @@ fn listener_and_connect_without_rdma_fail_cleanly() {
         return;
     };
     rt().block_on(async {
-        let e = RdmaListener::bind("0.0.0.0:0".parse().unwrap(), ConnectionOptions::default())
-            .unwrap_err();
+        let e = RdmaListener::bind(
+            "0.0.0.0:0".parse().unwrap(),
+            ConnectionOptions::default(),
+            &Domains::new(),
+        )
+        .unwrap_err();
         assert!(e.is_unavailable(), "{e}");
         let e = RdmaConnection::connect(
             None,
@@ -118,8 +129,16 @@ fn register_and_write_in_range_on_a_device() {
         .unwrap();
     assert_eq!(mr.len(), 1 << 20);
     let remote = mr.remote_region();
-    assert_eq!(remote.checked_addr(0, 1 << 20).unwrap(), mr.addr());
+    // Zero-based: the peer learns offsets, never this process's addresses.
+    assert_eq!(remote.addr, 0);
+    assert_ne!(mr.addr(), 0);
+    assert_eq!(remote.checked_addr(4096, 4096).unwrap(), 4096);
     assert!(remote.checked_addr(1, 1 << 20).is_err());
+    // Local-only registrations keep virtual addresses (nothing is told).
+    let local = pd
+        .register(Arc::new(anon_buffer(4096).unwrap()), Access::LocalRead)
+        .unwrap();
+    assert_eq!(local.iova(), local.addr());
     assert!(Segment::new(&mr, (1 << 20) - 8, 16).is_err());
     let seg = Segment::new(&mr, 4096, 4096).unwrap();
     assert_eq!(seg.len(), 4096);
@@ -145,11 +164,9 @@ fn loopback_write_imm_and_send_recv() {
     };
     rt().block_on(async move {
         let addr = SocketAddr::new(ip, 18515);
-        let mut listener = RdmaListener::bind(addr, ConnectionOptions::default()).unwrap();
-        let pd = listener
-            .protection_domain()
-            .expect("bound to a device address")
-            .unwrap();
+        let mut listener =
+            RdmaListener::bind(addr, ConnectionOptions::default(), &Domains::new()).unwrap();
+        let pd = listener.protection_domain().clone();
         const LEN: usize = 4 << 20;
         let dst = pd
             .register(Arc::new(anon_buffer(LEN).unwrap()), Access::RemoteWrite)
@@ -257,5 +274,194 @@ fn loopback_write_imm_and_send_recv() {
             assert_eq!(u64::from_le(v), i as u64, "word {i}");
         }
         eprintln!("loopback RDMA on {ip}: {LEN} bytes written and verified");
+    });
+}
+
+fn loopback_ip() -> Option<IpAddr> {
+    if let Some(why) = unavailable() {
+        loud(&format!("{why} (runs for real in ci/softroce)"));
+        return None;
+    }
+    let ip = test_addr();
+    if ip.is_none() {
+        loud("RDMA device present but FERRY_RDMA_TEST_ADDR (IP of an RDMA NIC) is not set");
+    }
+    ip
+}
+
+/// Writes `len` bytes of `src` to `remote` and waits for the completion.
+async fn write_once(
+    c: &mut RdmaConnection,
+    src: &Arc<MemoryRegion<Arc<AnonBuffer>>>,
+    remote: &RemoteRegion,
+    len: usize,
+    wr_id: u64,
+) -> Completion {
+    c.post_write(src, 0, len, remote, 0, wr_id).unwrap();
+    let mut done = Vec::new();
+    while done.is_empty() {
+        if let Err(e) = c.poll_completions(&mut done).await {
+            panic!("polling: {e}");
+        }
+    }
+    done[0]
+}
+
+#[test]
+fn loopback_listener_refuses_requests_without_the_token_and_keeps_waiting() {
+    let Some(ip) = loopback_ip() else { return };
+    rt().block_on(async move {
+        let addr = SocketAddr::new(ip, 18516);
+        let mut listener =
+            RdmaListener::bind(addr, ConnectionOptions::default(), &Domains::new()).unwrap();
+        const TOKEN: &[u8] = b"the right token for channel 0";
+        let server = async {
+            let mut seen = Vec::new();
+            let c = listener
+                .accept_checked(|r| {
+                    seen.push((r.peer, r.private_data.to_vec()));
+                    if r.private_data.starts_with(TOKEN) {
+                        Ok(())
+                    } else {
+                        Err("no token".into())
+                    }
+                })
+                .await
+                .unwrap();
+            (c, seen)
+        };
+        let client = async {
+            let src = Some(SocketAddr::new(ip, 0));
+            let opts = ConnectionOptions::default;
+            // No private data, then a wrong token: refused, and told so.
+            for data in [&b""[..], b"the wrong token"] {
+                let e = RdmaConnection::connect_with(src, addr, opts(), &Domains::new(), data)
+                    .await
+                    .unwrap_err();
+                assert!(matches!(e, RdmaError::Refused { .. }), "{e}");
+            }
+            // Too much private data never leaves.
+            let e = RdmaConnection::connect_with(src, addr, opts(), &Domains::new(), &[7; 57])
+                .await
+                .unwrap_err();
+            assert!(matches!(e, RdmaError::InvalidRequest { .. }), "{e}");
+            // The right one is still accepted: the refusals took no slot.
+            RdmaConnection::connect_with(src, addr, opts(), &Domains::new(), TOKEN)
+                .await
+                .unwrap()
+        };
+        let ((conn, seen), _client) = tokio::join!(server, client);
+        assert_eq!(listener.refused(), 2);
+        assert_eq!(seen.len(), 3);
+        // rdma_cm passes the private data (zero-padded) and the peer's IP.
+        assert!(seen[2].1.starts_with(TOKEN), "{:?}", seen[2].1);
+        assert_eq!(seen[2].0.map(|a| a.ip()), Some(ip));
+        assert!(conn
+            .protection_domain()
+            .is_same(listener.protection_domain()));
+        eprintln!(
+            "loopback RDMA on {ip}: 2 requests without the token refused, the third accepted"
+        );
+    });
+}
+
+#[test]
+fn loopback_deregistered_region_refuses_writes() {
+    let Some(ip) = loopback_ip() else { return };
+    rt().block_on(async move {
+        let addr = SocketAddr::new(ip, 18517);
+        let mut listener =
+            RdmaListener::bind(addr, ConnectionOptions::default(), &Domains::new()).unwrap();
+        let dst = listener
+            .protection_domain()
+            .register(Arc::new(anon_buffer(1 << 16).unwrap()), Access::RemoteWrite)
+            .unwrap();
+        let remote = dst.remote_region();
+        assert_eq!(remote.addr, 0, "zero-based");
+        let (server, client) = tokio::join!(
+            listener.accept(),
+            RdmaConnection::connect(
+                Some(SocketAddr::new(ip, 0)),
+                addr,
+                ConnectionOptions::default()
+            )
+        );
+        let _server = server.unwrap();
+        let mut c = client.unwrap();
+        let src = c
+            .register(Arc::new(anon_buffer(1 << 16).unwrap()), Access::LocalRead)
+            .unwrap();
+        src.as_volatile_slice()
+            .write_slice(&[0xab; 4096], 0)
+            .unwrap();
+        let ok = write_once(&mut c, &src, &remote, 4096, 1).await;
+        assert!(ok.status.is_success(), "{:?}", ok.status);
+        let mut b = [0u8; 4096];
+        dst.as_volatile_slice().read_slice(&mut b, 0).unwrap();
+        assert!(b.iter().all(|&x| x == 0xab));
+        // Revoked: deregistered, its rkey is dead, the write fails at the
+        // destination's NIC (remote access error) and lands nothing.
+        let host = Arc::clone(dst.owner());
+        drop(dst);
+        src.as_volatile_slice()
+            .write_slice(&[0xcd; 4096], 0)
+            .unwrap();
+        let refused = write_once(&mut c, &src, &remote, 4096, 2).await;
+        assert!(
+            !refused.status.is_success(),
+            "a write to a deregistered region succeeded"
+        );
+        eprintln!("write after deregistration: {}", refused.status);
+        let vs = vm_memory::VolatileMemory::as_volatile_slice(&*host);
+        vs.read_slice(&mut b, 0).unwrap();
+        assert!(
+            b.iter().all(|&x| x == 0xab),
+            "nothing of the refused write landed"
+        );
+    });
+}
+
+#[test]
+fn loopback_another_migrations_domain_cannot_write() {
+    let Some(ip) = loopback_ip() else { return };
+    rt().block_on(async move {
+        // Migration 1 registered its memory; migration 2's connection (an
+        // accepted queue pair in migration 2's domain) tries migration 1's rkey.
+        let (a, b) = (SocketAddr::new(ip, 18518), SocketAddr::new(ip, 18519));
+        let la = RdmaListener::bind(a, ConnectionOptions::default(), &Domains::new()).unwrap();
+        let mut lb = RdmaListener::bind(b, ConnectionOptions::default(), &Domains::new()).unwrap();
+        assert!(!la.protection_domain().is_same(lb.protection_domain()));
+        let victim = la
+            .protection_domain()
+            .register(Arc::new(anon_buffer(1 << 16).unwrap()), Access::RemoteWrite)
+            .unwrap();
+        let (server, client) = tokio::join!(
+            lb.accept(),
+            RdmaConnection::connect(
+                Some(SocketAddr::new(ip, 0)),
+                b,
+                ConnectionOptions::default()
+            )
+        );
+        let _server = server.unwrap();
+        let mut c = client.unwrap();
+        let src = c
+            .register(Arc::new(anon_buffer(1 << 16).unwrap()), Access::LocalRead)
+            .unwrap();
+        src.as_volatile_slice()
+            .write_slice(&[0xee; 4096], 0)
+            .unwrap();
+        let done = write_once(&mut c, &src, &victim.remote_region(), 4096, 1).await;
+        assert!(
+            !done.status.is_success(),
+            "a write crossed protection domains"
+        );
+        let mut buf = [1u8; 4096];
+        victim.as_volatile_slice().read_slice(&mut buf, 0).unwrap();
+        assert!(
+            buf.iter().all(|&x| x == 0),
+            "nothing landed in the other migration's memory"
+        );
+        eprintln!("write into another migration's domain: {}", done.status);
     });
 }

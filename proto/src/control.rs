@@ -15,7 +15,7 @@
 //! anything is read: 4 KiB until the peer has authenticated, then
 //! [`MAX_CONTROL_BODY`]. Frames before authentication have no flag and no
 //! tag; every frame after it has [`FLAG_TAGGED`] and the tag of
-//! [`ferry_proto::handshake::ControlTags`] (sequence number, header, body,
+//! [`crate::handshake::ControlTags`] (sequence number, header, body,
 //! under the direction's session key), checked before the body is decoded.
 
 use std::net::SocketAddr;
@@ -24,9 +24,9 @@ use serde::{Deserialize, Serialize};
 use zerocopy::byteorder::little_endian::U32;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::error::{Result, TransportError};
+use crate::error::{Result, WireError};
 use crate::layout::MemoryLayout;
-use crate::multichannel::NetInterface;
+use crate::net::NetInterface;
 
 /// Default control port (the one Hyper-V uses for live migration).
 pub const DEFAULT_PORT: u16 = 6600;
@@ -77,7 +77,7 @@ impl FrameHead {
     pub fn rest_len(&self) -> usize {
         self.len as usize
             + if self.tagged {
-                ferry_proto::handshake::TAG_LEN
+                crate::handshake::TAG_LEN
             } else {
                 0
             }
@@ -120,7 +120,7 @@ impl std::fmt::Display for PerformanceOption {
                     Ok(c) => write!(
                         f,
                         "compression ({})",
-                        crate::compress::CompressionSpec { codec: c, level }
+                        crate::wire::CompressionSpec { codec: c, level }
                     ),
                     Err(_) => write!(f, "compression (codec id {codec})"),
                 }
@@ -216,7 +216,7 @@ pub struct Accept {
 }
 
 /// Source's switchover message: sent with the guest paused, after the last
-/// pages were acknowledged (see [`ferry_proto::switchover`]).
+/// pages were acknowledged (see [`crate::switchover`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Switchover {
     /// Device state blob.
@@ -258,12 +258,12 @@ pub struct AuditReport {
     pub pause_predicted: PauseMicros,
     /// The pause measured.
     pub pause_actual: PauseMicros,
-    /// [`ferry_proto::switchover::audit_mac`] over the rest (this field
+    /// [`crate::switchover::audit_mac`] over the rest (this field
     /// zero while it is computed).
     pub mac: [u8; 32],
 }
 
-/// The parts of a pause ([`ferry_proto::budget::PauseParts`]) in whole
+/// The parts of a pause ([`crate::budget::PauseParts`]) in whole
 /// microseconds, as they travel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PauseMicros {
@@ -277,8 +277,8 @@ pub struct PauseMicros {
     pub commit_round_trip: u64,
 }
 
-impl From<ferry_proto::budget::PauseParts> for PauseMicros {
-    fn from(p: ferry_proto::budget::PauseParts) -> Self {
+impl From<crate::budget::PauseParts> for PauseMicros {
+    fn from(p: crate::budget::PauseParts) -> Self {
         let us = |ms: f64| (ms.max(0.0) * 1e3).round() as u64;
         PauseMicros {
             final_copy: us(p.final_copy_ms),
@@ -289,10 +289,10 @@ impl From<ferry_proto::budget::PauseParts> for PauseMicros {
     }
 }
 
-impl From<PauseMicros> for ferry_proto::budget::PauseParts {
+impl From<PauseMicros> for crate::budget::PauseParts {
     fn from(p: PauseMicros) -> Self {
         let ms = |us: u64| us as f64 / 1e3;
-        ferry_proto::budget::PauseParts {
+        crate::budget::PauseParts {
             final_copy_ms: ms(p.final_copy),
             device_state_ms: ms(p.device_state),
             verification_ms: ms(p.verification),
@@ -309,12 +309,12 @@ impl AuditReport {
     }
 
     /// Sets the MAC (`committed`: the `Committed` MAC it follows).
-    pub fn seal(&mut self, key: &ferry_proto::MacKey, committed: &[u8; 32]) {
-        self.mac = ferry_proto::switchover::audit_mac(key, committed, &self.body());
+    pub fn seal(&mut self, key: &crate::MacKey, committed: &[u8; 32]) {
+        self.mac = crate::switchover::audit_mac(key, committed, &self.body());
     }
 
     /// Checks the MAC.
-    pub fn verify(&self, key: &ferry_proto::MacKey, committed: &[u8; 32]) -> bool {
+    pub fn verify(&self, key: &crate::MacKey, committed: &[u8; 32]) -> bool {
         key.verify(&[b"ferry audit", committed, &self.body()], &self.mac)
     }
 }
@@ -345,7 +345,7 @@ pub enum Msg {
     },
     /// Source's proof (of the key on a control connection, of its session
     /// on a data channel), over the handshake so far and the TLS session
-    /// ([`ferry_proto::handshake`]).
+    /// ([`crate::handshake`]).
     Auth {
         /// The proof.
         proof: [u8; 32],
@@ -378,18 +378,18 @@ pub enum Msg {
     Switchover(Switchover),
     /// Destination: every channel stopped, device state intact; its proof
     /// of the transcripts, its page evidence and the device state.
-    Ready(ferry_proto::switchover::ReadyProof),
+    Ready(crate::switchover::ReadyProof),
     /// Source lets go: the destination checks the MAC against its own
     /// claims, restores the device state and answers `Committed`, or
     /// refuses (`CommitRefused`).
     Commit {
-        /// [`ferry_proto::switchover::commit_mac`].
+        /// [`crate::switchover::commit_mac`].
         mac: [u8; 32],
     },
     /// Destination restored the device state and takes the guest: it
     /// resumes it right after sending this.
     Committed {
-        /// [`ferry_proto::switchover::committed_mac`].
+        /// [`crate::switchover::committed_mac`].
         mac: [u8; 32],
     },
     /// Either side gives up; the source keeps its guest.
@@ -410,17 +410,17 @@ pub enum Msg {
         channels: Vec<SocketAddr>,
     },
     /// Follows an `Offer` whose option is RDMA: the source's RDMA NICs
-    /// (see [`crate::rdma_wire`]).
-    RdmaOffer(crate::rdma_wire::RdmaOffer),
+    /// (see [`crate::rdma`]).
+    RdmaOffer(crate::rdma::RdmaOffer),
     /// Follows the `Accept` of an RDMA offer: the destination's listeners
     /// and the keys of its registered guest memory.
-    RdmaAccept(crate::rdma_wire::RdmaAccept),
+    RdmaAccept(crate::rdma::RdmaAccept),
     /// The destination checked `Commit` but will not run the guest (its
     /// device state could not be restored): the source may resume its own.
     CommitRefused {
         /// Why.
         reason: String,
-        /// [`ferry_proto::switchover::refusal_mac`].
+        /// [`crate::switchover::refusal_mac`].
         mac: [u8; 32],
     },
     /// Source, between rounds: measures the control round trip (the pause
@@ -473,7 +473,7 @@ impl Msg {
 
     /// Encodes header and body, and with `tags` (after authentication) the
     /// [`FLAG_TAGGED`] flag and the frame's tag.
-    pub fn encode_frame(&self, tags: Option<&mut ferry_proto::handshake::ControlTags>) -> Vec<u8> {
+    pub fn encode_frame(&self, tags: Option<&mut crate::handshake::ControlTags>) -> Vec<u8> {
         let body = postcard::to_stdvec(self).expect("control messages always serialize");
         let len = u32::try_from(body.len()).expect("control message below 4 GiB");
         let h = ControlHeader {
@@ -482,7 +482,7 @@ impl Msg {
             crc32: U32::new(crc32fast::hash(&body)),
             flags: U32::new(if tags.is_some() { FLAG_TAGGED } else { 0 }),
         };
-        let mut out = Vec::with_capacity(16 + body.len() + ferry_proto::handshake::TAG_LEN);
+        let mut out = Vec::with_capacity(16 + body.len() + crate::handshake::TAG_LEN);
         out.extend_from_slice(h.as_bytes());
         out.extend_from_slice(&body);
         if let Some(t) = tags {
@@ -501,14 +501,14 @@ impl Msg {
     pub fn decode_head(bytes: &[u8; 16], limit: u32) -> Result<FrameHead> {
         let h = ControlHeader::read_from_bytes(bytes).expect("16 bytes");
         if h.magic != CONTROL_MAGIC {
-            return Err(TransportError::BadMagic {
+            return Err(WireError::BadMagic {
                 what: "control frame",
                 expected: CONTROL_MAGIC,
                 found: h.magic,
             });
         }
         if h.len.get() > limit {
-            return Err(TransportError::TooLarge {
+            return Err(WireError::TooLarge {
                 field: "control message length",
                 len: h.len.get().into(),
                 limit: limit.into(),
@@ -516,7 +516,7 @@ impl Msg {
         }
         let flags = h.flags.get();
         if flags & !FLAG_TAGGED != 0 {
-            return Err(TransportError::Invalid {
+            return Err(WireError::Invalid {
                 field: "control frame flags",
                 detail: format!("unknown flags {:#x}", flags & !FLAG_TAGGED),
             });
@@ -532,7 +532,7 @@ impl Msg {
     pub fn decode_body(body: &[u8], crc: u32) -> Result<Msg> {
         let computed = crc32fast::hash(body);
         if computed != crc {
-            return Err(TransportError::CrcMismatch {
+            return Err(WireError::CrcMismatch {
                 what: "control message",
                 seq: 0,
                 expected: crc,
@@ -540,12 +540,12 @@ impl Msg {
             });
         }
         let (msg, rest) =
-            postcard::take_from_bytes::<Msg>(body).map_err(|e| TransportError::Malformed {
+            postcard::take_from_bytes::<Msg>(body).map_err(|e| WireError::Malformed {
                 what: "control message",
                 detail: e.to_string(),
             })?;
         if !rest.is_empty() {
-            return Err(TransportError::Malformed {
+            return Err(WireError::Malformed {
                 what: "control message",
                 detail: format!("{} trailing bytes", rest.len()),
             });
@@ -566,9 +566,8 @@ pub fn fuzz_decode(data: &[u8]) {
                     let tag: [u8; 16] = rest[h.len as usize..h.rest_len()]
                         .try_into()
                         .expect("16 bytes");
-                    let mut t = ferry_proto::handshake::ControlTags::new(
-                        ferry_proto::MacKey::from_bytes([0; 32]),
-                    );
+                    let mut t =
+                        crate::handshake::ControlTags::new(crate::MacKey::from_bytes([0; 32]));
                     let _ = t.open(head, body, &tag);
                 }
                 let _ = Msg::decode_body(body, h.crc);
@@ -576,6 +575,39 @@ pub fn fuzz_decode(data: &[u8]) {
         }
     }
     let _ = postcard::from_bytes::<Msg>(data);
+}
+
+/// Decodes a control message body from arbitrary bytes and runs the checks
+/// a peer's offer goes through (the memory layout, the RDMA offer, the RDMA
+/// accept against a layout); used by the fuzz target. Never panics.
+pub fn fuzz_check(data: &[u8]) {
+    let layout = MemoryLayout {
+        page_size: crate::layout::PAGE_SIZE,
+        regions: vec![crate::layout::RegionDesc {
+            gpa: 0,
+            size: 64 << 20,
+        }],
+    };
+    match postcard::from_bytes::<Msg>(data) {
+        Ok(Msg::Offer(o)) => {
+            if o.layout.validate().is_ok() {
+                let _ = o.layout.check_run(0, 1);
+                let _ = o.layout.total_pages();
+            }
+            let _ = o.option.to_string();
+        }
+        Ok(Msg::RdmaOffer(o)) => {
+            let _ = crate::rdma::check_offer(&o);
+            let _ = crate::rdma::shared_endpoints(&o.endpoints, &o.endpoints);
+        }
+        Ok(Msg::RdmaAccept(a)) => {
+            let _ = crate::rdma::check_accept(&a, &layout);
+        }
+        Ok(Msg::Audit(r)) => {
+            let _ = r.verify(&crate::MacKey::from_bytes([0; 32]), &[0; 32]);
+        }
+        _ => {}
+    }
 }
 
 #[cfg(test)]
@@ -593,8 +625,8 @@ mod tests {
 
     #[test]
     fn tagged_frames_carry_the_flag_and_a_tag_that_opens_in_order() {
-        use ferry_proto::handshake::ControlTags;
-        let key = ferry_proto::MacKey::from_bytes([4; 32]);
+        use crate::handshake::ControlTags;
+        let key = crate::MacKey::from_bytes([4; 32]);
         let (mut tx, mut rx) = (ControlTags::new(key.clone()), ControlTags::new(key));
         for round in 0..3 {
             let b = Msg::RoundDone { round, pages: 1 }.encode_frame(Some(&mut tx));
@@ -678,7 +710,7 @@ mod tests {
                 device_state_hash: [5; 32],
                 verify_full: true,
             }),
-            Msg::Ready(ferry_proto::switchover::ReadyProof {
+            Msg::Ready(crate::switchover::ReadyProof {
                 transcript: [1; 32],
                 evidence: [2; 32],
                 device_state: [3; 32],
@@ -708,24 +740,23 @@ mod tests {
                 mac: [9; 32],
             }),
             Msg::Abort { reason: "x".into() },
-            Msg::RdmaOffer(crate::rdma_wire::RdmaOffer {
-                endpoints: vec![crate::rdma_wire::RdmaEndpoint {
+            Msg::RdmaOffer(crate::rdma::RdmaOffer {
+                endpoints: vec![crate::rdma::RdmaEndpoint {
                     addr: "10.77.10.2".parse().unwrap(),
                     prefix: 24,
                     device: "rxe0".into(),
                     port: 0,
                 }],
             }),
-            Msg::RdmaAccept(crate::rdma_wire::RdmaAccept {
-                channels: vec![crate::rdma_wire::RdmaChannel {
-                    endpoint: crate::rdma_wire::RdmaEndpoint {
+            Msg::RdmaAccept(crate::rdma::RdmaAccept {
+                channels: vec![crate::rdma::RdmaChannel {
+                    endpoint: crate::rdma::RdmaEndpoint {
                         addr: "fd00::1".parse().unwrap(),
                         prefix: 64,
                         device: "mlx5_0".into(),
                         port: 6601,
                     },
-                    regions: vec![crate::rdma_wire::RdmaRegionKey {
-                        addr: 0x7f00_0000_0000,
+                    regions: vec![crate::rdma::RdmaRegionKey {
                         len: 1 << 20,
                         rkey: 0x1234,
                     }],
@@ -745,7 +776,7 @@ mod tests {
 
     #[test]
     fn audit_reports_are_sealed_to_the_commit() {
-        let key = ferry_proto::MacKey::from_bytes([1; 32]);
+        let key = crate::MacKey::from_bytes([1; 32]);
         let mut r = AuditReport {
             result: AuditResult::Passed,
             pages: 10,

@@ -2,9 +2,8 @@
 //! against it.
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::error::{Result, TransportError};
+use crate::error::{Result, WireError};
 
 /// The only page size Ferry moves today.
 pub const PAGE_SIZE: u64 = 4096;
@@ -57,23 +56,21 @@ impl PageRun {
 
 impl MemoryLayout {
     /// An empty ledger (every page zero) for this layout: the evidence
-    /// one side of a migration keeps (see [`ferry_proto::evidence`]).
-    pub fn ledger(&self, key: ferry_proto::PageKey) -> Result<ferry_proto::Ledger> {
+    /// one side of a migration keeps (see [`crate::evidence`]).
+    pub fn ledger(&self, key: crate::PageKey) -> Result<crate::Ledger> {
         let regions: Vec<(u64, u64)> = self.regions.iter().map(|r| (r.gpa, r.size)).collect();
-        ferry_proto::Ledger::new(key, &regions).map_err(|e| TransportError::Invalid {
+        crate::Ledger::new(key, &regions).map_err(|e| WireError::Invalid {
             field: "memory layout",
             detail: e.to_string(),
         })
     }
 
-    /// Reads the layout of a `vm-memory` guest memory.
-    pub fn of<M: GuestMemoryBackend>(mem: &M) -> Self {
-        let mut regions: Vec<RegionDesc> = mem
-            .iter()
-            .map(|r| RegionDesc {
-                gpa: r.start_addr().0,
-                size: r.len(),
-            })
+    /// The layout of regions given as `(gpa, size)` in any order: sorted by
+    /// address, with Ferry's page size.
+    pub fn from_regions(regions: impl IntoIterator<Item = (u64, u64)>) -> Self {
+        let mut regions: Vec<RegionDesc> = regions
+            .into_iter()
+            .map(|(gpa, size)| RegionDesc { gpa, size })
             .collect();
         regions.sort_by_key(|r| r.gpa);
         MemoryLayout {
@@ -96,19 +93,19 @@ impl MemoryLayout {
     /// aligned, non-empty, sorted, non-overlapping, and not too many.
     pub fn validate(&self) -> Result<()> {
         if self.page_size != PAGE_SIZE {
-            return Err(TransportError::Invalid {
+            return Err(WireError::Invalid {
                 field: "page size",
                 detail: format!("{} (only {PAGE_SIZE} is supported)", self.page_size),
             });
         }
         if self.regions.is_empty() {
-            return Err(TransportError::Invalid {
+            return Err(WireError::Invalid {
                 field: "memory layout",
                 detail: "no regions".into(),
             });
         }
         if self.regions.len() > MAX_REGIONS {
-            return Err(TransportError::TooLarge {
+            return Err(WireError::TooLarge {
                 field: "region count",
                 len: self.regions.len() as u64,
                 limit: MAX_REGIONS as u64,
@@ -117,7 +114,7 @@ impl MemoryLayout {
         let mut end = 0u64;
         for (i, r) in self.regions.iter().enumerate() {
             if r.size == 0 || r.gpa % PAGE_SIZE != 0 || r.size % PAGE_SIZE != 0 {
-                return Err(TransportError::Invalid {
+                return Err(WireError::Invalid {
                     field: "memory region",
                     detail: format!(
                         "region {i} at {:#x} size {:#x} is empty or not page aligned",
@@ -128,12 +125,12 @@ impl MemoryLayout {
             let r_end = r
                 .gpa
                 .checked_add(r.size)
-                .ok_or_else(|| TransportError::Invalid {
+                .ok_or_else(|| WireError::Invalid {
                     field: "memory region",
                     detail: format!("region {i} at {:#x} wraps the address space", r.gpa),
                 })?;
             if i > 0 && r.gpa < end {
-                return Err(TransportError::Invalid {
+                return Err(WireError::Invalid {
                     field: "memory region",
                     detail: format!("region {i} at {:#x} overlaps or is out of order", r.gpa),
                 });
@@ -145,7 +142,7 @@ impl MemoryLayout {
 
     /// Checks that `pages` pages from `gpa` lie inside one region.
     pub fn check_run(&self, gpa: u64, pages: u64) -> Result<()> {
-        let outside = || TransportError::OutsideLayout { gpa, pages };
+        let outside = || WireError::OutsideLayout { gpa, pages };
         if pages == 0 || !gpa.is_multiple_of(self.page_size) {
             return Err(outside());
         }

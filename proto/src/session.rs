@@ -1,0 +1,521 @@
+//! The source's side of the handshake as a state machine without IO: it
+//! takes the destination's messages (and the transcript hashes the driver
+//! keeps over the frames as they crossed the wire) and returns the next
+//! message to send, or the session keys once the destination has proven
+//! itself. The driver (`ferry_transport::conn`) only moves frames; every
+//! decision of the exchange is made here, for control connections and data
+//! channels alike. See [`crate::handshake`] for the exchange and its
+//! proofs.
+//!
+//! ```text
+//!  new() --Hello--> AwaitReply --HelloReply / Auth--> AwaitWelcome --Welcome--> Done
+//!                        |                                 |
+//!                        +-- Reject, other, bad version ---+-- Reject, other, bad proof --> error
+//! ```
+
+use crate::control::{Msg, RejectReason, Role, PROTOCOL_MAX, PROTOCOL_MIN};
+use crate::handshake::{self, HandshakeView, Prover};
+use crate::keys::{MacKey, SessionKeys};
+
+/// What the source proves with.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// A control connection: the pre-shared key's bytes.
+    Psk(Vec<u8>),
+    /// A data channel: the session's `data_channel` key.
+    Session(MacKey),
+}
+
+/// Why the source's handshake stopped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// The destination refused.
+    #[error("peer refused: {reason}: {message}")]
+    Rejected {
+        /// Its reason.
+        reason: RejectReason,
+        /// Its explanation.
+        message: String,
+    },
+    /// A message the exchange does not allow at this point.
+    #[error("unexpected message: expected {expected}, got {got}")]
+    Unexpected {
+        /// What the state allows.
+        expected: &'static str,
+        /// What came.
+        got: &'static str,
+    },
+    /// The destination chose a version this build does not speak.
+    #[error("unsupported protocol version {version}")]
+    UnsupportedVersion {
+        /// The version it chose.
+        version: u16,
+    },
+    /// The destination's proof does not verify: another key, or someone in
+    /// between.
+    #[error("authentication failed: {0}")]
+    AuthFailed(&'static str),
+}
+
+/// The transcript hashes as the source holds them: every frame it sent
+/// (`s2d`) and every frame it received (`d2s`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transcripts {
+    /// Source to destination.
+    pub s2d: [u8; 32],
+    /// Destination to source.
+    pub d2s: [u8; 32],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    AwaitReply,
+    AwaitWelcome { version: u16, nonce_d: [u8; 32] },
+    Done,
+}
+
+/// The source's handshake on one connection.
+#[derive(Debug, Clone)]
+pub struct SourceHandshake {
+    credential: Credential,
+    binding: Vec<u8>,
+    nonce_s: [u8; 32],
+    state: State,
+}
+
+/// A finished handshake.
+#[derive(Debug, Clone)]
+pub struct Established {
+    /// The protocol version the destination chose.
+    pub version: u16,
+    /// The session keys (a control connection's; `None` on a data channel,
+    /// which uses the keys of the session it joined).
+    pub keys: Option<SessionKeys>,
+}
+
+impl SourceHandshake {
+    /// Starts a handshake for a connection of `role` whose channel binding
+    /// is `binding` (empty on plaintext), with the source's fresh `nonce`.
+    /// Returns the machine and the `Hello` to send.
+    pub fn new(
+        role: Role,
+        credential: Credential,
+        binding: Vec<u8>,
+        nonce: [u8; 32],
+    ) -> (Self, Msg) {
+        let hello = Msg::Hello {
+            min_version: PROTOCOL_MIN,
+            max_version: PROTOCOL_MAX,
+            role,
+            nonce,
+        };
+        (
+            SourceHandshake {
+                credential,
+                binding,
+                nonce_s: nonce,
+                state: State::AwaitReply,
+            },
+            hello,
+        )
+    }
+
+    fn proof(&self, who: Prover, t: Transcripts) -> [u8; 32] {
+        let view = HandshakeView {
+            binding: &self.binding,
+            s2d: t.s2d,
+            d2s: t.d2s,
+        };
+        match &self.credential {
+            Credential::Psk(k) => handshake::key_proof(k, who, &view),
+            Credential::Session(k) => handshake::data_proof(k, who, &view),
+        }
+    }
+
+    fn verify(&self, who: Prover, t: Transcripts, proof: &[u8; 32]) -> bool {
+        let view = HandshakeView {
+            binding: &self.binding,
+            s2d: t.s2d,
+            d2s: t.d2s,
+        };
+        match &self.credential {
+            Credential::Psk(k) => handshake::verify_key_proof(k, who, &view, proof),
+            Credential::Session(k) => handshake::verify_data_proof(k, who, &view, proof),
+        }
+    }
+
+    /// The destination's answer to the hello. `heard`: the transcripts
+    /// including `msg` (what the source's proof covers). Returns the `Auth`
+    /// to send.
+    pub fn on_reply(&mut self, msg: Msg, heard: Transcripts) -> Result<Msg, HandshakeError> {
+        if self.state != State::AwaitReply {
+            return Err(self.unexpected(&msg));
+        }
+        let (version, nonce_d) = match msg {
+            Msg::HelloReply { version, nonce } => (version, nonce),
+            Msg::Reject { reason, message } => {
+                return Err(HandshakeError::Rejected { reason, message })
+            }
+            m => {
+                return Err(HandshakeError::Unexpected {
+                    expected: "HelloReply",
+                    got: m.name(),
+                })
+            }
+        };
+        if !(PROTOCOL_MIN..=PROTOCOL_MAX).contains(&version) {
+            return Err(HandshakeError::UnsupportedVersion { version });
+        }
+        let proof = self.proof(Prover::Source, heard);
+        self.state = State::AwaitWelcome { version, nonce_d };
+        Ok(Msg::Auth { proof })
+    }
+
+    /// The destination's `Welcome` (or refusal): checks its proof.
+    /// `before`: the transcripts before `msg`, including our `Auth` (what
+    /// the destination's proof covers). On success the handshake is done.
+    pub fn on_welcome(
+        &mut self,
+        msg: Msg,
+        before: Transcripts,
+    ) -> Result<Established, HandshakeError> {
+        let State::AwaitWelcome { version, nonce_d } = self.state.clone() else {
+            return Err(self.unexpected(&msg));
+        };
+        let proof_d = match msg {
+            Msg::Welcome { proof } => proof,
+            Msg::Reject { reason, message } => {
+                return Err(HandshakeError::Rejected { reason, message })
+            }
+            m => {
+                return Err(HandshakeError::Unexpected {
+                    expected: "Welcome",
+                    got: m.name(),
+                })
+            }
+        };
+        if !self.verify(Prover::Destination, before, &proof_d) {
+            return Err(HandshakeError::AuthFailed(match self.credential {
+                Credential::Psk(_) => "the destination's proof does not match our key (a different --auth-key-file, or someone in between)",
+                Credential::Session(_) => "the destination's data-channel proof is not from our session",
+            }));
+        }
+        self.state = State::Done;
+        let keys = match &self.credential {
+            Credential::Psk(k) => Some(SessionKeys::derive(k, &self.nonce_s, &nonce_d)),
+            Credential::Session(_) => None,
+        };
+        Ok(Established { version, keys })
+    }
+
+    /// True once the destination has proven itself.
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    fn unexpected(&self, msg: &Msg) -> HandshakeError {
+        HandshakeError::Unexpected {
+            expected: match self.state {
+                State::AwaitReply => "HelloReply",
+                State::AwaitWelcome { .. } => "Welcome",
+                State::Done => "nothing (the handshake is over)",
+            },
+            got: msg.name(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    const PSK: [u8; 32] = [0x11; 32];
+
+    /// Two endpoints' views of one connection: the transcript hashes over
+    /// the frames as they crossed (encoded, then decoded by the peer), and
+    /// a destination that runs the exchange as the daemon does.
+    #[derive(Default)]
+    struct Wire {
+        s2d: Sha256,
+        d2s: Sha256,
+        binding: Vec<u8>,
+    }
+
+    impl Wire {
+        fn t(&self) -> Transcripts {
+            Transcripts {
+                s2d: self.s2d.clone().finalize().into(),
+                d2s: self.d2s.clone().finalize().into(),
+            }
+        }
+        fn view(&self) -> ([u8; 32], [u8; 32]) {
+            let t = self.t();
+            (t.s2d, t.d2s)
+        }
+        fn cross(h: &mut Sha256, m: &Msg) -> Msg {
+            let b = m.encode();
+            h.update(&b);
+            let head = Msg::decode_head(b[..16].try_into().unwrap(), u32::MAX).unwrap();
+            Msg::decode_body(&b[16..], head.crc).unwrap()
+        }
+        fn source_sends(&mut self, m: &Msg) -> Msg {
+            Self::cross(&mut self.s2d, m)
+        }
+        fn dest_sends(&mut self, m: &Msg) -> Msg {
+            Self::cross(&mut self.d2s, m)
+        }
+        fn hv(&self) -> HandshakeView<'_> {
+            let (s2d, d2s) = self.view();
+            HandshakeView {
+                binding: &self.binding,
+                s2d,
+                d2s,
+            }
+        }
+    }
+
+    /// Runs a whole handshake against a destination that proves with
+    /// `dest`; returns the source's outcome and whether the destination
+    /// accepted the source's proof.
+    fn run(
+        credential: Credential,
+        dest: Credential,
+    ) -> (Result<Established, HandshakeError>, bool) {
+        let mut w = Wire {
+            binding: vec![7; 32],
+            ..Default::default()
+        };
+        let (mut hs, hello) =
+            SourceHandshake::new(Role::Control, credential, w.binding.clone(), [1; 32]);
+        let _ = w.source_sends(&hello);
+        let reply = w.dest_sends(&Msg::HelloReply {
+            version: PROTOCOL_MAX,
+            nonce: [2; 32],
+        });
+        let auth = hs.on_reply(reply, w.t()).unwrap();
+        let (before_s2d, before_d2s) = w.view();
+        let auth = w.source_sends(&auth);
+        let Msg::Auth { proof } = auth else {
+            panic!("an Auth")
+        };
+        let view_s = HandshakeView {
+            binding: &w.binding,
+            s2d: before_s2d,
+            d2s: before_d2s,
+        };
+        let dest_accepts = match &dest {
+            Credential::Psk(k) => handshake::verify_key_proof(k, Prover::Source, &view_s, &proof),
+            Credential::Session(k) => {
+                handshake::verify_data_proof(k, Prover::Source, &view_s, &proof)
+            }
+        };
+        let proof_d = match &dest {
+            Credential::Psk(k) => handshake::key_proof(k, Prover::Destination, &w.hv()),
+            Credential::Session(k) => handshake::data_proof(k, Prover::Destination, &w.hv()),
+        };
+        let before = w.t();
+        let welcome = w.dest_sends(&Msg::Welcome { proof: proof_d });
+        (hs.on_welcome(welcome, before), dest_accepts)
+    }
+
+    #[test]
+    fn a_control_handshake_ends_with_the_destinations_session_keys() {
+        let (r, accepted) = run(Credential::Psk(PSK.to_vec()), Credential::Psk(PSK.to_vec()));
+        assert!(accepted, "the destination accepts the source's proof");
+        let done = r.unwrap();
+        assert_eq!(done.version, PROTOCOL_MAX);
+        let ours = done.keys.unwrap();
+        let theirs = SessionKeys::derive(&PSK, &[1; 32], &[2; 32]);
+        assert_eq!(ours.frame.tag(&[b"x"]), theirs.frame.tag(&[b"x"]));
+        assert_eq!(
+            ours.data_channel.tag(&[b"y"]),
+            theirs.data_channel.tag(&[b"y"])
+        );
+    }
+
+    #[test]
+    fn a_data_channel_proves_its_session_and_derives_nothing() {
+        let k = MacKey::from_bytes([5; 32]);
+        let (r, accepted) = run(Credential::Session(k.clone()), Credential::Session(k));
+        assert!(accepted);
+        assert!(r.unwrap().keys.is_none());
+    }
+
+    #[test]
+    fn a_destination_with_another_key_fails_authentication() {
+        let (r, accepted) = run(
+            Credential::Psk(PSK.to_vec()),
+            Credential::Psk(vec![0x22; 32]),
+        );
+        assert!(!accepted, "and it refuses the source first");
+        assert!(matches!(r, Err(HandshakeError::AuthFailed(_))));
+        let (r, _) = run(
+            Credential::Session(MacKey::from_bytes([5; 32])),
+            Credential::Session(MacKey::from_bytes([6; 32])),
+        );
+        assert_eq!(
+            r.unwrap_err(),
+            HandshakeError::AuthFailed(
+                "the destination's data-channel proof is not from our session"
+            )
+        );
+    }
+
+    #[test]
+    fn a_data_proof_never_passes_for_a_control_proof() {
+        let (r, accepted) = run(
+            Credential::Psk(PSK.to_vec()),
+            Credential::Session(MacKey::from_bytes(PSK)),
+        );
+        assert!(!accepted);
+        assert!(matches!(r, Err(HandshakeError::AuthFailed(_))));
+    }
+
+    #[test]
+    fn a_hello_changed_on_the_way_fails_both_proofs() {
+        let edit = |m: Msg| match m {
+            Msg::Hello {
+                max_version,
+                role,
+                nonce,
+                ..
+            } => Msg::Hello {
+                min_version: 1,
+                max_version,
+                role,
+                nonce,
+            },
+            m => m,
+        };
+        // A relay changes the hello: the destination's transcript holds a
+        // hello the source did not send, so its Welcome does not verify.
+        let mut w = Wire::default();
+        let (mut hs, hello) = SourceHandshake::new(
+            Role::Control,
+            Credential::Psk(PSK.to_vec()),
+            vec![],
+            [1; 32],
+        );
+        let sent = w.source_sends(&hello);
+        let mut dest_view = Wire::default();
+        let _ = dest_view.source_sends(&edit(sent));
+        let reply = Msg::HelloReply {
+            version: 2,
+            nonce: [2; 32],
+        };
+        let reply_s = w.dest_sends(&reply);
+        let _ = dest_view.dest_sends(&reply);
+        let auth = w.source_sends(&hs.on_reply(reply_s, w.t()).unwrap());
+        let _ = dest_view.source_sends(&auth);
+        let proof = handshake::key_proof(&PSK, Prover::Destination, &dest_view.hv());
+        let before = w.t();
+        let welcome = w.dest_sends(&Msg::Welcome { proof });
+        assert!(matches!(
+            hs.on_welcome(welcome, before),
+            Err(HandshakeError::AuthFailed(_))
+        ));
+    }
+
+    fn started() -> SourceHandshake {
+        SourceHandshake::new(Role::Data, Credential::Psk(PSK.to_vec()), vec![], [0; 32]).0
+    }
+
+    fn zero() -> Transcripts {
+        Transcripts {
+            s2d: [0; 32],
+            d2s: [0; 32],
+        }
+    }
+
+    #[test]
+    fn refusals_and_strays_end_the_handshake_with_their_names() {
+        let refusal = || Msg::Reject {
+            reason: RejectReason::Busy,
+            message: "full".into(),
+        };
+        assert_eq!(
+            started().on_reply(refusal(), zero()),
+            Err(HandshakeError::Rejected {
+                reason: RejectReason::Busy,
+                message: "full".into()
+            })
+        );
+        assert_eq!(
+            started().on_reply(Msg::Welcome { proof: [0; 32] }, zero()),
+            Err(HandshakeError::Unexpected {
+                expected: "HelloReply",
+                got: "Welcome"
+            })
+        );
+        let mut hs = started();
+        hs.on_reply(
+            Msg::HelloReply {
+                version: 2,
+                nonce: [0; 32],
+            },
+            zero(),
+        )
+        .unwrap();
+        assert!(matches!(
+            hs.clone().on_welcome(refusal(), zero()),
+            Err(HandshakeError::Rejected { .. })
+        ));
+        assert_eq!(
+            hs.clone()
+                .on_welcome(Msg::Ping { seq: 0 }, zero())
+                .unwrap_err(),
+            HandshakeError::Unexpected {
+                expected: "Welcome",
+                got: "Ping"
+            }
+        );
+        assert_eq!(
+            hs.on_reply(
+                Msg::HelloReply {
+                    version: 2,
+                    nonce: [0; 32]
+                },
+                zero()
+            )
+            .unwrap_err(),
+            HandshakeError::Unexpected {
+                expected: "Welcome",
+                got: "HelloReply"
+            },
+            "a second reply"
+        );
+        assert!(!started().is_done());
+    }
+
+    #[test]
+    fn a_version_this_build_does_not_speak_is_refused() {
+        for version in [0, PROTOCOL_MIN - 1, PROTOCOL_MAX + 1, u16::MAX] {
+            assert_eq!(
+                started().on_reply(
+                    Msg::HelloReply {
+                        version,
+                        nonce: [0; 32]
+                    },
+                    zero()
+                ),
+                Err(HandshakeError::UnsupportedVersion { version })
+            );
+        }
+    }
+
+    #[test]
+    fn the_hello_carries_our_versions_role_and_nonce() {
+        let (_, hello) = SourceHandshake::new(Role::Data, Credential::Psk(vec![]), vec![], [9; 32]);
+        assert_eq!(
+            hello,
+            Msg::Hello {
+                min_version: PROTOCOL_MIN,
+                max_version: PROTOCOL_MAX,
+                role: Role::Data,
+                nonce: [9; 32]
+            }
+        );
+    }
+}
