@@ -84,12 +84,21 @@ fn metrics_count_a_committed_and_an_unauthenticated_migration() {
     ] {
         assert!(body.contains(kind), "{kind}: {all}");
     }
-    // Bytes per channel: both channels carried pages, and together every
-    // page byte the source sent (no CRC resends on loopback).
+    // Bytes per channel: both channels carried pages, and together the
+    // record's page bytes (a copy the destination refuses counts in the
+    // record, not here: see the next test).
     let s = summary(&json);
     let ch0 = metric(&body, "ferry_received_bytes_total{channel=\"0\"}").unwrap_or(0.0);
     let ch1 = metric(&body, "ferry_received_bytes_total{channel=\"1\"}").unwrap_or(0.0);
     assert!(ch0 > 0.0 && ch1 > 0.0, "{all}");
+    assert!(
+        s["channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["state"] == "ended"),
+        "no channel failed: {s}"
+    );
     if s["crc_resends"] == 0 {
         assert_eq!(
             (ch0 + ch1) as u64,
@@ -250,5 +259,85 @@ fn metrics_address_in_use_is_named() {
             .contains(&format!("--metrics: cannot listen on {taken}")),
         "{}",
         out.all()
+    );
+}
+
+/// A chunk whose payload was damaged on the way is refused, and its pages
+/// are sent again: the record's page bytes count both copies (what was
+/// sent), the destination's received bytes the one that landed. They
+/// differ by the refused copies exactly: more than nothing, at most one
+/// chunk per resend.
+#[test]
+fn metrics_received_bytes_differ_from_the_record_by_the_refused_copies_only() {
+    use ferry_tests::proxy::{Frame, Proxy, Verdict};
+    use ferry_transport::proto::Role;
+    use ferry_transport::wire::HEADER_LEN;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let maddr_s = maddr.to_string();
+    let (dest, addr) = daemon(&key, &["--plaintext", "--metrics", &maddr_s]);
+    wait_for_port(maddr, "the metrics endpoint");
+    // Flip one bit in the payload of the second data chunk with a payload.
+    let mut n = 0;
+    let proxy = Proxy::start(
+        addr,
+        Box::new(move |f: &mut Frame| {
+            if f.role == Some(Role::Data) {
+                if let Some(h) = f.pages() {
+                    let (runs, len) = (h.run_count.get() as usize, h.payload_len.get());
+                    if len > 8192 {
+                        n += 1;
+                        if n == 2 {
+                            let at = HEADER_LEN + runs * 16 + 5000;
+                            f.bytes[at] ^= 0x10;
+                        }
+                    }
+                }
+            }
+            Verdict::Forward
+        }),
+    );
+    let json = dir.path().join("r.json");
+    let src = send(
+        proxy.addr(),
+        &key,
+        &[
+            "--plaintext",
+            "--memory",
+            "64MiB",
+            "--dirty-rate",
+            "8MB/s",
+            "--performance-option",
+            "tcp",
+            "--chunk-size",
+            "1MiB",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(src.status.success(), "{}", src.all());
+    let s = summary(&json);
+    assert!(s["crc_resends"].as_u64().unwrap() >= 1, "{s}");
+    let start = Instant::now();
+    let body = loop {
+        let (_, body) = http_get(maddr, "/metrics");
+        if metric(&body, "ferry_migrations_committed_total") == Some(1.0)
+            || start.elapsed() > Duration::from_secs(60)
+        {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let received = metric(&body, "ferry_received_bytes_total{channel=\"0\"}").unwrap() as u64;
+    let sent = s["payload_bytes"].as_u64().unwrap();
+    let refused = s["crc_resends"].as_u64().unwrap();
+    let dest = dest.kill();
+    let all = format!("{s}\n{body}\n{}", dest.all());
+    assert!(received < sent, "the refused copy did not land: {all}");
+    assert!(
+        sent - received <= refused * (1 << 20),
+        "at most one 1 MiB chunk per refused copy: {all}"
     );
 }
