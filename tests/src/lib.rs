@@ -160,6 +160,14 @@ impl Proc {
         Proc::spawn(cmd, args, Some("warn,ferry=info"))
     }
 
+    /// Starts `ferry ARGS` in network namespace `ns` (`ip netns exec`),
+    /// with `RUST_LOG=warn,ferry=info`.
+    pub fn start_in_netns(ns: &str, args: &[&str]) -> Proc {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(ferry_bin());
+        Proc::spawn(cmd, args, Some("warn,ferry=info"))
+    }
+
     fn spawn(mut cmd: Command, args: &[&str], log: Option<&str>) -> Proc {
         match log {
             Some(l) => cmd.env("RUST_LOG", l),

@@ -3,11 +3,13 @@
 //! in logs, and the `--events` stream, each with real `ferry` processes.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferry_tests::netns::TestBed;
 use ferry_tests::{
-    daemon, free_port, key_file, send, signal, start_send, wait_for_file, wait_for_port, Proc,
+    daemon, ferry_bin, free_port, key_file, send, signal, start_send, wait_for_file, wait_for_port,
+    Proc,
 };
 
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
@@ -403,6 +405,454 @@ fn sigint_on_send_cancels_and_the_destination_reports_it() {
     let next = send(addr, &key, &["--memory", "16MiB"], WAIT);
     assert!(next.status.success(), "{}", next.all());
     dest.kill();
+}
+
+/// Waits until process `pid` is blocked opening a FIFO (no writer yet).
+fn wait_blocked_on_fifo(pid: u32) {
+    let start = std::time::Instant::now();
+    loop {
+        let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+        if wchan.contains("fifo") || wchan.contains("wait_for_partner") {
+            return;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "never blocked on the FIFO: {wchan:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `ferry send` to a listener nobody answers on, whose guest image is a
+/// FIFO: setting the guest up waits, as a large memory or image would,
+/// until the test opens the FIFO. Returns it blocked there.
+fn send_blocked_in_setup(dir: &Path, key: &Path, to: &str, name: &str) -> (Proc, PathBuf) {
+    let image = dir.join(format!("{name}.fifo"));
+    let made = std::process::Command::new("mkfifo")
+        .arg(&image)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let json = dir.join(format!("{name}.json"));
+    let src = Proc::start(&[
+        "send",
+        "--to",
+        to,
+        "--auth-key-file",
+        key.to_str().unwrap(),
+        "--memory",
+        "16MiB",
+        "--guest-image",
+        image.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    wait_blocked_on_fifo(src.pid());
+    (src, image)
+}
+
+#[test]
+fn a_signal_while_the_guest_is_set_up_cancels_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let (l, addr) = silent_listener();
+
+    // One signal: heard (not the default action's silent death), and the
+    // migration is cancelled once the set-up ends, before connecting.
+    let (src, image) = send_blocked_in_setup(dir.path(), &key, &addr, "one");
+    signal(src.pid(), "INT");
+    src.wait_for_output("SIGINT: cancelling the migration", WAIT);
+    drop(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap(),
+    );
+    let out = src.wait(WAIT);
+    assert_eq!(out.status.code(), Some(130), "{}", out.all());
+    assert!(!out.panicked(), "{}", out.all());
+    assert!(
+        out.stderr.contains(
+            "migration cancelled: cancelled by the operator (SIGINT); the guest keeps running on this host"
+        ),
+        "{}",
+        out.all()
+    );
+    let r = record(&dir.path().join("one.json"));
+    assert_eq!(r["outcome"], "cancelled", "{r}");
+    assert_eq!(r["reason"], "cancelled", "{r}");
+    assert!(r["migration_id"].is_null(), "{r}");
+
+    // A second signal exits at once, set-up or not.
+    let (src, _image) = send_blocked_in_setup(dir.path(), &key, &addr, "two");
+    signal(src.pid(), "TERM");
+    src.wait_for_output("SIGTERM: cancelling the migration", WAIT);
+    signal(src.pid(), "TERM");
+    let out = src.wait(WAIT);
+    assert_eq!(out.status.code(), Some(143), "{}", out.all());
+    assert!(
+        out.stderr.contains("second signal (SIGTERM): exiting now"),
+        "{}",
+        out.all()
+    );
+    assert!(nobody_connected(&l), "cancelled before connecting");
+}
+
+#[test]
+fn listening_on_one_address_says_each_migration_gets_one_path() {
+    let Some(bed) = TestBed::up(
+        "listening_on_one_address_says_each_migration_gets_one_path",
+        "fyop-src",
+        "fyop-dst",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    // Bound to one of its four addresses: said at start, naming the others.
+    let one = format!("10.200.0.2:{}", free_port());
+    let dest = Proc::start_in_netns(
+        &bed.dst,
+        &[
+            "listen",
+            "--listen",
+            &one,
+            "--auth-key-file",
+            key.to_str().unwrap(),
+        ],
+    );
+    let start = dest.wait_for_output("listening on 10.200.0.2:", WAIT);
+    assert!(
+        start.contains("listening on 10.200.0.2 only: sources can open data channels to this address alone, so each migration gets one network path although this host has 3 more usable interface(s) (10.200.1.2, 10.200.2.2, 10.200.3.2); to stripe over them, listen on 0.0.0.0"),
+        "{start}"
+    );
+    let src = Proc::start_in_netns(
+        &bed.src,
+        &[
+            "send",
+            "--to",
+            &one,
+            "--auth-key-file",
+            key.to_str().unwrap(),
+            "--memory",
+            "32MiB",
+        ],
+    )
+    .wait(WAIT);
+    assert!(src.status.success(), "{}", src.all());
+    // ... and in both sides' account of the migration.
+    assert!(
+        src.stdout.contains("note: one network path: the destination offered data channels on 10.200.0.2 only, though this host has 4 usable interfaces"),
+        "{}",
+        src.all()
+    );
+    let line = dest.wait_for_output(" committed: ", WAIT);
+    assert!(
+        line.contains("; one network path only: listening on 10.200.0.2, not on 10.200.1.2, 10.200.2.2, 10.200.3.2"),
+        "{line}"
+    );
+    dest.kill();
+
+    // Every address: nothing to say, and the migration stripes.
+    let any = format!("0.0.0.0:{}", free_port());
+    let to = any.replace("0.0.0.0", "10.200.0.2");
+    let dest = Proc::start_in_netns(
+        &bed.dst,
+        &[
+            "listen",
+            "--listen",
+            &any,
+            "--auth-key-file",
+            key.to_str().unwrap(),
+        ],
+    );
+    dest.wait_for_output("listening on 0.0.0.0:", WAIT);
+    let src = Proc::start_in_netns(
+        &bed.src,
+        &[
+            "send",
+            "--to",
+            &to,
+            "--auth-key-file",
+            key.to_str().unwrap(),
+            "--memory",
+            "32MiB",
+        ],
+    )
+    .wait(WAIT);
+    assert!(src.status.success(), "{}", src.all());
+    assert!(src.stdout.contains("data channels: 4"), "{}", src.all());
+    assert!(!src.stdout.contains("one network path"), "{}", src.all());
+    let dest = dest.kill();
+    assert!(!dest.all().contains("one network path"), "{}", dest.all());
+    assert!(!dest.stderr.contains(" only: sources"), "{}", dest.all());
+}
+
+#[test]
+fn logs_are_events_with_levels_and_a_json_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let dest = Proc::start_logging(
+        &[
+            "listen",
+            "--listen",
+            &addr.to_string(),
+            "--auth-key-file",
+            key.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ],
+        None,
+    );
+    wait_for_port(addr, "ferry listen --log-format json");
+    let json_lines = |text: &str| -> Vec<serde_json::Value> {
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    };
+
+    // JSON lines on stderr, results alone on stdout; the commit is an
+    // event with the migration's id, peer, bytes and pause.
+    let src = send_logging(addr, &key, &["--memory", "16MiB", "--log-format", "json"]).wait(WAIT);
+    assert!(src.status.success(), "{}", src.all());
+    assert!(
+        src.stdout.starts_with("migration committed: 16.00 MiB"),
+        "{}",
+        src.all()
+    );
+    let events = json_lines(&src.stderr);
+    let commit = events
+        .iter()
+        .find(|e| e["message"] == "migration committed")
+        .unwrap_or_else(|| panic!("{}", src.all()));
+    assert_eq!(commit["level"], "INFO", "{commit}");
+    assert_eq!(commit["migration_id"], 1, "{commit}");
+    assert_eq!(commit["destination"], addr.to_string(), "{commit}");
+    assert_eq!(commit["bytes"], 16u64 << 20, "{commit}");
+    assert!(commit["downtime_ms"].as_f64().unwrap() > 0.0, "{commit}");
+    assert_eq!(commit["downtime_limit_ms"], 300.0, "{commit}");
+    // The destination's, inside the migration's span (peer, id).
+    let out = dest.wait_for_output("\"message\":\"migration committed\"", WAIT);
+    let line = out
+        .lines()
+        .find(|l| l.contains("\"message\":\"migration committed\""))
+        .unwrap();
+    let ev: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(ev["span"]["migration_id"], 1, "{ev}");
+    assert!(
+        ev["span"]["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{ev}"
+    );
+    assert_eq!(ev["bytes"], 16u64 << 20, "{ev}");
+    assert!(ev["downtime_ms"].as_f64().unwrap() > 0.0, "{ev}");
+
+    // A failure is an error event carrying its outcome.
+    let gone = format!("127.0.0.1:{}", free_port());
+    let failed = Proc::start_logging(
+        &[
+            "send",
+            "--to",
+            &gone,
+            "--auth-key-file",
+            key.to_str().unwrap(),
+            "--memory",
+            "16MiB",
+            "--log-format",
+            "json",
+        ],
+        None,
+    )
+    .wait(WAIT);
+    assert_eq!(failed.status.code(), Some(1), "{}", failed.all());
+    let events = json_lines(&failed.stderr);
+    let ev = events
+        .iter()
+        .find(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("migration failed: cannot connect"))
+        })
+        .unwrap_or_else(|| panic!("{}", failed.all()));
+    assert_eq!(ev["level"], "ERROR", "{ev}");
+    assert_eq!(ev["outcome"], "failed", "{ev}");
+    assert_eq!(ev["guest"], "source", "{ev}");
+
+    // -q: warnings and errors only; -v: debug too; RUST_LOG overrides both.
+    let quiet = send_logging(addr, &key, &["--memory", "16MiB", "-q"]).wait(WAIT);
+    assert!(quiet.status.success(), "{}", quiet.all());
+    assert!(!quiet.stderr.contains(" INFO "), "{}", quiet.all());
+    assert!(
+        quiet.stdout.contains("migration committed"),
+        "{}",
+        quiet.all()
+    );
+    let verbose = send_logging(addr, &key, &["--memory", "16MiB", "-v"]).wait(WAIT);
+    assert!(verbose.status.success(), "{}", verbose.all());
+    assert!(verbose.stderr.contains(" DEBUG "), "{}", verbose.all());
+    assert!(verbose.stderr.contains(" INFO "), "{}", verbose.all());
+    let to = addr.to_string();
+    let overridden = Proc::start_logging(
+        &[
+            "send",
+            "--to",
+            &to,
+            "--auth-key-file",
+            key.to_str().unwrap(),
+            "--memory",
+            "16MiB",
+            "-v",
+        ],
+        Some("warn"),
+    )
+    .wait(WAIT);
+    assert!(overridden.status.success(), "{}", overridden.all());
+    assert!(
+        !overridden.stderr.contains(" DEBUG ") && !overridden.stderr.contains(" INFO "),
+        "{}",
+        overridden.all()
+    );
+    dest.kill();
+}
+
+#[test]
+fn a_reader_that_went_away_stops_neither_the_daemon_nor_a_migration() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // `ferry listen ... | some-logger` whose logger died: both streams
+    // are pipes with no reader.
+    let closed = |args: &[&str]| {
+        let mut c = Command::new(ferry_bin())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(c.stdout.take());
+        drop(c.stderr.take());
+        c
+    };
+    let wait = |mut c: std::process::Child| {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            if start.elapsed() > WAIT {
+                let _ = c.kill();
+                panic!("still running after {WAIT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let dest = closed(&[
+        "listen",
+        "--listen",
+        &addr.to_string(),
+        "--auth-key-file",
+        key.to_str().unwrap(),
+    ]);
+    wait_for_port(addr, "ferry listen with closed output");
+    // Migrations to it commit (its log and result lines are lost, nothing else).
+    for _ in 0..2 {
+        let ok = send(addr, &key, &["--memory", "16MiB"], WAIT);
+        assert!(ok.status.success(), "{}", ok.all());
+    }
+    // So does one from a source whose output is gone too.
+    let to = addr.to_string();
+    let src = closed(&[
+        "send",
+        "--to",
+        &to,
+        "--auth-key-file",
+        key.to_str().unwrap(),
+        "--memory",
+        "16MiB",
+    ]);
+    assert_eq!(wait(src).code(), Some(0));
+    // And SIGTERM still stops the daemon cleanly.
+    signal(dest.id(), "TERM");
+    assert_eq!(wait(dest).code(), Some(0));
+}
+
+#[test]
+fn help_groups_the_options_with_examples_and_version_names_ferry() {
+    let in_order = |text: &str, want: &[&str]| {
+        let mut at = 0;
+        for w in want {
+            let i = text[at..]
+                .find(w)
+                .unwrap_or_else(|| panic!("{w:?} (in this order): {text}"));
+            at += i + w.len();
+        }
+    };
+    let send = Proc::start(&["send", "--help"]).wait(WAIT);
+    assert!(send.status.success(), "{}", send.all());
+    in_order(
+        &send.stdout,
+        &[
+            "Connection:",
+            "--to <HOST[:PORT]>",
+            "Guest:",
+            "--memory <SIZE>",
+            "Transport:",
+            "--performance-option",
+            "- tcp:",
+            "- compression:",
+            "- rdma:",
+            "- auto:",
+            "Convergence:",
+            "--downtime-limit <DURATION>",
+            "Security:",
+            "--auth-key-file <FILE>",
+            "Output:",
+            "--json <FILE>",
+            "--events <FILE|->",
+            "Examples:",
+            "ferry send --to dst-host",
+        ],
+    );
+    let listen = Proc::start(&["listen", "--help"]).wait(WAIT);
+    assert!(listen.status.success(), "{}", listen.all());
+    in_order(
+        &listen.stdout,
+        &[
+            "Connection:",
+            "--listen <HOST[:PORT]>",
+            "Admission:",
+            "--memory-limit <SIZE>",
+            "Security:",
+            "Output:",
+            "--log-format",
+            "--metrics <ADDR>",
+            "Examples:",
+            "ferry listen --auth-key-file",
+        ],
+    );
+    let top = Proc::start(&["--help"]).wait(WAIT);
+    assert!(top.status.success(), "{}", top.all());
+    in_order(
+        &top.stdout,
+        &[
+            "Commands:",
+            "Examples:",
+            "ferry gen-key",
+            "Units:",
+            "durations need a unit",
+        ],
+    );
+    let version = Proc::start(&["--version"]).wait(WAIT);
+    assert!(version.status.success(), "{}", version.all());
+    assert_eq!(
+        version.stdout,
+        format!("ferry {}\n", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]

@@ -82,8 +82,8 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     let server = tokio::spawn(dest.serve(listener, tx));
     while let Some(o) = rx.recv().await {
         match &o.result {
-            Ok(s) => println!(
-                "migration {} from {} committed: {} ({} bytes) in {:.2} s, pause {:.1} ms, digest {} verified ({}); {}; {}; {}; peak RSS {} (guest {}, own {:.2}% of the guest); CPU {}{}",
+            Ok(s) => super::out(&format!(
+                "migration {} from {} committed: {} ({} bytes) in {:.2} s, pause {:.1} ms, digest {} verified ({}); {}; {}; {}; peak RSS {} (guest {}, own {:.2}% of the guest); CPU {}{}\n",
                 s.migration_id,
                 o.peer,
                 units::human(s.memory_bytes),
@@ -104,8 +104,8 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
                 s.memory.own_percent_of_guest,
                 s.cpu,
                 one_path.as_deref().map(|n| format!("; {n}")).unwrap_or_default()
-            ),
-            Err(e) => println!("migration from {} failed: {e}", o.peer),
+            )),
+            Err(e) => super::out(&format!("migration from {} failed: {e}\n", o.peer)),
         }
         if a.once {
             server.abort();
@@ -151,7 +151,13 @@ fn one_path_note(
             return None;
         }
     };
-    let unreached = ferry_migration::nics::unreached(&local, networks, ip);
+    // Sources reach this address over its own family, and pair data
+    // channels within it: only this family's other addresses are missed
+    // (so an unspecified address misses none, on a dual-stack host too).
+    let unreached: Vec<std::net::IpAddr> = ferry_migration::nics::unreached(&local, networks, ip)
+        .into_iter()
+        .filter(|u| u.is_ipv4() == ip.to_canonical().is_ipv4())
+        .collect();
     if unreached.is_empty() {
         return None;
     }

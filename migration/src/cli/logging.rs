@@ -69,6 +69,11 @@ pub fn init(a: &LogArgs) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter(a))
         .with_writer(Stderr)
+        // A log reader that went away must not take the process with it:
+        // tracing-subscriber would report the failed write with eprintln!,
+        // which panics on a closed stderr (in whatever task was logging:
+        // the signal handler, a migration).
+        .log_internal_errors(false)
         // The module path only when asked for detail.
         .with_target(a.verbose > 0);
     match a.log_format {
@@ -111,12 +116,14 @@ impl Write for Stderr {
         Ok(buf.len())
     }
 
+    /// A closed stderr loses the line, nothing else (see [`init`]).
     fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
         let bar = BAR.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        match bar {
+        let _ = match bar {
             Some(b) => b.suspend(|| std::io::stderr().write_all(buf)),
             None => std::io::stderr().write_all(buf),
-        }
+        };
+        Ok(())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {

@@ -20,6 +20,21 @@ pub mod summary;
 pub mod tools;
 pub mod units;
 
+/// Writes `text` to standard output, where results go. A reader that went
+/// away (`ferry send ... | head -1`, a log pipe that died) costs the text
+/// only: never a panic, and a migration or the daemon carries on.
+pub fn out(text: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_all(text.as_bytes()).and_then(|()| o.flush());
+}
+
+/// [`out`], on standard error.
+pub fn err_out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
+
 /// The TLS settings `--tls-dir DIR` names, else the key's.
 pub fn tls_config(dir: Option<&std::path::Path>, key: &AuthKey) -> anyhow::Result<Arc<TlsConfig>> {
     Ok(Arc::new(match dir {

@@ -203,14 +203,18 @@ pub async fn send(a: SendArgs, quiet: bool) -> anyhow::Result<()> {
     // --json and --events are checked before anything else happens.
     let outputs = Outputs::check(&a.engine)?;
     let to = with_port(&a.to);
+    // Signals are caught from here on: one during the guest's set-up (a
+    // large memory to fill, an image to read) cancels before connecting,
+    // with the record written, instead of killing the process unheard.
+    let cancel = cancel_on_signal()?;
     let prepared = (|| {
         let key = AuthKey::from_file(&a.auth_key_file)?;
         let guest = start_guest(&a.guest)?;
-        anyhow::Ok((key, guest, cancel_on_signal()?))
+        anyhow::Ok((key, guest))
     })();
     let session = outputs.start(&a.engine, quiet);
     let (result, guest) = match prepared {
-        Ok((key, guest, cancel)) => (
+        Ok((key, guest)) => (
             run_source(
                 to.clone(),
                 &key,
@@ -260,8 +264,8 @@ pub async fn demo(a: DemoArgs, quiet: bool) -> anyhow::Result<()> {
         units::human(a.guest.memory.bytes),
         units::human(a.guest.dirty_rate)
     );
-    let guest = start_guest(&a.guest)?;
     let cancel = cancel_on_signal()?;
+    let guest = start_guest(&a.guest)?;
     let session = outputs.start(&a.engine, quiet);
     let to = addr.to_string();
     let result = run_source(
@@ -283,12 +287,12 @@ pub async fn demo(a: DemoArgs, quiet: bool) -> anyhow::Result<()> {
     match outcome {
         Ok(Some(o)) => {
             let d = o.result?;
-            println!(
-                "  destination: digest {} verified; {}; {}",
+            super::out(&format!(
+                "  destination: digest {} verified; {}; {}\n",
                 d.digest,
                 d.resume_report,
                 dest_audit_line(d.audit.as_ref())
-            );
+            ));
             check_audit(&s)
         }
         _ => bail!("the destination did not report its outcome"),

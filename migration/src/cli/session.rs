@@ -262,8 +262,10 @@ impl Session {
                         )
                     };
                 }
-                match guest {
-                    GuestState::PausedOnSource => event!(error),
+                // A failure is an error; a cancel or a guest that did not
+                // converge is what was asked for or a limit that held.
+                match (guest, outcome) {
+                    (GuestState::PausedOnSource, _) | (_, Outcome::Failed) => event!(error),
                     _ => event!(warn),
                 }
                 super::mark_reported();
@@ -377,8 +379,17 @@ fn one_path_note(offered: &[String]) -> Option<String> {
     let [only] = offered else {
         return None;
     };
+    // Data channels pair addresses of one family: this host's others
+    // could not have carried any.
+    let v4 = only
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|a| a.to_canonical().is_ipv4());
     let usable = ferry_migration::nics::discover()
-        .map(|l| l.iter().filter(|n| n.usable()).count())
+        .map(|l| {
+            l.iter()
+                .filter(|n| n.usable() && n.addr.to_canonical().is_ipv4() == v4)
+                .count()
+        })
         .unwrap_or(0);
     (usable > 1).then(|| {
         format!(

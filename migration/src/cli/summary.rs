@@ -22,9 +22,9 @@ pub fn print_summary(s: &Summary, notes: &[String], to_stderr: bool) {
         text.push_str(&format!("  note: {n}\n"));
     }
     if to_stderr {
-        eprint!("{text}");
+        super::err_out(&text);
     } else {
-        print!("{text}");
+        super::out(&text);
     }
 }
 

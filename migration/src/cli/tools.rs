@@ -8,16 +8,16 @@ use super::args::{GenCertsArgs, GenKeyArgs, NicsArgs, ReportArgs};
 
 pub fn gen_key(a: &GenKeyArgs) -> anyhow::Result<()> {
     ferry_transport::auth::generate_key_file(&a.file)?;
-    println!(
-        "wrote {} (32 random bytes, base64, mode 0600): give it to ferry listen and ferry send as --auth-key-file, copied keeping its mode",
+    super::out(&format!(
+        "wrote {} (32 random bytes, base64, mode 0600): give it to ferry listen and ferry send as --auth-key-file, copied keeping its mode\n",
         a.file.display()
-    );
+    ));
     Ok(())
 }
 
 pub fn gen_certs(a: &GenCertsArgs) -> anyhow::Result<()> {
     for f in ferry_transport::tls::generate(&a.dir, a.ca.as_deref())? {
-        println!("wrote {}", f.display());
+        super::out(&format!("wrote {}\n", f.display()));
     }
     Ok(())
 }
@@ -26,20 +26,20 @@ pub fn report(a: &ReportArgs) -> anyhow::Result<()> {
     let bytes =
         std::fs::read(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
     let r = RecordIn::parse(&bytes).with_context(|| format!("{}", a.file.display()))?;
-    print!("{}", r.text_summary());
+    super::out(&r.text_summary());
     if let Some(out) = &a.svg {
         std::fs::write(out, r.svg()).with_context(|| format!("cannot write {}", out.display()))?;
-        println!("drawn: {}", out.display());
+        super::out(&format!("drawn: {}\n", out.display()));
     }
     Ok(())
 }
 
 pub fn list_nics(a: &NicsArgs) -> anyhow::Result<()> {
     let all = nics::discover()?;
-    println!(
-        "{:<16} {:<40} {:<6} {:>12} {:<10} migration",
+    super::out(&format!(
+        "{:<16} {:<40} {:<6} {:>12} {:<10} migration\n",
         "interface", "address", "state", "speed", "rdma"
-    );
+    ));
     for n in &all {
         let state = match (n.up, n.running) {
             (true, true) => "up",
@@ -53,8 +53,8 @@ pub fn list_nics(a: &NicsArgs) -> anyhow::Result<()> {
         } else {
             "not in --migration-network"
         };
-        println!(
-            "{:<16} {:<40} {:<6} {:>12} {:<10} {usable}",
+        super::out(&format!(
+            "{:<16} {:<40} {:<6} {:>12} {:<10} {usable}\n",
             n.name,
             format!("{}/{}", n.addr, n.prefix),
             state,
@@ -62,7 +62,7 @@ pub fn list_nics(a: &NicsArgs) -> anyhow::Result<()> {
                 .map(|m| format!("{m} Mbit/s"))
                 .unwrap_or_else(|| "-".into()),
             n.rdma.as_deref().unwrap_or("-"),
-        );
+        ));
     }
     Ok(())
 }
