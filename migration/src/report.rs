@@ -394,7 +394,7 @@ impl RecordIn {
                 let _ = writeln!(
                     s,
                     "migration of {} over {option}: committed, {:.2} s total, downtime {downtime:.1} ms{limit}, {} pre-copy rounds + final copy{}",
-                    mib(self.memory_bytes as f64),
+                    crate::units::human(self.memory_bytes),
                     self.total_ms / 1e3,
                     self.rounds.len().saturating_sub(1),
                     if self.digest_verified { ", digest verified" } else { "" }
@@ -404,7 +404,7 @@ impl RecordIn {
                 let _ = writeln!(
                     s,
                     "migration of {} over {option}: {} after {:.2} s, {} pre-copy rounds; downtime limit{}",
-                    mib(self.memory_bytes as f64),
+                    crate::units::human(self.memory_bytes),
                     outcome.name(),
                     self.total_ms / 1e3,
                     self.rounds.len(),
@@ -478,7 +478,7 @@ impl RecordIn {
 <svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">
 <rect x="0" y="0" width="{W}" height="{H}" fill="white"/>
 <text x="{LEFT}" y="24" font-size="16">Ferry migration of {}: {}</text>"#,
-            mib(self.memory_bytes as f64),
+            crate::units::human(self.memory_bytes),
             match self.downtime_ms {
                 Some(d) if self.outcome == Outcome::Committed => format!(
                     "{:.2} s, downtime {d:.1} ms{}",
@@ -927,7 +927,9 @@ mod tests {
         let r = RecordIn::parse(v.to_string().as_bytes()).unwrap();
         let text = r.text_summary();
         assert!(
-            text.contains("over compression (zstd:1): not_converged after 2.00 s"),
+            text.contains(
+                "migration of 64.00 MiB over compression (zstd:1): not_converged after 2.00 s"
+            ),
             "{text}"
         );
         assert!(
@@ -937,7 +939,10 @@ mod tests {
         assert!(!text.contains("(final)"), "no final copy: {text}");
         let svg = r.svg();
         check_xml(&svg);
-        assert!(svg.contains("not_converged after 2.00 s"), "{svg}");
+        assert!(
+            svg.contains("Ferry migration of 64.00 MiB: not_converged after 2.00 s"),
+            "{svg}"
+        );
         assert!(!svg.contains("switchover (downtime"), "{svg}");
         // A failure before any round still makes a report.
         let mut v = v.clone();
