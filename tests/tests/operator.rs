@@ -507,6 +507,22 @@ fn listening_on_one_address_says_each_migration_gets_one_path() {
     ) else {
         return;
     };
+    // The destination is dual-stack: an IPv6 address is no path for IPv4
+    // sources, so it is named nowhere below.
+    let v6 = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &bed.dst,
+            "addr",
+            "add",
+            "fd00:77::2/64",
+            "dev",
+            "fdst0",
+            "nodad",
+        ])
+        .status()
+        .unwrap();
+    assert!(v6.success());
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
     // Bound to one of its four addresses: said at start, naming the others.
@@ -585,6 +601,7 @@ fn listening_on_one_address_says_each_migration_gets_one_path() {
     assert!(!src.stdout.contains("one network path"), "{}", src.all());
     let dest = dest.kill();
     assert!(!dest.all().contains("one network path"), "{}", dest.all());
+    assert!(!dest.all().contains("fd00:77::2"), "{}", dest.all());
     assert!(!dest.stderr.contains(" only: sources"), "{}", dest.all());
 }
 
