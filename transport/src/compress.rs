@@ -484,8 +484,11 @@ mod tests {
     use crate::codec::land_compressed;
     use crate::guest::Tally;
     use crate::layout::PageRun;
-    use crate::layout::{MemoryLayout, RegionDesc, PAGE_SIZE};
-    use crate::tcp::{receive_channel, test_frame_key, test_inbound, test_page_key, RecvCounters};
+    use crate::layout::{MemoryLayout, PAGE_SIZE};
+    use crate::tcp::{
+        receive_channel, test_frame_key, test_inbound, test_layout, test_mem, test_page_key,
+        RecvCounters,
+    };
     use crate::wire::{AckFrame, AckStatus};
     use crate::wire::{ChunkHeader, Codec, CompressedHeader, FLAG_COMPRESSED, HEADER_LEN};
     use std::sync::atomic::Ordering;
@@ -499,17 +502,11 @@ mod tests {
     const PAGES: u64 = 256;
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (PAGES * PAGE_SIZE) as usize)]).unwrap()
+        test_mem(PAGES)
     }
 
     fn layout() -> MemoryLayout {
-        MemoryLayout {
-            page_size: PAGE_SIZE,
-            regions: vec![RegionDesc {
-                gpa: 0,
-                size: PAGES * PAGE_SIZE,
-            }],
-        }
+        test_layout(PAGES)
     }
 
     fn splitmix(x: &mut u64) -> u64 {

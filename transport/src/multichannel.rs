@@ -558,8 +558,8 @@ fn fail<S: ChannelSender>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::{MemoryLayout, RegionDesc, PAGE_SIZE};
-    use crate::tcp::{receive_channel, RecvCounters};
+    use crate::layout::{MemoryLayout, PAGE_SIZE};
+    use crate::tcp::{receive_channel, test_layout, RecvCounters};
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -654,13 +654,7 @@ mod tests {
     }
 
     fn layout() -> MemoryLayout {
-        MemoryLayout {
-            page_size: PAGE_SIZE,
-            regions: vec![RegionDesc {
-                gpa: 0,
-                size: PAGES * PAGE_SIZE,
-            }],
-        }
+        test_layout(PAGES)
     }
 
     /// The chunks of one round over the whole (patterned) source guest,

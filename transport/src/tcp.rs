@@ -605,6 +605,25 @@ pub(crate) fn evidence_of<M: GuestMem>(mem: &M, runs: &[PageRun]) -> ferry_proto
     ledger.evidence()
 }
 
+/// A test guest: one region of `pages` pages at guest address 0.
+#[cfg(test)]
+pub(crate) fn test_mem(pages: u64) -> vm_memory::GuestMemoryMmap {
+    vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (pages * PAGE_SIZE) as usize)])
+        .unwrap()
+}
+
+/// The layout of [`test_mem`]`(pages)`.
+#[cfg(test)]
+pub(crate) fn test_layout(pages: u64) -> MemoryLayout {
+    MemoryLayout {
+        page_size: PAGE_SIZE,
+        regions: vec![crate::layout::RegionDesc {
+            gpa: 0,
+            size: pages * PAGE_SIZE,
+        }],
+    }
+}
+
 /// The page key of [`test_inbound`].
 #[cfg(test)]
 pub(crate) fn test_page_key() -> ferry_proto::PageKey {
@@ -1176,7 +1195,6 @@ async fn receive_frame<M: GuestMem>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::RegionDesc;
     use crate::reservation::MemoryPool;
     use crate::wire::{HEADER_LEN, MAX_CHUNK_PAYLOAD};
     use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
@@ -1184,17 +1202,11 @@ mod tests {
     const PAGES: u64 = 64;
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (PAGES * PAGE_SIZE) as usize)]).unwrap()
+        test_mem(PAGES)
     }
 
     fn layout() -> MemoryLayout {
-        MemoryLayout {
-            page_size: PAGE_SIZE,
-            regions: vec![RegionDesc {
-                gpa: 0,
-                size: PAGES * PAGE_SIZE,
-            }],
-        }
+        test_layout(PAGES)
     }
 
     /// Every page a different pattern, pages 8..12 zero.
