@@ -48,6 +48,6 @@ pub mod session;
 pub mod switchover;
 pub mod wire;
 
-pub use error::{WireError, WireKind};
+pub use error::{ErrorKind, WireError, WireKind};
 pub use evidence::{Evidence, Ledger, PageHash, PageTable};
 pub use keys::{MacKey, PageKey, SessionKeys};
