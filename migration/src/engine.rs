@@ -811,8 +811,9 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                             timeout,
                             cfg,
                             keys.frame.clone(),
+                            limiter.clone(),
                         )
-                        .map(|t| (t.with_limiter(limiter.clone()), path))
+                        .map(|t| (t, path))
                     })
                     .collect();
                 match senders {

@@ -46,6 +46,7 @@
 //! ([`crate::tcp::copy_runs`]), never from a reference to guest memory.
 
 use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,8 +55,9 @@ pub use crate::codec::{
 };
 use crate::error::{Result, TransportError};
 use crate::guest::{copy_runs, GuestMem};
+use crate::ratelimit::RateLimiter;
 use crate::tcp::TcpSender;
-use crate::wire::MAX_CHUNK_PAYLOAD;
+use crate::wire::{HEADER_LEN, MAX_CHUNK_PAYLOAD};
 use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
 use ferry_proto::MacKey;
 
@@ -278,6 +280,19 @@ impl LinkMeter {
 #[derive(Debug)]
 pub struct CompressSender<M: GuestMem> {
     tcp: TcpSender<M>,
+    /// A duplicate of the channel's socket, for its send-queue depth
+    /// (`SIOCOUTQ`); `None` if it could not be duplicated (the link then
+    /// always counts as about to go idle).
+    fd: Option<OwnedFd>,
+    /// `--bandwidth-limit`, shared with the migration's other channels.
+    limiter: Option<Arc<RateLimiter>>,
+    /// Bytes written to the socket.
+    written: u64,
+    /// Chunks sent compressed, raw because they did not shrink, raw because
+    /// the link was about to go idle.
+    compressed: u64,
+    raw_incompressible: u64,
+    raw_link_idle: u64,
     pool: Arc<Pool>,
     /// Chunks handed to `send` and not yet written, by sequence number.
     pending: HashMap<u64, Chunk>,
@@ -301,7 +316,8 @@ impl<M: GuestMem> Drop for CompressSender<M> {
 
 impl<M: GuestMem> CompressSender<M> {
     /// Wraps a data channel (plain or TLS) whose hello was accepted, and
-    /// starts the workers.
+    /// starts the workers. `limiter` is the migration's shared
+    /// `--bandwidth-limit` (see [`TcpSender::with_limiter`]).
     pub fn new(
         stream: impl Into<crate::stream::Stream>,
         mem: Arc<M>,
@@ -309,7 +325,10 @@ impl<M: GuestMem> CompressSender<M> {
         timeout: Duration,
         cfg: CompressConfig,
         frame: MacKey,
+        limiter: Option<Arc<RateLimiter>>,
     ) -> Result<Self> {
+        let stream = stream.into();
+        let fd = stream.tcp().as_fd().try_clone_to_owned().ok();
         cfg.spec.validate()?;
         let workers = cfg.workers.max(1);
         let pool = Arc::new(Pool::default());
@@ -324,7 +343,13 @@ impl<M: GuestMem> CompressSender<M> {
                 })?;
         }
         Ok(CompressSender {
-            tcp: TcpSender::new(stream, mem, channel, timeout, frame),
+            tcp: TcpSender::new(stream, mem, channel, timeout, frame).with_limiter(limiter.clone()),
+            fd,
+            limiter,
+            written: 0,
+            compressed: 0,
+            raw_incompressible: 0,
+            raw_link_idle: 0,
             pool,
             pending: HashMap::new(),
             depth: 2 * workers + 2,
@@ -338,31 +363,23 @@ impl<M: GuestMem> CompressSender<M> {
         })
     }
 
-    /// Paces this channel's writes with the migration's shared
-    /// `--bandwidth-limit` (see [`TcpSender::with_limiter`]).
-    pub fn with_limiter(mut self, limiter: Option<Arc<crate::ratelimit::RateLimiter>>) -> Self {
-        self.tcp.set_limiter(limiter);
-        self
-    }
-
     fn link_about_to_idle(&mut self) -> bool {
         // Under --bandwidth-limit the cap is the link: busy while what was
         // booked against it takes longer than the margin to drain.
         if self
-            .tcp
-            .limiter()
+            .limiter
+            .as_ref()
             .is_some_and(|l| l.backlog(Instant::now()) > IDLE_MARGIN)
         {
             return false;
         }
-        let Some(fd) = self.tcp.socket_fd() else {
+        let Some(fd) = &self.fd else {
             return true;
         };
-        match ferry_ffi::net::send_queue_bytes(fd) {
+        match ferry_ffi::net::send_queue_bytes(fd.as_fd()) {
             Ok(q) => {
                 let q = q as u64;
-                let written = self.tcp.stats_mut().bytes_on_wire;
-                q < self.link.idle_queue(written, q)
+                q < self.link.idle_queue(self.written, q)
             }
             Err(_) => true,
         }
@@ -375,9 +392,12 @@ impl<M: GuestMem> CompressSender<M> {
             match done {
                 Some(Done::Frame { seq, buf, len }) => {
                     let chunk = self.pending.remove(&seq).expect("a pending chunk");
-                    let r = self.tcp.send_frame(chunk, &buf[..len]).await;
+                    let r = self.tcp.send_encoded(chunk, &buf[..len]).await;
                     self.pool.lock().spare.push(buf);
-                    return r;
+                    r?;
+                    self.written += len as u64;
+                    self.compressed += 1;
+                    return Ok(());
                 }
                 Some(Done::Raw { seq }) => {
                     let chunk = self.pending.remove(&seq).expect("a pending chunk");
@@ -426,11 +446,12 @@ impl<M: GuestMem> CompressSender<M> {
     }
 
     async fn send_raw(&mut self, chunk: Chunk, why: RawWhy) -> Result<()> {
+        let wire = raw_frame_bytes(&chunk);
         self.tcp.send(chunk).await?;
-        let s = self.tcp.stats_mut();
+        self.written += wire;
         match why {
-            RawWhy::Incompressible => s.raw_incompressible_chunks += 1,
-            RawWhy::LinkIdle => s.raw_link_idle_chunks += 1,
+            RawWhy::Incompressible => self.raw_incompressible += 1,
+            RawWhy::LinkIdle => self.raw_link_idle += 1,
         }
         Ok(())
     }
@@ -448,7 +469,10 @@ impl<M: GuestMem> Transport for CompressSender<M> {
     async fn send(&mut self, chunk: Chunk) -> Result<()> {
         if chunk.payload_bytes() == 0 {
             // Zero runs only: nothing to compress.
-            return self.tcp.send(chunk).await;
+            let wire = raw_frame_bytes(&chunk);
+            self.tcp.send(chunk).await?;
+            self.written += wire;
+            return Ok(());
         }
         self.pending.insert(chunk.seq, chunk.clone());
         self.pool.lock().queue.push_back(Job { chunk });
@@ -474,8 +498,20 @@ impl<M: GuestMem> Transport for CompressSender<M> {
     }
 
     fn stats(&self) -> Vec<ChannelStats> {
-        self.tcp.stats()
+        let mut s = self.tcp.stats();
+        for c in &mut s {
+            c.compressed_chunks = self.compressed;
+            c.raw_incompressible_chunks = self.raw_incompressible;
+            c.raw_link_idle_chunks = self.raw_link_idle;
+        }
+        s
     }
+}
+
+/// Bytes a chunk takes on the wire sent raw: header, run table, pages.
+fn raw_frame_bytes(chunk: &Chunk) -> u64 {
+    (HEADER_LEN + std::mem::size_of::<crate::wire::RunDesc>() * chunk.runs.len()) as u64
+        + chunk.payload_bytes()
 }
 
 #[cfg(test)]
@@ -490,7 +526,7 @@ mod tests {
         RecvCounters,
     };
     use crate::wire::{AckFrame, AckStatus};
-    use crate::wire::{ChunkHeader, Codec, CompressedHeader, FLAG_COMPRESSED, HEADER_LEN};
+    use crate::wire::{ChunkHeader, Codec, CompressedHeader, FLAG_COMPRESSED};
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use vm_memory::GuestAddress;
@@ -1059,6 +1095,7 @@ mod tests {
                 adaptive,
             },
             test_frame_key(),
+            None,
         )
         .unwrap();
         for (i, r) in runs.iter().enumerate() {
