@@ -1051,16 +1051,20 @@ impl Destination {
         started: Instant,
     ) -> Result<DestSummary> {
         if let Err(e) = offer.validate() {
-            return Err(conn.reject(RejectReason::BadOffer, e.to_string()).await.into());
+            return Err(conn
+                .reject(RejectReason::BadOffer, e.to_string())
+                .await
+                .into());
         }
         let allow = self.relay_allow.lock().expect("relay_allow").clone();
-        let resolved: Vec<SocketAddr> = match tokio::net::lookup_host(offer.deliver_to.as_str()).await {
-            Ok(a) => a.collect(),
-            Err(e) => {
-                let msg = format!("--deliver-to {}: {e}", offer.deliver_to);
-                return Err(conn.reject(RejectReason::RelayNotAllowed, msg).await.into());
-            }
-        };
+        let resolved: Vec<SocketAddr> =
+            match tokio::net::lookup_host(offer.deliver_to.as_str()).await {
+                Ok(a) => a.collect(),
+                Err(e) => {
+                    let msg = format!("--deliver-to {}: {e}", offer.deliver_to);
+                    return Err(conn.reject(RejectReason::RelayNotAllowed, msg).await.into());
+                }
+            };
         let deliver_to = match resolved
             .iter()
             .find(|a| ferry_proto::relay::check_deliver_to(**a, &allow).is_ok())
@@ -1068,7 +1072,10 @@ impl Destination {
             Some(a) => *a,
             None => {
                 let msg = ferry_proto::relay::check_deliver_to(
-                    resolved.first().copied().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+                    resolved
+                        .first()
+                        .copied()
+                        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
                     &allow,
                 )
                 .err()
@@ -1112,9 +1119,11 @@ impl Destination {
             }))
             .await
         {
-            Ok(()) => crate::relay::serve_destination(conn, &offer, deliver_to, rx, self.opts.timeout)
-                .await
-                .map_err(crate::relay::RelayFailure::into_migration_error),
+            Ok(()) => {
+                crate::relay::serve_destination(conn, &offer, deliver_to, rx, self.opts.timeout)
+                    .await
+                    .map_err(crate::relay::RelayFailure::into_migration_error)
+            }
             Err(e) => Err(e.into()),
         };
         self.pending.lock().expect("pending").remove(&migration_id);

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use ferry_proto::control::{Msg, PerformanceOption, RejectReason};
 use ferry_proto::relay::{
-    Dir, Placed, Reassembly, RelayAck, RelayError, RelayKeys, RelayOffer, SendWindow,
-    StreamChunk, StreamDigest, Streams, ACK_LEN, ACK_MAGIC, CHUNK_HEADER_LEN, CHUNK_MAGIC,
+    Dir, Placed, Reassembly, RelayAck, RelayError, RelayKeys, RelayOffer, SendWindow, StreamChunk,
+    StreamDigest, Streams, ACK_LEN, ACK_MAGIC, CHUNK_HEADER_LEN, CHUNK_MAGIC,
 };
 use ferry_proto::wire::{Codec, CompressionSpec};
 use ferry_transport::codec::{Decoder, Encoder};
@@ -196,7 +196,12 @@ pub struct EngineConfig {
 
 impl EngineConfig {
     /// From a relay offer (the destination's view).
-    pub fn from_offer(o: &RelayOffer, side: Side, encrypted: bool, channel_timeout: Duration) -> Self {
+    pub fn from_offer(
+        o: &RelayOffer,
+        side: Side,
+        encrypted: bool,
+        channel_timeout: Duration,
+    ) -> Self {
         EngineConfig {
             side,
             window: o.window,
@@ -278,6 +283,8 @@ struct Shared {
     wire_bytes: AtomicU64,
     resent: AtomicU64,
     failed: AtomicBool,
+    /// Every stream is done: `RelayEnd` sent or received.
+    ending: AtomicBool,
 }
 
 impl Shared {
@@ -401,7 +408,12 @@ enum Step {
 
 /// Writes the reassembled bytes of one stream into the hypervisor's
 /// connection, reports credit, and passes the end on once it checked.
-async fn pump_in(sh: Arc<Shared>, slot: Arc<StreamSlot>, sock: Arc<TcpStream>, shut: std::net::TcpStream) {
+async fn pump_in(
+    sh: Arc<Shared>,
+    slot: Arc<StreamSlot>,
+    sock: Arc<TcpStream>,
+    shut: std::net::TcpStream,
+) {
     let dir = sh.cfg.side.in_dir();
     loop {
         let step = {
@@ -616,11 +628,20 @@ async fn channel_reader(
                 return Err("stream beyond the limit".into());
             }
         };
-        let placed = slot.inner.lock().expect("stream").recv.insert(c.offset, raw);
+        let placed = slot
+            .inner
+            .lock()
+            .expect("stream")
+            .recv
+            .insert(c.offset, raw);
         match placed {
             Ok(Placed::New) => slot.data.notify_one(),
             Ok(Placed::Duplicate) => {
-                tracing::debug!(stream = c.stream, offset = c.offset, "duplicate chunk dropped")
+                tracing::debug!(
+                    stream = c.stream,
+                    offset = c.offset,
+                    "duplicate chunk dropped"
+                )
             }
             Err(e) => {
                 sh.fail(e.into());
@@ -659,7 +680,8 @@ async fn run_channel(sh: Arc<Shared>, ch: Arc<Channel>, stream: Stream) {
         }
     };
     tasks.abort_all();
-    if sh.failed.load(Ordering::SeqCst) {
+    // After the relay's end (or failure) channels close as they may.
+    if sh.failed.load(Ordering::SeqCst) || sh.ending.load(Ordering::SeqCst) {
         return;
     }
     let lost: Vec<Arc<OutChunk>> = ch
@@ -701,7 +723,12 @@ async fn control_writer(mut w: ConnWriter, mut rx: mpsc::UnboundedReceiver<Msg>)
 }
 
 /// A hypervisor connection, split for the two pumps and kept for a reset.
-fn attach(sh: &Arc<Shared>, tasks: &mut JoinSet<()>, slot: Arc<StreamSlot>, sock: TcpStream) -> std::io::Result<()> {
+fn attach(
+    sh: &Arc<Shared>,
+    tasks: &mut JoinSet<()>,
+    slot: Arc<StreamSlot>,
+    sock: TcpStream,
+) -> std::io::Result<()> {
     let _ = sock.set_nodelay(true);
     let std = sock.into_std()?;
     let shut = std.try_clone()?;
@@ -764,6 +791,7 @@ impl Engine {
             wire_bytes: AtomicU64::new(0),
             resent: AtomicU64::new(0),
             failed: AtomicBool::new(false),
+            ending: AtomicBool::new(false),
         });
         let (writer, mut msgs) = conn.split();
         let ctl_task = tokio::spawn(control_writer(writer, ctl_rx));
@@ -877,6 +905,7 @@ impl Engine {
                             if let Err(e) = rules.on_end(streams) {
                                 break Err(e.into());
                             }
+                            sh.ending.store(true, Ordering::SeqCst);
                             let _ = sh.ctl.send(Msg::RelayEnd { streams });
                             break Ok(());
                         }
@@ -928,7 +957,11 @@ impl Engine {
             }
             if side == Side::Source && !ending && rules.all_done() {
                 ending = true;
-                tracing::info!(streams = rules.count(), "every stream delivered and confirmed");
+                sh.ending.store(true, Ordering::SeqCst);
+                tracing::info!(
+                    streams = rules.count(),
+                    "every stream delivered and confirmed"
+                );
                 let _ = sh.ctl.send(Msg::RelayEnd {
                     streams: rules.count(),
                 });
@@ -1104,8 +1137,10 @@ pub async fn prepare_source(o: &SourceOptions) -> Result<ReadySource> {
         .map_err(|e| crate::error::MigrationError::Config(e.to_string()))?;
     let tcp = crate::engine::connect(&o.to, o.timeout).await?;
     let control = (
-        tcp.local_addr().map_err(|e| TransportError::io("local address", "control", e))?,
-        tcp.peer_addr().map_err(|e| TransportError::io("peer address", "control", e))?,
+        tcp.local_addr()
+            .map_err(|e| TransportError::io("local address", "control", e))?,
+        tcp.peer_addr()
+            .map_err(|e| TransportError::io("peer address", "control", e))?,
     );
     let stream = crate::engine::secure(tcp, o.tls.as_deref(), o.timeout).await?;
     let mut conn = Conn::new(stream, o.timeout);
@@ -1124,9 +1159,9 @@ pub async fn prepare_source(o: &SourceOptions) -> Result<ReadySource> {
             .into())
         }
     };
-    let keys = conn
-        .session_keys()
-        .ok_or(TransportError::AuthFailed("no session keys after the handshake"))?;
+    let keys = conn.session_keys().ok_or(TransportError::AuthFailed(
+        "no session keys after the handshake",
+    ))?;
     let local = crate::nics::discover().unwrap_or_default();
     let planned = crate::nics::plan(&o.multichannel, &local, &accept.interfaces, control)?;
     let opened =
@@ -1135,13 +1170,18 @@ pub async fn prepare_source(o: &SourceOptions) -> Result<ReadySource> {
         .into_iter()
         .map(|(s, p)| (s, format!("{} -> {}", p.local, p.remote)))
         .collect();
-    let listener = TcpListener::bind(o.listen).await.map_err(|e| {
-        crate::error::MigrationError::Config(format!("--listen {}: {e}", o.listen))
-    })?;
+    let listener = TcpListener::bind(o.listen)
+        .await
+        .map_err(|e| crate::error::MigrationError::Config(format!("--listen {}: {e}", o.listen)))?;
     let listen = listener
         .local_addr()
         .map_err(|e| TransportError::io("listening address", "relay", e))?;
-    let mut cfg = EngineConfig::from_offer(&offer, Side::Source, o.tls.is_some(), o.multichannel.channel_timeout);
+    let mut cfg = EngineConfig::from_offer(
+        &offer,
+        Side::Source,
+        o.tls.is_some(),
+        o.multichannel.channel_timeout,
+    );
     cfg.bandwidth_limit = o.bandwidth_limit;
     Ok(ReadySource {
         paths: channels.iter().map(|c| c.1.clone()).collect(),
@@ -1177,10 +1217,15 @@ pub async fn serve_destination(
     mut channels: mpsc::Receiver<Stream>,
     channel_timeout: Duration,
 ) -> Result<RelayReport> {
-    let keys = conn
-        .session_keys()
-        .ok_or(TransportError::AuthFailed("no session keys after the handshake"))?;
-    let cfg = EngineConfig::from_offer(offer, Side::Destination, conn.is_encrypted(), channel_timeout);
+    let keys = conn.session_keys().ok_or(TransportError::AuthFailed(
+        "no session keys after the handshake",
+    ))?;
+    let cfg = EngineConfig::from_offer(
+        offer,
+        Side::Destination,
+        conn.is_encrypted(),
+        channel_timeout,
+    );
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         while let Some(s) = channels.recv().await {
