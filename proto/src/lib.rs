@@ -10,7 +10,7 @@
 //!   what the pause will cost).
 //! * [`switchover`]: the `Ready` / `Commit` / `Committed` proofs that bind
 //!   the transcripts, the evidence and the device state to the session.
-//! * [`session`]: the source's side of the handshake as a state machine
+//! * [`session`]: both sides of the handshake as state machines
 //!   (messages and transcripts in, messages out; no IO).
 //! * [`handshake`]: the handshake's proofs (the source proves first, bound to
 //!   the TLS session and every frame before them) and the tags that
