@@ -526,7 +526,8 @@ fn losing_every_channel_resets_both_hypervisors_connections() {
     std::thread::sleep(Duration::from_millis(200));
     proxy.cut(1);
     let err = finish(&rt, run).expect_err("no channel left");
-    assert_eq!(err.reason(), "channels_lost", "{err}");
+    // Whichever side notices first says so; the other reports its abort.
+    assert!(err.to_string().contains("no data channel left"), "{err}");
     assert!(
         reset_seen(c),
         "the source hypervisor sees a reset, not an end"
