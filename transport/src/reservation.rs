@@ -95,7 +95,7 @@ impl Reservation {
     /// Books `bytes` more.
     ///
     /// # Errors
-    /// [`TransportError::TooLarge`] naming `what` and the limit when the
+    /// [`TransportError::Wire`] (`WireError::TooLarge`) naming `what` and the limit when the
     /// pool cannot take them.
     pub fn grow(&self, bytes: u64, what: &'static str) -> Result<()> {
         self.pool.take(bytes).map_err(|f| {
