@@ -698,6 +698,30 @@ pub fn run_table(runs: &[PageRun]) -> Vec<u8> {
     descs.as_bytes().to_vec()
 }
 
+/// The head of a page frame as every backend sends it (TCP before the
+/// pages, RDMA as the descriptor, compression before its sub-header): the
+/// [`ChunkHeader`], its header tag computed with `key` over it and the run
+/// table, then the run table of `runs`. The one encoder of a frame's head;
+/// [`ChunkHeader::decode`], [`ChunkHeader::verify`] and [`decode_runs`]
+/// are its decoder.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_head(
+    key: &MacKey,
+    seq: u64,
+    round: u32,
+    runs: &[PageRun],
+    payload_len: u32,
+    flags: u16,
+    payload_tag: Tag,
+) -> Vec<u8> {
+    let table = run_table(runs);
+    let h = ChunkHeader::pages(key, seq, round, &table, payload_len, flags, payload_tag);
+    let mut head = Vec::with_capacity(HEADER_LEN + table.len());
+    head.extend_from_slice(h.as_bytes());
+    head.extend_from_slice(&table);
+    head
+}
+
 /// Decodes and checks a run table: every run inside the layout, known
 /// flags, runs in ascending address order without overlap (so no page is
 /// landed twice by one chunk). Returns the runs and the total bytes of their

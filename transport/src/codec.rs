@@ -13,7 +13,7 @@ use crate::error::{Result, TransportError};
 use crate::guest::{claim_error, GuestMem, Tally};
 use crate::layout::{PageRun, PAGE_SIZE};
 use crate::wire::{
-    run_table, ChunkHeader, Codec, CompressedHeader, CompressionSpec, FLAG_COMPRESSED, HEADER_LEN,
+    encode_head, Codec, CompressedHeader, CompressionSpec, RunDesc, FLAG_COMPRESSED, HEADER_LEN,
     MAX_SEGMENT, SEGMENT_STORED,
 };
 use crate::Chunk;
@@ -154,9 +154,7 @@ pub fn encode_frame(
             ),
         }));
     }
-    let table = run_table(&frame_runs);
-    let table_len = table.len();
-    let sub = HEADER_LEN + table_len;
+    let sub = HEADER_LEN + frame_runs.len() * std::mem::size_of::<RunDesc>();
     let segs = sub + 16;
     let body = segs + 4 * runs.len();
     let bound = body
@@ -167,7 +165,6 @@ pub fn encode_frame(
     if buf.len() < bound {
         buf.resize(bound, 0);
     }
-    buf[HEADER_LEN..sub].copy_from_slice(&table);
     let mut pos = body;
     let mut at = 0usize;
     for (i, r) in runs.iter().enumerate() {
@@ -208,16 +205,16 @@ pub fn encode_frame(
         reserved2: U32::new(0),
     };
     buf[sub..segs].copy_from_slice(sh.as_bytes());
-    let h = ChunkHeader::pages(
+    let head = encode_head(
         key,
         chunk.seq,
         chunk.round,
-        &table,
+        &frame_runs,
         u32::try_from(payload).expect("chunk below 4 GiB"),
         FLAG_COMPRESSED,
         chunk.tag,
     );
-    buf[..HEADER_LEN].copy_from_slice(h.as_bytes());
+    buf[..sub].copy_from_slice(&head);
     Ok(Some(pos))
 }
 

@@ -42,6 +42,7 @@ pub mod compress;
 pub mod conn;
 pub mod error;
 pub mod guest;
+pub mod inbound;
 pub mod multichannel;
 pub mod pool;
 pub mod ratelimit;

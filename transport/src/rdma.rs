@@ -52,7 +52,6 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -67,6 +66,7 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use zerocopy::IntoBytes;
 
 use crate::error::{Result, TransportError};
+use crate::inbound::{Checked, Inbound, RecvCounters};
 use crate::layout::PAGE_SIZE;
 use crate::layout::{MemoryLayout, PageRun};
 use crate::multichannel::{ChannelPath, ChannelSender, Unlanded};
@@ -74,8 +74,8 @@ use crate::rdma_wire::{
     check_accept, cm_private_data, pair_channels, Admission, RdmaAccept, RdmaChannel, RdmaEndpoint,
     RdmaRegionKey, RevokeReason, MAX_RDMA_CHANNELS,
 };
-use crate::tcp::{claim_runs, land_zero_run, Inbound, RecvCounters, Tally};
-use crate::wire::{self, AckFrame, AckStatus, ChunkHeader, ChunkKind, HEADER_LEN, MAX_RUNS};
+use crate::tcp::{claim_runs, land_zero_run, Tally};
+use crate::wire::{self, AckFrame, AckStatus, ChunkHeader, HEADER_LEN, MAX_RUNS};
 use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
 use ferry_proto::MacKey;
 use ferry_proto::WireError;
@@ -440,20 +440,17 @@ impl<B: Bitmap + Send + Sync + 'static> Pair<B> {
         if self.conn.as_ref().ok_or("closed")?.send_capacity() == 0 {
             self.reap(timeout).await?;
         }
-        let table = wire::run_table(&chunk.runs);
         let payload = chunk.payload_bytes();
-        let h = ChunkHeader::pages(
+        let head = wire::encode_head(
             &self.frame,
             chunk.seq,
             chunk.round,
-            &table,
+            &chunk.runs,
             payload as u32,
             0,
             chunk.tag,
         );
-        let mut bytes = h.as_bytes().to_vec();
-        bytes.extend_from_slice(&table);
-        self.post_descriptor(slot, &bytes)?;
+        self.post_descriptor(slot, &head)?;
         self.stats.bytes_on_wire += payload;
         self.stats.payload_bytes += payload;
         Ok(())
@@ -1188,7 +1185,7 @@ async fn receive_channel<B: Bitmap + Send + Sync + 'static>(
                     detail: "more descriptors in flight than the source may have".into(),
                 }));
             };
-            let frame = AckFrame::new(&inbound.frame, ack_seq, status);
+            let frame = inbound.ack(ack_seq, status);
             acks.as_volatile_slice()
                 .write_slice(frame.as_bytes(), a * ACK_BYTES)
                 .map_err(|e| {
@@ -1236,41 +1233,23 @@ fn land_descriptor<B: Bitmap + Send + Sync + 'static>(
             what: "RDMA descriptor",
             detail: format!("{} bytes for {} runs", bytes.len(), h.run_count.get()),
         }))?;
-    h.verify(&inbound.frame, table)?;
-    if kind == ChunkKind::End {
-        return Ok((END_ACK, AckStatus::Landed, Some(h.seq.get())));
-    }
-    if h.flags.get() != 0 {
+    let f = match inbound.admit(&h, kind, table, counters)? {
+        Checked::End(mask) => return Ok((END_ACK, AckStatus::Landed, Some(mask))),
+        Checked::Pages(f) => f,
+    };
+    if f.codec.is_some() {
         return Err(TransportError::Wire(WireError::Invalid {
             field: "RDMA descriptor flags",
-            detail: format!("{:#x} (RDMA chunks are never compressed)", h.flags.get()),
+            detail: "compressed (RDMA chunks are never compressed)".into(),
         }));
     }
-    let (seq, round) = (h.seq.get(), h.round.get());
-    let (runs, data) = wire::decode_runs(table, &inbound.layout)?;
-    inbound.admit_round(seq, round)?;
-    if data != u64::from(h.payload_len.get()) {
-        return Err(TransportError::Wire(WireError::Invalid {
-            field: "RDMA descriptor payload length",
-            detail: format!("{} bytes, the runs cover {data}", h.payload_len.get()),
-        }));
-    }
-    counters
-        .bytes_on_wire
-        .fetch_add(data + bytes.len() as u64, Ordering::Relaxed);
-    counters.round.fetch_max(round.into(), Ordering::Relaxed);
-    let mut claim = match claim_runs(mem, &runs)? {
+    let mut claim = match claim_runs(mem, &f.runs)? {
         Ok(c) => c,
-        Err(busy) => {
-            tracing::warn!(seq, round, "chunk refused, asking for it again: {busy}");
-            counters.crc_errors.fetch_add(1, Ordering::Relaxed);
-            return Ok((seq, AckStatus::Busy, None));
-        }
+        Err(busy) => return Ok((f.seq, inbound.busy(&f, busy, counters), None)),
     };
     let mut tally = Tally::new(&inbound.ledger);
     let mut page = [0u8; PAGE_SIZE as usize];
-    let mut pages = 0u64;
-    for r in &runs {
+    for r in &f.runs {
         if r.zero {
             land_zero_run(&mut claim, mem, r, &mut tally)?;
         } else {
@@ -1285,24 +1264,11 @@ fn land_descriptor<B: Bitmap + Send + Sync + 'static>(
                 tally.page(gpa, &page);
             }
         }
-        pages += u64::from(r.pages);
     }
     let sum = tally.sum;
     drop(tally);
     drop(claim);
-    if !inbound.payload_ok(seq, round, sum, &h.payload_tag) {
-        tracing::debug!(
-            seq,
-            round,
-            "payload tag mismatch: asking for the chunk again"
-        );
-        counters.crc_errors.fetch_add(1, Ordering::Relaxed);
-        return Ok((seq, AckStatus::Mismatch, None));
-    }
-    counters.payload_bytes.fetch_add(data, Ordering::Relaxed);
-    counters.pages.fetch_add(pages, Ordering::Relaxed);
-    counters.chunks.fetch_add(1, Ordering::Relaxed);
-    Ok((seq, AckStatus::Landed, None))
+    Ok((f.seq, inbound.landed(&f, true, sum, counters), None))
 }
 
 #[cfg(test)]
@@ -1428,7 +1394,12 @@ mod tests {
         mem.read_slice(&mut page, vm_memory::GuestAddress(4096))
             .unwrap();
         assert!(page.iter().all(|&b| b == 0));
-        assert_eq!(counters.payload_bytes.load(Ordering::Relaxed), 4096);
+        assert_eq!(
+            counters
+                .payload_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            4096
+        );
         // The destination's evidence is the source's for the same pages.
         let source = layout.ledger(crate::tcp::test_page_key()).unwrap();
         let k = source.key().clone();

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::os::fd::AsFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,18 +46,19 @@ pub use crate::guest::{copy_runs, run_slices, zero_run, GuestMem};
 use ferry_proto::WireError;
 // The RDMA receiver lands through the same claims and tally.
 pub(crate) use crate::guest::{claim_runs, land_zero_run, Tally};
+use crate::inbound::Checked;
+pub use crate::inbound::{Inbound, RecvCounters};
+#[cfg(test)]
+use crate::layout::MemoryLayout;
+use crate::layout::PageRun;
 use crate::layout::PAGE_SIZE;
-use crate::layout::{MemoryLayout, PageRun};
 use crate::ratelimit::RateLimiter;
 pub use crate::reservation::channel_buffers;
-use crate::reservation::{ChannelBudgets, RecvBuf, RECV_STEP};
+use crate::reservation::{RecvBuf, RECV_STEP};
 use crate::stream::Stream;
-use crate::wire::{
-    self, AckFrame, AckStatus, ChunkHeader, ChunkKind, Codec, CompressedHeader, RunDesc,
-};
+use crate::wire::{self, AckFrame, AckStatus, ChunkHeader, Codec, CompressedHeader, RunDesc};
 use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
-use ferry_proto::frame::{RoundGate, Tag};
-use ferry_proto::{Ledger, MacKey};
+use ferry_proto::MacKey;
 
 /// Default bytes in flight per channel before `send` waits for acks.
 pub const DEFAULT_WINDOW: u64 = 16 << 20;
@@ -410,21 +411,16 @@ impl<M: GuestMem> Transport for TcpSender<M> {
             }));
         }
         self.reserve(payload).await?;
-        let table = wire::run_table(&chunk.runs);
-        self.pace((wire::HEADER_LEN + table.len()) as u64 + payload)
-            .await;
-        let header = ChunkHeader::pages(
+        let head = wire::encode_head(
             &self.frame,
             chunk.seq,
             chunk.round,
-            &table,
+            &chunk.runs,
             payload as u32,
             0,
             chunk.tag,
         );
-        let mut head = Vec::with_capacity(wire::HEADER_LEN + table.len());
-        head.extend_from_slice(header.as_bytes());
-        head.extend_from_slice(&table);
+        self.pace(head.len() as u64 + payload).await;
         let total = head.len() + payload as usize;
         self.write_frame(&head, &chunk, total).await?;
         self.sent(chunk, total as u64, payload);
@@ -452,106 +448,6 @@ impl<M: GuestMem> Transport for TcpSender<M> {
 
     fn stats(&self) -> Vec<ChannelStats> {
         vec![self.stats.clone()]
-    }
-}
-
-/// Destination-side counters, shared with the session for progress and checks.
-#[derive(Debug, Default)]
-pub struct RecvCounters {
-    /// Page bytes landed (payload).
-    pub payload_bytes: AtomicU64,
-    /// Bytes read from the socket.
-    pub bytes_on_wire: AtomicU64,
-    /// Pages covered, zero pages included.
-    pub pages: AtomicU64,
-    /// Chunks accepted.
-    pub chunks: AtomicU64,
-    /// Chunks whose CRC did not match.
-    pub crc_errors: AtomicU64,
-    /// Highest round seen.
-    pub round: AtomicU64,
-    /// Chunks that arrived compressed.
-    pub compressed_chunks: AtomicU64,
-}
-
-/// What every data channel of one incoming migration shares (TCP and RDMA
-/// alike): the layout pages must lie in, the negotiated codec, the frame
-/// key, the destination's evidence, the round gate, the per-frame read
-/// deadline and the migration's memory reservation.
-#[derive(Debug)]
-pub struct Inbound {
-    /// The offered memory layout.
-    pub layout: MemoryLayout,
-    /// The codec the migration negotiated (compression option); `None`
-    /// refuses compressed frames.
-    pub codec: Option<Codec>,
-    /// The destination's evidence: every page a channel lands is hashed
-    /// (from destination memory, under the landing claim, right after it
-    /// landed) and recorded here; zero runs record zero pages.
-    pub ledger: Arc<Ledger>,
-    /// The session's frame key: header tags are checked before anything
-    /// lands, payload tags over what landed, acks are tagged.
-    pub frame: MacKey,
-    /// One gate for every channel: a frame from an earlier round than any
-    /// channel has seen is a stale copy and refused.
-    pub rounds: RoundGate,
-    /// Once a frame's first byte has arrived, the rest of it must arrive
-    /// within this long, or its channel is closed (a channel that trickles
-    /// bytes is timed out on its own). Waiting for a frame to begin has no
-    /// per-channel limit: a channel may idle between rounds.
-    pub deadline: Duration,
-    /// Where each channel books its receive buffers (on the migration's
-    /// reservation); `None`: not counted.
-    pub buffers: Option<Arc<ChannelBudgets>>,
-}
-
-impl Inbound {
-    /// The shared state of a migration's channels (a 30 s frame deadline,
-    /// no reservation).
-    pub fn new(
-        layout: MemoryLayout,
-        codec: Option<Codec>,
-        ledger: Arc<Ledger>,
-        frame: MacKey,
-    ) -> Self {
-        Inbound {
-            layout,
-            codec,
-            ledger,
-            frame,
-            rounds: RoundGate::new(),
-            deadline: Duration::from_secs(30),
-            buffers: None,
-        }
-    }
-
-    /// Sets the per-frame read deadline.
-    pub fn with_deadline(mut self, deadline: Duration) -> Self {
-        self.deadline = deadline;
-        self
-    }
-
-    /// Books every channel's receive buffers on `buffers`.
-    pub fn with_buffers(mut self, buffers: Arc<ChannelBudgets>) -> Self {
-        self.buffers = Some(buffers);
-        self
-    }
-
-    /// Admits a frame of `round` through the shared gate.
-    pub fn admit_round(&self, seq: u64, round: u32) -> Result<()> {
-        self.rounds.admit(round).map_err(|newest| {
-            TransportError::Wire(WireError::Invalid {
-                field: "chunk round",
-                detail: format!(
-                "chunk {seq} is from round {round}, after round {newest} began: stale copy refused"
-            ),
-            })
-        })
-    }
-
-    /// Whether `sum` (the landed pages' contributions) matches the payload tag.
-    pub fn payload_ok(&self, seq: u64, round: u32, sum: u128, tag: &Tag) -> bool {
-        ferry_proto::frame::payload_tag_ok(&self.frame, seq, round, sum, tag)
     }
 }
 
@@ -1022,7 +918,7 @@ pub async fn receive_channel<M: GuestMem>(
         // The flush sends a TLS session's record; a plain socket's does nothing.
         let ack = async {
             stream
-                .write_all(AckFrame::new(&inbound.frame, seq, status).as_bytes())
+                .write_all(inbound.ack(seq, status).as_bytes())
                 .await?;
             stream.flush().await
         };
@@ -1047,78 +943,37 @@ async fn receive_frame<M: GuestMem>(
         .await
         .map_err(|e| TransportError::io("reading a chunk header", "data channel", e))?;
     let (h, kind) = ChunkHeader::decode(head)?;
-    let (seq, round) = (h.seq.get(), h.round.get());
     let table_len = h.run_count.get() as usize * std::mem::size_of::<RunDesc>();
     read_into(stream, &mut bufs.table, 0, table_len, "the run table").await?;
     let table = bufs.table.get(table_len);
     // Nothing lands before the header and run table are known to be the
-    // source's.
-    h.verify(&inbound.frame, table)?;
-    if kind == ChunkKind::End {
-        return Ok(Received::End);
-    }
-    let (runs, data_bytes) = wire::decode_runs(table, &inbound.layout)?;
-    inbound.admit_round(seq, round)?;
-    counters.round.fetch_max(round.into(), Ordering::Relaxed);
-    let payload_len = u64::from(h.payload_len.get());
-    let codec = if h.flags.get() & wire::FLAG_COMPRESSED != 0 {
-        match inbound.codec {
-            Some(c) => Some(c),
-            None => {
-                return Err(TransportError::Wire(WireError::Invalid {
-                    field: "chunk flags",
-                    detail: "compressed chunk on a channel negotiated without compression".into(),
-                }))
-            }
-        }
-    } else {
-        None
+    // source's and pass the checks every backend makes.
+    let f = match inbound.admit(&h, kind, table, counters)? {
+        Checked::End(_) => return Ok(Received::End),
+        Checked::Pages(f) => f,
     };
-    if codec.is_none() && data_bytes != payload_len {
-        return Err(TransportError::Wire(WireError::Invalid {
-            field: "chunk payload length",
-            detail: format!("chunk {seq} says {payload_len} bytes but its runs hold {data_bytes}"),
-        }));
-    }
-    if codec.is_some() && data_bytes > u64::from(wire::MAX_CHUNK_PAYLOAD) {
-        return Err(TransportError::Wire(WireError::TooLarge {
-            field: "uncompressed chunk",
-            len: data_bytes,
-            limit: wire::MAX_CHUNK_PAYLOAD.into(),
-        }));
-    }
-    counters.bytes_on_wire.fetch_add(
-        (wire::HEADER_LEN + table_len) as u64 + payload_len,
-        Ordering::Relaxed,
-    );
+    let (seq, round, payload_len, runs) = (f.seq, f.round, f.payload_len, &f.runs);
     // Nothing lands before every page the chunk names is claimed: no other
     // chunk lands on them meanwhile.
-    let mut claim = match claim_runs(mem, &runs)? {
+    let mut claim = match claim_runs(mem, runs)? {
         Ok(c) => c,
         Err(busy) => {
-            tracing::warn!(
-                seq,
-                round,
-                "chunk refused, asking for it again: {busy} (a stale copy in flight?)"
-            );
             drain(stream, &mut bufs.scratch, payload_len as usize).await?;
-            counters.crc_errors.fetch_add(1, Ordering::Relaxed);
-            return Ok(Received::Chunk(seq, AckStatus::Busy));
+            return Ok(Received::Chunk(seq, inbound.busy(&f, busy, counters)));
         }
     };
     let mut tally = Tally::new(&inbound.ledger);
     for r in runs.iter().filter(|r| r.zero) {
         land_zero_run(&mut claim, mem, r, &mut tally)?;
     }
-    prefault(mem, &runs);
-    let decoded = match codec {
+    prefault(mem, runs);
+    let decoded = match f.codec {
         None => {
             match stream {
                 Stream::Plain(s) => {
-                    read_payload(s, &mut claim, mem, &runs, payload_len as usize, &mut tally)
-                        .await?
+                    read_payload(s, &mut claim, mem, runs, payload_len as usize, &mut tally).await?
                 }
-                Stream::Tls(t) => read_pages(&mut **t, &mut claim, mem, &runs, &mut tally).await?,
+                Stream::Tls(t) => read_pages(&mut **t, &mut claim, mem, runs, &mut tally).await?,
             }
             true
         }
@@ -1152,27 +1007,7 @@ async fn receive_frame<M: GuestMem>(
     let sum = tally.sum;
     drop(tally);
     drop(claim);
-    let status = if decoded && inbound.payload_ok(seq, round, sum, &h.payload_tag) {
-        counters
-            .payload_bytes
-            .fetch_add(data_bytes, Ordering::Relaxed);
-        counters.pages.fetch_add(
-            runs.iter().map(|r| u64::from(r.pages)).sum(),
-            Ordering::Relaxed,
-        );
-        counters.chunks.fetch_add(1, Ordering::Relaxed);
-        AckStatus::Landed
-    } else {
-        // During pre-copy a guest write racing the source's read causes
-        // this too; the page is dirty and is sent again anyway.
-        tracing::debug!(
-            seq,
-            round,
-            "payload tag mismatch: asking the source to send the chunk again"
-        );
-        counters.crc_errors.fetch_add(1, Ordering::Relaxed);
-        AckStatus::Mismatch
-    };
+    let status = inbound.landed(&f, decoded, sum, counters);
     Ok(Received::Chunk(seq, status))
 }
 
