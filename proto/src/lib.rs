@@ -15,6 +15,9 @@
 //! * [`source`]: the source's migration session (rounds, fence, switchover,
 //!   commit or abort) as a state machine: events and `now` in, messages
 //!   and steps out.
+//! * [`dest`]: the destination's migration session (rounds and fences
+//!   seen, progress timeout, `Ready`, the check of `Commit`, restore before
+//!   `Committed`) as a state machine.
 //! * [`handshake`]: the handshake's proofs (the source proves first, bound to
 //!   the TLS session and every frame before them) and the tags that
 //!   authenticate every control message after it.
@@ -37,6 +40,7 @@
 
 pub mod budget;
 pub mod control;
+pub mod dest;
 pub mod error;
 pub mod evidence;
 pub mod frame;
