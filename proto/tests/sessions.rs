@@ -271,6 +271,9 @@ impl Sim {
         if self.f.source_silent_at == Some("*") {
             return;
         }
+        if let Msg::Abort { .. } = m {
+            self.log.push("source sent Abort".into());
+        }
         self.src.sent.update(frame_bytes(&m));
         if let Some(m) = on_the_way(
             &mut self.f.drop_s2d,
@@ -930,6 +933,11 @@ fn a_lost_commit_times_the_destination_out_and_leaves_the_source_paused() {
     }
     assert!(!sim.src.s.guest_is_ours(), "left paused, not resumed");
     assert!(!sim.src.resumed_here);
+    assert!(
+        !sim.log.iter().any(|l| l == "source sent Abort"),
+        "after Commit the source takes nothing back: {:?}",
+        sim.log
+    );
     assert!(!sim.dst.resumed);
 }
 
@@ -948,6 +956,32 @@ fn a_lost_committed_leaves_the_source_paused_while_the_destination_runs() {
         Some(Err(SessionError::CommitUnconfirmed(_)))
     ));
     assert!(!sim.src.s.guest_is_ours(), "never two running copies");
+}
+
+#[test]
+fn a_fenced_for_other_channels_is_not_the_answer() {
+    let sim = run(
+        2,
+        3,
+        vec![PAGE, 2 * PAGE],
+        Faults {
+            kill: Some((1, 1, 0, Duration::ZERO)),
+            tamper_d2s: Some(("Fenced", |m| {
+                if let Msg::Fenced { channels } = m {
+                    channels.clear();
+                }
+            })),
+            ..Default::default()
+        },
+    );
+    let (s, _) = aborted(&sim);
+    assert_eq!(
+        *s,
+        SessionError::Unexpected {
+            expected: "Fenced",
+            got: "Fenced"
+        }
+    );
 }
 
 #[test]
