@@ -156,6 +156,11 @@ pub enum RejectReason {
     /// The offer's guest configuration (vCPUs, CPU vendor, device-state
     /// format) is not one this destination can restore.
     GuestConfig,
+    /// A relay's `--deliver-to` is outside the destination's
+    /// `--relay-allow` (the message names both).
+    RelayNotAllowed,
+    /// A relay opened more streams than its offer allows.
+    TooManyStreams,
 }
 
 impl std::fmt::Display for RejectReason {
@@ -171,6 +176,8 @@ impl std::fmt::Display for RejectReason {
             RejectReason::Network => "network not allowed",
             RejectReason::Encryption => "encryption required",
             RejectReason::GuestConfig => "guest configuration",
+            RejectReason::RelayNotAllowed => "relay destination not allowed",
+            RejectReason::TooManyStreams => "too many relay streams",
         };
         f.write_str(s)
     }
@@ -436,6 +443,59 @@ pub enum Msg {
     },
     /// Source, after `Committed`: the audit of its frozen memory.
     Audit(AuditReport),
+    /// A relay's request (`ferry relay`), in place of `Offer`: the
+    /// destination answers `Accept` or `Reject` (see [`crate::relay`]).
+    RelayOffer(crate::relay::RelayOffer),
+    /// Relay source: the hypervisor opened stream `stream` (accept order
+    /// from 0); the destination connects it to `deliver_to` in that order.
+    Open {
+        /// Stream id.
+        stream: u32,
+    },
+    /// Relay destination: stream `stream` is connected.
+    Opened {
+        /// Stream id.
+        stream: u32,
+    },
+    /// Relay destination: stream `stream` could not be connected; the
+    /// relay fails.
+    OpenFailed {
+        /// Stream id.
+        stream: u32,
+        /// Why.
+        error: String,
+    },
+    /// Relay, either way: the receiver of a stream direction wrote
+    /// `delivered` bytes into its hypervisor socket (the sender's window
+    /// moves), and with `finished` it checked the `Fin` and passed the EOF on.
+    Credit {
+        /// Stream id.
+        stream: u32,
+        /// Direction.
+        dir: crate::relay::Dir,
+        /// Bytes delivered.
+        delivered: u64,
+        /// End delivered and checked.
+        finished: bool,
+    },
+    /// Relay, either way: the sender's hypervisor closed this direction
+    /// after `length` bytes, whose keyed digest is `digest`.
+    Fin {
+        /// Stream id.
+        stream: u32,
+        /// Direction.
+        dir: crate::relay::Dir,
+        /// Bytes in the direction.
+        length: u64,
+        /// [`crate::relay::StreamDigest::finish`].
+        digest: [u8; 16],
+    },
+    /// Relay: every stream opened is done, each way (source first, the
+    /// destination confirms).
+    RelayEnd {
+        /// Streams opened.
+        streams: u32,
+    },
 }
 
 impl Msg {
@@ -463,6 +523,13 @@ impl Msg {
             Msg::RdmaAccept(_) => "RdmaAccept",
             Msg::Fence { .. } => "Fence",
             Msg::Fenced { .. } => "Fenced",
+            Msg::RelayOffer(_) => "RelayOffer",
+            Msg::Open { .. } => "Open",
+            Msg::Opened { .. } => "Opened",
+            Msg::OpenFailed { .. } => "OpenFailed",
+            Msg::Credit { .. } => "Credit",
+            Msg::Fin { .. } => "Fin",
+            Msg::RelayEnd { .. } => "RelayEnd",
         }
     }
 
@@ -768,6 +835,33 @@ mod tests {
             Msg::Fenced {
                 channels: vec!["[fd00::1]:40001".parse().unwrap()],
             },
+            Msg::RelayOffer(crate::relay::RelayOffer {
+                deliver_to: "127.0.0.1:4444".into(),
+                max_streams: 65,
+                window: 8 << 20,
+                chunk: 256 << 10,
+                option: PerformanceOption::Compression { codec: 1, level: 0 },
+                channels: 4,
+            }),
+            Msg::Open { stream: 2 },
+            Msg::Opened { stream: 2 },
+            Msg::OpenFailed {
+                stream: 2,
+                error: "connection refused".into(),
+            },
+            Msg::Credit {
+                stream: 1,
+                dir: crate::relay::Dir::Back,
+                delivered: 1 << 40,
+                finished: true,
+            },
+            Msg::Fin {
+                stream: 0,
+                dir: crate::relay::Dir::Forward,
+                length: 12345,
+                digest: [3; 16],
+            },
+            Msg::RelayEnd { streams: 5 },
         ];
         for m in msgs {
             assert_eq!(roundtrip(&m), m);

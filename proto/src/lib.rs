@@ -10,7 +10,7 @@
 //!   what the pause will cost).
 //! * [`switchover`]: the `Ready` / `Commit` / `Committed` proofs that bind
 //!   the transcripts, the evidence and the device state to the session.
-//! * [`session`]: the source's side of the handshake as a state machine
+//! * [`session`]: both sides of the handshake as state machines
 //!   (messages and transcripts in, messages out; no IO).
 //! * [`handshake`]: the handshake's proofs (the source proves first, bound to
 //!   the TLS session and every frame before them) and the tags that
@@ -25,6 +25,8 @@
 //! * [`net`]: interfaces, subnets and the one pairing rule of TCP
 //!   multichannel and RDMA; the channel limit [`net::MAX_CHANNELS`].
 //! * [`rdma`]: what the RDMA option exchanges on the control connection.
+//! * [`relay`]: `ferry relay`'s stream chunks and its state machines
+//!   (credit windows, reassembly, the open order, the end).
 //! * [`policy`]: which options combine (what each performance option can
 //!   encrypt and what each side then requires), in one place.
 #![forbid(unsafe_code)]
@@ -41,6 +43,7 @@ pub mod layout;
 pub mod net;
 pub mod policy;
 pub mod rdma;
+pub mod relay;
 pub mod session;
 pub mod switchover;
 pub mod wire;

@@ -1,17 +1,32 @@
-//! The source's side of the handshake as a state machine without IO: it
-//! takes the destination's messages (and the transcript hashes the driver
-//! keeps over the frames as they crossed the wire) and returns the next
-//! message to send, or the session keys once the destination has proven
-//! itself. The driver (`ferry_transport::conn`) only moves frames; every
-//! decision of the exchange is made here, for control connections and data
-//! channels alike. See [`crate::handshake`] for the exchange and its
-//! proofs.
+//! Both sides of the handshake as state machines without IO: each takes
+//! the peer's messages (and the transcript hashes the driver keeps over the
+//! frames as they crossed the wire) and returns the next message to send,
+//! or the session keys once the peer has proven itself. The driver
+//! (`ferry_transport::conn`) only moves frames; every decision of the
+//! exchange is made here, for control connections and data channels
+//! alike. See [`crate::handshake`] for the exchange and its proofs.
+//!
+//! The source ([`SourceHandshake`]):
 //!
 //! ```text
 //!  new() --Hello--> AwaitReply --HelloReply / Auth--> AwaitWelcome --Welcome--> Done
 //!                        |                                 |
 //!                        +-- Reject, other, bad version ---+-- Reject, other, bad proof --> error
 //! ```
+//!
+//! The destination ([`DestHandshake`]), once the daemon has read the
+//! `Hello` and chosen the version ([`negotiate`]); the source proves first,
+//! and nothing derived from a key is sent before its proof verified:
+//!
+//! ```text
+//!  new() --HelloReply--> AwaitAuth --Auth--> Claimed --welcome(credential)--> Done (Welcome sent)
+//!                            |                   |
+//!                            +-- other --> error +-- proof fails --> Reject(Auth) sent, error
+//! ```
+//!
+//! A control connection welcomes with the pre-shared key; a data channel's
+//! claim is first matched against the `data_channel` keys of the sessions
+//! that take channels ([`DestHandshake::proves`]).
 
 use crate::control::{Msg, RejectReason, Role, PROTOCOL_MAX, PROTOCOL_MIN};
 use crate::handshake::{self, HandshakeView, Prover};
@@ -222,6 +237,201 @@ impl SourceHandshake {
                 State::Done => "nothing (the handshake is over)",
             },
             got: msg.name(),
+        }
+    }
+}
+
+/// The highest version both sides speak, given the peer's range; `None`
+/// when the ranges do not meet.
+pub fn negotiate(peer_min: u16, peer_max: u16) -> Option<u16> {
+    let v = peer_max.min(PROTOCOL_MAX);
+    (v >= peer_min && v >= PROTOCOL_MIN).then_some(v)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum DestState {
+    AwaitAuth,
+    Claimed {
+        proof: [u8; 32],
+        before: Transcripts,
+    },
+    Done,
+}
+
+/// The destination's handshake on one connection, after the `Hello`.
+#[derive(Debug, Clone)]
+pub struct DestHandshake {
+    role: Role,
+    binding: Vec<u8>,
+    nonce_s: [u8; 32],
+    nonce_d: [u8; 32],
+    version: u16,
+    state: DestState,
+}
+
+/// The destination refused the source's proof: what to tell it
+/// ([`Refusal::reject`]) and the error to report here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The explanation the source gets.
+    pub message: &'static str,
+    /// Why, for this side.
+    pub error: HandshakeError,
+}
+
+impl Refusal {
+    /// The `Reject` to send.
+    pub fn reject(&self) -> Msg {
+        Msg::Reject {
+            reason: RejectReason::Auth,
+            message: self.message.into(),
+        }
+    }
+}
+
+impl DestHandshake {
+    /// Starts the destination's side of a connection of `role` whose
+    /// `Hello` carried the source's `nonce_s`, at the negotiated `version`,
+    /// with the destination's fresh `nonce_d` and the connection's channel
+    /// `binding` (empty on plaintext). Returns the machine and the
+    /// `HelloReply` to send: a version and a nonce, nothing derived from
+    /// any key.
+    pub fn new(
+        role: Role,
+        binding: Vec<u8>,
+        nonce_s: [u8; 32],
+        version: u16,
+        nonce_d: [u8; 32],
+    ) -> (Self, Msg) {
+        (
+            DestHandshake {
+                role,
+                binding,
+                nonce_s,
+                nonce_d,
+                version,
+                state: DestState::AwaitAuth,
+            },
+            Msg::HelloReply {
+                version,
+                nonce: nonce_d,
+            },
+        )
+    }
+
+    /// The source's proof. `before`: the transcripts before `msg`, including
+    /// our `HelloReply` (what the source's proof covers). Nothing is checked
+    /// yet: the credential to check it with may depend on the claim
+    /// ([`DestHandshake::proves`]).
+    pub fn on_auth(&mut self, msg: Msg, before: Transcripts) -> Result<(), HandshakeError> {
+        if self.state != DestState::AwaitAuth {
+            return Err(HandshakeError::Unexpected {
+                expected: self.expected(),
+                got: msg.name(),
+            });
+        }
+        match msg {
+            Msg::Auth { proof } => {
+                self.state = DestState::Claimed { proof, before };
+                Ok(())
+            }
+            m => Err(HandshakeError::Unexpected {
+                expected: "Auth",
+                got: m.name(),
+            }),
+        }
+    }
+
+    /// True if the source's proof verifies under `credential` (constant
+    /// time); false before the proof came.
+    pub fn proves(&self, credential: &Credential) -> bool {
+        let DestState::Claimed { proof, before } = &self.state else {
+            return false;
+        };
+        let view = HandshakeView {
+            binding: &self.binding,
+            s2d: before.s2d,
+            d2s: before.d2s,
+        };
+        match credential {
+            Credential::Psk(k) => handshake::verify_key_proof(k, Prover::Source, &view, proof),
+            Credential::Session(k) => handshake::verify_data_proof(k, Prover::Source, &view, proof),
+        }
+    }
+
+    /// Checks the source's proof under `credential` and, if it verifies,
+    /// proves the destination: returns the `Welcome` to send and the
+    /// session (a control connection's keys derived from the pre-shared
+    /// key and both nonces). `now`: the transcripts after the source's
+    /// `Auth` (what the destination's proof covers). If it does not
+    /// verify: the `Reject` to send and the error.
+    pub fn welcome(
+        &mut self,
+        credential: &Credential,
+        now: Transcripts,
+    ) -> Result<(Msg, Established), Refusal> {
+        if !matches!(self.state, DestState::Claimed { .. }) {
+            return Err(Refusal {
+                message: "authentication failed: no proof before the welcome",
+                error: HandshakeError::Unexpected {
+                    expected: self.expected(),
+                    got: "nothing",
+                },
+            });
+        }
+        if !self.proves(credential) {
+            let (message, why) = match credential {
+                Credential::Psk(_) => (
+                    "authentication failed: the source's proof does not match this destination's key (the two --auth-key-file keys differ, or something in between relays the connection)",
+                    "the source's proof does not match our key (the two --auth-key-file keys differ, or something in between relays the connection)",
+                ),
+                Credential::Session(_) => (
+                    "authentication failed: the data channel's proof is not from this session",
+                    "the data channel's proof is not from this session",
+                ),
+            };
+            return Err(Refusal {
+                message,
+                error: HandshakeError::AuthFailed(why),
+            });
+        }
+        let view = HandshakeView {
+            binding: &self.binding,
+            s2d: now.s2d,
+            d2s: now.d2s,
+        };
+        let (proof, keys) = match credential {
+            Credential::Psk(k) => (
+                handshake::key_proof(k, Prover::Destination, &view),
+                Some(SessionKeys::derive(k, &self.nonce_s, &self.nonce_d)),
+            ),
+            Credential::Session(k) => (handshake::data_proof(k, Prover::Destination, &view), None),
+        };
+        self.state = DestState::Done;
+        Ok((
+            Msg::Welcome { proof },
+            Established {
+                version: self.version,
+                keys,
+            },
+        ))
+    }
+
+    /// The role the source's hello named.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// True once the destination has welcomed the source.
+    pub fn is_done(&self) -> bool {
+        self.state == DestState::Done
+    }
+
+    fn expected(&self) -> &'static str {
+        match self.state {
+            DestState::AwaitAuth => "Auth",
+            DestState::Claimed { .. } => "nothing (the proof is being checked)",
+            DestState::Done => "nothing (the handshake is over)",
         }
     }
 }
@@ -517,5 +727,206 @@ mod tests {
                 nonce: [9; 32]
             }
         );
+    }
+
+    /// Both machines against each other through [`Wire`]: the source with
+    /// `src`, the destination welcoming with `dst` (a hello edited on the
+    /// way by `edit`, as the destination hears it). Returns the source's
+    /// outcome and the destination's.
+    fn both(
+        role: Role,
+        src: Credential,
+        dst: Credential,
+        edit: fn(Msg) -> Msg,
+    ) -> (
+        Result<Established, HandshakeError>,
+        Result<Established, Refusal>,
+    ) {
+        let mut w = Wire {
+            binding: vec![3; 32],
+            ..Default::default()
+        };
+        let mut heard = Wire {
+            binding: vec![3; 32],
+            ..Default::default()
+        };
+        let (mut hs, hello) = SourceHandshake::new(role, src, w.binding.clone(), [1; 32]);
+        let hello = edit(w.source_sends(&hello));
+        let _ = heard.source_sends(&hello);
+        let Msg::Hello {
+            min_version,
+            max_version,
+            nonce,
+            ..
+        } = hello
+        else {
+            panic!("a Hello")
+        };
+        let version = negotiate(min_version, max_version).unwrap();
+        let (mut d, reply) =
+            DestHandshake::new(role, heard.binding.clone(), nonce, version, [2; 32]);
+        let _ = heard.dest_sends(&reply);
+        let reply = w.dest_sends(&reply);
+        let auth = hs.on_reply(reply, w.t()).unwrap();
+        let _ = w.source_sends(&auth);
+        let before = heard.t();
+        let auth = heard.source_sends(&auth);
+        d.on_auth(auth, before).unwrap();
+        let welcomed = d.welcome(&dst, heard.t());
+        let answer = match &welcomed {
+            Ok((m, _)) => m.clone(),
+            Err(r) => r.reject(),
+        };
+        let _ = heard.dest_sends(&answer);
+        let before = w.t();
+        let answer = w.dest_sends(&answer);
+        (hs.on_welcome(answer, before), welcomed.map(|(_, e)| e))
+    }
+
+    #[test]
+    fn source_and_destination_machines_agree_on_the_session_keys() {
+        let psk = Credential::Psk(PSK.to_vec());
+        let (s, d) = both(Role::Control, psk.clone(), psk, |m| m);
+        let (s, d) = (s.unwrap(), d.unwrap());
+        assert_eq!(s.version, d.version);
+        let (ks, kd) = (s.keys.unwrap(), d.keys.unwrap());
+        assert!(kd.commit.verify(&[b"c"], &ks.commit.mac(&[b"c"])));
+        assert_eq!(ks.frame.tag(&[b"f"]), kd.frame.tag(&[b"f"]));
+    }
+
+    #[test]
+    fn the_destination_refuses_another_key_before_proving_anything() {
+        let (s, d) = both(
+            Role::Control,
+            Credential::Psk(PSK.to_vec()),
+            Credential::Psk(vec![0x22; 32]),
+            |m| m,
+        );
+        let r = d.unwrap_err();
+        assert!(matches!(
+            r.reject(),
+            Msg::Reject {
+                reason: RejectReason::Auth,
+                ..
+            }
+        ));
+        assert!(matches!(r.error, HandshakeError::AuthFailed(_)));
+        // The source hears the refusal, not a welcome.
+        assert!(matches!(s, Err(HandshakeError::Rejected { .. })), "{s:?}");
+    }
+
+    #[test]
+    fn the_destination_refuses_a_hello_changed_on_the_way() {
+        let (s, d) = both(
+            Role::Control,
+            Credential::Psk(PSK.to_vec()),
+            Credential::Psk(PSK.to_vec()),
+            |m| match m {
+                Msg::Hello {
+                    min_version,
+                    max_version,
+                    role,
+                    mut nonce,
+                } => {
+                    nonce[5] ^= 1;
+                    Msg::Hello {
+                        min_version,
+                        max_version,
+                        role,
+                        nonce,
+                    }
+                }
+                m => m,
+            },
+        );
+        assert!(d.is_err());
+        assert!(s.is_err());
+    }
+
+    #[test]
+    fn a_data_channel_is_matched_to_its_session_and_only_to_it() {
+        let ours = MacKey::from_bytes([5; 32]);
+        let other = MacKey::from_bytes([6; 32]);
+        let (s, d) = both(
+            Role::Data,
+            Credential::Session(ours.clone()),
+            Credential::Session(ours.clone()),
+            |m| m,
+        );
+        assert!(s.unwrap().keys.is_none() && d.unwrap().keys.is_none());
+        // The claim, checked against several sessions' keys.
+        let (mut d, _) = DestHandshake::new(Role::Data, vec![], [0; 32], 2, [2; 32]);
+        assert!(
+            !d.proves(&Credential::Session(ours.clone())),
+            "no proof yet"
+        );
+        let view = HandshakeView {
+            binding: &[],
+            s2d: [7; 32],
+            d2s: [8; 32],
+        };
+        let proof = handshake::data_proof(&ours, Prover::Source, &view);
+        let before = Transcripts {
+            s2d: [7; 32],
+            d2s: [8; 32],
+        };
+        d.on_auth(Msg::Auth { proof }, before).unwrap();
+        assert!(d.proves(&Credential::Session(ours.clone())));
+        assert!(!d.proves(&Credential::Session(other.clone())));
+        assert!(
+            !d.proves(&Credential::Psk(vec![5; 32])),
+            "not a control proof"
+        );
+        let r = d
+            .clone()
+            .welcome(&Credential::Session(other), before)
+            .unwrap_err();
+        assert!(matches!(r.error, HandshakeError::AuthFailed(_)));
+        assert!(!d.is_done());
+        d.welcome(&Credential::Session(ours), before).unwrap();
+        assert!(d.is_done());
+        assert_eq!(d.role(), Role::Data);
+    }
+
+    #[test]
+    fn the_destination_takes_one_auth_and_nothing_else() {
+        let fresh = || DestHandshake::new(Role::Control, vec![], [0; 32], 2, [2; 32]);
+        let (d, reply) = fresh();
+        assert_eq!(
+            reply,
+            Msg::HelloReply {
+                version: 2,
+                nonce: [2; 32]
+            }
+        );
+        assert_eq!(
+            d.clone().on_auth(Msg::Ping { seq: 1 }, zero()),
+            Err(HandshakeError::Unexpected {
+                expected: "Auth",
+                got: "Ping"
+            })
+        );
+        let mut d2 = d.clone();
+        d2.on_auth(Msg::Auth { proof: [0; 32] }, zero()).unwrap();
+        assert!(matches!(
+            d2.on_auth(Msg::Auth { proof: [0; 32] }, zero()),
+            Err(HandshakeError::Unexpected { .. })
+        ));
+        // A welcome before any proof is refused.
+        let r = fresh()
+            .0
+            .welcome(&Credential::Psk(PSK.to_vec()), zero())
+            .unwrap_err();
+        assert!(matches!(r.error, HandshakeError::Unexpected { .. }));
+        assert!(matches!(r.reject(), Msg::Reject { .. }));
+    }
+
+    #[test]
+    fn negotiation_picks_the_highest_common_version() {
+        assert_eq!(negotiate(PROTOCOL_MIN, PROTOCOL_MAX), Some(PROTOCOL_MAX));
+        assert_eq!(negotiate(0, u16::MAX), Some(PROTOCOL_MAX));
+        assert_eq!(negotiate(PROTOCOL_MAX + 1, u16::MAX), None);
+        assert_eq!(negotiate(0, PROTOCOL_MIN - 1), None);
+        assert_eq!(negotiate(5, 3), None, "an empty range");
     }
 }

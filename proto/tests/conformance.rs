@@ -14,6 +14,9 @@ use ferry_proto::rdma::{
     check_accept, check_offer, RdmaAccept, RdmaChannel, RdmaEndpoint, RdmaOffer, RdmaRegionKey,
     MAX_RDMA_CHANNELS,
 };
+use ferry_proto::relay::{
+    Dir, RelayAck, RelayKeys, RelayOffer, StreamChunk, ACK_LEN as RELAY_ACK_LEN, CHUNK_HEADER_LEN,
+};
 use ferry_proto::wire::{
     decode_runs, run_table, AckFrame, AckStatus, ChunkHeader, ChunkKind, Codec, CompressedHeader,
     CompressionSpec, ACK_LEN, FLAG_COMPRESSED, HEADER_LEN, MAX_CHUNK_PAYLOAD, MAX_RUNS,
@@ -554,6 +557,41 @@ fn every_message() -> Vec<Msg> {
             pause_actual: Default::default(),
             mac: [0; 32],
         }),
+        Msg::RelayOffer(RelayOffer {
+            deliver_to: "[::1]:4444".into(),
+            max_streams: 65,
+            window: 8 << 20,
+            chunk: 256 << 10,
+            option: PerformanceOption::Tcp,
+            channels: 4,
+        }),
+        Msg::Reject {
+            reason: RejectReason::RelayNotAllowed,
+            message: "10.0.0.1:4444".into(),
+        },
+        Msg::Reject {
+            reason: RejectReason::TooManyStreams,
+            message: "66".into(),
+        },
+        Msg::Open { stream: 0 },
+        Msg::Opened { stream: u32::MAX },
+        Msg::OpenFailed {
+            stream: 1,
+            error: String::new(),
+        },
+        Msg::Credit {
+            stream: 0,
+            dir: Dir::Forward,
+            delivered: u64::MAX,
+            finished: false,
+        },
+        Msg::Fin {
+            stream: 64,
+            dir: Dir::Back,
+            length: 0,
+            digest: [0xff; 16],
+        },
+        Msg::RelayEnd { streams: 65 },
     ]
 }
 
@@ -587,8 +625,9 @@ fn every_message_has_a_distinct_name() {
     let mut names: Vec<&str> = every_message().iter().map(Msg::name).collect();
     names.sort_unstable();
     names.dedup();
-    // Offer appears three times above (one per option).
-    assert_eq!(names.len(), every_message().len() - 2);
+    // Offer appears three times above (one per option), Reject three
+    // times (the relay's two reasons).
+    assert_eq!(names.len(), every_message().len() - 4);
 }
 
 #[test]
@@ -845,5 +884,74 @@ fn no_decoder_panics_on_short_or_random_input() {
         for end in 0..=body.len() {
             ferry_proto::control::fuzz_check(&body[..end]);
         }
+    }
+}
+
+#[test]
+fn stream_chunks_and_relay_acks_round_trip_and_name_each_malformed_field() {
+    let k = RelayKeys::from_frame_key(&key());
+    let payload = b"QEVM\0\0\0\x03";
+    let c = StreamChunk {
+        stream: 0,
+        dir: Dir::Forward,
+        offset: 1 << 33,
+        raw_len: payload.len() as u32,
+        wire_len: payload.len() as u32,
+        codec: 0,
+        seq: u64::MAX,
+        digest: k.chunk_digest(payload),
+    };
+    let b = c.encode(&k);
+    assert_eq!(StreamChunk::decode(&b, &k, 1 << 18).unwrap(), c);
+    // Fields are checked after the tag: re-tag a changed header to reach them.
+    let field = |mutate: &dyn Fn(&mut StreamChunk)| {
+        let mut m = c;
+        mutate(&mut m);
+        StreamChunk::decode(&m.encode(&k), &k, 1 << 18)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(field(&|m| m.raw_len = 0).contains("stream chunk length"));
+    assert!(field(&|m| m.raw_len = (1 << 18) + 1).contains("above the limit"));
+    assert!(field(&|m| m.wire_len = 3).contains("wire length"));
+    assert!(field(&|m| m.codec = 9).contains("codec"));
+    assert!(field(&|m| {
+        m.codec = 1;
+        m.wire_len = m.raw_len + 1;
+    })
+    .contains("compressed bytes"));
+    assert!(field(&|m| m.offset = u64::MAX).contains("overflows"));
+    let mut bad = b;
+    bad[..4].copy_from_slice(b"FRYX");
+    assert!(matches!(
+        StreamChunk::decode(&bad, &k, 1 << 18),
+        Err(WireError::BadMagic { .. })
+    ));
+    let mut bad = b;
+    bad[5] = 7;
+    let e = StreamChunk::decode(&bad, &k, 1 << 18).unwrap_err();
+    assert_eq!(
+        e.kind(),
+        WireKind::Misbehaved,
+        "a changed direction fails the tag: {e}"
+    );
+    let a = RelayAck { seq: 5 }.encode(&k);
+    assert_eq!(RelayAck::decode(&a, &k).unwrap(), RelayAck { seq: 5 });
+    // Random headers never panic and never pass.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for _ in 0..2000 {
+        let mut h = [0u8; CHUNK_HEADER_LEN];
+        for b in h.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        h[..4].copy_from_slice(b"FRYS");
+        assert!(StreamChunk::decode(&h, &k, 1 << 18).is_err());
+        let mut a = [0u8; RELAY_ACK_LEN];
+        a.copy_from_slice(&h[..RELAY_ACK_LEN]);
+        a[..4].copy_from_slice(b"FRYA");
+        assert!(RelayAck::decode(&a, &k).is_err());
     }
 }

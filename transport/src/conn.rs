@@ -7,8 +7,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_proto::handshake::{self, ControlTags, HandshakeView, Prover, TAG_LEN};
-use ferry_proto::session::{Credential, Established, SourceHandshake, Transcripts};
+use ferry_proto::handshake::{ControlTags, Prover, TAG_LEN};
+use ferry_proto::session::{
+    self, Credential, DestHandshake, Established, SourceHandshake, Transcripts,
+};
 use ferry_proto::{MacKey, SessionKeys};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
@@ -261,7 +263,13 @@ impl Conn {
 
     /// The source's transcripts, in [`SourceHandshake`]'s terms.
     fn source_transcripts(&self) -> Transcripts {
-        let (s2d, d2s) = self.transcripts(Prover::Source);
+        self.source_transcripts_from(Prover::Source)
+    }
+
+    /// The transcripts as `side` holds them, put the source's way round
+    /// (the terms of both handshake machines).
+    fn source_transcripts_from(&self, side: Prover) -> Transcripts {
+        let (s2d, d2s) = self.transcripts(side);
         Transcripts { s2d, d2s }
     }
 
@@ -304,60 +312,66 @@ impl Conn {
         Ok(done.version)
     }
 
-    /// Destination side of the handshake after the hello was read: sends
-    /// its nonce (nothing derived from the key), checks the source's proof,
-    /// and only then proves itself.
+    /// Destination side of the handshake after the hello was read: drives
+    /// [`DestHandshake`] (sends its nonce, nothing derived from the key;
+    /// checks the source's proof, and only then proves itself).
     pub async fn server_authenticate(
         &mut self,
         key: &AuthKey,
         nonce_s: [u8; 32],
         version: u16,
     ) -> Result<()> {
-        let nonce_d = auth::nonce();
-        self.send(&Msg::HelloReply {
-            version,
-            nonce: nonce_d,
-        })
-        .await?;
-        let binding = self.binding()?;
-        let (s2d, d2s) = self.transcripts(Prover::Destination);
-        let proof_s = match self.recv("the source's authentication").await? {
-            Msg::Auth { proof } => proof,
-            m => {
-                return Err(TransportError::Unexpected {
-                    expected: "Auth",
-                    got: m.name().into(),
-                })
-            }
-        };
-        let view = HandshakeView {
-            binding: &binding,
-            s2d,
-            d2s,
-        };
-        if !handshake::verify_key_proof(key.bytes(), Prover::Source, &view, &proof_s) {
-            let _ = self
-                .send(&Msg::Reject {
-                    reason: RejectReason::Auth,
-                    message: "authentication failed: the source's proof does not match this destination's key (the two --auth-key-file keys differ, or something in between relays the connection)".into(),
-                })
-                .await;
-            return Err(TransportError::AuthFailed(
-                "the source's proof does not match our key (the two --auth-key-file keys differ, or something in between relays the connection)",
-            ));
-        }
-        let (s2d, d2s) = self.transcripts(Prover::Destination);
-        let view = HandshakeView {
-            binding: &binding,
-            s2d,
-            d2s,
-        };
-        self.send(&Msg::Welcome {
-            proof: handshake::key_proof(key.bytes(), Prover::Destination, &view),
-        })
-        .await?;
-        self.authenticated(key.session_keys(&nonce_s, &nonce_d), Prover::Destination);
+        let mut hs = self.challenge(Role::Control, nonce_s, version).await?;
+        let credential = Credential::Psk(key.bytes().to_vec());
+        let done = self.welcome(&mut hs, &credential).await?;
+        let keys = done.keys.ok_or(TransportError::AuthFailed(
+            "no session keys after the control handshake",
+        ))?;
+        self.authenticated(keys, Prover::Destination);
         Ok(())
+    }
+
+    /// Sends the destination's `HelloReply` and reads the source's proof
+    /// into a new [`DestHandshake`].
+    async fn challenge(
+        &mut self,
+        role: Role,
+        nonce_s: [u8; 32],
+        version: u16,
+    ) -> Result<DestHandshake> {
+        let binding = self.binding()?;
+        let (mut hs, reply) = DestHandshake::new(role, binding, nonce_s, version, auth::nonce());
+        self.send(&reply).await?;
+        let before = self.source_transcripts_from(Prover::Destination);
+        let what = match role {
+            Role::Control => "the source's authentication",
+            Role::Data => "the data channel's proof",
+        };
+        let auth = self.recv(what).await?;
+        hs.on_auth(auth, before)?;
+        Ok(hs)
+    }
+
+    /// Sends what [`DestHandshake::welcome`] decides: its `Welcome`, or its
+    /// `Reject` and the error.
+    async fn welcome(
+        &mut self,
+        hs: &mut DestHandshake,
+        credential: &Credential,
+    ) -> Result<Established> {
+        match hs.welcome(
+            credential,
+            self.source_transcripts_from(Prover::Destination),
+        ) {
+            Ok((welcome, done)) => {
+                self.send(&welcome).await?;
+                Ok(done)
+            }
+            Err(refusal) => {
+                let _ = self.send(&refusal.reject()).await;
+                Err(refusal.error.into())
+            }
+        }
     }
 
     /// Destination side of a data channel after its hello was read: sends
@@ -366,42 +380,18 @@ impl Conn {
     /// ([`DataClaim::belongs_to`]), then answered with [`Conn::admit_data`]
     /// or a rejection.
     pub async fn data_challenge(&mut self, version: u16) -> Result<DataClaim> {
-        self.send(&Msg::HelloReply {
-            version,
-            nonce: auth::nonce(),
-        })
-        .await?;
-        let binding = self.binding()?;
-        let before = self.transcripts(Prover::Destination);
-        let proof = match self.recv("the data channel's proof").await? {
-            Msg::Auth { proof } => proof,
-            m => {
-                return Err(TransportError::Unexpected {
-                    expected: "Auth",
-                    got: m.name().into(),
-                })
-            }
-        };
-        Ok(DataClaim {
-            binding,
-            before,
-            after: self.transcripts(Prover::Destination),
-            proof,
-        })
+        // The data channel's hello nonce is not used: it derives nothing.
+        let hs = self.challenge(Role::Data, [0; 32], version).await?;
+        Ok(DataClaim { hs })
     }
 
     /// Admits a data channel whose claim matched `key`: sends the
     /// destination's proof of the same session.
     pub async fn admit_data(&mut self, claim: &DataClaim, key: &MacKey) -> Result<()> {
-        let view = HandshakeView {
-            binding: &claim.binding,
-            s2d: claim.after.0,
-            d2s: claim.after.1,
-        };
-        self.send(&Msg::Welcome {
-            proof: handshake::data_proof(key, Prover::Destination, &view),
-        })
-        .await
+        let mut hs = claim.hs.clone();
+        self.welcome(&mut hs, &Credential::Session(key.clone()))
+            .await
+            .map(|_| ())
     }
 
     /// Sends a rejection and returns the matching error.
@@ -421,23 +411,14 @@ impl Conn {
 /// sessions that take channels.
 #[derive(Debug, Clone)]
 pub struct DataClaim {
-    binding: Vec<u8>,
-    /// Transcripts (source's, destination's) before and after the proof.
-    before: ([u8; 32], [u8; 32]),
-    after: ([u8; 32], [u8; 32]),
-    proof: [u8; 32],
+    hs: DestHandshake,
 }
 
 impl DataClaim {
     /// True if the channel proved it belongs to the session of `key` (its
     /// `data_channel` key); constant time.
     pub fn belongs_to(&self, key: &MacKey) -> bool {
-        let view = HandshakeView {
-            binding: &self.binding,
-            s2d: self.before.0,
-            d2s: self.before.1,
-        };
-        handshake::verify_data_proof(key, Prover::Source, &view, &self.proof)
+        self.hs.proves(&Credential::Session(key.clone()))
     }
 }
 
@@ -462,18 +443,15 @@ pub async fn open_data_channel(
     Ok(c.into_stream())
 }
 
-/// Picks the highest version both sides speak.
+/// Picks the highest version both sides speak
+/// ([`ferry_proto::session::negotiate`]).
 pub fn negotiate(peer_min: u16, peer_max: u16) -> Result<u16> {
-    let v = peer_max.min(PROTOCOL_MAX);
-    if v < peer_min || v < PROTOCOL_MIN {
-        return Err(TransportError::UnsupportedVersion {
-            peer_min,
-            peer_max,
-            ours_min: PROTOCOL_MIN,
-            ours_max: PROTOCOL_MAX,
-        });
-    }
-    Ok(v)
+    session::negotiate(peer_min, peer_max).ok_or(TransportError::UnsupportedVersion {
+        peer_min,
+        peer_max,
+        ours_min: PROTOCOL_MIN,
+        ours_max: PROTOCOL_MAX,
+    })
 }
 
 /// Reads one framed message; an `Abort` from the peer becomes
