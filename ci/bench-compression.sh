@@ -33,7 +33,7 @@ for p in qemu-system-x86 iproute2 python3; do
 done
 
 if [ -z "${FERRY:-}" ]; then
-    cargo build --release --locked -q -p ferry-migration
+    cargo build --release --locked -q -p ferry-cli --bin ferry
     FERRY=$PWD/target/release/ferry
 fi
 WORK=$(mktemp -d /tmp/ferry-bench.XXXXXX)

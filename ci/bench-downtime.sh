@@ -54,7 +54,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 cd "$ROOT"
-cargo build --release --locked -q -p ferry-migration --bin ferry
+cargo build --release --locked -q -p ferry-cli --bin ferry
 FERRY=$ROOT/target/release/ferry
 WORK=$(mktemp -d)
 cleanup() {

@@ -35,7 +35,7 @@ while [ $# -gt 0 ]; do
 done
 cd "$ROOT"
 if [ -z "${FERRY:-}" ]; then
-    cargo build --release --locked -q -p ferry-migration --bin ferry
+    cargo build --release --locked -q -p ferry-cli --bin ferry
     FERRY=$ROOT/target/release/ferry
 fi
 if [ -n "$BEFORE" ] && [ ! -x "$BEFORE" ]; then

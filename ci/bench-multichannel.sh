@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
 done
 [ "$(id -u)" = 0 ] || { echo "bench-multichannel.sh: needs root (network namespaces)" >&2; exit 1; }
 cd "$ROOT"
-cargo build --release --locked -q -p ferry-migration --bin ferry
+cargo build --release --locked -q -p ferry-cli --bin ferry
 FERRY=$ROOT/target/release/ferry
 WORK=$(mktemp -d)
 if ip netns list | awk '{print $1}' | grep -qx ferry-src; then KEEP=1; fi

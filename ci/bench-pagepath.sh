@@ -44,7 +44,7 @@ if [ -z "$BASELINE" ] || [ ! -x "$BASELINE" ]; then
     exit 2
 fi
 cd "$ROOT"
-cargo build --release --locked -q -p ferry-migration --bin ferry
+cargo build --release --locked -q -p ferry-cli --bin ferry
 NEW=$ROOT/target/release/ferry
 WORK=$(mktemp -d)
 cleanup() { kill "${LPID:-}" 2>/dev/null || true; rm -rf "$WORK"; }

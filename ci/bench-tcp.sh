@@ -57,7 +57,7 @@ need iperf3 iperf3
 if [ ! -x /usr/bin/time ]; then need /usr/bin/time time; fi
 cd "$ROOT"
 if [ -z "${FERRY:-}" ]; then
-    cargo build --release --locked -q -p ferry-migration --bin ferry
+    cargo build --release --locked -q -p ferry-cli --bin ferry
     FERRY=$ROOT/target/release/ferry
 fi
 if [ -n "$BEFORE" ] && [ ! -x "$BEFORE" ]; then

@@ -15,5 +15,5 @@ if [ "${#missing[@]}" -gt 0 ]; then
     "${SUDO[@]}" apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
-cargo build --release --locked -q -p ferry-migration --bin ferry
+cargo build --release --locked -q -p ferry-cli --bin ferry
 exec target/release/ferry demo "$@"

@@ -35,7 +35,7 @@ if ! command -v perf >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends linux-perf >/dev/null
 fi
 if [ -z "$FERRY" ]; then
-    (cd "$ROOT" && cargo build --release --locked -q -p ferry-migration --bin ferry)
+    (cd "$ROOT" && cargo build --release --locked -q -p ferry-cli --bin ferry)
     FERRY=$ROOT/target/release/ferry
 fi
 WORK=$(mktemp -d)

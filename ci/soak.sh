@@ -38,9 +38,9 @@ NET=10.251.77
 
 if [ -z "${FERRY:-}" ]; then
     if [ "$PROFILE" = release ]; then
-        (cd "$ROOT" && cargo build --release --locked -q -p ferry-migration --bin ferry)
+        (cd "$ROOT" && cargo build --release --locked -q -p ferry-cli --bin ferry)
     else
-        (cd "$ROOT" && cargo build --locked -q -p ferry-migration --bin ferry)
+        (cd "$ROOT" && cargo build --locked -q -p ferry-cli --bin ferry)
     fi
     FERRY=$ROOT/target/$PROFILE/ferry
 fi

@@ -31,7 +31,7 @@ done
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 cd "$ROOT"
 cargo build -p ferry-ffi --features rdma --release --example rdma_selftest
-cargo build --release -p ferry-migration --bin ferry
+cargo build --release -p ferry-cli --bin ferry
 SELFTEST=$CARGO_TARGET_DIR/release/examples/rdma_selftest
 FERRY=$CARGO_TARGET_DIR/release/ferry
 command -v ib_write_bw >/dev/null || { echo "bench.sh: ib_write_bw missing: run ci/softroce/install.sh" >&2; exit 1; }

@@ -31,7 +31,7 @@ done
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 cd "$ROOT"
 echo "== build ferry and the rdma probe (release, host, feature rdma) =="
-cargo build --release -p ferry-migration --bin ferry
+cargo build --release -p ferry-cli --bin ferry
 cargo build -p ferry-ffi --features rdma --release --example rdma_selftest
 FERRY=$CARGO_TARGET_DIR/release/ferry
 PROBE=$CARGO_TARGET_DIR/release/examples/rdma_selftest

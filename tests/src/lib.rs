@@ -35,14 +35,7 @@ pub fn ferry_bin() -> PathBuf {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "ferry-migration",
-            "--bin",
-            "ferry",
-        ]);
+        cmd.args(["build", "--quiet", "-p", "ferry-cli", "--bin", "ferry"]);
         if release {
             cmd.arg("--release");
         }

@@ -1,24 +1,118 @@
-//! The `ferry` command's parts: flags, subcommands, progress and output.
+//! `ferry`: live-migrate guest memory.
+//!
+//! * `ferry listen`: destination daemon.
+//! * `ferry send`: source, with a built-in synthetic guest.
+//! * `ferry demo`: both ends in one process over loopback.
+//! * `ferry nics`: this host's interfaces as multichannel sees them.
+//! * `ferry gen-key`: a new pre-shared key file for `--auth-key-file`.
+//! * `ferry gen-certs`: a test CA and host certificates for `--tls-dir`.
+//!
+//! The parts: `args` (every flag), `listen`, `send` (send and demo),
+//! `session` (outputs of one migration), `tools` (nics, report, gen-key,
+//! gen-certs), `certs` (the test PKI of gen-certs), `progress`, `summary`,
+//! `units`, `logging`, `signals`, `help`. The helpers shared by the
+//! subcommands (where results go, the synthetic guest's resume hook, exit
+//! statuses) are below `main`.
 
 use std::sync::Arc;
 
+use args::{DemoArgs, GenCertsArgs, GenKeyArgs, ListenArgs, NicsArgs, ReportArgs, SendArgs};
+use clap::{Parser, Subcommand};
 use ferry_migration::dest::{GuestSupport, ResumeHook};
 use ferry_migration::guest::{verify_pages, SyntheticState, SYNTHETIC_FORMAT};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::proto::DEFAULT_PORT;
 use ferry_transport::tls::TlsConfig;
 
-pub mod args;
-pub mod help;
-pub mod listen;
-pub mod logging;
-pub mod progress;
-pub mod send;
-pub mod session;
-pub mod signals;
-pub mod summary;
-pub mod tools;
-pub mod units;
+mod args;
+mod certs;
+mod help;
+mod listen;
+mod logging;
+mod progress;
+mod send;
+mod session;
+mod signals;
+mod summary;
+mod tools;
+mod units;
+
+/// Ferry: live-migration memory transport.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Ferry: live-migrate guest memory between hosts (pre-copy over TCP, compression or RDMA, on every NIC at once)",
+    long_about = None,
+    after_help = help::TOP_EXAMPLES
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    #[command(flatten)]
+    log: logging::LogArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Destination daemon: accept incoming migrations.
+    #[command(after_help = help::LISTEN_EXAMPLES)]
+    Listen(ListenArgs),
+    /// Source: migrate a synthetic guest to a destination.
+    #[command(after_help = help::SEND_EXAMPLES)]
+    Send(SendArgs),
+    /// Both ends in one process over loopback (1 GiB guest dirtying 64 MB/s unless told otherwise).
+    #[command(after_help = help::DEMO_EXAMPLES)]
+    Demo(DemoArgs),
+    /// List this host's interfaces as multichannel sees them: address,
+    /// prefix, link speed, RDMA device, and whether they can carry a migration.
+    #[command(after_help = help::NICS_EXAMPLES)]
+    Nics(NicsArgs),
+    /// Summarise a `ferry send --json` record, and draw it as an SVG.
+    #[command(after_help = help::REPORT_EXAMPLES)]
+    Report(ReportArgs),
+    /// Write a new pre-shared key for --auth-key-file: 32 random bytes,
+    /// base64, to a new file of mode 0600 (never overwrites a file).
+    #[command(after_help = help::GEN_KEY_EXAMPLES)]
+    GenKey(GenKeyArgs),
+    /// Write a test PKI for --tls-dir: DIR/ca.pem and DIR/ca-key.pem (a new
+    /// CA, unless --ca), DIR/cert.pem and DIR/key.pem (a host certificate
+    /// signed by it, for client and server use). Never overwrites a file.
+    #[command(after_help = help::GEN_CERTS_EXAMPLES)]
+    GenCerts(GenCertsArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    logging::init(&cli.log);
+    // Every descriptor the process may have (soft limit up to the hard
+    // one): a daemon under many connections, a source with many channels.
+    if let Err(e) = ferry_ffi::net::raise_nofile_limit() {
+        tracing::warn!("cannot raise the descriptor limit (RLIMIT_NOFILE): {e}");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let quiet = cli.log.quiet;
+    let r = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Listen(a) => listen::listen(a).await,
+            Cmd::Send(a) => send::send(a, quiet).await,
+            Cmd::Demo(a) => send::demo(a, quiet).await,
+            Cmd::Nics(a) => tools::list_nics(&a),
+            Cmd::Report(a) => tools::report(&a),
+            Cmd::GenCerts(a) => tools::gen_certs(&a),
+            Cmd::GenKey(a) => tools::gen_key(&a),
+        }
+    });
+    if let Err(e) = r {
+        if !reported() {
+            tracing::error!("{e:#}");
+        }
+        std::process::exit(exit_status(&e));
+    }
+}
 
 /// Writes `text` to standard output, where results go. A reader that went
 /// away (`ferry send ... | head -1`, a log pipe that died) costs the text

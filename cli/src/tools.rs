@@ -16,7 +16,7 @@ pub fn gen_key(a: &GenKeyArgs) -> anyhow::Result<()> {
 }
 
 pub fn gen_certs(a: &GenCertsArgs) -> anyhow::Result<()> {
-    for f in ferry_transport::tls::generate(&a.dir, a.ca.as_deref())? {
+    for f in super::certs::generate(&a.dir, a.ca.as_deref())? {
         super::out(&format!("wrote {}\n", f.display()));
     }
     Ok(())
