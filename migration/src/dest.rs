@@ -239,6 +239,8 @@ pub struct Destination {
     stop: tokio::sync::watch::Sender<bool>,
     /// Connections not authenticated yet.
     unauth: Unauthenticated,
+    /// Where relays may deliver (`--relay-allow`; default loopback).
+    relay_allow: Mutex<Vec<ferry_proto::net::Cidr>>,
 }
 
 impl std::fmt::Debug for Destination {
@@ -267,7 +269,14 @@ impl Destination {
             resume,
             metrics: Arc::default(),
             stop: tokio::sync::watch::Sender::new(false),
+            relay_allow: Mutex::new(ferry_proto::relay::default_allow()),
         })
+    }
+
+    /// `--relay-allow`: where `ferry relay` sources may have their streams
+    /// delivered (replaces the default, loopback only).
+    pub fn set_relay_allow(&self, allow: Vec<ferry_proto::net::Cidr>) {
+        *self.relay_allow.lock().expect("relay_allow") = allow;
     }
 
     /// Stops the daemon: [`Destination::serve`] accepts nothing more,
@@ -837,6 +846,8 @@ impl Destination {
         }
         let offer = match conn.recv("the offer").await? {
             Msg::Offer(o) => o,
+            // `ferry relay` (issue 13): streams, not a guest.
+            Msg::RelayOffer(o) => return self.relay_session(conn, o, listen_ip, started).await,
             m => {
                 return Err(TransportError::Unexpected {
                     expected: "Offer",
@@ -1024,6 +1035,121 @@ impl Destination {
                 Err(e)
             }
         }
+    }
+}
+
+impl Destination {
+    /// A relay (`ferry relay`): its `--deliver-to` checked against
+    /// `--relay-allow` before anything else, admitted like a migration,
+    /// its windows booked against `--memory-limit`, then carried by
+    /// [`crate::relay::serve_destination`].
+    async fn relay_session(
+        self: Arc<Self>,
+        mut conn: Conn,
+        offer: ferry_proto::relay::RelayOffer,
+        listen_ip: IpAddr,
+        started: Instant,
+    ) -> Result<DestSummary> {
+        if let Err(e) = offer.validate() {
+            return Err(conn
+                .reject(RejectReason::BadOffer, e.to_string())
+                .await
+                .into());
+        }
+        let allow = self.relay_allow.lock().expect("relay_allow").clone();
+        let resolved: Vec<SocketAddr> =
+            match tokio::net::lookup_host(offer.deliver_to.as_str()).await {
+                Ok(a) => a.collect(),
+                Err(e) => {
+                    let msg = format!("--deliver-to {}: {e}", offer.deliver_to);
+                    return Err(conn.reject(RejectReason::RelayNotAllowed, msg).await.into());
+                }
+            };
+        let deliver_to = match resolved
+            .iter()
+            .find(|a| ferry_proto::relay::check_deliver_to(**a, &allow).is_ok())
+        {
+            Some(a) => *a,
+            None => {
+                let msg = ferry_proto::relay::check_deliver_to(
+                    resolved
+                        .first()
+                        .copied()
+                        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+                    &allow,
+                )
+                .err()
+                .unwrap_or_default();
+                tracing::warn!(peer = conn.peer(), "relay refused: {msg}");
+                return Err(conn.reject(RejectReason::RelayNotAllowed, msg).await.into());
+            }
+        };
+        let _permit = match self.admit().await {
+            Ok(p) => p,
+            Err(msg) => return Err(conn.reject(RejectReason::Busy, msg).await.into()),
+        };
+        let _reserved = match self.reserve(0, offer.reservation()) {
+            Ok(r) => r,
+            Err(msg) => return Err(conn.reject(RejectReason::MemoryLimit, msg).await.into()),
+        };
+        let Some(keys) = conn.session_keys() else {
+            return Err(TransportError::AuthFailed("no session keys after authentication").into());
+        };
+        let migration_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        tracing::Span::current().record("migration_id", migration_id);
+        let (tx, rx) = mpsc::channel(usize::from(offer.channels));
+        self.pending.lock().expect("pending").insert(
+            migration_id,
+            PendingChannels {
+                tx,
+                left: offer.channels,
+                encrypted: conn.is_encrypted(),
+                key: keys.data_channel.clone(),
+            },
+        );
+        let local = nics::discover().unwrap_or_default();
+        let interfaces = nics::advertised(&local, &self.opts.migration_networks, listen_ip);
+        let peer = conn.peer().to_string();
+        tracing::info!(migration_id, peer, deliver_to = %deliver_to, "relay accepted");
+        let result = match conn
+            .send(&Msg::Accept(Accept {
+                migration_id,
+                max_chunk: offer.chunk,
+                interfaces,
+            }))
+            .await
+        {
+            Ok(()) => {
+                crate::relay::serve_destination(conn, &offer, deliver_to, rx, self.opts.timeout)
+                    .await
+                    .map_err(crate::relay::RelayFailure::into_migration_error)
+            }
+            Err(e) => Err(e.into()),
+        };
+        self.pending.lock().expect("pending").remove(&migration_id);
+        let r = result?;
+        tracing::info!(
+            migration_id,
+            streams = r.streams.len(),
+            bytes = r.stream_bytes,
+            "relay finished: every byte of every stream delivered and checked"
+        );
+        Ok(DestSummary {
+            migration_id,
+            peer,
+            memory_bytes: 0,
+            payload_bytes: r.stream_bytes,
+            crc_errors: 0,
+            digest: String::new(),
+            verify_full: false,
+            restore_report: format!("relay: {} streams to {deliver_to}", r.streams.len()),
+            resume_report: String::new(),
+            audit: None,
+            memory: Default::default(),
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            downtime_ms: 0.0,
+            cpu: Default::default(),
+        })
     }
 }
 

@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod nics;
 #[cfg(feature = "rdma")]
 pub mod rdma;
+pub mod relay;
 pub mod report;
 pub mod summary;
 pub mod units;

@@ -231,6 +231,14 @@ impl Proxy {
         Proxy::start(target, Box::new(|_| Verdict::Forward))
     }
 
+    /// Closes connection `conn` (accept order), both sides, both ways, as
+    /// a link that went down and a peer that gave up would.
+    pub fn cut(&self, conn: usize) {
+        if let Some(st) = self.shared.conns.lock().unwrap().get(conn) {
+            close(st);
+        }
+    }
+
     /// The address sources should connect to.
     pub fn addr(&self) -> SocketAddr {
         self.addr

@@ -123,6 +123,60 @@ fn compression_option_migrates_with_lz4_and_zstd_and_verified_digest() {
     migrate("zstd:3");
 }
 
+#[test]
+fn random_memory_goes_raw_past_the_pool_and_lands_identical() {
+    // Incompressible memory: after the pool's first failures the page pass
+    // stops copying it and it goes raw from guest memory, as on plain TCP;
+    // the digest (the destination's hash of every landed page) must match.
+    let dir = tempfile::tempdir().unwrap();
+    let k = key_file(dir.path(), "key", KEY);
+    let img = dir.path().join("random.img");
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let bytes: Vec<u8> = (0..(32 << 20) / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    std::fs::write(&img, bytes).unwrap();
+    let json = dir.path().join("summary.json");
+    let (dest, addr) = listen(&k, &[]);
+    let src = send(
+        addr,
+        &k,
+        &[
+            "--memory",
+            "32MiB",
+            "--dirty-rate",
+            "0",
+            "--guest-image",
+            img.to_str().unwrap(),
+            "--chunk-size",
+            "256KiB",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
+    let dest = dest.wait(Duration::from_secs(30));
+    assert!(src.status.success(), "source failed: {}", src.all());
+    assert!(dest.status.success(), "destination failed: {}", dest.all());
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(s["digest_verified"], true, "{s}");
+    assert!(dest.stdout.contains(s["digest"].as_str().unwrap()));
+    let c = &s["channels"][0];
+    let n = |f: &str| c[f].as_u64().unwrap();
+    assert_eq!(n("compressed_chunks"), 0, "{c}");
+    assert_eq!(
+        n("raw_incompressible_chunks") + n("raw_link_idle_chunks"),
+        n("chunks"),
+        "{c}"
+    );
+    assert_eq!(s["payload_bytes"].as_u64().unwrap(), 32 << 20, "{s}");
+}
+
 /// Starts a real destination, runs `f` as a hostile source, returns what the
 /// destination printed. The hostile source speaks plaintext: the
 /// destination runs with `--plaintext`.

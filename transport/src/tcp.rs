@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -66,12 +66,8 @@ pub const DEFAULT_WINDOW: u64 = 16 << 20;
 enum Wire {
     /// Plain TCP: zero-copy `writev` from guest memory.
     Plain(OwnedWriteHalf),
-    /// TLS: pages go through the session; `fd` is a duplicate of the socket
-    /// for the compression option's send-queue depth (`SIOCOUTQ`).
-    Tls {
-        write: WriteHalf<Stream>,
-        fd: Option<OwnedFd>,
-    },
+    /// TLS: pages go through the session.
+    Tls { write: WriteHalf<Stream> },
 }
 
 /// Largest piece of guest memory handed to a TLS session or landed by it in
@@ -148,10 +144,9 @@ impl<M: GuestMem> TcpSender<M> {
                 )
             }
             tls => {
-                let fd = tls.tcp().as_fd().try_clone_to_owned().ok();
                 let (read, write) = tokio::io::split(tls);
                 (
-                    Wire::Tls { write, fd },
+                    Wire::Tls { write },
                     tokio::spawn(read_acks(read, frame.clone(), tx)),
                 )
             }
@@ -186,17 +181,8 @@ impl<M: GuestMem> TcpSender<M> {
     /// Paces this channel's writes with `limiter` (shared by every channel
     /// of the migration, so the cap holds for all of them together).
     pub fn with_limiter(mut self, limiter: Option<Arc<RateLimiter>>) -> Self {
-        self.set_limiter(limiter);
-        self
-    }
-
-    pub(crate) fn set_limiter(&mut self, limiter: Option<Arc<RateLimiter>>) {
         self.limiter = limiter;
-    }
-
-    /// The shared `--bandwidth-limit`, if any.
-    pub(crate) fn limiter(&self) -> Option<&RateLimiter> {
-        self.limiter.as_deref()
+        self
     }
 
     async fn pace(&self, wire: u64) {
@@ -251,9 +237,14 @@ impl<M: GuestMem> TcpSender<M> {
     }
 
     /// Waits for an acknowledgement (and applies it) or for `other`,
-    /// whichever comes first. Used by the compression pipeline to wake up
-    /// when the link drains.
-    pub(crate) async fn wait_ack_or(&mut self, other: impl Future<Output = ()>) -> Result<()> {
+    /// whichever comes first: a sender with work of its own (the
+    /// compression pipeline) wakes when the link drains or when that work
+    /// is ready.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: an acknowledgement is applied in the same poll it is
+    /// received in.
+    pub async fn wait_ack_or(&mut self, other: impl Future<Output = ()>) -> Result<()> {
         tokio::select! {
             ack = self.acks.recv() => match ack {
                 Some(ack) => self.apply_ack(ack),
@@ -262,14 +253,6 @@ impl<M: GuestMem> TcpSender<M> {
                 }),
             },
             () = other => Ok(()),
-        }
-    }
-
-    /// The socket (for its send-queue depth).
-    pub(crate) fn socket_fd(&self) -> Option<BorrowedFd<'_>> {
-        match &self.write {
-            Wire::Plain(w) => Some(AsRef::<TcpStream>::as_ref(w).as_fd()),
-            Wire::Tls { fd, .. } => fd.as_ref().map(AsFd::as_fd),
         }
     }
 
@@ -282,11 +265,6 @@ impl<M: GuestMem> TcpSender<M> {
                 write.flush().await
             }
         }
-    }
-
-    /// Counters, for the compression pipeline's own.
-    pub(crate) fn stats_mut(&mut self) -> &mut ChannelStats {
-        &mut self.stats
     }
 
     /// After an error: the sequence numbers of the chunks sent and not
@@ -318,16 +296,22 @@ impl<M: GuestMem> TcpSender<M> {
         self.in_flight.insert(chunk.seq, (chunk.runs, window_bytes));
     }
 
-    /// Sends a frame built elsewhere (a compressed chunk: header, run table
-    /// and payload in `frame`) for `chunk`'s pages.
-    pub(crate) async fn send_frame(&mut self, chunk: Chunk, frame: &[u8]) -> Result<()> {
+    /// Sends `chunk`'s pages as `frame`, built by the caller (an encoded
+    /// chunk, e.g. compressed: header sealed with the session's frame key,
+    /// run table and payload). It is paced, windowed (its frame bytes count
+    /// against the window), acknowledged and, when the destination refuses
+    /// it, its runs are returned by the next [`Transport::flush`], as with
+    /// [`Transport::send`].
+    ///
+    /// # Cancel safety
+    /// Not cancel safe, as [`Transport::send`].
+    pub async fn send_encoded(&mut self, chunk: Chunk, frame: &[u8]) -> Result<()> {
         let wire = frame.len() as u64;
         self.reserve(wire).await?;
         self.pace(wire).await;
         self.write_bytes(frame)
             .await
             .map_err(|e| TransportError::io("writing a chunk", "data channel", e))?;
-        self.stats.compressed_chunks += 1;
         self.sent(chunk, wire, wire);
         Ok(())
     }

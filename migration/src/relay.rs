@@ -1,0 +1,1244 @@
+//! `ferry relay` (issue 13): a hypervisor's own migration connections
+//! (QEMU's main channel and each multifd channel) carried as ordered byte
+//! streams over Ferry's data channels, striped over every NIC pair,
+//! compressed per chunk when that is on, TLS unless `--plaintext`, resent on
+//! a surviving channel when one fails. See `docs/relay.md`.
+//!
+//! The rules (windows, reassembly, the open order, the end) are the pure
+//! state machines of [`ferry_proto::relay`]; this module is the IO around
+//! them, one [`Engine`] for either side:
+//!
+//! * per hypervisor connection, a reader that reads only while its
+//!   direction has credit and cuts chunks, and a writer that writes the
+//!   reassembled prefix and reports credit;
+//! * per data channel, a writer that takes the next chunk of any stream
+//!   from one shared queue (so a faster channel takes more) and a reader
+//!   that checks each chunk (header tag, then the payload's keyed digest)
+//!   before placing it, and acks it;
+//! * the control loop: `Open`/`Opened`, `Credit`, `Fin`, `RelayEnd`, `Abort`.
+//!
+//! On any failure every hypervisor connection is reset (`SO_LINGER` 0), so
+//! neither hypervisor can take a cut stream for a finished one.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_proto::control::{Msg, PerformanceOption, RejectReason};
+use ferry_proto::relay::{
+    Dir, Placed, Reassembly, RelayAck, RelayError, RelayKeys, RelayOffer, SendWindow, StreamChunk,
+    StreamDigest, Streams, ACK_LEN, ACK_MAGIC, CHUNK_HEADER_LEN, CHUNK_MAGIC,
+};
+use ferry_proto::wire::{Codec, CompressionSpec};
+use ferry_transport::codec::{Decoder, Encoder};
+use ferry_transport::conn::{Conn, ConnWriter};
+use ferry_transport::ratelimit::RateLimiter;
+use ferry_transport::stream::Stream;
+use ferry_transport::TransportError;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
+
+/// Why a relay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayFailure {
+    /// Setting up: flags, connecting, the handshake, the offer.
+    #[error(transparent)]
+    Setup(#[from] crate::error::MigrationError),
+    /// The control connection or the transport.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The peer broke the relay's rules, or a digest did not match.
+    #[error("relay protocol: {0}")]
+    Protocol(#[from] RelayError),
+    /// A hypervisor connection failed (reset, or closed with bytes left).
+    #[error("{0}")]
+    Hypervisor(String),
+    /// The other relay side gave up.
+    #[error("the other side aborted the relay: {0}")]
+    PeerAborted(String),
+}
+
+impl RelayFailure {
+    /// A short label (metrics, `--json`).
+    pub fn reason(&self) -> String {
+        match self {
+            RelayFailure::Setup(e) => return e.reason(),
+            RelayFailure::Transport(TransportError::NoChannelLeft { .. }) => "channels_lost",
+            RelayFailure::Transport(TransportError::Rejected {
+                reason: RejectReason::RelayNotAllowed,
+                ..
+            }) => "relay_not_allowed",
+            RelayFailure::Transport(TransportError::Rejected { .. }) => "rejected",
+            RelayFailure::Transport(_) => "transport",
+            RelayFailure::Protocol(RelayError::Mismatch { .. }) => "digest",
+            RelayFailure::Protocol(_) => "protocol",
+            RelayFailure::Hypervisor(_) => "hypervisor",
+            RelayFailure::PeerAborted(_) => "peer_aborted",
+        }
+        .into()
+    }
+
+    /// As the destination daemon reports failures.
+    pub fn into_migration_error(self) -> crate::error::MigrationError {
+        use crate::error::MigrationError;
+        match self {
+            RelayFailure::Setup(e) => e,
+            RelayFailure::Transport(t) => t.into(),
+            RelayFailure::Protocol(RelayError::Wire(w)) => TransportError::from(w).into(),
+            RelayFailure::PeerAborted(why) => TransportError::PeerAborted(why).into(),
+            e => MigrationError::Guest(format!("relay: {e}")),
+        }
+    }
+}
+
+/// Result of the relay's functions.
+pub type Result<T, E = RelayFailure> = std::result::Result<T, E>;
+
+/// Which end of the relay this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// `ferry relay`: accepts the hypervisor's connections.
+    Source,
+    /// `ferry listen`: opens them to `--deliver-to`.
+    Destination,
+}
+
+impl Side {
+    fn out_dir(self) -> Dir {
+        match self {
+            Side::Source => Dir::Forward,
+            Side::Destination => Dir::Back,
+        }
+    }
+    fn in_dir(self) -> Dir {
+        match self {
+            Side::Source => Dir::Back,
+            Side::Destination => Dir::Forward,
+        }
+    }
+}
+
+/// One stream as reported at the end.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamReport {
+    /// Stream id (accept order at the source).
+    pub stream: u32,
+    /// What the first bytes say it is (`main`, `multifd N`, `other`).
+    pub label: String,
+    /// Bytes source -> destination.
+    pub forward_bytes: u64,
+    /// Bytes destination -> source.
+    pub back_bytes: u64,
+}
+
+/// One data channel as reported at the end.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChannelReport {
+    /// The channel's path (local -> remote).
+    pub path: String,
+    /// Chunks sent on it (first sends and resends).
+    pub chunks_sent: u64,
+    /// Bytes sent on it (headers and payload).
+    pub bytes_sent: u64,
+    /// Why it failed, if it did.
+    pub failed: Option<String>,
+}
+
+/// What a relay did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayReport {
+    /// Which side.
+    pub side: Side,
+    /// Every stream.
+    pub streams: Vec<StreamReport>,
+    /// Every data channel.
+    pub channels: Vec<ChannelReport>,
+    /// Stream bytes carried each way together.
+    pub stream_bytes: u64,
+    /// Bytes written on the data channels (headers, payload, acks).
+    pub wire_bytes: u64,
+    /// Chunks sent again after a channel failed.
+    pub resent_chunks: u64,
+    /// From the first stream to the end, seconds.
+    pub seconds: f64,
+    /// Transport.
+    pub option: String,
+    /// Whether the data channels are TLS.
+    pub encrypted: bool,
+}
+
+/// Settings of the relay engine shared by both sides.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Which side.
+    pub side: Side,
+    /// Window of each stream direction.
+    pub window: u32,
+    /// Largest chunk.
+    pub chunk: u32,
+    /// Most streams.
+    pub max_streams: u32,
+    /// Per-chunk compression, when on.
+    pub compression: Option<CompressionSpec>,
+    /// `--bandwidth-limit`, bytes per second of the data channels together.
+    pub bandwidth_limit: Option<u64>,
+    /// A data channel with chunks in flight and no ack for this long fails over.
+    pub channel_timeout: Duration,
+    /// Whether the data channels are TLS.
+    pub encrypted: bool,
+}
+
+impl EngineConfig {
+    /// From a relay offer (the destination's view).
+    pub fn from_offer(
+        o: &RelayOffer,
+        side: Side,
+        encrypted: bool,
+        channel_timeout: Duration,
+    ) -> Self {
+        EngineConfig {
+            side,
+            window: o.window,
+            chunk: o.chunk,
+            max_streams: o.max_streams,
+            compression: match o.option {
+                PerformanceOption::Compression { codec, level } => Codec::from_id(codec)
+                    .ok()
+                    .map(|codec| CompressionSpec { codec, level }),
+                _ => None,
+            },
+            bandwidth_limit: None,
+            channel_timeout,
+            encrypted,
+        }
+    }
+}
+
+/// Something a task tells the control loop.
+#[derive(Debug)]
+enum Event {
+    /// The relay cannot go on.
+    Fail(RelayFailure),
+    /// A direction of a stream was delivered to our hypervisor and checked.
+    InDone(u32),
+    /// A destination connect finished.
+    Connected(u32, std::io::Result<TcpStream>),
+}
+
+/// A chunk of stream bytes waiting for a data channel (kept until acked).
+#[derive(Debug)]
+struct OutChunk {
+    stream: u32,
+    dir: Dir,
+    offset: u64,
+    seq: u64,
+    data: Vec<u8>,
+}
+
+/// One direction pair of one stream.
+struct StreamSlot {
+    id: u32,
+    inner: Mutex<StreamInner>,
+    /// The reader waits here for credit.
+    credit: Notify,
+    /// The writer waits here for bytes.
+    data: Notify,
+    /// The hypervisor connection, once there (reset on failure).
+    sock: Mutex<Option<Arc<TcpStream>>>,
+}
+
+struct StreamInner {
+    send: SendWindow,
+    digest: StreamDigest,
+    recv: Reassembly,
+    label: Option<String>,
+}
+
+struct Channel {
+    path: String,
+    unacked: Mutex<HashMap<u64, Arc<OutChunk>>>,
+    last_progress: Mutex<Instant>,
+    chunks_sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    failed: Mutex<Option<String>>,
+}
+
+struct Shared {
+    cfg: EngineConfig,
+    keys: RelayKeys,
+    streams: Mutex<Vec<Arc<StreamSlot>>>,
+    queue_tx: mpsc::UnboundedSender<Arc<OutChunk>>,
+    queue_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Arc<OutChunk>>>,
+    ctl: mpsc::UnboundedSender<Msg>,
+    events: mpsc::UnboundedSender<Event>,
+    seq: AtomicU64,
+    limiter: Option<RateLimiter>,
+    channels_alive: AtomicUsize,
+    wire_bytes: AtomicU64,
+    resent: AtomicU64,
+    failed: AtomicBool,
+    /// Every stream is done: `RelayEnd` sent or received.
+    ending: AtomicBool,
+}
+
+impl Shared {
+    fn fail(&self, f: RelayFailure) {
+        let _ = self.events.send(Event::Fail(f));
+    }
+
+    /// The slot of `stream`, created on first use (a chunk may arrive
+    /// before its `Open`).
+    fn slot(&self, stream: u32) -> std::result::Result<Arc<StreamSlot>, RelayError> {
+        let mut all = self.streams.lock().expect("streams");
+        if stream >= self.cfg.max_streams {
+            return Err(RelayError::TooManyStreams {
+                stream,
+                max: self.cfg.max_streams,
+            });
+        }
+        while all.len() <= stream as usize {
+            let id = all.len() as u32;
+            all.push(Arc::new(StreamSlot {
+                id,
+                inner: Mutex::new(StreamInner {
+                    send: SendWindow::new(self.cfg.window),
+                    digest: self.keys.stream_digest(id, self.cfg.side.out_dir()),
+                    recv: Reassembly::new(
+                        self.cfg.window,
+                        self.keys.stream_digest(id, self.cfg.side.in_dir()),
+                    ),
+                    label: None,
+                }),
+                credit: Notify::new(),
+                data: Notify::new(),
+                sock: Mutex::new(None),
+            }));
+        }
+        Ok(all[stream as usize].clone())
+    }
+}
+
+/// What the first bytes of a QEMU migration connection say it is.
+fn label(first: &[u8]) -> String {
+    if first.starts_with(b"QEVM") {
+        "main".into()
+    } else if first.len() >= 25 && first[..4] == [0x11, 0x22, 0x33, 0x44] {
+        format!("multifd {}", first[24])
+    } else {
+        "other".into()
+    }
+}
+
+/// Reads the hypervisor's bytes of one stream while there is credit.
+async fn pump_out(sh: Arc<Shared>, slot: Arc<StreamSlot>, sock: Arc<TcpStream>) {
+    let dir = sh.cfg.side.out_dir();
+    let mut buf = vec![0u8; sh.cfg.chunk as usize];
+    loop {
+        let credit = loop {
+            let c = slot.inner.lock().expect("stream").send.credit();
+            if c > 0 {
+                break c;
+            }
+            slot.credit.notified().await;
+        };
+        let want = (credit as usize).min(buf.len());
+        let n = loop {
+            if let Err(e) = sock.readable().await {
+                return sh.fail(RelayFailure::Hypervisor(format!(
+                    "stream {}: reading from the hypervisor: {e}",
+                    slot.id
+                )));
+            }
+            match sock.try_read(&mut buf[..want]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    return sh.fail(RelayFailure::Hypervisor(format!(
+                        "stream {} ({dir}): the hypervisor's connection failed: {e}",
+                        slot.id
+                    )))
+                }
+            }
+        };
+        if n == 0 {
+            let (length, digest) = {
+                let mut i = slot.inner.lock().expect("stream");
+                (i.send.on_eof(), i.digest.finish(&sh.keys))
+            };
+            tracing::debug!(stream = slot.id, %dir, length, "hypervisor closed its side: Fin");
+            let _ = sh.ctl.send(Msg::Fin {
+                stream: slot.id,
+                dir,
+                length,
+                digest,
+            });
+            return;
+        }
+        let data = buf[..n].to_vec();
+        let offset = {
+            let mut i = slot.inner.lock().expect("stream");
+            i.digest.update(&data);
+            if i.label.is_none() && sh.cfg.side == Side::Source {
+                i.label = Some(label(&data));
+            }
+            i.send.on_read(n)
+        };
+        let seq = sh.seq.fetch_add(1, Ordering::Relaxed);
+        let _ = sh.queue_tx.send(Arc::new(OutChunk {
+            stream: slot.id,
+            dir,
+            offset,
+            seq,
+            data,
+        }));
+    }
+}
+
+enum Step {
+    Write(Vec<u8>),
+    End,
+    Wait,
+}
+
+/// Writes the reassembled bytes of one stream into the hypervisor's
+/// connection, reports credit, and passes the end on once it checked.
+async fn pump_in(
+    sh: Arc<Shared>,
+    slot: Arc<StreamSlot>,
+    sock: Arc<TcpStream>,
+    shut: std::net::TcpStream,
+) {
+    let dir = sh.cfg.side.in_dir();
+    loop {
+        let step = {
+            let mut i = slot.inner.lock().expect("stream");
+            match i.recv.pop() {
+                Some(b) => Step::Write(b),
+                None => match i.recv.end(&sh.keys, slot.id, dir) {
+                    Ok(true) => Step::End,
+                    Ok(false) => Step::Wait,
+                    Err(e) => return sh.fail(e.into()),
+                },
+            }
+        };
+        match step {
+            Step::Wait => slot.data.notified().await,
+            Step::Write(b) => {
+                let mut done = 0;
+                while done < b.len() {
+                    let r = match sock.writable().await {
+                        Ok(()) => sock.try_write(&b[done..]),
+                        Err(e) => Err(e),
+                    };
+                    match r {
+                        Ok(n) => done += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => {
+                            return sh.fail(RelayFailure::Hypervisor(format!(
+                                "stream {} ({dir}): writing to the hypervisor failed with bytes undelivered: {e}",
+                                slot.id
+                            )));
+                        }
+                    }
+                }
+                let credit = {
+                    let mut i = slot.inner.lock().expect("stream");
+                    i.recv.on_written(b.len());
+                    if i.label.is_none() && sh.cfg.side == Side::Destination {
+                        i.label = Some(label(&b));
+                    }
+                    i.recv.credit_due()
+                };
+                if let Some(delivered) = credit {
+                    let _ = sh.ctl.send(Msg::Credit {
+                        stream: slot.id,
+                        dir,
+                        delivered,
+                        finished: false,
+                    });
+                }
+            }
+            Step::End => {
+                // Nothing left to deliver: a hypervisor that already closed
+                // its socket is not an error here.
+                let _ = shut.shutdown(std::net::Shutdown::Write);
+                let delivered = slot.inner.lock().expect("stream").recv.delivered();
+                tracing::debug!(stream = slot.id, %dir, delivered, "end delivered and checked");
+                let _ = sh.ctl.send(Msg::Credit {
+                    stream: slot.id,
+                    dir,
+                    delivered,
+                    finished: true,
+                });
+                let _ = sh.events.send(Event::InDone(slot.id));
+                return;
+            }
+        }
+    }
+}
+
+/// Takes the next chunk of any stream.
+async fn next_chunk(sh: &Shared) -> Option<Arc<OutChunk>> {
+    sh.queue_rx.lock().await.recv().await
+}
+
+async fn channel_writer(
+    sh: Arc<Shared>,
+    ch: Arc<Channel>,
+    mut wr: WriteHalf<Stream>,
+    mut acks: mpsc::UnboundedReceiver<u64>,
+) -> std::result::Result<(), String> {
+    let mut enc = match sh.cfg.compression {
+        Some(spec) => Some(Encoder::new(spec).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let mut scratch = Vec::new();
+    let mut ack_buf = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            a = acks.recv() => {
+                let Some(seq) = a else { return Ok(()) };
+                ack_buf.clear();
+                ack_buf.extend_from_slice(&RelayAck { seq }.encode(&sh.keys));
+                while let Ok(seq) = acks.try_recv() {
+                    ack_buf.extend_from_slice(&RelayAck { seq }.encode(&sh.keys));
+                }
+                wr.write_all(&ack_buf).await.map_err(|e| format!("sending acks: {e}"))?;
+                wr.flush().await.map_err(|e| format!("sending acks: {e}"))?;
+                sh.wire_bytes.fetch_add(ack_buf.len() as u64, Ordering::Relaxed);
+            }
+            c = next_chunk(&sh) => {
+                let Some(c) = c else { return Ok(()) };
+                {
+                    let mut u = ch.unacked.lock().expect("unacked");
+                    if u.is_empty() {
+                        *ch.last_progress.lock().expect("progress") = Instant::now();
+                    }
+                    u.insert(c.seq, c.clone());
+                }
+                let raw_len = c.data.len() as u32;
+                let mut codec = 0u8;
+                let mut payload: &[u8] = &c.data;
+                if let (Some(e), Some(spec)) = (enc.as_mut(), sh.cfg.compression) {
+                    scratch.resize(e.bound(c.data.len()), 0);
+                    if let Ok(n) = e.compress(&c.data, &mut scratch) {
+                        // Only when it pays (an eighth saved at least).
+                        if n < c.data.len() - c.data.len() / 8 {
+                            codec = spec.codec.id();
+                            payload = &scratch[..n];
+                        }
+                    }
+                }
+                let header = StreamChunk {
+                    stream: c.stream,
+                    dir: c.dir,
+                    offset: c.offset,
+                    raw_len,
+                    wire_len: payload.len() as u32,
+                    codec,
+                    seq: c.seq,
+                    digest: sh.keys.chunk_digest(&c.data),
+                }
+                .encode(&sh.keys);
+                let total = (header.len() + payload.len()) as u64;
+                if let Some(l) = &sh.limiter {
+                    l.acquire(total).await;
+                }
+                wr.write_all(&header).await.map_err(|e| format!("sending a chunk: {e}"))?;
+                wr.write_all(payload).await.map_err(|e| format!("sending a chunk: {e}"))?;
+                wr.flush().await.map_err(|e| format!("sending a chunk: {e}"))?;
+                ch.chunks_sent.fetch_add(1, Ordering::Relaxed);
+                ch.bytes_sent.fetch_add(total, Ordering::Relaxed);
+                sh.wire_bytes.fetch_add(total, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+async fn channel_reader(
+    sh: Arc<Shared>,
+    ch: Arc<Channel>,
+    mut rd: ReadHalf<Stream>,
+    acks: mpsc::UnboundedSender<u64>,
+) -> std::result::Result<(), String> {
+    let mut dec = Decoder::default();
+    let in_dir = sh.cfg.side.in_dir();
+    let mut wire = Vec::new();
+    loop {
+        let mut head = [0u8; CHUNK_HEADER_LEN];
+        rd.read_exact(&mut head[..4])
+            .await
+            .map_err(|e| format!("reading: {e}"))?;
+        let magic: [u8; 4] = head[..4].try_into().expect("4 bytes");
+        if magic == ACK_MAGIC {
+            let mut a = [0u8; ACK_LEN];
+            a[..4].copy_from_slice(&magic);
+            rd.read_exact(&mut a[4..])
+                .await
+                .map_err(|e| format!("reading an ack: {e}"))?;
+            let ack = RelayAck::decode(&a, &sh.keys).map_err(|e| e.to_string())?;
+            let mut u = ch.unacked.lock().expect("unacked");
+            if u.remove(&ack.seq).is_some() {
+                *ch.last_progress.lock().expect("progress") = Instant::now();
+            }
+            continue;
+        }
+        if magic != CHUNK_MAGIC {
+            return Err(format!("bad magic {magic:?}: not a stream chunk or ack"));
+        }
+        rd.read_exact(&mut head[4..])
+            .await
+            .map_err(|e| format!("reading a chunk header: {e}"))?;
+        // The tag first: nothing of a changed header is used.
+        let c = StreamChunk::decode(&head, &sh.keys, sh.cfg.chunk).map_err(|e| e.to_string())?;
+        if c.dir != in_dir {
+            sh.fail(RelayFailure::Protocol(RelayError::Wire(
+                ferry_proto::WireError::Invalid {
+                    field: "stream chunk direction",
+                    detail: format!("{} chunks do not come this way", c.dir),
+                },
+            )));
+            return Err("a chunk of the wrong direction".into());
+        }
+        wire.resize(c.wire_len as usize, 0);
+        rd.read_exact(&mut wire)
+            .await
+            .map_err(|e| format!("reading a chunk payload: {e}"))?;
+        let raw = if c.codec == 0 {
+            std::mem::take(&mut wire)
+        } else {
+            let codec = Codec::from_id(c.codec).map_err(|e| e.to_string())?;
+            let mut out = vec![0u8; c.raw_len as usize];
+            dec.decompress_exact(codec, &wire, &mut out)
+                .map_err(|e| format!("chunk {} does not decompress: {e}", c.seq))?;
+            out
+        };
+        c.check_payload(&sh.keys, &raw).map_err(|e| e.to_string())?;
+        let slot = match sh.slot(c.stream) {
+            Ok(s) => s,
+            Err(e) => {
+                sh.fail(e.into());
+                return Err("stream beyond the limit".into());
+            }
+        };
+        let placed = slot
+            .inner
+            .lock()
+            .expect("stream")
+            .recv
+            .insert(c.offset, raw);
+        match placed {
+            Ok(Placed::New) => slot.data.notify_one(),
+            Ok(Placed::Duplicate) => {
+                tracing::debug!(
+                    stream = c.stream,
+                    offset = c.offset,
+                    "duplicate chunk dropped"
+                )
+            }
+            Err(e) => {
+                sh.fail(e.into());
+                return Err("a chunk outside its window".into());
+            }
+        }
+        let _ = acks.send(c.seq);
+    }
+}
+
+/// Runs one data channel until it fails; then its unacknowledged chunks go
+/// back to the queue for the others.
+async fn run_channel(sh: Arc<Shared>, ch: Arc<Channel>, stream: Stream) {
+    let (rd, wr) = tokio::io::split(stream);
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+    let mut tasks = JoinSet::new();
+    tasks.spawn(channel_writer(sh.clone(), ch.clone(), wr, ack_rx));
+    tasks.spawn(channel_reader(sh.clone(), ch.clone(), rd, ack_tx));
+    let timeout = sh.cfg.channel_timeout;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let why = loop {
+        tokio::select! {
+            r = tasks.join_next() => match r {
+                Some(Ok(Err(e))) => break e,
+                Some(Ok(Ok(()))) => break "closed".to_string(),
+                Some(Err(e)) => break format!("task failed: {e}"),
+                None => break "closed".to_string(),
+            },
+            _ = tick.tick() => {
+                let stalled = !ch.unacked.lock().expect("unacked").is_empty()
+                    && ch.last_progress.lock().expect("progress").elapsed() > timeout;
+                if stalled {
+                    break format!("no ack for {timeout:?} (--channel-timeout)");
+                }
+            }
+        }
+    };
+    tasks.abort_all();
+    // After the relay's end (or failure) channels close as they may.
+    if sh.failed.load(Ordering::SeqCst) || sh.ending.load(Ordering::SeqCst) {
+        return;
+    }
+    let lost: Vec<Arc<OutChunk>> = ch
+        .unacked
+        .lock()
+        .expect("unacked")
+        .drain()
+        .map(|(_, c)| c)
+        .collect();
+    *ch.failed.lock().expect("failed") = Some(why.clone());
+    let left = sh.channels_alive.fetch_sub(1, Ordering::SeqCst) - 1;
+    tracing::warn!(
+        channel = %ch.path,
+        resent = lost.len(),
+        channels_left = left,
+        "data channel failed: {why}; its chunks go on the others"
+    );
+    if left == 0 {
+        sh.fail(RelayFailure::Transport(TransportError::NoChannelLeft {
+            last: format!("{}: {why}", ch.path),
+        }));
+        return;
+    }
+    sh.resent.fetch_add(lost.len() as u64, Ordering::Relaxed);
+    for c in lost {
+        let _ = sh.queue_tx.send(c);
+    }
+}
+
+/// Sends the control messages the tasks queue, in order.
+async fn control_writer(mut w: ConnWriter, mut rx: mpsc::UnboundedReceiver<Msg>) -> ConnWriter {
+    while let Some(m) = rx.recv().await {
+        if let Err(e) = w.send(&m).await {
+            tracing::debug!("control connection: {e}");
+            break;
+        }
+    }
+    w
+}
+
+/// A hypervisor connection, split for the two pumps and kept for a reset.
+fn attach(
+    sh: &Arc<Shared>,
+    tasks: &mut JoinSet<()>,
+    slot: Arc<StreamSlot>,
+    sock: TcpStream,
+) -> std::io::Result<()> {
+    let _ = sock.set_nodelay(true);
+    let std = sock.into_std()?;
+    let shut = std.try_clone()?;
+    std.set_nonblocking(true)?;
+    let sock = Arc::new(TcpStream::from_std(std)?);
+    *slot.sock.lock().expect("sock") = Some(sock.clone());
+    tasks.spawn(pump_out(sh.clone(), slot.clone(), sock.clone()));
+    tasks.spawn(pump_in(sh.clone(), slot, sock, shut));
+    Ok(())
+}
+
+/// How the engine gets its streams.
+#[derive(Debug)]
+pub enum Hypervisor {
+    /// Source: the hypervisor connects here.
+    Accept(TcpListener),
+    /// Destination: connect each stream here, in order.
+    Connect(SocketAddr),
+}
+
+/// The relay engine of one side, over an authenticated control connection
+/// and the data channels of its session.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: EngineConfig,
+    keys: RelayKeys,
+}
+
+impl Engine {
+    /// An engine with these settings and the relay's keys.
+    pub fn new(cfg: EngineConfig, keys: RelayKeys) -> Self {
+        Engine { cfg, keys }
+    }
+
+    /// Runs the relay until every stream is done (`Ok`) or it fails; on
+    /// failure every hypervisor connection is reset and the peer told.
+    /// `channels`: the data channels as they open (the destination's keep
+    /// arriving while it runs).
+    pub async fn run(
+        self,
+        conn: Conn,
+        mut channels: mpsc::Receiver<(Stream, String)>,
+        streams: Hypervisor,
+    ) -> Result<RelayReport> {
+        let started = Instant::now();
+        let (queue_tx, queue_rx) = mpsc::unbounded_channel();
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+        let sh = Arc::new(Shared {
+            limiter: self.cfg.bandwidth_limit.map(RateLimiter::new),
+            cfg: self.cfg.clone(),
+            keys: self.keys,
+            streams: Mutex::new(Vec::new()),
+            queue_tx,
+            queue_rx: tokio::sync::Mutex::new(queue_rx),
+            ctl: ctl_tx,
+            events: ev_tx,
+            seq: AtomicU64::new(0),
+            channels_alive: AtomicUsize::new(0),
+            wire_bytes: AtomicU64::new(0),
+            resent: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            ending: AtomicBool::new(false),
+        });
+        let (writer, mut msgs) = conn.split();
+        let ctl_task = tokio::spawn(control_writer(writer, ctl_rx));
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut chan_tasks: JoinSet<()> = JoinSet::new();
+        let mut all_channels: Vec<Arc<Channel>> = Vec::new();
+        let mut rules = Streams::new(self.cfg.max_streams);
+        let mut fifo = ferry_proto::relay::OpenFifo::new(self.cfg.max_streams);
+        let mut ending = false;
+        let (listener, deliver) = match streams {
+            Hypervisor::Accept(l) => (Some(l), None),
+            Hypervisor::Connect(a) => (None, Some(a)),
+        };
+        let mut channels_open = true;
+        let side = self.cfg.side;
+        let result: Result<()> = loop {
+            tokio::select! {
+                c = channels.recv(), if channels_open => match c {
+                    Some((stream, path)) => {
+                        let ch = Arc::new(Channel {
+                            path,
+                            unacked: Mutex::new(HashMap::new()),
+                            last_progress: Mutex::new(Instant::now()),
+                            chunks_sent: AtomicU64::new(0),
+                            bytes_sent: AtomicU64::new(0),
+                            failed: Mutex::new(None),
+                        });
+                        sh.channels_alive.fetch_add(1, Ordering::SeqCst);
+                        all_channels.push(ch.clone());
+                        chan_tasks.spawn(run_channel(sh.clone(), ch, stream));
+                    }
+                    None => channels_open = false,
+                },
+                a = async { listener.as_ref().expect("source").accept().await }, if listener.is_some() && !ending => {
+                    let (sock, peer) = match a {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::debug!("accepting a hypervisor connection: {e}");
+                            continue;
+                        }
+                    };
+                    let id = match rules.open() {
+                        Ok(id) => id,
+                        Err(e) => {
+                            let _ = sock.set_zero_linger();
+                            break Err(e.into());
+                        }
+                    };
+                    tracing::info!(stream = id, %peer, "hypervisor connection accepted");
+                    let _ = sh.ctl.send(Msg::Open { stream: id });
+                    let slot = match sh.slot(id) {
+                        Ok(s) => s,
+                        Err(e) => break Err(e.into()),
+                    };
+                    if let Err(e) = attach(&sh, &mut tasks, slot, sock) {
+                        break Err(RelayFailure::Hypervisor(format!("stream {id}: {e}")));
+                    }
+                },
+                m = msgs.recv() => {
+                    let m = match m {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => break Err(e.into()),
+                        None => break Err(TransportError::PeerClosed { what: "control" }.into()),
+                    };
+                    match (side, m) {
+                        (_, Msg::Abort { reason }) => break Err(RelayFailure::PeerAborted(reason)),
+                        (Side::Destination, Msg::Open { stream }) => {
+                            if let Err(e) = fifo.on_open(stream).and_then(|()| rules.open().map(|_| ())) {
+                                break Err(e.into());
+                            }
+                            if let Some(s) = fifo.next_connect() {
+                                spawn_connect(&sh, deliver.expect("destination"), s);
+                            }
+                        }
+                        (Side::Source, Msg::Opened { stream }) => {
+                            tracing::debug!(stream, "the destination connected the stream");
+                        }
+                        (Side::Source, Msg::OpenFailed { stream, error }) => {
+                            break Err(RelayFailure::Hypervisor(format!(
+                                "the destination could not connect stream {stream}: {error}"
+                            )));
+                        }
+                        (_, Msg::Credit { stream, dir, delivered, finished }) if dir == side.out_dir() => {
+                            let slot = match sh.slot(stream) {
+                                Ok(s) => s,
+                                Err(e) => break Err(e.into()),
+                            };
+                            let r = slot.inner.lock().expect("stream").send.on_credit(delivered, finished);
+                            if let Err(e) = r {
+                                break Err(e.into());
+                            }
+                            slot.credit.notify_one();
+                            if finished {
+                                if let Err(e) = rules.finish(stream, dir) {
+                                    break Err(e.into());
+                                }
+                            }
+                        }
+                        (_, Msg::Fin { stream, dir, length, digest }) if dir == side.in_dir() => {
+                            let slot = match sh.slot(stream) {
+                                Ok(s) => s,
+                                Err(e) => break Err(e.into()),
+                            };
+                            let r = slot.inner.lock().expect("stream").recv.on_fin(length, digest, stream, dir);
+                            if let Err(e) = r {
+                                break Err(e.into());
+                            }
+                            slot.data.notify_one();
+                        }
+                        (Side::Destination, Msg::RelayEnd { streams }) => {
+                            if let Err(e) = rules.on_end(streams) {
+                                break Err(e.into());
+                            }
+                            sh.ending.store(true, Ordering::SeqCst);
+                            let _ = sh.ctl.send(Msg::RelayEnd { streams });
+                            break Ok(());
+                        }
+                        (Side::Source, Msg::RelayEnd { streams }) if ending && streams == rules.count() => {
+                            break Ok(());
+                        }
+                        (_, m) => {
+                            break Err(TransportError::Unexpected {
+                                expected: "a relay message",
+                                got: m.name().into(),
+                            }
+                            .into());
+                        }
+                    }
+                }
+                ev = ev_rx.recv() => match ev.expect("the engine holds a sender") {
+                    Event::Fail(f) => break Err(f),
+                    Event::InDone(stream) => {
+                        if let Err(e) = rules.finish(stream, side.in_dir()) {
+                            break Err(e.into());
+                        }
+                    }
+                    Event::Connected(stream, r) => {
+                        fifo.on_connected(stream);
+                        match r {
+                            Ok(sock) => {
+                                tracing::info!(stream, "stream connected to the hypervisor");
+                                let _ = sh.ctl.send(Msg::Opened { stream });
+                                let slot = match sh.slot(stream) {
+                                    Ok(s) => s,
+                                    Err(e) => break Err(e.into()),
+                                };
+                                if let Err(e) = attach(&sh, &mut tasks, slot, sock) {
+                                    break Err(RelayFailure::Hypervisor(format!("stream {stream}: {e}")));
+                                }
+                                if let Some(s) = fifo.next_connect() {
+                                    spawn_connect(&sh, deliver.expect("destination"), s);
+                                }
+                            }
+                            Err(e) => {
+                                let error = format!("connecting to {}: {e}", deliver.expect("destination"));
+                                let _ = sh.ctl.send(Msg::OpenFailed { stream, error: error.clone() });
+                                break Err(RelayFailure::Hypervisor(format!("stream {stream}: {error}")));
+                            }
+                        }
+                    }
+                },
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+            if side == Side::Source && !ending && rules.all_done() {
+                ending = true;
+                sh.ending.store(true, Ordering::SeqCst);
+                tracing::info!(
+                    streams = rules.count(),
+                    "every stream delivered and confirmed"
+                );
+                let _ = sh.ctl.send(Msg::RelayEnd {
+                    streams: rules.count(),
+                });
+            }
+        };
+        let failed = result.is_err();
+        if let Err(e) = &result {
+            sh.failed.store(true, Ordering::SeqCst);
+            // Both hypervisors must see a failed migration, never a clean end.
+            for s in sh.streams.lock().expect("streams").iter() {
+                if let Some(sock) = s.sock.lock().expect("sock").take() {
+                    let _ = sock.set_zero_linger();
+                }
+            }
+            if !matches!(e, RelayFailure::PeerAborted(_)) {
+                let _ = sh.ctl.send(Msg::Abort {
+                    reason: e.to_string(),
+                });
+            }
+        }
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        chan_tasks.abort_all();
+        while chan_tasks.join_next().await.is_some() {}
+        let report = RelayReport {
+            side,
+            streams: sh
+                .streams
+                .lock()
+                .expect("streams")
+                .iter()
+                .map(|s| {
+                    let i = s.inner.lock().expect("stream");
+                    let (out, inn) = (i.send.read_offset(), i.recv.delivered());
+                    let (forward_bytes, back_bytes) = match side {
+                        Side::Source => (out, inn),
+                        Side::Destination => (inn, out),
+                    };
+                    StreamReport {
+                        stream: s.id,
+                        label: i.label.clone().unwrap_or_else(|| "other".into()),
+                        forward_bytes,
+                        back_bytes,
+                    }
+                })
+                .collect(),
+            channels: all_channels
+                .iter()
+                .map(|c| ChannelReport {
+                    path: c.path.clone(),
+                    chunks_sent: c.chunks_sent.load(Ordering::Relaxed),
+                    bytes_sent: c.bytes_sent.load(Ordering::Relaxed),
+                    failed: c.failed.lock().expect("failed").clone(),
+                })
+                .collect(),
+            stream_bytes: 0,
+            wire_bytes: sh.wire_bytes.load(Ordering::Relaxed),
+            resent_chunks: sh.resent.load(Ordering::Relaxed),
+            seconds: started.elapsed().as_secs_f64(),
+            option: match self.cfg.compression {
+                Some(c) => format!("compression ({c})"),
+                None => "tcp".into(),
+            },
+            encrypted: self.cfg.encrypted,
+        };
+        // Drop every stream (and its sockets: reset when failed, else the
+        // ends were already passed on) before the control connection closes.
+        sh.streams.lock().expect("streams").clear();
+        drop(sh);
+        // The last messages (RelayEnd or Abort) go out before we return.
+        if let Ok(w) = tokio::time::timeout(Duration::from_secs(2), ctl_task).await {
+            drop(w);
+        }
+        let mut report = report;
+        report.stream_bytes = report
+            .streams
+            .iter()
+            .map(|s| s.forward_bytes + s.back_bytes)
+            .sum();
+        match result {
+            Ok(()) if !failed => Ok(report),
+            Ok(()) => unreachable!("failed implies an error"),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn spawn_connect(sh: &Arc<Shared>, to: SocketAddr, stream: u32) {
+    let events = sh.events.clone();
+    tokio::spawn(async move {
+        let r = match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(to)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer within 10s",
+            )),
+        };
+        let _ = events.send(Event::Connected(stream, r));
+    });
+}
+
+/// `ferry relay`'s settings.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// Where the hypervisor connects (`--listen`).
+    pub listen: SocketAddr,
+    /// The destination daemon (`--to`).
+    pub to: String,
+    /// Where the destination connects the streams (`--deliver-to`).
+    pub deliver_to: String,
+    /// Pre-shared key.
+    pub key: ferry_transport::auth::AuthKey,
+    /// Per-chunk compression (`--performance-option compression`).
+    pub compression: Option<CompressionSpec>,
+    /// Data channels (`--channels`, `--nic`, `--channel-timeout`).
+    pub multichannel: crate::nics::MultichannelOptions,
+    /// TLS (`None`: `--plaintext`).
+    pub tls: Option<Arc<ferry_transport::tls::TlsConfig>>,
+    /// `--bandwidth-limit`, bytes per second.
+    pub bandwidth_limit: Option<u64>,
+    /// Connect and peer timeout.
+    pub timeout: Duration,
+    /// Window of each stream direction.
+    pub window: u32,
+    /// Largest chunk.
+    pub chunk: u32,
+    /// Most streams.
+    pub max_streams: u32,
+}
+
+/// The source side, set up: connected, authenticated, accepted, data
+/// channels open, listening for the hypervisor.
+#[derive(Debug)]
+pub struct ReadySource {
+    conn: Conn,
+    channels: Vec<(Stream, String)>,
+    listener: TcpListener,
+    cfg: EngineConfig,
+    keys: RelayKeys,
+    /// Where the hypervisor should migrate to.
+    pub listen: SocketAddr,
+    /// The data channels' paths.
+    pub paths: Vec<String>,
+}
+
+/// Sets up the source side: everything before the first hypervisor
+/// connection (so a refused `--deliver-to` ends the relay before the
+/// hypervisor connects at all).
+pub async fn prepare_source(o: &SourceOptions) -> Result<ReadySource> {
+    if !o.listen.ip().is_loopback() {
+        return Err(crate::error::MigrationError::Config(format!(
+            "--listen {}: not a loopback address (whoever connects first becomes the migration's main stream; the hypervisor runs on this host)",
+            o.listen
+        ))
+        .into());
+    }
+    let offer = RelayOffer {
+        deliver_to: o.deliver_to.clone(),
+        max_streams: o.max_streams,
+        window: o.window,
+        chunk: o.chunk,
+        option: match o.compression {
+            Some(c) => PerformanceOption::Compression {
+                codec: c.codec.id(),
+                level: c.level,
+            },
+            None => PerformanceOption::Tcp,
+        },
+        channels: o.multichannel.max_channels(),
+    };
+    offer
+        .validate()
+        .map_err(|e| crate::error::MigrationError::Config(e.to_string()))?;
+    let tcp = crate::engine::connect(&o.to, o.timeout).await?;
+    let control = (
+        tcp.local_addr()
+            .map_err(|e| TransportError::io("local address", "control", e))?,
+        tcp.peer_addr()
+            .map_err(|e| TransportError::io("peer address", "control", e))?,
+    );
+    let stream = crate::engine::secure(tcp, o.tls.as_deref(), o.timeout).await?;
+    let mut conn = Conn::new(stream, o.timeout);
+    conn.client_handshake(&o.key).await?;
+    conn.send(&Msg::RelayOffer(offer.clone())).await?;
+    let accept = match conn.recv("the relay's acceptance").await? {
+        Msg::Accept(a) => a,
+        Msg::Reject { reason, message } => {
+            return Err(TransportError::Rejected { reason, message }.into())
+        }
+        m => {
+            return Err(TransportError::Unexpected {
+                expected: "Accept",
+                got: m.name().into(),
+            }
+            .into())
+        }
+    };
+    let keys = conn.session_keys().ok_or(TransportError::AuthFailed(
+        "no session keys after the handshake",
+    ))?;
+    let local = crate::nics::discover().unwrap_or_default();
+    let planned = crate::nics::plan(&o.multichannel, &local, &accept.interfaces, control)?;
+    let opened =
+        crate::nics::open_channels(&planned, keys.clone(), o.timeout, o.tls.clone()).await?;
+    let channels: Vec<(Stream, String)> = opened
+        .into_iter()
+        .map(|(s, p)| (s, format!("{} -> {}", p.local, p.remote)))
+        .collect();
+    let listener = TcpListener::bind(o.listen)
+        .await
+        .map_err(|e| crate::error::MigrationError::Config(format!("--listen {}: {e}", o.listen)))?;
+    let listen = listener
+        .local_addr()
+        .map_err(|e| TransportError::io("listening address", "relay", e))?;
+    let mut cfg = EngineConfig::from_offer(
+        &offer,
+        Side::Source,
+        o.tls.is_some(),
+        o.multichannel.channel_timeout,
+    );
+    cfg.bandwidth_limit = o.bandwidth_limit;
+    Ok(ReadySource {
+        paths: channels.iter().map(|c| c.1.clone()).collect(),
+        conn,
+        channels,
+        listener,
+        cfg,
+        keys: RelayKeys::derive(&keys),
+        listen,
+    })
+}
+
+impl ReadySource {
+    /// Carries the hypervisor's connections until every stream is done.
+    pub async fn run(self) -> Result<RelayReport> {
+        let (tx, rx) = mpsc::channel(self.channels.len().max(1));
+        for c in self.channels {
+            let _ = tx.try_send(c);
+        }
+        drop(tx);
+        Engine::new(self.cfg, self.keys)
+            .run(self.conn, rx, Hypervisor::Accept(self.listener))
+            .await
+    }
+}
+
+/// The destination side of one relay, after its offer was accepted:
+/// `channels` are its data channels as they arrive.
+pub async fn serve_destination(
+    conn: Conn,
+    offer: &RelayOffer,
+    deliver_to: SocketAddr,
+    mut channels: mpsc::Receiver<Stream>,
+    channel_timeout: Duration,
+) -> Result<RelayReport> {
+    let keys = conn.session_keys().ok_or(TransportError::AuthFailed(
+        "no session keys after the handshake",
+    ))?;
+    let cfg = EngineConfig::from_offer(
+        offer,
+        Side::Destination,
+        conn.is_encrypted(),
+        channel_timeout,
+    );
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        while let Some(s) = channels.recv().await {
+            let path = match (s.peer_addr(), s.local_addr()) {
+                (Ok(p), Ok(l)) => format!("{l} <- {p}"),
+                _ => "?".into(),
+            };
+            if tx.send((s, path)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Engine::new(cfg, RelayKeys::derive(&keys))
+        .run(conn, rx, Hypervisor::Connect(deliver_to))
+        .await
+}

@@ -1,0 +1,604 @@
+//! `ferry relay`'s byte streams over loopback, without QEMU (issue 13):
+//! plain TCP peers stand in for the two hypervisors. The destination daemon
+//! and the source relay run in this process (library calls), so each case
+//! takes a second or two; the `ferry relay` command itself is exercised by
+//! `relay_cli` below and by `tests/tests/relay.rs` with real guests.
+//!
+//! Cases: many streams each way with half-close, accepted in the source's
+//! order; back-pressure from a slow reader (bounded buffering); a corrupt
+//! chunk on one data channel (that channel fails, the others carry its
+//! chunks); a data channel cut mid-stream (failover); every channel cut (both
+//! hypervisors' connections reset); a `--deliver-to` outside `--relay-allow`
+//! refused before anything is sent; either relay side gone (the other resets
+//! its hypervisor's connections).
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_migration::dest::{Destination, GuestSupport, ListenOptions, ResumeHook};
+use ferry_migration::nics::MultichannelOptions;
+use ferry_migration::relay::{prepare_source, RelayFailure, RelayReport, SourceOptions};
+use ferry_proto::control::RejectReason;
+use ferry_tests::proxy::{Dir, Kind, Proxy, Verdict};
+use ferry_transport::auth::AuthKey;
+use ferry_transport::multichannel::ChannelCount;
+use ferry_transport::tls::TlsConfig;
+use ferry_transport::TransportError;
+
+const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn key() -> AuthKey {
+    AuthKey::new(KEY.to_vec()).unwrap()
+}
+
+/// A destination daemon in this runtime; returns its address and the task.
+fn daemon(
+    rt: &tokio::runtime::Runtime,
+    plaintext: bool,
+) -> (SocketAddr, tokio::task::JoinHandle<()>, Arc<Destination>) {
+    let key = key();
+    let opts = ListenOptions {
+        key: key.clone(),
+        memory_limit: 8 << 30,
+        timeout: Duration::from_secs(10),
+        max_concurrent: 2,
+        queue: 0,
+        queue_timeout: Duration::ZERO,
+        migration_networks: Vec::new(),
+        tls: Arc::new(TlsConfig::from_psk(&key).unwrap()),
+        plaintext,
+        handshake_timeout: ferry_migration::admission::DEFAULT_HANDSHAKE_TIMEOUT,
+        max_unauthenticated: ferry_migration::admission::DEFAULT_MAX_UNAUTHENTICATED,
+        max_unauthenticated_per_source:
+            ferry_migration::admission::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
+    };
+    let hook = ResumeHook {
+        supports: GuestSupport {
+            max_vcpus: 1,
+            cpu_vendor: None,
+            device_state_formats: vec![],
+        },
+        restore: Arc::new(|_, _| Err("no guests here".into())),
+        resume: Arc::new(|_| Err("no guests here".into())),
+    };
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = Destination::new(opts, hook);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let d = dest.clone();
+    let server = rt.spawn(async move {
+        let _ = d.serve(listener, tx).await;
+    });
+    rt.spawn(async move { while rx.recv().await.is_some() {} });
+    (addr, server, dest)
+}
+
+fn source_opts(to: SocketAddr, deliver_to: SocketAddr, tls: bool, channels: u16) -> SourceOptions {
+    let key = key();
+    SourceOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        to: to.to_string(),
+        deliver_to: deliver_to.to_string(),
+        tls: tls.then(|| Arc::new(TlsConfig::from_psk(&key).unwrap())),
+        key,
+        compression: None,
+        multichannel: MultichannelOptions {
+            channels: ChannelCount::Fixed(channels),
+            nics: Vec::new(),
+            channel_timeout: Duration::from_secs(5),
+        },
+        bandwidth_limit: None,
+        timeout: Duration::from_secs(10),
+        window: 1 << 20,
+        chunk: 64 << 10,
+        max_streams: 65,
+    }
+}
+
+/// Deterministic bytes of stream `id`.
+fn pattern(id: u32, len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(id).wrapping_mul(0x1234_5678_9abc);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The destination hypervisor: accepts connections, records the order
+/// (each client's first 4 bytes are its id), echoes everything back
+/// (transformed: every byte + 1) and passes the EOF on.
+struct Echo {
+    addr: SocketAddr,
+    order: Arc<Mutex<Vec<(u32, u32)>>>,
+    errors: Arc<Mutex<Vec<ErrorKind>>>,
+    accepted: Arc<AtomicUsize>,
+}
+
+fn echo(gate: Option<Arc<AtomicBool>>, read_total: Arc<AtomicU64>) -> Echo {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (o, e, a) = (order.clone(), errors.clone(), accepted.clone());
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let idx = a.fetch_add(1, Ordering::SeqCst) as u32;
+            let (o, e, total, gate) = (o.clone(), e.clone(), read_total.clone(), gate.clone());
+            std::thread::spawn(move || {
+                // A hypervisor that does not read yet.
+                while gate.as_ref().is_some_and(|g| !g.load(Ordering::SeqCst)) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let mut buf = vec![0u8; 16 << 10];
+                let mut first = Vec::new();
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            total.fetch_add(n as u64, Ordering::SeqCst);
+                            if first.len() < 4 {
+                                first.extend_from_slice(&buf[..n.min(4 - first.len())]);
+                                if first.len() == 4 {
+                                    // (accept index, the client's id)
+                                    o.lock().unwrap().push((
+                                        idx,
+                                        u32::from_le_bytes(first[..4].try_into().unwrap()),
+                                    ));
+                                }
+                            }
+                            let out: Vec<u8> = buf[..n].iter().map(|b| b.wrapping_add(1)).collect();
+                            if let Err(err) = c.write_all(&out) {
+                                e.lock().unwrap().push(err.kind());
+                                return;
+                            }
+                        }
+                        Err(err) => {
+                            e.lock().unwrap().push(err.kind());
+                            return;
+                        }
+                    }
+                }
+                let _ = c.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    Echo {
+        addr,
+        order,
+        errors,
+        accepted,
+    }
+}
+
+/// One source hypervisor connection: writes its id and `len` bytes, closes
+/// its side, reads the echo to EOF; returns what came back or the error.
+type Client = (
+    TcpStream,
+    std::thread::JoinHandle<std::io::Result<Vec<u8>>>,
+    std::thread::JoinHandle<std::io::Result<()>>,
+);
+
+fn client(to: SocketAddr, id: u32, len: usize) -> Client {
+    client_counting(to, id, len, Arc::default())
+}
+
+/// [`client`], counting the bytes its writes have handed to the kernel.
+fn client_counting(to: SocketAddr, id: u32, len: usize, written: Arc<AtomicU64>) -> Client {
+    let c = TcpStream::connect(to).unwrap();
+    let mut w = c.try_clone().unwrap();
+    let mut r = c.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut data = id.to_le_bytes().to_vec();
+        data.extend_from_slice(&pattern(id, len));
+        for block in data.chunks(64 << 10) {
+            w.write_all(block)?;
+            written.fetch_add(block.len() as u64, Ordering::SeqCst);
+        }
+        w.shutdown(Shutdown::Write)
+    });
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        r.read_to_end(&mut out)?;
+        Ok(out)
+    });
+    (c, reader, writer)
+}
+
+fn expected(id: u32, len: usize) -> Vec<u8> {
+    let mut data = id.to_le_bytes().to_vec();
+    data.extend_from_slice(&pattern(id, len));
+    data.iter().map(|b| b.wrapping_add(1)).collect()
+}
+
+type Run = tokio::task::JoinHandle<Result<RelayReport, RelayFailure>>;
+
+/// Sets a relay up to `deliver` through `via` (the daemon or a proxy in
+/// front of it) and starts it: the address QEMU would migrate to, and the run.
+fn start_relay(
+    rt: &tokio::runtime::Runtime,
+    via: SocketAddr,
+    deliver: SocketAddr,
+    opts: impl FnOnce(&mut SourceOptions),
+) -> (SocketAddr, Run) {
+    let mut o = source_opts(via, deliver, false, 2);
+    opts(&mut o);
+    let ready = rt
+        .block_on(prepare_source(&o))
+        .expect("the relay is set up");
+    let listen = ready.listen;
+    (listen, rt.spawn(ready.run()))
+}
+
+fn finish(rt: &tokio::runtime::Runtime, run: Run) -> Result<RelayReport, RelayFailure> {
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), run).await })
+        .expect("the relay ends")
+        .expect("the relay task")
+}
+
+fn join(clients: Vec<Client>) -> Vec<std::io::Result<Vec<u8>>> {
+    clients
+        .into_iter()
+        .map(|(_c, r, w)| {
+            let _ = w.join().unwrap();
+            r.join().unwrap()
+        })
+        .collect()
+}
+
+/// A relay carrying `streams` clients of `len` bytes each, opened one after
+/// another as QEMU opens its channels (main first).
+fn relay_streams(
+    rt: &tokio::runtime::Runtime,
+    via: SocketAddr,
+    deliver: SocketAddr,
+    opts: impl FnOnce(&mut SourceOptions),
+    streams: u32,
+    len: usize,
+) -> (
+    Result<RelayReport, RelayFailure>,
+    Vec<std::io::Result<Vec<u8>>>,
+) {
+    let (listen, run) = start_relay(rt, via, deliver, opts);
+    let clients: Vec<_> = (0..streams).map(|id| client(listen, id, len)).collect();
+    let results = join(clients);
+    (finish(rt, run), results)
+}
+
+#[test]
+fn many_streams_each_way_with_half_close_arrive_whole_and_in_accept_order() {
+    let rt = rt();
+    let (addr, _d, _) = daemon(&rt, true);
+    let e = echo(None, Arc::default());
+    let len = 3 << 20;
+    let (report, results) = relay_streams(&rt, addr, e.addr, |_| {}, 6, len);
+    let report = report.expect("every stream delivered");
+    for (id, r) in results.into_iter().enumerate() {
+        let got = r.expect("the echo");
+        assert!(
+            got == expected(id as u32, len),
+            "stream {id}: bytes differ ({} vs {})",
+            got.len(),
+            len + 4
+        );
+    }
+    let mut order = e.order.lock().unwrap().clone();
+    order.sort_unstable();
+    assert_eq!(
+        order,
+        (0..6).map(|i| (i, i)).collect::<Vec<_>>(),
+        "the destination accepts stream k as its k-th connection"
+    );
+    assert_eq!(
+        e.accepted.load(Ordering::SeqCst),
+        6,
+        "no connection of its own"
+    );
+    assert!(e.errors.lock().unwrap().is_empty());
+    assert_eq!(report.streams.len(), 6);
+    for s in &report.streams {
+        assert_eq!(s.forward_bytes, len as u64 + 4, "{s:?}");
+        assert_eq!(s.back_bytes, len as u64 + 4, "{s:?}");
+    }
+    assert_eq!(report.channels.len(), 2);
+    assert!(
+        report.channels.iter().all(|c| c.chunks_sent > 0),
+        "both channels carry chunks: {:?}",
+        report.channels
+    );
+}
+
+#[test]
+fn tls_and_compression_carry_the_same_bytes() {
+    let rt = rt();
+    let (addr, _d, _) = daemon(&rt, false);
+    let e = echo(None, Arc::default());
+    let len = 2 << 20;
+    let (report, results) = relay_streams(
+        &rt,
+        addr,
+        e.addr,
+        |o| {
+            o.tls = Some(Arc::new(TlsConfig::from_psk(&key()).unwrap()));
+            o.compression = Some("lz4".parse().unwrap());
+        },
+        2,
+        len,
+    );
+    let report = report.expect("every stream delivered");
+    for (id, r) in results.into_iter().enumerate() {
+        assert!(r.unwrap() == expected(id as u32, len), "stream {id}");
+    }
+    assert!(report.encrypted);
+    assert!(report.option.contains("lz4"), "{}", report.option);
+}
+
+#[test]
+fn a_deliver_to_outside_relay_allow_is_refused_before_anything_is_sent() {
+    let rt = rt();
+    let (addr, _d, _) = daemon(&rt, true);
+    let o = source_opts(addr, "192.0.2.7:4444".parse().unwrap(), false, 1);
+    let e = rt.block_on(prepare_source(&o)).expect_err("refused");
+    match &e {
+        RelayFailure::Transport(TransportError::Rejected { reason, message }) => {
+            assert_eq!(*reason, RejectReason::RelayNotAllowed);
+            assert!(
+                message.contains("192.0.2.7:4444") && message.contains("127.0.0.0/8"),
+                "{message}"
+            );
+        }
+        e => panic!("{e}"),
+    }
+    assert_eq!(e.reason(), "relay_not_allowed");
+}
+
+#[test]
+fn relay_allow_admits_what_it_names() {
+    let rt = rt();
+    let (addr, _d, dest) = daemon(&rt, true);
+    dest.set_relay_allow(vec!["192.0.2.0/24".parse().unwrap()]);
+    let o = source_opts(addr, "127.0.0.1:4444".parse().unwrap(), false, 1);
+    let e = rt
+        .block_on(prepare_source(&o))
+        .expect_err("loopback no longer allowed");
+    assert!(e.to_string().contains("relay-allow 192.0.2.0/24"), "{e}");
+}
+
+#[test]
+fn a_corrupt_chunk_fails_its_channel_and_the_others_carry_its_bytes() {
+    let rt = rt();
+    let (addr, _d, _) = daemon(&rt, true);
+    let e = echo(None, Arc::default());
+    let hit = Arc::new(AtomicUsize::new(0));
+    let h = hit.clone();
+    let proxy = Proxy::start(
+        addr,
+        Box::new(move |f| {
+            // The first stream bytes toward the destination on a data
+            // channel, past its handshake: flip one byte.
+            // (The proxy hands its hook the first bytes it cannot parse,
+            // then copies the rest as it comes: the first stream chunk.)
+            if matches!(f.kind, Kind::Raw)
+                && f.dir == Dir::ToDest
+                && f.bytes.len() >= 16
+                && h.fetch_add(1, Ordering::SeqCst) == 0
+            {
+                f.bytes[12] ^= 0x40;
+            }
+            Verdict::Forward
+        }),
+    );
+    let len = 2 << 20;
+    let (report, results) = relay_streams(&rt, proxy.addr(), e.addr, |_| {}, 2, len);
+    assert!(hit.load(Ordering::SeqCst) > 0, "the proxy saw stream bytes");
+    let report = report.expect("delivered over the surviving channel");
+    for (id, r) in results.into_iter().enumerate() {
+        assert!(r.unwrap() == expected(id as u32, len), "stream {id}");
+    }
+    let failed: Vec<_> = report
+        .channels
+        .iter()
+        .filter(|c| c.failed.is_some())
+        .collect();
+    assert_eq!(failed.len(), 1, "{:?}", report.channels);
+    assert!(report.resent_chunks > 0, "{report:?}");
+}
+
+#[test]
+fn a_hypervisor_that_does_not_read_stops_the_other_one_writing() {
+    let rt = rt();
+    let (addr, _d, _) = daemon(&rt, true);
+    let gate = Arc::new(AtomicBool::new(false));
+    let e = echo(Some(gate.clone()), Arc::default());
+    let window = 256 << 10;
+    let (listen, run) = start_relay(&rt, addr, e.addr, |o| o.window = window);
+    let len = 96 << 20;
+    let written = Arc::new(AtomicU64::new(0));
+    let c = client_counting(listen, 0, len, written.clone());
+    // Wait until the writer stops making progress.
+    let mut last = u64::MAX;
+    for _ in 0..200 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = written.load(Ordering::SeqCst);
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+    }
+    let stuck = written.load(Ordering::SeqCst);
+    // Socket buffers on both hosts (loopback autotuning: a few MiB each)
+    // plus one window: far below the 96 MiB it tries to write.
+    assert!(
+        stuck < 32 << 20,
+        "the source kept writing ({stuck} bytes) while the destination read nothing"
+    );
+    gate.store(true, Ordering::SeqCst);
+    let results = join(vec![c]);
+    assert!(
+        results[0].as_ref().unwrap() == &expected(0, len),
+        "every byte, in order, after the stall"
+    );
+    finish(&rt, run).expect("delivered");
+}
+
+#[test]
+fn a_channel_cut_mid_stream_fails_over_to_the_others() {
+    let rt = rt();
+    let (addr, _d, _) = daemon(&rt, true);
+    let read = Arc::new(AtomicU64::new(0));
+    let e = echo(None, read.clone());
+    let proxy = Proxy::transparent(addr);
+    let (listen, run) = start_relay(&rt, proxy.addr(), e.addr, |o| {
+        o.multichannel.channels = ChannelCount::Fixed(3)
+    });
+    let len = 48 << 20;
+    let c = client(listen, 0, len);
+    while read.load(Ordering::SeqCst) < 4 << 20 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Connection 0 is the control connection; 1..=3 the data channels.
+    proxy.cut(2);
+    let results = join(vec![c]);
+    let report = finish(&rt, run).expect("delivered over the others");
+    assert!(results[0].as_ref().unwrap() == &expected(0, len));
+    let failed: Vec<_> = report
+        .channels
+        .iter()
+        .filter(|c| c.failed.is_some())
+        .collect();
+    assert_eq!(failed.len(), 1, "{:?}", report.channels);
+}
+
+/// Reads until the connection ends; the error kind if it did not end cleanly.
+/// Whether a client saw its connection reset: its reader, or its writer
+/// (the first call to hit the reset takes the error; a read after a writer
+/// took it sees the end of a closed socket).
+fn reset_seen(c: Client) -> bool {
+    let (_c, r, w) = c;
+    let w = w.join().unwrap();
+    let r = r.join().unwrap();
+    let reset = |k: ErrorKind| matches!(k, ErrorKind::ConnectionReset | ErrorKind::BrokenPipe);
+    let seen = r.as_ref().err().is_some_and(|e| reset(e.kind()))
+        || w.as_ref().err().is_some_and(|e| reset(e.kind()));
+    if !seen {
+        eprintln!("reader: {:?}, writer: {w:?}", r.map(|v| v.len()));
+    }
+    seen
+}
+
+#[test]
+fn losing_every_channel_resets_both_hypervisors_connections() {
+    let rt = rt();
+    let (addr, _d, _) = daemon(&rt, true);
+    let read = Arc::new(AtomicU64::new(0));
+    let e = echo(None, read.clone());
+    let proxy = Proxy::transparent(addr);
+    let (listen, run) = start_relay(&rt, proxy.addr(), e.addr, |o| {
+        o.multichannel.channels = ChannelCount::Fixed(1)
+    });
+    let c = client(listen, 0, 256 << 20);
+    // A second stream that has sent all it had and waits for an answer, as
+    // QEMU's main channel waits on its return path: nothing unread at the
+    // relay, so only SO_LINGER 0 turns its close into a reset.
+    let mut waiting = TcpStream::connect(listen).unwrap();
+    waiting.write_all(&1u32.to_le_bytes()).unwrap();
+    while read.load(Ordering::SeqCst) < 1 << 20 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    proxy.cut(1);
+    let err = finish(&rt, run).expect_err("no channel left");
+    // Whichever side notices first says so; the other reports its abort.
+    assert!(err.to_string().contains("no data channel left"), "{err}");
+    assert!(
+        reset_seen(c),
+        "the source hypervisor sees a reset, not an end"
+    );
+    let mut rest = Vec::new();
+    let r = waiting.read_to_end(&mut rest);
+    assert_eq!(
+        r.map_err(|e| e.kind()).map(|_| rest.len()),
+        Err(ErrorKind::ConnectionReset),
+        "a waiting hypervisor connection is reset, not ended"
+    );
+    wait_for(
+        || {
+            e.errors
+                .lock()
+                .unwrap()
+                .contains(&ErrorKind::ConnectionReset)
+        },
+        "the destination hypervisor sees a reset",
+    );
+}
+
+fn wait_for(f: impl Fn() -> bool, what: &str) {
+    for _ in 0..500 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out: {what}");
+}
+
+#[test]
+fn the_destination_gone_resets_the_source_hypervisors_connections() {
+    let rt = rt();
+    let (addr, daemon_task, _) = daemon(&rt, true);
+    let read = Arc::new(AtomicU64::new(0));
+    let e = echo(None, read.clone());
+    let (listen, run) = start_relay(&rt, addr, e.addr, |_| {});
+    let c = client(listen, 0, 256 << 20);
+    while read.load(Ordering::SeqCst) < 1 << 20 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    daemon_task.abort();
+    let err = finish(&rt, run).expect_err("the destination is gone");
+    assert!(
+        reset_seen(c),
+        "the source hypervisor sees a reset, not an end: {err}"
+    );
+}
+
+#[test]
+fn the_source_relay_gone_resets_the_destination_hypervisors_connections() {
+    let rt = rt();
+    let (addr, _d, _) = daemon(&rt, true);
+    let read = Arc::new(AtomicU64::new(0));
+    let e = echo(None, read.clone());
+    let (listen, run) = start_relay(&rt, addr, e.addr, |_| {});
+    let c = client(listen, 0, 256 << 20);
+    while read.load(Ordering::SeqCst) < 1 << 20 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    run.abort();
+    wait_for(
+        || {
+            e.errors
+                .lock()
+                .unwrap()
+                .contains(&ErrorKind::ConnectionReset)
+        },
+        "the destination hypervisor sees a reset",
+    );
+    drop(c);
+}
