@@ -182,6 +182,20 @@ header() {
     printf '%-34s %-7s %9s %13s %12s %6s   %s\n' option image time "effective" "on the wire" ratio "runs"
 }
 
+# Two namespaces joined by one veth link shaped to 1 Gbit/s both ways.
+shaped_link_up() {
+    ip netns add "$NS_A"
+    ip netns add "$NS_B"
+    ip link add fb-a netns "$NS_A" type veth peer name fb-b netns "$NS_B"
+    ip -n "$NS_A" addr add "$ADDR_A/30" dev fb-a
+    ip -n "$NS_B" addr add "$ADDR_B/30" dev fb-b
+    for n in "$NS_A:fb-a" "$NS_B:fb-b"; do
+        ip -n "${n%%:*}" link set lo up
+        ip -n "${n%%:*}" link set "${n#*:}" up
+        ip netns exec "${n%%:*}" tc qdisc replace dev "${n#*:}" root tbf rate 1gbit burst 256kb latency 10ms
+    done
+}
+
 # Issue 15's comparisons: runs of the options interleaved, one line per run,
 # then medians and ratios. Rows: label=args (FERRY_BIN picked by label "before").
 goal_rows() { # title netns-or-empty addr image guest-mib
@@ -237,16 +251,7 @@ if [ "$GOALS" = 1 ]; then
     python3 ci/memimage.py "$WORK/g512" 512 random
     python3 ci/memimage.py "$WORK" "$MIB" mix
     goal_rows "loopback: compression (default) vs tcp; goal: time <= 1.05x tcp's" "" 127.0.0.1:16600 "$WORK/g512/random.img" 512
-    ip netns add "$NS_A"
-    ip netns add "$NS_B"
-    ip link add fb-a netns "$NS_A" type veth peer name fb-b netns "$NS_B"
-    ip -n "$NS_A" addr add "$ADDR_A/30" dev fb-a
-    ip -n "$NS_B" addr add "$ADDR_B/30" dev fb-b
-    for n in "$NS_A:fb-a" "$NS_B:fb-b"; do
-        ip -n "${n%%:*}" link set lo up
-        ip -n "${n%%:*}" link set "${n#*:}" up
-        ip netns exec "${n%%:*}" tc qdisc replace dev "${n#*:}" root tbf rate 1gbit burst 256kb latency 10ms
-    done
+    shaped_link_up
     goal_rows "one veth link shaped to 1 Gbit/s: compression (default) vs tcp; goal: tcp time / compression time >= 2.0 in every run" ns "$ADDR_B:6600" "$WORK/mix.img" "$MIB"
     echo
     echo "time: connect to Committed, including both sides' memory digests; ratio = page bytes / wire bytes"
@@ -265,16 +270,7 @@ for img in mix random zero; do
 done
 
 if [ "${SKIP_SHAPED:-0}" != 1 ]; then
-    ip netns add "$NS_A"
-    ip netns add "$NS_B"
-    ip link add fb-a netns "$NS_A" type veth peer name fb-b netns "$NS_B"
-    ip -n "$NS_A" addr add "$ADDR_A/30" dev fb-a
-    ip -n "$NS_B" addr add "$ADDR_B/30" dev fb-b
-    for n in "$NS_A:fb-a" "$NS_B:fb-b"; do
-        ip -n "${n%%:*}" link set lo up
-        ip -n "${n%%:*}" link set "${n#*:}" up
-        ip netns exec "${n%%:*}" tc qdisc replace dev "${n#*:}" root tbf rate 1gbit burst 256kb latency 10ms
-    done
+    shaped_link_up
     header "one veth link shaped to 1 Gbit/s (tc tbf) between two namespaces"
     for img in mix random zero; do
         f="$WORK/$img.img"
