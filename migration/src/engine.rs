@@ -31,6 +31,13 @@
 //! after `Commit` was sent but before a proven `Committed` or refusal came
 //! back leaves the guest paused: it may already run on the destination, and
 //! two running copies would be worse than a pause.
+//!
+//! The control flow above (what may be sent when, what each answer must
+//! be, timeouts, whether the guest is still ours) is
+//! [`ferry_proto::source::SourceSession`], a state machine without IO; this
+//! module drives it: it sends pages (the `Chunker` and the transport),
+//! harvests the dirty log, decides convergence, pauses and resumes the
+//! guest, and moves the session's messages over the control connection.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -40,13 +47,15 @@ use ferry_ffi::vio;
 use ferry_proto::evidence::PageHash;
 use ferry_proto::frame;
 use ferry_proto::policy;
-use ferry_proto::switchover::{self as proof, Claims, Transcripts};
+use ferry_proto::session::SessionError;
+use ferry_proto::source::{SourceSession, Step};
+use ferry_proto::switchover::{Claims, Transcripts};
 use ferry_proto::SessionKeys;
 use ferry_proto::{Evidence, Ledger, MacKey};
 use ferry_transport::compress::{CompressConfig, CompressSender, CompressionSpec};
 use ferry_transport::conn::Conn;
 use ferry_transport::multichannel::{ChannelPath, Multichannel, MultichannelConfig};
-use ferry_transport::proto::{AuditReport, AuditResult, Msg, Offer, PerformanceOption, Switchover};
+use ferry_transport::proto::{AuditReport, AuditResult, Msg, Offer, PerformanceOption};
 use ferry_transport::stream::Stream;
 use ferry_transport::tcp::TcpSender;
 use ferry_transport::tls::TlsConfig;
@@ -737,9 +746,8 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 frame: keys.frame.clone(),
                 pages: BufPool::new(chunk_buffers_kept(self.opts.chunk_bytes)),
                 paused_at: None,
-                commit_sent: false,
+                session: SourceSession::new(keys.commit.clone(), self.opts.timeout),
                 throttled: 0,
-                pings: 0,
             };
             let result = run.precopy_and_switch(&mut t, &layout, started).await;
             return run.settle(result).await;
@@ -771,9 +779,8 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             frame: keys.frame.clone(),
             pages: BufPool::new(chunk_buffers_kept(self.opts.chunk_bytes)),
             paused_at: None,
-            commit_sent: false,
+            session: SourceSession::new(keys.commit.clone(), self.opts.timeout),
             throttled: 0,
-            pings: 0,
         };
         // Each channel's sender times out its acks after the channel
         // timeout (never longer than the peer timeout), and multichannel
@@ -963,11 +970,12 @@ struct Run<'r, 'a, G: GuestControl, D: DirtyLog> {
     /// cannot send from guest memory).
     pages: Arc<BufPool>,
     paused_at: Option<Instant>,
-    commit_sent: bool,
+    /// The migration's control flow: what may be said when, what each
+    /// answer must be, and whether the guest is still ours
+    /// ([`ferry_proto::source`]); this driver does the IO.
+    session: SourceSession,
     /// Auto-converge throttle applied to the guest, percent.
     throttled: u8,
-    /// Pings sent (round-trip measurements).
-    pings: u64,
 }
 
 /// Returns true if the page holds only zero bytes.
@@ -1164,7 +1172,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                 self.src.progress.set_phase(Phase::Done);
                 Ok(s)
             }
-            Err(e) if self.commit_sent => Err(e),
+            Err(e) if !self.session.guest_is_ours() => Err(e),
             Err(e) => {
                 if let Some(paused_at) = self.paused_at {
                     self.src.guest.resume()?;
@@ -1174,7 +1182,9 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                     });
                 }
                 let e = self.destination_view(e).await;
-                self.conn.abort(&e.to_string()).await;
+                if let Some(Msg::Abort { reason }) = self.session.abort(&e.to_string()) {
+                    self.conn.abort(&reason).await;
+                }
                 Err(e)
             }
         }
@@ -1299,9 +1309,6 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
     /// nothing more of theirs can land.
     async fn fence_lost_channels<T: Transport>(&mut self, t: &mut T) -> Result<()> {
         let lost = t.lost_channels();
-        if lost.is_empty() {
-            return Ok(());
-        }
         let channels: Vec<std::net::SocketAddr> = lost.iter().map(|l| l.path.local).collect();
         for l in &lost {
             self.src.progress.emit(Event::ChannelLost {
@@ -1316,36 +1323,52 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                 l.error
             );
         }
-        self.conn
-            .send(&Msg::Fence {
-                channels: channels.clone(),
-            })
-            .await?;
-        match self.conn.recv("the destination's Fenced").await? {
-            Msg::Fenced { channels: done } if done == channels => Ok(()),
-            Msg::Abort { reason } => Err(TransportError::PeerAborted(reason).into()),
-            m => Err(TransportError::Unexpected {
-                expected: "Fenced",
-                got: m.name().into(),
+        if let Some(fence) = self.session.round_flushed(channels, Instant::now())? {
+            self.conn.send(&fence).await?;
+            self.answer().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the answer the session awaits, until its deadline, and
+    /// hands it to the session.
+    async fn answer(&mut self) -> Result<Step> {
+        let Some((what, deadline)) = self.session.poll_timeout() else {
+            return Err(SessionError::OutOfOrder {
+                event: "await an answer",
+                state: "nothing awaited",
             }
-            .into()),
+            .into());
+        };
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match self.conn.recv_within(what, wait).await {
+            Ok(msg) => Ok(self.session.handle(msg, Instant::now())?),
+            // The transport's timer says the deadline passed.
+            Err(TransportError::Timeout { .. }) => {
+                self.session.handle_timeout(Instant::now().max(deadline))?;
+                Err(SessionError::OutOfOrder {
+                    event: "timeout",
+                    state: "before the deadline",
+                }
+                .into())
+            }
+            Err(e) => Err(match self.session.connection_failed(e.to_string()) {
+                Some(s) => s.into(),
+                None => e.into(),
+            }),
         }
     }
 
-    /// Measures the control connection's round trip (between rounds, not
-    /// in the pause).
-    async fn ping(&mut self) -> Result<Duration> {
-        self.pings += 1;
-        let seq = self.pings;
-        let sent = Instant::now();
-        self.conn.send(&Msg::Ping { seq }).await?;
-        match self.conn.recv("the destination's Pong").await? {
-            Msg::Pong { seq: s } if s == seq => Ok(sent.elapsed()),
-            m => Err(TransportError::Unexpected {
-                expected: "Pong",
-                got: m.name().into(),
-            }
-            .into()),
+    /// Announces the round and measures the control connection's round
+    /// trip (between rounds, not in the pause).
+    async fn round_done(&mut self, pages: u64) -> Result<Duration> {
+        let done = self.session.round_done(pages)?;
+        self.conn.send(&done).await?;
+        let ping = self.session.ping(Instant::now())?;
+        self.conn.send(&ping).await?;
+        match self.answer().await? {
+            Step::RoundTrip(rtt) => Ok(rtt),
+            s => Err(unexpected_step(s)),
         }
     }
 
@@ -1366,7 +1389,6 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         let mut set = DirtySet::all(layout);
         let mut rounds = Vec::new();
         let mut seq = 0u64;
-        let mut round = 0u32;
         let cap = opts.bandwidth_limit.map_or(f64::INFINITY, |c| c as f64);
         let deadline = opts.total_timeout.map(|t| started + t);
         let mut auto = AutoConverge::default();
@@ -1390,6 +1412,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             .remaining_bytes
             .store(remaining, Ordering::Relaxed);
         let (reason, predicted) = loop {
+            let round = self.session.round();
             let start_ms = ms_since(started);
             let sent = self.send_set(t, &set, round, &mut seq);
             let mut stats = match deadline {
@@ -1401,18 +1424,13 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             };
             stats.start_ms = start_ms;
             stats.throttle_percent = self.throttled;
-            self.conn
-                .send(&Msg::RoundDone {
-                    round,
-                    pages: stats.pages,
-                })
-                .await?;
+            let rtt = self.round_done(stats.pages).await?;
             // The round trip the pause pays three times: the largest of the
             // last three measured (a noisy host errs on the long side).
             if rtts.len() == 3 {
                 rtts.pop_front();
             }
-            rtts.push_back(self.ping().await?);
+            rtts.push_back(rtt);
             costs.round_trip = rtts.iter().copied().max().unwrap_or_default();
             // The link the prediction uses: measured, never above the cap.
             if stats.duration_ms > 1.0 && stats.bytes > 0 {
@@ -1437,7 +1455,8 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             );
             src.progress.emit(Event::Round(stats.clone()));
             rounds.push(stats);
-            round += 1;
+            // The session counted the round once it was announced.
+            let round = self.session.round();
             src.cancel.check()?;
             let (decision, predicted) = ferry_proto::budget::decide(
                 remaining,
@@ -1499,6 +1518,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                     }
                 }
             }
+            self.session.next_round()?;
         };
         if matches!(reason, ConvergeReason::RoundCap | ConvergeReason::CannotFit) {
             tracing::warn!(
@@ -1509,6 +1529,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         }
 
         // Switchover: pause, copy the rest.
+        let round = self.session.pause()?;
         src.progress.set_phase(Phase::Switchover);
         let paused_at = Instant::now();
         src.guest.pause()?;
@@ -1568,7 +1589,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
 
         // The audit: the source's memory is frozen from here on (the guest
         // runs on the destination); hash it again, after the pause.
-        let audit = self.audit(&keys, &proven, &predicted, &pause_actual).await;
+        let audit = self.audit(&proven, &predicted, &pause_actual).await;
         let channels = t.stats();
         let payload_bytes: u64 = rounds.iter().map(|r| r.bytes).sum();
         let bytes_on_wire: u64 = channels.iter().map(|c| c.bytes_on_wire).sum();
@@ -1610,15 +1631,12 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
     async fn prove(&mut self, keys: &SessionKeys, copied_at: Instant) -> Result<Proven> {
         let src = self.src;
         let device_state = src.guest.device_state()?;
-        let device_state_hash = proof::device_state_hash(&device_state);
         let verify_full = src.opts.verify == Verify::Full;
-        self.conn
-            .send(&Msg::Switchover(Switchover {
-                device_state,
-                device_state_hash,
-                verify_full,
-            }))
-            .await?;
+        let switchover = self
+            .session
+            .switchover(device_state, verify_full, Instant::now())?;
+        let device_state_hash = self.session.device_state_hash();
+        self.conn.send(&switchover).await?;
         let switchover_sent = Instant::now();
         tracing::debug!(
             after_ms = (switchover_sent - copied_at).as_secs_f64() * 1e3,
@@ -1636,7 +1654,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             let (mem, key) = (src.mem.clone(), keys.page.clone());
             tokio::task::spawn_blocking(move || memory_evidence(&*mem, &key))
         });
-        let ready = self.conn.recv("the destination's Ready").await;
+        let ready = self.answer().await;
         let memory = match scan {
             Some(t) => Some(
                 t.await
@@ -1649,57 +1667,27 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             transcripts,
             // What was sent for every page: complete, every chunk acked.
             evidence: self.evidence(),
-            device_state: device_state_hash,
+            device_state: device_state_hash.unwrap_or_default(),
             memory,
         };
-        let ready = match ready? {
-            Msg::Ready(r) => r,
-            m => {
-                return Err(TransportError::Unexpected {
-                    expected: "Ready",
-                    got: m.name().into(),
-                }
-                .into())
-            }
-        };
-        ready
-            .check(&keys.commit, &claims)
-            .map_err(MigrationError::Verification)?;
+        match ready? {
+            Step::Ready => self.session.verify_ready(&claims)?,
+            s => return Err(unexpected_step(s)),
+        }
         let ready_checked = Instant::now();
         tracing::debug!("destination's proof checked, committing");
-        let commit = proof::commit_mac(&keys.commit, &claims, &ready);
         // The point of no return: a cancel from here on is refused.
         src.cancel.commit()?;
-        self.conn.send(&Msg::Commit { mac: commit }).await?;
-        self.commit_sent = true;
-        match self.conn.recv("the destination's Committed").await {
-            Ok(Msg::Committed { mac }) if proof::check_committed(&keys.commit, &commit, &mac) => {
-                Ok(Proven {
-                    claims,
-                    committed: mac,
-                    switchover_sent,
-                    ready_checked,
-                })
-            }
-            Ok(Msg::Committed { .. }) => Err(MigrationError::CommitUnconfirmed(
-                "its Committed does not carry this session's proof".into(),
-            )),
-            Ok(Msg::CommitRefused { reason, mac })
-                if proof::check_refusal(&keys.commit, &commit, &reason, &mac) =>
-            {
-                // Proven to come from the destination, about this Commit:
-                // it will not run the guest, so it may run here again.
-                self.commit_sent = false;
-                Err(MigrationError::CommitRefused(reason))
-            }
-            Ok(Msg::CommitRefused { reason, .. }) => Err(MigrationError::CommitUnconfirmed(
-                format!("a refusal without this session's proof ({reason})"),
-            )),
-            Ok(m) => Err(MigrationError::CommitUnconfirmed(format!(
-                "got {}",
-                m.name()
-            ))),
-            Err(e) => Err(MigrationError::CommitUnconfirmed(e.to_string())),
+        let commit = self.session.commit(Instant::now())?;
+        self.conn.send(&commit).await?;
+        match self.answer().await? {
+            Step::Committed(mac) => Ok(Proven {
+                claims,
+                committed: mac,
+                switchover_sent,
+                ready_checked,
+            }),
+            s => Err(MigrationError::CommitUnconfirmed(format!("{s:?}"))),
         }
     }
 
@@ -1708,7 +1696,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
     /// figures). Runs after `Committed`: it never lengthens the pause.
     async fn audit(
         &mut self,
-        keys: &SessionKeys,
+
         proven: &Proven,
         predicted: &PauseParts,
         actual: &PauseParts,
@@ -1746,7 +1734,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                 "AUDIT FAILED: the frozen source memory differs from what was migrated (the dirty log missed guest writes)"
             );
         }
-        let mut report = AuditReport {
+        let report = AuditReport {
             result: if audit.failed() {
                 AuditResult::Failed
             } else {
@@ -1760,8 +1748,11 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             pause_actual: (*actual).into(),
             mac: [0; 32],
         };
-        report.seal(&keys.commit, &proven.committed);
-        if let Err(e) = self.conn.send(&Msg::Audit(report)).await {
+        let sent = match self.session.audit(report) {
+            Ok(m) => self.conn.send(&m).await.map_err(MigrationError::from),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = sent {
             tracing::warn!("could not send the audit report to the destination: {e}");
         }
         audit
@@ -1774,6 +1765,46 @@ struct Proven {
     committed: [u8; 32],
     switchover_sent: Instant,
     ready_checked: Instant,
+}
+
+/// A step the session took that the driver did not wait for (a driver bug).
+fn unexpected_step(s: Step) -> MigrationError {
+    SessionError::OutOfOrder {
+        event: match s {
+            Step::Fenced => "Fenced",
+            Step::RoundTrip(_) => "round trip",
+            Step::Ready => "Ready",
+            Step::Committed(_) => "Committed",
+        },
+        state: "not awaited by the driver",
+    }
+    .into()
+}
+
+impl From<SessionError> for MigrationError {
+    /// A session's error as the migration reports it (the same words, and
+    /// the same metrics reason, as when the drivers checked inline).
+    fn from(e: SessionError) -> Self {
+        match e {
+            SessionError::Unexpected { expected, got } => TransportError::Unexpected {
+                expected,
+                got: got.into(),
+            }
+            .into(),
+            SessionError::Timeout { what, after } => TransportError::Timeout { what, after }.into(),
+            SessionError::PeerAborted(why) => TransportError::PeerAborted(why).into(),
+            SessionError::Verification(m) => MigrationError::Verification(m),
+            SessionError::CommitProof => MigrationError::CommitProof,
+            SessionError::DeviceStateCorrupt => MigrationError::DeviceStateCorrupt,
+            SessionError::CommitRefused(why) => MigrationError::CommitRefused(why),
+            SessionError::CommitUnconfirmed(why) => MigrationError::CommitUnconfirmed(why),
+            other => TransportError::Unexpected {
+                expected: "a step the session allows",
+                got: other.to_string(),
+            }
+            .into(),
+        }
+    }
 }
 
 /// Milliseconds since `t`.

@@ -12,6 +12,9 @@
 //!   the transcripts, the evidence and the device state to the session.
 //! * [`session`]: both sides of the handshake as state machines
 //!   (messages and transcripts in, messages out; no IO).
+//! * [`source`]: the source's migration session (rounds, fence, switchover,
+//!   commit or abort) as a state machine: events and `now` in, messages
+//!   and steps out.
 //! * [`handshake`]: the handshake's proofs (the source proves first, bound to
 //!   the TLS session and every frame before them) and the tags that
 //!   authenticate every control message after it.
@@ -45,6 +48,7 @@ pub mod policy;
 pub mod rdma;
 pub mod relay;
 pub mod session;
+pub mod source;
 pub mod switchover;
 pub mod wire;
 

@@ -73,6 +73,57 @@ pub enum HandshakeError {
     AuthFailed(&'static str),
 }
 
+/// Why a migration session ([`crate::source`], and the destination's) ended.
+/// Each names what went wrong; the drivers map them to their own errors
+/// with the same words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// A message the session does not allow at this point.
+    #[error("unexpected message: expected {expected}, got {got}")]
+    Unexpected {
+        /// What the state allows.
+        expected: &'static str,
+        /// What came.
+        got: &'static str,
+    },
+    /// The awaited answer did not come in time.
+    #[error("peer did not respond within {after:?} while waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: &'static str,
+        /// The timeout that expired.
+        after: std::time::Duration,
+    },
+    /// The peer gave up, with its reason.
+    #[error("peer aborted the migration: {0}")]
+    PeerAborted(String),
+    /// The destination's `Ready` does not prove the source's claims.
+    #[error("switchover verification failed: {0}")]
+    Verification(crate::switchover::Mismatch),
+    /// The source's `Commit` does not prove the destination's claims.
+    #[error("switchover verification failed: the source's Commit does not prove what this destination holds (evidence, device state or transcript differ, or it is not from this session)")]
+    CommitProof,
+    /// The device state does not hash to what `Switchover` carries.
+    #[error("device state corrupt: its SHA-256 is not the one Switchover carries")]
+    DeviceStateCorrupt,
+    /// The destination proved it refused the commit (the source may resume).
+    #[error("the destination refused the commit: {0}")]
+    CommitRefused(String),
+    /// `Commit` was sent and nothing proves what the destination did.
+    #[error("commit was sent but the destination did not confirm it ({0})")]
+    CommitUnconfirmed(String),
+    /// The driver reported an event the session's state does not allow (a
+    /// bug in the driver, never the peer's doing).
+    #[error("session driven out of order: {event} while {state}")]
+    OutOfOrder {
+        /// The event.
+        event: &'static str,
+        /// The state it came in.
+        state: &'static str,
+    },
+}
+
 /// The transcript hashes as the source holds them: every frame it sent
 /// (`s2d`) and every frame it received (`d2s`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
