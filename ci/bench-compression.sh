@@ -20,10 +20,32 @@
 #   IMAGE_MIB=1024  image and guest size
 #   SKIP_SHAPED=1   skip (b);  SKIP_QEMU=1  skip QEMU
 #   FERRY=PATH      use this ferry binary instead of building one
+#
+# `ci/bench-compression.sh --goals [--before OLD_FERRY]` runs only issue 15's
+# two comparisons, each option's runs interleaved with its peer's:
+#   (1) a 512 MiB guest of random pages over loopback: the default option
+#       (compression, zstd:1) against --performance-option tcp; the goal is
+#       compression's median time at most 1.05x tcp's;
+#   (2) the realistic mix (IMAGE_MIB) over the 1 Gbit/s link: tcp's time over
+#       compression's, per pair of runs; the goal is >= 2.0 in every pair.
+# With --before, OLD_FERRY's compression runs join each comparison (the same
+# images, interleaved) so a change is measured against the build before it.
+# cpu: Ferry's own CPU seconds on each side (source `summary.cpu.ferry_s`,
+# destination `CPU X s` on its committed line), src+dst. Each run's line
+# ends with its chunks sent compressed/raw (incompressible)/raw (link idle).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=${REPS:-3}
 MIB=${IMAGE_MIB:-1024}
+GOALS=0
+BEFORE=
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --goals) GOALS=1; shift ;;
+        --before) BEFORE=$2; shift 2 ;;
+        *) echo "bench-compression.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+done
 NS_A=ferrybench-a NS_B=ferrybench-b
 ADDR_A=10.213.77.1 ADDR_B=10.213.77.2
 
@@ -47,12 +69,16 @@ cleanup() {
 trap cleanup EXIT
 "$FERRY" gen-key "$WORK/key" > /dev/null
 
-echo "== building ${MIB} MiB images in $WORK"
-python3 ci/memimage.py "$WORK" "$MIB"
+if [ "$GOALS" = 0 ]; then
+    echo "== building ${MIB} MiB images in $WORK"
+    python3 ci/memimage.py "$WORK" "$MIB"
+fi
 
-# One ferry migration; prints "total_ms bytes_on_wire payload_bytes".
+# One ferry migration; prints "total_ms bytes_on_wire payload_bytes src_cpu_s dst_cpu_s".
+# FERRY_BIN (default $FERRY) is the binary of both ends; GUEST_MIB the guest size.
 ferry_once() { # netns-or-empty listen-addr image option...
     local ns=$1 addr=$2 img=$3; shift 3
+    local FERRY=${FERRY_BIN:-$FERRY} MIB=${GUEST_MIB:-$MIB}
     local run_a=() run_b=()
     if [ -n "$ns" ]; then run_a=(ip netns exec "$NS_A"); run_b=(ip netns exec "$NS_B"); fi
     # --plaintext on both ends: compared with QEMU's unencrypted migration
@@ -70,7 +96,16 @@ ferry_once() { # netns-or-empty listen-addr image option...
         --dirty-rate 0 --guest-image "$img" --plaintext --json "$WORK/s.json" "$@" \
         >"$WORK/send.out" 2>&1 || { cat "$WORK/send.out" "$WORK/listen.out" >&2; return 1; }
     wait "$lp"
-    python3 -c "import json; d=json.load(open('$WORK/s.json')); print(d['total_ms'], d['bytes_on_wire'], d['payload_bytes'])"
+    python3 - "$WORK/s.json" "$WORK/listen.out" <<'PY'
+import json, re, sys
+d = json.load(open(sys.argv[1]))
+m = re.search(r"CPU ([0-9.]+) s", open(sys.argv[2]).read())
+src = d.get("cpu", {}).get("ferry_s", float("nan"))
+ch = d.get("channels", [])
+kinds = "/".join(str(sum(c.get(k, 0) for c in ch))
+                 for k in ("compressed_chunks", "raw_incompressible_chunks", "raw_link_idle_chunks"))
+print(d["total_ms"], d["bytes_on_wire"], d["payload_bytes"], src, m.group(1) if m else "nan", kinds)
+PY
 }
 
 # QEMU migration of the image as guest RAM; prints "total_ms bytes_on_wire payload_bytes".
@@ -118,7 +153,7 @@ while True:
     if q.get("status") in ("failed", "cancelled"): raise SystemExit(f"qemu migration {q}")
     time.sleep(0.02)
 ram = q["ram"]
-print(q["total-time"], ram["transferred"], ram["normal-bytes"])
+print(q["total-time"], ram["transferred"], ram["normal-bytes"], "nan", "nan", "-")
 PY
     kill "$qs" "$qd" 2>/dev/null; wait "$qs" "$qd" 2>/dev/null || true
 }
@@ -135,7 +170,7 @@ row() { # label image cmd...
     med=$(printf '%s\n' "${lines[@]}" | sort -n -k1,1 | awk '{ v[NR] = $0 } END { print v[int((NR + 1) / 2)] }')
     local all
     all=$(printf '%s\n' "${lines[@]}" | awk '{ printf "%s%.2f", (NR > 1 ? "/" : ""), $1 / 1000 }')
-    read -r ms wire payload <<<"$med"
+    read -r ms wire payload _ <<<"$med"
     python3 -c "
 ms, wire, payload, gb = $ms, $wire, $payload, $MIB * 2**20
 print(f'{\"$label\":<34} {\"$(basename "$img" .img)\":<7} {ms/1e3:7.2f} s {gb/ms/1e3:8.0f} MB/s {wire/1e6:9.1f} MB {payload/max(wire,1):6.2f}   ($all s)')"
@@ -146,6 +181,82 @@ header() {
     echo "== $1"
     printf '%-34s %-7s %9s %13s %12s %6s   %s\n' option image time "effective" "on the wire" ratio "runs"
 }
+
+# Two namespaces joined by one veth link shaped to 1 Gbit/s both ways.
+shaped_link_up() {
+    ip netns add "$NS_A"
+    ip netns add "$NS_B"
+    ip link add fb-a netns "$NS_A" type veth peer name fb-b netns "$NS_B"
+    ip -n "$NS_A" addr add "$ADDR_A/30" dev fb-a
+    ip -n "$NS_B" addr add "$ADDR_B/30" dev fb-b
+    for n in "$NS_A:fb-a" "$NS_B:fb-b"; do
+        ip -n "${n%%:*}" link set lo up
+        ip -n "${n%%:*}" link set "${n#*:}" up
+        ip netns exec "${n%%:*}" tc qdisc replace dev "${n#*:}" root tbf rate 1gbit burst 256kb latency 10ms
+    done
+}
+
+# Issue 15's comparisons: runs of the options interleaved, one line per run,
+# then medians and ratios. Rows: label=args (FERRY_BIN picked by label "before").
+goal_rows() { # title netns-or-empty addr image guest-mib
+    local title=$1 ns=$2 addr=$3 img=$4 gmib=$5
+    local labels=("tcp" "compression")
+    [ -n "$BEFORE" ] && labels+=("before: compression")
+    echo
+    echo "== $title ($gmib MiB $(basename "$img" .img) guest, $REPS runs each, interleaved)"
+    : > "$WORK/goal.txt"
+    for i in $(seq "$REPS"); do
+        for l in "${labels[@]}"; do
+            local bin=$FERRY args=()
+            case "$l" in
+                tcp) args=(--performance-option tcp) ;;
+                "before: compression") bin=$BEFORE ;;
+            esac
+            local r
+            r=$(FERRY_BIN=$bin GUEST_MIB=$gmib ferry_once "$ns" "$addr" "$img" "${args[@]}")
+            echo "$i|$l|$r" >> "$WORK/goal.txt"
+            printf '  run %d %-22s %s\n' "$i" "$l" "$r"
+        done
+    done
+    python3 - "$WORK/goal.txt" "$gmib" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    i, label, r = line.rstrip("\n").split("|")
+    ms, wire, payload, src, dst, _kinds = r.split()
+    rows.setdefault(label, []).append((int(i), float(ms) / 1e3, int(wire), int(payload), float(src), float(dst)))
+gb = int(sys.argv[2]) * 2**20
+print(f"  {'option':<22} {'time':>8} {'guest rate':>12} {'ratio':>6} {'cpu src+dst':>14}   runs (s)")
+med = {}
+for label, rs in rows.items():
+    t = statistics.median(r[1] for r in rs)
+    med[label] = t
+    w = statistics.median(r[3] / max(r[2], 1) for r in rs)
+    cs = statistics.median(r[4] for r in rs); cd = statistics.median(r[5] for r in rs)
+    runs = " ".join(f"{r[1]:.2f}" for r in rs)
+    print(f"  {label:<22} {t:7.2f}s {gb / t / 1e6:8.0f} MB/s {w:6.2f} {cs:6.2f}+{cd:<6.2f}   ({runs})")
+tcp = dict((r[0], r[1]) for r in rows["tcp"])
+for label in rows:
+    if label == "tcp":
+        continue
+    per = [tcp[r[0]] / r[1] for r in rows[label]]
+    print(f"  {label}: median time / tcp's {med[label] / med['tcp']:.3f}; tcp time / its time per run: "
+          + " ".join(f"{p:.2f}" for p in per))
+PY
+}
+
+if [ "$GOALS" = 1 ]; then
+    echo "== building images in $WORK: 512 MiB random, ${MIB} MiB mix"
+    mkdir -p "$WORK/g512"
+    python3 ci/memimage.py "$WORK/g512" 512 random
+    python3 ci/memimage.py "$WORK" "$MIB" mix
+    goal_rows "loopback: compression (default) vs tcp; goal: time <= 1.05x tcp's" "" 127.0.0.1:16600 "$WORK/g512/random.img" 512
+    shaped_link_up
+    goal_rows "one veth link shaped to 1 Gbit/s: compression (default) vs tcp; goal: tcp time / compression time >= 2.0 in every run" ns "$ADDR_B:6600" "$WORK/mix.img" "$MIB"
+    echo
+    echo "time: connect to Committed, including both sides' memory digests; ratio = page bytes / wire bytes"
+    exit 0
+fi
 
 header "loopback"
 for img in mix random zero; do
@@ -159,16 +270,7 @@ for img in mix random zero; do
 done
 
 if [ "${SKIP_SHAPED:-0}" != 1 ]; then
-    ip netns add "$NS_A"
-    ip netns add "$NS_B"
-    ip link add fb-a netns "$NS_A" type veth peer name fb-b netns "$NS_B"
-    ip -n "$NS_A" addr add "$ADDR_A/30" dev fb-a
-    ip -n "$NS_B" addr add "$ADDR_B/30" dev fb-b
-    for n in "$NS_A:fb-a" "$NS_B:fb-b"; do
-        ip -n "${n%%:*}" link set lo up
-        ip -n "${n%%:*}" link set "${n#*:}" up
-        ip netns exec "${n%%:*}" tc qdisc replace dev "${n#*:}" root tbf rate 1gbit burst 256kb latency 10ms
-    done
+    shaped_link_up
     header "one veth link shaped to 1 Gbit/s (tc tbf) between two namespaces"
     for img in mix random zero; do
         f="$WORK/$img.img"

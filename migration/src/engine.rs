@@ -52,7 +52,9 @@ use ferry_proto::source::{SourceSession, Step};
 use ferry_proto::switchover::{Claims, Transcripts};
 use ferry_proto::SessionKeys;
 use ferry_proto::{Evidence, Ledger, MacKey};
-use ferry_transport::compress::{CompressConfig, CompressSender, CompressionSpec};
+use ferry_transport::compress::{
+    CompressConfig, CompressPool, CompressSender, CompressionSpec, CopyHint,
+};
 use ferry_transport::conn::Conn;
 use ferry_transport::multichannel::{ChannelPath, Multichannel, MultichannelConfig};
 use ferry_transport::proto::{AuditReport, AuditResult, Msg, Offer, PerformanceOption};
@@ -748,6 +750,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 paused_at: None,
                 session: SourceSession::new(keys.commit.clone(), self.opts.timeout),
                 throttled: 0,
+                copy_hint: None,
             };
             let result = run.precopy_and_switch(&mut t, &layout, started).await;
             return run.settle(result).await;
@@ -781,6 +784,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             paused_at: None,
             session: SourceSession::new(keys.commit.clone(), self.opts.timeout),
             throttled: 0,
+            copy_hint: None,
         };
         // Each channel's sender times out its acks after the channel
         // timeout (never longer than the peer timeout), and multichannel
@@ -794,7 +798,6 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             stall_timeout: timeout,
             ..Default::default()
         };
-        let n = data.len();
         // One bucket for every channel: the cap holds for the migration.
         let limiter = self
             .opts
@@ -802,28 +805,25 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             .map(|r| Arc::new(ferry_transport::ratelimit::RateLimiter::new(r)));
         let result = match compression {
             Some(cfg) => {
-                // One worker pool per channel: share the threads out.
-                let cfg = CompressConfig {
-                    workers: cfg.workers.div_ceil(n).max(1),
-                    ..cfg
-                };
-                let senders: std::result::Result<Vec<_>, _> = data
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (s, path))| {
-                        CompressSender::new(
-                            s,
-                            self.mem.clone(),
-                            i as u16,
-                            timeout,
-                            cfg,
-                            keys.frame.clone(),
-                        )
-                        .map(|t| (t.with_limiter(limiter.clone()), path))
-                    })
-                    .collect();
-                match senders {
-                    Ok(senders) => {
+                // One worker pool for the migration, fed by every channel.
+                match CompressPool::start(cfg, keys.frame.clone()) {
+                    Ok(pool) => {
+                        run.copy_hint = Some(pool.copy_hint());
+                        let senders: Vec<_> = data
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, (s, path))| {
+                                let t = CompressSender::new(
+                                    s,
+                                    self.mem.clone(),
+                                    i as u16,
+                                    timeout,
+                                    pool.clone(),
+                                    limiter.clone(),
+                                );
+                                (t, path)
+                            })
+                            .collect();
                         let mut t = Multichannel::new(senders, mc);
                         let r = run.precopy_and_switch(&mut t, &layout, started).await;
                         run.settle(r).await
@@ -976,6 +976,9 @@ struct Run<'r, 'a, G: GuestControl, D: DirtyLog> {
     session: SourceSession,
     /// Auto-converge throttle applied to the guest, percent.
     throttled: u8,
+    /// Compression option: which chunks the page pass copies for the
+    /// workers (the others go raw from guest memory).
+    copy_hint: Option<Arc<dyn CopyHint>>,
 }
 
 /// Returns true if the page holds only zero bytes.
@@ -1022,6 +1025,11 @@ struct Chunker<'m> {
     page: Vec<u8>,
     /// Where chunk buffers come from (`copy` on).
     pool: Option<&'m Arc<BufPool>>,
+    /// Asked at each chunk's first page whether to copy it (`copy` on);
+    /// none: every chunk is copied.
+    hint: Option<&'m Arc<dyn CopyHint>>,
+    /// Whether the current chunk is copied (decided at its first page).
+    copy_this: Option<bool>,
     /// The current chunk's buffer: its non-zero pages so far.
     data: Option<PooledBuf>,
 }
@@ -1048,13 +1056,16 @@ impl<'m> Chunker<'m> {
             delta: 0,
             page: vec![0; PAGE_SIZE as usize],
             pool: None,
+            hint: None,
+            copy_this: None,
             data: None,
         }
     }
 
     /// Keeps each chunk's pages in a buffer from `pool` (see the type docs).
-    fn copying(mut self, pool: &'m Arc<BufPool>) -> Self {
+    fn copying(mut self, pool: &'m Arc<BufPool>, hint: Option<&'m Arc<dyn CopyHint>>) -> Self {
         self.pool = Some(pool);
+        self.hint = hint;
         self
     }
 
@@ -1100,6 +1111,7 @@ impl<'m> Chunker<'m> {
         *seq += 1;
         self.payload = 0;
         self.sum = 0;
+        self.copy_this = None;
     }
 
     /// Reads, tests, hashes and records every page of `run` and adds it.
@@ -1118,13 +1130,18 @@ impl<'m> Chunker<'m> {
             // The one read of the page: into the chunk's buffer, at the
             // end of its pages so far, or into the scratch page.
             let at = self.payload as usize;
+            let hint = self.hint;
+            let copy = *self.copy_this.get_or_insert_with(|| match hint {
+                Some(h) => h.wants_copy(gpa),
+                None => true,
+            });
             let bytes: &mut [u8] = match self.pool {
-                Some(pool) => {
+                Some(pool) if copy => {
                     let max = self.max_payload as usize;
                     let d = self.data.get_or_insert_with(|| pool.take(max));
                     &mut d.as_mut_slice()[at..at + PAGE_SIZE as usize]
                 }
-                None => &mut self.page,
+                _ => &mut self.page,
             };
             vio::copy_out(&slice, bytes);
             let h = self.ledger.key().hash_or_zero(bytes);
@@ -1243,7 +1260,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             round == 0,
         );
         if !t.capabilities().zero_copy {
-            ch = ch.copying(&self.pages);
+            ch = ch.copying(&self.pages, self.copy_hint.as_ref());
         }
         let mut stats = RoundStats {
             round,
@@ -1917,10 +1934,11 @@ mod tests {
         let pool = BufPool::new(2);
         let mut copied = Vec::new();
         let mut ch =
-            Chunker::new(&mem, &ledger, &frame_key, 4 * PAGE_SIZE, 4, false).copying(&pool);
+            Chunker::new(&mem, &ledger, &frame_key, 4 * PAGE_SIZE, 4, false).copying(&pool, None);
         ch.add(all12, &mut copied, &mut seq).unwrap();
         ch.cut(&mut copied, &mut seq);
-        for c in &copied {
+        // A chunk's tag (and copy, if it has one) is what a fresh read gives.
+        let as_read = |c: &Chunk| {
             let again = Chunk::read(
                 &mem,
                 ledger.key(),
@@ -1932,13 +1950,44 @@ mod tests {
             )
             .unwrap();
             assert_eq!(c.tag, again.tag, "chunk {}", c.seq);
-            match &c.data {
-                Some(d) => assert!(**d == *again.data.unwrap(), "chunk {} bytes", c.seq),
-                None => assert_eq!(c.payload_bytes(), 0, "only zero runs go without a copy"),
+            if let Some(d) = &c.data {
+                assert!(**d == *again.data.unwrap(), "chunk {} bytes", c.seq);
             }
+        };
+        for c in &copied {
+            as_read(c);
+            assert!(
+                c.data.is_some() || c.payload_bytes() == 0,
+                "only zero runs go without a copy"
+            );
         }
         drop(copied);
         assert!(pool.idle() >= 1, "buffers go back to the pool");
+        // With a copy hint (compression): a chunk the hint declines when
+        // its first page is read carries no copy, yet the same tag.
+        #[derive(Debug, Default)]
+        struct EveryOther(std::sync::atomic::AtomicU64);
+        impl CopyHint for EveryOther {
+            fn wants_copy(&self, _gpa: u64) -> bool {
+                self.0.fetch_add(1, Ordering::Relaxed) & 1 == 0
+            }
+        }
+        let hint: Arc<dyn CopyHint> = Arc::new(EveryOther::default());
+        let mut hinted = Vec::new();
+        let mut ch = Chunker::new(&mem, &ledger, &frame_key, 2 * PAGE_SIZE, 4, false)
+            .copying(&pool, Some(&hint));
+        ch.add(all12, &mut hinted, &mut seq).unwrap();
+        ch.cut(&mut hinted, &mut seq);
+        let with_data: Vec<bool> = hinted
+            .iter()
+            .filter(|c| c.payload_bytes() > 0)
+            .map(|c| c.data.is_some())
+            .collect();
+        assert!(
+            with_data.contains(&true) && with_data.contains(&false),
+            "{with_data:?}"
+        );
+        hinted.iter().for_each(as_read);
         // A run longer than a chunk is split over chunks.
         let mut big = Vec::new();
         let mut ch = Chunker::new(&mem, &ledger, &frame_key, 2 * PAGE_SIZE, 1, false);

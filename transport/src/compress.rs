@@ -1,37 +1,54 @@
 //! The compression performance option: chunks compressed with lz4 or zstd by
-//! a pool of worker threads, sent over the TCP data channel, decompressed
-//! straight into destination guest memory.
+//! one pool of worker threads per migration, sent over the TCP data
+//! channels, decompressed straight into destination guest memory.
 //!
-//! # Source: a pipeline that never lets the link wait on a core
-//! [`CompressSender`] wraps a [`TcpSender`]. `send` queues a chunk for the
-//! worker pool and returns at once while fewer than a few chunks per worker
-//! are waiting; past that it writes one chunk out first. Which one:
+//! # Source: one pool, a pipeline per channel
+//! A migration starts one [`CompressPool`] (its worker threads, sized for
+//! the host's cores) and every data channel's [`CompressSender`] feeds it.
+//! `send` queues a chunk for the pool and returns at once while fewer than
+//! a few chunks per worker are waiting; past that it writes one of its
+//! channel's chunks out first, so compression of the next chunks overlaps
+//! the socket write of this one. Which one:
 //!
-//! 1. any chunk a worker has finished, as a compressed frame (or raw, if it
-//!    did not shrink by at least [`MIN_SAVING_DIVISOR`]⁻¹);
+//! 1. any chunk a worker has finished for this channel, as a compressed
+//!    frame (or raw, if it did not shrink by at least
+//!    [`MIN_SAVING_DIVISOR`]⁻¹);
 //! 2. otherwise, if the socket's send queue is about to run dry (fewer
 //!    unacknowledged bytes than the link drains in [`IDLE_MARGIN`]; the drain
 //!    rate is measured from bytes written and the queue depth), the oldest
-//!    chunk no worker has started, raw and zero-copy, unless the next worker
-//!    result is due sooner than the link time compressing that chunk would
-//!    save (from the workers' measured speed and ratio): the link waits on a
-//!    core only when waiting pays. While recent chunks did not shrink, the
-//!    sender does not wait at all and leaves workers only the chunks needed
-//!    to notice when memory becomes compressible again;
+//!    chunk of this channel no worker has started, raw and zero-copy, unless
+//!    the next worker result is due sooner than the link time compressing
+//!    that chunk would save (from the workers' measured speed and ratio): the
+//!    link waits on a core only when waiting pays. While recent chunks did
+//!    not shrink, the sender does not wait at all;
 //! 3. otherwise it waits for either (a worker result, an acknowledgement, or
 //!    a 1 ms tick) and decides again.
 //!
 //! So a link slower than the pool carries almost only compressed chunks,
 //! and a link faster than the pool (loopback) carries what the pool can
 //! compress plus the rest raw. Workers run niced, so on a host with few
-//! cores the threads that move bytes win the CPU. After a chunk that did not
-//! shrink, workers first compress a sample of the next one (four 16 KiB
-//! pieces) and send it raw if the sample does not shrink either: random
-//! memory costs a fraction of a compression pass.
+//! cores the threads that move bytes win the CPU.
+//!
+//! # Memory that does not compress
+//! The pool remembers, per [`GRANULE`] of guest-physical addresses, whether
+//! chunks there compressed ([`CopyHint`]). After a chunk of a granule did
+//! not shrink, the next attempt there compresses a sample of its chunk
+//! first (four 16 KiB pieces) and gives up if that does not shrink either;
+//! after two failures in a row, chunks of that granule skip the pool
+//! altogether, 1, 2, 4, … up to [`MAX_SKIP`] of them between attempts
+//! (back-off). One chunk that compresses ends the back-off. A skipped chunk is not even copied: the engine's page
+//! pass asks [`CopyHint::wants_copy`] when it starts a chunk and, told no,
+//! reads each page into one scratch page for its hash as on plain TCP, and
+//! the chunk goes out as plain TCP sends it (the kernel copies from guest
+//! memory; a guest write in between makes the destination's tag differ and
+//! the chunk is sent again). Random memory so costs what plain TCP costs,
+//! plus a sample compression every [`MAX_SKIP`] chunks.
 //!
 //! Chunks of one round may leave in any order (they cover distinct pages);
 //! `flush` drains the pipeline before the engine starts the next round, so
-//! rounds never interleave on the wire.
+//! rounds never interleave on the wire. A chunk without its private copy
+//! ([`Chunk::data`]: skipped by the back-off, or sent again after another
+//! channel failed) goes raw.
 //!
 //! # Destination
 //! `land_compressed` checks the sub-header against the run table before
@@ -39,13 +56,19 @@
 //! each segment straight into its run's guest pages, inside the chunk's
 //! landing claim ([`vio::Claim::with_bytes_mut`]): the only buffer is the
 //! compressed chunk itself. Each run's pages are hashed into the
-//! migration's ledger right after they land. The CRC of the landed pages is
-//! compared with the frame's `data_crc32`.
+//! migration's ledger right after they land. The payload tag of the landed
+//! pages is compared with the frame's.
 //!
-//! The workers compress from a private copy of the pages
-//! ([`crate::tcp::copy_runs`]), never from a reference to guest memory.
+//! The workers compress from the chunk's private copy of the pages (the
+//! copy the page pass made, [`vio::copy_out`]: the bytes its tag was
+//! computed from), never from a reference to guest memory.
+//!
+//! [`vio::Claim::with_bytes_mut`]: ferry_ffi::vio::Claim::with_bytes_mut
+//! [`vio::copy_out`]: ferry_ffi::vio::copy_out
+//! [`CompressedHeader::decode`]: crate::wire::CompressedHeader::decode
 
 use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,9 +76,10 @@ pub use crate::codec::{
     encode_frame, probe_incompressible, split_runs, Decoder, Encoder, MIN_SAVING_DIVISOR,
 };
 use crate::error::{Result, TransportError};
-use crate::guest::{copy_runs, GuestMem};
+use crate::guest::GuestMem;
+use crate::ratelimit::RateLimiter;
 use crate::tcp::TcpSender;
-use crate::wire::MAX_CHUNK_PAYLOAD;
+use crate::wire::{HEADER_LEN, MAX_CHUNK_PAYLOAD};
 use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
 use ferry_proto::MacKey;
 
@@ -72,6 +96,12 @@ const MAX_IDLE_QUEUE: f64 = 8.0 * 1024.0 * 1024.0;
 const RATE_WINDOW: Duration = Duration::from_millis(20);
 /// Nice value of the worker threads.
 const WORKER_NICE: i32 = 10;
+/// Guest-physical bytes whose chunks share one compressibility record
+/// (256 MiB).
+pub const GRANULE: u64 = 256 << 20;
+/// Most chunks of a granule sent raw without an attempt between two
+/// attempts that failed.
+pub const MAX_SKIP: u32 = 16;
 pub use ferry_proto::wire::{CompressionSpec, ZSTD_MAX_LEVEL};
 
 /// Settings of the compression option on the source.
@@ -79,7 +109,7 @@ pub use ferry_proto::wire::{CompressionSpec, ZSTD_MAX_LEVEL};
 pub struct CompressConfig {
     /// Codec and level.
     pub spec: CompressionSpec,
-    /// Worker threads.
+    /// Worker threads of the migration's pool.
     pub workers: usize,
     /// Send a chunk raw when the link is about to go idle before a worker
     /// got to it (see the module docs). Off, every chunk waits for a worker:
@@ -96,35 +126,124 @@ impl CompressConfig {
     }
 }
 
-/// Why a chunk of a compressed channel went raw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RawWhy {
-    /// It (or its sample) did not shrink enough.
-    Incompressible,
-    /// The link was about to go idle before a worker got to it.
-    LinkIdle,
+/// Whether the page pass should keep a private copy of a chunk's pages
+/// ([`Chunk::data`]) for the transport to encode. Asked once per chunk, when
+/// its first page is read.
+pub trait CopyHint: Send + Sync + std::fmt::Debug {
+    /// For the chunk whose first page is at `gpa`: true to copy its pages
+    /// into a chunk buffer (it will be compressed), false to read each page
+    /// into a scratch page only (it will go raw, sent from guest memory).
+    fn wants_copy(&self, gpa: u64) -> bool;
+}
+
+/// Per granule: chunks in a row that did not shrink, and chunks still to
+/// send raw without an attempt.
+#[derive(Debug, Default, Clone, Copy)]
+struct Backoff {
+    fails: u32,
+    skip: u32,
+}
+
+/// Which granules of guest memory recently did not compress (see the
+/// module docs): the pool's [`CopyHint`].
+#[derive(Debug, Default)]
+pub struct Compressibility {
+    granules: Mutex<HashMap<u64, Backoff>>,
+}
+
+impl Compressibility {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Backoff>> {
+        self.granules.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether an attempt on the chunk at `gpa` should compress a sample
+    /// first (its granule's last attempt failed).
+    fn sample_first(&self, gpa: u64) -> bool {
+        self.lock()
+            .get(&(gpa / GRANULE))
+            .is_some_and(|b| b.fails > 0)
+    }
+
+    /// Records an attempt on the chunk at `gpa`.
+    fn learned(&self, gpa: u64, shrank: bool) {
+        let mut g = self.lock();
+        let b = g.entry(gpa / GRANULE).or_default();
+        if shrank {
+            *b = Backoff::default();
+        } else {
+            // One failure: the next attempt samples first; from the second
+            // in a row on, 1, 2, 4, ... chunks skip the pool.
+            b.fails = b.fails.saturating_add(1);
+            b.skip = match b.fails {
+                1 => 0,
+                n => 1u32.checked_shl(n - 2).unwrap_or(MAX_SKIP).min(MAX_SKIP),
+            };
+        }
+    }
+}
+
+impl CopyHint for Compressibility {
+    fn wants_copy(&self, gpa: u64) -> bool {
+        let mut g = self.lock();
+        match g.get_mut(&(gpa / GRANULE)) {
+            Some(b) if b.skip > 0 => {
+                b.skip -= 1;
+                false
+            }
+            _ => true,
+        }
+    }
+}
+
+/// Where a worker puts a channel's results.
+#[derive(Debug, Default)]
+struct Outbox {
+    /// The channel's id in its pool.
+    id: u64,
+    done: Mutex<VecDeque<Done>>,
+    ready: tokio::sync::Notify,
+}
+
+impl Outbox {
+    fn pop(&self) -> Option<Done> {
+        self.done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
+    }
 }
 
 struct Job {
     chunk: Chunk,
+    outbox: Arc<Outbox>,
 }
 
+/// A worker's result: the frame of a chunk that shrank, or the chunk
+/// itself (with its copy, to be sent raw from it).
+#[derive(Debug)]
 enum Done {
     Frame { seq: u64, buf: Vec<u8>, len: usize },
-    Raw { seq: u64 },
+    Raw { seq: u64, chunk: Chunk },
+}
+
+/// A job being compressed: its channel's outbox id, sequence number,
+/// start, page bytes.
+struct Busy {
+    outbox: u64,
+    seq: u64,
+    start: Instant,
+    bytes: u64,
 }
 
 #[derive(Default)]
 struct PoolState {
     queue: VecDeque<Job>,
-    done: VecDeque<Done>,
     shutdown: bool,
-    /// Chunks in a row that did not shrink.
-    streak: u32,
     /// Frame buffers to reuse.
     spare: Vec<Vec<u8>>,
-    /// Jobs being compressed: sequence number, start, page bytes.
-    busy: Vec<(u64, Instant, u64)>,
+    busy: Vec<Busy>,
+    /// Chunks workers took so far.
+    attempts: u64,
     /// Moving averages of a worker's seconds per page byte, and of wire
     /// bytes per page byte (1 for chunks that went raw).
     secs_per_byte: f64,
@@ -132,32 +251,123 @@ struct PoolState {
 }
 
 impl PoolState {
-    /// When the next worker result is expected, from now.
-    fn next_result_in(&self, now: Instant) -> f64 {
+    /// When the next result for `outbox` is expected, from now.
+    fn next_result_in(&self, outbox: u64, now: Instant) -> f64 {
         self.busy
             .iter()
-            .map(|&(_, start, bytes)| {
-                self.secs_per_byte * bytes as f64 - now.duration_since(start).as_secs_f64()
+            .filter(|b| b.outbox == outbox)
+            .map(|b| {
+                self.secs_per_byte * b.bytes as f64 - now.duration_since(b.start).as_secs_f64()
             })
             .fold(f64::INFINITY, f64::min)
             .max(0.0)
     }
+
+    /// Whether recent chunks did not shrink.
+    fn incompressible(&self) -> bool {
+        self.secs_per_byte > 0.0
+            && self.wire_per_byte * MIN_SAVING_DIVISOR as f64 > (MIN_SAVING_DIVISOR - 1) as f64
+    }
 }
 
+/// What the workers and the channels share.
 #[derive(Default)]
-struct Pool {
+struct Shared {
     st: Mutex<PoolState>,
     work: Condvar,
-    done: tokio::sync::Notify,
+    hint: Arc<Compressibility>,
 }
 
-impl Pool {
+impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-fn worker<M: GuestMem>(pool: Arc<Pool>, mem: Arc<M>, spec: CompressionSpec, key: MacKey) {
+/// One migration's compression workers, shared by all its data channels
+/// (see the module docs). Dropping the last handle stops the workers once
+/// they finish the chunk in hand.
+pub struct CompressPool {
+    shared: Arc<Shared>,
+    spec: CompressionSpec,
+    workers: usize,
+    adaptive: bool,
+    frame: MacKey,
+    next_outbox: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for CompressPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompressPool")
+            .field("spec", &self.spec)
+            .field("workers", &self.workers)
+            .field("adaptive", &self.adaptive)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for CompressPool {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.work.notify_all();
+    }
+}
+
+impl CompressPool {
+    /// Starts `cfg.workers` (at least one) worker threads that compress with
+    /// `cfg.spec` and seal frames with `frame`, the session's frame key.
+    pub fn start(cfg: CompressConfig, frame: MacKey) -> Result<Arc<Self>> {
+        cfg.spec.validate()?;
+        let workers = cfg.workers.max(1);
+        let pool = Arc::new(CompressPool {
+            shared: Arc::new(Shared::default()),
+            spec: cfg.spec,
+            workers,
+            adaptive: cfg.adaptive,
+            frame,
+            next_outbox: Default::default(),
+        });
+        for i in 0..workers {
+            let (sh, k) = (pool.shared.clone(), pool.frame.clone());
+            std::thread::Builder::new()
+                .name(format!("ferry-compress-{i}"))
+                .spawn(move || worker(sh, cfg.spec, k))
+                .map_err(|e| TransportError::Io {
+                    context: "starting a compression worker".into(),
+                    source: e,
+                })?;
+        }
+        Ok(pool)
+    }
+
+    /// Worker threads.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// Chunks the workers took so far (compressed, or found not to shrink),
+    /// from every channel.
+    pub fn attempts(&self) -> u64 {
+        self.shared.lock().attempts
+    }
+
+    /// Which chunks the page pass should copy for compression (see the
+    /// module docs).
+    pub fn copy_hint(&self) -> Arc<dyn CopyHint> {
+        self.shared.hint.clone()
+    }
+
+    fn outbox(&self) -> Arc<Outbox> {
+        Arc::new(Outbox {
+            id: self
+                .next_outbox
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            ..Default::default()
+        })
+    }
+}
+
+fn worker(shared: Arc<Shared>, spec: CompressionSpec, key: MacKey) {
     if let Err(e) = ferry_ffi::net::set_current_thread_nice(WORKER_NICE) {
         tracing::debug!("cannot nice the compression worker: {e}");
     }
@@ -169,53 +379,54 @@ fn worker<M: GuestMem>(pool: Arc<Pool>, mem: Arc<M>, spec: CompressionSpec, key:
         }
     };
     let mut scratch = Vec::new();
-    let mut data = Vec::new();
     loop {
-        let (job, probe, mut buf) = {
-            let mut st = pool.lock();
+        let (job, mut buf) = {
+            let mut st = shared.lock();
             loop {
                 if st.shutdown {
                     return;
                 }
                 if let Some(j) = st.queue.pop_front() {
                     let buf = st.spare.pop().unwrap_or_default();
-                    st.busy
-                        .push((j.chunk.seq, Instant::now(), j.chunk.payload_bytes()));
-                    break (j, st.streak > 0, buf);
+                    st.attempts += 1;
+                    st.busy.push(Busy {
+                        outbox: j.outbox.id,
+                        seq: j.chunk.seq,
+                        start: Instant::now(),
+                        bytes: j.chunk.payload_bytes(),
+                    });
+                    break (j, buf);
                 }
-                st = pool.work.wait(st).unwrap_or_else(|e| e.into_inner());
+                st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
             }
         };
+        let outbox = job.outbox.clone();
         let seq = job.chunk.seq;
+        let gpa = job.chunk.runs.first().map_or(0, |r| r.gpa);
         let (started, bytes) = (Instant::now(), job.chunk.payload_bytes());
-        let out = match enc.as_mut() {
-            None => None,
-            Some(e) => {
-                // The page pass's private copy of the pages (the bytes the
-                // tag was computed from), or, for a chunk sent again after
-                // a channel failed, a fresh copy.
-                let pages: std::result::Result<&[u8], TransportError> = match &job.chunk.data {
-                    Some(d) => Ok(d),
-                    None => copy_runs(&*mem, &job.chunk.runs, &mut data).map(|()| &data[..]),
-                };
-                match pages {
-                    Err(err) => {
-                        tracing::warn!(seq, "chunk goes raw: {err}");
-                        None
-                    }
-                    Ok(b) if probe && probe_incompressible(e, b, &mut scratch) => None,
-                    Ok(b) => match encode_frame(e, &key, &job.chunk, b, &mut buf) {
+        let out = match (enc.as_mut(), &job.chunk.data) {
+            (Some(e), Some(data)) => {
+                if shared.hint.sample_first(gpa) && probe_incompressible(e, data, &mut scratch) {
+                    None
+                } else {
+                    match encode_frame(e, &key, &job.chunk, data, &mut buf) {
                         Ok(r) => r,
                         Err(err) => {
                             tracing::warn!(seq, "chunk goes raw: {err}");
                             None
                         }
-                    },
+                    }
                 }
             }
+            _ => None,
         };
-        let mut st = pool.lock();
-        if let Some(i) = st.busy.iter().position(|&(s, _, _)| s == seq) {
+        shared.hint.learned(gpa, out.is_some());
+        let mut st = shared.lock();
+        if let Some(i) = st
+            .busy
+            .iter()
+            .position(|b| b.outbox == job.outbox.id && b.seq == seq)
+        {
             st.busy.swap_remove(i);
         }
         let spb = started.elapsed().as_secs_f64() / bytes.max(1) as f64;
@@ -228,19 +439,23 @@ fn worker<M: GuestMem>(pool: Arc<Pool>, mem: Arc<M>, spec: CompressionSpec, key:
                 0.7 * st.wire_per_byte + 0.3 * wpb,
             )
         };
-        match out {
-            Some(len) => {
-                st.streak = 0;
-                st.done.push_back(Done::Frame { seq, buf, len });
-            }
+        let done = match out {
+            Some(len) => Done::Frame { seq, buf, len },
             None => {
-                st.streak = st.streak.saturating_add(1);
                 st.spare.push(buf);
-                st.done.push_back(Done::Raw { seq });
+                Done::Raw {
+                    seq,
+                    chunk: job.chunk,
+                }
             }
-        }
+        };
         drop(st);
-        pool.done.notify_one();
+        outbox
+            .done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(done);
+        outbox.ready.notify_one();
     }
 }
 
@@ -274,95 +489,105 @@ impl LinkMeter {
     }
 }
 
-/// Source side of a compressed TCP data channel. See the module docs.
+/// Why a chunk of a compressed channel went raw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RawWhy {
+    /// It (or its sample, or memory near it) did not shrink enough.
+    Incompressible,
+    /// The link was about to go idle before a worker got to it.
+    LinkIdle,
+}
+
+/// Source side of a compressed TCP data channel: feeds the migration's
+/// [`CompressPool`]. See the module docs.
 #[derive(Debug)]
 pub struct CompressSender<M: GuestMem> {
     tcp: TcpSender<M>,
-    pool: Arc<Pool>,
-    /// Chunks handed to `send` and not yet written, by sequence number.
+    /// A duplicate of the channel's socket, for its send-queue depth
+    /// (`SIOCOUTQ`); `None` if it could not be duplicated (the link then
+    /// always counts as about to go idle).
+    fd: Option<OwnedFd>,
+    /// `--bandwidth-limit`, shared with the migration's other channels.
+    limiter: Option<Arc<RateLimiter>>,
+    /// Bytes written to the socket.
+    written: u64,
+    /// Chunks sent compressed, raw because they did not shrink, raw because
+    /// the link was about to go idle.
+    compressed: u64,
+    raw_incompressible: u64,
+    raw_link_idle: u64,
+    pool: Arc<CompressPool>,
+    outbox: Arc<Outbox>,
+    /// Chunks handed to the pool and not yet written (without their copy),
+    /// by sequence number.
     pending: HashMap<u64, Chunk>,
     depth: usize,
     link: LinkMeter,
-    adaptive: bool,
-}
-
-impl std::fmt::Debug for Pool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").finish_non_exhaustive()
-    }
 }
 
 impl<M: GuestMem> Drop for CompressSender<M> {
     fn drop(&mut self) {
-        self.pool.lock().shutdown = true;
-        self.pool.work.notify_all();
+        // Jobs of this channel no worker started are of no use any more.
+        let id = self.outbox.id;
+        self.pool.shared.lock().queue.retain(|j| j.outbox.id != id);
     }
 }
 
 impl<M: GuestMem> CompressSender<M> {
-    /// Wraps a data channel (plain or TLS) whose hello was accepted, and
-    /// starts the workers.
+    /// Wraps a data channel (plain or TLS) whose hello was accepted, feeding
+    /// `pool` (the migration's, shared by its channels; its frame key is the
+    /// session's). `limiter` is the migration's shared `--bandwidth-limit`
+    /// (see [`TcpSender::with_limiter`]).
     pub fn new(
         stream: impl Into<crate::stream::Stream>,
         mem: Arc<M>,
         channel: u16,
         timeout: Duration,
-        cfg: CompressConfig,
-        frame: MacKey,
-    ) -> Result<Self> {
-        cfg.spec.validate()?;
-        let workers = cfg.workers.max(1);
-        let pool = Arc::new(Pool::default());
-        for i in 0..workers {
-            let (p, m, k) = (pool.clone(), mem.clone(), frame.clone());
-            std::thread::Builder::new()
-                .name(format!("ferry-compress-{i}"))
-                .spawn(move || worker(p, m, cfg.spec, k))
-                .map_err(|e| TransportError::Io {
-                    context: "starting a compression worker".into(),
-                    source: e,
-                })?;
-        }
-        Ok(CompressSender {
-            tcp: TcpSender::new(stream, mem, channel, timeout, frame),
+        pool: Arc<CompressPool>,
+        limiter: Option<Arc<RateLimiter>>,
+    ) -> Self {
+        let stream = stream.into();
+        let fd = stream.tcp().as_fd().try_clone_to_owned().ok();
+        let tcp = TcpSender::new(stream, mem, channel, timeout, pool.frame.clone())
+            .with_limiter(limiter.clone());
+        CompressSender {
+            tcp,
+            fd,
+            limiter,
+            written: 0,
+            compressed: 0,
+            raw_incompressible: 0,
+            raw_link_idle: 0,
+            outbox: pool.outbox(),
+            depth: 2 * pool.workers + 2,
             pool,
             pending: HashMap::new(),
-            depth: 2 * workers + 2,
-            adaptive: cfg.adaptive,
             link: LinkMeter {
                 since: Instant::now(),
                 written: 0,
                 queued: 0,
                 rate: 0.0,
             },
-        })
-    }
-
-    /// Paces this channel's writes with the migration's shared
-    /// `--bandwidth-limit` (see [`TcpSender::with_limiter`]).
-    pub fn with_limiter(mut self, limiter: Option<Arc<crate::ratelimit::RateLimiter>>) -> Self {
-        self.tcp.set_limiter(limiter);
-        self
+        }
     }
 
     fn link_about_to_idle(&mut self) -> bool {
         // Under --bandwidth-limit the cap is the link: busy while what was
         // booked against it takes longer than the margin to drain.
         if self
-            .tcp
-            .limiter()
+            .limiter
+            .as_ref()
             .is_some_and(|l| l.backlog(Instant::now()) > IDLE_MARGIN)
         {
             return false;
         }
-        let Some(fd) = self.tcp.socket_fd() else {
+        let Some(fd) = &self.fd else {
             return true;
         };
-        match ferry_ffi::net::send_queue_bytes(fd) {
+        match ferry_ffi::net::send_queue_bytes(fd.as_fd()) {
             Ok(q) => {
                 let q = q as u64;
-                let written = self.tcp.stats_mut().bytes_on_wire;
-                q < self.link.idle_queue(written, q)
+                q < self.link.idle_queue(self.written, q)
             }
             Err(_) => true,
         }
@@ -371,41 +596,43 @@ impl<M: GuestMem> CompressSender<M> {
     /// Writes one pending chunk: see the module docs for which.
     async fn emit_one(&mut self) -> Result<()> {
         loop {
-            let done = self.pool.lock().done.pop_front();
-            match done {
+            match self.outbox.pop() {
                 Some(Done::Frame { seq, buf, len }) => {
                     let chunk = self.pending.remove(&seq).expect("a pending chunk");
-                    let r = self.tcp.send_frame(chunk, &buf[..len]).await;
-                    self.pool.lock().spare.push(buf);
-                    return r;
+                    let r = self.tcp.send_encoded(chunk, &buf[..len]).await;
+                    self.pool.shared.lock().spare.push(buf);
+                    r?;
+                    self.written += len as u64;
+                    self.compressed += 1;
+                    return Ok(());
                 }
-                Some(Done::Raw { seq }) => {
-                    let chunk = self.pending.remove(&seq).expect("a pending chunk");
+                Some(Done::Raw { seq, chunk }) => {
+                    self.pending.remove(&seq);
                     return self.send_raw(chunk, RawWhy::Incompressible).await;
                 }
                 None => {}
             }
+            let id = self.outbox.id;
             let incompressible = {
-                let st = self.pool.lock();
-                // Recent chunks did not shrink and a worker is measuring the
-                // next one: nothing to wait for, send as plain TCP would.
-                st.secs_per_byte > 0.0
-                    && st.wire_per_byte * MIN_SAVING_DIVISOR as f64
-                        > (MIN_SAVING_DIVISOR - 1) as f64
-                    && !st.busy.is_empty()
+                let st = self.pool.shared.lock();
+                // Recent chunks did not shrink and a worker is measuring one
+                // of ours: nothing to wait for, send as plain TCP would.
+                st.incompressible() && st.busy.iter().any(|b| b.outbox == id)
             };
-            if self.adaptive && (incompressible || self.link_about_to_idle()) {
+            if self.pool.adaptive && (incompressible || self.link_about_to_idle()) {
                 let job = {
-                    let mut st = self.pool.lock();
-                    let saves = st.queue.front().map_or(0.0, |j| {
+                    let mut st = self.pool.shared.lock();
+                    let at = st.queue.iter().position(|j| j.outbox.id == id);
+                    let saves = at.map_or(0.0, |i| {
                         // Link time compressing the chunk would save.
-                        let bytes = j.chunk.payload_bytes() as f64;
+                        let bytes = st.queue[i].chunk.payload_bytes() as f64;
                         bytes * (1.0 - st.wire_per_byte).max(0.0) / self.link.rate.max(1.0)
                     });
-                    if st.next_result_in(Instant::now()) >= saves {
-                        st.queue.pop_front()
-                    } else {
-                        None
+                    match at {
+                        Some(i) if st.next_result_in(id, Instant::now()) >= saves => {
+                            st.queue.remove(i)
+                        }
+                        _ => None,
                     }
                 };
                 if let Some(job) = job {
@@ -413,11 +640,11 @@ impl<M: GuestMem> CompressSender<M> {
                     return self.send_raw(job.chunk, RawWhy::LinkIdle).await;
                 }
             }
-            let pool = self.pool.clone();
+            let outbox = self.outbox.clone();
             self.tcp
                 .wait_ack_or(async move {
                     tokio::select! {
-                        _ = pool.done.notified() => {}
+                        _ = outbox.ready.notified() => {}
                         _ = tokio::time::sleep(Duration::from_millis(1)) => {}
                     }
                 })
@@ -426,11 +653,12 @@ impl<M: GuestMem> CompressSender<M> {
     }
 
     async fn send_raw(&mut self, chunk: Chunk, why: RawWhy) -> Result<()> {
+        let wire = raw_frame_bytes(&chunk);
         self.tcp.send(chunk).await?;
-        let s = self.tcp.stats_mut();
+        self.written += wire;
         match why {
-            RawWhy::Incompressible => s.raw_incompressible_chunks += 1,
-            RawWhy::LinkIdle => s.raw_link_idle_chunks += 1,
+            RawWhy::Incompressible => self.raw_incompressible += 1,
+            RawWhy::LinkIdle => self.raw_link_idle += 1,
         }
         Ok(())
     }
@@ -448,11 +676,21 @@ impl<M: GuestMem> Transport for CompressSender<M> {
     async fn send(&mut self, chunk: Chunk) -> Result<()> {
         if chunk.payload_bytes() == 0 {
             // Zero runs only: nothing to compress.
-            return self.tcp.send(chunk).await;
+            let wire = raw_frame_bytes(&chunk);
+            self.tcp.send(chunk).await?;
+            self.written += wire;
+            return Ok(());
         }
-        self.pending.insert(chunk.seq, chunk.clone());
-        self.pool.lock().queue.push_back(Job { chunk });
-        self.pool.work.notify_one();
+        if chunk.data.is_none() {
+            // No private copy (see the module docs): raw, from guest memory.
+            return self.send_raw(chunk, RawWhy::Incompressible).await;
+        }
+        self.pending.insert(chunk.seq, chunk.without_data());
+        self.pool.shared.lock().queue.push_back(Job {
+            chunk,
+            outbox: self.outbox.clone(),
+        });
+        self.pool.shared.work.notify_one();
         while self.pending.len() > self.depth {
             self.emit_one().await?;
         }
@@ -474,8 +712,20 @@ impl<M: GuestMem> Transport for CompressSender<M> {
     }
 
     fn stats(&self) -> Vec<ChannelStats> {
-        self.tcp.stats()
+        let mut s = self.tcp.stats();
+        for c in &mut s {
+            c.compressed_chunks = self.compressed;
+            c.raw_incompressible_chunks = self.raw_incompressible;
+            c.raw_link_idle_chunks = self.raw_link_idle;
+        }
+        s
     }
+}
+
+/// Bytes a chunk takes on the wire sent raw: header, run table, pages.
+fn raw_frame_bytes(chunk: &Chunk) -> u64 {
+    (HEADER_LEN + std::mem::size_of::<crate::wire::RunDesc>() * chunk.runs.len()) as u64
+        + chunk.payload_bytes()
 }
 
 #[cfg(test)]
@@ -490,7 +740,7 @@ mod tests {
         RecvCounters,
     };
     use crate::wire::{AckFrame, AckStatus};
-    use crate::wire::{ChunkHeader, Codec, CompressedHeader, FLAG_COMPRESSED, HEADER_LEN};
+    use crate::wire::{ChunkHeader, Codec, CompressedHeader, FLAG_COMPRESSED};
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use vm_memory::GuestAddress;
@@ -1048,11 +1298,7 @@ mod tests {
         let inbound = Arc::new(test_inbound(layout(), Some(codec)));
         let i2 = inbound.clone();
         let rx = tokio::spawn(async move { receive_channel(b, &i2, &*d, &c2).await });
-        let mut tx = CompressSender::new(
-            a,
-            src.clone(),
-            0,
-            Duration::from_secs(10),
+        let pool = CompressPool::start(
             CompressConfig {
                 spec: spec(codec),
                 workers: 2,
@@ -1061,9 +1307,8 @@ mod tests {
             test_frame_key(),
         )
         .unwrap();
+        let mut tx = CompressSender::new(a, src.clone(), 0, Duration::from_secs(10), pool, None);
         for (i, r) in runs.iter().enumerate() {
-            // Every other chunk without its private copy, as a chunk sent
-            // again after a channel failed is: read from guest memory.
             let c = Chunk::read(
                 &*src,
                 &test_page_key(),
@@ -1071,7 +1316,7 @@ mod tests {
                 i as u64,
                 0,
                 r.clone(),
-                i % 2 == 0,
+                true,
             )
             .unwrap();
             tx.send(c).await.unwrap();
@@ -1145,6 +1390,205 @@ mod tests {
         assert_eq!(s.raw_incompressible_chunks, 2, "{s:?}");
         let s = pipeline(filled(), Codec::Lz4, true, runs, true).await;
         assert_eq!(s.chunks, 18, "{s:?}");
+    }
+
+    #[test]
+    fn backoff_skips_more_chunks_after_each_failure_and_a_success_ends_it() {
+        let h = Compressibility::default();
+        let g = GRANULE;
+        // Unknown memory: every chunk is copied, no sample first.
+        assert!(h.wants_copy(g) && !h.sample_first(g));
+        // One failure: still attempted, sample first.
+        h.learned(g, false);
+        assert!(h.wants_copy(g) && h.sample_first(g));
+        // From the second failure in a row: 1, 2, 4, 8, 16, 16 skipped
+        // between attempts.
+        for want in [1, 2, 4, 8, 16, 16] {
+            h.learned(g + 4096, false);
+            let skipped = std::iter::from_fn(|| (!h.wants_copy(g)).then_some(()))
+                .take(100)
+                .count();
+            assert_eq!(skipped, want);
+        }
+        // Other granules are not affected.
+        assert!(h.wants_copy(0) && h.wants_copy(2 * g) && !h.sample_first(2 * g));
+        // A chunk that shrank ends the back-off.
+        h.learned(g, false);
+        h.learned(g, true);
+        assert!(h.wants_copy(g) && h.wants_copy(g) && !h.sample_first(g));
+    }
+
+    /// A compression channel over loopback into a receiving task.
+    struct Channel {
+        tx: CompressSender<GuestMemoryMmap>,
+        rx: tokio::task::JoinHandle<crate::Result<()>>,
+        dst: Arc<GuestMemoryMmap>,
+        inbound: Arc<crate::tcp::Inbound>,
+    }
+
+    async fn channel(
+        src: &Arc<GuestMemoryMmap>,
+        pool: &Arc<CompressPool>,
+        codec: Codec,
+        n: u16,
+    ) -> Channel {
+        let (a, b) = pair().await;
+        let dst = Arc::new(mem());
+        let inbound = Arc::new(test_inbound(layout(), Some(codec)));
+        let (d, i) = (dst.clone(), inbound.clone());
+        let rx =
+            tokio::spawn(
+                async move { receive_channel(b, &i, &*d, &RecvCounters::default()).await },
+            );
+        let tx = CompressSender::new(
+            a,
+            src.clone(),
+            n,
+            Duration::from_secs(10),
+            pool.clone(),
+            None,
+        );
+        Channel {
+            tx,
+            rx,
+            dst,
+            inbound,
+        }
+    }
+
+    impl Channel {
+        /// Ends the channel; returns its counters once the receiver is done.
+        async fn end(mut self) -> (ChannelStats, Arc<GuestMemoryMmap>, Arc<crate::tcp::Inbound>) {
+            assert!(self.tx.flush().await.unwrap().resend.is_empty());
+            self.tx.finish().await.unwrap();
+            self.rx.await.unwrap().unwrap();
+            (self.tx.stats().remove(0), self.dst, self.inbound)
+        }
+    }
+
+    fn pool(codec: Codec, workers: usize, adaptive: bool) -> Arc<CompressPool> {
+        CompressPool::start(
+            CompressConfig {
+                spec: spec(codec),
+                workers,
+                adaptive,
+            },
+            test_frame_key(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_pool_compresses_for_every_channel() {
+        // One worker for two channels: their chunks can only have been
+        // compressed by the migration's one pool.
+        let src = Arc::new(filled());
+        let pool = pool(Codec::Zstd, 1, false);
+        assert_eq!(pool.workers(), 1);
+        let mut chans = Vec::new();
+        for n in 0..2 {
+            chans.push(channel(&src, &pool, Codec::Zstd, n).await);
+        }
+        // Text pages 0..64 and 80..128, one page per chunk, alternating.
+        let pages: Vec<u64> = (0..64).chain(80..128).collect();
+        for (i, &p) in pages.iter().enumerate() {
+            let c = Chunk::read(
+                &*src,
+                &test_page_key(),
+                &test_frame_key(),
+                i as u64,
+                0,
+                vec![run(p, 1, false)],
+                true,
+            )
+            .unwrap();
+            chans[i % 2].tx.send(c).await.unwrap();
+        }
+        let mut compressed = 0;
+        for (n, ch) in chans.into_iter().enumerate() {
+            let (s, dst, _) = ch.end().await;
+            assert_eq!(
+                s.compressed_chunks,
+                pages.len() as u64 / 2,
+                "channel {n}: {s:?}"
+            );
+            compressed += s.compressed_chunks;
+            for &p in pages.iter().skip(n).step_by(2) {
+                assert_eq!(page_bytes(&*dst, p, 1), page_bytes(&*src, p, 1), "page {p}");
+            }
+        }
+        assert_eq!(pool.attempts(), compressed);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn random_memory_skips_the_pool_lands_identical_and_compressible_memory_is_noticed() {
+        // The page pass's side, as the engine does it: a chunk is copied for
+        // the workers only if the pool's hint says so at its first page.
+        // Every chunk the pool gets is attempted (not adaptive: over
+        // loopback the link would take some raw first).
+        let src = Arc::new(filled());
+        let pool = pool(Codec::Zstd, 2, false);
+        let hint = pool.copy_hint();
+        let mut ch = channel(&src, &pool, Codec::Zstd, 0).await;
+        let mut seq = 0u64;
+        let mut send = |round: u32, first: u64| {
+            let copy = hint.wants_copy(first * PAGE_SIZE);
+            seq += 1;
+            Chunk::read(
+                &*src,
+                &test_page_key(),
+                &test_frame_key(),
+                seq,
+                round,
+                vec![run(first, 4, false)],
+                copy,
+            )
+            .unwrap()
+        };
+        // Round 0: 32 chunks of random pages (128..256), each flushed so
+        // the pool's verdict is known before the next one is read.
+        let mut sent = Vec::new();
+        for k in 0..32 {
+            let c = send(0, 128 + 4 * k);
+            sent.extend(c.runs.clone());
+            ch.tx.send(c).await.unwrap();
+            ch.tx.flush().await.unwrap();
+        }
+        let s = ch.tx.stats().remove(0);
+        assert_eq!(s.compressed_chunks, 0, "{s:?}");
+        assert_eq!(s.raw_incompressible_chunks, 32, "{s:?}");
+        let tried = pool.attempts();
+        // Two failures, then 1, 2, 4, 8, 16 chunks skipped between tries.
+        assert!(tried <= 8, "the pool tried {tried} of 32 random chunks");
+        // The memory turns compressible: text pages where random were.
+        for p in 128..256 {
+            src.write_slice(&text_page(p), GuestAddress(p * PAGE_SIZE))
+                .unwrap();
+        }
+        let mut compressed_at = None;
+        for k in 0..32 {
+            let c = send(1, 128 + 4 * k);
+            sent.extend(c.runs.clone());
+            ch.tx.send(c).await.unwrap();
+            ch.tx.flush().await.unwrap();
+            if compressed_at.is_none() && ch.tx.stats()[0].compressed_chunks > 0 {
+                compressed_at = Some(k);
+            }
+        }
+        let at = compressed_at.expect("compressible memory noticed");
+        assert!(at <= MAX_SKIP as u64, "noticed after {at} chunks");
+        let (s, dst, inbound) = ch.end().await;
+        assert!(s.compressed_chunks >= 32 - MAX_SKIP as u64, "{s:?}");
+        assert_eq!(
+            page_bytes(&*dst, 128, 128),
+            page_bytes(&*src, 128, 128),
+            "what landed is the source's memory"
+        );
+        assert_eq!(
+            inbound.ledger.evidence(),
+            crate::tcp::evidence_of(&*src, &sent[sent.len() - 32..]),
+            "evidence of what landed last"
+        );
     }
 
     #[tokio::test]

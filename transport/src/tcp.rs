@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,6 +43,7 @@ use crate::codec::{land_segment, Decoder};
 use crate::error::{Result, TransportError};
 use crate::guest::hash_landed;
 pub use crate::guest::{copy_runs, run_slices, zero_run, GuestMem};
+use ferry_proto::WireError;
 // The RDMA receiver lands through the same claims and tally.
 pub(crate) use crate::guest::{claim_runs, land_zero_run, Tally};
 use crate::layout::PAGE_SIZE;
@@ -66,12 +67,8 @@ pub const DEFAULT_WINDOW: u64 = 16 << 20;
 enum Wire {
     /// Plain TCP: zero-copy `writev` from guest memory.
     Plain(OwnedWriteHalf),
-    /// TLS: pages go through the session; `fd` is a duplicate of the socket
-    /// for the compression option's send-queue depth (`SIOCOUTQ`).
-    Tls {
-        write: WriteHalf<Stream>,
-        fd: Option<OwnedFd>,
-    },
+    /// TLS: pages go through the session.
+    Tls { write: WriteHalf<Stream> },
 }
 
 /// Largest piece of guest memory handed to a TLS session or landed by it in
@@ -148,10 +145,9 @@ impl<M: GuestMem> TcpSender<M> {
                 )
             }
             tls => {
-                let fd = tls.tcp().as_fd().try_clone_to_owned().ok();
                 let (read, write) = tokio::io::split(tls);
                 (
-                    Wire::Tls { write, fd },
+                    Wire::Tls { write },
                     tokio::spawn(read_acks(read, frame.clone(), tx)),
                 )
             }
@@ -186,17 +182,8 @@ impl<M: GuestMem> TcpSender<M> {
     /// Paces this channel's writes with `limiter` (shared by every channel
     /// of the migration, so the cap holds for all of them together).
     pub fn with_limiter(mut self, limiter: Option<Arc<RateLimiter>>) -> Self {
-        self.set_limiter(limiter);
-        self
-    }
-
-    pub(crate) fn set_limiter(&mut self, limiter: Option<Arc<RateLimiter>>) {
         self.limiter = limiter;
-    }
-
-    /// The shared `--bandwidth-limit`, if any.
-    pub(crate) fn limiter(&self) -> Option<&RateLimiter> {
-        self.limiter.as_deref()
+        self
     }
 
     async fn pace(&self, wire: u64) {
@@ -207,13 +194,12 @@ impl<M: GuestMem> TcpSender<M> {
 
     fn apply_ack(&mut self, ack: Result<(u64, AckStatus)>) -> Result<()> {
         let (seq, status) = ack?;
-        let (runs, bytes) = self
-            .in_flight
-            .remove(&seq)
-            .ok_or_else(|| TransportError::Invalid {
+        let (runs, bytes) = self.in_flight.remove(&seq).ok_or_else(|| {
+            TransportError::Wire(WireError::Invalid {
                 field: "ack sequence number",
                 detail: format!("{seq} is not in flight"),
-            })?;
+            })
+        })?;
         self.in_flight_bytes -= bytes;
         self.stats.chunks += 1;
         if status != AckStatus::Landed {
@@ -251,9 +237,14 @@ impl<M: GuestMem> TcpSender<M> {
     }
 
     /// Waits for an acknowledgement (and applies it) or for `other`,
-    /// whichever comes first. Used by the compression pipeline to wake up
-    /// when the link drains.
-    pub(crate) async fn wait_ack_or(&mut self, other: impl Future<Output = ()>) -> Result<()> {
+    /// whichever comes first: a sender with work of its own (the
+    /// compression pipeline) wakes when the link drains or when that work
+    /// is ready.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: an acknowledgement is applied in the same poll it is
+    /// received in.
+    pub async fn wait_ack_or(&mut self, other: impl Future<Output = ()>) -> Result<()> {
         tokio::select! {
             ack = self.acks.recv() => match ack {
                 Some(ack) => self.apply_ack(ack),
@@ -262,14 +253,6 @@ impl<M: GuestMem> TcpSender<M> {
                 }),
             },
             () = other => Ok(()),
-        }
-    }
-
-    /// The socket (for its send-queue depth).
-    pub(crate) fn socket_fd(&self) -> Option<BorrowedFd<'_>> {
-        match &self.write {
-            Wire::Plain(w) => Some(AsRef::<TcpStream>::as_ref(w).as_fd()),
-            Wire::Tls { fd, .. } => fd.as_ref().map(AsFd::as_fd),
         }
     }
 
@@ -282,11 +265,6 @@ impl<M: GuestMem> TcpSender<M> {
                 write.flush().await
             }
         }
-    }
-
-    /// Counters, for the compression pipeline's own.
-    pub(crate) fn stats_mut(&mut self) -> &mut ChannelStats {
-        &mut self.stats
     }
 
     /// After an error: the sequence numbers of the chunks sent and not
@@ -318,16 +296,22 @@ impl<M: GuestMem> TcpSender<M> {
         self.in_flight.insert(chunk.seq, (chunk.runs, window_bytes));
     }
 
-    /// Sends a frame built elsewhere (a compressed chunk: header, run table
-    /// and payload in `frame`) for `chunk`'s pages.
-    pub(crate) async fn send_frame(&mut self, chunk: Chunk, frame: &[u8]) -> Result<()> {
+    /// Sends `chunk`'s pages as `frame`, built by the caller (an encoded
+    /// chunk, e.g. compressed: header sealed with the session's frame key,
+    /// run table and payload). It is paced, windowed (its frame bytes count
+    /// against the window), acknowledged and, when the destination refuses
+    /// it, its runs are returned by the next [`Transport::flush`], as with
+    /// [`Transport::send`].
+    ///
+    /// # Cancel safety
+    /// Not cancel safe, as [`Transport::send`].
+    pub async fn send_encoded(&mut self, chunk: Chunk, frame: &[u8]) -> Result<()> {
         let wire = frame.len() as u64;
         self.reserve(wire).await?;
         self.pace(wire).await;
         self.write_bytes(frame)
             .await
             .map_err(|e| TransportError::io("writing a chunk", "data channel", e))?;
-        self.stats.compressed_chunks += 1;
         self.sent(chunk, wire, wire);
         Ok(())
     }
@@ -419,11 +403,11 @@ impl<M: GuestMem> Transport for TcpSender<M> {
         if payload > u64::from(wire::MAX_CHUNK_PAYLOAD)
             || chunk.runs.len() > wire::MAX_RUNS as usize
         {
-            return Err(TransportError::TooLarge {
+            return Err(TransportError::Local(WireError::TooLarge {
                 field: "chunk",
                 len: payload,
                 limit: wire::MAX_CHUNK_PAYLOAD.into(),
-            });
+            }));
         }
         self.reserve(payload).await?;
         let table = wire::run_table(&chunk.runs);
@@ -555,14 +539,14 @@ impl Inbound {
 
     /// Admits a frame of `round` through the shared gate.
     pub fn admit_round(&self, seq: u64, round: u32) -> Result<()> {
-        self.rounds
-            .admit(round)
-            .map_err(|newest| TransportError::Invalid {
+        self.rounds.admit(round).map_err(|newest| {
+            TransportError::Wire(WireError::Invalid {
                 field: "chunk round",
                 detail: format!(
                 "chunk {seq} is from round {round}, after round {newest} began: stale copy refused"
             ),
             })
+        })
     }
 
     /// Whether `sum` (the landed pages' contributions) matches the payload tag.
@@ -718,13 +702,13 @@ async fn read_pages<R: AsyncRead + Unpin, M: GuestMem>(
                 // ledger describes destination memory whatever happens.
                 let partial = (landed + done as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
                 hash_landed(claim, mem, &data, hashed, partial, tally)?;
-                return Err(TransportError::Malformed {
+                return Err(TransportError::Wire(WireError::Malformed {
                     what: "chunk frame",
                     detail: format!(
                         "truncated: connection closed after {} of {total} payload bytes",
                         landed + done as u64
                     ),
-                });
+                }));
             }
             done += n;
             let whole = (landed + done as u64) / PAGE_SIZE * PAGE_SIZE;
@@ -762,12 +746,12 @@ async fn read_payload<M: GuestMem>(
             Ok(0) => {
                 let partial = (done as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
                 hash_landed(claim, mem, &data, hashed, partial, tally)?;
-                return Err(TransportError::Malformed {
+                return Err(TransportError::Wire(WireError::Malformed {
                     what: "chunk frame",
                     detail: format!(
                         "truncated: connection closed after {done} of {total} payload bytes"
                     ),
-                });
+                }));
             }
             Ok(n) => {
                 done += n;
@@ -805,12 +789,12 @@ async fn read_into<R: AsyncRead + Unpin>(
             .await
             .map_err(|e| TransportError::io("reading a chunk frame", "data channel", e))?;
         if n == 0 {
-            return Err(TransportError::Malformed {
+            return Err(TransportError::Wire(WireError::Malformed {
                 what: "chunk frame",
                 detail: format!(
                     "truncated inside {what}: connection closed after {have} of {need} bytes"
                 ),
-            });
+            }));
         }
         have += n;
     }
@@ -828,12 +812,12 @@ async fn drain<R: AsyncRead + Unpin>(r: &mut R, scratch: &mut RecvBuf, need: usi
             .await
             .map_err(|e| TransportError::io("reading a chunk payload", "data channel", e))?;
         if n == 0 {
-            return Err(TransportError::Malformed {
+            return Err(TransportError::Wire(WireError::Malformed {
                 what: "chunk frame",
                 detail: format!(
                     "truncated: connection closed {left} bytes before the end of a payload"
                 ),
-            });
+            }));
         }
         left -= n;
     }
@@ -872,12 +856,12 @@ async fn land_streamed<M: GuestMem>(
         Ok(p) if p <= payload_len => p,
         Ok(p) => {
             drain(stream, &mut bufs.scratch, payload_len - head).await?;
-            return Ok(Err(TransportError::Malformed {
+            return Ok(Err(TransportError::Wire(WireError::Malformed {
                 what: "compressed payload",
                 detail: format!(
                     "chunk {seq}: a {p}-byte segment table in a {payload_len}-byte payload"
                 ),
-            }));
+            })));
         }
         Err(e) => {
             drain(stream, &mut bufs.scratch, payload_len - head).await?;
@@ -1081,27 +1065,27 @@ async fn receive_frame<M: GuestMem>(
         match inbound.codec {
             Some(c) => Some(c),
             None => {
-                return Err(TransportError::Invalid {
+                return Err(TransportError::Wire(WireError::Invalid {
                     field: "chunk flags",
                     detail: "compressed chunk on a channel negotiated without compression".into(),
-                })
+                }))
             }
         }
     } else {
         None
     };
     if codec.is_none() && data_bytes != payload_len {
-        return Err(TransportError::Invalid {
+        return Err(TransportError::Wire(WireError::Invalid {
             field: "chunk payload length",
             detail: format!("chunk {seq} says {payload_len} bytes but its runs hold {data_bytes}"),
-        });
+        }));
     }
     if codec.is_some() && data_bytes > u64::from(wire::MAX_CHUNK_PAYLOAD) {
-        return Err(TransportError::TooLarge {
+        return Err(TransportError::Wire(WireError::TooLarge {
             field: "uncompressed chunk",
             len: data_bytes,
             limit: wire::MAX_CHUNK_PAYLOAD.into(),
-        });
+        }));
     }
     counters.bytes_on_wire.fetch_add(
         (wire::HEADER_LEN + table_len) as u64 + payload_len,
