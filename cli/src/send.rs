@@ -158,11 +158,11 @@ fn not_ferry(e: ferry_migration::MigrationError, to: &str) -> anyhow::Error {
     use ferry_migration::MigrationError as M;
     use ferry_transport::TransportError as T;
     let hint = match &e {
-        M::Transport(T::BadMagic {
+        M::Transport(T::Wire(ferry_proto::WireError::BadMagic {
             what: "control frame",
             found,
             ..
-        }) => {
+        })) => {
             let text: String = found
                 .iter()
                 .map(|b| match *b {

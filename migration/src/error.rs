@@ -1,5 +1,6 @@
 //! Errors of the migration engine.
 
+use ferry_proto::ErrorKind;
 use ferry_transport::TransportError;
 
 /// Why a migration failed.
@@ -132,60 +133,94 @@ impl MigrationError {
 pub type Result<T, E = MigrationError> = std::result::Result<T, E>;
 
 impl MigrationError {
+    /// Which kind of error this is (see [`ErrorKind`]): the transport's
+    /// kind for its errors; for the engine's and the destination's own,
+    /// whose doing it was.
+    pub fn kind(&self) -> ErrorKind {
+        use MigrationError as M;
+        match self {
+            M::Transport(t) => t.kind(),
+            M::Config(_)
+            | M::Memory(_)
+            | M::Guest(_)
+            | M::RestoreFailed(_)
+            | M::ResumeFailed(_) => ErrorKind::Local,
+            // Proofs, hashes and tags the peer sent that do not verify.
+            M::Verification(_)
+            | M::CommitProof
+            | M::DeviceStateCorrupt
+            | M::FinalCopyCorrupt(_) => ErrorKind::Misbehaved,
+            M::CommitRefused(_) => ErrorKind::Rejected,
+            M::CommitUnconfirmed(_) => ErrorKind::Connection,
+            M::NotConverged { .. }
+            | M::PauseCannotFit { .. }
+            | M::Deadline { .. }
+            | M::Cancelled(_)
+            | M::ShuttingDown => ErrorKind::Cancelled,
+            M::Destination { cause, .. } => cause.kind(),
+        }
+    }
+
     /// A short snake_case name of what went wrong, for metrics labels
-    /// (`ferry_migrations_aborted_total{reason}`): the rejection reason
-    /// when the peer was refused (`version`, `auth`, `memory_limit`,
-    /// `busy`, ...), else the kind of failure (`timeout`, `peer_closed`,
-    /// `crc`, `evidence_mismatch`, `restore_failed`, `protocol`, ...).
+    /// (`ferry_migrations_aborted_total{reason}`) and the `--json`
+    /// record: the one mapping from errors to reasons. The rejection
+    /// reason when the peer was refused (`version`, `auth`,
+    /// `memory_limit`, `busy`, ...); a name of its own for a failure an
+    /// operator tells apart (`timeout`, `peer_closed`, `crc`,
+    /// `evidence_mismatch`, `restore_failed`, ...); else the name of its
+    /// [`kind`](Self::kind): malformed or misbehaving input is `protocol`,
+    /// this host's own failure `local`.
     pub fn reason(&self) -> String {
+        use ferry_proto::WireError as W;
+        use MigrationError as M;
         use TransportError as T;
         let s = match self {
-            MigrationError::Transport(t) => match t {
-                // Every rejection reason, present and future: its variant name.
-                T::Rejected { reason, .. } => return snake_case(&format!("{reason:?}")),
-                T::UnsupportedVersion { .. } => "version",
-                T::AuthFailed(_) => "auth",
-                T::Timeout { .. } => "timeout",
-                T::PeerClosed { .. } => "peer_closed",
-                T::PeerAborted(_) => "peer_aborted",
-                T::CrcMismatch { .. } => "crc",
-                T::Tls(_) => "tls",
-                T::Io { .. } => "io",
-                T::NoChannelLeft { .. } => "channels_lost",
-                T::BadMagic { .. }
-                | T::TooLarge { .. }
-                | T::Invalid { .. }
-                | T::OutsideLayout { .. }
-                | T::Malformed { .. }
-                | T::Unexpected { .. } => "protocol",
-                _ => "transport",
-            },
-            MigrationError::Config(_) => "config",
-            MigrationError::Memory(_) => "memory",
-            MigrationError::Verification(m) => {
-                use ferry_proto::switchover::Mismatch as M;
+            // What failed here; the destination's view is in the message.
+            M::Destination { cause, .. } => return cause.reason(),
+            // Every rejection reason, present and future: its variant name.
+            M::Transport(T::Rejected { reason, .. }) => return snake_case(&format!("{reason:?}")),
+            M::Transport(T::UnsupportedVersion { .. }) => "version",
+            M::Transport(T::AuthFailed(_)) => "auth",
+            M::Transport(T::Timeout { .. }) => "timeout",
+            M::Transport(T::PeerClosed { .. }) => "peer_closed",
+            M::Transport(T::PeerAborted(_)) => "peer_aborted",
+            M::Transport(T::Wire(W::CrcMismatch { .. })) | M::FinalCopyCorrupt(_) => "crc",
+            M::Transport(T::Tls(_)) => "tls",
+            M::Transport(T::Io { .. }) => "io",
+            // The network's doing, not a protocol error of the peer.
+            M::Transport(T::NoChannelLeft { .. } | T::Channel { .. }) => "channels_lost",
+            M::Config(_) => "config",
+            M::Memory(_) => "memory",
+            M::Verification(m) => {
+                use ferry_proto::switchover::Mismatch as Mm;
                 match m {
-                    M::Transcript => "transcript_mismatch",
-                    M::Evidence => "evidence_mismatch",
-                    M::DeviceState => "device_state_mismatch",
-                    M::Memory => "memory_mismatch",
+                    Mm::Transcript => "transcript_mismatch",
+                    Mm::Evidence => "evidence_mismatch",
+                    Mm::DeviceState => "device_state_mismatch",
+                    Mm::Memory => "memory_mismatch",
                 }
             }
-            MigrationError::CommitProof => "commit_proof",
-            MigrationError::DeviceStateCorrupt => "device_state_corrupt",
-            MigrationError::RestoreFailed(_) => "restore_failed",
-            MigrationError::CommitRefused(_) => "commit_refused",
-            MigrationError::ResumeFailed(_) => "resume_failed",
-            MigrationError::PauseCannotFit { .. } => "pause_cannot_fit",
-            MigrationError::FinalCopyCorrupt(_) => "crc",
-            MigrationError::Guest(_) => "guest",
-            MigrationError::CommitUnconfirmed(_) => "commit_unconfirmed",
-            MigrationError::NotConverged { .. } => "not_converged",
-            MigrationError::Deadline { .. } => "deadline",
-            MigrationError::Cancelled(_) => "cancelled",
-            MigrationError::ShuttingDown => "shutdown",
-            // What failed here; the destination's view is in the message.
-            MigrationError::Destination { cause, .. } => return cause.reason(),
+            M::CommitProof => "commit_proof",
+            M::DeviceStateCorrupt => "device_state_corrupt",
+            M::RestoreFailed(_) => "restore_failed",
+            M::CommitRefused(_) => "commit_refused",
+            M::ResumeFailed(_) => "resume_failed",
+            M::PauseCannotFit { .. } => "pause_cannot_fit",
+            M::Guest(_) => "guest",
+            M::CommitUnconfirmed(_) => "commit_unconfirmed",
+            M::NotConverged { .. } => "not_converged",
+            M::Deadline { .. } => "deadline",
+            M::Cancelled(_) => "cancelled",
+            M::ShuttingDown => "shutdown",
+            // The rest by kind.
+            _ => match self.kind() {
+                ErrorKind::Malformed | ErrorKind::Misbehaved => "protocol",
+                ErrorKind::Rejected => "rejected",
+                ErrorKind::Connection => "connection",
+                ErrorKind::Local => "local",
+                ErrorKind::Cancelled => "cancelled",
+                _ => "transport",
+            },
         };
         s.into()
     }
@@ -279,6 +314,67 @@ mod tests {
         assert_eq!(
             MigrationError::RestoreFailed("x".into()).reason(),
             "restore_failed"
+        );
+    }
+
+    #[test]
+    fn kinds_decide_the_reasons_no_variant_names() {
+        use ferry_proto::WireError as W;
+        let invalid = || W::Invalid {
+            field: "chunk round",
+            detail: "stale".into(),
+        };
+        // The peer's malformed or misbehaving input: `protocol`, with the
+        // wire format's own message.
+        let peer = MigrationError::from(invalid());
+        assert_eq!(peer.kind(), ErrorKind::Malformed);
+        assert_eq!(peer.reason(), "protocol");
+        assert_eq!(peer.to_string(), "invalid chunk round: stale");
+        let outside = MigrationError::from(W::OutsideLayout { gpa: 0, pages: 1 });
+        assert_eq!(outside.kind(), ErrorKind::Misbehaved);
+        assert_eq!(outside.reason(), "protocol");
+        let tampered = MigrationError::from(TransportError::Unauthenticated {
+            seq: 3,
+            detail: "tag",
+        });
+        assert_eq!(tampered.kind(), ErrorKind::Misbehaved);
+        assert_eq!(tampered.reason(), "protocol");
+        let crc = MigrationError::from(W::CrcMismatch {
+            what: "chunk",
+            seq: 1,
+            expected: 1,
+            computed: 2,
+        });
+        assert_eq!(crc.reason(), "crc");
+        // The same check failing on a value of our own: this host's doing.
+        let local = MigrationError::from(TransportError::Local(invalid()));
+        assert_eq!(local.kind(), ErrorKind::Local);
+        assert_eq!(local.reason(), "local");
+        assert_eq!(local.to_string(), "invalid chunk round: stale");
+        // A failed RDMA channel set: the network's doing.
+        let channels = MigrationError::from(TransportError::Channel {
+            what: "RDMA channels",
+            detail: "none could be connected".into(),
+        });
+        assert_eq!(channels.kind(), ErrorKind::Connection);
+        assert_eq!(channels.reason(), "channels_lost");
+        // Refusals and cancels.
+        assert_eq!(
+            MigrationError::from(TransportError::AuthFailed("x")).kind(),
+            ErrorKind::Rejected
+        );
+        assert_eq!(
+            MigrationError::Cancelled("SIGINT".into()).kind(),
+            ErrorKind::Cancelled
+        );
+        // The destination's view wraps the cause: the cause decides.
+        let both = MigrationError::Destination {
+            cause: Box::new(MigrationError::from(invalid())),
+            peer: "aborted: x".into(),
+        };
+        assert_eq!(
+            (both.kind(), both.reason().as_str()),
+            (ErrorKind::Malformed, "protocol")
         );
     }
 }

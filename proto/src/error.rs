@@ -5,10 +5,12 @@
 //! Every variant names the frame or field that was wrong and the value it
 //! had, so an operator can act on the message alone. [`WireError::kind`]
 //! sorts them into the few kinds a caller acts on differently (metrics
-//! reasons, whether the channel can still be trusted).
+//! reasons, whether the channel can still be trusted); [`ErrorKind`] is
+//! the one list of kinds every error of Ferry is sorted into.
 
-/// What was wrong with bytes or values that came from the peer (or, for
-/// [`WireKind::Local`], with a value of our own about to be sent).
+/// What was wrong with bytes or values that came from the peer. (The
+/// transport also checks values of its own by the same rules before it
+/// sends them; those failures are its `TransportError::Local`.)
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum WireError {
@@ -79,21 +81,40 @@ pub enum WireError {
     },
 }
 
-/// The kinds of [`WireError`], for callers that act on the kind alone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The kinds of every error of Ferry (wire formats, transport, migration),
+/// for callers that act on the kind alone: metrics reasons, whether the
+/// peer is at fault, whether a retry can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum WireKind {
-    /// The bytes do not decode, or a field is out of its range: the framing
-    /// of the connection can no longer be trusted.
+pub enum ErrorKind {
+    /// The peer's bytes do not decode, or a field is out of its range: the
+    /// framing of the connection can no longer be trusted.
     Malformed,
     /// Well-formed, but the peer sent something it must not (a run outside
-    /// the layout, a checksum or tag that does not verify).
+    /// the layout, a checksum, tag or proof that does not verify, a message
+    /// out of turn).
     Misbehaved,
+    /// The peer refused us or gave up (a rejection, no common version, a
+    /// failed authentication, an abort): it followed the protocol.
+    Rejected,
+    /// The connection failed: a socket error, a timeout, a peer that went
+    /// away, TLS, every data channel lost. Nobody's protocol is at fault.
+    Connection,
+    /// This host's own doing: its configuration, its memory, its guest or
+    /// VMM, a value of its own that cannot be sent.
+    Local,
+    /// Stopped on purpose before switchover: not converged in time, a
+    /// deadline, a signal, a daemon shutting down.
+    Cancelled,
 }
 
+/// The kinds a [`WireError`] has: [`ErrorKind::Malformed`] or
+/// [`ErrorKind::Misbehaved`].
+pub type WireKind = ErrorKind;
+
 impl WireError {
-    /// Which kind of error this is.
-    pub fn kind(&self) -> WireKind {
+    /// Which kind of error this is: malformed or misbehaving, never another.
+    pub fn kind(&self) -> ErrorKind {
         match self {
             WireError::BadMagic { .. }
             | WireError::TooLarge { .. }

@@ -52,6 +52,6 @@ pub mod source;
 pub mod switchover;
 pub mod wire;
 
-pub use error::{WireError, WireKind};
+pub use error::{ErrorKind, WireError, WireKind};
 pub use evidence::{Evidence, Ledger, PageHash, PageTable};
 pub use keys::{MacKey, PageKey, SessionKeys};

@@ -19,6 +19,7 @@
 //! of one side's proof as the other's.
 
 use crate::error::{Result, TransportError};
+use ferry_proto::WireError;
 
 /// Shortest key accepted, in bytes (after decoding).
 pub const MIN_KEY_LEN: usize = 32;
@@ -87,10 +88,10 @@ impl AuthKey {
     /// Wraps key bytes; refuses keys shorter than [`MIN_KEY_LEN`].
     pub fn new(bytes: Vec<u8>) -> Result<Self> {
         if bytes.len() < MIN_KEY_LEN {
-            return Err(TransportError::Invalid {
+            return Err(TransportError::Local(WireError::Invalid {
                 field: "auth key",
                 detail: format!("{} bytes, need at least {MIN_KEY_LEN}", bytes.len()),
-            });
+            }));
         }
         Ok(AuthKey(bytes))
     }
@@ -102,9 +103,11 @@ impl AuthKey {
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
         use base64::Engine;
         use std::os::unix::fs::PermissionsExt;
-        let bad = |detail: String| TransportError::Invalid {
-            field: "auth key file",
-            detail,
+        let bad = |detail: String| {
+            TransportError::Local(WireError::Invalid {
+                field: "auth key file",
+                detail,
+            })
         };
         let mut f = std::fs::File::open(path).map_err(|e| TransportError::Io {
             context: format!("cannot read auth key file {}", path.display()),

@@ -18,6 +18,7 @@ use crate::wire::{
 };
 use crate::Chunk;
 use ferry_proto::MacKey;
+use ferry_proto::WireError;
 
 /// A chunk is sent compressed only if that saves at least 1/`MIN_SAVING_DIVISOR`
 /// of its bytes; below that, decompression on the destination costs more
@@ -118,10 +119,10 @@ impl Decoder {
 }
 
 fn outside(r: &PageRun) -> TransportError {
-    TransportError::OutsideLayout {
+    TransportError::Wire(WireError::OutsideLayout {
         gpa: r.gpa,
         pages: r.pages.into(),
-    }
+    })
 }
 
 /// Builds the complete frame of `chunk` compressed (header with its tags
@@ -144,14 +145,14 @@ pub fn encode_frame(
     let runs: Vec<&PageRun> = frame_runs.iter().filter(|r| !r.zero).collect();
     let raw: usize = runs.iter().map(|r| r.bytes() as usize).sum();
     if data.len() != raw {
-        return Err(TransportError::Invalid {
+        return Err(TransportError::Local(WireError::Invalid {
             field: "chunk data",
             detail: format!(
                 "{} bytes for non-zero runs of {raw} bytes (chunk {})",
                 data.len(),
                 chunk.seq
             ),
-        });
+        }));
     }
     let table = run_table(&frame_runs);
     let table_len = table.len();
@@ -180,10 +181,10 @@ pub fn encode_frame(
                 (b.len(), true)
             }
             Err(e) => {
-                return Err(TransportError::Invalid {
+                return Err(TransportError::Local(WireError::Invalid {
                     field: "compression",
                     detail: format!("{} failed on the run at {:#x}: {e}", enc.spec, r.gpa),
-                })
+                }))
             }
         };
         let word = u32::try_from(len).expect("a run is below 2 GiB")
@@ -306,13 +307,13 @@ pub(crate) fn land_segment<M: GuestMem>(
             out
         })
         .map_err(claim_error)?;
-    landed.map_err(|e| TransportError::Invalid {
+    landed.map_err(|e| TransportError::Wire(WireError::Invalid {
         field: "compressed payload",
         detail: format!(
             "chunk {seq}: the {codec} segment of the run at {:#x} ({} pages) does not decompress: {e}",
             run.gpa, run.pages
         ),
-    })
+    }))
 }
 
 /// Lands a whole compressed payload: checks it against the runs (see

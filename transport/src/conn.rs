@@ -21,6 +21,7 @@ use crate::proto::{
     Msg, RejectReason, Role, MAX_CONTROL_BODY, PREAUTH_BODY_LIMIT, PROTOCOL_MAX, PROTOCOL_MIN,
 };
 use crate::stream::Stream;
+use ferry_proto::WireError;
 
 /// Running SHA-256 hashes of every control frame sent and received on a
 /// connection, in order: what each side said, as the other heard it. The
@@ -478,10 +479,10 @@ async fn read_msg<R: tokio::io::AsyncRead + Unpin>(
             })
         }
         (None, true) => {
-            return Err(TransportError::Malformed {
+            return Err(TransportError::Wire(WireError::Malformed {
                 what: "control message",
                 detail: "a tagged frame before authentication".into(),
-            })
+            }))
         }
         _ => {}
     }
@@ -489,13 +490,13 @@ async fn read_msg<R: tokio::io::AsyncRead + Unpin>(
     read.read_exact(&mut rest)
         .await
         .map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => TransportError::Malformed {
+            std::io::ErrorKind::UnexpectedEof => TransportError::Wire(WireError::Malformed {
                 what: "control message",
                 detail: format!(
                     "truncated: header announced {} bytes, connection closed before them",
                     h.len
                 ),
-            },
+            }),
             _ => TransportError::io(what, "control", e),
         })?;
     let (body, tag) = rest.split_at(h.len as usize);

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use ferry_proto::{ErrorKind, WireError};
+
 /// Why a transport operation failed. Every variant names what went wrong and
 /// the value that was wrong, so an operator can act on the message alone.
 #[derive(Debug, thiserror::Error)]
@@ -30,16 +32,10 @@ pub enum TransportError {
         /// The timeout that expired.
         after: Duration,
     },
-    /// A frame did not start with the expected magic.
-    #[error("bad magic in {what}: expected {expected:?}, got {found:?}")]
-    BadMagic {
-        /// Which frame.
-        what: &'static str,
-        /// The magic we want.
-        expected: [u8; 4],
-        /// The bytes we got.
-        found: [u8; 4],
-    },
+    /// What the peer sent is malformed or not allowed: one of the wire
+    /// formats' errors ([`WireError`], with its message and kind).
+    #[error(transparent)]
+    Wire(#[from] WireError),
     /// The peer speaks no protocol version we speak.
     #[error("unsupported protocol version: peer speaks {peer_min}..={peer_max}, this host speaks {ours_min}..={ours_max}")]
     UnsupportedVersion {
@@ -55,52 +51,6 @@ pub enum TransportError {
     /// Mutual authentication failed.
     #[error("authentication failed: {0}")]
     AuthFailed(&'static str),
-    /// A length field is above its limit.
-    #[error("{field} is {len} bytes, above the limit of {limit}")]
-    TooLarge {
-        /// The field.
-        field: &'static str,
-        /// Its value.
-        len: u64,
-        /// The limit.
-        limit: u64,
-    },
-    /// A field has a value that cannot be right.
-    #[error("invalid {field}: {detail}")]
-    Invalid {
-        /// The field.
-        field: &'static str,
-        /// Why.
-        detail: String,
-    },
-    /// A page run lies outside the memory layout that was offered.
-    #[error("page run at guest address {gpa:#x} with {pages} pages lies outside the offered memory layout")]
-    OutsideLayout {
-        /// First guest physical address.
-        gpa: u64,
-        /// Page count.
-        pages: u64,
-    },
-    /// A payload's checksum does not match the one in its header.
-    #[error("CRC mismatch in {what} {seq}: header says {expected:#010x}, payload hashes to {computed:#010x}")]
-    CrcMismatch {
-        /// Which frame kind.
-        what: &'static str,
-        /// Its sequence number.
-        seq: u64,
-        /// CRC in the header.
-        expected: u32,
-        /// CRC of the bytes received.
-        computed: u32,
-    },
-    /// A control message could not be decoded.
-    #[error("malformed {what}: {detail}")]
-    Malformed {
-        /// Which message.
-        what: &'static str,
-        /// Decoder's reason.
-        detail: String,
-    },
     /// A message arrived that is not allowed at this point of the protocol.
     #[error("unexpected message: expected {expected}, got {got}")]
     Unexpected {
@@ -141,6 +91,21 @@ pub enum TransportError {
     /// failed, or a peer that ended the session; the message names why.
     #[error("encryption: {0}")]
     Tls(String),
+    /// A data channel (RDMA) failed, or none could be connected or ended
+    /// cleanly; the message names the channel and why.
+    #[error("{what}: {detail}")]
+    Channel {
+        /// Which channel or channels.
+        what: &'static str,
+        /// What failed.
+        detail: String,
+    },
+    /// A value of this host's own that cannot be used: a key, a chunk too
+    /// large to send, an encoder that failed, a landing claim, guest
+    /// memory. Checked by the wire formats' rules where they apply, so the
+    /// message reads as the peer's would; never the peer's fault.
+    #[error(transparent)]
+    Local(WireError),
 }
 
 impl TransportError {
@@ -165,44 +130,24 @@ impl TransportError {
     }
 }
 
-impl From<ferry_proto::WireError> for TransportError {
-    /// A wire format's error, as the transport reports it (the same
-    /// message).
-    fn from(e: ferry_proto::WireError) -> Self {
-        use ferry_proto::WireError as W;
-        match e {
-            W::BadMagic {
-                what,
-                expected,
-                found,
-            } => TransportError::BadMagic {
-                what,
-                expected,
-                found,
-            },
-            W::TooLarge { field, len, limit } => TransportError::TooLarge { field, len, limit },
-            W::Invalid { field, detail } | W::BadTag { field, detail } => {
-                TransportError::Invalid { field, detail }
-            }
-            W::OutsideLayout { gpa, pages } => TransportError::OutsideLayout { gpa, pages },
-            W::CrcMismatch {
-                what,
-                seq,
-                expected,
-                computed,
-            } => TransportError::CrcMismatch {
-                what,
-                seq,
-                expected,
-                computed,
-            },
-            W::Malformed { what, detail } => TransportError::Malformed { what, detail },
-            // `WireError` is non-exhaustive: a kind added later is still
-            // reported with its own message.
-            other => TransportError::Malformed {
-                what: "frame",
-                detail: other.to_string(),
-            },
+impl TransportError {
+    /// Which kind of error this is (see [`ErrorKind`]).
+    pub fn kind(&self) -> ErrorKind {
+        use TransportError as T;
+        match self {
+            T::Wire(w) => w.kind(),
+            T::Unexpected { .. } | T::Unauthenticated { .. } => ErrorKind::Misbehaved,
+            T::UnsupportedVersion { .. }
+            | T::AuthFailed(_)
+            | T::Rejected { .. }
+            | T::PeerAborted(_) => ErrorKind::Rejected,
+            T::Io { .. }
+            | T::PeerClosed { .. }
+            | T::Timeout { .. }
+            | T::NoChannelLeft { .. }
+            | T::Tls(_)
+            | T::Channel { .. } => ErrorKind::Connection,
+            T::Local(_) => ErrorKind::Local,
         }
     }
 }
@@ -225,10 +170,11 @@ impl From<ferry_proto::session::HandshakeError> for TransportError {
                 ours_max: PROTOCOL_MAX,
             },
             H::AuthFailed(why) => TransportError::AuthFailed(why),
-            other => TransportError::Malformed {
+            other => WireError::Malformed {
                 what: "handshake",
                 detail: other.to_string(),
-            },
+            }
+            .into(),
         }
     }
 }

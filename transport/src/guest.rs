@@ -12,6 +12,7 @@ use crate::error::{Result, TransportError};
 use crate::layout::{PageRun, PAGE_SIZE};
 use ferry_proto::evidence::PageHash;
 use ferry_proto::Ledger;
+use ferry_proto::WireError;
 
 /// Guest memory the transport can read from or land pages in.
 pub trait GuestMem: GuestMemoryBackend + Send + Sync + 'static {}
@@ -29,9 +30,11 @@ pub fn run_slices<'m, M: GuestMem>(
                 GuestAddress(r.gpa),
                 usize::try_from(r.bytes()).unwrap_or(usize::MAX),
             )
-            .map_err(|_| TransportError::OutsideLayout {
-                gpa: r.gpa,
-                pages: r.pages.into(),
+            .map_err(|_| {
+                TransportError::Wire(WireError::OutsideLayout {
+                    gpa: r.gpa,
+                    pages: r.pages.into(),
+                })
             })
         })
         .collect()
@@ -59,9 +62,11 @@ pub fn zero_run<M: GuestMem>(mem: &M, run: &PageRun) -> Result<()> {
     while left > 0 {
         let n = left.min(ZEROS.len() as u64);
         mem.write_slice(&ZEROS[..n as usize], GuestAddress(gpa))
-            .map_err(|_| TransportError::OutsideLayout {
-                gpa: run.gpa,
-                pages: run.pages.into(),
+            .map_err(|_| {
+                TransportError::Wire(WireError::OutsideLayout {
+                    gpa: run.gpa,
+                    pages: run.pages.into(),
+                })
             })?;
         left -= n;
         gpa += n;
@@ -140,9 +145,11 @@ pub(crate) fn run_slice<'m, M: GuestMem>(
         GuestAddress(r.gpa),
         usize::try_from(r.bytes()).unwrap_or(usize::MAX),
     )
-    .map_err(|_| TransportError::OutsideLayout {
-        gpa: r.gpa,
-        pages: r.pages.into(),
+    .map_err(|_| {
+        TransportError::Wire(WireError::OutsideLayout {
+            gpa: r.gpa,
+            pages: r.pages.into(),
+        })
     })
 }
 
@@ -162,10 +169,10 @@ pub(crate) fn land_zero_run<M: GuestMem>(
 }
 
 pub(crate) fn claim_error(e: vio::NotClaimed) -> TransportError {
-    TransportError::Invalid {
+    TransportError::Local(WireError::Invalid {
         field: "landing claim",
         detail: e.to_string(),
-    }
+    })
 }
 
 /// Hashes (from destination memory, under the claim) and records the pages
@@ -186,7 +193,7 @@ pub(crate) fn hash_landed<M: GuestMem>(
             let gpa = r.gpa + (from - base);
             let page = mem
                 .get_slice(GuestAddress(gpa), PAGE_SIZE as usize)
-                .map_err(|_| TransportError::OutsideLayout { gpa, pages: 1 })?;
+                .map_err(|_| TransportError::Wire(WireError::OutsideLayout { gpa, pages: 1 }))?;
             claim
                 .with_bytes(&page, |b| tally.page(gpa, b))
                 .map_err(claim_error)?;

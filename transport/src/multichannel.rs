@@ -44,6 +44,7 @@ use crate::layout::PageRun;
 use crate::tcp::{GuestMem, TcpSender};
 use crate::wire;
 use crate::{Caps, ChannelState, ChannelStats, Chunk, Flushed, Transport};
+use ferry_proto::WireError;
 
 pub use ferry_proto::net::{
     pair_interfaces, plan_channels, routable, ChannelCount, Cidr, NetInterface, Pair, MAX_CHANNELS,
@@ -316,11 +317,11 @@ impl Transport for Multichannel {
         // for reasons of its own.
         let payload = chunk.payload_bytes();
         if payload > u64::from(self.max_chunk) || chunk.runs.len() > wire::MAX_RUNS as usize {
-            return Err(TransportError::TooLarge {
+            return Err(TransportError::Local(WireError::TooLarge {
                 field: "chunk",
                 len: payload,
                 limit: self.max_chunk.into(),
-            });
+            }));
         }
         let mut chunk = Some(chunk);
         self.wait_until(|st| {

@@ -78,6 +78,7 @@ use crate::tcp::{claim_runs, land_zero_run, Inbound, RecvCounters, Tally};
 use crate::wire::{self, AckFrame, AckStatus, ChunkHeader, ChunkKind, HEADER_LEN, MAX_RUNS};
 use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
 use ferry_proto::MacKey;
+use ferry_proto::WireError;
 
 /// Largest descriptor: chunk header and a full run table.
 pub const DESC_BYTES: usize = HEADER_LEN + MAX_RUNS as usize * 16;
@@ -220,10 +221,10 @@ fn regions_in_layout_order<B: Bitmap + Send + Sync + 'static>(
             all.iter_mut()
                 .find(|g| g.as_ref().is_some_and(|g| g.gpa() == r.gpa))
                 .and_then(Option::take)
-                .ok_or(TransportError::Invalid {
+                .ok_or(TransportError::Local(WireError::Invalid {
                     field: "memory layout",
                     detail: format!("no guest region at {:#x}", r.gpa),
-                })
+                }))
         })
         .collect()
 }
@@ -600,8 +601,8 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaChannelSender<B> {
             ));
         }
         if pairs.is_empty() {
-            return Err(TransportError::Invalid {
-                field: "RDMA channels",
+            return Err(TransportError::Channel {
+                what: "RDMA channels",
                 detail: format!("none could be connected: {}", failures.join("; ")),
             });
         }
@@ -614,8 +615,8 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaChannelSender<B> {
     }
 
     fn failed(&self, e: String) -> TransportError {
-        TransportError::Invalid {
-            field: "RDMA channel",
+        TransportError::Channel {
+            what: "RDMA channel",
             detail: format!("{}: {e}", self.pair.name),
         }
     }
@@ -641,11 +642,11 @@ impl<B: Bitmap + Send + Sync + 'static> Transport for RdmaChannelSender<B> {
         if chunk.runs.len() > MAX_RUNS as usize
             || chunk.payload_bytes() > u64::from(wire::MAX_CHUNK_PAYLOAD)
         {
-            return Err(TransportError::TooLarge {
+            return Err(TransportError::Local(WireError::TooLarge {
                 field: "chunk",
                 len: chunk.payload_bytes(),
                 limit: wire::MAX_CHUNK_PAYLOAD.into(),
-            });
+            }));
         }
         for r in &chunk.runs {
             self.layout.check_run(r.gpa, r.pages.into())?;
@@ -916,10 +917,10 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaReceiver<B> {
                 let r = m.remote_region();
                 if r.addr != 0 {
                     // Never tell a host address.
-                    return Err(TransportError::Invalid {
+                    return Err(TransportError::Local(WireError::Invalid {
                         field: "RDMA registration",
                         detail: format!("{device}: a remote-write region is not zero-based"),
-                    });
+                    }));
                 }
                 regions.push(RdmaRegionKey {
                     len: r.len,
@@ -1048,8 +1049,8 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaReceiver<B> {
         // Dropping the rest closes their queue pairs: nothing more lands.
         drop(chans);
         if ended == 0 {
-            return Err(TransportError::Invalid {
-                field: "RDMA channels",
+            return Err(TransportError::Channel {
+                what: "RDMA channels",
                 detail: format!(
                     "no channel ended cleanly ({} failed; last: {last_failure})",
                     failed.count_ones()
@@ -1170,9 +1171,11 @@ async fn receive_channel<B: Bitmap + Send + Sync + 'static>(
             descs
                 .as_volatile_slice()
                 .read_slice(&mut buf[..len], slot * DESC_BYTES)
-                .map_err(|e| TransportError::Malformed {
-                    what: "RDMA descriptor",
-                    detail: e.to_string(),
+                .map_err(|e| {
+                    TransportError::Local(WireError::Malformed {
+                        what: "RDMA descriptor",
+                        detail: e.to_string(),
+                    })
                 })?;
             let (seq, status, mask) = land_descriptor(&buf[..len], &inbound, &*mem, &counters)?;
             if let Some(m) = mask {
@@ -1180,17 +1183,19 @@ async fn receive_channel<B: Bitmap + Send + Sync + 'static>(
             }
             let ack_seq = if mask.is_some() { END_ACK } else { seq };
             let Some(a) = free_acks.pop() else {
-                return Err(TransportError::Invalid {
+                return Err(TransportError::Wire(WireError::Invalid {
                     field: "RDMA descriptors",
                     detail: "more descriptors in flight than the source may have".into(),
-                });
+                }));
             };
             let frame = AckFrame::new(&inbound.frame, ack_seq, status);
             acks.as_volatile_slice()
                 .write_slice(frame.as_bytes(), a * ACK_BYTES)
-                .map_err(|e| TransportError::Malformed {
-                    what: "RDMA ack",
-                    detail: e.to_string(),
+                .map_err(|e| {
+                    TransportError::Local(WireError::Malformed {
+                        what: "RDMA ack",
+                        detail: e.to_string(),
+                    })
                 })?;
             let seg = Segment::new(&acks, a * ACK_BYTES, ACK_BYTES).map_err(setup)?;
             // Receive again before acking, so the source's next descriptor
@@ -1227,28 +1232,28 @@ fn land_descriptor<B: Bitmap + Send + Sync + 'static>(
     let table_len = h.run_count.get() as usize * 16;
     let table = bytes
         .get(HEADER_LEN..HEADER_LEN + table_len)
-        .ok_or(TransportError::Malformed {
+        .ok_or(TransportError::Wire(WireError::Malformed {
             what: "RDMA descriptor",
             detail: format!("{} bytes for {} runs", bytes.len(), h.run_count.get()),
-        })?;
+        }))?;
     h.verify(&inbound.frame, table)?;
     if kind == ChunkKind::End {
         return Ok((END_ACK, AckStatus::Landed, Some(h.seq.get())));
     }
     if h.flags.get() != 0 {
-        return Err(TransportError::Invalid {
+        return Err(TransportError::Wire(WireError::Invalid {
             field: "RDMA descriptor flags",
             detail: format!("{:#x} (RDMA chunks are never compressed)", h.flags.get()),
-        });
+        }));
     }
     let (seq, round) = (h.seq.get(), h.round.get());
     let (runs, data) = wire::decode_runs(table, &inbound.layout)?;
     inbound.admit_round(seq, round)?;
     if data != u64::from(h.payload_len.get()) {
-        return Err(TransportError::Invalid {
+        return Err(TransportError::Wire(WireError::Invalid {
             field: "RDMA descriptor payload length",
             detail: format!("{} bytes, the runs cover {data}", h.payload_len.get()),
-        });
+        }));
     }
     counters
         .bytes_on_wire
@@ -1273,7 +1278,9 @@ fn land_descriptor<B: Bitmap + Send + Sync + 'static>(
                 let gpa = r.gpa + p * PAGE_SIZE;
                 let s = mem
                     .get_slice(vm_memory::GuestAddress(gpa), PAGE_SIZE as usize)
-                    .map_err(|_| TransportError::OutsideLayout { gpa, pages: 1 })?;
+                    .map_err(|_| {
+                        TransportError::Wire(WireError::OutsideLayout { gpa, pages: 1 })
+                    })?;
                 ferry_ffi::vio::copy_out(&s, &mut page);
                 tally.page(gpa, &page);
             }

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Result, TransportError};
+use ferry_proto::WireError;
 
 /// Bytes a migration may set aside, for all migrations together.
 #[derive(Debug)]
@@ -94,16 +95,16 @@ impl Reservation {
     /// Books `bytes` more.
     ///
     /// # Errors
-    /// [`TransportError::TooLarge`] naming `what` and the limit when the
+    /// [`TransportError::Wire`] (`WireError::TooLarge`) naming `what` and the limit when the
     /// pool cannot take them.
     pub fn grow(&self, bytes: u64, what: &'static str) -> Result<()> {
-        self.pool
-            .take(bytes)
-            .map_err(|f| TransportError::TooLarge {
+        self.pool.take(bytes).map_err(|f| {
+            TransportError::Wire(WireError::TooLarge {
                 field: what,
                 len: f.used.saturating_add(f.bytes),
                 limit: f.limit,
-            })?;
+            })
+        })?;
         self.held.fetch_add(bytes, Ordering::Relaxed);
         Ok(())
     }

@@ -43,6 +43,7 @@ use crate::codec::{land_segment, Decoder};
 use crate::error::{Result, TransportError};
 use crate::guest::hash_landed;
 pub use crate::guest::{copy_runs, run_slices, zero_run, GuestMem};
+use ferry_proto::WireError;
 // The RDMA receiver lands through the same claims and tally.
 pub(crate) use crate::guest::{claim_runs, land_zero_run, Tally};
 use crate::layout::PAGE_SIZE;
@@ -193,13 +194,12 @@ impl<M: GuestMem> TcpSender<M> {
 
     fn apply_ack(&mut self, ack: Result<(u64, AckStatus)>) -> Result<()> {
         let (seq, status) = ack?;
-        let (runs, bytes) = self
-            .in_flight
-            .remove(&seq)
-            .ok_or_else(|| TransportError::Invalid {
+        let (runs, bytes) = self.in_flight.remove(&seq).ok_or_else(|| {
+            TransportError::Wire(WireError::Invalid {
                 field: "ack sequence number",
                 detail: format!("{seq} is not in flight"),
-            })?;
+            })
+        })?;
         self.in_flight_bytes -= bytes;
         self.stats.chunks += 1;
         if status != AckStatus::Landed {
@@ -403,11 +403,11 @@ impl<M: GuestMem> Transport for TcpSender<M> {
         if payload > u64::from(wire::MAX_CHUNK_PAYLOAD)
             || chunk.runs.len() > wire::MAX_RUNS as usize
         {
-            return Err(TransportError::TooLarge {
+            return Err(TransportError::Local(WireError::TooLarge {
                 field: "chunk",
                 len: payload,
                 limit: wire::MAX_CHUNK_PAYLOAD.into(),
-            });
+            }));
         }
         self.reserve(payload).await?;
         let table = wire::run_table(&chunk.runs);
@@ -539,14 +539,14 @@ impl Inbound {
 
     /// Admits a frame of `round` through the shared gate.
     pub fn admit_round(&self, seq: u64, round: u32) -> Result<()> {
-        self.rounds
-            .admit(round)
-            .map_err(|newest| TransportError::Invalid {
+        self.rounds.admit(round).map_err(|newest| {
+            TransportError::Wire(WireError::Invalid {
                 field: "chunk round",
                 detail: format!(
                 "chunk {seq} is from round {round}, after round {newest} began: stale copy refused"
             ),
             })
+        })
     }
 
     /// Whether `sum` (the landed pages' contributions) matches the payload tag.
@@ -702,13 +702,13 @@ async fn read_pages<R: AsyncRead + Unpin, M: GuestMem>(
                 // ledger describes destination memory whatever happens.
                 let partial = (landed + done as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
                 hash_landed(claim, mem, &data, hashed, partial, tally)?;
-                return Err(TransportError::Malformed {
+                return Err(TransportError::Wire(WireError::Malformed {
                     what: "chunk frame",
                     detail: format!(
                         "truncated: connection closed after {} of {total} payload bytes",
                         landed + done as u64
                     ),
-                });
+                }));
             }
             done += n;
             let whole = (landed + done as u64) / PAGE_SIZE * PAGE_SIZE;
@@ -746,12 +746,12 @@ async fn read_payload<M: GuestMem>(
             Ok(0) => {
                 let partial = (done as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
                 hash_landed(claim, mem, &data, hashed, partial, tally)?;
-                return Err(TransportError::Malformed {
+                return Err(TransportError::Wire(WireError::Malformed {
                     what: "chunk frame",
                     detail: format!(
                         "truncated: connection closed after {done} of {total} payload bytes"
                     ),
-                });
+                }));
             }
             Ok(n) => {
                 done += n;
@@ -789,12 +789,12 @@ async fn read_into<R: AsyncRead + Unpin>(
             .await
             .map_err(|e| TransportError::io("reading a chunk frame", "data channel", e))?;
         if n == 0 {
-            return Err(TransportError::Malformed {
+            return Err(TransportError::Wire(WireError::Malformed {
                 what: "chunk frame",
                 detail: format!(
                     "truncated inside {what}: connection closed after {have} of {need} bytes"
                 ),
-            });
+            }));
         }
         have += n;
     }
@@ -812,12 +812,12 @@ async fn drain<R: AsyncRead + Unpin>(r: &mut R, scratch: &mut RecvBuf, need: usi
             .await
             .map_err(|e| TransportError::io("reading a chunk payload", "data channel", e))?;
         if n == 0 {
-            return Err(TransportError::Malformed {
+            return Err(TransportError::Wire(WireError::Malformed {
                 what: "chunk frame",
                 detail: format!(
                     "truncated: connection closed {left} bytes before the end of a payload"
                 ),
-            });
+            }));
         }
         left -= n;
     }
@@ -856,12 +856,12 @@ async fn land_streamed<M: GuestMem>(
         Ok(p) if p <= payload_len => p,
         Ok(p) => {
             drain(stream, &mut bufs.scratch, payload_len - head).await?;
-            return Ok(Err(TransportError::Malformed {
+            return Ok(Err(TransportError::Wire(WireError::Malformed {
                 what: "compressed payload",
                 detail: format!(
                     "chunk {seq}: a {p}-byte segment table in a {payload_len}-byte payload"
                 ),
-            }));
+            })));
         }
         Err(e) => {
             drain(stream, &mut bufs.scratch, payload_len - head).await?;
@@ -1065,27 +1065,27 @@ async fn receive_frame<M: GuestMem>(
         match inbound.codec {
             Some(c) => Some(c),
             None => {
-                return Err(TransportError::Invalid {
+                return Err(TransportError::Wire(WireError::Invalid {
                     field: "chunk flags",
                     detail: "compressed chunk on a channel negotiated without compression".into(),
-                })
+                }))
             }
         }
     } else {
         None
     };
     if codec.is_none() && data_bytes != payload_len {
-        return Err(TransportError::Invalid {
+        return Err(TransportError::Wire(WireError::Invalid {
             field: "chunk payload length",
             detail: format!("chunk {seq} says {payload_len} bytes but its runs hold {data_bytes}"),
-        });
+        }));
     }
     if codec.is_some() && data_bytes > u64::from(wire::MAX_CHUNK_PAYLOAD) {
-        return Err(TransportError::TooLarge {
+        return Err(TransportError::Wire(WireError::TooLarge {
             field: "uncompressed chunk",
             len: data_bytes,
             limit: wire::MAX_CHUNK_PAYLOAD.into(),
-        });
+        }));
     }
     counters.bytes_on_wire.fetch_add(
         (wire::HEADER_LEN + table_len) as u64 + payload_len,
