@@ -143,6 +143,74 @@ pub struct ListenArgs {
     /// data channel, memory held, last downtime.
     #[arg(help_heading = OUTPUT, long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
+    /// Where `ferry relay` sources may have their hypervisor's connections
+    /// delivered (repeatable; default 127.0.0.0/8 and ::1/128, this host's
+    /// own hypervisor only). A --deliver-to outside is refused before any
+    /// connection is made.
+    #[arg(help_heading = ADMISSION, long = "relay-allow", value_name = "CIDR")]
+    pub relay_allow: Vec<Cidr>,
+}
+
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    /// Where the hypervisor connects (QEMU: `migrate tcp:127.0.0.1:PORT`);
+    /// loopback only. Port 0 picks one (printed when ready).
+    #[arg(help_heading = CONNECTION, long, value_name = "127.0.0.1:PORT")]
+    pub listen: SocketAddr,
+    /// Destination `ferry listen` HOST[:PORT] (port 6600 when omitted).
+    #[arg(help_heading = CONNECTION, long, value_name = "HOST[:PORT]")]
+    pub to: String,
+    /// Where the destination connects the streams, as the destination sees
+    /// it (QEMU: its `-incoming tcp:HOST:PORT`); must be inside the
+    /// destination's --relay-allow (loopback by default).
+    #[arg(help_heading = CONNECTION, long, value_name = "HOST:PORT")]
+    pub deliver_to: String,
+    /// How long to wait for the peer before giving up.
+    #[arg(help_heading = CONNECTION, long, default_value = "30s", value_parser = units::parse_duration, value_name = "DURATION")]
+    pub peer_timeout: Duration,
+    /// Transport: compression (per chunk, only where it pays; the default)
+    /// or tcp. (rdma does not carry streams; auto means compression.)
+    #[arg(help_heading = TRANSPORT, long, value_enum, default_value_t = OptionArg::Compression)]
+    pub performance_option: OptionArg,
+    /// Codec of the compression option: lz4, zstd or zstd:LEVEL (1-19).
+    #[arg(help_heading = TRANSPORT, long, default_value = "lz4")]
+    pub compression: CompressionSpec,
+    /// Data channels: auto (one per pair of interfaces on a shared subnet)
+    /// or a count (spread over the pairs).
+    #[arg(help_heading = TRANSPORT, long, default_value = "auto")]
+    pub channels: ChannelCount,
+    /// Use only this local address for data channels (repeatable).
+    #[arg(help_heading = TRANSPORT, long, value_name = "ADDR")]
+    pub nic: Vec<IpAddr>,
+    /// A data channel with chunks unacknowledged for this long fails over.
+    #[arg(help_heading = TRANSPORT, long, default_value = "10s", value_parser = units::parse_duration, value_name = "DURATION")]
+    pub channel_timeout: Duration,
+    /// Cap on the wire bytes of all data channels together, e.g. 115MB/s.
+    #[arg(help_heading = TRANSPORT, long, value_parser = units::parse_rate, value_name = "RATE")]
+    pub bandwidth_limit: Option<u64>,
+    /// Bytes each stream direction may have in flight beyond what the
+    /// destination's hypervisor read (end-to-end back-pressure).
+    #[arg(help_heading = TRANSPORT, long, default_value = "8MiB", value_parser = units::parse_size, value_name = "SIZE")]
+    pub window: u64,
+    /// Most hypervisor connections (QEMU: 1 + multifd channels).
+    #[arg(help_heading = TRANSPORT, long, default_value_t = ferry_migration::relay::DEFAULT_MAX_STREAMS)]
+    pub max_streams: u32,
+    /// File holding the pre-shared key (the same as the destination's).
+    #[arg(help_heading = SECURITY, long, value_name = "FILE")]
+    pub auth_key_file: PathBuf,
+    /// Do not encrypt the data channels and control connection (only on a
+    /// trusted, isolated migration network; the destination must allow it).
+    #[arg(help_heading = SECURITY, long)]
+    pub plaintext: bool,
+    /// TLS identity directory (as for send).
+    #[arg(help_heading = SECURITY, long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Write a JSON record of the relay here (streams, channels, outcome).
+    #[arg(help_heading = OUTPUT, long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write events as JSON lines (ready, outcome) to FILE, or `-` for stdout.
+    #[arg(help_heading = OUTPUT, long, value_name = "FILE|-")]
+    pub events: Option<String>,
 }
 
 #[derive(Debug, Args)]

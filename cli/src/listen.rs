@@ -42,6 +42,9 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
         anyhow::bail!("--handshake-timeout must be above zero");
     }
     let dest = Destination::new(opts, resume_hook());
+    if !a.relay_allow.is_empty() {
+        dest.set_relay_allow(a.relay_allow.clone());
+    }
     tracing::info!(
         "at most {} connections authenticating at once, {} per source address, {} each (descriptor limit {})",
         dest.unauthenticated_cap(),

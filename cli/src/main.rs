@@ -3,6 +3,7 @@
 //! * `ferry listen`: destination daemon.
 //! * `ferry send`: source, with a built-in synthetic guest.
 //! * `ferry demo`: both ends in one process over loopback.
+//! * `ferry relay`: a hypervisor's own migration over Ferry's transport.
 //! * `ferry nics`: this host's interfaces as multichannel sees them.
 //! * `ferry gen-key`: a new pre-shared key file for `--auth-key-file`.
 //! * `ferry gen-certs`: a test CA and host certificates for `--tls-dir`.
@@ -16,7 +17,9 @@
 
 use std::sync::Arc;
 
-use args::{DemoArgs, GenCertsArgs, GenKeyArgs, ListenArgs, NicsArgs, ReportArgs, SendArgs};
+use args::{
+    DemoArgs, GenCertsArgs, GenKeyArgs, ListenArgs, NicsArgs, RelayArgs, ReportArgs, SendArgs,
+};
 use clap::{Parser, Subcommand};
 use ferry_migration::dest::{GuestSupport, ResumeHook};
 use ferry_migration::guest::{verify_pages, SyntheticState, SYNTHETIC_FORMAT};
@@ -30,6 +33,7 @@ mod help;
 mod listen;
 mod logging;
 mod progress;
+mod relay;
 mod send;
 mod session;
 mod signals;
@@ -64,6 +68,11 @@ enum Cmd {
     /// Both ends in one process over loopback (1 GiB guest dirtying 64 MB/s unless told otherwise).
     #[command(after_help = help::DEMO_EXAMPLES)]
     Demo(DemoArgs),
+    /// Carry a hypervisor's own migration (QEMU: `migrate
+    /// tcp:127.0.0.1:PORT`) over Ferry's data channels: every NIC pair,
+    /// compression, TLS, failover; the destination's `ferry listen` opens
+    /// the same connections to --deliver-to.
+    Relay(RelayArgs),
     /// List this host's interfaces as multichannel sees them: address,
     /// prefix, link speed, RDMA device, and whether they can carry a migration.
     #[command(after_help = help::NICS_EXAMPLES)]
@@ -100,6 +109,7 @@ fn main() {
             Cmd::Listen(a) => listen::listen(a).await,
             Cmd::Send(a) => send::send(a, quiet).await,
             Cmd::Demo(a) => send::demo(a, quiet).await,
+            Cmd::Relay(a) => relay::relay(a).await,
             Cmd::Nics(a) => tools::list_nics(&a),
             Cmd::Report(a) => tools::report(&a),
             Cmd::GenCerts(a) => tools::gen_certs(&a),

@@ -43,6 +43,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
+pub use ferry_proto::relay::{DEFAULT_MAX_STREAMS, DEFAULT_WINDOW, MAX_STREAM_CHUNK};
+
 /// Why a relay failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayFailure {

@@ -36,9 +36,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_128_with_secret;
 
-use crate::keys::PageKey;
+use crate::keys::{PageKey, SECRET_LEN};
+
+// XXH3 needs a secret of at least 136 bytes: `xxh3_128` cannot fail.
+const _: () = assert!(SECRET_LEN >= 136);
+
+/// XXH3-128 of `bytes` under `secret`.
+///
+/// twox-hash picks the widest vector unit the CPU has at run time (AVX2,
+/// else SSE2 on x86-64; NEON on aarch64; scalar elsewhere) while the build
+/// targets baseline x86-64: a page hashes about twice as fast with AVX2 as
+/// with the SSE2 loop a baseline build compiles in (docs/performance.md).
+/// XXH3's output is defined bit for bit whatever the vector width, so every
+/// CPU computes the same hashes: the two sides of a migration may run on
+/// different CPUs, and the tests check the values against the reference
+/// implementation (xxhash-rust, which earlier versions used).
+fn xxh3_128(bytes: &[u8], secret: &[u8; SECRET_LEN]) -> u128 {
+    twox_hash::XxHash3_128::oneshot_with_secret(secret, bytes)
+        .expect("a 192-byte secret is longer than XXH3's minimum")
+}
 
 /// Bytes in a page.
 pub const PAGE: usize = 4096;
@@ -67,7 +84,7 @@ impl PageKey {
     /// one unit). Never [`PageHash::ZERO`]: that value is reserved for zero
     /// pages, which callers detect with [`is_zero`] and do not hash.
     pub fn hash(&self, bytes: &[u8]) -> PageHash {
-        match xxh3_128_with_secret(bytes, &self.page) {
+        match xxh3_128(bytes, &self.page) {
             0 => PageHash(1),
             h => PageHash(h),
         }
@@ -90,7 +107,7 @@ impl PageKey {
         let mut input = [0u8; 24];
         input[..8].copy_from_slice(&gpa.to_le_bytes());
         input[8..].copy_from_slice(&h.0.to_le_bytes());
-        xxh3_128_with_secret(&input, &self.mix)
+        xxh3_128(&input, &self.mix)
     }
 }
 
@@ -328,6 +345,55 @@ mod tests {
         let mut p = vec![fill; PAGE];
         p[17] = fill.wrapping_add(1);
         p
+    }
+
+    #[test]
+    fn page_hashes_equal_the_reference_xxh3_whatever_the_vector_unit() {
+        // The runtime-dispatched hash (AVX2 here when the CPU has it) must
+        // give what the reference implementation gives on every length a
+        // hash sees (pages, contribution inputs, odd tails), or two hosts
+        // with different CPUs would disagree about the same memory.
+        let secret: [u8; SECRET_LEN] = std::array::from_fn(|i| (i * 7 + 3) as u8);
+        let mut bytes = vec![0u8; 3 * PAGE + 7];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for b in bytes.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        for len in [
+            0,
+            1,
+            16,
+            24,
+            128,
+            129,
+            240,
+            241,
+            1024,
+            4095,
+            PAGE,
+            PAGE + 1,
+            2 * PAGE,
+            3 * PAGE + 7,
+        ] {
+            for off in [0, 1] {
+                let input = &bytes[off..off + len.min(bytes.len() - off)];
+                assert_eq!(
+                    xxh3_128(input, &secret),
+                    xxhash_rust::xxh3::xxh3_128_with_secret(input, &secret),
+                    "length {} at offset {off}",
+                    input.len()
+                );
+            }
+        }
+        // And one known answer (xxhash-rust 0.8.19's), so that both cannot
+        // drift together.
+        assert_eq!(
+            key().hash(&page(0x5a)).0,
+            0x370abc70284c84b5bbeb36f7a145f946
+        );
     }
 
     /// Lands `(gpa, bytes)` in order on a fresh ledger and returns its evidence.

@@ -602,3 +602,133 @@ fn the_source_relay_gone_resets_the_destination_hypervisors_connections() {
     );
     drop(c);
 }
+
+// The `ferry relay` command against a `ferry listen` process.
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn relay_proc(
+    key: &std::path::Path,
+    to: SocketAddr,
+    deliver: &str,
+    extra: &[&str],
+) -> ferry_tests::Proc {
+    let to = to.to_string();
+    let mut args = vec![
+        "relay",
+        "--listen",
+        "127.0.0.1:0",
+        "--to",
+        &to,
+        "--deliver-to",
+        deliver,
+        "--auth-key-file",
+        key.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    ferry_tests::Proc::start(&args)
+}
+
+/// The address the relay printed as ready.
+fn ready_addr(p: &ferry_tests::Proc) -> SocketAddr {
+    let text = p.wait_for_output("relay: ready, migrate to tcp:", LONG);
+    let rest = text.split("migrate to tcp:").nth(1).unwrap();
+    rest.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn relay_cli_carries_streams_and_exits_zero_with_a_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ferry_tests::key_file(dir.path(), "key", KEY);
+    let (dest, addr) = ferry_tests::listen(&key, &[]);
+    let e = echo(None, Arc::default());
+    let json = dir.path().join("relay.json");
+    let p = relay_proc(
+        &key,
+        addr,
+        &e.addr.to_string(),
+        &["--channels", "3", "--json", json.to_str().unwrap()],
+    );
+    let listen = ready_addr(&p);
+    let len = 4 << 20;
+    let results = join((0..3).map(|id| client(listen, id, len)).collect());
+    for (id, r) in results.into_iter().enumerate() {
+        assert!(r.unwrap() == expected(id as u32, len), "stream {id}");
+    }
+    let out = p.wait(LONG);
+    assert!(out.status.success(), "{}", out.all());
+    assert!(
+        out.stdout
+            .contains("relay: done: 3 streams delivered and checked"),
+        "{}",
+        out.all()
+    );
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(rec["outcome"], "delivered");
+    assert_eq!(rec["report"]["streams"].as_array().unwrap().len(), 3);
+    assert_eq!(rec["report"]["channels"].as_array().unwrap().len(), 3);
+    assert!(
+        rec["report"]["encrypted"].as_bool().unwrap(),
+        "TLS by default"
+    );
+    let d = dest.wait(LONG);
+    assert!(d.status.success(), "listen --once: {}", d.all());
+    assert!(!d.panicked());
+}
+
+#[test]
+fn relay_cli_refuses_a_deliver_to_outside_relay_allow_before_any_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ferry_tests::key_file(dir.path(), "key", KEY);
+    let (dest, addr) = ferry_tests::listen(&key, &["--relay-allow", "10.99.0.0/16"]);
+    let e = echo(None, Arc::default());
+    let p = relay_proc(&key, addr, &e.addr.to_string(), &[]);
+    let out = p.wait(LONG);
+    assert_eq!(out.status.code(), Some(1), "{}", out.all());
+    assert!(
+        out.stderr.contains("relay destination not allowed")
+            && out.stderr.contains(&e.addr.to_string())
+            && out.stderr.contains("--relay-allow 10.99.0.0/16"),
+        "{}",
+        out.all()
+    );
+    assert!(!out.stdout.contains("ready"), "never ready: {}", out.all());
+    assert_eq!(
+        e.accepted.load(Ordering::SeqCst),
+        0,
+        "nothing connected to the hypervisor"
+    );
+    let d = dest.wait(LONG);
+    assert!(!d.panicked(), "{}", d.all());
+}
+
+#[test]
+fn relay_cli_destination_killed_resets_the_source_hypervisor_and_exits_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ferry_tests::key_file(dir.path(), "key", KEY);
+    let (dest, addr) = ferry_tests::daemon(&key, &[]);
+    let read = Arc::new(AtomicU64::new(0));
+    let e = echo(None, read.clone());
+    let p = relay_proc(
+        &key,
+        addr,
+        &e.addr.to_string(),
+        &["--performance-option", "tcp"],
+    );
+    let listen = ready_addr(&p);
+    let c = client(listen, 0, 1 << 30);
+    while read.load(Ordering::SeqCst) < 1 << 20 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    ferry_tests::sigkill(dest.pid());
+    let out = p.wait(LONG);
+    assert_eq!(out.status.code(), Some(1), "{}", out.all());
+    assert!(out.stderr.contains("relay failed"), "{}", out.all());
+    assert!(!out.panicked(), "{}", out.all());
+    assert!(
+        reset_seen(c),
+        "the source hypervisor sees a reset: {}",
+        out.all()
+    );
+    let _ = dest.wait(Duration::from_secs(5));
+}
