@@ -688,7 +688,6 @@ impl<M: GuestMem> Transport for CompressSender<M> {
         Caps {
             max_chunk: MAX_CHUNK_PAYLOAD,
             zero_copy: false,
-            channels: 1,
         }
     }
 

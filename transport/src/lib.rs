@@ -178,8 +178,6 @@ pub struct Caps {
     pub max_chunk: u32,
     /// Page data goes from guest memory to the wire without a staging copy.
     pub zero_copy: bool,
-    /// Number of data channels.
-    pub channels: u16,
 }
 
 /// Result of [`Transport::flush`].

@@ -308,7 +308,6 @@ impl Transport for Multichannel {
         Caps {
             max_chunk: self.max_chunk,
             zero_copy: self.zero_copy,
-            channels: self.tasks.len() as u16,
         }
     }
 
@@ -834,7 +833,6 @@ mod tests {
             "{stats:?}"
         );
         assert!(r.tx.lost_channels().is_empty());
-        assert_eq!(r.tx.capabilities().channels, 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -631,7 +631,6 @@ impl<B: Bitmap + Send + Sync + 'static> Transport for RdmaChannelSender<B> {
         Caps {
             max_chunk: wire::MAX_CHUNK_PAYLOAD,
             zero_copy: true,
-            channels: 1,
         }
     }
 

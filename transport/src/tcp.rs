@@ -395,7 +395,6 @@ impl<M: GuestMem> Transport for TcpSender<M> {
         Caps {
             max_chunk: wire::MAX_CHUNK_PAYLOAD,
             zero_copy: matches!(self.write, Wire::Plain(_)),
-            channels: 1,
         }
     }
 
