@@ -63,7 +63,6 @@ use ferry_transport::stream::Stream;
 use ferry_transport::tcp::{receive_channel, Inbound, RecvCounters};
 use ferry_transport::tls::{TlsConfig, TLS_HANDSHAKE_BYTE};
 use ferry_transport::wire::Codec;
-use ferry_transport::wire::MAX_CHUNK_PAYLOAD;
 use ferry_transport::{MemoryLayout, TransportError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
@@ -979,7 +978,6 @@ impl Destination {
         let accepted = conn
             .send(&Msg::Accept(Accept {
                 migration_id,
-                max_chunk: MAX_CHUNK_PAYLOAD,
                 interfaces,
             }))
             .await;
@@ -1124,7 +1122,6 @@ impl Destination {
         let result = match conn
             .send(&Msg::Accept(Accept {
                 migration_id,
-                max_chunk: offer.chunk,
                 interfaces,
             }))
             .await

@@ -32,12 +32,15 @@ use crate::net::NetInterface;
 pub const DEFAULT_PORT: u16 = 6600;
 /// Magic of a control frame.
 pub const CONTROL_MAGIC: [u8; 4] = *b"FRYM";
-/// Lowest protocol version this build speaks (2: the source proves itself
-/// first, proofs bound to the transcript and the TLS session, tagged
-/// control messages, data channels admitted by proof).
-pub const PROTOCOL_MIN: u16 = 2;
+/// Lowest protocol version this build speaks (3: as 2, where the source
+/// proves itself first, proofs are bound to the transcript and the TLS
+/// session, control messages are tagged and data channels admitted by
+/// proof; 3 drops `Accept`'s never-read `max_chunk`, which changes how
+/// `Accept` encodes, so a version-2 peer is refused at the hello with
+/// `Reject(Version)` naming both ranges).
+pub const PROTOCOL_MIN: u16 = 3;
 /// Highest protocol version this build speaks.
-pub const PROTOCOL_MAX: u16 = 2;
+pub const PROTOCOL_MAX: u16 = 3;
 /// Control frame flag: a 16-byte tag follows the body.
 pub const FLAG_TAGGED: u32 = 1;
 /// Body limit before authentication.
@@ -214,8 +217,6 @@ pub struct Offer {
 pub struct Accept {
     /// Migration id on the destination.
     pub migration_id: u64,
-    /// Largest chunk payload the destination takes.
-    pub max_chunk: u32,
     /// Interfaces the destination takes data channels on (those its
     /// `--migration-network` list allows), for the source to pair with its
     /// own. Data channels go to the control port at these addresses.
@@ -755,7 +756,6 @@ mod tests {
             }),
             Msg::Accept(Accept {
                 migration_id: 9,
-                max_chunk: 1 << 20,
                 interfaces: vec![NetInterface {
                     name: "eth1".into(),
                     addr: "10.200.1.2".parse().unwrap(),

@@ -1,7 +1,7 @@
 //! The handshake's proofs and the tags that authenticate every control
 //! message after it.
 //!
-//! # Handshake (protocol version 2)
+//! # Handshake (protocol versions 2 and 3)
 //!
 //! Source S, destination D, pre-shared key K. `binding` is the TLS
 //! exporter value of the connection (RFC 8446 §7.5, label

@@ -501,7 +501,6 @@ fn every_message() -> Vec<Msg> {
         Msg::Offer(offer(PerformanceOption::Compression { codec: 1, level: 0 })),
         Msg::Accept(Accept {
             migration_id: u64::MAX,
-            max_chunk: MAX_CHUNK_PAYLOAD,
             interfaces: vec![],
         }),
         Msg::Reject {

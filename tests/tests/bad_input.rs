@@ -439,7 +439,6 @@ async fn fake_destination(listener: TcpListener, mode: Fake) {
     };
     c.send(&Msg::Accept(Accept {
         migration_id: 1,
-        max_chunk: MAX_CHUNK_PAYLOAD,
         interfaces: Vec::new(),
     }))
     .await

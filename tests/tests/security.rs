@@ -149,7 +149,7 @@ fn plaintext_control_messages_changed_or_dropped_either_way_are_refused() {
     // A destination's message changed: the source refuses it.
     let (src, dest, n) = through_proxy(rewrite_first(Dir::ToSource, |m| match m {
         Msg::Accept(a) => {
-            a.max_chunk /= 2;
+            a.migration_id ^= 1;
             true
         }
         _ => false,
