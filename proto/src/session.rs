@@ -663,7 +663,7 @@ mod tests {
         let mut dest_view = Wire::default();
         let _ = dest_view.source_sends(&edit(sent));
         let reply = Msg::HelloReply {
-            version: 2,
+            version: PROTOCOL_MAX,
             nonce: [2; 32],
         };
         let reply_s = w.dest_sends(&reply);
@@ -713,7 +713,7 @@ mod tests {
         let mut hs = started();
         hs.on_reply(
             Msg::HelloReply {
-                version: 2,
+                version: PROTOCOL_MAX,
                 nonce: [0; 32],
             },
             zero(),
