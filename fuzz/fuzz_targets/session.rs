@@ -7,5 +7,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    ferry_proto::session_fuzz::fuzz_sessions(data);
+    ferry_proto::session_fuzz::fuzz_sessions(data, std::time::Instant::now());
 });

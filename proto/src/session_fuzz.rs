@@ -114,12 +114,13 @@ fn addr(i: u8) -> SocketAddr {
 }
 
 /// Runs the events `data` describes against a source and a destination
-/// session of one key; returns whether each side ended committed. Panics
-/// only if an invariant breaks (what a fuzzer reports).
-pub fn fuzz_sessions(data: &[u8]) -> (bool, bool) {
+/// session of one key, on simulated time from `start` (the caller's clock:
+/// the protocol core reads none); returns whether each side ended
+/// committed. Panics only if an invariant breaks (what a fuzzer reports).
+pub fn fuzz_sessions(data: &[u8], start: Instant) -> (bool, bool) {
     let key = MacKey::from_bytes([3; 32]);
     let timeout = Duration::from_secs(5);
-    let mut now = Instant::now();
+    let mut now = start;
     let mut s = SourceSession::new(key.clone(), timeout);
     let mut d = DestSession::new(key.clone(), timeout, now);
     let mut b = Bytes(data);

@@ -1315,7 +1315,7 @@ fn arbitrary_event_sequences_never_panic_nor_break_the_commit_rules() {
             block += 1;
         }
         bytes.truncate(len);
-        ferry_proto::session_fuzz::fuzz_sessions(&bytes);
+        ferry_proto::session_fuzz::fuzz_sessions(&bytes, Instant::now());
     }
 }
 
@@ -1349,13 +1349,16 @@ fn the_fuzz_driver_reaches_an_honest_commit() {
         13, // restored: Committed
         19, // to the source
     ]);
-    assert_eq!(ferry_proto::session_fuzz::fuzz_sessions(&ops), (true, true));
+    assert_eq!(
+        ferry_proto::session_fuzz::fuzz_sessions(&ops, Instant::now()),
+        (true, true)
+    );
     // The same run with the source's claims one bit off never commits.
     let mut off = ops.clone();
     let at = off.len() - 4 - 3 + 1;
     off[at] ^= 1;
     assert_eq!(
-        ferry_proto::session_fuzz::fuzz_sessions(&off),
+        ferry_proto::session_fuzz::fuzz_sessions(&off, Instant::now()),
         (false, false)
     );
 }
