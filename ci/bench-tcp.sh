@@ -183,7 +183,7 @@ for c in "${CASES[@]}"; do
     fi
     PROC[$c]=$(awk -v g="$GIB" '{ print ($4 + $5) / g }' "$f" | median)
     if [ "$c" = iperf3 ]; then
-        audit=-; touch=-; DATA[$c]=${BOTH[$c]}
+        audit=-; touch=-; DATA[$c]=$(printf %.3f "${BOTH[$c]}")
     else
         audit=$(pmed "$f" 'r[6]'); touch=$(pmed "$f" 'r[7]')
         DATA[$c]=$(pmed "$f" 'r[2] + r[3] - r[6] - r[7]')
