@@ -31,15 +31,25 @@
 //! Nothing on the destination becomes live before `Committed`, and
 //! `Committed` is sent only once everything that can fail has succeeded;
 //! every failure drops the guest memory and releases the migration slot.
+//!
+//! The handshake's decisions are [`ferry_proto::session::DestHandshake`]'s
+//! (driven by `ferry_transport::conn`), and from `Accept` on those of
+//! [`ferry_proto::dest::DestSession`]: what each message of the source
+//! means and what is answered, which data channels may land pages, the
+//! progress timeout, `Ready`, the check of `Commit` and what `Committed` or
+//! a refusal binds. This module drives it: it admits connections, lands
+//! pages, stops the channels, runs the hooks and moves the frames.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_proto::dest::{ChannelEnd, ChannelOutcome, DestSession, Step};
 use ferry_proto::policy;
-use ferry_proto::switchover::{self as proof, Claims, ReadyProof, Transcripts};
+use ferry_proto::session::SessionError;
+use ferry_proto::switchover::{self as proof, Claims, Transcripts};
 use ferry_proto::{Evidence, Ledger};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::compress::CompressionSpec;
@@ -1186,21 +1196,20 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// The data channels of one incoming migration, by the source's address.
+/// The data channels of one incoming migration, by the source's address:
+/// their tasks. Which may start, which are fenced and when none is left are
+/// the session's ([`DestSession`]).
 #[derive(Default)]
 struct DataChannels {
     set: JoinSet<ferry_transport::Result<()>>,
     by_task: HashMap<tokio::task::Id, SocketAddr>,
     live: HashMap<SocketAddr, tokio::task::AbortHandle>,
-    /// Channels the source declared lost: never (re)started.
-    fenced: HashSet<SocketAddr>,
-    opened: u16,
-    ended: u16,
 }
 
 impl DataChannels {
-    /// Starts receiving on `stream` with `recv`, unless it was fenced.
-    fn start<F, Fut>(&mut self, stream: Stream, recv: F)
+    /// Starts receiving on `stream` with `recv`, unless the session refuses
+    /// it (fenced).
+    fn start<F, Fut>(&mut self, session: &mut DestSession, stream: Stream, recv: F)
     where
         F: FnOnce(Stream) -> Fut,
         Fut: std::future::Future<Output = ferry_transport::Result<()>> + Send + 'static,
@@ -1208,33 +1217,21 @@ impl DataChannels {
         let Ok(peer) = stream.peer_addr() else {
             return;
         };
-        if self.fenced.contains(&peer) {
+        if !session.channel_opened(peer) {
             tracing::warn!(%peer, "data channel arrived after it was fenced: dropped");
             return;
         }
-        self.opened += 1;
         let h = self.set.spawn(recv(stream));
         self.by_task.insert(h.id(), peer);
         self.live.insert(peer, h);
     }
 
-    /// Aborts the channel from `peer`; true if it was running (its task
-    /// reports back once it has stopped).
-    fn abort(&mut self, peer: &SocketAddr) -> bool {
-        match self.live.get(peer) {
-            Some(h) => {
-                h.abort();
-                true
-            }
-            None => false,
+    /// Aborts the channel from `peer` (its task reports back once it has
+    /// stopped).
+    fn abort(&mut self, peer: &SocketAddr) {
+        if let Some(h) = self.live.get(peer) {
+            h.abort();
         }
-    }
-
-    /// No channel is left that is not being fenced.
-    fn none_left(&self, fencing: &Option<(Vec<SocketAddr>, HashSet<SocketAddr>)>) -> bool {
-        self.live.keys().all(|p| {
-            self.fenced.contains(p) || fencing.as_ref().is_some_and(|(_, w)| w.contains(p))
-        })
     }
 }
 
@@ -1297,20 +1294,21 @@ impl Receive<'_> {
     fn start_channel(
         &self,
         ch: &mut DataChannels,
+        session: &mut DestSession,
         stream: Stream,
         all: &mut Vec<Arc<RecvCounters>>,
     ) {
-        let index = ch.opened;
+        let index = session.channels().0;
         let (i, m, c) = (
             self.inbound.clone(),
             self.mem.clone(),
             Arc::new(RecvCounters::default()),
         );
         let counters = c.clone();
-        ch.start(stream, move |s| async move {
+        ch.start(session, stream, move |s| async move {
             receive_channel(s, &i, &*m, &c).await
         });
-        if ch.opened > index {
+        if session.channels().0 > index {
             self.metrics
                 .track_channel(self.migration_id, index.to_string(), counters.clone());
             all.push(counters);
@@ -1361,20 +1359,20 @@ impl Receive<'_> {
             });
         }
         let mut ch = DataChannels::default();
-        let mut fencing: Option<(Vec<SocketAddr>, HashSet<SocketAddr>)> = None;
-        let mut switchover = None;
-        let mut paused_at = Instant::now();
-        let mut last_progress = (Instant::now(), 0u64);
+        // What the source's messages mean and what is answered, which
+        // channels may land pages, the progress timeout and the
+        // switchover's proofs: the session decides, this loop does the IO.
+        let mut session = DestSession::new(keys.commit.clone(), self.timeout, Instant::now());
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut stop = self.stop.clone();
         // Receive until the source's switchover. Every chunk was acknowledged
         // before it was sent, so whatever a channel still carries then is an
         // end frame or a fenced channel's stale bytes: all channels are
         // closed before the digest.
-        while switchover.is_none() {
+        while session.is_receiving() {
             tokio::select! {
-                Some(stream) = streams.recv(), if ch.opened < self.offer.channels => {
-                    self.start_channel(&mut ch, stream, &mut all_counters);
+                Some(stream) = streams.recv(), if session.channels().0 < self.offer.channels => {
+                    self.start_channel(&mut ch, &mut session, stream, &mut all_counters);
                 }
                 Some(done) = ch.set.join_next_with_id() => {
                     let (id, r) = match done {
@@ -1386,11 +1384,16 @@ impl Receive<'_> {
                     if let Some(p) = peer {
                         ch.live.remove(&p);
                     }
-                    match r {
-                        Some(Ok(())) => ch.ended += 1,
+                    let how = match &r {
+                        Some(Ok(())) => ChannelOutcome::Finished,
+                        Some(Err(_)) => ChannelOutcome::Failed,
+                        None => ChannelOutcome::Closed,
+                    };
+                    let end = session.channel_ended(peer, how);
+                    match (end, r) {
                         // The source fails a channel over to the others; only
                         // when none is left is the migration lost.
-                        Some(Err(e)) if ch.none_left(&fencing) => {
+                        (ChannelEnd::NoneLeft, Some(Err(e))) => {
                             // A source that gives up says why (Abort) just
                             // before its channels close: prefer its reason.
                             // (Messages before it, a RoundDone, are skipped.)
@@ -1402,62 +1405,50 @@ impl Receive<'_> {
                             }
                             return Err(e.into());
                         }
-                        Some(Err(e)) => tracing::warn!(peer = ?peer, "data channel failed, the others carry on: {e}"),
-                        None => {}
-                    }
-                    if let (Some((_, waiting)), Some(p)) = (fencing.as_mut(), peer) {
-                        waiting.remove(&p);
-                    }
-                    if fencing.as_ref().is_some_and(|(_, w)| w.is_empty()) {
-                        let (channels, _) = fencing.take().expect("fencing");
-                        writer.send(&Msg::Fenced { channels }).await?;
+                        (end, r) => {
+                            if let Some(Err(e)) = r {
+                                tracing::warn!(peer = ?peer, "data channel failed, the others carry on: {e}");
+                            }
+                            if let ChannelEnd::Send(fenced) = end {
+                                writer.send(&fenced).await?;
+                            }
+                        }
                     }
                 }
                 msg = msgs.recv() => {
-                    match msg {
-                        Some(Ok(Msg::RoundDone { round, pages })) => {
-                            tracing::debug!(round, pages, "round done");
-                            last_progress.0 = Instant::now();
-                            // The source pauses the guest right after its last round.
-                            paused_at = last_progress.0;
-                        }
-                        Some(Ok(Msg::Fence { channels })) if fencing.is_none() => {
-                            last_progress.0 = Instant::now();
-                            ch.fenced.extend(channels.iter().copied());
-                            // Channels accepted but not started yet: a fenced one is dropped.
-                            while let Ok(stream) = streams.try_recv() {
-                                self.start_channel(&mut ch, stream, &mut all_counters);
-                            }
-                            let waiting: HashSet<SocketAddr> = channels.iter().copied().filter(|p| ch.abort(p)).collect();
-                            tracing::warn!(?channels, closing = waiting.len(), "source lost data channels: fencing them");
-                            if waiting.is_empty() {
-                                writer.send(&Msg::Fenced { channels }).await?;
-                            } else {
-                                fencing = Some((channels, waiting));
-                            }
-                        }
-                        Some(Ok(Msg::Ping { seq })) => {
-                            last_progress.0 = Instant::now();
-                            writer.send(&Msg::Pong { seq }).await?;
-                        }
-                        Some(Ok(Msg::Switchover(sw))) if switchover.is_none() && fencing.is_none() => { switchover = Some(sw); last_progress.0 = Instant::now(); }
-                        Some(Ok(m)) => return Err(TransportError::Unexpected { expected: "RoundDone, Ping, Fence or Switchover", got: m.name().into() }.into()),
+                    let msg = match msg {
+                        Some(Ok(m)) => m,
                         Some(Err(e)) => return Err(e.into()),
                         None => return Err(TransportError::PeerClosed { what: "control" }.into()),
+                    };
+                    match session.handle(msg, Instant::now())? {
+                        Step::RoundDone { round, pages } => tracing::debug!(round, pages, "round done"),
+                        Step::Send(answer) => writer.send(&answer).await?,
+                        Step::Fence { channels, close, reply } => {
+                            // Channels accepted but not started yet: a fenced one is dropped.
+                            while let Ok(stream) = streams.try_recv() {
+                                self.start_channel(&mut ch, &mut session, stream, &mut all_counters);
+                            }
+                            for p in &close {
+                                ch.abort(p);
+                            }
+                            tracing::warn!(?channels, closing = close.len(), "source lost data channels: fencing them");
+                            if let Some(fenced) = reply {
+                                writer.send(&fenced).await?;
+                            }
+                        }
+                        Step::Switchover => {}
+                        other => return Err(SessionError::OutOfOrder { event: step_name(&other), state: "receiving" }.into()),
                     }
                 }
                 _ = stopped(&mut stop) => return Err(MigrationError::ShuttingDown),
                 _ = tick.tick() => {
-                    let now = total(&all_counters, |c| &c.bytes_on_wire) + total(&all_counters, |c| &c.chunks);
-                    if now != last_progress.1 {
-                        last_progress = (Instant::now(), now);
-                    } else if last_progress.0.elapsed() > self.timeout {
-                        return Err(TransportError::Timeout { what: "pages or messages from the source", after: self.timeout }.into());
-                    }
+                    let progress = total(&all_counters, |c| &c.bytes_on_wire) + total(&all_counters, |c| &c.chunks);
+                    session.tick(Instant::now(), progress)?;
                 }
             }
         }
-        let (opened, ended) = (ch.opened, ch.ended);
+        let (opened, ended) = session.channels();
         ch.set.shutdown().await;
         tracing::debug!(opened, ended, "data channels closed");
         // RDMA: the source sends its switchover only after every chunk was
@@ -1477,8 +1468,7 @@ impl Receive<'_> {
                 x.revoke(ferry_transport::rdma_wire::RevokeReason::Switchover);
             }
         }
-        let sw = switchover.expect("loop ends with a switchover");
-        self.switchover(writer, &mut msgs, &keys, sw, &all_counters, paused_at)
+        self.switchover(writer, &mut msgs, &keys, &mut session, &all_counters)
             .await
     }
 
@@ -1491,13 +1481,18 @@ impl Receive<'_> {
         writer: &mut ferry_transport::conn::ConnWriter,
         msgs: &mut mpsc::Receiver<ferry_transport::Result<Msg>>,
         keys: &ferry_proto::SessionKeys,
-        sw: ferry_transport::proto::Switchover,
+        session: &mut DestSession,
         all_counters: &[Arc<RecvCounters>],
-        paused_at: Instant,
     ) -> Result<Received> {
-        if proof::device_state_hash(&sw.device_state) != sw.device_state_hash {
-            return Err(MigrationError::DeviceStateCorrupt);
-        }
+        // The session checked the device state against its hash when
+        // Switchover came.
+        let sw = session
+            .switchover()
+            .cloned()
+            .ok_or(SessionError::OutOfOrder {
+                event: "switchover",
+                state: "no Switchover received",
+            })?;
         // Nothing was sent since Switchover and nothing more can come in
         // before Ready: both sides take the transcripts at this point.
         let t = writer.transcript();
@@ -1522,38 +1517,44 @@ impl Receive<'_> {
             device_state: sw.device_state_hash,
             memory,
         };
-        let ready = ReadyProof::new(&keys.commit, &claims);
-        writer.send(&Msg::Ready(ready)).await?;
-        let commit = match tokio::time::timeout(self.timeout, msgs.recv()).await {
-            Ok(Some(Ok(Msg::Commit { mac }))) => mac,
-            Ok(Some(Ok(m))) => {
-                return Err(TransportError::Unexpected {
-                    expected: "Commit",
-                    got: m.name().into(),
-                }
-                .into())
-            }
+        let ready = session.ready(claims, Instant::now())?;
+        writer.send(&ready).await?;
+        let (what, deadline) = session.poll_timeout().ok_or(SessionError::OutOfOrder {
+            event: "await Commit",
+            state: "nothing awaited",
+        })?;
+        let step = match tokio::time::timeout_at(deadline.into(), msgs.recv()).await {
+            Ok(Some(Ok(m))) => session.handle(m, Instant::now()),
             Ok(Some(Err(e))) => return Err(e.into()),
             Ok(None) => return Err(TransportError::PeerClosed { what: "control" }.into()),
-            Err(_) => {
-                return Err(TransportError::Timeout {
-                    what: "Commit",
+            // The timer says the deadline passed: the session names it.
+            Err(_) => Err(session
+                .tick(Instant::now().max(deadline), 0)
+                .err()
+                .unwrap_or(SessionError::Timeout {
+                    what,
                     after: self.timeout,
+                })),
+        };
+        match step {
+            Ok(Step::Restore) => {}
+            // Refused with a proof bound to the Commit the source should
+            // have sent.
+            Err(SessionError::CommitProof) => {
+                let e = MigrationError::CommitProof;
+                if let Some(refusal) = session.abort(&e.to_string()) {
+                    writer.send(&refusal).await?;
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e.into()),
+            Ok(other) => {
+                return Err(SessionError::OutOfOrder {
+                    event: step_name(&other),
+                    state: "awaiting Commit",
                 }
                 .into())
             }
-        };
-        // The Commit the source must have sent if it holds the same claims:
-        // refusals and Committed are bound to it.
-        let expected = proof::commit_mac(&keys.commit, &claims, &ready);
-        let refuse = |reason: String| Msg::CommitRefused {
-            mac: proof::refusal_mac(&keys.commit, &expected, &reason),
-            reason,
-        };
-        if !proof::check_commit(&keys.commit, &claims, &ready, &commit) {
-            let e = MigrationError::CommitProof;
-            writer.send(&refuse(e.to_string())).await?;
-            return Err(e);
         }
         // Restore: everything that can fail, before this side takes the
         // guest (off the runtime: a VMM may do real work here).
@@ -1572,13 +1573,17 @@ impl Receive<'_> {
             Ok(r) => r,
             Err(e) => {
                 let e = MigrationError::RestoreFailed(e);
-                writer.send(&refuse(e.to_string())).await?;
+                let refusal = session.restore_failed(&e.to_string())?;
+                writer.send(&refusal).await?;
                 return Err(e);
             }
         };
-        let committed = proof::committed_mac(&keys.commit, &expected);
-        writer.send(&Msg::Committed { mac: committed }).await?;
-        let downtime = paused_at.elapsed();
+        let (committed_msg, downtime) = session.restored(Instant::now())?;
+        let committed = session.committed().ok_or(SessionError::OutOfOrder {
+            event: "committed",
+            state: "not committed",
+        })?;
+        writer.send(&committed_msg).await?;
         // The guest is this side's now: resume it.
         let (hook, mem) = (self.resume.clone(), self.mem.clone());
         let resume_report =
@@ -1593,13 +1598,26 @@ impl Receive<'_> {
                 .map_err(MigrationError::ResumeFailed)?;
         // The source audits its frozen memory after the pause and reports.
         let audit = match tokio::time::timeout(self.timeout, msgs.recv()).await {
-            Ok(Some(Ok(Msg::Audit(a)))) if a.verify(&keys.commit, &committed) => Some(a),
-            Ok(Some(Ok(Msg::Audit(_)))) => {
-                tracing::warn!(
-                    migration_id = self.migration_id,
-                    "audit report without this session's proof: ignored"
-                );
-                None
+            Ok(Some(Ok(m))) => {
+                let is_audit = matches!(m, Msg::Audit(_));
+                let name = m.name();
+                match session.handle(m, Instant::now()) {
+                    Ok(Step::Audit(Some(a))) => Some(a),
+                    _ if is_audit => {
+                        tracing::warn!(
+                            migration_id = self.migration_id,
+                            "audit report without this session's proof: ignored"
+                        );
+                        None
+                    }
+                    _ => {
+                        tracing::warn!(
+                            migration_id = self.migration_id,
+                            "no audit report from the source: got {name}"
+                        );
+                        None
+                    }
+                }
             }
             Ok(other) => {
                 tracing::warn!(
@@ -1639,6 +1657,18 @@ impl Receive<'_> {
             hooks_cpu,
             first_touch: Duration::from_nanos(total(all_counters, |c| &c.first_touch_ns)),
         })
+    }
+}
+
+/// A step's name, for a driver that did not expect it.
+fn step_name(s: &Step) -> &'static str {
+    match s {
+        Step::RoundDone { .. } => "RoundDone",
+        Step::Send(_) => "an answer",
+        Step::Fence { .. } => "Fence",
+        Step::Switchover => "Switchover",
+        Step::Restore => "Restore",
+        Step::Audit(_) => "Audit",
     }
 }
 

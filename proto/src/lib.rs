@@ -15,6 +15,11 @@
 //! * [`source`]: the source's migration session (rounds, fence, switchover,
 //!   commit or abort) as a state machine: events and `now` in, messages
 //!   and steps out.
+//! * [`dest`]: the destination's migration session (rounds and fences
+//!   seen, progress timeout, `Ready`, the check of `Commit`, restore before
+//!   `Committed`) as a state machine.
+//! * [`session_fuzz`]: arbitrary event sequences for both migration
+//!   sessions (the `session` fuzz target and its run in the tests).
 //! * [`handshake`]: the handshake's proofs (the source proves first, bound to
 //!   the TLS session and every frame before them) and the tags that
 //!   authenticate every control message after it.
@@ -37,6 +42,7 @@
 
 pub mod budget;
 pub mod control;
+pub mod dest;
 pub mod error;
 pub mod evidence;
 pub mod frame;
@@ -48,6 +54,7 @@ pub mod policy;
 pub mod rdma;
 pub mod relay;
 pub mod session;
+pub mod session_fuzz;
 pub mod source;
 pub mod switchover;
 pub mod wire;

@@ -73,7 +73,7 @@ pub enum HandshakeError {
     AuthFailed(&'static str),
 }
 
-/// Why a migration session ([`crate::source`], and the destination's) ended.
+/// Why a migration session ([`crate::source`], [`crate::dest`]) ended.
 /// Each names what went wrong; the drivers map them to their own errors
 /// with the same words.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -474,6 +474,20 @@ mod tests {
         }
     }
 
+    /// An audit report that passed.
+    fn report() -> AuditReport {
+        AuditReport {
+            result: crate::control::AuditResult::Passed,
+            pages: 1,
+            mismatched_pages: 0,
+            first_mismatch: None,
+            duration_us: 0,
+            pause_predicted: Default::default(),
+            pause_actual: Default::default(),
+            mac: [0; 32],
+        }
+    }
+
     /// A session through one round and the final copy, awaiting Ready.
     fn at_ready(now: Instant) -> (SourceSession, [u8; 32]) {
         let mut s = SourceSession::new(key(), T);
@@ -688,17 +702,7 @@ mod tests {
             Ok(Step::Committed(committed))
         );
         assert!(s.is_committed() && !s.guest_is_ours());
-        let report = AuditReport {
-            result: crate::control::AuditResult::Passed,
-            pages: 1,
-            mismatched_pages: 0,
-            first_mismatch: None,
-            duration_us: 0,
-            pause_predicted: Default::default(),
-            pause_actual: Default::default(),
-            mac: [0; 32],
-        };
-        let Msg::Audit(a) = s.audit(report).unwrap() else {
+        let Msg::Audit(a) = s.audit(report()).unwrap() else {
             panic!()
         };
         assert!(a.verify(&key(), &committed));
@@ -714,19 +718,7 @@ mod tests {
             s.clone().switchover(vec![], false, t0).is_err(),
             "no switchover before the pause"
         );
-        assert!(s
-            .clone()
-            .audit(AuditReport {
-                result: crate::control::AuditResult::Passed,
-                pages: 0,
-                mismatched_pages: 0,
-                first_mismatch: None,
-                duration_us: 0,
-                pause_predicted: Default::default(),
-                pause_actual: Default::default(),
-                mac: [0; 32],
-            })
-            .is_err());
+        assert!(s.clone().audit(report()).is_err(), "no audit before commit");
         assert_eq!(s.poll_timeout(), None, "nothing awaited while sending");
         assert_eq!(
             s.handle(

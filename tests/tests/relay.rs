@@ -14,10 +14,15 @@
 //! 3. the destination dies mid-migration: QEMU on the source reports a failed
 //!    migration and the guest runs on there, its check passing.
 //!
-//! [`Route`] says how QEMU's connections travel; `ferry relay` adds a route
-//! through the relay over all four links (and the cases only it has: a link
-//! taken down mid-migration, the destination `ferry` killed, a
-//! `--deliver-to` outside `--relay-allow` refused).
+//! [`Route`] says how QEMU's connections travel; through `ferry relay` over
+//! all four links the same guest then hops on:
+//!
+//! 4. one connection through the relay (RAM equal, runs on, check passing);
+//! 5. multifd 4 through the relay;
+//! 6. a link taken down mid-migration (its channel fails over, completes);
+//! 7. the destination `ferry listen` killed mid-migration: QEMU reports a
+//!    failed migration, the guest runs on at the source, the relay exits 1;
+//! 8. a `--deliver-to` outside `--relay-allow` refused before it is ready.
 //!
 //! Needs root, `ip netns`, QEMU, python3 and what `ci/qemu/build-guest.sh`
 //! builds the guest from (all installed by `ci/softroce/install.sh`); skips
@@ -27,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use ferry_tests::netns::{skip, TestBed};
 use ferry_tests::qemu::{missing_prerequisite, QemuDriver};
+use ferry_tests::Proc;
 use serde_json::{json, Value};
 
 /// The bed's namespaces: not the multichannel tests' (`ferry-src`,
@@ -49,6 +55,10 @@ struct Guest {
 enum Route {
     /// Straight from QEMU to QEMU over test bed link N (10.200.N.0/24).
     Direct { link: u8 },
+    /// Through `ferry relay` (in the source's namespace, listening on
+    /// loopback port + 100) to the destination namespace's `ferry listen`
+    /// over all four links, delivered to the destination QEMU on loopback.
+    Relay,
 }
 
 impl Route {
@@ -60,8 +70,67 @@ impl Route {
                 let uri = format!("tcp:10.200.{link}.{host}:{port}");
                 (uri.clone(), uri)
             }
+            Route::Relay => (
+                format!("tcp:127.0.0.1:{port}"),
+                format!("tcp:127.0.0.1:{}", port + 100),
+            ),
         }
     }
+}
+
+/// The key both ends of the relay use.
+static KEY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// The address of `ns`'s `ferry listen` as the other namespace sees it (link 0).
+fn daemon_addr(ns: &str) -> String {
+    format!("10.200.0.{}:6600", if ns == DST_NS { 2 } else { 1 })
+}
+
+/// Starts `ferry listen` in `ns` (every link, loopback deliveries only).
+fn start_daemon(ns: &'static str) -> Proc {
+    let key = KEY.get().expect("key").to_str().unwrap().to_string();
+    let p = Proc::start_in_netns(
+        ns,
+        &[
+            "listen",
+            "--listen",
+            "0.0.0.0:6600",
+            "--auth-key-file",
+            &key,
+            "--peer-timeout",
+            "10s",
+        ],
+    );
+    p.wait_for_output("listening on", Duration::from_secs(30));
+    p
+}
+
+/// Starts `ferry relay` in `from_ns` toward `to_ns`'s daemon for a hop on
+/// `port`, and waits until it is ready.
+fn start_relay(from_ns: &'static str, to_ns: &'static str, port: u16, extra: &[&str]) -> Proc {
+    let key = KEY.get().expect("key").to_str().unwrap().to_string();
+    let listen = format!("127.0.0.1:{}", port + 100);
+    let deliver = format!("127.0.0.1:{port}");
+    let to = daemon_addr(to_ns);
+    let mut args = vec![
+        "relay",
+        "--listen",
+        &listen,
+        "--to",
+        &to,
+        "--deliver-to",
+        &deliver,
+        "--auth-key-file",
+        &key,
+        "--performance-option",
+        "tcp",
+        "--channel-timeout",
+        "2s",
+    ];
+    args.extend_from_slice(extra);
+    let p = Proc::start_in_netns(from_ns, &args);
+    p.wait_for_output("relay: ready", Duration::from_secs(30));
+    p
 }
 
 fn other(ns: &'static str) -> &'static str {
@@ -153,14 +222,35 @@ fn hop(
     port: u16,
     multifd: u32,
 ) -> Guest {
+    hop_with(d, from, name, route, port, multifd, |_, _| {})
+}
+
+/// [`hop`], with `during` run once the migration started.
+fn hop_with(
+    d: &mut QemuDriver,
+    from: &Guest,
+    name: &str,
+    route: Route,
+    port: u16,
+    multifd: u32,
+    during: impl FnOnce(&mut QemuDriver, &Guest),
+) -> Guest {
     let t = Instant::now();
     let (to, uri) = start_destination(d, name, other(from.ns), route, port, multifd, from);
+    let relay =
+        matches!(route, Route::Relay).then(|| start_relay(from.ns, other(from.ns), port, &[]));
     d.ok("migrate", json!({ "name": from.name, "uri": uri }));
+    during(d, from);
     let m = d.ok(
         "wait_migration",
         json!({ "name": from.name, "timeout": 300 }),
     );
     assert_eq!(m["status"], "completed", "{name}: {m}");
+    if let Some(r) = relay {
+        let out = r.wait(Duration::from_secs(60));
+        assert!(out.status.success(), "{name}: the relay: {}", out.all());
+        eprintln!("{name}: {}", out.stdout.trim());
+    }
     if multifd > 0 {
         assert!(
             m["multifd_bytes"].as_u64().unwrap() > 16 << 20,
@@ -257,6 +347,94 @@ fn destination_dies(
     );
 }
 
+/// Through the relay, the destination `ferry listen` is killed once
+/// `kill_after` bytes went: QEMU on the source reports a failed migration
+/// and the guest runs on there; the relay exits 1. The daemon is restarted.
+fn relay_destination_dies(
+    d: &mut QemuDriver,
+    daemons: &mut std::collections::HashMap<&'static str, Proc>,
+    from: &Guest,
+    name: &str,
+    port: u16,
+    kill_after: u64,
+) {
+    let t = Instant::now();
+    let to_ns = other(from.ns);
+    let (_to, uri) = start_destination(d, name, to_ns, Route::Relay, port, 0, from);
+    let relay = start_relay(from.ns, to_ns, port, &[]);
+    let before = passes(d, from).last().map(|p| p.0).unwrap_or(0);
+    d.ok("migrate", json!({ "name": from.name, "uri": uri }));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let q = d.ok("query_migrate", json!({ "name": from.name }));
+        assert!(
+            q["status"] != "completed" && q["status"] != "failed",
+            "{name}: migration ended before the kill: {q}"
+        );
+        if q["ram"]["transferred"].as_u64().unwrap_or(0) >= kill_after {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{name}: no progress: {q}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let daemon = daemons.remove(to_ns).expect("daemon");
+    ferry_tests::sigkill(daemon.pid());
+    let _ = daemon.wait(Duration::from_secs(10));
+    let m = d.ok(
+        "wait_migration",
+        json!({ "name": from.name, "timeout": 120 }),
+    );
+    assert_eq!(m["status"], "failed", "{name}: {m}");
+    let out = relay.wait(Duration::from_secs(60));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{name}: the relay: {}",
+        out.all()
+    );
+    assert!(!out.panicked(), "{}", out.all());
+    runs_on(d, from, before, 2);
+    d.ok("kill", json!({ "name": name }));
+    daemons.insert(to_ns, start_daemon(to_ns));
+    eprintln!(
+        "{name}: destination ferry killed after {kill_after} bytes: source QEMU says {:?}, guest runs on; case {:.1} s",
+        m["error"],
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// A `--deliver-to` outside the destination's `--relay-allow` (loopback by
+/// default) is refused before the relay is ready: nothing to migrate to.
+fn relay_refuses_a_remote_deliver_to(from: &Guest) {
+    let key = KEY.get().unwrap().to_str().unwrap().to_string();
+    let to_ns = other(from.ns);
+    let host = if to_ns == DST_NS { 2 } else { 1 };
+    let deliver = format!("10.200.1.{host}:4499");
+    let to = daemon_addr(to_ns);
+    let p = Proc::start_in_netns(
+        from.ns,
+        &[
+            "relay",
+            "--listen",
+            "127.0.0.1:4599",
+            "--to",
+            &to,
+            "--deliver-to",
+            &deliver,
+            "--auth-key-file",
+            &key,
+        ],
+    );
+    let out = p.wait(Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1), "{}", out.all());
+    assert!(
+        out.stderr.contains("relay destination not allowed") && out.stderr.contains(&deliver),
+        "{}",
+        out.all()
+    );
+    assert!(!out.stdout.contains("ready"), "{}", out.all());
+}
+
 #[test]
 fn a_running_guest_migrated_by_qemu_over_the_bed_runs_on_with_its_memory_intact() {
     let test = "a_running_guest_migrated_by_qemu_over_the_bed_runs_on_with_its_memory_intact";
@@ -298,8 +476,59 @@ fn a_running_guest_migrated_by_qemu_over_the_bed_runs_on_with_its_memory_intact(
     // 3. The destination dies after 32 MiB: the guest stays on fq-src.
     destination_dies(&mut d, &g2, "g3", Route::Direct { link: 2 }, 4403, 32 << 20);
 
-    eprintln!("all cases: {:.1} s", d.elapsed());
-    let _: Value = d.ok("quit", json!({ "name": "g2" }));
+    // Through `ferry relay` over all four links.
+    let dir = tempfile::tempdir().unwrap();
+    KEY.get_or_init(|| {
+        ferry_tests::key_file(dir.path(), "key", b"0123456789abcdef0123456789abcdef")
+    });
+    let mut daemons = std::collections::HashMap::new();
+    for ns in [SRC_NS, DST_NS] {
+        daemons.insert(ns, start_daemon(ns));
+    }
+    let relay_start = d.elapsed();
+    // 4. One connection through the relay, fq-src -> fq-dst.
+    let g4 = hop(&mut d, &g2, "g4", Route::Relay, 4404, 0);
+    // 5. Multifd 4 through the relay, back fq-dst -> fq-src.
+    let g5 = hop(&mut d, &g4, "g5", Route::Relay, 4405, 4);
+    // 6. A link (not the control connection's) taken down mid-migration:
+    //    its channel fails over, the migration completes.
+    let g6 = hop_with(&mut d, &g5, "g6", Route::Relay, 4406, 0, |d, from| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let q = d.ok("query_migrate", json!({ "name": from.name }));
+            if q["ram"]["transferred"].as_u64().unwrap_or(0) >= 64 << 20
+                || q["status"] == "completed"
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no progress: {q}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let dev = if from.ns == SRC_NS { "fsrc2" } else { "fdst2" };
+        let st = std::process::Command::new("ip")
+            .args(["-n", from.ns, "link", "set", dev, "down"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        eprintln!("g6: {dev} down in {}", from.ns);
+    });
+    let dev = if g5.ns == SRC_NS { "fsrc2" } else { "fdst2" };
+    let _ = std::process::Command::new("ip")
+        .args(["-n", g5.ns, "link", "set", dev, "up"])
+        .status();
+    // 7. The destination `ferry listen` killed mid-migration.
+    relay_destination_dies(&mut d, &mut daemons, &g6, "g7", 4407, 32 << 20);
+    // 8. A --deliver-to outside --relay-allow, refused.
+    relay_refuses_a_remote_deliver_to(&g6);
+    eprintln!(
+        "relay cases: {:.1} s; all cases: {:.1} s",
+        d.elapsed() - relay_start,
+        d.elapsed()
+    );
+    for (_, p) in daemons {
+        let _ = p.kill();
+    }
+    let _: Value = d.ok("quit", json!({ "name": g6.name }));
 }
 
 /// The guest's check can fail: memcheck, run natively on the host, reports

@@ -251,22 +251,41 @@ struct PoolState {
 }
 
 impl PoolState {
-    /// When the next result for `outbox` is expected, from now.
+    /// When the next result for `outbox` is expected, from now (seconds;
+    /// infinite if none is being compressed or nothing was measured yet).
     fn next_result_in(&self, outbox: u64, now: Instant) -> f64 {
         self.busy
             .iter()
             .filter(|b| b.outbox == outbox)
             .map(|b| {
-                self.secs_per_byte * b.bytes as f64 - now.duration_since(b.start).as_secs_f64()
+                remaining(
+                    self.secs_per_byte * b.bytes as f64,
+                    now.duration_since(b.start).as_secs_f64(),
+                )
             })
             .fold(f64::INFINITY, f64::min)
-            .max(0.0)
     }
 
     /// Whether recent chunks did not shrink.
     fn incompressible(&self) -> bool {
         self.secs_per_byte > 0.0
             && self.wire_per_byte * MIN_SAVING_DIVISOR as f64 > (MIN_SAVING_DIVISOR - 1) as f64
+    }
+}
+
+/// How long a job expected to take `expected` seconds, started `elapsed`
+/// ago, may still take: the rest of its time while on time; once late, as
+/// long again as it has taken (a worker that is late lacks a core: on a
+/// busy host a niced worker may wait long, and a result "due any moment"
+/// would keep the link waiting on it); unknown (infinite) before anything
+/// was measured, so the link never waits on a guess.
+fn remaining(expected: f64, elapsed: f64) -> f64 {
+    if expected <= 0.0 {
+        f64::INFINITY
+    } else if elapsed < expected {
+        expected - elapsed
+    } else {
+        elapsed
     }
 }
 
@@ -1588,6 +1607,36 @@ mod tests {
             inbound.ledger.evidence(),
             crate::tcp::evidence_of(&*src, &sent[sent.len() - 32..]),
             "evidence of what landed last"
+        );
+    }
+
+    #[test]
+    fn a_late_worker_is_not_waited_on_as_if_its_result_were_due() {
+        // On time: the rest of its expected time.
+        assert!((remaining(0.010, 0.004) - 0.006).abs() < 1e-12);
+        // Late (no core for it): as long again, so a link that would save
+        // less than that does not wait.
+        assert_eq!(remaining(0.010, 0.030), 0.030);
+        // Nothing measured yet: unknown, never "due now".
+        assert_eq!(remaining(0.0, 0.001), f64::INFINITY);
+        let mut st = PoolState {
+            secs_per_byte: 1e-9,
+            ..Default::default()
+        };
+        let now = Instant::now();
+        assert_eq!(st.next_result_in(1, now), f64::INFINITY, "nothing busy");
+        st.busy.push(Busy {
+            outbox: 1,
+            seq: 0,
+            start: now - Duration::from_millis(50),
+            bytes: 4 << 20,
+        });
+        let r = st.next_result_in(1, now);
+        assert!(r >= 0.049, "a job 46 ms late is not due now: {r}");
+        assert_eq!(
+            st.next_result_in(2, now),
+            f64::INFINITY,
+            "another channel's job"
         );
     }
 
