@@ -21,10 +21,17 @@
 # rate (QEMU's transferred bytes over that time), its downtime, and whether
 # every run's RAM compared equal; "runs" lists every run's time.
 #
-# The relay rows (same guests through `ferry relay` over the 4 links, with
-# and without compression; the ratio to direct; goal: >= 3.6x) are added
-# with `ferry relay` itself: see RELAY ROWS at the end. Until it exists this
-# script prints the direct rows and says so.
+# Relay rows, same run, same guests: through `ferry relay` over all four
+# links (`ferry listen` in fq-dst, the destination QEMU listening on
+# 127.0.0.1 there = --deliver-to; `ferry relay --listen 127.0.0.1:PORT --to
+# 10.200.0.2` in fq-src, one relay process per migration; the source QEMU
+# migrates to tcp:127.0.0.1:PORT), with --performance-option tcp and
+# compression (lz4 per chunk, only where it pays), each printed with its
+# ratio to the direct one-link row of the same guest (goal: >= 3.6x). Every
+# relay run must exit 0 (every byte of every stream delivered, digests
+# matched) and the RAMs compare equal. FERRY=path picks the binary (default
+# target/release/ferry, built first); RELAY_ARGS="--window 32MiB" adds flags
+# to every `ferry relay`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 REPEAT=3
@@ -52,11 +59,19 @@ trap cleanup EXIT
 bash ci/netns-testbed.sh up
 bash ci/qemu/build-guest.sh >/dev/null
 python3 ci/memimage.py "$WORK" 512 mix random
+FERRY=${FERRY:-$ROOT/target/release/ferry}
+if [ -z "${FERRY_NO_BUILD:-}" ] && [ "$FERRY" = "$ROOT/target/release/ferry" ]; then
+    cargo build --release --quiet -p ferry-cli --bin ferry
+fi
+head -c 32 /dev/urandom | base64 > "$WORK/key" && chmod 600 "$WORK/key"
+export FERRY RELAY_KEY="$WORK/key"
 
 python3 - "$WORK" "$REPEAT" "$RUNNING" <<'PY'
-import os, statistics, sys, time
+import os, statistics, subprocess, sys, time
 sys.path.insert(0, os.path.join(os.getcwd(), "ci", "qemu"))
 import driver
+
+FERRY, KEY = os.environ["FERRY"], os.environ["RELAY_KEY"]
 
 work, repeat, running = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 SRC, DST = "fq-src", "fq-dst"
@@ -69,12 +84,57 @@ def direct(link):
     return f"tcp:10.200.{link}.2:{port[0]}"
 
 
-def runs(label, path, n, **kw):
+def daemon():
+    """`ferry listen` in the destination namespace, on every link."""
+    p = subprocess.Popen(["ip", "netns", "exec", DST, FERRY, "listen", "--listen", "0.0.0.0:6600",
+                          "--auth-key-file", KEY, "--plaintext"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in p.stderr:
+        if "listening on" in line:
+            break
+    else:
+        sys.exit("bench-relay.sh: ferry listen did not start")
+    return p
+
+
+def relay_once(option, **kw):
+    """One migration through a new `ferry relay`; the relay must exit 0."""
+    port[0] += 1
+    listen, deliver = port[0] + 100, port[0]
+    args = ["ip", "netns", "exec", SRC, FERRY, "relay", "--listen", f"127.0.0.1:{listen}",
+            "--to", "10.200.0.2:6600", "--deliver-to", f"127.0.0.1:{deliver}",
+            "--auth-key-file", KEY, "--performance-option", option, "--plaintext",
+            "--json", os.path.join(work, "relay.json")] + os.environ.get("RELAY_ARGS", "").split()
+    r = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = r.stdout.readline()
+    if "ready" not in line:
+        r.kill()
+        sys.exit(f"bench-relay.sh: ferry relay not ready: {line}{r.stderr.read()}")
+    res = driver.migrate_once(work, f"tcp:127.0.0.1:{listen}", incoming=f"tcp:127.0.0.1:{deliver}",
+                              src_ns=SRC, dst_ns=DST, **kw)
+    try:
+        out, err = r.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        r.kill()
+        out, err = r.communicate()
+    res["relay_status"] = r.returncode
+    res["relay_out"] = (line + out).strip()
+    if r.returncode != 0:
+        res["relay_err"] = err[-2000:]
+    return res
+
+
+def runs(label, path, n, relay=None, **kw):
     """n migrations of one kind; prints the row, fails on any problem."""
     res = []
     for _ in range(n):
-        r = driver.migrate_once(work, direct(0), src_ns=SRC, dst_ns=DST, **kw)
+        if relay:
+            r = relay_once(relay, **kw)
+        else:
+            r = driver.migrate_once(work, direct(0), src_ns=SRC, dst_ns=DST, **kw)
         bad = driver.problems(r)
+        if relay and r.get("relay_status") != 0:
+            bad.append(f"ferry relay exited {r.get('relay_status')}: {r.get('relay_err')}")
         if bad:
             sys.exit(f"bench-relay.sh: {label} over {path}: {'; '.join(bad)}")
         res.append(r)
@@ -84,9 +144,16 @@ def runs(label, path, n, **kw):
     down = statistics.median(r["downtime_ms"] for r in res)
     ram = "equal" if all(r["ram"]["equal"] for r in res) else "DIFFERS"
     times = "/".join(f"{r['total_ms'] / 1000:.2f}" for r in res)
-    print(f"{label:<34} {path:<26} {t / 1000:6.2f} s {gbit:6.2f} Gbit/s {down:6.0f} ms  {ram:<7} ({times} s)",
+    ratio = f"  {base[label] / t:4.2f}x direct" if relay and label in base else ""
+    print(f"{label:<34} {path:<26} {t / 1000:6.2f} s {gbit:6.2f} Gbit/s {down:6.0f} ms  {ram:<7} ({times} s){ratio}",
           flush=True)
+    if not relay and "multifd" not in path:
+        base[label] = t
     return med
+
+
+base = {}
+dstd = daemon()
 
 
 print(f"== QEMU {os.popen('qemu-system-x86_64 --version').readline().split()[3]} migration over the "
@@ -99,26 +166,20 @@ for kind in ("random", "mix"):
         path = "direct, 1 link" + (f", multifd {mf}" if mf else "")
         runs(label, path, repeat, mem_kib=GIB_KIB, running=False,
              loaders=[(img, 0x10000000)], multifd=mf)
+    for option in ("tcp", "compression"):
+        for mf in (0, 4):
+            path = f"relay 4 links, {option}" + (f", mf {mf}" if mf else "")
+            runs(label, path, repeat, relay=option, mem_kib=GIB_KIB, running=False,
+                 loaders=[(img, 0x10000000)], multifd=mf)
 if running:
-    med = runs("running, memcheck 64 MiB", "direct, 1 link", repeat,
-               running=True, memcheck={"mib": 64})
-    print(f"{'':<34} destination after resuming: {', '.join(med['dst_passes'])} "
-          f"(source's last: pass {med['src_last_pass']})")
+    label = "running, memcheck 64 MiB"
+    for relay in (None, "tcp"):
+        path = "direct, 1 link" if relay is None else "relay 4 links, tcp"
+        med = runs(label, path, repeat, relay=relay, running=True, memcheck={"mib": 64})
+        print(f"{'':<34} destination after resuming: {', '.join(med['dst_passes'])} "
+              f"(source's last: pass {med['src_last_pass']})")
+dstd.terminate()
 print("time: QEMU's total-time (migrate to completed on the source); rate: its transferred bytes "
-      "over that time")
+      "over that time (through the relay: the stream bytes QEMU wrote, before compression); "
+      "Nx direct: the direct one-link row's median time over this row's")
 PY
-
-# ---- RELAY ROWS --------------------------------------------------------------
-# Added with `ferry relay` (issue 13): the guests above through the relay over
-# all four links — `ferry listen --relay-allow 127.0.0.1/32` in fq-dst, the
-# destination QEMU listening on 127.0.0.1 there (--deliver-to), `ferry relay
-# --listen 127.0.0.1:PORT --to 10.200.0.2` in fq-src, the source QEMU
-# migrating to tcp:127.0.0.1:PORT — with --performance-option tcp and with
-# compression, each beside its direct row and the ratio. Nothing here pretends
-# to measure them before `ferry relay` exists.
-FERRY=${FERRY:-$ROOT/target/release/ferry}
-if [ -x "$FERRY" ] && "$FERRY" relay --help >/dev/null 2>&1; then
-    echo "relay rows: $FERRY has 'relay', but this script's relay rows are not written yet (issue 13)"
-    exit 1
-fi
-echo "relay rows (QEMU through \`ferry relay\` over 4 links, tcp and compression): not run, they need \`ferry relay\` (issue 13)"

@@ -33,6 +33,15 @@ pub struct CpuUse {
     pub ferry_s: f64,
     /// `ferry_s` per GiB of page bytes moved (0 when none moved).
     pub ferry_s_per_gib: f64,
+    /// Of `ferry_s`, seconds the source's audit after the commit took (its
+    /// worker threads' CPU time; 0 on the destination): a second pass over
+    /// all of memory after the guest's pause, not part of the transfer.
+    pub audit_s: f64,
+    /// Of `ferry_s`, seconds the destination spent populating fresh guest
+    /// memory where pages were about to land (`MADV_POPULATE_WRITE`: page
+    /// allocation and zeroing by the kernel; 0 on the source): what a
+    /// destination whose memory is already backed does not pay.
+    pub first_touch_s: f64,
 }
 
 /// Measures [`CpuUse`] from a start point.
@@ -68,6 +77,8 @@ impl CpuMeter {
             guest_s,
             ferry_s,
             ferry_s_per_gib: if bytes > 0 { ferry_s / gib } else { 0.0 },
+            audit_s: 0.0,
+            first_touch_s: 0.0,
         }
     }
 }
@@ -79,6 +90,16 @@ impl std::fmt::Display for CpuUse {
             "{:.2} s ({:.2} s/GiB; user {:.2} s, system {:.2} s",
             self.ferry_s, self.ferry_s_per_gib, self.user_s, self.system_s
         )?;
+        if self.audit_s > 0.0 {
+            write!(f, "; of it the audit {:.2} s", self.audit_s)?;
+        }
+        if self.first_touch_s > 0.0 {
+            write!(
+                f,
+                "; of it populating fresh memory {:.2} s",
+                self.first_touch_s
+            )?;
+        }
         if self.guest_s > 0.0 {
             write!(f, "; the guest's {:.2} s excluded", self.guest_s)?;
         }

@@ -1025,7 +1025,10 @@ impl Destination {
                 memory: crate::memory::memory_use(&*mem),
                 total_ms: started.elapsed().as_secs_f64() * 1e3,
                 downtime_ms: r.downtime.as_secs_f64() * 1e3,
-                cpu: meter.finish(r.hooks_cpu, r.payload_bytes),
+                cpu: crate::cpu::CpuUse {
+                    first_touch_s: r.first_touch.as_secs_f64(),
+                    ..meter.finish(r.hooks_cpu, r.payload_bytes)
+                },
             }),
             // Committed: the source has let go, nothing to tell it.
             Err(e @ MigrationError::ResumeFailed(_)) => {
@@ -1172,6 +1175,7 @@ fn log_outcome(result: &Result<DestSummary>) {
             total_ms = s.total_ms,
             cpu_s = s.cpu.ferry_s,
             cpu_s_per_gib = s.cpu.ferry_s_per_gib,
+            first_touch_s = s.cpu.first_touch_s,
             digest = %s.digest,
             "migration committed"
         ),
@@ -1260,6 +1264,8 @@ struct Received {
     downtime: Duration,
     /// CPU time of the restore and resume hooks (the guest's work).
     hooks_cpu: Duration,
+    /// CPU time spent populating fresh memory where pages landed.
+    first_touch: Duration,
 }
 
 /// The sum of one counter over every channel's counters.
@@ -1646,6 +1652,7 @@ impl Receive<'_> {
             audit,
             downtime,
             hooks_cpu,
+            first_touch: Duration::from_nanos(total(all_counters, |c| &c.first_touch_ns)),
         })
     }
 }

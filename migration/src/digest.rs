@@ -38,6 +38,8 @@ pub struct Scan {
     pub mismatched: u64,
     /// The lowest guest address among them.
     pub first_mismatch: Option<u64>,
+    /// CPU time the scan's worker threads used.
+    pub cpu: std::time::Duration,
 }
 
 impl Scan {
@@ -46,6 +48,7 @@ impl Scan {
         self.data_pages += o.data_pages;
         self.evidence.apply(o.evidence.0);
         self.mismatched += o.mismatched;
+        self.cpu += o.cpu;
         self.first_mismatch = match (self.first_mismatch, o.first_mismatch) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -92,6 +95,7 @@ fn scan<M: GuestMemoryBackend + Sync>(mem: &M, key: &PageKey, table: Option<&Pag
             .chunks(per)
             .map(|part| {
                 s.spawn(move || {
+                    let started = ferry_ffi::cpu::thread_times().ok();
                     let mut out = Scan::default();
                     let mut buf = Vec::new();
                     for &(start, off, len, index) in part {
@@ -109,6 +113,9 @@ fn scan<M: GuestMemoryBackend + Sync>(mem: &M, key: &PageKey, table: Option<&Pag
                             scan_block(b, gpa + at as u64, index + pages, key, table, &mut out);
                             Ok(())
                         });
+                    }
+                    if let (Some(a), Ok(b)) = (started, ferry_ffi::cpu::thread_times()) {
+                        out.cpu = b.since(&a).total();
                     }
                     out
                 })
@@ -189,20 +196,25 @@ mod tests {
         let l = default_layout(9 << 20).unwrap();
         let a = source_memory(&l).unwrap();
         let b = dest_memory(&l).unwrap();
-        let ea = memory_evidence(&a, &key());
+        // What a scan found, without the CPU time it took.
+        let found = |s: Scan| Scan {
+            cpu: std::time::Duration::ZERO,
+            ..s
+        };
+        let ea = found(memory_evidence(&a, &key()));
         assert_eq!(
             ea,
-            memory_evidence(&b, &key()),
+            found(memory_evidence(&b, &key())),
             "same content, different bitmaps"
         );
         assert_eq!(ea.evidence, Evidence(0), "zero memory has zero evidence");
         assert_eq!(ea.pages, (9 << 20) / 4096);
         a.write_slice(&[1], GuestAddress((9 << 20) - 1)).unwrap();
-        let ea = memory_evidence(&a, &key());
+        let ea = found(memory_evidence(&a, &key()));
         assert_ne!(ea.evidence, memory_evidence(&b, &key()).evidence);
         assert_eq!(ea.data_pages, 1);
         b.write_slice(&[1], GuestAddress((9 << 20) - 1)).unwrap();
-        assert_eq!(ea, memory_evidence(&b, &key()));
+        assert_eq!(ea, found(memory_evidence(&b, &key())));
         // Another key, another evidence.
         let other = PageKey::from_secrets([4; 192], [5; 192]);
         assert_ne!(ea.evidence, memory_evidence(&a, &other).evidence);

@@ -561,6 +561,8 @@ pub struct Audit {
     pub first_mismatch: Option<u64>,
     /// How long it took (after the pause), milliseconds.
     pub duration_ms: f64,
+    /// CPU seconds it took (its worker threads).
+    pub cpu_s: f64,
 }
 
 impl Audit {
@@ -607,6 +609,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
         let meter = crate::cpu::CpuMeter::start(self.guest.cpu_time());
         let mut summary = self.migrate_measured().await?;
         summary.cpu = meter.finish(self.guest.cpu_time(), summary.payload_bytes);
+        summary.cpu.audit_s = summary.audit.cpu_s;
         Ok(summary)
     }
 
@@ -1733,6 +1736,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                     mismatched_pages: scan.mismatched,
                     first_mismatch: scan.first_mismatch,
                     duration_ms,
+                    cpu_s: scan.cpu.as_secs_f64(),
                 }
             }
             Err(e) => {

@@ -50,6 +50,7 @@ pub mod handshake;
 pub mod keys;
 pub mod layout;
 pub mod net;
+pub mod option;
 pub mod policy;
 pub mod rdma;
 pub mod relay;

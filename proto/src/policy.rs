@@ -9,7 +9,8 @@
 //! consent) on both ends, and its control connection keeps TLS all the
 //! same (it carries what admits the RDMA channels).
 
-use crate::control::{PerformanceOption, RejectReason};
+use crate::control::RejectReason;
+use crate::option::PerformanceOption;
 
 /// Why the RDMA option needs `--plaintext` (the source's message).
 pub const RDMA_NOT_ENCRYPTED: &str = "--performance-option rdma needs --plaintext on both ends: RDMA data channels move pages by RDMA WRITE, unencrypted (its control connection keeps TLS). Use --performance-option tcp or compression to encrypt, or add --plaintext to ferry send and ferry listen on a trusted, isolated migration network";

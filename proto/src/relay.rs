@@ -45,10 +45,10 @@ use xxhash_rust::xxh3::{xxh3_128_with_secret, Xxh3};
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::control::PerformanceOption;
 use crate::error::{Result, WireError};
 use crate::keys::{MacKey, SessionKeys, SECRET_LEN};
 use crate::net::Cidr;
+use crate::option::PerformanceOption;
 
 /// Default window of one stream direction: bytes a sender may have read
 /// beyond what the receiver delivered into its hypervisor socket.

@@ -77,8 +77,18 @@ fn listen_and_send_in_two_processes_commit_with_verified_digest() {
         (f("ferry_s_per_gib") - f("ferry_s") / gib).abs() < 1e-6,
         "{cpu}"
     );
+    // Its parts: the source's audit after the commit (its workers' CPU
+    // time), and populating fresh memory where pages land (the
+    // destination's only: its summary line names it).
+    assert!(f("audit_s") > 0.0 && f("audit_s") <= f("ferry_s"), "{cpu}");
+    assert_eq!(f("first_touch_s"), 0.0, "{cpu}");
     assert!(src.stdout.contains("CPU (this side"), "{}", src.all());
     assert!(dest.stdout.contains("s/GiB"), "{}", dest.all());
+    assert!(
+        dest.stdout.contains("of it populating fresh memory"),
+        "{}",
+        dest.all()
+    );
 }
 
 #[test]

@@ -612,9 +612,14 @@ fn pages_rewritten_in_flight_never_commit_even_with_forged_tags() {
         }),
     );
     let s = assert_committed(&src, &dest.stdout, &c.json());
+    // The rewritten chunk 2 is sent again: as the answer to its Mismatch
+    // ack, or, when chunk 4's refusal fails their shared channel before
+    // that ack is read, with the channel's unacknowledged chunks on the
+    // other (which of the two depends on timing, not on the rule).
     assert!(
-        s["crc_resends"].as_u64().unwrap() >= 1,
-        "the rewritten page was sent again: {s}"
+        s["crc_resends"].as_u64().unwrap() >= 1 || src.stdout.contains("chunks requeued"),
+        "the rewritten page was sent again: {s}\n{}",
+        src.all()
     );
     assert!(
         dest.all().contains("invalid chunk header tag"),

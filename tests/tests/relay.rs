@@ -304,6 +304,24 @@ fn hop_with(
     to
 }
 
+/// Waits until `from`'s migration has sent `bytes`; it must still be
+/// running then (a case that kills something mid-migration).
+fn sent_at_least(d: &mut QemuDriver, from: &Guest, name: &str, bytes: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let q = d.ok("query_migrate", json!({ "name": from.name }));
+        assert!(
+            q["status"] != "completed" && q["status"] != "failed",
+            "{name}: migration ended before the kill: {q}"
+        );
+        if q["ram"]["transferred"].as_u64().unwrap_or(0) >= bytes {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name}: no progress: {q}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The destination QEMU is killed once `kill_after` bytes went: the source
 /// reports a failed migration and its guest runs on, check passing.
 fn destination_dies(
@@ -318,20 +336,7 @@ fn destination_dies(
     let (_to, uri) = start_destination(d, name, other(from.ns), route, port, 0, from);
     let before = passes(d, from).last().map(|p| p.0).unwrap_or(0);
     d.ok("migrate", json!({ "name": from.name, "uri": uri }));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let q = d.ok("query_migrate", json!({ "name": from.name }));
-        let sent = q["ram"]["transferred"].as_u64().unwrap_or(0);
-        assert!(
-            q["status"] != "completed" && q["status"] != "failed",
-            "{name}: migration ended before the kill: {q}"
-        );
-        if sent >= kill_after {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{name}: no progress: {q}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    sent_at_least(d, from, name, kill_after);
     d.ok("kill", json!({ "name": name }));
     let m = d.ok(
         "wait_migration",
@@ -364,19 +369,7 @@ fn relay_destination_dies(
     let relay = start_relay(from.ns, to_ns, port, &[]);
     let before = passes(d, from).last().map(|p| p.0).unwrap_or(0);
     d.ok("migrate", json!({ "name": from.name, "uri": uri }));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let q = d.ok("query_migrate", json!({ "name": from.name }));
-        assert!(
-            q["status"] != "completed" && q["status"] != "failed",
-            "{name}: migration ended before the kill: {q}"
-        );
-        if q["ram"]["transferred"].as_u64().unwrap_or(0) >= kill_after {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{name}: no progress: {q}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    sent_at_least(d, from, name, kill_after);
     let daemon = daemons.remove(to_ns).expect("daemon");
     ferry_tests::sigkill(daemon.pid());
     let _ = daemon.wait(Duration::from_secs(10));
@@ -493,17 +486,7 @@ fn a_running_guest_migrated_by_qemu_over_the_bed_runs_on_with_its_memory_intact(
     // 6. A link (not the control connection's) taken down mid-migration:
     //    its channel fails over, the migration completes.
     let g6 = hop_with(&mut d, &g5, "g6", Route::Relay, 4406, 0, |d, from| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let q = d.ok("query_migrate", json!({ "name": from.name }));
-            if q["ram"]["transferred"].as_u64().unwrap_or(0) >= 64 << 20
-                || q["status"] == "completed"
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "no progress: {q}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        sent_at_least(d, from, "g6", 64 << 20);
         let dev = if from.ns == SRC_NS { "fsrc2" } else { "fdst2" };
         let st = std::process::Command::new("ip")
             .args(["-n", from.ns, "link", "set", dev, "down"])

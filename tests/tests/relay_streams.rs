@@ -471,9 +471,7 @@ fn a_channel_cut_mid_stream_fails_over_to_the_others() {
     });
     let len = 48 << 20;
     let c = client(listen, 0, len);
-    while read.load(Ordering::SeqCst) < 4 << 20 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_bytes(&read, 4 << 20);
     // Connection 0 is the control connection; 1..=3 the data channels.
     proxy.cut(2);
     let results = join(vec![c]);
@@ -520,9 +518,7 @@ fn losing_every_channel_resets_both_hypervisors_connections() {
     // relay, so only SO_LINGER 0 turns its close into a reset.
     let mut waiting = TcpStream::connect(listen).unwrap();
     waiting.write_all(&1u32.to_le_bytes()).unwrap();
-    while read.load(Ordering::SeqCst) < 1 << 20 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_bytes(&read, 1 << 20);
     std::thread::sleep(Duration::from_millis(200));
     proxy.cut(1);
     let err = finish(&rt, run).expect_err("no channel left");
@@ -550,6 +546,13 @@ fn losing_every_channel_resets_both_hypervisors_connections() {
     );
 }
 
+/// Waits until the destination hypervisor has read `bytes`.
+fn wait_bytes(read: &AtomicU64, bytes: u64) {
+    while read.load(Ordering::SeqCst) < bytes {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn wait_for(f: impl Fn() -> bool, what: &str) {
     for _ in 0..500 {
         if f() {
@@ -568,9 +571,7 @@ fn the_destination_gone_resets_the_source_hypervisors_connections() {
     let e = echo(None, read.clone());
     let (listen, run) = start_relay(&rt, addr, e.addr, |_| {});
     let c = client(listen, 0, 256 << 20);
-    while read.load(Ordering::SeqCst) < 1 << 20 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_bytes(&read, 1 << 20);
     daemon_task.abort();
     let err = finish(&rt, run).expect_err("the destination is gone");
     assert!(
@@ -587,9 +588,7 @@ fn the_source_relay_gone_resets_the_destination_hypervisors_connections() {
     let e = echo(None, read.clone());
     let (listen, run) = start_relay(&rt, addr, e.addr, |_| {});
     let c = client(listen, 0, 256 << 20);
-    while read.load(Ordering::SeqCst) < 1 << 20 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_bytes(&read, 1 << 20);
     run.abort();
     wait_for(
         || {
@@ -717,9 +716,7 @@ fn relay_cli_destination_killed_resets_the_source_hypervisor_and_exits_one() {
     );
     let listen = ready_addr(&p);
     let c = client(listen, 0, 1 << 30);
-    while read.load(Ordering::SeqCst) < 1 << 20 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_bytes(&read, 1 << 20);
     ferry_tests::sigkill(dest.pid());
     let out = p.wait(LONG);
     assert_eq!(out.status.code(), Some(1), "{}", out.all());

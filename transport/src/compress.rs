@@ -36,7 +36,9 @@
 //! first (four 16 KiB pieces) and gives up if that does not shrink either;
 //! after two failures in a row, chunks of that granule skip the pool
 //! altogether, 1, 2, 4, … up to [`MAX_SKIP`] of them between attempts
-//! (back-off). One chunk that compresses ends the back-off. A skipped chunk is not even copied: the engine's page
+//! (back-off). One chunk that compresses ends the back-off. A granule seen
+//! for the first time starts where the one below it is when that one is
+//! backing off, so a large region of random memory is learnt once. A skipped chunk is not even copied: the engine's page
 //! pass asks [`CopyHint::wants_copy`] when it starts a chunk and, told no,
 //! reads each page into one scratch page for its hash as on plain TCP, and
 //! the chunk goes out as plain TCP sends it (the kernel copies from guest
@@ -156,41 +158,60 @@ impl Compressibility {
         self.granules.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The record of the granule at `gpa`. A granule seen for the first
+    /// time starts where the one below it is, if that one is backing off
+    /// (memory next to memory that does not compress rarely does: a large
+    /// region of it is learnt once, not once per granule).
+    fn granule(g: &mut HashMap<u64, Backoff>, gpa: u64) -> &mut Backoff {
+        let k = gpa / GRANULE;
+        let below = k
+            .checked_sub(1)
+            .and_then(|p| g.get(&p))
+            .filter(|b| b.fails >= 2)
+            .map(|b| Backoff {
+                fails: b.fails,
+                skip: skip_after(b.fails),
+            });
+        g.entry(k).or_insert(below.unwrap_or_default())
+    }
+
     /// Whether an attempt on the chunk at `gpa` should compress a sample
     /// first (its granule's last attempt failed).
     fn sample_first(&self, gpa: u64) -> bool {
-        self.lock()
-            .get(&(gpa / GRANULE))
-            .is_some_and(|b| b.fails > 0)
+        Self::granule(&mut self.lock(), gpa).fails > 0
     }
 
     /// Records an attempt on the chunk at `gpa`.
     fn learned(&self, gpa: u64, shrank: bool) {
         let mut g = self.lock();
-        let b = g.entry(gpa / GRANULE).or_default();
+        let b = Self::granule(&mut g, gpa);
         if shrank {
             *b = Backoff::default();
         } else {
-            // One failure: the next attempt samples first; from the second
-            // in a row on, 1, 2, 4, ... chunks skip the pool.
             b.fails = b.fails.saturating_add(1);
-            b.skip = match b.fails {
-                1 => 0,
-                n => 1u32.checked_shl(n - 2).unwrap_or(MAX_SKIP).min(MAX_SKIP),
-            };
+            b.skip = skip_after(b.fails);
         }
+    }
+}
+
+/// Chunks skipped after `fails` failed attempts in a row: none after one
+/// (the next attempt samples first), then 1, 2, 4, ... up to [`MAX_SKIP`].
+fn skip_after(fails: u32) -> u32 {
+    match fails {
+        0 | 1 => 0,
+        n => 1u32.checked_shl(n - 2).unwrap_or(MAX_SKIP).min(MAX_SKIP),
     }
 }
 
 impl CopyHint for Compressibility {
     fn wants_copy(&self, gpa: u64) -> bool {
         let mut g = self.lock();
-        match g.get_mut(&(gpa / GRANULE)) {
-            Some(b) if b.skip > 0 => {
-                b.skip -= 1;
-                false
-            }
-            _ => true,
+        let b = Self::granule(&mut g, gpa);
+        if b.skip > 0 {
+            b.skip -= 1;
+            false
+        } else {
+            true
         }
     }
 }
@@ -1428,8 +1449,16 @@ mod tests {
                 .count();
             assert_eq!(skipped, want);
         }
-        // Other granules are not affected.
-        assert!(h.wants_copy(0) && h.wants_copy(2 * g) && !h.sample_first(2 * g));
+        // The granule below is not affected; the one above, seen for the
+        // first time, starts backing off where this one is (16 skipped).
+        assert!(h.wants_copy(0) && !h.sample_first(0));
+        assert!(h.sample_first(2 * g));
+        let skipped = std::iter::from_fn(|| (!h.wants_copy(2 * g)).then_some(()))
+            .take(100)
+            .count();
+        assert_eq!(skipped, 16);
+        // A granule above one that compresses starts fresh.
+        assert!(h.wants_copy(4 * g) && !h.sample_first(4 * g));
         // A chunk that shrank ends the back-off.
         h.learned(g, false);
         h.learned(g, true);

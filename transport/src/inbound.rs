@@ -36,6 +36,10 @@ pub struct RecvCounters {
     pub round: AtomicU64,
     /// Chunks that arrived compressed.
     pub compressed_chunks: AtomicU64,
+    /// CPU time spent populating the pages chunks were about to land in
+    /// ([`prefault`](crate::tcp)), nanoseconds: the first touch of fresh
+    /// guest memory.
+    pub first_touch_ns: AtomicU64,
 }
 
 /// What every data channel of one incoming migration shares (TCP and RDMA

@@ -519,12 +519,18 @@ pub(crate) fn test_page_key() -> ferry_proto::PageKey {
 /// Contents do not change (a missing page reads as zero either way) and
 /// only pages data is about to land in are populated, so memory still
 /// costs only where data lands. Kernels before 5.14 refuse the advice:
-/// pages then fault as they land, as before.
-fn prefault<M: GuestMem>(mem: &M, runs: &[PageRun]) {
+/// pages then fault as they land, as before (and `first_touch_ns` does
+/// not see them). Returns the CPU time it took (this thread's).
+fn prefault<M: GuestMem>(mem: &M, runs: &[PageRun]) -> Duration {
+    let before = ferry_ffi::cpu::thread_times().ok();
     for r in runs.iter().filter(|r| !r.zero) {
         if let Ok(slice) = crate::guest::run_slice(mem, r) {
             let _ = vio::advise(&slice, vio::Advice::PopulateWrite);
         }
+    }
+    match (before, ferry_ffi::cpu::thread_times()) {
+        (Some(b), Ok(a)) => a.since(&b).total(),
+        _ => Duration::ZERO,
     }
 }
 
@@ -965,7 +971,10 @@ async fn receive_frame<M: GuestMem>(
     for r in runs.iter().filter(|r| r.zero) {
         land_zero_run(&mut claim, mem, r, &mut tally)?;
     }
-    prefault(mem, runs);
+    let touched = prefault(mem, runs);
+    counters
+        .first_touch_ns
+        .fetch_add(touched.as_nanos() as u64, Ordering::Relaxed);
     let decoded = match f.codec {
         None => {
             match stream {
