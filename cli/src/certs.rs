@@ -114,37 +114,11 @@ fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use ferry_transport::auth::AuthKey;
-    use ferry_transport::stream::Stream;
+    use ferry_transport::tls::testing::{exchange, handshake};
     use ferry_transport::tls::TlsConfig;
-    use ferry_transport::Result;
-    use std::time::Duration;
-    use tokio::net::TcpStream;
 
     fn key(b: u8) -> AuthKey {
         AuthKey::new(vec![b; 32]).unwrap()
-    }
-
-    async fn handshake(client: &TlsConfig, server: &TlsConfig) -> (Result<Stream>, Result<Stream>) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (b, _) = l.accept().await.unwrap();
-        let t = Duration::from_secs(5);
-        let (c, s) = tokio::join!(client.connect(a, t), server.accept(b, t));
-        (c, s)
-    }
-
-    async fn exchange(c: Result<Stream>, s: Result<Stream>) -> std::result::Result<(), String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut c, mut s) = (c.map_err(|e| e.to_string())?, s.map_err(|e| e.to_string())?);
-        c.write_all(b"ping").await.map_err(|e| e.to_string())?;
-        c.flush().await.map_err(|e| e.to_string())?;
-        let mut buf = [0u8; 4];
-        s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-        s.write_all(b"pong").await.map_err(|e| e.to_string())?;
-        s.flush().await.map_err(|e| e.to_string())?;
-        c.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-        assert_eq!(&buf, b"pong");
-        Ok(())
     }
 
     #[tokio::test]

@@ -451,15 +451,18 @@ impl ServerCertVerifier for AnyNameVerifier {
     }
 }
 
-#[cfg(test)]
-mod tests {
+/// Test support (this crate's tests, and `ferry gen-certs`'s in
+/// ferry-cli through the `test-support` feature): a TLS handshake between
+/// two settings over loopback, and a ping-pong through the result.
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing {
     use super::*;
 
-    fn key(b: u8) -> AuthKey {
-        AuthKey::new(vec![b; 32]).unwrap()
-    }
-
-    async fn handshake(client: &TlsConfig, server: &TlsConfig) -> (Result<Stream>, Result<Stream>) {
+    /// Connects `client` to `server` over loopback: both ends' results.
+    pub async fn handshake(
+        client: &TlsConfig,
+        server: &TlsConfig,
+    ) -> (Result<Stream>, Result<Stream>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (b, _) = l.accept().await.unwrap();
@@ -468,7 +471,8 @@ mod tests {
         (c, s)
     }
 
-    async fn exchange(c: Result<Stream>, s: Result<Stream>) -> std::result::Result<(), String> {
+    /// Sends "ping" one way and "pong" back through a handshake's ends.
+    pub async fn exchange(c: Result<Stream>, s: Result<Stream>) -> std::result::Result<(), String> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut c, mut s) = (c.map_err(|e| e.to_string())?, s.map_err(|e| e.to_string())?);
         c.write_all(b"ping").await.map_err(|e| e.to_string())?;
@@ -480,6 +484,16 @@ mod tests {
         c.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
         assert_eq!(&buf, b"pong");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{exchange, handshake};
+    use super::*;
+
+    fn key(b: u8) -> AuthKey {
+        AuthKey::new(vec![b; 32]).unwrap()
     }
 
     #[tokio::test]
