@@ -475,6 +475,51 @@ impl Destination {
         });
     }
 
+    /// Registers `migration_id` as expecting `channels` data channels, each
+    /// admitted with the session's data-channel key and encrypted like the
+    /// control connection `conn`; they arrive on the returned receiver.
+    fn expect_channels(
+        &self,
+        migration_id: u64,
+        channels: u16,
+        conn: &Conn,
+        keys: &ferry_proto::SessionKeys,
+    ) -> mpsc::Receiver<Stream> {
+        let (tx, rx) = mpsc::channel(usize::from(channels));
+        self.pending.lock().expect("pending").insert(
+            migration_id,
+            PendingChannels {
+                tx,
+                left: channels,
+                encrypted: conn.is_encrypted(),
+                key: keys.data_channel.clone(),
+            },
+        );
+        rx
+    }
+
+    /// The interfaces a source may open data channels to: this host's,
+    /// narrowed to `--migration-network` and the listening address family
+    /// (logged; none when they cannot be read, and the source then uses
+    /// the control connection's address).
+    fn advertised_interfaces(
+        &self,
+        migration_id: u64,
+        listen_ip: IpAddr,
+    ) -> Vec<ferry_proto::net::NetInterface> {
+        let local = nics::discover().unwrap_or_else(|e| {
+            tracing::warn!("{e}; advertising no interface");
+            Vec::new()
+        });
+        let interfaces = nics::advertised(&local, &self.opts.migration_networks, listen_ip);
+        tracing::info!(
+            migration_id,
+            interfaces = ?interfaces.iter().map(|i| i.addr).collect::<Vec<_>>(),
+            "advertising data-channel interfaces"
+        );
+        interfaces
+    }
+
     /// Waits for a migration slot: at once when one is free, else in the
     /// queue (`--queue`, at most `--queue-timeout`), else refused as busy
     /// with the numbers.
@@ -944,20 +989,8 @@ impl Destination {
         let rdma_exposure = rdma.as_ref().map(|r| r.exposure());
         #[cfg(feature = "rdma")]
         let _revoke_on_exit = rdma_exposure.clone().map(crate::rdma::RevokeOnDrop);
-        let (tx, rx) = mpsc::channel(usize::from(offer.channels));
         tracing::Span::current().record("migration_id", migration_id);
-        let Some(keys) = conn.session_keys() else {
-            return Err(TransportError::AuthFailed("no session keys after authentication").into());
-        };
-        self.pending.lock().expect("pending").insert(
-            migration_id,
-            PendingChannels {
-                tx,
-                left: offer.channels,
-                encrypted: conn.is_encrypted(),
-                key: keys.data_channel.clone(),
-            },
-        );
+        let rx = self.expect_channels(migration_id, offer.channels, &conn, &keys);
         let peer = conn.peer().to_string();
         tracing::info!(
             migration_id,
@@ -965,16 +998,7 @@ impl Destination {
             bytes = offer.layout.total_bytes(),
             "offer accepted"
         );
-        let local = nics::discover().unwrap_or_else(|e| {
-            tracing::warn!("{e}; advertising no interface");
-            Vec::new()
-        });
-        let interfaces = nics::advertised(&local, &self.opts.migration_networks, listen_ip);
-        tracing::info!(
-            migration_id,
-            interfaces = ?interfaces.iter().map(|i| i.addr).collect::<Vec<_>>(),
-            "advertising data-channel interfaces"
-        );
+        let interfaces = self.advertised_interfaces(migration_id, listen_ip);
         let accepted = conn
             .send(&Msg::Accept(Accept {
                 migration_id,
@@ -1108,18 +1132,8 @@ impl Destination {
         };
         let migration_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         tracing::Span::current().record("migration_id", migration_id);
-        let (tx, rx) = mpsc::channel(usize::from(offer.channels));
-        self.pending.lock().expect("pending").insert(
-            migration_id,
-            PendingChannels {
-                tx,
-                left: offer.channels,
-                encrypted: conn.is_encrypted(),
-                key: keys.data_channel.clone(),
-            },
-        );
-        let local = nics::discover().unwrap_or_default();
-        let interfaces = nics::advertised(&local, &self.opts.migration_networks, listen_ip);
+        let rx = self.expect_channels(migration_id, offer.channels, &conn, &keys);
+        let interfaces = self.advertised_interfaces(migration_id, listen_ip);
         let peer = conn.peer().to_string();
         tracing::info!(migration_id, peer, deliver_to = %deliver_to, "relay accepted");
         let result = match conn
