@@ -43,6 +43,7 @@ pub mod conn;
 pub mod error;
 pub mod guest;
 pub mod inbound;
+pub mod inflight;
 pub mod multichannel;
 pub mod pool;
 pub mod ratelimit;

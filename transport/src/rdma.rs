@@ -67,6 +67,7 @@ use zerocopy::IntoBytes;
 
 use crate::error::{Result, TransportError};
 use crate::inbound::{Checked, Inbound, RecvCounters};
+use crate::inflight::InFlight;
 use crate::layout::PAGE_SIZE;
 use crate::layout::{MemoryLayout, PageRun};
 use crate::multichannel::{ChannelPath, ChannelSender, Unlanded};
@@ -76,7 +77,7 @@ use crate::rdma_wire::{
 };
 use crate::tcp::{claim_runs, land_zero_run, Tally};
 use crate::wire::{self, AckFrame, AckStatus, ChunkHeader, HEADER_LEN, MAX_RUNS};
-use crate::{Caps, ChannelStats, Chunk, Flushed, Transport};
+use crate::{Caps, ChannelStats, Chunk, Flushed, PageData, Transport};
 use ferry_proto::MacKey;
 use ferry_proto::WireError;
 
@@ -276,16 +277,15 @@ struct Pair<B: Bitmap + 'static> {
     desc: Arc<MemoryRegion<AnonBuffer>>,
     acks: Arc<MemoryRegion<AnonBuffer>>,
     free: Vec<usize>,
-    unacked: HashMap<u64, (Chunk, usize)>,
+    /// Chunks posted, not yet acknowledged, with their descriptor slot and
+    /// the bytes the WRITEs read (kept until the ack).
+    unacked: InFlight<(usize, Option<PageData>)>,
     end_sent: bool,
     end_acked: bool,
     wcs: Vec<Completion>,
     stats: ChannelStats,
     /// The session's frame key: descriptors' header tags, acks' tags.
     frame: MacKey,
-    /// Runs of chunks the destination asked for again (payload tag
-    /// mismatch, pages busy), until the next flush.
-    resend: Vec<PageRun>,
 }
 
 impl<B: Bitmap + Send + Sync + 'static> Pair<B> {
@@ -324,16 +324,10 @@ impl<B: Bitmap + Send + Sync + 'static> Pair<B> {
                     return Err(format!("destination refused the end frame: {status:?}"));
                 }
                 self.end_acked = true;
-            } else if let Some((chunk, dslot)) = self.unacked.remove(&seq) {
+            } else if let Some((dslot, _data)) = self.unacked.acked(seq, status, &mut self.stats) {
+                // Not landed (a guest write raced the RDMA WRITE, or the
+                // pages were damaged, or busy): its runs are sent again.
                 self.free.push(dslot);
-                self.stats.chunks += 1;
-                if status != AckStatus::Landed {
-                    // A guest write raced the RDMA WRITE (or the pages were
-                    // damaged, or busy): sent again in the next round.
-                    tracing::debug!(seq, ?status, "destination asked for the chunk again");
-                    self.stats.crc_resends += 1;
-                    self.resend.extend(chunk.runs);
-                }
             } else {
                 return Err(format!("ack for chunk {seq}, which is not in flight here"));
             }
@@ -377,7 +371,10 @@ impl<B: Bitmap + Send + Sync + 'static> Pair<B> {
         };
         match self.post_chunk_in(&chunk, slot, layout, timeout).await {
             Ok(()) => {
-                self.unacked.insert(chunk.seq, (chunk, slot));
+                let Chunk {
+                    seq, runs, data, ..
+                } = chunk;
+                self.unacked.sent(seq, runs, (slot, data));
                 Ok(())
             }
             Err(e) => {
@@ -562,7 +559,7 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaChannelSender<B> {
                 desc,
                 acks,
                 free: (0..DESC_SLOTS).rev().collect(),
-                unacked: HashMap::new(),
+                unacked: InFlight::default(),
                 end_sent: false,
                 end_acked: false,
                 wcs: Vec::new(),
@@ -571,7 +568,6 @@ impl<B: Bitmap + Send + Sync + 'static> RdmaChannelSender<B> {
                     ..Default::default()
                 },
                 frame: frame.clone(),
-                resend: Vec::new(),
             };
             for s in 0..DESC_SLOTS {
                 let seg = Segment::new(&pair.acks, s * ACK_BYTES, ACK_BYTES)
@@ -662,7 +658,7 @@ impl<B: Bitmap + Send + Sync + 'static> Transport for RdmaChannelSender<B> {
             self.reap().await?;
         }
         Ok(Flushed {
-            resend: std::mem::take(&mut self.pair.resend),
+            resend: self.pair.unacked.take_resend(),
         })
     }
 
@@ -691,12 +687,8 @@ impl<B: Bitmap + Send + Sync + 'static> ChannelSender for RdmaChannelSender<B> {
     /// descriptors were not acknowledged.
     fn unlanded(&mut self) -> Unlanded {
         drop(self.pair.conn.take());
-        let mut in_flight: Vec<u64> = self.pair.unacked.keys().copied().collect();
-        in_flight.sort_unstable();
-        Unlanded::Known {
-            in_flight,
-            resend: std::mem::take(&mut self.pair.resend),
-        }
+        let (in_flight, resend) = self.pair.unacked.take_unlanded();
+        Unlanded::Known { in_flight, resend }
     }
 }
 

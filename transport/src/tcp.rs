@@ -23,7 +23,6 @@
 //! its encryption runs in its own task and channels spread over cores. The
 //! plain path is unchanged.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::os::fd::AsFd;
 use std::pin::Pin;
@@ -48,6 +47,7 @@ use ferry_proto::WireError;
 pub(crate) use crate::guest::{claim_runs, land_zero_run, Tally};
 use crate::inbound::Checked;
 pub use crate::inbound::{Inbound, RecvCounters};
+use crate::inflight::InFlight;
 #[cfg(test)]
 use crate::layout::MemoryLayout;
 use crate::layout::PageRun;
@@ -82,12 +82,12 @@ pub struct TcpSender<M: GuestMem> {
     mem: Arc<M>,
     write: Wire,
     acks: mpsc::UnboundedReceiver<Result<(u64, AckStatus)>>,
-    /// Sequence number -> (runs, bytes counted against the window).
-    in_flight: HashMap<u64, (Vec<PageRun>, u64)>,
+    /// Chunks sent, not yet acknowledged, with the bytes each counts
+    /// against the window.
+    in_flight: InFlight<u64>,
     in_flight_bytes: u64,
     window: u64,
     timeout: Duration,
-    resend: Vec<PageRun>,
     stats: ChannelStats,
     ack_task: tokio::task::JoinHandle<()>,
     /// `--bandwidth-limit`, shared with the migration's other channels.
@@ -157,11 +157,10 @@ impl<M: GuestMem> TcpSender<M> {
             mem,
             write,
             acks,
-            in_flight: HashMap::new(),
+            in_flight: InFlight::default(),
             in_flight_bytes: 0,
             window: DEFAULT_WINDOW,
             timeout,
-            resend: Vec::new(),
             stats: ChannelStats {
                 channel,
                 ..Default::default()
@@ -195,25 +194,16 @@ impl<M: GuestMem> TcpSender<M> {
 
     fn apply_ack(&mut self, ack: Result<(u64, AckStatus)>) -> Result<()> {
         let (seq, status) = ack?;
-        let (runs, bytes) = self.in_flight.remove(&seq).ok_or_else(|| {
-            TransportError::Wire(WireError::Invalid {
-                field: "ack sequence number",
-                detail: format!("{seq} is not in flight"),
-            })
-        })?;
+        let bytes = self
+            .in_flight
+            .acked(seq, status, &mut self.stats)
+            .ok_or_else(|| {
+                TransportError::Wire(WireError::Invalid {
+                    field: "ack sequence number",
+                    detail: format!("{seq} is not in flight"),
+                })
+            })?;
         self.in_flight_bytes -= bytes;
-        self.stats.chunks += 1;
-        if status != AckStatus::Landed {
-            // Expected now and then during pre-copy (a guest write racing our
-            // read of the page); counted in the summary, so not a warning.
-            tracing::debug!(
-                seq,
-                ?status,
-                "destination asked for the chunk again; its pages will be sent again"
-            );
-            self.stats.crc_resends += 1;
-            self.resend.extend(runs);
-        }
         Ok(())
     }
 
@@ -273,10 +263,7 @@ impl<M: GuestMem> TcpSender<M> {
     /// last flush. Multichannel sends them again on another channel; this
     /// one is not used again.
     pub fn take_unlanded(&mut self) -> (Vec<u64>, Vec<PageRun>) {
-        (
-            self.in_flight.keys().copied().collect(),
-            std::mem::take(&mut self.resend),
-        )
+        self.in_flight.take_unlanded()
     }
 
     /// Waits until `bytes` more fit the window.
@@ -294,7 +281,7 @@ impl<M: GuestMem> TcpSender<M> {
         self.stats.bytes_on_wire += wire;
         self.stats.payload_bytes += chunk.payload_bytes();
         self.in_flight_bytes += window_bytes;
-        self.in_flight.insert(chunk.seq, (chunk.runs, window_bytes));
+        self.in_flight.sent(chunk.seq, chunk.runs, window_bytes);
     }
 
     /// Sends `chunk`'s pages as `frame`, built by the caller (an encoded
@@ -432,7 +419,7 @@ impl<M: GuestMem> Transport for TcpSender<M> {
             self.wait_ack().await?;
         }
         Ok(Flushed {
-            resend: std::mem::take(&mut self.resend),
+            resend: self.in_flight.take_resend(),
         })
     }
 
