@@ -340,7 +340,6 @@ fn label(first: &[u8]) -> String {
 /// Reads the hypervisor's bytes of one stream while there is credit.
 async fn pump_out(sh: Arc<Shared>, slot: Arc<StreamSlot>, sock: Arc<TcpStream>) {
     let dir = sh.cfg.side.out_dir();
-    let mut buf = vec![0u8; sh.cfg.chunk as usize];
     loop {
         let credit = loop {
             let c = slot.inner.lock().expect("stream").send.credit();
@@ -349,7 +348,9 @@ async fn pump_out(sh: Arc<Shared>, slot: Arc<StreamSlot>, sock: Arc<TcpStream>) 
             }
             slot.credit.notified().await;
         };
-        let want = (credit as usize).min(buf.len());
+        // The chunk's own buffer, read into straight from the socket: it is
+        // what travels and what is kept for a resend until the ack.
+        let mut data = Vec::with_capacity((credit as usize).min(sh.cfg.chunk as usize));
         let n = loop {
             if let Err(e) = sock.readable().await {
                 return sh.fail(RelayFailure::Hypervisor(format!(
@@ -357,7 +358,7 @@ async fn pump_out(sh: Arc<Shared>, slot: Arc<StreamSlot>, sock: Arc<TcpStream>) 
                     slot.id
                 )));
             }
-            match sock.try_read(&mut buf[..want]) {
+            match sock.try_read_buf(&mut data) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
@@ -382,7 +383,11 @@ async fn pump_out(sh: Arc<Shared>, slot: Arc<StreamSlot>, sock: Arc<TcpStream>) 
             });
             return;
         }
-        let data = buf[..n].to_vec();
+        if data.capacity() > 2 * n {
+            // A short read (the return path's 8-byte messages) keeps only
+            // what it holds while it waits for its ack.
+            data.shrink_to_fit();
+        }
         let offset = {
             let mut i = slot.inner.lock().expect("stream");
             i.digest.update(&data);
