@@ -535,6 +535,18 @@ fn losing_every_channel_resets_both_hypervisors_connections() {
         Err(ErrorKind::ConnectionReset),
         "a waiting hypervisor connection is reset, not ended"
     );
+    wait_destination_reset(&e);
+}
+
+/// Waits until the destination hypervisor has read `bytes`.
+fn wait_bytes(read: &AtomicU64, bytes: u64) {
+    while read.load(Ordering::SeqCst) < bytes {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until the destination hypervisor's connection was reset.
+fn wait_destination_reset(e: &Echo) {
     wait_for(
         || {
             e.errors
@@ -544,13 +556,6 @@ fn losing_every_channel_resets_both_hypervisors_connections() {
         },
         "the destination hypervisor sees a reset",
     );
-}
-
-/// Waits until the destination hypervisor has read `bytes`.
-fn wait_bytes(read: &AtomicU64, bytes: u64) {
-    while read.load(Ordering::SeqCst) < bytes {
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 fn wait_for(f: impl Fn() -> bool, what: &str) {
@@ -563,15 +568,23 @@ fn wait_for(f: impl Fn() -> bool, what: &str) {
     panic!("timed out: {what}");
 }
 
+/// A relay carrying one long stream to an echo hypervisor, the first MiB
+/// already delivered: (the daemon's task, the echo, the relay, the source
+/// hypervisor's connection).
+fn streaming(rt: &tokio::runtime::Runtime) -> (tokio::task::JoinHandle<()>, Echo, Run, Client) {
+    let (addr, daemon_task, _) = daemon(rt, true);
+    let read = Arc::new(AtomicU64::new(0));
+    let e = echo(None, read.clone());
+    let (listen, run) = start_relay(rt, addr, e.addr, |_| {});
+    let c = client(listen, 0, 256 << 20);
+    wait_bytes(&read, 1 << 20);
+    (daemon_task, e, run, c)
+}
+
 #[test]
 fn the_destination_gone_resets_the_source_hypervisors_connections() {
     let rt = rt();
-    let (addr, daemon_task, _) = daemon(&rt, true);
-    let read = Arc::new(AtomicU64::new(0));
-    let e = echo(None, read.clone());
-    let (listen, run) = start_relay(&rt, addr, e.addr, |_| {});
-    let c = client(listen, 0, 256 << 20);
-    wait_bytes(&read, 1 << 20);
+    let (daemon_task, _e, run, c) = streaming(&rt);
     daemon_task.abort();
     let err = finish(&rt, run).expect_err("the destination is gone");
     assert!(
@@ -583,22 +596,9 @@ fn the_destination_gone_resets_the_source_hypervisors_connections() {
 #[test]
 fn the_source_relay_gone_resets_the_destination_hypervisors_connections() {
     let rt = rt();
-    let (addr, _d, _) = daemon(&rt, true);
-    let read = Arc::new(AtomicU64::new(0));
-    let e = echo(None, read.clone());
-    let (listen, run) = start_relay(&rt, addr, e.addr, |_| {});
-    let c = client(listen, 0, 256 << 20);
-    wait_bytes(&read, 1 << 20);
+    let (_d, e, run, c) = streaming(&rt);
     run.abort();
-    wait_for(
-        || {
-            e.errors
-                .lock()
-                .unwrap()
-                .contains(&ErrorKind::ConnectionReset)
-        },
-        "the destination hypervisor sees a reset",
-    );
+    wait_destination_reset(&e);
     drop(c);
 }
 
