@@ -1407,11 +1407,21 @@ impl Receive<'_> {
                         (ChannelEnd::NoneLeft, Some(Err(e))) => {
                             // A source that gives up says why (Abort) just
                             // before its channels close: prefer its reason.
-                            // (Messages before it, a RoundDone, are skipped.)
+                            // A control connection that closed is the cause
+                            // when the source's channels close because of it
+                            // (its end may be read after theirs). Messages
+                            // before either, a RoundDone, are skipped.
                             let until = tokio::time::Instant::now() + Duration::from_millis(200);
-                            while let Ok(Some(m)) = tokio::time::timeout_at(until, msgs.recv()).await {
-                                if let Err(aborted @ TransportError::PeerAborted(_)) = m {
-                                    return Err(aborted.into());
+                            loop {
+                                match tokio::time::timeout_at(until, msgs.recv()).await {
+                                    // Its Abort, or the control connection's
+                                    // own end (closed, reset): that is why.
+                                    Ok(Some(Err(why))) => return Err(why.into()),
+                                    Ok(Some(Ok(_))) => {}
+                                    Ok(None) => {
+                                        return Err(TransportError::PeerClosed { what: "control" }.into())
+                                    }
+                                    Err(_) => break,
                                 }
                             }
                             return Err(e.into());
