@@ -97,13 +97,13 @@ fn a_full_destination_queues_the_next_migration_and_refuses_beyond_the_queue() {
     // One migration runs (and holds its slot: it sends nothing).
     let (running, _) = r.block_on(authed_session(addr, &key(), 4 * MIB));
     // The next one is authenticated and its offer sent: it waits in the
-    // queue (the destination needs a moment to read the offer).
+    // queue once the destination has read it (it says so).
     let mut waiting = r.block_on(offer_only(addr, 4 * MIB)).unwrap();
     let queued = r.spawn(async move {
         let ans = waiting.recv("the answer to the offer").await;
         (waiting, ans)
     });
-    std::thread::sleep(Duration::from_millis(500));
+    dest.wait_for_output("no free slot: migration queued", Duration::from_secs(30));
     // A third is refused as busy, before authentication, with the numbers.
     let (_, ans) = r.block_on(try_offer(addr, 4 * MIB));
     let msg = rejected(&ans, RejectReason::Busy);
