@@ -502,8 +502,17 @@ fn compression_under_a_bandwidth_limit_keeps_the_cap_and_compresses() {
             img.to_str().unwrap(),
             "--performance-option",
             "compression",
+            // The cap is the link, by a margin a CPU-starved host still
+            // keeps: the workers need only about twice its rate of input.
+            // (At 10 MB/s with 4 MiB chunks, a loaded host compressed too
+            // slowly to keep the link busy: the sender rightly sent chunks
+            // raw rather than let the link idle, 2 of 6, and the ratio fell
+            // to 1.3-1.5.) Small chunks: the first one, raw while the link is
+            // idle at the start, is 1 of 24.
             "--bandwidth-limit",
-            "10MB/s",
+            "4MB/s",
+            "--chunk-size",
+            "1MiB",
             "--json",
             json.to_str().unwrap(),
         ],
@@ -513,7 +522,7 @@ fn compression_under_a_bandwidth_limit_keeps_the_cap_and_compresses() {
     assert!(dest.wait(Duration::from_secs(30)).status.success());
     let s = summary(&json);
     let wire = s["wire_bytes_per_sec"].as_f64().unwrap();
-    assert!(wire <= 11e6, "the cap holds for compressed frames: {s}");
+    assert!(wire <= 4.4e6, "the cap holds for compressed frames: {s}");
     assert!(s["compression_ratio"].as_f64().unwrap() > 1.5, "{s}");
     let sum = |f: &str| -> u64 {
         s["channels"]
