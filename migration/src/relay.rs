@@ -38,7 +38,10 @@ use ferry_transport::ratelimit::RateLimiter;
 use ferry_transport::stream::Stream;
 use ferry_transport::TransportError;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use std::io::IoSlice;
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
@@ -558,8 +561,7 @@ async fn channel_writer(
                 if let Some(l) = &sh.limiter {
                     l.acquire(total).await;
                 }
-                wr.write_all(&header).await.map_err(|e| format!("sending a chunk: {e}"))?;
-                wr.write_all(payload).await.map_err(|e| format!("sending a chunk: {e}"))?;
+                write_both(&mut wr, &header, payload).await.map_err(|e| format!("sending a chunk: {e}"))?;
                 wr.flush().await.map_err(|e| format!("sending a chunk: {e}"))?;
                 ch.chunks_sent.fetch_add(1, Ordering::Relaxed);
                 ch.bytes_sent.fetch_add(total, Ordering::Relaxed);
@@ -569,12 +571,55 @@ async fn channel_writer(
     }
 }
 
+/// Appends exactly `n` bytes from `rd` to `buf`, read into its spare
+/// capacity (no zero-fill of a buffer about to be overwritten).
+async fn read_payload<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut Vec<u8>,
+    n: usize,
+) -> std::io::Result<()> {
+    buf.reserve_exact(n);
+    let want = buf.len() + n;
+    while buf.len() < want {
+        let left = (want - buf.len()) as u64;
+        if (&mut *rd).take(left).read_buf(buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
+}
+
+/// Writes `head` then `body` with as few `writev` calls as the socket takes.
+async fn write_both<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut head: &[u8],
+    mut body: &[u8],
+) -> std::io::Result<()> {
+    while !head.is_empty() || !body.is_empty() {
+        let n = wr
+            .write_vectored(&[IoSlice::new(head), IoSlice::new(body)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let h = n.min(head.len());
+        head = &head[h..];
+        body = &body[n - h..];
+    }
+    Ok(())
+}
+
+/// Bytes a data channel's reader buffers: the next headers (and acks)
+/// come with the payload before them in one read.
+const CHANNEL_READ_BUFFER: usize = 64 << 10;
+
 async fn channel_reader(
     sh: Arc<Shared>,
     ch: Arc<Channel>,
-    mut rd: ReadHalf<Stream>,
+    rd: ReadHalf<Stream>,
     acks: mpsc::UnboundedSender<u64>,
 ) -> std::result::Result<(), String> {
+    let mut rd = BufReader::with_capacity(CHANNEL_READ_BUFFER, rd);
     let mut dec = Decoder::default();
     let in_dir = sh.cfg.side.in_dir();
     let mut wire = Vec::new();
@@ -614,8 +659,8 @@ async fn channel_reader(
             )));
             return Err("a chunk of the wrong direction".into());
         }
-        wire.resize(c.wire_len as usize, 0);
-        rd.read_exact(&mut wire)
+        wire.clear();
+        read_payload(&mut rd, &mut wire, c.wire_len as usize)
             .await
             .map_err(|e| format!("reading a chunk payload: {e}"))?;
         let raw = if c.codec == 0 {
