@@ -36,7 +36,9 @@
 //! be, timeouts, whether the guest is still ours) is
 //! [`ferry_proto::source::SourceSession`], a state machine without IO; this
 //! module drives it: it sends pages (the `Chunker` and the transport),
-//! harvests the dirty log, decides convergence, pauses and resumes the
+//! harvests the dirty log, asks [`ferry_proto::policy::Convergence`]
+//! after each round whether to go on, switch over or cancel (and which
+//! auto-converge throttle to apply), pauses and resumes the
 //! guest, and moves the session's messages over the control connection.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -46,7 +48,7 @@ use std::time::{Duration, Instant};
 use ferry_ffi::vio;
 use ferry_proto::evidence::PageHash;
 use ferry_proto::frame;
-use ferry_proto::policy;
+use ferry_proto::policy::{self, AfterRound, ConvergeOptions, Convergence};
 use ferry_proto::session::SessionError;
 use ferry_proto::source::{SourceSession, Step};
 use ferry_proto::switchover::{Claims, Transcripts};
@@ -1411,7 +1413,12 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
         let mut seq = 0u64;
         let cap = opts.bandwidth_limit.map_or(f64::INFINITY, |c| c as f64);
         let deadline = opts.total_timeout.map(|t| started + t);
-        let mut auto = AutoConverge::default();
+        let mut convergence = Convergence::new(ConvergeOptions {
+            downtime_limit: opts.downtime_limit,
+            max_rounds: opts.max_rounds,
+            force_switchover: opts.force_switchover,
+            auto_converge: opts.auto_converge,
+        });
         let mut remaining = layout.total_bytes();
         // What the pause will cost besides the final dirty bytes: measured
         // as pre-copy goes (rate, round trip), or known up front.
@@ -1478,22 +1485,10 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             // The session counted the round once it was announced.
             let round = self.session.round();
             src.cancel.check()?;
-            let (decision, predicted) = ferry_proto::budget::decide(
-                remaining,
-                &costs,
-                opts.downtime_limit,
-                round,
-                opts.max_rounds,
-            );
-            let predicted_ms = predicted.map_or(f64::INFINITY, |p| p.total_ms());
-            match decision {
-                Decision::Continue => {}
-                // --force-switchover: no round makes the pause fit, but
-                // rounds still shrink its final copy, up to the round cap.
-                Decision::Switchover(ConvergeReason::CannotFit)
-                    if opts.force_switchover && remaining > 0 && round < opts.max_rounds => {}
-                Decision::Switchover(ConvergeReason::CannotFit) if !opts.force_switchover => {
-                    let fixed = costs.predict(0).unwrap_or_default();
+            let throttle = match convergence.after_round(remaining, &costs, round) {
+                AfterRound::Continue { throttle } => throttle,
+                AfterRound::Switchover { reason, predicted } => break (reason, predicted),
+                AfterRound::CannotFit { fixed } => {
                     return Err(MigrationError::PauseCannotFit {
                         limit_ms: opts.downtime_limit.as_secs_f64() * 1e3,
                         fixed_ms: fixed.total_ms(),
@@ -1507,7 +1502,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                         },
                     });
                 }
-                Decision::Switchover(ConvergeReason::RoundCap) if !opts.force_switchover => {
+                AfterRound::NotConverged { predicted_ms } => {
                     return Err(MigrationError::NotConverged {
                         rounds: round,
                         last_dirty_mib: remaining as f64 / MIB,
@@ -1521,21 +1516,17 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                         },
                     });
                 }
-                Decision::Switchover(r) => break (r, predicted.unwrap_or_default()),
-            }
+            };
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(deadline_error(opts, round, remaining));
             }
-            if opts.auto_converge {
-                let fits = predicted.is_some_and(|p| p.total() <= opts.downtime_limit);
-                if let Some(p) = auto.after_round(remaining, fits) {
-                    match src.guest.throttle(p) {
-                        Ok(()) => {
-                            tracing::info!(round, percent = p, "auto-converge: guest throttled");
-                            self.throttled = p;
-                        }
-                        Err(e) => tracing::warn!("auto-converge: {e}"),
+            if let Some(p) = throttle {
+                match src.guest.throttle(p) {
+                    Ok(()) => {
+                        tracing::info!(round, percent = p, "auto-converge: guest throttled");
+                        self.throttled = p;
                     }
+                    Err(e) => tracing::warn!("auto-converge: {e}"),
                 }
             }
             self.session.next_round()?;

@@ -35,8 +35,10 @@
 //! * [`rdma`]: what the RDMA option exchanges on the control connection.
 //! * [`relay`]: `ferry relay`'s stream chunks and its state machines
 //!   (credit windows, reassembly, the open order, the end).
-//! * [`policy`]: which options combine (what each performance option can
-//!   encrypt and what each side then requires), in one place.
+//! * [`policy`]: the policies, in one place: which options combine (what
+//!   each performance option can encrypt and what each side then
+//!   requires) and convergence (after each pre-copy round: another round,
+//!   the switchover or a cancellation, and the auto-converge throttle).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

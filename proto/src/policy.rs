@@ -1,7 +1,13 @@
-//! Which options combine: the one place that says what each performance
-//! option can encrypt and what each side then requires. Pure functions;
-//! the source (`ferry send`, the engine) and the destination daemon both
-//! ask here, so the rule cannot drift between them.
+//! The policies of a migration, in one place. Pure functions; the source
+//! (`ferry send`, the engine) and the destination daemon both ask here, so
+//! a rule cannot drift between them.
+//!
+//! * Which options combine: what each performance option can encrypt and
+//!   what each side then requires ([`source_encryption`],
+//!   [`destination_admits`]).
+//! * Convergence: after each pre-copy round, another round, the switchover
+//!   or a cancellation, and the auto-converge throttle ([`Convergence`],
+//!   built on [`crate::budget`]'s prediction and criteria).
 //!
 //! The rule: TCP and compression carry every byte inside the session's TLS
 //! (on unless `--plaintext`). RDMA moves pages by RDMA WRITE, which TLS
@@ -9,6 +15,9 @@
 //! consent) on both ends, and its control connection keeps TLS all the
 //! same (it carries what admits the RDMA channels).
 
+use std::time::Duration;
+
+use crate::budget::{AutoConverge, ConvergeReason, Decision, PauseCosts, PauseParts};
 use crate::control::RejectReason;
 use crate::option::PerformanceOption;
 
@@ -82,6 +91,137 @@ pub fn destination_admits(
         return Err((RejectReason::Encryption, RDMA_NEEDS_TLS_CONTROL));
     }
     Ok(())
+}
+
+/// The source's convergence options (`ferry send`'s flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvergeOptions {
+    /// `--downtime-limit`: the pause the switchover must fit.
+    pub downtime_limit: Duration,
+    /// `--max-rounds`: pre-copy rounds before the round cap.
+    pub max_rounds: u32,
+    /// `--force-switchover`: at the round cap, or when no round can make
+    /// the pause fit, switch over anyway instead of cancelling.
+    pub force_switchover: bool,
+    /// `--auto-converge`: throttle the guest when rounds stop shrinking.
+    pub auto_converge: bool,
+}
+
+/// What the source does after a pre-copy round ([`Convergence::after_round`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AfterRound {
+    /// Send another round, after throttling the guest to `throttle`
+    /// percent when it is `Some` (auto-converge raised it).
+    Continue {
+        /// The new auto-converge throttle, if it changed.
+        throttle: Option<u8>,
+    },
+    /// Pause the guest and copy the rest: why, and the pause predicted
+    /// (zero parts when the rate was unknown). `RoundCap` and `CannotFit`
+    /// come only with `--force-switchover`.
+    Switchover {
+        /// Why pre-copy stopped.
+        reason: ConvergeReason,
+        /// The pause predicted for switching over now.
+        predicted: PauseParts,
+    },
+    /// Cancel: the parts of the pause no round can shrink are above the
+    /// limit on their own (`fixed`: the pause of an empty final copy), and
+    /// `--force-switchover` was not given.
+    CannotFit {
+        /// The predicted pause of an empty final copy.
+        fixed: PauseParts,
+    },
+    /// Cancel: the round cap came without a pause that fits, and
+    /// `--force-switchover` was not given. `predicted_ms`: the pause the
+    /// last round predicts (infinite when the rate was unknown).
+    NotConverged {
+        /// The predicted pause, in milliseconds.
+        predicted_ms: f64,
+    },
+}
+
+/// The source's convergence policy over one migration: [`crate::budget::decide`]'s
+/// criteria, what `--force-switchover` makes of a round cap or a pause that
+/// cannot fit, and auto-converge's throttle (never lowered while the
+/// migration runs).
+#[derive(Debug, Clone)]
+pub struct Convergence {
+    opts: ConvergeOptions,
+    auto: AutoConverge,
+}
+
+impl Convergence {
+    /// The policy for one migration.
+    pub fn new(opts: ConvergeOptions) -> Self {
+        Convergence {
+            opts,
+            auto: AutoConverge::default(),
+        }
+    }
+
+    /// The auto-converge throttle this policy has asked for, percent.
+    pub fn throttle(&self) -> u8 {
+        self.auto.percent
+    }
+
+    /// After pre-copy round `rounds_done` (counted from 1) left `remaining`
+    /// dirty bytes, with the pause `costs` measured so far: go on, switch
+    /// over or cancel.
+    ///
+    /// * No round can make the pause fit: cancel, or with
+    ///   `--force-switchover` go on while rounds still shrink the final
+    ///   copy (bytes remain, round cap not reached), then switch over.
+    /// * The round cap without a fitting pause: cancel, or switch over with
+    ///   `--force-switchover`.
+    /// * The pause fits: switch over.
+    /// * Otherwise another round; with `--auto-converge` a stuck round
+    ///   raises the throttle first ([`AutoConverge::after_round`]).
+    pub fn after_round(
+        &mut self,
+        remaining: u64,
+        costs: &PauseCosts,
+        rounds_done: u32,
+    ) -> AfterRound {
+        let o = self.opts;
+        let (decision, predicted) = crate::budget::decide(
+            remaining,
+            costs,
+            o.downtime_limit,
+            rounds_done,
+            o.max_rounds,
+        );
+        match decision {
+            Decision::Continue => {}
+            // --force-switchover: no round makes the pause fit, but rounds
+            // still shrink its final copy, up to the round cap.
+            Decision::Switchover(ConvergeReason::CannotFit)
+                if o.force_switchover && remaining > 0 && rounds_done < o.max_rounds => {}
+            Decision::Switchover(ConvergeReason::CannotFit) if !o.force_switchover => {
+                return AfterRound::CannotFit {
+                    fixed: costs.predict(0).unwrap_or_default(),
+                }
+            }
+            Decision::Switchover(ConvergeReason::RoundCap) if !o.force_switchover => {
+                return AfterRound::NotConverged {
+                    predicted_ms: predicted.map_or(f64::INFINITY, |p| p.total_ms()),
+                }
+            }
+            Decision::Switchover(reason) => {
+                return AfterRound::Switchover {
+                    reason,
+                    predicted: predicted.unwrap_or_default(),
+                }
+            }
+        }
+        let throttle = if o.auto_converge {
+            let fits = predicted.is_some_and(|p| p.total() <= o.downtime_limit);
+            self.auto.after_round(remaining, fits)
+        } else {
+            None
+        };
+        AfterRound::Continue { throttle }
+    }
 }
 
 #[cfg(test)]
