@@ -1418,9 +1418,20 @@ impl Receive<'_> {
                     match (end, r) {
                         // The source fails a channel over to the others; only
                         // when none is left is the migration lost.
+                        // A frame this side refused (a tag, the framing, a
+                        // run outside the layout) is the cause: the source
+                        // only sees its channel close, and waits (a second)
+                        // for the Abort naming it, so it is sent at once.
+                        (ChannelEnd::NoneLeft, Some(Err(e)))
+                            if e.kind() != ferry_proto::ErrorKind::Connection =>
+                        {
+                            return Err(e.into());
+                        }
                         (ChannelEnd::NoneLeft, Some(Err(e))) => {
-                            // A source that gives up says why (Abort) just
-                            // before its channels close: prefer its reason.
+                            // The channel was lost (closed, reset, timed
+                            // out). A source that gives up says why (Abort)
+                            // just before its channels close: prefer its
+                            // reason.
                             // A control connection that closed is the cause
                             // when the source's channels close because of it
                             // (its end may be read after theirs). Messages
