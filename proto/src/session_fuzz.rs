@@ -303,6 +303,23 @@ pub fn fuzz_opening(data: &[u8]) -> (bool, bool) {
     (taken.is_some(), s.is_accepted() && d.is_accepted())
 }
 
+/// Pseudo-random input number `n` of `len` bytes (SHA-256 in counter
+/// mode: the same inputs on every run), for the tests that run the fuzz
+/// drivers without a fuzzer.
+pub fn pseudo_random(n: u32, len: usize) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut bytes = Vec::with_capacity(len + 32);
+    let mut block = 0u32;
+    while bytes.len() < len {
+        bytes.extend_from_slice(&Sha256::digest(
+            [n.to_le_bytes(), block.to_le_bytes()].concat(),
+        ));
+        block += 1;
+    }
+    bytes.truncate(len);
+    bytes
+}
+
 fn addr(i: u8) -> SocketAddr {
     SocketAddr::from(([10, 0, 0, 1], 5000 + u16::from(i)))
 }

@@ -492,35 +492,22 @@ fn the_source_takes_one_answer_an_accept_or_a_reject() {
     assert!(!s.is_accepted());
 }
 
-/// Pseudo-random bytes (SHA-256 in counter mode of `n`: the same inputs
-/// on every run).
-fn pseudo_random(n: u32, len: usize) -> Vec<u8> {
-    use sha2::{Digest, Sha256};
-    let mut bytes = Vec::with_capacity(len + 32);
-    let mut block = 0u32;
-    while bytes.len() < len {
-        bytes.extend_from_slice(&Sha256::digest(
-            [n.to_le_bytes(), block.to_le_bytes()].concat(),
-        ));
-        block += 1;
-    }
-    bytes.truncate(len);
-    bytes
-}
-
 #[test]
 fn arbitrary_openings_never_panic_nor_accept_what_they_must_not() {
     // What the `session` fuzz target runs (`fuzz_opening`), on
     // pseudo-random inputs here.
     for n in 0u32..3000 {
-        ferry_proto::session_fuzz::fuzz_opening(&pseudo_random(n, (n % 200) as usize));
+        ferry_proto::session_fuzz::fuzz_opening(&ferry_proto::session_fuzz::pseudo_random(
+            n,
+            (n % 200) as usize,
+        ));
     }
     // The honest order with random flags, offers and hellos: the
     // destination takes (and the oracle checks) many offers, refuses
     // many others.
     let (mut taken, mut accepted) = (0, 0);
     for n in 0u32..3000 {
-        let r = pseudo_random(n, 40);
+        let r = ferry_proto::session_fuzz::pseudo_random(n, 40);
         let mut ops = r[..23].to_vec(); // flags, limit, vCPUs; the offer
         ops.extend_from_slice(&[0, r[23] % 2]); // a hello...
         ops.extend_from_slice(&r[24..29]); // ...of random versions, role, nonce
@@ -564,3 +551,4 @@ fn the_opening_fuzz_driver_reaches_an_honest_accept() {
         (false, false)
     );
 }
+
