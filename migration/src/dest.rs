@@ -50,7 +50,10 @@ use std::time::{Duration, Instant};
 
 use ferry_proto::control::{PROTOCOL_MAX, PROTOCOL_MIN};
 use ferry_proto::dest::{ChannelEnd, ChannelOutcome, DestSession, Step};
-use ferry_proto::opening::{Admission, DestOpening, Hello, HelloRefusal, OfferError, Offered};
+use ferry_proto::opening::{
+    unknown_channel, Admission, DestOpening, ExpectedChannels, Hello, HelloRefusal, OfferError,
+    Offered,
+};
 use ferry_proto::session::SessionError;
 use ferry_proto::switchover::{self as proof, Claims, Transcripts};
 use ferry_proto::{Evidence, Ledger};
@@ -183,8 +186,7 @@ type Pending = Mutex<HashMap<u64, PendingChannels>>;
 /// See [`Pending`].
 struct PendingChannels {
     tx: mpsc::Sender<Stream>,
-    left: u16,
-    encrypted: bool,
+    expected: ExpectedChannels,
     key: ferry_proto::MacKey,
 }
 
@@ -448,8 +450,10 @@ impl Destination {
             migration_id,
             PendingChannels {
                 tx,
-                left: channels,
-                encrypted: conn.is_encrypted(),
+                expected: ExpectedChannels {
+                    left: channels,
+                    encrypted: conn.is_encrypted(),
+                },
                 key: keys.data_channel.clone(),
             },
         );
@@ -663,22 +667,11 @@ impl Destination {
                 let found = {
                     let mut pending = self.pending.lock().expect("pending");
                     match pending.values_mut().find(|p| claim.belongs_to(&p.key)) {
-                        Some(p) if p.encrypted && !encrypted => Err((
-                            RejectReason::Encryption,
-                            "data channel refused: its migration's control connection is encrypted and it is not",
-                        )),
-                        Some(p) if p.left > 0 => {
-                            p.left -= 1;
-                            Ok((p.tx.clone(), p.key.clone()))
-                        }
-                        Some(_) => Err((
-                            RejectReason::Token,
-                            "every data channel the migration offered is already open",
-                        )),
-                        None => Err((
-                            RejectReason::Token,
-                            "the data channel's proof matches no migration in progress (another session's, an ended one's, or forged)",
-                        )),
+                        Some(p) => p
+                            .expected
+                            .admit(encrypted)
+                            .map(|()| (p.tx.clone(), p.key.clone())),
+                        None => Err(unknown_channel()),
                     }
                 };
                 match found {
@@ -690,8 +683,8 @@ impl Destination {
                             let _ = tx.send(conn.into_stream()).await;
                         }
                     }
-                    Err((reason, why)) => {
-                        let e = conn.reject(reason, why.into()).await;
+                    Err(r) => {
+                        let e = conn.reject(r.reason, r.message).await;
                         tracing::warn!(peer = conn.peer(), "{e}");
                     }
                 }

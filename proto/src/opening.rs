@@ -420,6 +420,53 @@ impl DestOpening {
     }
 }
 
+/// The data channels an accepted migration still expects: how many may
+/// still open, and whether they must be encrypted (as its control
+/// connection is). A data channel whose proof names the migration
+/// ([`crate::session::DestHandshake::proves`]) is admitted here
+/// ([`ExpectedChannels::admit`]) before it is welcomed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpectedChannels {
+    /// Channels that may still open (the offer's count at first).
+    pub left: u16,
+    /// Whether the migration's control connection is encrypted: then so
+    /// must every data channel be.
+    pub encrypted: bool,
+}
+
+/// Why a data channel was refused: its migration's control connection is
+/// encrypted and it is not.
+pub const CHANNEL_NOT_ENCRYPTED: &str =
+    "data channel refused: its migration's control connection is encrypted and it is not";
+/// Why a data channel was refused: the migration has all it offered.
+pub const CHANNELS_ALL_OPEN: &str = "every data channel the migration offered is already open";
+/// Why a data channel was refused: its proof names no migration.
+pub const CHANNEL_UNKNOWN: &str = "the data channel's proof matches no migration in progress (another session's, an ended one's, or forged)";
+
+impl ExpectedChannels {
+    /// Admits a data channel whose proof matched this migration
+    /// (`encrypted`: whether it is TLS), counting it; or the refusal to
+    /// send. A refused channel counts against nothing.
+    pub fn admit(&mut self, encrypted: bool) -> Result<(), Refusal> {
+        if self.encrypted && !encrypted {
+            return Err(Refusal::new(
+                RejectReason::Encryption,
+                CHANNEL_NOT_ENCRYPTED,
+            ));
+        }
+        if self.left == 0 {
+            return Err(Refusal::new(RejectReason::Token, CHANNELS_ALL_OPEN));
+        }
+        self.left -= 1;
+        Ok(())
+    }
+}
+
+/// The refusal of a data channel whose proof matched no migration.
+pub fn unknown_channel() -> Refusal {
+    Refusal::new(RejectReason::Token, CHANNEL_UNKNOWN)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum SourceState {
     AwaitAnswer,

@@ -12,7 +12,8 @@ use ferry_proto::control::{
 use ferry_proto::layout::MemoryLayout;
 use ferry_proto::net::{NetInterface, MAX_CHANNELS};
 use ferry_proto::opening::{
-    Admission, DestOpening, GuestSupport, Hello, HelloRefusal, OfferError, Offered, SourceOpening,
+    unknown_channel, Admission, DestOpening, ExpectedChannels, GuestSupport, Hello, HelloRefusal,
+    OfferError, Offered, SourceOpening, CHANNELS_ALL_OPEN, CHANNEL_NOT_ENCRYPTED, CHANNEL_UNKNOWN,
 };
 use ferry_proto::option::PerformanceOption;
 use ferry_proto::policy;
@@ -552,3 +553,59 @@ fn the_opening_fuzz_driver_reaches_an_honest_accept() {
     );
 }
 
+#[test]
+fn a_migration_admits_the_data_channels_it_offered_and_no_more() {
+    // Accepted with the offer's channel count, encrypted like its control
+    // connection.
+    let mut d = DestOpening::new(admission());
+    d.on_hello(hello(Role::Control), true).unwrap();
+    d.authenticated().unwrap();
+    let Ok(Offered::Migration(o)) = d.on_offer(
+        Msg::Offer(Offer {
+            channels: 2,
+            ..offer()
+        }),
+        true,
+    ) else {
+        panic!("refused")
+    };
+    let mut expected = ExpectedChannels {
+        left: o.channels,
+        encrypted: true,
+    };
+    // A plain channel is refused and counts against nothing.
+    let r = expected.admit(false).unwrap_err();
+    assert_eq!(
+        (r.reason, r.message.as_str()),
+        (RejectReason::Encryption, CHANNEL_NOT_ENCRYPTED)
+    );
+    assert_eq!(expected.left, 2);
+    expected.admit(true).unwrap();
+    expected.admit(true).unwrap();
+    let r = expected.admit(true).unwrap_err();
+    assert_eq!(
+        (r.reason, r.message.as_str()),
+        (RejectReason::Token, CHANNELS_ALL_OPEN)
+    );
+    assert_eq!(expected.left, 0);
+    // A plain migration takes plain and encrypted channels alike.
+    let mut plain = ExpectedChannels {
+        left: 2,
+        encrypted: false,
+    };
+    plain.admit(false).unwrap();
+    plain.admit(true).unwrap();
+    // A proof that names no migration.
+    let r = unknown_channel();
+    assert_eq!(
+        (r.reason, r.message.as_str()),
+        (RejectReason::Token, CHANNEL_UNKNOWN)
+    );
+    assert!(matches!(
+        r.reject(),
+        Msg::Reject {
+            reason: RejectReason::Token,
+            ..
+        }
+    ));
+}
