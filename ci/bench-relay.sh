@@ -4,7 +4,7 @@
 # veth links of 1 Gbit/s, tbf both ways), against the same guests through
 # `ferry relay` over all four links, in the same run. Needs root.
 #
-#   ci/bench-relay.sh [--repeat 3] [--keep-testbed] [--no-running]
+#   ci/bench-relay.sh [--repeat 3] [--keep-testbed] [--no-running] [--guests random,mix,running]
 #
 # Guests (ci/qemu/driver.py; x86_64 q35 under TCG, one vCPU):
 #   * paused 1 GiB (-S, never run) with 512 MiB of random content loaded at
@@ -15,6 +15,9 @@
 #     rewritten and checked every 500 ms; RAM 1 GiB less 8 KiB, see
 #     DEFAULT_MEM_KIB in driver.py), migrated while it runs; the destination
 #     must go on printing OK passes.
+# Beside them, QEMU's ceiling on this machine at this moment: the same
+# guest migrated with no link at all (both QEMUs in fq-src, over loopback):
+# no transport can carry QEMU's stream faster than QEMU makes and loads it.
 # Every run: the destination starts paused (-S), and its RAM is compared
 # byte for byte with the source's (pmemsave, both paused) before it resumes.
 # Printed per row: the median over --repeat runs of QEMU's total-time, the
@@ -29,7 +32,13 @@
 # compression (lz4 per chunk, only where it pays), each printed with its
 # ratio to the direct one-link row of the same guest (goal: >= 3.6x). Every
 # relay run must exit 0 (every byte of every stream delivered, digests
-# matched) and the RAMs compare equal. FERRY=path picks the binary (default
+# matched) and the RAMs compare equal. Each relay row also says where the
+# time went, from the relay's per-stream metrics (`ferry relay --json` and
+# the `relay stream` lines `ferry listen` logs): "dst QEMU N%" is the time
+# the destination relay waited for its QEMU to take bytes (the busiest
+# stream's, over QEMU's total time), "window N%" the time the source
+# relay's reader waited for credit, and "cpu" the CPU seconds of `ferry
+# relay` + `ferry listen` for the run (QEMU's own are not counted). FERRY=path picks the binary (default
 # target/release/ferry, built first); RELAY_ARGS="--window 32MiB" adds flags
 # to every `ferry relay`.
 set -euo pipefail
@@ -37,11 +46,13 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 REPEAT=3
 KEEP=0
 RUNNING=1
+GUESTS=random,mix,running
 while [ $# -gt 0 ]; do
     case "$1" in
         --repeat) REPEAT=$2; shift 2 ;;
         --keep-testbed) KEEP=1; shift ;;
         --no-running) RUNNING=0; shift ;;
+        --guests) GUESTS=$2; shift 2 ;;
         *) echo "bench-relay.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -66,14 +77,17 @@ fi
 head -c 32 /dev/urandom | base64 > "$WORK/key" && chmod 600 "$WORK/key"
 export FERRY RELAY_KEY="$WORK/key"
 
-python3 - "$WORK" "$REPEAT" "$RUNNING" <<'PY'
-import os, statistics, subprocess, sys, time
+case ",$GUESTS," in *,running,*) ;; *) RUNNING=0 ;; esac
+python3 - "$WORK" "$REPEAT" "$RUNNING" "$GUESTS" <<'PY'
+import json, os, re, resource, statistics, subprocess, sys, time
 sys.path.insert(0, os.path.join(os.getcwd(), "ci", "qemu"))
 import driver
 
 FERRY, KEY = os.environ["FERRY"], os.environ["RELAY_KEY"]
 
 work, repeat, running = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+guests = sys.argv[4].split(",")
+LISTEN_LOG = os.path.join(work, "listen.log")
 SRC, DST = "fq-src", "fq-dst"
 GIB_KIB = 1 << 20
 port = [4500]
@@ -88,13 +102,30 @@ def daemon():
     """`ferry listen` in the destination namespace, on every link."""
     p = subprocess.Popen(["ip", "netns", "exec", DST, FERRY, "listen", "--listen", "0.0.0.0:6600",
                           "--auth-key-file", KEY, "--plaintext"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for line in p.stderr:
-        if "listening on" in line:
-            break
-    else:
-        sys.exit("bench-relay.sh: ferry listen did not start")
+                         stdout=subprocess.DEVNULL, stderr=open(LISTEN_LOG, "w"))
+    deadline = time.monotonic() + 30
+    while "listening on" not in open(LISTEN_LOG).read():
+        if p.poll() is not None or time.monotonic() > deadline:
+            sys.exit(f"bench-relay.sh: ferry listen did not start: {open(LISTEN_LOG).read()[-2000:]}")
+        time.sleep(0.05)
     return p
+
+
+def cpu_s(pid):
+    """User + system CPU seconds of a process so far."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def dst_streams(since):
+    """The `relay stream` lines `ferry listen` logged after offset `since`."""
+    out = []
+    with open(LISTEN_LOG) as f:
+        f.seek(since)
+        for line in f:
+            if "relay stream" in line:
+                out.append({k: float(v) for k, v in re.findall(r"(\w+_s)=([0-9.]+)", line)})
+    return out
 
 
 def relay_once(option, **kw):
@@ -105,6 +136,8 @@ def relay_once(option, **kw):
             "--to", "10.200.0.2:6600", "--deliver-to", f"127.0.0.1:{deliver}",
             "--auth-key-file", KEY, "--performance-option", option, "--plaintext",
             "--json", os.path.join(work, "relay.json")] + os.environ.get("RELAY_ARGS", "").split()
+    log_at = os.path.getsize(LISTEN_LOG)
+    listen_cpu = cpu_s(dstd.pid)
     r = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = r.stdout.readline()
     if "ready" not in line:
@@ -112,11 +145,28 @@ def relay_once(option, **kw):
         sys.exit(f"bench-relay.sh: ferry relay not ready: {line}{r.stderr.read()}")
     res = driver.migrate_once(work, f"tcp:127.0.0.1:{listen}", incoming=f"tcp:127.0.0.1:{deliver}",
                               src_ns=SRC, dst_ns=DST, **kw)
+    # `ip netns exec` execs ferry in place, and the QEMUs were reaped
+    # already: what the children used from here on is the relay's CPU.
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         out, err = r.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         r.kill()
         out, err = r.communicate()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    time.sleep(0.2)  # the daemon logs its end a moment after the relay's
+    res["relay_cpu"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    res["listen_cpu"] = cpu_s(dstd.pid) - listen_cpu
+    src = []
+    try:
+        with open(os.path.join(work, "relay.json")) as f:
+            src = json.load(f)["report"]["streams"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    dst = dst_streams(log_at)
+    t = res.get("total_ms") or 1
+    res["window_pct"] = 100 * max([s.get("waited_for_window_s", 0) for s in src] or [0]) * 1000 / t
+    res["dst_qemu_pct"] = 100 * max([s.get("waited_to_deliver_s", 0) for s in dst] or [0]) * 1000 / t
     res["relay_status"] = r.returncode
     res["relay_out"] = (line + out).strip()
     if r.returncode != 0:
@@ -130,6 +180,9 @@ def runs(label, path, n, relay=None, **kw):
     for _ in range(n):
         if relay:
             r = relay_once(relay, **kw)
+        elif path.startswith("QEMU alone"):
+            port[0] += 1
+            r = driver.migrate_once(work, f"tcp:127.0.0.1:{port[0]}", src_ns=SRC, dst_ns=SRC, **kw)
         else:
             r = driver.migrate_once(work, direct(0), src_ns=SRC, dst_ns=DST, **kw)
         bad = driver.problems(r)
@@ -144,10 +197,16 @@ def runs(label, path, n, relay=None, **kw):
     down = statistics.median(r["downtime_ms"] for r in res)
     ram = "equal" if all(r["ram"]["equal"] for r in res) else "DIFFERS"
     times = "/".join(f"{r['total_ms'] / 1000:.2f}" for r in res)
-    ratio = f"  {base[label] / t:4.2f}x direct" if relay and label in base else ""
-    print(f"{label:<34} {path:<26} {t / 1000:6.2f} s {gbit:6.2f} Gbit/s {down:6.0f} ms  {ram:<7} ({times} s){ratio}",
+    ratio = f"  {base[label] / t:4.2f}x direct" if label in base and path != "direct, 1 link" else ""
+    where = ""
+    if relay:
+        where = (f"  [dst QEMU {statistics.median(r['dst_qemu_pct'] for r in res):3.0f}%, "
+                 f"window {statistics.median(r['window_pct'] for r in res):3.0f}%, "
+                 f"cpu {statistics.median(r['relay_cpu'] for r in res):.2f}+"
+                 f"{statistics.median(r['listen_cpu'] for r in res):.2f} s]")
+    print(f"{label:<34} {path:<26} {t / 1000:6.2f} s {gbit:6.2f} Gbit/s {down:6.0f} ms  {ram:<7} ({times} s){ratio}{where}",
           flush=True)
-    if not relay and "multifd" not in path:
+    if path == "direct, 1 link":
         base[label] = t
     return med
 
@@ -160,12 +219,16 @@ print(f"== QEMU {os.popen('qemu-system-x86_64 --version').readline().split()[3]}
       f"namespace test bed (4 links x 1 Gbit/s), {repeat} run(s) per row, medians ==")
 print(f"{'guest':<34} {'path':<26} {'time':>8} {'rate':>13} {'downtime':>9}  {'RAM':<7} runs")
 for kind in ("random", "mix"):
+    if kind not in guests:
+        continue
     img = os.path.join(work, f"{kind}.img")
     label = f"paused 1 GiB, 512 MiB {kind}"
     for mf in (0, 4):
         path = "direct, 1 link" + (f", multifd {mf}" if mf else "")
         runs(label, path, repeat, mem_kib=GIB_KIB, running=False,
              loaders=[(img, 0x10000000)], multifd=mf)
+    runs(label, "QEMU alone, loopback", repeat, mem_kib=GIB_KIB, running=False,
+         loaders=[(img, 0x10000000)])
     for option in ("tcp", "compression"):
         for mf in (0, 4):
             path = f"relay 4 links, {option}" + (f", mf {mf}" if mf else "")
@@ -181,5 +244,8 @@ if running:
 dstd.terminate()
 print("time: QEMU's total-time (migrate to completed on the source); rate: its transferred bytes "
       "over that time (through the relay: the stream bytes QEMU wrote, before compression); "
-      "Nx direct: the direct one-link row's median time over this row's")
+      "Nx direct: the direct one-link row's median time over this row's; QEMU alone, loopback: "
+      "both QEMUs in one namespace, no link, no relay (QEMU's own ceiling on this machine now); "
+      "[dst QEMU: the destination relay waiting for its QEMU to read, window: the source relay "
+      "waiting for credit, as shares of the migration's time; cpu: ferry relay + ferry listen CPU seconds]")
 PY

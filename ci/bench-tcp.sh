@@ -31,9 +31,12 @@
 #     populating fresh guest memory where pages land (`first_touch_s`), and
 #     "data path": both sides less those two, the work iperf3's figure is
 #     comparable with (the goal's ratio is still printed on "both").
-# iperf3's figures are its two whole processes. Then the ratios the issue's
-# goals name (rate >= 1.0x iperf3; CPU per GiB, both sides, <= 1.5x
-# iperf3's), TLS against plaintext, and this build against --before.
+# iperf3's figures are its two whole processes. The heading gives the
+# machine's 1-minute load average before and after the runs (CPU seconds
+# and same-run ratios hold up under load better than rates). Then the
+# ratios the issue's goals name (rate >= 1.0x iperf3; CPU per GiB, both
+# sides, <= 1.5x iperf3's), TLS against plaintext, and this build against
+# --before.
 # On loopback both ends share the host's cores: every CPU-second one side
 # spends is taken from the other.
 set -euo pipefail
@@ -139,6 +142,10 @@ PY
 CASES=("iperf3" "ferry tcp --plaintext" "ferry tcp (default: TLS)")
 if [ -n "$BEFORE" ]; then CASES+=("before: tcp --plaintext" "before: tcp (default: TLS)"); fi
 key() { echo "$1" | tr ' :()' '____'; }
+# The machine's load before and after the runs (1-minute load average):
+# figures taken while other work runs are noisy and say so.
+load() { cut -d' ' -f1 /proc/loadavg; }
+LOAD_BEFORE=$(load)
 for i in $(seq "$REPEAT"); do
     run_iperf
     run_ferry "$(key 'ferry tcp --plaintext')" "$FERRY" "$SEND_ARGS" --plaintext
@@ -150,7 +157,8 @@ for i in $(seq "$REPEAT"); do
 done
 
 GIB=$(python3 -c "print($BYTES / 2**30)")
-echo "== TCP over loopback: $MEM ($BYTES bytes) per run, $REPEAT runs per case interleaved, medians; $(nproc) cores =="
+LOAD_AFTER=$(load)
+echo "== TCP over loopback: $MEM ($BYTES bytes) per run, $REPEAT runs per case interleaved, medians; $(nproc) cores; load average $LOAD_BEFORE before, $LOAD_AFTER after =="
 echo "   CPU in seconds per GiB moved; ferry = Ferry's own work from its record, process = both whole processes (/usr/bin/time);"
 echo "   audit = the source's audit after the commit, touch = the destination populating fresh memory where pages land"
 echo "   (both parts of src/dst); data path = both less those two"
@@ -211,11 +219,12 @@ if [ -n "$BEFORE" ]; then
     done
 fi
 if [ -n "$JSON" ]; then
-    python3 - "$WORK" "$JSON" "$MEM" "$BYTES" "${CASES[@]}" <<'PY'
+    python3 - "$WORK" "$JSON" "$MEM" "$BYTES" "$LOAD_BEFORE" "$LOAD_AFTER" "${CASES[@]}" <<'PY'
 import json, sys
-work, out, mem, nbytes, cases = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
+work, out, mem, nbytes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+load, cases = [float(sys.argv[5]), float(sys.argv[6])], sys.argv[7:]
 key = lambda c: c.translate(str.maketrans(" :()", "____"))
-doc = {"memory": mem, "bytes": nbytes, "cases": {}}
+doc = {"memory": mem, "bytes": nbytes, "load_average_before_after": load, "cases": {}}
 for c in cases:
     runs = [dict(zip(["rate_gbit", "src_ferry_cpu_s", "dst_ferry_cpu_s", "src_process_cpu_s", "dst_process_cpu_s",
                       "src_audit_cpu_s", "dst_first_touch_cpu_s"],

@@ -15,6 +15,8 @@
 //!   (`getrusage`), for the CPU-seconds-per-GiB accounting.
 //! * [`ifaddrs`]: the host's interface addresses (`getifaddrs`), for
 //!   multichannel discovery.
+//! * [`pagemap`]: which pages of a range are backed (`PAGEMAP_SCAN`), for
+//!   the memory report.
 //! * `rdma` (feature `rdma`): rdma-core verbs and rdma_cm behind safe types.
 //!
 //! Every `unsafe` block carries a `// SAFETY:` comment (enforced by
@@ -26,6 +28,7 @@
 pub mod cpu;
 pub mod ifaddrs;
 pub mod net;
+pub mod pagemap;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod vio;

@@ -1051,6 +1051,20 @@ impl Destination {
             bytes = r.stream_bytes,
             "relay finished: every byte of every stream delivered and checked"
         );
+        for s in &r.streams {
+            tracing::info!(
+                migration_id,
+                stream = s.stream,
+                label = %s.label,
+                forward_bytes = s.forward_bytes,
+                back_bytes = s.back_bytes,
+                chunks_received = s.chunks_received,
+                duplicates_dropped = s.duplicates_dropped,
+                waited_to_deliver_s = s.waited_to_deliver_s,
+                waited_for_window_s = s.waited_for_window_s,
+                "relay stream"
+            );
+        }
         Ok(DestSummary {
             migration_id,
             peer,

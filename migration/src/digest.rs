@@ -22,8 +22,13 @@ use ferry_proto::{Evidence, Ledger, PageKey, PageTable};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 const BLOCK: usize = 4 << 20;
-/// Bytes copied out of guest memory at a time (a multiple of the page).
-const PIECE: usize = 256 << 10;
+/// Bytes copied out of guest memory at a time (a multiple of the page): one
+/// page, so that the copy stays in L1 while it is hashed. A 256 KiB piece
+/// (before) spilled the copy out of L1 and cost 1.7x the CPU for the same
+/// work: 0.083-0.088 against 0.049-0.053 s/GiB on one core of this 2-core
+/// VM, copy and hash of 1 GiB of random pages (`cargo run --release -p
+/// ferry-migration --example audit_bench`, docs/performance.md).
+const PIECE: usize = PAGE;
 
 /// What a scan of the whole memory found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

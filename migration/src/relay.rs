@@ -38,7 +38,10 @@ use ferry_transport::ratelimit::RateLimiter;
 use ferry_transport::stream::Stream;
 use ferry_transport::TransportError;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use std::io::IoSlice;
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
@@ -137,6 +140,44 @@ pub struct StreamReport {
     pub forward_bytes: u64,
     /// Bytes destination -> source.
     pub back_bytes: u64,
+    /// Chunks this side cut from its hypervisor's bytes and sent.
+    pub chunks_sent: u64,
+    /// Chunks this side received and placed (duplicates not counted).
+    pub chunks_received: u64,
+    /// Chunks received twice (a resend after a failover) and dropped.
+    pub duplicates_dropped: u64,
+    /// Chunks of this stream sent again after their data channel failed.
+    pub chunks_resent: u64,
+    /// Seconds the reader waited for its hypervisor to write (the
+    /// hypervisor is what sets the pace).
+    pub waited_for_hypervisor_s: f64,
+    /// Seconds the reader waited for credit: the window was full (the
+    /// peer, the links or its hypervisor set the pace; a larger `--window`
+    /// may help when the links are idle meanwhile).
+    pub waited_for_window_s: f64,
+    /// Seconds the writer waited for its hypervisor to take bytes (the
+    /// receiving hypervisor sets the pace).
+    pub waited_to_deliver_s: f64,
+}
+
+/// Counters of one stream, kept by its pumps and data channels.
+#[derive(Debug, Default)]
+struct StreamMetrics {
+    chunks_sent: AtomicU64,
+    chunks_received: AtomicU64,
+    duplicates: AtomicU64,
+    resent: AtomicU64,
+    wait_hypervisor_ns: AtomicU64,
+    wait_window_ns: AtomicU64,
+    wait_deliver_ns: AtomicU64,
+}
+
+fn add_elapsed(counter: &AtomicU64, since: Instant) {
+    counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+}
+
+fn secs(counter: &AtomicU64) -> f64 {
+    counter.load(Ordering::Relaxed) as f64 / 1e9
 }
 
 /// One data channel as reported at the end.
@@ -253,6 +294,7 @@ struct StreamSlot {
     data: Notify,
     /// The hypervisor connection, once there (reset on failure).
     sock: Mutex<Option<Arc<TcpStream>>>,
+    metrics: StreamMetrics,
 }
 
 struct StreamInner {
@@ -320,6 +362,7 @@ impl Shared {
                 credit: Notify::new(),
                 data: Notify::new(),
                 sock: Mutex::new(None),
+                metrics: StreamMetrics::default(),
             }));
         }
         Ok(all[stream as usize].clone())
@@ -340,17 +383,21 @@ fn label(first: &[u8]) -> String {
 /// Reads the hypervisor's bytes of one stream while there is credit.
 async fn pump_out(sh: Arc<Shared>, slot: Arc<StreamSlot>, sock: Arc<TcpStream>) {
     let dir = sh.cfg.side.out_dir();
+    let m = &slot.metrics;
     loop {
         let credit = loop {
             let c = slot.inner.lock().expect("stream").send.credit();
             if c > 0 {
                 break c;
             }
+            let since = Instant::now();
             slot.credit.notified().await;
+            add_elapsed(&m.wait_window_ns, since);
         };
         // The chunk's own buffer, read into straight from the socket: it is
         // what travels and what is kept for a resend until the ack.
         let mut data = Vec::with_capacity((credit as usize).min(sh.cfg.chunk as usize));
+        let since = Instant::now();
         let n = loop {
             if let Err(e) = sock.readable().await {
                 return sh.fail(RelayFailure::Hypervisor(format!(
@@ -369,6 +416,7 @@ async fn pump_out(sh: Arc<Shared>, slot: Arc<StreamSlot>, sock: Arc<TcpStream>) 
                 }
             }
         };
+        add_elapsed(&m.wait_hypervisor_ns, since);
         if n == 0 {
             let (length, digest) = {
                 let mut i = slot.inner.lock().expect("stream");
@@ -397,6 +445,7 @@ async fn pump_out(sh: Arc<Shared>, slot: Arc<StreamSlot>, sock: Arc<TcpStream>) 
             i.send.on_read(n)
         };
         let seq = sh.seq.fetch_add(1, Ordering::Relaxed);
+        m.chunks_sent.fetch_add(1, Ordering::Relaxed);
         let _ = sh.queue_tx.send(Arc::new(OutChunk {
             stream: slot.id,
             dir,
@@ -439,9 +488,17 @@ async fn pump_in(
             Step::Write(b) => {
                 let mut done = 0;
                 while done < b.len() {
-                    let r = match sock.writable().await {
-                        Ok(()) => sock.try_write(&b[done..]),
-                        Err(e) => Err(e),
+                    let r = match sock.try_write(&b[done..]) {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            let since = Instant::now();
+                            let w = sock.writable().await;
+                            add_elapsed(&slot.metrics.wait_deliver_ns, since);
+                            match w {
+                                Ok(()) => continue,
+                                Err(e) => Err(e),
+                            }
+                        }
+                        r => r,
                     };
                     match r {
                         Ok(n) => done += n,
@@ -558,8 +615,7 @@ async fn channel_writer(
                 if let Some(l) = &sh.limiter {
                     l.acquire(total).await;
                 }
-                wr.write_all(&header).await.map_err(|e| format!("sending a chunk: {e}"))?;
-                wr.write_all(payload).await.map_err(|e| format!("sending a chunk: {e}"))?;
+                write_both(&mut wr, &header, payload).await.map_err(|e| format!("sending a chunk: {e}"))?;
                 wr.flush().await.map_err(|e| format!("sending a chunk: {e}"))?;
                 ch.chunks_sent.fetch_add(1, Ordering::Relaxed);
                 ch.bytes_sent.fetch_add(total, Ordering::Relaxed);
@@ -569,12 +625,55 @@ async fn channel_writer(
     }
 }
 
+/// Appends exactly `n` bytes from `rd` to `buf`, read into its spare
+/// capacity (no zero-fill of a buffer about to be overwritten).
+async fn read_payload<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut Vec<u8>,
+    n: usize,
+) -> std::io::Result<()> {
+    buf.reserve_exact(n);
+    let want = buf.len() + n;
+    while buf.len() < want {
+        let left = (want - buf.len()) as u64;
+        if (&mut *rd).take(left).read_buf(buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
+}
+
+/// Writes `head` then `body` with as few `writev` calls as the socket takes.
+async fn write_both<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut head: &[u8],
+    mut body: &[u8],
+) -> std::io::Result<()> {
+    while !head.is_empty() || !body.is_empty() {
+        let n = wr
+            .write_vectored(&[IoSlice::new(head), IoSlice::new(body)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let h = n.min(head.len());
+        head = &head[h..];
+        body = &body[n - h..];
+    }
+    Ok(())
+}
+
+/// Bytes a data channel's reader buffers: the next headers (and acks)
+/// come with the payload before them in one read.
+const CHANNEL_READ_BUFFER: usize = 64 << 10;
+
 async fn channel_reader(
     sh: Arc<Shared>,
     ch: Arc<Channel>,
-    mut rd: ReadHalf<Stream>,
+    rd: ReadHalf<Stream>,
     acks: mpsc::UnboundedSender<u64>,
 ) -> std::result::Result<(), String> {
+    let mut rd = BufReader::with_capacity(CHANNEL_READ_BUFFER, rd);
     let mut dec = Decoder::default();
     let in_dir = sh.cfg.side.in_dir();
     let mut wire = Vec::new();
@@ -614,8 +713,8 @@ async fn channel_reader(
             )));
             return Err("a chunk of the wrong direction".into());
         }
-        wire.resize(c.wire_len as usize, 0);
-        rd.read_exact(&mut wire)
+        wire.clear();
+        read_payload(&mut rd, &mut wire, c.wire_len as usize)
             .await
             .map_err(|e| format!("reading a chunk payload: {e}"))?;
         let raw = if c.codec == 0 {
@@ -642,8 +741,12 @@ async fn channel_reader(
             .recv
             .insert(c.offset, raw);
         match placed {
-            Ok(Placed::New) => slot.data.notify_one(),
+            Ok(Placed::New) => {
+                slot.metrics.chunks_received.fetch_add(1, Ordering::Relaxed);
+                slot.data.notify_one()
+            }
             Ok(Placed::Duplicate) => {
+                slot.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
                     stream = c.stream,
                     offset = c.offset,
@@ -713,6 +816,11 @@ async fn run_channel(sh: Arc<Shared>, ch: Arc<Channel>, stream: Stream) {
         return;
     }
     sh.resent.fetch_add(lost.len() as u64, Ordering::Relaxed);
+    for c in &lost {
+        if let Ok(slot) = sh.slot(c.stream) {
+            slot.metrics.resent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
     for c in lost {
         let _ = sh.queue_tx.send(c);
     }
@@ -1007,11 +1115,19 @@ impl Engine {
                         Side::Source => (out, inn),
                         Side::Destination => (inn, out),
                     };
+                    let m = &s.metrics;
                     StreamReport {
                         stream: s.id,
                         label: i.label.clone().unwrap_or_else(|| "other".into()),
                         forward_bytes,
                         back_bytes,
+                        chunks_sent: m.chunks_sent.load(Ordering::Relaxed),
+                        chunks_received: m.chunks_received.load(Ordering::Relaxed),
+                        duplicates_dropped: m.duplicates.load(Ordering::Relaxed),
+                        chunks_resent: m.resent.load(Ordering::Relaxed),
+                        waited_for_hypervisor_s: secs(&m.wait_hypervisor_ns),
+                        waited_for_window_s: secs(&m.wait_window_ns),
+                        waited_to_deliver_s: secs(&m.wait_deliver_ns),
                     }
                 })
                 .collect(),

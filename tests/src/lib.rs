@@ -41,6 +41,32 @@ pub fn ferry_bin() -> PathBuf {
         }
         let target_dir = profile_dir.parent().expect("target root");
         cmd.env("CARGO_TARGET_DIR", target_dir);
+        // What cargo sets for the test being run (this package's manifest
+        // directory, name, version...) is not in the environment of the
+        // `cargo test` that built everything: a build script that reruns
+        // when one of them changes (ring's: CARGO_MANIFEST_DIR,
+        // CARGO_PKG_*) would rebuild ring, rustls and Ferry's crates here,
+        // and again in the next `cargo` run outside the tests.
+        for (name, _) in std::env::vars_os() {
+            let Some(n) = name.to_str() else { continue };
+            if n.starts_with("CARGO_PKG_")
+                || n.starts_with("CARGO_BIN_EXE_")
+                || matches!(
+                    n,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_MANIFEST_LINKS"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "CARGO_RUSTC_CURRENT_DIR"
+                        | "OUT_DIR"
+                )
+            {
+                cmd.env_remove(n);
+            }
+        }
         let st = cmd.status().expect("run cargo build for the ferry binary");
         assert!(st.success(), "building the ferry binary failed");
         profile_dir.join("ferry")

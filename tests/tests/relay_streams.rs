@@ -317,7 +317,16 @@ fn many_streams_each_way_with_half_close_arrive_whole_and_in_accept_order() {
     for s in &report.streams {
         assert_eq!(s.forward_bytes, len as u64 + 4, "{s:?}");
         assert_eq!(s.back_bytes, len as u64 + 4, "{s:?}");
+        // Per-stream metrics: chunks cut and sent each way, none resent or
+        // received twice without a failover.
+        assert!(s.chunks_sent > 0 && s.chunks_received > 0, "{s:?}");
+        assert_eq!((s.chunks_resent, s.duplicates_dropped), (0, 0), "{s:?}");
     }
+    assert_eq!(
+        report.streams.iter().map(|s| s.chunks_sent).sum::<u64>(),
+        report.channels.iter().map(|c| c.chunks_sent).sum::<u64>(),
+        "every chunk a stream cut went out on one channel"
+    );
     assert_eq!(report.channels.len(), 2);
     assert!(
         report.channels.iter().all(|c| c.chunks_sent > 0),
@@ -456,7 +465,13 @@ fn a_hypervisor_that_does_not_read_stops_the_other_one_writing() {
         results[0].as_ref().unwrap() == &expected(0, len),
         "every byte, in order, after the stall"
     );
-    finish(&rt, run).expect("delivered");
+    let report = finish(&rt, run).expect("delivered");
+    // The stall is in the report: the source's reader waited for credit.
+    assert!(
+        report.streams[0].waited_for_window_s > 0.0,
+        "{:?}",
+        report.streams[0]
+    );
 }
 
 #[test]
@@ -483,6 +498,10 @@ fn a_channel_cut_mid_stream_fails_over_to_the_others() {
         .filter(|c| c.failed.is_some())
         .collect();
     assert_eq!(failed.len(), 1, "{:?}", report.channels);
+    assert_eq!(
+        report.streams[0].chunks_resent, report.resent_chunks,
+        "the resends are counted against their stream: {report:?}"
+    );
 }
 
 /// Reads until the connection ends; the error kind if it did not end cleanly.
