@@ -1485,6 +1485,35 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             let throttle = match convergence.after_round(remaining, &costs, round) {
                 AfterRound::Continue { throttle } => throttle,
                 AfterRound::Switchover { reason, predicted } => break (reason, predicted),
+                // The round trip above is the largest of the last three: right
+                // for predicting a pause, but one Pong that stalled on a busy
+                // host must not cancel the migration for good. Cancel once
+                // the parts no round can shrink are over the limit even with
+                // the smallest round trip of at least two measured (a
+                // device state or verification work over the limit on its
+                // own cancels after the first round, as before); else
+                // measure again in another round, up to the round cap.
+                AfterRound::CannotFit { .. }
+                    if round < opts.max_rounds && {
+                        let best = PauseCosts {
+                            round_trip: if rtts.len() >= 2 {
+                                rtts.iter().copied().min().unwrap_or_default()
+                            } else {
+                                Duration::ZERO
+                            },
+                            ..costs
+                        };
+                        best.predict(0)
+                            .is_some_and(|f| f.total() <= opts.downtime_limit)
+                    } =>
+                {
+                    tracing::info!(
+                        round,
+                        rtt_ms = costs.round_trip.as_secs_f64() * 1e3,
+                        "the pause's round trips alone are over --downtime-limit: measuring them again in another round"
+                    );
+                    None
+                }
                 AfterRound::CannotFit { fixed } => {
                     return Err(MigrationError::PauseCannotFit {
                         limit_ms: opts.downtime_limit.as_secs_f64() * 1e3,
