@@ -34,7 +34,8 @@
 //!
 //! The control flow above (what may be sent when, what each answer must
 //! be, timeouts, whether the guest is still ours) is
-//! [`ferry_proto::source::SourceSession`], a state machine without IO; this
+//! [`ferry_proto::opening::SourceOpening`] (the offer and its answer) and
+//! then [`ferry_proto::source::SourceSession`], state machines without IO; this
 //! module drives it: it sends pages (the `Chunker` and the transport),
 //! harvests the dirty log, asks [`ferry_proto::policy::Convergence`]
 //! after each round whether to go on, switch over or cancel (and which
@@ -48,6 +49,7 @@ use std::time::{Duration, Instant};
 use ferry_ffi::vio;
 use ferry_proto::evidence::PageHash;
 use ferry_proto::frame;
+use ferry_proto::opening::SourceOpening;
 use ferry_proto::policy::{self, AfterRound, ConvergeOptions, Convergence};
 use ferry_proto::session::SessionError;
 use ferry_proto::source::{SourceSession, Step};
@@ -678,19 +680,26 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             "no session keys after the handshake",
         ))?;
         let ledger = Arc::new(layout.ledger(keys.page.clone())?);
-        conn.send(&Msg::Offer(Offer {
-            layout: layout.clone(),
-            guest: self.guest.config(),
-            option: self.opts.option,
-            channels: self.opts.multichannel.max_channels(),
-        }))
-        .await?;
         #[cfg(feature = "rdma")]
-        if let Some(endpoints) = &rdma_endpoints {
-            conn.send(&Msg::RdmaOffer(ferry_transport::rdma_wire::RdmaOffer {
-                endpoints: endpoints.clone(),
-            }))
-            .await?;
+        let rdma_offer =
+            rdma_endpoints
+                .as_ref()
+                .map(|endpoints| ferry_transport::rdma_wire::RdmaOffer {
+                    endpoints: endpoints.clone(),
+                });
+        #[cfg(not(feature = "rdma"))]
+        let rdma_offer = None;
+        let (mut opening, offer) = SourceOpening::new(
+            Offer {
+                layout: layout.clone(),
+                guest: self.guest.config(),
+                option: self.opts.option,
+                channels: self.opts.multichannel.max_channels(),
+            },
+            rdma_offer,
+        );
+        for m in &offer {
+            conn.send(m).await?;
         }
         let answer = cancel
             .or_cancel(conn.recv("the destination's answer to the offer"))
@@ -703,19 +712,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             }
             a => a?,
         };
-        let accept = match answer {
-            Msg::Accept(a) => a,
-            Msg::Reject { reason, message } => {
-                return Err(TransportError::Rejected { reason, message }.into())
-            }
-            m => {
-                return Err(TransportError::Unexpected {
-                    expected: "Accept or Reject",
-                    got: m.name().into(),
-                }
-                .into())
-            }
-        };
+        let accept = opening.on_answer(answer).map_err(TransportError::from)?;
         #[cfg(feature = "rdma")]
         if let Some(endpoints) = &rdma_endpoints {
             let t = crate::rdma::open_source(

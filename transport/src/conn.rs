@@ -8,18 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_proto::handshake::{ControlTags, Prover, TAG_LEN};
-use ferry_proto::session::{
-    self, Credential, DestHandshake, Established, SourceHandshake, Transcripts,
-};
+use ferry_proto::session::{Credential, DestHandshake, Established, SourceHandshake, Transcripts};
 use ferry_proto::{MacKey, SessionKeys};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 
 use crate::auth::{self, AuthKey};
 use crate::error::{Result, TransportError};
-use crate::proto::{
-    Msg, RejectReason, Role, MAX_CONTROL_BODY, PREAUTH_BODY_LIMIT, PROTOCOL_MAX, PROTOCOL_MIN,
-};
+use crate::proto::{Msg, RejectReason, Role, MAX_CONTROL_BODY, PREAUTH_BODY_LIMIT};
 use crate::stream::Stream;
 use ferry_proto::WireError;
 
@@ -444,17 +440,6 @@ pub async fn open_data_channel(
     Ok(c.into_stream())
 }
 
-/// Picks the highest version both sides speak
-/// ([`ferry_proto::session::negotiate`]).
-pub fn negotiate(peer_min: u16, peer_max: u16) -> Result<u16> {
-    session::negotiate(peer_min, peer_max).ok_or(TransportError::UnsupportedVersion {
-        peer_min,
-        peer_max,
-        ours_min: PROTOCOL_MIN,
-        ours_max: PROTOCOL_MAX,
-    })
-}
-
 /// Reads one framed message; an `Abort` from the peer becomes
 /// [`TransportError::PeerAborted`]. With `open` (after authentication) the
 /// frame must carry a tag that verifies, checked before the body is
@@ -591,6 +576,7 @@ impl ConnWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::{PROTOCOL_MAX, PROTOCOL_MIN};
     use tokio::net::{TcpListener, TcpStream};
 
     fn t() -> Duration {
