@@ -1238,6 +1238,25 @@ impl Receive<'_> {
     async fn run(
         &self,
         writer: &mut ferry_transport::conn::ConnWriter,
+        msgs: mpsc::Receiver<ferry_transport::Result<Msg>>,
+        streams: mpsc::Receiver<Stream>,
+    ) -> Result<Received> {
+        let mut ch = DataChannels::default();
+        let received = self.receive(&mut ch, writer, msgs, streams).await;
+        // Each channel's task holds this migration's Inbound (its booking
+        // against --memory-limit) and guest memory. On a failure they were
+        // only asked to stop: wait until they have, so that the slot the
+        // migration gives back when it returns comes with its memory (a
+        // queued migration woken by the slot was refused for a limit the
+        // ended one still filled).
+        ch.set.shutdown().await;
+        received
+    }
+
+    async fn receive(
+        &self,
+        ch: &mut DataChannels,
+        writer: &mut ferry_transport::conn::ConnWriter,
         mut msgs: mpsc::Receiver<ferry_transport::Result<Msg>>,
         mut streams: mpsc::Receiver<Stream>,
     ) -> Result<Received> {
@@ -1276,7 +1295,6 @@ impl Receive<'_> {
                 receiving.await
             });
         }
-        let mut ch = DataChannels::default();
         // What the source's messages mean and what is answered, which
         // channels may land pages, the progress timeout and the
         // switchover's proofs: the session decides, this loop does the IO.
@@ -1290,7 +1308,7 @@ impl Receive<'_> {
         while session.is_receiving() {
             tokio::select! {
                 Some(stream) = streams.recv(), if session.channels().0 < self.offer.channels => {
-                    self.start_channel(&mut ch, &mut session, stream, &mut all_counters);
+                    self.start_channel(ch, &mut session, stream, &mut all_counters);
                 }
                 Some(done) = ch.set.join_next_with_id() => {
                     let (id, r) = match done {
@@ -1311,9 +1329,20 @@ impl Receive<'_> {
                     match (end, r) {
                         // The source fails a channel over to the others; only
                         // when none is left is the migration lost.
+                        // A frame this side refused (a tag, the framing, a
+                        // run outside the layout) is the cause: the source
+                        // only sees its channel close, and waits (a second)
+                        // for the Abort naming it, so it is sent at once.
+                        (ChannelEnd::NoneLeft, Some(Err(e)))
+                            if e.kind() != ferry_proto::ErrorKind::Connection =>
+                        {
+                            return Err(e.into());
+                        }
                         (ChannelEnd::NoneLeft, Some(Err(e))) => {
-                            // A source that gives up says why (Abort) just
-                            // before its channels close: prefer its reason.
+                            // The channel was lost (closed, reset, timed
+                            // out). A source that gives up says why (Abort)
+                            // just before its channels close: prefer its
+                            // reason.
                             // A control connection that closed is the cause
                             // when the source's channels close because of it
                             // (its end may be read after theirs). Messages
@@ -1355,7 +1384,7 @@ impl Receive<'_> {
                         Step::Fence { channels, close, reply } => {
                             // Channels accepted but not started yet: a fenced one is dropped.
                             while let Ok(stream) = streams.try_recv() {
-                                self.start_channel(&mut ch, &mut session, stream, &mut all_counters);
+                                self.start_channel(ch, &mut session, stream, &mut all_counters);
                             }
                             for p in &close {
                                 ch.abort(p);
