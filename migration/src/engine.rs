@@ -733,27 +733,8 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                     return Err(e);
                 }
             };
-            self.progress.emit(Event::Connected {
-                migration_id: accept.migration_id,
-                option: self.opts.option.to_string(),
-                channels: t.stats().len(),
-                offered: accept
-                    .interfaces
-                    .iter()
-                    .map(|i| i.addr.to_string())
-                    .collect(),
-            });
-            let mut run = Run {
-                src: self,
-                conn: &mut conn,
-                ledger: ledger.clone(),
-                frame: keys.frame.clone(),
-                pages: BufPool::new(chunk_buffers_kept(self.opts.chunk_bytes)),
-                paused_at: None,
-                session: SourceSession::new(keys.commit.clone(), self.opts.timeout),
-                throttled: 0,
-                copy_hint: None,
-            };
+            self.connected(&accept, t.stats().len());
+            let mut run = Run::new(self, &mut conn, ledger.clone(), &keys);
             let result = run.precopy_and_switch(&mut t, &layout, started).await;
             return run.settle(result).await;
         }
@@ -767,27 +748,8 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 return Err(e);
             }
         };
-        self.progress.emit(Event::Connected {
-            migration_id: accept.migration_id,
-            option: self.opts.option.to_string(),
-            channels: data.len(),
-            offered: accept
-                .interfaces
-                .iter()
-                .map(|i| i.addr.to_string())
-                .collect(),
-        });
-        let mut run = Run {
-            src: self,
-            conn: &mut conn,
-            ledger: ledger.clone(),
-            frame: keys.frame.clone(),
-            pages: BufPool::new(chunk_buffers_kept(self.opts.chunk_bytes)),
-            paused_at: None,
-            session: SourceSession::new(keys.commit.clone(), self.opts.timeout),
-            throttled: 0,
-            copy_hint: None,
-        };
+        self.connected(&accept, data.len());
+        let mut run = Run::new(self, &mut conn, ledger.clone(), &keys);
         // Each channel's sender times out its acks after the channel
         // timeout (never longer than the peer timeout), and multichannel
         // fails a channel over after it.
@@ -879,6 +841,21 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
         let control = if encrypt.control { Some(tls()?) } else { None };
         let data = if encrypt.data { control.clone() } else { None };
         Ok((control, data))
+    }
+
+    /// Tells the progress stream the offer was accepted and `channels`
+    /// data channels are open.
+    fn connected(&self, accept: &ferry_transport::proto::Accept, channels: usize) {
+        self.progress.emit(Event::Connected {
+            migration_id: accept.migration_id,
+            option: self.opts.option.to_string(),
+            channels,
+            offered: accept
+                .interfaces
+                .iter()
+                .map(|i| i.addr.to_string())
+                .collect(),
+        });
     }
 
     /// Pairs interfaces with the destination's and opens the data channels.
@@ -1161,6 +1138,30 @@ impl<'m> Chunker<'m> {
             self.maybe_cut(out, seq);
         }
         Ok(())
+    }
+}
+
+impl<'r, 'a, G: GuestControl, D: DirtyLog> Run<'r, 'a, G, D> {
+    /// The driver of one accepted migration over `conn`, recording what it
+    /// sends in `ledger`, with the session's `keys`: its session starts at
+    /// round 0.
+    fn new(
+        src: &'r Source<'a, G, D>,
+        conn: &'r mut Conn,
+        ledger: Arc<Ledger>,
+        keys: &SessionKeys,
+    ) -> Self {
+        Run {
+            src,
+            conn,
+            ledger,
+            frame: keys.frame.clone(),
+            pages: BufPool::new(chunk_buffers_kept(src.opts.chunk_bytes)),
+            paused_at: None,
+            session: SourceSession::new(keys.commit.clone(), src.opts.timeout),
+            throttled: 0,
+            copy_hint: None,
+        }
     }
 }
 

@@ -158,15 +158,12 @@ impl Conn {
 
     /// Sends one message (tagged once authenticated).
     pub async fn send(&mut self, msg: &Msg) -> Result<()> {
-        let bytes = msg.encode_frame(self.seal.as_mut());
-        self.transcript.sent(&bytes);
-        write_flush(&mut self.stream, &bytes).await.map_err(|e| {
-            TransportError::io(
-                format!("sending {} to {}", msg.name(), self.peer),
-                "control",
-                e,
-            )
-        })
+        let to = Frames {
+            seal: self.seal.as_mut(),
+            transcript: &mut self.transcript,
+            peer: &self.peer,
+        };
+        to.send(&mut self.stream, msg).await
     }
 
     /// Receives one message, waiting at most the connection's timeout.
@@ -231,13 +228,7 @@ impl Conn {
 
     /// Best-effort abort notice to the peer (errors ignored: the peer may be gone).
     pub async fn abort(&mut self, reason: &str) {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            self.send(&Msg::Abort {
-                reason: reason.to_string(),
-            }),
-        )
-        .await;
+        let _ = tokio::time::timeout(ABORT_WAIT, self.send(&abort(reason))).await;
     }
 
     /// The channel binding of this connection (see
@@ -515,6 +506,40 @@ async fn write_flush<W: tokio::io::AsyncWrite + Unpin>(
     w.flush().await
 }
 
+/// How long a best-effort `Abort` may take to leave.
+const ABORT_WAIT: Duration = Duration::from_secs(1);
+
+/// The `Abort` naming `reason`.
+fn abort(reason: &str) -> Msg {
+    Msg::Abort {
+        reason: reason.to_string(),
+    }
+}
+
+/// The sending side of a control connection, whole ([`Conn`]) or split
+/// off ([`ConnWriter`]): every frame is sealed once authenticated, hashed
+/// into the transcript as it leaves, and an IO error names the message and
+/// the peer.
+struct Frames<'a> {
+    seal: Option<&'a mut ControlTags>,
+    transcript: &'a mut Transcript,
+    peer: &'a str,
+}
+
+impl Frames<'_> {
+    async fn send<W: tokio::io::AsyncWrite + Unpin>(self, w: &mut W, msg: &Msg) -> Result<()> {
+        let bytes = msg.encode_frame(self.seal);
+        self.transcript.sent(&bytes);
+        write_flush(w, &bytes).await.map_err(|e| {
+            TransportError::io(
+                format!("sending {} to {}", msg.name(), self.peer),
+                "control",
+                e,
+            )
+        })
+    }
+}
+
 /// Aborts a task when dropped.
 #[derive(Debug)]
 struct AbortOnDrop(tokio::task::AbortHandle);
@@ -550,26 +575,17 @@ impl ConnWriter {
 
     /// Sends one message (tagged once authenticated).
     pub async fn send(&mut self, msg: &Msg) -> Result<()> {
-        let bytes = msg.encode_frame(self.seal.as_mut());
-        self.transcript.sent(&bytes);
-        write_flush(&mut self.write, &bytes).await.map_err(|e| {
-            TransportError::io(
-                format!("sending {} to {}", msg.name(), self.peer),
-                "control",
-                e,
-            )
-        })
+        let to = Frames {
+            seal: self.seal.as_mut(),
+            transcript: &mut self.transcript,
+            peer: &self.peer,
+        };
+        to.send(&mut self.write, msg).await
     }
 
     /// Best-effort abort notice.
     pub async fn abort(&mut self, reason: &str) {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            self.send(&Msg::Abort {
-                reason: reason.to_string(),
-            }),
-        )
-        .await;
+        let _ = tokio::time::timeout(ABORT_WAIT, self.send(&abort(reason))).await;
     }
 }
 
