@@ -165,7 +165,9 @@ pub struct RelayArgs {
     /// destination's --relay-allow (loopback by default).
     #[arg(help_heading = CONNECTION, long, value_name = "HOST:PORT")]
     pub deliver_to: String,
-    /// How long to wait for the peer before giving up.
+    /// How long to wait for the peer before giving up: connecting, and any
+    /// silence on the relay's control connection (it pings the destination
+    /// at least every second).
     #[arg(help_heading = CONNECTION, long, default_value = "30s", value_parser = units::parse_duration, value_name = "DURATION")]
     pub peer_timeout: Duration,
     /// Transport: compression (per chunk, only where it pays; the default)

@@ -32,8 +32,10 @@
 //! `Committed` is sent only once everything that can fail has succeeded;
 //! every failure drops the guest memory and releases the migration slot.
 //!
-//! The handshake's decisions are [`ferry_proto::session::DestHandshake`]'s
-//! (driven by `ferry_transport::conn`), and from `Accept` on those of
+//! The checks on a connection's `Hello` and on the offer, and the `Accept`,
+//! are [`ferry_proto::opening::DestOpening`]'s; the handshake's decisions
+//! are [`ferry_proto::session::DestHandshake`]'s (driven by
+//! `ferry_transport::conn`), and from `Accept` on those of
 //! [`ferry_proto::dest::DestSession`]: what each message of the source
 //! means and what is answered, which data channels may land pages, the
 //! progress timeout, `Ready`, the check of `Commit` and what `Committed` or
@@ -46,17 +48,20 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_proto::control::{PROTOCOL_MAX, PROTOCOL_MIN};
 use ferry_proto::dest::{ChannelEnd, ChannelOutcome, DestSession, Step};
-use ferry_proto::policy;
+use ferry_proto::opening::{
+    unknown_channel, Admission, DestOpening, ExpectedChannels, Hello, HelloRefusal, OfferError,
+    Offered,
+};
 use ferry_proto::session::SessionError;
 use ferry_proto::switchover::{self as proof, Claims, Transcripts};
 use ferry_proto::{Evidence, Ledger};
 use ferry_transport::auth::AuthKey;
-use ferry_transport::compress::CompressionSpec;
-use ferry_transport::conn::{negotiate, Conn};
+use ferry_transport::conn::Conn;
 use ferry_transport::multichannel::Cidr;
 use ferry_transport::proto::{
-    Accept, AuditReport, GuestConfig, Msg, Offer, PerformanceOption, RejectReason, Role,
+    Accept, AuditReport, Msg, Offer, PerformanceOption, RejectReason, Role,
 };
 use ferry_transport::reservation::{channel_allowance, ChannelBudgets, MemoryPool, Reservation};
 use ferry_transport::stream::Stream;
@@ -121,51 +126,7 @@ pub struct ListenOptions {
     pub max_unauthenticated_per_source: usize,
 }
 
-/// What this destination can restore. The offer's guest configuration is
-/// checked against it before `Accept`; a guest it cannot restore is refused
-/// with `Reject(GuestConfig)` naming the mismatch, before anything is
-/// allocated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GuestSupport {
-    /// Most vCPUs a guest may have.
-    pub max_vcpus: u32,
-    /// The CPU vendor guests must come from (their state holds the vendor's
-    /// CPU features); `None`: any.
-    pub cpu_vendor: Option<String>,
-    /// Device-state formats this destination restores.
-    pub device_state_formats: Vec<String>,
-}
-
-impl GuestSupport {
-    /// Checks a guest configuration; the error names the mismatch.
-    pub fn check(&self, g: &GuestConfig) -> std::result::Result<(), String> {
-        if g.vcpus == 0 {
-            return Err("guest configuration: 0 vCPUs".into());
-        }
-        if g.vcpus > self.max_vcpus {
-            return Err(format!(
-                "guest configuration: {} vCPUs, this destination restores at most {}",
-                g.vcpus, self.max_vcpus
-            ));
-        }
-        if let Some(v) = &self.cpu_vendor {
-            if &g.cpu_vendor != v {
-                return Err(format!(
-                    "guest configuration: CPU vendor {:?}, this destination's is {v:?} (a guest cannot move between CPU vendors)",
-                    g.cpu_vendor
-                ));
-            }
-        }
-        if !self.device_state_formats.contains(&g.device_state_format) {
-            return Err(format!(
-                "guest configuration: device-state format {:?} is not one this destination restores ({})",
-                g.device_state_format,
-                self.device_state_formats.join(", ")
-            ));
-        }
-        Ok(())
-    }
-}
+pub use ferry_proto::opening::GuestSupport;
 
 /// A hook the destination calls with the guest's memory (and device state).
 pub type RestoreFn =
@@ -225,8 +186,7 @@ type Pending = Mutex<HashMap<u64, PendingChannels>>;
 /// See [`Pending`].
 struct PendingChannels {
     tx: mpsc::Sender<Stream>,
-    left: u16,
-    encrypted: bool,
+    expected: ExpectedChannels,
     key: ferry_proto::MacKey,
 }
 
@@ -490,8 +450,10 @@ impl Destination {
             migration_id,
             PendingChannels {
                 tx,
-                left: channels,
-                encrypted: conn.is_encrypted(),
+                expected: ExpectedChannels {
+                    left: channels,
+                    encrypted: conn.is_encrypted(),
+                },
                 key: keys.data_channel.clone(),
             },
         );
@@ -635,44 +597,41 @@ impl Destination {
         ) {
             *attempt = Some(self.metrics.begin());
         }
-        let (min, max, role, nonce) = match hello {
-            Ok(Msg::Hello {
-                min_version,
-                max_version,
-                role,
-                nonce,
-            }) => (min_version, max_version, role, nonce),
-            Ok(m) => {
-                let e = conn
-                    .reject(
-                        RejectReason::BadOffer,
-                        format!("expected Hello, got {}", m.name()),
-                    )
-                    .await;
-                return Some(Err(e.into()));
-            }
+        let mut opening = DestOpening::new(self.admission());
+        let hello = match hello {
+            Ok(m) => opening.on_hello(m, encrypted),
             // Closed before saying anything: a health check or port scan,
             // not a migration attempt.
             Err(TransportError::PeerClosed { .. }) => return None,
             Err(e) => return Some(Err(e.into())),
         };
-        let version = match negotiate(min, max) {
-            Ok(v) => v,
-            Err(e) => {
-                conn.reject(RejectReason::Version, e.to_string()).await;
+        let Hello {
+            version,
+            role,
+            nonce,
+        } = match hello {
+            Ok(h) => h,
+            Err(refused) => {
+                let r = refused.refusal();
+                let e = conn.reject(r.reason, r.message).await;
+                let e = match refused {
+                    HelloRefusal::Version { peer_min, peer_max } => {
+                        TransportError::UnsupportedVersion {
+                            peer_min,
+                            peer_max,
+                            ours_min: PROTOCOL_MIN,
+                            ours_max: PROTOCOL_MAX,
+                        }
+                    }
+                    HelloRefusal::Unencrypted => {
+                        tracing::warn!(peer = conn.peer(), "unencrypted connection refused: {e}");
+                        e
+                    }
+                    _ => e,
+                };
                 return Some(Err(e.into()));
             }
         };
-        if !self.opts.plaintext && !encrypted {
-            let e = conn
-                .reject(
-                    RejectReason::Encryption,
-                    "this destination requires encryption: leave out --plaintext on ferry send, or (on a trusted, isolated migration network) start ferry listen with --plaintext too".into(),
-                )
-                .await;
-            tracing::warn!(peer = conn.peer(), "unencrypted connection refused: {e}");
-            return Some(Err(e.into()));
-        }
         match role {
             Role::Data => {
                 let nets = &self.opts.migration_networks;
@@ -708,22 +667,11 @@ impl Destination {
                 let found = {
                     let mut pending = self.pending.lock().expect("pending");
                     match pending.values_mut().find(|p| claim.belongs_to(&p.key)) {
-                        Some(p) if p.encrypted && !encrypted => Err((
-                            RejectReason::Encryption,
-                            "data channel refused: its migration's control connection is encrypted and it is not",
-                        )),
-                        Some(p) if p.left > 0 => {
-                            p.left -= 1;
-                            Ok((p.tx.clone(), p.key.clone()))
-                        }
-                        Some(_) => Err((
-                            RejectReason::Token,
-                            "every data channel the migration offered is already open",
-                        )),
-                        None => Err((
-                            RejectReason::Token,
-                            "the data channel's proof matches no migration in progress (another session's, an ended one's, or forged)",
-                        )),
+                        Some(p) => p
+                            .expected
+                            .admit(encrypted)
+                            .map(|()| (p.tx.clone(), p.key.clone())),
+                        None => Err(unknown_channel()),
                     }
                 };
                 match found {
@@ -735,15 +683,15 @@ impl Destination {
                             let _ = tx.send(conn.into_stream()).await;
                         }
                     }
-                    Err((reason, why)) => {
-                        let e = conn.reject(reason, why.into()).await;
+                    Err(r) => {
+                        let e = conn.reject(r.reason, r.message).await;
                         tracing::warn!(peer = conn.peer(), "{e}");
                     }
                 }
                 None
             }
             Role::Control => Some(
-                self.session(conn, nonce, version, listen_ip, (deadline, slot))
+                self.session(conn, opening, nonce, version, listen_ip, (deadline, slot))
                     .await,
             ),
         }
@@ -798,66 +746,21 @@ impl Destination {
         }
     }
 
-    fn validate(
-        &self,
-        offer: &Offer,
-        encrypted: bool,
-    ) -> std::result::Result<(), (RejectReason, String)> {
-        offer
-            .layout
-            .validate()
-            .map_err(|e| (RejectReason::BadOffer, e.to_string()))?;
-        let total = offer.layout.total_bytes();
-        if total > self.opts.memory_limit {
-            return Err((
-                RejectReason::MemoryLimit,
-                format!(
-                    "guest memory of {} is above this destination's --memory-limit of {}",
-                    human_exact(total),
-                    human_exact(self.opts.memory_limit)
-                ),
-            ));
+    /// What this destination admits, for the checks of
+    /// [`DestOpening`].
+    fn admission(&self) -> Admission {
+        Admission {
+            plaintext_allowed: self.opts.plaintext,
+            memory_limit: self.opts.memory_limit,
+            rdma: cfg!(feature = "rdma"),
+            supports: self.resume.supports.clone(),
         }
-        policy::destination_admits(offer.option, self.opts.plaintext, encrypted)
-            .map_err(|(reason, why)| (reason, why.to_string()))?;
-        match offer.option {
-            PerformanceOption::Tcp => {}
-            PerformanceOption::Compression { codec, level } => {
-                let codec = Codec::from_id(codec)
-                    .map_err(|e| (RejectReason::Option, format!("compression option: {e}")))?;
-                CompressionSpec { codec, level }
-                    .validate()
-                    .map_err(|e| (RejectReason::Option, format!("compression option: {e}")))?;
-            }
-            #[cfg(feature = "rdma")]
-            PerformanceOption::Rdma => {}
-            #[cfg_attr(feature = "rdma", allow(unreachable_patterns))]
-            other => {
-                return Err((
-                    RejectReason::Option,
-                    format!("performance option {other} is not available on this destination"),
-                ));
-            }
-        }
-        self.resume
-            .supports
-            .check(&offer.guest)
-            .map_err(|e| (RejectReason::GuestConfig, e))?;
-        if offer.channels == 0 || offer.channels > 64 {
-            return Err((
-                RejectReason::BadOffer,
-                format!(
-                    "{} data channels requested (1 to 64 allowed)",
-                    offer.channels
-                ),
-            ));
-        }
-        Ok(())
     }
 
     async fn session(
         self: Arc<Self>,
         mut conn: Conn,
+        mut opening: DestOpening,
         nonce_s: [u8; 32],
         version: u16,
         listen_ip: IpAddr,
@@ -887,7 +790,7 @@ impl Destination {
         // Authenticated (or gone): no longer counted against the caps.
         drop(slot);
         match authenticated {
-            Ok(()) => {}
+            Ok(()) => opening.authenticated().map_err(MigrationError::from)?,
             // The source aborts the handshake only when our proof does not
             // match its key.
             Err(TransportError::PeerAborted(_)) => {
@@ -898,21 +801,16 @@ impl Destination {
             }
             Err(e) => return Err(e.into()),
         }
-        let offer = match conn.recv("the offer").await? {
-            Msg::Offer(o) => o,
+        let encrypted = conn.is_encrypted();
+        let offer = match opening.on_offer(conn.recv("the offer").await?, encrypted) {
+            Ok(Offered::Migration(o)) => o,
             // `ferry relay` (issue 13): streams, not a guest.
-            Msg::RelayOffer(o) => return self.relay_session(conn, o, listen_ip, started).await,
-            m => {
-                return Err(TransportError::Unexpected {
-                    expected: "Offer",
-                    got: m.name().into(),
-                }
-                .into())
+            Ok(Offered::Relay(o)) => return self.relay_session(conn, o, listen_ip, started).await,
+            Err(OfferError::Refused(r)) => {
+                return Err(conn.reject(r.reason, r.message).await.into())
             }
+            Err(OfferError::Session(e)) => return Err(e.into()),
         };
-        if let Err((reason, message)) = self.validate(&offer, conn.is_encrypted()) {
-            return Err(conn.reject(reason, message).await.into());
-        }
         let _permit = match self.admit().await {
             Ok(p) => p,
             Err(msg) => return Err(conn.reject(RejectReason::Busy, msg).await.into()),
@@ -999,12 +897,7 @@ impl Destination {
             "offer accepted"
         );
         let interfaces = self.advertised_interfaces(migration_id, listen_ip);
-        let accepted = conn
-            .send(&Msg::Accept(Accept {
-                migration_id,
-                interfaces,
-            }))
-            .await;
+        let accepted = conn.send(&opening.accept(migration_id, interfaces)?).await;
         #[cfg(feature = "rdma")]
         let accepted = match (&rdma, accepted) {
             (Some(r), Ok(())) => conn.send(&Msg::RdmaAccept(r.accept().clone())).await,
@@ -1345,6 +1238,25 @@ impl Receive<'_> {
     async fn run(
         &self,
         writer: &mut ferry_transport::conn::ConnWriter,
+        msgs: mpsc::Receiver<ferry_transport::Result<Msg>>,
+        streams: mpsc::Receiver<Stream>,
+    ) -> Result<Received> {
+        let mut ch = DataChannels::default();
+        let received = self.receive(&mut ch, writer, msgs, streams).await;
+        // Each channel's task holds this migration's Inbound (its booking
+        // against --memory-limit) and guest memory. On a failure they were
+        // only asked to stop: wait until they have, so that the slot the
+        // migration gives back when it returns comes with its memory (a
+        // queued migration woken by the slot was refused for a limit the
+        // ended one still filled).
+        ch.set.shutdown().await;
+        received
+    }
+
+    async fn receive(
+        &self,
+        ch: &mut DataChannels,
+        writer: &mut ferry_transport::conn::ConnWriter,
         mut msgs: mpsc::Receiver<ferry_transport::Result<Msg>>,
         mut streams: mpsc::Receiver<Stream>,
     ) -> Result<Received> {
@@ -1383,7 +1295,6 @@ impl Receive<'_> {
                 receiving.await
             });
         }
-        let mut ch = DataChannels::default();
         // What the source's messages mean and what is answered, which
         // channels may land pages, the progress timeout and the
         // switchover's proofs: the session decides, this loop does the IO.
@@ -1397,7 +1308,7 @@ impl Receive<'_> {
         while session.is_receiving() {
             tokio::select! {
                 Some(stream) = streams.recv(), if session.channels().0 < self.offer.channels => {
-                    self.start_channel(&mut ch, &mut session, stream, &mut all_counters);
+                    self.start_channel(ch, &mut session, stream, &mut all_counters);
                 }
                 Some(done) = ch.set.join_next_with_id() => {
                     let (id, r) = match done {
@@ -1418,9 +1329,20 @@ impl Receive<'_> {
                     match (end, r) {
                         // The source fails a channel over to the others; only
                         // when none is left is the migration lost.
+                        // A frame this side refused (a tag, the framing, a
+                        // run outside the layout) is the cause: the source
+                        // only sees its channel close, and waits (a second)
+                        // for the Abort naming it, so it is sent at once.
+                        (ChannelEnd::NoneLeft, Some(Err(e)))
+                            if e.kind() != ferry_proto::ErrorKind::Connection =>
+                        {
+                            return Err(e.into());
+                        }
                         (ChannelEnd::NoneLeft, Some(Err(e))) => {
-                            // A source that gives up says why (Abort) just
-                            // before its channels close: prefer its reason.
+                            // The channel was lost (closed, reset, timed
+                            // out). A source that gives up says why (Abort)
+                            // just before its channels close: prefer its
+                            // reason.
                             // A control connection that closed is the cause
                             // when the source's channels close because of it
                             // (its end may be read after theirs). Messages
@@ -1462,7 +1384,7 @@ impl Receive<'_> {
                         Step::Fence { channels, close, reply } => {
                             // Channels accepted but not started yet: a fenced one is dropped.
                             while let Ok(stream) = streams.try_recv() {
-                                self.start_channel(&mut ch, &mut session, stream, &mut all_counters);
+                                self.start_channel(ch, &mut session, stream, &mut all_counters);
                             }
                             for p in &close {
                                 ch.abort(p);

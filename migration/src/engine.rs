@@ -34,7 +34,8 @@
 //!
 //! The control flow above (what may be sent when, what each answer must
 //! be, timeouts, whether the guest is still ours) is
-//! [`ferry_proto::source::SourceSession`], a state machine without IO; this
+//! [`ferry_proto::opening::SourceOpening`] (the offer and its answer) and
+//! then [`ferry_proto::source::SourceSession`], state machines without IO; this
 //! module drives it: it sends pages (the `Chunker` and the transport),
 //! harvests the dirty log, asks [`ferry_proto::policy::Convergence`]
 //! after each round whether to go on, switch over or cancel (and which
@@ -48,6 +49,7 @@ use std::time::{Duration, Instant};
 use ferry_ffi::vio;
 use ferry_proto::evidence::PageHash;
 use ferry_proto::frame;
+use ferry_proto::opening::SourceOpening;
 use ferry_proto::policy::{self, AfterRound, ConvergeOptions, Convergence};
 use ferry_proto::session::SessionError;
 use ferry_proto::source::{SourceSession, Step};
@@ -678,19 +680,26 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             "no session keys after the handshake",
         ))?;
         let ledger = Arc::new(layout.ledger(keys.page.clone())?);
-        conn.send(&Msg::Offer(Offer {
-            layout: layout.clone(),
-            guest: self.guest.config(),
-            option: self.opts.option,
-            channels: self.opts.multichannel.max_channels(),
-        }))
-        .await?;
         #[cfg(feature = "rdma")]
-        if let Some(endpoints) = &rdma_endpoints {
-            conn.send(&Msg::RdmaOffer(ferry_transport::rdma_wire::RdmaOffer {
-                endpoints: endpoints.clone(),
-            }))
-            .await?;
+        let rdma_offer =
+            rdma_endpoints
+                .as_ref()
+                .map(|endpoints| ferry_transport::rdma_wire::RdmaOffer {
+                    endpoints: endpoints.clone(),
+                });
+        #[cfg(not(feature = "rdma"))]
+        let rdma_offer = None;
+        let (mut opening, offer) = SourceOpening::new(
+            Offer {
+                layout: layout.clone(),
+                guest: self.guest.config(),
+                option: self.opts.option,
+                channels: self.opts.multichannel.max_channels(),
+            },
+            rdma_offer,
+        );
+        for m in &offer {
+            conn.send(m).await?;
         }
         let answer = cancel
             .or_cancel(conn.recv("the destination's answer to the offer"))
@@ -703,19 +712,7 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
             }
             a => a?,
         };
-        let accept = match answer {
-            Msg::Accept(a) => a,
-            Msg::Reject { reason, message } => {
-                return Err(TransportError::Rejected { reason, message }.into())
-            }
-            m => {
-                return Err(TransportError::Unexpected {
-                    expected: "Accept or Reject",
-                    got: m.name().into(),
-                }
-                .into())
-            }
-        };
+        let accept = opening.on_answer(answer).map_err(TransportError::from)?;
         #[cfg(feature = "rdma")]
         if let Some(endpoints) = &rdma_endpoints {
             let t = crate::rdma::open_source(
@@ -736,27 +733,8 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                     return Err(e);
                 }
             };
-            self.progress.emit(Event::Connected {
-                migration_id: accept.migration_id,
-                option: self.opts.option.to_string(),
-                channels: t.stats().len(),
-                offered: accept
-                    .interfaces
-                    .iter()
-                    .map(|i| i.addr.to_string())
-                    .collect(),
-            });
-            let mut run = Run {
-                src: self,
-                conn: &mut conn,
-                ledger: ledger.clone(),
-                frame: keys.frame.clone(),
-                pages: BufPool::new(chunk_buffers_kept(self.opts.chunk_bytes)),
-                paused_at: None,
-                session: SourceSession::new(keys.commit.clone(), self.opts.timeout),
-                throttled: 0,
-                copy_hint: None,
-            };
+            self.connected(&accept, t.stats().len());
+            let mut run = Run::new(self, &mut conn, ledger.clone(), &keys);
             let result = run.precopy_and_switch(&mut t, &layout, started).await;
             return run.settle(result).await;
         }
@@ -770,27 +748,8 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
                 return Err(e);
             }
         };
-        self.progress.emit(Event::Connected {
-            migration_id: accept.migration_id,
-            option: self.opts.option.to_string(),
-            channels: data.len(),
-            offered: accept
-                .interfaces
-                .iter()
-                .map(|i| i.addr.to_string())
-                .collect(),
-        });
-        let mut run = Run {
-            src: self,
-            conn: &mut conn,
-            ledger: ledger.clone(),
-            frame: keys.frame.clone(),
-            pages: BufPool::new(chunk_buffers_kept(self.opts.chunk_bytes)),
-            paused_at: None,
-            session: SourceSession::new(keys.commit.clone(), self.opts.timeout),
-            throttled: 0,
-            copy_hint: None,
-        };
+        self.connected(&accept, data.len());
+        let mut run = Run::new(self, &mut conn, ledger.clone(), &keys);
         // Each channel's sender times out its acks after the channel
         // timeout (never longer than the peer timeout), and multichannel
         // fails a channel over after it.
@@ -882,6 +841,21 @@ impl<G: GuestControl, D: DirtyLog> Source<'_, G, D> {
         let control = if encrypt.control { Some(tls()?) } else { None };
         let data = if encrypt.data { control.clone() } else { None };
         Ok((control, data))
+    }
+
+    /// Tells the progress stream the offer was accepted and `channels`
+    /// data channels are open.
+    fn connected(&self, accept: &ferry_transport::proto::Accept, channels: usize) {
+        self.progress.emit(Event::Connected {
+            migration_id: accept.migration_id,
+            option: self.opts.option.to_string(),
+            channels,
+            offered: accept
+                .interfaces
+                .iter()
+                .map(|i| i.addr.to_string())
+                .collect(),
+        });
     }
 
     /// Pairs interfaces with the destination's and opens the data channels.
@@ -1164,6 +1138,30 @@ impl<'m> Chunker<'m> {
             self.maybe_cut(out, seq);
         }
         Ok(())
+    }
+}
+
+impl<'r, 'a, G: GuestControl, D: DirtyLog> Run<'r, 'a, G, D> {
+    /// The driver of one accepted migration over `conn`, recording what it
+    /// sends in `ledger`, with the session's `keys`: its session starts at
+    /// round 0.
+    fn new(
+        src: &'r Source<'a, G, D>,
+        conn: &'r mut Conn,
+        ledger: Arc<Ledger>,
+        keys: &SessionKeys,
+    ) -> Self {
+        Run {
+            src,
+            conn,
+            ledger,
+            frame: keys.frame.clone(),
+            pages: BufPool::new(chunk_buffers_kept(src.opts.chunk_bytes)),
+            paused_at: None,
+            session: SourceSession::new(keys.commit.clone(), src.opts.timeout),
+            throttled: 0,
+            copy_hint: None,
+        }
     }
 }
 
@@ -1488,6 +1486,35 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             let throttle = match convergence.after_round(remaining, &costs, round) {
                 AfterRound::Continue { throttle } => throttle,
                 AfterRound::Switchover { reason, predicted } => break (reason, predicted),
+                // The round trip above is the largest of the last three: right
+                // for predicting a pause, but one Pong that stalled on a busy
+                // host must not cancel the migration for good. Cancel once
+                // the parts no round can shrink are over the limit even with
+                // the smallest round trip of at least two measured (a
+                // device state or verification work over the limit on its
+                // own cancels after the first round, as before); else
+                // measure again in another round, up to the round cap.
+                AfterRound::CannotFit { .. }
+                    if round < opts.max_rounds && {
+                        let best = PauseCosts {
+                            round_trip: if rtts.len() >= 2 {
+                                rtts.iter().copied().min().unwrap_or_default()
+                            } else {
+                                Duration::ZERO
+                            },
+                            ..costs
+                        };
+                        best.predict(0)
+                            .is_some_and(|f| f.total() <= opts.downtime_limit)
+                    } =>
+                {
+                    tracing::info!(
+                        round,
+                        rtt_ms = costs.round_trip.as_secs_f64() * 1e3,
+                        "the pause's round trips alone are over --downtime-limit: measuring them again in another round"
+                    );
+                    None
+                }
                 AfterRound::CannotFit { fixed } => {
                     return Err(MigrationError::PauseCannotFit {
                         limit_ms: opts.downtime_limit.as_secs_f64() * 1e3,

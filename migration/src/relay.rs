@@ -233,12 +233,16 @@ pub struct EngineConfig {
     pub bandwidth_limit: Option<u64>,
     /// A data channel with chunks in flight and no ack for this long fails over.
     pub channel_timeout: Duration,
+    /// No message on the control connection for this long fails the relay
+    /// (the source pings, the destination answers, at least every second).
+    pub peer_timeout: Duration,
     /// Whether the data channels are TLS.
     pub encrypted: bool,
 }
 
 impl EngineConfig {
-    /// From a relay offer (the destination's view).
+    /// From a relay offer (the destination's view); the peer timeout starts
+    /// as `channel_timeout` (the daemon's `--peer-timeout` is both).
     pub fn from_offer(
         o: &RelayOffer,
         side: Side,
@@ -258,6 +262,7 @@ impl EngineConfig {
             },
             bandwidth_limit: None,
             channel_timeout,
+            peer_timeout: channel_timeout,
             encrypted,
         }
     }
@@ -922,8 +927,32 @@ impl Engine {
         };
         let mut channels_open = true;
         let side = self.cfg.side;
+        // A peer that stops answering without closing (a host gone, a
+        // link that drops everything) is found by its silence: the source
+        // pings, the destination answers, and either side fails the relay
+        // when it heard nothing for the peer timeout.
+        let peer_timeout = self.cfg.peer_timeout;
+        let mut heard = Instant::now();
+        let mut beat = tokio::time::interval(
+            (peer_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
+        );
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pings = 0u64;
         let result: Result<()> = loop {
             tokio::select! {
+                _ = beat.tick() => {
+                    if heard.elapsed() > peer_timeout {
+                        break Err(TransportError::Timeout {
+                            what: "any message on the relay's control connection (--peer-timeout)",
+                            after: peer_timeout,
+                        }
+                        .into());
+                    }
+                    if side == Side::Source {
+                        pings += 1;
+                        let _ = sh.ctl.send(Msg::Ping { seq: pings });
+                    }
+                }
                 c = channels.recv(), if channels_open => match c {
                     Some((stream, path)) => {
                         let ch = Arc::new(Channel {
@@ -971,8 +1000,13 @@ impl Engine {
                         Some(Err(e)) => break Err(e.into()),
                         None => break Err(TransportError::PeerClosed { what: "control" }.into()),
                     };
+                    heard = Instant::now();
                     match (side, m) {
                         (_, Msg::Abort { reason }) => break Err(RelayFailure::PeerAborted(reason)),
+                        (Side::Destination, Msg::Ping { seq }) => {
+                            let _ = sh.ctl.send(Msg::Pong { seq });
+                        }
+                        (Side::Source, Msg::Pong { .. }) => {}
                         (Side::Destination, Msg::Open { stream }) => {
                             if let Err(e) = fifo.on_open(stream).and_then(|()| rules.open().map(|_| ())) {
                                 break Err(e.into());
@@ -1306,6 +1340,7 @@ pub async fn prepare_source(o: &SourceOptions) -> Result<ReadySource> {
         o.multichannel.channel_timeout,
     );
     cfg.bandwidth_limit = o.bandwidth_limit;
+    cfg.peer_timeout = o.timeout;
     Ok(ReadySource {
         paths: channels.iter().map(|c| c.1.clone()).collect(),
         conn,

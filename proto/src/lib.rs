@@ -12,6 +12,10 @@
 //!   the transcripts, the evidence and the device state to the session.
 //! * [`session`]: both sides of the handshake as state machines
 //!   (messages and transcripts in, messages out; no IO).
+//! * [`opening`]: the opening of a migration around the handshake as state
+//!   machines: the destination's checks on a connection's `Hello` and on
+//!   the offer (with what it can restore, [`opening::GuestSupport`]), the
+//!   offer and its answer on the source.
 //! * [`source`]: the source's migration session (rounds, fence, switchover,
 //!   commit or abort) as a state machine: events and `now` in, messages
 //!   and steps out.
@@ -33,6 +37,8 @@
 //! * [`net`]: interfaces, subnets and the one pairing rule of TCP
 //!   multichannel and RDMA; the channel limit [`net::MAX_CHANNELS`].
 //! * [`rdma`]: what the RDMA option exchanges on the control connection.
+//! * [`units`]: sizes for people (`1.00 GiB (1073741824 bytes)`), as the
+//!   refusals write them.
 //! * [`relay`]: `ferry relay`'s stream chunks and its state machines
 //!   (credit windows, reassembly, the open order, the end).
 //! * [`policy`]: the policies, in one place: which options combine (what
@@ -52,6 +58,7 @@ pub mod handshake;
 pub mod keys;
 pub mod layout;
 pub mod net;
+pub mod opening;
 pub mod option;
 pub mod policy;
 pub mod rdma;
@@ -60,6 +67,7 @@ pub mod session;
 pub mod session_fuzz;
 pub mod source;
 pub mod switchover;
+pub mod units;
 pub mod wire;
 
 pub use error::{ErrorKind, WireError, WireKind};

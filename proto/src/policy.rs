@@ -24,6 +24,10 @@ use crate::option::PerformanceOption;
 /// Why the RDMA option needs `--plaintext` (the source's message).
 pub const RDMA_NOT_ENCRYPTED: &str = "--performance-option rdma needs --plaintext on both ends: RDMA data channels move pages by RDMA WRITE, unencrypted (its control connection keeps TLS). Use --performance-option tcp or compression to encrypt, or add --plaintext to ferry send and ferry listen on a trusted, isolated migration network";
 
+/// The destination's refusal of a plain connection when it requires
+/// encryption (no `--plaintext` on `ferry listen`).
+pub const ENCRYPTION_REQUIRED: &str = "this destination requires encryption: leave out --plaintext on ferry send, or (on a trusted, isolated migration network) start ferry listen with --plaintext too";
+
 /// The destination's refusal when it requires encryption and the source
 /// asks for RDMA.
 pub const RDMA_NEEDS_PLAINTEXT_DEST: &str = "RDMA data channels are not encrypted and this destination requires encryption: use --performance-option tcp or compression, or (on a trusted, isolated migration network) start both ferry listen and ferry send with --plaintext";
@@ -69,6 +73,20 @@ pub fn source_encryption(
             control: true,
             data: true,
         }),
+    }
+}
+
+/// The destination's rule for a connection, before anything of it is
+/// authenticated: a plain one (`encrypted` false) only with `--plaintext`
+/// (`plaintext_allowed`).
+pub fn destination_accepts_connection(
+    plaintext_allowed: bool,
+    encrypted: bool,
+) -> Result<(), (RejectReason, &'static str)> {
+    if encrypted || plaintext_allowed {
+        Ok(())
+    } else {
+        Err((RejectReason::Encryption, ENCRYPTION_REQUIRED))
     }
 }
 

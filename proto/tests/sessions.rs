@@ -1303,18 +1303,9 @@ fn a_fence_for_a_channel_the_destination_never_opened_is_answered_at_once() {
 #[test]
 fn arbitrary_event_sequences_never_panic_nor_break_the_commit_rules() {
     // What the `session` fuzz target runs, on pseudo-random inputs here
-    // (SHA-256 in counter mode: the same inputs on every run).
+    // (the same on every run).
     for n in 0u32..2000 {
-        let len = (n % 400) as usize;
-        let mut bytes = Vec::with_capacity(len + 32);
-        let mut block = 0u32;
-        while bytes.len() < len {
-            bytes.extend_from_slice(&Sha256::digest(
-                [n.to_le_bytes(), block.to_le_bytes()].concat(),
-            ));
-            block += 1;
-        }
-        bytes.truncate(len);
+        let bytes = ferry_proto::session_fuzz::pseudo_random(n, (n % 400) as usize);
         ferry_proto::session_fuzz::fuzz_sessions(&bytes, Instant::now());
     }
 }

@@ -268,21 +268,28 @@ pub fn listen(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
 /// Starts `ferry listen` (staying up) on a free loopback port and waits
 /// until it accepts connections. Extra arguments are appended.
 pub fn daemon(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let addr_s = addr.to_string();
+    // Port 0: the kernel picks a free port as the daemon binds it, and the
+    // daemon says which ("listening on ADDR (...)", once it is bound). A
+    // port picked here and bound later by the daemon could be picked by a
+    // test running beside this one in between: one of the two daemons then
+    // fails to bind, and its test talks to the other one (seen: an offer
+    // refused with another test's --memory-limit).
     let mut args = vec![
         "listen",
         "--listen",
-        &addr_s,
+        "127.0.0.1:0",
         "--auth-key-file",
         key.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
     let p = Proc::start(&args);
-    wait_for_port(addr, "ferry listen");
-    // The probe connection above was one attempt under --once: wait for a
-    // fresh listener only if that made it exit.
+    let out = p.wait_for_output("listening on 127.0.0.1:", Duration::from_secs(20));
+    let addr = out
+        .split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split([' ', '"']).next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("ferry listen did not say its address:\n{out}"));
     (p, addr)
 }
 

@@ -841,6 +841,37 @@ fn dropped_control_connection_aborts_cleanly() {
     assert_dest_failed(&dest, &["peer closed the control connection"]);
 }
 
+#[test]
+fn one_stalled_round_trip_does_not_cancel_the_migration() {
+    // The first Pong is held for a second, as a busy host may stall one:
+    // three such round trips are far over the 300 ms limit, but the ones
+    // measured after it are fast. The source measures again instead of
+    // cancelling with "the pause cannot fit", and commits.
+    let c = Case::new();
+    let (dest, addr) = listen(&c.key, &["--plaintext", "--peer-timeout", "5s"]);
+    let stalled = AtomicBool::new(false);
+    let proxy = Proxy::start(
+        addr,
+        Box::new(move |f| {
+            if f.msg_name() == Some("Pong") && !stalled.swap(true, Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Verdict::Forward
+        }),
+    );
+    let src = c.send(&proxy, &["--dirty-rate", "0"]).wait(LONG);
+    let dest = dest.wait(LONG);
+    let s = assert_committed(&src, &dest.stdout, &c.json());
+    assert!(
+        src.stderr.contains(
+            "the pause's round trips alone are over --downtime-limit: measuring them again"
+        ),
+        "the stalled round trip was measured: {}",
+        src.all()
+    );
+    assert!(s["rounds"].as_array().unwrap().len() > 2, "{s}");
+}
+
 // ---------------------------------------------------------------------------
 // Hostile peers (more in bad_input.rs)
 

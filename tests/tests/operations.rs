@@ -259,8 +259,10 @@ fn a_stalled_authenticated_peer_is_timed_out_and_its_slot_and_memory_freed() {
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
     // The real migration below fits only once the stalled one's slot and
-    // memory are released.
-    let (dest, addr) = one_slot(&k, "48MiB", &["--peer-timeout", "2s"]);
+    // memory are released. The timeout applies to the real migrations too:
+    // 5 s, as a loaded host can keep a real source quiet for 2 s (seen:
+    // "peer did not respond within 2s" for the real one, 2 runs in 6).
+    let (dest, addr) = one_slot(&k, "48MiB", &["--peer-timeout", "5s"]);
     let r = rt();
     // Authenticates, gets its 40 MiB allocated, then says nothing more.
     let (stalled, _) = r.block_on(authed_session(addr, &key(), 40 * MIB));
@@ -274,7 +276,7 @@ fn a_stalled_authenticated_peer_is_timed_out_and_its_slot_and_memory_freed() {
     drop((stalled, stalled_data, channel));
     let d = dest.kill();
     let timed_out =
-        "peer did not respond within 2s while waiting for pages or messages from the source";
+        "peer did not respond within 5s while waiting for pages or messages from the source";
     assert_eq!(
         d.stdout.matches(timed_out).count(),
         2,
@@ -289,13 +291,15 @@ fn bandwidth_limit_holds_for_all_channels_together_within_10_percent() {
     let k = key_file(dir.path(), "key", KEY);
     let json = dir.path().join("s.json");
     let (dest, addr) = listen(&k, &[]);
-    // 40 MB/s: far below what loopback does, so the cap is what limits.
+    // 16 MB/s: far below what loopback does, so the cap is what limits,
+    // on a loaded host too (40 MB/s was not reached there: 31.9 MB/s over
+    // TLS with the CPU shared, 2 runs in 6).
     let out = send(
         addr,
         &k,
         &[
             "--memory",
-            "160MiB",
+            "64MiB",
             "--dirty-rate",
             "0",
             "--zero-fraction",
@@ -307,7 +311,7 @@ fn bandwidth_limit_holds_for_all_channels_together_within_10_percent() {
             "--chunk-size",
             "1MiB",
             "--bandwidth-limit",
-            "40MB/s",
+            "16MB/s",
             "--json",
             json.to_str().unwrap(),
         ],
@@ -318,10 +322,10 @@ fn bandwidth_limit_holds_for_all_channels_together_within_10_percent() {
     let s = summary(&json);
     let rate = s["wire_bytes_per_sec"].as_f64().unwrap();
     assert!(
-        (rate - 40e6).abs() <= 4e6,
-        "achieved {rate:.0} B/s on the wire against a 40 MB/s cap: {s}"
+        (rate - 16e6).abs() <= 1.6e6,
+        "achieved {rate:.0} B/s on the wire against a 16 MB/s cap: {s}"
     );
-    assert_eq!(s["bandwidth_limit"], 40_000_000);
+    assert_eq!(s["bandwidth_limit"], 16_000_000);
     let chans = s["channels"].as_array().unwrap();
     assert_eq!(chans.len(), 3, "{s}");
     assert!(
@@ -502,8 +506,17 @@ fn compression_under_a_bandwidth_limit_keeps_the_cap_and_compresses() {
             img.to_str().unwrap(),
             "--performance-option",
             "compression",
+            // The cap is the link, by a margin a CPU-starved host still
+            // keeps: the workers need only about twice its rate of input.
+            // (At 10 MB/s with 4 MiB chunks, a loaded host compressed too
+            // slowly to keep the link busy: the sender rightly sent chunks
+            // raw rather than let the link idle, 2 of 6, and the ratio fell
+            // to 1.3-1.5.) Small chunks: the first one, raw while the link is
+            // idle at the start, is 1 of 24.
             "--bandwidth-limit",
-            "10MB/s",
+            "4MB/s",
+            "--chunk-size",
+            "1MiB",
             "--json",
             json.to_str().unwrap(),
         ],
@@ -513,7 +526,7 @@ fn compression_under_a_bandwidth_limit_keeps_the_cap_and_compresses() {
     assert!(dest.wait(Duration::from_secs(30)).status.success());
     let s = summary(&json);
     let wire = s["wire_bytes_per_sec"].as_f64().unwrap();
-    assert!(wire <= 11e6, "the cap holds for compressed frames: {s}");
+    assert!(wire <= 4.4e6, "the cap holds for compressed frames: {s}");
     assert!(s["compression_ratio"].as_f64().unwrap() > 1.5, "{s}");
     let sum = |f: &str| -> u64 {
         s["channels"]

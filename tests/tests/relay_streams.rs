@@ -748,3 +748,47 @@ fn relay_cli_destination_killed_resets_the_source_hypervisor_and_exits_one() {
     );
     let _ = dest.wait(Duration::from_secs(5));
 }
+
+#[test]
+fn a_silent_control_connection_fails_the_relay_and_resets_the_hypervisor() {
+    let rt = rt();
+    let (addr, _d, _) = daemon(&rt, true);
+    let e = echo(None, Arc::default());
+    // The control connection (the proxy's connection 0) stops carrying
+    // anything either way once the first stream opens, sockets kept open:
+    // a peer host gone silent. The data channels stay up.
+    let proxy = Proxy::start(
+        addr,
+        Box::new(|f| {
+            if f.conn == 0 && f.msg_name() == Some("Open") {
+                Verdict::Stall
+            } else {
+                Verdict::Forward
+            }
+        }),
+    );
+    let (listen, run) = start_relay(&rt, proxy.addr(), e.addr, |o| {
+        o.timeout = Duration::from_secs(2)
+    });
+    let c = client(listen, 0, 8 << 20);
+    let err = finish(&rt, run).expect_err("a silent peer fails the relay");
+    assert!(
+        err.to_string().contains("relay's control connection"),
+        "{err}"
+    );
+    assert!(reset_seen(c), "the hypervisor's connection is reset");
+}
+
+#[test]
+fn an_idle_relay_outlives_its_peer_timeout() {
+    let rt = rt();
+    let (addr, _d, _) = daemon(&rt, true);
+    let e = echo(None, Arc::default());
+    let (listen, run) = start_relay(&rt, addr, e.addr, |o| o.timeout = Duration::from_secs(1));
+    // Three peer timeouts with nothing to carry: the pings keep it alive.
+    std::thread::sleep(Duration::from_secs(3));
+    let len = 1 << 20;
+    let results = join(vec![client(listen, 0, len)]);
+    assert!(results[0].as_ref().unwrap() == &expected(0, len));
+    finish(&rt, run).expect("delivered after the idle time");
+}

@@ -8,18 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_proto::handshake::{ControlTags, Prover, TAG_LEN};
-use ferry_proto::session::{
-    self, Credential, DestHandshake, Established, SourceHandshake, Transcripts,
-};
+use ferry_proto::session::{Credential, DestHandshake, Established, SourceHandshake, Transcripts};
 use ferry_proto::{MacKey, SessionKeys};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 
 use crate::auth::{self, AuthKey};
 use crate::error::{Result, TransportError};
-use crate::proto::{
-    Msg, RejectReason, Role, MAX_CONTROL_BODY, PREAUTH_BODY_LIMIT, PROTOCOL_MAX, PROTOCOL_MIN,
-};
+use crate::proto::{Msg, RejectReason, Role, MAX_CONTROL_BODY, PREAUTH_BODY_LIMIT};
 use crate::stream::Stream;
 use ferry_proto::WireError;
 
@@ -162,15 +158,12 @@ impl Conn {
 
     /// Sends one message (tagged once authenticated).
     pub async fn send(&mut self, msg: &Msg) -> Result<()> {
-        let bytes = msg.encode_frame(self.seal.as_mut());
-        self.transcript.sent(&bytes);
-        write_flush(&mut self.stream, &bytes).await.map_err(|e| {
-            TransportError::io(
-                format!("sending {} to {}", msg.name(), self.peer),
-                "control",
-                e,
-            )
-        })
+        let to = Frames {
+            seal: self.seal.as_mut(),
+            transcript: &mut self.transcript,
+            peer: &self.peer,
+        };
+        to.send(&mut self.stream, msg).await
     }
 
     /// Receives one message, waiting at most the connection's timeout.
@@ -235,13 +228,7 @@ impl Conn {
 
     /// Best-effort abort notice to the peer (errors ignored: the peer may be gone).
     pub async fn abort(&mut self, reason: &str) {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            self.send(&Msg::Abort {
-                reason: reason.to_string(),
-            }),
-        )
-        .await;
+        let _ = tokio::time::timeout(ABORT_WAIT, self.send(&abort(reason))).await;
     }
 
     /// The channel binding of this connection (see
@@ -444,17 +431,6 @@ pub async fn open_data_channel(
     Ok(c.into_stream())
 }
 
-/// Picks the highest version both sides speak
-/// ([`ferry_proto::session::negotiate`]).
-pub fn negotiate(peer_min: u16, peer_max: u16) -> Result<u16> {
-    session::negotiate(peer_min, peer_max).ok_or(TransportError::UnsupportedVersion {
-        peer_min,
-        peer_max,
-        ours_min: PROTOCOL_MIN,
-        ours_max: PROTOCOL_MAX,
-    })
-}
-
 /// Reads one framed message; an `Abort` from the peer becomes
 /// [`TransportError::PeerAborted`]. With `open` (after authentication) the
 /// frame must carry a tag that verifies, checked before the body is
@@ -530,6 +506,40 @@ async fn write_flush<W: tokio::io::AsyncWrite + Unpin>(
     w.flush().await
 }
 
+/// How long a best-effort `Abort` may take to leave.
+const ABORT_WAIT: Duration = Duration::from_secs(1);
+
+/// The `Abort` naming `reason`.
+fn abort(reason: &str) -> Msg {
+    Msg::Abort {
+        reason: reason.to_string(),
+    }
+}
+
+/// The sending side of a control connection, whole ([`Conn`]) or split
+/// off ([`ConnWriter`]): every frame is sealed once authenticated, hashed
+/// into the transcript as it leaves, and an IO error names the message and
+/// the peer.
+struct Frames<'a> {
+    seal: Option<&'a mut ControlTags>,
+    transcript: &'a mut Transcript,
+    peer: &'a str,
+}
+
+impl Frames<'_> {
+    async fn send<W: tokio::io::AsyncWrite + Unpin>(self, w: &mut W, msg: &Msg) -> Result<()> {
+        let bytes = msg.encode_frame(self.seal);
+        self.transcript.sent(&bytes);
+        write_flush(w, &bytes).await.map_err(|e| {
+            TransportError::io(
+                format!("sending {} to {}", msg.name(), self.peer),
+                "control",
+                e,
+            )
+        })
+    }
+}
+
 /// Aborts a task when dropped.
 #[derive(Debug)]
 struct AbortOnDrop(tokio::task::AbortHandle);
@@ -565,32 +575,24 @@ impl ConnWriter {
 
     /// Sends one message (tagged once authenticated).
     pub async fn send(&mut self, msg: &Msg) -> Result<()> {
-        let bytes = msg.encode_frame(self.seal.as_mut());
-        self.transcript.sent(&bytes);
-        write_flush(&mut self.write, &bytes).await.map_err(|e| {
-            TransportError::io(
-                format!("sending {} to {}", msg.name(), self.peer),
-                "control",
-                e,
-            )
-        })
+        let to = Frames {
+            seal: self.seal.as_mut(),
+            transcript: &mut self.transcript,
+            peer: &self.peer,
+        };
+        to.send(&mut self.write, msg).await
     }
 
     /// Best-effort abort notice.
     pub async fn abort(&mut self, reason: &str) {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            self.send(&Msg::Abort {
-                reason: reason.to_string(),
-            }),
-        )
-        .await;
+        let _ = tokio::time::timeout(ABORT_WAIT, self.send(&abort(reason))).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::{PROTOCOL_MAX, PROTOCOL_MIN};
     use tokio::net::{TcpListener, TcpStream};
 
     fn t() -> Duration {
