@@ -38,7 +38,9 @@
 # the destination relay waited for its QEMU to take bytes (the busiest
 # stream's, over QEMU's total time), "window N%" the time the source
 # relay's reader waited for credit, and "cpu" the CPU seconds of `ferry
-# relay` + `ferry listen` for the run (QEMU's own are not counted). FERRY=path picks the binary (default
+# relay` + `ferry listen` for the run (QEMU's own are not counted); with
+# compression, "lz4 N%" the share of chunks sent compressed (the others went
+# raw: their link was about to idle, or they did not shrink). FERRY=path picks the binary (default
 # target/release/ferry, built first); RELAY_ARGS="--window 32MiB" adds flags
 # to every `ferry relay`.
 set -euo pipefail
@@ -91,6 +93,7 @@ LISTEN_LOG = os.path.join(work, "listen.log")
 SRC, DST = "fq-src", "fq-dst"
 GIB_KIB = 1 << 20
 port = [4500]
+relays = [0]
 
 
 def direct(link):
@@ -117,15 +120,16 @@ def cpu_s(pid):
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def dst_streams(since):
-    """The `relay stream` lines `ferry listen` logged after offset `since`."""
-    out = []
-    with open(LISTEN_LOG) as f:
-        f.seek(since)
-        for line in f:
-            if "relay stream" in line:
-                out.append({k: float(v) for k, v in re.findall(r"(\w+_s)=([0-9.]+)", line)})
-    return out
+def dst_streams(mid):
+    """The `relay stream` lines `ferry listen` logged for its migration `mid`
+    (the daemon numbers relays from 1); it logs them a moment after the
+    source relay exits."""
+    deadline = time.monotonic() + 3
+    while True:
+        lines = [l for l in open(LISTEN_LOG) if "relay stream" in l and f" migration_id={mid} " in l]
+        if lines or time.monotonic() > deadline:
+            return [{k: float(v) for k, v in re.findall(r"(\w+_s)=([0-9.]+)", l)} for l in lines]
+        time.sleep(0.05)
 
 
 def relay_once(option, **kw):
@@ -136,7 +140,7 @@ def relay_once(option, **kw):
             "--to", "10.200.0.2:6600", "--deliver-to", f"127.0.0.1:{deliver}",
             "--auth-key-file", KEY, "--performance-option", option, "--plaintext",
             "--json", os.path.join(work, "relay.json")] + os.environ.get("RELAY_ARGS", "").split()
-    log_at = os.path.getsize(LISTEN_LOG)
+    relays[0] += 1
     listen_cpu = cpu_s(dstd.pid)
     r = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = r.stdout.readline()
@@ -154,7 +158,6 @@ def relay_once(option, **kw):
         r.kill()
         out, err = r.communicate()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    time.sleep(0.2)  # the daemon logs its end a moment after the relay's
     res["relay_cpu"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     res["listen_cpu"] = cpu_s(dstd.pid) - listen_cpu
     src = []
@@ -163,10 +166,12 @@ def relay_once(option, **kw):
             src = json.load(f)["report"]["streams"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    dst = dst_streams(log_at)
+    dst = dst_streams(relays[0])
     t = res.get("total_ms") or 1
     res["window_pct"] = 100 * max([s.get("waited_for_window_s", 0) for s in src] or [0]) * 1000 / t
     res["dst_qemu_pct"] = 100 * max([s.get("waited_to_deliver_s", 0) for s in dst] or [0]) * 1000 / t
+    sent = sum(s.get("chunks_sent", 0) for s in src) or 1
+    res["compressed_pct"] = 100 * sum(s.get("chunks_compressed", 0) for s in src) / sent
     res["relay_status"] = r.returncode
     res["relay_out"] = (line + out).strip()
     if r.returncode != 0:
@@ -203,7 +208,9 @@ def runs(label, path, n, relay=None, **kw):
         where = (f"  [dst QEMU {statistics.median(r['dst_qemu_pct'] for r in res):3.0f}%, "
                  f"window {statistics.median(r['window_pct'] for r in res):3.0f}%, "
                  f"cpu {statistics.median(r['relay_cpu'] for r in res):.2f}+"
-                 f"{statistics.median(r['listen_cpu'] for r in res):.2f} s]")
+                 f"{statistics.median(r['listen_cpu'] for r in res):.2f} s"
+                 + (f", lz4 {statistics.median(r['compressed_pct'] for r in res):.0f}% of chunks"
+                    if relay == "compression" else "") + "]")
     print(f"{label:<34} {path:<26} {t / 1000:6.2f} s {gbit:6.2f} Gbit/s {down:6.0f} ms  {ram:<7} ({times} s){ratio}{where}",
           flush=True)
     if path == "direct, 1 link":

@@ -22,7 +22,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -158,6 +159,16 @@ pub struct StreamReport {
     /// Seconds the writer waited for its hypervisor to take bytes (the
     /// receiving hypervisor sets the pace).
     pub waited_to_deliver_s: f64,
+    /// With compression: chunks sent compressed.
+    pub chunks_compressed: u64,
+    /// With compression: chunks tried that did not shrink by an eighth.
+    pub chunks_raw_incompressible: u64,
+    /// With compression: chunks sent raw untried after one of the stream's
+    /// did not shrink.
+    pub chunks_raw_skipped: u64,
+    /// With compression: chunks sent raw untried because their channel was
+    /// about to go idle (compressing would have cost CPU, not saved time).
+    pub chunks_raw_link_idle: u64,
 }
 
 /// Counters of one stream, kept by its pumps and data channels.
@@ -170,6 +181,12 @@ struct StreamMetrics {
     wait_hypervisor_ns: AtomicU64,
     wait_window_ns: AtomicU64,
     wait_deliver_ns: AtomicU64,
+    compressed: AtomicU64,
+    raw_incompressible: AtomicU64,
+    raw_skipped: AtomicU64,
+    raw_link_idle: AtomicU64,
+    /// Chunks still to send raw untried after one did not shrink.
+    skip: AtomicU32,
 }
 
 fn add_elapsed(counter: &AtomicU64, since: Instant) {
@@ -562,6 +579,7 @@ async fn channel_writer(
     ch: Arc<Channel>,
     mut wr: WriteHalf<Stream>,
     mut acks: mpsc::UnboundedReceiver<u64>,
+    fd: Option<OwnedFd>,
 ) -> std::result::Result<(), String> {
     let mut enc = match sh.cfg.compression {
         Some(spec) => Some(Encoder::new(spec).map_err(|e| e.to_string())?),
@@ -596,12 +614,36 @@ async fn channel_writer(
                 let mut codec = 0u8;
                 let mut payload: &[u8] = &c.data;
                 if let (Some(e), Some(spec)) = (enc.as_mut(), sh.cfg.compression) {
-                    scratch.resize(e.bound(c.data.len()), 0);
-                    if let Ok(n) = e.compress(&c.data, &mut scratch) {
-                        // Only when it pays (an eighth saved at least).
-                        if n < c.data.len() - c.data.len() / 8 {
-                            codec = spec.codec.id();
-                            payload = &scratch[..n];
+                    let m = sh.slot(c.stream).ok();
+                    let m = m.as_ref().map(|s| &s.metrics);
+                    let count = |f: fn(&StreamMetrics) -> &AtomicU64| {
+                        if let Some(m) = m {
+                            f(m).fetch_add(1, Ordering::Relaxed);
+                        }
+                    };
+                    if !link_busy(&sh, fd.as_ref()) {
+                        count(|m| &m.raw_link_idle);
+                    } else if m.is_some_and(|m| {
+                        m.skip
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |k| k.checked_sub(1))
+                            .is_ok()
+                    }) {
+                        count(|m| &m.raw_skipped);
+                    } else {
+                        scratch.resize(e.bound(c.data.len()), 0);
+                        match e.compress(&c.data, &mut scratch) {
+                            // Only when it pays (an eighth saved at least).
+                            Ok(n) if n < c.data.len() - c.data.len() / 8 => {
+                                codec = spec.codec.id();
+                                payload = &scratch[..n];
+                                count(|m| &m.compressed);
+                            }
+                            _ => {
+                                count(|m| &m.raw_incompressible);
+                                if let Some(m) = m {
+                                    m.skip.store(INCOMPRESSIBLE_SKIP, Ordering::Relaxed);
+                                }
+                            }
                         }
                     }
                 }
@@ -666,6 +708,31 @@ async fn write_both<W: AsyncWrite + Unpin>(
         body = &body[n - h..];
     }
     Ok(())
+}
+
+/// With compression on, a chunk goes raw, untried, when its channel's
+/// socket has less than this unsent (about 4 ms at 1 Gbit/s): the link
+/// would go idle while the chunk is compressed, so compressing costs CPU
+/// (which the hypervisors on the same host need) and saves no time.
+const COMPRESS_BACKLOG: usize = 512 << 10;
+
+/// After a chunk of a stream did not shrink, this many of the stream's next
+/// chunks go raw untried (random or encrypted bytes stay so).
+const INCOMPRESSIBLE_SKIP: u32 = 8;
+
+/// Whether compressing the next chunk can save link time: the channel has a
+/// backlog, or under `--bandwidth-limit` the cap has one (the cap is the link).
+fn link_busy(sh: &Shared, fd: Option<&OwnedFd>) -> bool {
+    if sh
+        .limiter
+        .as_ref()
+        .is_some_and(|l| l.backlog(Instant::now()) > ferry_transport::compress::IDLE_MARGIN)
+    {
+        return true;
+    }
+    fd.is_some_and(|fd| {
+        ferry_ffi::net::send_queue_bytes(fd.as_fd()).is_ok_and(|q| q >= COMPRESS_BACKLOG)
+    })
 }
 
 /// Bytes a data channel's reader buffers: the next headers (and acks)
@@ -770,10 +837,12 @@ async fn channel_reader(
 /// Runs one data channel until it fails; then its unacknowledged chunks go
 /// back to the queue for the others.
 async fn run_channel(sh: Arc<Shared>, ch: Arc<Channel>, stream: Stream) {
+    // A second descriptor of the socket, to ask how much is unsent.
+    let fd = stream.tcp().as_fd().try_clone_to_owned().ok();
     let (rd, wr) = tokio::io::split(stream);
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
     let mut tasks = JoinSet::new();
-    tasks.spawn(channel_writer(sh.clone(), ch.clone(), wr, ack_rx));
+    tasks.spawn(channel_writer(sh.clone(), ch.clone(), wr, ack_rx, fd));
     tasks.spawn(channel_reader(sh.clone(), ch.clone(), rd, ack_tx));
     let timeout = sh.cfg.channel_timeout;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -1162,6 +1231,10 @@ impl Engine {
                         waited_for_hypervisor_s: secs(&m.wait_hypervisor_ns),
                         waited_for_window_s: secs(&m.wait_window_ns),
                         waited_to_deliver_s: secs(&m.wait_deliver_ns),
+                        chunks_compressed: m.compressed.load(Ordering::Relaxed),
+                        chunks_raw_incompressible: m.raw_incompressible.load(Ordering::Relaxed),
+                        chunks_raw_skipped: m.raw_skipped.load(Ordering::Relaxed),
+                        chunks_raw_link_idle: m.raw_link_idle.load(Ordering::Relaxed),
                     }
                 })
                 .collect(),

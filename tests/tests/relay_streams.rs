@@ -792,3 +792,88 @@ fn an_idle_relay_outlives_its_peer_timeout() {
     assert!(results[0].as_ref().unwrap() == &expected(0, len));
     finish(&rt, run).expect("delivered after the idle time");
 }
+
+/// A client whose bytes compress well (text), checked against the echo.
+fn text_client(to: SocketAddr, id: u32, len: usize) -> (Vec<u8>, Client) {
+    let line = b"QEMU RAM page: the quick brown fox jumps over the lazy dog 0123456789\n";
+    let mut data = id.to_le_bytes().to_vec();
+    data.extend(line.iter().cycle().take(len));
+    let want = data.iter().map(|b| b.wrapping_add(1)).collect();
+    let c = TcpStream::connect(to).unwrap();
+    let mut w = c.try_clone().unwrap();
+    let mut r = c.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&data)?;
+        w.shutdown(Shutdown::Write)
+    });
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        r.read_to_end(&mut out)?;
+        Ok(out)
+    });
+    (want, (c, reader, writer))
+}
+
+#[test]
+fn compression_shrinks_what_shrinks_and_stops_trying_what_does_not() {
+    let rt = rt();
+    let (addr, _d, _) = daemon(&rt, true);
+    let e = echo(None, Arc::default());
+    // A cap of 8 MiB/s is the link: a backlog, so compressing pays.
+    let (listen, run) = start_relay(&rt, addr, e.addr, |o| {
+        o.compression = Some("lz4".parse().unwrap());
+        o.bandwidth_limit = Some(8 << 20);
+    });
+    let len = 3 << 20;
+    let (want, text) = text_client(listen, 0, len);
+    let random = client(listen, 1, len);
+    let got = join(vec![text, random]);
+    assert!(got[0].as_ref().unwrap() == &want, "the text stream");
+    assert!(
+        got[1].as_ref().unwrap() == &expected(1, len),
+        "the random stream"
+    );
+    let report = finish(&rt, run).expect("delivered");
+    let (t, r) = (&report.streams[0], &report.streams[1]);
+    assert!(t.chunks_compressed > 0, "text compresses: {t:?}");
+    assert_eq!(t.chunks_raw_skipped, 0, "{t:?}");
+    assert_eq!(r.chunks_compressed, 0, "{r:?}");
+    // After a chunk that did not shrink, the next ones go untried.
+    assert!(r.chunks_raw_skipped > 0, "{r:?}");
+    assert!(
+        r.chunks_raw_incompressible * 4 < r.chunks_sent,
+        "random bytes tried again and again: {r:?}"
+    );
+    assert!(
+        report.wire_bytes < report.stream_bytes,
+        "{} on the wire for {} stream bytes",
+        report.wire_bytes,
+        report.stream_bytes
+    );
+}
+
+#[test]
+fn compression_sends_raw_while_the_link_is_idle() {
+    let rt = rt();
+    let (addr, _d, _) = daemon(&rt, true);
+    let e = echo(None, Arc::default());
+    let (listen, run) = start_relay(&rt, addr, e.addr, |o| {
+        o.compression = Some("lz4".parse().unwrap())
+    });
+    // The first chunk finds an empty socket: the link is idle, and a chunk
+    // compressed then would only cost CPU.
+    let (want, text) = text_client(listen, 0, 1 << 20);
+    let got = join(vec![text]);
+    assert!(got[0].as_ref().unwrap() == &want);
+    let report = finish(&rt, run).expect("delivered");
+    let s = &report.streams[0];
+    assert!(s.chunks_raw_link_idle > 0, "{s:?}");
+    assert_eq!(
+        s.chunks_compressed
+            + s.chunks_raw_incompressible
+            + s.chunks_raw_skipped
+            + s.chunks_raw_link_idle,
+        s.chunks_sent,
+        "every chunk is counted once: {s:?}"
+    );
+}
