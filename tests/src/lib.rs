@@ -283,14 +283,32 @@ pub fn daemon(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
     ];
     args.extend_from_slice(extra);
     let p = Proc::start(&args);
+    let addr = listening_addr(&p);
+    (p, addr)
+}
+
+/// The address `ferry listen --listen 127.0.0.1:0` bound, from its
+/// "listening on ADDR (...)" line (logged once bound); see [`daemon`].
+pub fn listening_addr(p: &Proc) -> SocketAddr {
     let out = p.wait_for_output("listening on 127.0.0.1:", Duration::from_secs(20));
-    let addr = out
-        .split("listening on ")
+    out.split("listening on ")
         .nth(1)
         .and_then(|rest| rest.split([' ', '"']).next())
         .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("ferry listen did not say its address:\n{out}"));
-    (p, addr)
+        .unwrap_or_else(|| panic!("ferry listen did not say its address:\n{out}"))
+}
+
+/// The address `ferry listen --metrics 127.0.0.1:0` bound its endpoint to,
+/// from its "metrics on http://ADDR/metrics" line (logged once bound,
+/// before the daemon listens). Port 0 rather than a port picked by the
+/// test: see [`daemon`].
+pub fn metrics_addr(p: &Proc) -> SocketAddr {
+    let out = p.wait_for_output("metrics on http://", Duration::from_secs(20));
+    out.split("metrics on http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("ferry listen did not say its metrics address:\n{out}"))
 }
 
 /// Runs `ferry send --to ADDR --auth-key-file KEY EXTRA...` to completion

@@ -503,8 +503,14 @@ fn migrate_to_fake(mode: Fake, timeout: Duration) -> (String, bool, u64, u64) {
             .await
             .expect_err("the migration must fail")
             .to_string();
+        // The guest keeps writing: its count moves on (it writes 8 MiB/s,
+        // but a loaded host may not run its thread within any fixed time,
+        // so wait for the count, up to 20 s, rather than 200 ms).
         let before = guest.writes();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let until = tokio::time::Instant::now() + Duration::from_secs(20);
+        while guest.writes() == before && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         fake.abort();
         (err, guest.is_running(), before, guest.writes())
     })

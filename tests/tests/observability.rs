@@ -2,11 +2,10 @@
 //! `ferry send --json` records rounds, channels and a time series, and
 //! `ferry report` summarises and draws that record.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ferry_tests::{
-    daemon, free_port, http_get, key_file, metric, send, summary, wait_for_port, Proc,
+    daemon, free_port, http_get, key_file, metric, metrics_addr, send, summary, Proc,
 };
 
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
@@ -16,10 +15,8 @@ fn metrics_count_a_committed_and_an_unauthenticated_migration() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
     let wrong = key_file(dir.path(), "wrong", b"another key, 32 bytes long......");
-    let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let maddr_s = maddr.to_string();
-    let (dest, addr) = daemon(&key, &["--metrics", &maddr_s]);
-    wait_for_port(maddr, "the metrics endpoint");
+    let (dest, addr) = daemon(&key, &["--metrics", "127.0.0.1:0"]);
+    let maddr = metrics_addr(&dest);
 
     let (status, body) = http_get(maddr, "/metrics");
     assert!(status.contains("200"), "{status}");
@@ -274,10 +271,8 @@ fn metrics_received_bytes_differ_from_the_record_by_the_refused_copies_only() {
     use ferry_transport::wire::HEADER_LEN;
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
-    let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let maddr_s = maddr.to_string();
-    let (dest, addr) = daemon(&key, &["--plaintext", "--metrics", &maddr_s]);
-    wait_for_port(maddr, "the metrics endpoint");
+    let (dest, addr) = daemon(&key, &["--plaintext", "--metrics", "127.0.0.1:0"]);
+    let maddr = metrics_addr(&dest);
     // Flip one bit in the payload of the second data chunk with a payload.
     let mut n = 0;
     let proxy = Proxy::start(

@@ -73,18 +73,18 @@ fn bad_units_are_refused_with_the_likely_value_before_connecting() {
 /// `ferry listen` on a free loopback port with ferry's default log level
 /// (info), waiting until it accepts connections.
 fn daemon_logging(key: &Path) -> (Proc, SocketAddr) {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // Port 0, read back from the daemon (see ferry_tests::daemon).
     let p = Proc::start_logging(
         &[
             "listen",
             "--listen",
-            &addr.to_string(),
+            "127.0.0.1:0",
             "--auth-key-file",
             key.to_str().unwrap(),
         ],
         None,
     );
-    wait_for_port(addr, "ferry listen");
+    let addr = ferry_tests::listening_addr(&p);
     (p, addr)
 }
 
@@ -609,12 +609,11 @@ fn listening_on_one_address_says_each_migration_gets_one_path() {
 fn logs_are_events_with_levels_and_a_json_format() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let dest = Proc::start_logging(
         &[
             "listen",
             "--listen",
-            &addr.to_string(),
+            "127.0.0.1:0",
             "--auth-key-file",
             key.to_str().unwrap(),
             "--log-format",
@@ -622,7 +621,7 @@ fn logs_are_events_with_levels_and_a_json_format() {
         ],
         None,
     );
-    wait_for_port(addr, "ferry listen --log-format json");
+    let addr = ferry_tests::listening_addr(&dest);
     let json_lines = |text: &str| -> Vec<serde_json::Value> {
         text.lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))

@@ -509,28 +509,22 @@ fn wait_closed(conns: Vec<std::net::TcpStream>, limit: Duration) {
 fn idle_connections_cannot_stop_a_daemon_with_few_descriptors() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
-    let port = ferry_tests::free_port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let maddr: std::net::SocketAddr = format!("127.0.0.1:{}", ferry_tests::free_port())
-        .parse()
-        .unwrap();
-    let (a, m) = (addr.to_string(), maddr.to_string());
     let dest = ferry_tests::Proc::start_with_nofile(
         128,
         &[
             "listen",
             "--listen",
-            &a,
+            "127.0.0.1:0",
             "--auth-key-file",
             key.to_str().unwrap(),
             "--metrics",
-            &m,
+            "127.0.0.1:0",
             "--handshake-timeout",
             "3s",
         ],
     );
-    ferry_tests::wait_for_port(addr, "ferry listen");
-    ferry_tests::wait_for_port(maddr, "the metrics port");
+    let addr = ferry_tests::listening_addr(&dest);
+    let maddr = ferry_tests::metrics_addr(&dest);
     // 200 connections that never say anything: 100 from one address, 100
     // from 100 others; and 40 to the metrics port.
     let mut idle = Vec::new();

@@ -38,8 +38,8 @@ fn rt() -> tokio::runtime::Runtime {
 fn a_guest_the_destination_cannot_restore_is_refused_before_accept() {
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
-    let metrics = format!("127.0.0.1:{}", ferry_tests::free_port());
-    let (dest, addr) = daemon(&k, &["--plaintext", "--metrics", &metrics]);
+    let (dest, addr) = daemon(&k, &["--plaintext", "--metrics", "127.0.0.1:0"]);
+    let metrics = ferry_tests::metrics_addr(&dest).to_string();
     let good = offer(1 << 20).guest;
     let cases = [
         (
@@ -360,8 +360,8 @@ fn migrate_with_a_missed_write(
 fn the_audit_catches_a_write_the_dirty_log_missed() {
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
-    let metrics = format!("127.0.0.1:{}", ferry_tests::free_port());
-    let (dest, addr) = daemon(&k, &["--metrics", &metrics]);
+    let (dest, addr) = daemon(&k, &["--metrics", "127.0.0.1:0"]);
+    let metrics = ferry_tests::metrics_addr(&dest).to_string();
     // The transfer checks pass (both sides hold what was sent), so it
     // commits; the audit after the pause finds the page.
     let (r, running) = migrate_with_a_missed_write(addr, Verify::Evidence);
@@ -758,8 +758,8 @@ fn verification_is_on_by_default_and_the_pause_parts_are_reported_everywhere() {
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
     for option in ["tcp", "compression"] {
-        let metrics = format!("127.0.0.1:{}", ferry_tests::free_port());
-        let (dest, addr) = daemon(&k, &["--metrics", &metrics]);
+        let (dest, addr) = daemon(&k, &["--metrics", "127.0.0.1:0"]);
+        let metrics = ferry_tests::metrics_addr(&dest).to_string();
         let json = dir.path().join(format!("{option}.json"));
         let src = send(
             addr,
