@@ -148,8 +148,8 @@ impl Default for SourceOptions {
 }
 
 pub use ferry_proto::budget::{
-    AutoConverge, ConvergeReason, Decision, PauseCosts, PauseParts, THROTTLE_INITIAL, THROTTLE_MAX,
-    THROTTLE_STEP,
+    AutoConverge, ConvergeReason, Decision, PauseCosts, PauseParts, RoundTrips, THROTTLE_INITIAL,
+    THROTTLE_MAX, THROTTLE_STEP,
 };
 
 /// How the switchover verifies memory.
@@ -1432,7 +1432,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                 }
             },
         };
-        let mut rtts = std::collections::VecDeque::with_capacity(3);
+        let mut rtts = RoundTrips::default();
         src.progress
             .remaining_bytes
             .store(remaining, Ordering::Relaxed);
@@ -1452,11 +1452,8 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             let rtt = self.round_done(stats.pages).await?;
             // The round trip the pause pays three times: the largest of the
             // last three measured (a noisy host errs on the long side).
-            if rtts.len() == 3 {
-                rtts.pop_front();
-            }
-            rtts.push_back(rtt);
-            costs.round_trip = rtts.iter().copied().max().unwrap_or_default();
+            rtts.measured(rtt);
+            costs.round_trip = rtts.for_prediction();
             // The link the prediction uses: measured, never above the cap.
             if stats.duration_ms > 1.0 && stats.bytes > 0 {
                 costs.rate = (stats.bytes as f64 / (stats.duration_ms / 1e3)).min(cap);
@@ -1483,31 +1480,10 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             // The session counted the round once it was announced.
             let round = self.session.round();
             src.cancel.check()?;
-            let throttle = match convergence.after_round(remaining, &costs, round) {
+            let throttle = match convergence.after_round(remaining, &costs, &rtts, round) {
                 AfterRound::Continue { throttle } => throttle,
                 AfterRound::Switchover { reason, predicted } => break (reason, predicted),
-                // The round trip above is the largest of the last three: right
-                // for predicting a pause, but one Pong that stalled on a busy
-                // host must not cancel the migration for good. Cancel once
-                // the parts no round can shrink are over the limit even with
-                // the smallest round trip of at least two measured (a
-                // device state or verification work over the limit on its
-                // own cancels after the first round, as before); else
-                // measure again in another round, up to the round cap.
-                AfterRound::CannotFit { .. }
-                    if round < opts.max_rounds && {
-                        let best = PauseCosts {
-                            round_trip: if rtts.len() >= 2 {
-                                rtts.iter().copied().min().unwrap_or_default()
-                            } else {
-                                Duration::ZERO
-                            },
-                            ..costs
-                        };
-                        best.predict(0)
-                            .is_some_and(|f| f.total() <= opts.downtime_limit)
-                    } =>
-                {
+                AfterRound::Remeasure => {
                     tracing::info!(
                         round,
                         rtt_ms = costs.round_trip.as_secs_f64() * 1e3,

@@ -120,6 +120,41 @@ impl PauseCosts {
     }
 }
 
+/// The control connection's round trips measured between rounds (the
+/// last three). The prediction uses the largest ([`RoundTrips::for_prediction`]:
+/// a noisy host errs on the long side when deciding that a pause fits);
+/// whether round trips alone make a pause impossible is judged on the
+/// smallest of at least two ([`RoundTrips::best`]), so one that stalled on
+/// a busy host costs another round, not the migration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoundTrips {
+    last: std::collections::VecDeque<Duration>,
+}
+
+impl RoundTrips {
+    /// How many are kept.
+    pub const KEPT: usize = 3;
+
+    /// A round trip measured after a round.
+    pub fn measured(&mut self, rtt: Duration) {
+        if self.last.len() == Self::KEPT {
+            self.last.pop_front();
+        }
+        self.last.push_back(rtt);
+    }
+
+    /// The round trip the pause prediction uses: the largest of the last
+    /// three measured (zero before any).
+    pub fn for_prediction(&self) -> Duration {
+        self.last.iter().copied().max().unwrap_or_default()
+    }
+
+    /// The smallest of the last three, once at least two were measured.
+    pub fn best(&self) -> Option<Duration> {
+        (self.last.len() >= 2).then(|| self.last.iter().copied().min().unwrap_or_default())
+    }
+}
+
 /// Decides whether pre-copy has converged. Returns the decision and the
 /// pause predicted for switching over now (`None`: rate unknown).
 ///

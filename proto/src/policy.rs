@@ -17,7 +17,7 @@
 
 use std::time::Duration;
 
-use crate::budget::{AutoConverge, ConvergeReason, Decision, PauseCosts, PauseParts};
+use crate::budget::{AutoConverge, ConvergeReason, Decision, PauseCosts, PauseParts, RoundTrips};
 use crate::control::RejectReason;
 use crate::option::PerformanceOption;
 
@@ -143,6 +143,11 @@ pub enum AfterRound {
         /// The pause predicted for switching over now.
         predicted: PauseParts,
     },
+    /// Send another round without changing the throttle: the parts of the
+    /// pause no round can shrink are above the limit only with the largest
+    /// recent round trip, not with the smallest of at least two (one may
+    /// have stalled on a busy host): they are measured again.
+    Remeasure,
     /// Cancel: the parts of the pause no round can shrink are above the
     /// limit on their own (`fixed`: the pause of an empty final copy), and
     /// `--force-switchover` was not given.
@@ -187,7 +192,9 @@ impl Convergence {
     /// dirty bytes, with the pause `costs` measured so far: go on, switch
     /// over or cancel.
     ///
-    /// * No round can make the pause fit: cancel, or with
+    /// * No round can make the pause fit: measure the round trips again
+    ///   while the smallest of them would let it ([`AfterRound::Remeasure`]),
+    ///   else cancel, or with
     ///   `--force-switchover` go on while rounds still shrink the final
     ///   copy (bytes remain, round cap not reached), then switch over.
     /// * The round cap without a fitting pause: cancel, or switch over with
@@ -199,6 +206,7 @@ impl Convergence {
         &mut self,
         remaining: u64,
         costs: &PauseCosts,
+        round_trips: &RoundTrips,
         rounds_done: u32,
     ) -> AfterRound {
         let o = self.opts;
@@ -215,6 +223,26 @@ impl Convergence {
             // still shrink its final copy, up to the round cap.
             Decision::Switchover(ConvergeReason::CannotFit)
                 if o.force_switchover && remaining > 0 && rounds_done < o.max_rounds => {}
+            // The round trip of `costs` is the largest of the last three:
+            // right for predicting a pause, but one that stalled on a busy
+            // host must not cancel the migration for good. Cancel once the
+            // parts no round can shrink are over the limit even with the
+            // smallest round trip of at least two measured (a device state
+            // or verification work over the limit on its own cancels after
+            // the first round); else measure again in another round (no
+            // throttle change), up to the round cap.
+            Decision::Switchover(ConvergeReason::CannotFit)
+                if !o.force_switchover
+                    && rounds_done < o.max_rounds
+                    && PauseCosts {
+                        round_trip: round_trips.best().unwrap_or_default(),
+                        ..*costs
+                    }
+                    .predict(0)
+                    .is_some_and(|f| f.total() <= o.downtime_limit) =>
+            {
+                return AfterRound::Remeasure;
+            }
             Decision::Switchover(ConvergeReason::CannotFit) if !o.force_switchover => {
                 return AfterRound::CannotFit {
                     fixed: costs.predict(0).unwrap_or_default(),

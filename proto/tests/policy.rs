@@ -8,7 +8,9 @@
 
 use std::time::Duration;
 
-use ferry_proto::budget::{ConvergeReason, PauseCosts, THROTTLE_INITIAL, THROTTLE_STEP};
+use ferry_proto::budget::{
+    ConvergeReason, PauseCosts, RoundTrips, THROTTLE_INITIAL, THROTTLE_STEP,
+};
 use ferry_proto::policy::{AfterRound, ConvergeOptions, Convergence};
 
 const MS: Duration = Duration::from_millis(1);
@@ -39,6 +41,7 @@ struct Outcome {
 impl Sim {
     fn run(&self, opts: ConvergeOptions) -> Outcome {
         let mut policy = Convergence::new(opts);
+        let mut rtts = RoundTrips::default();
         let costs = PauseCosts {
             rate: self.link,
             round_trip: self.rtt,
@@ -52,7 +55,9 @@ impl Sim {
             let secs = to_send as f64 / self.link;
             let rate = self.dirty_rate * (100 - u32::from(throttle)) as f64 / 100.0;
             let remaining = ((rate * secs) as u64).min(self.hot) / 4096 * 4096;
-            match policy.after_round(remaining, &costs, round) {
+            rtts.measured(self.rtt);
+            match policy.after_round(remaining, &costs, &rtts, round) {
+                AfterRound::Remeasure => {}
                 AfterRound::Continue { throttle: t } => {
                     if let Some(t) = t {
                         throttle = t;
@@ -207,11 +212,11 @@ fn an_unknown_rate_never_fits_and_is_infinite_at_the_cap() {
     let mut p = Convergence::new(opts(2, false, false));
     let unknown = PauseCosts::default();
     assert_eq!(
-        p.after_round(4096, &unknown, 1),
+        p.after_round(4096, &unknown, &RoundTrips::default(), 1),
         AfterRound::Continue { throttle: None }
     );
     assert_eq!(
-        p.after_round(4096, &unknown, 2),
+        p.after_round(4096, &unknown, &RoundTrips::default(), 2),
         AfterRound::NotConverged {
             predicted_ms: f64::INFINITY
         }
@@ -219,10 +224,90 @@ fn an_unknown_rate_never_fits_and_is_infinite_at_the_cap() {
     // Forced at the cap: switched over with an empty prediction.
     let mut p = Convergence::new(opts(2, true, false));
     assert_eq!(
-        p.after_round(4096, &unknown, 2),
+        p.after_round(4096, &unknown, &RoundTrips::default(), 2),
         AfterRound::Switchover {
             reason: ConvergeReason::RoundCap,
             predicted: Default::default()
         }
     );
+}
+
+#[test]
+fn one_stalled_round_trip_costs_a_round_not_the_migration() {
+    // A quiet guest; the first Pong took a second (a busy host), the next
+    // ones 1 ms. With the largest of the last three the pause cannot fit
+    // 300 ms until the stalled one leaves the window; the smallest of two
+    // shows it could: measured again, never cancelled, and the pause is
+    // predicted with the stalled round trip while it is in the window.
+    let mut p = Convergence::new(opts(30, false, false));
+    let mut rtts = RoundTrips::default();
+    let costs = |rtts: &RoundTrips| PauseCosts {
+        rate: 1e9,
+        round_trip: rtts.for_prediction(),
+        device_state_bytes: 0,
+        verification: Duration::ZERO,
+    };
+    rtts.measured(1000 * MS);
+    // One measured: no smallest of two yet, so it is not taken as the truth
+    // (round trips are judged at zero): measured again.
+    assert_eq!(
+        p.after_round(0, &costs(&rtts), &rtts, 1),
+        AfterRound::Remeasure
+    );
+    for round in 2..=3 {
+        rtts.measured(MS);
+        assert_eq!(rtts.for_prediction(), 1000 * MS, "still in the window");
+        assert_eq!(
+            p.after_round(0, &costs(&rtts), &rtts, round),
+            AfterRound::Remeasure
+        );
+    }
+    rtts.measured(MS);
+    assert_eq!(rtts.for_prediction(), MS, "the stalled one left the window");
+    assert!(matches!(
+        p.after_round(0, &costs(&rtts), &rtts, 4),
+        AfterRound::Switchover {
+            reason: ConvergeReason::NothingDirty,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn round_trips_that_really_are_too_long_cancel_after_the_second() {
+    // 150 ms each: three of them never fit 300 ms.
+    let slow = Sim {
+        rtt: 150 * MS,
+        ..sim(50.0, 1000)
+    };
+    let o = slow.run(opts(30, false, false));
+    assert_eq!(o.rounds, 2, "{o:?}");
+    let AfterRound::CannotFit { fixed } = o.last else {
+        panic!("{o:?}")
+    };
+    assert!((fixed.total_ms() - 450.0).abs() < 1e-6, "{fixed:?}");
+    // ...and at the round cap when it comes first.
+    assert!(matches!(
+        slow.run(opts(1, false, false)).last,
+        AfterRound::CannotFit { .. }
+    ));
+    // Forced: never measured again, rounds go on as before.
+    let o = slow.run(opts(30, true, false));
+    assert_eq!(o.switched_over(), Some(ConvergeReason::CannotFit), "{o:?}");
+}
+
+#[test]
+fn the_round_trip_window_keeps_the_last_three() {
+    let mut r = RoundTrips::default();
+    assert_eq!((r.for_prediction(), r.best()), (Duration::ZERO, None));
+    r.measured(5 * MS);
+    assert_eq!((r.for_prediction(), r.best()), (5 * MS, None));
+    r.measured(2 * MS);
+    assert_eq!((r.for_prediction(), r.best()), (5 * MS, Some(2 * MS)));
+    r.measured(3 * MS);
+    r.measured(4 * MS);
+    // 5 ms left: the largest of 2, 3, 4.
+    assert_eq!((r.for_prediction(), r.best()), (4 * MS, Some(2 * MS)));
+    r.measured(9 * MS);
+    assert_eq!((r.for_prediction(), r.best()), (9 * MS, Some(3 * MS)));
 }
