@@ -1243,6 +1243,17 @@ impl Receive<'_> {
     ) -> Result<Received> {
         let mut ch = DataChannels::default();
         let received = self.receive(&mut ch, writer, msgs, streams).await;
+        // Channels that had ended when the migration ended for another
+        // reason (its control connection closed): their reasons, a frame
+        // refused, are still said.
+        if received.is_err() {
+            while let Some(done) = ch.set.try_join_next_with_id() {
+                if let Ok((id, Err(e))) = done {
+                    let peer = ch.by_task.get(&id);
+                    tracing::warn!(peer = ?peer, "data channel failed: {e}");
+                }
+            }
+        }
         // Each channel's task holds this migration's Inbound (its booking
         // against --memory-limit) and guest memory. On a failure they were
         // only asked to stop: wait until they have, so that the slot the
