@@ -514,7 +514,9 @@ fn listening_on_one_address_says_each_migration_gets_one_path() {
             "-n",
             &bed.dst,
             "addr",
-            "add",
+            // replace: the bed script repairs a bed an interrupted run left
+            // up, and this address may be on it already.
+            "replace",
             "fd00:77::2/64",
             "dev",
             "fdst0",
