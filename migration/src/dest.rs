@@ -1350,28 +1350,7 @@ impl Receive<'_> {
                             return Err(e.into());
                         }
                         (ChannelEnd::NoneLeft, Some(Err(e))) => {
-                            // The channel was lost (closed, reset, timed
-                            // out). A source that gives up says why (Abort)
-                            // just before its channels close: prefer its
-                            // reason.
-                            // A control connection that closed is the cause
-                            // when the source's channels close because of it
-                            // (its end may be read after theirs). Messages
-                            // before either, a RoundDone, are skipped.
-                            let until = tokio::time::Instant::now() + Duration::from_millis(200);
-                            loop {
-                                match tokio::time::timeout_at(until, msgs.recv()).await {
-                                    // Its Abort, or the control connection's
-                                    // own end (closed, reset): that is why.
-                                    Ok(Some(Err(why))) => return Err(why.into()),
-                                    Ok(Some(Ok(_))) => {}
-                                    Ok(None) => {
-                                        return Err(TransportError::PeerClosed { what: "control" }.into())
-                                    }
-                                    Err(_) => break,
-                                }
-                            }
-                            return Err(e.into());
+                            return Err(why_the_last_channel_was_lost(&mut msgs, e).await.into());
                         }
                         (end, r) => {
                             if let Some(Err(e)) = r {
@@ -1659,4 +1638,26 @@ pub fn layout_fits(layout: &MemoryLayout) -> bool {
         .regions
         .iter()
         .all(|r| usize::try_from(r.size).is_ok())
+}
+
+/// The reason to report when the last data channel was lost (closed, reset,
+/// timed out) with `lost`. A source that gives up says why (`Abort`) just
+/// before its channels close: its reason is preferred. A control connection
+/// that closed is the cause when the source's channels close because of it
+/// (its end may be read after theirs). Messages before either, a
+/// `RoundDone`, are skipped; after 200 ms the channel's own error stands.
+async fn why_the_last_channel_was_lost(
+    msgs: &mut mpsc::Receiver<ferry_transport::Result<Msg>>,
+    lost: TransportError,
+) -> TransportError {
+    let until = tokio::time::Instant::now() + Duration::from_millis(200);
+    loop {
+        match tokio::time::timeout_at(until, msgs.recv()).await {
+            // Its Abort, or the control connection's own end (closed, reset).
+            Ok(Some(Err(why))) => return why,
+            Ok(Some(Ok(_))) => {}
+            Ok(None) => return TransportError::PeerClosed { what: "control" },
+            Err(_) => return lost,
+        }
+    }
 }
