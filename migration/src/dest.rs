@@ -65,7 +65,7 @@ use ferry_transport::proto::{
 };
 use ferry_transport::reservation::{channel_allowance, ChannelBudgets, MemoryPool, Reservation};
 use ferry_transport::stream::Stream;
-use ferry_transport::tcp::{receive_channel, Inbound, RecvCounters};
+use ferry_transport::tcp::{receive_channel_on_own_thread, Inbound, RecvCounters};
 use ferry_transport::tls::{TlsConfig, TLS_HANDSHAKE_BYTE};
 use ferry_transport::wire::Codec;
 use ferry_transport::{MemoryLayout, TransportError};
@@ -1223,8 +1223,8 @@ impl Receive<'_> {
             Arc::new(RecvCounters::default()),
         );
         let counters = c.clone();
-        ch.start(session, stream, move |s| async move {
-            receive_channel(s, &i, &*m, &c).await
+        ch.start(session, stream, move |s| {
+            receive_channel_on_own_thread(s, i, m, c)
         });
         if session.channels().0 > index {
             self.metrics
