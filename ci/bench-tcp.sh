@@ -223,7 +223,7 @@ echo "CPU/GiB data path (audit, first touch excluded), ferry --plaintext / iperf
 echo "rate, ferry TLS / iperf3:                         $(ratio "${RATE[$T]}" "${RATE[iperf3]}")"
 echo "CPU/GiB both sides, ferry TLS / iperf3:           $(ratio "${BOTH[$T]}" "${BOTH[iperf3]}")"
 echo "TLS / --plaintext: rate $(ratio "${RATE[$T]}" "${RATE[$P]}"), CPU/GiB $(ratio "${BOTH[$T]}" "${BOTH[$P]}")"
-echo "rate, ferry --plaintext into preallocated destination memory / iperf3: $(ratio "${RATE[$PRE]}" "${RATE[iperf3]}")   (not the goal's figure: see below)"
+echo "rate, ferry --plaintext into preallocated destination memory / iperf3: $(ratio "${RATE[$PRE]}" "${RATE[iperf3]}")   (beside the goal: it is judged on the default row)"
 echo "CPU/GiB both sides, the same / iperf3:            $(ratio "${BOTH[$PRE]}" "${BOTH[iperf3]}")"
 if [ -n "$BEFORE" ]; then
     for o in "tcp --plaintext" "tcp (default: TLS)"; do
