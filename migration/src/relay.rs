@@ -36,6 +36,7 @@ use ferry_proto::wire::{Codec, CompressionSpec};
 use ferry_transport::codec::{Decoder, Encoder};
 use ferry_transport::conn::{Conn, ConnWriter};
 use ferry_transport::ratelimit::RateLimiter;
+use ferry_transport::reservation::Reservation;
 use ferry_transport::stream::Stream;
 use ferry_transport::TransportError;
 use serde::Serialize;
@@ -82,6 +83,7 @@ impl RelayFailure {
             RelayFailure::Transport(TransportError::Rejected { .. }) => "rejected",
             RelayFailure::Transport(_) => "transport",
             RelayFailure::Protocol(RelayError::Mismatch { .. }) => "digest",
+            RelayFailure::Protocol(RelayError::MemoryLimit { .. }) => "memory_limit",
             RelayFailure::Protocol(_) => "protocol",
             RelayFailure::Hypervisor(_) => "hypervisor",
             RelayFailure::PeerAborted(_) => "peer_aborted",
@@ -96,6 +98,13 @@ impl RelayFailure {
             RelayFailure::Setup(e) => e,
             RelayFailure::Transport(t) => t.into(),
             RelayFailure::Protocol(RelayError::Wire(w)) => TransportError::from(w).into(),
+            RelayFailure::Protocol(e @ RelayError::MemoryLimit { .. }) => {
+                TransportError::Rejected {
+                    reason: RejectReason::MemoryLimit,
+                    message: e.to_string(),
+                }
+                .into()
+            }
             RelayFailure::PeerAborted(why) => TransportError::PeerAborted(why).into(),
             e => MigrationError::Guest(format!("relay: {e}")),
         }
@@ -317,6 +326,74 @@ struct StreamSlot {
     /// The hypervisor connection, once there (reset on failure).
     sock: Mutex<Option<Arc<TcpStream>>>,
     metrics: StreamMetrics,
+    /// The destination's booking of this stream's buffers, given back when
+    /// both directions are done.
+    booking: Mutex<Option<StreamBooking>>,
+}
+
+/// The destination's buffers of a relay's streams, booked against its
+/// `--memory-limit` as streams open (two windows each) and given back as
+/// they end. The relay's admission booked the first stream's already.
+#[derive(Debug)]
+pub struct StreamBudget {
+    reservation: Arc<Reservation>,
+    per_stream: u64,
+    prebooked: AtomicU32,
+}
+
+impl StreamBudget {
+    /// Streams of `per_stream` bytes each on `reservation`, of which the
+    /// first `prebooked` are part of it already.
+    pub fn new(reservation: Arc<Reservation>, per_stream: u64, prebooked: u32) -> Self {
+        StreamBudget {
+            reservation,
+            per_stream,
+            prebooked: AtomicU32::new(prebooked),
+        }
+    }
+
+    /// Books one stream's buffers, or refuses it naming the limit.
+    fn book(&self, stream: u32) -> std::result::Result<StreamBooking, RelayError> {
+        let prebooked = self
+            .prebooked
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if !prebooked {
+            self.reservation
+                .grow(self.per_stream, "relay stream buffers")
+                .map_err(|e| match e {
+                    TransportError::Wire(ferry_proto::WireError::TooLarge {
+                        len, limit, ..
+                    }) => RelayError::MemoryLimit {
+                        stream,
+                        needs: self.per_stream,
+                        used: len.saturating_sub(self.per_stream),
+                        limit,
+                    },
+                    e => RelayError::Wire(ferry_proto::WireError::Invalid {
+                        field: "relay stream buffers",
+                        detail: e.to_string(),
+                    }),
+                })?;
+        }
+        Ok(StreamBooking {
+            reservation: self.reservation.clone(),
+            bytes: self.per_stream,
+        })
+    }
+}
+
+/// One stream's booked buffers; given back when dropped.
+#[derive(Debug)]
+struct StreamBooking {
+    reservation: Arc<Reservation>,
+    bytes: u64,
+}
+
+impl Drop for StreamBooking {
+    fn drop(&mut self) {
+        self.reservation.shrink(self.bytes);
+    }
 }
 
 struct StreamInner {
@@ -338,6 +415,8 @@ struct Channel {
 struct Shared {
     cfg: EngineConfig,
     keys: RelayKeys,
+    /// The destination's bookings of stream buffers (`None` at the source).
+    budget: Option<StreamBudget>,
     streams: Mutex<Vec<Arc<StreamSlot>>>,
     queue_tx: mpsc::UnboundedSender<Arc<OutChunk>>,
     queue_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Arc<OutChunk>>>,
@@ -358,8 +437,27 @@ impl Shared {
         let _ = self.events.send(Event::Fail(f));
     }
 
+    /// Both directions of `stream` are done: its buffers go back.
+    fn release(&self, stream: u32) {
+        let slot = self
+            .streams
+            .lock()
+            .expect("streams")
+            .get(stream as usize)
+            .cloned();
+        if let Some(b) = slot.and_then(|s| s.booking.lock().expect("booking").take()) {
+            tracing::debug!(
+                stream,
+                bytes = b.bytes,
+                "stream done: its buffers given back"
+            );
+        }
+    }
+
     /// The slot of `stream`, created on first use (a chunk may arrive
-    /// before its `Open`).
+    /// before its `Open`; streams open in order, so the ones below it are
+    /// created too). At the destination, creating a slot books the
+    /// stream's buffers: refused when they do not fit `--memory-limit`.
     fn slot(&self, stream: u32) -> std::result::Result<Arc<StreamSlot>, RelayError> {
         let mut all = self.streams.lock().expect("streams");
         if stream >= self.cfg.max_streams {
@@ -370,6 +468,10 @@ impl Shared {
         }
         while all.len() <= stream as usize {
             let id = all.len() as u32;
+            let booking = match &self.budget {
+                Some(b) => Some(b.book(id)?),
+                None => None,
+            };
             all.push(Arc::new(StreamSlot {
                 id,
                 inner: Mutex::new(StreamInner {
@@ -385,6 +487,7 @@ impl Shared {
                 data: Notify::new(),
                 sock: Mutex::new(None),
                 metrics: StreamMetrics::default(),
+                booking: Mutex::new(booking),
             }));
         }
         Ok(all[stream as usize].clone())
@@ -737,7 +840,7 @@ fn link_busy(sh: &Shared, fd: Option<&OwnedFd>) -> bool {
 
 /// Bytes a data channel's reader buffers: the next headers (and acks)
 /// come with the payload before them in one read.
-const CHANNEL_READ_BUFFER: usize = 64 << 10;
+const CHANNEL_READ_BUFFER: usize = ferry_proto::relay::CHANNEL_READ_BUFFER as usize;
 
 async fn channel_reader(
     sh: Arc<Shared>,
@@ -802,8 +905,9 @@ async fn channel_reader(
         let slot = match sh.slot(c.stream) {
             Ok(s) => s,
             Err(e) => {
+                let why = e.to_string();
                 sh.fail(e.into());
-                return Err("stream beyond the limit".into());
+                return Err(why);
             }
         };
         let placed = slot
@@ -929,6 +1033,11 @@ fn attach(
     Ok(())
 }
 
+/// How long a side whose last data channel was lost waits for the peer's
+/// `Abort` on the control connection (the reason, when the peer failed
+/// first and closed its channels as it went).
+const PEER_REASON_WAIT: Duration = Duration::from_millis(200);
+
 /// How the engine gets its streams.
 #[derive(Debug)]
 pub enum Hypervisor {
@@ -944,12 +1053,25 @@ pub enum Hypervisor {
 pub struct Engine {
     cfg: EngineConfig,
     keys: RelayKeys,
+    budget: Option<StreamBudget>,
 }
 
 impl Engine {
     /// An engine with these settings and the relay's keys.
     pub fn new(cfg: EngineConfig, keys: RelayKeys) -> Self {
-        Engine { cfg, keys }
+        Engine {
+            cfg,
+            keys,
+            budget: None,
+        }
+    }
+
+    /// Books each stream's buffers on `budget` as it opens (the
+    /// destination's `--memory-limit`); a stream that does not fit fails
+    /// the relay, naming the limit, before its hypervisor connection opens.
+    pub fn with_budget(mut self, budget: StreamBudget) -> Self {
+        self.budget = Some(budget);
+        self
     }
 
     /// Runs the relay until every stream is done (`Ok`) or it fails; on
@@ -970,6 +1092,7 @@ impl Engine {
             limiter: self.cfg.bandwidth_limit.map(RateLimiter::new),
             cfg: self.cfg.clone(),
             keys: self.keys,
+            budget: self.budget,
             streams: Mutex::new(Vec::new()),
             queue_tx,
             queue_rx: tokio::sync::Mutex::new(queue_rx),
@@ -1077,7 +1200,13 @@ impl Engine {
                         }
                         (Side::Source, Msg::Pong { .. }) => {}
                         (Side::Destination, Msg::Open { stream }) => {
-                            if let Err(e) = fifo.on_open(stream).and_then(|()| rules.open().map(|_| ())) {
+                            // The slot books the stream's buffers: one that
+                            // does not fit is refused before its connect.
+                            if let Err(e) = fifo
+                                .on_open(stream)
+                                .and_then(|()| rules.open().map(|_| ()))
+                                .and_then(|()| sh.slot(stream).map(|_| ()))
+                            {
                                 break Err(e.into());
                             }
                             if let Some(s) = fifo.next_connect() {
@@ -1103,8 +1232,10 @@ impl Engine {
                             }
                             slot.credit.notify_one();
                             if finished {
-                                if let Err(e) = rules.finish(stream, dir) {
-                                    break Err(e.into());
+                                match rules.finish(stream, dir) {
+                                    Ok(true) => sh.release(stream),
+                                    Ok(false) => {}
+                                    Err(e) => break Err(e.into()),
                                 }
                             }
                         }
@@ -1140,12 +1271,33 @@ impl Engine {
                     }
                 }
                 ev = ev_rx.recv() => match ev.expect("the engine holds a sender") {
-                    Event::Fail(f) => break Err(f),
-                    Event::InDone(stream) => {
-                        if let Err(e) = rules.finish(stream, side.in_dir()) {
-                            break Err(e.into());
-                        }
+                    Event::Fail(f @ RelayFailure::Transport(TransportError::NoChannelLeft { .. })) => {
+                        // A peer that fails closes its data channels as it
+                        // goes: its Abort, if it sent one, says why.
+                        let why = tokio::time::timeout(PEER_REASON_WAIT, async {
+                            loop {
+                                match msgs.recv().await {
+                                    Some(Ok(Msg::Abort { reason }))
+                                    | Some(Err(TransportError::PeerAborted(reason))) => {
+                                        return Some(reason)
+                                    }
+                                    Some(Ok(_)) => {}
+                                    _ => return None,
+                                }
+                            }
+                        })
+                        .await;
+                        break Err(match why {
+                            Ok(Some(reason)) => RelayFailure::PeerAborted(reason),
+                            _ => f,
+                        });
                     }
+                    Event::Fail(f) => break Err(f),
+                    Event::InDone(stream) => match rules.finish(stream, side.in_dir()) {
+                        Ok(true) => sh.release(stream),
+                        Ok(false) => {}
+                        Err(e) => break Err(e.into()),
+                    },
                     Event::Connected(stream, r) => {
                         fifo.on_connected(stream);
                         match r {
@@ -1440,13 +1592,18 @@ impl ReadySource {
 }
 
 /// The destination side of one relay, after its offer was accepted:
-/// `channels` are its data channels as they arrive.
+/// `channels` are its data channels as they arrive; `reservation` is the
+/// relay's booking against `--memory-limit`, made at admission with
+/// [`RelayOffer::admission_reservation`] (the first stream's buffers among
+/// them); every further stream grows it as it opens and gives its share
+/// back when it ends.
 pub async fn serve_destination(
     conn: Conn,
     offer: &RelayOffer,
     deliver_to: SocketAddr,
     mut channels: mpsc::Receiver<Stream>,
     channel_timeout: Duration,
+    reservation: Arc<Reservation>,
 ) -> Result<RelayReport> {
     let keys = conn.session_keys().ok_or(TransportError::AuthFailed(
         "no session keys after the handshake",
@@ -1470,6 +1627,11 @@ pub async fn serve_destination(
         }
     });
     Engine::new(cfg, RelayKeys::derive(&keys))
+        .with_budget(StreamBudget::new(
+            reservation,
+            offer.stream_reservation(),
+            1,
+        ))
         .run(conn, rx, Hypervisor::Connect(deliver_to))
         .await
 }
