@@ -1189,6 +1189,10 @@ impl Engine {
                 m = msgs.recv() => {
                     let m = match m {
                         Some(Ok(m)) => m,
+                        // The control reader turns the peer's Abort into this.
+                        Some(Err(TransportError::PeerAborted(why))) => {
+                            break Err(RelayFailure::PeerAborted(why))
+                        }
                         Some(Err(e)) => break Err(e.into()),
                         None => break Err(TransportError::PeerClosed { what: "control" }.into()),
                     };

@@ -723,9 +723,13 @@ fn a_stream_past_the_memory_limit_is_refused_naming_it_and_both_sides_fail() {
     // A third at once: above the limit (the relay may reset it before
     // its first bytes are written).
     let third = TcpStream::connect(listen).unwrap();
-    let err = finish(&rt, run)
-        .expect_err("stream 2 does not fit")
-        .to_string();
+    let err = finish(&rt, run).expect_err("stream 2 does not fit");
+    assert_eq!(
+        err.reason(),
+        "peer_aborted",
+        "the destination's reason: {err}"
+    );
+    let err = err.to_string();
     assert!(
         err.contains("stream 2 refused") && err.contains("--memory-limit of 4.25 MiB"),
         "{err}"
