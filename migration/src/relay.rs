@@ -34,6 +34,7 @@ use ferry_proto::relay::{
 };
 use ferry_proto::wire::{Codec, CompressionSpec};
 use ferry_transport::codec::{Decoder, Encoder};
+use ferry_transport::compress::{probe_incompressible, Backoff, LinkProbe, MIN_SAVING_DIVISOR};
 use ferry_transport::conn::{Conn, ConnWriter};
 use ferry_transport::ratelimit::RateLimiter;
 use ferry_transport::reservation::Reservation;
@@ -194,8 +195,9 @@ struct StreamMetrics {
     raw_incompressible: AtomicU64,
     raw_skipped: AtomicU64,
     raw_link_idle: AtomicU64,
-    /// Chunks still to send raw untried after one did not shrink.
-    skip: AtomicU32,
+    /// The stream's chunks that did not shrink: how many to send raw
+    /// untried, whether to sample first (the page path's back-off).
+    backoff: Mutex<Backoff>,
 }
 
 fn add_elapsed(counter: &AtomicU64, since: Instant) {
@@ -690,6 +692,8 @@ async fn channel_writer(
     };
     let mut scratch = Vec::new();
     let mut ack_buf = Vec::new();
+    // The page path's probe: is this link about to go idle?
+    let mut link = LinkProbe::new(fd);
     loop {
         tokio::select! {
             biased;
@@ -702,6 +706,7 @@ async fn channel_writer(
                 }
                 wr.write_all(&ack_buf).await.map_err(|e| format!("sending acks: {e}"))?;
                 wr.flush().await.map_err(|e| format!("sending acks: {e}"))?;
+                link.wrote(ack_buf.len() as u64);
                 sh.wire_bytes.fetch_add(ack_buf.len() as u64, Ordering::Relaxed);
             }
             c = next_chunk(&sh) => {
@@ -724,28 +729,38 @@ async fn channel_writer(
                             f(m).fetch_add(1, Ordering::Relaxed);
                         }
                     };
-                    if !link_busy(&sh, fd.as_ref()) {
+                    let backoff = |f: fn(&mut Backoff) -> bool, or: bool| {
+                        m.map_or(or, |m| f(&mut m.backoff.lock().expect("backoff")))
+                    };
+                    let learned = |shrank: bool| {
+                        if let Some(m) = m {
+                            m.backoff.lock().expect("backoff").learned(shrank);
+                        }
+                    };
+                    if link.about_to_idle(sh.limiter.as_ref()) {
                         count(|m| &m.raw_link_idle);
-                    } else if m.is_some_and(|m| {
-                        m.skip
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |k| k.checked_sub(1))
-                            .is_ok()
-                    }) {
+                    } else if !backoff(Backoff::try_next, true) {
                         count(|m| &m.raw_skipped);
+                    } else if backoff(|b| b.sample_first(), false)
+                        && probe_incompressible(e, &c.data, &mut scratch)
+                    {
+                        // The last attempt failed and a sample of this one
+                        // does not shrink either.
+                        count(|m| &m.raw_incompressible);
+                        learned(false);
                     } else {
                         scratch.resize(e.bound(c.data.len()), 0);
                         match e.compress(&c.data, &mut scratch) {
                             // Only when it pays (an eighth saved at least).
-                            Ok(n) if n < c.data.len() - c.data.len() / 8 => {
+                            Ok(n) if n * MIN_SAVING_DIVISOR < c.data.len() * (MIN_SAVING_DIVISOR - 1) => {
                                 codec = spec.codec.id();
                                 payload = &scratch[..n];
                                 count(|m| &m.compressed);
+                                learned(true);
                             }
                             _ => {
                                 count(|m| &m.raw_incompressible);
-                                if let Some(m) = m {
-                                    m.skip.store(INCOMPRESSIBLE_SKIP, Ordering::Relaxed);
-                                }
+                                learned(false);
                             }
                         }
                     }
@@ -767,6 +782,7 @@ async fn channel_writer(
                 }
                 write_both(&mut wr, &header, payload).await.map_err(|e| format!("sending a chunk: {e}"))?;
                 wr.flush().await.map_err(|e| format!("sending a chunk: {e}"))?;
+                link.wrote(total);
                 ch.chunks_sent.fetch_add(1, Ordering::Relaxed);
                 ch.bytes_sent.fetch_add(total, Ordering::Relaxed);
                 sh.wire_bytes.fetch_add(total, Ordering::Relaxed);
@@ -811,31 +827,6 @@ async fn write_both<W: AsyncWrite + Unpin>(
         body = &body[n - h..];
     }
     Ok(())
-}
-
-/// With compression on, a chunk goes raw, untried, when its channel's
-/// socket has less than this unsent (about 4 ms at 1 Gbit/s): the link
-/// would go idle while the chunk is compressed, so compressing costs CPU
-/// (which the hypervisors on the same host need) and saves no time.
-const COMPRESS_BACKLOG: usize = 512 << 10;
-
-/// After a chunk of a stream did not shrink, this many of the stream's next
-/// chunks go raw untried (random or encrypted bytes stay so).
-const INCOMPRESSIBLE_SKIP: u32 = 8;
-
-/// Whether compressing the next chunk can save link time: the channel has a
-/// backlog, or under `--bandwidth-limit` the cap has one (the cap is the link).
-fn link_busy(sh: &Shared, fd: Option<&OwnedFd>) -> bool {
-    if sh
-        .limiter
-        .as_ref()
-        .is_some_and(|l| l.backlog(Instant::now()) > ferry_transport::compress::IDLE_MARGIN)
-    {
-        return true;
-    }
-    fd.is_some_and(|fd| {
-        ferry_ffi::net::send_queue_bytes(fd.as_fd()).is_ok_and(|q| q >= COMPRESS_BACKLOG)
-    })
 }
 
 /// Bytes a data channel's reader buffers: the next headers (and acks)
