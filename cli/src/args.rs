@@ -192,7 +192,7 @@ pub struct RelayArgs {
     pub bandwidth_limit: Option<u64>,
     /// Bytes each stream direction may have in flight beyond what the
     /// destination's hypervisor read (end-to-end back-pressure).
-    #[arg(help_heading = TRANSPORT, long, default_value = "8MiB", value_parser = units::parse_size, value_name = "SIZE")]
+    #[arg(help_heading = TRANSPORT, long, default_value = "32MiB", value_parser = units::parse_size, value_name = "SIZE")]
     pub window: u64,
     /// Most hypervisor connections (QEMU: 1 + multifd channels).
     #[arg(help_heading = TRANSPORT, long, default_value_t = ferry_migration::relay::DEFAULT_MAX_STREAMS)]

@@ -53,7 +53,7 @@ use crate::units::{human, human_exact};
 
 /// Default window of one stream direction: bytes a sender may have read
 /// beyond what the receiver delivered into its hypervisor socket.
-pub const DEFAULT_WINDOW: u32 = 8 << 20;
+pub const DEFAULT_WINDOW: u32 = 32 << 20;
 /// Smallest window (one chunk must fit).
 pub const MIN_WINDOW: u32 = 64 << 10;
 /// Largest window.
