@@ -1048,6 +1048,10 @@ impl Destination {
         let interfaces = self.advertised_interfaces(migration_id, listen_ip);
         let peer = conn.peer().to_string();
         tracing::info!(migration_id, peer, deliver_to = %deliver_to, "relay accepted");
+        // Its streams on --metrics while it runs, totals once it ended.
+        let live = Arc::new(crate::relay::RelayLive::default());
+        self.metrics.track_relay(migration_id, live.clone());
+        let _retire = RetireRelay(&self.metrics, migration_id);
         let result = match conn
             .send(&Msg::Accept(Accept {
                 migration_id,
@@ -1062,6 +1066,7 @@ impl Destination {
                 rx,
                 self.opts.timeout,
                 reserved,
+                live,
             )
             .await
             .map_err(crate::relay::RelayFailure::into_migration_error),
@@ -1105,6 +1110,16 @@ impl Destination {
             downtime_ms: 0.0,
             cpu: Default::default(),
         })
+    }
+}
+
+/// A relay's streams leave `--metrics`' live figures (for its totals)
+/// however its session ends.
+struct RetireRelay<'a>(&'a Metrics, u64);
+
+impl Drop for RetireRelay<'_> {
+    fn drop(&mut self) {
+        self.0.retire_relay(self.1);
     }
 }
 

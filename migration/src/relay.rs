@@ -184,6 +184,13 @@ pub struct StreamReport {
 /// Counters of one stream, kept by its pumps and data channels.
 #[derive(Debug, Default)]
 struct StreamMetrics {
+    /// Stream id.
+    id: u32,
+    /// Bytes read from this side's hypervisor or delivered to it, by
+    /// direction (forward, back).
+    bytes: [AtomicU64; 2],
+    /// Both directions done (its buffers given back).
+    done: AtomicBool,
     chunks_sent: AtomicU64,
     chunks_received: AtomicU64,
     duplicates: AtomicU64,
@@ -198,6 +205,59 @@ struct StreamMetrics {
     /// The stream's chunks that did not shrink: how many to send raw
     /// untried, whether to sample first (the page path's back-off).
     backoff: Mutex<Backoff>,
+}
+
+impl StreamMetrics {
+    fn bytes(&self, dir: Dir) -> &AtomicU64 {
+        &self.bytes[usize::from(dir.id())]
+    }
+}
+
+/// A relay's streams as they go, for the destination daemon's `--metrics`
+/// ([`crate::metrics::Metrics::track_relay`]): shared with the engine,
+/// which adds each stream as it opens.
+#[derive(Debug, Default)]
+pub struct RelayLive {
+    streams: Mutex<Vec<Arc<StreamMetrics>>>,
+}
+
+/// One stream's figures so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StreamSample {
+    /// Stream id (0: the hypervisor's first connection, QEMU's main channel).
+    pub stream: u32,
+    /// Bytes source -> destination this side read or delivered.
+    pub forward_bytes: u64,
+    /// Bytes destination -> source this side read or delivered.
+    pub back_bytes: u64,
+    /// Seconds this side waited for its hypervisor to write.
+    pub waited_for_hypervisor_s: f64,
+    /// Seconds this side waited for the peer's credit (window full).
+    pub waited_for_window_s: f64,
+    /// Seconds this side waited for its hypervisor to read.
+    pub waited_to_deliver_s: f64,
+    /// Not done yet (its buffers booked).
+    pub open: bool,
+}
+
+impl RelayLive {
+    /// Every stream opened so far.
+    pub fn streams(&self) -> Vec<StreamSample> {
+        self.streams
+            .lock()
+            .expect("streams")
+            .iter()
+            .map(|m| StreamSample {
+                stream: m.id,
+                forward_bytes: m.bytes(Dir::Forward).load(Ordering::Relaxed),
+                back_bytes: m.bytes(Dir::Back).load(Ordering::Relaxed),
+                waited_for_hypervisor_s: secs(&m.wait_hypervisor_ns),
+                waited_for_window_s: secs(&m.wait_window_ns),
+                waited_to_deliver_s: secs(&m.wait_deliver_ns),
+                open: !m.done.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
 }
 
 fn add_elapsed(counter: &AtomicU64, since: Instant) {
@@ -327,7 +387,7 @@ struct StreamSlot {
     data: Notify,
     /// The hypervisor connection, once there (reset on failure).
     sock: Mutex<Option<Arc<TcpStream>>>,
-    metrics: StreamMetrics,
+    metrics: Arc<StreamMetrics>,
     /// The destination's booking of this stream's buffers, given back when
     /// both directions are done.
     booking: Mutex<Option<StreamBooking>>,
@@ -419,6 +479,8 @@ struct Shared {
     keys: RelayKeys,
     /// The destination's bookings of stream buffers (`None` at the source).
     budget: Option<StreamBudget>,
+    /// The streams' counters as they go (`--metrics`).
+    live: Arc<RelayLive>,
     streams: Mutex<Vec<Arc<StreamSlot>>>,
     queue_tx: mpsc::UnboundedSender<Arc<OutChunk>>,
     queue_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Arc<OutChunk>>>,
@@ -447,7 +509,10 @@ impl Shared {
             .expect("streams")
             .get(stream as usize)
             .cloned();
-        if let Some(b) = slot.and_then(|s| s.booking.lock().expect("booking").take()) {
+        let Some(slot) = slot else { return };
+        slot.metrics.done.store(true, Ordering::Relaxed);
+        let booking = slot.booking.lock().expect("booking").take();
+        if let Some(b) = booking {
             tracing::debug!(
                 stream,
                 bytes = b.bytes,
@@ -474,6 +539,15 @@ impl Shared {
                 Some(b) => Some(b.book(id)?),
                 None => None,
             };
+            let metrics = Arc::new(StreamMetrics {
+                id,
+                ..Default::default()
+            });
+            self.live
+                .streams
+                .lock()
+                .expect("streams")
+                .push(metrics.clone());
             all.push(Arc::new(StreamSlot {
                 id,
                 inner: Mutex::new(StreamInner {
@@ -488,7 +562,7 @@ impl Shared {
                 credit: Notify::new(),
                 data: Notify::new(),
                 sock: Mutex::new(None),
-                metrics: StreamMetrics::default(),
+                metrics: metrics.clone(),
                 booking: Mutex::new(booking),
             }));
         }
@@ -563,6 +637,7 @@ async fn pump_out(sh: Arc<Shared>, slot: Arc<StreamSlot>, sock: Arc<TcpStream>) 
             // what it holds while it waits for its ack.
             data.shrink_to_fit();
         }
+        m.bytes(dir).fetch_add(n as u64, Ordering::Relaxed);
         let offset = {
             let mut i = slot.inner.lock().expect("stream");
             i.digest.update(&data);
@@ -638,6 +713,9 @@ async fn pump_in(
                         }
                     }
                 }
+                slot.metrics
+                    .bytes(dir)
+                    .fetch_add(b.len() as u64, Ordering::Relaxed);
                 let credit = {
                     let mut i = slot.inner.lock().expect("stream");
                     i.recv.on_written(b.len());
@@ -1045,6 +1123,7 @@ pub struct Engine {
     cfg: EngineConfig,
     keys: RelayKeys,
     budget: Option<StreamBudget>,
+    live: Arc<RelayLive>,
 }
 
 impl Engine {
@@ -1054,7 +1133,15 @@ impl Engine {
             cfg,
             keys,
             budget: None,
+            live: Arc::default(),
         }
+    }
+
+    /// Shares each stream's counters, as it opens, with `live` (the
+    /// daemon's `--metrics`).
+    pub fn with_live(mut self, live: Arc<RelayLive>) -> Self {
+        self.live = live;
+        self
     }
 
     /// Books each stream's buffers on `budget` as it opens (the
@@ -1084,6 +1171,7 @@ impl Engine {
             cfg: self.cfg.clone(),
             keys: self.keys,
             budget: self.budget,
+            live: self.live,
             streams: Mutex::new(Vec::new()),
             queue_tx,
             queue_rx: tokio::sync::Mutex::new(queue_rx),
@@ -1599,6 +1687,7 @@ pub async fn serve_destination(
     mut channels: mpsc::Receiver<Stream>,
     channel_timeout: Duration,
     reservation: Arc<Reservation>,
+    live: Arc<RelayLive>,
 ) -> Result<RelayReport> {
     let keys = conn.session_keys().ok_or(TransportError::AuthFailed(
         "no session keys after the handshake",
@@ -1627,6 +1716,7 @@ pub async fn serve_destination(
             offer.stream_reservation(),
             1,
         ))
+        .with_live(live)
         .run(conn, rx, Hypervisor::Connect(deliver_to))
         .await
 }

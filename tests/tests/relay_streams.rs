@@ -761,6 +761,57 @@ fn a_stream_past_the_memory_limit_is_refused_naming_it_and_both_sides_fail() {
     );
 }
 
+#[test]
+fn the_daemons_metrics_show_each_relay_stream_while_it_runs_and_its_totals_after() {
+    let rt = rt();
+    let (addr, _d, dest) = daemon(&rt, true);
+    let e = echo(None, Arc::default());
+    let (listen, run) = start_relay(&rt, addr, e.addr, |_| {});
+    let text = || dest.metrics().render();
+    let bytes = |stream: u32, dir: &str, n: usize| {
+        format!("ferry_relay_stream_bytes_total{{stream=\"{stream}\",direction=\"{dir}\"}} {n}\n")
+    };
+    let mut main = held(listen, 0);
+    let len = 2 << 20;
+    let got = join(vec![client(listen, 1, len)]);
+    assert!(got[0].as_ref().unwrap() == &expected(1, len), "stream 1");
+    // While the relay runs: stream 1 done, the main stream still open.
+    wait_for(
+        || text().contains("ferry_relay_streams_open 1\n"),
+        "one stream open",
+    );
+    let t = text();
+    for want in [bytes(1, "forward", len + 4), bytes(1, "back", len + 4)] {
+        assert!(t.contains(&want), "{want} in\n{t}");
+    }
+    wait_for(
+        || text().contains(&bytes(0, "forward", 4)),
+        "the main stream's bytes so far",
+    );
+    main.shutdown(Shutdown::Write).unwrap();
+    main.read_to_end(&mut Vec::new()).unwrap();
+    finish(&rt, run).expect("delivered");
+    // After it: none open, its figures kept as totals.
+    wait_for(
+        || text().contains("ferry_relay_streams_open 0\n"),
+        "no stream open",
+    );
+    let t = text();
+    for want in [
+        bytes(0, "forward", 4),
+        bytes(0, "back", 4),
+        bytes(1, "forward", len + 4),
+        bytes(1, "back", len + 4),
+    ] {
+        assert!(t.contains(&want), "{want} in\n{t}");
+    }
+    for wait in ["deliver", "window", "hypervisor"] {
+        let want =
+            format!("ferry_relay_stream_wait_seconds_total{{stream=\"1\",wait=\"{wait}\"}} ");
+        assert!(t.contains(&want), "{want} in\n{t}");
+    }
+}
+
 // The `ferry relay` command against a `ferry listen` process.
 
 const LONG: Duration = Duration::from_secs(60);
