@@ -1114,6 +1114,20 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// Logs why a data channel's task (`channel`: the source's address) failed,
+/// if it did, and returns the line.
+fn failure(
+    channel: &str,
+    done: std::result::Result<ferry_transport::Result<()>, tokio::task::JoinError>,
+) -> Option<String> {
+    let why = match done {
+        Ok(Ok(())) | Err(_) => return None,
+        Ok(Err(e)) => e.to_string(),
+    };
+    tracing::warn!(channel, "data channel failed: {why}");
+    Some(format!("{channel}: {why}"))
+}
+
 /// The data channels of one incoming migration, by the source's address:
 /// their tasks. Which may start, which are fenced and when none is left are
 /// the session's ([`DestSession`]).
@@ -1125,6 +1139,32 @@ struct DataChannels {
 }
 
 impl DataChannels {
+    /// Ends the channel tasks of a migration that is over. When it
+    /// `failed`, first says why the channels that had already ended failed
+    /// (their reason, a frame refused, would be lost
+    /// when the migration ended for another one, its control connection
+    /// closed); then stops the others and waits until they have. Each task
+    /// holds the migration's Inbound (its booking against --memory-limit)
+    /// and guest memory: waiting here means the slot the migration gives
+    /// back when it returns comes with its memory (a queued migration woken
+    /// by the slot was refused for a limit the ended one still filled).
+    /// Returns what it logged, one line per failed channel.
+    async fn close(&mut self, failed: bool) -> Vec<String> {
+        let mut said = Vec::new();
+        if failed {
+            while let Some(done) = self.set.try_join_next_with_id() {
+                let peer = done.as_ref().map_or_else(|e| e.id(), |(id, _)| *id);
+                let peer = self.by_task.get(&peer).map(ToString::to_string);
+                said.extend(failure(
+                    peer.as_deref().unwrap_or("?"),
+                    done.map(|(_, r)| r),
+                ));
+            }
+        }
+        self.set.shutdown().await;
+        said
+    }
+
     /// Starts receiving on `stream` with `recv`, unless the session refuses
     /// it (fenced).
     fn start<F, Fut>(&mut self, session: &mut DestSession, stream: Stream, recv: F)
@@ -1243,24 +1283,7 @@ impl Receive<'_> {
     ) -> Result<Received> {
         let mut ch = DataChannels::default();
         let received = self.receive(&mut ch, writer, msgs, streams).await;
-        // Channels that had ended when the migration ended for another
-        // reason (its control connection closed): their reasons, a frame
-        // refused, are still said.
-        if received.is_err() {
-            while let Some(done) = ch.set.try_join_next_with_id() {
-                if let Ok((id, Err(e))) = done {
-                    let peer = ch.by_task.get(&id);
-                    tracing::warn!(peer = ?peer, "data channel failed: {e}");
-                }
-            }
-        }
-        // Each channel's task holds this migration's Inbound (its booking
-        // against --memory-limit) and guest memory. On a failure they were
-        // only asked to stop: wait until they have, so that the slot the
-        // migration gives back when it returns comes with its memory (a
-        // queued migration woken by the slot was refused for a limit the
-        // ended one still filled).
-        ch.set.shutdown().await;
+        ch.close(received.is_err()).await;
         received
     }
 
