@@ -1114,15 +1114,18 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Logs why a data channel's task (`channel`: the source's address) failed,
-/// if it did, and returns the line.
+/// Logs why a data channel's task (`channel`: the source's address, or
+/// "rdma") failed, if it did, and returns the line; a task stopped on
+/// purpose (fenced, or the migration over) is no failure.
 fn failure(
     channel: &str,
     done: std::result::Result<ferry_transport::Result<()>, tokio::task::JoinError>,
 ) -> Option<String> {
     let why = match done {
-        Ok(Ok(())) | Err(_) => return None,
+        Ok(Ok(())) => return None,
+        Err(e) if e.is_cancelled() => return None,
         Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
     };
     tracing::warn!(channel, "data channel failed: {why}");
     Some(format!("{channel}: {why}"))
@@ -1136,12 +1139,15 @@ struct DataChannels {
     set: JoinSet<ferry_transport::Result<()>>,
     by_task: HashMap<tokio::task::Id, SocketAddr>,
     live: HashMap<SocketAddr, tokio::task::AbortHandle>,
+    /// RDMA option: the one task that lands pages from every RDMA channel
+    /// (it ends once each has sent its end frame or was reported lost).
+    rdma: JoinSet<ferry_transport::Result<()>>,
 }
 
 impl DataChannels {
-    /// Ends the channel tasks of a migration that is over. When it
-    /// `failed`, first says why the channels that had already ended failed
-    /// (their reason, a frame refused, would be lost
+    /// Ends the channel tasks of a migration that is over, TCP and RDMA
+    /// alike. When it `failed`, first says why the channels that had
+    /// already ended failed (their reason, a frame refused, would be lost
     /// when the migration ended for another one, its control connection
     /// closed); then stops the others and waits until they have. Each task
     /// holds the migration's Inbound (its booking against --memory-limit)
@@ -1160,8 +1166,12 @@ impl DataChannels {
                     done.map(|(_, r)| r),
                 ));
             }
+            while let Some(done) = self.rdma.try_join_next() {
+                said.extend(failure("rdma", done));
+            }
         }
         self.set.shutdown().await;
+        self.rdma.shutdown().await;
         said
     }
 
@@ -1305,8 +1315,6 @@ impl Receive<'_> {
         // RDMA: every channel lands pages on its own; the task ends once each
         // has sent its end frame (or was reported lost by the source).
         #[cfg(feature = "rdma")]
-        let mut rdma_task = JoinSet::new();
-        #[cfg(feature = "rdma")]
         if let Some(r) = self.rdma.lock().expect("rdma").take() {
             self.metrics
                 .track_channel(self.migration_id, "rdma".into(), counters.clone());
@@ -1324,7 +1332,7 @@ impl Receive<'_> {
                 counters.clone(),
                 self.timeout,
             );
-            rdma_task.spawn(async move {
+            ch.rdma.spawn(async move {
                 let _bookings = bookings;
                 receiving.await
             });
@@ -1427,10 +1435,10 @@ impl Receive<'_> {
         // never send its end frame), unless one failed its checks.
         #[cfg(feature = "rdma")]
         {
-            if let Some(Ok(Err(e))) = rdma_task.try_join_next() {
+            if let Some(Ok(Err(e))) = ch.rdma.try_join_next() {
                 return Err(e.into());
             }
-            rdma_task.shutdown().await;
+            ch.rdma.shutdown().await;
             // Nothing more may land: deregister every remote-write region
             // (the NIC refuses their rkeys from here on) before taking the
             // evidence of what landed.
@@ -1681,6 +1689,73 @@ async fn why_the_last_channel_was_lost(
             Ok(Some(Ok(_))) => {}
             Ok(None) => return TransportError::PeerClosed { what: "control" },
             Err(_) => return lost,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Yields until `marker` is held by nobody else (the task holding it has
+    /// ended and its future been dropped).
+    async fn until_only_held_here<T>(marker: &Arc<T>) {
+        for _ in 0..1000 {
+            if Arc::strong_count(marker) == 1 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the task holding the marker never ended");
+    }
+
+    /// A migration that is over stops its RDMA task as it stops its TCP
+    /// channels and waits until each has stopped, so what they hold (its
+    /// --memory-limit booking, guest memory) is released before its slot is
+    /// given back; and a failed migration says why the channels that had
+    /// already ended failed, the RDMA task's included. Runs without RDMA:
+    /// the tasks are stand-ins holding a booking.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_migration_that_is_over_waits_for_its_rdma_task_and_says_why_it_failed() {
+        let refused = |what: &'static str| {
+            Err::<(), _>(TransportError::Unexpected {
+                expected: what,
+                got: "a refused frame".into(),
+            })
+        };
+        for failed in [true, false] {
+            let (booking, ended) = (Arc::new(()), Arc::new(()));
+            let mut ch = DataChannels::default();
+            let peer: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+            let (b, e) = (booking.clone(), ended.clone());
+            let tcp = ch.set.spawn(async move {
+                let _ended = e;
+                refused("tcp")
+            });
+            ch.by_task.insert(tcp.id(), peer);
+            let e = ended.clone();
+            ch.rdma.spawn(async move {
+                let _ended = e;
+                refused("rdma")
+            });
+            ch.rdma.spawn(async move {
+                let _booking = b;
+                std::future::pending::<ferry_transport::Result<()>>().await
+            });
+            until_only_held_here(&ended).await;
+            let said = ch.close(failed).await;
+            assert_eq!(
+                Arc::strong_count(&booking),
+                1,
+                "the RDMA task still held its booking when the migration returned"
+            );
+            if failed {
+                assert_eq!(said.len(), 2, "{said:?}");
+                assert!(said[0].starts_with("192.0.2.1:4000: ") && said[0].contains("tcp"));
+                assert!(said[1].starts_with("rdma: ") && said[1].contains("rdma"));
+            } else {
+                assert!(said.is_empty(), "{said:?}");
+            }
         }
     }
 }
