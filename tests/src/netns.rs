@@ -42,6 +42,31 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../ci/netns-testbed.sh")
 }
 
+/// True when a test bed can be brought up here (root, `ip netns`); else
+/// skips `test` (loudly, naming what is missing) or, with
+/// `FERRY_REQUIRE_NETNS=1`, fails it.
+pub fn available(test: &str) -> bool {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let netns = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    match (root, netns) {
+        (false, _) => skip(
+            test,
+            "not running as root (the namespace test bed needs it)",
+        ),
+        (_, false) => skip(test, "`ip netns` is not available (iproute2)"),
+        _ => return true,
+    }
+    false
+}
+
 /// The test bed, up, for as long as the guard lives.
 #[derive(Debug)]
 pub struct TestBed {
@@ -57,29 +82,8 @@ impl TestBed {
     /// (test skipped, reason shown) when not root or without `ip netns`.
     pub fn up(test: &str, src: &str, dst: &str) -> Option<TestBed> {
         let lock = BED.lock().unwrap_or_else(|e| e.into_inner());
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
-        let netns = Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        match (root, netns) {
-            (false, _) => {
-                skip(
-                    test,
-                    "not running as root (the namespace test bed needs it)",
-                );
-                return None;
-            }
-            (_, false) => {
-                skip(test, "`ip netns` is not available (iproute2)");
-                return None;
-            }
-            _ => {}
+        if !available(test) {
+            return None;
         }
         let bed = TestBed {
             _lock: lock,
