@@ -157,11 +157,15 @@ fn drain<R: Read + Send + 'static>(r: R, live: Arc<Live>) -> std::thread::JoinHa
     })
 }
 
+/// The `RUST_LOG` the tests' `ferry` processes run with unless a test says
+/// otherwise: the command's own messages, the libraries' warnings and errors.
+const LOG: &str = "warn,ferry=info";
+
 impl Proc {
     /// Starts `ferry ARGS` with `RUST_LOG=warn,ferry=info`: the command's
     /// own messages, and the libraries' warnings and errors.
     pub fn start(args: &[&str]) -> Proc {
-        Proc::start_logging(args, Some("warn,ferry=info"))
+        Proc::start_logging(args, Some(LOG))
     }
 
     /// Starts `ferry ARGS` with `RUST_LOG=log`, or without `RUST_LOG`
@@ -268,6 +272,12 @@ pub fn listen(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
 /// Starts `ferry listen` (staying up) on a free loopback port and waits
 /// until it accepts connections. Extra arguments are appended.
 pub fn daemon(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
+    daemon_logging(key, extra, Some(LOG))
+}
+
+/// [`daemon`] with `RUST_LOG=log`, or ferry's own levels when `None` (see
+/// [`Proc::start_logging`]).
+pub fn daemon_logging(key: &Path, extra: &[&str], log: Option<&str>) -> (Proc, SocketAddr) {
     // Port 0: the kernel picks a free port as the daemon binds it, and the
     // daemon says which ("listening on ADDR (...)", once it is bound). A
     // port picked here and bound later by the daemon could be picked by a
@@ -282,7 +292,7 @@ pub fn daemon(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
         key.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let p = Proc::start(&args);
+    let p = Proc::start_logging(&args, log);
     let addr = listening_addr(&p);
     (p, addr)
 }
@@ -320,6 +330,12 @@ pub fn send(addr: SocketAddr, key: &Path, extra: &[&str], timeout: Duration) -> 
 /// Starts `ferry send --to ADDR --auth-key-file KEY EXTRA...` and returns
 /// at once.
 pub fn start_send(addr: SocketAddr, key: &Path, extra: &[&str]) -> Proc {
+    start_send_logging(addr, key, extra, Some(LOG))
+}
+
+/// [`start_send`] with `RUST_LOG=log`, or ferry's own levels when `None`
+/// (see [`Proc::start_logging`]).
+pub fn start_send_logging(addr: SocketAddr, key: &Path, extra: &[&str], log: Option<&str>) -> Proc {
     let to = addr.to_string();
     let mut args = vec![
         "send",
@@ -329,7 +345,7 @@ pub fn start_send(addr: SocketAddr, key: &Path, extra: &[&str]) -> Proc {
         key.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    Proc::start(&args)
+    Proc::start_logging(&args, log)
 }
 
 /// Sends SIGKILL to process `pid` (a `ferry` this test started).

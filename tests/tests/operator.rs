@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use ferry_tests::netns::TestBed;
 use ferry_tests::{
-    daemon, ferry_bin, free_port, key_file, send, signal, start_send, wait_for_file, wait_for_port,
-    Proc,
+    daemon, daemon_logging, ferry_bin, free_port, key_file, send, signal, start_send,
+    start_send_logging, wait_for_file, wait_for_port, Proc,
 };
 
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
@@ -68,38 +68,6 @@ fn bad_units_are_refused_with_the_likely_value_before_connecting() {
         assert!(out.stderr.contains(flag), "names the flag: {}", out.all());
     }
     assert!(nobody_connected(&l), "nothing connected for a refused flag");
-}
-
-/// `ferry listen` on a free loopback port with ferry's default log level
-/// (info), waiting until it accepts connections.
-fn daemon_logging(key: &Path) -> (Proc, SocketAddr) {
-    // Port 0, read back from the daemon (see ferry_tests::daemon).
-    let p = Proc::start_logging(
-        &[
-            "listen",
-            "--listen",
-            "127.0.0.1:0",
-            "--auth-key-file",
-            key.to_str().unwrap(),
-        ],
-        None,
-    );
-    let addr = ferry_tests::listening_addr(&p);
-    (p, addr)
-}
-
-/// `ferry send` with ferry's default log level (info).
-fn send_logging(addr: SocketAddr, key: &Path, extra: &[&str]) -> Proc {
-    let to = addr.to_string();
-    let mut args = vec![
-        "send",
-        "--to",
-        &to,
-        "--auth-key-file",
-        key.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    Proc::start_logging(&args, None)
 }
 
 /// Reads a `--json` record.
@@ -319,19 +287,18 @@ fn every_outcome_writes_a_record_that_report_reads() {
     );
 
     // Failed: nobody at the destination.
-    let gone = format!("127.0.0.1:{}", free_port());
-    let failed = Proc::start(&[
-        "send",
-        "--to",
-        &gone,
-        "--auth-key-file",
-        key.to_str().unwrap(),
-        "--memory",
-        "16MiB",
-        "--json",
-        json("failed.json").to_str().unwrap(),
-    ])
-    .wait(WAIT);
+    let gone = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let failed = send(
+        gone,
+        &key,
+        &[
+            "--memory",
+            "16MiB",
+            "--json",
+            json("failed.json").to_str().unwrap(),
+        ],
+        WAIT,
+    );
     assert_eq!(failed.status.code(), Some(1), "{}", failed.all());
     let r = record(&json("failed.json"));
     assert_eq!(r["outcome"], "failed", "{r}");
@@ -612,19 +579,7 @@ fn listening_on_one_address_says_each_migration_gets_one_path() {
 fn logs_are_events_with_levels_and_a_json_format() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
-    let dest = Proc::start_logging(
-        &[
-            "listen",
-            "--listen",
-            "127.0.0.1:0",
-            "--auth-key-file",
-            key.to_str().unwrap(),
-            "--log-format",
-            "json",
-        ],
-        None,
-    );
-    let addr = ferry_tests::listening_addr(&dest);
+    let (dest, addr) = daemon_logging(&key, &["--log-format", "json"], None);
     let json_lines = |text: &str| -> Vec<serde_json::Value> {
         text.lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
@@ -633,7 +588,13 @@ fn logs_are_events_with_levels_and_a_json_format() {
 
     // JSON lines on stderr, results alone on stdout; the commit is an
     // event with the migration's id, peer, bytes and pause.
-    let src = send_logging(addr, &key, &["--memory", "16MiB", "--log-format", "json"]).wait(WAIT);
+    let src = start_send_logging(
+        addr,
+        &key,
+        &["--memory", "16MiB", "--log-format", "json"],
+        None,
+    )
+    .wait(WAIT);
     assert!(src.status.success(), "{}", src.all());
     assert!(
         src.stdout.starts_with("migration committed: 16.00 MiB"),
@@ -670,19 +631,11 @@ fn logs_are_events_with_levels_and_a_json_format() {
     assert!(ev["downtime_ms"].as_f64().unwrap() > 0.0, "{ev}");
 
     // A failure is an error event carrying its outcome.
-    let gone = format!("127.0.0.1:{}", free_port());
-    let failed = Proc::start_logging(
-        &[
-            "send",
-            "--to",
-            &gone,
-            "--auth-key-file",
-            key.to_str().unwrap(),
-            "--memory",
-            "16MiB",
-            "--log-format",
-            "json",
-        ],
+    let gone = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let failed = start_send_logging(
+        gone,
+        &key,
+        &["--memory", "16MiB", "--log-format", "json"],
         None,
     )
     .wait(WAIT);
@@ -701,7 +654,7 @@ fn logs_are_events_with_levels_and_a_json_format() {
     assert_eq!(ev["guest"], "source", "{ev}");
 
     // -q: warnings and errors only; -v: debug too; RUST_LOG overrides both.
-    let quiet = send_logging(addr, &key, &["--memory", "16MiB", "-q"]).wait(WAIT);
+    let quiet = start_send_logging(addr, &key, &["--memory", "16MiB", "-q"], None).wait(WAIT);
     assert!(quiet.status.success(), "{}", quiet.all());
     assert!(!quiet.stderr.contains(" INFO "), "{}", quiet.all());
     assert!(
@@ -709,25 +662,12 @@ fn logs_are_events_with_levels_and_a_json_format() {
         "{}",
         quiet.all()
     );
-    let verbose = send_logging(addr, &key, &["--memory", "16MiB", "-v"]).wait(WAIT);
+    let verbose = start_send_logging(addr, &key, &["--memory", "16MiB", "-v"], None).wait(WAIT);
     assert!(verbose.status.success(), "{}", verbose.all());
     assert!(verbose.stderr.contains(" DEBUG "), "{}", verbose.all());
     assert!(verbose.stderr.contains(" INFO "), "{}", verbose.all());
-    let to = addr.to_string();
-    let overridden = Proc::start_logging(
-        &[
-            "send",
-            "--to",
-            &to,
-            "--auth-key-file",
-            key.to_str().unwrap(),
-            "--memory",
-            "16MiB",
-            "-v",
-        ],
-        Some("warn"),
-    )
-    .wait(WAIT);
+    let overridden =
+        start_send_logging(addr, &key, &["--memory", "16MiB", "-v"], Some("warn")).wait(WAIT);
     assert!(overridden.status.success(), "{}", overridden.all());
     assert!(
         !overridden.stderr.contains(" DEBUG ") && !overridden.stderr.contains(" INFO "),
@@ -878,7 +818,7 @@ fn help_groups_the_options_with_examples_and_version_names_ferry() {
 fn sigterm_on_listen_aborts_the_migration_in_flight_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = daemon_logging(&key);
+    let (dest, addr) = daemon_logging(&key, &[], None);
     let json = dir.path().join("s.json");
     let events = dir.path().join("s.jsonl");
     let src = start_send(
@@ -949,10 +889,11 @@ fn without_a_terminal_progress_is_a_log_line_every_interval_and_quiet_turns_it_o
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
     let (dest, addr) = daemon(&key, &[]);
-    let src = send_logging(
+    let src = start_send_logging(
         addr,
         &key,
         &[&SLOW[..], &["--progress-interval", "1s"]].concat(),
+        None,
     )
     .wait(WAIT);
     assert!(src.status.success(), "{}", src.all());
@@ -974,10 +915,11 @@ fn without_a_terminal_progress_is_a_log_line_every_interval_and_quiet_turns_it_o
     assert!(src.stdout.contains("migration committed"), "{}", src.all());
     assert!(!src.stdout.contains("progress"), "{}", src.all());
 
-    let quiet = send_logging(
+    let quiet = start_send_logging(
         addr,
         &key,
         &[&SLOW[..], &["--progress-interval", "1s", "--quiet"]].concat(),
+        None,
     )
     .wait(WAIT);
     assert!(quiet.status.success(), "{}", quiet.all());

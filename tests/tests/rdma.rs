@@ -3,9 +3,10 @@
 //! moves, and `auto` falling back to compression. On a host that does have
 //! an RDMA device these tests skip loudly.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferry_tests::{free_port, key_file, listen, offer, Proc};
+use ferry_tests::{free_port, key_file, listen, offer, send, start_send, summary};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::conn::Conn;
 use ferry_transport::proto::{Msg, PerformanceOption, RejectReason};
@@ -34,19 +35,18 @@ fn rdma_without_a_device_fails_before_connecting() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
     // Nothing listens there: an attempt to connect would say so.
-    let to = format!("127.0.0.1:{}", free_port());
-    let out = Proc::start(&[
-        "send",
-        "--to",
-        &to,
-        "--auth-key-file",
-        key.to_str().unwrap(),
-        "--memory",
-        "16MiB",
-        "--performance-option",
-        "rdma",
-        "--plaintext",
-    ])
+    let to = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let out = start_send(
+        to,
+        &key,
+        &[
+            "--memory",
+            "16MiB",
+            "--performance-option",
+            "rdma",
+            "--plaintext",
+        ],
+    )
     .wait(Duration::from_secs(30));
     assert!(!out.status.success(), "{}", out.all());
     let all = out.all();
@@ -114,23 +114,22 @@ fn auto_without_rdma_falls_back_to_compression_and_says_so() {
     // --plaintext on both ends: auto may pick RDMA only with it.
     let (dest, addr) = listen(&key, &["--plaintext"]);
     let json = dir.path().join("summary.json");
-    let src = Proc::start(&[
-        "send",
-        "--to",
-        &addr.to_string(),
-        "--auth-key-file",
-        key.to_str().unwrap(),
-        "--memory",
-        "32MiB",
-        "--dirty-rate",
-        "4MB/s",
-        "--performance-option",
-        "auto",
-        "--plaintext",
-        "--json",
-        json.to_str().unwrap(),
-    ])
-    .wait(Duration::from_secs(120));
+    let src = send(
+        addr,
+        &key,
+        &[
+            "--memory",
+            "32MiB",
+            "--dirty-rate",
+            "4MB/s",
+            "--performance-option",
+            "auto",
+            "--plaintext",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
     let dest = dest.wait(Duration::from_secs(30));
     assert!(src.status.success(), "source failed: {}", src.all());
     assert!(dest.status.success(), "destination failed: {}", dest.all());
@@ -139,7 +138,7 @@ fn auto_without_rdma_falls_back_to_compression_and_says_so() {
         "{}",
         src.all()
     );
-    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let s = summary(&json);
     assert_eq!(s["digest_verified"], true);
     assert!(
         s["option"]
