@@ -313,16 +313,13 @@ fn every_outcome_writes_a_record_that_report_reads() {
     // (cancelled: sigint_on_send_cancels_and_the_destination_reports_it)
 }
 
-#[test]
-fn sigint_on_send_cancels_and_the_destination_reports_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = daemon(&key, &[]);
-    let json = dir.path().join("c.json");
-    let events = dir.path().join("c.jsonl");
+/// Starts a [`SLOW`] migration to `addr` that writes its `--json` record to
+/// `json` and its `--events` stream to `events`; returns once it is in
+/// pre-copy (mid-way through round 0).
+fn slow_send_in_precopy(addr: SocketAddr, key: &Path, json: &Path, events: &Path) -> Proc {
     let src = start_send(
         addr,
-        &key,
+        key,
         &[
             &SLOW[..],
             &[
@@ -334,8 +331,18 @@ fn sigint_on_send_cancels_and_the_destination_reports_it() {
         ]
         .concat(),
     );
-    // Mid-way through round 0.
-    wait_for_file(&events, "\"phase\":\"precopy\"", WAIT);
+    wait_for_file(events, "\"phase\":\"precopy\"", WAIT);
+    src
+}
+
+#[test]
+fn sigint_on_send_cancels_and_the_destination_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let (dest, addr) = daemon(&key, &[]);
+    let json = dir.path().join("c.json");
+    let events = dir.path().join("c.jsonl");
+    let src = slow_send_in_precopy(addr, &key, &json, &events);
     signal(src.pid(), "INT");
     let src = src.wait(WAIT);
     assert_eq!(src.status.code(), Some(130), "{}", src.all());
@@ -821,21 +828,7 @@ fn sigterm_on_listen_aborts_the_migration_in_flight_and_exits_0() {
     let (dest, addr) = daemon_logging(&key, &[], None);
     let json = dir.path().join("s.json");
     let events = dir.path().join("s.jsonl");
-    let src = start_send(
-        addr,
-        &key,
-        &[
-            &SLOW[..],
-            &[
-                "--json",
-                json.to_str().unwrap(),
-                "--events",
-                events.to_str().unwrap(),
-            ],
-        ]
-        .concat(),
-    );
-    wait_for_file(&events, "\"phase\":\"precopy\"", WAIT);
+    let src = slow_send_in_precopy(addr, &key, &json, &events);
     signal(dest.pid(), "TERM");
     let dest = dest.wait(WAIT);
     let src = src.wait(WAIT);
@@ -1072,21 +1065,7 @@ fn a_record_that_cannot_be_written_after_a_commit_is_only_a_warning() {
     std::fs::create_dir(&out_dir).unwrap();
     let json = out_dir.join("r.json");
     let events = dir.path().join("e.jsonl");
-    let src = start_send(
-        addr,
-        &key,
-        &[
-            &SLOW[..],
-            &[
-                "--json",
-                json.to_str().unwrap(),
-                "--events",
-                events.to_str().unwrap(),
-            ],
-        ]
-        .concat(),
-    );
-    wait_for_file(&events, "\"phase\":\"precopy\"", WAIT);
+    let src = slow_send_in_precopy(addr, &key, &json, &events);
     std::fs::remove_dir_all(&out_dir).unwrap();
     let src = src.wait(WAIT);
     assert_eq!(
