@@ -221,13 +221,29 @@ impl Proc {
     /// Waits until the process has printed `needle` (either stream) and
     /// returns everything printed so far; panics after `timeout`.
     pub fn wait_for_output(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_until(|t| t.contains(needle), needle, timeout)
+    }
+
+    /// Waits until the process has printed a line (either stream) for
+    /// which `matches` holds and returns everything printed so far; panics
+    /// after `timeout`, naming `what` was awaited.
+    pub fn wait_for_line(
+        &self,
+        matches: impl Fn(&str) -> bool,
+        what: &str,
+        timeout: Duration,
+    ) -> String {
+        self.wait_until(|t| t.lines().any(&matches), what, timeout)
+    }
+
+    fn wait_until(&self, done: impl Fn(&str) -> bool, what: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         let mut t = self.live.text.lock().unwrap();
-        while !t.contains(needle) {
+        while !done(&t) {
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),
-                "timed out waiting for {needle:?} in the output:\n{t}"
+                "timed out waiting for {what:?} in the output:\n{t}"
             );
             t = self.live.changed.wait_timeout(t, left).unwrap().0;
         }

@@ -278,6 +278,13 @@ fn every_outcome_writes_a_record_that_report_reads() {
     assert_eq!(r["downtime_limit_ms"], 1.0, "{r}");
     assert!(r.get("downtime_ms").is_none(), "no pause happened: {r}");
     report_reads(&json("cf.json"), "not_converged");
+    // The daemon logs the outcome (stderr), then prints it (stdout): its
+    // result line, not the log line, before it is stopped.
+    dest.wait_for_line(
+        |l| l.starts_with("migration from ") && l.contains("the pause cannot fit"),
+        "the destination's result line",
+        WAIT,
+    );
     let dest = dest.kill();
     assert!(
         dest.stdout
