@@ -364,6 +364,35 @@ pub fn start_send_logging(addr: SocketAddr, key: &Path, extra: &[&str], log: Opt
     Proc::start_logging(&args, log)
 }
 
+/// A migration between two `ferry` processes over loopback that ended
+/// well on both sides: see [`migrate_ok`].
+#[derive(Debug)]
+pub struct Migrated {
+    /// The destination's address.
+    pub addr: SocketAddr,
+    /// What `ferry send` printed.
+    pub src: Output,
+    /// What `ferry listen --once` printed.
+    pub dest: Output,
+}
+
+/// Runs a migration between two `ferry` processes over loopback: `ferry
+/// listen --once LISTEN_EXTRA...`, then `ferry send ... SEND_EXTRA...` to
+/// it (killed after `timeout`); asserts that both succeeded.
+pub fn migrate_ok(
+    key: &Path,
+    listen_extra: &[&str],
+    send_extra: &[&str],
+    timeout: Duration,
+) -> Migrated {
+    let (dest, addr) = listen(key, listen_extra);
+    let src = send(addr, key, send_extra, timeout);
+    let dest = dest.wait(Duration::from_secs(30));
+    assert!(src.status.success(), "source failed: {}", src.all());
+    assert!(dest.status.success(), "destination failed: {}", dest.all());
+    Migrated { addr, src, dest }
+}
+
 /// Sends SIGKILL to process `pid` (a `ferry` this test started).
 pub fn sigkill(pid: u32) {
     let st = Command::new("kill")

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use ferry_proto::SessionKeys;
-use ferry_tests::{chunk_frame, data_channel, key_file, listen, offer, read_ack, send};
+use ferry_tests::{
+    chunk_frame, data_channel, key_file, listen, migrate_ok, offer, read_ack, summary, Migrated,
+};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::compress::{CompressionSpec, Encoder};
 use ferry_transport::conn::Conn;
@@ -67,10 +69,9 @@ fn migrate_image(memory: &str, image: &[u8], codec: &str) -> serde_json::Value {
     let img = dir.path().join("guest.img");
     std::fs::write(&img, image).unwrap();
     let json = dir.path().join("summary.json");
-    let (dest, addr) = listen(&k, &[]);
-    let src = send(
-        addr,
+    let Migrated { src, dest, .. } = migrate_ok(
         &k,
+        &[],
         &[
             "--memory",
             memory,
@@ -89,10 +90,7 @@ fn migrate_image(memory: &str, image: &[u8], codec: &str) -> serde_json::Value {
         ],
         Duration::from_secs(120),
     );
-    let dest = dest.wait(Duration::from_secs(30));
-    assert!(src.status.success(), "source failed: {}", src.all());
-    assert!(dest.status.success(), "destination failed: {}", dest.all());
-    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let s = summary(&json);
     assert_eq!(s["digest_verified"], true);
     let digest = s["digest"].as_str().unwrap();
     assert!(dest.stdout.contains(digest), "{}", dest.all());

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_tests::{authed_session, key_file, listen, offer, send, summary, Output, Proc};
+use ferry_tests::{
+    authed_session, key_file, listen, migrate_ok, offer, send, summary, Migrated, Output, Proc,
+};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::conn::Conn;
 use ferry_transport::proto::{Msg, PerformanceOption, RejectReason};
@@ -72,7 +74,6 @@ fn assert_dest_refused(dest: Proc, cause: &str) {
 /// `dest_args`; asserts the commit and returns the `--json` summary.
 fn migrate(dir: &Path, dest_args: &[&str], src_args: &[&str]) -> serde_json::Value {
     let key = key_file(dir, "key", KEY);
-    let (dest, addr) = listen(&key, dest_args);
     let json = dir.join("summary.json");
     let mut args = vec![
         "--memory",
@@ -83,10 +84,7 @@ fn migrate(dir: &Path, dest_args: &[&str], src_args: &[&str]) -> serde_json::Val
         json.to_str().unwrap(),
     ];
     args.extend_from_slice(src_args);
-    let src = send(addr, &key, &args, WAIT);
-    let dest = dest.wait(Duration::from_secs(30));
-    assert!(src.status.success(), "source failed: {}", src.all());
-    assert!(dest.status.success(), "destination failed: {}", dest.all());
+    let Migrated { dest, .. } = migrate_ok(&key, dest_args, &args, WAIT);
     let s = summary(&json);
     assert_eq!(s["digest_verified"], true);
     assert!(
@@ -537,11 +535,10 @@ fn rdma_needs_plaintext_consent_before_connecting() {
 fn auto_without_plaintext_never_picks_rdma() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = listen(&key, &[]);
     let json = dir.path().join("summary.json");
-    let src = send(
-        addr,
+    let Migrated { src, .. } = migrate_ok(
         &key,
+        &[],
         &[
             "--memory",
             "32MiB",
@@ -554,9 +551,6 @@ fn auto_without_plaintext_never_picks_rdma() {
         ],
         WAIT,
     );
-    let dest = dest.wait(Duration::from_secs(30));
-    assert!(src.status.success(), "{}", src.all());
-    assert!(dest.status.success(), "{}", dest.all());
     assert!(
         src.stderr.contains(
             "auto: chose compression (zstd:1) (RDMA data channels are not encrypted: rdma only with --plaintext)"

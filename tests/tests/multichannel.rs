@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_tests::netns::TestBed;
-use ferry_tests::{key_file, listen, send, summary, Output, Proc};
+use ferry_tests::{key_file, migrate_ok, summary, Migrated, Output, Proc};
 
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 const SRC: &str = "ferry-src";
@@ -27,11 +27,10 @@ const DST: &str = "ferry-dst";
 fn loopback_channels(option: &str) {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = listen(&key, &[]);
     let json = dir.path().join("summary.json");
-    let src = send(
-        addr,
+    let Migrated { src, addr, .. } = migrate_ok(
         &key,
+        &[],
         &[
             "--memory",
             "128MiB",
@@ -50,9 +49,6 @@ fn loopback_channels(option: &str) {
         ],
         Duration::from_secs(120),
     );
-    let dest = dest.wait(Duration::from_secs(30));
-    assert!(src.status.success(), "{}", src.all());
-    assert!(dest.status.success(), "{}", dest.all());
     let s = summary(&json);
     assert_eq!(s["digest_verified"], true);
     let ch = s["channels"].as_array().unwrap();

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferry_tests::{free_port, key_file, listen, offer, send, start_send, summary};
+use ferry_tests::{free_port, key_file, listen, migrate_ok, offer, start_send, summary, Migrated};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::conn::Conn;
 use ferry_transport::proto::{Msg, PerformanceOption, RejectReason};
@@ -112,11 +112,10 @@ fn auto_without_rdma_falls_back_to_compression_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
     // --plaintext on both ends: auto may pick RDMA only with it.
-    let (dest, addr) = listen(&key, &["--plaintext"]);
     let json = dir.path().join("summary.json");
-    let src = send(
-        addr,
+    let Migrated { src, .. } = migrate_ok(
         &key,
+        &["--plaintext"],
         &[
             "--memory",
             "32MiB",
@@ -130,9 +129,6 @@ fn auto_without_rdma_falls_back_to_compression_and_says_so() {
         ],
         Duration::from_secs(120),
     );
-    let dest = dest.wait(Duration::from_secs(30));
-    assert!(src.status.success(), "source failed: {}", src.all());
-    assert!(dest.status.success(), "destination failed: {}", dest.all());
     assert!(
         src.all().contains("auto: chose compression"),
         "{}",
