@@ -20,6 +20,24 @@ use ferry_transport::conn::Conn;
 use ferry_transport::proto::{Accept, GuestConfig, Msg, Offer, PerformanceOption};
 use ferry_transport::MemoryLayout;
 
+/// The pre-shared key of the tests' `ferry` processes and hand-made peers
+/// (written to a file with [`key_file`]).
+pub const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+/// [`KEY`] as the library's key.
+pub fn key() -> AuthKey {
+    AuthKey::new(KEY.to_vec()).unwrap()
+}
+
+/// A multi-threaded tokio runtime for a test's hand-made peers and
+/// in-process daemons.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Path of the `ferry` binary, built once per test process with the same
 /// profile as the tests.
 pub fn ferry_bin() -> PathBuf {

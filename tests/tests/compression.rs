@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use ferry_proto::SessionKeys;
 use ferry_tests::{
-    chunk_frame, data_channel, key_file, listen, migrate_ok, offer, read_ack, summary, Migrated,
+    chunk_frame, data_channel, key, key_file, listen, migrate_ok, offer, read_ack, summary,
+    Migrated, KEY,
 };
-use ferry_transport::auth::AuthKey;
 use ferry_transport::compress::{CompressionSpec, Encoder};
 use ferry_transport::conn::Conn;
 use ferry_transport::layout::PageRun;
@@ -17,12 +17,6 @@ use ferry_transport::wire::{run_table, AckStatus, ChunkHeader, Codec, FLAG_COMPR
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use zerocopy::IntoBytes;
-
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
-
-fn key() -> AuthKey {
-    AuthKey::new(KEY.to_vec()).unwrap()
-}
 
 /// Text-like, compressible content with zero and random pages mixed in.
 fn image(pages: usize) -> Vec<u8> {

@@ -2,9 +2,7 @@
 
 use std::time::Duration;
 
-use ferry_tests::{key_file, listen, migrate_ok, send, summary, Migrated, Proc};
-
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+use ferry_tests::{key_file, listen, migrate_ok, send, summary, Migrated, Proc, KEY};
 
 #[test]
 fn listen_and_send_in_two_processes_commit_with_verified_digest() {

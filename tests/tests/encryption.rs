@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_tests::{
-    authed_session, key_file, listen, migrate_ok, offer, send, summary, Migrated, Output, Proc,
+    authed_session, key_file, listen, migrate_ok, offer, rt, send, summary, Migrated, Output, Proc,
+    KEY,
 };
 use ferry_transport::auth::AuthKey;
 use ferry_transport::conn::Conn;
@@ -20,16 +21,8 @@ use ferry_transport::tls::TlsConfig;
 use ferry_transport::TransportError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 const OTHER_KEY: &[u8] = b"fedcba9876543210fedcba9876543210";
 const WAIT: Duration = Duration::from_secs(120);
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// `ferry gen-certs DIR [--ca CA]`.
 fn gen_certs(dir: &Path, ca: Option<&Path>) {

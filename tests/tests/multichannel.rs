@@ -16,9 +16,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_tests::netns::TestBed;
-use ferry_tests::{key_file, migrate_ok, summary, Migrated, Output, Proc};
+use ferry_tests::{key_file, migrate_ok, summary, Migrated, Output, Proc, KEY};
 
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 const SRC: &str = "ferry-src";
 const DST: &str = "ferry-dst";
 

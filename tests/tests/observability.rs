@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 
 use ferry_tests::{
     daemon, free_port, http_get, key_file, metric, metrics_addr, migrate_ok, send, summary, Proc,
+    KEY,
 };
-
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
 #[test]
 fn metrics_count_a_committed_and_an_unauthenticated_migration() {

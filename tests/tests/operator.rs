@@ -9,10 +9,8 @@ use std::time::Duration;
 use ferry_tests::netns::TestBed;
 use ferry_tests::{
     daemon, daemon_logging, ferry_bin, free_port, key_file, send, signal, start_send,
-    start_send_logging, wait_for_file, wait_for_port, Proc,
+    start_send_logging, wait_for_file, wait_for_port, Proc, KEY,
 };
-
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
 /// A listener that counts whether anyone connected (nobody should).
 fn silent_listener() -> (TcpListener, String) {

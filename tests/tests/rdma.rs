@@ -6,14 +6,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferry_tests::{free_port, key_file, listen, migrate_ok, offer, start_send, summary, Migrated};
+use ferry_tests::{
+    free_port, key_file, listen, migrate_ok, offer, start_send, summary, Migrated, KEY,
+};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::conn::Conn;
 use ferry_transport::proto::{Msg, PerformanceOption, RejectReason};
 use ferry_transport::rdma_wire::{RdmaEndpoint, RdmaOffer};
 use ferry_transport::tls::TlsConfig;
-
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
 /// True (and says so) when this host has RDMA devices, where these tests
 /// do not apply.

@@ -18,7 +18,7 @@ use ferry_migration::memory::{default_layout, source_memory, SourceMemory};
 use ferry_migration::metrics::Metrics;
 use ferry_migration::MigrationError;
 use ferry_proto::Evidence;
-use ferry_tests::{daemon, http_get, key_file, listen, metric, offer, send, summary};
+use ferry_tests::{daemon, http_get, key_file, listen, metric, offer, rt, send, summary, KEY};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::conn::Conn;
 use ferry_transport::layout::PageRun;
@@ -26,15 +26,7 @@ use ferry_transport::proto::{GuestConfig, Msg, RejectReason};
 use ferry_transport::tls::TlsConfig;
 use vm_memory::{Bytes, GuestAddress};
 
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 const LONG: Duration = Duration::from_secs(240);
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// A destination daemon in this test process (with the test's resume
 /// hook), on a free loopback port.
