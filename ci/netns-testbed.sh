@@ -13,6 +13,12 @@
 # bed beside the first, e.g. for the QEMU tests); FERRY_TESTBED_LINKS and
 # FERRY_TESTBED_RATE change the number of links (4) and their rate (1gbit).
 #
+# The Rust tests (tests/src/netns.rs) hold an flock on /run/ferry-netns-NS.lock
+# for each namespace NS of a bed while it is up, and wait while another
+# process holds it; a script keeping a bed up for a while (a benchmark) can
+# hold the same locks so that no test tears its bed down, e.g.
+#   flock /run/ferry-netns-ferry-dst.lock flock /run/ferry-netns-ferry-src.lock CMD
+#
 # Every link: tc qdisc replace dev X root tbf rate 1gbit burst 256kb latency 10ms
 # on both ends. Needs root. Touches nothing outside the two namespaces it
 # creates (the veths live only inside them). Run ferry in them with

@@ -1153,6 +1153,23 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// Logs why a data channel's task (`channel`: the source's address, or
+/// "rdma") failed, if it did, and returns the line; a task stopped on
+/// purpose (fenced, or the migration over) is no failure.
+fn failure(
+    channel: &str,
+    done: std::result::Result<ferry_transport::Result<()>, tokio::task::JoinError>,
+) -> Option<String> {
+    let why = match done {
+        Ok(Ok(())) => return None,
+        Err(e) if e.is_cancelled() => return None,
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!(channel, "data channel failed: {why}");
+    Some(format!("{channel}: {why}"))
+}
+
 /// The data channels of one incoming migration, by the source's address:
 /// their tasks. Which may start, which are fenced and when none is left are
 /// the session's ([`DestSession`]).
@@ -1161,9 +1178,42 @@ struct DataChannels {
     set: JoinSet<ferry_transport::Result<()>>,
     by_task: HashMap<tokio::task::Id, SocketAddr>,
     live: HashMap<SocketAddr, tokio::task::AbortHandle>,
+    /// RDMA option: the one task that lands pages from every RDMA channel
+    /// (it ends once each has sent its end frame or was reported lost).
+    rdma: JoinSet<ferry_transport::Result<()>>,
 }
 
 impl DataChannels {
+    /// Ends the channel tasks of a migration that is over, TCP and RDMA
+    /// alike. When it `failed`, first says why the channels that had
+    /// already ended failed (their reason, a frame refused, would be lost
+    /// when the migration ended for another one, its control connection
+    /// closed); then stops the others and waits until they have. Each task
+    /// holds the migration's Inbound (its booking against --memory-limit)
+    /// and guest memory: waiting here means the slot the migration gives
+    /// back when it returns comes with its memory (a queued migration woken
+    /// by the slot was refused for a limit the ended one still filled).
+    /// Returns what it logged, one line per failed channel.
+    async fn close(&mut self, failed: bool) -> Vec<String> {
+        let mut said = Vec::new();
+        if failed {
+            while let Some(done) = self.set.try_join_next_with_id() {
+                let peer = done.as_ref().map_or_else(|e| e.id(), |(id, _)| *id);
+                let peer = self.by_task.get(&peer).map(ToString::to_string);
+                said.extend(failure(
+                    peer.as_deref().unwrap_or("?"),
+                    done.map(|(_, r)| r),
+                ));
+            }
+            while let Some(done) = self.rdma.try_join_next() {
+                said.extend(failure("rdma", done));
+            }
+        }
+        self.set.shutdown().await;
+        self.rdma.shutdown().await;
+        said
+    }
+
     /// Starts receiving on `stream` with `recv`, unless the session refuses
     /// it (fenced).
     fn start<F, Fut>(&mut self, session: &mut DestSession, stream: Stream, recv: F)
@@ -1282,24 +1332,7 @@ impl Receive<'_> {
     ) -> Result<Received> {
         let mut ch = DataChannels::default();
         let received = self.receive(&mut ch, writer, msgs, streams).await;
-        // Channels that had ended when the migration ended for another
-        // reason (its control connection closed): their reasons, a frame
-        // refused, are still said.
-        if received.is_err() {
-            while let Some(done) = ch.set.try_join_next_with_id() {
-                if let Ok((id, Err(e))) = done {
-                    let peer = ch.by_task.get(&id);
-                    tracing::warn!(peer = ?peer, "data channel failed: {e}");
-                }
-            }
-        }
-        // Each channel's task holds this migration's Inbound (its booking
-        // against --memory-limit) and guest memory. On a failure they were
-        // only asked to stop: wait until they have, so that the slot the
-        // migration gives back when it returns comes with its memory (a
-        // queued migration woken by the slot was refused for a limit the
-        // ended one still filled).
-        ch.set.shutdown().await;
+        ch.close(received.is_err()).await;
         received
     }
 
@@ -1321,8 +1354,6 @@ impl Receive<'_> {
         // RDMA: every channel lands pages on its own; the task ends once each
         // has sent its end frame (or was reported lost by the source).
         #[cfg(feature = "rdma")]
-        let mut rdma_task = JoinSet::new();
-        #[cfg(feature = "rdma")]
         if let Some(r) = self.rdma.lock().expect("rdma").take() {
             self.metrics
                 .track_channel(self.migration_id, "rdma".into(), counters.clone());
@@ -1340,7 +1371,7 @@ impl Receive<'_> {
                 counters.clone(),
                 self.timeout,
             );
-            rdma_task.spawn(async move {
+            ch.rdma.spawn(async move {
                 let _bookings = bookings;
                 receiving.await
             });
@@ -1443,10 +1474,10 @@ impl Receive<'_> {
         // never send its end frame), unless one failed its checks.
         #[cfg(feature = "rdma")]
         {
-            if let Some(Ok(Err(e))) = rdma_task.try_join_next() {
+            if let Some(Ok(Err(e))) = ch.rdma.try_join_next() {
                 return Err(e.into());
             }
-            rdma_task.shutdown().await;
+            ch.rdma.shutdown().await;
             // Nothing more may land: deregister every remote-write region
             // (the NIC refuses their rkeys from here on) before taking the
             // evidence of what landed.
@@ -1697,6 +1728,73 @@ async fn why_the_last_channel_was_lost(
             Ok(Some(Ok(_))) => {}
             Ok(None) => return TransportError::PeerClosed { what: "control" },
             Err(_) => return lost,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Yields until `marker` is held by nobody else (the task holding it has
+    /// ended and its future been dropped).
+    async fn until_only_held_here<T>(marker: &Arc<T>) {
+        for _ in 0..1000 {
+            if Arc::strong_count(marker) == 1 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the task holding the marker never ended");
+    }
+
+    /// A migration that is over stops its RDMA task as it stops its TCP
+    /// channels and waits until each has stopped, so what they hold (its
+    /// --memory-limit booking, guest memory) is released before its slot is
+    /// given back; and a failed migration says why the channels that had
+    /// already ended failed, the RDMA task's included. Runs without RDMA:
+    /// the tasks are stand-ins holding a booking.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_migration_that_is_over_waits_for_its_rdma_task_and_says_why_it_failed() {
+        let refused = |what: &'static str| {
+            Err::<(), _>(TransportError::Unexpected {
+                expected: what,
+                got: "a refused frame".into(),
+            })
+        };
+        for failed in [true, false] {
+            let (booking, ended) = (Arc::new(()), Arc::new(()));
+            let mut ch = DataChannels::default();
+            let peer: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+            let (b, e) = (booking.clone(), ended.clone());
+            let tcp = ch.set.spawn(async move {
+                let _ended = e;
+                refused("tcp")
+            });
+            ch.by_task.insert(tcp.id(), peer);
+            let e = ended.clone();
+            ch.rdma.spawn(async move {
+                let _ended = e;
+                refused("rdma")
+            });
+            ch.rdma.spawn(async move {
+                let _booking = b;
+                std::future::pending::<ferry_transport::Result<()>>().await
+            });
+            until_only_held_here(&ended).await;
+            let said = ch.close(failed).await;
+            assert_eq!(
+                Arc::strong_count(&booking),
+                1,
+                "the RDMA task still held its booking when the migration returned"
+            );
+            if failed {
+                assert_eq!(said.len(), 2, "{said:?}");
+                assert!(said[0].starts_with("192.0.2.1:4000: ") && said[0].contains("tcp"));
+                assert!(said[1].starts_with("rdma: ") && said[1].contains("rdma"));
+            } else {
+                assert!(said.is_empty(), "{said:?}");
+            }
         }
     }
 }

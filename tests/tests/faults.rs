@@ -22,13 +22,12 @@ use std::time::Duration;
 
 use ferry_proto::{frame, MacKey};
 use ferry_tests::proxy::{Dir, Frame, Kind, Proxy, Seen, Verdict};
-use ferry_tests::{daemon, key_file, listen, sigkill, start_send, summary, Output, Proc};
+use ferry_tests::{daemon, key_file, listen, rt, sigkill, start_send, summary, Output, Proc, KEY};
 use ferry_transport::proto::{Msg, RejectReason, Role};
 use ferry_transport::wire::{
     AckFrame, AckStatus, ChunkHeader, ChunkKind, FLAG_COMPRESSED, HEADER_LEN,
 };
 
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 const LONG: Duration = Duration::from_secs(90);
 const KEEPS_RUNNING: &str = "the guest keeps running on this host (running: true)";
 
@@ -874,13 +873,6 @@ fn one_stalled_round_trip_does_not_cancel_the_migration() {
 
 // ---------------------------------------------------------------------------
 // Hostile peers (more in bad_input.rs)
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 #[test]
 fn replayed_authentication_is_refused() {

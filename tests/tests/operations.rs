@@ -7,25 +7,14 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use ferry_tests::{authed_session, daemon, key_file, listen, offer, send, summary, Output};
-use ferry_transport::auth::AuthKey;
+use ferry_tests::{
+    authed_session, daemon, key, key_file, listen, offer, rt, send, summary, Output, KEY,
+};
 use ferry_transport::conn::Conn;
 use ferry_transport::proto::{Msg, RejectReason};
 use ferry_transport::TransportError;
 
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 const MIB: u64 = 1 << 20;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn key() -> AuthKey {
-    AuthKey::new(KEY.to_vec()).unwrap()
-}
 
 /// Authenticates and offers `bytes` (an error: refused before the offer).
 async fn offer_only(addr: SocketAddr, bytes: u64) -> Result<Conn, TransportError> {

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use ferry_proto::SessionKeys;
-use ferry_tests::{chunk_frame, data_channel, key_file, listen, offer, read_ack};
+use ferry_tests::{chunk_frame, data_channel, key_file, listen, offer, read_ack, rt, KEY};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::conn::Conn;
 use ferry_transport::layout::PageRun;
@@ -13,15 +13,6 @@ use ferry_transport::proto::Msg;
 use ferry_transport::wire::AckStatus;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// Sends one page of `fill` at page `page` in `round` as chunk `seq`.
 async fn send_page(
