@@ -481,6 +481,8 @@ struct Shared {
     budget: Option<StreamBudget>,
     /// The streams' counters as they go (`--metrics`).
     live: Arc<RelayLive>,
+    /// Compression workers, when compression is on.
+    squeezers: Option<Squeezers>,
     streams: Mutex<Vec<Arc<StreamSlot>>>,
     queue_tx: mpsc::UnboundedSender<Arc<OutChunk>>,
     queue_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Arc<OutChunk>>>,
@@ -764,10 +766,6 @@ async fn channel_writer(
     mut acks: mpsc::UnboundedReceiver<u64>,
     fd: Option<OwnedFd>,
 ) -> std::result::Result<(), String> {
-    let mut enc = match sh.cfg.compression {
-        Some(spec) => Some(Encoder::new(spec).map_err(|e| e.to_string())?),
-        None => None,
-    };
     let mut scratch = Vec::new();
     let mut ack_buf = Vec::new();
     // The page path's probe: is this link about to go idle?
@@ -799,7 +797,8 @@ async fn channel_writer(
                 let raw_len = c.data.len() as u32;
                 let mut codec = 0u8;
                 let mut payload: &[u8] = &c.data;
-                if let (Some(e), Some(spec)) = (enc.as_mut(), sh.cfg.compression) {
+                let mut compressed = None;
+                if let (Some(workers), Some(spec)) = (&sh.squeezers, sh.cfg.compression) {
                     let m = sh.slot(c.stream).ok();
                     let m = m.as_ref().map(|s| &s.metrics);
                     let count = |f: fn(&StreamMetrics) -> &AtomicU64| {
@@ -819,29 +818,32 @@ async fn channel_writer(
                         count(|m| &m.raw_link_idle);
                     } else if !backoff(Backoff::try_next, true) {
                         count(|m| &m.raw_skipped);
-                    } else if backoff(|b| b.sample_first(), false)
-                        && probe_incompressible(e, &c.data, &mut scratch)
-                    {
-                        // The last attempt failed and a sample of this one
-                        // does not shrink either.
-                        count(|m| &m.raw_incompressible);
-                        learned(false);
                     } else {
-                        scratch.resize(e.bound(c.data.len()), 0);
-                        match e.compress(&c.data, &mut scratch) {
-                            // Only when it pays (an eighth saved at least).
-                            Ok(n) if n * MIN_SAVING_DIVISOR < c.data.len() * (MIN_SAVING_DIVISOR - 1) => {
+                        // On a niced worker: the link has a backlog, so the
+                        // wait costs no link time, and the hypervisors and
+                        // this runtime's IO win the CPU meanwhile.
+                        let sample_first = backoff(|b| b.sample_first(), false);
+                        let buf = std::mem::take(&mut scratch);
+                        match workers.squeeze(c.clone(), sample_first, buf).await {
+                            Some((buf, Some(n))) => {
+                                scratch = buf;
                                 codec = spec.codec.id();
-                                payload = &scratch[..n];
+                                compressed = Some(n);
                                 count(|m| &m.compressed);
                                 learned(true);
                             }
-                            _ => {
+                            Some((buf, None)) => {
+                                scratch = buf;
                                 count(|m| &m.raw_incompressible);
                                 learned(false);
                             }
+                            // The workers are gone: the relay is ending.
+                            None => count(|m| &m.raw_incompressible),
                         }
                     }
+                }
+                if let Some(n) = compressed {
+                    payload = &scratch[..n];
                 }
                 let header = StreamChunk {
                     stream: c.stream,
@@ -905,6 +907,97 @@ async fn write_both<W: AsyncWrite + Unpin>(
         body = &body[n - h..];
     }
     Ok(())
+}
+
+/// Nice value of the relay's compression workers (the page path's too).
+const SQUEEZE_NICE: i32 = 10;
+
+/// A chunk for a compression worker, the buffer to compress into, and
+/// where the answer goes: the buffer back, with the compressed length when
+/// the chunk shrank by at least an eighth.
+struct SqueezeJob {
+    chunk: Arc<OutChunk>,
+    sample_first: bool,
+    buf: Vec<u8>,
+    reply: tokio::sync::oneshot::Sender<(Vec<u8>, Option<usize>)>,
+}
+
+/// The relay's compression workers: threads at nice 10, as the page path's
+/// pool, so that on a host whose cores the hypervisors need, lz4 takes
+/// only what moving bytes leaves, and a chunk being compressed does not
+/// hold up the IO of the other channels and streams on the relay's
+/// runtime threads. A channel writer asks them only while its link has a
+/// backlog (so waiting for one costs no link time). Decompression (about
+/// four times faster than compression with lz4) stays on the data
+/// channel's reader. The threads end when the relay drops this.
+struct Squeezers {
+    jobs: std::sync::mpsc::Sender<SqueezeJob>,
+}
+
+impl Squeezers {
+    fn start(spec: CompressionSpec, workers: usize) -> std::result::Result<Self, String> {
+        let (jobs, rx) = std::sync::mpsc::channel::<SqueezeJob>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..workers.max(1) {
+            let mut enc = Encoder::new(spec).map_err(|e| e.to_string())?;
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("relay-zip-{i}"))
+                .spawn(move || {
+                    if let Err(e) = ferry_ffi::net::set_current_thread_nice(SQUEEZE_NICE) {
+                        tracing::debug!("relay compression worker runs un-niced: {e}");
+                    }
+                    let mut sample = Vec::new();
+                    loop {
+                        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok(SqueezeJob {
+                            chunk,
+                            sample_first,
+                            mut buf,
+                            reply,
+                        }) = job
+                        else {
+                            return;
+                        };
+                        let data = &chunk.data;
+                        // After a failure, a sample first: random bytes
+                        // cost a quarter of a chunk's compression.
+                        let n = if sample_first && probe_incompressible(&mut enc, data, &mut sample)
+                        {
+                            None
+                        } else {
+                            buf.resize(enc.bound(data.len()), 0);
+                            enc.compress(data, &mut buf).ok().filter(|&n| {
+                                n * MIN_SAVING_DIVISOR < data.len() * (MIN_SAVING_DIVISOR - 1)
+                            })
+                        };
+                        let _ = reply.send((buf, n));
+                    }
+                })
+                .map_err(|e| format!("starting a compression worker: {e}"))?;
+        }
+        Ok(Squeezers { jobs })
+    }
+
+    /// Compresses `chunk` on a worker into `buf`; `None` when the workers
+    /// are gone.
+    async fn squeeze(
+        &self,
+        chunk: Arc<OutChunk>,
+        sample_first: bool,
+        buf: Vec<u8>,
+    ) -> Option<(Vec<u8>, Option<usize>)> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(SqueezeJob {
+                chunk,
+                sample_first,
+                buf,
+                reply,
+            })
+            .ok()?;
+        answer.await.ok()
+    }
 }
 
 /// Bytes a data channel's reader buffers: the next headers (and acks)
@@ -1166,7 +1259,18 @@ impl Engine {
         let (queue_tx, queue_rx) = mpsc::unbounded_channel();
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+        let squeezers = match self.cfg.compression {
+            Some(spec) => Some(
+                Squeezers::start(
+                    spec,
+                    ferry_transport::compress::CompressConfig::default_workers(),
+                )
+                .map_err(|e| crate::error::MigrationError::Config(format!("relay: {e}")))?,
+            ),
+            None => None,
+        };
         let sh = Arc::new(Shared {
+            squeezers,
             limiter: self.cfg.bandwidth_limit.map(RateLimiter::new),
             cfg: self.cfg.clone(),
             keys: self.keys,
@@ -1719,4 +1823,91 @@ pub async fn serve_destination(
         .with_live(live)
         .run(conn, rx, Hypervisor::Connect(deliver_to))
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(data: Vec<u8>) -> Arc<OutChunk> {
+        Arc::new(OutChunk {
+            stream: 0,
+            dir: Dir::Forward,
+            offset: 0,
+            seq: 0,
+            data,
+        })
+    }
+
+    /// The nice values of this process's relay compression workers.
+    fn worker_nices() -> Vec<i64> {
+        let mut out = Vec::new();
+        for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.starts_with("relay-zip-") {
+                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                // After the ")" that ends the name: state is field 3, nice 19.
+                let rest = stat.rsplit_once(')').map_or("", |r| r.1);
+                if let Some(n) = rest.split_whitespace().nth(16) {
+                    out.push(n.parse().unwrap());
+                }
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn compression_workers_are_niced_and_compress_only_what_shrinks() {
+        let w = Squeezers::start("lz4".parse().unwrap(), 2).unwrap();
+        let text: Vec<u8> = b"QEMU RAM page 0123456789 "
+            .iter()
+            .cycle()
+            .take(256 << 10)
+            .copied()
+            .collect();
+        let (buf, n) = w
+            .squeeze(chunk(text.clone()), false, Vec::new())
+            .await
+            .unwrap();
+        let n = n.expect("text shrinks");
+        assert!(n < text.len() / 8, "{n}");
+        let mut dec = Decoder::default();
+        let mut back = vec![0u8; text.len()];
+        dec.decompress_exact(Codec::Lz4, &buf[..n], &mut back)
+            .unwrap();
+        assert!(back == text);
+        let mut x = 1u64;
+        let random: Vec<u8> = (0..256 << 10)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        for sample_first in [false, true] {
+            let (_, n) = w
+                .squeeze(chunk(random.clone()), sample_first, buf.clone())
+                .await
+                .unwrap();
+            assert_eq!(
+                n, None,
+                "random bytes go raw (sample first: {sample_first})"
+            );
+        }
+        let nices = worker_nices();
+        assert_eq!(nices.len(), 2, "{nices:?}");
+        assert!(
+            nices.iter().all(|&n| n == i64::from(SQUEEZE_NICE)),
+            "{nices:?}"
+        );
+        drop(w);
+        for _ in 0..200 {
+            if worker_nices().is_empty() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the workers outlived their relay: {:?}", worker_nices());
+    }
 }
