@@ -411,6 +411,28 @@ pub fn migrate_ok(
     Migrated { addr, src, dest }
 }
 
+/// What `ferry send` says when a migration ended without moving the
+/// guest: it still runs on the source.
+pub const KEEPS_RUNNING: &str = "the guest keeps running on this host (running: true)";
+
+/// Asserts that `ferry send` failed cleanly: non-zero exit, no panic, and
+/// its guest keeps running (said on stderr).
+pub fn assert_guest_kept(out: &Output) {
+    assert!(!out.panicked(), "{}", out.all());
+    assert!(!out.status.success(), "{}", out.all());
+    assert!(out.stderr.contains(KEEPS_RUNNING), "{}", out.all());
+}
+
+/// The resident memory of process `pid`, in KiB (`VmRSS`).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
 /// Sends SIGKILL to process `pid` (a `ferry` this test started).
 pub fn sigkill(pid: u32) {
     let st = Command::new("kill")

@@ -9,9 +9,8 @@
 //! cross-process lock on each of its namespaces, [`lock_path`] (flock),
 //! from before it is brought up until it is torn down: a second process
 //! wanting the same bed waits (and says so) instead of failing. A script
-//! that keeps a bed up for a while (a benchmark) can hold the same locks:
-//! `flock /run/ferry-netns-ferry-dst.lock flock /run/ferry-netns-ferry-src.lock CMD`
-//! (in name order, as the tests take them).
+//! that brings a bed up with `ci/netns-testbed.sh up` (a benchmark) holds
+//! the same locks until its `down` or its end, so tests wait for it too.
 //! The lock goes with the process that held it, however it ends.
 //!
 //! Without root or `ip netns` a test skips loudly (on the terminal, past the
@@ -78,7 +77,8 @@ pub fn skip(test: &str, why: &str) {
     loud(&format!("SKIPPED {test}: {why}"));
 }
 
-fn script() -> PathBuf {
+/// `ci/netns-testbed.sh`, which brings a bed up and down.
+pub fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../ci/netns-testbed.sh")
 }
 
@@ -149,7 +149,10 @@ impl TestBed {
         c.arg(script())
             .arg(what)
             .env("FERRY_TESTBED_SRC", &self.src)
-            .env("FERRY_TESTBED_DST", &self.dst);
+            .env("FERRY_TESTBED_DST", &self.dst)
+            // This process holds the bed's locks: the script must not wait
+            // for them.
+            .env("FERRY_TESTBED_LOCKED", "1");
         c
     }
 }

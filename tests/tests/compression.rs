@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use ferry_proto::SessionKeys;
 use ferry_tests::{
-    chunk_frame, data_channel, key, key_file, listen, migrate_ok, offer, read_ack, summary,
-    Migrated, KEY,
+    authed_offer, chunk_frame, data_channel, key, key_file, listen, migrate_ok, offer, read_ack,
+    summary, Migrated, KEY,
 };
 use ferry_transport::compress::{CompressionSpec, Encoder};
 use ferry_transport::conn::Conn;
@@ -15,7 +15,6 @@ use ferry_transport::layout::PageRun;
 use ferry_transport::proto::{Accept, Msg, PerformanceOption, RejectReason};
 use ferry_transport::wire::{run_table, AckStatus, ChunkHeader, Codec, FLAG_COMPRESSED};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use zerocopy::IntoBytes;
 
 /// Text-like, compressible content with zero and random pages mixed in.
@@ -173,14 +172,9 @@ where
 }
 
 async fn session(addr: std::net::SocketAddr, option: PerformanceOption) -> (Conn, Msg) {
-    let mut c = Conn::new(
-        TcpStream::connect(addr).await.unwrap(),
-        Duration::from_secs(10),
-    );
-    c.client_handshake(&key()).await.unwrap();
     let mut o = offer(1 << 20);
     o.option = option;
-    c.send(&Msg::Offer(o)).await.unwrap();
+    let mut c = authed_offer(addr, &key(), o).await;
     let answer = c.recv("the answer to the offer").await.unwrap();
     (c, answer)
 }

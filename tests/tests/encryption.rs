@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_tests::{
-    authed_session, key_file, listen, migrate_ok, offer, rt, send, summary, Migrated, Output, Proc,
-    KEY,
+    assert_guest_kept, authed_session, key_file, listen, migrate_ok, offer, rt, send, summary,
+    Migrated, Output, Proc, KEY,
 };
 use ferry_transport::auth::AuthKey;
 use ferry_transport::conn::Conn;
@@ -36,14 +36,7 @@ fn gen_certs(dir: &Path, ca: Option<&Path>) {
 
 /// A source that failed cleanly: exit 1, no panic, guest still running.
 fn assert_failed_cleanly(src: &Output, cause: &str) {
-    assert!(!src.status.success(), "source must fail: {}", src.all());
-    assert!(!src.panicked(), "source panicked: {}", src.all());
-    assert!(
-        src.stderr
-            .contains("the guest keeps running on this host (running: true)"),
-        "{}",
-        src.all()
-    );
+    assert_guest_kept(src);
     assert!(
         src.stderr.contains(cause),
         "expected {cause:?}: {}",

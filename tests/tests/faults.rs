@@ -22,14 +22,16 @@ use std::time::Duration;
 
 use ferry_proto::{frame, MacKey};
 use ferry_tests::proxy::{Dir, Frame, Kind, Proxy, Seen, Verdict};
-use ferry_tests::{daemon, key_file, listen, rt, sigkill, start_send, summary, Output, Proc, KEY};
+use ferry_tests::{
+    daemon, key_file, listen, rss_kib, rt, sigkill, start_send, summary, Output, Proc,
+    KEEPS_RUNNING, KEY,
+};
 use ferry_transport::proto::{Msg, RejectReason, Role};
 use ferry_transport::wire::{
     AckFrame, AckStatus, ChunkHeader, ChunkKind, FLAG_COMPRESSED, HEADER_LEN,
 };
 
 const LONG: Duration = Duration::from_secs(90);
-const KEEPS_RUNNING: &str = "the guest keeps running on this host (running: true)";
 
 struct Case {
     dir: tempfile::TempDir,
@@ -252,15 +254,6 @@ fn destination_killed_after_commit_was_sent_leaves_the_guest_paused() {
 
 // ---------------------------------------------------------------------------
 // Source killed
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
 
 #[test]
 fn source_killed_mid_migration_frees_the_destination_for_the_next() {

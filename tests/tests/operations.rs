@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use ferry_tests::{
-    authed_session, daemon, key, key_file, listen, offer, rt, send, summary, Output, KEY,
+    assert_guest_kept, authed_session, daemon, key, key_file, listen, offer, rt, send, summary,
+    Output, KEY,
 };
 use ferry_transport::conn::Conn;
 use ferry_transport::proto::{Msg, RejectReason};
@@ -48,17 +49,6 @@ fn rejected(r: &Result<Msg, TransportError>, want: RejectReason) -> String {
 
 /// A source that gave up cleanly: non-zero status, the reason, and its
 /// guest still running.
-fn assert_guest_kept(out: &Output) {
-    assert!(!out.panicked(), "{}", out.all());
-    assert!(!out.status.success(), "{}", out.all());
-    assert!(
-        out.stderr
-            .contains("the guest keeps running on this host (running: true)"),
-        "{}",
-        out.all()
-    );
-}
-
 fn small_send(addr: SocketAddr, k: &Path, memory: &str, extra: &[&str]) -> Output {
     let mut args = vec!["--memory", memory, "--dirty-rate", "0"];
     args.extend_from_slice(extra);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use ferry_tests::netns::TestBed;
 use ferry_tests::{
     daemon, daemon_logging, ferry_bin, free_port, key_file, send, signal, start_send,
-    start_send_logging, wait_for_file, wait_for_port, Proc, KEY,
+    start_send_logging, wait_for_file, wait_for_port, Proc, KEEPS_RUNNING, KEY,
 };
 
 /// A listener that counts whether anyone connected (nobody should).
@@ -255,12 +255,7 @@ fn every_outcome_writes_a_record_that_report_reads() {
         cf.all()
     );
     assert!(cf.stderr.contains("or drop --verify full"), "{}", cf.all());
-    assert!(
-        cf.stderr
-            .contains("the guest keeps running on this host (running: true)"),
-        "{}",
-        cf.all()
-    );
+    assert!(cf.stderr.contains(KEEPS_RUNNING), "{}", cf.all());
     let r = record(&json("cf.json"));
     assert_eq!(r["outcome"], "not_converged", "{r}");
     assert_eq!(r["reason"], "pause_cannot_fit", "{r}");
@@ -863,12 +858,7 @@ fn sigterm_on_listen_aborts_the_migration_in_flight_and_exits_0() {
         "{}",
         src.all()
     );
-    assert!(
-        src.stderr
-            .contains("the guest keeps running on this host (running: true)"),
-        "{}",
-        src.all()
-    );
+    assert!(src.stderr.contains(KEEPS_RUNNING), "{}", src.all());
     let r = record(&json);
     assert_eq!(r["outcome"], "failed");
     assert!(

@@ -8,14 +8,13 @@
 use std::time::Duration;
 
 use ferry_tests::proxy::{Dir, Frame, Hook, Proxy, Verdict};
-use ferry_tests::{key_file, listen, rt, send, Output, KEY};
+use ferry_tests::{key_file, listen, rt, send, Output, KEEPS_RUNNING, KEY};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::proto::{Msg, MAX_CONTROL_BODY};
 use ferry_transport::tls::TlsConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(120);
-const KEEPS_RUNNING: &str = "the guest keeps running on this host (running: true)";
 
 /// Neither side committed: the source failed with its guest running, the
 /// destination (`--once`) reported a failed attempt naming `why`.

@@ -18,9 +18,11 @@ use ferry_migration::memory::{default_layout, source_memory, SourceMemory};
 use ferry_migration::metrics::Metrics;
 use ferry_migration::MigrationError;
 use ferry_proto::Evidence;
-use ferry_tests::{daemon, http_get, key_file, listen, metric, offer, rt, send, summary, KEY};
+use ferry_tests::{
+    authed_offer, daemon, http_get, key, key_file, listen, metric, offer, rt, send, summary,
+    KEEPS_RUNNING, KEY,
+};
 use ferry_transport::auth::AuthKey;
-use ferry_transport::conn::Conn;
 use ferry_transport::layout::PageRun;
 use ferry_transport::proto::{GuestConfig, Msg, RejectReason};
 use ferry_transport::tls::TlsConfig;
@@ -129,18 +131,11 @@ fn a_guest_the_destination_cannot_restore_is_refused_before_accept() {
     ];
     rt().block_on(async {
         for (guest, why) in &cases {
-            let mut c = Conn::new(
-                tokio::net::TcpStream::connect(addr).await.unwrap(),
-                Duration::from_secs(10),
-            );
-            c.client_handshake(&AuthKey::new(KEY.to_vec()).unwrap())
-                .await
-                .unwrap();
             let o = ferry_transport::proto::Offer {
                 guest: guest.clone(),
                 ..offer(1 << 20)
             };
-            c.send(&Msg::Offer(o)).await.unwrap();
+            let mut c = authed_offer(addr, &key(), o).await;
             match c.recv("the answer to the offer").await {
                 Ok(Msg::Reject { reason, message }) => {
                     assert_eq!(reason, RejectReason::GuestConfig, "{message}");
@@ -210,8 +205,7 @@ fn a_failed_restore_refuses_the_commit_and_the_source_guest_keeps_running() {
         src.all()
     );
     assert!(
-        src.stderr
-            .contains("the guest keeps running on this host (running: true)"),
+        src.stderr.contains(KEEPS_RUNNING),
         "the source resumed its guest: {}",
         src.all()
     );
