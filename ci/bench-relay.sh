@@ -59,14 +59,6 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ "$(id -u)" = 0 ] || { echo "bench-relay.sh: needs root (network namespaces)" >&2; exit 1; }
-# The bed's namespaces are the relay tests' (tests/tests/relay.rs): hold
-# their cross-process locks (tests/src/netns.rs) for the whole run, in the
-# tests' order, so that a test started meanwhile waits for the benchmark
-# instead of tearing its bed down, and the other way round.
-if [ -z "${FERRY_BENCH_RELAY_LOCKED:-}" ]; then
-    export FERRY_BENCH_RELAY_LOCKED=1
-    exec flock -o /run/ferry-netns-fq-dst.lock flock -o /run/ferry-netns-fq-src.lock bash "$0" "$@"
-fi
 cd "$ROOT"
 bash ci/softroce/install.sh >/dev/null
 export FERRY_TESTBED_SRC=fq-src FERRY_TESTBED_DST=fq-dst
