@@ -60,8 +60,12 @@ pub enum RelayFailure {
     /// The control connection or the transport.
     #[error(transparent)]
     Transport(#[from] TransportError),
-    /// The peer broke the relay's rules, or a digest did not match.
-    #[error("relay protocol: {0}")]
+    /// The peer broke the relay's rules, a digest did not match, or a
+    /// stream did not fit the destination's memory limit.
+    #[error("{}", match .0 {
+        RelayError::MemoryLimit { .. } => .0.to_string(),
+        e => format!("relay protocol: {e}"),
+    })]
     Protocol(#[from] RelayError),
     /// A hypervisor connection failed (reset, or closed with bytes left).
     #[error("{0}")]

@@ -734,6 +734,10 @@ fn a_stream_past_the_memory_limit_is_refused_naming_it_and_both_sides_fail() {
         err.contains("stream 2 refused") && err.contains("--memory-limit of 4.25 MiB"),
         "{err}"
     );
+    assert!(
+        !err.contains("relay protocol"),
+        "a limit, not a broken rule: {err}"
+    );
     // Both hypervisors see a failed migration: every connection reset.
     for (id, mut c) in streams.into_iter().enumerate() {
         let mut rest = Vec::new();
