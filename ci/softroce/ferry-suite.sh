@@ -11,8 +11,11 @@
 #   2. failover: the same while B takes its NIC 1 down mid-migration; must
 #      still commit (the failed pair's chunks resent on NIC 0);
 #   3. abort: A's destination is killed mid-migration; the source must exit
-#      non-zero and say its guest keeps running.
-# Exits 0 only if all three hold. Emulated soft-RoCE moved Ferry's pages at
+#      non-zero and say its guest keeps running;
+#   4. source killed: B's source is killed mid-migration; A's migration must
+#      fail and end (its RDMA receive task stopped and awaited, remote write
+#      access revoked) so that `listen --once` exits with the failure.
+# Exits 0 only if all four hold. Emulated soft-RoCE moved Ferry's pages at
 # about 2 MiB/s here, so each case is kept short: 64 MiB, few rounds.
 #
 #   ci/softroce/ferry-suite.sh [--mib N] [--out DIR]
@@ -88,6 +91,12 @@ A)
     wait_for_line "\$OUT/send-abort.log" "rdma: " && sleep 2
     kill -9 \$LPID; echo "killed destination"
     wait_for done-abort
+    listen srckill
+    # B kills its source mid-migration: the migration fails and the daemon
+    # (--once) must exit, which it does only once the migration has ended.
+    for i in \$(seq 1 450); do kill -0 \$LPID 2>/dev/null || break; sleep 0.2; done
+    kill -0 \$LPID 2>/dev/null && { echo "destination still running 90 s after its source was killed"; kill -9 \$LPID; }
+    wait \$LPID; echo "LISTEN_RC case=srckill rc=\$?"; cat "\$OUT/listen-srckill.log"
     exit 0 ;;
 B)
     ulimit -l unlimited
@@ -110,6 +119,15 @@ B)
     ip link set "\$IF1" up
     sleep 2
     DIRTY=4MB/s ROUNDS=30 send abort --downtime-limit 1ms
+    # Source killed once pages flow over RDMA.
+    wait_for ready-srckill || exit 0
+    "\$F" send --to \$PEER0_ADDR:6600 \$COMMON --memory ${MIB}MiB --dirty-rate 4MB/s --max-rounds 30 --force-switchover \
+        --downtime-limit 1ms --performance-option rdma > "\$OUT/send-srckill.log" 2>&1 &
+    SPID=\$!
+    wait_for_line "\$OUT/send-srckill.log" "rdma: " && sleep 2
+    kill -9 \$SPID; echo "killed source"
+    wait \$SPID
+    cat "\$OUT/send-srckill.log"
     exit 0 ;;
 esac
 GUEST_EOF
@@ -144,8 +162,13 @@ check "failover: the lost channel was reported failed, its chunks requeued" \
     python3 -c "import json,sys; c=json.load(open('$OUT/send-failover.json'))['channels']; sys.exit(0 if any(x['state']=='failed' and x['requeued_chunks']>0 for x in c) else 1)"
 check "destination killed: source exits non-zero" grep -q "SEND_RC case=abort rc=[1-9]" "$OUT/guest-B.log"
 check "destination killed: source says its guest keeps running" grep -q "guest keeps running" "$OUT/send-abort.log"
+check "source killed: the destination's migration fails, ends and --once exits non-zero" \
+    grep -q "LISTEN_RC case=srckill rc=[1-9]" "$OUT/guest-A.log"
+check "source killed: the destination says the migration failed and revoked remote write access" \
+    bash -c "grep -q 'migration from .* failed' '$OUT/listen-srckill.log' &&
+        grep -q 'RDMA remote write access revoked (migration aborted)' '$OUT/listen-srckill.log'"
 grep -h "throughput\|MB/s\|rdma:" "$OUT"/send-commit.log 2>/dev/null | head -5 || true
 cat "$OUT"/probe-*.log 2>/dev/null || true
-grep -h "refused an RDMA\|revoked" "$OUT"/listen-*.log 2>/dev/null | head -8 || true
+grep -h "refused an RDMA\|revoked\|data channel failed" "$OUT"/listen-*.log 2>/dev/null | head -10 || true
 if [ "$rc" = 0 ]; then echo "ferry RDMA suite: PASS"; else echo "ferry RDMA suite: FAIL"; fi
 exit $rc

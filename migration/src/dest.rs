@@ -296,6 +296,12 @@ impl Destination {
         self.metrics.clone()
     }
 
+    /// Bytes booked against `--memory-limit` now, by every migration and
+    /// relay together.
+    pub fn memory_reserved(&self) -> u64 {
+        self.reserved.used()
+    }
+
     /// Accepts connections until [`Destination::shutdown`], reporting each
     /// migration's outcome; then waits for the connections in flight to end.
     pub async fn serve(
@@ -1048,9 +1054,22 @@ impl Destination {
             Ok(p) => p,
             Err(msg) => return Err(conn.reject(RejectReason::Busy, msg).await.into()),
         };
-        let _reserved = match self.reserve(0, offer.reservation()) {
-            Ok(r) => r,
-            Err(msg) => return Err(conn.reject(RejectReason::MemoryLimit, msg).await.into()),
+        // What the relay needs at least (its main stream's windows, its
+        // channels' read buffers); each further stream books its own
+        // windows when it opens (crate::relay::StreamBudget).
+        let reserved = match self.reserved.reserve(offer.admission_reservation()) {
+            Ok(r) => Arc::new(r),
+            Err(f) => {
+                let msg = format!(
+                    "relay buffers of {} (the main stream's two {} windows and the read buffers of {} data channels) plus the {} of the migrations already accepted is above this destination's --memory-limit of {}",
+                    human_exact(f.bytes),
+                    ferry_proto::units::human(u64::from(offer.window)),
+                    offer.channels,
+                    human_exact(f.used),
+                    human_exact(f.limit),
+                );
+                return Err(conn.reject(RejectReason::MemoryLimit, msg).await.into());
+            }
         };
         let Some(keys) = conn.session_keys() else {
             return Err(TransportError::AuthFailed("no session keys after authentication").into());
@@ -1061,6 +1080,10 @@ impl Destination {
         let interfaces = self.advertised_interfaces(migration_id, listen_ip);
         let peer = conn.peer().to_string();
         tracing::info!(migration_id, peer, deliver_to = %deliver_to, "relay accepted");
+        // Its streams on --metrics while it runs, totals once it ended.
+        let live = Arc::new(crate::relay::RelayLive::default());
+        self.metrics.track_relay(migration_id, live.clone());
+        let _retire = RetireRelay(&self.metrics, migration_id);
         let result = match conn
             .send(&Msg::Accept(Accept {
                 migration_id,
@@ -1068,11 +1091,17 @@ impl Destination {
             }))
             .await
         {
-            Ok(()) => {
-                crate::relay::serve_destination(conn, &offer, deliver_to, rx, self.opts.timeout)
-                    .await
-                    .map_err(crate::relay::RelayFailure::into_migration_error)
-            }
+            Ok(()) => crate::relay::serve_destination(
+                conn,
+                &offer,
+                deliver_to,
+                rx,
+                self.opts.timeout,
+                reserved,
+                live,
+            )
+            .await
+            .map_err(crate::relay::RelayFailure::into_migration_error),
             Err(e) => Err(e.into()),
         };
         self.pending.lock().expect("pending").remove(&migration_id);
@@ -1116,6 +1145,16 @@ impl Destination {
     }
 }
 
+/// A relay's streams leave `--metrics`' live figures (for its totals)
+/// however its session ends.
+struct RetireRelay<'a>(&'a Metrics, u64);
+
+impl Drop for RetireRelay<'_> {
+    fn drop(&mut self) {
+        self.0.retire_relay(self.1);
+    }
+}
+
 /// The event of a migration's end: committed (with its size and pause)
 /// or failed (with the reason), inside its span (peer, migration id).
 fn log_outcome(result: &Result<DestSummary>) {
@@ -1146,6 +1185,23 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// Logs why a data channel's task (`channel`: the source's address, or
+/// "rdma") failed, if it did, and returns the line; a task stopped on
+/// purpose (fenced, or the migration over) is no failure.
+fn failure(
+    channel: &str,
+    done: std::result::Result<ferry_transport::Result<()>, tokio::task::JoinError>,
+) -> Option<String> {
+    let why = match done {
+        Ok(Ok(())) => return None,
+        Err(e) if e.is_cancelled() => return None,
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!(channel, "data channel failed: {why}");
+    Some(format!("{channel}: {why}"))
+}
+
 /// The data channels of one incoming migration, by the source's address:
 /// their tasks. Which may start, which are fenced and when none is left are
 /// the session's ([`DestSession`]).
@@ -1154,9 +1210,42 @@ struct DataChannels {
     set: JoinSet<ferry_transport::Result<()>>,
     by_task: HashMap<tokio::task::Id, SocketAddr>,
     live: HashMap<SocketAddr, tokio::task::AbortHandle>,
+    /// RDMA option: the one task that lands pages from every RDMA channel
+    /// (it ends once each has sent its end frame or was reported lost).
+    rdma: JoinSet<ferry_transport::Result<()>>,
 }
 
 impl DataChannels {
+    /// Ends the channel tasks of a migration that is over, TCP and RDMA
+    /// alike. When it `failed`, first says why the channels that had
+    /// already ended failed (their reason, a frame refused, would be lost
+    /// when the migration ended for another one, its control connection
+    /// closed); then stops the others and waits until they have. Each task
+    /// holds the migration's Inbound (its booking against --memory-limit)
+    /// and guest memory: waiting here means the slot the migration gives
+    /// back when it returns comes with its memory (a queued migration woken
+    /// by the slot was refused for a limit the ended one still filled).
+    /// Returns what it logged, one line per failed channel.
+    async fn close(&mut self, failed: bool) -> Vec<String> {
+        let mut said = Vec::new();
+        if failed {
+            while let Some(done) = self.set.try_join_next_with_id() {
+                let peer = done.as_ref().map_or_else(|e| e.id(), |(id, _)| *id);
+                let peer = self.by_task.get(&peer).map(ToString::to_string);
+                said.extend(failure(
+                    peer.as_deref().unwrap_or("?"),
+                    done.map(|(_, r)| r),
+                ));
+            }
+            while let Some(done) = self.rdma.try_join_next() {
+                said.extend(failure("rdma", done));
+            }
+        }
+        self.set.shutdown().await;
+        self.rdma.shutdown().await;
+        said
+    }
+
     /// Starts receiving on `stream` with `recv`, unless the session refuses
     /// it (fenced).
     fn start<F, Fut>(&mut self, session: &mut DestSession, stream: Stream, recv: F)
@@ -1275,24 +1364,7 @@ impl Receive<'_> {
     ) -> Result<Received> {
         let mut ch = DataChannels::default();
         let received = self.receive(&mut ch, writer, msgs, streams).await;
-        // Channels that had ended when the migration ended for another
-        // reason (its control connection closed): their reasons, a frame
-        // refused, are still said.
-        if received.is_err() {
-            while let Some(done) = ch.set.try_join_next_with_id() {
-                if let Ok((id, Err(e))) = done {
-                    let peer = ch.by_task.get(&id);
-                    tracing::warn!(peer = ?peer, "data channel failed: {e}");
-                }
-            }
-        }
-        // Each channel's task holds this migration's Inbound (its booking
-        // against --memory-limit) and guest memory. On a failure they were
-        // only asked to stop: wait until they have, so that the slot the
-        // migration gives back when it returns comes with its memory (a
-        // queued migration woken by the slot was refused for a limit the
-        // ended one still filled).
-        ch.set.shutdown().await;
+        ch.close(received.is_err()).await;
         received
     }
 
@@ -1314,8 +1386,6 @@ impl Receive<'_> {
         // RDMA: every channel lands pages on its own; the task ends once each
         // has sent its end frame (or was reported lost by the source).
         #[cfg(feature = "rdma")]
-        let mut rdma_task = JoinSet::new();
-        #[cfg(feature = "rdma")]
         if let Some(r) = self.rdma.lock().expect("rdma").take() {
             self.metrics
                 .track_channel(self.migration_id, "rdma".into(), counters.clone());
@@ -1333,7 +1403,7 @@ impl Receive<'_> {
                 counters.clone(),
                 self.timeout,
             );
-            rdma_task.spawn(async move {
+            ch.rdma.spawn(async move {
                 let _bookings = bookings;
                 receiving.await
             });
@@ -1436,10 +1506,10 @@ impl Receive<'_> {
         // never send its end frame), unless one failed its checks.
         #[cfg(feature = "rdma")]
         {
-            if let Some(Ok(Err(e))) = rdma_task.try_join_next() {
+            if let Some(Ok(Err(e))) = ch.rdma.try_join_next() {
                 return Err(e.into());
             }
-            rdma_task.shutdown().await;
+            ch.rdma.shutdown().await;
             // Nothing more may land: deregister every remote-write region
             // (the NIC refuses their rkeys from here on) before taking the
             // evidence of what landed.
@@ -1697,6 +1767,68 @@ async fn why_the_last_channel_was_lost(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Yields until `marker` is held by nobody else (the task holding it has
+    /// ended and its future been dropped).
+    async fn until_only_held_here<T>(marker: &Arc<T>) {
+        for _ in 0..1000 {
+            if Arc::strong_count(marker) == 1 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the task holding the marker never ended");
+    }
+
+    /// A migration that is over stops its RDMA task as it stops its TCP
+    /// channels and waits until each has stopped, so what they hold (its
+    /// --memory-limit booking, guest memory) is released before its slot is
+    /// given back; and a failed migration says why the channels that had
+    /// already ended failed, the RDMA task's included. Runs without RDMA:
+    /// the tasks are stand-ins holding a booking.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_migration_that_is_over_waits_for_its_rdma_task_and_says_why_it_failed() {
+        let refused = |what: &'static str| {
+            Err::<(), _>(TransportError::Unexpected {
+                expected: what,
+                got: "a refused frame".into(),
+            })
+        };
+        for failed in [true, false] {
+            let (booking, ended) = (Arc::new(()), Arc::new(()));
+            let mut ch = DataChannels::default();
+            let peer: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+            let (b, e) = (booking.clone(), ended.clone());
+            let tcp = ch.set.spawn(async move {
+                let _ended = e;
+                refused("tcp")
+            });
+            ch.by_task.insert(tcp.id(), peer);
+            let e = ended.clone();
+            ch.rdma.spawn(async move {
+                let _ended = e;
+                refused("rdma")
+            });
+            ch.rdma.spawn(async move {
+                let _booking = b;
+                std::future::pending::<ferry_transport::Result<()>>().await
+            });
+            until_only_held_here(&ended).await;
+            let said = ch.close(failed).await;
+            assert_eq!(
+                Arc::strong_count(&booking),
+                1,
+                "the RDMA task still held its booking when the migration returned"
+            );
+            if failed {
+                assert_eq!(said.len(), 2, "{said:?}");
+                assert!(said[0].starts_with("192.0.2.1:4000: ") && said[0].contains("tcp"));
+                assert!(said[1].starts_with("rdma: ") && said[1].contains("rdma"));
+            } else {
+                assert!(said.is_empty(), "{said:?}");
+            }
+        }
+    }
 
     fn daemon() -> Arc<Destination> {
         let key = AuthKey::random();

@@ -20,6 +20,24 @@ use ferry_transport::conn::Conn;
 use ferry_transport::proto::{Accept, GuestConfig, Msg, Offer, PerformanceOption};
 use ferry_transport::MemoryLayout;
 
+/// The pre-shared key of the tests' `ferry` processes and hand-made peers
+/// (written to a file with [`key_file`]).
+pub const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+/// [`KEY`] as the library's key.
+pub fn key() -> AuthKey {
+    AuthKey::new(KEY.to_vec()).unwrap()
+}
+
+/// A multi-threaded tokio runtime for a test's hand-made peers and
+/// in-process daemons.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Path of the `ferry` binary, built once per test process with the same
 /// profile as the tests.
 pub fn ferry_bin() -> PathBuf {
@@ -157,11 +175,15 @@ fn drain<R: Read + Send + 'static>(r: R, live: Arc<Live>) -> std::thread::JoinHa
     })
 }
 
+/// The `RUST_LOG` the tests' `ferry` processes run with unless a test says
+/// otherwise: the command's own messages, the libraries' warnings and errors.
+const LOG: &str = "warn,ferry=info";
+
 impl Proc {
     /// Starts `ferry ARGS` with `RUST_LOG=warn,ferry=info`: the command's
     /// own messages, and the libraries' warnings and errors.
     pub fn start(args: &[&str]) -> Proc {
-        Proc::start_logging(args, Some("warn,ferry=info"))
+        Proc::start_logging(args, Some(LOG))
     }
 
     /// Starts `ferry ARGS` with `RUST_LOG=log`, or without `RUST_LOG`
@@ -217,13 +239,29 @@ impl Proc {
     /// Waits until the process has printed `needle` (either stream) and
     /// returns everything printed so far; panics after `timeout`.
     pub fn wait_for_output(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_until(|t| t.contains(needle), needle, timeout)
+    }
+
+    /// Waits until the process has printed a line (either stream) for
+    /// which `matches` holds and returns everything printed so far; panics
+    /// after `timeout`, naming `what` was awaited.
+    pub fn wait_for_line(
+        &self,
+        matches: impl Fn(&str) -> bool,
+        what: &str,
+        timeout: Duration,
+    ) -> String {
+        self.wait_until(|t| t.lines().any(&matches), what, timeout)
+    }
+
+    fn wait_until(&self, done: impl Fn(&str) -> bool, what: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         let mut t = self.live.text.lock().unwrap();
-        while !t.contains(needle) {
+        while !done(&t) {
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),
-                "timed out waiting for {needle:?} in the output:\n{t}"
+                "timed out waiting for {what:?} in the output:\n{t}"
             );
             t = self.live.changed.wait_timeout(t, left).unwrap().0;
         }
@@ -268,6 +306,12 @@ pub fn listen(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
 /// Starts `ferry listen` (staying up) on a free loopback port and waits
 /// until it accepts connections. Extra arguments are appended.
 pub fn daemon(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
+    daemon_logging(key, extra, Some(LOG))
+}
+
+/// [`daemon`] with `RUST_LOG=log`, or ferry's own levels when `None` (see
+/// [`Proc::start_logging`]).
+pub fn daemon_logging(key: &Path, extra: &[&str], log: Option<&str>) -> (Proc, SocketAddr) {
     // Port 0: the kernel picks a free port as the daemon binds it, and the
     // daemon says which ("listening on ADDR (...)", once it is bound). A
     // port picked here and bound later by the daemon could be picked by a
@@ -282,7 +326,7 @@ pub fn daemon(key: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
         key.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let p = Proc::start(&args);
+    let p = Proc::start_logging(&args, log);
     let addr = listening_addr(&p);
     (p, addr)
 }
@@ -320,6 +364,12 @@ pub fn send(addr: SocketAddr, key: &Path, extra: &[&str], timeout: Duration) -> 
 /// Starts `ferry send --to ADDR --auth-key-file KEY EXTRA...` and returns
 /// at once.
 pub fn start_send(addr: SocketAddr, key: &Path, extra: &[&str]) -> Proc {
+    start_send_logging(addr, key, extra, Some(LOG))
+}
+
+/// [`start_send`] with `RUST_LOG=log`, or ferry's own levels when `None`
+/// (see [`Proc::start_logging`]).
+pub fn start_send_logging(addr: SocketAddr, key: &Path, extra: &[&str], log: Option<&str>) -> Proc {
     let to = addr.to_string();
     let mut args = vec![
         "send",
@@ -329,7 +379,58 @@ pub fn start_send(addr: SocketAddr, key: &Path, extra: &[&str]) -> Proc {
         key.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    Proc::start(&args)
+    Proc::start_logging(&args, log)
+}
+
+/// A migration between two `ferry` processes over loopback that ended
+/// well on both sides: see [`migrate_ok`].
+#[derive(Debug)]
+pub struct Migrated {
+    /// The destination's address.
+    pub addr: SocketAddr,
+    /// What `ferry send` printed.
+    pub src: Output,
+    /// What `ferry listen --once` printed.
+    pub dest: Output,
+}
+
+/// Runs a migration between two `ferry` processes over loopback: `ferry
+/// listen --once LISTEN_EXTRA...`, then `ferry send ... SEND_EXTRA...` to
+/// it (killed after `timeout`); asserts that both succeeded.
+pub fn migrate_ok(
+    key: &Path,
+    listen_extra: &[&str],
+    send_extra: &[&str],
+    timeout: Duration,
+) -> Migrated {
+    let (dest, addr) = listen(key, listen_extra);
+    let src = send(addr, key, send_extra, timeout);
+    let dest = dest.wait(Duration::from_secs(30));
+    assert!(src.status.success(), "source failed: {}", src.all());
+    assert!(dest.status.success(), "destination failed: {}", dest.all());
+    Migrated { addr, src, dest }
+}
+
+/// What `ferry send` says when a migration ended without moving the
+/// guest: it still runs on the source.
+pub const KEEPS_RUNNING: &str = "the guest keeps running on this host (running: true)";
+
+/// Asserts that `ferry send` failed cleanly: non-zero exit, no panic, and
+/// its guest keeps running (said on stderr).
+pub fn assert_guest_kept(out: &Output) {
+    assert!(!out.panicked(), "{}", out.all());
+    assert!(!out.status.success(), "{}", out.all());
+    assert!(out.stderr.contains(KEEPS_RUNNING), "{}", out.all());
+}
+
+/// The resident memory of process `pid`, in KiB (`VmRSS`).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
 }
 
 /// Sends SIGKILL to process `pid` (a `ferry` this test started).

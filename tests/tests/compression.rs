@@ -5,22 +5,17 @@
 use std::time::Duration;
 
 use ferry_proto::SessionKeys;
-use ferry_tests::{chunk_frame, data_channel, key_file, listen, offer, read_ack, send};
-use ferry_transport::auth::AuthKey;
+use ferry_tests::{
+    authed_offer, chunk_frame, data_channel, key, key_file, listen, migrate_ok, offer, read_ack,
+    summary, Migrated, KEY,
+};
 use ferry_transport::compress::{CompressionSpec, Encoder};
 use ferry_transport::conn::Conn;
 use ferry_transport::layout::PageRun;
 use ferry_transport::proto::{Accept, Msg, PerformanceOption, RejectReason};
 use ferry_transport::wire::{run_table, AckStatus, ChunkHeader, Codec, FLAG_COMPRESSED};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use zerocopy::IntoBytes;
-
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
-
-fn key() -> AuthKey {
-    AuthKey::new(KEY.to_vec()).unwrap()
-}
 
 /// Text-like, compressible content with zero and random pages mixed in.
 fn image(pages: usize) -> Vec<u8> {
@@ -67,10 +62,9 @@ fn migrate_image(memory: &str, image: &[u8], codec: &str) -> serde_json::Value {
     let img = dir.path().join("guest.img");
     std::fs::write(&img, image).unwrap();
     let json = dir.path().join("summary.json");
-    let (dest, addr) = listen(&k, &[]);
-    let src = send(
-        addr,
+    let Migrated { src, dest, .. } = migrate_ok(
         &k,
+        &[],
         &[
             "--memory",
             memory,
@@ -89,10 +83,7 @@ fn migrate_image(memory: &str, image: &[u8], codec: &str) -> serde_json::Value {
         ],
         Duration::from_secs(120),
     );
-    let dest = dest.wait(Duration::from_secs(30));
-    assert!(src.status.success(), "source failed: {}", src.all());
-    assert!(dest.status.success(), "destination failed: {}", dest.all());
-    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let s = summary(&json);
     assert_eq!(s["digest_verified"], true);
     let digest = s["digest"].as_str().unwrap();
     assert!(dest.stdout.contains(digest), "{}", dest.all());
@@ -181,14 +172,9 @@ where
 }
 
 async fn session(addr: std::net::SocketAddr, option: PerformanceOption) -> (Conn, Msg) {
-    let mut c = Conn::new(
-        TcpStream::connect(addr).await.unwrap(),
-        Duration::from_secs(10),
-    );
-    c.client_handshake(&key()).await.unwrap();
     let mut o = offer(1 << 20);
     o.option = option;
-    c.send(&Msg::Offer(o)).await.unwrap();
+    let mut c = authed_offer(addr, &key(), o).await;
     let answer = c.recv("the answer to the offer").await.unwrap();
     (c, answer)
 }

@@ -2,19 +2,16 @@
 
 use std::time::Duration;
 
-use ferry_tests::{key_file, listen, send, summary, Proc};
-
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+use ferry_tests::{key_file, listen, migrate_ok, send, summary, Migrated, Proc, KEY};
 
 #[test]
 fn listen_and_send_in_two_processes_commit_with_verified_digest() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = listen(&key, &[]);
     let json = dir.path().join("summary.json");
-    let src = send(
-        addr,
+    let Migrated { src, dest, .. } = migrate_ok(
         &key,
+        &[],
         &[
             "--memory",
             "96MiB",
@@ -25,9 +22,6 @@ fn listen_and_send_in_two_processes_commit_with_verified_digest() {
         ],
         Duration::from_secs(120),
     );
-    let dest = dest.wait(Duration::from_secs(30));
-    assert!(src.status.success(), "source failed: {}", src.all());
-    assert!(dest.status.success(), "destination failed: {}", dest.all());
     let s = summary(&json);
     assert_eq!(s["digest_verified"], true);
     assert_eq!(s["memory_bytes"], 96 << 20);

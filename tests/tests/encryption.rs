@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_tests::{authed_session, key_file, listen, offer, send, summary, Output, Proc};
+use ferry_tests::{
+    assert_guest_kept, authed_session, key_file, listen, migrate_ok, offer, rt, send, summary,
+    Migrated, Output, Proc, KEY,
+};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::conn::Conn;
 use ferry_transport::proto::{Msg, PerformanceOption, RejectReason};
@@ -18,16 +21,8 @@ use ferry_transport::tls::TlsConfig;
 use ferry_transport::TransportError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 const OTHER_KEY: &[u8] = b"fedcba9876543210fedcba9876543210";
 const WAIT: Duration = Duration::from_secs(120);
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// `ferry gen-certs DIR [--ca CA]`.
 fn gen_certs(dir: &Path, ca: Option<&Path>) {
@@ -41,14 +36,7 @@ fn gen_certs(dir: &Path, ca: Option<&Path>) {
 
 /// A source that failed cleanly: exit 1, no panic, guest still running.
 fn assert_failed_cleanly(src: &Output, cause: &str) {
-    assert!(!src.status.success(), "source must fail: {}", src.all());
-    assert!(!src.panicked(), "source panicked: {}", src.all());
-    assert!(
-        src.stderr
-            .contains("the guest keeps running on this host (running: true)"),
-        "{}",
-        src.all()
-    );
+    assert_guest_kept(src);
     assert!(
         src.stderr.contains(cause),
         "expected {cause:?}: {}",
@@ -72,7 +60,6 @@ fn assert_dest_refused(dest: Proc, cause: &str) {
 /// `dest_args`; asserts the commit and returns the `--json` summary.
 fn migrate(dir: &Path, dest_args: &[&str], src_args: &[&str]) -> serde_json::Value {
     let key = key_file(dir, "key", KEY);
-    let (dest, addr) = listen(&key, dest_args);
     let json = dir.join("summary.json");
     let mut args = vec![
         "--memory",
@@ -83,10 +70,7 @@ fn migrate(dir: &Path, dest_args: &[&str], src_args: &[&str]) -> serde_json::Val
         json.to_str().unwrap(),
     ];
     args.extend_from_slice(src_args);
-    let src = send(addr, &key, &args, WAIT);
-    let dest = dest.wait(Duration::from_secs(30));
-    assert!(src.status.success(), "source failed: {}", src.all());
-    assert!(dest.status.success(), "destination failed: {}", dest.all());
+    let Migrated { dest, .. } = migrate_ok(&key, dest_args, &args, WAIT);
     let s = summary(&json);
     assert_eq!(s["digest_verified"], true);
     assert!(
@@ -537,11 +521,10 @@ fn rdma_needs_plaintext_consent_before_connecting() {
 fn auto_without_plaintext_never_picks_rdma() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = listen(&key, &[]);
     let json = dir.path().join("summary.json");
-    let src = send(
-        addr,
+    let Migrated { src, .. } = migrate_ok(
         &key,
+        &[],
         &[
             "--memory",
             "32MiB",
@@ -554,9 +537,6 @@ fn auto_without_plaintext_never_picks_rdma() {
         ],
         WAIT,
     );
-    let dest = dest.wait(Duration::from_secs(30));
-    assert!(src.status.success(), "{}", src.all());
-    assert!(dest.status.success(), "{}", dest.all());
     assert!(
         src.stderr.contains(
             "auto: chose compression (zstd:1) (RDMA data channels are not encrypted: rdma only with --plaintext)"

@@ -22,15 +22,16 @@ use std::time::Duration;
 
 use ferry_proto::{frame, MacKey};
 use ferry_tests::proxy::{Dir, Frame, Kind, Proxy, Seen, Verdict};
-use ferry_tests::{daemon, key_file, listen, sigkill, start_send, summary, Output, Proc};
+use ferry_tests::{
+    daemon, key_file, listen, rss_kib, rt, sigkill, start_send, summary, Output, Proc,
+    KEEPS_RUNNING, KEY,
+};
 use ferry_transport::proto::{Msg, RejectReason, Role};
 use ferry_transport::wire::{
     AckFrame, AckStatus, ChunkHeader, ChunkKind, FLAG_COMPRESSED, HEADER_LEN,
 };
 
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 const LONG: Duration = Duration::from_secs(90);
-const KEEPS_RUNNING: &str = "the guest keeps running on this host (running: true)";
 
 struct Case {
     dir: tempfile::TempDir,
@@ -253,15 +254,6 @@ fn destination_killed_after_commit_was_sent_leaves_the_guest_paused() {
 
 // ---------------------------------------------------------------------------
 // Source killed
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
 
 #[test]
 fn source_killed_mid_migration_frees_the_destination_for_the_next() {
@@ -874,13 +866,6 @@ fn one_stalled_round_trip_does_not_cancel_the_migration() {
 
 // ---------------------------------------------------------------------------
 // Hostile peers (more in bad_input.rs)
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 #[test]
 fn replayed_authentication_is_refused() {

@@ -11,33 +11,25 @@
 //! capture) when not root or without `ip netns`; with
 //! `FERRY_REQUIRE_NETNS=1` (CI) they fail instead.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_tests::netns::TestBed;
-use ferry_tests::{ferry_bin, key_file, listen, send};
+use ferry_tests::{key_file, migrate_ok, summary, Migrated, Output, Proc, KEEPS_RUNNING, KEY};
 
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 const SRC: &str = "ferry-src";
 const DST: &str = "ferry-dst";
-
-fn summary(path: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
 
 /// Loopback: `--channels 3` over the control connection's path (no
 /// interfaces pair on loopback), every channel carries chunks.
 fn loopback_channels(option: &str) {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = listen(&key, &[]);
     let json = dir.path().join("summary.json");
-    let src = send(
-        addr,
+    let Migrated { src, addr, .. } = migrate_ok(
         &key,
+        &[],
         &[
             "--memory",
             "128MiB",
@@ -56,9 +48,6 @@ fn loopback_channels(option: &str) {
         ],
         Duration::from_secs(120),
     );
-    let dest = dest.wait(Duration::from_secs(30));
-    assert!(src.status.success(), "{}", src.all());
-    assert!(dest.status.success(), "{}", dest.all());
     let s = summary(&json);
     assert_eq!(s["digest_verified"], true);
     let ch = s["channels"].as_array().unwrap();
@@ -92,81 +81,8 @@ fn three_channels_over_loopback_compression() {
 
 // ---------------------------------------------------------------- test bed
 
-/// A `ferry` process inside a namespace, its output collected.
-struct NsProc {
-    child: Child,
-    out: std::thread::JoinHandle<String>,
-    err: std::thread::JoinHandle<String>,
-    listening: mpsc::Receiver<()>,
-}
-
-impl NsProc {
-    fn start(ns: &str, args: &[&str]) -> NsProc {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(ferry_bin())
-            .args(args)
-            .env("RUST_LOG", "warn,ferry=info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("ip netns exec ferry");
-        let (tx, listening) = mpsc::channel();
-        let so = child.stdout.take().unwrap();
-        let se = child.stderr.take().unwrap();
-        let out = std::thread::spawn(move || {
-            BufReader::new(so)
-                .lines()
-                .map_while(Result::ok)
-                .fold(String::new(), |s, l| s + &l + "\n")
-        });
-        let err = std::thread::spawn(move || {
-            let mut s = String::new();
-            for l in BufReader::new(se).lines().map_while(Result::ok) {
-                if l.contains("listening on") {
-                    let _ = tx.send(());
-                }
-                s.push_str(&l);
-                s.push('\n');
-            }
-            s
-        });
-        NsProc {
-            child,
-            out,
-            err,
-            listening,
-        }
-    }
-
-    fn wait_listening(&self) {
-        self.listening
-            .recv_timeout(Duration::from_secs(20))
-            .expect("ferry listen came up");
-    }
-
-    fn wait(mut self, timeout: Duration) -> (bool, String) {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if start.elapsed() > timeout {
-                let _ = self.child.kill();
-                break self.child.wait().unwrap();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let all = format!(
-            "status {status:?}\n--- stdout\n{}\n--- stderr\n{}",
-            self.out.join().unwrap(),
-            self.err.join().unwrap()
-        );
-        (status.success(), all)
-    }
-}
-
-fn listen_in_dst(dir: &Path, port: u16, extra: &[&str]) -> NsProc {
+/// `ferry listen --once` on `port` in the destination namespace, up.
+fn listen_in_dst(dir: &Path, port: u16, extra: &[&str]) -> Proc {
     let key = key_file(dir, "key", KEY);
     let listen = format!("0.0.0.0:{port}");
     let mut args = vec![
@@ -178,12 +94,13 @@ fn listen_in_dst(dir: &Path, port: u16, extra: &[&str]) -> NsProc {
         "--once",
     ];
     args.extend_from_slice(extra);
-    let p = NsProc::start(DST, &args);
-    p.wait_listening();
+    let p = Proc::start_in_netns(DST, &args);
+    p.wait_for_output("listening on", Duration::from_secs(20));
     p
 }
 
-fn send_from_src(dir: &Path, port: u16, json: &Path, extra: &[&str]) -> NsProc {
+/// `ferry send` from the source namespace to link 0's address, `port`.
+fn send_from_src(dir: &Path, port: u16, json: &Path, extra: &[&str]) -> Proc {
     let key = dir.join("key");
     let to = format!("10.200.0.2:{port}");
     let mut args = vec![
@@ -198,7 +115,17 @@ fn send_from_src(dir: &Path, port: u16, json: &Path, extra: &[&str]) -> NsProc {
         json.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    NsProc::start(SRC, &args)
+    Proc::start_in_netns(SRC, &args)
+}
+
+/// Waits for the source (`timeout`), then the destination; asserts both
+/// succeeded.
+fn both_succeed(src: Proc, dest: Proc, timeout: Duration) -> (Output, Output) {
+    let src = src.wait(timeout);
+    let dest = dest.wait(Duration::from_secs(30));
+    assert!(src.status.success(), "source: {}", src.all());
+    assert!(dest.status.success(), "destination: {}", dest.all());
+    (src, dest)
 }
 
 /// Bytes received by a destination-side link of the test bed.
@@ -241,10 +168,7 @@ fn four_links_carry_one_migration_and_it_verifies() {
             "0",
         ],
     );
-    let (ok, out) = src.wait(Duration::from_secs(180));
-    let (dok, dout) = dest.wait(Duration::from_secs(30));
-    assert!(ok, "source: {out}");
-    assert!(dok, "destination: {dout}");
+    let (src, _) = both_succeed(src, dest, Duration::from_secs(180));
     let s = summary(&json);
     assert_eq!(s["digest_verified"], true);
     assert_eq!(
@@ -267,7 +191,8 @@ fn four_links_carry_one_migration_and_it_verifies() {
         let share = c["payload_bytes"].as_u64().unwrap() as f64 / total as f64;
         assert!(
             share > 0.10,
-            "channel {i} carried {share:.2} of the pages: {out}"
+            "channel {i} carried {share:.2} of the pages: {}",
+            src.all()
         );
     }
 }
@@ -314,24 +239,19 @@ fn a_link_going_down_mid_migration_fails_over_and_still_verifies() {
         .status()
         .unwrap();
     assert!(st.success());
-    let (ok, out) = src.wait(Duration::from_secs(240));
-    let (dok, dout) = dest.wait(Duration::from_secs(30));
-    assert!(ok, "source: {out}");
-    assert!(dok, "destination: {dout}");
+    let (src, dest) = both_succeed(src, dest, Duration::from_secs(240));
     let s = summary(&json);
-    assert_eq!(s["digest_verified"], true, "{out}");
+    assert_eq!(s["digest_verified"], true, "{}", src.all());
     let ch = s["channels"].as_array().unwrap();
     assert_eq!(ch.len(), 4);
-    assert_eq!(ch[3]["state"], "failed", "{out}");
+    assert_eq!(ch[3]["state"], "failed", "{}", src.all());
     assert!(ch[3]["payload_bytes"].as_u64().unwrap() > 0);
     assert!(ch[3]["error"].as_str().is_some());
     for c in &ch[..3] {
         assert_eq!(c["state"], "ended", "{c}");
     }
-    assert!(
-        dout.contains("committed") && dout.contains("verified"),
-        "{dout}"
-    );
+    let d = dest.all();
+    assert!(d.contains("committed") && d.contains("verified"), "{d}");
 }
 
 #[test]
@@ -366,10 +286,7 @@ fn migration_network_limits_the_links_that_carry_data() {
             "0",
         ],
     );
-    let (ok, out) = src.wait(Duration::from_secs(180));
-    let (dok, dout) = dest.wait(Duration::from_secs(30));
-    assert!(ok, "source: {out}");
-    assert!(dok, "destination: {dout}");
+    both_succeed(src, dest, Duration::from_secs(180));
     let s = summary(&json);
     assert_eq!(s["digest_verified"], true);
     assert_eq!(remotes(&s), ["10.200.1.2:6613", "10.200.2.2:6613"]);
@@ -391,16 +308,14 @@ fn migration_network_limits_the_links_that_carry_data() {
         &json,
         &["--memory", "64MiB", "--nic", "10.200.0.1"],
     );
-    let (ok, out) = src.wait(Duration::from_secs(120));
-    let (dok, _dout) = dest.wait(Duration::from_secs(30));
-    assert!(!ok && !dok, "{out}");
+    let src = src.wait(Duration::from_secs(120));
+    let dest = dest.wait(Duration::from_secs(30));
+    let out = src.all();
+    assert!(!src.status.success() && !dest.status.success(), "{out}");
     assert!(
         out.contains("network not allowed")
             && out.contains("data channel to 10.200.0.2 refused: not in --migration-network"),
         "{out}"
     );
-    assert!(
-        out.contains("the guest keeps running on this host (running: true)"),
-        "{out}"
-    );
+    assert!(out.contains(KEEPS_RUNNING), "{out}");
 }

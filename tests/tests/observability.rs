@@ -5,10 +5,9 @@
 use std::time::{Duration, Instant};
 
 use ferry_tests::{
-    daemon, free_port, http_get, key_file, metric, metrics_addr, send, summary, Proc,
+    daemon, free_port, http_get, key_file, metric, metrics_addr, migrate_ok, send, summary, Proc,
+    KEY,
 };
-
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
 #[test]
 fn metrics_count_a_committed_and_an_unauthenticated_migration() {
@@ -112,11 +111,10 @@ fn metrics_count_a_committed_and_an_unauthenticated_migration() {
 fn send_json_records_a_time_series_that_report_draws() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = ferry_tests::listen(&key, &[]);
     let json = dir.path().join("run.json");
-    let src = send(
-        addr,
+    migrate_ok(
         &key,
+        &[],
         &[
             "--memory",
             "128MiB",
@@ -131,9 +129,6 @@ fn send_json_records_a_time_series_that_report_draws() {
         ],
         Duration::from_secs(120),
     );
-    let dest = dest.wait(Duration::from_secs(30));
-    assert!(src.status.success(), "{}", src.all());
-    assert!(dest.status.success(), "{}", dest.all());
 
     let s = summary(&json);
     assert_eq!(s["schema"], 2);

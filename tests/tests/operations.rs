@@ -7,25 +7,15 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use ferry_tests::{authed_session, daemon, key_file, listen, offer, send, summary, Output};
-use ferry_transport::auth::AuthKey;
+use ferry_tests::{
+    assert_guest_kept, authed_session, daemon, key, key_file, listen, offer, rt, send, summary,
+    Output, KEY,
+};
 use ferry_transport::conn::Conn;
 use ferry_transport::proto::{Msg, RejectReason};
 use ferry_transport::TransportError;
 
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 const MIB: u64 = 1 << 20;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn key() -> AuthKey {
-    AuthKey::new(KEY.to_vec()).unwrap()
-}
 
 /// Authenticates and offers `bytes` (an error: refused before the offer).
 async fn offer_only(addr: SocketAddr, bytes: u64) -> Result<Conn, TransportError> {
@@ -59,17 +49,6 @@ fn rejected(r: &Result<Msg, TransportError>, want: RejectReason) -> String {
 
 /// A source that gave up cleanly: non-zero status, the reason, and its
 /// guest still running.
-fn assert_guest_kept(out: &Output) {
-    assert!(!out.panicked(), "{}", out.all());
-    assert!(!out.status.success(), "{}", out.all());
-    assert!(
-        out.stderr
-            .contains("the guest keeps running on this host (running: true)"),
-        "{}",
-        out.all()
-    );
-}
-
 fn small_send(addr: SocketAddr, k: &Path, memory: &str, extra: &[&str]) -> Output {
     let mut args = vec!["--memory", memory, "--dirty-rate", "0"];
     args.extend_from_slice(extra);

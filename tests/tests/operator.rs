@@ -8,11 +8,9 @@ use std::time::Duration;
 
 use ferry_tests::netns::TestBed;
 use ferry_tests::{
-    daemon, ferry_bin, free_port, key_file, send, signal, start_send, wait_for_file, wait_for_port,
-    Proc,
+    daemon, daemon_logging, ferry_bin, free_port, key_file, send, signal, start_send,
+    start_send_logging, wait_for_file, wait_for_port, Proc, KEEPS_RUNNING, KEY,
 };
-
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
 /// A listener that counts whether anyone connected (nobody should).
 fn silent_listener() -> (TcpListener, String) {
@@ -68,38 +66,6 @@ fn bad_units_are_refused_with_the_likely_value_before_connecting() {
         assert!(out.stderr.contains(flag), "names the flag: {}", out.all());
     }
     assert!(nobody_connected(&l), "nothing connected for a refused flag");
-}
-
-/// `ferry listen` on a free loopback port with ferry's default log level
-/// (info), waiting until it accepts connections.
-fn daemon_logging(key: &Path) -> (Proc, SocketAddr) {
-    // Port 0, read back from the daemon (see ferry_tests::daemon).
-    let p = Proc::start_logging(
-        &[
-            "listen",
-            "--listen",
-            "127.0.0.1:0",
-            "--auth-key-file",
-            key.to_str().unwrap(),
-        ],
-        None,
-    );
-    let addr = ferry_tests::listening_addr(&p);
-    (p, addr)
-}
-
-/// `ferry send` with ferry's default log level (info).
-fn send_logging(addr: SocketAddr, key: &Path, extra: &[&str]) -> Proc {
-    let to = addr.to_string();
-    let mut args = vec![
-        "send",
-        "--to",
-        &to,
-        "--auth-key-file",
-        key.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    Proc::start_logging(&args, None)
 }
 
 /// Reads a `--json` record.
@@ -289,12 +255,7 @@ fn every_outcome_writes_a_record_that_report_reads() {
         cf.all()
     );
     assert!(cf.stderr.contains("or drop --verify full"), "{}", cf.all());
-    assert!(
-        cf.stderr
-            .contains("the guest keeps running on this host (running: true)"),
-        "{}",
-        cf.all()
-    );
+    assert!(cf.stderr.contains(KEEPS_RUNNING), "{}", cf.all());
     let r = record(&json("cf.json"));
     assert_eq!(r["outcome"], "not_converged", "{r}");
     assert_eq!(r["reason"], "pause_cannot_fit", "{r}");
@@ -310,6 +271,13 @@ fn every_outcome_writes_a_record_that_report_reads() {
     assert_eq!(r["downtime_limit_ms"], 1.0, "{r}");
     assert!(r.get("downtime_ms").is_none(), "no pause happened: {r}");
     report_reads(&json("cf.json"), "not_converged");
+    // The daemon logs the outcome (stderr), then prints it (stdout): its
+    // result line, not the log line, before it is stopped.
+    dest.wait_for_line(
+        |l| l.starts_with("migration from ") && l.contains("the pause cannot fit"),
+        "the destination's result line",
+        WAIT,
+    );
     let dest = dest.kill();
     assert!(
         dest.stdout
@@ -319,19 +287,18 @@ fn every_outcome_writes_a_record_that_report_reads() {
     );
 
     // Failed: nobody at the destination.
-    let gone = format!("127.0.0.1:{}", free_port());
-    let failed = Proc::start(&[
-        "send",
-        "--to",
-        &gone,
-        "--auth-key-file",
-        key.to_str().unwrap(),
-        "--memory",
-        "16MiB",
-        "--json",
-        json("failed.json").to_str().unwrap(),
-    ])
-    .wait(WAIT);
+    let gone = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let failed = send(
+        gone,
+        &key,
+        &[
+            "--memory",
+            "16MiB",
+            "--json",
+            json("failed.json").to_str().unwrap(),
+        ],
+        WAIT,
+    );
     assert_eq!(failed.status.code(), Some(1), "{}", failed.all());
     let r = record(&json("failed.json"));
     assert_eq!(r["outcome"], "failed", "{r}");
@@ -346,16 +313,13 @@ fn every_outcome_writes_a_record_that_report_reads() {
     // (cancelled: sigint_on_send_cancels_and_the_destination_reports_it)
 }
 
-#[test]
-fn sigint_on_send_cancels_and_the_destination_reports_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = daemon(&key, &[]);
-    let json = dir.path().join("c.json");
-    let events = dir.path().join("c.jsonl");
+/// Starts a [`SLOW`] migration to `addr` that writes its `--json` record to
+/// `json` and its `--events` stream to `events`; returns once it is in
+/// pre-copy (mid-way through round 0).
+fn slow_send_in_precopy(addr: SocketAddr, key: &Path, json: &Path, events: &Path) -> Proc {
     let src = start_send(
         addr,
-        &key,
+        key,
         &[
             &SLOW[..],
             &[
@@ -367,8 +331,18 @@ fn sigint_on_send_cancels_and_the_destination_reports_it() {
         ]
         .concat(),
     );
-    // Mid-way through round 0.
-    wait_for_file(&events, "\"phase\":\"precopy\"", WAIT);
+    wait_for_file(events, "\"phase\":\"precopy\"", WAIT);
+    src
+}
+
+#[test]
+fn sigint_on_send_cancels_and_the_destination_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY);
+    let (dest, addr) = daemon(&key, &[]);
+    let json = dir.path().join("c.json");
+    let events = dir.path().join("c.jsonl");
+    let src = slow_send_in_precopy(addr, &key, &json, &events);
     signal(src.pid(), "INT");
     let src = src.wait(WAIT);
     assert_eq!(src.status.code(), Some(130), "{}", src.all());
@@ -612,19 +586,7 @@ fn listening_on_one_address_says_each_migration_gets_one_path() {
 fn logs_are_events_with_levels_and_a_json_format() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
-    let dest = Proc::start_logging(
-        &[
-            "listen",
-            "--listen",
-            "127.0.0.1:0",
-            "--auth-key-file",
-            key.to_str().unwrap(),
-            "--log-format",
-            "json",
-        ],
-        None,
-    );
-    let addr = ferry_tests::listening_addr(&dest);
+    let (dest, addr) = daemon_logging(&key, &["--log-format", "json"], None);
     let json_lines = |text: &str| -> Vec<serde_json::Value> {
         text.lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
@@ -633,7 +595,13 @@ fn logs_are_events_with_levels_and_a_json_format() {
 
     // JSON lines on stderr, results alone on stdout; the commit is an
     // event with the migration's id, peer, bytes and pause.
-    let src = send_logging(addr, &key, &["--memory", "16MiB", "--log-format", "json"]).wait(WAIT);
+    let src = start_send_logging(
+        addr,
+        &key,
+        &["--memory", "16MiB", "--log-format", "json"],
+        None,
+    )
+    .wait(WAIT);
     assert!(src.status.success(), "{}", src.all());
     assert!(
         src.stdout.starts_with("migration committed: 16.00 MiB"),
@@ -670,19 +638,11 @@ fn logs_are_events_with_levels_and_a_json_format() {
     assert!(ev["downtime_ms"].as_f64().unwrap() > 0.0, "{ev}");
 
     // A failure is an error event carrying its outcome.
-    let gone = format!("127.0.0.1:{}", free_port());
-    let failed = Proc::start_logging(
-        &[
-            "send",
-            "--to",
-            &gone,
-            "--auth-key-file",
-            key.to_str().unwrap(),
-            "--memory",
-            "16MiB",
-            "--log-format",
-            "json",
-        ],
+    let gone = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let failed = start_send_logging(
+        gone,
+        &key,
+        &["--memory", "16MiB", "--log-format", "json"],
         None,
     )
     .wait(WAIT);
@@ -701,7 +661,7 @@ fn logs_are_events_with_levels_and_a_json_format() {
     assert_eq!(ev["guest"], "source", "{ev}");
 
     // -q: warnings and errors only; -v: debug too; RUST_LOG overrides both.
-    let quiet = send_logging(addr, &key, &["--memory", "16MiB", "-q"]).wait(WAIT);
+    let quiet = start_send_logging(addr, &key, &["--memory", "16MiB", "-q"], None).wait(WAIT);
     assert!(quiet.status.success(), "{}", quiet.all());
     assert!(!quiet.stderr.contains(" INFO "), "{}", quiet.all());
     assert!(
@@ -709,25 +669,12 @@ fn logs_are_events_with_levels_and_a_json_format() {
         "{}",
         quiet.all()
     );
-    let verbose = send_logging(addr, &key, &["--memory", "16MiB", "-v"]).wait(WAIT);
+    let verbose = start_send_logging(addr, &key, &["--memory", "16MiB", "-v"], None).wait(WAIT);
     assert!(verbose.status.success(), "{}", verbose.all());
     assert!(verbose.stderr.contains(" DEBUG "), "{}", verbose.all());
     assert!(verbose.stderr.contains(" INFO "), "{}", verbose.all());
-    let to = addr.to_string();
-    let overridden = Proc::start_logging(
-        &[
-            "send",
-            "--to",
-            &to,
-            "--auth-key-file",
-            key.to_str().unwrap(),
-            "--memory",
-            "16MiB",
-            "-v",
-        ],
-        Some("warn"),
-    )
-    .wait(WAIT);
+    let overridden =
+        start_send_logging(addr, &key, &["--memory", "16MiB", "-v"], Some("warn")).wait(WAIT);
     assert!(overridden.status.success(), "{}", overridden.all());
     assert!(
         !overridden.stderr.contains(" DEBUG ") && !overridden.stderr.contains(" INFO "),
@@ -878,24 +825,10 @@ fn help_groups_the_options_with_examples_and_version_names_ferry() {
 fn sigterm_on_listen_aborts_the_migration_in_flight_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
-    let (dest, addr) = daemon_logging(&key);
+    let (dest, addr) = daemon_logging(&key, &[], None);
     let json = dir.path().join("s.json");
     let events = dir.path().join("s.jsonl");
-    let src = start_send(
-        addr,
-        &key,
-        &[
-            &SLOW[..],
-            &[
-                "--json",
-                json.to_str().unwrap(),
-                "--events",
-                events.to_str().unwrap(),
-            ],
-        ]
-        .concat(),
-    );
-    wait_for_file(&events, "\"phase\":\"precopy\"", WAIT);
+    let src = slow_send_in_precopy(addr, &key, &json, &events);
     signal(dest.pid(), "TERM");
     let dest = dest.wait(WAIT);
     let src = src.wait(WAIT);
@@ -925,12 +858,7 @@ fn sigterm_on_listen_aborts_the_migration_in_flight_and_exits_0() {
         "{}",
         src.all()
     );
-    assert!(
-        src.stderr
-            .contains("the guest keeps running on this host (running: true)"),
-        "{}",
-        src.all()
-    );
+    assert!(src.stderr.contains(KEEPS_RUNNING), "{}", src.all());
     let r = record(&json);
     assert_eq!(r["outcome"], "failed");
     assert!(
@@ -949,10 +877,11 @@ fn without_a_terminal_progress_is_a_log_line_every_interval_and_quiet_turns_it_o
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
     let (dest, addr) = daemon(&key, &[]);
-    let src = send_logging(
+    let src = start_send_logging(
         addr,
         &key,
         &[&SLOW[..], &["--progress-interval", "1s"]].concat(),
+        None,
     )
     .wait(WAIT);
     assert!(src.status.success(), "{}", src.all());
@@ -974,10 +903,11 @@ fn without_a_terminal_progress_is_a_log_line_every_interval_and_quiet_turns_it_o
     assert!(src.stdout.contains("migration committed"), "{}", src.all());
     assert!(!src.stdout.contains("progress"), "{}", src.all());
 
-    let quiet = send_logging(
+    let quiet = start_send_logging(
         addr,
         &key,
         &[&SLOW[..], &["--progress-interval", "1s", "--quiet"]].concat(),
+        None,
     )
     .wait(WAIT);
     assert!(quiet.status.success(), "{}", quiet.all());
@@ -1130,21 +1060,7 @@ fn a_record_that_cannot_be_written_after_a_commit_is_only_a_warning() {
     std::fs::create_dir(&out_dir).unwrap();
     let json = out_dir.join("r.json");
     let events = dir.path().join("e.jsonl");
-    let src = start_send(
-        addr,
-        &key,
-        &[
-            &SLOW[..],
-            &[
-                "--json",
-                json.to_str().unwrap(),
-                "--events",
-                events.to_str().unwrap(),
-            ],
-        ]
-        .concat(),
-    );
-    wait_for_file(&events, "\"phase\":\"precopy\"", WAIT);
+    let src = slow_send_in_precopy(addr, &key, &json, &events);
     std::fs::remove_dir_all(&out_dir).unwrap();
     let src = src.wait(WAIT);
     assert_eq!(

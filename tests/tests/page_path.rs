@@ -5,23 +5,15 @@
 use std::time::Duration;
 
 use ferry_proto::SessionKeys;
-use ferry_tests::{chunk_frame, data_channel, key_file, listen, offer, read_ack};
-use ferry_transport::auth::AuthKey;
-use ferry_transport::conn::Conn;
+use ferry_tests::{
+    authed_offer, chunk_frame, data_channel, key, key_file, listen, offer, read_ack, rss_kib, rt,
+    KEY,
+};
 use ferry_transport::layout::PageRun;
 use ferry_transport::proto::Msg;
 use ferry_transport::wire::AckStatus;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// Sends one page of `fill` at page `page` in `round` as chunk `seq`.
 async fn send_page(
@@ -48,17 +40,10 @@ fn a_frame_older_than_any_channel_has_seen_is_refused_on_every_channel() {
     let k = key_file(dir.path(), "key", KEY);
     let (dest, addr) = listen(&k, &["--plaintext", "--peer-timeout", "5s"]);
     rt().block_on(async move {
-        let mut c = Conn::new(
-            TcpStream::connect(addr).await.unwrap(),
-            Duration::from_secs(10),
-        );
-        c.client_handshake(&AuthKey::new(KEY.to_vec()).unwrap())
-            .await
-            .unwrap();
-        let keys = c.session_keys().unwrap();
         let mut o = offer(1 << 20);
         o.channels = 2;
-        c.send(&Msg::Offer(o)).await.unwrap();
+        let mut c = authed_offer(addr, &key(), o).await;
+        let keys = c.session_keys().unwrap();
         let Msg::Accept(_) = c.recv("accept").await.unwrap() else {
             panic!("expected Accept")
         };
@@ -88,15 +73,6 @@ fn a_frame_older_than_any_channel_has_seen_is_refused_on_every_channel() {
         "the destination names the stale frame: {}",
         out.all()
     );
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// Header and run table of a compressed frame, valid under the session's
@@ -148,18 +124,11 @@ fn a_daemon_under_the_16_mib_frame_attack_stays_within_its_reservation() {
     let idle = rss_kib(dest.pid());
     let pid = dest.pid();
     let peak = rt().block_on(async move {
-        let mut c = Conn::new(
-            TcpStream::connect(addr).await.unwrap(),
-            Duration::from_secs(10),
-        );
-        c.client_handshake(&AuthKey::new(KEY.to_vec()).unwrap())
-            .await
-            .unwrap();
-        let keys = c.session_keys().unwrap();
         let mut o = offer(64 << 10);
         o.option = ferry_transport::proto::PerformanceOption::Compression { codec: 2, level: 1 };
         o.channels = 9;
-        c.send(&Msg::Offer(o)).await.unwrap();
+        let mut c = authed_offer(addr, &key(), o).await;
+        let keys = c.session_keys().unwrap();
         let Msg::Accept(_) = c.recv("accept").await.unwrap() else {
             panic!("expected Accept")
         };

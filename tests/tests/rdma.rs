@@ -3,16 +3,17 @@
 //! moves, and `auto` falling back to compression. On a host that does have
 //! an RDMA device these tests skip loudly.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferry_tests::{free_port, key_file, listen, offer, Proc};
+use ferry_tests::{
+    free_port, key_file, listen, migrate_ok, offer, start_send, summary, Migrated, KEY,
+};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::conn::Conn;
 use ferry_transport::proto::{Msg, PerformanceOption, RejectReason};
 use ferry_transport::rdma_wire::{RdmaEndpoint, RdmaOffer};
 use ferry_transport::tls::TlsConfig;
-
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
 /// True (and says so) when this host has RDMA devices, where these tests
 /// do not apply.
@@ -34,19 +35,18 @@ fn rdma_without_a_device_fails_before_connecting() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
     // Nothing listens there: an attempt to connect would say so.
-    let to = format!("127.0.0.1:{}", free_port());
-    let out = Proc::start(&[
-        "send",
-        "--to",
-        &to,
-        "--auth-key-file",
-        key.to_str().unwrap(),
-        "--memory",
-        "16MiB",
-        "--performance-option",
-        "rdma",
-        "--plaintext",
-    ])
+    let to = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let out = start_send(
+        to,
+        &key,
+        &[
+            "--memory",
+            "16MiB",
+            "--performance-option",
+            "rdma",
+            "--plaintext",
+        ],
+    )
     .wait(Duration::from_secs(30));
     assert!(!out.status.success(), "{}", out.all());
     let all = out.all();
@@ -112,34 +112,29 @@ fn auto_without_rdma_falls_back_to_compression_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY);
     // --plaintext on both ends: auto may pick RDMA only with it.
-    let (dest, addr) = listen(&key, &["--plaintext"]);
     let json = dir.path().join("summary.json");
-    let src = Proc::start(&[
-        "send",
-        "--to",
-        &addr.to_string(),
-        "--auth-key-file",
-        key.to_str().unwrap(),
-        "--memory",
-        "32MiB",
-        "--dirty-rate",
-        "4MB/s",
-        "--performance-option",
-        "auto",
-        "--plaintext",
-        "--json",
-        json.to_str().unwrap(),
-    ])
-    .wait(Duration::from_secs(120));
-    let dest = dest.wait(Duration::from_secs(30));
-    assert!(src.status.success(), "source failed: {}", src.all());
-    assert!(dest.status.success(), "destination failed: {}", dest.all());
+    let Migrated { src, .. } = migrate_ok(
+        &key,
+        &["--plaintext"],
+        &[
+            "--memory",
+            "32MiB",
+            "--dirty-rate",
+            "4MB/s",
+            "--performance-option",
+            "auto",
+            "--plaintext",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
     assert!(
         src.all().contains("auto: chose compression"),
         "{}",
         src.all()
     );
-    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let s = summary(&json);
     assert_eq!(s["digest_verified"], true);
     assert!(
         s["option"]

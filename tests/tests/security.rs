@@ -8,22 +8,13 @@
 use std::time::Duration;
 
 use ferry_tests::proxy::{Dir, Frame, Hook, Proxy, Verdict};
-use ferry_tests::{key_file, listen, send, Output};
+use ferry_tests::{key_file, listen, rt, send, Output, KEEPS_RUNNING, KEY};
 use ferry_transport::auth::AuthKey;
 use ferry_transport::proto::{Msg, MAX_CONTROL_BODY};
 use ferry_transport::tls::TlsConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 const WAIT: Duration = Duration::from_secs(120);
-const KEEPS_RUNNING: &str = "the guest keeps running on this host (running: true)";
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// Neither side committed: the source failed with its guest running, the
 /// destination (`--once`) reported a failed attempt naming `why`.
