@@ -17,6 +17,11 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     // Backed before the port is open: a source that connects finds the
     // guest's memory ready, as it would a preallocating VMM's.
     let preallocated = match a.prealloc_guest {
+        Some(size) if size > a.memory_limit => anyhow::bail!(
+            "--prealloc-guest {} is above --memory-limit {}: no migration could land in it",
+            units::human(size),
+            units::human(a.memory_limit)
+        ),
         Some(size) => {
             let layout = ferry_migration::memory::default_layout(size)
                 .with_context(|| format!("--prealloc-guest {size}"))?;
