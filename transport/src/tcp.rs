@@ -934,7 +934,7 @@ pub async fn receive_channel<M: GuestMem>(
 /// event loop. While the channel's task is busy landing what it read
 /// (populating, copying out of the socket, hashing), every arrival of a
 /// segment wakes that other worker, which finds nothing to run and parks
-/// again: 1,000 to 3,000 wake-ups and context switches per GiB, each
+/// again: 1,000 to 5,000 wake-ups and context switches per GiB, each
 /// taking CPU from the source or the receiver itself on a 2-core host
 /// (docs/performance.md). On its own runtime the socket's readiness is
 /// only looked at when its thread has nothing else to do.
