@@ -1371,15 +1371,6 @@ impl Receive<'_> {
                     match (end, r) {
                         // The source fails a channel over to the others; only
                         // when none is left is the migration lost.
-                        // A frame this side refused (a tag, the framing, a
-                        // run outside the layout) is the cause: the source
-                        // only sees its channel close, and waits (a second)
-                        // for the Abort naming it, so it is sent at once.
-                        (ChannelEnd::NoneLeft, Some(Err(e)))
-                            if e.kind() != ferry_proto::ErrorKind::Connection =>
-                        {
-                            return Err(e.into());
-                        }
                         (ChannelEnd::NoneLeft, Some(Err(e))) => {
                             return Err(why_the_last_channel_was_lost(&mut msgs, e).await.into());
                         }
@@ -1671,16 +1662,23 @@ pub fn layout_fits(layout: &MemoryLayout) -> bool {
         .all(|r| usize::try_from(r.size).is_ok())
 }
 
-/// The reason to report when the last data channel was lost (closed, reset,
-/// timed out) with `lost`. A source that gives up says why (`Abort`) just
-/// before its channels close: its reason is preferred. A control connection
-/// that closed is the cause when the source's channels close because of it
-/// (its end may be read after theirs). Messages before either, a
-/// `RoundDone`, are skipped; after 200 ms the channel's own error stands.
+/// The reason to report when the last data channel was lost with `lost`.
+/// A frame this side refused (a tag, the framing, a run outside the layout)
+/// is the cause: the source only sees its channel close, and waits (a
+/// second) for the Abort naming it, so it is returned at once. A channel
+/// closed, reset or timed out: a source that gives up says why (`Abort`)
+/// just before its channels close, and its reason is preferred; a control
+/// connection that closed is the cause when the source's channels close
+/// because of it (its end may be read after theirs). Messages before
+/// either, a `RoundDone`, are skipped; after 200 ms the channel's own error
+/// stands.
 async fn why_the_last_channel_was_lost(
     msgs: &mut mpsc::Receiver<ferry_transport::Result<Msg>>,
     lost: TransportError,
 ) -> TransportError {
+    if lost.kind() != ferry_proto::ErrorKind::Connection {
+        return lost;
+    }
     let until = tokio::time::Instant::now() + Duration::from_millis(200);
     loop {
         match tokio::time::timeout_at(until, msgs.recv()).await {
