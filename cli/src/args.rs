@@ -191,8 +191,10 @@ pub struct RelayArgs {
     #[arg(help_heading = TRANSPORT, long, value_parser = units::parse_rate, value_name = "RATE")]
     pub bandwidth_limit: Option<u64>,
     /// Bytes each stream direction may have in flight beyond what the
-    /// destination's hypervisor read (end-to-end back-pressure).
-    #[arg(help_heading = TRANSPORT, long, default_value = "8MiB", value_parser = units::parse_size, value_name = "SIZE")]
+    /// destination's hypervisor read (end-to-end back-pressure). The
+    /// destination books two windows per open stream against its
+    /// --memory-limit.
+    #[arg(help_heading = TRANSPORT, long, default_value = "32MiB", value_parser = units::parse_size, value_name = "SIZE")]
     pub window: u64,
     /// Most hypervisor connections (QEMU: 1 + multifd channels).
     #[arg(help_heading = TRANSPORT, long, default_value_t = ferry_migration::relay::DEFAULT_MAX_STREAMS)]

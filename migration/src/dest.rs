@@ -272,6 +272,12 @@ impl Destination {
         self.metrics.clone()
     }
 
+    /// Bytes booked against `--memory-limit` now, by every migration and
+    /// relay together.
+    pub fn memory_reserved(&self) -> u64 {
+        self.reserved.used()
+    }
+
     /// Accepts connections until [`Destination::shutdown`], reporting each
     /// migration's outcome; then waits for the connections in flight to end.
     pub async fn serve(
@@ -1016,9 +1022,22 @@ impl Destination {
             Ok(p) => p,
             Err(msg) => return Err(conn.reject(RejectReason::Busy, msg).await.into()),
         };
-        let _reserved = match self.reserve(0, offer.reservation()) {
-            Ok(r) => r,
-            Err(msg) => return Err(conn.reject(RejectReason::MemoryLimit, msg).await.into()),
+        // What the relay needs at least (its main stream's windows, its
+        // channels' read buffers); each further stream books its own
+        // windows when it opens (crate::relay::StreamBudget).
+        let reserved = match self.reserved.reserve(offer.admission_reservation()) {
+            Ok(r) => Arc::new(r),
+            Err(f) => {
+                let msg = format!(
+                    "relay buffers of {} (the main stream's two {} windows and the read buffers of {} data channels) plus the {} of the migrations already accepted is above this destination's --memory-limit of {}",
+                    human_exact(f.bytes),
+                    ferry_proto::units::human(u64::from(offer.window)),
+                    offer.channels,
+                    human_exact(f.used),
+                    human_exact(f.limit),
+                );
+                return Err(conn.reject(RejectReason::MemoryLimit, msg).await.into());
+            }
         };
         let Some(keys) = conn.session_keys() else {
             return Err(TransportError::AuthFailed("no session keys after authentication").into());
@@ -1029,6 +1048,10 @@ impl Destination {
         let interfaces = self.advertised_interfaces(migration_id, listen_ip);
         let peer = conn.peer().to_string();
         tracing::info!(migration_id, peer, deliver_to = %deliver_to, "relay accepted");
+        // Its streams on --metrics while it runs, totals once it ended.
+        let live = Arc::new(crate::relay::RelayLive::default());
+        self.metrics.track_relay(migration_id, live.clone());
+        let _retire = RetireRelay(&self.metrics, migration_id);
         let result = match conn
             .send(&Msg::Accept(Accept {
                 migration_id,
@@ -1036,11 +1059,17 @@ impl Destination {
             }))
             .await
         {
-            Ok(()) => {
-                crate::relay::serve_destination(conn, &offer, deliver_to, rx, self.opts.timeout)
-                    .await
-                    .map_err(crate::relay::RelayFailure::into_migration_error)
-            }
+            Ok(()) => crate::relay::serve_destination(
+                conn,
+                &offer,
+                deliver_to,
+                rx,
+                self.opts.timeout,
+                reserved,
+                live,
+            )
+            .await
+            .map_err(crate::relay::RelayFailure::into_migration_error),
             Err(e) => Err(e.into()),
         };
         self.pending.lock().expect("pending").remove(&migration_id);
@@ -1081,6 +1110,16 @@ impl Destination {
             downtime_ms: 0.0,
             cpu: Default::default(),
         })
+    }
+}
+
+/// A relay's streams leave `--metrics`' live figures (for its totals)
+/// however its session ends.
+struct RetireRelay<'a>(&'a Metrics, u64);
+
+impl Drop for RetireRelay<'_> {
+    fn drop(&mut self) {
+        self.0.retire_relay(self.1);
     }
 }
 

@@ -24,6 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::error::MigrationError;
+use crate::relay::{RelayLive, StreamSample};
 use crate::summary::DestSummary;
 
 /// Counters and gauges of one destination daemon.
@@ -46,6 +47,32 @@ pub struct Metrics {
     audits: Mutex<BTreeMap<String, u64>>,
     /// The last audited migration's pause: (predicted, measured) parts.
     last_pause: Mutex<Option<(PauseParts, PauseParts)>>,
+    relays: Mutex<Relays>,
+}
+
+/// Relay streams (`ferry relay`): totals of finished relays by stream
+/// index, plus the live counters of running ones.
+#[derive(Debug, Default)]
+struct Relays {
+    /// (stream, direction) -> bytes.
+    bytes: BTreeMap<(u32, &'static str), u64>,
+    /// (stream, what was waited for) -> seconds.
+    waits: BTreeMap<(u32, &'static str), f64>,
+    live: Vec<(u64, Arc<RelayLive>)>,
+}
+
+impl Relays {
+    fn add(
+        bytes: &mut BTreeMap<(u32, &'static str), u64>,
+        waits: &mut BTreeMap<(u32, &'static str), f64>,
+        s: &StreamSample,
+    ) {
+        *bytes.entry((s.stream, "forward")).or_default() += s.forward_bytes;
+        *bytes.entry((s.stream, "back")).or_default() += s.back_bytes;
+        *waits.entry((s.stream, "deliver")).or_default() += s.waited_to_deliver_s;
+        *waits.entry((s.stream, "window")).or_default() += s.waited_for_window_s;
+        *waits.entry((s.stream, "hypervisor")).or_default() += s.waited_for_hypervisor_s;
+    }
 }
 
 /// Page bytes received per data-channel label: totals of finished channels
@@ -166,6 +193,31 @@ impl Metrics {
             .push((migration, label, counters));
     }
 
+    /// Shows the streams of relay `migration` while it runs (see
+    /// [`Metrics::retire_relay`]).
+    pub fn track_relay(&self, migration: u64, live: Arc<RelayLive>) {
+        self.relays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .live
+            .push((migration, live));
+    }
+
+    /// Relay `migration` ended: its streams' figures become fixed totals.
+    pub fn retire_relay(&self, migration: u64) {
+        let mut r = self.relays.lock().unwrap_or_else(|e| e.into_inner());
+        let Relays { bytes, waits, live } = &mut *r;
+        live.retain(|(id, l)| {
+            if *id != migration {
+                return true;
+            }
+            for s in l.streams() {
+                Relays::add(bytes, waits, &s);
+            }
+            false
+        });
+    }
+
     /// `migration` ended: its channels' bytes become fixed totals.
     pub fn retire(&self, migration: u64) {
         let mut r = self.received.lock().unwrap_or_else(|e| e.into_inner());
@@ -270,6 +322,46 @@ impl Metrics {
             "counter",
             "Page bytes received, by data channel (its index within its migration, or rdma).",
             &labelled("channel", received),
+        );
+        let (stream_bytes, stream_waits, open) = {
+            let r = self.relays.lock().unwrap_or_else(|e| e.into_inner());
+            let (mut bytes, mut waits, mut open) = (r.bytes.clone(), r.waits.clone(), 0u64);
+            for (_, l) in &r.live {
+                for s in l.streams() {
+                    Relays::add(&mut bytes, &mut waits, &s);
+                    open += u64::from(s.open);
+                }
+            }
+            let stream = |k: &str, (s, v): &(u32, &str)| format!("{{stream=\"{s}\",{k}=\"{v}\"}}");
+            (
+                bytes
+                    .iter()
+                    .map(|(key, b)| (stream("direction", key), *b as f64))
+                    .collect::<Vec<_>>(),
+                waits
+                    .iter()
+                    .map(|(key, w)| (stream("wait", key), *w))
+                    .collect::<Vec<_>>(),
+                open,
+            )
+        };
+        metric(
+            "ferry_relay_streams_open",
+            "gauge",
+            "Relay streams (ferry relay: one per hypervisor connection) open now; each holds two --window buffers booked against --memory-limit.",
+            &plain(open),
+        );
+        metric(
+            "ferry_relay_stream_bytes_total",
+            "counter",
+            "Relay stream bytes delivered to this host's hypervisor (direction forward) or read from it (back), by stream (its index within its relay: 0 is the hypervisor's first connection, QEMU's main channel).",
+            &stream_bytes,
+        );
+        metric(
+            "ferry_relay_stream_wait_seconds_total",
+            "counter",
+            "Seconds relay streams waited, by stream and for what: deliver (this host's hypervisor to read: it set the pace), window (the source's credit, back direction), hypervisor (this host's hypervisor to write).",
+            &stream_waits,
         );
         let last = *self.last.lock().unwrap_or_else(|e| e.into_inner());
         let (downtime, duration) = match last {

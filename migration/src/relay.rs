@@ -34,8 +34,10 @@ use ferry_proto::relay::{
 };
 use ferry_proto::wire::{Codec, CompressionSpec};
 use ferry_transport::codec::{Decoder, Encoder};
+use ferry_transport::compress::{probe_incompressible, Backoff, LinkProbe, MIN_SAVING_DIVISOR};
 use ferry_transport::conn::{Conn, ConnWriter};
 use ferry_transport::ratelimit::RateLimiter;
+use ferry_transport::reservation::Reservation;
 use ferry_transport::stream::Stream;
 use ferry_transport::TransportError;
 use serde::Serialize;
@@ -58,8 +60,12 @@ pub enum RelayFailure {
     /// The control connection or the transport.
     #[error(transparent)]
     Transport(#[from] TransportError),
-    /// The peer broke the relay's rules, or a digest did not match.
-    #[error("relay protocol: {0}")]
+    /// The peer broke the relay's rules, a digest did not match, or a
+    /// stream did not fit the destination's memory limit.
+    #[error("{}", match .0 {
+        RelayError::MemoryLimit { .. } => .0.to_string(),
+        e => format!("relay protocol: {e}"),
+    })]
     Protocol(#[from] RelayError),
     /// A hypervisor connection failed (reset, or closed with bytes left).
     #[error("{0}")]
@@ -82,6 +88,7 @@ impl RelayFailure {
             RelayFailure::Transport(TransportError::Rejected { .. }) => "rejected",
             RelayFailure::Transport(_) => "transport",
             RelayFailure::Protocol(RelayError::Mismatch { .. }) => "digest",
+            RelayFailure::Protocol(RelayError::MemoryLimit { .. }) => "memory_limit",
             RelayFailure::Protocol(_) => "protocol",
             RelayFailure::Hypervisor(_) => "hypervisor",
             RelayFailure::PeerAborted(_) => "peer_aborted",
@@ -96,6 +103,13 @@ impl RelayFailure {
             RelayFailure::Setup(e) => e,
             RelayFailure::Transport(t) => t.into(),
             RelayFailure::Protocol(RelayError::Wire(w)) => TransportError::from(w).into(),
+            RelayFailure::Protocol(e @ RelayError::MemoryLimit { .. }) => {
+                TransportError::Rejected {
+                    reason: RejectReason::MemoryLimit,
+                    message: e.to_string(),
+                }
+                .into()
+            }
             RelayFailure::PeerAborted(why) => TransportError::PeerAborted(why).into(),
             e => MigrationError::Guest(format!("relay: {e}")),
         }
@@ -174,6 +188,13 @@ pub struct StreamReport {
 /// Counters of one stream, kept by its pumps and data channels.
 #[derive(Debug, Default)]
 struct StreamMetrics {
+    /// Stream id.
+    id: u32,
+    /// Bytes read from this side's hypervisor or delivered to it, by
+    /// direction (forward, back).
+    bytes: [AtomicU64; 2],
+    /// Both directions done (its buffers given back).
+    done: AtomicBool,
     chunks_sent: AtomicU64,
     chunks_received: AtomicU64,
     duplicates: AtomicU64,
@@ -185,8 +206,62 @@ struct StreamMetrics {
     raw_incompressible: AtomicU64,
     raw_skipped: AtomicU64,
     raw_link_idle: AtomicU64,
-    /// Chunks still to send raw untried after one did not shrink.
-    skip: AtomicU32,
+    /// The stream's chunks that did not shrink: how many to send raw
+    /// untried, whether to sample first (the page path's back-off).
+    backoff: Mutex<Backoff>,
+}
+
+impl StreamMetrics {
+    fn bytes(&self, dir: Dir) -> &AtomicU64 {
+        &self.bytes[usize::from(dir.id())]
+    }
+}
+
+/// A relay's streams as they go, for the destination daemon's `--metrics`
+/// ([`crate::metrics::Metrics::track_relay`]): shared with the engine,
+/// which adds each stream as it opens.
+#[derive(Debug, Default)]
+pub struct RelayLive {
+    streams: Mutex<Vec<Arc<StreamMetrics>>>,
+}
+
+/// One stream's figures so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StreamSample {
+    /// Stream id (0: the hypervisor's first connection, QEMU's main channel).
+    pub stream: u32,
+    /// Bytes source -> destination this side read or delivered.
+    pub forward_bytes: u64,
+    /// Bytes destination -> source this side read or delivered.
+    pub back_bytes: u64,
+    /// Seconds this side waited for its hypervisor to write.
+    pub waited_for_hypervisor_s: f64,
+    /// Seconds this side waited for the peer's credit (window full).
+    pub waited_for_window_s: f64,
+    /// Seconds this side waited for its hypervisor to read.
+    pub waited_to_deliver_s: f64,
+    /// Not done yet (its buffers booked).
+    pub open: bool,
+}
+
+impl RelayLive {
+    /// Every stream opened so far.
+    pub fn streams(&self) -> Vec<StreamSample> {
+        self.streams
+            .lock()
+            .expect("streams")
+            .iter()
+            .map(|m| StreamSample {
+                stream: m.id,
+                forward_bytes: m.bytes(Dir::Forward).load(Ordering::Relaxed),
+                back_bytes: m.bytes(Dir::Back).load(Ordering::Relaxed),
+                waited_for_hypervisor_s: secs(&m.wait_hypervisor_ns),
+                waited_for_window_s: secs(&m.wait_window_ns),
+                waited_to_deliver_s: secs(&m.wait_deliver_ns),
+                open: !m.done.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
 }
 
 fn add_elapsed(counter: &AtomicU64, since: Instant) {
@@ -316,7 +391,75 @@ struct StreamSlot {
     data: Notify,
     /// The hypervisor connection, once there (reset on failure).
     sock: Mutex<Option<Arc<TcpStream>>>,
-    metrics: StreamMetrics,
+    metrics: Arc<StreamMetrics>,
+    /// The destination's booking of this stream's buffers, given back when
+    /// both directions are done.
+    booking: Mutex<Option<StreamBooking>>,
+}
+
+/// The destination's buffers of a relay's streams, booked against its
+/// `--memory-limit` as streams open (two windows each) and given back as
+/// they end. The relay's admission booked the first stream's already.
+#[derive(Debug)]
+pub struct StreamBudget {
+    reservation: Arc<Reservation>,
+    per_stream: u64,
+    prebooked: AtomicU32,
+}
+
+impl StreamBudget {
+    /// Streams of `per_stream` bytes each on `reservation`, of which the
+    /// first `prebooked` are part of it already.
+    pub fn new(reservation: Arc<Reservation>, per_stream: u64, prebooked: u32) -> Self {
+        StreamBudget {
+            reservation,
+            per_stream,
+            prebooked: AtomicU32::new(prebooked),
+        }
+    }
+
+    /// Books one stream's buffers, or refuses it naming the limit.
+    fn book(&self, stream: u32) -> std::result::Result<StreamBooking, RelayError> {
+        let prebooked = self
+            .prebooked
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if !prebooked {
+            self.reservation
+                .grow(self.per_stream, "relay stream buffers")
+                .map_err(|e| match e {
+                    TransportError::Wire(ferry_proto::WireError::TooLarge {
+                        len, limit, ..
+                    }) => RelayError::MemoryLimit {
+                        stream,
+                        needs: self.per_stream,
+                        used: len.saturating_sub(self.per_stream),
+                        limit,
+                    },
+                    e => RelayError::Wire(ferry_proto::WireError::Invalid {
+                        field: "relay stream buffers",
+                        detail: e.to_string(),
+                    }),
+                })?;
+        }
+        Ok(StreamBooking {
+            reservation: self.reservation.clone(),
+            bytes: self.per_stream,
+        })
+    }
+}
+
+/// One stream's booked buffers; given back when dropped.
+#[derive(Debug)]
+struct StreamBooking {
+    reservation: Arc<Reservation>,
+    bytes: u64,
+}
+
+impl Drop for StreamBooking {
+    fn drop(&mut self) {
+        self.reservation.shrink(self.bytes);
+    }
 }
 
 struct StreamInner {
@@ -338,6 +481,12 @@ struct Channel {
 struct Shared {
     cfg: EngineConfig,
     keys: RelayKeys,
+    /// The destination's bookings of stream buffers (`None` at the source).
+    budget: Option<StreamBudget>,
+    /// The streams' counters as they go (`--metrics`).
+    live: Arc<RelayLive>,
+    /// Compression workers, when compression is on.
+    squeezers: Option<Squeezers>,
     streams: Mutex<Vec<Arc<StreamSlot>>>,
     queue_tx: mpsc::UnboundedSender<Arc<OutChunk>>,
     queue_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Arc<OutChunk>>>,
@@ -358,8 +507,30 @@ impl Shared {
         let _ = self.events.send(Event::Fail(f));
     }
 
+    /// Both directions of `stream` are done: its buffers go back.
+    fn release(&self, stream: u32) {
+        let slot = self
+            .streams
+            .lock()
+            .expect("streams")
+            .get(stream as usize)
+            .cloned();
+        let Some(slot) = slot else { return };
+        slot.metrics.done.store(true, Ordering::Relaxed);
+        let booking = slot.booking.lock().expect("booking").take();
+        if let Some(b) = booking {
+            tracing::debug!(
+                stream,
+                bytes = b.bytes,
+                "stream done: its buffers given back"
+            );
+        }
+    }
+
     /// The slot of `stream`, created on first use (a chunk may arrive
-    /// before its `Open`).
+    /// before its `Open`; streams open in order, so the ones below it are
+    /// created too). At the destination, creating a slot books the
+    /// stream's buffers: refused when they do not fit `--memory-limit`.
     fn slot(&self, stream: u32) -> std::result::Result<Arc<StreamSlot>, RelayError> {
         let mut all = self.streams.lock().expect("streams");
         if stream >= self.cfg.max_streams {
@@ -370,6 +541,19 @@ impl Shared {
         }
         while all.len() <= stream as usize {
             let id = all.len() as u32;
+            let booking = match &self.budget {
+                Some(b) => Some(b.book(id)?),
+                None => None,
+            };
+            let metrics = Arc::new(StreamMetrics {
+                id,
+                ..Default::default()
+            });
+            self.live
+                .streams
+                .lock()
+                .expect("streams")
+                .push(metrics.clone());
             all.push(Arc::new(StreamSlot {
                 id,
                 inner: Mutex::new(StreamInner {
@@ -384,7 +568,8 @@ impl Shared {
                 credit: Notify::new(),
                 data: Notify::new(),
                 sock: Mutex::new(None),
-                metrics: StreamMetrics::default(),
+                metrics: metrics.clone(),
+                booking: Mutex::new(booking),
             }));
         }
         Ok(all[stream as usize].clone())
@@ -458,6 +643,7 @@ async fn pump_out(sh: Arc<Shared>, slot: Arc<StreamSlot>, sock: Arc<TcpStream>) 
             // what it holds while it waits for its ack.
             data.shrink_to_fit();
         }
+        m.bytes(dir).fetch_add(n as u64, Ordering::Relaxed);
         let offset = {
             let mut i = slot.inner.lock().expect("stream");
             i.digest.update(&data);
@@ -533,6 +719,9 @@ async fn pump_in(
                         }
                     }
                 }
+                slot.metrics
+                    .bytes(dir)
+                    .fetch_add(b.len() as u64, Ordering::Relaxed);
                 let credit = {
                     let mut i = slot.inner.lock().expect("stream");
                     i.recv.on_written(b.len());
@@ -581,12 +770,10 @@ async fn channel_writer(
     mut acks: mpsc::UnboundedReceiver<u64>,
     fd: Option<OwnedFd>,
 ) -> std::result::Result<(), String> {
-    let mut enc = match sh.cfg.compression {
-        Some(spec) => Some(Encoder::new(spec).map_err(|e| e.to_string())?),
-        None => None,
-    };
     let mut scratch = Vec::new();
     let mut ack_buf = Vec::new();
+    // The page path's probe: is this link about to go idle?
+    let mut link = LinkProbe::new(fd);
     loop {
         tokio::select! {
             biased;
@@ -599,6 +786,7 @@ async fn channel_writer(
                 }
                 wr.write_all(&ack_buf).await.map_err(|e| format!("sending acks: {e}"))?;
                 wr.flush().await.map_err(|e| format!("sending acks: {e}"))?;
+                link.wrote(ack_buf.len() as u64);
                 sh.wire_bytes.fetch_add(ack_buf.len() as u64, Ordering::Relaxed);
             }
             c = next_chunk(&sh) => {
@@ -613,7 +801,8 @@ async fn channel_writer(
                 let raw_len = c.data.len() as u32;
                 let mut codec = 0u8;
                 let mut payload: &[u8] = &c.data;
-                if let (Some(e), Some(spec)) = (enc.as_mut(), sh.cfg.compression) {
+                let mut compressed = None;
+                if let (Some(workers), Some(spec)) = (&sh.squeezers, sh.cfg.compression) {
                     let m = sh.slot(c.stream).ok();
                     let m = m.as_ref().map(|s| &s.metrics);
                     let count = |f: fn(&StreamMetrics) -> &AtomicU64| {
@@ -621,31 +810,44 @@ async fn channel_writer(
                             f(m).fetch_add(1, Ordering::Relaxed);
                         }
                     };
-                    if !link_busy(&sh, fd.as_ref()) {
+                    let backoff = |f: fn(&mut Backoff) -> bool, or: bool| {
+                        m.map_or(or, |m| f(&mut m.backoff.lock().expect("backoff")))
+                    };
+                    let learned = |shrank: bool| {
+                        if let Some(m) = m {
+                            m.backoff.lock().expect("backoff").learned(shrank);
+                        }
+                    };
+                    if link.about_to_idle(sh.limiter.as_ref()) {
                         count(|m| &m.raw_link_idle);
-                    } else if m.is_some_and(|m| {
-                        m.skip
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |k| k.checked_sub(1))
-                            .is_ok()
-                    }) {
+                    } else if !backoff(Backoff::try_next, true) {
                         count(|m| &m.raw_skipped);
                     } else {
-                        scratch.resize(e.bound(c.data.len()), 0);
-                        match e.compress(&c.data, &mut scratch) {
-                            // Only when it pays (an eighth saved at least).
-                            Ok(n) if n < c.data.len() - c.data.len() / 8 => {
+                        // On a niced worker: the link has a backlog, so the
+                        // wait costs no link time, and the hypervisors and
+                        // this runtime's IO win the CPU meanwhile.
+                        let sample_first = backoff(|b| b.sample_first(), false);
+                        let buf = std::mem::take(&mut scratch);
+                        match workers.squeeze(c.clone(), sample_first, buf).await {
+                            Some((buf, Some(n))) => {
+                                scratch = buf;
                                 codec = spec.codec.id();
-                                payload = &scratch[..n];
+                                compressed = Some(n);
                                 count(|m| &m.compressed);
+                                learned(true);
                             }
-                            _ => {
+                            Some((buf, None)) => {
+                                scratch = buf;
                                 count(|m| &m.raw_incompressible);
-                                if let Some(m) = m {
-                                    m.skip.store(INCOMPRESSIBLE_SKIP, Ordering::Relaxed);
-                                }
+                                learned(false);
                             }
+                            // The workers are gone: the relay is ending.
+                            None => count(|m| &m.raw_incompressible),
                         }
                     }
+                }
+                if let Some(n) = compressed {
+                    payload = &scratch[..n];
                 }
                 let header = StreamChunk {
                     stream: c.stream,
@@ -664,6 +866,7 @@ async fn channel_writer(
                 }
                 write_both(&mut wr, &header, payload).await.map_err(|e| format!("sending a chunk: {e}"))?;
                 wr.flush().await.map_err(|e| format!("sending a chunk: {e}"))?;
+                link.wrote(total);
                 ch.chunks_sent.fetch_add(1, Ordering::Relaxed);
                 ch.bytes_sent.fetch_add(total, Ordering::Relaxed);
                 sh.wire_bytes.fetch_add(total, Ordering::Relaxed);
@@ -710,34 +913,100 @@ async fn write_both<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// With compression on, a chunk goes raw, untried, when its channel's
-/// socket has less than this unsent (about 4 ms at 1 Gbit/s): the link
-/// would go idle while the chunk is compressed, so compressing costs CPU
-/// (which the hypervisors on the same host need) and saves no time.
-const COMPRESS_BACKLOG: usize = 512 << 10;
+/// Nice value of the relay's compression workers (the page path's too).
+const SQUEEZE_NICE: i32 = 10;
 
-/// After a chunk of a stream did not shrink, this many of the stream's next
-/// chunks go raw untried (random or encrypted bytes stay so).
-const INCOMPRESSIBLE_SKIP: u32 = 8;
+/// A chunk for a compression worker, the buffer to compress into, and
+/// where the answer goes: the buffer back, with the compressed length when
+/// the chunk shrank by at least an eighth.
+struct SqueezeJob {
+    chunk: Arc<OutChunk>,
+    sample_first: bool,
+    buf: Vec<u8>,
+    reply: tokio::sync::oneshot::Sender<(Vec<u8>, Option<usize>)>,
+}
 
-/// Whether compressing the next chunk can save link time: the channel has a
-/// backlog, or under `--bandwidth-limit` the cap has one (the cap is the link).
-fn link_busy(sh: &Shared, fd: Option<&OwnedFd>) -> bool {
-    if sh
-        .limiter
-        .as_ref()
-        .is_some_and(|l| l.backlog(Instant::now()) > ferry_transport::compress::IDLE_MARGIN)
-    {
-        return true;
+/// The relay's compression workers: threads at nice 10, as the page path's
+/// pool, so that on a host whose cores the hypervisors need, lz4 takes
+/// only what moving bytes leaves, and a chunk being compressed does not
+/// hold up the IO of the other channels and streams on the relay's
+/// runtime threads. A channel writer asks them only while its link has a
+/// backlog (so waiting for one costs no link time). Decompression (about
+/// four times faster than compression with lz4) stays on the data
+/// channel's reader. The threads end when the relay drops this.
+struct Squeezers {
+    jobs: std::sync::mpsc::Sender<SqueezeJob>,
+}
+
+impl Squeezers {
+    fn start(spec: CompressionSpec, workers: usize) -> std::result::Result<Self, String> {
+        let (jobs, rx) = std::sync::mpsc::channel::<SqueezeJob>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..workers.max(1) {
+            let mut enc = Encoder::new(spec).map_err(|e| e.to_string())?;
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("relay-zip-{i}"))
+                .spawn(move || {
+                    if let Err(e) = ferry_ffi::net::set_current_thread_nice(SQUEEZE_NICE) {
+                        tracing::debug!("relay compression worker runs un-niced: {e}");
+                    }
+                    let mut sample = Vec::new();
+                    loop {
+                        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok(SqueezeJob {
+                            chunk,
+                            sample_first,
+                            mut buf,
+                            reply,
+                        }) = job
+                        else {
+                            return;
+                        };
+                        let data = &chunk.data;
+                        // After a failure, a sample first: random bytes
+                        // cost a quarter of a chunk's compression.
+                        let n = if sample_first && probe_incompressible(&mut enc, data, &mut sample)
+                        {
+                            None
+                        } else {
+                            buf.resize(enc.bound(data.len()), 0);
+                            enc.compress(data, &mut buf).ok().filter(|&n| {
+                                n * MIN_SAVING_DIVISOR < data.len() * (MIN_SAVING_DIVISOR - 1)
+                            })
+                        };
+                        let _ = reply.send((buf, n));
+                    }
+                })
+                .map_err(|e| format!("starting a compression worker: {e}"))?;
+        }
+        Ok(Squeezers { jobs })
     }
-    fd.is_some_and(|fd| {
-        ferry_ffi::net::send_queue_bytes(fd.as_fd()).is_ok_and(|q| q >= COMPRESS_BACKLOG)
-    })
+
+    /// Compresses `chunk` on a worker into `buf`; `None` when the workers
+    /// are gone.
+    async fn squeeze(
+        &self,
+        chunk: Arc<OutChunk>,
+        sample_first: bool,
+        buf: Vec<u8>,
+    ) -> Option<(Vec<u8>, Option<usize>)> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(SqueezeJob {
+                chunk,
+                sample_first,
+                buf,
+                reply,
+            })
+            .ok()?;
+        answer.await.ok()
+    }
 }
 
 /// Bytes a data channel's reader buffers: the next headers (and acks)
 /// come with the payload before them in one read.
-const CHANNEL_READ_BUFFER: usize = 64 << 10;
+const CHANNEL_READ_BUFFER: usize = ferry_proto::relay::CHANNEL_READ_BUFFER as usize;
 
 async fn channel_reader(
     sh: Arc<Shared>,
@@ -802,8 +1071,9 @@ async fn channel_reader(
         let slot = match sh.slot(c.stream) {
             Ok(s) => s,
             Err(e) => {
+                let why = e.to_string();
                 sh.fail(e.into());
-                return Err("stream beyond the limit".into());
+                return Err(why);
             }
         };
         let placed = slot
@@ -929,6 +1199,11 @@ fn attach(
     Ok(())
 }
 
+/// How long a side whose last data channel was lost waits for the peer's
+/// `Abort` on the control connection (the reason, when the peer failed
+/// first and closed its channels as it went).
+const PEER_REASON_WAIT: Duration = Duration::from_millis(200);
+
 /// How the engine gets its streams.
 #[derive(Debug)]
 pub enum Hypervisor {
@@ -944,12 +1219,34 @@ pub enum Hypervisor {
 pub struct Engine {
     cfg: EngineConfig,
     keys: RelayKeys,
+    budget: Option<StreamBudget>,
+    live: Arc<RelayLive>,
 }
 
 impl Engine {
     /// An engine with these settings and the relay's keys.
     pub fn new(cfg: EngineConfig, keys: RelayKeys) -> Self {
-        Engine { cfg, keys }
+        Engine {
+            cfg,
+            keys,
+            budget: None,
+            live: Arc::default(),
+        }
+    }
+
+    /// Shares each stream's counters, as it opens, with `live` (the
+    /// daemon's `--metrics`).
+    pub fn with_live(mut self, live: Arc<RelayLive>) -> Self {
+        self.live = live;
+        self
+    }
+
+    /// Books each stream's buffers on `budget` as it opens (the
+    /// destination's `--memory-limit`); a stream that does not fit fails
+    /// the relay, naming the limit, before its hypervisor connection opens.
+    pub fn with_budget(mut self, budget: StreamBudget) -> Self {
+        self.budget = Some(budget);
+        self
     }
 
     /// Runs the relay until every stream is done (`Ok`) or it fails; on
@@ -966,10 +1263,23 @@ impl Engine {
         let (queue_tx, queue_rx) = mpsc::unbounded_channel();
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+        let squeezers = match self.cfg.compression {
+            Some(spec) => Some(
+                Squeezers::start(
+                    spec,
+                    ferry_transport::compress::CompressConfig::default_workers(),
+                )
+                .map_err(|e| crate::error::MigrationError::Config(format!("relay: {e}")))?,
+            ),
+            None => None,
+        };
         let sh = Arc::new(Shared {
+            squeezers,
             limiter: self.cfg.bandwidth_limit.map(RateLimiter::new),
             cfg: self.cfg.clone(),
             keys: self.keys,
+            budget: self.budget,
+            live: self.live,
             streams: Mutex::new(Vec::new()),
             queue_tx,
             queue_rx: tokio::sync::Mutex::new(queue_rx),
@@ -1066,6 +1376,10 @@ impl Engine {
                 m = msgs.recv() => {
                     let m = match m {
                         Some(Ok(m)) => m,
+                        // The control reader turns the peer's Abort into this.
+                        Some(Err(TransportError::PeerAborted(why))) => {
+                            break Err(RelayFailure::PeerAborted(why))
+                        }
                         Some(Err(e)) => break Err(e.into()),
                         None => break Err(TransportError::PeerClosed { what: "control" }.into()),
                     };
@@ -1077,7 +1391,13 @@ impl Engine {
                         }
                         (Side::Source, Msg::Pong { .. }) => {}
                         (Side::Destination, Msg::Open { stream }) => {
-                            if let Err(e) = fifo.on_open(stream).and_then(|()| rules.open().map(|_| ())) {
+                            // The slot books the stream's buffers: one that
+                            // does not fit is refused before its connect.
+                            if let Err(e) = fifo
+                                .on_open(stream)
+                                .and_then(|()| rules.open().map(|_| ()))
+                                .and_then(|()| sh.slot(stream).map(|_| ()))
+                            {
                                 break Err(e.into());
                             }
                             if let Some(s) = fifo.next_connect() {
@@ -1103,8 +1423,10 @@ impl Engine {
                             }
                             slot.credit.notify_one();
                             if finished {
-                                if let Err(e) = rules.finish(stream, dir) {
-                                    break Err(e.into());
+                                match rules.finish(stream, dir) {
+                                    Ok(true) => sh.release(stream),
+                                    Ok(false) => {}
+                                    Err(e) => break Err(e.into()),
                                 }
                             }
                         }
@@ -1140,12 +1462,33 @@ impl Engine {
                     }
                 }
                 ev = ev_rx.recv() => match ev.expect("the engine holds a sender") {
-                    Event::Fail(f) => break Err(f),
-                    Event::InDone(stream) => {
-                        if let Err(e) = rules.finish(stream, side.in_dir()) {
-                            break Err(e.into());
-                        }
+                    Event::Fail(f @ RelayFailure::Transport(TransportError::NoChannelLeft { .. })) => {
+                        // A peer that fails closes its data channels as it
+                        // goes: its Abort, if it sent one, says why.
+                        let why = tokio::time::timeout(PEER_REASON_WAIT, async {
+                            loop {
+                                match msgs.recv().await {
+                                    Some(Ok(Msg::Abort { reason }))
+                                    | Some(Err(TransportError::PeerAborted(reason))) => {
+                                        return Some(reason)
+                                    }
+                                    Some(Ok(_)) => {}
+                                    _ => return None,
+                                }
+                            }
+                        })
+                        .await;
+                        break Err(match why {
+                            Ok(Some(reason)) => RelayFailure::PeerAborted(reason),
+                            _ => f,
+                        });
                     }
+                    Event::Fail(f) => break Err(f),
+                    Event::InDone(stream) => match rules.finish(stream, side.in_dir()) {
+                        Ok(true) => sh.release(stream),
+                        Ok(false) => {}
+                        Err(e) => break Err(e.into()),
+                    },
                     Event::Connected(stream, r) => {
                         fifo.on_connected(stream);
                         match r {
@@ -1440,13 +1783,19 @@ impl ReadySource {
 }
 
 /// The destination side of one relay, after its offer was accepted:
-/// `channels` are its data channels as they arrive.
+/// `channels` are its data channels as they arrive; `reservation` is the
+/// relay's booking against `--memory-limit`, made at admission with
+/// [`RelayOffer::admission_reservation`] (the first stream's buffers among
+/// them); every further stream grows it as it opens and gives its share
+/// back when it ends.
 pub async fn serve_destination(
     conn: Conn,
     offer: &RelayOffer,
     deliver_to: SocketAddr,
     mut channels: mpsc::Receiver<Stream>,
     channel_timeout: Duration,
+    reservation: Arc<Reservation>,
+    live: Arc<RelayLive>,
 ) -> Result<RelayReport> {
     let keys = conn.session_keys().ok_or(TransportError::AuthFailed(
         "no session keys after the handshake",
@@ -1470,6 +1819,99 @@ pub async fn serve_destination(
         }
     });
     Engine::new(cfg, RelayKeys::derive(&keys))
+        .with_budget(StreamBudget::new(
+            reservation,
+            offer.stream_reservation(),
+            1,
+        ))
+        .with_live(live)
         .run(conn, rx, Hypervisor::Connect(deliver_to))
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(data: Vec<u8>) -> Arc<OutChunk> {
+        Arc::new(OutChunk {
+            stream: 0,
+            dir: Dir::Forward,
+            offset: 0,
+            seq: 0,
+            data,
+        })
+    }
+
+    /// The nice values of this process's relay compression workers.
+    fn worker_nices() -> Vec<i64> {
+        let mut out = Vec::new();
+        for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.starts_with("relay-zip-") {
+                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                // After the ")" that ends the name: state is field 3, nice 19.
+                let rest = stat.rsplit_once(')').map_or("", |r| r.1);
+                if let Some(n) = rest.split_whitespace().nth(16) {
+                    out.push(n.parse().unwrap());
+                }
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn compression_workers_are_niced_and_compress_only_what_shrinks() {
+        let w = Squeezers::start("lz4".parse().unwrap(), 2).unwrap();
+        let text: Vec<u8> = b"QEMU RAM page 0123456789 "
+            .iter()
+            .cycle()
+            .take(256 << 10)
+            .copied()
+            .collect();
+        let (buf, n) = w
+            .squeeze(chunk(text.clone()), false, Vec::new())
+            .await
+            .unwrap();
+        let n = n.expect("text shrinks");
+        assert!(n < text.len() / 8, "{n}");
+        let mut dec = Decoder::default();
+        let mut back = vec![0u8; text.len()];
+        dec.decompress_exact(Codec::Lz4, &buf[..n], &mut back)
+            .unwrap();
+        assert!(back == text);
+        let mut x = 1u64;
+        let random: Vec<u8> = (0..256 << 10)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        for sample_first in [false, true] {
+            let (_, n) = w
+                .squeeze(chunk(random.clone()), sample_first, buf.clone())
+                .await
+                .unwrap();
+            assert_eq!(
+                n, None,
+                "random bytes go raw (sample first: {sample_first})"
+            );
+        }
+        let nices = worker_nices();
+        assert_eq!(nices.len(), 2, "{nices:?}");
+        assert!(
+            nices.iter().all(|&n| n == i64::from(SQUEEZE_NICE)),
+            "{nices:?}"
+        );
+        drop(w);
+        for _ in 0..200 {
+            if worker_nices().is_empty() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the workers outlived their relay: {:?}", worker_nices());
+    }
 }

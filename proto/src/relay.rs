@@ -49,10 +49,11 @@ use crate::error::{Result, WireError};
 use crate::keys::{MacKey, SessionKeys, SECRET_LEN};
 use crate::net::Cidr;
 use crate::option::PerformanceOption;
+use crate::units::{human, human_exact};
 
 /// Default window of one stream direction: bytes a sender may have read
 /// beyond what the receiver delivered into its hypervisor socket.
-pub const DEFAULT_WINDOW: u32 = 8 << 20;
+pub const DEFAULT_WINDOW: u32 = 32 << 20;
 /// Smallest window (one chunk must fit).
 pub const MIN_WINDOW: u32 = 64 << 10;
 /// Largest window.
@@ -71,6 +72,9 @@ pub const ACK_MAGIC: [u8; 4] = *b"FRYA";
 pub const CHUNK_HEADER_LEN: usize = 68;
 /// Bytes of an ack.
 pub const ACK_LEN: usize = 32;
+/// Bytes a data channel's reader buffers (the next headers and acks come
+/// with the payload before them in one read).
+pub const CHANNEL_READ_BUFFER: u64 = 64 << 10;
 
 const CHUNK_LABEL: &[u8] = b"ferry relay chunk v1";
 const ACK_LABEL: &[u8] = b"ferry relay ack v1";
@@ -173,10 +177,23 @@ impl RelayOffer {
         Ok(())
     }
 
-    /// Bytes a destination reserves for this relay: every stream's two
-    /// directions, each at most a window of reassembly.
-    pub fn reservation(&self) -> u64 {
-        u64::from(self.max_streams) * 2 * u64::from(self.window)
+    /// Bytes one opened stream holds at most at either end: its two
+    /// directions, each at most a window (reassembly on the receiving side,
+    /// copies kept for a resend on the sending side). A destination books
+    /// them when the stream opens and gives them back when it ends.
+    pub fn stream_reservation(&self) -> u64 {
+        2 * u64::from(self.window)
+    }
+
+    /// Bytes a destination books when it admits the relay: what the relay
+    /// needs at least, its main stream (every relay has one), and each data
+    /// channel's read buffer and the payload it reads into (`chunk`). The
+    /// other streams are booked as they open
+    /// ([`RelayOffer::stream_reservation`]), not `max_streams` of them up
+    /// front.
+    pub fn admission_reservation(&self) -> u64 {
+        self.stream_reservation()
+            + u64::from(self.channels) * (CHANNEL_READ_BUFFER + u64::from(self.chunk))
     }
 }
 
@@ -522,6 +539,24 @@ pub enum RelayError {
         stream: u32,
         /// The limit.
         max: u32,
+    },
+    /// A stream's buffers do not fit the destination's `--memory-limit`.
+    #[error(
+        "stream {stream} refused: its buffers ({}: two {} windows) and the {} already booked are above this destination's --memory-limit of {}",
+        human_exact(*.needs),
+        human(*.needs / 2),
+        human_exact(*.used),
+        human_exact(*.limit)
+    )]
+    MemoryLimit {
+        /// The stream id.
+        stream: u32,
+        /// Bytes it needs (two windows).
+        needs: u64,
+        /// Bytes booked already (every migration and relay together).
+        used: u64,
+        /// `--memory-limit`.
+        limit: u64,
     },
     /// A direction's digest or length did not match at its end.
     #[error("stream {stream} ({dir}): {what}")]
@@ -984,17 +1019,20 @@ impl Streams {
         Ok(id)
     }
 
-    /// A direction of `stream` is done (delivered and confirmed).
-    pub fn finish(&mut self, stream: u32, dir: Dir) -> std::result::Result<(), RelayError> {
+    /// A direction of `stream` is done (delivered and confirmed). Returns
+    /// true when this made the whole stream done (both directions): its
+    /// buffers can be given back.
+    pub fn finish(&mut self, stream: u32, dir: Dir) -> std::result::Result<bool, RelayError> {
         let d = self
             .done
             .get_mut(stream as usize)
             .ok_or_else(|| invalid("stream id", format!("{stream} was never opened")))?;
+        let was = d.0 && d.1;
         match dir {
             Dir::Forward => d.0 = true,
             Dir::Back => d.1 = true,
         }
-        Ok(())
+        Ok(!was && d.0 && d.1)
     }
 
     /// True when the main stream is done and every stream opened too:
@@ -1251,12 +1289,16 @@ mod tests {
         assert!(!s.all_done(), "no stream is not a finished relay");
         assert_eq!(s.open().unwrap(), 0);
         assert_eq!(s.open().unwrap(), 1);
-        s.finish(1, Dir::Forward).unwrap();
-        s.finish(1, Dir::Back).unwrap();
-        s.finish(0, Dir::Forward).unwrap();
+        assert!(!s.finish(1, Dir::Forward).unwrap(), "one direction of two");
+        assert!(s.finish(1, Dir::Back).unwrap(), "both: its buffers go back");
+        assert!(
+            !s.finish(1, Dir::Back).unwrap(),
+            "a stream is done (and its buffers given back) once"
+        );
+        assert!(!s.finish(0, Dir::Forward).unwrap());
         assert!(!s.all_done());
         assert!(s.on_end(2).is_err(), "main still open");
-        s.finish(0, Dir::Back).unwrap();
+        assert!(s.finish(0, Dir::Back).unwrap());
         assert!(s.all_done());
         assert!(s.open().is_err(), "no stream after the main stream ended");
         assert!(s.on_end(3).is_err(), "wrong count");
@@ -1278,7 +1320,35 @@ mod tests {
             channels: 4,
         };
         o.validate().unwrap();
-        assert_eq!(o.reservation(), 65 * 2 * (8 << 20));
+        // Per opened stream: its two windows, not max_streams of them.
+        assert_eq!(o.stream_reservation(), 2 * u64::from(DEFAULT_WINDOW));
+        let many = RelayOffer {
+            max_streams: MAX_STREAMS,
+            ..o.clone()
+        };
+        assert_eq!(
+            many.admission_reservation(),
+            o.admission_reservation(),
+            "admission does not scale with max_streams"
+        );
+        // At admission: the main stream and each channel's read buffers.
+        assert_eq!(
+            o.admission_reservation(),
+            2 * u64::from(DEFAULT_WINDOW) + 4 * ((64 << 10) + (256 << 10))
+        );
+        let e = RelayError::MemoryLimit {
+            stream: 3,
+            needs: 64 << 20,
+            used: 1 << 30,
+            limit: 1 << 30,
+        }
+        .to_string();
+        assert!(
+            e.contains("stream 3")
+                && e.contains("--memory-limit of 1.00 GiB")
+                && e.contains("32.00 MiB windows"),
+            "{e}"
+        );
         for bad in [
             RelayOffer {
                 max_streams: 0,

@@ -47,10 +47,19 @@ fn daemon(
     rt: &tokio::runtime::Runtime,
     plaintext: bool,
 ) -> (SocketAddr, tokio::task::JoinHandle<()>, Arc<Destination>) {
+    daemon_limited(rt, plaintext, 8 << 30)
+}
+
+/// [`daemon`] with this `--memory-limit`.
+fn daemon_limited(
+    rt: &tokio::runtime::Runtime,
+    plaintext: bool,
+    memory_limit: u64,
+) -> (SocketAddr, tokio::task::JoinHandle<()>, Arc<Destination>) {
     let key = key();
     let opts = ListenOptions {
         key: key.clone(),
-        memory_limit: 8 << 30,
+        memory_limit,
         timeout: Duration::from_secs(10),
         max_concurrent: 2,
         queue: 0,
@@ -619,6 +628,192 @@ fn the_source_relay_gone_resets_the_destination_hypervisors_connections() {
     run.abort();
     wait_destination_reset(&e);
     drop(c);
+}
+
+// Buffers booked per opened stream against the destination's --memory-limit.
+
+/// Window and channels of the memory cases (`source_opts`' chunk of 64 KiB).
+const MEM_WINDOW: u32 = 1 << 20;
+const MEM_CHANNELS: u16 = 2;
+/// What one opened stream books: two windows.
+const PER_STREAM: u64 = 2 * MEM_WINDOW as u64;
+/// What admission books: the main stream's windows and, per data channel,
+/// its 64 KiB read buffer and a 64 KiB chunk.
+const ADMISSION: u64 = PER_STREAM + MEM_CHANNELS as u64 * (2 * (64 << 10));
+
+/// A daemon whose `--memory-limit` holds two streams at a time (booking
+/// `max_streams` x 2 windows at admission, 130 MiB here, would refuse the
+/// relay outright), and a relay set up to it.
+fn memory_bed(rt: &tokio::runtime::Runtime, e: &Echo) -> (Arc<Destination>, SocketAddr, Run) {
+    let (addr, _d, dest) = daemon_limited(rt, true, ADMISSION + PER_STREAM);
+    let (listen, run) = start_relay(rt, addr, e.addr, |o| {
+        o.window = MEM_WINDOW;
+        o.multichannel.channels = ChannelCount::Fixed(MEM_CHANNELS);
+    });
+    wait_for(
+        || dest.memory_reserved() == ADMISSION,
+        "admission books the main stream's windows and the channels' buffers",
+    );
+    (dest, listen, run)
+}
+
+/// A hypervisor connection that sent its id and waits (as QEMU's main
+/// channel waits on its return path).
+fn held(to: SocketAddr, id: u32) -> TcpStream {
+    let mut c = TcpStream::connect(to).unwrap();
+    c.write_all(&id.to_le_bytes()).unwrap();
+    c
+}
+
+/// Whether a connection was reset: on a write of `id`, or on reading it
+/// to its end.
+fn reset_on_write_or_read(mut c: TcpStream, id: u32) -> bool {
+    if let Err(e) = c.write_all(&id.to_le_bytes()) {
+        return e.kind() == ErrorKind::ConnectionReset;
+    }
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).map_err(|e| e.kind()) == Err(ErrorKind::ConnectionReset)
+}
+
+#[test]
+fn streams_book_their_windows_as_they_open_and_give_them_back_as_they_end() {
+    let rt = rt();
+    let e = echo(None, Arc::default());
+    let (dest, listen, run) = memory_bed(&rt, &e);
+    let mut main = held(listen, 0);
+    let len = 4 << 20;
+    // Stream 1 opens beside the main stream (both fit), carries its bytes
+    // and ends: its windows go back.
+    let one = client(listen, 1, len);
+    wait_for(
+        || dest.memory_reserved() == ADMISSION + PER_STREAM,
+        "stream 1 books its two windows when it opens",
+    );
+    let got = join(vec![one]);
+    assert!(got[0].as_ref().unwrap() == &expected(1, len), "stream 1");
+    wait_for(
+        || dest.memory_reserved() == ADMISSION,
+        "stream 1's windows given back when it ended",
+    );
+    // So stream 2 fits where stream 1 was.
+    let got = join(vec![client(listen, 2, len)]);
+    assert!(got[0].as_ref().unwrap() == &expected(2, len), "stream 2");
+    main.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    main.read_to_end(&mut back).unwrap();
+    assert_eq!(back, expected(0, 0), "the main stream's echo");
+    let report = finish(&rt, run).expect("every stream delivered");
+    assert_eq!(report.streams.len(), 3);
+    wait_for(
+        || dest.memory_reserved() == 0,
+        "everything given back at the end",
+    );
+}
+
+#[test]
+fn a_stream_past_the_memory_limit_is_refused_naming_it_and_both_sides_fail() {
+    let rt = rt();
+    let e = echo(None, Arc::default());
+    let (dest, listen, run) = memory_bed(&rt, &e);
+    let streams = vec![held(listen, 0), held(listen, 1)];
+    wait_for(
+        || e.accepted.load(Ordering::SeqCst) == 2,
+        "two streams open",
+    );
+    // A third at once: above the limit (the relay may reset it before
+    // its first bytes are written).
+    let third = TcpStream::connect(listen).unwrap();
+    let err = finish(&rt, run).expect_err("stream 2 does not fit");
+    assert_eq!(
+        err.reason(),
+        "peer_aborted",
+        "the destination's reason: {err}"
+    );
+    let err = err.to_string();
+    assert!(
+        err.contains("stream 2 refused") && err.contains("--memory-limit of 4.25 MiB"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("relay protocol"),
+        "a limit, not a broken rule: {err}"
+    );
+    // Both hypervisors see a failed migration: every connection reset.
+    for (id, mut c) in streams.into_iter().enumerate() {
+        let mut rest = Vec::new();
+        let r = c.read_to_end(&mut rest).map_err(|e| e.kind());
+        assert_eq!(r, Err(ErrorKind::ConnectionReset), "source stream {id}");
+    }
+    assert!(reset_on_write_or_read(third, 2), "source stream 2 reset");
+    wait_destination_reset(&e);
+    assert_eq!(
+        e.accepted.load(Ordering::SeqCst),
+        2,
+        "the refused stream never reached the destination hypervisor"
+    );
+    wait_for(
+        || dest.memory_reserved() == 0,
+        "the failed relay's bookings given back",
+    );
+    wait_for(
+        || {
+            dest.metrics()
+                .render()
+                .contains("ferry_migrations_aborted_total{reason=\"memory_limit\"} 1")
+        },
+        "the daemon counts the relay as failed on its memory limit",
+    );
+}
+
+#[test]
+fn the_daemons_metrics_show_each_relay_stream_while_it_runs_and_its_totals_after() {
+    let rt = rt();
+    let (addr, _d, dest) = daemon(&rt, true);
+    let e = echo(None, Arc::default());
+    let (listen, run) = start_relay(&rt, addr, e.addr, |_| {});
+    let text = || dest.metrics().render();
+    let bytes = |stream: u32, dir: &str, n: usize| {
+        format!("ferry_relay_stream_bytes_total{{stream=\"{stream}\",direction=\"{dir}\"}} {n}\n")
+    };
+    let mut main = held(listen, 0);
+    let len = 2 << 20;
+    let got = join(vec![client(listen, 1, len)]);
+    assert!(got[0].as_ref().unwrap() == &expected(1, len), "stream 1");
+    // While the relay runs: stream 1 done, the main stream still open.
+    wait_for(
+        || text().contains("ferry_relay_streams_open 1\n"),
+        "one stream open",
+    );
+    let t = text();
+    for want in [bytes(1, "forward", len + 4), bytes(1, "back", len + 4)] {
+        assert!(t.contains(&want), "{want} in\n{t}");
+    }
+    wait_for(
+        || text().contains(&bytes(0, "forward", 4)),
+        "the main stream's bytes so far",
+    );
+    main.shutdown(Shutdown::Write).unwrap();
+    main.read_to_end(&mut Vec::new()).unwrap();
+    finish(&rt, run).expect("delivered");
+    // After it: none open, its figures kept as totals.
+    wait_for(
+        || text().contains("ferry_relay_streams_open 0\n"),
+        "no stream open",
+    );
+    let t = text();
+    for want in [
+        bytes(0, "forward", 4),
+        bytes(0, "back", 4),
+        bytes(1, "forward", len + 4),
+        bytes(1, "back", len + 4),
+    ] {
+        assert!(t.contains(&want), "{want} in\n{t}");
+    }
+    for wait in ["deliver", "window", "hypervisor"] {
+        let want =
+            format!("ferry_relay_stream_wait_seconds_total{{stream=\"1\",wait=\"{wait}\"}} ");
+        assert!(t.contains(&want), "{want} in\n{t}");
+    }
 }
 
 // The `ferry relay` command against a `ferry listen` process.

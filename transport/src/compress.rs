@@ -138,12 +138,45 @@ pub trait CopyHint: Send + Sync + std::fmt::Debug {
     fn wants_copy(&self, gpa: u64) -> bool;
 }
 
-/// Per granule: chunks in a row that did not shrink, and chunks still to
-/// send raw without an attempt.
+/// The back-off of a sequence of chunks that did not shrink (a granule of
+/// guest memory here, a stream in `ferry relay`): attempts in a row that
+/// failed, and chunks still to send raw without an attempt. After one
+/// failure the next attempt samples first ([`Backoff::sample_first`],
+/// [`probe_incompressible`]); after two, 1, 2, 4, ... up to [`MAX_SKIP`]
+/// chunks go raw untried between attempts; a chunk that shrinks ends it.
 #[derive(Debug, Default, Clone, Copy)]
-struct Backoff {
+pub struct Backoff {
     fails: u32,
     skip: u32,
+}
+
+impl Backoff {
+    /// Whether to try the next chunk; `false`: send it raw untried (it is
+    /// counted off the skip).
+    pub fn try_next(&mut self) -> bool {
+        if self.skip > 0 {
+            self.skip -= 1;
+            false
+        } else {
+            true
+        }
+    }
+
+    /// Whether the next attempt should compress a sample first (the last
+    /// one failed).
+    pub fn sample_first(&self) -> bool {
+        self.fails > 0
+    }
+
+    /// Records an attempt: whether the chunk (or its sample) shrank.
+    pub fn learned(&mut self, shrank: bool) {
+        if shrank {
+            *self = Backoff::default();
+        } else {
+            self.fails = self.fails.saturating_add(1);
+            self.skip = skip_after(self.fails);
+        }
+    }
 }
 
 /// Which granules of guest memory recently did not compress (see the
@@ -178,19 +211,12 @@ impl Compressibility {
     /// Whether an attempt on the chunk at `gpa` should compress a sample
     /// first (its granule's last attempt failed).
     fn sample_first(&self, gpa: u64) -> bool {
-        Self::granule(&mut self.lock(), gpa).fails > 0
+        Self::granule(&mut self.lock(), gpa).sample_first()
     }
 
     /// Records an attempt on the chunk at `gpa`.
     fn learned(&self, gpa: u64, shrank: bool) {
-        let mut g = self.lock();
-        let b = Self::granule(&mut g, gpa);
-        if shrank {
-            *b = Backoff::default();
-        } else {
-            b.fails = b.fails.saturating_add(1);
-            b.skip = skip_after(b.fails);
-        }
+        Self::granule(&mut self.lock(), gpa).learned(shrank);
     }
 }
 
@@ -205,14 +231,7 @@ fn skip_after(fails: u32) -> u32 {
 
 impl CopyHint for Compressibility {
     fn wants_copy(&self, gpa: u64) -> bool {
-        let mut g = self.lock();
-        let b = Self::granule(&mut g, gpa);
-        if b.skip > 0 {
-            b.skip -= 1;
-            false
-        } else {
-            true
-        }
+        Self::granule(&mut self.lock(), gpa).try_next()
     }
 }
 
@@ -499,6 +518,71 @@ fn worker(shared: Arc<Shared>, spec: CompressionSpec, key: MacKey) {
     }
 }
 
+/// Whether a data channel's link is about to go idle, so that compressing
+/// its next chunk would cost CPU and save no link time: its socket's send
+/// queue holds less than the link drains in [`IDLE_MARGIN`] (the drain rate
+/// measured from the bytes written and the queue depth, [`LinkMeter`]),
+/// and no `--bandwidth-limit` backlog makes the cap the link. One per data
+/// channel; the page path's [`CompressSender`] and `ferry relay`'s channel
+/// writers both ask it.
+#[derive(Debug)]
+pub struct LinkProbe {
+    /// A duplicate of the channel's socket, for its send-queue depth
+    /// (`SIOCOUTQ`); `None` if it could not be duplicated (the link then
+    /// always counts as about to go idle).
+    fd: Option<OwnedFd>,
+    /// Bytes written to the socket.
+    written: u64,
+    meter: LinkMeter,
+}
+
+impl LinkProbe {
+    /// A probe of the channel whose socket `fd` duplicates.
+    pub fn new(fd: Option<OwnedFd>) -> Self {
+        LinkProbe {
+            fd,
+            written: 0,
+            meter: LinkMeter {
+                since: Instant::now(),
+                written: 0,
+                queued: 0,
+                rate: 0.0,
+            },
+        }
+    }
+
+    /// `bytes` more were written to the socket.
+    pub fn wrote(&mut self, bytes: u64) {
+        self.written += bytes;
+    }
+
+    /// The link's measured drain rate, bytes per second (0 before the first
+    /// measurement).
+    pub fn rate(&self) -> f64 {
+        self.meter.rate
+    }
+
+    /// Whether the link is about to go idle: compressing the next chunk
+    /// would not save link time. Under `limiter` (`--bandwidth-limit`) the
+    /// cap is the link: busy while what was booked against it takes longer
+    /// than [`IDLE_MARGIN`] to drain.
+    pub fn about_to_idle(&mut self, limiter: Option<&RateLimiter>) -> bool {
+        if limiter.is_some_and(|l| l.backlog(Instant::now()) > IDLE_MARGIN) {
+            return false;
+        }
+        let Some(fd) = &self.fd else {
+            return true;
+        };
+        match ferry_ffi::net::send_queue_bytes(fd.as_fd()) {
+            Ok(q) => {
+                let q = q as u64;
+                q < self.meter.idle_queue(self.written, q)
+            }
+            Err(_) => true,
+        }
+    }
+}
+
 /// The link's drain rate: bytes the kernel got acknowledged per second,
 /// from the bytes written and the send-queue depth.
 #[derive(Debug)]
@@ -543,14 +627,8 @@ enum RawWhy {
 #[derive(Debug)]
 pub struct CompressSender<M: GuestMem> {
     tcp: TcpSender<M>,
-    /// A duplicate of the channel's socket, for its send-queue depth
-    /// (`SIOCOUTQ`); `None` if it could not be duplicated (the link then
-    /// always counts as about to go idle).
-    fd: Option<OwnedFd>,
     /// `--bandwidth-limit`, shared with the migration's other channels.
     limiter: Option<Arc<RateLimiter>>,
-    /// Bytes written to the socket.
-    written: u64,
     /// Chunks sent compressed, raw because they did not shrink, raw because
     /// the link was about to go idle.
     compressed: u64,
@@ -562,7 +640,7 @@ pub struct CompressSender<M: GuestMem> {
     /// by sequence number.
     pending: HashMap<u64, Chunk>,
     depth: usize,
-    link: LinkMeter,
+    link: LinkProbe,
 }
 
 impl<M: GuestMem> Drop for CompressSender<M> {
@@ -592,9 +670,7 @@ impl<M: GuestMem> CompressSender<M> {
             .with_limiter(limiter.clone());
         CompressSender {
             tcp,
-            fd,
             limiter,
-            written: 0,
             compressed: 0,
             raw_incompressible: 0,
             raw_link_idle: 0,
@@ -602,35 +678,12 @@ impl<M: GuestMem> CompressSender<M> {
             depth: 2 * pool.workers + 2,
             pool,
             pending: HashMap::new(),
-            link: LinkMeter {
-                since: Instant::now(),
-                written: 0,
-                queued: 0,
-                rate: 0.0,
-            },
+            link: LinkProbe::new(fd),
         }
     }
 
     fn link_about_to_idle(&mut self) -> bool {
-        // Under --bandwidth-limit the cap is the link: busy while what was
-        // booked against it takes longer than the margin to drain.
-        if self
-            .limiter
-            .as_ref()
-            .is_some_and(|l| l.backlog(Instant::now()) > IDLE_MARGIN)
-        {
-            return false;
-        }
-        let Some(fd) = &self.fd else {
-            return true;
-        };
-        match ferry_ffi::net::send_queue_bytes(fd.as_fd()) {
-            Ok(q) => {
-                let q = q as u64;
-                q < self.link.idle_queue(self.written, q)
-            }
-            Err(_) => true,
-        }
+        self.link.about_to_idle(self.limiter.as_deref())
     }
 
     /// Writes one pending chunk: see the module docs for which.
@@ -642,7 +695,7 @@ impl<M: GuestMem> CompressSender<M> {
                     let r = self.tcp.send_encoded(chunk, &buf[..len]).await;
                     self.pool.shared.lock().spare.push(buf);
                     r?;
-                    self.written += len as u64;
+                    self.link.wrote(len as u64);
                     self.compressed += 1;
                     return Ok(());
                 }
@@ -666,7 +719,7 @@ impl<M: GuestMem> CompressSender<M> {
                     let saves = at.map_or(0.0, |i| {
                         // Link time compressing the chunk would save.
                         let bytes = st.queue[i].chunk.payload_bytes() as f64;
-                        bytes * (1.0 - st.wire_per_byte).max(0.0) / self.link.rate.max(1.0)
+                        bytes * (1.0 - st.wire_per_byte).max(0.0) / self.link.rate().max(1.0)
                     });
                     match at {
                         Some(i) if st.next_result_in(id, Instant::now()) >= saves => {
@@ -695,7 +748,7 @@ impl<M: GuestMem> CompressSender<M> {
     async fn send_raw(&mut self, chunk: Chunk, why: RawWhy) -> Result<()> {
         let wire = raw_frame_bytes(&chunk);
         self.tcp.send(chunk).await?;
-        self.written += wire;
+        self.link.wrote(wire);
         match why {
             RawWhy::Incompressible => self.raw_incompressible += 1,
             RawWhy::LinkIdle => self.raw_link_idle += 1,
@@ -717,7 +770,7 @@ impl<M: GuestMem> Transport for CompressSender<M> {
             // Zero runs only: nothing to compress.
             let wire = raw_frame_bytes(&chunk);
             self.tcp.send(chunk).await?;
-            self.written += wire;
+            self.link.wrote(wire);
             return Ok(());
         }
         if chunk.data.is_none() {
@@ -1429,6 +1482,41 @@ mod tests {
         assert_eq!(s.raw_incompressible_chunks, 2, "{s:?}");
         let s = pipeline(filled(), Codec::Lz4, true, runs, true).await;
         assert_eq!(s.chunks, 18, "{s:?}");
+    }
+
+    #[test]
+    fn a_backoff_skips_1_2_4_chunks_after_failures_and_a_chunk_that_shrinks_ends_it() {
+        let mut b = Backoff::default();
+        assert!(b.try_next() && !b.sample_first());
+        b.learned(false);
+        assert!(
+            b.sample_first() && b.try_next(),
+            "one failure: sample, skip none"
+        );
+        let skipped = |b: &mut Backoff| {
+            let mut n = 0;
+            while !b.try_next() {
+                n += 1;
+            }
+            n
+        };
+        let mut seen = Vec::new();
+        for _ in 0..7 {
+            b.learned(false);
+            seen.push(skipped(&mut b));
+        }
+        assert_eq!(seen, [1, 2, 4, 8, 16, 16, 16]);
+        b.learned(true);
+        assert!(b.try_next() && !b.sample_first(), "ended");
+    }
+
+    #[test]
+    fn a_link_probe_without_a_socket_counts_as_idle_unless_the_cap_has_a_backlog() {
+        let mut p = LinkProbe::new(None);
+        assert!(p.about_to_idle(None));
+        let cap = RateLimiter::new(1 << 20);
+        cap.book(4 << 20, Instant::now());
+        assert!(!p.about_to_idle(Some(&cap)), "the cap is the link");
     }
 
     #[test]
