@@ -149,6 +149,15 @@ pub struct ListenArgs {
     /// connection is made.
     #[arg(help_heading = ADMISSION, long = "relay-allow", value_name = "CIDR")]
     pub relay_allow: Vec<Cidr>,
+    /// Back the guest's memory, SIZE of it, at start, before any migration
+    /// arrives, as a VMM that preallocates guest memory does (QEMU
+    /// -mem-prealloc, Cloud Hypervisor prefault=on, hugetlbfs): the first
+    /// migration of a SIZE guest lands in it. Populating it is the guest's
+    /// work, reported at start and outside every migration's time and CPU
+    /// figure. Without it (the default) memory is backed as pages land,
+    /// and that is part of Ferry's CPU figure.
+    #[arg(help_heading = GUEST, long, value_parser = units::parse_size, value_name = "SIZE")]
+    pub prealloc_guest: Option<u64>,
 }
 
 #[derive(Debug, Args)]

@@ -14,6 +14,25 @@ use super::{dest_audit_line, resume_hook, signals, tls_config, units, with_port,
 pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     let key = AuthKey::from_file(&a.auth_key_file)?;
     let tls = tls_config(a.tls_dir.as_deref(), &key)?;
+    // Backed before the port is open: a source that connects finds the
+    // guest's memory ready, as it would a preallocating VMM's.
+    let preallocated = match a.prealloc_guest {
+        Some(size) => {
+            let layout = ferry_migration::memory::default_layout(size)
+                .with_context(|| format!("--prealloc-guest {size}"))?;
+            let p = ferry_migration::memory::preallocated_dest_memory(&layout)
+                .with_context(|| format!("--prealloc-guest {}", units::human(size)))?;
+            tracing::info!(
+                "guest memory of {} preallocated in {:.2} s (CPU {:.2} s): the guest's work, before any migration; the first migration of a {} guest lands in it",
+                units::human(size),
+                p.wall.as_secs_f64(),
+                p.cpu.as_secs_f64(),
+                units::human(size),
+            );
+            Some(p)
+        }
+        None => None,
+    };
     let listen = with_port(&a.listen);
     let addr = tokio::net::lookup_host(&listen)
         .await
@@ -44,6 +63,9 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     let dest = Destination::new(opts, resume_hook());
     if !a.relay_allow.is_empty() {
         dest.set_relay_allow(a.relay_allow.clone());
+    }
+    if let Some(p) = preallocated {
+        dest.set_preallocated(p);
     }
     tracing::info!(
         "at most {} connections authenticating at once, {} per source address, {} each (descriptor limit {})",

@@ -65,7 +65,7 @@ use ferry_transport::proto::{
 };
 use ferry_transport::reservation::{channel_allowance, ChannelBudgets, MemoryPool, Reservation};
 use ferry_transport::stream::Stream;
-use ferry_transport::tcp::{receive_channel, Inbound, RecvCounters};
+use ferry_transport::tcp::{receive_channel_on_own_thread, Inbound, RecvCounters};
 use ferry_transport::tls::{TlsConfig, TLS_HANDSHAKE_BYTE};
 use ferry_transport::wire::Codec;
 use ferry_transport::{MemoryLayout, TransportError};
@@ -77,7 +77,7 @@ use tracing::Instrument;
 use crate::admission::{self, RefusalLog, Slot, Unauthenticated};
 use crate::digest::{hex, memory_evidence};
 use crate::error::{MigrationError, Result};
-use crate::memory::{dest_memory, DestMemory};
+use crate::memory::{dest_memory, DestMemory, Preallocated};
 use crate::metrics::{Attempt, Metrics};
 use crate::nics;
 use crate::units::human_exact;
@@ -210,6 +210,9 @@ pub struct Destination {
     unauth: Unauthenticated,
     /// Where relays may deliver (`--relay-allow`; default loopback).
     relay_allow: Mutex<Vec<ferry_proto::net::Cidr>>,
+    /// Guest memory backed before any migration (`--prealloc-guest`),
+    /// until a migration of its layout takes it.
+    preallocated: Mutex<Option<Preallocated>>,
 }
 
 impl std::fmt::Debug for Destination {
@@ -239,7 +242,28 @@ impl Destination {
             metrics: Arc::default(),
             stop: tokio::sync::watch::Sender::new(false),
             relay_allow: Mutex::new(ferry_proto::relay::default_allow()),
+            preallocated: Mutex::new(None),
         })
+    }
+
+    /// `--prealloc-guest`: guest memory mapped and backed before any
+    /// migration arrives (as a VMM that preallocates its guest's memory
+    /// has it); the first migration whose layout is `p.layout` lands in it
+    /// instead of in fresh memory, others map their own as usual.
+    /// Populating it was the guest's work, outside every migration's
+    /// window and CPU figure.
+    pub fn set_preallocated(&self, p: Preallocated) {
+        *self.preallocated.lock().expect("preallocated") = Some(p);
+    }
+
+    /// The preallocated guest memory, if there is some for `layout`.
+    fn take_preallocated(&self, layout: &MemoryLayout) -> Option<DestMemory> {
+        let mut p = self.preallocated.lock().expect("preallocated");
+        if p.as_ref().is_some_and(|p| &p.layout == layout) {
+            p.take().map(|p| p.mem)
+        } else {
+            None
+        }
     }
 
     /// `--relay-allow`: where `ferry relay` sources may have their streams
@@ -843,7 +867,15 @@ impl Destination {
             None
         };
         // Validated: now, and only now, allocate.
-        let mem = Arc::new(dest_memory(&offer.layout)?);
+        let mem = Arc::new(match self.take_preallocated(&offer.layout) {
+            Some(m) => {
+                tracing::info!(
+                    "landing in the guest memory preallocated at start (--prealloc-guest)"
+                );
+                m
+            }
+            None => dest_memory(&offer.layout)?,
+        });
         // The destination's evidence, under the session's page key: every
         // page any channel lands is recorded in it.
         let keys = conn.session_keys().ok_or(TransportError::AuthFailed(
@@ -1312,8 +1344,8 @@ impl Receive<'_> {
             Arc::new(RecvCounters::default()),
         );
         let counters = c.clone();
-        ch.start(session, stream, move |s| async move {
-            receive_channel(s, &i, &*m, &c).await
+        ch.start(session, stream, move |s| {
+            receive_channel_on_own_thread(s, i, m, c)
         });
         if session.channels().0 > index {
             self.metrics
@@ -1982,5 +2014,47 @@ mod tests {
                 assert!(said.is_empty(), "{said:?}");
             }
         }
+    }
+
+    fn daemon() -> Arc<Destination> {
+        let key = AuthKey::random();
+        let opts = ListenOptions {
+            tls: Arc::new(TlsConfig::from_psk(&key).unwrap()),
+            key,
+            memory_limit: u64::MAX,
+            timeout: Duration::from_secs(5),
+            max_concurrent: 1,
+            queue: 0,
+            queue_timeout: Duration::ZERO,
+            migration_networks: Vec::new(),
+            plaintext: true,
+            handshake_timeout: Duration::from_secs(5),
+            max_unauthenticated: 8,
+            max_unauthenticated_per_source: 8,
+        };
+        let hook = ResumeHook {
+            supports: GuestSupport {
+                max_vcpus: 1,
+                cpu_vendor: None,
+                device_state_formats: Vec::new(),
+            },
+            restore: Arc::new(|_, _| Ok(String::new())),
+            resume: Arc::new(|_| Ok(String::new())),
+        };
+        Destination::new(opts, hook)
+    }
+
+    #[test]
+    fn preallocated_memory_goes_to_the_first_migration_of_its_layout_only() {
+        let d = daemon();
+        let small = crate::memory::default_layout(4 << 20).unwrap();
+        let other = crate::memory::default_layout(8 << 20).unwrap();
+        assert!(d.take_preallocated(&small).is_none(), "none set");
+        d.set_preallocated(crate::memory::preallocated_dest_memory(&small).unwrap());
+        assert!(d.take_preallocated(&other).is_none(), "another layout");
+        let m = d.take_preallocated(&small).expect("its layout");
+        // The memory handed out is the backed one.
+        assert_eq!(crate::memory::memory_use(&m).guest_resident_bytes, 4 << 20);
+        assert!(d.take_preallocated(&small).is_none(), "used once");
     }
 }

@@ -84,6 +84,59 @@ pub fn dest_memory(layout: &MemoryLayout) -> Result<DestMemory> {
     map(layout)
 }
 
+/// Destination guest memory that was mapped and backed before any
+/// migration arrived: the synthetic destination guest's counterpart of a
+/// VMM whose guest memory is preallocated when the VM is created (QEMU
+/// `-mem-prealloc`, Cloud Hypervisor `prefault=on`, a hugetlbfs-backed
+/// guest), which a migration then finds already backed
+/// (`ferry listen --prealloc-guest`).
+#[derive(Debug)]
+pub struct Preallocated {
+    /// The layout it was mapped for (a migration of another layout cannot
+    /// use it).
+    pub layout: MemoryLayout,
+    /// The memory, every page populated.
+    pub mem: DestMemory,
+    /// CPU time populating it took (the guest's work, not a migration's).
+    pub cpu: std::time::Duration,
+    /// Wall time populating it took.
+    pub wall: std::time::Duration,
+}
+
+/// Maps destination guest memory for `layout` and populates all of it now
+/// (`MADV_POPULATE_WRITE`, Linux 5.14+): what a VMM that preallocates its
+/// guest's memory has done before a migration begins. Fails when the
+/// kernel cannot populate it (too old, or not enough memory).
+pub fn preallocated_dest_memory(layout: &MemoryLayout) -> Result<Preallocated> {
+    let started = std::time::Instant::now();
+    let before = ferry_ffi::cpu::thread_times().ok();
+    let mem = dest_memory(layout)?;
+    for r in &layout.regions {
+        let size = usize::try_from(r.size).map_err(|_| {
+            MigrationError::Config(format!("region size {} does not fit this host", r.size))
+        })?;
+        let slice = mem
+            .get_slice(GuestAddress(r.gpa), size)
+            .map_err(|e| MigrationError::Memory(format!("region at {:#x}: {e}", r.gpa)))?;
+        ferry_ffi::vio::advise(&slice, ferry_ffi::vio::Advice::PopulateWrite).map_err(|e| {
+            MigrationError::Memory(format!(
+                "cannot populate {} bytes of guest memory at {:#x} (MADV_POPULATE_WRITE, Linux 5.14+): {e}",
+                r.size, r.gpa
+            ))
+        })?;
+    }
+    let cpu = match (before, ferry_ffi::cpu::thread_times()) {
+        (Some(b), Ok(a)) => a.since(&b).total(),
+        _ => std::time::Duration::ZERO,
+    };
+    Ok(Preallocated {
+        layout: layout.clone(),
+        mem,
+        cpu,
+        wall: started.elapsed(),
+    })
+}
+
 /// What this process holds in memory: its peak resident set, the part of
 /// it that is guest memory, and the rest (Ferry's own: buffers, ledgers,
 /// bitmaps, threads, the binary).
@@ -233,6 +286,27 @@ pub(crate) fn any_dirty(mem: &SourceMemory) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn preallocated_memory_is_backed_and_reads_zero() {
+        use vm_memory::Bytes;
+        let layout = default_layout(8 << 20).unwrap();
+        let p = preallocated_dest_memory(&layout).unwrap();
+        assert_eq!(p.layout, layout);
+        // Every page is backed already, and still reads as zero.
+        assert_eq!(memory_use(&p.mem).guest_resident_bytes, 8 << 20);
+        let s = p.mem.get_slice(GuestAddress(0), 8 << 20).unwrap();
+        assert_eq!(
+            ferry_ffi::vio::populate_missing(&s, &mut Vec::new()).unwrap(),
+            0
+        );
+        let mut page = vec![1u8; 4096];
+        p.mem.read_slice(&mut page, GuestAddress(4 << 20)).unwrap();
+        assert!(page.iter().all(|&b| b == 0));
+        // Fresh destination memory is not.
+        let fresh = dest_memory(&layout).unwrap();
+        assert_eq!(memory_use(&fresh).guest_resident_bytes, 0);
+    }
 
     #[test]
     fn only_written_guest_pages_count_as_resident() {

@@ -711,6 +711,31 @@ fn streams_book_their_windows_as_they_open_and_give_them_back_as_they_end() {
 }
 
 #[test]
+fn a_relay_whose_main_stream_does_not_fit_is_refused_at_admission_naming_the_limit() {
+    let rt = rt();
+    let (addr, _d, dest) = daemon_limited(&rt, true, ADMISSION - 1);
+    let mut o = source_opts(addr, "127.0.0.1:9".parse().unwrap(), false, MEM_CHANNELS);
+    o.window = MEM_WINDOW;
+    let e = rt.block_on(prepare_source(&o)).expect_err("refused");
+    match &e {
+        RelayFailure::Transport(TransportError::Rejected { reason, message }) => {
+            assert_eq!(*reason, RejectReason::MemoryLimit);
+            assert!(
+                message.contains("relay buffers of 2.25 MiB")
+                    && message.contains("--memory-limit of 2.25 MiB (2359295 bytes)"),
+                "{message}"
+            );
+        }
+        e => panic!("{e}"),
+    }
+    assert_eq!(
+        dest.memory_reserved(),
+        0,
+        "nothing booked for a refused relay"
+    );
+}
+
+#[test]
 fn a_stream_past_the_memory_limit_is_refused_naming_it_and_both_sides_fail() {
     let rt = rt();
     let e = echo(None, Arc::default());

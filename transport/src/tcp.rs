@@ -502,17 +502,20 @@ pub(crate) fn test_page_key() -> ferry_proto::PageKey {
 /// `readv`, a TLS session or a decoder first writes them, and one call per
 /// run does that work for a fraction of the CPU (a 1 GiB range on this
 /// 2-core VM: 0.34 s populated against 1.11 s faulted page by page;
-/// docs/performance.md). Pages already present cost a page-table walk.
+/// docs/performance.md). Only pages not backed yet are asked for
+/// ([`vio::populate_missing`]): memory already backed (a destination VMM
+/// that preallocates its guest memory, pages landing again in a later
+/// round) costs one scan of its page tables per run.
 /// Contents do not change (a missing page reads as zero either way) and
 /// only pages data is about to land in are populated, so memory still
 /// costs only where data lands. Kernels before 5.14 refuse the advice:
 /// pages then fault as they land, as before (and `first_touch_ns` does
 /// not see them). Returns the CPU time it took (this thread's).
-fn prefault<M: GuestMem>(mem: &M, runs: &[PageRun]) -> Duration {
+fn prefault<M: GuestMem>(mem: &M, runs: &[PageRun], present: &mut Vec<u8>) -> Duration {
     let before = ferry_ffi::cpu::thread_times().ok();
     for r in runs.iter().filter(|r| !r.zero) {
         if let Ok(slice) = crate::guest::run_slice(mem, r) {
-            let _ = vio::advise(&slice, vio::Advice::PopulateWrite);
+            let _ = vio::populate_missing(&slice, present);
         }
     }
     match (before, ferry_ffi::cpu::thread_times()) {
@@ -830,6 +833,8 @@ struct Buffers {
     /// Drains a payload that may not land, a step at a time.
     scratch: RecvBuf,
     decoder: Decoder,
+    /// Which pages of a run are backed already (one byte per page).
+    present: Vec<u8>,
 }
 
 /// Destination side of one TCP data channel: reads chunk frames until the
@@ -870,6 +875,7 @@ pub async fn receive_channel<M: GuestMem>(
         segment: RecvBuf::new(budget.clone(), "receive buffers (compressed segment)"),
         scratch: RecvBuf::new(budget, "receive buffers (scratch)"),
         decoder: Decoder::default(),
+        present: Vec::new(),
     };
     loop {
         let mut head = [0u8; wire::HEADER_LEN];
@@ -919,6 +925,99 @@ pub async fn receive_channel<M: GuestMem>(
     }
 }
 
+/// [`receive_channel`] on a thread of its own (with a single-threaded
+/// runtime) for a plain channel; a TLS channel is received on the calling
+/// runtime, as by [`receive_channel`].
+///
+/// Why: a socket registered with the daemon's multi-threaded runtime has
+/// its readiness delivered by whichever worker is parked on the runtime's
+/// event loop. While the channel's task is busy landing what it read
+/// (populating, copying out of the socket, hashing), every arrival of a
+/// segment wakes that other worker, which finds nothing to run and parks
+/// again: 1,000 to 3,000 wake-ups and context switches per GiB, each
+/// taking CPU from the source or the receiver itself on a 2-core host
+/// (docs/performance.md). On its own runtime the socket's readiness is
+/// only looked at when its thread has nothing else to do.
+///
+/// The thread holds `inbound`, `mem` and `counters` until the receive loop
+/// has ended, before it reports how it ended. If this
+/// future is dropped before the channel ended (the migration aborts it),
+/// the socket is shut down, which ends the receive loop at its next read
+/// or write, and the drop waits for the thread, so the migration's memory
+/// and buffer booking are released when the task is gone, as before.
+pub async fn receive_channel_on_own_thread<M: GuestMem>(
+    stream: Stream,
+    inbound: Arc<Inbound>,
+    mem: Arc<M>,
+    counters: Arc<RecvCounters>,
+) -> Result<()> {
+    let tcp = match stream {
+        Stream::Plain(tcp) => tcp,
+        tls @ Stream::Tls(_) => return receive_channel(tls, &inbound, &*mem, &counters).await,
+    };
+    let io = |what, e| TransportError::io(what, "data channel", e);
+    // Deregistered from this runtime; registered with the thread's.
+    let tcp = tcp
+        .into_std()
+        .map_err(|e| io("moving the channel to its own thread", e))?;
+    let stopper = tcp
+        .try_clone()
+        .map_err(|e| io("moving the channel to its own thread", e))?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let span = tracing::Span::current();
+    let thread = std::thread::Builder::new()
+        .name("ferry-recv".into())
+        .spawn(move || {
+            let _entered = span.enter();
+            // The runtime and everything the receive loop held (the
+            // migration's memory, its booking) are gone before the result
+            // is sent.
+            let r = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| io("starting the channel's runtime", e))
+                .and_then(|rt| {
+                    rt.block_on(async move {
+                        let tcp = TcpStream::from_std(tcp)
+                            .map_err(|e| io("moving the channel to its own thread", e))?;
+                        receive_channel(tcp, &inbound, &*mem, &counters).await
+                    })
+                });
+            let _ = done_tx.send(r);
+        })
+        .map_err(|e| io("starting the channel's thread", e))?;
+    let mut running = OwnThread {
+        stopper,
+        thread: Some(thread),
+    };
+    let r = done_rx.await.unwrap_or_else(|_| {
+        Err(TransportError::io(
+            "receiving",
+            "data channel",
+            std::io::Error::other("the channel's thread ended without a result"),
+        ))
+    });
+    // Ended by itself: it holds nothing of the migration any more.
+    running.thread = None;
+    r
+}
+
+/// The thread of [`receive_channel_on_own_thread`] while its future is
+/// alive: dropped early, it shuts the socket down and waits for the thread.
+struct OwnThread {
+    stopper: std::net::TcpStream,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for OwnThread {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = self.stopper.shutdown(std::net::Shutdown::Both);
+            let _ = t.join();
+        }
+    }
+}
+
 /// Reads, checks and lands one frame whose first `first` header bytes are
 /// in `head`.
 async fn receive_frame<M: GuestMem>(
@@ -958,7 +1057,7 @@ async fn receive_frame<M: GuestMem>(
     for r in runs.iter().filter(|r| r.zero) {
         land_zero_run(&mut claim, mem, r, &mut tally)?;
     }
-    let touched = prefault(mem, runs);
+    let touched = prefault(mem, runs, &mut bufs.present);
     counters
         .first_touch_ns
         .fetch_add(touched.as_nanos() as u64, Ordering::Relaxed);
@@ -1138,6 +1237,7 @@ mod tests {
         prefault(
             &dst,
             &[run(0, 16, false), run(20, 2, true), run(30, 4, false)],
+            &mut Vec::new(),
         );
         for p in 0..PAGES {
             dst.read_slice(&mut page, GuestAddress(p * PAGE_SIZE))
@@ -1150,6 +1250,39 @@ mod tests {
             } else {
                 assert!(page.iter().all(|&b| b == 0), "page {p}");
             }
+        }
+    }
+
+    /// Sends one chunk per entry of `runs` (chunk `i` with the page pass's
+    /// private copy when `copy(i)`), then flushes and ends the channel.
+    async fn send_all(
+        tx: &mut TcpSender<GuestMemoryMmap>,
+        src: &GuestMemoryMmap,
+        runs: &[Vec<PageRun>],
+        copy: impl Fn(usize) -> bool,
+    ) {
+        for (i, r) in runs.iter().enumerate() {
+            tx.send(read(src, i as u64, 0, r.clone(), copy(i)))
+                .await
+                .unwrap();
+        }
+        assert!(tx.flush().await.unwrap().resend.is_empty());
+        tx.finish().await.unwrap();
+    }
+
+    /// Every page of `runs` is the same on both sides.
+    fn assert_same_pages(
+        dst: &GuestMemoryMmap,
+        src: &GuestMemoryMmap,
+        runs: &[Vec<PageRun>],
+        tls: bool,
+    ) {
+        for r in runs.iter().flatten() {
+            let (first, n) = (r.gpa / PAGE_SIZE, u64::from(r.pages));
+            assert!(
+                pages_of(dst, first, n) == pages_of(src, first, n),
+                "tls {tls}: pages {first}..+{n} differ"
+            );
         }
     }
 
@@ -1174,22 +1307,10 @@ mod tests {
             let mut tx =
                 TcpSender::new(a, src.clone(), 0, Duration::from_secs(10), test_frame_key());
             assert_eq!(tx.capabilities().zero_copy, !tls);
-            for (i, r) in runs.iter().enumerate() {
-                // With the page pass's private copy and without it.
-                tx.send(read(&src, i as u64, 0, r.clone(), i % 2 == 0))
-                    .await
-                    .unwrap();
-            }
-            assert!(tx.flush().await.unwrap().resend.is_empty());
-            tx.finish().await.unwrap();
+            // With the page pass's private copy and without it.
+            send_all(&mut tx, &src, &runs, |i| i % 2 == 0).await;
             rx.await.unwrap().unwrap();
-            for r in runs.iter().flatten() {
-                let (first, n) = (r.gpa / PAGE_SIZE, u64::from(r.pages));
-                assert!(
-                    pages_of(&dst, first, n) == pages_of(&src, first, n),
-                    "tls {tls}: pages {first}..+{n} differ"
-                );
-            }
+            assert_same_pages(&dst, &src, &runs, tls);
             let want = evidence_of(&*src, &runs.concat());
             assert_eq!(inbound.ledger.evidence(), want, "tls {tls}");
             evidence.push(inbound.ledger.evidence());
@@ -1199,6 +1320,66 @@ mod tests {
             "the same content, the same evidence"
         );
         assert_ne!(evidence[0], ferry_proto::Evidence::default());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_channel_on_its_own_thread_lands_pages_and_ends_with_its_task() {
+        let src = Arc::new(filled());
+        let runs = [
+            vec![run(0, 8, false), run(8, 4, true)],
+            vec![run(16, 16, false)],
+        ];
+        for tls in [false, true] {
+            let (a, b) = pair(tls).await;
+            let dst = Arc::new(mem());
+            let inbound = Arc::new(test_inbound(layout(), None));
+            let counters = Arc::new(RecvCounters::default());
+            let rx = tokio::spawn(receive_channel_on_own_thread(
+                b,
+                inbound.clone(),
+                dst.clone(),
+                counters.clone(),
+            ));
+            let mut tx =
+                TcpSender::new(a, src.clone(), 0, Duration::from_secs(10), test_frame_key());
+            send_all(&mut tx, &src, &runs, |_| false).await;
+            rx.await.unwrap().unwrap();
+            assert_same_pages(&dst, &src, &runs, tls);
+            assert_eq!(
+                inbound.ledger.evidence(),
+                evidence_of(&*src, &runs.concat()),
+                "tls {tls}"
+            );
+            // Ended: the thread holds nothing of the migration.
+            assert_eq!(Arc::strong_count(&dst), 1, "tls {tls}");
+            assert_eq!(Arc::strong_count(&inbound), 1, "tls {tls}");
+        }
+        // A channel idle between frames, its task aborted (the migration
+        // ended otherwise): the socket is shut down and, once the task is
+        // gone, so is the thread with the memory and buffers it held.
+        let (a, b) = pair(false).await;
+        let dst = Arc::new(mem());
+        let inbound = Arc::new(test_inbound(layout(), None));
+        let task = tokio::spawn(receive_channel_on_own_thread(
+            b,
+            inbound.clone(),
+            dst.clone(),
+            Arc::new(RecvCounters::default()),
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(Arc::strong_count(&dst), 2, "the thread holds the memory");
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        assert_eq!(Arc::strong_count(&dst), 1);
+        assert_eq!(Arc::strong_count(&inbound), 1);
+        let Stream::Plain(mut a) = a else {
+            unreachable!()
+        };
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), a.read(&mut byte))
+            .await
+            .expect("the peer sees the channel end");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
