@@ -10,29 +10,19 @@
 //! Ferry uses (`rep movsb` in inline assembly on x86-64), and volatile word
 //! reads (the portable form).
 
+mod common;
+
 use std::time::Instant;
 
 use ferry_ffi::vio::{copy_out_with, CopyMethod};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let mib: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1024);
     let passes: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
     let size = mib << 20;
-    let mem: GuestMemoryMmap<()> =
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).expect("map guest memory");
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut block = vec![0u8; 1 << 20];
-    for off in (0..size).step_by(block.len()) {
-        for w in block.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            w.copy_from_slice(&x.to_le_bytes());
-        }
-        mem.write_slice(&block, GuestAddress(off as u64)).unwrap();
-    }
+    let mem = common::random_guest(size, |_, _| {});
     let slice = mem.get_slice(GuestAddress(0), size).unwrap();
     let mut page = vec![0u8; 4096];
     let mut sink = 0u8;

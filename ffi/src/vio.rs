@@ -488,17 +488,22 @@ pub enum Advice {
     PopulateWrite,
 }
 
+/// The part of `[start, start + len)` from its first page boundary on, as
+/// `(aligned start, end)`; none when no page boundary is inside.
+fn page_aligned(start: usize, len: usize) -> Option<(usize, usize)> {
+    let page = 4096usize;
+    let aligned = (start + page - 1) & !(page - 1);
+    let end = start + len;
+    (aligned < end).then_some((aligned, end))
+}
+
 /// Gives the kernel `advice` for the page-aligned part of `slice`. Neither
 /// hint changes the memory's contents.
 pub fn advise<B: BitmapSlice>(slice: &VolatileSlice<'_, B>, advice: Advice) -> io::Result<()> {
     let guard = slice.ptr_guard();
-    let page = 4096usize;
-    let start = guard.as_ptr() as usize;
-    let aligned = (start + page - 1) & !(page - 1);
-    let end = start + slice.len();
-    if aligned >= end {
+    let Some((aligned, end)) = page_aligned(guard.as_ptr() as usize, slice.len()) else {
         return Ok(());
-    }
+    };
     let flag = match advice {
         Advice::HugePages => libc::MADV_HUGEPAGE,
         Advice::PopulateWrite => libc::MADV_POPULATE_WRITE,
@@ -531,13 +536,10 @@ pub fn populate_missing<B: BitmapSlice>(
     present: &mut Vec<u8>,
 ) -> io::Result<usize> {
     let guard = slice.ptr_guard();
-    let page = 4096usize;
-    let start = guard.as_ptr() as usize;
-    let aligned = (start + page - 1) & !(page - 1);
-    let end = start + slice.len();
-    if aligned >= end {
+    let Some((aligned, end)) = page_aligned(guard.as_ptr() as usize, slice.len()) else {
         return Ok(0);
-    }
+    };
+    let page = 4096usize;
     let pages = (end - aligned).div_ceil(page);
     present.clear();
     present.resize(pages, 0);

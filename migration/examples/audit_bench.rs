@@ -9,9 +9,12 @@
 //! Prints each case's CPU seconds per GiB (this thread's user + system
 //! time), one line per round; compare cases within one run.
 
+#[path = "../../ffi/examples/common/mod.rs"]
+mod common;
+
 use ferry_ffi::vio;
 use ferry_proto::PageKey;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 /// CPU seconds this thread has used.
 fn cpu_s() -> f64 {
@@ -26,21 +29,10 @@ fn main() {
     let size = mib << 20;
     let per_gib = 1024.0 / mib as f64;
     let key = PageKey::from_secrets([3; 192], [5; 192]);
-    let mem: GuestMemoryMmap<()> =
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).expect("map guest memory");
     let mut private = vec![0u8; size];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut block = vec![0u8; 1 << 20];
-    for off in (0..size).step_by(block.len()) {
-        for w in block.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            w.copy_from_slice(&x.to_le_bytes());
-        }
-        mem.write_slice(&block, GuestAddress(off as u64)).unwrap();
-        private[off..off + block.len()].copy_from_slice(&block);
-    }
+    let mem = common::random_guest(size, |off, block| {
+        private[off..off + block.len()].copy_from_slice(block)
+    });
     let slice = mem.get_slice(GuestAddress(0), size).unwrap();
     for round in 0..rounds {
         for piece in [256usize << 10, 32 << 10, 8 << 10, 4 << 10] {

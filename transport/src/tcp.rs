@@ -1253,6 +1253,39 @@ mod tests {
         }
     }
 
+    /// Sends one chunk per entry of `runs` (chunk `i` with the page pass's
+    /// private copy when `copy(i)`), then flushes and ends the channel.
+    async fn send_all(
+        tx: &mut TcpSender<GuestMemoryMmap>,
+        src: &GuestMemoryMmap,
+        runs: &[Vec<PageRun>],
+        copy: impl Fn(usize) -> bool,
+    ) {
+        for (i, r) in runs.iter().enumerate() {
+            tx.send(read(src, i as u64, 0, r.clone(), copy(i)))
+                .await
+                .unwrap();
+        }
+        assert!(tx.flush().await.unwrap().resend.is_empty());
+        tx.finish().await.unwrap();
+    }
+
+    /// Every page of `runs` is the same on both sides.
+    fn assert_same_pages(
+        dst: &GuestMemoryMmap,
+        src: &GuestMemoryMmap,
+        runs: &[Vec<PageRun>],
+        tls: bool,
+    ) {
+        for r in runs.iter().flatten() {
+            let (first, n) = (r.gpa / PAGE_SIZE, u64::from(r.pages));
+            assert!(
+                pages_of(dst, first, n) == pages_of(src, first, n),
+                "tls {tls}: pages {first}..+{n} differ"
+            );
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn plain_and_tls_channels_land_the_same_pages_with_the_source_s_evidence() {
         let src = Arc::new(filled());
@@ -1274,22 +1307,10 @@ mod tests {
             let mut tx =
                 TcpSender::new(a, src.clone(), 0, Duration::from_secs(10), test_frame_key());
             assert_eq!(tx.capabilities().zero_copy, !tls);
-            for (i, r) in runs.iter().enumerate() {
-                // With the page pass's private copy and without it.
-                tx.send(read(&src, i as u64, 0, r.clone(), i % 2 == 0))
-                    .await
-                    .unwrap();
-            }
-            assert!(tx.flush().await.unwrap().resend.is_empty());
-            tx.finish().await.unwrap();
+            // With the page pass's private copy and without it.
+            send_all(&mut tx, &src, &runs, |i| i % 2 == 0).await;
             rx.await.unwrap().unwrap();
-            for r in runs.iter().flatten() {
-                let (first, n) = (r.gpa / PAGE_SIZE, u64::from(r.pages));
-                assert!(
-                    pages_of(&dst, first, n) == pages_of(&src, first, n),
-                    "tls {tls}: pages {first}..+{n} differ"
-                );
-            }
+            assert_same_pages(&dst, &src, &runs, tls);
             let want = evidence_of(&*src, &runs.concat());
             assert_eq!(inbound.ledger.evidence(), want, "tls {tls}");
             evidence.push(inbound.ledger.evidence());
@@ -1321,21 +1342,9 @@ mod tests {
             ));
             let mut tx =
                 TcpSender::new(a, src.clone(), 0, Duration::from_secs(10), test_frame_key());
-            for (i, r) in runs.iter().enumerate() {
-                tx.send(read(&src, i as u64, 0, r.clone(), false))
-                    .await
-                    .unwrap();
-            }
-            assert!(tx.flush().await.unwrap().resend.is_empty());
-            tx.finish().await.unwrap();
+            send_all(&mut tx, &src, &runs, |_| false).await;
             rx.await.unwrap().unwrap();
-            for r in runs.iter().flatten() {
-                let (first, n) = (r.gpa / PAGE_SIZE, u64::from(r.pages));
-                assert!(
-                    pages_of(&dst, first, n) == pages_of(&src, first, n),
-                    "tls {tls}: pages {first}..+{n} differ"
-                );
-            }
+            assert_same_pages(&dst, &src, &runs, tls);
             assert_eq!(
                 inbound.ledger.evidence(),
                 evidence_of(&*src, &runs.concat()),
