@@ -1442,15 +1442,6 @@ impl Receive<'_> {
                     match (end, r) {
                         // The source fails a channel over to the others; only
                         // when none is left is the migration lost.
-                        // A frame this side refused (a tag, the framing, a
-                        // run outside the layout) is the cause: the source
-                        // only sees its channel close, and waits (a second)
-                        // for the Abort naming it, so it is sent at once.
-                        (ChannelEnd::NoneLeft, Some(Err(e)))
-                            if e.kind() != ferry_proto::ErrorKind::Connection =>
-                        {
-                            return Err(e.into());
-                        }
                         (ChannelEnd::NoneLeft, Some(Err(e))) => {
                             return Err(why_the_last_channel_was_lost(&mut msgs, e).await.into());
                         }
@@ -1464,6 +1455,19 @@ impl Receive<'_> {
                         }
                     }
                 }
+                // RDMA: one task lands every RDMA channel; it fails only
+                // once none is left (or a descriptor was refused), which is
+                // the last channel lost. Ended cleanly (every channel's end
+                // frame), the switchover is still to come.
+                Some(done) = ch.rdma.join_next() => match done {
+                    Ok(Ok(())) => tracing::debug!("every RDMA channel ended"),
+                    Ok(Err(e)) => {
+                        tracing::warn!("RDMA data channels failed: {e}");
+                        return Err(why_the_last_channel_was_lost(&mut msgs, e).await.into());
+                    }
+                    Err(e) if e.is_cancelled() => {}
+                    Err(e) => return Err(MigrationError::Guest(format!("RDMA receive task failed: {e}"))),
+                },
                 msg = msgs.recv() => {
                     let msg = match msg {
                         Some(Ok(m)) => m,
@@ -1742,16 +1746,23 @@ pub fn layout_fits(layout: &MemoryLayout) -> bool {
         .all(|r| usize::try_from(r.size).is_ok())
 }
 
-/// The reason to report when the last data channel was lost (closed, reset,
-/// timed out) with `lost`. A source that gives up says why (`Abort`) just
-/// before its channels close: its reason is preferred. A control connection
-/// that closed is the cause when the source's channels close because of it
-/// (its end may be read after theirs). Messages before either, a
-/// `RoundDone`, are skipped; after 200 ms the channel's own error stands.
+/// The reason to report when the last data channel was lost with `lost`.
+/// A frame this side refused (a tag, the framing, a run outside the layout)
+/// is the cause: the source only sees its channel close, and waits (a
+/// second) for the Abort naming it, so it is returned at once. A channel
+/// closed, reset or timed out: a source that gives up says why (`Abort`)
+/// just before its channels close, and its reason is preferred; a control
+/// connection that closed is the cause when the source's channels close
+/// because of it (its end may be read after theirs). Messages before
+/// either, a `RoundDone`, are skipped; after 200 ms the channel's own error
+/// stands.
 async fn why_the_last_channel_was_lost(
     msgs: &mut mpsc::Receiver<ferry_transport::Result<Msg>>,
     lost: TransportError,
 ) -> TransportError {
+    if lost.kind() != ferry_proto::ErrorKind::Connection {
+        return lost;
+    }
     let until = tokio::time::Instant::now() + Duration::from_millis(200);
     loop {
         match tokio::time::timeout_at(until, msgs.recv()).await {
@@ -1778,6 +1789,181 @@ mod tests {
             tokio::task::yield_now().await;
         }
         panic!("the task holding the marker never ended");
+    }
+
+    /// The destination's end of an authenticated control connection (and
+    /// the source's, kept open), for a [`Receive`] in a test.
+    async fn control() -> (ferry_transport::conn::ConnWriter, Conn) {
+        let key = AuthKey::new(vec![7; 32]).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (d, _) = l.accept().await.unwrap();
+        let k = key.clone();
+        let dest = tokio::spawn(async move {
+            let mut c = Conn::new(d, Duration::from_secs(30));
+            let (version, nonce) = match c.recv("hello").await.unwrap() {
+                Msg::Hello {
+                    max_version, nonce, ..
+                } => (max_version, nonce),
+                m => panic!("{m:?}"),
+            };
+            c.server_authenticate(&k, nonce, version).await.unwrap();
+            c
+        });
+        let mut source = Conn::new(s, Duration::from_secs(30));
+        source.client_handshake(&key).await.unwrap();
+        (dest.await.unwrap().split().0, source)
+    }
+
+    /// Runs an RDMA migration's receive loop with `rdma` standing in for its
+    /// RDMA receive task and `msgs` for what the source says on the control
+    /// connection. Returns how the migration ended, or `None` if it was
+    /// still receiving after a minute (a guard against waiting forever: the
+    /// session's own progress timeout is an hour).
+    async fn receive_with_rdma(
+        rdma: impl std::future::Future<Output = ferry_transport::Result<()>> + Send + 'static,
+        msgs: mpsc::Receiver<ferry_transport::Result<Msg>>,
+    ) -> Option<std::result::Result<(), MigrationError>> {
+        let (mut writer, _source) = control().await;
+        let keys = writer.session_keys().unwrap();
+        let layout = MemoryLayout {
+            page_size: ferry_transport::layout::PAGE_SIZE,
+            regions: vec![ferry_proto::layout::RegionDesc {
+                gpa: 0,
+                size: 1 << 20,
+            }],
+        };
+        let offer = Offer {
+            layout: layout.clone(),
+            guest: ferry_proto::control::GuestConfig {
+                vcpus: 1,
+                cpu_vendor: "test".into(),
+                device_state_format: "test".into(),
+            },
+            option: PerformanceOption::Rdma,
+            channels: 2,
+        };
+        let mem = Arc::new(dest_memory(&layout).unwrap());
+        let ledger = Arc::new(layout.ledger(keys.page.clone()).unwrap());
+        let inbound = Arc::new(Inbound::new(layout, None, ledger, keys.frame.clone()));
+        let resume = ResumeHook {
+            supports: GuestSupport {
+                max_vcpus: 1,
+                cpu_vendor: None,
+                device_state_formats: vec!["test".into()],
+            },
+            restore: Arc::new(|_, _| Ok(String::new())),
+            resume: Arc::new(|_| Ok(String::new())),
+        };
+        let metrics = Metrics::default();
+        let (_stop, stop) = tokio::sync::watch::channel(false);
+        // No TCP data channel comes (RDMA); the sender stays open.
+        let (_streams, streams) = mpsc::channel(1);
+        let r = Receive {
+            offer: &offer,
+            mem: &mem,
+            inbound: &inbound,
+            timeout: Duration::from_secs(3600),
+            resume: &resume,
+            metrics: &metrics,
+            migration_id: 1,
+            stop,
+            #[cfg(feature = "rdma")]
+            rdma: std::sync::Mutex::new(None),
+            #[cfg(feature = "rdma")]
+            rdma_exposure: None,
+        };
+        let mut ch = DataChannels::default();
+        ch.rdma.spawn(rdma);
+        let guard = Duration::from_secs(60);
+        let ended = tokio::time::timeout(guard, r.receive(&mut ch, &mut writer, msgs, streams))
+            .await
+            .ok()
+            .map(|r| r.map(drop));
+        ch.close(true).await;
+        ended
+    }
+
+    /// An RDMA migration whose receive task fails before the switchover
+    /// (every channel lost: a queue pair in error, its connection broken)
+    /// fails at once, as a TCP migration that lost its last data channel
+    /// does, with the RDMA failure as its reason: it does not wait for the
+    /// source to abort or switch over. The source's own reason, when it
+    /// comes with the failure, is preferred; a descriptor this side refused
+    /// is a reason too. An RDMA task that ended cleanly (every channel's end
+    /// frame) ends nothing: the switchover is still to come. Runs without
+    /// RDMA: the task is a stand-in.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_rdma_receive_task_fails_the_migration_at_once() {
+        let lost = || TransportError::Channel {
+            what: "RDMA channels",
+            detail: "no channel ended cleanly (2 failed; last: rxe0: work request flushed)".into(),
+        };
+        // The source says nothing (it would only abort or switch over).
+        let (_silent, msgs) = mpsc::channel(4);
+        let ended = receive_with_rdma(async move { Err(lost()) }, msgs).await;
+        match ended {
+            Some(Err(MigrationError::Transport(TransportError::Channel { what, detail }))) => {
+                assert_eq!(what, "RDMA channels");
+                assert!(detail.contains("work request flushed"), "{detail}");
+            }
+            other => panic!("the migration did not fail with the RDMA failure: {other:?}"),
+        }
+
+        // The source aborted as its channels broke: its reason is the one.
+        let (abort, msgs) = mpsc::channel(4);
+        let failing = async move {
+            let why = TransportError::PeerAborted("the source's own reason".into());
+            abort.send(Err(why)).await.unwrap();
+            Err(lost())
+        };
+        let ended = receive_with_rdma(failing, msgs).await;
+        assert!(
+            matches!(&ended, Some(Err(MigrationError::Transport(TransportError::PeerAborted(w)))) if w.contains("own reason")),
+            "{ended:?}"
+        );
+
+        // A descriptor refused here.
+        let (_silent, msgs) = mpsc::channel(4);
+        let refused = async move {
+            Err(TransportError::Wire(ferry_proto::WireError::Invalid {
+                field: "RDMA descriptors",
+                detail: "more descriptors in flight than the source may have".into(),
+            }))
+        };
+        let ended = receive_with_rdma(refused, msgs).await;
+        assert!(
+            matches!(
+                &ended,
+                Some(Err(MigrationError::Transport(TransportError::Wire(_))))
+            ),
+            "{ended:?}"
+        );
+
+        // Every channel ended cleanly: the migration goes on until the
+        // source's next word (here its control connection closing, a while
+        // after the task ended).
+        let (closing, msgs) = mpsc::channel::<ferry_transport::Result<Msg>>(4);
+        let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _ = ended_rx.await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            drop(closing);
+        });
+        let clean = async move {
+            let _ = ended_tx.send(());
+            Ok(())
+        };
+        let ended = receive_with_rdma(clean, msgs).await;
+        assert!(
+            matches!(
+                &ended,
+                Some(Err(MigrationError::Transport(TransportError::PeerClosed {
+                    what: "control"
+                })))
+            ),
+            "{ended:?}"
+        );
     }
 
     /// A migration that is over stops its RDMA task as it stops its TCP
