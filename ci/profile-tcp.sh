@@ -6,10 +6,11 @@
 #
 # `ferry listen --once` and `ferry send` run as in ci/bench-tcp.sh; `perf
 # record -e cpu-clock` (software clock: no hardware counters needed) is
-# attached to both processes once the source logs "opening data channels",
-# so filling the synthetic guest is not in the source's profile, and
-# stopped when the source exits (the destination's page check after the
-# commit is the resume hook's, listed under its own frames). Prints, per
+# attached to the source once it logs "opening data channels", so filling
+# the synthetic guest is not in its profile, and stopped when it exits;
+# the destination is recorded from its start to its exit (its page check
+# after the commit is the resume hook's and its exit unmaps guest memory:
+# both listed under their own frames and threads). Prints, per
 # side, the samples by thread and the functions with the most self time
 # (kernel symbols marked [k]), and the same with kernel and libc time
 # charged to the first Ferry frame above them (who asked for it).
@@ -44,7 +45,12 @@ trap 'rm -rf "$WORK"' EXIT
 PLAIN=(--plaintext)
 if [ "$TLS" = 1 ]; then PLAIN=(); fi
 P=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$FERRY" listen --listen 127.0.0.1:"$P" --auth-key-file "$WORK/key" --once "${PLAIN[@]}" > "$WORK/listen.log" 2>&1 &
+# The destination is recorded whole, from its start (it fills nothing
+# before the transfer, and attaching once the channels open came too late
+# on a loaded machine: most of its transfer was missed); its resume hook's
+# page check and its exit show under their own frames.
+perf record -q -e cpu-clock -F 4000 -g -o "$WORK/dst.data" -- \
+    "$FERRY" listen --listen 127.0.0.1:"$P" --auth-key-file "$WORK/key" --once "${PLAIN[@]}" > "$WORK/listen.log" 2>&1 &
 LPID=$!
 for _ in $(seq 200); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$P)).close()" 2>/dev/null && break; sleep 0.05; done
 "$FERRY" send --to 127.0.0.1:"$P" --auth-key-file "$WORK/key" --memory "$MEM" --dirty-rate 0 --zero-fraction 0 \
@@ -56,11 +62,9 @@ until grep -q "opening data channels" "$WORK/send.log" 2>/dev/null; do
 done
 perf record -q -e cpu-clock -F 4000 -g -p "$SPID" -o "$WORK/src.data" 2>/dev/null &
 RS=$!
-perf record -q -e cpu-clock -F 4000 -g -p "$LPID" -o "$WORK/dst.data" 2>/dev/null &
-RD=$!
 wait "$SPID"
-kill -INT "$RS" "$RD" 2>/dev/null || true
-wait "$RS" "$RD" 2>/dev/null || true
+kill -INT "$RS" 2>/dev/null || true
+wait "$RS" 2>/dev/null || true
 wait "$LPID" || true
 grep -E "throughput|CPU" "$WORK/send.log" || true
 grep -o "CPU [0-9].*" "$WORK/listen.log" | tail -1 || true
