@@ -202,7 +202,13 @@ def runs(label, path, n, relay=None, **kw):
     down = statistics.median(r["downtime_ms"] for r in res)
     ram = "equal" if all(r["ram"]["equal"] for r in res) else "DIFFERS"
     times = "/".join(f"{r['total_ms'] / 1000:.2f}" for r in res)
+    ends = [r["dst_end_ms"] for r in res if r.get("dst_end_ms") is not None]
+    end = statistics.median(ends) if len(ends) == len(res) else None
     ratio = f"  {base[label] / t:4.2f}x direct" if label in base and path != "direct, 1 link" else ""
+    if end is not None and label in base_end and path != "direct, 1 link":
+        ratio += f" (dst loaded {end / 1000:.2f} s: {base_end[label] / end:4.2f}x)"
+    elif end is not None and path == "direct, 1 link":
+        ratio = f"  (dst loaded {end / 1000:.2f} s)"
     where = ""
     if relay:
         where = (f"  [dst QEMU {statistics.median(r['dst_qemu_pct'] for r in res):3.0f}%, "
@@ -215,10 +221,13 @@ def runs(label, path, n, relay=None, **kw):
           flush=True)
     if path == "direct, 1 link":
         base[label] = t
+        if end is not None:
+            base_end[label] = end
     return med
 
 
 base = {}
+base_end = {}
 dstd = daemon()
 
 
@@ -251,7 +260,10 @@ if running:
 dstd.terminate()
 print("time: QEMU's total-time (migrate to completed on the source); rate: its transferred bytes "
       "over that time (through the relay: the stream bytes QEMU wrote, before compression); "
-      "Nx direct: the direct one-link row's median time over this row's; QEMU alone, loopback: "
+      "Nx direct: the direct one-link row's median time over this row's; dst loaded: the migrate "
+      "command to the destination QEMU leaving 'inmigrate' (the end as the destination sees it: "
+      "what was still on the way when the source completed included), and the same ratio on it; "
+      "QEMU alone, loopback: "
       "both QEMUs in one namespace, no link, no relay (QEMU's own ceiling on this machine now); "
       "[dst QEMU: the destination relay waiting for its QEMU to read, window: the source relay "
       "waiting for credit, as shares of the migration's time; cpu: ferry relay + ferry listen CPU seconds]")

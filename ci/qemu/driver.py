@@ -447,6 +447,36 @@ def migration_summary(q):
 
 # ------------------------------------------------------------------- migrate
 
+def wait_both(src, dst, timeout, poll=0.005):
+    """Polls the source's query-migrate until it ends and the destination's status until
+    it leaves "inmigrate" (it finishes loading after the source completes: whatever was
+    still on the way to it then). Returns the source's last query-migrate (with wall_ms)
+    and the destination's end in ms after the migrate command, or None when the source's
+    migration did not complete or the destination had not ended 60 s after it did."""
+    deadline = time.monotonic() + timeout
+    q = dst_end = None
+    while True:
+        if q is None:
+            s = src.query_migrate()
+            # A query right at the end can say "completed" before it has the
+            # total time (0): ask again.
+            done = s.get("status") in ("failed", "cancelled") or (
+                s.get("status") == "completed" and s.get("total-time"))
+            if done:
+                s["wall_ms"] = round((time.monotonic() - src.migrate_started) * 1000)
+                q = s
+                deadline = min(deadline, time.monotonic() + 60)
+        if dst_end is None and dst.status() != "inmigrate":
+            dst_end = round((time.monotonic() - src.migrate_started) * 1000)
+        if q is not None and (dst_end is not None or q.get("status") != "completed"):
+            return q, dst_end
+        if time.monotonic() > deadline:
+            if q is not None:
+                return q, None
+            raise DriverError(f"{src.name}: migration not finished in {timeout:.0f} s: {q}")
+        time.sleep(poll)
+
+
 def migrate_once(workdir, uri, incoming=None, src_ns=None, dst_ns=None, mem_kib=DEFAULT_MEM_KIB,
                  running=True, memcheck=None, loaders=(), multifd=0, compare=True,
                  passes_after=2, timeout=300, guest=None, log=None):
@@ -482,17 +512,14 @@ def migrate_once(workdir, uri, incoming=None, src_ns=None, dst_ns=None, mem_kib=
         dst.incoming(incoming or uri)
         src_before = src.passes()
         src.migrate(uri)
-        q = src.wait_migration(timeout)
+        q, res["dst_end_ms"] = wait_both(src, dst, timeout)
         res.update(migration_summary(q))
-        log(f"migration {res['status']} in {res['total_ms']} ms (downtime {res['downtime_ms']} ms)")
+        log(f"migration {res['status']} in {res['total_ms']} ms (downtime {res['downtime_ms']} ms, "
+            f"destination loaded {res['dst_end_ms']} ms after the migrate command)")
         if res["status"] != "completed":
             res["src_status"] = src.status()
             res["dst_status"] = dst.status()
             return res
-        # The destination's own view: it finishes loading a moment after the source.
-        deadline = time.monotonic() + 60
-        while dst.status() in ("inmigrate",) and time.monotonic() < deadline:
-            time.sleep(0.05)
         res["src_status"] = src.status()
         res["dst_status_after_migration"] = dst.status()
         if compare:
