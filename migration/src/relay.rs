@@ -34,7 +34,9 @@ use ferry_proto::relay::{
 };
 use ferry_proto::wire::{Codec, CompressionSpec};
 use ferry_transport::codec::{Decoder, Encoder};
-use ferry_transport::compress::{probe_incompressible, Backoff, LinkProbe, MIN_SAVING_DIVISOR};
+use ferry_transport::compress::{
+    probe_incompressible, Backoff, LinkProbe, MIN_SAVING_DIVISOR, WORKER_NICE,
+};
 use ferry_transport::conn::{Conn, ConnWriter};
 use ferry_transport::ratelimit::RateLimiter;
 use ferry_transport::reservation::Reservation;
@@ -913,9 +915,6 @@ async fn write_both<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Nice value of the relay's compression workers (the page path's too).
-const SQUEEZE_NICE: i32 = 10;
-
 /// A chunk for a compression worker, the buffer to compress into, and
 /// where the answer goes: the buffer back, with the compressed length when
 /// the chunk shrank by at least an eighth.
@@ -948,7 +947,7 @@ impl Squeezers {
             std::thread::Builder::new()
                 .name(format!("relay-zip-{i}"))
                 .spawn(move || {
-                    if let Err(e) = ferry_ffi::net::set_current_thread_nice(SQUEEZE_NICE) {
+                    if let Err(e) = ferry_ffi::net::set_current_thread_nice(WORKER_NICE) {
                         tracing::debug!("relay compression worker runs un-niced: {e}");
                     }
                     let mut sample = Vec::new();
@@ -1902,7 +1901,7 @@ mod tests {
         let nices = worker_nices();
         assert_eq!(nices.len(), 2, "{nices:?}");
         assert!(
-            nices.iter().all(|&n| n == i64::from(SQUEEZE_NICE)),
+            nices.iter().all(|&n| n == i64::from(WORKER_NICE)),
             "{nices:?}"
         );
         drop(w);

@@ -96,8 +96,9 @@ const MIN_IDLE_QUEUE: f64 = 64.0 * 1024.0;
 const MAX_IDLE_QUEUE: f64 = 8.0 * 1024.0 * 1024.0;
 /// Shortest window over which the link's drain rate is measured.
 const RATE_WINDOW: Duration = Duration::from_millis(20);
-/// Nice value of the worker threads.
-const WORKER_NICE: i32 = 10;
+/// Nice value of compression worker threads (the page path's pool and
+/// `ferry relay`'s): lz4 takes only what moving bytes leaves.
+pub const WORKER_NICE: i32 = 10;
 /// Guest-physical bytes whose chunks share one compressibility record
 /// (256 MiB).
 pub const GRANULE: u64 = 256 << 20;
