@@ -367,8 +367,12 @@ impl EngineConfig {
 enum Event {
     /// The relay cannot go on.
     Fail(RelayFailure),
-    /// A direction of a stream was delivered to our hypervisor and checked.
-    InDone(u32),
+    /// A direction of a stream was delivered to our hypervisor and checked:
+    /// `delivered` bytes in all. The control loop records it, and only
+    /// then tells the peer (the final `Credit`), so that no message the
+    /// peer sends on learning it (`RelayEnd`) can reach a control loop
+    /// that does not know it yet.
+    InDone { stream: u32, delivered: u64 },
     /// A destination connect finished.
     Connected(u32, std::io::Result<TcpStream>),
 }
@@ -502,6 +506,9 @@ struct Shared {
     failed: AtomicBool,
     /// Every stream is done: `RelayEnd` sent or received.
     ending: AtomicBool,
+    /// Tests: holds each delivered end before the control loop hears of it.
+    #[cfg(test)]
+    in_done_gate: Option<Arc<tests::Gate>>,
 }
 
 impl Shared {
@@ -747,13 +754,16 @@ async fn pump_in(
                 let _ = shut.shutdown(std::net::Shutdown::Write);
                 let delivered = slot.inner.lock().expect("stream").recv.delivered();
                 tracing::debug!(stream = slot.id, %dir, delivered, "end delivered and checked");
-                let _ = sh.ctl.send(Msg::Credit {
+                #[cfg(test)]
+                if let Some(g) = &sh.in_done_gate {
+                    g.pass().await;
+                }
+                // The final credit goes from the control loop, after it
+                // recorded the end (see `Event::InDone`).
+                let _ = sh.events.send(Event::InDone {
                     stream: slot.id,
-                    dir,
                     delivered,
-                    finished: true,
                 });
-                let _ = sh.events.send(Event::InDone(slot.id));
                 return;
             }
         }
@@ -1220,6 +1230,8 @@ pub struct Engine {
     keys: RelayKeys,
     budget: Option<StreamBudget>,
     live: Arc<RelayLive>,
+    #[cfg(test)]
+    in_done_gate: Option<Arc<tests::Gate>>,
 }
 
 impl Engine {
@@ -1230,6 +1242,8 @@ impl Engine {
             keys,
             budget: None,
             live: Arc::default(),
+            #[cfg(test)]
+            in_done_gate: None,
         }
     }
 
@@ -1290,6 +1304,8 @@ impl Engine {
             resent: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             ending: AtomicBool::new(false),
+            #[cfg(test)]
+            in_done_gate: self.in_done_gate.clone(),
         });
         let (writer, mut msgs) = conn.split();
         let ctl_task = tokio::spawn(control_writer(writer, ctl_rx));
@@ -1483,11 +1499,23 @@ impl Engine {
                         });
                     }
                     Event::Fail(f) => break Err(f),
-                    Event::InDone(stream) => match rules.finish(stream, side.in_dir()) {
-                        Ok(true) => sh.release(stream),
-                        Ok(false) => {}
-                        Err(e) => break Err(e.into()),
-                    },
+                    Event::InDone { stream, delivered } => {
+                        let dir = side.in_dir();
+                        match rules.finish(stream, dir) {
+                            Ok(true) => sh.release(stream),
+                            Ok(false) => {}
+                            Err(e) => break Err(e.into()),
+                        }
+                        // Only now may the peer learn it: whatever it
+                        // answers comes after this on the control
+                        // connection.
+                        let _ = sh.ctl.send(Msg::Credit {
+                            stream,
+                            dir,
+                            delivered,
+                            finished: true,
+                        });
+                    }
                     Event::Connected(stream, r) => {
                         fifo.on_connected(stream);
                         match r {
@@ -1831,6 +1859,162 @@ pub async fn serve_destination(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Holds a delivered end on its way to the control loop (as its
+    /// `select!` taking the peer's messages first would) until the test
+    /// opens it.
+    #[derive(Debug)]
+    pub(super) struct Gate {
+        reached: tokio::sync::Semaphore,
+        open: tokio::sync::Semaphore,
+    }
+
+    impl Gate {
+        fn new() -> Self {
+            Gate {
+                reached: tokio::sync::Semaphore::new(0),
+                open: tokio::sync::Semaphore::new(0),
+            }
+        }
+
+        pub(super) async fn pass(&self) {
+            self.reached.add_permits(1);
+            self.open.acquire().await.expect("gate").forget();
+        }
+    }
+
+    /// The destination's control messages up to the one `stop` picks.
+    async fn recv_until(ctl: &mut Conn, stop: impl Fn(&Msg) -> bool) -> Vec<Msg> {
+        let mut seen = Vec::new();
+        loop {
+            let m = ctl.recv("a relay message").await.expect("control");
+            let last = stop(&m);
+            seen.push(m);
+            if last {
+                return seen;
+            }
+        }
+    }
+
+    fn is_final_credit(m: &Msg, want: Dir) -> bool {
+        matches!(m, Msg::Credit { stream: 0, dir, finished: true, .. } if *dir == want)
+    }
+
+    /// CI's g6: the source ends the relay as soon as it hears the last
+    /// direction finished; a destination that said so before its own
+    /// control loop knew it took that `RelayEnd` for one with a stream
+    /// still open. Here the destination's delivered end is held before its
+    /// control loop while the test plays the source: no final credit may
+    /// come out meanwhile (a ping sent then is answered first), and once
+    /// it passes, the end goes through.
+    #[tokio::test]
+    async fn the_peer_hears_a_stream_finished_only_after_the_control_loop_recorded_it() {
+        let keys = || RelayKeys::from_frame_key(&ferry_proto::MacKey::from_bytes([7; 32]));
+        let data = b"the guest's memory, in order; ".repeat(200);
+        // The destination's hypervisor: sends nothing, reads the stream.
+        let hv = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hv_addr = hv.local_addr().unwrap();
+        let hypervisor = tokio::spawn(async move {
+            let (mut s, _) = hv.accept().await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        let (ours, theirs) = tokio::join!(TcpStream::connect(a), l.accept());
+        let timeout = Duration::from_secs(60);
+        let mut ctl = Conn::new(ours.unwrap(), timeout);
+        let dest_ctl = Conn::new(theirs.unwrap().0, timeout);
+        let (data_ours, data_theirs) = tokio::join!(TcpStream::connect(a), l.accept());
+        let mut data_ch = data_ours.unwrap();
+        let (tx, rx) = mpsc::channel(1);
+        tx.send((Stream::from(data_theirs.unwrap().0), "test".into()))
+            .await
+            .unwrap();
+        let cfg = EngineConfig {
+            side: Side::Destination,
+            window: 1 << 20,
+            chunk: 1 << 16,
+            max_streams: 4,
+            compression: None,
+            bandwidth_limit: None,
+            channel_timeout: timeout,
+            peer_timeout: timeout,
+            encrypted: false,
+        };
+        let gate = Arc::new(Gate::new());
+        let mut engine = Engine::new(cfg, keys());
+        engine.in_done_gate = Some(gate.clone());
+        let dest = tokio::spawn(engine.run(dest_ctl, rx, Hypervisor::Connect(hv_addr)));
+
+        // The source, by hand: stream 0 opens, carries one chunk, ends.
+        let k = keys();
+        ctl.send(&Msg::Open { stream: 0 }).await.unwrap();
+        let head = StreamChunk {
+            stream: 0,
+            dir: Dir::Forward,
+            offset: 0,
+            raw_len: data.len() as u32,
+            wire_len: data.len() as u32,
+            codec: 0,
+            seq: 0,
+            digest: k.chunk_digest(&data),
+        }
+        .encode(&k);
+        data_ch.write_all(&head).await.unwrap();
+        data_ch.write_all(&data).await.unwrap();
+        let mut digest = k.stream_digest(0, Dir::Forward);
+        digest.update(&data);
+        ctl.send(&Msg::Fin {
+            stream: 0,
+            dir: Dir::Forward,
+            length: data.len() as u64,
+            digest: digest.finish(&k),
+        })
+        .await
+        .unwrap();
+        assert!(
+            hypervisor.await.unwrap() == data,
+            "the stream arrived whole"
+        );
+
+        // Delivered and held before the control loop.
+        gate.reached.acquire().await.unwrap().forget();
+        ctl.send(&Msg::Ping { seq: 77 }).await.unwrap();
+        let mut seen = recv_until(&mut ctl, |m| matches!(m, Msg::Pong { seq: 77 })).await;
+        assert!(
+            !seen.iter().any(|m| is_final_credit(m, Dir::Forward)),
+            "the destination said the stream was finished before its control loop knew: {seen:?}"
+        );
+        gate.open.add_permits(1);
+        seen.extend(recv_until(&mut ctl, |m| is_final_credit(m, Dir::Forward)).await);
+        assert!(
+            matches!(seen.last(), Some(Msg::Credit { delivered, .. }) if *delivered == data.len() as u64),
+            "{seen:?}"
+        );
+        // The back direction ended empty: the source confirms it, then ends.
+        if !seen
+            .iter()
+            .any(|m| matches!(m, Msg::Fin { dir: Dir::Back, .. }))
+        {
+            recv_until(&mut ctl, |m| matches!(m, Msg::Fin { dir: Dir::Back, .. })).await;
+        }
+        ctl.send(&Msg::Credit {
+            stream: 0,
+            dir: Dir::Back,
+            delivered: 0,
+            finished: true,
+        })
+        .await
+        .unwrap();
+        ctl.send(&Msg::RelayEnd { streams: 1 }).await.unwrap();
+        recv_until(&mut ctl, |m| matches!(m, Msg::RelayEnd { streams: 1 })).await;
+        let report = dest.await.unwrap().expect("the relay ends cleanly");
+        assert_eq!(report.streams.len(), 1);
+        drop((tx, data_ch));
+    }
 
     fn chunk(data: Vec<u8>) -> Arc<OutChunk> {
         Arc::new(OutChunk {
