@@ -18,6 +18,17 @@
 #     the port opens, so it is in neither Ferry's CPU figure nor the rate;
 #     the "process" column still has it. A row beside the default, never
 #     the goal's figure: the goals are judged on "ferry tcp --plaintext";
+#   * ferry --plaintext again, the destination started with `--hugepages`
+#     (its guest memory from the kernel's 2 MiB hugetlb pool, as VMMs back
+#     guests for speed: QEMU -mem-path /dev/hugepages, Cloud Hypervisor
+#     hugepages=on; one page-table entry per 2 MiB). The script reserves
+#     the pages it needs (`vm.nr_hugepages`, root) and gives them back when
+#     it exits; before the runs it uses the pool once (`ferry listen
+#     --hugepages --prealloc-guest SIZE`, stopped once it listens), as a
+#     host that reserved its pool at boot has, and prints what that first
+#     use cost (on this VM the hypervisor backs a reserved page on its first
+#     use). Also a row beside the default, never the goal's figure;
+#     skipped, saying why, where the pool cannot be had;
 #   * with --before BIN, the same two with an earlier ferry.
 # Ferry migrates an idle guest of non-zero pattern pages (`ferry listen
 # --once` and `ferry send`, two processes on 127.0.0.1), every page hashed
@@ -80,7 +91,16 @@ if [ -n "$BEFORE" ] && [ ! -x "$BEFORE" ]; then
     exit 2
 fi
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+# The hugetlb pool as it was, restored at exit (set below when the script
+# reserves pages).
+HP_SYSCTL=/proc/sys/vm/nr_hugepages
+HP_RESTORE=
+cleanup() {
+    if [ -n "$HP_RESTORE" ]; then echo "$HP_RESTORE" > "$HP_SYSCTL" || true; fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 "$FERRY" gen-key "$WORK/key" > /dev/null
 BYTES=$(python3 -c "
 import re, sys
@@ -148,7 +168,39 @@ PY
 }
 
 PRE="ferry --plaintext, dst prealloc"
+HP="ferry --plaintext, dst --hugepages"
 CASES=("iperf3" "ferry tcp --plaintext" "ferry tcp (default: TLS)" "$PRE")
+# The 2 MiB hugetlb pool for the --hugepages row: reserve what the guest
+# needs (given back at exit), then use it once, untimed, as a host's pool
+# has been (see the header).
+HP_NOTE=
+HP_PAGES=$(( (BYTES + 2097151) / 2097152 ))
+HP_DIR=/sys/kernel/mm/hugepages/hugepages-2048kB
+hp_room() { echo $(( $(cat $HP_DIR/free_hugepages) - $(cat $HP_DIR/resv_hugepages) )); }
+if [ ! -d "$HP_DIR" ]; then
+    HP_NOTE="skipped: this kernel has no 2 MiB hugetlb pool"
+else
+    HP_BEFORE=$(cat "$HP_SYSCTL")
+    SHORT=$(( HP_PAGES - $(hp_room) ))
+    if [ "$SHORT" -gt 0 ]; then
+        if echo $(( HP_BEFORE + SHORT )) 2>/dev/null > "$HP_SYSCTL"; then HP_RESTORE=$HP_BEFORE; fi
+    fi
+    if [ "$(hp_room)" -lt "$HP_PAGES" ]; then
+        HP_NOTE="skipped: the pool has $(hp_room) free pages of the $HP_PAGES needed (vm.nr_hugepages=$(cat "$HP_SYSCTL"); reserving more needs root and free memory)"
+    else
+        P=$(port)
+        "$FERRY" listen --listen 127.0.0.1:"$P" --auth-key-file "$WORK/key" --plaintext --hugepages --prealloc-guest "$MEM" > "$WORK/warm.log" 2>&1 &
+        WPID=$!
+        # Populating comes before the port opens; a cold pool on this VM
+        # costs seconds per GiB.
+        for _ in $(seq 600); do grep -q 'listening on' "$WORK/warm.log" && break; sleep 0.1; done
+        wait_port "$P" || { cat "$WORK/warm.log" >&2; exit 1; }
+        kill "$WPID"; wait "$WPID" 2>/dev/null || true
+        WARM=$(grep -o 'preallocated in [0-9.]* s (CPU [0-9.]* s)' "$WORK/warm.log" | head -1)
+        HP_NOTE="pool: $HP_PAGES pages of 2 MiB (vm.nr_hugepages $HP_BEFORE -> $(cat "$HP_SYSCTL"), given back at exit); their first use before the runs (ferry listen --hugepages --prealloc-guest $MEM): $WARM"
+        CASES+=("$HP")
+    fi
+fi
 if [ -n "$BEFORE" ]; then CASES+=("before: tcp --plaintext" "before: tcp (default: TLS)"); fi
 key() { echo "$1" | tr ' :()' '____'; }
 # The machine's load before and after the runs (1-minute load average):
@@ -160,6 +212,9 @@ for i in $(seq "$REPEAT"); do
     run_ferry "$(key 'ferry tcp --plaintext')" "$FERRY" "$SEND_ARGS" --plaintext
     run_ferry "$(key 'ferry tcp (default: TLS)')" "$FERRY" "$SEND_ARGS"
     LISTEN_ARGS="--prealloc-guest $MEM" run_ferry "$(key "$PRE")" "$FERRY" "$SEND_ARGS" --plaintext
+    if [[ " ${CASES[*]} " == *" $HP "* ]]; then
+        LISTEN_ARGS="--hugepages" run_ferry "$(key "$HP")" "$FERRY" "$SEND_ARGS" --plaintext
+    fi
     if [ -n "$BEFORE" ]; then
         run_ferry "$(key 'before: tcp --plaintext')" "$BEFORE" "" --plaintext
         run_ferry "$(key 'before: tcp (default: TLS)')" "$BEFORE" ""
@@ -172,7 +227,8 @@ echo "== TCP over loopback: $MEM ($BYTES bytes) per run, $REPEAT runs per case i
 echo "   CPU in seconds per GiB moved; ferry = Ferry's own work from its record, process = both whole processes (/usr/bin/time);"
 echo "   audit = the source's audit after the commit, touch = the destination populating fresh memory where pages land"
 echo "   (both parts of src/dst); data path = both less those two"
-printf '%-32s %13s %9s %9s %9s %10s %7s %7s %9s   %s\n' case rate "src/GiB" "dst/GiB" "both/GiB" "process" audit touch "data path" "rates (Gbit/s)"
+echo "   --hugepages row: $HP_NOTE"
+printf '%-34s %13s %9s %9s %9s %10s %7s %7s %9s   %s\n' case rate "src/GiB" "dst/GiB" "both/GiB" "process" audit touch "data path" "rates (Gbit/s)"
 # Median over runs of a python expression of the columns r[1..7], per GiB; "-" when any is missing.
 pmed() { python3 -c "
 import math, statistics, sys
@@ -206,7 +262,7 @@ for c in "${CASES[@]}"; do
         audit=$(pmed "$f" 'r[6]'); touch=$(pmed "$f" 'r[7]')
         DATA[$c]=$(pmed "$f" 'r[2] + r[3] - r[6] - r[7]')
     fi
-    printf '%-32s %6.2f Gbit/s %9.3f %9.3f %9.3f %10.3f %7s %7s %9s   (%s)\n' "$c" "${RATE[$c]}" "$src" "$dst" "${BOTH[$c]}" "${PROC[$c]}" \
+    printf '%-34s %6.2f Gbit/s %9.3f %9.3f %9.3f %10.3f %7s %7s %9s   (%s)\n' "$c" "${RATE[$c]}" "$src" "$dst" "${BOTH[$c]}" "${PROC[$c]}" \
         "$audit" "$touch" "${DATA[$c]}" \
         "$(cut -d' ' -f1 "$f" | xargs printf '%.2f ' | sed 's/ $//')"
 done
@@ -225,6 +281,12 @@ echo "CPU/GiB both sides, ferry TLS / iperf3:           $(ratio "${BOTH[$T]}" "$
 echo "TLS / --plaintext: rate $(ratio "${RATE[$T]}" "${RATE[$P]}"), CPU/GiB $(ratio "${BOTH[$T]}" "${BOTH[$P]}")"
 echo "rate, ferry --plaintext into preallocated destination memory / iperf3: $(ratio "${RATE[$PRE]}" "${RATE[iperf3]}")   (beside the goal: it is judged on the default row)"
 echo "CPU/GiB both sides, the same / iperf3:            $(ratio "${BOTH[$PRE]}" "${BOTH[iperf3]}")"
+if [ -n "${RATE[$HP]:-}" ]; then
+    echo "rate, ferry --plaintext into hugetlb destination memory (--hugepages) / iperf3: $(ratio "${RATE[$HP]}" "${RATE[iperf3]}")   (beside the goal, as above)"
+    echo "CPU/GiB both sides, the same / iperf3:            $(ratio "${BOTH[$HP]}" "${BOTH[iperf3]}")"
+else
+    echo "--hugepages row $HP_NOTE"
+fi
 if [ -n "$BEFORE" ]; then
     for o in "tcp --plaintext" "tcp (default: TLS)"; do
         echo "this build / before, $o: rate $(ratio "${RATE[ferry $o]}" "${RATE[before: $o]}"), CPU/GiB both processes $(ratio "${PROC[ferry $o]}" "${PROC[before: $o]}")"

@@ -158,6 +158,16 @@ pub struct ListenArgs {
     /// and that is part of Ferry's CPU figure.
     #[arg(help_heading = GUEST, long, value_parser = units::parse_size, value_name = "SIZE")]
     pub prealloc_guest: Option<u64>,
+    /// Back the guest's memory with 2 MiB pages from the kernel's hugetlb
+    /// pool, as VMMs do for speed (QEMU -mem-path /dev/hugepages, Cloud
+    /// Hypervisor hugepages=on): a landing page then costs no page fault of
+    /// its own (one per 2 MiB) and pool pages stay backed between guests.
+    /// The pool must hold every migrating guest's memory (reserve it with
+    /// `sysctl vm.nr_hugepages=N`, N = GiB x 512): a migration it cannot
+    /// hold is refused, saying so. Guest memory regions must be whole 2 MiB
+    /// pages. Applies to --prealloc-guest too.
+    #[arg(help_heading = GUEST, long)]
+    pub hugepages: bool,
 }
 
 #[derive(Debug, Args)]

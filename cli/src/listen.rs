@@ -14,6 +14,20 @@ use super::{dest_audit_line, resume_hook, signals, tls_config, units, with_port,
 pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     let key = AuthKey::from_file(&a.auth_key_file)?;
     let tls = tls_config(a.tls_dir.as_deref(), &key)?;
+    let backing = if a.hugepages {
+        // Said at start, so an operator sees a pool too small before any
+        // migration is refused for it.
+        let (total, free, resv) = ferry_migration::memory::hugetlb_pool()
+            .context("--hugepages: this kernel has no 2 MiB hugetlb pool")?;
+        tracing::info!(
+            "guest memory from the 2 MiB hugetlb pool (--hugepages): {} of its {total} pages free and not reserved, room for {}",
+            free.saturating_sub(resv),
+            units::human(free.saturating_sub(resv) * ferry_migration::memory::HUGE_PAGE)
+        );
+        ferry_migration::memory::Backing::HugeTlb
+    } else {
+        ferry_migration::memory::Backing::Anonymous
+    };
     // Backed before the port is open: a source that connects finds the
     // guest's memory ready, as it would a preallocating VMM's.
     let preallocated = match a.prealloc_guest {
@@ -25,7 +39,7 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
         Some(size) => {
             let layout = ferry_migration::memory::default_layout(size)
                 .with_context(|| format!("--prealloc-guest {size}"))?;
-            let p = ferry_migration::memory::preallocated_dest_memory(&layout)
+            let p = ferry_migration::memory::preallocated_dest_memory(&layout, backing)
                 .with_context(|| format!("--prealloc-guest {}", units::human(size)))?;
             tracing::info!(
                 "guest memory of {} preallocated in {:.2} s (CPU {:.2} s): the guest's work, before any migration; the first migration of a {} guest lands in it",
@@ -69,6 +83,7 @@ pub async fn listen(a: ListenArgs) -> anyhow::Result<()> {
     if !a.relay_allow.is_empty() {
         dest.set_relay_allow(a.relay_allow.clone());
     }
+    dest.set_backing(backing);
     if let Some(p) = preallocated {
         dest.set_preallocated(p);
     }

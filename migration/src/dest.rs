@@ -77,7 +77,7 @@ use tracing::Instrument;
 use crate::admission::{self, RefusalLog, Slot, Unauthenticated};
 use crate::digest::{hex, memory_evidence};
 use crate::error::{MigrationError, Result};
-use crate::memory::{dest_memory, DestMemory, Preallocated};
+use crate::memory::{dest_memory_backed, Backing, DestMemory, Preallocated};
 use crate::metrics::{Attempt, Metrics};
 use crate::nics;
 use crate::units::human_exact;
@@ -213,6 +213,8 @@ pub struct Destination {
     /// Guest memory backed before any migration (`--prealloc-guest`),
     /// until a migration of its layout takes it.
     preallocated: Mutex<Option<Preallocated>>,
+    /// How guest memory that is not preallocated is backed (`--hugepages`).
+    backing: Mutex<Backing>,
 }
 
 impl std::fmt::Debug for Destination {
@@ -243,6 +245,7 @@ impl Destination {
             stop: tokio::sync::watch::Sender::new(false),
             relay_allow: Mutex::new(ferry_proto::relay::default_allow()),
             preallocated: Mutex::new(None),
+            backing: Mutex::new(Backing::Anonymous),
         })
     }
 
@@ -254,6 +257,14 @@ impl Destination {
     /// window and CPU figure.
     pub fn set_preallocated(&self, p: Preallocated) {
         *self.preallocated.lock().expect("preallocated") = Some(p);
+    }
+
+    /// `--hugepages`: back each migration's guest memory as `backing`
+    /// says (memory preallocated with [`Destination::set_preallocated`] is
+    /// backed as it was mapped). A migration whose memory cannot be mapped
+    /// so (a hugetlb pool too small) is refused with the reason.
+    pub fn set_backing(&self, backing: Backing) {
+        *self.backing.lock().expect("backing") = backing;
     }
 
     /// The preallocated guest memory, if there is some for `layout`.
@@ -874,7 +885,21 @@ impl Destination {
                 );
                 m
             }
-            None => dest_memory(&offer.layout)?,
+            None => {
+                let backing = *self.backing.lock().expect("backing");
+                match dest_memory_backed(&offer.layout, backing) {
+                    Ok(m) => m,
+                    // The pool (or the host) cannot hold this guest: the
+                    // source is told why, as for --memory-limit.
+                    Err(e @ MigrationError::Memory(_)) => {
+                        return Err(conn
+                            .reject(RejectReason::MemoryLimit, e.to_string())
+                            .await
+                            .into())
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         });
         // The destination's evidence, under the session's page key: every
         // page any channel lands is recorded in it.
@@ -1843,7 +1868,7 @@ mod tests {
             option: PerformanceOption::Rdma,
             channels: 2,
         };
-        let mem = Arc::new(dest_memory(&layout).unwrap());
+        let mem = Arc::new(crate::memory::dest_memory(&layout).unwrap());
         let ledger = Arc::new(layout.ledger(keys.page.clone()).unwrap());
         let inbound = Arc::new(Inbound::new(layout, None, ledger, keys.frame.clone()));
         let resume = ResumeHook {
@@ -2050,7 +2075,9 @@ mod tests {
         let small = crate::memory::default_layout(4 << 20).unwrap();
         let other = crate::memory::default_layout(8 << 20).unwrap();
         assert!(d.take_preallocated(&small).is_none(), "none set");
-        d.set_preallocated(crate::memory::preallocated_dest_memory(&small).unwrap());
+        d.set_preallocated(
+            crate::memory::preallocated_dest_memory(&small, Backing::Anonymous).unwrap(),
+        );
         assert!(d.take_preallocated(&other).is_none(), "another layout");
         let m = d.take_preallocated(&small).expect("its layout");
         // The memory handed out is the backed one.

@@ -84,6 +84,125 @@ pub fn dest_memory(layout: &MemoryLayout) -> Result<DestMemory> {
     map(layout)
 }
 
+/// How the destination's guest memory is backed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Backing {
+    /// Anonymous 4 KiB pages, each allocated and zeroed by the kernel where
+    /// a page first lands (the default; [`dest_memory`]).
+    #[default]
+    Anonymous,
+    /// 2 MiB pages from the kernel's hugetlb pool (`vm.nr_hugepages`), as
+    /// VMMs back guests for speed (QEMU `-mem-path /dev/hugepages`, Cloud
+    /// Hypervisor `hugepages=on`): one page-table entry per 2 MiB, no
+    /// compaction, and pool pages that stay with the pool (and backed) when
+    /// a guest's memory is unmapped. The whole guest is reserved from the
+    /// pool when it is mapped, so a pool too small is refused then, never
+    /// found out as pages land ([`dest_memory_backed`]).
+    HugeTlb,
+}
+
+/// Huge page size of [`Backing::HugeTlb`].
+pub const HUGE_PAGE: u64 = 2 << 20;
+
+/// The 2 MiB hugetlb pool: (pages in it, free, reserved by mappings that
+/// have not faulted them yet), from sysfs; `None` where the kernel has no
+/// such pool.
+pub fn hugetlb_pool() -> Option<(u64, u64, u64)> {
+    let dir = std::path::Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB");
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()
+    };
+    Some((
+        read("nr_hugepages")?,
+        read("free_hugepages")?,
+        read("resv_hugepages")?,
+    ))
+}
+
+/// What the pool can still give a new mapping, in pages, and a sentence
+/// saying how it stands (for error messages).
+fn hugetlb_pool_state() -> (u64, String) {
+    match hugetlb_pool() {
+        Some((total, free, resv)) => (
+            free.saturating_sub(resv),
+            format!(
+                "the pool has {} of its {total} pages free and not reserved (vm.nr_hugepages = {total})",
+                free.saturating_sub(resv)
+            ),
+        ),
+        None => (0, "this kernel has no 2 MiB hugetlb pool".into()),
+    }
+}
+
+/// Maps destination guest memory for `layout`, backed as `backing` says.
+/// With [`Backing::HugeTlb`] every region must be a whole number of 2 MiB
+/// pages, and the whole guest is reserved from the pool now: when the pool
+/// cannot hold it the error names how many pages it needs, how many the
+/// pool has, and the sysctl that reserves more.
+pub fn dest_memory_backed(layout: &MemoryLayout, backing: Backing) -> Result<DestMemory> {
+    match backing {
+        Backing::Anonymous => dest_memory(layout),
+        Backing::HugeTlb => map_hugetlb(layout),
+    }
+}
+
+fn map_hugetlb(layout: &MemoryLayout) -> Result<DestMemory> {
+    use vm_memory::mmap::MmapRegionBuilder;
+    let total = layout.total_bytes();
+    let pages = total.div_ceil(HUGE_PAGE);
+    if let Some(r) = layout
+        .regions
+        .iter()
+        .find(|r| !r.size.is_multiple_of(HUGE_PAGE) || !r.gpa.is_multiple_of(HUGE_PAGE))
+    {
+        return Err(MigrationError::Memory(format!(
+            "guest memory region of {} bytes at {:#x} is not made of whole 2 MiB huge pages: \
+             it cannot be backed from the hugetlb pool (listen without --hugepages)",
+            r.size, r.gpa
+        )));
+    }
+    let mut regions = Vec::with_capacity(layout.regions.len());
+    for (gpa, size) in ranges(layout)? {
+        // Without MAP_NORESERVE: the kernel reserves the pages from the
+        // pool at mmap, so a pool too small fails here and a page landing
+        // later never finds the pool empty (SIGBUS).
+        let mapping = MmapRegionBuilder::new(size)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
+            )
+            .with_hugetlbfs(true)
+            .build()
+            .map_err(|e| {
+                let (available, pool) = hugetlb_pool_state();
+                MigrationError::Memory(format!(
+                    "cannot map {} from the 2 MiB hugetlb pool ({e}): the guest needs {pages} \
+                     huge pages and {pool}{}",
+                    crate::units::human(total),
+                    if available < pages {
+                        format!("; reserve more with `sysctl vm.nr_hugepages=N` (at least {} more pages)", pages - available)
+                    } else {
+                        String::new()
+                    }
+                ))
+            })?;
+        let region = vm_memory::GuestRegionMmap::new(mapping, gpa).ok_or_else(|| {
+            MigrationError::Config(format!(
+                "guest region at {:#x} overflows the address space",
+                gpa.0
+            ))
+        })?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| {
+        MigrationError::Memory(format!("cannot map {total} bytes of guest memory: {e}"))
+    })
+}
+
 /// Destination guest memory that was mapped and backed before any
 /// migration arrived: the synthetic destination guest's counterpart of a
 /// VMM whose guest memory is preallocated when the VM is created (QEMU
@@ -106,11 +225,12 @@ pub struct Preallocated {
 /// Maps destination guest memory for `layout` and populates all of it now
 /// (`MADV_POPULATE_WRITE`, Linux 5.14+): what a VMM that preallocates its
 /// guest's memory has done before a migration begins. Fails when the
-/// kernel cannot populate it (too old, or not enough memory).
-pub fn preallocated_dest_memory(layout: &MemoryLayout) -> Result<Preallocated> {
+/// kernel cannot populate it (too old, or not enough memory), or, with
+/// [`Backing::HugeTlb`], when the pool cannot hold it.
+pub fn preallocated_dest_memory(layout: &MemoryLayout, backing: Backing) -> Result<Preallocated> {
     let started = std::time::Instant::now();
     let before = ferry_ffi::cpu::thread_times().ok();
-    let mem = dest_memory(layout)?;
+    let mem = dest_memory_backed(layout, backing)?;
     for r in &layout.regions {
         let size = usize::try_from(r.size).map_err(|_| {
             MigrationError::Config(format!("region size {} does not fit this host", r.size))
@@ -157,15 +277,19 @@ pub struct MemoryUse {
 /// where the kernel does not say).
 pub fn memory_use<M: GuestMemoryBackend>(mem: &M) -> MemoryUse {
     let kib = |v: &str| v.split_whitespace().next()?.parse::<u64>().ok();
-    let peak = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(kib)
-        })
-        .unwrap_or(0)
-        * 1024;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(kib)
+            .unwrap_or(0)
+            * 1024
+    };
+    // Huge pages from the hugetlb pool (`Backing::HugeTlb`) are not in the
+    // resident set the kernel reports: add them (they are guest memory, and
+    // only grow during a migration, so now is their peak).
+    let peak = field("VmHWM:") + field("HugetlbPages:");
     // Host ranges of the guest's regions (the pointer's address only).
     let ranges: Vec<(usize, usize)> = mem
         .iter()
@@ -291,7 +415,7 @@ mod tests {
     fn preallocated_memory_is_backed_and_reads_zero() {
         use vm_memory::Bytes;
         let layout = default_layout(8 << 20).unwrap();
-        let p = preallocated_dest_memory(&layout).unwrap();
+        let p = preallocated_dest_memory(&layout, Backing::Anonymous).unwrap();
         assert_eq!(p.layout, layout);
         // Every page is backed already, and still reads as zero.
         assert_eq!(memory_use(&p.mem).guest_resident_bytes, 8 << 20);
@@ -306,6 +430,121 @@ mod tests {
         // Fresh destination memory is not.
         let fresh = dest_memory(&layout).unwrap();
         assert_eq!(memory_use(&fresh).guest_resident_bytes, 0);
+    }
+
+    /// Tests that change the machine's hugetlb pool run one at a time.
+    static POOL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// Grows the 2 MiB pool so that `pages` more are free (root only) and
+    /// gives them back when dropped; `None` where that cannot be done.
+    struct PoolPages(u64);
+    impl PoolPages {
+        fn grow(pages: u64) -> Option<PoolPages> {
+            let (total, free, resv) = hugetlb_pool()?;
+            let want = total + pages.saturating_sub(free.saturating_sub(resv));
+            std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string()).ok()?;
+            let (now, free, resv) = hugetlb_pool()?;
+            let got = PoolPages(now - total);
+            (free.saturating_sub(resv) >= pages).then_some(got)
+        }
+    }
+    impl Drop for PoolPages {
+        fn drop(&mut self) {
+            if let Some((total, _, _)) = hugetlb_pool() {
+                let _ = std::fs::write(
+                    "/proc/sys/vm/nr_hugepages",
+                    total.saturating_sub(self.0).to_string(),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn hugetlb_memory_needs_whole_huge_pages() {
+        let layout = MemoryLayout {
+            page_size: PAGE_SIZE,
+            regions: vec![ferry_transport::layout::RegionDesc {
+                gpa: 0,
+                size: 3 << 20,
+            }],
+        };
+        let e = dest_memory_backed(&layout, Backing::HugeTlb).unwrap_err();
+        assert!(
+            e.to_string().contains("not made of whole 2 MiB huge pages"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_hugetlb_pool_too_small_is_refused_when_mapped_saying_what_it_needs() {
+        let _one = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let available = hugetlb_pool().map_or(0, |(_, free, resv)| free.saturating_sub(resv));
+        let pages = available + 1;
+        let layout = default_layout(pages * HUGE_PAGE).unwrap();
+        let e = dest_memory_backed(&layout, Backing::HugeTlb).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, MigrationError::Memory(_)), "{e:?}");
+        assert!(
+            msg.contains(&format!("the guest needs {pages} huge pages")),
+            "{msg}"
+        );
+        if hugetlb_pool().is_some() {
+            assert!(msg.contains("sysctl vm.nr_hugepages"), "{msg}");
+            assert!(msg.contains(&format!("{available} of its")), "{msg}");
+        }
+    }
+
+    #[test]
+    fn hugetlb_memory_is_reserved_when_mapped_reads_zero_and_goes_back_to_the_pool() {
+        use vm_memory::Bytes;
+        let _one = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(_pool) = PoolPages::grow(4) else {
+            // Needs root (CI runs as root) and a kernel with the pool.
+            eprintln!("skipped: cannot reserve 4 huge pages here");
+            return;
+        };
+        let (_, free0, resv0) = hugetlb_pool().unwrap();
+        let layout = default_layout(4 * HUGE_PAGE).unwrap();
+        let mem = dest_memory_backed(&layout, Backing::HugeTlb).unwrap();
+        // Reserved at mmap (a landing page can never find the pool empty),
+        // nothing faulted yet.
+        let (_, free1, resv1) = hugetlb_pool().unwrap();
+        assert_eq!((free1, resv1), (free0, resv0 + 4));
+        assert_eq!(memory_use(&mem).guest_resident_bytes, 0);
+        // A page landing in the middle of a huge page: the populate the
+        // landing path does, then the write; its neighbours read zero.
+        let s = mem.get_slice(GuestAddress(HUGE_PAGE + 8192), 4096).unwrap();
+        assert_eq!(
+            ferry_ffi::vio::populate_missing(&s, &mut Vec::new()).unwrap(),
+            1
+        );
+        mem.write_slice(&[7u8; 4096], GuestAddress(HUGE_PAGE + 8192))
+            .unwrap();
+        let mut page = vec![1u8; 4096];
+        mem.read_slice(&mut page, GuestAddress(HUGE_PAGE + 4096))
+            .unwrap();
+        assert!(page.iter().all(|&b| b == 0));
+        mem.read_slice(&mut page, GuestAddress(HUGE_PAGE + 8192))
+            .unwrap();
+        assert!(page.iter().all(|&b| b == 7));
+        // The whole huge page is backed now, and counted as the guest's.
+        let s = mem
+            .get_slice(GuestAddress(HUGE_PAGE), HUGE_PAGE as usize)
+            .unwrap();
+        assert_eq!(
+            ferry_ffi::vio::populate_missing(&s, &mut Vec::new()).unwrap(),
+            0
+        );
+        let used = memory_use(&mem);
+        assert_eq!(used.guest_resident_bytes, HUGE_PAGE, "{used:?}");
+        assert!(used.peak_rss_bytes >= HUGE_PAGE, "{used:?}");
+        let (_, free2, _) = hugetlb_pool().unwrap();
+        assert_eq!(free2, free0 - 1);
+        drop(mem);
+        assert_eq!(hugetlb_pool().unwrap().1, free0, "pages back in the pool");
+        // A preallocated hugetlb guest is backed whole.
+        let p = preallocated_dest_memory(&layout, Backing::HugeTlb).unwrap();
+        assert_eq!(memory_use(&p.mem).guest_resident_bytes, 4 * HUGE_PAGE);
     }
 
     #[test]
