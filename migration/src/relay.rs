@@ -2105,7 +2105,11 @@ mod tests {
             b.extend_from_slice(b"bytes");
             pool.give(b);
         }
-        assert_eq!(pool.free.lock().unwrap().len(), 8, "at most a window of chunks");
+        assert_eq!(
+            pool.free.lock().unwrap().len(),
+            8,
+            "at most a window of chunks"
+        );
         // Other sizes are not kept: a take always has room for a chunk.
         pool.give(Vec::with_capacity(100));
         pool.give(vec![0; 5000]);
@@ -2125,7 +2129,12 @@ mod tests {
         assert_eq!(pool.free.lock().unwrap().len(), 7);
         drop(queued);
         assert_eq!(pool.free.lock().unwrap().len(), 8);
-        assert!(pool.free.lock().unwrap().iter().any(|b| b.as_ptr() == first));
+        assert!(pool
+            .free
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|b| b.as_ptr() == first));
     }
 
     /// The nice values of this process's relay compression workers.
