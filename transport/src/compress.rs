@@ -687,24 +687,30 @@ impl<M: GuestMem> CompressSender<M> {
         self.link.about_to_idle(self.limiter.as_deref())
     }
 
+    /// Writes a worker's result: the compressed frame, or the chunk raw.
+    async fn write_done(&mut self, done: Done) -> Result<()> {
+        match done {
+            Done::Frame { seq, buf, len } => {
+                let chunk = self.pending.remove(&seq).expect("a pending chunk");
+                let r = self.tcp.send_encoded(chunk, &buf[..len]).await;
+                self.pool.shared.lock().spare.push(buf);
+                r?;
+                self.link.wrote(len as u64);
+                self.compressed += 1;
+                Ok(())
+            }
+            Done::Raw { seq, chunk } => {
+                self.pending.remove(&seq);
+                self.send_raw(chunk, RawWhy::Incompressible).await
+            }
+        }
+    }
+
     /// Writes one pending chunk: see the module docs for which.
     async fn emit_one(&mut self) -> Result<()> {
         loop {
-            match self.outbox.pop() {
-                Some(Done::Frame { seq, buf, len }) => {
-                    let chunk = self.pending.remove(&seq).expect("a pending chunk");
-                    let r = self.tcp.send_encoded(chunk, &buf[..len]).await;
-                    self.pool.shared.lock().spare.push(buf);
-                    r?;
-                    self.link.wrote(len as u64);
-                    self.compressed += 1;
-                    return Ok(());
-                }
-                Some(Done::Raw { seq, chunk }) => {
-                    self.pending.remove(&seq);
-                    return self.send_raw(chunk, RawWhy::Incompressible).await;
-                }
-                None => {}
+            if let Some(done) = self.outbox.pop() {
+                return self.write_done(done).await;
             }
             let id = self.outbox.id;
             let incompressible = {
