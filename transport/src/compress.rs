@@ -24,6 +24,11 @@
 //! 3. otherwise it waits for either (a worker result, an acknowledgement, or
 //!    a 1 ms tick) and decides again.
 //!
+//! Below that depth, `send` still writes the results workers have finished
+//! while the socket's queue is about to run dry (never waiting for one), so
+//! the link starts as soon as the first chunk is done rather than once the
+//! pipeline is full.
+//!
 //! So a link slower than the pool carries almost only compressed chunks,
 //! and a link faster than the pool (loopback) carries what the pool can
 //! compress plus the rest raw. Workers run niced, so on a host with few
@@ -706,6 +711,24 @@ impl<M: GuestMem> CompressSender<M> {
         }
     }
 
+    /// Writes the results workers have finished while the link is about to
+    /// go idle, without waiting for anything: the pipeline otherwise writes
+    /// only once it holds more than `depth` chunks, so at the start of a
+    /// migration (and after each round's flush) the link would sit idle
+    /// while the first chunks are copied, queued and compressed. A busy
+    /// link (its queue full: a slow link, or plenty queued) changes
+    /// nothing: results wait for the pipeline as before, and the page pass
+    /// is not held up by a write that would block.
+    async fn emit_finished_while_idle(&mut self) -> Result<()> {
+        while !self.pending.is_empty() && self.link_about_to_idle() {
+            let Some(done) = self.outbox.pop() else {
+                break;
+            };
+            self.write_done(done).await?;
+        }
+        Ok(())
+    }
+
     /// Writes one pending chunk: see the module docs for which.
     async fn emit_one(&mut self) -> Result<()> {
         loop {
@@ -793,7 +816,7 @@ impl<M: GuestMem> Transport for CompressSender<M> {
         while self.pending.len() > self.depth {
             self.emit_one().await?;
         }
-        Ok(())
+        self.emit_finished_while_idle().await
     }
 
     async fn flush(&mut self) -> Result<Flushed> {
