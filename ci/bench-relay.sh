@@ -5,6 +5,7 @@
 # `ferry relay` over all four links, in the same run. Needs root.
 #
 #   ci/bench-relay.sh [--repeat 3] [--keep-testbed] [--no-running] [--guests random,mix,running]
+#                     [--options tcp,compression] [--multifd 0,4]
 #
 # Guests (ci/qemu/driver.py; x86_64 q35 under TCG, one vCPU):
 #   * paused 1 GiB (-S, never run) with 512 MiB of random content loaded at
@@ -42,19 +43,28 @@
 # compression, "lz4 N%" the share of chunks sent compressed (the others went
 # raw: their link was about to idle, or they did not shrink). FERRY=path picks the binary (default
 # target/release/ferry, built first); RELAY_ARGS="--window 32MiB" adds flags
-# to every `ferry relay`.
+# to every `ferry relay`. FERRY_B=path A/Bs a second build in the same run:
+# each relay row runs with both builds alternately (A, B, A, B, ...), each
+# with its own `ferry listen` (ports 6600 and 6601), and prints a row for
+# each, marked [A] and [B]. "chunks N KiB" is the mean chunk the source
+# relay cut; with compression, "raw:" says why the other chunks went raw
+# (link about to idle, did not shrink, skipped after one that did not).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 REPEAT=3
 KEEP=0
 RUNNING=1
 GUESTS=random,mix,running
+OPTIONS=tcp,compression
+MULTIFD=0,4
 while [ $# -gt 0 ]; do
     case "$1" in
         --repeat) REPEAT=$2; shift 2 ;;
         --keep-testbed) KEEP=1; shift ;;
         --no-running) RUNNING=0; shift ;;
         --guests) GUESTS=$2; shift 2 ;;
+        --options) OPTIONS=$2; shift 2 ;;
+        --multifd) MULTIFD=$2; shift 2 ;;
         *) echo "bench-relay.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -80,20 +90,26 @@ head -c 32 /dev/urandom | base64 > "$WORK/key" && chmod 600 "$WORK/key"
 export FERRY RELAY_KEY="$WORK/key"
 
 case ",$GUESTS," in *,running,*) ;; *) RUNNING=0 ;; esac
-python3 - "$WORK" "$REPEAT" "$RUNNING" "$GUESTS" <<'PY'
+python3 - "$WORK" "$REPEAT" "$RUNNING" "$GUESTS" "$OPTIONS" "$MULTIFD" <<'PY'
 import json, os, re, resource, statistics, subprocess, sys, time
 sys.path.insert(0, os.path.join(os.getcwd(), "ci", "qemu"))
 import driver
 
 FERRY, KEY = os.environ["FERRY"], os.environ["RELAY_KEY"]
+# FERRY_B: a second build, A/B in the same run: every relay row runs with
+# both, alternating run by run (A, B, A, B, ...), each with its own
+# `ferry listen`, and prints a row for each.
+BUILDS = {"A": FERRY}
+if os.environ.get("FERRY_B"):
+    BUILDS["B"] = os.environ["FERRY_B"]
 
 work, repeat, running = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 guests = sys.argv[4].split(",")
-LISTEN_LOG = os.path.join(work, "listen.log")
+options = sys.argv[5].split(",")
+multifds = [int(m) for m in sys.argv[6].split(",")]
 SRC, DST = "fq-src", "fq-dst"
 GIB_KIB = 1 << 20
 port = [4500]
-relays = [0]
 
 
 def direct(link):
@@ -101,17 +117,20 @@ def direct(link):
     return f"tcp:10.200.{link}.2:{port[0]}"
 
 
-def daemon():
-    """`ferry listen` in the destination namespace, on every link."""
-    p = subprocess.Popen(["ip", "netns", "exec", DST, FERRY, "listen", "--listen", "0.0.0.0:6600",
-                          "--auth-key-file", KEY, "--plaintext"],
-                         stdout=subprocess.DEVNULL, stderr=open(LISTEN_LOG, "w"))
-    deadline = time.monotonic() + 30
-    while "listening on" not in open(LISTEN_LOG).read():
-        if p.poll() is not None or time.monotonic() > deadline:
-            sys.exit(f"bench-relay.sh: ferry listen did not start: {open(LISTEN_LOG).read()[-2000:]}")
-        time.sleep(0.05)
-    return p
+class Daemon:
+    """`ferry listen` of one build in the destination namespace, on every link."""
+
+    def __init__(self, build, ferry, port):
+        self.ferry, self.port, self.relays = ferry, port, 0
+        self.log = os.path.join(work, f"listen-{build}.log")
+        self.p = subprocess.Popen(["ip", "netns", "exec", DST, ferry, "listen", "--listen",
+                                   f"0.0.0.0:{port}", "--auth-key-file", KEY, "--plaintext"],
+                                  stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
+        deadline = time.monotonic() + 30
+        while "listening on" not in open(self.log).read():
+            if self.p.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"bench-relay.sh: ferry listen did not start: {open(self.log).read()[-2000:]}")
+            time.sleep(0.05)
 
 
 def cpu_s(pid):
@@ -120,28 +139,29 @@ def cpu_s(pid):
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def dst_streams(mid):
+def dst_streams(d, mid):
     """The `relay stream` lines `ferry listen` logged for its migration `mid`
     (the daemon numbers relays from 1); it logs them a moment after the
     source relay exits."""
     deadline = time.monotonic() + 3
     while True:
-        lines = [l for l in open(LISTEN_LOG) if "relay stream" in l and f" migration_id={mid} " in l]
+        lines = [l for l in open(d.log) if "relay stream" in l and f" migration_id={mid} " in l]
         if lines or time.monotonic() > deadline:
             return [{k: float(v) for k, v in re.findall(r"(\w+_s)=([0-9.]+)", l)} for l in lines]
         time.sleep(0.05)
 
 
-def relay_once(option, **kw):
-    """One migration through a new `ferry relay`; the relay must exit 0."""
+def relay_once(option, d, **kw):
+    """One migration through a new `ferry relay` of the build of daemon d;
+    the relay must exit 0."""
     port[0] += 1
     listen, deliver = port[0] + 100, port[0]
-    args = ["ip", "netns", "exec", SRC, FERRY, "relay", "--listen", f"127.0.0.1:{listen}",
-            "--to", "10.200.0.2:6600", "--deliver-to", f"127.0.0.1:{deliver}",
+    args = ["ip", "netns", "exec", SRC, d.ferry, "relay", "--listen", f"127.0.0.1:{listen}",
+            "--to", f"10.200.0.2:{d.port}", "--deliver-to", f"127.0.0.1:{deliver}",
             "--auth-key-file", KEY, "--performance-option", option, "--plaintext",
             "--json", os.path.join(work, "relay.json")] + os.environ.get("RELAY_ARGS", "").split()
-    relays[0] += 1
-    listen_cpu = cpu_s(dstd.pid)
+    d.relays += 1
+    listen_cpu = cpu_s(d.p.pid)
     r = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = r.stdout.readline()
     if "ready" not in line:
@@ -159,19 +179,22 @@ def relay_once(option, **kw):
         out, err = r.communicate()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     res["relay_cpu"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    res["listen_cpu"] = cpu_s(dstd.pid) - listen_cpu
+    res["listen_cpu"] = cpu_s(d.p.pid) - listen_cpu
     src = []
     try:
         with open(os.path.join(work, "relay.json")) as f:
             src = json.load(f)["report"]["streams"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    dst = dst_streams(relays[0])
+    dst = dst_streams(d, d.relays)
     t = res.get("total_ms") or 1
     res["window_pct"] = 100 * max([s.get("waited_for_window_s", 0) for s in src] or [0]) * 1000 / t
     res["dst_qemu_pct"] = 100 * max([s.get("waited_to_deliver_s", 0) for s in dst] or [0]) * 1000 / t
     sent = sum(s.get("chunks_sent", 0) for s in src) or 1
     res["compressed_pct"] = 100 * sum(s.get("chunks_compressed", 0) for s in src) / sent
+    for k in ("link_idle", "incompressible", "skipped"):
+        res[f"raw_{k}_pct"] = 100 * sum(s.get(f"chunks_raw_{k}", 0) for s in src) / sent
+    res["chunk_kib"] = sum(s.get("forward_bytes", 0) for s in src) / sent / 1024
     res["relay_status"] = r.returncode
     res["relay_out"] = (line + out).strip()
     if r.returncode != 0:
@@ -180,22 +203,38 @@ def relay_once(option, **kw):
 
 
 def runs(label, path, n, relay=None, **kw):
-    """n migrations of one kind; prints the row, fails on any problem."""
-    res = []
+    """n migrations of one kind (of each build, alternating, for a relay
+    row); prints the row(s), fails on any problem."""
+    res = {b: [] for b in (BUILDS if relay else ["A"])}
     for _ in range(n):
-        if relay:
-            r = relay_once(relay, **kw)
-        elif path.startswith("QEMU alone"):
-            port[0] += 1
-            r = driver.migrate_once(work, f"tcp:127.0.0.1:{port[0]}", src_ns=SRC, dst_ns=SRC, **kw)
-        else:
-            r = driver.migrate_once(work, direct(0), src_ns=SRC, dst_ns=DST, **kw)
-        bad = driver.problems(r)
-        if relay and r.get("relay_status") != 0:
-            bad.append(f"ferry relay exited {r.get('relay_status')}: {r.get('relay_err')}")
-        if bad:
-            sys.exit(f"bench-relay.sh: {label} over {path}: {'; '.join(bad)}")
-        res.append(r)
+        for b in res:
+            res[b].append(run_one(label, path, relay, daemons.get(b), **kw))
+    med = None
+    for b, rs in res.items():
+        m = row(label, path + (f" [{b}]" if len(res) > 1 else ""), rs, relay)
+        med = med or m
+    return med
+
+
+def run_one(label, path, relay, d, **kw):
+    """One migration; fails on any problem."""
+    if relay:
+        r = relay_once(relay, d, **kw)
+    elif path.startswith("QEMU alone"):
+        port[0] += 1
+        r = driver.migrate_once(work, f"tcp:127.0.0.1:{port[0]}", src_ns=SRC, dst_ns=SRC, **kw)
+    else:
+        r = driver.migrate_once(work, direct(0), src_ns=SRC, dst_ns=DST, **kw)
+    bad = driver.problems(r)
+    if relay and r.get("relay_status") != 0:
+        bad.append(f"ferry relay exited {r.get('relay_status')}: {r.get('relay_err')}")
+    if bad:
+        sys.exit(f"bench-relay.sh: {label} over {path}: {'; '.join(bad)}")
+    return r
+
+
+def row(label, path, res, relay):
+    """Prints the row of these runs; returns the median run."""
     t = statistics.median(r["total_ms"] for r in res)
     med = min(res, key=lambda r: abs(r["total_ms"] - t))
     gbit = med["transferred"] * 8 / med["total_ms"] / 1e6
@@ -215,7 +254,11 @@ def runs(label, path, n, relay=None, **kw):
                  f"window {statistics.median(r['window_pct'] for r in res):3.0f}%, "
                  f"cpu {statistics.median(r['relay_cpu'] for r in res):.2f}+"
                  f"{statistics.median(r['listen_cpu'] for r in res):.2f} s"
+                 + f", chunks {statistics.median(r['chunk_kib'] for r in res):.0f} KiB"
                  + (f", lz4 {statistics.median(r['compressed_pct'] for r in res):.0f}% of chunks"
+                    f" (raw: link idle {statistics.median(r['raw_link_idle_pct'] for r in res):.0f}%,"
+                    f" no gain {statistics.median(r['raw_incompressible_pct'] for r in res):.0f}%,"
+                    f" skipped {statistics.median(r['raw_skipped_pct'] for r in res):.0f}%)"
                     if relay == "compression" else "") + "]")
     print(f"{label:<34} {path:<26} {t / 1000:6.2f} s {gbit:6.2f} Gbit/s {down:6.0f} ms  {ram:<7} ({times} s){ratio}{where}",
           flush=True)
@@ -228,7 +271,9 @@ def runs(label, path, n, relay=None, **kw):
 
 base = {}
 base_end = {}
-dstd = daemon()
+daemons = {b: Daemon(b, f, 6600 + i) for i, (b, f) in enumerate(BUILDS.items())}
+if len(BUILDS) > 1:
+    print("A/B: " + ", ".join(f"[{b}] {f}" for b, f in BUILDS.items()))
 
 
 print(f"== QEMU {os.popen('qemu-system-x86_64 --version').readline().split()[3]} migration over the "
@@ -245,8 +290,8 @@ for kind in ("random", "mix"):
              loaders=[(img, 0x10000000)], multifd=mf)
     runs(label, "QEMU alone, loopback", repeat, mem_kib=GIB_KIB, running=False,
          loaders=[(img, 0x10000000)])
-    for option in ("tcp", "compression"):
-        for mf in (0, 4):
+    for option in options:
+        for mf in multifds:
             path = f"relay 4 links, {option}" + (f", mf {mf}" if mf else "")
             runs(label, path, repeat, relay=option, mem_kib=GIB_KIB, running=False,
                  loaders=[(img, 0x10000000)], multifd=mf)
@@ -257,7 +302,8 @@ if running:
         med = runs(label, path, repeat, relay=relay, running=True, memcheck={"mib": 64})
         print(f"{'':<34} destination after resuming: {', '.join(med['dst_passes'])} "
               f"(source's last: pass {med['src_last_pass']})")
-dstd.terminate()
+for d in daemons.values():
+    d.p.terminate()
 print("time: QEMU's total-time (migrate to completed on the source); rate: its transferred bytes "
       "over that time (through the relay: the stream bytes QEMU wrote, before compression); "
       "Nx direct: the direct one-link row's median time over this row's; dst loaded: the migrate "

@@ -1292,7 +1292,10 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                 stats.pages += pages;
                 stats.zero_pages += pages - payload / PAGE_SIZE;
                 stats.bytes += payload;
-                self.src.cancel.or_cancel(t.send(c)).await?;
+                self.src
+                    .cancel
+                    .or_cancel(unless_destination_speaks(self.conn, t.send(c)))
+                    .await?;
                 self.src
                     .progress
                     .sent_bytes
@@ -1311,7 +1314,11 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
                 None => break,
             };
         }
-        let flushed = self.src.cancel.or_cancel(t.flush()).await;
+        let flushed = self
+            .src
+            .cancel
+            .or_cancel(unless_destination_speaks(self.conn, t.flush()))
+            .await;
         self.src.progress.set_channels(t.stats());
         let flushed = flushed?;
         if !flushed.resend.is_empty() {
@@ -1576,7 +1583,7 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             final_stats.pages += s.pages;
             final_stats.bytes += s.bytes;
         }
-        t.finish().await?;
+        unless_destination_speaks(self.conn, t.finish()).await?;
         let copied_at = Instant::now();
         tracing::debug!(
             after_ms = paused_at.elapsed().as_secs_f64() * 1e3,
@@ -1771,6 +1778,42 @@ impl<G: GuestControl, D: DirtyLog> Run<'_, '_, G, D> {
             tracing::warn!("could not send the audit report to the destination: {e}");
         }
         audit
+    }
+}
+
+/// `work`, a step of sending pages, unless the destination speaks first.
+/// While pages go out it has nothing to answer, so its `Abort` ends the
+/// migration at once with the reason only it saw (its RDMA channels failing
+/// never reach the source's, and a dead link holds a TCP channel until its
+/// timeout); any other message is out of order. The control connection's
+/// end is left to the step that meets it next (a data channel failing with
+/// it, or the next control message), as before. The receive is cancel
+/// safe: when `work` ends first, nothing is lost.
+async fn unless_destination_speaks<T>(
+    conn: &mut Conn,
+    work: impl std::future::Future<Output = ferry_transport::Result<T>>,
+) -> Result<T> {
+    tokio::pin!(work);
+    let mut listening = true;
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut work => return r.map_err(Into::into),
+            m = conn.recv_unprompted("the destination's abort"), if listening => match m {
+                Err(TransportError::PeerAborted(reason)) => {
+                    return Err(MigrationError::DestinationAborted(reason))
+                }
+                Err(TransportError::PeerClosed { .. } | TransportError::Io { .. }) => listening = false,
+                Err(e) => return Err(e.into()),
+                Ok(m) => {
+                    return Err(TransportError::Unexpected {
+                        expected: "nothing while pages are sent (an Abort at most)",
+                        got: m.name().into(),
+                    }
+                    .into())
+                }
+            },
+        }
     }
 }
 

@@ -101,6 +101,10 @@ pub enum MigrationError {
         /// "aborted: REASON" or "closed the control connection".
         peer: String,
     },
+    /// The destination gave up while this side was sending pages and said
+    /// why (its `Abort`) before anything failed here: its reason.
+    #[error("the destination aborted: {0}")]
+    DestinationAborted(String),
     /// Cancelled from outside before `Commit` (`ferry send` on SIGINT or
     /// SIGTERM): the destination was told (`Abort` with this reason) and
     /// the guest keeps running on the source.
@@ -150,7 +154,7 @@ impl MigrationError {
             | M::CommitProof
             | M::DeviceStateCorrupt
             | M::FinalCopyCorrupt(_) => ErrorKind::Misbehaved,
-            M::CommitRefused(_) => ErrorKind::Rejected,
+            M::CommitRefused(_) | M::DestinationAborted(_) => ErrorKind::Rejected,
             M::CommitUnconfirmed(_) => ErrorKind::Connection,
             M::NotConverged { .. }
             | M::PauseCannotFit { .. }
@@ -183,7 +187,7 @@ impl MigrationError {
             M::Transport(T::AuthFailed(_)) => "auth",
             M::Transport(T::Timeout { .. }) => "timeout",
             M::Transport(T::PeerClosed { .. }) => "peer_closed",
-            M::Transport(T::PeerAborted(_)) => "peer_aborted",
+            M::Transport(T::PeerAborted(_)) | M::DestinationAborted(_) => "peer_aborted",
             M::Transport(T::Wire(W::CrcMismatch { .. })) | M::FinalCopyCorrupt(_) => "crc",
             M::Transport(T::Tls(_)) => "tls",
             M::Transport(T::Io { .. }) => "io",

@@ -117,6 +117,9 @@ pub enum Verdict {
     /// Forward nothing more on this connection, either way, but keep both
     /// sockets open (a stalled link).
     Stall,
+    /// As [`Verdict::Stall`], and an end of either side is not passed on
+    /// either: a link that went dead, neither end hears of the other.
+    Silence,
 }
 
 /// The test's hook, called for every frame.
@@ -143,6 +146,8 @@ struct ConnState {
     role: Mutex<Option<Role>>,
     role_set: Condvar,
     stalled: AtomicBool,
+    /// Silenced: not even an end passes.
+    silent: AtomicBool,
     /// Clones of both sockets, to close them from anywhere; the pumps own
     /// their own clones and drop them when they end, so a closed
     /// connection's descriptors really go (a reset if bytes are unread).
@@ -199,6 +204,7 @@ impl Proxy {
                     role: Mutex::new(None),
                     role_set: Condvar::new(),
                     stalled: AtomicBool::new(false),
+                    silent: AtomicBool::new(false),
                     sockets: Mutex::new(vec![
                         client.try_clone().unwrap(),
                         server.try_clone().unwrap(),
@@ -391,7 +397,9 @@ fn pump(sh: &Shared, st: &ConnState, id: usize, dir: Dir, mut from: TcpStream, m
         } else {
             Vec::new()
         };
-        let verdict = if st.stalled.load(Ordering::SeqCst) {
+        let verdict = if st.silent.load(Ordering::SeqCst) {
+            Verdict::Silence
+        } else if st.stalled.load(Ordering::SeqCst) {
             Verdict::Stall
         } else {
             (sh.hook.lock().unwrap())(&mut f)
@@ -424,8 +432,11 @@ fn pump(sh: &Shared, st: &ConnState, id: usize, dir: Dir, mut from: TcpStream, m
                 close(st);
                 return;
             }
-            Verdict::Stall => {
+            Verdict::Stall | Verdict::Silence => {
                 st.stalled.store(true, Ordering::SeqCst);
+                if verdict == Verdict::Silence {
+                    st.silent.store(true, Ordering::SeqCst);
+                }
                 // Hold the sockets open, read nothing more, until the proxy goes.
                 while !sh.stop.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(50));
@@ -439,6 +450,9 @@ fn pump(sh: &Shared, st: &ConnState, id: usize, dir: Dir, mut from: TcpStream, m
             break;
         }
     }
-    // One side closed: pass the close on (half-close, as TCP would).
-    let _ = to.shutdown(Shutdown::Write);
+    // One side closed: pass the close on (half-close, as TCP would),
+    // unless the link is dead.
+    if !st.silent.load(Ordering::SeqCst) {
+        let _ = to.shutdown(Shutdown::Write);
+    }
 }

@@ -805,6 +805,35 @@ fn stalled_only_data_channel_aborts_cleanly() {
 }
 
 #[test]
+fn a_destination_that_gives_up_behind_a_dead_link_is_heard_at_once() {
+    // The only data channel goes through a link that went dead: nothing
+    // passes, not even the destination's close (as an RDMA destination's
+    // failed channels never reach the source's). The destination gives up
+    // first (no progress within its 5 s --peer-timeout) and says why on the
+    // control connection; the source, whose channel would wait 60 s, hears
+    // it while sending and ends with the destination's reason.
+    let (c, src, dest, _) = break_first_data_channel(
+        Verdict::Silence,
+        &[
+            "--channels",
+            "1",
+            "--channel-timeout",
+            "60s",
+            "--peer-timeout",
+            "60s",
+            "--dirty-rate",
+            "8MB/s",
+        ],
+    );
+    let dest_said = "pages or messages from the source";
+    assert_dest_failed(&dest, &[dest_said]);
+    assert_source_kept_guest(&src, &["the destination aborted: "]);
+    assert!(src.stderr.contains(dest_said), "{}", src.all());
+    let record = summary(&c.json());
+    assert_eq!(record["reason"], "peer_aborted", "{record}");
+}
+
+#[test]
 fn dropped_only_data_channel_aborts_cleanly() {
     let (_c, src, dest, _) =
         break_first_data_channel(Verdict::Drop, &["--channels", "1", "--dirty-rate", "8MB/s"]);

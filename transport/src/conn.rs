@@ -75,6 +75,8 @@ pub struct Conn {
     seal: Option<ControlTags>,
     /// Tags of the frames this side receives (after authentication).
     open: Option<ControlTags>,
+    /// A frame as far as it was read when its receive was dropped.
+    partial: PartialFrame,
 }
 
 impl Conn {
@@ -99,6 +101,7 @@ impl Conn {
             keys: None,
             seal: None,
             open: None,
+            partial: PartialFrame::default(),
         }
     }
 
@@ -167,6 +170,10 @@ impl Conn {
     }
 
     /// Receives one message, waiting at most the connection's timeout.
+    ///
+    /// Cancel safe (as every receive here): dropped before a whole frame
+    /// came (a timeout, another branch of a `select!`), the part read so far
+    /// is kept and the next receive goes on from it.
     pub async fn recv(&mut self, what: &'static str) -> Result<Msg> {
         let timeout = self.timeout;
         self.recv_within(what, timeout).await
@@ -183,9 +190,24 @@ impl Conn {
         }
     }
 
+    /// Receives one message, waiting as long as it takes (until the
+    /// connection fails): for a side that awaits no answer but must hear
+    /// the peer speak up (its `Abort`), in a `select!` beside its own work.
+    pub async fn recv_unprompted(&mut self, what: &'static str) -> Result<Msg> {
+        self.recv_inner(what).await
+    }
+
     async fn recv_inner(&mut self, what: &'static str) -> Result<Msg> {
         let heard = self.transcript.received();
-        read_msg(&mut self.stream, self.limit, what, &heard, &mut self.open).await
+        read_msg(
+            &mut self.stream,
+            &mut self.partial,
+            self.limit,
+            what,
+            &heard,
+            &mut self.open,
+        )
+        .await
     }
 
     /// Splits the connection: a task reads messages into a channel (so a
@@ -200,11 +222,12 @@ impl Conn {
         let limit = self.limit;
         let heard = self.transcript.received();
         let mut open = self.open;
+        let mut partial = self.partial;
         let reader = tokio::spawn(async move {
             let mut read = read;
             loop {
                 let r = tokio::select! {
-                    r = read_msg(&mut read, limit, "a control message", &heard, &mut open) => r,
+                    r = read_msg(&mut read, &mut partial, limit, "a control message", &heard, &mut open) => r,
                     () = tx.closed() => return,
                 };
                 let stop = r.is_err();
@@ -431,21 +454,71 @@ pub async fn open_data_channel(
     Ok(c.into_stream())
 }
 
+/// A control frame as far as it has been read: what a dropped receive had
+/// read, for the next one to go on from.
+#[derive(Debug, Default)]
+struct PartialFrame {
+    buf: Vec<u8>,
+    filled: usize,
+}
+
+impl PartialFrame {
+    /// Reads until the frame holds `len` bytes. Cancel safe: each read is
+    /// counted as soon as it returns. `Ok(false)`: the connection ended
+    /// first.
+    async fn fill<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        read: &mut R,
+        len: usize,
+    ) -> std::io::Result<bool> {
+        if self.buf.len() < len {
+            self.buf.resize(len, 0);
+        }
+        while self.filled < len {
+            let n = read.read(&mut self.buf[self.filled..len]).await?;
+            if n == 0 {
+                return Ok(false);
+            }
+            self.filled += n;
+        }
+        Ok(true)
+    }
+
+    /// The whole frame, and an empty one for the next.
+    fn take(&mut self, len: usize) -> Vec<u8> {
+        let mut frame = std::mem::take(&mut self.buf);
+        frame.truncate(len);
+        self.filled = 0;
+        frame
+    }
+}
+
 /// Reads one framed message; an `Abort` from the peer becomes
 /// [`TransportError::PeerAborted`]. With `open` (after authentication) the
 /// frame must carry a tag that verifies, checked before the body is
-/// decoded; before it, a tagged frame is malformed.
+/// decoded; before it, a tagged frame is malformed. Cancel safe: what was
+/// read of a frame stays in `partial`.
 async fn read_msg<R: tokio::io::AsyncRead + Unpin>(
     read: &mut R,
+    partial: &mut PartialFrame,
     limit: u32,
     what: &'static str,
     heard: &Mutex<Sha256>,
     open: &mut Option<ControlTags>,
 ) -> Result<Msg> {
-    let mut head = [0u8; 16];
-    read.read_exact(&mut head)
+    const HEAD: usize = 16;
+    let whole = partial
+        .fill(read, HEAD)
         .await
         .map_err(|e| TransportError::io(what, "control", e))?;
+    if !whole {
+        return Err(TransportError::io(
+            what,
+            "control",
+            std::io::ErrorKind::UnexpectedEof.into(),
+        ));
+    }
+    let head: [u8; HEAD] = partial.buf[..HEAD].try_into().expect("16 bytes");
     let h = Msg::decode_head(&head, limit)?;
     match (open.as_ref(), h.tagged) {
         (Some(o), false) => {
@@ -462,19 +535,22 @@ async fn read_msg<R: tokio::io::AsyncRead + Unpin>(
         }
         _ => {}
     }
-    let mut rest = vec![0u8; h.rest_len()];
-    read.read_exact(&mut rest)
+    let len = HEAD + h.rest_len();
+    let whole = partial
+        .fill(read, len)
         .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => TransportError::Wire(WireError::Malformed {
-                what: "control message",
-                detail: format!(
-                    "truncated: header announced {} bytes, connection closed before them",
-                    h.len
-                ),
-            }),
-            _ => TransportError::io(what, "control", e),
-        })?;
+        .map_err(|e| TransportError::io(what, "control", e))?;
+    if !whole {
+        return Err(TransportError::Wire(WireError::Malformed {
+            what: "control message",
+            detail: format!(
+                "truncated: header announced {} bytes, connection closed before them",
+                h.len
+            ),
+        }));
+    }
+    let frame = partial.take(len);
+    let rest = &frame[HEAD..];
     let (body, tag) = rest.split_at(h.len as usize);
     if let Some(o) = open.as_mut() {
         let tag: &[u8; TAG_LEN] = tag.try_into().expect("tagged frames end in a tag");
@@ -487,7 +563,7 @@ async fn read_msg<R: tokio::io::AsyncRead + Unpin>(
     {
         let mut t = heard.lock().unwrap_or_else(|e| e.into_inner());
         t.update(head);
-        t.update(&rest);
+        t.update(rest);
     }
     let msg = Msg::decode_body(body, h.crc)?;
     if let Msg::Abort { reason } = msg {
@@ -618,6 +694,46 @@ mod tests {
         };
         c.server_authenticate(&key, nonce, version).await?;
         Ok(c)
+    }
+
+    #[tokio::test]
+    async fn a_receive_dropped_mid_frame_loses_nothing() {
+        let (a, mut b) = pair().await;
+        let mut c = Conn::new(a, t());
+        let first = Msg::Ping { seq: 7 }.encode_frame(None);
+        let second = Msg::Pong { seq: 8 }.encode_frame(None);
+        // Half a header, then the receive gives up (its timeout, or the
+        // other branch of a select!).
+        b.write_all(&first[..5]).await.unwrap();
+        let e = c
+            .recv_within("a ping", Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TransportError::Timeout { .. }), "{e}");
+        // Past the header, into the body: dropped again.
+        b.write_all(&first[5..first.len() - 1]).await.unwrap();
+        {
+            let recv = c.recv_unprompted("a ping");
+            tokio::pin!(recv);
+            let dropped = tokio::time::timeout(Duration::from_millis(50), &mut recv).await;
+            assert!(dropped.is_err(), "the frame is not whole yet");
+        }
+        // The last byte and the next frame: both come out whole, in order.
+        b.write_all(&first[first.len() - 1..]).await.unwrap();
+        b.write_all(&second).await.unwrap();
+        assert!(matches!(
+            c.recv("a ping").await.unwrap(),
+            Msg::Ping { seq: 7 }
+        ));
+        assert!(matches!(
+            c.recv("a pong").await.unwrap(),
+            Msg::Pong { seq: 8 }
+        ));
+        // Everything received is in the transcript, once.
+        let mut want = Sha256::new();
+        want.update(&first);
+        want.update(&second);
+        assert_eq!(c.transcript().received, <[u8; 32]>::from(want.finalize()));
     }
 
     #[tokio::test]
