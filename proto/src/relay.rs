@@ -41,7 +41,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::{xxh3_128_with_secret, Xxh3};
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -267,14 +266,27 @@ impl RelayKeys {
     }
 
     /// Keyed XXH3-128 of one chunk's payload.
+    ///
+    /// On twox-hash, which picks the CPU's widest vector unit at run time
+    /// (AVX2 where there is one) as the page hash does, where xxhash-rust
+    /// (which earlier versions used, and the tests check against) runs the
+    /// SSE2 loop a baseline x86-64 build compiles in: the relay hashes every
+    /// byte twice on each side (this and the stream digest). XXH3's output
+    /// is the same whatever the vector width.
     pub fn chunk_digest(&self, payload: &[u8]) -> [u8; 16] {
-        xxh3_128_with_secret(payload, &self.digest).to_le_bytes()
+        twox_hash::XxHash3_128::oneshot_with_secret(&self.digest, payload)
+            .expect("a 192-byte secret is longer than XXH3's minimum")
+            .to_le_bytes()
     }
 
     /// A running digest of one stream direction.
     pub fn stream_digest(&self, stream: u32, dir: Dir) -> StreamDigest {
         StreamDigest {
-            h: Box::new(Xxh3::with_secret(self.digest)),
+            h: Box::new(
+                twox_hash::XxHash3_128::with_seed_and_secret(0, self.digest)
+                    .expect("a 192-byte secret is longer than XXH3's minimum"),
+            ),
+            short: Vec::new(),
             stream,
             dir,
             len: 0,
@@ -285,7 +297,12 @@ impl RelayKeys {
 /// The keyed digest of one stream direction's bytes in order.
 #[derive(Clone)]
 pub struct StreamDigest {
-    h: Box<Xxh3>,
+    h: Box<twox_hash::XxHash3_128>,
+    /// The bytes while there are at most [`XXH3_SHORT`]: twox-hash's
+    /// streaming hasher finishes an input that short under XXH3's default
+    /// secret (its seed-and-secret variant), so such a stream is hashed
+    /// whole under the relay's secret instead, as XXH3-with-secret does.
+    short: Vec<u8>,
     stream: u32,
     dir: Dir,
     len: u64,
@@ -304,8 +321,13 @@ impl std::fmt::Debug for StreamDigest {
 impl StreamDigest {
     /// Adds the next bytes.
     pub fn update(&mut self, bytes: &[u8]) {
-        self.h.update(bytes);
+        self.h.write(bytes);
         self.len += bytes.len() as u64;
+        if self.len <= XXH3_SHORT as u64 {
+            self.short.extend_from_slice(bytes);
+        } else if !self.short.is_empty() {
+            self.short = Vec::new();
+        }
     }
 
     /// Bytes hashed so far.
@@ -326,10 +348,24 @@ impl StreamDigest {
             &self.stream.to_le_bytes(),
             &[self.dir.id()],
             &self.len.to_le_bytes(),
-            &self.h.digest128().to_le_bytes(),
+            &self.hash(keys).to_le_bytes(),
         ])
     }
+
+    /// XXH3-128 of the bytes under the relay's secret.
+    fn hash(&self, keys: &RelayKeys) -> u128 {
+        if self.len <= XXH3_SHORT as u64 {
+            twox_hash::XxHash3_128::oneshot_with_secret(&keys.digest, &self.short)
+                .expect("a 192-byte secret is longer than XXH3's minimum")
+        } else {
+            self.h.finish_128()
+        }
+    }
 }
+
+/// XXH3's short-input cutoff: inputs up to this many bytes are hashed
+/// without the stripe loop.
+const XXH3_SHORT: usize = 240;
 
 /// Wire layout of a stream chunk header.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -1082,6 +1118,66 @@ mod tests {
             codec: 0,
             seq: 9,
             digest: k.chunk_digest(payload),
+        }
+    }
+
+    /// The digests are XXH3-128 under the relay's secret bit for bit as
+    /// the reference (xxhash-rust, which earlier versions hashed with), at
+    /// every length around XXH3's cutoffs and however the bytes are split:
+    /// relays of either version agree.
+    #[test]
+    fn digests_are_the_reference_xxh3_at_every_length_and_split() {
+        let k = keys();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let bytes: Vec<u8> = (0..(256 << 10) + 300)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let reference = |b: &[u8]| xxhash_rust::xxh3::xxh3_128_with_secret(b, &k.digest);
+        for len in [
+            0,
+            1,
+            3,
+            4,
+            8,
+            9,
+            16,
+            17,
+            128,
+            129,
+            239,
+            240,
+            241,
+            1023,
+            1024,
+            1025,
+            4096,
+            65537,
+            256 << 10,
+            (256 << 10) + 300,
+        ] {
+            let b = &bytes[..len];
+            assert_eq!(
+                k.chunk_digest(b),
+                reference(b).to_le_bytes(),
+                "chunk of {len}"
+            );
+            for piece in [1, 7, 64, 240, 241, 4096, 1 << 20] {
+                let mut d = k.stream_digest(0, Dir::Forward);
+                for p in b.chunks(piece) {
+                    d.update(p);
+                }
+                d.update(&[]);
+                assert_eq!(
+                    d.hash(&k),
+                    reference(b),
+                    "stream of {len} in pieces of {piece}"
+                );
+            }
         }
     }
 
