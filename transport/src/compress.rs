@@ -24,6 +24,11 @@
 //! 3. otherwise it waits for either (a worker result, an acknowledgement, or
 //!    a 1 ms tick) and decides again.
 //!
+//! Below that depth, `send` still writes the results workers have finished
+//! while the socket's queue is about to run dry (never waiting for one), so
+//! the link starts as soon as the first chunk is done rather than once the
+//! pipeline is full.
+//!
 //! So a link slower than the pool carries almost only compressed chunks,
 //! and a link faster than the pool (loopback) carries what the pool can
 //! compress plus the rest raw. Workers run niced, so on a host with few
@@ -31,9 +36,10 @@
 //!
 //! # Memory that does not compress
 //! The pool remembers, per [`GRANULE`] of guest-physical addresses, whether
-//! chunks there compressed ([`CopyHint`]). After a chunk of a granule did
-//! not shrink, the next attempt there compresses a sample of its chunk
-//! first (four 16 KiB pieces) and gives up if that does not shrink either;
+//! chunks there compressed ([`CopyHint`]). The first attempts in a granule,
+//! and the next attempt after a chunk there did not shrink, compress a
+//! sample of the chunk first (four 16 KiB pieces) and give up if that does
+//! not shrink either;
 //! after two failures in a row, chunks of that granule skip the pool
 //! altogether, 1, 2, 4, … up to [`MAX_SKIP`] of them between attempts
 //! (back-off). One chunk that compresses ends the back-off. A granule seen
@@ -184,11 +190,19 @@ impl Backoff {
 /// module docs): the pool's [`CopyHint`].
 #[derive(Debug, Default)]
 pub struct Compressibility {
-    granules: Mutex<HashMap<u64, Backoff>>,
+    granules: Mutex<HashMap<u64, Granule>>,
+}
+
+/// What the pool knows of one granule.
+#[derive(Debug, Default, Clone, Copy)]
+struct Granule {
+    backoff: Backoff,
+    /// A worker has tried a chunk of it.
+    tried: bool,
 }
 
 impl Compressibility {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Backoff>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Granule>> {
         self.granules.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -196,28 +210,38 @@ impl Compressibility {
     /// time starts where the one below it is, if that one is backing off
     /// (memory next to memory that does not compress rarely does: a large
     /// region of it is learnt once, not once per granule).
-    fn granule(g: &mut HashMap<u64, Backoff>, gpa: u64) -> &mut Backoff {
+    fn granule(g: &mut HashMap<u64, Granule>, gpa: u64) -> &mut Granule {
         let k = gpa / GRANULE;
         let below = k
             .checked_sub(1)
             .and_then(|p| g.get(&p))
-            .filter(|b| b.fails >= 2)
-            .map(|b| Backoff {
-                fails: b.fails,
-                skip: skip_after(b.fails),
+            .filter(|b| b.backoff.fails >= 2)
+            .map(|b| Granule {
+                backoff: Backoff {
+                    fails: b.backoff.fails,
+                    skip: skip_after(b.backoff.fails),
+                },
+                tried: true,
             });
         g.entry(k).or_insert(below.unwrap_or_default())
     }
 
     /// Whether an attempt on the chunk at `gpa` should compress a sample
-    /// first (its granule's last attempt failed).
+    /// first: its granule's last attempt failed, or none was made yet (the
+    /// first chunks of memory that does not compress then cost a sample
+    /// each before the link gets them, not a whole chunk's compression;
+    /// memory that compresses pays one sample per granule).
     fn sample_first(&self, gpa: u64) -> bool {
-        Self::granule(&mut self.lock(), gpa).sample_first()
+        let g = *Self::granule(&mut self.lock(), gpa);
+        !g.tried || g.backoff.sample_first()
     }
 
     /// Records an attempt on the chunk at `gpa`.
     fn learned(&self, gpa: u64, shrank: bool) {
-        Self::granule(&mut self.lock(), gpa).learned(shrank);
+        let mut g = self.lock();
+        let g = Self::granule(&mut g, gpa);
+        g.tried = true;
+        g.backoff.learned(shrank);
     }
 }
 
@@ -232,7 +256,7 @@ fn skip_after(fails: u32) -> u32 {
 
 impl CopyHint for Compressibility {
     fn wants_copy(&self, gpa: u64) -> bool {
-        Self::granule(&mut self.lock(), gpa).try_next()
+        Self::granule(&mut self.lock(), gpa).backoff.try_next()
     }
 }
 
@@ -687,24 +711,48 @@ impl<M: GuestMem> CompressSender<M> {
         self.link.about_to_idle(self.limiter.as_deref())
     }
 
+    /// Writes a worker's result: the compressed frame, or the chunk raw.
+    async fn write_done(&mut self, done: Done) -> Result<()> {
+        match done {
+            Done::Frame { seq, buf, len } => {
+                let chunk = self.pending.remove(&seq).expect("a pending chunk");
+                let r = self.tcp.send_encoded(chunk, &buf[..len]).await;
+                self.pool.shared.lock().spare.push(buf);
+                r?;
+                self.link.wrote(len as u64);
+                self.compressed += 1;
+                Ok(())
+            }
+            Done::Raw { seq, chunk } => {
+                self.pending.remove(&seq);
+                self.send_raw(chunk, RawWhy::Incompressible).await
+            }
+        }
+    }
+
+    /// Writes the results workers have finished while the link is about to
+    /// go idle, without waiting for anything: the pipeline otherwise writes
+    /// only once it holds more than `depth` chunks, so at the start of a
+    /// migration (and after each round's flush) the link would sit idle
+    /// while the first chunks are copied, queued and compressed. A busy
+    /// link (its queue full: a slow link, or plenty queued) changes
+    /// nothing: results wait for the pipeline as before, and the page pass
+    /// is not held up by a write that would block.
+    async fn emit_finished_while_idle(&mut self) -> Result<()> {
+        while !self.pending.is_empty() && self.link_about_to_idle() {
+            let Some(done) = self.outbox.pop() else {
+                break;
+            };
+            self.write_done(done).await?;
+        }
+        Ok(())
+    }
+
     /// Writes one pending chunk: see the module docs for which.
     async fn emit_one(&mut self) -> Result<()> {
         loop {
-            match self.outbox.pop() {
-                Some(Done::Frame { seq, buf, len }) => {
-                    let chunk = self.pending.remove(&seq).expect("a pending chunk");
-                    let r = self.tcp.send_encoded(chunk, &buf[..len]).await;
-                    self.pool.shared.lock().spare.push(buf);
-                    r?;
-                    self.link.wrote(len as u64);
-                    self.compressed += 1;
-                    return Ok(());
-                }
-                Some(Done::Raw { seq, chunk }) => {
-                    self.pending.remove(&seq);
-                    return self.send_raw(chunk, RawWhy::Incompressible).await;
-                }
-                None => {}
+            if let Some(done) = self.outbox.pop() {
+                return self.write_done(done).await;
             }
             let id = self.outbox.id;
             let incompressible = {
@@ -787,7 +835,7 @@ impl<M: GuestMem> Transport for CompressSender<M> {
         while self.pending.len() > self.depth {
             self.emit_one().await?;
         }
-        Ok(())
+        self.emit_finished_while_idle().await
     }
 
     async fn flush(&mut self) -> Result<Flushed> {
@@ -1524,8 +1572,9 @@ mod tests {
     fn backoff_skips_more_chunks_after_each_failure_and_a_success_ends_it() {
         let h = Compressibility::default();
         let g = GRANULE;
-        // Unknown memory: every chunk is copied, no sample first.
-        assert!(h.wants_copy(g) && !h.sample_first(g));
+        // Unknown memory: every chunk is copied, the first attempts sample
+        // first.
+        assert!(h.wants_copy(g) && h.sample_first(g));
         // One failure: still attempted, sample first.
         h.learned(g, false);
         assert!(h.wants_copy(g) && h.sample_first(g));
@@ -1538,16 +1587,20 @@ mod tests {
                 .count();
             assert_eq!(skipped, want);
         }
-        // The granule below is not affected; the one above, seen for the
-        // first time, starts backing off where this one is (16 skipped).
-        assert!(h.wants_copy(0) && !h.sample_first(0));
+        // The granule below is not affected (never tried: sample first);
+        // the one above, seen for the first time, starts backing off where
+        // this one is (16 skipped).
+        assert!(h.wants_copy(0) && h.sample_first(0));
         assert!(h.sample_first(2 * g));
         let skipped = std::iter::from_fn(|| (!h.wants_copy(2 * g)).then_some(()))
             .take(100)
             .count();
         assert_eq!(skipped, 16);
         // A granule above one that compresses starts fresh.
-        assert!(h.wants_copy(4 * g) && !h.sample_first(4 * g));
+        h.learned(3 * g, true);
+        assert!(h.wants_copy(4 * g) && h.sample_first(4 * g));
+        // Memory that compressed: no sample before the next attempt.
+        assert!(!h.sample_first(3 * g));
         // A chunk that shrank ends the back-off.
         h.learned(g, false);
         h.learned(g, true);
