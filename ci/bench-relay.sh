@@ -46,7 +46,8 @@
 # to every `ferry relay`. FERRY_B=path A/Bs a second build in the same run:
 # each relay row runs with both builds alternately (A, B, A, B, ...), each
 # with its own `ferry listen` (ports 6600 and 6601), and prints a row for
-# each, marked [A] and [B]. "chunks N KiB" is the mean chunk the source
+# each, marked [A] and [B]; RELAY_ARGS_B="..." gives B's relays their own
+# flags (FERRY_B defaults to FERRY then: an A/B of flags). "chunks N KiB" is the mean chunk the source
 # relay cut; with compression, "raw:" says why the other chunks went raw
 # (link about to idle, did not shrink, skipped after one that did not).
 set -euo pipefail
@@ -100,8 +101,8 @@ FERRY, KEY = os.environ["FERRY"], os.environ["RELAY_KEY"]
 # both, alternating run by run (A, B, A, B, ...), each with its own
 # `ferry listen`, and prints a row for each.
 BUILDS = {"A": FERRY}
-if os.environ.get("FERRY_B"):
-    BUILDS["B"] = os.environ["FERRY_B"]
+if os.environ.get("FERRY_B") or "RELAY_ARGS_B" in os.environ:
+    BUILDS["B"] = os.environ.get("FERRY_B") or FERRY
 
 work, repeat, running = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 guests = sys.argv[4].split(",")
@@ -122,6 +123,10 @@ class Daemon:
 
     def __init__(self, build, ferry, port):
         self.ferry, self.port, self.relays = ferry, port, 0
+        # Flags of this build's relays.
+        self.args = os.environ.get("RELAY_ARGS", "").split()
+        if build == "B" and "RELAY_ARGS_B" in os.environ:
+            self.args = os.environ["RELAY_ARGS_B"].split()
         self.log = os.path.join(work, f"listen-{build}.log")
         self.p = subprocess.Popen(["ip", "netns", "exec", DST, ferry, "listen", "--listen",
                                    f"0.0.0.0:{port}", "--auth-key-file", KEY, "--plaintext"],
@@ -159,7 +164,7 @@ def relay_once(option, d, **kw):
     args = ["ip", "netns", "exec", SRC, d.ferry, "relay", "--listen", f"127.0.0.1:{listen}",
             "--to", f"10.200.0.2:{d.port}", "--deliver-to", f"127.0.0.1:{deliver}",
             "--auth-key-file", KEY, "--performance-option", option, "--plaintext",
-            "--json", os.path.join(work, "relay.json")] + os.environ.get("RELAY_ARGS", "").split()
+            "--json", os.path.join(work, "relay.json")] + d.args
     d.relays += 1
     listen_cpu = cpu_s(d.p.pid)
     r = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -273,7 +278,7 @@ base = {}
 base_end = {}
 daemons = {b: Daemon(b, f, 6600 + i) for i, (b, f) in enumerate(BUILDS.items())}
 if len(BUILDS) > 1:
-    print("A/B: " + ", ".join(f"[{b}] {f}" for b, f in BUILDS.items()))
+    print("A/B: " + ", ".join(f"[{b}] {d.ferry} {' '.join(d.args)}" for b, d in daemons.items()))
 
 
 print(f"== QEMU {os.popen('qemu-system-x86_64 --version').readline().split()[3]} migration over the "
