@@ -78,7 +78,9 @@ pub const TLS_READ_BUFFER: usize = 64 << 10;
 /// the socket; writes are passed through unchanged.
 #[derive(Debug)]
 pub struct TlsTcp {
-    tcp: TcpStream,
+    /// `None` only while the session moves to another runtime
+    /// ([`TlsTcp::take_tcp`], [`TlsTcp::put_tcp`]), when nothing polls it.
+    tcp: Option<TcpStream>,
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -88,7 +90,7 @@ impl TlsTcp {
     /// Wraps a connected socket (the buffer is allocated on the first read).
     pub fn new(tcp: TcpStream) -> Self {
         TlsTcp {
-            tcp,
+            tcp: Some(tcp),
             buf: Vec::new(),
             start: 0,
             end: 0,
@@ -97,7 +99,28 @@ impl TlsTcp {
 
     /// The socket.
     pub fn tcp(&self) -> &TcpStream {
-        &self.tcp
+        self.tcp
+            .as_ref()
+            .expect("a TLS session's socket is only away while the session moves, unused")
+    }
+
+    /// Takes the socket out, to move the session (its state and buffered
+    /// bytes stay here) to another runtime; [`TlsTcp::put_tcp`] puts the
+    /// socket, registered there, back. Until then the session must not be
+    /// used (its reads and writes fail).
+    pub(crate) fn take_tcp(&mut self) -> Option<TcpStream> {
+        self.tcp.take()
+    }
+
+    /// Puts the socket back (see [`TlsTcp::take_tcp`]).
+    pub(crate) fn put_tcp(&mut self, tcp: TcpStream) {
+        self.tcp = Some(tcp);
+    }
+
+    fn sock(&mut self) -> io::Result<&mut TcpStream> {
+        self.tcp
+            .as_mut()
+            .ok_or_else(|| io::Error::other("the TLS session's socket is moving to another thread"))
     }
 }
 
@@ -110,13 +133,16 @@ impl AsyncRead for TlsTcp {
         let me = self.get_mut();
         if me.start == me.end {
             if out.remaining() >= TLS_READ_BUFFER {
-                return Pin::new(&mut me.tcp).poll_read(cx, out);
+                return Pin::new(me.sock()?).poll_read(cx, out);
             }
             if me.buf.is_empty() {
                 me.buf = vec![0; TLS_READ_BUFFER];
             }
             let mut rb = ReadBuf::new(&mut me.buf);
-            match Pin::new(&mut me.tcp).poll_read(cx, &mut rb) {
+            let tcp = me.tcp.as_mut().ok_or_else(|| {
+                io::Error::other("the TLS session's socket is moving to another thread")
+            })?;
+            match Pin::new(tcp).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {
                     me.start = 0;
                     me.end = rb.filled().len();
@@ -140,7 +166,7 @@ impl AsyncWrite for TlsTcp {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+        Pin::new(self.get_mut().sock()?).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -148,19 +174,19 @@ impl AsyncWrite for TlsTcp {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+        Pin::new(self.get_mut().sock()?).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        self.tcp.as_ref().is_some_and(|t| t.is_write_vectored())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+        Pin::new(self.get_mut().sock()?).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+        Pin::new(self.get_mut().sock()?).poll_shutdown(cx)
     }
 }
 

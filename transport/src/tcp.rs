@@ -926,8 +926,8 @@ pub async fn receive_channel<M: GuestMem>(
 }
 
 /// [`receive_channel`] on a thread of its own (with a single-threaded
-/// runtime) for a plain channel; a TLS channel is received on the calling
-/// runtime, as by [`receive_channel`].
+/// runtime), plain or TLS (the TLS session moves to the thread with its
+/// state; only its socket changes runtimes).
 ///
 /// Why: a socket registered with the daemon's multi-threaded runtime has
 /// its readiness delivered by whichever worker is parked on the runtime's
@@ -951,11 +951,21 @@ pub async fn receive_channel_on_own_thread<M: GuestMem>(
     mem: Arc<M>,
     counters: Arc<RecvCounters>,
 ) -> Result<()> {
-    let tcp = match stream {
-        Stream::Plain(tcp) => tcp,
-        tls @ Stream::Tls(_) => return receive_channel(tls, &inbound, &*mem, &counters).await,
-    };
     let io = |what, e| TransportError::io(what, "data channel", e);
+    // A TLS session moves whole (its state and the bytes it buffered), its
+    // socket taken out to change runtimes and put back on the thread.
+    let (tcp, tls) = match stream {
+        Stream::Plain(tcp) => (tcp, None),
+        Stream::Tls(mut tls) => match tls.get_mut().0.take_tcp() {
+            Some(tcp) => (tcp, Some(tls)),
+            None => {
+                return Err(io(
+                    "moving the channel to its own thread",
+                    std::io::Error::other("the TLS session has no socket"),
+                ))
+            }
+        },
+    };
     // Deregistered from this runtime; registered with the thread's.
     let tcp = tcp
         .into_std()
@@ -980,7 +990,14 @@ pub async fn receive_channel_on_own_thread<M: GuestMem>(
                     rt.block_on(async move {
                         let tcp = TcpStream::from_std(tcp)
                             .map_err(|e| io("moving the channel to its own thread", e))?;
-                        receive_channel(tcp, &inbound, &*mem, &counters).await
+                        let stream = match tls {
+                            None => Stream::Plain(tcp),
+                            Some(mut tls) => {
+                                tls.get_mut().0.put_tcp(tcp);
+                                Stream::Tls(tls)
+                            }
+                        };
+                        receive_channel(stream, &inbound, &*mem, &counters).await
                     })
                 });
             let _ = done_tx.send(r);
@@ -1356,30 +1373,79 @@ mod tests {
         }
         // A channel idle between frames, its task aborted (the migration
         // ended otherwise): the socket is shut down and, once the task is
-        // gone, so is the thread with the memory and buffers it held.
-        let (a, b) = pair(false).await;
+        // gone, so is the thread with the memory and buffers it held. A TLS
+        // channel's session is on the thread too (its socket shut down
+        // there).
+        for tls in [false, true] {
+            let (mut a, b) = pair(tls).await;
+            let dst = Arc::new(mem());
+            let inbound = Arc::new(test_inbound(layout(), None));
+            let task = tokio::spawn(receive_channel_on_own_thread(
+                b,
+                inbound.clone(),
+                dst.clone(),
+                Arc::new(RecvCounters::default()),
+            ));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(
+                Arc::strong_count(&dst),
+                2,
+                "tls {tls}: the thread holds the memory"
+            );
+            task.abort();
+            assert!(task.await.unwrap_err().is_cancelled());
+            assert_eq!(Arc::strong_count(&dst), 1, "tls {tls}");
+            assert_eq!(Arc::strong_count(&inbound), 1, "tls {tls}");
+            let mut byte = [0u8; 1];
+            let n = tokio::time::timeout(Duration::from_secs(10), a.read(&mut byte))
+                .await
+                .expect("the peer sees the channel end");
+            assert!(matches!(n, Ok(0) | Err(_)), "tls {tls}: {n:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tls_channel_is_received_on_its_own_thread_with_its_session() {
+        // The session (handshake done on the calling runtime) moves to the
+        // channel's thread, which then lands every frame.
+        let src = Arc::new(filled());
+        let runs = [vec![run(0, 8, false)], vec![run(16, 16, false)]];
+        let (a, b) = pair(true).await;
         let dst = Arc::new(mem());
         let inbound = Arc::new(test_inbound(layout(), None));
-        let task = tokio::spawn(receive_channel_on_own_thread(
+        let mut tx = TcpSender::new(a, src.clone(), 0, Duration::from_secs(10), test_frame_key());
+        let threads_before = recv_threads();
+        let rx = tokio::spawn(receive_channel_on_own_thread(
             b,
             inbound.clone(),
             dst.clone(),
             Arc::new(RecvCounters::default()),
         ));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(Arc::strong_count(&dst), 2, "the thread holds the memory");
-        task.abort();
-        assert!(task.await.unwrap_err().is_cancelled());
+        let waited = std::time::Instant::now();
+        while recv_threads() <= threads_before {
+            assert!(
+                waited.elapsed() < Duration::from_secs(30),
+                "no ferry-recv thread for the TLS channel"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        send_all(&mut tx, &src, &runs, |_| false).await;
+        rx.await.unwrap().unwrap();
+        assert_same_pages(&dst, &src, &runs, true);
+        assert_eq!(
+            inbound.ledger.evidence(),
+            evidence_of(&*src, &runs.concat())
+        );
         assert_eq!(Arc::strong_count(&dst), 1);
-        assert_eq!(Arc::strong_count(&inbound), 1);
-        let Stream::Plain(mut a) = a else {
-            unreachable!()
-        };
-        let mut byte = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(10), a.read(&mut byte))
-            .await
-            .expect("the peer sees the channel end");
-        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+
+    /// Threads of this process named `ferry-recv`.
+    fn recv_threads() -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|c| c.trim() == "ferry-recv")
+            .count()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
