@@ -119,13 +119,24 @@ pub fn key_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     p
 }
 
-/// A running `ferry` process whose output is collected.
+/// A running `ferry` process whose output is collected. Dropped before it
+/// was waited for (a test that failed on the way), it is killed: a daemon
+/// of a failed test does not outlive it.
 #[derive(Debug)]
 pub struct Proc {
     child: Child,
-    stdout: std::thread::JoinHandle<String>,
-    stderr: std::thread::JoinHandle<String>,
+    stdout: Option<std::thread::JoinHandle<String>>,
+    stderr: Option<std::thread::JoinHandle<String>>,
     live: Arc<Live>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// Output so far, both streams interleaved by line, for waiting on an event.
@@ -225,8 +236,8 @@ impl Proc {
         let stderr = drain(child.stderr.take().unwrap(), live.clone());
         Proc {
             child,
-            stdout,
-            stderr,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
             live,
         }
     }
@@ -281,10 +292,13 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        let joined = |h: Option<std::thread::JoinHandle<String>>| {
+            h.expect("waited for once").join().unwrap()
+        };
         Output {
             status,
-            stdout: self.stdout.join().unwrap(),
-            stderr: self.stderr.join().unwrap(),
+            stdout: joined(self.stdout.take()),
+            stderr: joined(self.stderr.take()),
         }
     }
 
@@ -646,4 +660,25 @@ pub async fn data_channel_with(
 ) -> Result<ferry_transport::stream::Stream, ferry_transport::TransportError> {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     ferry_transport::conn::open_data_channel(tcp.into(), keys, Duration::from_secs(10)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_dropped_before_it_was_waited_for_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = key_file(dir.path(), "key", KEY);
+        let (p, _addr) = daemon(&key, &[]);
+        let pid = p.pid();
+        assert!(Path::new(&format!("/proc/{pid}")).exists());
+        drop(p);
+        // Killed and reaped: no process, not even a zombie.
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        // One that was waited for is left as it ended.
+        let (p, _addr) = daemon(&key, &[]);
+        let out = p.kill();
+        assert!(!out.panicked(), "{}", out.all());
+    }
 }
