@@ -986,7 +986,11 @@ impl Destination {
                 .run(&mut writer, msgs, rx)
                 .await
             }
-            Err(e) => Err(e.into()),
+            Err(e) => {
+                let e = MigrationError::from(e);
+                writer.abort(&e.to_string()).await;
+                Err(e)
+            }
         };
         self.pending.lock().expect("pending").remove(&migration_id);
         self.metrics.retire(migration_id);
@@ -1020,13 +1024,39 @@ impl Destination {
                 tracing::warn!(migration_id, "migration aborted: {e}");
                 Err(e)
             }
-            Err(e) => {
-                tracing::debug!(migration_id, "migration aborted, telling the source: {e}");
-                writer.abort(&e.to_string()).await;
-                Err(e)
-            }
+            // Receive::run told the source, before closing the channels.
+            Err(e) => Err(e),
         }
     }
+}
+
+/// Ends a migration's data channels (TCP and RDMA); when it `failed`, tells
+/// the source why first (unless [`tells_the_source`] says it was told or
+/// let go): a source that sees its channels close before the reason comes
+/// has only a moment to read it.
+async fn tell_then_close(
+    ch: &mut DataChannels,
+    writer: &mut ferry_transport::conn::ConnWriter,
+    migration_id: u64,
+    failed: Option<&MigrationError>,
+) {
+    if let Some(e) = failed.filter(|e| tells_the_source(e)) {
+        tracing::debug!(migration_id, "migration aborted, telling the source: {e}");
+        writer.abort(&e.to_string()).await;
+    }
+    ch.close(failed.is_some()).await;
+}
+
+/// Whether a migration that failed with `e` tells the source with `Abort`:
+/// not once `Committed` was sent (the source has let go), nor after a
+/// refusal bound to the session's proof (the source was told).
+fn tells_the_source(e: &MigrationError) -> bool {
+    !matches!(
+        e,
+        MigrationError::ResumeFailed(_)
+            | MigrationError::RestoreFailed(_)
+            | MigrationError::CommitProof
+    )
 }
 
 impl Destination {
@@ -1389,7 +1419,7 @@ impl Receive<'_> {
     ) -> Result<Received> {
         let mut ch = DataChannels::default();
         let received = self.receive(&mut ch, writer, msgs, streams).await;
-        ch.close(received.is_err()).await;
+        tell_then_close(&mut ch, writer, self.migration_id, received.as_ref().err()).await;
         received
     }
 
@@ -1817,8 +1847,9 @@ mod tests {
     }
 
     /// The destination's end of an authenticated control connection (and
-    /// the source's, kept open), for a [`Receive`] in a test.
-    async fn control() -> (ferry_transport::conn::ConnWriter, Conn) {
+    /// the source's, kept open, with a second handle on its socket to peek
+    /// at what arrived), for a [`Receive`] in a test.
+    async fn control() -> (ferry_transport::conn::ConnWriter, Conn, std::net::TcpStream) {
         let key = AuthKey::new(vec![7; 32]).unwrap();
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
@@ -1835,9 +1866,65 @@ mod tests {
             c.server_authenticate(&k, nonce, version).await.unwrap();
             c
         });
+        let probe =
+            std::net::TcpStream::from(std::os::fd::AsFd::as_fd(&s).try_clone_to_owned().unwrap());
         let mut source = Conn::new(s, Duration::from_secs(30));
         source.client_handshake(&key).await.unwrap();
-        (dest.await.unwrap().split().0, source)
+        (dest.await.unwrap().split().0, source, probe)
+    }
+
+    /// A failed migration tells the source why before it closes the data
+    /// channels: when a channel's task is stopped, the `Abort` is already in
+    /// the source's socket (a source that saw its channels close first had
+    /// only a moment to read the reason). A migration that ended well, or
+    /// whose source was told otherwise (a refusal with the session's proof)
+    /// or has let go (after `Committed`), sends nothing.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_migration_tells_the_source_before_closing_its_channels() {
+        /// Held by a stand-in channel task: when it is stopped, notes
+        /// whether anything had come to the source's control socket.
+        struct Stopped {
+            probe: std::net::TcpStream,
+            told: Arc<std::sync::Mutex<Option<bool>>>,
+        }
+        impl Drop for Stopped {
+            fn drop(&mut self) {
+                let mut b = [0u8; 16];
+                let there = matches!(self.probe.peek(&mut b), Ok(n) if n > 0);
+                *self.told.lock().unwrap() = Some(there);
+            }
+        }
+        let cases = [
+            (Some(MigrationError::ShuttingDown), true),
+            (Some(MigrationError::CommitProof), false),
+            (Some(MigrationError::ResumeFailed("x".into())), false),
+            (None, false),
+        ];
+        for (failed, told) in cases {
+            let (mut writer, mut source, probe) = control().await;
+            let seen = Arc::new(std::sync::Mutex::new(None));
+            let stopped = Stopped {
+                probe,
+                told: seen.clone(),
+            };
+            let mut ch = DataChannels::default();
+            ch.set.spawn(async move {
+                let _stopped = stopped;
+                std::future::pending::<ferry_transport::Result<()>>().await
+            });
+            tokio::task::yield_now().await;
+            tell_then_close(&mut ch, &mut writer, 1, failed.as_ref()).await;
+            assert_eq!(*seen.lock().unwrap(), Some(told), "{failed:?}");
+            drop(writer);
+            let heard = source.recv_within("abort", Duration::from_secs(5)).await;
+            match heard {
+                Err(TransportError::PeerAborted(why)) => {
+                    assert!(told, "{failed:?}: {why}");
+                    assert!(why.contains("shutting down"), "{why}");
+                }
+                other => assert!(!told, "{failed:?}: {other:?}"),
+            }
+        }
     }
 
     /// Runs an RDMA migration's receive loop with `rdma` standing in for its
@@ -1849,7 +1936,7 @@ mod tests {
         rdma: impl std::future::Future<Output = ferry_transport::Result<()>> + Send + 'static,
         msgs: mpsc::Receiver<ferry_transport::Result<Msg>>,
     ) -> Option<std::result::Result<(), MigrationError>> {
-        let (mut writer, _source) = control().await;
+        let (mut writer, _source, _) = control().await;
         let keys = writer.session_keys().unwrap();
         let layout = MemoryLayout {
             page_size: ferry_transport::layout::PAGE_SIZE,
