@@ -33,7 +33,13 @@ impl BufPool {
             .unwrap_or_else(|e| e.into_inner())
             .pop()
             .unwrap_or_default();
-        if buf.len() < len {
+        if buf.is_empty() {
+            // Zeroed by the allocator (fresh pages from the kernel), not
+            // written here: the page pass overwrites it anyway, and on a
+            // host where the first touch of memory is costly one pass
+            // over 4 MiB of new memory is enough.
+            buf = vec![0; len];
+        } else if buf.len() < len {
             buf.resize(len, 0);
         }
         PooledBuf {
