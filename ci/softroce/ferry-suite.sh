@@ -12,10 +12,13 @@
 #      still commit (the failed pair's chunks resent on NIC 0);
 #   3. abort: A's destination is killed mid-migration; the source must exit
 #      non-zero and say its guest keeps running;
-#   4. source killed: B's source is killed mid-migration; A's migration must
+#   4. destination stopped: A's daemon gets SIGTERM mid-migration; it aborts
+#      the migration and says why, and the source must end with that reason
+#      at once (reason peer_aborted), not when its RDMA channels time out;
+#   5. source killed: B's source is killed mid-migration; A's migration must
 #      fail and end (its RDMA receive task stopped and awaited, remote write
 #      access revoked) so that `listen --once` exits with the failure.
-# Exits 0 only if all four hold. Emulated soft-RoCE moved Ferry's pages at
+# Exits 0 only if all five hold. Emulated soft-RoCE moved Ferry's pages at
 # about 2 MiB/s here, so each case is kept short: 64 MiB, few rounds.
 #
 #   ci/softroce/ferry-suite.sh [--mib N] [--out DIR]
@@ -91,6 +94,12 @@ A)
     wait_for_line "\$OUT/send-abort.log" "rdma: " && sleep 2
     kill -9 \$LPID; echo "killed destination"
     wait_for done-abort
+    listen dstop
+    # Stop the daemon once pages are flowing: it aborts the migration.
+    wait_for_line "\$OUT/send-dstop.log" "rdma: " && sleep 2
+    kill -TERM \$LPID; echo "stopped destination"
+    wait \$LPID; echo "LISTEN_RC case=dstop rc=\$?"; cat "\$OUT/listen-dstop.log"
+    wait_for done-dstop
     listen srckill
     # B kills its source mid-migration: the migration fails and the daemon
     # (--once) must exit, which it does only once the migration has ended.
@@ -119,6 +128,7 @@ B)
     ip link set "\$IF1" up
     sleep 2
     DIRTY=4MB/s ROUNDS=30 send abort --downtime-limit 1ms
+    DIRTY=4MB/s ROUNDS=30 send dstop --downtime-limit 1ms
     # Source killed once pages flow over RDMA.
     wait_for ready-srckill || exit 0
     "\$F" send --to \$PEER0_ADDR:6600 \$COMMON --memory ${MIB}MiB --dirty-rate 4MB/s --max-rounds 30 --force-switchover \
@@ -162,6 +172,10 @@ check "failover: the lost channel was reported failed, its chunks requeued" \
     python3 -c "import json,sys; c=json.load(open('$OUT/send-failover.json'))['channels']; sys.exit(0 if any(x['state']=='failed' and x['requeued_chunks']>0 for x in c) else 1)"
 check "destination killed: source exits non-zero" grep -q "SEND_RC case=abort rc=[1-9]" "$OUT/guest-B.log"
 check "destination killed: source says its guest keeps running" grep -q "guest keeps running" "$OUT/send-abort.log"
+check "destination stopped: the source ends with its reason at once (not at its channel timeout)" \
+    bash -c "grep -q 'SEND_RC case=dstop rc=[1-9]' '$OUT/guest-B.log' &&
+        grep -q 'the destination aborted: destination shutting down' '$OUT/send-dstop.log' &&
+        grep -q '\"reason\": \"peer_aborted\"' '$OUT/send-dstop.json'"
 check "source killed: the destination's migration fails, ends and --once exits non-zero" \
     grep -q "LISTEN_RC case=srckill rc=[1-9]" "$OUT/guest-A.log"
 check "source killed: the destination says the migration failed and revoked remote write access" \
