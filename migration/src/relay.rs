@@ -386,7 +386,7 @@ struct OutChunk {
     seq: u64,
     data: Vec<u8>,
     /// Where `data` goes back once the last copy is dropped (acked).
-    pool: Option<Arc<BufPool>>,
+    pool: Option<Arc<ChunkBufs>>,
 }
 
 impl Drop for OutChunk {
@@ -405,39 +405,30 @@ impl Drop for OutChunk {
 /// it hands them out before it allocates, the relay never holds more
 /// buffers than it had in use at once: the windows bound it as before.
 #[derive(Debug)]
-struct BufPool {
+struct ChunkBufs {
     /// The capacity of every buffer kept (one chunk).
     chunk: usize,
-    max: usize,
-    free: Mutex<Vec<Vec<u8>>>,
+    /// At most a window of chunks (and 8), idle.
+    bufs: Arc<ferry_transport::BufPool>,
 }
 
-impl BufPool {
+impl ChunkBufs {
     fn new(chunk: u32, window: u32) -> Self {
-        BufPool {
+        ChunkBufs {
             chunk: chunk as usize,
-            max: (window / chunk.max(1)).max(8) as usize,
-            free: Mutex::new(Vec::new()),
+            bufs: ferry_transport::BufPool::new((window / chunk.max(1)).max(8) as usize),
         }
     }
 
     /// An empty buffer with room for exactly one chunk.
     fn take(&self) -> Vec<u8> {
-        self.free
-            .lock()
-            .expect("pool")
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(self.chunk))
+        self.bufs.take_vec(self.chunk)
     }
 
-    fn give(&self, mut b: Vec<u8>) {
-        if b.capacity() != self.chunk {
-            return;
-        }
-        b.clear();
-        let mut free = self.free.lock().expect("pool");
-        if free.len() < self.max {
-            free.push(b);
+    /// Keeps a chunk's buffer (other sizes are dropped).
+    fn give(&self, b: Vec<u8>) {
+        if b.capacity() == self.chunk {
+            self.bufs.give(b);
         }
     }
 }
@@ -549,7 +540,7 @@ struct Shared {
     /// Compression workers, when compression is on.
     squeezers: Option<Squeezers>,
     /// Chunk buffers for reuse.
-    pool: Arc<BufPool>,
+    pool: Arc<ChunkBufs>,
     streams: Mutex<Vec<Arc<StreamSlot>>>,
     queue_tx: mpsc::UnboundedSender<Arc<OutChunk>>,
     queue_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Arc<OutChunk>>>,
@@ -1355,7 +1346,7 @@ impl Engine {
         };
         let sh = Arc::new(Shared {
             squeezers,
-            pool: Arc::new(BufPool::new(self.cfg.chunk, self.cfg.window)),
+            pool: Arc::new(ChunkBufs::new(self.cfg.chunk, self.cfg.window)),
             limiter: self.cfg.bandwidth_limit.map(RateLimiter::new),
             cfg: self.cfg.clone(),
             keys: self.keys,
@@ -2097,7 +2088,7 @@ mod tests {
 
     #[test]
     fn the_buffer_pool_hands_back_chunk_buffers_and_keeps_no_more_than_its_bound() {
-        let pool = Arc::new(BufPool::new(4096, 8 * 4096));
+        let pool = Arc::new(ChunkBufs::new(4096, 8 * 4096));
         let bufs: Vec<Vec<u8>> = (0..10).map(|_| pool.take()).collect();
         assert!(bufs.iter().all(|b| b.is_empty() && b.capacity() == 4096));
         let first = bufs[0].as_ptr();
@@ -2105,11 +2096,7 @@ mod tests {
             b.extend_from_slice(b"bytes");
             pool.give(b);
         }
-        assert_eq!(
-            pool.free.lock().unwrap().len(),
-            8,
-            "at most a window of chunks"
-        );
+        assert_eq!(pool.bufs.idle(), 8, "at most a window of chunks");
         // Other sizes are not kept: a take always has room for a chunk.
         pool.give(Vec::with_capacity(100));
         pool.give(vec![0; 5000]);
@@ -2126,15 +2113,11 @@ mod tests {
         });
         let queued = c.clone();
         drop(c);
-        assert_eq!(pool.free.lock().unwrap().len(), 7);
+        assert_eq!(pool.bufs.idle(), 7);
         drop(queued);
-        assert_eq!(pool.free.lock().unwrap().len(), 8);
-        assert!(pool
-            .free
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|b| b.as_ptr() == first));
+        assert_eq!(pool.bufs.idle(), 8);
+        let kept: Vec<Vec<u8>> = (0..8).map(|_| pool.take()).collect();
+        assert!(kept.iter().any(|b| b.as_ptr() == first));
     }
 
     /// The nice values of this process's relay compression workers.

@@ -49,6 +49,30 @@ impl BufPool {
         }
     }
 
+    /// An empty buffer with room for `cap` bytes, for a caller that fills
+    /// a `Vec` itself and gives it back with [`BufPool::give`] (the relay's
+    /// chunks): a spare one when the pool holds one.
+    pub fn take_vec(&self, cap: usize) -> Vec<u8> {
+        let mut buf = self
+            .spare
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default();
+        buf.clear();
+        buf.reserve_exact(cap);
+        buf
+    }
+
+    /// Keeps `buf` for a later take, unless the pool already holds `keep`
+    /// idle buffers.
+    pub fn give(&self, buf: Vec<u8>) {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < self.keep {
+            spare.push(buf);
+        }
+    }
+
     /// Idle buffers held.
     pub fn idle(&self) -> usize {
         self.spare.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -90,10 +114,7 @@ impl Deref for PooledBuf {
 impl Drop for PooledBuf {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {
-            let mut spare = pool.spare.lock().unwrap_or_else(|e| e.into_inner());
-            if spare.len() < pool.keep {
-                spare.push(std::mem::take(&mut self.buf));
-            }
+            pool.give(std::mem::take(&mut self.buf));
         }
     }
 }
