@@ -50,6 +50,11 @@
 # flags (FERRY_B defaults to FERRY then: an A/B of flags). "chunks N KiB" is the mean chunk the source
 # relay cut; with compression, "raw:" says why the other chunks went raw
 # (link about to idle, did not shrink, skipped after one that did not).
+# "qemu cpu S+D s" (every row): the CPU seconds the source and the
+# destination QEMU used from the migrate command to both ends; with the
+# relays' "cpu" it is the run's CPU budget (the 2-core CI host runs both
+# QEMUs and both relays: where that budget passes 2 x the time, the cores,
+# not the links, set the pace).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 REPEAT=3
@@ -254,8 +259,12 @@ def row(label, path, res, relay):
     elif end is not None and path == "direct, 1 link":
         ratio = f"  (dst loaded {end / 1000:.2f} s)"
     where = ""
+    qcpu = [(r.get("src_qemu_cpu_s"), r.get("dst_qemu_cpu_s")) for r in res]
+    if all(a is not None and b is not None for a, b in qcpu):
+        where = (f"  [qemu cpu {statistics.median(a for a, _ in qcpu):.2f}+"
+                 f"{statistics.median(b for _, b in qcpu):.2f} s]")
     if relay:
-        where = (f"  [dst QEMU {statistics.median(r['dst_qemu_pct'] for r in res):3.0f}%, "
+        where += (f"  [dst QEMU {statistics.median(r['dst_qemu_pct'] for r in res):3.0f}%, "
                  f"window {statistics.median(r['window_pct'] for r in res):3.0f}%, "
                  f"cpu {statistics.median(r['relay_cpu'] for r in res):.2f}+"
                  f"{statistics.median(r['listen_cpu'] for r in res):.2f} s"
@@ -316,6 +325,7 @@ print("time: QEMU's total-time (migrate to completed on the source); rate: its t
       "what was still on the way when the source completed included), and the same ratio on it; "
       "QEMU alone, loopback: "
       "both QEMUs in one namespace, no link, no relay (QEMU's own ceiling on this machine now); "
-      "[dst QEMU: the destination relay waiting for its QEMU to read, window: the source relay "
+      "[qemu cpu: CPU seconds of the source + destination QEMU from the migrate command to both "
+      "ends] [dst QEMU: the destination relay waiting for its QEMU to read, window: the source relay "
       "waiting for credit, as shares of the migration's time; cpu: ferry relay + ferry listen CPU seconds]")
 PY
