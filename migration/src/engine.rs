@@ -2107,7 +2107,7 @@ mod tests {
             fn sampled(&self, gpa: u64, sample: &[u8]) -> bool {
                 let mut seen = self.0.lock().unwrap();
                 seen.push((gpa, sample.to_vec()));
-                seen.len() % 2 == 0
+                seen.len() & 1 == 0
             }
         }
         let alt = Arc::new(Alternate::default());
