@@ -49,7 +49,8 @@
 # each, marked [A] and [B]; RELAY_ARGS_B="..." gives B's relays their own
 # flags (FERRY_B defaults to FERRY then: an A/B of flags). "chunks N KiB" is the mean chunk the source
 # relay cut; with compression, "raw:" says why the other chunks went raw
-# (link about to idle, did not shrink, skipped after one that did not).
+# (link about to idle, did not shrink, skipped after one that did not,
+# low yield: the host's CPUs were busy and a sample shrank less than 2.5x).
 # "qemu cpu S+D s" (every row): the CPU seconds the source and the
 # destination QEMU used from the migrate command to both ends; with the
 # relays' "cpu" it is the run's CPU budget (the 2-core CI host runs both
@@ -202,7 +203,7 @@ def relay_once(option, d, **kw):
     res["dst_qemu_pct"] = 100 * max([s.get("waited_to_deliver_s", 0) for s in dst] or [0]) * 1000 / t
     sent = sum(s.get("chunks_sent", 0) for s in src) or 1
     res["compressed_pct"] = 100 * sum(s.get("chunks_compressed", 0) for s in src) / sent
-    for k in ("link_idle", "incompressible", "skipped"):
+    for k in ("link_idle", "incompressible", "skipped", "low_yield"):
         res[f"raw_{k}_pct"] = 100 * sum(s.get(f"chunks_raw_{k}", 0) for s in src) / sent
     res["chunk_kib"] = sum(s.get("forward_bytes", 0) for s in src) / sent / 1024
     res["relay_status"] = r.returncode
@@ -272,7 +273,8 @@ def row(label, path, res, relay):
                  + (f", lz4 {statistics.median(r['compressed_pct'] for r in res):.0f}% of chunks"
                     f" (raw: link idle {statistics.median(r['raw_link_idle_pct'] for r in res):.0f}%,"
                     f" no gain {statistics.median(r['raw_incompressible_pct'] for r in res):.0f}%,"
-                    f" skipped {statistics.median(r['raw_skipped_pct'] for r in res):.0f}%)"
+                    f" skipped {statistics.median(r['raw_skipped_pct'] for r in res):.0f}%,"
+                    f" low yield {statistics.median(r['raw_low_yield_pct'] for r in res):.0f}%)"
                     if relay == "compression" else "") + "]")
     print(f"{label:<34} {path:<26} {t / 1000:6.2f} s {gbit:6.2f} Gbit/s {down:6.0f} ms  {ram:<7} ({times} s){ratio}{where}",
           flush=True)
