@@ -21,6 +21,10 @@
 #   SKIP_SHAPED=1   skip (b) (with --goals: skip comparison (2));  SKIP_QEMU=1  skip QEMU
 #   RANDOM_MIB=1024 --goals: the random guest's size in comparison (1)
 #   FERRY=PATH      use this ferry binary instead of building one
+#   LISTEN_ARGS=... more arguments of `ferry listen`, e.g. "--prealloc-guest 1GiB"
+#                   (the destination lands into memory backed before the runs:
+#                   its first touch of fresh pages, whose cost on this VM swings
+#                   from 0.3 to 2 s/GiB between runs, leaves every row's time)
 #
 # `ci/bench-compression.sh --goals [--before OLD_FERRY]` runs only issue 15's
 # two comparisons, each option's runs interleaved with its peer's:
@@ -32,7 +36,9 @@
 #   (2) the realistic mix (IMAGE_MIB) over the 1 Gbit/s link: tcp's time over
 #       compression's, per pair of runs; the goal is >= 2.0 in every pair.
 # Each comparison starts with one untimed pair (the first runs after the
-# images are written are slower), then REPS interleaved pairs; (1) prints the
+# images are written are slower), then REPS interleaved pairs, each round
+# starting with the next option in turn (the first run of a round is more
+# often slow); (1) prints the
 # ratio of the medians and the median of the per-pair ratios (a pair runs
 # back to back, so it shares the machine's load: the steadier figure).
 # With --before, OLD_FERRY's compression runs join each comparison (the same
@@ -90,8 +96,9 @@ ferry_once() { # netns-or-empty listen-addr image option...
     if [ -n "$ns" ]; then run_a=(ip netns exec "$NS_A"); run_b=(ip netns exec "$NS_B"); fi
     # --plaintext on both ends: compared with QEMU's unencrypted migration
     # (ci/bench-encrypt.sh measures what encryption adds).
+    # shellcheck disable=SC2086 # LISTEN_ARGS: words
     "${run_b[@]}" "$FERRY" listen --listen "$addr" --auth-key-file "$WORK/key" --plaintext --once \
-        >"$WORK/listen.out" 2>&1 &
+        ${LISTEN_ARGS:-} >"$WORK/listen.out" 2>&1 &
     local lp=$!
     # A connection that closes before its hello is not a migration attempt,
     # so probing does not use up --once.
@@ -217,8 +224,16 @@ goal_rows() { # title netns-or-empty addr image guest-mib
     # would land on whichever option runs first.
     FERRY_BIN=$FERRY GUEST_MIB=$gmib ferry_once "$ns" "$addr" "$img" --performance-option tcp > /dev/null
     FERRY_BIN=$FERRY GUEST_MIB=$gmib ferry_once "$ns" "$addr" "$img" > /dev/null
+    # Each round starts with the next option (tcp first in round 1, the
+    # compression option first in round 2, ...): the first run of a round
+    # follows the previous round's parsing and is more often the slow one
+    # (memory the hypervisor took back in between), so no option gets that
+    # place every time.
+    local n=${#labels[@]}
     for i in $(seq "$REPS"); do
-        for l in "${labels[@]}"; do
+        local order=() k
+        for k in $(seq 0 $((n - 1))); do order+=("${labels[$(((i - 1 + k) % n))]}"); done
+        for l in "${order[@]}"; do
             local bin=$FERRY args=()
             case "$l" in
                 tcp) args=(--performance-option tcp) ;;

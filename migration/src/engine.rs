@@ -57,7 +57,7 @@ use ferry_proto::switchover::{Claims, Transcripts};
 use ferry_proto::SessionKeys;
 use ferry_proto::{Evidence, Ledger, MacKey};
 use ferry_transport::compress::{
-    CompressConfig, CompressPool, CompressSender, CompressionSpec, CopyHint,
+    CompressConfig, CompressPool, CompressSender, CompressionSpec, CopyHint, CopyPlan, SAMPLE_BYTES,
 };
 use ferry_transport::conn::Conn;
 use ferry_transport::multichannel::{ChannelPath, Multichannel, MultichannelConfig};
@@ -1007,10 +1007,23 @@ struct Chunker<'m> {
     /// Asked at each chunk's first page whether to copy it (`copy` on);
     /// none: every chunk is copied.
     hint: Option<&'m Arc<dyn CopyHint>>,
-    /// Whether the current chunk is copied (decided at its first page).
-    copy_this: Option<bool>,
+    /// How the current chunk's pages are read (decided at its first page).
+    reading: Option<Reading>,
     /// The current chunk's buffer: its non-zero pages so far.
     data: Option<PooledBuf>,
+}
+
+/// How the page pass reads the current chunk's pages (`copy` on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// Into the chunk's buffer.
+    Copy,
+    /// Into the scratch page: the chunk goes without a copy.
+    Scratch,
+    /// Into the chunk's buffer until it holds [`SAMPLE_BYTES`], then as the
+    /// hint's verdict on them says ([`CopyPlan::Sample`]); `gpa` is the
+    /// chunk's first page.
+    Sampling { gpa: u64 },
 }
 
 impl<'m> Chunker<'m> {
@@ -1036,7 +1049,7 @@ impl<'m> Chunker<'m> {
             page: vec![0; PAGE_SIZE as usize],
             pool: None,
             hint: None,
-            copy_this: None,
+            reading: None,
             data: None,
         }
     }
@@ -1090,7 +1103,7 @@ impl<'m> Chunker<'m> {
         *seq += 1;
         self.payload = 0;
         self.sum = 0;
-        self.copy_this = None;
+        self.reading = None;
     }
 
     /// Reads, tests, hashes and records every page of `run` and adds it.
@@ -1110,12 +1123,15 @@ impl<'m> Chunker<'m> {
             // end of its pages so far, or into the scratch page.
             let at = self.payload as usize;
             let hint = self.hint;
-            let copy = *self.copy_this.get_or_insert_with(|| match hint {
-                Some(h) => h.wants_copy(gpa),
-                None => true,
-            });
+            let reading = *self
+                .reading
+                .get_or_insert_with(|| match hint.map(|h| h.plan(gpa)) {
+                    None | Some(CopyPlan::Copy) => Reading::Copy,
+                    Some(CopyPlan::Skip) => Reading::Scratch,
+                    Some(CopyPlan::Sample) => Reading::Sampling { gpa },
+                });
             let bytes: &mut [u8] = match self.pool {
-                Some(pool) if copy => {
+                Some(pool) if reading != Reading::Scratch => {
                     let max = self.max_payload as usize;
                     let d = self.data.get_or_insert_with(|| pool.take(max));
                     &mut d.as_mut_slice()[at..at + PAGE_SIZE as usize]
@@ -1135,9 +1151,31 @@ impl<'m> Chunker<'m> {
             }
             self.sum = self.sum.wrapping_add(contribution);
             self.push(gpa, zero);
+            if let Reading::Sampling { gpa: first } = reading {
+                self.sampled(first);
+            }
             self.maybe_cut(out, seq);
         }
         Ok(())
+    }
+
+    /// Once a sampling chunk's buffer holds [`SAMPLE_BYTES`]: the hint's
+    /// verdict on them decides whether the rest is copied too, or the copy
+    /// is dropped (its buffer goes back) and the chunk goes without one.
+    fn sampled(&mut self, first: u64) {
+        if (self.payload as usize) < SAMPLE_BYTES {
+            return;
+        }
+        let keep = match (self.hint, &self.data) {
+            (Some(h), Some(d)) => h.sampled(first, &d[..SAMPLE_BYTES]),
+            _ => true,
+        };
+        if keep {
+            self.reading = Some(Reading::Copy);
+        } else {
+            self.reading = Some(Reading::Scratch);
+            self.data = None;
+        }
     }
 }
 
@@ -2009,8 +2047,15 @@ mod tests {
         #[derive(Debug, Default)]
         struct EveryOther(std::sync::atomic::AtomicU64);
         impl CopyHint for EveryOther {
-            fn wants_copy(&self, _gpa: u64) -> bool {
-                self.0.fetch_add(1, Ordering::Relaxed) & 1 == 0
+            fn plan(&self, _gpa: u64) -> CopyPlan {
+                if self.0.fetch_add(1, Ordering::Relaxed) & 1 == 0 {
+                    CopyPlan::Copy
+                } else {
+                    CopyPlan::Skip
+                }
+            }
+            fn sampled(&self, _gpa: u64, _sample: &[u8]) -> bool {
+                unreachable!("never planned")
             }
         }
         let hint: Arc<dyn CopyHint> = Arc::new(EveryOther::default());
@@ -2036,5 +2081,94 @@ mod tests {
         ch.cut(&mut big, &mut seq);
         assert!(big.iter().all(|c| c.payload_bytes() <= 2 * PAGE_SIZE));
         assert_eq!(big.iter().map(|c| c.pages()).sum::<u64>(), 12);
+    }
+
+    #[test]
+    fn a_sampled_chunk_keeps_its_copy_only_if_its_first_pages_compress() {
+        use crate::memory::{default_layout, source_memory};
+        use vm_memory::Bytes;
+        let layout = default_layout(128 * PAGE_SIZE).unwrap();
+        let mem = source_memory(&layout).unwrap();
+        // Pages 0..128 each marked with their number (page 20 zero).
+        for p in (0..128u64).filter(|&p| p != 20) {
+            mem.write_slice(&[p as u8 + 1; 8], GuestAddress(p * PAGE_SIZE + 8))
+                .unwrap();
+        }
+        let ledger = test_ledger(&layout);
+        let frame_key = MacKey::from_bytes([7; 32]);
+        // Every chunk is sampled; the verdicts alternate no, yes, ...; the
+        // samples seen are kept.
+        #[derive(Debug, Default)]
+        struct Alternate(std::sync::Mutex<Vec<(u64, Vec<u8>)>>);
+        impl CopyHint for Alternate {
+            fn plan(&self, _gpa: u64) -> CopyPlan {
+                CopyPlan::Sample
+            }
+            fn sampled(&self, gpa: u64, sample: &[u8]) -> bool {
+                let mut seen = self.0.lock().unwrap();
+                seen.push((gpa, sample.to_vec()));
+                seen.len() & 1 == 0
+            }
+        }
+        let alt = Arc::new(Alternate::default());
+        let hint: Arc<dyn CopyHint> = alt.clone();
+        let pool = BufPool::new(2);
+        let (mut out, mut seq) = (Vec::new(), 0);
+        // Chunks of 32 pages, round 0 (zero pages skipped); then a short
+        // chunk of 8 pages, below the sample.
+        let mut ch = Chunker::new(&mem, &ledger, &frame_key, 32 * PAGE_SIZE, 0, true)
+            .copying(&pool, Some(&hint));
+        for run in [(0, 120), (120, 8)] {
+            ch.add(
+                PageRun {
+                    gpa: run.0 * PAGE_SIZE,
+                    pages: run.1,
+                    zero: false,
+                },
+                &mut out,
+                &mut seq,
+            )
+            .unwrap();
+            ch.cut(&mut out, &mut seq);
+        }
+        let with_data: Vec<bool> = out.iter().map(|c| c.data.is_some()).collect();
+        assert_eq!(with_data, [false, true, false, true, true], "{out:?}");
+        // The samples were each chunk's first 16 non-zero pages, copied.
+        let pages = SAMPLE_BYTES as u64 / PAGE_SIZE;
+        let seen = alt.0.lock().unwrap();
+        assert_eq!(seen.len(), 4, "the short chunk is not sampled");
+        for ((gpa, sample), c) in seen.iter().zip(&out) {
+            assert_eq!(*gpa, c.runs[0].gpa);
+            let mut want = Vec::new();
+            for p in (gpa / PAGE_SIZE..)
+                .filter(|&p| p != 20)
+                .take(pages as usize)
+            {
+                let mut page = vec![0u8; PAGE_SIZE as usize];
+                mem.read_slice(&mut page, GuestAddress(p * PAGE_SIZE))
+                    .unwrap();
+                want.extend(page);
+            }
+            assert!(*sample == want, "sample of the chunk at {gpa:#x}");
+        }
+        // Copy or not, every chunk's tag (and copy) is what a fresh read
+        // gives, and every non-zero page went into one chunk.
+        for c in &out {
+            let again = Chunk::read(
+                &mem,
+                ledger.key(),
+                &frame_key,
+                c.seq,
+                c.round,
+                c.runs.clone(),
+                true,
+            )
+            .unwrap();
+            assert_eq!(c.tag, again.tag, "chunk {}", c.seq);
+            if let Some(d) = &c.data {
+                assert!(**d == *again.data.unwrap(), "chunk {} bytes", c.seq);
+            }
+        }
+        assert_eq!(out.iter().map(|c| c.pages()).sum::<u64>(), 127);
     }
 }

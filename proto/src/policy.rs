@@ -198,7 +198,9 @@ impl Convergence {
     ///   `--force-switchover` go on while rounds still shrink the final
     ///   copy (bytes remain, round cap not reached), then switch over.
     /// * The round cap without a fitting pause: cancel, or switch over with
-    ///   `--force-switchover`.
+    ///   `--force-switchover`. At the cap a round trip that stalled (the
+    ///   smallest of the last ones would fit) still reads as the round cap,
+    ///   not as a pause that cannot fit.
     /// * The pause fits: switch over.
     /// * Otherwise another round; with `--auto-converge` a stuck round
     ///   raises the throttle first ([`AutoConverge::after_round`]).
@@ -242,6 +244,27 @@ impl Convergence {
                     .is_some_and(|f| f.total() <= o.downtime_limit) =>
             {
                 return AfterRound::Remeasure;
+            }
+            // At the round cap the same stalled round trip must not turn
+            // "did not converge" into "cannot fit": where the smallest of
+            // at least two measured would let the fixed parts fit, the
+            // round cap is what ended pre-copy.
+            Decision::Switchover(ConvergeReason::CannotFit)
+                if !o.force_switchover
+                    && round_trips.best().is_some_and(|best| {
+                        PauseCosts {
+                            round_trip: best,
+                            ..*costs
+                        }
+                        .predict(0)
+                        .is_some_and(|f| f.total() <= o.downtime_limit)
+                    }) =>
+            {
+                return AfterRound::NotConverged {
+                    predicted_ms: costs
+                        .predict(remaining)
+                        .map_or(f64::INFINITY, |p| p.total_ms()),
+                };
             }
             Decision::Switchover(ConvergeReason::CannotFit) if !o.force_switchover => {
                 return AfterRound::CannotFit {

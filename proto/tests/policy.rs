@@ -274,6 +274,46 @@ fn one_stalled_round_trip_costs_a_round_not_the_migration() {
 }
 
 #[test]
+fn a_round_trip_that_stalled_at_the_round_cap_still_reads_as_the_round_cap() {
+    // Four rounds that never converge (each leaves 512 MiB at 1 GB/s),
+    // round trips of 1 ms but for one that stalled 200 ms in the last:
+    // with the largest of the last three the parts no round can shrink
+    // (600 ms) are over 300 ms, with the smallest (3 ms) they are not.
+    // The cap is what ended pre-copy, and the diagnosis says so.
+    let mut p = Convergence::new(opts(4, false, false));
+    let mut rtts = RoundTrips::default();
+    let costs = |rtts: &RoundTrips| PauseCosts {
+        rate: 1e9,
+        round_trip: rtts.for_prediction(),
+        device_state_bytes: 0,
+        verification: Duration::ZERO,
+    };
+    for round in 1..=3 {
+        rtts.measured(MS);
+        assert_eq!(
+            p.after_round(GUEST / 2, &costs(&rtts), &rtts, round),
+            AfterRound::Continue { throttle: None }
+        );
+    }
+    rtts.measured(200 * MS);
+    let AfterRound::NotConverged { predicted_ms } =
+        p.after_round(GUEST / 2, &costs(&rtts), &rtts, 4)
+    else {
+        panic!("a stalled round trip at the cap is not 'cannot fit'");
+    };
+    assert!(predicted_ms > 300.0, "{predicted_ms}");
+    // Round trips that are all long still cannot fit at the cap.
+    let mut p = Convergence::new(opts(2, false, false));
+    let mut slow = RoundTrips::default();
+    slow.measured(200 * MS);
+    slow.measured(200 * MS);
+    assert!(matches!(
+        p.after_round(GUEST / 2, &costs(&slow), &slow, 2),
+        AfterRound::CannotFit { .. }
+    ));
+}
+
+#[test]
 fn round_trips_that_really_are_too_long_cancel_after_the_second() {
     // 150 ms each: three of them never fit 300 ms.
     let slow = Sim {

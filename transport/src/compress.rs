@@ -44,13 +44,20 @@
 //! altogether, 1, 2, 4, … up to [`MAX_SKIP`] of them between attempts
 //! (back-off). One chunk that compresses ends the back-off. A granule seen
 //! for the first time starts where the one below it is when that one is
-//! backing off, so a large region of random memory is learnt once. A skipped chunk is not even copied: the engine's page
-//! pass asks [`CopyHint::wants_copy`] when it starts a chunk and, told no,
+//! backing off, so a large region of random memory is learnt once. A
+//! skipped chunk is not even copied: the engine's page pass asks
+//! [`CopyHint::plan`] when it starts a chunk and, told [`CopyPlan::Skip`],
 //! reads each page into one scratch page for its hash as on plain TCP, and
 //! the chunk goes out as plain TCP sends it (the kernel copies from guest
 //! memory; a guest write in between makes the destination's tag differ and
-//! the chunk is sent again). Random memory so costs what plain TCP costs,
-//! plus a sample compression every [`MAX_SKIP`] chunks.
+//! the chunk is sent again). An attempt that samples first does so in the
+//! page pass ([`CopyPlan::Sample`]): it copies the chunk's first
+//! [`SAMPLE_BYTES`], compresses them ([`CopyHint::sampled`]) and, if they
+//! do not shrink, drops the copy and reads the rest of the chunk as a
+//! skipped one, so the verdict is known before the next chunk is read and
+//! no chunk of random memory is copied or waits for a worker. Random memory
+//! so costs what plain TCP costs, plus a 64 KiB sample compression every
+//! [`MAX_SKIP`] chunks.
 //!
 //! Chunks of one round may leave in any order (they cover distinct pages);
 //! `flush` drains the pipeline before the engine starts the next round, so
@@ -135,14 +142,40 @@ impl CompressConfig {
     }
 }
 
+/// Bytes of a chunk's first non-zero pages the page pass copies and
+/// samples ([`CopyHint::sampled`]) before it decides whether to copy the
+/// rest (64 KiB).
+pub const SAMPLE_BYTES: usize = 64 << 10;
+
+/// What the page pass does with a chunk's pages ([`CopyHint::plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyPlan {
+    /// Copy every page into the chunk's buffer: the chunk goes to the
+    /// workers to be compressed.
+    Copy,
+    /// Read each page into a scratch page only: the chunk goes raw, sent
+    /// from guest memory as plain TCP sends it.
+    Skip,
+    /// Copy the chunk's first [`SAMPLE_BYTES`] of non-zero pages, then ask
+    /// [`CopyHint::sampled`]: copy the rest, or drop the copy and read the
+    /// rest as [`CopyPlan::Skip`] does. A chunk that ends before that much
+    /// keeps its copy (the workers sample it).
+    Sample,
+}
+
 /// Whether the page pass should keep a private copy of a chunk's pages
 /// ([`Chunk::data`]) for the transport to encode. Asked once per chunk, when
-/// its first page is read.
+/// its first page is read, and, for [`CopyPlan::Sample`], once more after
+/// its first [`SAMPLE_BYTES`].
 pub trait CopyHint: Send + Sync + std::fmt::Debug {
-    /// For the chunk whose first page is at `gpa`: true to copy its pages
-    /// into a chunk buffer (it will be compressed), false to read each page
-    /// into a scratch page only (it will go raw, sent from guest memory).
-    fn wants_copy(&self, gpa: u64) -> bool;
+    /// For the chunk whose first page is at `gpa`.
+    fn plan(&self, gpa: u64) -> CopyPlan;
+
+    /// For a chunk planned [`CopyPlan::Sample`] whose first page is at
+    /// `gpa`: its first [`SAMPLE_BYTES`] of page bytes, the page pass's
+    /// copy. True to copy the rest (the sample compressed), false to send
+    /// the chunk raw from guest memory.
+    fn sampled(&self, gpa: u64, sample: &[u8]) -> bool;
 }
 
 /// The back-off of a sequence of chunks that did not shrink (a granule of
@@ -187,10 +220,14 @@ impl Backoff {
 }
 
 /// Which granules of guest memory recently did not compress (see the
-/// module docs): the pool's [`CopyHint`].
-#[derive(Debug, Default)]
+/// module docs): the pool's [`CopyHint`]. Its encoder compresses the page
+/// pass's samples.
+#[derive(Debug)]
 pub struct Compressibility {
     granules: Mutex<HashMap<u64, Granule>>,
+    /// The samples' encoder (none if it could not be made: samples then
+    /// count as compressible and the workers decide) and its output buffer.
+    sampler: Mutex<(Option<Encoder>, Vec<u8>)>,
 }
 
 /// What the pool knows of one granule.
@@ -202,6 +239,17 @@ struct Granule {
 }
 
 impl Compressibility {
+    /// No granule known yet; samples compressed with `spec`.
+    pub fn new(spec: CompressionSpec) -> Self {
+        let enc = Encoder::new(spec)
+            .map_err(|e| tracing::debug!("no sample compressor, the workers sample: {e}"))
+            .ok();
+        Compressibility {
+            granules: Mutex::default(),
+            sampler: Mutex::new((enc, Vec::new())),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Granule>> {
         self.granules.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -255,8 +303,34 @@ fn skip_after(fails: u32) -> u32 {
 }
 
 impl CopyHint for Compressibility {
-    fn wants_copy(&self, gpa: u64) -> bool {
-        Self::granule(&mut self.lock(), gpa).backoff.try_next()
+    /// A granule backing off skips its chunks between attempts; an attempt
+    /// that would sample first (the granule never tried, or its last
+    /// attempt failed) samples in the page pass, so that memory that does
+    /// not compress is neither copied nor queued for a worker, and its
+    /// verdict is known before the next chunk is read.
+    fn plan(&self, gpa: u64) -> CopyPlan {
+        let mut g = self.lock();
+        let g = Self::granule(&mut g, gpa);
+        if !g.backoff.try_next() {
+            CopyPlan::Skip
+        } else if !g.tried || g.backoff.sample_first() {
+            CopyPlan::Sample
+        } else {
+            CopyPlan::Copy
+        }
+    }
+
+    fn sampled(&self, gpa: u64, sample: &[u8]) -> bool {
+        let shrank = {
+            let mut s = self.sampler.lock().unwrap_or_else(|e| e.into_inner());
+            let (enc, scratch) = &mut *s;
+            match enc {
+                Some(e) => !probe_incompressible(e, sample, scratch),
+                None => return true,
+            }
+        };
+        self.learned(gpa, shrank);
+        shrank
     }
 }
 
@@ -355,7 +429,6 @@ fn remaining(expected: f64, elapsed: f64) -> f64 {
 }
 
 /// What the workers and the channels share.
-#[derive(Default)]
 struct Shared {
     st: Mutex<PoolState>,
     work: Condvar,
@@ -404,7 +477,11 @@ impl CompressPool {
         cfg.spec.validate()?;
         let workers = cfg.workers.max(1);
         let pool = Arc::new(CompressPool {
-            shared: Arc::new(Shared::default()),
+            shared: Arc::new(Shared {
+                st: Mutex::default(),
+                work: Condvar::new(),
+                hint: Arc::new(Compressibility::new(cfg.spec)),
+            }),
             spec: cfg.spec,
             workers,
             adaptive: cfg.adaptive,
@@ -891,6 +968,11 @@ mod tests {
     use zerocopy::IntoBytes;
 
     const PAGES: u64 = 256;
+
+    /// Whether the page pass copies (some of) the chunk at `gpa`.
+    fn copies(h: &dyn CopyHint, gpa: u64) -> bool {
+        h.plan(gpa) != CopyPlan::Skip
+    }
 
     fn mem() -> GuestMemoryMmap {
         test_mem(PAGES)
@@ -1570,19 +1652,19 @@ mod tests {
 
     #[test]
     fn backoff_skips_more_chunks_after_each_failure_and_a_success_ends_it() {
-        let h = Compressibility::default();
+        let h = Compressibility::new(spec(Codec::Zstd));
         let g = GRANULE;
         // Unknown memory: every chunk is copied, the first attempts sample
         // first.
-        assert!(h.wants_copy(g) && h.sample_first(g));
+        assert!(copies(&h, g) && h.sample_first(g));
         // One failure: still attempted, sample first.
         h.learned(g, false);
-        assert!(h.wants_copy(g) && h.sample_first(g));
+        assert!(copies(&h, g) && h.sample_first(g));
         // From the second failure in a row: 1, 2, 4, 8, 16, 16 skipped
         // between attempts.
         for want in [1, 2, 4, 8, 16, 16] {
             h.learned(g + 4096, false);
-            let skipped = std::iter::from_fn(|| (!h.wants_copy(g)).then_some(()))
+            let skipped = std::iter::from_fn(|| (!copies(&h, g)).then_some(()))
                 .take(100)
                 .count();
             assert_eq!(skipped, want);
@@ -1590,21 +1672,44 @@ mod tests {
         // The granule below is not affected (never tried: sample first);
         // the one above, seen for the first time, starts backing off where
         // this one is (16 skipped).
-        assert!(h.wants_copy(0) && h.sample_first(0));
+        assert!(copies(&h, 0) && h.sample_first(0));
         assert!(h.sample_first(2 * g));
-        let skipped = std::iter::from_fn(|| (!h.wants_copy(2 * g)).then_some(()))
+        let skipped = std::iter::from_fn(|| (!copies(&h, 2 * g)).then_some(()))
             .take(100)
             .count();
         assert_eq!(skipped, 16);
         // A granule above one that compresses starts fresh.
         h.learned(3 * g, true);
-        assert!(h.wants_copy(4 * g) && h.sample_first(4 * g));
+        assert!(copies(&h, 4 * g) && h.sample_first(4 * g));
         // Memory that compressed: no sample before the next attempt.
         assert!(!h.sample_first(3 * g));
         // A chunk that shrank ends the back-off.
         h.learned(g, false);
         h.learned(g, true);
-        assert!(h.wants_copy(g) && h.wants_copy(g) && !h.sample_first(g));
+        assert!(copies(&h, g) && copies(&h, g) && !h.sample_first(g));
+    }
+
+    #[test]
+    fn the_page_pass_samples_unknown_or_failing_memory_and_learns_from_it() {
+        let h = Compressibility::new(spec(Codec::Lz4));
+        let g = GRANULE;
+        let random: Vec<u8> = (0..16).flat_map(random_page).collect();
+        let text: Vec<u8> = (0..16).flat_map(text_page).collect();
+        assert_eq!(random.len(), SAMPLE_BYTES);
+        // Never tried: sampled; a failure: sampled again; two: backing off.
+        assert_eq!(h.plan(g), CopyPlan::Sample);
+        assert!(!h.sampled(g, &random));
+        assert_eq!(h.plan(g), CopyPlan::Sample);
+        assert!(!h.sampled(g, &random));
+        assert_eq!(h.plan(g), CopyPlan::Skip);
+        assert_eq!(h.plan(g), CopyPlan::Sample);
+        // A sample that shrinks ends the back-off: the next chunks are
+        // copied whole, and the workers compress them without a sample.
+        assert!(h.sampled(g, &text));
+        assert_eq!(h.plan(g), CopyPlan::Copy);
+        assert!(!h.sample_first(g));
+        // The granule above, memory not tried yet, is sampled.
+        assert_eq!(h.plan(2 * g), CopyPlan::Sample);
     }
 
     /// A compression channel over loopback into a receiving task.
@@ -1721,7 +1826,7 @@ mod tests {
         let mut ch = channel(&src, &pool, Codec::Zstd, 0).await;
         let mut seq = 0u64;
         let mut send = |round: u32, first: u64| {
-            let copy = hint.wants_copy(first * PAGE_SIZE);
+            let copy = hint.plan(first * PAGE_SIZE) != CopyPlan::Skip;
             seq += 1;
             Chunk::read(
                 &*src,
