@@ -1014,49 +1014,58 @@ impl Destination {
                     ..meter.finish(r.hooks_cpu, r.payload_bytes)
                 },
             }),
-            // Committed: the source has let go, nothing to tell it.
-            Err(e @ MigrationError::ResumeFailed(_)) => {
-                tracing::error!(migration_id, "{e}");
+            Err(e) => {
+                match source_knows(&e) {
+                    SourceKnows::LetGo => tracing::error!(migration_id, "{e}"),
+                    SourceKnows::Refused => tracing::warn!(migration_id, "migration aborted: {e}"),
+                    // Receive::run told the source, before closing the
+                    // channels (tell_then_close).
+                    SourceKnows::Nothing => {}
+                }
                 Err(e)
             }
-            // Refused after Commit: the source was told, with its proof.
-            Err(e @ (MigrationError::RestoreFailed(_) | MigrationError::CommitProof)) => {
-                tracing::warn!(migration_id, "migration aborted: {e}");
-                Err(e)
-            }
-            // Receive::run told the source, before closing the channels.
-            Err(e) => Err(e),
         }
     }
 }
 
 /// Ends a migration's data channels (TCP and RDMA); when it `failed`, tells
-/// the source why first (unless [`tells_the_source`] says it was told or
-/// let go): a source that sees its channels close before the reason comes
-/// has only a moment to read it.
+/// the source why first (unless [`source_knows`] says it was told or let
+/// go): a source that sees its channels close before the reason comes has
+/// only a moment to read it.
 async fn tell_then_close(
     ch: &mut DataChannels,
     writer: &mut ferry_transport::conn::ConnWriter,
     migration_id: u64,
     failed: Option<&MigrationError>,
 ) {
-    if let Some(e) = failed.filter(|e| tells_the_source(e)) {
+    if let Some(e) = failed.filter(|e| source_knows(e) == SourceKnows::Nothing) {
         tracing::debug!(migration_id, "migration aborted, telling the source: {e}");
         writer.abort(&e.to_string()).await;
     }
     ch.close(failed.is_some()).await;
 }
 
-/// Whether a migration that failed with `e` tells the source with `Abort`:
-/// not once `Committed` was sent (the source has let go), nor after a
-/// refusal bound to the session's proof (the source was told).
-fn tells_the_source(e: &MigrationError) -> bool {
-    !matches!(
-        e,
-        MigrationError::ResumeFailed(_)
-            | MigrationError::RestoreFailed(_)
-            | MigrationError::CommitProof
-    )
+/// What the source already knows of a migration that failed here: the one
+/// place the destination sorts its errors by it ([`tell_then_close`] tells
+/// the source with `Abort` by it, [`Destination::session`] logs by it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SourceKnows {
+    /// `Committed` was sent: the source has let go, nothing to tell it.
+    LetGo,
+    /// Refused after `Commit`, bound to the session's proof: the source
+    /// was told.
+    Refused,
+    /// Nothing yet: it is told with `Abort`, before the channels close.
+    Nothing,
+}
+
+/// What the source knows of a migration that failed with `e` ([`SourceKnows`]).
+fn source_knows(e: &MigrationError) -> SourceKnows {
+    match e {
+        MigrationError::ResumeFailed(_) => SourceKnows::LetGo,
+        MigrationError::RestoreFailed(_) | MigrationError::CommitProof => SourceKnows::Refused,
+        _ => SourceKnows::Nothing,
+    }
 }
 
 impl Destination {

@@ -409,8 +409,17 @@ pub struct Migrated {
 }
 
 /// Runs a migration between two `ferry` processes over loopback: `ferry
-/// listen --once LISTEN_EXTRA...`, then `ferry send ... SEND_EXTRA...` to
-/// it (killed after `timeout`); asserts that both succeeded.
+/// listen --once LISTEN_EXTRA...`, then `ferry send ... SEND_EXTRA...
+/// --force-switchover` to it (killed after `timeout`); asserts that both
+/// succeeded.
+///
+/// `--force-switchover` (added unless SEND_EXTRA has it): the tests that
+/// call this check what a committed migration carried, not whether its
+/// pause fits `--downtime-limit` on this host. Three control round trips
+/// count in the pause, so round trips of 100 ms (a loaded machine, a busy
+/// debug build) make the default 300 ms unable to fit, and the migration
+/// would be cancelled for that. Where the pause itself is tested
+/// (operations.rs, switchover.rs, operator.rs), `send` is used without it.
 pub fn migrate_ok(
     key: &Path,
     listen_extra: &[&str],
@@ -418,7 +427,11 @@ pub fn migrate_ok(
     timeout: Duration,
 ) -> Migrated {
     let (dest, addr) = listen(key, listen_extra);
-    let src = send(addr, key, send_extra, timeout);
+    let mut send_extra = send_extra.to_vec();
+    if !send_extra.contains(&"--force-switchover") {
+        send_extra.push("--force-switchover");
+    }
+    let src = send(addr, key, &send_extra, timeout);
     let dest = dest.wait(Duration::from_secs(30));
     assert!(src.status.success(), "source failed: {}", src.all());
     assert!(dest.status.success(), "destination failed: {}", dest.all());

@@ -382,9 +382,19 @@ fn source_disconnecting_mid_round_frees_the_destination() {
 #[test]
 fn a_stalled_source_is_timed_out_by_the_destination() {
     let out = against_destination(&["--timeout", "1s"], |addr| async move {
-        let (conn, _) = authed_session(addr, &key(), 1 << 20).await;
+        let (mut conn, _) = authed_session(addr, &key(), 1 << 20).await;
         let data = data_channel(addr, &conn).await;
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        // Stalled until the destination gives up (its Abort, or its close):
+        // a fixed sleep could end first on a loaded host, and the
+        // destination would then see a close instead of a stall.
+        while let Ok(m) = conn
+            .recv_within("the destination's abort", Duration::from_secs(120))
+            .await
+        {
+            if matches!(m, Msg::Abort { .. }) {
+                break;
+            }
+        }
         drop((conn, data));
     });
     assert!(

@@ -84,11 +84,21 @@ fn report_reads(path: &Path, want: &str) {
 
 const WAIT: Duration = Duration::from_secs(120);
 
+/// `--force-switchover`, for the migrations here that must commit: the
+/// operator's view of them is the subject, not whether their pause fits
+/// the default 300 ms limit on this host (three round trips count in it: a
+/// loaded machine can make it unable to fit; see `ferry_tests::migrate_ok`).
+/// The cases about the policy's own outcomes set their limits and go
+/// without it.
+const FORCED: &str = "--force-switchover";
+
 /// A guest that keeps a migration in pre-copy for a few seconds: its
 /// 32 MiB are all data, and the link is held to 8 MB/s. It dirties so
 /// little that it converges even when a round's fixed costs are high (a
-/// loaded machine, a debug build).
-const SLOW: [&str; 10] = [
+/// loaded machine, a debug build), and switches over even when the round
+/// trips alone do not fit the default limit there ([`FORCED`]).
+const SLOW: [&str; 11] = [
+    FORCED,
     "--memory",
     "32MiB",
     "--dirty-rate",
@@ -158,6 +168,7 @@ fn every_outcome_writes_a_record_that_report_reads() {
         addr,
         &key,
         &[
+            FORCED,
             "--memory",
             "16MiB",
             "--json",
@@ -377,7 +388,7 @@ fn sigint_on_send_cancels_and_the_destination_reports_it() {
         "failed: peer aborted the migration: cancelled by the operator (SIGINT)",
         WAIT,
     );
-    let next = send(addr, &key, &["--memory", "16MiB"], WAIT);
+    let next = send(addr, &key, &[FORCED, "--memory", "16MiB"], WAIT);
     assert!(next.status.success(), "{}", next.all());
     dest.kill();
 }
@@ -527,6 +538,7 @@ fn listening_on_one_address_says_each_migration_gets_one_path() {
             &one,
             "--auth-key-file",
             key.to_str().unwrap(),
+            FORCED,
             "--memory",
             "32MiB",
         ],
@@ -568,6 +580,7 @@ fn listening_on_one_address_says_each_migration_gets_one_path() {
             &to,
             "--auth-key-file",
             key.to_str().unwrap(),
+            FORCED,
             "--memory",
             "32MiB",
         ],
@@ -581,6 +594,14 @@ fn listening_on_one_address_says_each_migration_gets_one_path() {
     assert!(!dest.all().contains("fd00:77::2"), "{}", dest.all());
     assert!(!dest.stderr.contains(" only: sources"), "{}", dest.all());
 }
+
+/// `ferry send`'s flags for the logging test's migrations: a 16 MiB guest,
+/// switched over even when the host is too loaded for the default
+/// downtime limit (a round trip stalled for hundreds of milliseconds makes
+/// the policy cancel with "the pause cannot fit": right for an operator,
+/// but this test is about the events logged, not about the host's speed).
+/// The limit stays the default one the commit event is checked to carry.
+const LOGGED: [&str; 3] = ["--memory", "16MiB", FORCED];
 
 #[test]
 fn logs_are_events_with_levels_and_a_json_format() {
@@ -598,7 +619,7 @@ fn logs_are_events_with_levels_and_a_json_format() {
     let src = start_send_logging(
         addr,
         &key,
-        &["--memory", "16MiB", "--log-format", "json"],
+        &[&LOGGED[..], &["--log-format", "json"]].concat(),
         None,
     )
     .wait(WAIT);
@@ -661,7 +682,7 @@ fn logs_are_events_with_levels_and_a_json_format() {
     assert_eq!(ev["guest"], "source", "{ev}");
 
     // -q: warnings and errors only; -v: debug too; RUST_LOG overrides both.
-    let quiet = start_send_logging(addr, &key, &["--memory", "16MiB", "-q"], None).wait(WAIT);
+    let quiet = start_send_logging(addr, &key, &[&LOGGED[..], &["-q"]].concat(), None).wait(WAIT);
     assert!(quiet.status.success(), "{}", quiet.all());
     assert!(!quiet.stderr.contains(" INFO "), "{}", quiet.all());
     assert!(
@@ -669,12 +690,12 @@ fn logs_are_events_with_levels_and_a_json_format() {
         "{}",
         quiet.all()
     );
-    let verbose = start_send_logging(addr, &key, &["--memory", "16MiB", "-v"], None).wait(WAIT);
+    let verbose = start_send_logging(addr, &key, &[&LOGGED[..], &["-v"]].concat(), None).wait(WAIT);
     assert!(verbose.status.success(), "{}", verbose.all());
     assert!(verbose.stderr.contains(" DEBUG "), "{}", verbose.all());
     assert!(verbose.stderr.contains(" INFO "), "{}", verbose.all());
     let overridden =
-        start_send_logging(addr, &key, &["--memory", "16MiB", "-v"], Some("warn")).wait(WAIT);
+        start_send_logging(addr, &key, &[&LOGGED[..], &["-v"]].concat(), Some("warn")).wait(WAIT);
     assert!(overridden.status.success(), "{}", overridden.all());
     assert!(
         !overridden.stderr.contains(" DEBUG ") && !overridden.stderr.contains(" INFO "),
@@ -727,7 +748,7 @@ fn a_reader_that_went_away_stops_neither_the_daemon_nor_a_migration() {
     wait_for_port(addr, "ferry listen with closed output");
     // Migrations to it commit (its log and result lines are lost, nothing else).
     for _ in 0..2 {
-        let ok = send(addr, &key, &["--memory", "16MiB"], WAIT);
+        let ok = send(addr, &key, &[FORCED, "--memory", "16MiB"], WAIT);
         assert!(ok.status.success(), "{}", ok.all());
     }
     // So does one from a source whose output is gone too.
@@ -738,6 +759,7 @@ fn a_reader_that_went_away_stops_neither_the_daemon_nor_a_migration() {
         &to,
         "--auth-key-file",
         key.to_str().unwrap(),
+        FORCED,
         "--memory",
         "16MiB",
     ]);
@@ -929,6 +951,7 @@ fn the_events_stream_tells_the_migration_in_order() {
         addr,
         &key,
         &[
+            FORCED,
             "--memory",
             "32MiB",
             "--dirty-rate",
@@ -1017,7 +1040,7 @@ fn listen_takes_a_host_name_and_send_says_when_a_port_is_not_ferry() {
     ]);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_for_port(addr, "ferry listen --listen localhost:PORT");
-    let ok = send(addr, &key, &["--memory", "16MiB"], WAIT);
+    let ok = send(addr, &key, &[FORCED, "--memory", "16MiB"], WAIT);
     assert!(ok.status.success(), "{}", ok.all());
     dest.wait_for_output(" committed: 16.00 MiB", WAIT);
     dest.kill();
@@ -1029,7 +1052,11 @@ fn listen_takes_a_host_name_and_send_says_when_a_port_is_not_ferry() {
         use std::io::Write;
         if let Ok((mut c, _)) = other.accept() {
             let _ = c.write_all(b"SSH-2.0-OpenSSH_9.2\r\n");
-            std::thread::sleep(Duration::from_millis(500));
+            // Open until the source has read the banner and gone: closed
+            // sooner (a fixed sleep on a loaded host) with the source's
+            // hello unread, the close is a reset the source may meet
+            // before the banner.
+            let _ = std::io::copy(&mut c, &mut std::io::sink());
         }
     });
     let out = send(

@@ -176,7 +176,16 @@ fn a_daemon_under_the_16_mib_frame_attack_stays_within_its_reservation() {
     let src = ferry_tests::send(
         addr,
         &k,
-        &["--plaintext", "--memory", "1MiB", "--dirty-rate", "0"],
+        &[
+            "--plaintext",
+            "--memory",
+            "1MiB",
+            "--dirty-rate",
+            "0",
+            // The daemon's health is the subject, not the pause (see
+            // ferry_tests::migrate_ok).
+            "--force-switchover",
+        ],
         Duration::from_secs(60),
     );
     assert!(src.status.success(), "{}", src.all());

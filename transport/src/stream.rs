@@ -117,9 +117,11 @@ impl TlsTcp {
         self.tcp = Some(tcp);
     }
 
-    fn sock(&mut self) -> io::Result<&mut TcpStream> {
-        self.tcp
-            .as_mut()
+    /// The socket, or the error of a session used while its socket is away
+    /// ([`TlsTcp::take_tcp`]). Over the field alone, so that a read can
+    /// hold the socket and the read buffer at once.
+    fn sock(tcp: &mut Option<TcpStream>) -> io::Result<&mut TcpStream> {
+        tcp.as_mut()
             .ok_or_else(|| io::Error::other("the TLS session's socket is moving to another thread"))
     }
 }
@@ -133,16 +135,13 @@ impl AsyncRead for TlsTcp {
         let me = self.get_mut();
         if me.start == me.end {
             if out.remaining() >= TLS_READ_BUFFER {
-                return Pin::new(me.sock()?).poll_read(cx, out);
+                return Pin::new(Self::sock(&mut me.tcp)?).poll_read(cx, out);
             }
             if me.buf.is_empty() {
                 me.buf = vec![0; TLS_READ_BUFFER];
             }
             let mut rb = ReadBuf::new(&mut me.buf);
-            let tcp = me.tcp.as_mut().ok_or_else(|| {
-                io::Error::other("the TLS session's socket is moving to another thread")
-            })?;
-            match Pin::new(tcp).poll_read(cx, &mut rb) {
+            match Pin::new(Self::sock(&mut me.tcp)?).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {
                     me.start = 0;
                     me.end = rb.filled().len();
@@ -166,7 +165,7 @@ impl AsyncWrite for TlsTcp {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(self.get_mut().sock()?).poll_write(cx, buf)
+        Pin::new(Self::sock(&mut self.get_mut().tcp)?).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -174,7 +173,7 @@ impl AsyncWrite for TlsTcp {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(self.get_mut().sock()?).poll_write_vectored(cx, bufs)
+        Pin::new(Self::sock(&mut self.get_mut().tcp)?).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -182,11 +181,11 @@ impl AsyncWrite for TlsTcp {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.get_mut().sock()?).poll_flush(cx)
+        Pin::new(Self::sock(&mut self.get_mut().tcp)?).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.get_mut().sock()?).poll_shutdown(cx)
+        Pin::new(Self::sock(&mut self.get_mut().tcp)?).poll_shutdown(cx)
     }
 }
 
