@@ -2271,6 +2271,18 @@ mod tests {
         out
     }
 
+    #[test]
+    fn the_hosts_cpu_time_is_read_and_grows() {
+        let (i0, t0) = host_cpu_ticks().expect("/proc/stat's cpu line");
+        assert!(i0 <= t0, "idle {i0} of {t0}");
+        let until = Instant::now() + Duration::from_millis(80);
+        while Instant::now() < until {
+            std::hint::black_box(0u64);
+        }
+        let (i1, t1) = host_cpu_ticks().unwrap();
+        assert!(t1 > t0 && i1 >= i0, "{t0} -> {t1}, idle {i0} -> {i1}");
+    }
+
     #[tokio::test]
     async fn compression_workers_are_niced_and_compress_only_what_shrinks() {
         let w = Squeezers::start("lz4".parse().unwrap(), 2).unwrap();
