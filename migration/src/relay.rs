@@ -1330,6 +1330,13 @@ async fn run_channel(sh: Arc<Shared>, ch: Arc<Channel>, stream: Stream) {
         }
     };
     tasks.abort_all();
+    // An aborted task stops only at its next await: until then this
+    // channel's writer, running on another worker, may still take chunks
+    // from the shared queue (the ones requeued below among them) and record
+    // them in `ch.unacked` after it was drained, where nothing would ever
+    // send them again (the stream then waits forever on the gap). Let both
+    // tasks end first; they do so at their next await.
+    while tasks.join_next().await.is_some() {}
     // After the relay's end (or failure) channels close as they may.
     if sh.failed.load(Ordering::SeqCst) || sh.ending.load(Ordering::SeqCst) {
         return;
