@@ -49,7 +49,13 @@
 # each, marked [A] and [B]; RELAY_ARGS_B="..." gives B's relays their own
 # flags (FERRY_B defaults to FERRY then: an A/B of flags). "chunks N KiB" is the mean chunk the source
 # relay cut; with compression, "raw:" says why the other chunks went raw
-# (link about to idle, did not shrink, skipped after one that did not).
+# (link about to idle, did not shrink, skipped after one that did not,
+# low yield: the host's CPUs were busy and a sample shrank less than 2.5x).
+# "qemu cpu S+D s" (every row): the CPU seconds the source and the
+# destination QEMU used from the migrate command to both ends; with the
+# relays' "cpu" it is the run's CPU budget (the 2-core CI host runs both
+# QEMUs and both relays: where that budget passes 2 x the time, the cores,
+# not the links, set the pace).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 REPEAT=3
@@ -197,7 +203,7 @@ def relay_once(option, d, **kw):
     res["dst_qemu_pct"] = 100 * max([s.get("waited_to_deliver_s", 0) for s in dst] or [0]) * 1000 / t
     sent = sum(s.get("chunks_sent", 0) for s in src) or 1
     res["compressed_pct"] = 100 * sum(s.get("chunks_compressed", 0) for s in src) / sent
-    for k in ("link_idle", "incompressible", "skipped"):
+    for k in ("link_idle", "incompressible", "skipped", "low_yield"):
         res[f"raw_{k}_pct"] = 100 * sum(s.get(f"chunks_raw_{k}", 0) for s in src) / sent
     res["chunk_kib"] = sum(s.get("forward_bytes", 0) for s in src) / sent / 1024
     res["relay_status"] = r.returncode
@@ -254,8 +260,12 @@ def row(label, path, res, relay):
     elif end is not None and path == "direct, 1 link":
         ratio = f"  (dst loaded {end / 1000:.2f} s)"
     where = ""
+    qcpu = [(r.get("src_qemu_cpu_s"), r.get("dst_qemu_cpu_s")) for r in res]
+    if all(a is not None and b is not None for a, b in qcpu):
+        where = (f"  [qemu cpu {statistics.median(a for a, _ in qcpu):.2f}+"
+                 f"{statistics.median(b for _, b in qcpu):.2f} s]")
     if relay:
-        where = (f"  [dst QEMU {statistics.median(r['dst_qemu_pct'] for r in res):3.0f}%, "
+        where += (f"  [dst QEMU {statistics.median(r['dst_qemu_pct'] for r in res):3.0f}%, "
                  f"window {statistics.median(r['window_pct'] for r in res):3.0f}%, "
                  f"cpu {statistics.median(r['relay_cpu'] for r in res):.2f}+"
                  f"{statistics.median(r['listen_cpu'] for r in res):.2f} s"
@@ -263,7 +273,8 @@ def row(label, path, res, relay):
                  + (f", lz4 {statistics.median(r['compressed_pct'] for r in res):.0f}% of chunks"
                     f" (raw: link idle {statistics.median(r['raw_link_idle_pct'] for r in res):.0f}%,"
                     f" no gain {statistics.median(r['raw_incompressible_pct'] for r in res):.0f}%,"
-                    f" skipped {statistics.median(r['raw_skipped_pct'] for r in res):.0f}%)"
+                    f" skipped {statistics.median(r['raw_skipped_pct'] for r in res):.0f}%,"
+                    f" low yield {statistics.median(r['raw_low_yield_pct'] for r in res):.0f}%)"
                     if relay == "compression" else "") + "]")
     print(f"{label:<34} {path:<26} {t / 1000:6.2f} s {gbit:6.2f} Gbit/s {down:6.0f} ms  {ram:<7} ({times} s){ratio}{where}",
           flush=True)
@@ -316,6 +327,7 @@ print("time: QEMU's total-time (migrate to completed on the source); rate: its t
       "what was still on the way when the source completed included), and the same ratio on it; "
       "QEMU alone, loopback: "
       "both QEMUs in one namespace, no link, no relay (QEMU's own ceiling on this machine now); "
-      "[dst QEMU: the destination relay waiting for its QEMU to read, window: the source relay "
+      "[qemu cpu: CPU seconds of the source + destination QEMU from the migrate command to both "
+      "ends] [dst QEMU: the destination relay waiting for its QEMU to read, window: the source relay "
       "waiting for credit, as shares of the migration's time; cpu: ferry relay + ferry listen CPU seconds]")
 PY

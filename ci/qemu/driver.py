@@ -202,6 +202,16 @@ class Vm:
     def alive(self):
         return self.proc.poll() is None
 
+    def cpu_s(self):
+        """User + system CPU seconds QEMU used so far (all its threads; `ip netns
+        exec` execs QEMU in place, so the child is QEMU), or None once it is gone."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def cmd(self, name, **args):
         if not self.alive():
             raise DriverError(f"{self.name}: QEMU exited ({self.proc.returncode}): {self.stderr_text()}")
@@ -511,9 +521,15 @@ def migrate_once(workdir, uri, incoming=None, src_ns=None, dst_ns=None, mem_kib=
             vm.set_migration(multifd=multifd)
         dst.incoming(incoming or uri)
         src_before = src.passes()
+        cpu0 = (src.cpu_s(), dst.cpu_s())
         src.migrate(uri)
         q, res["dst_end_ms"] = wait_both(src, dst, timeout)
         res.update(migration_summary(q))
+        # What each QEMU spent from the migrate command to both ends: on a
+        # host whose cores the QEMUs share with the relays, part of the budget.
+        for vm, c0, key in ((src, cpu0[0], "src_qemu_cpu_s"), (dst, cpu0[1], "dst_qemu_cpu_s")):
+            c1 = vm.cpu_s()
+            res[key] = None if c0 is None or c1 is None else round(c1 - c0, 3)
         log(f"migration {res['status']} in {res['total_ms']} ms (downtime {res['downtime_ms']} ms, "
             f"destination loaded {res['dst_end_ms']} ms after the migrate command)")
         if res["status"] != "completed":

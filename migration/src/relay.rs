@@ -185,6 +185,10 @@ pub struct StreamReport {
     /// With compression: chunks sent raw untried because their channel was
     /// about to go idle (compressing would have cost CPU, not saved time).
     pub chunks_raw_link_idle: u64,
+    /// With compression, while the host's CPUs were busy: chunks sent raw
+    /// because a sample of them shrank, but less than 2.5 times (the CPU
+    /// they would cost was worth more than the link time they would save).
+    pub chunks_raw_low_yield: u64,
 }
 
 /// Counters of one stream, kept by its pumps and data channels.
@@ -208,6 +212,7 @@ struct StreamMetrics {
     raw_incompressible: AtomicU64,
     raw_skipped: AtomicU64,
     raw_link_idle: AtomicU64,
+    raw_low_yield: AtomicU64,
     /// The stream's chunks that did not shrink: how many to send raw
     /// untried, whether to sample first (the page path's back-off).
     backoff: Mutex<Backoff>,
@@ -539,6 +544,9 @@ struct Shared {
     live: Arc<RelayLive>,
     /// Compression workers, when compression is on.
     squeezers: Option<Squeezers>,
+    /// The host's CPUs were busy when last sampled (see [`watch_host_cpu`]):
+    /// compress only what pays most for its CPU.
+    cpu_busy: AtomicBool,
     /// Chunk buffers for reuse.
     pool: Arc<ChunkBufs>,
     streams: Mutex<Vec<Arc<StreamSlot>>>,
@@ -895,19 +903,26 @@ async fn channel_writer(
                         // wait costs no link time, and the hypervisors and
                         // this runtime's IO win the CPU meanwhile.
                         let sample_first = backoff(|b| b.sample_first(), false);
+                        let gate = sh.cpu_busy.load(Ordering::Relaxed);
                         let buf = std::mem::take(&mut scratch);
-                        match workers.squeeze(c.clone(), sample_first, buf).await {
-                            Some((buf, Some(n))) => {
+                        match workers.squeeze(c.clone(), sample_first, gate, buf).await {
+                            Some((buf, Squeezed::Shrank(n))) => {
                                 scratch = buf;
                                 codec = spec.codec.id();
                                 compressed = Some(n);
                                 count(|m| &m.compressed);
                                 learned(true);
                             }
-                            Some((buf, None)) => {
+                            Some((buf, Squeezed::NoGain)) => {
                                 scratch = buf;
                                 count(|m| &m.raw_incompressible);
                                 learned(false);
+                            }
+                            // It shrinks: no back-off, only not worth the
+                            // CPU while the host has none to spare.
+                            Some((buf, Squeezed::LowYield)) => {
+                                scratch = buf;
+                                count(|m| &m.raw_low_yield);
                             }
                             // The workers are gone: the relay is ending.
                             None => count(|m| &m.raw_incompressible),
@@ -982,13 +997,111 @@ async fn write_both<W: AsyncWrite + Unpin>(
 }
 
 /// A chunk for a compression worker, the buffer to compress into, and
-/// where the answer goes: the buffer back, with the compressed length when
-/// the chunk shrank by at least an eighth.
+/// where the answer goes: the buffer back, with the verdict.
 struct SqueezeJob {
     chunk: Arc<OutChunk>,
     sample_first: bool,
+    /// The host's CPUs are busy: compress only a chunk whose sample shrinks
+    /// [`YIELD_RATIO`] times.
+    yield_gate: bool,
     buf: Vec<u8>,
-    reply: tokio::sync::oneshot::Sender<(Vec<u8>, Option<usize>)>,
+    reply: tokio::sync::oneshot::Sender<(Vec<u8>, Squeezed)>,
+}
+
+/// A compression worker's verdict on a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Squeezed {
+    /// Compressed into this many bytes of the buffer (it shrank by at least
+    /// an eighth).
+    Shrank(usize),
+    /// It (or its sample) did not shrink by an eighth: the stream's back-off
+    /// learns of it.
+    NoGain,
+    /// Its sample shrank, but less than [`YIELD_RATIO`] times, while the
+    /// host's CPUs were busy: sent raw, not a failure.
+    LowYield,
+}
+
+/// While the host's CPUs are busy, a chunk is compressed only when its
+/// sample shrinks at least this many times (numerator, denominator: 2.5).
+/// On the realistic mix (ci/memimage.py) a quarter of the chunks pass and
+/// save a third of what compressing every chunk would, for a quarter of the
+/// CPU (docs/relay.md, session 8).
+const YIELD_RATIO: (usize, usize) = (5, 2);
+
+/// The yield sample: this many bytes at a quarter and at three quarters of
+/// a chunk; chunks shorter than [`YIELD_MIN_CHUNK`] are not gated.
+const YIELD_PIECE: usize = 4 << 10;
+const YIELD_MIN_CHUNK: usize = 64 << 10;
+
+/// Below this share of idle CPU time (all CPUs, over [`CPU_SAMPLE`]) the
+/// host's CPUs count as busy for the yield gate.
+const CPU_IDLE_BUSY: (u64, u64) = (1, 4);
+const CPU_SAMPLE: Duration = Duration::from_millis(50);
+
+/// Compresses two pieces of `data` and says whether it is worth compressing:
+/// `NoGain` when they did not shrink by an eighth, `LowYield` when they
+/// shrank less than [`YIELD_RATIO`] times, else `None` (compress it).
+fn yield_sample(enc: &mut Encoder, data: &[u8], scratch: &mut Vec<u8>) -> Option<Squeezed> {
+    let need = enc.bound(YIELD_PIECE);
+    if scratch.len() < need {
+        scratch.resize(need, 0);
+    }
+    let (mut inp, mut out) = (0usize, 0usize);
+    for at in [data.len() / 4, 3 * data.len() / 4] {
+        let b = &data[at..data.len().min(at + YIELD_PIECE)];
+        out += enc.compress(b, scratch).unwrap_or(b.len()).min(b.len());
+        inp += b.len();
+    }
+    if out * MIN_SAVING_DIVISOR >= inp * (MIN_SAVING_DIVISOR - 1) {
+        Some(Squeezed::NoGain)
+    } else if out * YIELD_RATIO.0 > inp * YIELD_RATIO.1 {
+        Some(Squeezed::LowYield)
+    } else {
+        None
+    }
+}
+
+/// Idle and total CPU time of the host so far (`/proc/stat`'s first line,
+/// in clock ticks), or `None` where it cannot be read.
+fn host_cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?;
+    let v: Vec<u64> = line
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already in user).
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    let total = v.iter().take(8).sum();
+    Some((idle, total))
+}
+
+/// Samples the host's CPU every [`CPU_SAMPLE`] while the relay lives and
+/// keeps [`Shared::cpu_busy`]: on a host whose cores the hypervisors and
+/// the relay already fill, lz4 on every chunk that shrinks takes more time
+/// from them than it saves on the links, so only the chunks that shrink
+/// most are compressed then. Where `/proc/stat` cannot be read the host
+/// counts as idle (compress what shrinks, as before).
+async fn watch_host_cpu(sh: std::sync::Weak<Shared>) {
+    let mut tick = tokio::time::interval(CPU_SAMPLE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = host_cpu_ticks();
+    loop {
+        tick.tick().await;
+        let Some(sh) = sh.upgrade() else { return };
+        let now = host_cpu_ticks();
+        if let (Some((i0, t0)), Some((i1, t1))) = (last, now) {
+            let (idle, total) = (i1.saturating_sub(i0), t1.saturating_sub(t0));
+            if total > 0 {
+                let busy = idle * CPU_IDLE_BUSY.1 < total * CPU_IDLE_BUSY.0;
+                sh.cpu_busy.store(busy, Ordering::Relaxed);
+            }
+        }
+        last = now;
+    }
 }
 
 /// The relay's compression workers: threads at nice 10, as the page path's
@@ -1022,6 +1135,7 @@ impl Squeezers {
                         let Ok(SqueezeJob {
                             chunk,
                             sample_first,
+                            yield_gate,
                             mut buf,
                             reply,
                         }) = job
@@ -1030,17 +1144,30 @@ impl Squeezers {
                         };
                         let data = &chunk.data;
                         // After a failure, a sample first: random bytes
-                        // cost a quarter of a chunk's compression.
-                        let n = if sample_first && probe_incompressible(&mut enc, data, &mut sample)
-                        {
-                            None
-                        } else {
+                        // cost a quarter of a chunk's compression. While
+                        // the host is busy, a smaller sample asks whether
+                        // the chunk shrinks enough to be worth its CPU.
+                        let early =
+                            if sample_first && probe_incompressible(&mut enc, data, &mut sample) {
+                                Some(Squeezed::NoGain)
+                            } else if yield_gate && data.len() >= YIELD_MIN_CHUNK {
+                                yield_sample(&mut enc, data, &mut sample)
+                            } else {
+                                None
+                            };
+                        let verdict = early.unwrap_or_else(|| {
                             buf.resize(enc.bound(data.len()), 0);
-                            enc.compress(data, &mut buf).ok().filter(|&n| {
-                                n * MIN_SAVING_DIVISOR < data.len() * (MIN_SAVING_DIVISOR - 1)
-                            })
-                        };
-                        let _ = reply.send((buf, n));
+                            match enc.compress(data, &mut buf) {
+                                Ok(n)
+                                    if n * MIN_SAVING_DIVISOR
+                                        < data.len() * (MIN_SAVING_DIVISOR - 1) =>
+                                {
+                                    Squeezed::Shrank(n)
+                                }
+                                _ => Squeezed::NoGain,
+                            }
+                        });
+                        let _ = reply.send((buf, verdict));
                     }
                 })
                 .map_err(|e| format!("starting a compression worker: {e}"))?;
@@ -1054,13 +1181,15 @@ impl Squeezers {
         &self,
         chunk: Arc<OutChunk>,
         sample_first: bool,
+        yield_gate: bool,
         buf: Vec<u8>,
-    ) -> Option<(Vec<u8>, Option<usize>)> {
+    ) -> Option<(Vec<u8>, Squeezed)> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.jobs
             .send(SqueezeJob {
                 chunk,
                 sample_first,
+                yield_gate,
                 buf,
                 reply,
             })
@@ -1365,7 +1494,11 @@ impl Engine {
             ending: AtomicBool::new(false),
             #[cfg(test)]
             in_done_gate: self.in_done_gate.clone(),
+            cpu_busy: AtomicBool::new(false),
         });
+        if sh.squeezers.is_some() {
+            tokio::spawn(watch_host_cpu(Arc::downgrade(&sh)));
+        }
         let (writer, mut msgs) = conn.split();
         let ctl_task = tokio::spawn(control_writer(writer, ctl_rx));
         let mut tasks: JoinSet<()> = JoinSet::new();
@@ -1664,6 +1797,7 @@ impl Engine {
                         chunks_raw_incompressible: m.raw_incompressible.load(Ordering::Relaxed),
                         chunks_raw_skipped: m.raw_skipped.load(Ordering::Relaxed),
                         chunks_raw_link_idle: m.raw_link_idle.load(Ordering::Relaxed),
+                        chunks_raw_low_yield: m.raw_low_yield.load(Ordering::Relaxed),
                     }
                 })
                 .collect(),
@@ -2137,6 +2271,18 @@ mod tests {
         out
     }
 
+    #[test]
+    fn the_hosts_cpu_time_is_read_and_grows() {
+        let (i0, t0) = host_cpu_ticks().expect("/proc/stat's cpu line");
+        assert!(i0 <= t0, "idle {i0} of {t0}");
+        let until = Instant::now() + Duration::from_millis(80);
+        while Instant::now() < until {
+            std::hint::black_box(0u64);
+        }
+        let (i1, t1) = host_cpu_ticks().unwrap();
+        assert!(t1 > t0 && i1 >= i0, "{t0} -> {t1}, idle {i0} -> {i1}");
+    }
+
     #[tokio::test]
     async fn compression_workers_are_niced_and_compress_only_what_shrinks() {
         let w = Squeezers::start("lz4".parse().unwrap(), 2).unwrap();
@@ -2146,11 +2292,13 @@ mod tests {
             .take(256 << 10)
             .copied()
             .collect();
-        let (buf, n) = w
-            .squeeze(chunk(text.clone()), false, Vec::new())
+        let (buf, verdict) = w
+            .squeeze(chunk(text.clone()), false, false, Vec::new())
             .await
             .unwrap();
-        let n = n.expect("text shrinks");
+        let Squeezed::Shrank(n) = verdict else {
+            panic!("text shrinks: {verdict:?}")
+        };
         assert!(n < text.len() / 8, "{n}");
         let mut dec = Decoder::default();
         let mut back = vec![0u8; text.len()];
@@ -2166,16 +2314,40 @@ mod tests {
                 x as u8
             })
             .collect();
-        for sample_first in [false, true] {
-            let (_, n) = w
-                .squeeze(chunk(random.clone()), sample_first, buf.clone())
+        for (sample_first, gate) in [(false, false), (true, false), (false, true)] {
+            let (_, verdict) = w
+                .squeeze(chunk(random.clone()), sample_first, gate, buf.clone())
                 .await
                 .unwrap();
             assert_eq!(
-                n, None,
-                "random bytes go raw (sample first: {sample_first})"
+                verdict,
+                Squeezed::NoGain,
+                "random bytes go raw and count as not shrinking (sample first: {sample_first}, busy host: {gate})"
             );
         }
+        // Text passes the busy host's gate; bytes that shrink by less than
+        // 2.5 times (each 16 random bytes twice: about half) only its
+        // absence.
+        let (_, verdict) = w
+            .squeeze(chunk(text.clone()), false, true, buf.clone())
+            .await
+            .unwrap();
+        assert!(matches!(verdict, Squeezed::Shrank(_)), "{verdict:?}");
+        let halves: Vec<u8> = random
+            .chunks(16)
+            .flat_map(|c| c.iter().chain(c.iter()).copied())
+            .take(256 << 10)
+            .collect();
+        let (_, verdict) = w
+            .squeeze(chunk(halves.clone()), false, false, buf.clone())
+            .await
+            .unwrap();
+        assert!(matches!(verdict, Squeezed::Shrank(_)), "{verdict:?}");
+        let (_, verdict) = w
+            .squeeze(chunk(halves), false, true, buf.clone())
+            .await
+            .unwrap();
+        assert_eq!(verdict, Squeezed::LowYield);
         let nices = worker_nices();
         assert_eq!(nices.len(), 2, "{nices:?}");
         assert!(

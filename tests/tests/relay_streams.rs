@@ -1092,7 +1092,8 @@ fn compression_sends_raw_while_the_link_is_idle() {
         s.chunks_compressed
             + s.chunks_raw_incompressible
             + s.chunks_raw_skipped
-            + s.chunks_raw_link_idle,
+            + s.chunks_raw_link_idle
+            + s.chunks_raw_low_yield,
         s.chunks_sent,
         "every chunk is counted once: {s:?}"
     );
