@@ -39,7 +39,8 @@ fn a_frame_older_than_any_channel_has_seen_is_refused_on_every_channel() {
     let dir = tempfile::tempdir().unwrap();
     let k = key_file(dir.path(), "key", KEY);
     let (dest, addr) = listen(&k, &["--plaintext", "--peer-timeout", "5s"]);
-    rt().block_on(async move {
+    let rt = rt();
+    let held = rt.block_on(async move {
         let mut o = offer(1 << 20);
         o.channels = 2;
         let mut c = authed_offer(addr, &key(), o).await;
@@ -63,8 +64,18 @@ fn a_frame_older_than_any_channel_has_seen_is_refused_on_every_channel() {
         // The channel that carried round 1 still works.
         send_page(&mut a, &keys, 2, 1, 2, 0x33).await;
         assert_eq!(read_ack(&mut a, &keys).await, Some((2, AckStatus::Landed)));
-        drop(c);
+        (c, a, b)
     });
+    // The control connection goes only once the destination has named the
+    // stale frame: closed at once, the destination's loop may take the
+    // close before the failed channel (both ready together) and end the
+    // migration without looking at that channel again (seen at 16 test
+    // threads: "peer closed the control connection" alone).
+    dest.wait_for_output(
+        "chunk 0 is from round 0, after round 1 began",
+        Duration::from_secs(60),
+    );
+    drop(held);
     let out = dest.wait(Duration::from_secs(30));
     assert!(!out.panicked(), "{}", out.all());
     assert!(
