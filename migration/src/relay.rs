@@ -1300,6 +1300,27 @@ async fn channel_reader(
     }
 }
 
+/// Stops a failed channel's writer and reader, then takes the chunks they
+/// left unacknowledged. An aborted task stops only at its next await: until
+/// then the writer, running on another worker, may still take chunks from
+/// the shared queue (the ones requeued after this among them) and record
+/// them in `ch.unacked`; taken before it stopped, they would stay in a dead
+/// channel's map where nothing sends them again, and the stream would wait
+/// forever on the gap. So both tasks end first (at their next await).
+async fn stop_and_take_unacked(
+    tasks: &mut JoinSet<std::result::Result<(), String>>,
+    ch: &Channel,
+) -> Vec<Arc<OutChunk>> {
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    ch.unacked
+        .lock()
+        .expect("unacked")
+        .drain()
+        .map(|(_, c)| c)
+        .collect()
+}
+
 /// Runs one data channel until it fails; then its unacknowledged chunks go
 /// back to the queue for the others.
 async fn run_channel(sh: Arc<Shared>, ch: Arc<Channel>, stream: Stream) {
@@ -1329,25 +1350,11 @@ async fn run_channel(sh: Arc<Shared>, ch: Arc<Channel>, stream: Stream) {
             }
         }
     };
-    tasks.abort_all();
-    // An aborted task stops only at its next await: until then this
-    // channel's writer, running on another worker, may still take chunks
-    // from the shared queue (the ones requeued below among them) and record
-    // them in `ch.unacked` after it was drained, where nothing would ever
-    // send them again (the stream then waits forever on the gap). Let both
-    // tasks end first; they do so at their next await.
-    while tasks.join_next().await.is_some() {}
+    let lost = stop_and_take_unacked(&mut tasks, &ch).await;
     // After the relay's end (or failure) channels close as they may.
     if sh.failed.load(Ordering::SeqCst) || sh.ending.load(Ordering::SeqCst) {
         return;
     }
-    let lost: Vec<Arc<OutChunk>> = ch
-        .unacked
-        .lock()
-        .expect("unacked")
-        .drain()
-        .map(|(_, c)| c)
-        .collect();
     *ch.failed.lock().expect("failed") = Some(why.clone());
     let left = sh.channels_alive.fetch_sub(1, Ordering::SeqCst) - 1;
     tracing::warn!(
@@ -2369,5 +2376,65 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         panic!("the workers outlived their relay: {:?}", worker_nices());
+    }
+
+    /// The relay_streams hang (a corrupt chunk's channel failed; one
+    /// stream never finished): a failed channel's writer, still inside one
+    /// poll on another worker when it is aborted, records a chunk after
+    /// the channel's unacknowledged chunks were taken for the others. Here
+    /// a stand-in writer is inside such a poll (no await) when the channel
+    /// is stopped, and records chunk 9 before its next await: the chunks
+    /// taken back must include it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_channel_takes_back_what_its_writer_recorded_while_being_stopped() {
+        let ch = Arc::new(Channel {
+            path: "test".into(),
+            unacked: Mutex::new(HashMap::new()),
+            last_progress: Mutex::new(Instant::now()),
+            chunks_sent: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            failed: Mutex::new(None),
+        });
+        let started = Arc::new(AtomicBool::new(false));
+        let returned = Arc::new(AtomicBool::new(false));
+        let mut tasks = JoinSet::new();
+        {
+            let (ch, started, returned) = (ch.clone(), started.clone(), returned.clone());
+            tasks.spawn(async move {
+                started.store(true, Ordering::SeqCst);
+                // Busy inside one poll until the stop returned, or for a
+                // while (then the stop is waiting for this task).
+                let t0 = Instant::now();
+                while !returned.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_millis(300)
+                {
+                    std::hint::spin_loop();
+                }
+                let chunk = OutChunk {
+                    stream: 0,
+                    dir: Dir::Forward,
+                    offset: 0,
+                    seq: 9,
+                    data: vec![1; 16],
+                    pool: None,
+                };
+                ch.unacked
+                    .lock()
+                    .expect("unacked")
+                    .insert(9, Arc::new(chunk));
+                std::future::pending::<()>().await;
+                Ok(())
+            });
+        }
+        while !started.load(Ordering::SeqCst) {
+            tokio::task::yield_now().await;
+        }
+        let lost = stop_and_take_unacked(&mut tasks, &ch).await;
+        returned.store(true, Ordering::SeqCst);
+        assert_eq!(
+            lost.iter().map(|c| c.seq).collect::<Vec<_>>(),
+            vec![9],
+            "a chunk the writer recorded while it was being stopped was left in the dead channel"
+        );
+        assert!(ch.unacked.lock().expect("unacked").is_empty());
     }
 }
