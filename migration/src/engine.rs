@@ -1923,6 +1923,22 @@ mod tests {
         assert!(!is_zero_page(&p));
     }
 
+    /// A chunk's tag (and copy, if it has one) is what a fresh read of its
+    /// runs gives.
+    fn assert_as_read<M: ferry_transport::guest::GuestMem>(
+        mem: &M,
+        page: &ferry_proto::PageKey,
+        frame_key: &MacKey,
+        c: &Chunk,
+    ) {
+        let again =
+            Chunk::read(mem, page, frame_key, c.seq, c.round, c.runs.clone(), true).unwrap();
+        assert_eq!(c.tag, again.tag, "chunk {}", c.seq);
+        if let Some(d) = &c.data {
+            assert!(**d == *again.data.unwrap(), "chunk {} bytes", c.seq);
+        }
+    }
+
     fn test_ledger(layout: &MemoryLayout) -> Ledger {
         layout
             .ledger(ferry_proto::PageKey::from_secrets([3; 192], [5; 192]))
@@ -2017,22 +2033,7 @@ mod tests {
         ch.add(all12, &mut copied, &mut seq).unwrap();
         ch.cut(&mut copied, &mut seq);
         // A chunk's tag (and copy, if it has one) is what a fresh read gives.
-        let as_read = |c: &Chunk| {
-            let again = Chunk::read(
-                &mem,
-                ledger.key(),
-                &frame_key,
-                c.seq,
-                c.round,
-                c.runs.clone(),
-                true,
-            )
-            .unwrap();
-            assert_eq!(c.tag, again.tag, "chunk {}", c.seq);
-            if let Some(d) = &c.data {
-                assert!(**d == *again.data.unwrap(), "chunk {} bytes", c.seq);
-            }
-        };
+        let as_read = |c: &Chunk| assert_as_read(&mem, ledger.key(), &frame_key, c);
         for c in &copied {
             as_read(c);
             assert!(
@@ -2154,20 +2155,7 @@ mod tests {
         // Copy or not, every chunk's tag (and copy) is what a fresh read
         // gives, and every non-zero page went into one chunk.
         for c in &out {
-            let again = Chunk::read(
-                &mem,
-                ledger.key(),
-                &frame_key,
-                c.seq,
-                c.round,
-                c.runs.clone(),
-                true,
-            )
-            .unwrap();
-            assert_eq!(c.tag, again.tag, "chunk {}", c.seq);
-            if let Some(d) = &c.data {
-                assert!(**d == *again.data.unwrap(), "chunk {} bytes", c.seq);
-            }
+            assert_as_read(&mem, ledger.key(), &frame_key, c);
         }
         assert_eq!(out.iter().map(|c| c.pages()).sum::<u64>(), 127);
     }

@@ -232,6 +232,17 @@ fn an_unknown_rate_never_fits_and_is_infinite_at_the_cap() {
     );
 }
 
+/// A 1 GB/s link whose pause is predicted with the round trip `rtts` gives
+/// (the largest of the last three).
+fn costs(rtts: &RoundTrips) -> PauseCosts {
+    PauseCosts {
+        rate: 1e9,
+        round_trip: rtts.for_prediction(),
+        device_state_bytes: 0,
+        verification: Duration::ZERO,
+    }
+}
+
 #[test]
 fn one_stalled_round_trip_costs_a_round_not_the_migration() {
     // A quiet guest; the first Pong took a second (a busy host), the next
@@ -241,12 +252,6 @@ fn one_stalled_round_trip_costs_a_round_not_the_migration() {
     // predicted with the stalled round trip while it is in the window.
     let mut p = Convergence::new(opts(30, false, false));
     let mut rtts = RoundTrips::default();
-    let costs = |rtts: &RoundTrips| PauseCosts {
-        rate: 1e9,
-        round_trip: rtts.for_prediction(),
-        device_state_bytes: 0,
-        verification: Duration::ZERO,
-    };
     rtts.measured(1000 * MS);
     // One measured: no smallest of two yet, so it is not taken as the truth
     // (round trips are judged at zero): measured again.
@@ -282,12 +287,6 @@ fn a_round_trip_that_stalled_at_the_round_cap_still_reads_as_the_round_cap() {
     // The cap is what ended pre-copy, and the diagnosis says so.
     let mut p = Convergence::new(opts(4, false, false));
     let mut rtts = RoundTrips::default();
-    let costs = |rtts: &RoundTrips| PauseCosts {
-        rate: 1e9,
-        round_trip: rtts.for_prediction(),
-        device_state_bytes: 0,
-        verification: Duration::ZERO,
-    };
     for round in 1..=3 {
         rtts.measured(MS);
         assert_eq!(
