@@ -27,12 +27,7 @@ impl BufPool {
 
     /// A buffer of `len` bytes (contents unspecified: the caller fills it).
     pub fn take(self: &Arc<Self>, len: usize) -> PooledBuf {
-        let mut buf = self
-            .spare
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .unwrap_or_default();
+        let mut buf = self.spare();
         if buf.is_empty() {
             // Zeroed by the allocator (fresh pages from the kernel), not
             // written here: the page pass overwrites it anyway, and on a
@@ -53,15 +48,19 @@ impl BufPool {
     /// a `Vec` itself and gives it back with [`BufPool::give`] (the relay's
     /// chunks): a spare one when the pool holds one.
     pub fn take_vec(&self, cap: usize) -> Vec<u8> {
-        let mut buf = self
-            .spare
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .unwrap_or_default();
+        let mut buf = self.spare();
         buf.clear();
         buf.reserve_exact(cap);
         buf
+    }
+
+    /// An idle buffer, or an empty one.
+    fn spare(&self) -> Vec<u8> {
+        self.spare
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default()
     }
 
     /// Keeps `buf` for a later take, unless the pool already holds `keep`
