@@ -33,7 +33,7 @@ use ferry_proto::relay::{
     StreamDigest, Streams, ACK_LEN, ACK_MAGIC, CHUNK_HEADER_LEN, CHUNK_MAGIC,
 };
 use ferry_proto::wire::{Codec, CompressionSpec};
-use ferry_transport::codec::{Decoder, Encoder};
+use ferry_transport::codec::{compress_pieces, Decoder, Encoder};
 use ferry_transport::compress::{
     probe_incompressible, Backoff, LinkProbe, MIN_SAVING_DIVISOR, WORKER_NICE,
 };
@@ -1043,16 +1043,8 @@ const CPU_SAMPLE: Duration = Duration::from_millis(50);
 /// `NoGain` when they did not shrink by an eighth, `LowYield` when they
 /// shrank less than [`YIELD_RATIO`] times, else `None` (compress it).
 fn yield_sample(enc: &mut Encoder, data: &[u8], scratch: &mut Vec<u8>) -> Option<Squeezed> {
-    let need = enc.bound(YIELD_PIECE);
-    if scratch.len() < need {
-        scratch.resize(need, 0);
-    }
-    let (mut inp, mut out) = (0usize, 0usize);
-    for at in [data.len() / 4, 3 * data.len() / 4] {
-        let b = &data[at..data.len().min(at + YIELD_PIECE)];
-        out += enc.compress(b, scratch).unwrap_or(b.len()).min(b.len());
-        inp += b.len();
-    }
+    let starts = [data.len() / 4, 3 * data.len() / 4];
+    let (inp, out) = compress_pieces(enc, data, starts, YIELD_PIECE, scratch);
     if out * MIN_SAVING_DIVISOR >= inp * (MIN_SAVING_DIVISOR - 1) {
         Some(Squeezed::NoGain)
     } else if out * YIELD_RATIO.0 > inp * YIELD_RATIO.1 {

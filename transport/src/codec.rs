@@ -250,19 +250,34 @@ pub fn probe_incompressible(enc: &mut Encoder, data: &[u8], scratch: &mut Vec<u8
     if total == 0 {
         return false;
     }
-    let need = enc.bound(PROBE_BYTES);
+    let starts = (0..PROBE_PIECES).map(|k| total * k / PROBE_PIECES);
+    let (inp, out) = compress_pieces(enc, data, starts, PROBE_BYTES, scratch);
+    out * MIN_SAVING_DIVISOR > inp * (MIN_SAVING_DIVISOR - 1)
+}
+
+/// Compresses the pieces of `data` of `len` bytes at each of `starts`
+/// (clipped to its end) into `scratch`: the bytes read and what they
+/// compressed to (a piece that does not compress counts as itself). The
+/// sampling under [`probe_incompressible`] and the relay's yield sample.
+pub fn compress_pieces(
+    enc: &mut Encoder,
+    data: &[u8],
+    starts: impl IntoIterator<Item = usize>,
+    len: usize,
+    scratch: &mut Vec<u8>,
+) -> (usize, usize) {
+    let need = enc.bound(len);
     if scratch.len() < need {
         scratch.resize(need, 0);
     }
     let (mut inp, mut out) = (0usize, 0usize);
-    for k in 0..PROBE_PIECES {
-        let at = total * k / PROBE_PIECES;
-        let b = &data[at..total.min(at + PROBE_BYTES)];
+    for at in starts {
+        let b = &data[at..data.len().min(at + len)];
         let n = enc.compress(b, scratch).unwrap_or(b.len());
         inp += b.len();
         out += n.min(b.len());
     }
-    out * MIN_SAVING_DIVISOR > inp * (MIN_SAVING_DIVISOR - 1)
+    (inp, out)
 }
 
 /// Lands one segment (`src`: compressed, or `stored` as it is) in its
